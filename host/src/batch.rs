@@ -1,0 +1,259 @@
+//! Record batches as the host encodes them: the fixed header shared with
+//! plugins (see `replicator-plugin-sdk` and `wit/storage.wit`) followed by
+//! records that only the host reads.
+//!
+//! Record layout (little-endian), back to back after the header:
+//! `u32 len` (bytes after this field), `i64 timestamp_ns`,
+//! `i32 key_len` (-1: no key), key, `u32 value_len`, value,
+//! `u32 header_count`, then per header `u16 name_len`, name (UTF-8),
+//! `u32 value_len`, value. The offset of record `i` is `base_offset + i`.
+
+use bytes::{Bytes, BytesMut};
+pub use replicator_plugin_sdk::{BatchHeader, HEADER_LEN, HeaderError, MAX_BATCH_LEN};
+
+/// One record as producers and consumers see it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Record {
+    pub key: Option<Bytes>,
+    pub value: Bytes,
+    /// Nanoseconds since the Unix epoch.
+    pub timestamp: i64,
+    pub headers: Vec<(String, Bytes)>,
+}
+
+/// A record read back from a log, with its offset and batch epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecord {
+    pub offset: u64,
+    pub leader_epoch: u32,
+    pub record: Record,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    #[error(transparent)]
+    Header(#[from] HeaderError),
+    #[error("batch would be {0} bytes, over the {MAX_BATCH_LEN}-byte limit")]
+    TooLarge(usize),
+    #[error("a batch needs at least one record")]
+    Empty,
+    #[error("record {index} is malformed: {why}")]
+    Record { index: u32, why: &'static str },
+    #[error("batch has {0} bytes after its last record")]
+    Trailing(usize),
+}
+
+fn record_len(r: &Record) -> usize {
+    let headers: usize = r
+        .headers
+        .iter()
+        .map(|(k, v)| 2 + k.len() + 4 + v.len())
+        .sum();
+    4 + 8 + 4 + r.key.as_ref().map_or(0, |k| k.len()) + 4 + r.value.len() + 4 + headers
+}
+
+/// Encode `records` as one batch starting at `base_offset`, in one
+/// allocation, CRC sealed.
+pub fn encode(base_offset: u64, leader_epoch: u32, records: &[Record]) -> Result<Bytes, BatchError> {
+    if records.is_empty() {
+        return Err(BatchError::Empty);
+    }
+    let total = HEADER_LEN + records.iter().map(record_len).sum::<usize>();
+    if total > MAX_BATCH_LEN as usize {
+        return Err(BatchError::TooLarge(total));
+    }
+    for r in records {
+        if r.headers.iter().any(|(k, _)| k.len() > u16::MAX as usize) {
+            return Err(BatchError::Record {
+                index: 0,
+                why: "header name longer than 65535 bytes",
+            });
+        }
+    }
+    let mut buf = BytesMut::with_capacity(total);
+    buf.resize(HEADER_LEN, 0);
+    for r in records {
+        // Lengths fit in u32: the whole batch is under MAX_BATCH_LEN.
+        buf.extend_from_slice(&((record_len(r) - 4) as u32).to_le_bytes());
+        buf.extend_from_slice(&r.timestamp.to_le_bytes());
+        match &r.key {
+            Some(k) => {
+                buf.extend_from_slice(&(k.len() as i32).to_le_bytes());
+                buf.extend_from_slice(k);
+            }
+            None => buf.extend_from_slice(&(-1i32).to_le_bytes()),
+        }
+        buf.extend_from_slice(&(r.value.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&r.value);
+        buf.extend_from_slice(&(r.headers.len() as u32).to_le_bytes());
+        for (k, v) in &r.headers {
+            buf.extend_from_slice(&(k.len() as u16).to_le_bytes());
+            buf.extend_from_slice(k.as_bytes());
+            buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            buf.extend_from_slice(v);
+        }
+    }
+    let first_timestamp = records[0].timestamp;
+    let max_timestamp = records.iter().map(|r| r.timestamp).max().unwrap_or(first_timestamp);
+    BatchHeader {
+        base_offset,
+        batch_len: total as u32,
+        crc: 0,
+        leader_epoch,
+        record_count: records.len() as u32,
+        first_timestamp,
+        max_timestamp,
+    }
+    .write(&mut buf[..HEADER_LEN]);
+    replicator_plugin_sdk::seal(&mut buf);
+    Ok(buf.freeze())
+}
+
+/// Rewrite the base offset of an encoded batch in place. The CRC does not
+/// cover the base offset (as in Kafka), so nothing else changes.
+pub fn set_base_offset(batch: &mut [u8], base_offset: u64) {
+    batch[0..8].copy_from_slice(&base_offset.to_le_bytes());
+}
+
+struct Cursor<'a> {
+    buf: &'a Bytes,
+    pos: usize,
+    end: usize,
+}
+
+impl Cursor<'_> {
+    fn take(&mut self, n: usize) -> Option<Bytes> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.end)?;
+        let out = self.buf.slice(self.pos..end);
+        self.pos = end;
+        Some(out)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        let b = self.take(2)?;
+        Some(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        let b = self.take(4)?;
+        Some(replicator_plugin_sdk::read_u32_le(&b, 0))
+    }
+    fn i64(&mut self) -> Option<i64> {
+        let b = self.take(8)?;
+        Some(replicator_plugin_sdk::read_u64_le(&b, 0) as i64)
+    }
+}
+
+/// Decode every record of the batches in `bytes` (checking framing and
+/// CRCs), sharing memory with `bytes`: keys and values are slices of it.
+pub fn decode(bytes: &Bytes) -> Result<Vec<StoredRecord>, BatchError> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    for b in replicator_plugin_sdk::batches(bytes, true) {
+        let (h, _) = b?;
+        let start = at;
+        at += h.batch_len as usize;
+        let mut c = Cursor {
+            buf: bytes,
+            pos: start + HEADER_LEN,
+            end: at,
+        };
+        for i in 0..h.record_count {
+            let bad = |why| BatchError::Record { index: i, why };
+            let len = c.u32().ok_or(bad("truncated length"))? as usize;
+            let rec_end = c.pos.checked_add(len).filter(|&e| e <= at).ok_or(bad("length past batch end"))?;
+            let timestamp = c.i64().ok_or(bad("truncated timestamp"))?;
+            let key_len = c.u32().ok_or(bad("truncated key length"))? as i32;
+            let key = match key_len {
+                -1 => None,
+                n if n >= 0 => Some(c.take(n as usize).ok_or(bad("key past record end"))?),
+                _ => return Err(bad("negative key length")),
+            };
+            let vlen = c.u32().ok_or(bad("truncated value length"))? as usize;
+            let value = c.take(vlen).ok_or(bad("value past record end"))?;
+            let nh = c.u32().ok_or(bad("truncated header count"))?;
+            let mut headers = Vec::new();
+            for _ in 0..nh {
+                let kl = c.u16().ok_or(bad("truncated header name"))? as usize;
+                let k = c.take(kl).ok_or(bad("header name past end"))?;
+                let k = String::from_utf8(k.to_vec()).map_err(|_| bad("header name not UTF-8"))?;
+                let vl = c.u32().ok_or(bad("truncated header value"))? as usize;
+                headers.push((k, c.take(vl).ok_or(bad("header value past end"))?));
+            }
+            if c.pos != rec_end {
+                return Err(bad("record length disagrees with its fields"));
+            }
+            out.push(StoredRecord {
+                offset: h.base_offset + u64::from(i),
+                leader_epoch: h.leader_epoch,
+                record: Record {
+                    key,
+                    value,
+                    timestamp,
+                    headers,
+                },
+            });
+        }
+        if c.pos != at {
+            return Err(BatchError::Trailing(at - c.pos));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_record() -> impl Strategy<Value = Record> {
+        (
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..20)),
+            proptest::collection::vec(any::<u8>(), 0..200),
+            any::<i64>(),
+            proptest::collection::vec(("[a-z]{0,8}", proptest::collection::vec(any::<u8>(), 0..10)), 0..3),
+        )
+            .prop_map(|(k, v, ts, h)| Record {
+                key: k.map(Bytes::from),
+                value: Bytes::from(v),
+                timestamp: ts,
+                headers: h.into_iter().map(|(k, v)| (k, Bytes::from(v))).collect(),
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn encode_decode_round_trip(base in 0u64..1 << 40, epoch in any::<u32>(),
+                                    recs in proptest::collection::vec(arb_record(), 1..20)) {
+            let b = encode(base, epoch, &recs).unwrap();
+            let back = decode(&b).unwrap();
+            prop_assert_eq!(back.len(), recs.len());
+            for (i, (got, want)) in back.iter().zip(&recs).enumerate() {
+                prop_assert_eq!(got.offset, base + i as u64);
+                prop_assert_eq!(got.leader_epoch, epoch);
+                prop_assert_eq!(&got.record, want);
+            }
+        }
+
+        #[test]
+        fn decode_never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = decode(&Bytes::from(bytes));
+        }
+
+        #[test]
+        fn decode_rejects_any_flipped_byte(flip in 16usize..200) {
+            let recs = vec![Record { value: Bytes::from(vec![7u8; 150]), ..Default::default() }];
+            let mut b = encode(5, 1, &recs).unwrap().to_vec();
+            let at = flip % b.len();
+            b[at] ^= 0x5a;
+            prop_assert!(decode(&Bytes::from(b)).is_err());
+        }
+    }
+
+    #[test]
+    fn rebasing_keeps_crc_valid() {
+        let recs = vec![Record { value: Bytes::from_static(b"v"), ..Default::default() }];
+        let mut b = encode(0, 1, &recs).unwrap().to_vec();
+        set_base_offset(&mut b, 99);
+        let back = decode(&Bytes::from(b)).unwrap();
+        assert_eq!(back[0].offset, 99);
+    }
+}

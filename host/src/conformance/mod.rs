@@ -1,0 +1,143 @@
+//! The storage conformance suite: what every storage plugin must do, run
+//! against a real instance. Tests run it for each plugin under `plugins/`
+//! and users run it as `replicator plugin check <name|path.wasm>`.
+//!
+//! Every case opens a fresh log in its own directory. Cases that need
+//! persistence (reopen, torn tail) are skipped for plugins that keep
+//! nothing across instances, and say so.
+
+mod cases;
+mod model;
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use crate::plugin::{PluginLog, StoragePlugin};
+use crate::storage::StorageResult;
+
+/// The plugin under test and the settings it is opened with.
+#[derive(Clone)]
+pub struct Subject {
+    pub plugin: StoragePlugin,
+    pub config: Vec<(String, String)>,
+}
+
+impl Subject {
+    pub fn new(plugin: StoragePlugin, config: Vec<(String, String)>) -> Self {
+        Subject { plugin, config }
+    }
+
+    pub async fn open(&self, dir: &Path) -> StorageResult<PluginLog> {
+        self.plugin
+            .open("conformance", 0, self.config.clone(), Some(dir))
+            .await
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Passed,
+    Failed(String),
+    Skipped(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct CaseReport {
+    pub name: &'static str,
+    pub outcome: Outcome,
+    pub elapsed: Duration,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub cases: Vec<CaseReport>,
+}
+
+impl Report {
+    pub fn failed(&self) -> usize {
+        self.cases.iter().filter(|c| matches!(c.outcome, Outcome::Failed(_))).count()
+    }
+    pub fn passed(&self) -> usize {
+        self.cases.iter().filter(|c| c.outcome == Outcome::Passed).count()
+    }
+    pub fn skipped(&self) -> usize {
+        self.cases.iter().filter(|c| matches!(c.outcome, Outcome::Skipped(_))).count()
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for c in &self.cases {
+            let (mark, note) = match &c.outcome {
+                Outcome::Passed => ("ok  ", String::new()),
+                Outcome::Failed(m) => ("FAIL", format!(": {m}")),
+                Outcome::Skipped(m) => ("skip", format!(": {m}")),
+            };
+            writeln!(f, "{mark} {:<28} {:>8.1?}{note}", c.name, c.elapsed)?;
+        }
+        write!(
+            f,
+            "{} passed, {} failed, {} skipped",
+            self.passed(),
+            self.failed(),
+            self.skipped()
+        )
+    }
+}
+
+/// What a case returns: `Ok(None)` passed, `Ok(Some(why))` skipped.
+pub type CaseResult = Result<Option<String>, String>;
+type CaseFn = for<'a> fn(
+    &'a Subject,
+    &'a Path,
+    &'a Options,
+) -> Pin<Box<dyn Future<Output = CaseResult> + Send + 'a>>;
+
+/// Options of a run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Random operation sequences the model-based case tries.
+    pub proptest_cases: u32,
+    /// Only run cases whose name contains this.
+    pub filter: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            proptest_cases: 64,
+            filter: None,
+        }
+    }
+}
+
+/// Run every case against `subject`, each in a fresh directory under
+/// `scratch`; `progress` is told each case's name before it runs.
+pub async fn run(subject: &Subject, scratch: &Path, options: &Options, mut progress: impl FnMut(&str)) -> Report {
+    let mut report = Report::default();
+    for (name, case) in cases::ALL {
+        if options.filter.as_deref().is_some_and(|f| !name.contains(f)) {
+            continue;
+        }
+        progress(name);
+        let dir = scratch.join(name);
+        let started = Instant::now();
+        let outcome = if let Err(e) = std::fs::create_dir_all(&dir) {
+            Outcome::Failed(format!("cannot create {}: {e}", dir.display()))
+        } else {
+            match case(subject, &dir, options).await {
+                Ok(None) => Outcome::Passed,
+                Ok(Some(why)) => Outcome::Skipped(why),
+                Err(why) => Outcome::Failed(why),
+            }
+        };
+        report.cases.push(CaseReport {
+            name,
+            outcome,
+            elapsed: started.elapsed(),
+        });
+    }
+    report
+}

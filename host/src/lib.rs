@@ -1,0 +1,13 @@
+//! Replicator: Kafka-style replication of partitioned logs whose storage
+//! and metadata backends are WebAssembly components.
+//!
+//! - [`batch`]: record batches as they cross the plugin boundary.
+//! - [`storage`]: the batch-level `PartitionLog` contract, the native
+//!   memory log, and the message-level traits of the reference API.
+//! - [`plugin`]: the sandboxed wasmtime host that runs storage plugins.
+//! - [`conformance`]: the storage conformance suite (`replicator plugin check`).
+
+pub mod batch;
+pub mod conformance;
+pub mod plugin;
+pub mod storage;

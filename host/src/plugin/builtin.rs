@@ -1,0 +1,18 @@
+//! The plugins compiled into the binary by `host/build.rs`, by name.
+
+/// (name, wasm component bytes) of every built-in storage plugin.
+pub const STORAGE: &[(&str, &[u8])] = &[
+    ("memory", include_bytes!(env!("REPLICATOR_WASM_STORAGE_MEMORY"))),
+    ("file", include_bytes!(env!("REPLICATOR_WASM_STORAGE_FILE"))),
+];
+
+/// Test-only plugins; not meant for users.
+#[doc(hidden)]
+pub mod testing {
+    /// A storage plugin that misbehaves on purpose: see `plugins/test-hostile`.
+    pub const HOSTILE: &[u8] = include_bytes!(env!("REPLICATOR_WASM_TEST_HOSTILE"));
+}
+
+pub fn storage(name: &str) -> Option<&'static [u8]> {
+    STORAGE.iter().find(|(n, _)| *n == name).map(|(_, b)| *b)
+}

@@ -1,0 +1,587 @@
+//! [`PluginLog`]: one partition's log served by one plugin instance, owned
+//! by one task. Owns fault containment (deadlines, traps, re-instantiation)
+//! and the checks that no plugin answer is trusted blindly: offsets must be
+//! in range and contiguous, the log end must move exactly as appends and
+//! truncations say, batches read back must pass their CRC.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use replicator_plugin_sdk::index;
+use tokio::sync::{mpsc, oneshot};
+use wasmtime::Store;
+use wasmtime::component::ResourceAny;
+
+use super::StoragePlugin;
+use super::bindings::StoragePlugin as World;
+use super::bindings::exports::replicator::plugin::storage as wit;
+use super::bindings::replicator::plugin::types::PluginError;
+use super::sandbox::{PluginState, Sandbox};
+use crate::storage::{
+    EpochEntry, FaultKind, LogState, OffsetBounds, PartitionLog, StorageError, StorageResult,
+};
+
+pub(crate) struct OpenSpec {
+    pub topic: String,
+    pub partition: u32,
+    pub config: Vec<(String, String)>,
+    pub data_dir: Option<PathBuf>,
+}
+
+enum Op {
+    Append(Bytes),
+    Read(u64, u32),
+    Bounds,
+    Truncate(u64),
+    DeletePrefix(u64),
+    HighWatermark,
+    SetHighWatermark(u64),
+    LeaderEpochs,
+    SetLeaderEpochs(Vec<EpochEntry>),
+    Flush,
+    Recover,
+    Close,
+}
+
+enum Out {
+    Offset(u64),
+    Bytes(Bytes),
+    Bounds(OffsetBounds),
+    Unit,
+    Epochs(Vec<EpochEntry>),
+    State(LogState),
+}
+
+struct Call {
+    op: Op,
+    reply: oneshot::Sender<StorageResult<Out>>,
+}
+
+/// Handle to a partition log served by a plugin instance. Cheap to clone;
+/// calls are served one at a time, in order. Dropping every handle closes
+/// the log (the plugin's resource is dropped, then the instance).
+#[derive(Clone)]
+pub struct PluginLog {
+    tx: mpsc::Sender<Call>,
+    plugin: Arc<str>,
+}
+
+struct Live {
+    store: Store<PluginState>,
+    world: World,
+    log: ResourceAny,
+}
+
+struct Actor {
+    plugin: StoragePlugin,
+    spec: OpenSpec,
+    label: Arc<str>,
+    live: Option<Live>,
+    fault: Option<(FaultKind, String)>,
+    /// The bounds the log must have, tracked from every answered mutation.
+    known: OffsetBounds,
+}
+
+type Fault = (FaultKind, String);
+
+/// Run one guest call under the deadline: a trap or an expired deadline
+/// becomes a fault; an expected error stays an error.
+async fn guarded<T>(
+    deadline: Duration,
+    fut: impl Future<Output = wasmtime::Result<Result<T, PluginError>>>,
+) -> Result<Result<T, PluginError>, Fault> {
+    // Epoch interruption stops wasm code at the deadline; this timeout
+    // catches a call stuck in a host function, where epochs do not reach.
+    let grace = deadline / 4 + Duration::from_millis(50);
+    match tokio::time::timeout(deadline + grace, fut).await {
+        Err(_) => Err((
+            FaultKind::Deadline,
+            format!("call did not return within {deadline:?}"),
+        )),
+        Ok(Err(e)) => Err(classify(&e)),
+        Ok(Ok(r)) => Ok(r),
+    }
+}
+
+fn classify(e: &wasmtime::Error) -> Fault {
+    match e.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => (FaultKind::Deadline, "deadline reached in wasm code".into()),
+        _ => (FaultKind::Trap, format!("{e:#}")),
+    }
+}
+
+fn convert(e: PluginError) -> StorageError {
+    match e {
+        PluginError::NotFound(m) => StorageError::NotFound(m),
+        PluginError::OffsetOutOfRange(b) => StorageError::OffsetOutOfRange(OffsetBounds {
+            log_start: b.log_start,
+            log_end: b.log_end,
+        }),
+        PluginError::Corrupt(m) => StorageError::Corrupt(m),
+        PluginError::Io(m) => StorageError::Io(m),
+        PluginError::Conflict(m) => StorageError::Conflict(m),
+        PluginError::Unavailable(m) => StorageError::Unavailable(m),
+        PluginError::InvalidInput(m) => StorageError::InvalidInput(m),
+        PluginError::Other(m) => StorageError::Other(m),
+    }
+}
+
+impl Actor {
+    fn sandbox(&self) -> &Sandbox {
+        &self.plugin.inner.sandbox
+    }
+
+    fn fault_error(&self, kind: FaultKind, detail: String) -> StorageError {
+        StorageError::Fault {
+            plugin: self.label.to_string(),
+            kind,
+            detail,
+        }
+    }
+
+    /// Record a fault: drop the instance, refuse calls until `recover`.
+    fn set_fault(&mut self, (kind, detail): Fault) -> StorageError {
+        tracing::error!(plugin = %self.label, ?kind, "storage plugin fault, instance dropped: {detail}");
+        self.live = None;
+        self.fault = Some((kind.clone(), detail.clone()));
+        self.fault_error(kind, detail)
+    }
+
+    async fn instantiate(&mut self) -> StorageResult<()> {
+        self.live = None;
+        let sandbox = self.sandbox().clone();
+        let deadline = sandbox.open_deadline;
+        let state = PluginState::new(&sandbox, self.spec.data_dir.as_ref(), self.label.clone())
+            .map_err(|e| self.fault_error(FaultKind::Instantiate, format!("{e:#}")))?;
+        let mut store = Store::new(self.plugin.inner.runtime.engine(), state);
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(Sandbox::ticks(deadline));
+        let world = match tokio::time::timeout(deadline, self.plugin.inner.pre.instantiate_async(&mut store)).await {
+            Ok(Ok(w)) => w,
+            Ok(Err(e)) => {
+                let (_, detail) = classify(&e);
+                return Err(self.set_fault((FaultKind::Instantiate, detail)));
+            }
+            Err(_) => return Err(self.set_fault((FaultKind::Deadline, "instantiation timed out".into()))),
+        };
+        let guest = world.replicator_plugin_storage().partition_log();
+        let opened = guarded(
+            deadline,
+            guest.call_open(&mut store, &self.spec.topic, self.spec.partition, &self.spec.config),
+        )
+        .await;
+        let log = match opened {
+            Ok(Ok(log)) => log,
+            Ok(Err(e)) => return Err(convert(e)),
+            Err(f) => return Err(self.set_fault(f)),
+        };
+        self.live = Some(Live { store, world, log });
+        self.fault = None;
+        // Learn the bounds; everything after is checked against them.
+        let b = self.call_bounds().await?;
+        if b.log_start > b.log_end {
+            return Err(self.set_fault((
+                FaultKind::Violation,
+                format!("opened with log start {} past log end {}", b.log_start, b.log_end),
+            )));
+        }
+        self.known = b;
+        Ok(())
+    }
+
+    async fn call_bounds(&mut self) -> StorageResult<OffsetBounds> {
+        let deadline = self.sandbox().call_deadline;
+        let Some(live) = self.live.as_mut() else {
+            return Err(self.fault_error(FaultKind::NeedsRecovery, "no instance".into()));
+        };
+        live.store.set_epoch_deadline(Sandbox::ticks(deadline));
+        let guest = live.world.replicator_plugin_storage().partition_log();
+        let r = guarded(deadline, async {
+            guest.call_bounds(&mut live.store, live.log).await.map(Ok)
+        })
+        .await;
+        match r {
+            Ok(Ok(b)) => Ok(OffsetBounds {
+                log_start: b.log_start,
+                log_end: b.log_end,
+            }),
+            Ok(Err(e)) => Err(convert(e)),
+            Err(f) => Err(self.set_fault(f)),
+        }
+    }
+
+    async fn serve(&mut self, op: Op) -> StorageResult<Out> {
+        match op {
+            Op::Recover => self.recover().await.map(Out::State),
+            Op::Close => {
+                self.close().await;
+                Ok(Out::Unit)
+            }
+            op => self.handle(op).await,
+        }
+    }
+
+    /// One guest call with its checks; `Recover` is served by [`Self::serve`].
+    async fn handle(&mut self, op: Op) -> StorageResult<Out> {
+        if let Some((kind, detail)) = &self.fault {
+            return Err(self.fault_error(
+                FaultKind::NeedsRecovery,
+                format!("after an earlier {kind:?} fault ({detail}); call recover()"),
+            ));
+        }
+        let deadline = self.sandbox().call_deadline;
+        let known = self.known;
+        let Some(live) = self.live.as_mut() else {
+            return Err(self.fault_error(FaultKind::NeedsRecovery, "no instance".into()));
+        };
+        live.store.set_epoch_deadline(Sandbox::ticks(deadline));
+        let guest = live.world.replicator_plugin_storage().partition_log();
+        let (store, log) = (&mut live.store, live.log);
+        let answer = match op {
+            Op::Append(bytes) => {
+                let r = guarded(deadline, guest.call_append(&mut *store, log, &bytes)).await;
+                r.map(|r| r.map(|end| check_append(known, &bytes, end)))
+            }
+            Op::Read(offset, max) => {
+                let r = guarded(deadline, guest.call_read(&mut *store, log, offset, max)).await;
+                r.map(|r| r.map(|b| check_read(known, offset, max, Bytes::from(b))))
+            }
+            Op::Bounds => {
+                let r = guarded(deadline, async { guest.call_bounds(&mut *store, log).await.map(Ok) }).await;
+                r.map(|r| {
+                    r.map(|b| {
+                        let b = OffsetBounds {
+                            log_start: b.log_start,
+                            log_end: b.log_end,
+                        };
+                        if b == known {
+                            Ok((Out::Bounds(b), known))
+                        } else {
+                            Err(format!("reported bounds {b:?}, but its operations imply {known:?}"))
+                        }
+                    })
+                })
+            }
+            Op::Truncate(offset) => {
+                let r = guarded(deadline, guest.call_truncate(&mut *store, log, offset)).await;
+                r.map(|r| r.map(|end| check_truncate(known, offset, end)))
+            }
+            Op::DeletePrefix(offset) => {
+                let r = guarded(deadline, guest.call_delete_prefix(&mut *store, log, offset)).await;
+                r.map(|r| {
+                    r.map(|()| {
+                        let mut k = known;
+                        k.log_start = k.log_start.max(offset);
+                        k.log_end = k.log_end.max(offset);
+                        Ok((Out::Unit, k))
+                    })
+                })
+            }
+            Op::HighWatermark => {
+                let r = guarded(deadline, guest.call_high_watermark(&mut *store, log)).await;
+                r.map(|r| r.map(|hw| Ok((Out::Offset(hw), known))))
+            }
+            Op::SetHighWatermark(hw) => {
+                let r = guarded(deadline, guest.call_set_high_watermark(&mut *store, log, hw)).await;
+                r.map(|r| r.map(|()| Ok((Out::Unit, known))))
+            }
+            Op::LeaderEpochs => {
+                let r = guarded(deadline, guest.call_leader_epochs(&mut *store, log)).await;
+                r.map(|r| r.map(|e| check_epochs(known, e)))
+            }
+            Op::SetLeaderEpochs(entries) => {
+                let wit_entries: Vec<wit::EpochEntry> = entries
+                    .iter()
+                    .map(|e| wit::EpochEntry {
+                        epoch: e.epoch,
+                        start_offset: e.start_offset,
+                    })
+                    .collect();
+                let r = guarded(deadline, guest.call_set_leader_epochs(&mut *store, log, &wit_entries)).await;
+                r.map(|r| r.map(|()| Ok((Out::Unit, known))))
+            }
+            Op::Flush => {
+                let r = guarded(deadline, guest.call_flush(&mut *store, log)).await;
+                r.map(|r| r.map(|()| Ok((Out::Unit, known))))
+            }
+            Op::Recover | Op::Close => {
+                return Err(StorageError::Other("not a guest call".into()));
+            }
+        };
+        match answer {
+            Err(fault) => Err(self.set_fault(fault)),
+            Ok(Err(e)) => {
+                let e = convert(e);
+                if let Some(why) = wrong_refusal(&e, known) {
+                    return Err(self.set_fault((FaultKind::Violation, why)));
+                }
+                Err(e)
+            }
+            Ok(Ok(Err(violation))) => Err(self.set_fault((FaultKind::Violation, violation))),
+            Ok(Ok(Ok((out, new_known)))) => {
+                self.known = new_known;
+                Ok(out)
+            }
+        }
+    }
+
+    async fn recover(&mut self) -> StorageResult<LogState> {
+        if self.fault.is_some() || self.live.is_none() {
+            tracing::info!(plugin = %self.label, "re-instantiating storage plugin");
+            self.instantiate().await?;
+        }
+        let bounds = match self.handle(Op::Bounds).await? {
+            Out::Bounds(b) => b,
+            _ => unreachable!("Bounds answers Out::Bounds"),
+        };
+        let hw = match self.handle(Op::HighWatermark).await? {
+            Out::Offset(o) => o,
+            _ => unreachable!("HighWatermark answers Out::Offset"),
+        };
+        let leader_epochs = match self.handle(Op::LeaderEpochs).await? {
+            Out::Epochs(e) => e,
+            _ => unreachable!("LeaderEpochs answers Out::Epochs"),
+        };
+        Ok(LogState {
+            bounds,
+            high_watermark: hw.min(bounds.log_end),
+            leader_epochs,
+        })
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Call>) {
+        while let Some(call) = rx.recv().await {
+            let closing = matches!(call.op, Op::Close);
+            let r = self.serve(call.op).await;
+            let _ = call.reply.send(r);
+            if closing {
+                return;
+            }
+        }
+        self.close().await;
+    }
+
+    /// Let the plugin run its destructor, then drop the instance.
+    async fn close(&mut self) {
+        if let Some(mut live) = self.live.take() {
+            live.store.set_epoch_deadline(Sandbox::ticks(self.sandbox().call_deadline));
+            let drop_it = live.log.resource_drop_async(&mut live.store);
+            match tokio::time::timeout(self.sandbox().call_deadline, drop_it).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(plugin = %self.label, "closing the log trapped: {e:#}"),
+                Err(_) => tracing::warn!(plugin = %self.label, "closing the log timed out"),
+            }
+        }
+    }
+}
+
+type Checked = Result<(Out, OffsetBounds), String>;
+
+fn check_append(known: OffsetBounds, bytes: &[u8], end: u64) -> Checked {
+    let located = index::check_append(bytes, known.log_end)
+        .map_err(|e| format!("accepted an append the contract forbids ({e})"))?;
+    let expected = located
+        .last()
+        .map(|l| l.header.next_offset())
+        .unwrap_or(known.log_end);
+    if end != expected {
+        return Err(format!(
+            "append returned log end {end}, but the appended batches end at {expected}"
+        ));
+    }
+    Ok((
+        Out::Offset(end),
+        OffsetBounds {
+            log_start: known.log_start,
+            log_end: end,
+        },
+    ))
+}
+
+fn check_read(known: OffsetBounds, offset: u64, max: u32, bytes: Bytes) -> Checked {
+    if offset < known.log_start || offset > known.log_end {
+        return Err(format!(
+            "served a read at {offset}, outside the log {}..{}",
+            known.log_start, known.log_end
+        ));
+    }
+    if bytes.is_empty() {
+        if offset < known.log_end {
+            return Err(format!(
+                "returned nothing for offset {offset} below the log end {}",
+                known.log_end
+            ));
+        }
+        return Ok((Out::Bytes(bytes), known));
+    }
+    let mut expected: Option<u64> = None;
+    let mut count = 0usize;
+    for b in replicator_plugin_sdk::batches(&bytes, true) {
+        let (h, _) = b.map_err(|e| format!("read at {offset} returned a bad batch: {e}"))?;
+        match expected {
+            None if h.base_offset > offset || h.next_offset() <= offset => {
+                return Err(format!(
+                    "read at {offset} started with batch {}..{}",
+                    h.base_offset,
+                    h.next_offset()
+                ));
+            }
+            Some(e) if h.base_offset != e => {
+                return Err(format!(
+                    "read returned batch at {} after one ending at {e}",
+                    h.base_offset
+                ));
+            }
+            _ => {}
+        }
+        if h.next_offset() > known.log_end {
+            return Err(format!(
+                "read returned offsets up to {} past the log end {}",
+                h.next_offset(),
+                known.log_end
+            ));
+        }
+        expected = Some(h.next_offset());
+        count += 1;
+    }
+    if count > 1 && bytes.len() > max as usize {
+        return Err(format!(
+            "read returned {} bytes in {count} batches, over max-bytes {max}",
+            bytes.len()
+        ));
+    }
+    Ok((Out::Bytes(bytes), known))
+}
+
+fn check_truncate(known: OffsetBounds, offset: u64, end: u64) -> Checked {
+    if offset < known.log_start || offset > known.log_end {
+        return Err(format!(
+            "accepted a truncation to {offset}, outside the log {}..{}",
+            known.log_start, known.log_end
+        ));
+    }
+    if end > offset {
+        return Err(format!("truncation to {offset} left the log end at {end}"));
+    }
+    Ok((
+        Out::Offset(end),
+        OffsetBounds {
+            log_start: known.log_start.min(end),
+            log_end: end,
+        },
+    ))
+}
+
+fn check_epochs(known: OffsetBounds, entries: Vec<wit::EpochEntry>) -> Checked {
+    for w in entries.windows(2) {
+        if w[1].epoch <= w[0].epoch || w[1].start_offset < w[0].start_offset {
+            return Err(format!(
+                "leader-epoch cache is not monotonic: ({}, {}) then ({}, {})",
+                w[0].epoch, w[0].start_offset, w[1].epoch, w[1].start_offset
+            ));
+        }
+    }
+    let entries = entries
+        .into_iter()
+        .map(|e| EpochEntry {
+            epoch: e.epoch,
+            start_offset: e.start_offset,
+        })
+        .collect();
+    Ok((Out::Epochs(entries), known))
+}
+
+/// An error the plugin had no grounds for, given what the host knows:
+/// "out of range" for an offset inside the bounds.
+fn wrong_refusal(e: &StorageError, known: OffsetBounds) -> Option<String> {
+    match e {
+        StorageError::OffsetOutOfRange(b) if *b != known => Some(format!(
+            "reported bounds {b:?} in an out-of-range error, but its operations imply {known:?}"
+        )),
+        _ => None,
+    }
+}
+
+impl PluginLog {
+    /// Close the log now and wait until the plugin has released it (its
+    /// files closed), unlike dropping the handles, which closes it later.
+    /// Other clones of this handle then get `Closed` faults.
+    pub async fn close(self) {
+        let _ = self.call(Op::Close).await;
+    }
+
+    pub(crate) async fn spawn(plugin: StoragePlugin, spec: OpenSpec) -> StorageResult<PluginLog> {
+        let label: Arc<str> = format!("{} {}/{}", plugin.name(), spec.topic, spec.partition).into();
+        let mut actor = Actor {
+            plugin,
+            spec,
+            label: label.clone(),
+            live: None,
+            fault: None,
+            known: OffsetBounds::default(),
+        };
+        actor.instantiate().await?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(actor.run(rx));
+        Ok(PluginLog { tx, plugin: label })
+    }
+
+    async fn call(&self, op: Op) -> StorageResult<Out> {
+        let closed = || StorageError::Fault {
+            plugin: self.plugin.to_string(),
+            kind: FaultKind::Closed,
+            detail: "the task serving this log is gone".into(),
+        };
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Call { op, reply }).await.map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+}
+
+macro_rules! expect_out {
+    ($self:ident, $op:expr, $pat:pat => $v:expr) => {
+        match $self.call($op).await? {
+            $pat => Ok($v),
+            _ => unreachable!("the actor answers each op with its own output kind"),
+        }
+    };
+}
+
+impl PartitionLog for PluginLog {
+    async fn append(&self, batches: Bytes) -> StorageResult<u64> {
+        expect_out!(self, Op::Append(batches), Out::Offset(o) => o)
+    }
+    async fn read(&self, offset: u64, max_bytes: u32) -> StorageResult<Bytes> {
+        expect_out!(self, Op::Read(offset, max_bytes), Out::Bytes(b) => b)
+    }
+    async fn bounds(&self) -> StorageResult<OffsetBounds> {
+        expect_out!(self, Op::Bounds, Out::Bounds(b) => b)
+    }
+    async fn truncate(&self, offset: u64) -> StorageResult<u64> {
+        expect_out!(self, Op::Truncate(offset), Out::Offset(o) => o)
+    }
+    async fn delete_prefix(&self, offset: u64) -> StorageResult<()> {
+        expect_out!(self, Op::DeletePrefix(offset), Out::Unit => ())
+    }
+    async fn high_watermark(&self) -> StorageResult<u64> {
+        expect_out!(self, Op::HighWatermark, Out::Offset(o) => o)
+    }
+    async fn set_high_watermark(&self, offset: u64) -> StorageResult<()> {
+        expect_out!(self, Op::SetHighWatermark(offset), Out::Unit => ())
+    }
+    async fn leader_epochs(&self) -> StorageResult<Vec<EpochEntry>> {
+        expect_out!(self, Op::LeaderEpochs, Out::Epochs(e) => e)
+    }
+    async fn set_leader_epochs(&self, entries: Vec<EpochEntry>) -> StorageResult<()> {
+        expect_out!(self, Op::SetLeaderEpochs(entries), Out::Unit => ())
+    }
+    async fn flush(&self) -> StorageResult<()> {
+        expect_out!(self, Op::Flush, Out::Unit => ())
+    }
+    async fn recover(&self) -> StorageResult<LogState> {
+        expect_out!(self, Op::Recover, Out::State(s) => s)
+    }
+}

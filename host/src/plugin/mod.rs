@@ -1,0 +1,189 @@
+//! The wasm plugin host: loads storage backends as sandboxed components
+//! and serves each partition's log from its own instance.
+//!
+//! One `Store` per partition, owned by one tokio task ([`PluginLog`]); every
+//! store runs under the [`Sandbox`] limits. A trap, blown deadline or
+//! contract violation drops the instance: the partition answers
+//! [`StorageError::Fault`](crate::storage::StorageError::Fault) until
+//! `recover()` re-instantiates it and re-reads its state. Other partitions
+//! are untouched.
+
+mod bindings;
+pub mod builtin;
+mod log;
+mod runtime;
+mod sandbox;
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use wasmtime::component::Component;
+
+pub use log::PluginLog;
+pub use runtime::{MAX_WASM_STACK, PluginRuntime, default_cache_dir};
+pub use sandbox::{EPOCH_TICK, Sandbox};
+
+use bindings::StoragePluginPre;
+use sandbox::PluginState;
+
+/// Why a plugin could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("unknown built-in plugin `{name}`; built-ins: {known}; or give a path to a .wasm component")]
+    UnknownBuiltin { name: String, known: String },
+    #[error("cannot read plugin {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("plugin `{plugin}` is not a valid wasm component for this host: {detail}")]
+    Compile { plugin: String, detail: String },
+    #[error("plugin `{plugin}` does not fit the storage-plugin world of wit/ (replicator:plugin@0.1.0): {detail}")]
+    Link { plugin: String, detail: String },
+    #[error("wasm engine: {0}")]
+    Engine(String),
+}
+
+/// Where a plugin comes from: a built-in name or a `.wasm` file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PluginSource {
+    Builtin(String),
+    Path(PathBuf),
+}
+
+impl FromStr for PluginSource {
+    type Err = std::convert::Infallible;
+
+    /// A name with a path separator or a `.wasm` ending is a path;
+    /// anything else names a built-in.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.contains('/') || s.ends_with(".wasm") {
+            Ok(PluginSource::Path(PathBuf::from(s)))
+        } else {
+            Ok(PluginSource::Builtin(s.to_string()))
+        }
+    }
+}
+
+impl std::fmt::Display for PluginSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PluginSource::Builtin(n) => write!(f, "{n}"),
+            PluginSource::Path(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// A compiled, linked storage plugin, ready to open partitions.
+#[derive(Clone)]
+pub struct StoragePlugin {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: String,
+    runtime: Arc<PluginRuntime>,
+    pre: StoragePluginPre<PluginState>,
+    sandbox: Sandbox,
+}
+
+impl StoragePlugin {
+    /// Load from a built-in name or a path, with the shared runtime.
+    pub fn load(source: &PluginSource, sandbox: Sandbox) -> Result<Self, LoadError> {
+        Self::load_with(PluginRuntime::global()?, source, sandbox)
+    }
+
+    pub fn load_with(
+        runtime: Arc<PluginRuntime>,
+        source: &PluginSource,
+        sandbox: Sandbox,
+    ) -> Result<Self, LoadError> {
+        match source {
+            PluginSource::Builtin(name) => {
+                let wasm = builtin::storage(name).ok_or_else(|| LoadError::UnknownBuiltin {
+                    name: name.clone(),
+                    known: builtin::STORAGE
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?;
+                Self::from_bytes(runtime, name, wasm, sandbox)
+            }
+            PluginSource::Path(path) => {
+                let wasm = std::fs::read(path).map_err(|source| LoadError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                let name = plugin_name(path);
+                Self::from_bytes(runtime, &name, &wasm, sandbox)
+            }
+        }
+    }
+
+    /// Load a component from its bytes under a display name.
+    pub fn from_bytes(
+        runtime: Arc<PluginRuntime>,
+        name: &str,
+        wasm: &[u8],
+        sandbox: Sandbox,
+    ) -> Result<Self, LoadError> {
+        let component: Component = runtime.compile(name, wasm)?;
+        let link = |e: wasmtime::Error| LoadError::Link {
+            plugin: name.to_string(),
+            detail: format!("{e:#}"),
+        };
+        let instance_pre = runtime.storage_linker().instantiate_pre(&component).map_err(link)?;
+        let pre = StoragePluginPre::new(instance_pre).map_err(link)?;
+        Ok(StoragePlugin {
+            inner: Arc::new(Inner {
+                name: name.to_string(),
+                runtime,
+                pre,
+                sandbox,
+            }),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.inner.sandbox
+    }
+
+    /// Open the log of `topic`/`partition` in its own instance, with
+    /// `data_dir` (created if missing) as the only directory it can see.
+    /// Must be called inside a tokio runtime.
+    pub async fn open(
+        &self,
+        topic: &str,
+        partition: u32,
+        config: Vec<(String, String)>,
+        data_dir: Option<&Path>,
+    ) -> Result<PluginLog, crate::storage::StorageError> {
+        if let Some(dir) = data_dir {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                crate::storage::StorageError::Io(format!("create {}: {e}", dir.display()))
+            })?;
+        }
+        PluginLog::spawn(
+            self.clone(),
+            log::OpenSpec {
+                topic: topic.to_string(),
+                partition,
+                config,
+                data_dir: data_dir.map(Path::to_path_buf),
+            },
+        )
+        .await
+    }
+}
+
+fn plugin_name(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}

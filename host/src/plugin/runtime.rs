@@ -1,0 +1,147 @@
+//! The process-wide plugin runtime: one wasmtime `Engine` (component model,
+//! epoch interruption, bounded wasm stack), the thread that ticks epochs,
+//! and the on-disk cache of compiled components.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine};
+
+use super::LoadError;
+use super::bindings::StoragePlugin as StorageWorld;
+use super::sandbox::{EPOCH_TICK, PluginState};
+
+/// Wasm stack one call may use (default wasmtime: 512 KiB).
+pub const MAX_WASM_STACK: usize = 1 << 20;
+
+pub struct PluginRuntime {
+    engine: Engine,
+    cache_dir: Option<PathBuf>,
+    storage_linker: Linker<PluginState>,
+}
+
+impl PluginRuntime {
+    /// A runtime whose compiled components are cached in `cache_dir`
+    /// (`None`: compile every time).
+    pub fn new(cache_dir: Option<PathBuf>) -> Result<Arc<Self>, LoadError> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        config.max_wasm_stack(MAX_WASM_STACK);
+        config.async_stack_size(MAX_WASM_STACK + (1 << 20));
+        let engine = Engine::new(&config).map_err(|e| LoadError::Engine(e.to_string()))?;
+        spawn_epoch_ticker(&engine);
+        let mut storage_linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut storage_linker)
+            .map_err(|e| LoadError::Engine(e.to_string()))?;
+        StorageWorld::add_to_linker::<_, HasSelf<_>>(&mut storage_linker, |s| s)
+            .map_err(|e| LoadError::Engine(e.to_string()))?;
+        Ok(Arc::new(PluginRuntime {
+            engine,
+            cache_dir,
+            storage_linker,
+        }))
+    }
+
+    /// The shared runtime, caching in [`default_cache_dir`].
+    pub fn global() -> Result<Arc<Self>, LoadError> {
+        static GLOBAL: OnceLock<Arc<PluginRuntime>> = OnceLock::new();
+        if let Some(rt) = GLOBAL.get() {
+            return Ok(rt.clone());
+        }
+        let rt = PluginRuntime::new(default_cache_dir())?;
+        Ok(GLOBAL.get_or_init(|| rt).clone())
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub(crate) fn storage_linker(&self) -> &Linker<PluginState> {
+        &self.storage_linker
+    }
+
+    /// Compile `wasm` (a component), or load it from the cache. The cache
+    /// key is the content hash plus wasmtime's compatibility hash, so a new
+    /// wasmtime or different engine settings never load stale code.
+    pub fn compile(&self, name: &str, wasm: &[u8]) -> Result<Component, LoadError> {
+        let Some(path) = self.cache_path(wasm) else {
+            return self.compile_fresh(name, wasm);
+        };
+        if path.exists() {
+            // SAFETY: the file was written by `Component::serialize` of an
+            // engine with the same compatibility hash (it is in the name),
+            // in a cache directory this user owns.
+            match unsafe { Component::deserialize_file(&self.engine, &path) } {
+                Ok(c) => return Ok(c),
+                Err(e) => tracing::warn!(path = %path.display(), "discarding bad cache entry: {e}"),
+            }
+        }
+        let component = self.compile_fresh(name, wasm)?;
+        if let Err(e) = store_cache_entry(&path, &component) {
+            tracing::warn!(path = %path.display(), "could not cache compiled plugin: {e}");
+        }
+        Ok(component)
+    }
+
+    fn compile_fresh(&self, name: &str, wasm: &[u8]) -> Result<Component, LoadError> {
+        Component::new(&self.engine, wasm).map_err(|e| LoadError::Compile {
+            plugin: name.to_string(),
+            detail: format!("{e:#}"),
+        })
+    }
+
+    fn cache_path(&self, wasm: &[u8]) -> Option<PathBuf> {
+        let dir = self.cache_dir.as_ref()?;
+        let mut compat = std::collections::hash_map::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut compat);
+        let content = Sha256::digest(wasm);
+        let hex: String = content.iter().take(16).map(|b| format!("{b:02x}")).collect();
+        Some(dir.join(format!("{hex}-{:016x}.cwasm", compat.finish())))
+    }
+}
+
+fn store_cache_entry(path: &Path, component: &Component) -> std::io::Result<()> {
+    let bytes = component
+        .serialize()
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    std::io::Write::write_all(&mut tmp, &bytes)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// `$REPLICATOR_CACHE_DIR`, else `$XDG_CACHE_HOME/replicator/components`,
+/// else `~/.cache/replicator/components`; `None` if none is known.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("REPLICATOR_CACHE_DIR") {
+        return Some(PathBuf::from(d));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("replicator").join("components"))
+}
+
+/// Bump the engine's epoch every tick so deadlines fire; the thread ends
+/// when the engine is gone.
+fn spawn_epoch_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    let spawned = std::thread::Builder::new()
+        .name("replicator-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!("could not start the epoch ticker, plugin deadlines will not fire: {e}");
+    }
+}

@@ -1,0 +1,127 @@
+//! Limits every plugin store runs under, and the store data they guard.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{FsPerms, ResourceTable, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::bindings::replicator::plugin::{host, types};
+
+/// Resource limits for plugin instances. The defaults suit a partition
+/// replica; raise them for plugins that legitimately need more.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    /// Wall-clock budget of one call (append, read, ...). Enforced by epoch
+    /// interruption inside wasm and by a host timeout around host calls.
+    pub call_deadline: Duration,
+    /// Budget of `open`, which may recover a large log.
+    pub open_deadline: Duration,
+    /// Linear memory one instance may grow to.
+    pub memory_bytes: usize,
+    /// Most tables and table elements an instance may create.
+    pub table_elements: usize,
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Sandbox {
+            call_deadline: Duration::from_secs(10),
+            open_deadline: Duration::from_secs(120),
+            memory_bytes: 1 << 30,
+            table_elements: 100_000,
+        }
+    }
+}
+
+/// Granularity of epoch deadlines: the ticker thread bumps the epoch this
+/// often.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+impl Sandbox {
+    pub(crate) fn ticks(d: Duration) -> u64 {
+        (d.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64
+    }
+
+    pub(crate) fn limits(&self) -> StoreLimits {
+        StoreLimitsBuilder::new()
+            .memory_size(self.memory_bytes)
+            .table_elements(self.table_elements)
+            .instances(16)
+            .tables(64)
+            .memories(16)
+            .trap_on_grow_failure(true)
+            .build()
+    }
+}
+
+/// Data of one plugin store: WASI state (only the partition's directory,
+/// no network, no environment) and the limits.
+pub(crate) struct PluginState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) limits: StoreLimits,
+    /// "plugin topic/partition", for logs.
+    label: Arc<str>,
+}
+
+impl PluginState {
+    pub(crate) fn new(
+        sandbox: &Sandbox,
+        data_dir: Option<&PathBuf>,
+        label: Arc<str>,
+    ) -> wasmtime::Result<Self> {
+        let mut b = WasiCtxBuilder::new();
+        // Panic messages reach the operator; stdout stays closed.
+        b.inherit_stderr();
+        // Plugin calls are short and owned by one task: doing file I/O on
+        // that task avoids a thread hop per call (each costs ~10-30 us).
+        b.allow_blocking_current_thread(true);
+        if let Some(dir) = data_dir {
+            b.preopened_dir(dir, "/data", FsPerms::ReadWrite)?;
+        }
+        Ok(PluginState {
+            wasi: b.build(),
+            table: ResourceTable::new(),
+            limits: sandbox.limits(),
+            label,
+        })
+    }
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Longest plugin log line kept; the rest is cut.
+const MAX_LOG_LINE: usize = 4096;
+
+impl host::Host for PluginState {
+    fn log(&mut self, level: host::LogLevel, message: String) {
+        let mut m = message;
+        if m.len() > MAX_LOG_LINE {
+            let mut cut = MAX_LOG_LINE;
+            while !m.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            m.truncate(cut);
+            m.push_str(" [cut]");
+        }
+        let plugin = &*self.label;
+        match level {
+            host::LogLevel::Trace => tracing::trace!(plugin, "{m}"),
+            host::LogLevel::Debug => tracing::debug!(plugin, "{m}"),
+            host::LogLevel::Info => tracing::info!(plugin, "{m}"),
+            host::LogLevel::Warn => tracing::warn!(plugin, "{m}"),
+            host::LogLevel::Error => tracing::error!(plugin, "{m}"),
+        }
+    }
+}
+
+impl types::Host for PluginState {}

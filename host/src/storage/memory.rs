@@ -1,0 +1,148 @@
+//! Native in-process [`PartitionLog`]: the same contract as the wasm memory
+//! plugin without the wasm boundary. It is the benchmark baseline and the
+//! reference the conformance suite's model is checked against.
+
+use std::sync::Mutex;
+
+use bytes::{Bytes, BytesMut};
+use replicator_plugin_sdk::index::{self, AppendError, Entry, OffsetIndex};
+
+use super::{EpochEntry, LogState, OffsetBounds, PartitionLog, StorageError, StorageResult};
+
+struct State {
+    index: OffsetIndex<Bytes>,
+    high_watermark: u64,
+    epochs: Vec<EpochEntry>,
+}
+
+pub struct MemoryLog(Mutex<State>);
+
+impl Default for MemoryLog {
+    fn default() -> Self {
+        MemoryLog(Mutex::new(State {
+            index: OffsetIndex::empty_at(0),
+            high_watermark: 0,
+            epochs: Vec::new(),
+        }))
+    }
+}
+
+impl MemoryLog {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> StorageResult<T>) -> StorageResult<T> {
+        // A poisoned lock means a panic mid-update: the state is suspect.
+        let mut s = self
+            .0
+            .lock()
+            .map_err(|_| StorageError::Corrupt("memory log lock poisoned".into()))?;
+        f(&mut s)
+    }
+}
+
+fn bounds(s: &State) -> OffsetBounds {
+    OffsetBounds {
+        log_start: s.index.log_start(),
+        log_end: s.index.log_end(),
+    }
+}
+
+pub(crate) fn append_error(e: AppendError) -> StorageError {
+    match e {
+        AppendError::NotContiguous { .. } => StorageError::Conflict(e.to_string()),
+        AppendError::Invalid(_) | AppendError::Empty => StorageError::InvalidInput(e.to_string()),
+    }
+}
+
+impl PartitionLog for MemoryLog {
+    async fn append(&self, batches: Bytes) -> StorageResult<u64> {
+        self.with(|s| {
+            let located = index::check_append(&batches, s.index.log_end()).map_err(append_error)?;
+            for l in located {
+                let h = l.header;
+                s.index.push(Entry {
+                    base: h.base_offset,
+                    next: h.next_offset(),
+                    leader_epoch: h.leader_epoch,
+                    len: h.batch_len,
+                    loc: batches.slice(l.start..l.start + h.batch_len as usize),
+                });
+            }
+            Ok(s.index.log_end())
+        })
+    }
+
+    async fn read(&self, offset: u64, max_bytes: u32) -> StorageResult<Bytes> {
+        self.with(|s| {
+            let range = s
+                .index
+                .read_range(offset, max_bytes)
+                .map_err(|()| StorageError::OffsetOutOfRange(bounds(s)))?;
+            if range.len() == 1 {
+                return Ok(s.index.get(range.start).map(|e| e.loc.clone()).unwrap_or_default());
+            }
+            let mut out = BytesMut::new();
+            for i in range {
+                if let Some(e) = s.index.get(i) {
+                    out.extend_from_slice(&e.loc);
+                }
+            }
+            Ok(out.freeze())
+        })
+    }
+
+    async fn bounds(&self) -> StorageResult<OffsetBounds> {
+        self.with(|s| Ok(bounds(s)))
+    }
+
+    async fn truncate(&self, offset: u64) -> StorageResult<u64> {
+        self.with(|s| {
+            if offset < s.index.log_start() || offset > s.index.log_end() {
+                return Err(StorageError::OffsetOutOfRange(bounds(s)));
+            }
+            s.index.truncate(offset);
+            let end = s.index.log_end();
+            index::truncate_epochs(&mut s.epochs, end, |e| e.start_offset);
+            Ok(end)
+        })
+    }
+
+    async fn delete_prefix(&self, offset: u64) -> StorageResult<()> {
+        self.with(|s| {
+            s.index.delete_prefix(offset);
+            Ok(())
+        })
+    }
+
+    async fn high_watermark(&self) -> StorageResult<u64> {
+        self.with(|s| Ok(s.high_watermark))
+    }
+
+    async fn set_high_watermark(&self, offset: u64) -> StorageResult<()> {
+        self.with(|s| {
+            s.high_watermark = offset;
+            Ok(())
+        })
+    }
+
+    async fn leader_epochs(&self) -> StorageResult<Vec<EpochEntry>> {
+        self.with(|s| Ok(s.epochs.clone()))
+    }
+
+    async fn set_leader_epochs(&self, entries: Vec<EpochEntry>) -> StorageResult<()> {
+        self.with(|s| {
+            s.epochs = entries;
+            Ok(())
+        })
+    }
+
+    async fn flush(&self) -> StorageResult<()> {
+        Ok(())
+    }
+
+    async fn recover(&self) -> StorageResult<LogState> {
+        super::load_state(self).await
+    }
+}

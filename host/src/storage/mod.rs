@@ -1,0 +1,82 @@
+//! Storage: the batch-level [`PartitionLog`] contract (what the WIT
+//! `partition-log` resource offers, as a Rust trait), its native in-process
+//! implementation, and the message-level traits mirroring the reference
+//! API (`StorageReader`, `StorageWriter`, `StorageAdapter`).
+
+mod error;
+pub mod memory;
+pub mod messages;
+
+use std::future::Future;
+
+use bytes::Bytes;
+
+pub use error::{FaultKind, StorageError, StorageResult};
+
+/// Log start (first readable offset) and log end (next offset to write).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OffsetBounds {
+    pub log_start: u64,
+    pub log_end: u64,
+}
+
+/// Leader epoch `epoch` began at `start_offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpochEntry {
+    pub epoch: u32,
+    pub start_offset: u64,
+}
+
+/// What a log holds after opening or recovering: all a replica must re-read
+/// before it acknowledges anything again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogState {
+    pub bounds: OffsetBounds,
+    /// The checkpointed high watermark, already capped at the log end.
+    pub high_watermark: u64,
+    pub leader_epochs: Vec<EpochEntry>,
+}
+
+/// The log of one partition, at batch level. Batches are the opaque,
+/// host-encoded bytes described in `wit/storage.wit` and [`crate::batch`].
+///
+/// Implemented by the wasm plugin host ([`crate::plugin::PluginLog`]) and by
+/// the native [`memory::MemoryLog`]. Every method mirrors the WIT function
+/// of the same name; see there for the exact contract.
+pub trait PartitionLog: Send + Sync {
+    /// Append one or more whole, contiguous batches starting at the log
+    /// end. Returns the new log end.
+    fn append(&self, batches: Bytes) -> impl Future<Output = StorageResult<u64>> + Send;
+    /// Whole batches from the one holding `offset`, within `max_bytes`
+    /// (at least one batch).
+    fn read(&self, offset: u64, max_bytes: u32) -> impl Future<Output = StorageResult<Bytes>> + Send;
+    fn bounds(&self) -> impl Future<Output = StorageResult<OffsetBounds>> + Send;
+    /// Remove batches whose last offset is >= `offset`; returns the new end.
+    fn truncate(&self, offset: u64) -> impl Future<Output = StorageResult<u64>> + Send;
+    fn delete_prefix(&self, offset: u64) -> impl Future<Output = StorageResult<()>> + Send;
+    fn high_watermark(&self) -> impl Future<Output = StorageResult<u64>> + Send;
+    fn set_high_watermark(&self, offset: u64) -> impl Future<Output = StorageResult<()>> + Send;
+    fn leader_epochs(&self) -> impl Future<Output = StorageResult<Vec<EpochEntry>>> + Send;
+    fn set_leader_epochs(
+        &self,
+        entries: Vec<EpochEntry>,
+    ) -> impl Future<Output = StorageResult<()>> + Send;
+    fn flush(&self) -> impl Future<Output = StorageResult<()>> + Send;
+    /// After a [`StorageError::Fault`]: start a fresh instance, reopen the
+    /// log and return what it now holds. Until this succeeds every other
+    /// call fails with a fault.
+    fn recover(&self) -> impl Future<Output = StorageResult<LogState>> + Send;
+}
+
+/// Read the state a replica needs on open: bounds, HW (capped at the log
+/// end, as Kafka does on restart) and the epoch cache.
+pub async fn load_state<L: PartitionLog>(log: &L) -> StorageResult<LogState> {
+    let bounds = log.bounds().await?;
+    let high_watermark = log.high_watermark().await?.min(bounds.log_end);
+    let leader_epochs = log.leader_epochs().await?;
+    Ok(LogState {
+        bounds,
+        high_watermark,
+        leader_epochs,
+    })
+}

@@ -1,0 +1,119 @@
+//! Storage plugin that keeps each partition's log in segment files inside
+//! the partition directory the host preopens. See `log.rs` for the layout
+//! and recovery, `config.rs` for the settings.
+
+use std::cell::RefCell;
+
+mod config;
+mod fs;
+mod log;
+
+wit_bindgen::generate!({ world: "storage-plugin", path: "../../wit" });
+
+use exports::replicator::plugin::storage::{EpochEntry, Guest, GuestPartitionLog, PartitionLog};
+use replicator::plugin::host::{LogLevel, log as host_log};
+use replicator::plugin::types::{OffsetBounds, PluginError};
+
+struct Plugin;
+
+impl Guest for Plugin {
+    type PartitionLog = FileLogResource;
+}
+
+struct FileLogResource(RefCell<log::FileLog>);
+
+impl FileLogResource {
+    fn bounds_now(&self) -> OffsetBounds {
+        let (log_start, log_end) = self.0.borrow().bounds();
+        OffsetBounds { log_start, log_end }
+    }
+
+    fn map(&self, e: log::Error) -> PluginError {
+        match e {
+            log::Error::Conflict(m) => PluginError::Conflict(m),
+            log::Error::Invalid(m) => PluginError::InvalidInput(m),
+            log::Error::OutOfRange => PluginError::OffsetOutOfRange(self.bounds_now()),
+            log::Error::Io(m) => PluginError::Io(m),
+            log::Error::Corrupt(m) => PluginError::Corrupt(m),
+        }
+    }
+}
+
+impl GuestPartitionLog for FileLogResource {
+    fn open(
+        topic: String,
+        partition: u32,
+        config: Vec<(String, String)>,
+    ) -> Result<PartitionLog, PluginError> {
+        let config = config::Config::parse(&config).map_err(PluginError::InvalidInput)?;
+        let log = log::FileLog::open(config).map_err(|e| match e {
+            log::Error::Corrupt(m) => PluginError::Corrupt(m),
+            log::Error::Io(m) => PluginError::Io(m),
+            log::Error::Conflict(m) | log::Error::Invalid(m) => PluginError::Other(m),
+            log::Error::OutOfRange => PluginError::Other("recovery went out of range".into()),
+        })?;
+        for note in &log.recovery_notes {
+            host_log(LogLevel::Warn, &format!("{topic}/{partition}: recovery: {note}"));
+        }
+        Ok(PartitionLog::new(FileLogResource(RefCell::new(log))))
+    }
+
+    fn append(&self, batch: Vec<u8>) -> Result<u64, PluginError> {
+        let r = self.0.borrow_mut().append(&batch);
+        r.map_err(|e| self.map(e))
+    }
+
+    fn read(&self, offset: u64, max_bytes: u32) -> Result<Vec<u8>, PluginError> {
+        let r = self.0.borrow().read(offset, max_bytes);
+        r.map_err(|e| self.map(e))
+    }
+
+    fn bounds(&self) -> OffsetBounds {
+        self.bounds_now()
+    }
+
+    fn truncate(&self, offset: u64) -> Result<u64, PluginError> {
+        let r = self.0.borrow_mut().truncate(offset);
+        r.map_err(|e| self.map(e))
+    }
+
+    fn delete_prefix(&self, offset: u64) -> Result<(), PluginError> {
+        let r = self.0.borrow_mut().delete_prefix(offset);
+        r.map_err(|e| self.map(e))
+    }
+
+    fn high_watermark(&self) -> Result<u64, PluginError> {
+        Ok(self.0.borrow().high_watermark())
+    }
+
+    fn set_high_watermark(&self, offset: u64) -> Result<(), PluginError> {
+        let r = self.0.borrow_mut().set_high_watermark(offset);
+        r.map_err(|e| self.map(e))
+    }
+
+    fn leader_epochs(&self) -> Result<Vec<EpochEntry>, PluginError> {
+        Ok(self
+            .0
+            .borrow()
+            .epochs()
+            .iter()
+            .map(|&(epoch, start_offset)| EpochEntry {
+                epoch,
+                start_offset,
+            })
+            .collect())
+    }
+
+    fn set_leader_epochs(&self, entries: Vec<EpochEntry>) -> Result<(), PluginError> {
+        let epochs = entries.iter().map(|e| (e.epoch, e.start_offset)).collect();
+        let r = self.0.borrow_mut().set_epochs(epochs);
+        r.map_err(|e| self.map(e))
+    }
+
+    fn flush(&self) -> Result<(), PluginError> {
+        let r = self.0.borrow_mut().sync();
+        r.map_err(|e| self.map(e))
+    }
+}
+
+export!(Plugin);

@@ -1,0 +1,585 @@
+//! The segmented log of one partition on disk, and its recovery.
+//!
+//! Layout of the partition directory:
+//! - `<base:020>.log`: segments, batches back to back; the last one is active.
+//! - `<base:020>.index`: offset index of a closed segment, written on roll.
+//! - `high-watermark`, `leader-epochs`, `log-start`: checkpoints, each
+//!   replaced atomically (temp file + rename).
+//!
+//! Recovery trusts a closed segment's index only when it is intact and
+//! matches the segment's size; otherwise it scans the segment. The active
+//! segment is always scanned with CRCs, and a torn or corrupt tail is cut
+//! back to the last whole batch, dropping any later segment (its offsets
+//! could no longer be contiguous).
+
+use replicator_plugin_sdk::index::{self, AppendError, Entry, OffsetIndex};
+use replicator_plugin_sdk::{
+    BatchHeader, HEADER_LEN, HeaderError, crc32c, read_u32_le, read_u64_le, verify_crc,
+};
+use wasip2::filesystem::types::Descriptor;
+
+use crate::config::{Config, Fsync};
+use crate::fs::{self, FsResult};
+
+pub enum Error {
+    Conflict(String),
+    Invalid(String),
+    OutOfRange,
+    Io(String),
+    Corrupt(String),
+}
+
+impl From<String> for Error {
+    fn from(s: String) -> Self {
+        Error::Io(s)
+    }
+}
+
+impl From<AppendError> for Error {
+    fn from(e: AppendError) -> Self {
+        match e {
+            AppendError::NotContiguous { .. } => Error::Conflict(e.to_string()),
+            _ => Error::Invalid(e.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Loc {
+    segment: u64,
+    pos: u64,
+}
+
+struct Segment {
+    base: u64,
+    name: String,
+    file: Descriptor,
+    size: u64,
+}
+
+const HW_FILE: &str = "high-watermark";
+const EPOCH_FILE: &str = "leader-epochs";
+const START_FILE: &str = "log-start";
+const INDEX_MAGIC: &[u8; 4] = b"RIX1";
+const INDEX_ENTRY: usize = 32;
+const SCAN_WINDOW: u64 = 1024 * 1024;
+
+pub struct FileLog {
+    dir: Descriptor,
+    config: Config,
+    segments: Vec<Segment>,
+    index: OffsetIndex<Loc>,
+    hw: u64,
+    epochs: Vec<(u32, u64)>,
+    last_sync_ns: u64,
+    unsynced: bool,
+    /// What recovery did, for the host's log.
+    pub recovery_notes: Vec<String>,
+}
+
+fn seg_name(base: u64) -> String {
+    format!("{base:020}.log")
+}
+
+fn index_name(base: u64) -> String {
+    format!("{base:020}.index")
+}
+
+fn now_ns() -> u64 {
+    wasip2::clocks::monotonic_clock::now()
+}
+
+impl FileLog {
+    pub fn open(config: Config) -> Result<FileLog, Error> {
+        let dir = fs::data_dir()?;
+        let mut bases = Vec::new();
+        for name in fs::list(&dir)? {
+            if name.ends_with(".tmp") {
+                fs::remove(&dir, &name)?;
+            } else if let Some(b) = name.strip_suffix(".log") {
+                let base = b
+                    .parse::<u64>()
+                    .map_err(|_| Error::Corrupt(format!("unexpected file `{name}`")))?;
+                bases.push(base);
+            }
+        }
+        bases.sort_unstable();
+        let start_ckpt = match fs::read_small(&dir, START_FILE)? {
+            Some(b) => Some(parse_u64(&b, START_FILE)?),
+            None => None,
+        };
+        let mut log = FileLog {
+            dir,
+            config,
+            segments: Vec::new(),
+            index: OffsetIndex::empty_at(bases.first().copied().or(start_ckpt).unwrap_or(0)),
+            hw: 0,
+            epochs: Vec::new(),
+            last_sync_ns: now_ns(),
+            unsynced: false,
+            recovery_notes: Vec::new(),
+        };
+        log.recover_segments(&bases)?;
+        if log.segments.is_empty() {
+            let at = start_ckpt.unwrap_or(0).max(log.index.log_end());
+            log.index = OffsetIndex::empty_at(at);
+            log.create_segment(at)?;
+        }
+        if let Some(start) = start_ckpt {
+            log.index.set_log_start(start.max(log.index.log_start()));
+        }
+        if let Some(b) = fs::read_small(&log.dir, HW_FILE)? {
+            log.hw = parse_u64(&b, HW_FILE)?;
+        }
+        if let Some(b) = fs::read_small(&log.dir, EPOCH_FILE)? {
+            log.epochs = parse_epochs(&b)?;
+        }
+        let before = log.epochs.len();
+        index::truncate_epochs(&mut log.epochs, log.index.log_end(), |e| e.1);
+        if log.epochs.len() != before {
+            log.write_epochs()?;
+        }
+        Ok(log)
+    }
+
+    fn recover_segments(&mut self, bases: &[u64]) -> Result<(), Error> {
+        for (i, &base) in bases.iter().enumerate() {
+            let name = seg_name(base);
+            if base != self.index.log_end() {
+                self.recovery_notes.push(format!(
+                    "segment {name} starts at {base} but the log ends at {}: it and later segments are dropped",
+                    self.index.log_end()
+                ));
+                self.drop_files(&bases[i..])?;
+                return Ok(());
+            }
+            let file = fs::open(&self.dir, &name, false, false)?;
+            let size = fs::size(&file, &name)?;
+            let active = i + 1 == bases.len();
+            let indexed = if active {
+                fs::remove(&self.dir, &index_name(base))?;
+                None
+            } else {
+                self.load_index(base, size)?
+            };
+            let (entries, valid) = match indexed {
+                Some(entries) => (entries, size),
+                None => scan(&file, &name, base, size)?,
+            };
+            for e in entries {
+                self.index.push(e);
+            }
+            self.segments.push(Segment {
+                base,
+                name: name.clone(),
+                file,
+                size: valid,
+            });
+            if valid < size {
+                self.recovery_notes.push(format!(
+                    "cut {} torn or corrupt bytes from {name} at position {valid}",
+                    size - valid
+                ));
+                let seg = self.segments.last().ok_or(Error::Io("no segment".into()))?;
+                seg.file
+                    .set_size(valid)
+                    .map_err(|e| fs::err("truncate", &name, e))?;
+                fs::sync(&seg.file, &name)?;
+                fs::remove(&self.dir, &index_name(base))?;
+                if !active {
+                    self.recovery_notes.push(format!(
+                        "{} later segment(s) dropped after the cut",
+                        bases.len() - i - 1
+                    ));
+                    self.drop_files(&bases[i + 1..])?;
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn drop_files(&self, bases: &[u64]) -> FsResult<()> {
+        for &b in bases {
+            fs::remove(&self.dir, &index_name(b))?;
+            fs::remove(&self.dir, &seg_name(b))?;
+        }
+        Ok(())
+    }
+
+    /// The stored index of a closed segment, if intact and consistent.
+    fn load_index(&mut self, base: u64, size: u64) -> FsResult<Option<Vec<Entry<Loc>>>> {
+        let name = index_name(base);
+        let Some(bytes) = fs::read_small(&self.dir, &name)? else {
+            return Ok(None);
+        };
+        let crc_at = bytes.len().saturating_sub(4);
+        let ok = bytes.len() >= 8
+            && &bytes[..4] == INDEX_MAGIC
+            && (crc_at - 4) % INDEX_ENTRY == 0
+            && crc32c(&bytes[..crc_at]) == read_u32_le(&bytes, crc_at);
+        if !ok {
+            self.recovery_notes
+                .push(format!("index {name} is damaged: rebuilding from the segment"));
+            return Ok(None);
+        }
+        let mut entries = Vec::new();
+        let (mut next_base, mut next_pos) = (base, 0u64);
+        for chunk in bytes[4..crc_at].chunks_exact(INDEX_ENTRY) {
+            let e = Entry {
+                base: read_u64_le(chunk, 0),
+                next: read_u64_le(chunk, 8),
+                loc: Loc {
+                    segment: base,
+                    pos: read_u64_le(chunk, 16),
+                },
+                len: read_u32_le(chunk, 24),
+                leader_epoch: read_u32_le(chunk, 28),
+            };
+            if e.base != next_base || e.next <= e.base || e.loc.pos != next_pos {
+                self.recovery_notes
+                    .push(format!("index {name} is inconsistent: rebuilding"));
+                return Ok(None);
+            }
+            next_base = e.next;
+            next_pos = e.loc.pos + u64::from(e.len);
+            entries.push(e);
+        }
+        if next_pos != size {
+            self.recovery_notes.push(format!(
+                "index {name} covers {next_pos} bytes of {size}: rebuilding"
+            ));
+            return Ok(None);
+        }
+        Ok(Some(entries))
+    }
+
+    fn write_index(&self, seg: &Segment) -> FsResult<()> {
+        let entries: Vec<_> = self
+            .index
+            .entries()
+            .filter(|e| e.loc.segment == seg.base)
+            .collect();
+        let mut out = Vec::with_capacity(8 + entries.len() * INDEX_ENTRY);
+        out.extend_from_slice(INDEX_MAGIC);
+        for e in entries {
+            out.extend_from_slice(&e.base.to_le_bytes());
+            out.extend_from_slice(&e.next.to_le_bytes());
+            out.extend_from_slice(&e.loc.pos.to_le_bytes());
+            out.extend_from_slice(&e.len.to_le_bytes());
+            out.extend_from_slice(&e.leader_epoch.to_le_bytes());
+        }
+        let crc = crc32c(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        fs::write_atomic(&self.dir, &index_name(seg.base), &out)
+    }
+
+    fn create_segment(&mut self, base: u64) -> FsResult<()> {
+        let name = seg_name(base);
+        let file = fs::open(&self.dir, &name, true, true)?;
+        self.segments.push(Segment {
+            base,
+            name,
+            file,
+            size: 0,
+        });
+        Ok(())
+    }
+
+    fn active(&self) -> Result<&Segment, Error> {
+        self.segments
+            .last()
+            .ok_or_else(|| Error::Io("the log has no active segment".into()))
+    }
+
+    pub fn bounds(&self) -> (u64, u64) {
+        (self.index.log_start(), self.index.log_end())
+    }
+
+    pub fn append(&mut self, bytes: &[u8]) -> Result<u64, Error> {
+        let located = index::check_append(bytes, self.index.log_end())?;
+        let needs_roll = {
+            let a = self.active()?;
+            a.size > 0 && a.size + bytes.len() as u64 > self.config.segment_bytes
+        };
+        if needs_roll {
+            self.roll()?;
+        }
+        let (seg_base, start) = {
+            let a = self.active()?;
+            (a.base, a.size)
+        };
+        let write = {
+            let a = self.active()?;
+            fs::write_all_at(&a.file, &a.name, start, bytes)
+        };
+        if let Err(e) = write {
+            // Leave no partial batch behind: the next append reuses `start`.
+            if let Ok(a) = self.active() {
+                let _ = a.file.set_size(start);
+            }
+            return Err(Error::Io(e));
+        }
+        for l in located {
+            let h = l.header;
+            self.index.push(Entry {
+                base: h.base_offset,
+                next: h.next_offset(),
+                leader_epoch: h.leader_epoch,
+                len: h.batch_len,
+                loc: Loc {
+                    segment: seg_base,
+                    pos: start + l.start as u64,
+                },
+            });
+        }
+        if let Some(a) = self.segments.last_mut() {
+            a.size = start + bytes.len() as u64;
+        }
+        self.unsynced = true;
+        match self.config.fsync {
+            Fsync::Always => self.sync()?,
+            Fsync::IntervalMs(ms) if now_ns().saturating_sub(self.last_sync_ns) >= ms * 1_000_000 => {
+                self.sync()?
+            }
+            _ => {}
+        }
+        Ok(self.index.log_end())
+    }
+
+    fn roll(&mut self) -> Result<(), Error> {
+        let a = self.active()?;
+        if self.config.fsync != Fsync::Never {
+            fs::sync(&a.file, &a.name)?;
+        }
+        self.write_index(a)?;
+        self.create_segment(self.index.log_end())?;
+        Ok(())
+    }
+
+    pub fn sync(&mut self) -> Result<(), Error> {
+        if self.unsynced {
+            let a = self.active()?;
+            fs::sync(&a.file, &a.name)?;
+            self.unsynced = false;
+        }
+        self.last_sync_ns = now_ns();
+        Ok(())
+    }
+
+    pub fn read(&self, offset: u64, max_bytes: u32) -> Result<Vec<u8>, Error> {
+        let range = self
+            .index
+            .read_range(offset, max_bytes)
+            .map_err(|()| Error::OutOfRange)?;
+        let mut out = Vec::new();
+        let mut i = range.start;
+        while i < range.end {
+            // Read every following batch of the same segment in one go.
+            let first = self.index.get(i).ok_or(Error::OutOfRange)?;
+            let (seg, pos) = (first.loc.segment, first.loc.pos);
+            let mut len = 0u64;
+            while i < range.end {
+                match self.index.get(i) {
+                    Some(e) if e.loc.segment == seg => {
+                        len += u64::from(e.len);
+                        i += 1;
+                    }
+                    _ => break,
+                }
+            }
+            let s = self.segment(seg)?;
+            fs::read_exact_at(&s.file, &s.name, pos, len, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn segment(&self, base: u64) -> Result<&Segment, Error> {
+        let i = self.segments.partition_point(|s| s.base < base);
+        match self.segments.get(i) {
+            Some(s) if s.base == base => Ok(s),
+            _ => Err(Error::Corrupt(format!("index points at missing segment {base}"))),
+        }
+    }
+
+    pub fn truncate(&mut self, offset: u64) -> Result<u64, Error> {
+        let (start, end) = self.bounds();
+        if offset < start || offset > end {
+            return Err(Error::OutOfRange);
+        }
+        let removed = self.index.truncate(offset);
+        if self.index.log_start() < start {
+            // The batch straddling the log start went: the start follows the
+            // end down, and the checkpoint must not resurrect the old one.
+            let now = self.index.log_start();
+            fs::write_atomic(&self.dir, START_FILE, format!("{now}\n").as_bytes())?;
+        }
+        if let Some(first) = removed.first() {
+            let cut = first.loc;
+            let later: Vec<u64> = self
+                .segments
+                .iter()
+                .map(|s| s.base)
+                .filter(|&b| b > cut.segment)
+                .collect();
+            self.segments.retain(|s| s.base <= cut.segment);
+            self.drop_files(&later)?;
+            fs::remove(&self.dir, &index_name(cut.segment))?;
+            let a = self.segments.last_mut().ok_or(Error::OutOfRange)?;
+            a.file
+                .set_size(cut.pos)
+                .map_err(|e| fs::err("truncate", &a.name, e))?;
+            a.size = cut.pos;
+            // A truncation that a crash undid could resurrect divergent
+            // batches: make it durable before answering.
+            fs::sync(&a.file, &a.name)?;
+        }
+        let end = self.index.log_end();
+        let before = self.epochs.len();
+        index::truncate_epochs(&mut self.epochs, end, |e| e.1);
+        if self.epochs.len() != before {
+            self.write_epochs()?;
+        }
+        Ok(end)
+    }
+
+    pub fn delete_prefix(&mut self, offset: u64) -> Result<(), Error> {
+        if offset <= self.index.log_start() {
+            return Ok(());
+        }
+        self.index.delete_prefix(offset);
+        if self.index.is_empty() {
+            // Nothing left (or a reset past the end): start afresh at `offset`.
+            let all: Vec<u64> = self.segments.iter().map(|s| s.base).collect();
+            self.segments.clear();
+            self.drop_files(&all)?;
+            let at = self.index.log_end();
+            self.index = OffsetIndex::empty_at(at);
+            self.create_segment(at)?;
+        } else {
+            let keep_from = self
+                .index
+                .get(0)
+                .map(|e| e.loc.segment)
+                .ok_or(Error::OutOfRange)?;
+            let gone: Vec<u64> = self
+                .segments
+                .iter()
+                .map(|s| s.base)
+                .filter(|&b| b < keep_from)
+                .collect();
+            self.segments.retain(|s| s.base >= keep_from);
+            self.drop_files(&gone)?;
+        }
+        self.index.set_log_start(offset);
+        fs::write_atomic(&self.dir, START_FILE, format!("{offset}\n").as_bytes())?;
+        Ok(())
+    }
+
+    pub fn high_watermark(&self) -> u64 {
+        self.hw
+    }
+
+    pub fn set_high_watermark(&mut self, hw: u64) -> Result<(), Error> {
+        fs::write_atomic(&self.dir, HW_FILE, format!("{hw}\n").as_bytes())?;
+        self.hw = hw;
+        Ok(())
+    }
+
+    pub fn epochs(&self) -> &[(u32, u64)] {
+        &self.epochs
+    }
+
+    pub fn set_epochs(&mut self, epochs: Vec<(u32, u64)>) -> Result<(), Error> {
+        self.epochs = epochs;
+        self.write_epochs()
+    }
+
+    fn write_epochs(&self) -> Result<(), Error> {
+        let mut text = format!("0\n{}\n", self.epochs.len());
+        for (e, s) in &self.epochs {
+            text.push_str(&format!("{e} {s}\n"));
+        }
+        Ok(fs::write_atomic(&self.dir, EPOCH_FILE, text.as_bytes())?)
+    }
+}
+
+/// Walk a segment's batches from the start, checking framing and CRCs.
+/// Returns the whole batches and the length of the valid prefix.
+fn scan(file: &Descriptor, name: &str, base: u64, size: u64) -> FsResult<(Vec<Entry<Loc>>, u64)> {
+    let mut entries = Vec::new();
+    let mut pos = 0u64;
+    let mut expected = base;
+    let mut window = Vec::new();
+    let mut window_start = 0u64;
+    while pos < size {
+        // Make sure the window holds the header at `pos`, then the batch.
+        let mut need = HEADER_LEN as u64;
+        let header = loop {
+            let have = (window_start + window.len() as u64).saturating_sub(pos);
+            if have < need {
+                if size - pos < need {
+                    return Ok((entries, pos));
+                }
+                window.clear();
+                window_start = pos;
+                let len = need.max(SCAN_WINDOW).min(size - pos);
+                fs::read_exact_at(file, name, pos, len, &mut window)?;
+                continue;
+            }
+            let at = (pos - window_start) as usize;
+            match BatchHeader::parse(&window[at..]) {
+                Ok(h) => break h,
+                Err(HeaderError::Short { needed, .. }) if need < needed as u64 => {
+                    need = needed as u64;
+                }
+                Err(_) => return Ok((entries, pos)),
+            }
+        };
+        let at = (pos - window_start) as usize;
+        let batch = &window[at..at + header.batch_len as usize];
+        if header.base_offset != expected || verify_crc(&header, batch).is_err() {
+            return Ok((entries, pos));
+        }
+        entries.push(Entry {
+            base: header.base_offset,
+            next: header.next_offset(),
+            leader_epoch: header.leader_epoch,
+            len: header.batch_len,
+            loc: Loc { segment: base, pos },
+        });
+        expected = header.next_offset();
+        pos += u64::from(header.batch_len);
+    }
+    Ok((entries, pos))
+}
+
+fn parse_u64(bytes: &[u8], what: &str) -> Result<u64, Error> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| Error::Corrupt(format!("checkpoint `{what}` is not a number")))
+}
+
+/// Kafka's leader-epoch checkpoint text: version, count, `epoch offset` lines.
+fn parse_epochs(bytes: &[u8]) -> Result<Vec<(u32, u64)>, Error> {
+    let bad = || Error::Corrupt("checkpoint `leader-epochs` is malformed".into());
+    let text = std::str::from_utf8(bytes).map_err(|_| bad())?;
+    let mut lines = text.lines();
+    if lines.next() != Some("0") {
+        return Err(bad());
+    }
+    let count: usize = lines.next().and_then(|l| l.parse().ok()).ok_or_else(bad)?;
+    let mut out = Vec::with_capacity(count.min(1 << 16));
+    for line in lines {
+        let mut parts = line.split(' ');
+        let e = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+        let s = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+        out.push((e, s));
+    }
+    if out.len() != count {
+        return Err(bad());
+    }
+    Ok(out)
+}
+

@@ -1,0 +1,183 @@
+//! A storage plugin that misbehaves on purpose, for the host's containment
+//! tests. It works as an in-memory log until the operation named by its
+//! `mode` setting, which then:
+//! - `loop`: spins forever in wasm (epoch deadline),
+//! - `sleep`: blocks in a host call for an hour (host-side timeout),
+//! - `grow`: allocates without bound (memory limit),
+//! - `trap`: hits `unreachable`,
+//! - `stack`: recurses without bound (wasm stack limit),
+//! - `lie-append`: acknowledges appends with a wrong log end offset,
+//! - `lie-read`: returns batches whose CRC does not match,
+//! - `lie-bounds`: reports a log start past the log end,
+//! - `accept-gaps`: accepts appends at any base offset.
+//! `mode = trap-open` traps while opening.
+
+use std::cell::RefCell;
+
+use replicator_plugin_sdk::index::{Entry, OffsetIndex};
+use replicator_plugin_sdk::BatchHeader;
+
+wit_bindgen::generate!({ world: "storage-plugin", path: "../../wit" });
+
+use exports::replicator::plugin::storage::{EpochEntry, Guest, GuestPartitionLog, PartitionLog};
+use replicator::plugin::types::{OffsetBounds, PluginError};
+
+struct Plugin;
+
+impl Guest for Plugin {
+    type PartitionLog = Hostile;
+}
+
+struct Hostile {
+    mode: String,
+    index: RefCell<OffsetIndex<Vec<u8>>>,
+}
+
+// Deliberate: the test needs a stack overflow.
+#[allow(unconditional_recursion)]
+#[inline(never)]
+fn recurse(n: u64, sink: &mut [u64; 64]) -> u64 {
+    sink[(n % 64) as usize] = n;
+    let more = recurse(n + 1, sink);
+    more.wrapping_add(sink[(n % 7) as usize])
+}
+
+fn misbehave(mode: &str) {
+    match mode {
+        "loop" => {
+            let mut x = 0u64;
+            loop {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        }
+        "sleep" => {
+            let p = wasip2::clocks::monotonic_clock::subscribe_duration(3_600_000_000_000);
+            p.block();
+        }
+        "grow" => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(vec![1u8; 1 << 20]);
+                std::hint::black_box(&hoard);
+            }
+        }
+        "trap" => std::process::abort(),
+        "stack" => {
+            let mut sink = [0u64; 64];
+            std::hint::black_box(recurse(0, &mut sink));
+        }
+        _ => {}
+    }
+}
+
+impl GuestPartitionLog for Hostile {
+    fn open(
+        _topic: String,
+        _partition: u32,
+        config: Vec<(String, String)>,
+    ) -> Result<PartitionLog, PluginError> {
+        let mode = config
+            .iter()
+            .find(|(k, _)| k == "mode")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        if mode == "trap-open" {
+            misbehave("trap");
+        }
+        Ok(PartitionLog::new(Hostile {
+            mode,
+            index: RefCell::new(OffsetIndex::empty_at(0)),
+        }))
+    }
+
+    fn append(&self, batch: Vec<u8>) -> Result<u64, PluginError> {
+        misbehave(&self.mode);
+        let h = BatchHeader::parse(&batch).map_err(|e| PluginError::InvalidInput(e.to_string()))?;
+        let mut ix = self.index.borrow_mut();
+        if h.base_offset != ix.log_end() && self.mode != "accept-gaps" {
+            return Err(PluginError::Conflict("not at log end".into()));
+        }
+        if self.mode == "accept-gaps" {
+            // Pretend to store it without keeping offsets straight.
+            return Ok(h.next_offset());
+        }
+        ix.push(Entry {
+            base: h.base_offset,
+            next: h.next_offset(),
+            leader_epoch: h.leader_epoch,
+            len: h.batch_len,
+            loc: batch,
+        });
+        if self.mode == "lie-append" {
+            return Ok(ix.log_end() + 1000);
+        }
+        Ok(ix.log_end())
+    }
+
+    fn read(&self, offset: u64, max_bytes: u32) -> Result<Vec<u8>, PluginError> {
+        let ix = self.index.borrow();
+        let range = ix.read_range(offset, max_bytes).map_err(|()| {
+            PluginError::OffsetOutOfRange(OffsetBounds {
+                log_start: ix.log_start(),
+                log_end: ix.log_end(),
+            })
+        })?;
+        let mut out = Vec::new();
+        for i in range {
+            if let Some(e) = ix.get(i) {
+                out.extend_from_slice(&e.loc);
+            }
+        }
+        if self.mode == "lie-read" && out.len() > 50 {
+            out[50] ^= 0xff;
+        }
+        Ok(out)
+    }
+
+    fn bounds(&self) -> OffsetBounds {
+        let ix = self.index.borrow();
+        if self.mode == "lie-bounds" {
+            return OffsetBounds {
+                log_start: ix.log_end() + 10,
+                log_end: ix.log_end(),
+            };
+        }
+        OffsetBounds {
+            log_start: ix.log_start(),
+            log_end: ix.log_end(),
+        }
+    }
+
+    fn truncate(&self, offset: u64) -> Result<u64, PluginError> {
+        let mut ix = self.index.borrow_mut();
+        ix.truncate(offset);
+        Ok(ix.log_end())
+    }
+
+    fn delete_prefix(&self, offset: u64) -> Result<(), PluginError> {
+        self.index.borrow_mut().delete_prefix(offset);
+        Ok(())
+    }
+
+    fn high_watermark(&self) -> Result<u64, PluginError> {
+        Ok(0)
+    }
+
+    fn set_high_watermark(&self, _offset: u64) -> Result<(), PluginError> {
+        Ok(())
+    }
+
+    fn leader_epochs(&self) -> Result<Vec<EpochEntry>, PluginError> {
+        Ok(Vec::new())
+    }
+
+    fn set_leader_epochs(&self, _entries: Vec<EpochEntry>) -> Result<(), PluginError> {
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), PluginError> {
+        Ok(())
+    }
+}
+
+export!(Plugin);

@@ -1,0 +1,42 @@
+//! The storage conformance suite against every built-in storage plugin.
+
+use replicator::conformance::{self, Options, Subject};
+use replicator::plugin::{PluginSource, Sandbox, StoragePlugin};
+
+fn cases() -> u32 {
+    std::env::var("REPLICATOR_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(48)
+}
+
+async fn check(name: &str, config: &[(&str, &str)]) {
+    let plugin = StoragePlugin::load(&PluginSource::Builtin(name.into()), Sandbox::default())
+        .expect("built-in plugin loads");
+    let config = config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let options = Options {
+        proptest_cases: cases(),
+        filter: None,
+    };
+    let report = conformance::run(&Subject::new(plugin, config), scratch.path(), &options, |_| {}).await;
+    println!("{name}:\n{report}");
+    assert_eq!(report.failed(), 0, "{name} failed conformance:\n{report}");
+    assert!(report.passed() >= 9, "too few cases ran:\n{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_plugin_conforms() {
+    check("memory", &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_plugin_conforms_with_small_segments() {
+    // Small segments so reads, truncation and prefix deletes cross them.
+    check("file", &[("segment.bytes", "8192"), ("fsync", "never")]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_plugin_conforms_with_defaults() {
+    check("file", &[]).await;
+}

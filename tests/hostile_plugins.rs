@@ -1,0 +1,139 @@
+//! Plugins that loop, hog memory, trap, overflow the stack or lie: each is
+//! contained within a bounded time, the process survives, the partition
+//! refuses writes until recovered, and other partitions keep working.
+
+use std::time::{Duration, Instant};
+
+use replicator::batch::{self, Record};
+use replicator::plugin::builtin::testing::HOSTILE;
+use replicator::plugin::{PluginLog, PluginRuntime, Sandbox, StoragePlugin};
+use replicator::storage::{FaultKind, PartitionLog, StorageError};
+
+fn sandbox() -> Sandbox {
+    Sandbox {
+        call_deadline: Duration::from_millis(500),
+        open_deadline: Duration::from_secs(5),
+        memory_bytes: 64 << 20,
+        ..Sandbox::default()
+    }
+}
+
+fn one(base: u64) -> bytes::Bytes {
+    let r = Record {
+        value: bytes::Bytes::from_static(b"value"),
+        ..Default::default()
+    };
+    batch::encode(base, 1, &[r]).expect("encode")
+}
+
+async fn open(mode: &str) -> (StoragePlugin, PluginLog) {
+    let runtime = PluginRuntime::global().expect("runtime");
+    let plugin = StoragePlugin::from_bytes(runtime, "hostile", HOSTILE, sandbox()).expect("load");
+    let log = plugin
+        .open("t", 0, vec![("mode".into(), mode.into())], None)
+        .await
+        .expect("open");
+    (plugin, log)
+}
+
+/// The first append faults with `kind` quickly, later calls refuse until
+/// recover(), and a healthy partition of the same plugin is unaffected.
+async fn contained(mode: &str, kind: FaultKind) {
+    let (plugin, log) = open(mode).await;
+    let healthy = plugin.open("t", 1, vec![], None).await.expect("open healthy");
+    let started = Instant::now();
+    let err = log.append(one(0)).await.expect_err("a hostile append must fail");
+    let took = started.elapsed();
+    match &err {
+        StorageError::Fault { kind: k, .. } => assert_eq!(*k, kind, "{mode}: {err}"),
+        other => panic!("{mode}: expected a fault, got {other}"),
+    }
+    assert!(took < Duration::from_secs(5), "{mode}: containment took {took:?}");
+    // No write is acknowledged until the state was re-read.
+    match log.append(one(0)).await {
+        Err(StorageError::Fault { kind: FaultKind::NeedsRecovery, .. }) => {}
+        other => panic!("{mode}: append after a fault must need recovery, got {other:?}"),
+    }
+    assert_eq!(healthy.append(one(0)).await, Ok(1), "{mode}: healthy partition broke");
+    let state = log.recover().await.expect("recover re-instantiates");
+    assert_eq!(state.bounds.log_end, 0, "the hostile plugin keeps nothing");
+    assert_eq!(healthy.append(one(1)).await, Ok(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn infinite_loop_hits_the_epoch_deadline() {
+    contained("loop", FaultKind::Deadline).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_host_call_hits_the_host_timeout() {
+    contained("sleep", FaultKind::Deadline).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbounded_memory_growth_hits_the_limit() {
+    contained("grow", FaultKind::Trap).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trap_is_contained() {
+    contained("trap", FaultKind::Trap).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stack_overflow_is_contained() {
+    contained("stack", FaultKind::Trap).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_log_end_on_append_is_a_violation() {
+    contained("lie-append", FaultKind::Violation).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepting_a_gap_is_a_violation() {
+    let (_plugin, log) = open("accept-gaps").await;
+    let err = log.append(one(5)).await.expect_err("gap accepted");
+    assert!(matches!(err, StorageError::Fault { kind: FaultKind::Violation, .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_read_is_a_violation() {
+    let (_plugin, log) = open("lie-read").await;
+    log.append(one(0)).await.expect("append works");
+    let err = log.read(0, 1 << 20).await.expect_err("bad CRC accepted");
+    assert!(matches!(err, StorageError::Fault { kind: FaultKind::Violation, .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inconsistent_bounds_are_a_violation() {
+    let runtime = PluginRuntime::global().expect("runtime");
+    let plugin = StoragePlugin::from_bytes(runtime, "hostile", HOSTILE, sandbox()).expect("load");
+    let err = plugin
+        .open("t", 0, vec![("mode".into(), "lie-bounds".into())], None)
+        .await
+        .err()
+        .expect("open with start > end must fail");
+    assert!(matches!(err, StorageError::Fault { kind: FaultKind::Violation, .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trap_while_opening_is_a_fault_not_a_panic() {
+    let runtime = PluginRuntime::global().expect("runtime");
+    let plugin = StoragePlugin::from_bytes(runtime, "hostile", HOSTILE, sandbox()).expect("load");
+    let err = plugin
+        .open("t", 0, vec![("mode".into(), "trap-open".into())], None)
+        .await
+        .err()
+        .expect("open must fail");
+    assert!(err.is_fault(), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_a_component_is_a_clear_load_error() {
+    let runtime = PluginRuntime::global().expect("runtime");
+    let err = StoragePlugin::from_bytes(runtime, "junk", b"\0asm junk", sandbox())
+        .err()
+        .expect("junk must not load");
+    assert!(err.to_string().contains("not a valid wasm component"), "{err}");
+}
