@@ -11,8 +11,12 @@ const TARGET: &str = "wasm32-wasip2";
 const PLUGINS: &[&str] = &["storage-memory", "storage-file", "test-hostile"];
 
 fn main() {
-    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let root = manifest.parent().expect("host/ lives inside the workspace").to_path_buf();
+    let manifest =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root = manifest
+        .parent()
+        .expect("host/ lives inside the workspace")
+        .to_path_buf();
     for p in ["plugins", "wit", "Cargo.lock", "Cargo.toml"] {
         println!("cargo:rerun-if-changed={}", root.join(p).display());
     }
@@ -25,7 +29,14 @@ fn main() {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&root)
-        .args(["build", "--locked", "--profile", "plugin", "--target", TARGET])
+        .args([
+            "build",
+            "--locked",
+            "--profile",
+            "plugin",
+            "--target",
+            TARGET,
+        ])
         .arg("--target-dir")
         .arg(&target_dir);
     for p in PLUGINS {
@@ -43,14 +54,19 @@ fn main() {
     ] {
         cmd.env_remove(var);
     }
-    let output = cmd.output().expect("failed to run cargo for the wasm plugins");
+    let output = cmd
+        .output()
+        .expect("failed to run cargo for the wasm plugins");
     if !output.status.success() {
         eprintln!("{}", String::from_utf8_lossy(&output.stderr));
         panic!("building the wasm plugins for {TARGET} failed (output above)");
     }
     for p in PLUGINS {
         let file = p.replace('-', "_");
-        let built = target_dir.join(TARGET).join("plugin").join(format!("{file}.wasm"));
+        let built = target_dir
+            .join(TARGET)
+            .join("plugin")
+            .join(format!("{file}.wasm"));
         let dest = out_dir.join(format!("{p}.wasm"));
         std::fs::copy(&built, &dest)
             .unwrap_or_else(|e| panic!("copy {} -> {}: {e}", built.display(), dest.display()));

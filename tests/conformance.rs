@@ -13,13 +13,22 @@ fn cases() -> u32 {
 async fn check(name: &str, config: &[(&str, &str)]) {
     let plugin = StoragePlugin::load(&PluginSource::Builtin(name.into()), Sandbox::default())
         .expect("built-in plugin loads");
-    let config = config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let config = config
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let scratch = tempfile::tempdir().expect("tempdir");
     let options = Options {
         proptest_cases: cases(),
         filter: None,
     };
-    let report = conformance::run(&Subject::new(plugin, config), scratch.path(), &options, |_| {}).await;
+    let report = conformance::run(
+        &Subject::new(plugin, config),
+        scratch.path(),
+        &options,
+        |_| {},
+    )
+    .await;
     println!("{name}:\n{report}");
     assert_eq!(report.failed(), 0, "{name} failed conformance:\n{report}");
     assert!(report.passed() >= 9, "too few cases ran:\n{report}");

@@ -40,21 +40,37 @@ async fn open(mode: &str) -> (StoragePlugin, PluginLog) {
 /// recover(), and a healthy partition of the same plugin is unaffected.
 async fn contained(mode: &str, kind: FaultKind) {
     let (plugin, log) = open(mode).await;
-    let healthy = plugin.open("t", 1, vec![], None).await.expect("open healthy");
+    let healthy = plugin
+        .open("t", 1, vec![], None)
+        .await
+        .expect("open healthy");
     let started = Instant::now();
-    let err = log.append(one(0)).await.expect_err("a hostile append must fail");
+    let err = log
+        .append(one(0))
+        .await
+        .expect_err("a hostile append must fail");
     let took = started.elapsed();
     match &err {
         StorageError::Fault { kind: k, .. } => assert_eq!(*k, kind, "{mode}: {err}"),
         other => panic!("{mode}: expected a fault, got {other}"),
     }
-    assert!(took < Duration::from_secs(5), "{mode}: containment took {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "{mode}: containment took {took:?}"
+    );
     // No write is acknowledged until the state was re-read.
     match log.append(one(0)).await {
-        Err(StorageError::Fault { kind: FaultKind::NeedsRecovery, .. }) => {}
+        Err(StorageError::Fault {
+            kind: FaultKind::NeedsRecovery,
+            ..
+        }) => {}
         other => panic!("{mode}: append after a fault must need recovery, got {other:?}"),
     }
-    assert_eq!(healthy.append(one(0)).await, Ok(1), "{mode}: healthy partition broke");
+    assert_eq!(
+        healthy.append(one(0)).await,
+        Ok(1),
+        "{mode}: healthy partition broke"
+    );
     let state = log.recover().await.expect("recover re-instantiates");
     assert_eq!(state.bounds.log_end, 0, "the hostile plugin keeps nothing");
     assert_eq!(healthy.append(one(1)).await, Ok(2));
@@ -94,7 +110,16 @@ async fn wrong_log_end_on_append_is_a_violation() {
 async fn accepting_a_gap_is_a_violation() {
     let (_plugin, log) = open("accept-gaps").await;
     let err = log.append(one(5)).await.expect_err("gap accepted");
-    assert!(matches!(err, StorageError::Fault { kind: FaultKind::Violation, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            StorageError::Fault {
+                kind: FaultKind::Violation,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,7 +127,16 @@ async fn corrupt_read_is_a_violation() {
     let (_plugin, log) = open("lie-read").await;
     log.append(one(0)).await.expect("append works");
     let err = log.read(0, 1 << 20).await.expect_err("bad CRC accepted");
-    assert!(matches!(err, StorageError::Fault { kind: FaultKind::Violation, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            StorageError::Fault {
+                kind: FaultKind::Violation,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,7 +148,16 @@ async fn inconsistent_bounds_are_a_violation() {
         .await
         .err()
         .expect("open with start > end must fail");
-    assert!(matches!(err, StorageError::Fault { kind: FaultKind::Violation, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            StorageError::Fault {
+                kind: FaultKind::Violation,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,5 +178,8 @@ async fn not_a_component_is_a_clear_load_error() {
     let err = StoragePlugin::from_bytes(runtime, "junk", b"\0asm junk", sandbox())
         .err()
         .expect("junk must not load");
-    assert!(err.to_string().contains("not a valid wasm component"), "{err}");
+    assert!(
+        err.to_string().contains("not a valid wasm component"),
+        "{err}"
+    );
 }

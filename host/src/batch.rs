@@ -54,7 +54,11 @@ fn record_len(r: &Record) -> usize {
 
 /// Encode `records` as one batch starting at `base_offset`, in one
 /// allocation, CRC sealed.
-pub fn encode(base_offset: u64, leader_epoch: u32, records: &[Record]) -> Result<Bytes, BatchError> {
+pub fn encode(
+    base_offset: u64,
+    leader_epoch: u32,
+    records: &[Record],
+) -> Result<Bytes, BatchError> {
     if records.is_empty() {
         return Err(BatchError::Empty);
     }
@@ -94,7 +98,11 @@ pub fn encode(base_offset: u64, leader_epoch: u32, records: &[Record]) -> Result
         }
     }
     let first_timestamp = records[0].timestamp;
-    let max_timestamp = records.iter().map(|r| r.timestamp).max().unwrap_or(first_timestamp);
+    let max_timestamp = records
+        .iter()
+        .map(|r| r.timestamp)
+        .max()
+        .unwrap_or(first_timestamp);
     BatchHeader {
         base_offset,
         batch_len: total as u32,
@@ -159,7 +167,11 @@ pub fn decode(bytes: &Bytes) -> Result<Vec<StoredRecord>, BatchError> {
         for i in 0..h.record_count {
             let bad = |why| BatchError::Record { index: i, why };
             let len = c.u32().ok_or(bad("truncated length"))? as usize;
-            let rec_end = c.pos.checked_add(len).filter(|&e| e <= at).ok_or(bad("length past batch end"))?;
+            let rec_end = c
+                .pos
+                .checked_add(len)
+                .filter(|&e| e <= at)
+                .ok_or(bad("length past batch end"))?;
             let timestamp = c.i64().ok_or(bad("truncated timestamp"))?;
             let key_len = c.u32().ok_or(bad("truncated key length"))? as i32;
             let key = match key_len {
@@ -209,7 +221,10 @@ mod tests {
             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..20)),
             proptest::collection::vec(any::<u8>(), 0..200),
             any::<i64>(),
-            proptest::collection::vec(("[a-z]{0,8}", proptest::collection::vec(any::<u8>(), 0..10)), 0..3),
+            proptest::collection::vec(
+                ("[a-z]{0,8}", proptest::collection::vec(any::<u8>(), 0..10)),
+                0..3,
+            ),
         )
             .prop_map(|(k, v, ts, h)| Record {
                 key: k.map(Bytes::from),
@@ -250,7 +265,10 @@ mod tests {
 
     #[test]
     fn rebasing_keeps_crc_valid() {
-        let recs = vec![Record { value: Bytes::from_static(b"v"), ..Default::default() }];
+        let recs = vec![Record {
+            value: Bytes::from_static(b"v"),
+            ..Default::default()
+        }];
         let mut b = encode(0, 1, &recs).unwrap().to_vec();
         set_base_offset(&mut b, 99);
         let back = decode(&Bytes::from(b)).unwrap();

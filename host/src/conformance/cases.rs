@@ -47,7 +47,11 @@ pub(super) fn batch(base: u64, records: u32, size: usize, epoch: u32) -> Bytes {
             let seed = base.wrapping_mul(31).wrapping_add(u64::from(i));
             Record {
                 key: Some(Bytes::from(format!("k{seed}"))),
-                value: Bytes::from((0..size).map(|j| (seed as usize + j) as u8).collect::<Vec<u8>>()),
+                value: Bytes::from(
+                    (0..size)
+                        .map(|j| (seed as usize + j) as u8)
+                        .collect::<Vec<u8>>(),
+                ),
                 timestamp: seed as i64,
                 headers: Vec::new(),
             }
@@ -62,15 +66,30 @@ fn ctx<T>(what: &str, r: StorageResult<T>) -> Result<T, String> {
 }
 
 /// `r` must be the error variant named `variant`.
-pub(super) fn expect_err<T: std::fmt::Debug>(what: &str, r: StorageResult<T>, variant: &str) -> Result<(), String> {
+pub(super) fn expect_err<T: std::fmt::Debug>(
+    what: &str,
+    r: StorageResult<T>,
+    variant: &str,
+) -> Result<(), String> {
     match r {
         Err(e) if e.variant() == variant => Ok(()),
-        Err(e) => Err(format!("{what}: expected a `{variant}` error, got `{}`: {e}", e.variant())),
-        Ok(v) => Err(format!("{what}: expected a `{variant}` error, got success {v:?}")),
+        Err(e) => Err(format!(
+            "{what}: expected a `{variant}` error, got `{}`: {e}",
+            e.variant()
+        )),
+        Ok(v) => Err(format!(
+            "{what}: expected a `{variant}` error, got success {v:?}"
+        )),
     }
 }
 
-async fn fill(log: &PluginLog, from: u64, batches: u32, records: u32, size: usize) -> Result<Vec<Bytes>, String> {
+async fn fill(
+    log: &PluginLog,
+    from: u64,
+    batches: u32,
+    records: u32,
+    size: usize,
+) -> Result<Vec<Bytes>, String> {
     let mut out = Vec::new();
     let mut next = from;
     for _ in 0..batches {
@@ -84,8 +103,15 @@ async fn fill(log: &PluginLog, from: u64, batches: u32, records: u32, size: usiz
 async fn round_trip(s: &Subject, dir: &Path, _: &Options) -> CaseResult {
     let log = ctx("open", s.open(dir).await)?;
     let b0 = ctx("bounds", log.bounds().await)?;
-    ensure!(b0 == OffsetBounds::default(), "a new log should be 0..0, is {b0:?}");
-    let batches = [batch(0, 3, 100, 1), batch(3, 1, 5000, 1), batch(4, 10, 10, 2)];
+    ensure!(
+        b0 == OffsetBounds::default(),
+        "a new log should be 0..0, is {b0:?}"
+    );
+    let batches = [
+        batch(0, 3, 100, 1),
+        batch(3, 1, 5000, 1),
+        batch(4, 10, 10, 2),
+    ];
     let mut end = 0;
     for b in &batches {
         end = ctx("append", log.append(b.clone()).await)?;
@@ -93,14 +119,23 @@ async fn round_trip(s: &Subject, dir: &Path, _: &Options) -> CaseResult {
     ensure!(end == 14, "log end after 14 records is {end}");
     for (offset, want) in [(0u64, 0usize), (2, 0), (3, 1), (4, 2), (13, 2)] {
         let got = ctx("read", log.read(offset, 1).await)?;
-        ensure!(got == batches[want], "read at {offset} did not return batch {want} byte for byte");
+        ensure!(
+            got == batches[want],
+            "read at {offset} did not return batch {want} byte for byte"
+        );
     }
     let all = ctx("read", log.read(0, 1 << 20).await)?;
     let want: Vec<u8> = batches.iter().flat_map(|b| b.iter().copied()).collect();
-    ensure!(all[..] == want[..], "reading everything did not return the three batches in order");
+    ensure!(
+        all[..] == want[..],
+        "reading everything did not return the three batches in order"
+    );
     let records = batch::decode(&all).map_err(|e| e.to_string())?;
     ensure!(
-        records.iter().enumerate().all(|(i, r)| r.offset == i as u64),
+        records
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.offset == i as u64),
         "record offsets are not 0..14"
     );
     log.close().await;
@@ -111,16 +146,30 @@ async fn multi_batch_append(s: &Subject, dir: &Path, _: &Options) -> CaseResult 
     let log = ctx("open", s.open(dir).await)?;
     let mut two = batch(0, 2, 50, 1).to_vec();
     two.extend_from_slice(&batch(2, 3, 50, 1));
-    let end = ctx("append of two batches", log.append(Bytes::from(two.clone())).await)?;
+    let end = ctx(
+        "append of two batches",
+        log.append(Bytes::from(two.clone())).await,
+    )?;
     ensure!(end == 5, "two batches of 2 and 3 records end at {end}");
     let got = ctx("read", log.read(0, 1 << 20).await)?;
-    ensure!(got[..] == two[..], "read back differs from the two batches appended together");
+    ensure!(
+        got[..] == two[..],
+        "read back differs from the two batches appended together"
+    );
     // All or nothing: a good batch followed by a gap must leave no trace.
     let mut mixed = batch(5, 1, 10, 1).to_vec();
     mixed.extend_from_slice(&batch(7, 1, 10, 1));
-    expect_err("append of a batch then a gap", log.append(Bytes::from(mixed)).await, "conflict")?;
+    expect_err(
+        "append of a batch then a gap",
+        log.append(Bytes::from(mixed)).await,
+        "conflict",
+    )?;
     let b = ctx("bounds", log.bounds().await)?;
-    ensure!(b.log_end == 5, "a refused append moved the log end to {}", b.log_end);
+    ensure!(
+        b.log_end == 5,
+        "a refused append moved the log end to {}",
+        b.log_end
+    );
     log.close().await;
     Ok(None)
 }
@@ -128,17 +177,44 @@ async fn multi_batch_append(s: &Subject, dir: &Path, _: &Options) -> CaseResult 
 async fn bad_appends(s: &Subject, dir: &Path, _: &Options) -> CaseResult {
     let log = ctx("open", s.open(dir).await)?;
     fill(&log, 0, 2, 2, 20).await?;
-    expect_err("append at an old offset", log.append(batch(0, 1, 10, 1)).await, "conflict")?;
-    expect_err("append past the end", log.append(batch(9, 1, 10, 1)).await, "conflict")?;
-    expect_err("append of nothing", log.append(Bytes::new()).await, "invalid-input")?;
-    expect_err("append of garbage", log.append(Bytes::from_static(&[7u8; 100])).await, "invalid-input")?;
+    expect_err(
+        "append at an old offset",
+        log.append(batch(0, 1, 10, 1)).await,
+        "conflict",
+    )?;
+    expect_err(
+        "append past the end",
+        log.append(batch(9, 1, 10, 1)).await,
+        "conflict",
+    )?;
+    expect_err(
+        "append of nothing",
+        log.append(Bytes::new()).await,
+        "invalid-input",
+    )?;
+    expect_err(
+        "append of garbage",
+        log.append(Bytes::from_static(&[7u8; 100])).await,
+        "invalid-input",
+    )?;
     let good = batch(4, 1, 10, 1);
-    expect_err("append of a cut batch", log.append(good.slice(..good.len() - 3)).await, "invalid-input")?;
+    expect_err(
+        "append of a cut batch",
+        log.append(good.slice(..good.len() - 3)).await,
+        "invalid-input",
+    )?;
     let mut no_records = good.to_vec();
     no_records[24..28].copy_from_slice(&0u32.to_le_bytes());
-    expect_err("append of a batch with no records", log.append(Bytes::from(no_records)).await, "invalid-input")?;
+    expect_err(
+        "append of a batch with no records",
+        log.append(Bytes::from(no_records)).await,
+        "invalid-input",
+    )?;
     let end = ctx("append after refusals", log.append(good).await)?;
-    ensure!(end == 5, "log end after refusals and one good batch is {end}");
+    ensure!(
+        end == 5,
+        "log end after refusals and one good batch is {end}"
+    );
     log.close().await;
     Ok(None)
 }
@@ -147,19 +223,46 @@ async fn read_bounds(s: &Subject, dir: &Path, _: &Options) -> CaseResult {
     let log = ctx("open", s.open(dir).await)?;
     let bs = fill(&log, 0, 4, 2, 1000).await?;
     let at_end = ctx("read at the log end", log.read(8, 1 << 20).await)?;
-    ensure!(at_end.is_empty(), "a read at the log end returned {} bytes", at_end.len());
+    ensure!(
+        at_end.is_empty(),
+        "a read at the log end returned {} bytes",
+        at_end.len()
+    );
     match log.read(9, 1 << 20).await {
         Err(StorageError::OffsetOutOfRange(b)) => {
-            ensure!(b == OffsetBounds { log_start: 0, log_end: 8 }, "out-of-range error carries {b:?}")
+            ensure!(
+                b == OffsetBounds {
+                    log_start: 0,
+                    log_end: 8
+                },
+                "out-of-range error carries {b:?}"
+            )
         }
-        other => return Err(format!("read past the end: expected offset-out-of-range, got {other:?}")),
+        other => {
+            return Err(format!(
+                "read past the end: expected offset-out-of-range, got {other:?}"
+            ));
+        }
     }
     let one = ctx("read with max-bytes 1", log.read(2, 1).await)?;
-    ensure!(one == bs[1], "a tiny max-bytes must still return exactly the first batch");
-    let two = ctx("read with room for two", log.read(2, (bs[1].len() + bs[2].len()) as u32).await)?;
-    ensure!(two.len() == bs[1].len() + bs[2].len(), "max-bytes for two batches returned {} bytes", two.len());
+    ensure!(
+        one == bs[1],
+        "a tiny max-bytes must still return exactly the first batch"
+    );
+    let two = ctx(
+        "read with room for two",
+        log.read(2, (bs[1].len() + bs[2].len()) as u32).await,
+    )?;
+    ensure!(
+        two.len() == bs[1].len() + bs[2].len(),
+        "max-bytes for two batches returned {} bytes",
+        two.len()
+    );
     let mid = ctx("read from mid-batch", log.read(5, 1).await)?;
-    ensure!(mid == bs[2], "a read at offset 5 must start with the batch holding it (4..6)");
+    ensure!(
+        mid == bs[2],
+        "a read at offset 5 must start with the batch holding it (4..6)"
+    );
     log.close().await;
     Ok(None)
 }
@@ -173,12 +276,18 @@ async fn many_batches(s: &Subject, dir: &Path, _: &Options) -> CaseResult {
     while next < 600 {
         let chunk = ctx("read", log.read(next, 64 * 1024).await)?;
         let recs = batch::decode(&chunk).map_err(|e| format!("read at {next}: {e}"))?;
-        ensure!(recs.first().map(|r| r.offset) == Some(next), "read at {next} did not start there");
+        ensure!(
+            recs.first().map(|r| r.offset) == Some(next),
+            "read at {next} did not start there"
+        );
         next = recs.last().map(|r| r.offset + 1).unwrap_or(next);
         got.extend_from_slice(&chunk);
     }
     let want: Vec<u8> = bs.iter().flat_map(|b| b.iter().copied()).collect();
-    ensure!(got == want, "reading the whole log in 64 KiB steps did not return what was appended");
+    ensure!(
+        got == want,
+        "reading the whole log in 64 KiB steps did not return what was appended"
+    );
     log.close().await;
     Ok(None)
 }
@@ -187,24 +296,49 @@ async fn truncate(s: &Subject, dir: &Path, _: &Options) -> CaseResult {
     let log = ctx("open", s.open(dir).await)?;
     fill(&log, 0, 5, 2, 100).await?; // batches at 0,2,4,6,8
     let epochs = vec![
-        EpochEntry { epoch: 1, start_offset: 0 },
-        EpochEntry { epoch: 2, start_offset: 4 },
-        EpochEntry { epoch: 3, start_offset: 7 },
+        EpochEntry {
+            epoch: 1,
+            start_offset: 0,
+        },
+        EpochEntry {
+            epoch: 2,
+            start_offset: 4,
+        },
+        EpochEntry {
+            epoch: 3,
+            start_offset: 7,
+        },
     ];
     ctx("set epochs", log.set_leader_epochs(epochs.clone()).await)?;
     let end = ctx("truncate at the end", log.truncate(10).await)?;
     ensure!(end == 10, "truncating at the log end changed it to {end}");
     let end = ctx("truncate mid-batch", log.truncate(7).await)?;
-    ensure!(end == 6, "truncate(7) must remove the whole batch 6..8, log end is {end}");
+    ensure!(
+        end == 6,
+        "truncate(7) must remove the whole batch 6..8, log end is {end}"
+    );
     let e = ctx("epochs", log.leader_epochs().await)?;
-    ensure!(e == epochs[..2], "epochs starting at or after the new end must go, got {e:?}");
+    ensure!(
+        e == epochs[..2],
+        "epochs starting at or after the new end must go, got {e:?}"
+    );
     let end = ctx("truncate at a boundary", log.truncate(4).await)?;
     ensure!(end == 4, "truncate(4) at a batch boundary left {end}");
-    expect_err("truncate past the end", log.truncate(9).await, "offset-out-of-range")?;
-    let end = ctx("append after truncation", log.append(batch(4, 1, 10, 4)).await)?;
+    expect_err(
+        "truncate past the end",
+        log.truncate(9).await,
+        "offset-out-of-range",
+    )?;
+    let end = ctx(
+        "append after truncation",
+        log.append(batch(4, 1, 10, 4)).await,
+    )?;
     ensure!(end == 5, "append after truncation ended at {end}");
     let r = ctx("read", log.read(4, 1 << 20).await)?;
-    ensure!(r == batch(4, 1, 10, 4), "read after truncation returned old data");
+    ensure!(
+        r == batch(4, 1, 10, 4),
+        "read after truncation returned old data"
+    );
     ctx("truncate to the start", log.truncate(0).await)?;
     let b = ctx("bounds", log.bounds().await)?;
     ensure!(b == OffsetBounds::default(), "truncate(0) left {b:?}");
@@ -217,17 +351,40 @@ async fn delete_prefix(s: &Subject, dir: &Path, _: &Options) -> CaseResult {
     let bs = fill(&log, 0, 50, 2, 500).await?;
     ctx("delete prefix", log.delete_prefix(41).await)?;
     let b = ctx("bounds", log.bounds().await)?;
-    ensure!(b == OffsetBounds { log_start: 41, log_end: 100 }, "after delete-prefix(41): {b:?}");
-    expect_err("read below the log start", log.read(39, 100).await, "offset-out-of-range")?;
+    ensure!(
+        b == OffsetBounds {
+            log_start: 41,
+            log_end: 100
+        },
+        "after delete-prefix(41): {b:?}"
+    );
+    expect_err(
+        "read below the log start",
+        log.read(39, 100).await,
+        "offset-out-of-range",
+    )?;
     let r = ctx("read at the log start", log.read(41, 1).await)?;
     ensure!(r == bs[20], "read at 41 must return the batch 40..42");
     ctx("delete below the start", log.delete_prefix(10).await)?;
     let b = ctx("bounds", log.bounds().await)?;
-    ensure!(b.log_start == 41, "delete-prefix below the start moved it to {}", b.log_start);
+    ensure!(
+        b.log_start == 41,
+        "delete-prefix below the start moved it to {}",
+        b.log_start
+    );
     ctx("delete past the end", log.delete_prefix(500).await)?;
     let b = ctx("bounds", log.bounds().await)?;
-    ensure!(b == OffsetBounds { log_start: 500, log_end: 500 }, "reset past the end: {b:?}");
-    let end = ctx("append at the new start", log.append(batch(500, 2, 10, 1)).await)?;
+    ensure!(
+        b == OffsetBounds {
+            log_start: 500,
+            log_end: 500
+        },
+        "reset past the end: {b:?}"
+    );
+    let end = ctx(
+        "append at the new start",
+        log.append(batch(500, 2, 10, 1)).await,
+    )?;
     ensure!(end == 502, "append after a reset ended at {end}");
     log.close().await;
     Ok(None)
@@ -235,14 +392,35 @@ async fn delete_prefix(s: &Subject, dir: &Path, _: &Options) -> CaseResult {
 
 async fn checkpoints(s: &Subject, dir: &Path, _: &Options) -> CaseResult {
     let log = ctx("open", s.open(dir).await)?;
-    ensure!(ctx("hw", log.high_watermark().await)? == 0, "a new log's high watermark is not 0");
-    ensure!(ctx("epochs", log.leader_epochs().await)?.is_empty(), "a new log has epochs");
+    ensure!(
+        ctx("hw", log.high_watermark().await)? == 0,
+        "a new log's high watermark is not 0"
+    );
+    ensure!(
+        ctx("epochs", log.leader_epochs().await)?.is_empty(),
+        "a new log has epochs"
+    );
     fill(&log, 0, 3, 1, 10).await?;
     ctx("set hw", log.set_high_watermark(2).await)?;
-    ensure!(ctx("hw", log.high_watermark().await)? == 2, "high watermark did not round-trip");
-    let e = vec![EpochEntry { epoch: 0, start_offset: 0 }, EpochEntry { epoch: 5, start_offset: 2 }];
+    ensure!(
+        ctx("hw", log.high_watermark().await)? == 2,
+        "high watermark did not round-trip"
+    );
+    let e = vec![
+        EpochEntry {
+            epoch: 0,
+            start_offset: 0,
+        },
+        EpochEntry {
+            epoch: 5,
+            start_offset: 2,
+        },
+    ];
     ctx("set epochs", log.set_leader_epochs(e.clone()).await)?;
-    ensure!(ctx("epochs", log.leader_epochs().await)? == e, "epochs did not round-trip");
+    ensure!(
+        ctx("epochs", log.leader_epochs().await)? == e,
+        "epochs did not round-trip"
+    );
     ctx("flush", log.flush().await)?;
     log.close().await;
     Ok(None)
@@ -253,7 +431,16 @@ async fn reopen(s: &Subject, dir: &Path, _: &Options) -> CaseResult {
     let bs = fill(&log, 0, 120, 3, 300).await?;
     ctx("delete prefix", log.delete_prefix(30).await)?;
     ctx("set hw", log.set_high_watermark(300).await)?;
-    let e = vec![EpochEntry { epoch: 1, start_offset: 0 }, EpochEntry { epoch: 4, start_offset: 200 }];
+    let e = vec![
+        EpochEntry {
+            epoch: 1,
+            start_offset: 0,
+        },
+        EpochEntry {
+            epoch: 4,
+            start_offset: 200,
+        },
+    ];
     ctx("set epochs", log.set_leader_epochs(e.clone()).await)?;
     ctx("flush", log.flush().await)?;
     log.close().await;
@@ -263,12 +450,27 @@ async fn reopen(s: &Subject, dir: &Path, _: &Options) -> CaseResult {
         log.close().await;
         return Ok(Some("the plugin keeps nothing across instances".into()));
     }
-    ensure!(b == OffsetBounds { log_start: 30, log_end: 360 }, "bounds after reopen: {b:?}");
-    ensure!(ctx("hw", log.high_watermark().await)? == 300, "high watermark lost on reopen");
-    ensure!(ctx("epochs", log.leader_epochs().await)? == e, "epochs lost on reopen");
+    ensure!(
+        b == OffsetBounds {
+            log_start: 30,
+            log_end: 360
+        },
+        "bounds after reopen: {b:?}"
+    );
+    ensure!(
+        ctx("hw", log.high_watermark().await)? == 300,
+        "high watermark lost on reopen"
+    );
+    ensure!(
+        ctx("epochs", log.leader_epochs().await)? == e,
+        "epochs lost on reopen"
+    );
     let r = ctx("read", log.read(360 - 3, 1).await)?;
     ensure!(r == bs[119], "last batch differs after reopen");
-    let end = ctx("append after reopen", log.append(batch(360, 1, 10, 4)).await)?;
+    let end = ctx(
+        "append after reopen",
+        log.append(batch(360, 1, 10, 4)).await,
+    )?;
     ensure!(end == 361, "append after reopen ended at {end}");
     log.close().await;
     Ok(None)
@@ -279,7 +481,9 @@ fn files_ending_with(dir: &Path, tail: &[u8]) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in entries.flatten() {
             let p = e.path();
             if p.is_dir() {
@@ -307,7 +511,10 @@ async fn torn_tail(s: &Subject, dir: &Path, _: &Options) -> CaseResult {
     };
     // A crash mid-write: the last batch is cut short.
     let len = std::fs::metadata(file).map_err(|e| e.to_string())?.len();
-    let f = std::fs::OpenOptions::new().write(true).open(file).map_err(|e| e.to_string())?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(file)
+        .map_err(|e| e.to_string())?;
     f.set_len(len - 7).map_err(|e| e.to_string())?;
     drop(f);
     let log = ctx("reopen after a torn write", s.open(dir).await)?;
@@ -316,8 +523,15 @@ async fn torn_tail(s: &Subject, dir: &Path, _: &Options) -> CaseResult {
         log.close().await;
         return Ok(Some("the plugin keeps nothing across instances".into()));
     }
-    ensure!(b.log_end == 18, "a torn last batch must be cut back to 18, log end is {}", b.log_end);
-    let end = ctx("append after recovery", log.append(batch(18, 2, 400, 2)).await)?;
+    ensure!(
+        b.log_end == 18,
+        "a torn last batch must be cut back to 18, log end is {}",
+        b.log_end
+    );
+    let end = ctx(
+        "append after recovery",
+        log.append(batch(18, 2, 400, 2)).await,
+    )?;
     ensure!(end == 20, "append after recovery ended at {end}");
     log.close().await;
 
@@ -327,9 +541,16 @@ async fn torn_tail(s: &Subject, dir: &Path, _: &Options) -> CaseResult {
     std::fs::write(file, &content).map_err(|e| e.to_string())?;
     let log = ctx("reopen after trailing garbage", s.open(dir).await)?;
     let b = ctx("bounds", log.bounds().await)?;
-    ensure!(b.log_end == 20, "trailing garbage must be cut, log end is {}", b.log_end);
+    ensure!(
+        b.log_end == 20,
+        "trailing garbage must be cut, log end is {}",
+        b.log_end
+    );
     let r = ctx("read", log.read(18, 1).await)?;
-    ensure!(r == batch(18, 2, 400, 2), "the batch before the garbage changed");
+    ensure!(
+        r == batch(18, 2, 400, 2),
+        "the batch before the garbage changed"
+    );
     log.close().await;
     Ok(None)
 }

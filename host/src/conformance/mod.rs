@@ -57,13 +57,22 @@ pub struct Report {
 
 impl Report {
     pub fn failed(&self) -> usize {
-        self.cases.iter().filter(|c| matches!(c.outcome, Outcome::Failed(_))).count()
+        self.cases
+            .iter()
+            .filter(|c| matches!(c.outcome, Outcome::Failed(_)))
+            .count()
     }
     pub fn passed(&self) -> usize {
-        self.cases.iter().filter(|c| c.outcome == Outcome::Passed).count()
+        self.cases
+            .iter()
+            .filter(|c| c.outcome == Outcome::Passed)
+            .count()
     }
     pub fn skipped(&self) -> usize {
-        self.cases.iter().filter(|c| matches!(c.outcome, Outcome::Skipped(_))).count()
+        self.cases
+            .iter()
+            .filter(|c| matches!(c.outcome, Outcome::Skipped(_)))
+            .count()
     }
 }
 
@@ -115,7 +124,12 @@ impl Default for Options {
 
 /// Run every case against `subject`, each in a fresh directory under
 /// `scratch`; `progress` is told each case's name before it runs.
-pub async fn run(subject: &Subject, scratch: &Path, options: &Options, mut progress: impl FnMut(&str)) -> Report {
+pub async fn run(
+    subject: &Subject,
+    scratch: &Path,
+    options: &Options,
+    mut progress: impl FnMut(&str),
+) -> Report {
     let mut report = Report::default();
     for (name, case) in cases::ALL {
         if options.filter.as_deref().is_some_and(|f| !name.contains(f)) {

@@ -50,7 +50,10 @@ type Answer<T> = Result<T, &'static str>;
 
 impl Model {
     fn bounds(&self) -> OffsetBounds {
-        OffsetBounds { log_start: self.start, log_end: self.end }
+        OffsetBounds {
+            log_start: self.start,
+            log_end: self.end,
+        }
     }
     /// An offset mostly inside the log, sometimes just outside.
     fn pick(&self, p: u16) -> u64 {
@@ -105,21 +108,35 @@ impl Model {
     }
 }
 
-fn same<T: PartialEq + std::fmt::Debug>(what: &str, got: StorageResult<T>, want: Answer<T>) -> Result<(), TestCaseError> {
+fn same<T: PartialEq + std::fmt::Debug>(
+    what: &str,
+    got: StorageResult<T>,
+    want: Answer<T>,
+) -> Result<(), TestCaseError> {
     match (&got, &want) {
         (Ok(g), Ok(w)) if g == w => Ok(()),
         (Err(g), Err(w)) if g.variant() == *w => Ok(()),
-        _ => Err(TestCaseError::fail(format!("{what}: plugin answered {got:?}, the model {want:?}"))),
+        _ => Err(TestCaseError::fail(format!(
+            "{what}: plugin answered {got:?}, the model {want:?}"
+        ))),
     }
 }
 
 pub(super) async fn run(subject: &Subject, dir: &Path, options: &Options) -> CaseResult {
     let persistent = {
         let probe = dir.join("probe");
-        let log = subject.open(&probe).await.map_err(|e| format!("open: {e}"))?;
-        log.append(batch(0, 1, 1, 0)).await.map_err(|e| format!("append: {e}"))?;
+        let log = subject
+            .open(&probe)
+            .await
+            .map_err(|e| format!("open: {e}"))?;
+        log.append(batch(0, 1, 1, 0))
+            .await
+            .map_err(|e| format!("append: {e}"))?;
         log.close().await;
-        let log = subject.open(&probe).await.map_err(|e| format!("reopen: {e}"))?;
+        let log = subject
+            .open(&probe)
+            .await
+            .map_err(|e| format!("reopen: {e}"))?;
         let kept = log.bounds().await.map(|b| b.log_end == 1).unwrap_or(false);
         log.close().await;
         kept
@@ -149,14 +166,24 @@ pub(super) async fn run(subject: &Subject, dir: &Path, options: &Options) -> Cas
     outcome.map(|()| None)
 }
 
-async fn check_sequence(subject: &Subject, dir: &Path, persistent: bool, ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let fail = |what: &str, e: crate::storage::StorageError| TestCaseError::fail(format!("{what}: {e}"));
+async fn check_sequence(
+    subject: &Subject,
+    dir: &Path,
+    persistent: bool,
+    ops: Vec<Op>,
+) -> Result<(), TestCaseError> {
+    let fail =
+        |what: &str, e: crate::storage::StorageError| TestCaseError::fail(format!("{what}: {e}"));
     let mut log = subject.open(dir).await.map_err(|e| fail("open", e))?;
     let mut m = Model::default();
     let mut epoch = 0u32;
     for op in ops {
         match op {
-            Op::Append { records, size, skew } => {
+            Op::Append {
+                records,
+                size,
+                skew,
+            } => {
                 let base = m.end.saturating_add_signed(i64::from(skew));
                 epoch += 1;
                 let b = batch(base, records, size, epoch);
@@ -165,7 +192,11 @@ async fn check_sequence(subject: &Subject, dir: &Path, persistent: bool, ops: Ve
             }
             Op::Read { pick, max } => {
                 let at = m.pick(pick);
-                same(&format!("read({at}, {max})"), log.read(at, max).await, m.read(at, max))?;
+                same(
+                    &format!("read({at}, {max})"),
+                    log.read(at, max).await,
+                    m.read(at, max),
+                )?;
             }
             Op::Truncate { pick } => {
                 let at = m.pick(pick);
@@ -175,18 +206,30 @@ async fn check_sequence(subject: &Subject, dir: &Path, persistent: bool, ops: Ve
             Op::DeletePrefix { pick } => {
                 let at = m.pick(pick);
                 m.delete_prefix(at);
-                same(&format!("delete-prefix({at})"), log.delete_prefix(at).await, Ok(()))?;
+                same(
+                    &format!("delete-prefix({at})"),
+                    log.delete_prefix(at).await,
+                    Ok(()),
+                )?;
             }
             Op::SetHighWatermark(hw) => {
                 m.hw = u64::from(hw);
-                same("set-high-watermark", log.set_high_watermark(m.hw).await, Ok(()))?;
+                same(
+                    "set-high-watermark",
+                    log.set_high_watermark(m.hw).await,
+                    Ok(()),
+                )?;
                 same("high-watermark", log.high_watermark().await, Ok(m.hw))?;
             }
             Op::Reopen => {
                 if persistent {
                     log.close().await;
                     log = subject.open(dir).await.map_err(|e| fail("reopen", e))?;
-                    same("high-watermark after reopen", log.high_watermark().await, Ok(m.hw))?;
+                    same(
+                        "high-watermark after reopen",
+                        log.high_watermark().await,
+                        Ok(m.hw),
+                    )?;
                 }
             }
         }

@@ -2,7 +2,10 @@
 
 /// (name, wasm component bytes) of every built-in storage plugin.
 pub const STORAGE: &[(&str, &[u8])] = &[
-    ("memory", include_bytes!(env!("REPLICATOR_WASM_STORAGE_MEMORY"))),
+    (
+        "memory",
+        include_bytes!(env!("REPLICATOR_WASM_STORAGE_MEMORY")),
+    ),
     ("file", include_bytes!(env!("REPLICATOR_WASM_STORAGE_FILE"))),
 ];
 

@@ -64,7 +64,7 @@ struct Call {
 /// the log (the plugin's resource is dropped, then the instance).
 #[derive(Clone)]
 pub struct PluginLog {
-    tx: mpsc::Sender<Call>,
+    tx: mpsc::UnboundedSender<Call>,
     plugin: Arc<str>,
 }
 
@@ -107,7 +107,9 @@ async fn guarded<T>(
 
 fn classify(e: &wasmtime::Error) -> Fault {
     match e.downcast_ref::<wasmtime::Trap>() {
-        Some(wasmtime::Trap::Interrupt) => (FaultKind::Deadline, "deadline reached in wasm code".into()),
+        Some(wasmtime::Trap::Interrupt) => {
+            (FaultKind::Deadline, "deadline reached in wasm code".into())
+        }
         _ => (FaultKind::Trap, format!("{e:#}")),
     }
 }
@@ -159,18 +161,30 @@ impl Actor {
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(Sandbox::ticks(deadline));
-        let world = match tokio::time::timeout(deadline, self.plugin.inner.pre.instantiate_async(&mut store)).await {
+        let world = match tokio::time::timeout(
+            deadline,
+            self.plugin.inner.pre.instantiate_async(&mut store),
+        )
+        .await
+        {
             Ok(Ok(w)) => w,
             Ok(Err(e)) => {
                 let (_, detail) = classify(&e);
                 return Err(self.set_fault((FaultKind::Instantiate, detail)));
             }
-            Err(_) => return Err(self.set_fault((FaultKind::Deadline, "instantiation timed out".into()))),
+            Err(_) => {
+                return Err(self.set_fault((FaultKind::Deadline, "instantiation timed out".into())));
+            }
         };
         let guest = world.replicator_plugin_storage().partition_log();
         let opened = guarded(
             deadline,
-            guest.call_open(&mut store, &self.spec.topic, self.spec.partition, &self.spec.config),
+            guest.call_open(
+                &mut store,
+                &self.spec.topic,
+                self.spec.partition,
+                &self.spec.config,
+            ),
         )
         .await;
         let log = match opened {
@@ -185,7 +199,10 @@ impl Actor {
         if b.log_start > b.log_end {
             return Err(self.set_fault((
                 FaultKind::Violation,
-                format!("opened with log start {} past log end {}", b.log_start, b.log_end),
+                format!(
+                    "opened with log start {} past log end {}",
+                    b.log_start, b.log_end
+                ),
             )));
         }
         self.known = b;
@@ -250,7 +267,10 @@ impl Actor {
                 r.map(|r| r.map(|b| check_read(known, offset, max, Bytes::from(b))))
             }
             Op::Bounds => {
-                let r = guarded(deadline, async { guest.call_bounds(&mut *store, log).await.map(Ok) }).await;
+                let r = guarded(deadline, async {
+                    guest.call_bounds(&mut *store, log).await.map(Ok)
+                })
+                .await;
                 r.map(|r| {
                     r.map(|b| {
                         let b = OffsetBounds {
@@ -260,7 +280,9 @@ impl Actor {
                         if b == known {
                             Ok((Out::Bounds(b), known))
                         } else {
-                            Err(format!("reported bounds {b:?}, but its operations imply {known:?}"))
+                            Err(format!(
+                                "reported bounds {b:?}, but its operations imply {known:?}"
+                            ))
                         }
                     })
                 })
@@ -285,7 +307,11 @@ impl Actor {
                 r.map(|r| r.map(|hw| Ok((Out::Offset(hw), known))))
             }
             Op::SetHighWatermark(hw) => {
-                let r = guarded(deadline, guest.call_set_high_watermark(&mut *store, log, hw)).await;
+                let r = guarded(
+                    deadline,
+                    guest.call_set_high_watermark(&mut *store, log, hw),
+                )
+                .await;
                 r.map(|r| r.map(|()| Ok((Out::Unit, known))))
             }
             Op::LeaderEpochs => {
@@ -300,7 +326,11 @@ impl Actor {
                         start_offset: e.start_offset,
                     })
                     .collect();
-                let r = guarded(deadline, guest.call_set_leader_epochs(&mut *store, log, &wit_entries)).await;
+                let r = guarded(
+                    deadline,
+                    guest.call_set_leader_epochs(&mut *store, log, &wit_entries),
+                )
+                .await;
                 r.map(|r| r.map(|()| Ok((Out::Unit, known))))
             }
             Op::Flush => {
@@ -352,7 +382,7 @@ impl Actor {
         })
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Call>) {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Call>) {
         while let Some(call) = rx.recv().await {
             let closing = matches!(call.op, Op::Close);
             let r = self.serve(call.op).await;
@@ -367,11 +397,14 @@ impl Actor {
     /// Let the plugin run its destructor, then drop the instance.
     async fn close(&mut self) {
         if let Some(mut live) = self.live.take() {
-            live.store.set_epoch_deadline(Sandbox::ticks(self.sandbox().call_deadline));
+            live.store
+                .set_epoch_deadline(Sandbox::ticks(self.sandbox().call_deadline));
             let drop_it = live.log.resource_drop_async(&mut live.store);
             match tokio::time::timeout(self.sandbox().call_deadline, drop_it).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(plugin = %self.label, "closing the log trapped: {e:#}"),
+                Ok(Err(e)) => {
+                    tracing::warn!(plugin = %self.label, "closing the log trapped: {e:#}")
+                }
                 Err(_) => tracing::warn!(plugin = %self.label, "closing the log timed out"),
             }
         }
@@ -510,7 +543,7 @@ impl PluginLog {
     /// files closed), unlike dropping the handles, which closes it later.
     /// Other clones of this handle then get `Closed` faults.
     pub async fn close(self) {
-        let _ = self.call(Op::Close).await;
+        let _ = self.submit(Op::Close).await;
     }
 
     pub(crate) async fn spawn(plugin: StoragePlugin, spec: OpenSpec) -> StorageResult<PluginLog> {
@@ -524,64 +557,84 @@ impl PluginLog {
             known: OffsetBounds::default(),
         };
         actor.instantiate().await?;
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(actor.run(rx));
         Ok(PluginLog { tx, plugin: label })
     }
 
-    async fn call(&self, op: Op) -> StorageResult<Out> {
-        let closed = || StorageError::Fault {
-            plugin: self.plugin.to_string(),
+    /// Queue `op` now, at call time, so calls are served in the order they
+    /// were made even when the caller does not await one before making the
+    /// next (pipelining); the returned future waits for the answer. The
+    /// queue is unbounded: callers bound how many calls they keep in flight.
+    fn submit(&self, op: Op) -> impl Future<Output = StorageResult<Out>> + Send + 'static {
+        let plugin = self.plugin.clone();
+        let closed = move || StorageError::Fault {
+            plugin: plugin.to_string(),
             kind: FaultKind::Closed,
             detail: "the task serving this log is gone".into(),
         };
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Call { op, reply }).await.map_err(|_| closed())?;
-        rx.await.map_err(|_| closed())?
+        let sent = self.tx.send(Call { op, reply }).is_ok();
+        async move {
+            if !sent {
+                return Err(closed());
+            }
+            rx.await.map_err(|_| closed())?
+        }
     }
 }
 
 macro_rules! expect_out {
-    ($self:ident, $op:expr, $pat:pat => $v:expr) => {
-        match $self.call($op).await? {
-            $pat => Ok($v),
-            _ => unreachable!("the actor answers each op with its own output kind"),
+    ($self:ident, $op:expr, $pat:pat => $v:expr) => {{
+        let answer = $self.submit($op);
+        async move {
+            match answer.await? {
+                $pat => Ok($v),
+                _ => unreachable!("the actor answers each op with its own output kind"),
+            }
         }
-    };
+    }};
 }
 
 impl PartitionLog for PluginLog {
-    async fn append(&self, batches: Bytes) -> StorageResult<u64> {
+    fn append(&self, batches: Bytes) -> impl Future<Output = StorageResult<u64>> + Send {
         expect_out!(self, Op::Append(batches), Out::Offset(o) => o)
     }
-    async fn read(&self, offset: u64, max_bytes: u32) -> StorageResult<Bytes> {
+    fn read(
+        &self,
+        offset: u64,
+        max_bytes: u32,
+    ) -> impl Future<Output = StorageResult<Bytes>> + Send {
         expect_out!(self, Op::Read(offset, max_bytes), Out::Bytes(b) => b)
     }
-    async fn bounds(&self) -> StorageResult<OffsetBounds> {
+    fn bounds(&self) -> impl Future<Output = StorageResult<OffsetBounds>> + Send {
         expect_out!(self, Op::Bounds, Out::Bounds(b) => b)
     }
-    async fn truncate(&self, offset: u64) -> StorageResult<u64> {
+    fn truncate(&self, offset: u64) -> impl Future<Output = StorageResult<u64>> + Send {
         expect_out!(self, Op::Truncate(offset), Out::Offset(o) => o)
     }
-    async fn delete_prefix(&self, offset: u64) -> StorageResult<()> {
+    fn delete_prefix(&self, offset: u64) -> impl Future<Output = StorageResult<()>> + Send {
         expect_out!(self, Op::DeletePrefix(offset), Out::Unit => ())
     }
-    async fn high_watermark(&self) -> StorageResult<u64> {
+    fn high_watermark(&self) -> impl Future<Output = StorageResult<u64>> + Send {
         expect_out!(self, Op::HighWatermark, Out::Offset(o) => o)
     }
-    async fn set_high_watermark(&self, offset: u64) -> StorageResult<()> {
+    fn set_high_watermark(&self, offset: u64) -> impl Future<Output = StorageResult<()>> + Send {
         expect_out!(self, Op::SetHighWatermark(offset), Out::Unit => ())
     }
-    async fn leader_epochs(&self) -> StorageResult<Vec<EpochEntry>> {
+    fn leader_epochs(&self) -> impl Future<Output = StorageResult<Vec<EpochEntry>>> + Send {
         expect_out!(self, Op::LeaderEpochs, Out::Epochs(e) => e)
     }
-    async fn set_leader_epochs(&self, entries: Vec<EpochEntry>) -> StorageResult<()> {
+    fn set_leader_epochs(
+        &self,
+        entries: Vec<EpochEntry>,
+    ) -> impl Future<Output = StorageResult<()>> + Send {
         expect_out!(self, Op::SetLeaderEpochs(entries), Out::Unit => ())
     }
-    async fn flush(&self) -> StorageResult<()> {
+    fn flush(&self) -> impl Future<Output = StorageResult<()>> + Send {
         expect_out!(self, Op::Flush, Out::Unit => ())
     }
-    async fn recover(&self) -> StorageResult<LogState> {
+    fn recover(&self) -> impl Future<Output = StorageResult<LogState>> + Send {
         expect_out!(self, Op::Recover, Out::State(s) => s)
     }
 }

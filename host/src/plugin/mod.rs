@@ -30,7 +30,9 @@ use sandbox::PluginState;
 /// Why a plugin could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("unknown built-in plugin `{name}`; built-ins: {known}; or give a path to a .wasm component")]
+    #[error(
+        "unknown built-in plugin `{name}`; built-ins: {known}; or give a path to a .wasm component"
+    )]
     UnknownBuiltin { name: String, known: String },
     #[error("cannot read plugin {path}: {source}")]
     Read {
@@ -39,7 +41,9 @@ pub enum LoadError {
     },
     #[error("plugin `{plugin}` is not a valid wasm component for this host: {detail}")]
     Compile { plugin: String, detail: String },
-    #[error("plugin `{plugin}` does not fit the storage-plugin world of wit/ (replicator:plugin@0.1.0): {detail}")]
+    #[error(
+        "plugin `{plugin}` does not fit the storage-plugin world of wit/ (replicator:plugin@0.1.0): {detail}"
+    )]
     Link { plugin: String, detail: String },
     #[error("wasm engine: {0}")]
     Engine(String),
@@ -134,7 +138,10 @@ impl StoragePlugin {
             plugin: name.to_string(),
             detail: format!("{e:#}"),
         };
-        let instance_pre = runtime.storage_linker().instantiate_pre(&component).map_err(link)?;
+        let instance_pre = runtime
+            .storage_linker()
+            .instantiate_pre(&component)
+            .map_err(link)?;
         let pre = StoragePluginPre::new(instance_pre).map_err(link)?;
         Ok(StoragePlugin {
             inner: Arc::new(Inner {

@@ -97,9 +97,15 @@ impl PluginRuntime {
     fn cache_path(&self, wasm: &[u8]) -> Option<PathBuf> {
         let dir = self.cache_dir.as_ref()?;
         let mut compat = std::collections::hash_map::DefaultHasher::new();
-        self.engine.precompile_compatibility_hash().hash(&mut compat);
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut compat);
         let content = Sha256::digest(wasm);
-        let hex: String = content.iter().take(16).map(|b| format!("{b:02x}")).collect();
+        let hex: String = content
+            .iter()
+            .take(16)
+            .map(|b| format!("{b:02x}"))
+            .collect();
         Some(dir.join(format!("{hex}-{:016x}.cwasm", compat.finish())))
     }
 }

@@ -2,6 +2,7 @@
 //! plugin without the wasm boundary. It is the benchmark baseline and the
 //! reference the conformance suite's model is checked against.
 
+use std::future::{Future, ready};
 use std::sync::Mutex;
 
 use bytes::{Bytes, BytesMut};
@@ -56,9 +57,11 @@ pub(crate) fn append_error(e: AppendError) -> StorageError {
     }
 }
 
+// Each call does its work when it is made and returns a ready future, so
+// calls take effect in call order, as the trait promises.
 impl PartitionLog for MemoryLog {
-    async fn append(&self, batches: Bytes) -> StorageResult<u64> {
-        self.with(|s| {
+    fn append(&self, batches: Bytes) -> impl Future<Output = StorageResult<u64>> + Send {
+        ready(self.with(|s| {
             let located = index::check_append(&batches, s.index.log_end()).map_err(append_error)?;
             for l in located {
                 let h = l.header;
@@ -71,17 +74,25 @@ impl PartitionLog for MemoryLog {
                 });
             }
             Ok(s.index.log_end())
-        })
+        }))
     }
 
-    async fn read(&self, offset: u64, max_bytes: u32) -> StorageResult<Bytes> {
-        self.with(|s| {
+    fn read(
+        &self,
+        offset: u64,
+        max_bytes: u32,
+    ) -> impl Future<Output = StorageResult<Bytes>> + Send {
+        ready(self.with(|s| {
             let range = s
                 .index
                 .read_range(offset, max_bytes)
-                .map_err(|()| StorageError::OffsetOutOfRange(bounds(s)))?;
+                .map_err(|_: index::OutOfRange| StorageError::OffsetOutOfRange(bounds(s)))?;
             if range.len() == 1 {
-                return Ok(s.index.get(range.start).map(|e| e.loc.clone()).unwrap_or_default());
+                return Ok(s
+                    .index
+                    .get(range.start)
+                    .map(|e| e.loc.clone())
+                    .unwrap_or_default());
             }
             let mut out = BytesMut::new();
             for i in range {
@@ -90,15 +101,15 @@ impl PartitionLog for MemoryLog {
                 }
             }
             Ok(out.freeze())
-        })
+        }))
     }
 
-    async fn bounds(&self) -> StorageResult<OffsetBounds> {
-        self.with(|s| Ok(bounds(s)))
+    fn bounds(&self) -> impl Future<Output = StorageResult<OffsetBounds>> + Send {
+        ready(self.with(|s| Ok(bounds(s))))
     }
 
-    async fn truncate(&self, offset: u64) -> StorageResult<u64> {
-        self.with(|s| {
+    fn truncate(&self, offset: u64) -> impl Future<Output = StorageResult<u64>> + Send {
+        ready(self.with(|s| {
             if offset < s.index.log_start() || offset > s.index.log_end() {
                 return Err(StorageError::OffsetOutOfRange(bounds(s)));
             }
@@ -106,43 +117,52 @@ impl PartitionLog for MemoryLog {
             let end = s.index.log_end();
             index::truncate_epochs(&mut s.epochs, end, |e| e.start_offset);
             Ok(end)
-        })
+        }))
     }
 
-    async fn delete_prefix(&self, offset: u64) -> StorageResult<()> {
-        self.with(|s| {
+    fn delete_prefix(&self, offset: u64) -> impl Future<Output = StorageResult<()>> + Send {
+        ready(self.with(|s| {
             s.index.delete_prefix(offset);
             Ok(())
-        })
+        }))
     }
 
-    async fn high_watermark(&self) -> StorageResult<u64> {
-        self.with(|s| Ok(s.high_watermark))
+    fn high_watermark(&self) -> impl Future<Output = StorageResult<u64>> + Send {
+        ready(self.with(|s| Ok(s.high_watermark)))
     }
 
-    async fn set_high_watermark(&self, offset: u64) -> StorageResult<()> {
-        self.with(|s| {
+    fn set_high_watermark(&self, offset: u64) -> impl Future<Output = StorageResult<()>> + Send {
+        ready(self.with(|s| {
             s.high_watermark = offset;
             Ok(())
-        })
+        }))
     }
 
-    async fn leader_epochs(&self) -> StorageResult<Vec<EpochEntry>> {
-        self.with(|s| Ok(s.epochs.clone()))
+    fn leader_epochs(&self) -> impl Future<Output = StorageResult<Vec<EpochEntry>>> + Send {
+        ready(self.with(|s| Ok(s.epochs.clone())))
     }
 
-    async fn set_leader_epochs(&self, entries: Vec<EpochEntry>) -> StorageResult<()> {
-        self.with(|s| {
+    fn set_leader_epochs(
+        &self,
+        entries: Vec<EpochEntry>,
+    ) -> impl Future<Output = StorageResult<()>> + Send {
+        ready(self.with(|s| {
             s.epochs = entries;
             Ok(())
-        })
+        }))
     }
 
-    async fn flush(&self) -> StorageResult<()> {
-        Ok(())
+    fn flush(&self) -> impl Future<Output = StorageResult<()>> + Send {
+        ready(Ok(()))
     }
 
-    async fn recover(&self) -> StorageResult<LogState> {
-        super::load_state(self).await
+    fn recover(&self) -> impl Future<Output = StorageResult<LogState>> + Send {
+        ready(self.with(|s| {
+            Ok(LogState {
+                bounds: bounds(s),
+                high_watermark: s.high_watermark.min(s.index.log_end()),
+                leader_epochs: s.epochs.clone(),
+            })
+        }))
     }
 }

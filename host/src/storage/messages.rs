@@ -88,7 +88,8 @@ impl<L: PartitionLog> StorageReader for MessageLog<L> {
         let mut next = start;
         while next < end {
             let bytes = self.log.read(next, READ_CHUNK).await?;
-            let records = batch::decode(&bytes).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+            let records =
+                batch::decode(&bytes).map_err(|e| StorageError::Corrupt(e.to_string()))?;
             let before = next;
             for r in records {
                 if r.offset >= next && r.offset < end {

@@ -43,13 +43,20 @@ pub struct LogState {
 /// Implemented by the wasm plugin host ([`crate::plugin::PluginLog`]) and by
 /// the native [`memory::MemoryLog`]. Every method mirrors the WIT function
 /// of the same name; see there for the exact contract.
+///
+/// Calls take effect in the order they are *made*, not awaited: a caller
+/// may issue several appends and await them afterwards (pipelining).
 pub trait PartitionLog: Send + Sync {
     /// Append one or more whole, contiguous batches starting at the log
     /// end. Returns the new log end.
     fn append(&self, batches: Bytes) -> impl Future<Output = StorageResult<u64>> + Send;
     /// Whole batches from the one holding `offset`, within `max_bytes`
     /// (at least one batch).
-    fn read(&self, offset: u64, max_bytes: u32) -> impl Future<Output = StorageResult<Bytes>> + Send;
+    fn read(
+        &self,
+        offset: u64,
+        max_bytes: u32,
+    ) -> impl Future<Output = StorageResult<Bytes>> + Send;
     fn bounds(&self) -> impl Future<Output = StorageResult<OffsetBounds>> + Send;
     /// Remove batches whose last offset is >= `offset`; returns the new end.
     fn truncate(&self, offset: u64) -> impl Future<Output = StorageResult<u64>> + Send;

@@ -7,6 +7,10 @@ use std::collections::VecDeque;
 
 use crate::{BatchHeader, HeaderError, batches};
 
+/// An offset outside the log's bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutOfRange;
+
 /// Where one batch lives, as the plugin chooses to describe it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry<L> {
@@ -81,14 +85,18 @@ impl<L> OffsetIndex<L> {
     /// The batches a read at `offset` with `max_bytes` returns: from the one
     /// holding `offset`, while the total stays within `max_bytes`, but
     /// always at least one. `Err` when `offset` is outside the bounds.
-    pub fn read_range(&self, offset: u64, max_bytes: u32) -> Result<std::ops::Range<usize>, ()> {
+    pub fn read_range(
+        &self,
+        offset: u64,
+        max_bytes: u32,
+    ) -> Result<std::ops::Range<usize>, OutOfRange> {
         if offset < self.log_start || offset > self.log_end {
-            return Err(());
+            return Err(OutOfRange);
         }
         if offset == self.log_end {
             return Ok(0..0);
         }
-        let first = self.find(offset).ok_or(())?;
+        let first = self.find(offset).ok_or(OutOfRange)?;
         let mut total = 0u64;
         let mut last = first;
         for (i, e) in self.entries.iter().enumerate().skip(first) {
@@ -227,10 +235,14 @@ mod tests {
         assert_eq!(ix.find(9), Some(2));
         assert_eq!(ix.find(10), None);
         assert_eq!(ix.read_range(4, 150), Ok(1..2));
-        assert_eq!(ix.read_range(4, 10), Ok(1..2), "first batch always returned");
+        assert_eq!(
+            ix.read_range(4, 10),
+            Ok(1..2),
+            "first batch always returned"
+        );
         assert_eq!(ix.read_range(0, 300), Ok(0..3));
         assert_eq!(ix.read_range(10, 300), Ok(0..0));
-        assert_eq!(ix.read_range(11, 300), Err(()));
+        assert_eq!(ix.read_range(11, 300), Err(OutOfRange));
     }
 
     #[test]
@@ -249,7 +261,7 @@ mod tests {
         let mut ix = index();
         assert_eq!(ix.delete_prefix(4).len(), 1);
         assert_eq!(ix.log_start(), 4);
-        assert_eq!(ix.read_range(3, 100), Err(()));
+        assert_eq!(ix.read_range(3, 100), Err(OutOfRange));
         assert_eq!(ix.read_range(4, 100), Ok(0..1));
         assert_eq!(ix.delete_prefix(20).len(), 2);
         assert_eq!((ix.log_start(), ix.log_end()), (20, 20));

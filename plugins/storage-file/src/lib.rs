@@ -53,7 +53,10 @@ impl GuestPartitionLog for FileLogResource {
             log::Error::OutOfRange => PluginError::Other("recovery went out of range".into()),
         })?;
         for note in &log.recovery_notes {
-            host_log(LogLevel::Warn, &format!("{topic}/{partition}: recovery: {note}"));
+            host_log(
+                LogLevel::Warn,
+                &format!("{topic}/{partition}: recovery: {note}"),
+            );
         }
         Ok(PartitionLog::new(FileLogResource(RefCell::new(log))))
     }

@@ -219,8 +219,9 @@ impl FileLog {
             && (crc_at - 4) % INDEX_ENTRY == 0
             && crc32c(&bytes[..crc_at]) == read_u32_le(&bytes, crc_at);
         if !ok {
-            self.recovery_notes
-                .push(format!("index {name} is damaged: rebuilding from the segment"));
+            self.recovery_notes.push(format!(
+                "index {name} is damaged: rebuilding from the segment"
+            ));
             return Ok(None);
         }
         let mut entries = Vec::new();
@@ -339,7 +340,9 @@ impl FileLog {
         self.unsynced = true;
         match self.config.fsync {
             Fsync::Always => self.sync()?,
-            Fsync::IntervalMs(ms) if now_ns().saturating_sub(self.last_sync_ns) >= ms * 1_000_000 => {
+            Fsync::IntervalMs(ms)
+                if now_ns().saturating_sub(self.last_sync_ns) >= ms * 1_000_000 =>
+            {
                 self.sync()?
             }
             _ => {}
@@ -371,7 +374,7 @@ impl FileLog {
         let range = self
             .index
             .read_range(offset, max_bytes)
-            .map_err(|()| Error::OutOfRange)?;
+            .map_err(|_: index::OutOfRange| Error::OutOfRange)?;
         let mut out = Vec::new();
         let mut i = range.start;
         while i < range.end {
@@ -398,7 +401,9 @@ impl FileLog {
         let i = self.segments.partition_point(|s| s.base < base);
         match self.segments.get(i) {
             Some(s) if s.base == base => Ok(s),
-            _ => Err(Error::Corrupt(format!("index points at missing segment {base}"))),
+            _ => Err(Error::Corrupt(format!(
+                "index points at missing segment {base}"
+            ))),
         }
     }
 
@@ -582,4 +587,3 @@ fn parse_epochs(bytes: &[u8]) -> Result<Vec<(u32, u64)>, Error> {
     }
     Ok(out)
 }
-

@@ -94,7 +94,7 @@ impl GuestPartitionLog for MemoryLog {
         let range = s
             .index
             .read_range(offset, max_bytes)
-            .map_err(|()| PluginError::OffsetOutOfRange(Self::bounds(&s)))?;
+            .map_err(|_: index::OutOfRange| PluginError::OffsetOutOfRange(Self::bounds(&s)))?;
         let total: usize = range
             .clone()
             .filter_map(|i| s.index.get(i))

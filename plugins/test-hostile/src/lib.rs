@@ -10,12 +10,13 @@
 //! - `lie-read`: returns batches whose CRC does not match,
 //! - `lie-bounds`: reports a log start past the log end,
 //! - `accept-gaps`: accepts appends at any base offset.
+//!
 //! `mode = trap-open` traps while opening.
 
 use std::cell::RefCell;
 
-use replicator_plugin_sdk::index::{Entry, OffsetIndex};
 use replicator_plugin_sdk::BatchHeader;
+use replicator_plugin_sdk::index::{self, Entry, OffsetIndex};
 
 wit_bindgen::generate!({ world: "storage-plugin", path: "../../wit" });
 
@@ -116,12 +117,14 @@ impl GuestPartitionLog for Hostile {
 
     fn read(&self, offset: u64, max_bytes: u32) -> Result<Vec<u8>, PluginError> {
         let ix = self.index.borrow();
-        let range = ix.read_range(offset, max_bytes).map_err(|()| {
-            PluginError::OffsetOutOfRange(OffsetBounds {
-                log_start: ix.log_start(),
-                log_end: ix.log_end(),
-            })
-        })?;
+        let range = ix
+            .read_range(offset, max_bytes)
+            .map_err(|_: index::OutOfRange| {
+                PluginError::OffsetOutOfRange(OffsetBounds {
+                    log_start: ix.log_start(),
+                    log_end: ix.log_end(),
+                })
+            })?;
         let mut out = Vec::new();
         for i in range {
             if let Some(e) = ix.get(i) {
