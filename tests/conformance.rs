@@ -10,7 +10,8 @@ fn cases() -> u32 {
         .unwrap_or(48)
 }
 
-async fn check(name: &str, config: &[(&str, &str)]) {
+/// Run the suite; a persistent plugin must pass every case, skipping none.
+async fn check(name: &str, config: &[(&str, &str)], persistent: bool) {
     let plugin = StoragePlugin::load(&PluginSource::Builtin(name.into()), Sandbox::default())
         .expect("built-in plugin loads");
     let config = config
@@ -22,30 +23,33 @@ async fn check(name: &str, config: &[(&str, &str)]) {
         proptest_cases: cases(),
         filter: None,
     };
-    let report = conformance::run(
-        &Subject::new(plugin, config),
-        scratch.path(),
-        &options,
-        |_| {},
-    )
-    .await;
+    let subject = Subject::new(plugin, config).persistent(persistent);
+    let report = conformance::run(&subject, scratch.path(), &options, |_| {}).await;
     println!("{name}:\n{report}");
     assert_eq!(report.failed(), 0, "{name} failed conformance:\n{report}");
+    if persistent {
+        assert_eq!(report.skipped(), 0, "{name} skipped cases:\n{report}");
+    }
     assert!(report.passed() >= 9, "too few cases ran:\n{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_plugin_conforms() {
-    check("memory", &[]).await;
+    check("memory", &[], false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_plugin_conforms_with_small_segments() {
     // Small segments so reads, truncation and prefix deletes cross them.
-    check("file", &[("segment.bytes", "8192"), ("fsync", "never")]).await;
+    check(
+        "file",
+        &[("segment.bytes", "8192"), ("fsync", "never")],
+        true,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_plugin_conforms_with_defaults() {
-    check("file", &[]).await;
+    check("file", &[], true).await;
 }

@@ -183,3 +183,103 @@ async fn not_a_component_is_a_clear_load_error() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_cannot_reach_the_network() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().expect("addr").port();
+    let (_plugin, log) = open(&format!("connect:{port}")).await;
+    match log.append(one(0)).await {
+        Err(StorageError::Io(m)) => assert!(m.contains("connect") || m.contains("socket"), "{m}"),
+        other => panic!("the plugin reached the network or failed oddly: {other:?}"),
+    }
+    assert!(
+        listener.accept().is_err(),
+        "a connection arrived from the sandbox"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_see_only_their_partition_directory() {
+    let secret_dir = tempfile::tempdir().expect("tempdir");
+    let secret = secret_dir.path().join("secret");
+    std::fs::write(&secret, b"not for plugins").expect("write");
+    let data = tempfile::tempdir().expect("tempdir");
+    let runtime = PluginRuntime::global().expect("runtime");
+    let plugin = StoragePlugin::from_bytes(runtime, "hostile", HOSTILE, sandbox()).expect("load");
+    for path in [
+        secret.display().to_string(),
+        "/data/../../etc/passwd".to_string(),
+        "/etc/passwd".to_string(),
+    ] {
+        let log = plugin
+            .open(
+                "t",
+                0,
+                vec![("mode".into(), format!("read-file:{path}"))],
+                Some(data.path()),
+            )
+            .await
+            .expect("open");
+        match log.append(one(0)).await {
+            Err(StorageError::Io(_)) => {}
+            other => panic!("reading {path} from the sandbox: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_call_blocked_in_the_kernel_is_contained() {
+    // Opening a FIFO blocks in open(2) until a writer comes: a host call
+    // that neither epochs nor the storage thread's own timers can stop.
+    let data = tempfile::tempdir().expect("tempdir");
+    let fifo = data.path().join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let runtime = PluginRuntime::global().expect("runtime");
+    let plugin = StoragePlugin::from_bytes(runtime, "hostile", HOSTILE, sandbox()).expect("load");
+    let stuck = plugin
+        .open(
+            "t",
+            0,
+            vec![("mode".into(), "read-file:/data/fifo".into())],
+            Some(data.path()),
+        )
+        .await
+        .expect("open");
+    let healthy = plugin
+        .open("t", 1, vec![], None)
+        .await
+        .expect("open healthy");
+    let started = Instant::now();
+    let err = stuck
+        .append(one(0))
+        .await
+        .expect_err("the read cannot finish");
+    assert!(
+        matches!(
+            err,
+            StorageError::Fault {
+                kind: FaultKind::Deadline,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    // Other partitions are served meanwhile.
+    assert_eq!(healthy.append(one(0)).await, Ok(1));
+    // Release the stuck thread so it can end.
+    let _writer = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fifo)
+        .expect("open fifo");
+}

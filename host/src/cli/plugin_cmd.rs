@@ -31,6 +31,10 @@ pub struct CheckArgs {
     /// Random operation sequences for the model-based case.
     #[arg(long, default_value_t = 64)]
     cases: u32,
+    /// The plugin must keep its data across instances: a log that comes
+    /// back empty after reopening fails instead of skipping those cases.
+    #[arg(long)]
+    persistent: bool,
     /// Run only the cases whose name contains this.
     #[arg(long)]
     filter: Option<String>,
@@ -72,7 +76,10 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         plugin.name(),
         options.proptest_cases
     );
-    let subject = Subject::new(plugin, args.config);
+    let mut subject = Subject::new(plugin, args.config);
+    if args.persistent {
+        subject = subject.persistent(true);
+    }
     let report = conformance::run(&subject, &scratch, &options, |name| {
         eprint!("  running {name}...\r");
     })

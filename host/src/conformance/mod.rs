@@ -22,11 +22,35 @@ use crate::storage::StorageResult;
 pub struct Subject {
     pub plugin: StoragePlugin,
     pub config: Vec<(String, String)>,
+    /// Whether the plugin must keep data across instances. `None`: find
+    /// out, and skip the persistence cases if it keeps nothing; `Some(true)`:
+    /// a plugin that comes back empty fails them.
+    pub persistent: Option<bool>,
 }
 
 impl Subject {
     pub fn new(plugin: StoragePlugin, config: Vec<(String, String)>) -> Self {
-        Subject { plugin, config }
+        Subject {
+            plugin,
+            config,
+            persistent: None,
+        }
+    }
+
+    pub fn persistent(mut self, persistent: bool) -> Self {
+        self.persistent = Some(persistent);
+        self
+    }
+
+    /// The verdict for a reopened log that came back empty: a skip if the
+    /// plugin may keep nothing, a failure if it must keep its data.
+    pub(crate) fn came_back_empty(&self) -> CaseResult {
+        match self.persistent {
+            Some(true) => Err(
+                "the log came back empty after reopening; this plugin must keep its data".into(),
+            ),
+            _ => Ok(Some("the plugin keeps nothing across instances".into())),
+        }
     }
 
     pub async fn open(&self, dir: &Path) -> StorageResult<PluginLog> {

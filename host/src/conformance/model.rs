@@ -139,6 +139,9 @@ pub(super) async fn run(subject: &Subject, dir: &Path, options: &Options) -> Cas
             .map_err(|e| format!("reopen: {e}"))?;
         let kept = log.bounds().await.map(|b| b.log_end == 1).unwrap_or(false);
         log.close().await;
+        if !kept && subject.persistent == Some(true) {
+            return subject.came_back_empty();
+        }
         kept
     };
     let handle = tokio::runtime::Handle::current();

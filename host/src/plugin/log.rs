@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use replicator_plugin_sdk::index;
+use replicator_plugin_sdk::{MAX_BATCH_LEN, index};
 use tokio::sync::{mpsc, oneshot};
 use wasmtime::Store;
 use wasmtime::component::ResourceAny;
@@ -66,6 +66,7 @@ struct Call {
 pub struct PluginLog {
     tx: mpsc::UnboundedSender<Call>,
     plugin: Arc<str>,
+    sandbox: Arc<Sandbox>,
 }
 
 struct Live {
@@ -257,12 +258,24 @@ impl Actor {
         live.store.set_epoch_deadline(Sandbox::ticks(deadline));
         let guest = live.world.replicator_plugin_storage().partition_log();
         let (store, log) = (&mut live.store, live.log);
+        // What an error from this op may not claim, and whether a failure
+        // leaves the plugin's state unknown.
+        let in_range = match op {
+            Op::Read(o, _) | Op::Truncate(o) => {
+                Some(o).filter(|o| (known.log_start..=known.log_end).contains(o))
+            }
+            _ => None,
+        };
+        let mutation = matches!(op, Op::Truncate(_) | Op::DeletePrefix(_));
         let answer = match op {
             Op::Append(bytes) => {
                 let r = guarded(deadline, guest.call_append(&mut *store, log, &bytes)).await;
                 r.map(|r| r.map(|end| check_append(known, &bytes, end)))
             }
             Op::Read(offset, max) => {
+                // A read returns at least one batch anyway; asking for more
+                // than the largest batch only risks the memory limit.
+                let max = max.min(MAX_BATCH_LEN);
                 let r = guarded(deadline, guest.call_read(&mut *store, log, offset, max)).await;
                 r.map(|r| r.map(|b| check_read(known, offset, max, Bytes::from(b))))
             }
@@ -319,6 +332,11 @@ impl Actor {
                 r.map(|r| r.map(|e| check_epochs(known, e)))
             }
             Op::SetLeaderEpochs(entries) => {
+                if let Some(why) =
+                    epochs_not_monotonic(entries.iter().map(|e| (e.epoch, e.start_offset)))
+                {
+                    return Err(StorageError::InvalidInput(why));
+                }
                 let wit_entries: Vec<wit::EpochEntry> = entries
                     .iter()
                     .map(|e| wit::EpochEntry {
@@ -345,8 +363,18 @@ impl Actor {
             Err(fault) => Err(self.set_fault(fault)),
             Ok(Err(e)) => {
                 let e = convert(e);
-                if let Some(why) = wrong_refusal(&e, known) {
+                if let Some(why) = wrong_refusal(&e, known, in_range) {
                     return Err(self.set_fault((FaultKind::Violation, why)));
+                }
+                if mutation
+                    && !matches!(
+                        e,
+                        StorageError::OffsetOutOfRange(_) | StorageError::InvalidInput(_)
+                    )
+                {
+                    // A truncation or prefix delete that failed midway left
+                    // state the host cannot know: re-read it from storage.
+                    return Err(self.set_fault((FaultKind::FailedMutation, e.to_string())));
                 }
                 Err(e)
             }
@@ -499,6 +527,11 @@ fn check_truncate(known: OffsetBounds, offset: u64, end: u64) -> Checked {
     if end > offset {
         return Err(format!("truncation to {offset} left the log end at {end}"));
     }
+    if offset == known.log_end && end != offset {
+        return Err(format!(
+            "truncation at the log end {offset} removed data, leaving {end}"
+        ));
+    }
     Ok((
         Out::Offset(end),
         OffsetBounds {
@@ -509,13 +542,8 @@ fn check_truncate(known: OffsetBounds, offset: u64, end: u64) -> Checked {
 }
 
 fn check_epochs(known: OffsetBounds, entries: Vec<wit::EpochEntry>) -> Checked {
-    for w in entries.windows(2) {
-        if w[1].epoch <= w[0].epoch || w[1].start_offset < w[0].start_offset {
-            return Err(format!(
-                "leader-epoch cache is not monotonic: ({}, {}) then ({}, {})",
-                w[0].epoch, w[0].start_offset, w[1].epoch, w[1].start_offset
-            ));
-        }
+    if let Some(why) = epochs_not_monotonic(entries.iter().map(|e| (e.epoch, e.start_offset))) {
+        return Err(why);
     }
     let entries = entries
         .into_iter()
@@ -528,14 +556,37 @@ fn check_epochs(known: OffsetBounds, entries: Vec<wit::EpochEntry>) -> Checked {
 }
 
 /// An error the plugin had no grounds for, given what the host knows:
-/// "out of range" for an offset inside the bounds.
-fn wrong_refusal(e: &StorageError, known: OffsetBounds) -> Option<String> {
+/// "out of range" for an offset inside the bounds, or with wrong bounds.
+fn wrong_refusal(e: &StorageError, known: OffsetBounds, in_range: Option<u64>) -> Option<String> {
     match e {
         StorageError::OffsetOutOfRange(b) if *b != known => Some(format!(
             "reported bounds {b:?} in an out-of-range error, but its operations imply {known:?}"
         )),
+        StorageError::OffsetOutOfRange(_) => in_range.map(|o| {
+            format!(
+                "refused offset {o} as out of range inside the log {}..{}",
+                known.log_start, known.log_end
+            )
+        }),
         _ => None,
     }
+}
+
+/// Why an epoch cache is not strictly increasing in epoch with
+/// non-decreasing start offsets, if it is not.
+fn epochs_not_monotonic(entries: impl Iterator<Item = (u32, u64)>) -> Option<String> {
+    let mut prev: Option<(u32, u64)> = None;
+    for (e, s) in entries {
+        if let Some((pe, ps)) = prev
+            && (e <= pe || s < ps)
+        {
+            return Some(format!(
+                "leader-epoch cache is not monotonic: ({pe}, {ps}) then ({e}, {s})"
+            ));
+        }
+        prev = Some((e, s));
+    }
+    None
 }
 
 impl PluginLog {
@@ -546,8 +597,14 @@ impl PluginLog {
         let _ = self.submit(Op::Close).await;
     }
 
+    /// Start the log's own thread, instantiate the plugin and open the log
+    /// there. The thread runs a single-threaded runtime that owns the store:
+    /// file I/O in WASI host calls then blocks only this partition, and a
+    /// call stuck there is reported by the caller-side deadline in
+    /// [`Self::submit`] while every other partition keeps working.
     pub(crate) async fn spawn(plugin: StoragePlugin, spec: OpenSpec) -> StorageResult<PluginLog> {
         let label: Arc<str> = format!("{} {}/{}", plugin.name(), spec.topic, spec.partition).into();
+        let sandbox = plugin.sandbox().clone();
         let mut actor = Actor {
             plugin,
             spec,
@@ -556,30 +613,89 @@ impl PluginLog {
             fault: None,
             known: OffsetBounds::default(),
         };
-        actor.instantiate().await?;
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(actor.run(rx));
-        Ok(PluginLog { tx, plugin: label })
+        let (opened_tx, opened_rx) = oneshot::channel();
+        let io_error =
+            |e: std::io::Error| StorageError::Io(format!("starting the storage thread: {e}"));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(io_error)?;
+        std::thread::Builder::new()
+            .name(format!("storage {label}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let opened = actor.instantiate().await;
+                    let ok = opened.is_ok();
+                    if opened_tx.send(opened).is_err() || !ok {
+                        return;
+                    }
+                    actor.run(rx).await;
+                })
+            })
+            .map_err(io_error)?;
+        let gone = || StorageError::Fault {
+            plugin: label.to_string(),
+            kind: FaultKind::Closed,
+            detail: "the storage thread ended while opening".into(),
+        };
+        let wait = sandbox.open_deadline * 2 + Duration::from_secs(1);
+        match tokio::time::timeout(wait, opened_rx).await {
+            Ok(Ok(Ok(()))) => Ok(PluginLog {
+                tx,
+                plugin: label,
+                sandbox: Arc::new(sandbox),
+            }),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(gone()),
+            Err(_) => Err(StorageError::Fault {
+                plugin: label.to_string(),
+                kind: FaultKind::Deadline,
+                detail: format!("opening did not finish within {wait:?}"),
+            }),
+        }
     }
 
     /// Queue `op` now, at call time, so calls are served in the order they
     /// were made even when the caller does not await one before making the
     /// next (pipelining); the returned future waits for the answer. The
     /// queue is unbounded: callers bound how many calls they keep in flight.
+    ///
+    /// The wait is bounded too: past twice the call deadline (queueing
+    /// included) the caller gets a `Deadline` fault even if the storage
+    /// thread is stuck in a host call that no deadline can interrupt.
     fn submit(&self, op: Op) -> impl Future<Output = StorageResult<Out>> + Send + 'static {
         let plugin = self.plugin.clone();
-        let closed = move || StorageError::Fault {
+        let fault = move |kind, detail: String| StorageError::Fault {
             plugin: plugin.to_string(),
-            kind: FaultKind::Closed,
-            detail: "the task serving this log is gone".into(),
+            kind,
+            detail,
         };
+        let deadline = match op {
+            Op::Recover => self.sandbox.open_deadline,
+            _ => self.sandbox.call_deadline,
+        };
+        let wait = deadline * 2 + Duration::from_secs(1);
         let (reply, rx) = oneshot::channel();
         let sent = self.tx.send(Call { op, reply }).is_ok();
         async move {
             if !sent {
-                return Err(closed());
+                return Err(fault(
+                    FaultKind::Closed,
+                    "the storage thread is gone".into(),
+                ));
             }
-            rx.await.map_err(|_| closed())?
+            match tokio::time::timeout(wait, rx).await {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(_)) => Err(fault(
+                    FaultKind::Closed,
+                    "the storage thread is gone".into(),
+                )),
+                Err(_) => Err(fault(
+                    FaultKind::Deadline,
+                    format!("no answer within {wait:?}: the storage thread is stuck"),
+                )),
+            }
         }
     }
 }

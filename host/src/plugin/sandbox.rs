@@ -78,6 +78,12 @@ impl PluginState {
         // Plugin calls are short and owned by one task: doing file I/O on
         // that task avoids a thread hop per call (each costs ~10-30 us).
         b.allow_blocking_current_thread(true);
+        // No network: these are wasmtime-wasi's defaults, stated here so a
+        // change of defaults cannot open it. Backends that need an endpoint
+        // (etcd, S3) get an allow-list with their own issue.
+        b.allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
         if let Some(dir) = data_dir {
             b.preopened_dir(dir, "/data", FsPerms::ReadWrite)?;
         }

@@ -15,6 +15,9 @@ pub enum FaultKind {
     Violation,
     /// The component could not be instantiated or its log opened.
     Instantiate,
+    /// A truncation or prefix delete failed midway (e.g. an I/O error):
+    /// the host can no longer know the log's state.
+    FailedMutation,
     /// An earlier fault has not been recovered from yet.
     NeedsRecovery,
     /// The task that owns the instance is gone.

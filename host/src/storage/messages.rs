@@ -130,12 +130,11 @@ impl<L: PartitionLog> StorageWriter for MessageLog<L> {
         if let Some((i, m)) = messages
             .iter()
             .enumerate()
-            .find(|(i, m)| m.offset != first.offset + *i as u64)
+            .find(|(i, m)| first.offset.checked_add(*i as u64) != Some(m.offset))
         {
             return Err(StorageError::InvalidInput(format!(
-                "message {i} has offset {}, expected {}",
-                m.offset,
-                first.offset + i as u64
+                "message {i} has offset {}, expected {} + {i}",
+                m.offset, first.offset
             )));
         }
         let records: Vec<Record> = messages

@@ -38,9 +38,13 @@ impl Config {
                 }
                 "fsync" => mode = v.clone(),
                 "fsync.interval.ms" => {
-                    interval_ms = v.parse().map_err(|_| {
-                        format!("fsync.interval.ms = `{v}`: want milliseconds as a whole number")
-                    })?;
+                    interval_ms = v.parse().ok().filter(|ms| *ms <= 86_400_000).ok_or_else(
+                        || {
+                            format!(
+                                "fsync.interval.ms = `{v}`: want milliseconds from 0 to 86400000"
+                            )
+                        },
+                    )?;
                 }
                 _ => return Err(format!("unknown setting `{k}`; storage-file takes {KEYS}")),
             }

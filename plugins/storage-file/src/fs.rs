@@ -127,10 +127,15 @@ pub fn write_atomic(dir: &Descriptor, name: &str, bytes: &[u8]) -> FsResult<()> 
     drop(file);
     dir.rename_at(&tmp, dir, name)
         .map_err(|e| err("rename", &tmp, e))?;
-    // Directory sync is not supported everywhere; the rename itself is
-    // atomic, only its durability depends on this.
-    let _ = dir.sync();
+    sync_dir(dir);
     Ok(())
+}
+
+/// Make creations, renames and removals in `dir` durable. Not supported
+/// everywhere; each change is atomic anyway, only its durability
+/// depends on this, so a refusal is ignored.
+pub fn sync_dir(dir: &Descriptor) {
+    let _ = dir.sync();
 }
 
 /// The whole content of a small file, or `None` if it does not exist.

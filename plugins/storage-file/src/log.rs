@@ -50,6 +50,12 @@ struct Loc {
     pos: u64,
 }
 
+enum IndexFile {
+    Missing,
+    Damaged,
+    Valid(Vec<Entry<Loc>>),
+}
+
 struct Segment {
     base: u64,
     name: String,
@@ -73,6 +79,8 @@ pub struct FileLog {
     epochs: Vec<(u32, u64)>,
     last_sync_ns: u64,
     unsynced: bool,
+    /// Closed segments not yet synced and indexed (`fsync = never`).
+    unindexed: Vec<u64>,
     /// What recovery did, for the host's log.
     pub recovery_notes: Vec<String>,
 }
@@ -93,14 +101,15 @@ impl FileLog {
     pub fn open(config: Config) -> Result<FileLog, Error> {
         let dir = fs::data_dir()?;
         let mut bases = Vec::new();
+        let mut stray = Vec::new();
         for name in fs::list(&dir)? {
             if name.ends_with(".tmp") {
                 fs::remove(&dir, &name)?;
             } else if let Some(b) = name.strip_suffix(".log") {
-                let base = b
-                    .parse::<u64>()
-                    .map_err(|_| Error::Corrupt(format!("unexpected file `{name}`")))?;
-                bases.push(base);
+                match b.parse::<u64>() {
+                    Ok(base) if b.len() == 20 => bases.push(base),
+                    _ => stray.push(name),
+                }
             }
         }
         bases.sort_unstable();
@@ -117,9 +126,24 @@ impl FileLog {
             epochs: Vec::new(),
             last_sync_ns: now_ns(),
             unsynced: false,
+            unindexed: Vec::new(),
             recovery_notes: Vec::new(),
         };
+        for name in stray {
+            log.recovery_notes
+                .push(format!("ignoring `{name}`: not a segment name"));
+        }
         log.recover_segments(&bases)?;
+        if let Some(start) = start_ckpt.filter(|&s| s > log.index.log_end()) {
+            // A reset past the end (delete-prefix) was checkpointed but the
+            // crash came before the old segments were gone: finish it.
+            log.recovery_notes
+                .push(format!("completing an interrupted reset to offset {start}"));
+            let all: Vec<u64> = log.segments.iter().map(|s| s.base).collect();
+            log.segments.clear();
+            log.drop_files(&all)?;
+            log.index = OffsetIndex::empty_at(start);
+        }
         if log.segments.is_empty() {
             let at = start_ckpt.unwrap_or(0).max(log.index.log_end());
             log.index = OffsetIndex::empty_at(at);
@@ -146,26 +170,42 @@ impl FileLog {
         for (i, &base) in bases.iter().enumerate() {
             let name = seg_name(base);
             if base != self.index.log_end() {
-                self.recovery_notes.push(format!(
-                    "segment {name} starts at {base} but the log ends at {}: it and later segments are dropped",
+                // Only corruption produces a gap (truncation removes later
+                // segments last-first). Refuse rather than drop data.
+                return Err(Error::Corrupt(format!(
+                    "segment {name} starts at {base} but the segments before it end at {}; \
+                     move the partition directory aside to let replication rebuild it",
                     self.index.log_end()
-                ));
-                self.drop_files(&bases[i..])?;
-                return Ok(());
+                )));
             }
             let file = fs::open(&self.dir, &name, false, false)?;
             let size = fs::size(&file, &name)?;
             let active = i + 1 == bases.len();
-            let indexed = if active {
+            // An index is written only after its segment was synced, so a
+            // segment with one (even a damaged one) held durable data.
+            let (indexed, durable) = if active {
                 fs::remove(&self.dir, &index_name(base))?;
-                None
+                (None, false)
             } else {
-                self.load_index(base, size)?
+                match self.load_index(base, size)? {
+                    IndexFile::Valid(entries) => (Some(entries), true),
+                    IndexFile::Damaged => (None, true),
+                    IndexFile::Missing => (None, false),
+                }
             };
+            let indexed_missing = indexed.is_none();
             let (entries, valid) = match indexed {
                 Some(entries) => (entries, size),
                 None => scan(&file, &name, base, size)?,
             };
+            if valid < size && durable {
+                // Damage in data that was on disk: corruption, not a torn
+                // write. Cutting would drop every later segment; refuse.
+                return Err(Error::Corrupt(format!(
+                    "closed segment {name} is damaged at byte {valid} of {size}; \
+                     move the partition directory aside to let replication rebuild it"
+                )));
+            }
             for e in entries {
                 self.index.push(e);
             }
@@ -175,7 +215,13 @@ impl FileLog {
                 file,
                 size: valid,
             });
+            if !active && indexed_missing {
+                // Index it at the next flush, once its data is synced.
+                self.unindexed.push(base);
+            }
             if valid < size {
+                // A write that never reached the disk (torn tail, or a
+                // segment closed without a sync under `fsync = never`).
                 self.recovery_notes.push(format!(
                     "cut {} torn or corrupt bytes from {name} at position {valid}",
                     size - valid
@@ -185,10 +231,9 @@ impl FileLog {
                     .set_size(valid)
                     .map_err(|e| fs::err("truncate", &name, e))?;
                 fs::sync(&seg.file, &name)?;
-                fs::remove(&self.dir, &index_name(base))?;
                 if !active {
                     self.recovery_notes.push(format!(
-                        "{} later segment(s) dropped after the cut",
+                        "{} later segment(s) dropped: they follow the cut",
                         bases.len() - i - 1
                     ));
                     self.drop_files(&bases[i + 1..])?;
@@ -199,19 +244,24 @@ impl FileLog {
         Ok(())
     }
 
+    /// Remove segments (and their indexes), highest offset first, so a
+    /// crash midway leaves a contiguous log; then sync the directory.
     fn drop_files(&self, bases: &[u64]) -> FsResult<()> {
-        for &b in bases {
+        let mut sorted = bases.to_vec();
+        sorted.sort_unstable();
+        for &b in sorted.iter().rev() {
             fs::remove(&self.dir, &index_name(b))?;
             fs::remove(&self.dir, &seg_name(b))?;
         }
+        fs::sync_dir(&self.dir);
         Ok(())
     }
 
     /// The stored index of a closed segment, if intact and consistent.
-    fn load_index(&mut self, base: u64, size: u64) -> FsResult<Option<Vec<Entry<Loc>>>> {
+    fn load_index(&mut self, base: u64, size: u64) -> FsResult<IndexFile> {
         let name = index_name(base);
         let Some(bytes) = fs::read_small(&self.dir, &name)? else {
-            return Ok(None);
+            return Ok(IndexFile::Missing);
         };
         let crc_at = bytes.len().saturating_sub(4);
         let ok = bytes.len() >= 8
@@ -222,7 +272,7 @@ impl FileLog {
             self.recovery_notes.push(format!(
                 "index {name} is damaged: rebuilding from the segment"
             ));
-            return Ok(None);
+            return Ok(IndexFile::Damaged);
         }
         let mut entries = Vec::new();
         let (mut next_base, mut next_pos) = (base, 0u64);
@@ -240,7 +290,7 @@ impl FileLog {
             if e.base != next_base || e.next <= e.base || e.loc.pos != next_pos {
                 self.recovery_notes
                     .push(format!("index {name} is inconsistent: rebuilding"));
-                return Ok(None);
+                return Ok(IndexFile::Damaged);
             }
             next_base = e.next;
             next_pos = e.loc.pos + u64::from(e.len);
@@ -250,9 +300,9 @@ impl FileLog {
             self.recovery_notes.push(format!(
                 "index {name} covers {next_pos} bytes of {size}: rebuilding"
             ));
-            return Ok(None);
+            return Ok(IndexFile::Damaged);
         }
-        Ok(Some(entries))
+        Ok(IndexFile::Valid(entries))
     }
 
     fn write_index(&self, seg: &Segment) -> FsResult<()> {
@@ -310,12 +360,26 @@ impl FileLog {
             let a = self.active()?;
             (a.base, a.size)
         };
-        let write = {
-            let a = self.active()?;
-            fs::write_all_at(&a.file, &a.name, start, bytes)
+        let now = now_ns();
+        let sync_now = match self.config.fsync {
+            Fsync::Always => true,
+            Fsync::IntervalMs(ms) => {
+                now.saturating_sub(self.last_sync_ns) >= ms.saturating_mul(1_000_000)
+            }
+            Fsync::Never => false,
         };
-        if let Err(e) = write {
-            // Leave no partial batch behind: the next append reuses `start`.
+        let written = {
+            let a = self.active()?;
+            fs::write_all_at(&a.file, &a.name, start, bytes).and_then(|()| {
+                if sync_now {
+                    fs::sync(&a.file, &a.name)
+                } else {
+                    Ok(())
+                }
+            })
+        };
+        if let Err(e) = written {
+            // All or nothing: leave no partial or unsynced batch behind.
             if let Ok(a) = self.active() {
                 let _ = a.file.set_size(start);
             }
@@ -337,26 +401,35 @@ impl FileLog {
         if let Some(a) = self.segments.last_mut() {
             a.size = start + bytes.len() as u64;
         }
-        self.unsynced = true;
-        match self.config.fsync {
-            Fsync::Always => self.sync()?,
-            Fsync::IntervalMs(ms)
-                if now_ns().saturating_sub(self.last_sync_ns) >= ms * 1_000_000 =>
-            {
-                self.sync()?
-            }
-            _ => {}
+        if sync_now {
+            self.last_sync_ns = now;
+            self.unsynced = false;
+        } else {
+            self.unsynced = true;
         }
         Ok(self.index.log_end())
     }
 
     fn roll(&mut self) -> Result<(), Error> {
         let a = self.active()?;
-        if self.config.fsync != Fsync::Never {
-            fs::sync(&a.file, &a.name)?;
+        let base = a.base;
+        if self.config.fsync == Fsync::Never {
+            // No sync now; the index waits for the next `flush`. Until then
+            // recovery scans this segment and may cut it like a torn tail.
+            self.unindexed.push(base);
+        } else {
+            self.close_segment(base)?;
         }
-        self.write_index(a)?;
         self.create_segment(self.index.log_end())?;
+        Ok(())
+    }
+
+    /// Sync a closed segment, then write its index: recovery trusts an
+    /// index only because the data was on disk before it.
+    fn close_segment(&self, base: u64) -> Result<(), Error> {
+        let seg = self.segment(base)?;
+        fs::sync(&seg.file, &seg.name)?;
+        self.write_index(seg)?;
         Ok(())
     }
 
@@ -365,6 +438,13 @@ impl FileLog {
             let a = self.active()?;
             fs::sync(&a.file, &a.name)?;
             self.unsynced = false;
+        }
+        let active = self.active()?.base;
+        for base in std::mem::take(&mut self.unindexed) {
+            // Segments truncated away or reopened as active need no index.
+            if base < active && self.segments.iter().any(|s| s.base == base) {
+                self.close_segment(base)?;
+            }
         }
         self.last_sync_ns = now_ns();
         Ok(())
@@ -438,6 +518,7 @@ impl FileLog {
             // A truncation that a crash undid could resurrect divergent
             // batches: make it durable before answering.
             fs::sync(&a.file, &a.name)?;
+            fs::sync_dir(&self.dir);
         }
         let end = self.index.log_end();
         let before = self.epochs.len();
@@ -452,6 +533,9 @@ impl FileLog {
         if offset <= self.index.log_start() {
             return Ok(());
         }
+        // Checkpoint first: a crash before the files are gone then finishes
+        // the job on open instead of handing out old offsets again.
+        fs::write_atomic(&self.dir, START_FILE, format!("{offset}\n").as_bytes())?;
         self.index.delete_prefix(offset);
         if self.index.is_empty() {
             // Nothing left (or a reset past the end): start afresh at `offset`.
@@ -477,7 +561,6 @@ impl FileLog {
             self.drop_files(&gone)?;
         }
         self.index.set_log_start(offset);
-        fs::write_atomic(&self.dir, START_FILE, format!("{offset}\n").as_bytes())?;
         Ok(())
     }
 

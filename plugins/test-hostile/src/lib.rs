@@ -9,7 +9,11 @@
 //! - `lie-append`: acknowledges appends with a wrong log end offset,
 //! - `lie-read`: returns batches whose CRC does not match,
 //! - `lie-bounds`: reports a log start past the log end,
-//! - `accept-gaps`: accepts appends at any base offset.
+//! - `accept-gaps`: accepts appends at any base offset,
+//! - `connect:PORT`: tries a TCP connection to 127.0.0.1:PORT,
+//! - `read-file:PATH`: tries to read a file outside its data directory;
+//!   these two answer `io` with the sandbox's refusal, or `other` if they
+//!   got through.
 //!
 //! `mode = trap-open` traps while opening.
 
@@ -71,6 +75,32 @@ fn misbehave(mode: &str) {
     }
 }
 
+/// Attempt a TCP connection through wasi:sockets; the sandbox should refuse.
+fn try_connect(port: &str) -> PluginError {
+    use wasip2::sockets::network::{IpAddressFamily, IpSocketAddress, Ipv4SocketAddress};
+    let Ok(port) = port.parse::<u16>() else {
+        return PluginError::InvalidInput(format!("bad port {port}"));
+    };
+    let network = wasip2::sockets::instance_network::instance_network();
+    let socket = match wasip2::sockets::tcp_create_socket::create_tcp_socket(IpAddressFamily::Ipv4)
+    {
+        Ok(s) => s,
+        Err(e) => return PluginError::Io(format!("create socket: {e:?}")),
+    };
+    let addr = IpSocketAddress::Ipv4(Ipv4SocketAddress {
+        port,
+        address: (127, 0, 0, 1),
+    });
+    if let Err(e) = socket.start_connect(&network, addr) {
+        return PluginError::Io(format!("connect: {e:?}"));
+    }
+    socket.subscribe().block();
+    match socket.finish_connect() {
+        Ok(_) => PluginError::Other("connected".into()),
+        Err(e) => PluginError::Io(format!("connect: {e:?}")),
+    }
+}
+
 impl GuestPartitionLog for Hostile {
     fn open(
         _topic: String,
@@ -93,6 +123,15 @@ impl GuestPartitionLog for Hostile {
 
     fn append(&self, batch: Vec<u8>) -> Result<u64, PluginError> {
         misbehave(&self.mode);
+        if let Some(port) = self.mode.strip_prefix("connect:") {
+            return Err(try_connect(port));
+        }
+        if let Some(path) = self.mode.strip_prefix("read-file:") {
+            return Err(match std::fs::read(path) {
+                Ok(b) => PluginError::Other(format!("read {} bytes of {path}", b.len())),
+                Err(e) => PluginError::Io(format!("read {path}: {e}")),
+            });
+        }
         let h = BatchHeader::parse(&batch).map_err(|e| PluginError::InvalidInput(e.to_string()))?;
         let mut ix = self.index.borrow_mut();
         if h.base_offset != ix.log_end() && self.mode != "accept-gaps" {

@@ -1,0 +1,171 @@
+//! File-plugin recovery cases that need its on-disk layout: interrupted
+//! operations finish on open, damage it cannot repair is refused loudly
+//! and leaves the files alone, foreign files are ignored.
+
+use std::path::Path;
+
+use bytes::Bytes;
+use replicator::batch::{self, Record};
+use replicator::plugin::{PluginLog, PluginSource, Sandbox, StoragePlugin};
+use replicator::storage::{OffsetBounds, PartitionLog, StorageError};
+
+fn plugin() -> StoragePlugin {
+    StoragePlugin::load(&PluginSource::Builtin("file".into()), Sandbox::default()).expect("load")
+}
+
+async fn open(dir: &Path) -> Result<PluginLog, StorageError> {
+    plugin()
+        .open(
+            "t",
+            0,
+            vec![("segment.bytes".into(), "4096".into())],
+            Some(dir),
+        )
+        .await
+}
+
+async fn fill(log: &PluginLog, batches: u64) {
+    fill_from(log, 0, batches).await;
+}
+
+fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_reset_is_finished_on_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(dir.path()).await.expect("open");
+    fill(&log, 20).await;
+    log.close().await;
+    // delete-prefix(500) checkpoints the new start first; crash before the
+    // old segments were removed.
+    std::fs::write(dir.path().join("log-start"), "500\n").expect("write checkpoint");
+    let log = open(dir.path()).await.expect("reopen");
+    assert_eq!(
+        log.bounds().await,
+        Ok(OffsetBounds {
+            log_start: 500,
+            log_end: 500
+        }),
+        "the old offsets must not be handed out again"
+    );
+    assert_eq!(segments(dir.path()).len(), 1, "old segments removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_in_a_closed_segment_is_refused_not_cut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(dir.path()).await.expect("open");
+    fill(&log, 30).await;
+    log.close().await;
+    let segs = segments(dir.path());
+    assert!(segs.len() >= 3, "small segments roll: {segs:?}");
+    // Flip a byte inside the first (closed, synced, indexed) segment and
+    // damage its index too, so recovery has to scan it.
+    let first = &segs[0];
+    let mut bytes = std::fs::read(first).expect("read");
+    bytes[700] ^= 0xff;
+    std::fs::write(first, &bytes).expect("write");
+    std::fs::write(first.with_extension("index"), b"RIX1 damaged").expect("damage index");
+    let before: Vec<u64> = segs
+        .iter()
+        .map(|p| std::fs::metadata(p).expect("meta").len())
+        .collect();
+
+    match open(dir.path()).await {
+        Err(StorageError::Corrupt(m)) => assert!(m.contains("damaged"), "{m}"),
+        Err(other) => panic!("expected corrupt, got {other}"),
+        Ok(_) => panic!("a damaged closed segment was accepted"),
+    }
+    let after: Vec<u64> = segments(dir.path())
+        .iter()
+        .map(|p| std::fs::metadata(p).expect("meta").len())
+        .collect();
+    assert_eq!(before, after, "refusing must not delete or cut anything");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_files_are_ignored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(dir.path()).await.expect("open");
+    fill(&log, 3).await;
+    log.close().await;
+    std::fs::write(dir.path().join("notes.log"), "operator notes").expect("write");
+    let log = open(dir.path()).await.expect("reopen with a foreign file");
+    assert_eq!(log.bounds().await.map(|b| b.log_end), Ok(3));
+    assert!(dir.path().join("notes.log").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsynced_closed_segment_is_cut_like_a_torn_tail() {
+    // With fsync = never a rolled segment is synced and indexed only at the
+    // next flush; a power loss before it can tear it. Recovery cuts there.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = vec![
+        ("segment.bytes".into(), "4096".into()),
+        ("fsync".into(), "never".into()),
+    ];
+    let log = plugin()
+        .open("t", 0, config.clone(), Some(dir.path()))
+        .await
+        .expect("open");
+    fill(&log, 30).await;
+    log.close().await;
+    let segs = segments(dir.path());
+    assert!(segs.len() >= 3, "small segments roll: {segs:?}");
+    assert!(
+        !segs[0].with_extension("index").exists(),
+        "no index before a flush"
+    );
+    let second = &segs[1];
+    let len = std::fs::metadata(second).expect("meta").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(second)
+        .expect("open")
+        .set_len(len - 100)
+        .expect("tear");
+    let first_len = std::fs::metadata(&segs[0]).expect("meta").len();
+    let per_batch = first_len / 7; // 500-byte records: 7 batches per 4 KiB segment
+    let log = plugin()
+        .open("t", 0, config.clone(), Some(dir.path()))
+        .await
+        .expect("reopen");
+    let b = log.bounds().await.expect("bounds");
+    assert_eq!(
+        segments(dir.path()).len(),
+        2,
+        "segments after the cut are dropped"
+    );
+    assert!(
+        b.log_end < 14 && b.log_end > 7,
+        "cut inside the second segment: {b:?} ({per_batch} B/batch)"
+    );
+    // After a flush the closed segments get their index.
+    fill_from(&log, b.log_end, 20).await;
+    log.flush().await.expect("flush");
+    assert!(
+        segments(dir.path())[0].with_extension("index").exists(),
+        "flush indexes closed segments"
+    );
+}
+
+async fn fill_from(log: &PluginLog, from: u64, batches: u64) {
+    for i in from..from + batches {
+        let r = Record {
+            value: Bytes::from(vec![i as u8; 500]),
+            ..Default::default()
+        };
+        log.append(batch::encode(i, 1, &[r]).expect("encode"))
+            .await
+            .expect("append");
+    }
+}
