@@ -86,10 +86,12 @@ fn check_target_installed() {
         .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
     let installed = libdir.as_deref().is_some_and(has_std);
     if !installed {
-        panic!(
+        // Exit rather than panic: one message, no backtrace.
+        eprintln!(
             "\n\nThe Rust target `{TARGET}` is not installed; Replicator's storage plugins are built for it.\n\
-             Fix: `rustup target add {TARGET}` (or run ./scripts/setup), then build again.\n\n"
+             Fix: `rustup target add {TARGET}` (or run ./scripts/setup), then build again.\n"
         );
+        std::process::exit(1);
     }
 }
 

@@ -1,8 +1,9 @@
 //! The wasm plugin host: loads storage backends as sandboxed components
 //! and serves each partition's log from its own instance.
 //!
-//! One `Store` per partition, owned by one tokio task ([`PluginLog`]); every
-//! store runs under the [`Sandbox`] limits. A trap, blown deadline or
+//! One `Store` per partition, owned by one task on the partition's own
+//! storage thread ([`PluginLog`]); every store runs under the [`Sandbox`]
+//! limits. A trap, blown deadline or
 //! contract violation drops the instance: the partition answers
 //! [`StorageError::Fault`](crate::storage::StorageError::Fault) until
 //! `recover()` re-instantiates it and re-reads its state. Other partitions
