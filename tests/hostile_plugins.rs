@@ -26,6 +26,13 @@ fn one(base: u64) -> bytes::Bytes {
     batch::encode(base, 1, &[r]).expect("encode")
 }
 
+fn assert_fault(err: &StorageError, kind: FaultKind) {
+    match err {
+        StorageError::Fault { kind: k, .. } => assert_eq!(*k, kind, "{err}"),
+        other => panic!("expected a {kind:?} fault, got {other}"),
+    }
+}
+
 async fn open(mode: &str) -> (StoragePlugin, PluginLog) {
     let runtime = PluginRuntime::global().expect("runtime");
     let plugin = StoragePlugin::from_bytes(runtime, "hostile", HOSTILE, sandbox()).expect("load");
@@ -110,16 +117,7 @@ async fn wrong_log_end_on_append_is_a_violation() {
 async fn accepting_a_gap_is_a_violation() {
     let (_plugin, log) = open("accept-gaps").await;
     let err = log.append(one(5)).await.expect_err("gap accepted");
-    assert!(
-        matches!(
-            err,
-            StorageError::Fault {
-                kind: FaultKind::Violation,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_fault(&err, FaultKind::Violation);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,16 +125,7 @@ async fn corrupt_read_is_a_violation() {
     let (_plugin, log) = open("lie-read").await;
     log.append(one(0)).await.expect("append works");
     let err = log.read(0, 1 << 20).await.expect_err("bad CRC accepted");
-    assert!(
-        matches!(
-            err,
-            StorageError::Fault {
-                kind: FaultKind::Violation,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_fault(&err, FaultKind::Violation);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,16 +137,7 @@ async fn inconsistent_bounds_are_a_violation() {
         .await
         .err()
         .expect("open with start > end must fail");
-    assert!(
-        matches!(
-            err,
-            StorageError::Fault {
-                kind: FaultKind::Violation,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_fault(&err, FaultKind::Violation);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,16 +240,7 @@ async fn a_host_call_blocked_in_the_kernel_is_contained() {
         .append(one(0))
         .await
         .expect_err("the read cannot finish");
-    assert!(
-        matches!(
-            err,
-            StorageError::Fault {
-                kind: FaultKind::Deadline,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_fault(&err, FaultKind::Deadline);
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "took {:?}",

@@ -50,14 +50,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     if args.messages == 0 || args.batch == 0 {
         bail!("--messages and --batch must be at least 1");
     }
-    let tmp;
-    let dir = match &args.dir {
-        Some(d) => d.clone(),
-        None => {
-            tmp = tempfile::tempdir().context("creating a temporary directory")?;
-            tmp.path().to_path_buf()
-        }
-    };
+    let (dir, _guard) = super::work_dir(&args.dir)?;
     let part_dir = dir.join("demo-0");
     let plugin = StoragePlugin::load(&args.storage, Sandbox::default())
         .with_context(|| format!("loading storage plugin `{}`", args.storage))?;

@@ -71,3 +71,18 @@ pub(crate) fn parse_kv(s: &str) -> Result<(String, String), String> {
         _ => Err(format!("`{s}` is not key=value")),
     }
 }
+
+/// `dir` if given, else a fresh temporary directory that lives as long as
+/// the returned guard.
+pub(crate) fn work_dir(
+    dir: &Option<std::path::PathBuf>,
+) -> anyhow::Result<(std::path::PathBuf, Option<tempfile::TempDir>)> {
+    use anyhow::Context;
+    match dir {
+        Some(d) => Ok((d.clone(), None)),
+        None => {
+            let tmp = tempfile::tempdir().context("creating a temporary directory")?;
+            Ok((tmp.path().to_path_buf(), Some(tmp)))
+        }
+    }
+}

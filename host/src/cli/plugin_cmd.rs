@@ -59,14 +59,7 @@ pub async fn run(cmd: PluginCommand) -> anyhow::Result<ExitCode> {
 async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let plugin = StoragePlugin::load(&args.plugin, Sandbox::default())
         .with_context(|| format!("loading plugin `{}`", args.plugin))?;
-    let tmp;
-    let scratch = match &args.dir {
-        Some(d) => d.clone(),
-        None => {
-            tmp = tempfile::tempdir().context("creating a scratch directory")?;
-            tmp.path().to_path_buf()
-        }
-    };
+    let (scratch, _guard) = super::work_dir(&args.dir)?;
     let options = Options {
         proptest_cases: args.cases,
         filter: args.filter,
