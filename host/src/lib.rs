@@ -9,5 +9,6 @@
 
 pub mod batch;
 pub mod conformance;
+pub mod core;
 pub mod plugin;
 pub mod storage;

@@ -1,0 +1,106 @@
+//! Replication settings: the reference API's `Config` with Kafka's
+//! defaults, plus `min_insync_replicas` and unclean election.
+
+use std::time::Duration;
+
+/// Replication settings for one broker. `Default` gives Kafka's defaults.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// A follower fetch waits until this many bytes are available...
+    pub fetch_min_bytes: u32,
+    /// ...or this long (long poll).
+    pub fetch_max_wait_ms: u64,
+    /// Most bytes one fetch response carries (at least one batch is sent).
+    pub fetch_max_bytes: u32,
+    /// Pause between a follower's fetches when the previous one returned
+    /// data immediately; 0 fetches again at once.
+    pub fetcher_interval_ms: u64,
+    /// Optional message-count lag rule for ISR shrink. Off by default, as in
+    /// Kafka since 0.9 (KIP-16): bursts shrank the ISR needlessly, and a
+    /// dead replica of a quiet partition went unseen.
+    pub replica_lag_max_messages: Option<u64>,
+    /// A follower that has not caught up to the leader's log end for this
+    /// long leaves the ISR.
+    pub replica_lag_time_max_ms: u64,
+    /// How often the high watermark is persisted (a recovery hint only).
+    pub high_watermark_checkpoint_interval_ms: u64,
+    /// Fetch connections per leader a follower broker uses.
+    pub num_fetcher_threads: u32,
+    /// Fetches a follower keeps in flight to one leader.
+    pub max_inflight_fetches: u32,
+    /// Pause after a failed fetch.
+    pub fetch_backoff_ms: u64,
+    /// An acks=all produce is refused while the ISR is smaller than this.
+    pub min_insync_replicas: u32,
+    /// Allow electing a replica outside the ISR (may lose committed data).
+    pub unclean_leader_election: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            fetch_min_bytes: 1,
+            fetch_max_wait_ms: 500,
+            fetch_max_bytes: 1024 * 1024,
+            fetcher_interval_ms: 0,
+            replica_lag_max_messages: None,
+            replica_lag_time_max_ms: 30_000,
+            high_watermark_checkpoint_interval_ms: 5_000,
+            num_fetcher_threads: 1,
+            max_inflight_fetches: 1,
+            fetch_backoff_ms: 1_000,
+            min_insync_replicas: 1,
+            unclean_leader_election: false,
+        }
+    }
+}
+
+/// A setting out of range, with the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid replication setting `{field}`: {why}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub why: String,
+}
+
+impl Config {
+    /// Check relations between settings that types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, why: &str| {
+            Err(ConfigError {
+                field,
+                why: why.to_string(),
+            })
+        };
+        if self.fetch_max_bytes == 0 {
+            return bad("fetch_max_bytes", "must be at least 1");
+        }
+        if self.fetch_min_bytes > self.fetch_max_bytes {
+            return bad("fetch_min_bytes", "must not exceed fetch_max_bytes");
+        }
+        if self.min_insync_replicas == 0 {
+            return bad("min_insync_replicas", "must be at least 1");
+        }
+        if self.replica_lag_time_max_ms == 0 {
+            return bad("replica_lag_time_max_ms", "must be positive");
+        }
+        if self.num_fetcher_threads == 0 || self.max_inflight_fetches == 0 {
+            return bad(
+                "num_fetcher_threads",
+                "fetcher threads and in-flight fetches must be at least 1",
+            );
+        }
+        if self.fetch_max_wait_ms >= self.replica_lag_time_max_ms {
+            return bad(
+                "fetch_max_wait_ms",
+                "must be below replica_lag_time_max_ms, or idle followers would drop out of the ISR",
+            );
+        }
+        Ok(())
+    }
+
+    pub fn fetch_max_wait(&self) -> Duration {
+        Duration::from_millis(self.fetch_max_wait_ms)
+    }
+}

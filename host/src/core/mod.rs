@@ -1,0 +1,17 @@
+//! The replication core, sans-IO: state machines that take events and a
+//! clock value and return actions (see [`ReplicationManager`]). Drivers
+//! (the node runtime, the deterministic simulation) carry the actions
+//! out. Nothing here does I/O or knows about tokio, quinn or wasmtime.
+
+pub mod config;
+pub mod epoch_cache;
+pub mod replica;
+pub mod types;
+
+pub use config::{Config, ConfigError};
+pub use epoch_cache::EpochCache;
+pub use replica::{Faults, ReplicaCounters, ReplicationManager, Role};
+pub use types::{
+    Acks, Action, DivergingEpoch, ErrorCode, FetchRequest, FetchResponse, ProduceId, ReadSpec,
+    ReplicaId,
+};

@@ -1,0 +1,926 @@
+//! [`ReplicationManager`]: the state machine of one partition replica,
+//! leader or follower. Sans-IO: every method takes the current time in
+//! milliseconds and queues [`Action`]s that [`ReplicationManager::drain`]
+//! hands to the driver; the driver reports storage and metadata results
+//! back through `log_appended`, `log_truncated`, `log_reset` and
+//! `isr_update_done`. No tokio, no quinn, no wasmtime.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use bytes::Bytes;
+
+use super::config::Config;
+use super::epoch_cache::EpochCache;
+use super::types::{
+    Acks, Action, DivergingEpoch, ErrorCode, FetchRequest, FetchResponse, ProduceId, ReadSpec,
+    ReplicaId,
+};
+use crate::batch::{self, Record};
+use crate::storage::LogState;
+
+/// Test-only switches that bring back the reference package's bugs, so the
+/// simulation's checker can be shown to catch each one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// A new leader truncates its log to its high watermark.
+    pub leader_truncates_to_hw: bool,
+    /// The HW advances to the leader's LEO even with an empty ISR / below
+    /// min.insync.
+    pub hw_ignores_isr: bool,
+    /// A follower truncates to its HW instead of asking by epoch.
+    pub follower_truncates_to_hw: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Idle,
+    Leader,
+    Follower,
+}
+
+/// What the leader knows of one follower.
+#[derive(Debug, Clone, Default)]
+struct Progress {
+    leo: Option<u64>,
+    last_caught_up_ms: u64,
+    last_fetch_ms: u64,
+    leader_leo_at_last_fetch: u64,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    id: ProduceId,
+    base: u64,
+    end: u64,
+    acks: Acks,
+}
+
+#[derive(Debug)]
+struct Parked {
+    from: ReplicaId,
+    request: FetchRequest,
+    deadline_ms: u64,
+}
+
+#[derive(Debug)]
+struct Leader {
+    epoch: u32,
+    replicas: Vec<ReplicaId>,
+    isr: BTreeSet<ReplicaId>,
+    /// An ISR change sent to the metadata store and not yet answered.
+    pending_isr: Option<BTreeSet<ReplicaId>>,
+    version: u64,
+    /// The log end when this epoch began.
+    epoch_start: u64,
+    progress: BTreeMap<ReplicaId, Progress>,
+    waiters: Vec<Waiter>,
+    parked: Vec<Parked>,
+    /// The metadata store refused an ISR change: another controller view
+    /// won. Stop acknowledging until new metadata arrives.
+    fenced: bool,
+    /// (next offset, cumulative bytes) of batches appended in this epoch,
+    /// for fetch min-bytes.
+    sizes: VecDeque<(u64, u64)>,
+    bytes_appended: u64,
+}
+
+#[derive(Debug)]
+struct Follower {
+    leader: ReplicaId,
+    epoch: u32,
+    inflight: Option<u64>,
+    next_fetch_ms: u64,
+    leader_hw: u64,
+}
+
+/// Per-replica counters, read by the metrics collector.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicaCounters {
+    pub fetch_requests: u64,
+    pub fetch_errors: u64,
+    pub fetch_bytes: u64,
+    pub isr_shrinks: u64,
+    pub isr_expands: u64,
+    pub truncations: u64,
+}
+
+/// The state machine of one partition replica (the reference API's
+/// `ReplicationManager`, with `LeaderReplicator` and `FollowerReplicator`
+/// as its two roles).
+#[derive(Debug)]
+pub struct ReplicationManager {
+    config: Config,
+    id: ReplicaId,
+    log_start: u64,
+    /// Offset after the last batch the storage confirmed.
+    leo: u64,
+    /// Offset after the last batch handed to the storage.
+    assigned: u64,
+    /// Storage operations handed out and not yet confirmed.
+    storage_inflight: u32,
+    hw: u64,
+    epochs: EpochCache,
+    leader: Option<Leader>,
+    follower: Option<Follower>,
+    outbox: Vec<Action>,
+    next_correlation: u64,
+    last_hw_checkpoint_ms: u64,
+    counters: ReplicaCounters,
+    faults: Faults,
+}
+
+impl ReplicationManager {
+    /// A replica of a partition whose log holds `state` (as read from
+    /// storage on open or recovery).
+    pub fn new(config: Config, id: ReplicaId, state: &LogState) -> Self {
+        ReplicationManager {
+            config,
+            id,
+            log_start: state.bounds.log_start,
+            leo: state.bounds.log_end,
+            assigned: state.bounds.log_end,
+            storage_inflight: 0,
+            hw: state.high_watermark.min(state.bounds.log_end),
+            epochs: EpochCache::from_entries(state.leader_epochs.clone()),
+            leader: None,
+            follower: None,
+            outbox: Vec::new(),
+            next_correlation: 0,
+            last_hw_checkpoint_ms: 0,
+            counters: ReplicaCounters::default(),
+            faults: Faults::default(),
+        }
+    }
+
+    /// Bring back reference-package bugs (negative controls for tests).
+    #[doc(hidden)]
+    pub fn set_faults(&mut self, faults: Faults) {
+        self.faults = faults;
+    }
+
+    /// The actions queued since the last call.
+    pub fn drain(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    pub fn id(&self) -> ReplicaId {
+        self.id
+    }
+    pub fn role(&self) -> Role {
+        match (&self.leader, &self.follower) {
+            (Some(_), _) => Role::Leader,
+            (_, Some(_)) => Role::Follower,
+            _ => Role::Idle,
+        }
+    }
+    pub fn is_leader(&self) -> bool {
+        self.leader.as_ref().is_some_and(|l| !l.fenced)
+    }
+    pub fn leader_epoch(&self) -> Option<u32> {
+        self.leader
+            .as_ref()
+            .map(|l| l.epoch)
+            .or(self.follower.as_ref().map(|f| f.epoch))
+    }
+    pub fn high_watermark(&self) -> u64 {
+        self.hw
+    }
+    pub fn log_end_offset(&self) -> u64 {
+        self.leo
+    }
+    pub fn log_start_offset(&self) -> u64 {
+        self.log_start
+    }
+    pub fn epochs(&self) -> &EpochCache {
+        &self.epochs
+    }
+    /// The ISR the leader counts (committed, not pending), sorted.
+    pub fn isr(&self) -> Vec<ReplicaId> {
+        self.leader
+            .as_ref()
+            .map(|l| l.isr.iter().copied().collect())
+            .unwrap_or_default()
+    }
+    /// The replication factor's replicas, if leader.
+    pub fn replicas(&self) -> Vec<ReplicaId> {
+        self.leader
+            .as_ref()
+            .map(|l| l.replicas.clone())
+            .unwrap_or_default()
+    }
+    /// Under-replicated: the ISR is smaller than the replica set.
+    pub fn is_under_replicated(&self) -> bool {
+        self.leader
+            .as_ref()
+            .is_some_and(|l| l.isr.len() < l.replicas.len())
+    }
+    /// Each follower's LEO as the leader last heard it.
+    pub fn follower_log_ends(&self) -> Vec<(ReplicaId, Option<u64>)> {
+        self.leader
+            .as_ref()
+            .map(|l| l.progress.iter().map(|(id, p)| (*id, p.leo)).collect())
+            .unwrap_or_default()
+    }
+    pub fn counters(&self) -> &ReplicaCounters {
+        &self.counters
+    }
+
+    // ---- role changes -------------------------------------------------
+
+    /// Become leader of `epoch` with `replicas` and the ISR the metadata
+    /// store holds at `version`. The log is kept as it is (a new leader
+    /// never truncates); the epoch starts at the log end.
+    pub fn become_leader(
+        &mut self,
+        epoch: u32,
+        replicas: Vec<ReplicaId>,
+        isr: Vec<ReplicaId>,
+        version: u64,
+        now: u64,
+    ) {
+        self.step_down(ErrorCode::NotLeader);
+        if self.faults.leader_truncates_to_hw && self.hw < self.assigned {
+            // Reference bug: "reconcile" by cutting everything above the HW.
+            self.outbox.push(Action::Truncate { offset: self.hw });
+            self.storage_inflight += 1;
+            self.assigned = self.hw;
+        }
+        let start = self.assigned;
+        if self.epochs.assign(epoch, start) {
+            self.outbox
+                .push(Action::PersistEpochs(self.epochs.entries().to_vec()));
+        }
+        let progress = replicas
+            .iter()
+            .filter(|r| **r != self.id)
+            .map(|r| {
+                (
+                    *r,
+                    Progress {
+                        last_caught_up_ms: now,
+                        ..Progress::default()
+                    },
+                )
+            })
+            .collect();
+        self.leader = Some(Leader {
+            epoch,
+            replicas,
+            isr: isr.into_iter().collect(),
+            pending_isr: None,
+            version,
+            epoch_start: start,
+            progress,
+            waiters: Vec::new(),
+            parked: Vec::new(),
+            fenced: false,
+            sizes: VecDeque::new(),
+            bytes_appended: 0,
+        });
+        self.maybe_advance_hw();
+    }
+
+    /// Follow `leader` in `epoch`. Nothing is truncated here: the first
+    /// fetch carries the last fetched epoch and the leader says where the
+    /// logs diverge.
+    pub fn become_follower(&mut self, leader: ReplicaId, epoch: u32, now: u64) {
+        self.step_down(ErrorCode::NotLeader);
+        self.follower = Some(Follower {
+            leader,
+            epoch,
+            inflight: None,
+            next_fetch_ms: now,
+            leader_hw: 0,
+        });
+        if self.faults.follower_truncates_to_hw && self.hw < self.assigned {
+            // Reference bug (pre-KIP-101): cut to the HW on every leader change.
+            self.truncate_log(self.hw);
+        }
+        self.maybe_fetch(now);
+    }
+
+    /// Stop serving: fail waiting producers and parked fetches.
+    fn step_down(&mut self, why: ErrorCode) {
+        if let Some(l) = self.leader.take() {
+            for w in l.waiters {
+                self.outbox.push(Action::ProduceDone {
+                    id: w.id,
+                    result: Err(why),
+                });
+            }
+            for p in l.parked {
+                self.outbox.push(Action::RespondFetch {
+                    to: p.from,
+                    response: self.error_response(p.request.correlation_id, l.epoch, why),
+                    read: None,
+                });
+            }
+        }
+        self.follower = None;
+    }
+
+    // ---- produce ------------------------------------------------------
+
+    /// Append `records` as one batch of this leader's epoch. Errors come
+    /// back at once; success comes later as [`Action::ProduceDone`].
+    pub fn produce(
+        &mut self,
+        id: ProduceId,
+        records: &[Record],
+        acks: Acks,
+        _now: u64,
+    ) -> Result<(), ErrorCode> {
+        let min_isr = self.config.min_insync_replicas as usize;
+        let Some(l) = self.leader.as_mut() else {
+            return Err(ErrorCode::NotLeader);
+        };
+        if l.fenced {
+            return Err(ErrorCode::NotLeader);
+        }
+        if acks == Acks::All && l.isr.len() < min_isr {
+            return Err(ErrorCode::NotEnoughReplicas);
+        }
+        let base = self.assigned;
+        let bytes = batch::encode(base, l.epoch, records).map_err(|_| ErrorCode::StorageError)?;
+        let end = base + records.len() as u64;
+        l.bytes_appended += bytes.len() as u64;
+        l.sizes.push_back((end, l.bytes_appended));
+        self.assigned = end;
+        self.storage_inflight += 1;
+        self.outbox.push(Action::Append { batches: bytes });
+        match acks {
+            Acks::None => self.outbox.push(Action::ProduceDone {
+                id,
+                result: Ok(base),
+            }),
+            _ => l.waiters.push(Waiter {
+                id,
+                base,
+                end,
+                acks,
+            }),
+        }
+        Ok(())
+    }
+
+    // ---- storage results ----------------------------------------------
+
+    /// The storage appended up to `new_leo`.
+    pub fn log_appended(&mut self, new_leo: u64, now: u64) {
+        self.storage_inflight = self.storage_inflight.saturating_sub(1);
+        self.leo = self.leo.max(new_leo);
+        if self.leader.is_some() {
+            self.complete_leader_acks();
+            self.maybe_advance_hw();
+            self.serve_parked(now, false);
+        } else if let Some(f) = &self.follower {
+            self.hw = f.leader_hw.min(self.leo);
+            self.maybe_fetch(now);
+        }
+    }
+
+    /// The storage truncated; the log now ends at `new_leo`.
+    pub fn log_truncated(&mut self, new_leo: u64, now: u64) {
+        self.storage_inflight = self.storage_inflight.saturating_sub(1);
+        self.leo = new_leo;
+        self.assigned = new_leo;
+        self.hw = self.hw.min(new_leo);
+        if self.epochs.truncate_to(new_leo) {
+            self.outbox
+                .push(Action::PersistEpochs(self.epochs.entries().to_vec()));
+        }
+        self.maybe_fetch(now);
+    }
+
+    /// The storage emptied the log to restart at `offset`.
+    pub fn log_reset(&mut self, offset: u64, now: u64) {
+        self.storage_inflight = self.storage_inflight.saturating_sub(1);
+        self.log_start = offset;
+        self.leo = offset;
+        self.assigned = offset;
+        self.hw = offset;
+        if self.epochs.clear() {
+            self.outbox.push(Action::PersistEpochs(Vec::new()));
+        }
+        self.maybe_fetch(now);
+    }
+
+    fn truncate_log(&mut self, offset: u64) {
+        self.counters.truncations += 1;
+        self.storage_inflight += 1;
+        self.assigned = offset;
+        self.outbox.push(Action::Truncate { offset });
+    }
+
+    // ---- leader: fetch handling ----------------------------------------
+
+    fn error_response(&self, correlation_id: u64, epoch: u32, error: ErrorCode) -> FetchResponse {
+        FetchResponse {
+            correlation_id,
+            leader_epoch: epoch,
+            error: Some(error),
+            high_watermark: self.hw,
+            log_start_offset: self.log_start,
+            log_end_offset: self.leo,
+            diverging_epoch: None,
+            records: Bytes::new(),
+        }
+    }
+
+    /// A follower's fetch arrived.
+    pub fn handle_fetch(&mut self, from: ReplicaId, request: FetchRequest, now: u64) {
+        self.counters.fetch_requests += 1;
+        let reply_error = |me: &mut Self, epoch, e| {
+            me.counters.fetch_errors += 1;
+            let response = me.error_response(request.correlation_id, epoch, e);
+            me.outbox.push(Action::RespondFetch {
+                to: from,
+                response,
+                read: None,
+            });
+        };
+        let Some(l) = self.leader.as_ref() else {
+            let epoch = self.leader_epoch().unwrap_or(0);
+            return reply_error(self, epoch, ErrorCode::NotLeader);
+        };
+        let epoch = l.epoch;
+        if request.current_leader_epoch < epoch {
+            return reply_error(self, epoch, ErrorCode::FencedLeaderEpoch);
+        }
+        if request.current_leader_epoch > epoch {
+            return reply_error(self, epoch, ErrorCode::UnknownLeaderEpoch);
+        }
+        if from != request.replica_id || !l.progress.contains_key(&from) {
+            return reply_error(self, epoch, ErrorCode::UnknownReplica);
+        }
+        // KIP-595: does the follower's last epoch end where it thinks?
+        if let Some(last) = request.last_fetched_epoch {
+            let diverging = match self.epochs.end_offset_for(last, self.leo) {
+                Some((e, end)) if e == last && request.fetch_offset <= end => None,
+                Some((e, end)) => Some(DivergingEpoch {
+                    epoch: e,
+                    end_offset: end,
+                }),
+                // The leader has no epoch this old: diverge from its start.
+                None => Some(DivergingEpoch {
+                    epoch: 0,
+                    end_offset: self.log_start,
+                }),
+            };
+            if let Some(d) = diverging {
+                let mut response =
+                    self.error_response(request.correlation_id, epoch, ErrorCode::NotLeader);
+                response.error = None;
+                response.diverging_epoch = Some(d);
+                self.outbox.push(Action::RespondFetch {
+                    to: from,
+                    response,
+                    read: None,
+                });
+                return;
+            }
+        }
+        if request.fetch_offset < self.log_start || request.fetch_offset > self.leo {
+            return reply_error(self, epoch, ErrorCode::OffsetOutOfRange);
+        }
+        self.update_follower(from, request.fetch_offset, now);
+        self.maybe_expand_isr(from);
+        self.maybe_advance_hw();
+        let available = self.bytes_after(request.fetch_offset);
+        if available < u64::from(request.min_bytes) && request.max_wait_ms > 0 {
+            if let Some(l) = self.leader.as_mut() {
+                l.parked.push(Parked {
+                    from,
+                    deadline_ms: now.saturating_add(request.max_wait_ms),
+                    request,
+                });
+            }
+            return;
+        }
+        self.respond(from, &request);
+    }
+
+    fn respond(&mut self, to: ReplicaId, request: &FetchRequest) {
+        let Some(l) = self.leader.as_ref() else {
+            return;
+        };
+        let read = (request.fetch_offset < self.leo).then_some(ReadSpec {
+            offset: request.fetch_offset,
+            max_bytes: request.max_bytes.min(self.config.fetch_max_bytes),
+            end: self.leo,
+        });
+        let response = FetchResponse {
+            correlation_id: request.correlation_id,
+            leader_epoch: l.epoch,
+            error: None,
+            high_watermark: self.hw,
+            log_start_offset: self.log_start,
+            log_end_offset: self.leo,
+            diverging_epoch: None,
+            records: Bytes::new(),
+        };
+        self.outbox
+            .push(Action::RespondFetch { to, response, read });
+    }
+
+    /// Bytes appended in this epoch after `offset`; data from before this
+    /// epoch counts as plenty.
+    fn bytes_after(&self, offset: u64) -> u64 {
+        let Some(l) = self.leader.as_ref() else {
+            return 0;
+        };
+        if offset >= self.leo {
+            return 0;
+        }
+        if offset < l.epoch_start {
+            return u64::MAX;
+        }
+        let upto = |o: u64| {
+            let i = l.sizes.partition_point(|(next, _)| *next <= o);
+            if i == 0 { 0 } else { l.sizes[i - 1].1 }
+        };
+        upto(self.leo) - upto(offset)
+    }
+
+    /// Answer parked fetches whose data arrived or whose wait ran out.
+    fn serve_parked(&mut self, now: u64, expired_only: bool) {
+        let Some(l) = self.leader.as_mut() else {
+            return;
+        };
+        let parked = std::mem::take(&mut l.parked);
+        let mut keep = Vec::new();
+        for p in parked {
+            let enough = self.bytes_after(p.request.fetch_offset) >= u64::from(p.request.min_bytes);
+            if now >= p.deadline_ms || (!expired_only && enough) {
+                self.respond(p.from, &p.request);
+            } else {
+                keep.push(p);
+            }
+        }
+        if let Some(l) = self.leader.as_mut() {
+            l.parked.extend(keep);
+        }
+    }
+
+    fn update_follower(&mut self, from: ReplicaId, fetch_offset: u64, now: u64) {
+        let leo = self.leo;
+        let Some(l) = self.leader.as_mut() else {
+            return;
+        };
+        let Some(p) = l.progress.get_mut(&from) else {
+            return;
+        };
+        // Kafka's rule: caught up now if it reached our end; caught up at
+        // its previous fetch if it reached what our end was then.
+        if fetch_offset >= leo {
+            p.last_caught_up_ms = now;
+        } else if fetch_offset >= p.leader_leo_at_last_fetch {
+            p.last_caught_up_ms = p.last_caught_up_ms.max(p.last_fetch_ms);
+        }
+        p.leo = Some(fetch_offset);
+        p.last_fetch_ms = now;
+        p.leader_leo_at_last_fetch = leo;
+    }
+
+    // ---- leader: ISR and HW --------------------------------------------
+
+    /// Members counted for the HW: the ISR plus a member being added; a
+    /// member being removed still counts until the removal is accepted.
+    fn maximal_isr(l: &Leader) -> BTreeSet<ReplicaId> {
+        match &l.pending_isr {
+            Some(p) => l.isr.union(p).copied().collect(),
+            None => l.isr.clone(),
+        }
+    }
+
+    fn maybe_expand_isr(&mut self, from: ReplicaId) {
+        let hw = self.hw;
+        let Some(l) = self.leader.as_mut() else {
+            return;
+        };
+        if l.fenced || l.pending_isr.is_some() || l.isr.contains(&from) {
+            return;
+        }
+        let Some(leo) = l.progress.get(&from).and_then(|p| p.leo) else {
+            return;
+        };
+        // Only a follower holding everything committed and everything from
+        // before this epoch may join (scenario 6 of the reference doc).
+        if leo >= hw && leo >= l.epoch_start {
+            let mut isr = l.isr.clone();
+            isr.insert(from);
+            self.propose_isr(isr);
+        }
+    }
+
+    fn propose_isr(&mut self, isr: BTreeSet<ReplicaId>) {
+        let Some(l) = self.leader.as_mut() else {
+            return;
+        };
+        self.outbox.push(Action::UpdateIsr {
+            leader_epoch: l.epoch,
+            isr: isr.iter().copied().collect(),
+            expected_version: l.version,
+        });
+        l.pending_isr = Some(isr);
+    }
+
+    /// The metadata store answered an ISR change: the new version, or a
+    /// refusal (stale epoch or version), which fences this leader.
+    pub fn isr_update_done(&mut self, result: Result<u64, ErrorCode>, now: u64) {
+        let Some(l) = self.leader.as_mut() else {
+            return;
+        };
+        let Some(proposed) = l.pending_isr.take() else {
+            return;
+        };
+        match result {
+            Ok(version) => {
+                if proposed.len() < l.isr.len() {
+                    self.counters.isr_shrinks += 1;
+                } else {
+                    self.counters.isr_expands += 1;
+                }
+                l.isr = proposed;
+                l.version = version;
+                self.complete_leader_acks();
+                self.maybe_advance_hw();
+                self.tick(now);
+            }
+            Err(_) => {
+                // Someone else's view won: stop acknowledging until the new
+                // metadata makes this replica leader again or follower.
+                l.fenced = true;
+            }
+        }
+    }
+
+    /// The metadata store changed the ISR itself (e.g. it fenced a dead
+    /// broker) while this replica leads `epoch`: adopt it. This also lifts
+    /// the fence of a refused ISR change, since the view is now current.
+    pub fn metadata_isr_changed(
+        &mut self,
+        epoch: u32,
+        isr: Vec<ReplicaId>,
+        version: u64,
+        now: u64,
+    ) {
+        let Some(l) = self.leader.as_mut() else {
+            return;
+        };
+        if l.epoch != epoch || version <= l.version {
+            return;
+        }
+        let isr: BTreeSet<ReplicaId> = isr.into_iter().collect();
+        if isr.len() < l.isr.len() {
+            self.counters.isr_shrinks += 1;
+        }
+        l.isr = isr;
+        l.version = version;
+        l.pending_isr = None;
+        l.fenced = false;
+        self.complete_leader_acks();
+        self.maybe_advance_hw();
+        self.tick(now);
+    }
+
+    fn maybe_advance_hw(&mut self) {
+        let min_isr = self.config.min_insync_replicas as usize;
+        let Some(l) = self.leader.as_ref() else {
+            return;
+        };
+        if l.fenced {
+            return;
+        }
+        let candidate = if self.faults.hw_ignores_isr {
+            Some(self.leo)
+        } else {
+            let members = Self::maximal_isr(l);
+            if l.isr.len() < min_isr || !members.contains(&self.id) {
+                None
+            } else {
+                members
+                    .iter()
+                    .map(|m| {
+                        if *m == self.id {
+                            Some(self.leo)
+                        } else {
+                            l.progress.get(m).and_then(|p| p.leo)
+                        }
+                    })
+                    .try_fold(u64::MAX, |acc, leo| leo.map(|v| acc.min(v)))
+            }
+        };
+        if let Some(c) = candidate
+            && c > self.hw
+        {
+            self.hw = c;
+            self.complete_leader_acks();
+        }
+    }
+
+    /// Complete waiting producers the HW (acks=all) or the log end
+    /// (acks=1) now covers.
+    fn complete_leader_acks(&mut self) {
+        let min_isr = self.config.min_insync_replicas as usize;
+        let (hw, leo) = (self.hw, self.leo);
+        let Some(l) = self.leader.as_mut() else {
+            return;
+        };
+        let isr_len = l.isr.len();
+        let mut done = Vec::new();
+        l.waiters.retain(|w| {
+            let ready = match w.acks {
+                Acks::All => hw >= w.end,
+                _ => leo >= w.end,
+            };
+            if ready {
+                let result = if w.acks == Acks::All && isr_len < min_isr {
+                    Err(ErrorCode::NotEnoughReplicasAfterAppend)
+                } else {
+                    Ok(w.base)
+                };
+                done.push(Action::ProduceDone { id: w.id, result });
+            }
+            !ready
+        });
+        self.outbox.extend(done);
+    }
+
+    // ---- time -----------------------------------------------------------
+
+    /// Let time pass: ISR shrink, expired long polls, HW checkpoints,
+    /// follower fetches.
+    pub fn tick(&mut self, now: u64) {
+        if now.saturating_sub(self.last_hw_checkpoint_ms)
+            >= self.config.high_watermark_checkpoint_interval_ms
+        {
+            self.last_hw_checkpoint_ms = now;
+            self.outbox.push(Action::PersistHighWatermark(self.hw));
+        }
+        if self.leader.is_some() {
+            self.serve_parked(now, true);
+            self.maybe_shrink_isr(now);
+        }
+        self.maybe_fetch(now);
+    }
+
+    fn maybe_shrink_isr(&mut self, now: u64) {
+        let lag_ms = self.config.replica_lag_time_max_ms;
+        let lag_msgs = self.config.replica_lag_max_messages;
+        let leo = self.leo;
+        let Some(l) = self.leader.as_ref() else {
+            return;
+        };
+        if l.fenced || l.pending_isr.is_some() {
+            return;
+        }
+        let out: Vec<ReplicaId> = l
+            .isr
+            .iter()
+            .copied()
+            .filter(|r| *r != self.id)
+            .filter(|r| {
+                l.progress.get(r).is_none_or(|p| {
+                    let slow = now.saturating_sub(p.last_caught_up_ms) > lag_ms;
+                    let behind =
+                        lag_msgs.is_some_and(|m| leo.saturating_sub(p.leo.unwrap_or(0)) > m);
+                    slow || behind
+                })
+            })
+            .collect();
+        if !out.is_empty() {
+            let isr = l.isr.iter().copied().filter(|r| !out.contains(r)).collect();
+            self.propose_isr(isr);
+        }
+    }
+
+    // ---- follower -------------------------------------------------------
+
+    fn maybe_fetch(&mut self, now: u64) {
+        if self.storage_inflight > 0 {
+            return;
+        }
+        let request = {
+            let Some(f) = self.follower.as_mut() else {
+                return;
+            };
+            if f.inflight.is_some() || now < f.next_fetch_ms {
+                return;
+            }
+            self.next_correlation += 1;
+            f.inflight = Some(self.next_correlation);
+            FetchRequest {
+                replica_id: self.id,
+                correlation_id: self.next_correlation,
+                current_leader_epoch: f.epoch,
+                fetch_offset: self.leo,
+                last_fetched_epoch: self.epochs.latest().map(|e| e.epoch),
+                max_bytes: self.config.fetch_max_bytes,
+                min_bytes: self.config.fetch_min_bytes,
+                max_wait_ms: self.config.fetch_max_wait_ms,
+            }
+        };
+        if let Some(f) = &self.follower {
+            self.outbox.push(Action::SendFetch {
+                to: f.leader,
+                request,
+            });
+        }
+    }
+
+    /// A fetch we sent timed out or was lost: allow the next one.
+    pub fn fetch_failed(&mut self, correlation_id: u64, now: u64) {
+        let backoff = self.config.fetch_backoff_ms;
+        if let Some(f) = self.follower.as_mut()
+            && f.inflight == Some(correlation_id)
+        {
+            f.inflight = None;
+            f.next_fetch_ms = now + backoff;
+            self.counters.fetch_errors += 1;
+        }
+    }
+
+    /// The leader answered a fetch.
+    pub fn handle_fetch_response(&mut self, from: ReplicaId, response: FetchResponse, now: u64) {
+        let backoff = self.config.fetch_backoff_ms;
+        let interval = self.config.fetcher_interval_ms;
+        let leo = self.leo;
+        let Some(f) = self.follower.as_mut() else {
+            return;
+        };
+        if from != f.leader || f.inflight != Some(response.correlation_id) {
+            return; // stale or foreign
+        }
+        f.inflight = None;
+        if let Some(e) = response.error {
+            self.counters.fetch_errors += 1;
+            f.next_fetch_ms = now + backoff;
+            if e == ErrorCode::OffsetOutOfRange && response.leader_epoch == f.epoch {
+                if leo < response.log_start_offset {
+                    // Behind the leader's log start: restart there.
+                    self.storage_inflight += 1;
+                    self.outbox.push(Action::ResetLog {
+                        offset: response.log_start_offset,
+                    });
+                    return;
+                }
+                if leo > response.log_end_offset {
+                    self.truncate_log(response.log_end_offset);
+                    return;
+                }
+            }
+            return;
+        }
+        if response.leader_epoch != f.epoch {
+            return;
+        }
+        if let Some(d) = response.diverging_epoch {
+            // Truncate exactly to the divergence point (KIP-101/279/595).
+            let target = match self.epochs.end_offset_for(d.epoch, leo) {
+                Some((e, end)) if e == d.epoch => end.min(d.end_offset),
+                Some((_, end)) => end,
+                None => self.log_start,
+            }
+            .min(leo);
+            f.next_fetch_ms = now;
+            self.truncate_log(target);
+            return;
+        }
+        f.leader_hw = response.high_watermark;
+        self.counters.fetch_bytes += response.records.len() as u64;
+        if response.records.is_empty() {
+            self.hw = response.high_watermark.min(leo);
+            f.next_fetch_ms = now + interval;
+            self.maybe_fetch(now);
+            return;
+        }
+        // Check what the leader sent before it reaches storage.
+        let mut next = leo;
+        let mut changed = false;
+        for b in replicator_plugin_sdk::batches(&response.records, true) {
+            let Ok((h, _)) = b else {
+                self.counters.fetch_errors += 1;
+                f.next_fetch_ms = now + backoff;
+                return;
+            };
+            if h.base_offset != next || h.leader_epoch > f.epoch {
+                self.counters.fetch_errors += 1;
+                f.next_fetch_ms = now + backoff;
+                return;
+            }
+            changed |= self.epochs.assign(h.leader_epoch, h.base_offset);
+            next = h.next_offset();
+        }
+        f.next_fetch_ms = now + interval;
+        self.assigned = next;
+        self.storage_inflight += 1;
+        if changed {
+            self.outbox
+                .push(Action::PersistEpochs(self.epochs.entries().to_vec()));
+        }
+        self.outbox.push(Action::Append {
+            batches: response.records,
+        });
+    }
+}

@@ -1,0 +1,129 @@
+//! Messages and outputs of the replication core: fetch requests and
+//! responses, error codes, acks, and the actions a driver carries out.
+
+use bytes::Bytes;
+
+use crate::storage::EpochEntry;
+
+pub type ReplicaId = u32;
+/// Identifies one produce request to its caller.
+pub type ProduceId = u64;
+
+/// Kafka's error codes for replication and produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum ErrorCode {
+    /// This replica is not the partition's leader.
+    NotLeader,
+    /// The requester's leader epoch is older than the leader's (KIP-320).
+    FencedLeaderEpoch,
+    /// The requester's leader epoch is newer than the leader's (KIP-320).
+    UnknownLeaderEpoch,
+    /// The fetch offset is outside the leader's log.
+    OffsetOutOfRange,
+    /// acks=all refused: the ISR is smaller than min.insync.replicas.
+    NotEnoughReplicas,
+    /// Appended, but the ISR shrank below min.insync.replicas before the
+    /// write was committed: it may or may not survive.
+    NotEnoughReplicasAfterAppend,
+    /// The requester is not a replica of this partition.
+    UnknownReplica,
+    /// The records could not be appended (storage fault, bad batch).
+    StorageError,
+}
+
+/// How much replication a producer waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Acks {
+    /// No acknowledgement beyond acceptance.
+    None,
+    /// The leader appended it.
+    Leader,
+    /// Every ISR member has it (the high watermark passed it).
+    All,
+}
+
+/// A follower's fetch for one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchRequest {
+    pub replica_id: ReplicaId,
+    /// Matches the response to this request; stale responses are ignored.
+    pub correlation_id: u64,
+    /// The epoch the follower believes the leader has (KIP-320).
+    pub current_leader_epoch: u32,
+    pub fetch_offset: u64,
+    /// Epoch of the last batch in the follower's log (KIP-595).
+    pub last_fetched_epoch: Option<u32>,
+    pub max_bytes: u32,
+    pub min_bytes: u32,
+    pub max_wait_ms: u64,
+}
+
+/// Where the follower's log diverges: `epoch` ends at `end_offset` on the
+/// leader (KIP-595).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DivergingEpoch {
+    pub epoch: u32,
+    pub end_offset: u64,
+}
+
+/// The leader's answer. The driver fills `records` from the leader's log
+/// as [`Action::RespondFetch`] describes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchResponse {
+    pub correlation_id: u64,
+    pub leader_epoch: u32,
+    pub error: Option<ErrorCode>,
+    pub high_watermark: u64,
+    pub log_start_offset: u64,
+    pub log_end_offset: u64,
+    pub diverging_epoch: Option<DivergingEpoch>,
+    pub records: Bytes,
+}
+
+/// What the driver reads from the leader's log for a fetch response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadSpec {
+    pub offset: u64,
+    pub max_bytes: u32,
+    /// Never return records at or past this offset (the leader's log end
+    /// when the response was decided).
+    pub end: u64,
+}
+
+/// What the core asks its driver to do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Append these batches; report with `log_appended`.
+    Append { batches: Bytes },
+    /// Remove everything at or after `offset`; report with `log_truncated`.
+    Truncate { offset: u64 },
+    /// Empty the log and restart it at `offset`; report with `log_reset`.
+    ResetLog { offset: u64 },
+    /// Persist the leader-epoch cache.
+    PersistEpochs(Vec<EpochEntry>),
+    /// Persist the high watermark (a recovery hint).
+    PersistHighWatermark(u64),
+    /// Send a fetch to the leader.
+    SendFetch {
+        to: ReplicaId,
+        request: FetchRequest,
+    },
+    /// Answer a follower's fetch, reading `read` from the log if present.
+    RespondFetch {
+        to: ReplicaId,
+        response: FetchResponse,
+        read: Option<ReadSpec>,
+    },
+    /// A produce finished: the base offset of its batch, or why not.
+    ProduceDone {
+        id: ProduceId,
+        result: Result<u64, ErrorCode>,
+    },
+    /// Ask the metadata store to set the ISR, as a compare-and-set on the
+    /// leader epoch and partition version; report with `isr_update_done`.
+    UpdateIsr {
+        leader_epoch: u32,
+        isr: Vec<ReplicaId>,
+        expected_version: u64,
+    },
+}

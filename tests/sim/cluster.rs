@@ -1,0 +1,463 @@
+//! The simulated cluster: nodes running the real `ReplicationManager`, a
+//! metadata store with compare-and-set that fences crashed brokers and
+//! elects leaders from the live ISR, and a lossy, reordering network.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use replicator::batch::Record;
+use replicator::core::{
+    Acks, Action, Config, Faults, FetchRequest, FetchResponse, ReplicationManager,
+};
+
+use super::checker::Checker;
+use super::rng::Rng;
+use super::storage::SimLog;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub replicas: u32,
+    pub min_insync: u32,
+    pub steps: u32,
+    /// Reference-package bugs switched back on (negative controls).
+    pub faults: Faults,
+    /// Negative control: the controller elects any live replica.
+    pub elect_outside_isr: bool,
+    pub drop_percent: u64,
+    pub max_delay_ms: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            replicas: 3,
+            min_insync: 2,
+            steps: 1500,
+            faults: Faults::default(),
+            elect_outside_isr: false,
+            drop_percent: 3,
+            max_delay_ms: 20,
+        }
+    }
+}
+
+enum Msg {
+    Fetch(FetchRequest),
+    Resp(FetchResponse),
+}
+
+struct Envelope {
+    at: u64,
+    seq: u64,
+    from: u32,
+    to: u32,
+    msg: Msg,
+}
+
+pub struct Node {
+    pub alive: bool,
+    pub rm: Option<ReplicationManager>,
+    pub log: SimLog,
+}
+
+/// The metadata store's view of the partition.
+#[derive(Debug, Clone)]
+pub struct Controller {
+    pub leader: Option<u32>,
+    pub epoch: u32,
+    pub isr: Vec<u32>,
+    pub version: u64,
+    pub replicas: Vec<u32>,
+}
+
+pub struct Sim {
+    pub rng: Rng,
+    pub now: u64,
+    pub opts: Options,
+    pub config: Config,
+    pub nodes: Vec<Node>,
+    pub ctrl: Controller,
+    net: Vec<Envelope>,
+    seq: u64,
+    cut: BTreeSet<(u32, u32)>,
+    timeouts: Vec<(u64, u32, u64)>,
+    next_produce: u64,
+    pending: BTreeMap<u64, Bytes>,
+    pub checker: Checker,
+    pub trace: Vec<String>,
+    pub acked_count: u64,
+}
+
+impl Sim {
+    pub fn new(seed: u64, opts: Options) -> Sim {
+        let config = Config {
+            min_insync_replicas: opts.min_insync,
+            replica_lag_time_max_ms: 300,
+            fetch_max_wait_ms: 50,
+            fetch_backoff_ms: 20,
+            fetch_max_bytes: 4096,
+            high_watermark_checkpoint_interval_ms: 100,
+            ..Config::default()
+        };
+        let replicas: Vec<u32> = (0..opts.replicas).collect();
+        let nodes = replicas
+            .iter()
+            .map(|_| Node {
+                alive: true,
+                rm: None,
+                log: SimLog::default(),
+            })
+            .collect();
+        let mut sim = Sim {
+            rng: Rng::new(seed),
+            now: 0,
+            config,
+            nodes,
+            ctrl: Controller {
+                leader: None,
+                epoch: 0,
+                isr: replicas.clone(),
+                version: 1,
+                replicas,
+            },
+            net: Vec::new(),
+            seq: 0,
+            cut: BTreeSet::new(),
+            timeouts: Vec::new(),
+            next_produce: 0,
+            pending: BTreeMap::new(),
+            checker: Checker::default(),
+            trace: Vec::new(),
+            acked_count: 0,
+            opts,
+        };
+        for n in 0..sim.opts.replicas {
+            sim.start_node(n);
+        }
+        sim.elect(None);
+        sim.settle();
+        sim
+    }
+
+    fn start_node(&mut self, n: u32) {
+        let node = &mut self.nodes[n as usize];
+        let mut rm = ReplicationManager::new(self.config.clone(), n, &node.log.state());
+        rm.set_faults(self.opts.faults);
+        node.rm = Some(rm);
+        node.alive = true;
+    }
+
+    fn rm(&mut self, n: u32) -> Option<&mut ReplicationManager> {
+        let node = &mut self.nodes[n as usize];
+        if node.alive { node.rm.as_mut() } else { None }
+    }
+
+    /// Elect a leader: a live ISR member (or, as a negative control, any
+    /// live replica), bumping the epoch through the store.
+    fn elect(&mut self, dead: Option<u32>) {
+        let alive: Vec<u32> = self
+            .ctrl
+            .replicas
+            .iter()
+            .copied()
+            .filter(|r| self.nodes[*r as usize].alive && Some(*r) != dead)
+            .collect();
+        let candidates: Vec<u32> = if self.opts.elect_outside_isr {
+            alive.clone()
+        } else {
+            alive
+                .iter()
+                .copied()
+                .filter(|r| self.ctrl.isr.contains(r))
+                .collect()
+        };
+        if candidates.is_empty() {
+            self.ctrl.leader = None;
+            self.trace.push(format!(
+                "t={} partition offline (isr {:?})",
+                self.now, self.ctrl.isr
+            ));
+            return;
+        }
+        let leader = candidates[self.rng.below(candidates.len() as u64) as usize];
+        self.ctrl.epoch += 1;
+        self.ctrl.version += 1;
+        self.ctrl.leader = Some(leader);
+        if !self.ctrl.isr.contains(&leader) {
+            self.ctrl.isr = vec![leader];
+        }
+        let (epoch, isr, version, replicas, now) = (
+            self.ctrl.epoch,
+            self.ctrl.isr.clone(),
+            self.ctrl.version,
+            self.ctrl.replicas.clone(),
+            self.now,
+        );
+        self.trace
+            .push(format!("t={now} elect {leader} epoch {epoch} isr {isr:?}"));
+        self.checker.on_elect(leader, epoch);
+        if let Some(rm) = self.rm(leader) {
+            rm.become_leader(epoch, replicas.clone(), isr, version, now);
+        }
+        for r in alive {
+            if r != leader
+                && let Some(rm) = self.rm(r)
+            {
+                rm.become_follower(leader, epoch, now);
+            }
+        }
+    }
+
+    fn crash(&mut self, n: u32) {
+        self.trace.push(format!("t={} crash {n}", self.now));
+        self.nodes[n as usize].alive = false;
+        self.nodes[n as usize].rm = None;
+        // The store fences the broker: out of the ISR (never emptying it).
+        if self.ctrl.isr.contains(&n) && self.ctrl.isr.len() > 1 {
+            self.ctrl.isr.retain(|r| *r != n);
+            self.ctrl.version += 1;
+        }
+        if self.ctrl.leader == Some(n) || self.ctrl.leader.is_none() {
+            self.elect(Some(n));
+        } else if let Some(l) = self.ctrl.leader {
+            let (epoch, isr, version, now) = (
+                self.ctrl.epoch,
+                self.ctrl.isr.clone(),
+                self.ctrl.version,
+                self.now,
+            );
+            if let Some(rm) = self.rm(l) {
+                rm.metadata_isr_changed(epoch, isr, version, now);
+            }
+        }
+    }
+
+    fn restart(&mut self, n: u32) {
+        self.trace.push(format!("t={} restart {n}", self.now));
+        self.start_node(n);
+        match self.ctrl.leader {
+            Some(l) => {
+                let (epoch, now) = (self.ctrl.epoch, self.now);
+                if let Some(rm) = self.rm(n) {
+                    rm.become_follower(l, epoch, now);
+                }
+            }
+            None => self.elect(None),
+        }
+    }
+
+    fn send(&mut self, from: u32, to: u32, msg: Msg) {
+        if self.rng.chance(self.opts.drop_percent) {
+            return;
+        }
+        let at = self.now + 1 + self.rng.below(self.opts.max_delay_ms);
+        self.seq += 1;
+        self.net.push(Envelope {
+            at,
+            seq: self.seq,
+            from,
+            to,
+            msg,
+        });
+    }
+
+    /// Carry out every queued action until the cluster is quiet.
+    pub fn settle(&mut self) {
+        loop {
+            let mut any = false;
+            for n in 0..self.opts.replicas {
+                let actions = match self.rm(n) {
+                    Some(rm) => rm.drain(),
+                    None => continue,
+                };
+                for a in actions {
+                    any = true;
+                    self.execute(n, a);
+                }
+            }
+            if !any {
+                break;
+            }
+        }
+    }
+
+    fn execute(&mut self, n: u32, action: Action) {
+        let now = self.now;
+        match action {
+            Action::Append { batches } => {
+                let is_leader = self.rm(n).is_some_and(|rm| rm.is_leader());
+                self.checker
+                    .on_append(n, is_leader, &batches, &self.nodes[n as usize].log);
+                let leo = self.nodes[n as usize].log.append(&batches);
+                if let Some(rm) = self.rm(n) {
+                    rm.log_appended(leo, now);
+                }
+            }
+            Action::Truncate { offset } => {
+                self.trace
+                    .push(format!("t={now} {n} truncates to {offset}"));
+                let leo = self.nodes[n as usize].log.truncate(offset);
+                self.checker.on_truncate(n, leo);
+                if let Some(rm) = self.rm(n) {
+                    rm.log_truncated(leo, now);
+                }
+            }
+            Action::ResetLog { offset } => {
+                self.nodes[n as usize].log.reset(offset);
+                if let Some(rm) = self.rm(n) {
+                    rm.log_reset(offset, now);
+                }
+            }
+            Action::PersistEpochs(e) => self.nodes[n as usize].log.epochs = e,
+            Action::PersistHighWatermark(hw) => self.nodes[n as usize].log.hw_checkpoint = hw,
+            Action::SendFetch { to, request } => {
+                let wait = request.max_wait_ms + 2 * self.opts.max_delay_ms + 10;
+                self.timeouts.push((now + wait, n, request.correlation_id));
+                self.send(n, to, Msg::Fetch(request));
+            }
+            Action::RespondFetch {
+                to,
+                mut response,
+                read,
+            } => {
+                if let Some(spec) = read {
+                    response.records = self.nodes[n as usize].log.read(&spec);
+                }
+                self.send(n, to, Msg::Resp(response));
+            }
+            Action::ProduceDone { id, result } => {
+                if let (Some(_), Ok(base)) = (self.pending.remove(&id), result) {
+                    self.acked_count += 1;
+                    let entry = self.nodes[n as usize].log.entry_at(base);
+                    self.checker.on_ack(n, base, entry);
+                }
+            }
+            Action::UpdateIsr {
+                leader_epoch,
+                isr,
+                expected_version,
+            } => {
+                let ok = self.ctrl.leader == Some(n)
+                    && leader_epoch == self.ctrl.epoch
+                    && expected_version == self.ctrl.version
+                    && isr.contains(&n)
+                    && isr.iter().all(|r| self.nodes[*r as usize].alive);
+                let result = if ok {
+                    self.ctrl.isr = isr;
+                    self.ctrl.version += 1;
+                    Ok(self.ctrl.version)
+                } else {
+                    Err(replicator::core::ErrorCode::FencedLeaderEpoch)
+                };
+                if let Some(rm) = self.rm(n) {
+                    rm.isr_update_done(result, now);
+                }
+                if !ok && self.ctrl.leader == Some(n) && leader_epoch == self.ctrl.epoch {
+                    // The leader's view was stale: send it the current one.
+                    let (epoch, isr, version) =
+                        (self.ctrl.epoch, self.ctrl.isr.clone(), self.ctrl.version);
+                    if let Some(rm) = self.rm(n) {
+                        rm.metadata_isr_changed(epoch, isr, version, now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One step of simulated time with random events.
+    pub fn step(&mut self) -> Result<(), String> {
+        self.now += 1 + self.rng.below(5);
+        let now = self.now;
+        // Deliver what is due, in (time, send order).
+        self.net.sort_by_key(|e| (e.at, e.seq));
+        let due: Vec<Envelope> = {
+            let split = self.net.partition_point(|e| e.at <= now);
+            self.net.drain(..split).collect()
+        };
+        for e in due {
+            if self.cut.contains(&(e.from, e.to)) {
+                continue;
+            }
+            let Some(rm) = self.rm(e.to) else { continue };
+            match e.msg {
+                Msg::Fetch(req) => rm.handle_fetch(e.from, req, now),
+                Msg::Resp(resp) => rm.handle_fetch_response(e.from, resp, now),
+            }
+            self.settle();
+        }
+        let fired: Vec<(u64, u32, u64)> = {
+            let (due, keep): (Vec<_>, Vec<_>) = self.timeouts.iter().partition(|t| t.0 <= now);
+            self.timeouts = keep;
+            due
+        };
+        for (_, n, corr) in fired {
+            if let Some(rm) = self.rm(n) {
+                rm.fetch_failed(corr, now);
+            }
+        }
+        for n in 0..self.opts.replicas {
+            if let Some(rm) = self.rm(n) {
+                rm.tick(now);
+            }
+        }
+        self.settle();
+
+        // Producers: acks=all, one record each, to whoever leads.
+        if self.rng.chance(40)
+            && let Some(l) = self.ctrl.leader
+        {
+            let id = self.next_produce;
+            self.next_produce += 1;
+            let value = Bytes::from(format!("p{id}"));
+            let record = Record {
+                value: value.clone(),
+                timestamp: id as i64,
+                ..Default::default()
+            };
+            if let Some(rm) = self.rm(l)
+                && rm.produce(id, &[record], Acks::All, now).is_ok()
+            {
+                self.pending.insert(id, value);
+            }
+            self.settle();
+        }
+
+        // Faults: crashes within RF - min.insync, restarts, link cuts.
+        let down = self.nodes.iter().filter(|n| !n.alive).count() as u32;
+        let budget = self.opts.replicas - self.opts.min_insync;
+        if self.rng.chance(1) && down < budget {
+            let n = self.rng.below(u64::from(self.opts.replicas)) as u32;
+            if self.nodes[n as usize].alive {
+                self.crash(n);
+            }
+        } else if self.rng.chance(3) && down > 0 {
+            let dead: Vec<u32> = (0..self.opts.replicas)
+                .filter(|n| !self.nodes[*n as usize].alive)
+                .collect();
+            let n = dead[self.rng.below(dead.len() as u64) as usize];
+            self.restart(n);
+        }
+        if self.rng.chance(1) {
+            let a = self.rng.below(u64::from(self.opts.replicas)) as u32;
+            let b = self.rng.below(u64::from(self.opts.replicas)) as u32;
+            if a != b {
+                self.trace.push(format!("t={now} cut {a}->{b}"));
+                self.cut.insert((a, b));
+            }
+        } else if self.rng.chance(2) && !self.cut.is_empty() {
+            self.trace.push(format!("t={now} heal"));
+            self.cut.clear();
+        }
+        self.settle();
+        Checker::check(self)
+    }
+
+    /// Run every step; on a violation, the error names the step.
+    pub fn run(&mut self) -> Result<(), String> {
+        for i in 0..self.opts.steps {
+            self.step()
+                .map_err(|e| format!("step {i}, t={}: {e}", self.now))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,89 @@
+//! A simulated partition log: batches in memory, checkpoints kept as the
+//! driver persists them. A crash keeps what was appended (the page cache
+//! survives a process crash, as Kafka assumes).
+
+use bytes::{Bytes, BytesMut};
+use replicator::core::ReadSpec;
+use replicator::storage::{EpochEntry, LogState, OffsetBounds};
+use replicator_plugin_sdk::batches;
+
+#[derive(Default, Clone)]
+pub struct SimLog {
+    /// (base, next, leader epoch, bytes)
+    pub batches: Vec<(u64, u64, u32, Bytes)>,
+    pub log_start: u64,
+    pub hw_checkpoint: u64,
+    pub epochs: Vec<EpochEntry>,
+}
+
+impl SimLog {
+    pub fn log_end(&self) -> u64 {
+        self.batches.last().map_or(self.log_start, |b| b.1)
+    }
+
+    pub fn append(&mut self, bytes: &Bytes) -> u64 {
+        let mut at = 0usize;
+        for b in batches(bytes, true) {
+            let (h, _) = b.expect("the core appends valid batches");
+            assert_eq!(
+                h.base_offset,
+                self.log_end(),
+                "the core appended out of order"
+            );
+            let len = h.batch_len as usize;
+            self.batches.push((
+                h.base_offset,
+                h.next_offset(),
+                h.leader_epoch,
+                bytes.slice(at..at + len),
+            ));
+            at += len;
+        }
+        self.log_end()
+    }
+
+    /// Remove batches whose last offset is >= `offset`.
+    pub fn truncate(&mut self, offset: u64) -> u64 {
+        self.batches.retain(|b| b.1 <= offset);
+        self.log_end()
+    }
+
+    pub fn reset(&mut self, offset: u64) {
+        self.batches.clear();
+        self.log_start = offset;
+    }
+
+    pub fn read(&self, spec: &ReadSpec) -> Bytes {
+        let mut out = BytesMut::new();
+        for (base, next, _, b) in &self.batches {
+            if *next <= spec.offset || *base >= spec.end {
+                continue;
+            }
+            if !out.is_empty() && out.len() + b.len() > spec.max_bytes as usize {
+                break;
+            }
+            out.extend_from_slice(b);
+        }
+        out.freeze()
+    }
+
+    pub fn state(&self) -> LogState {
+        LogState {
+            bounds: OffsetBounds {
+                log_start: self.log_start,
+                log_end: self.log_end(),
+            },
+            high_watermark: self.hw_checkpoint.min(self.log_end()),
+            leader_epochs: self.epochs.clone(),
+        }
+    }
+
+    /// (epoch, crc) of the batch holding `offset`, for comparisons.
+    pub fn entry_at(&self, offset: u64) -> Option<(u32, u32)> {
+        let i = self.batches.partition_point(|b| b.1 <= offset);
+        self.batches
+            .get(i)
+            .filter(|b| b.0 <= offset)
+            .map(|b| (b.2, replicator_plugin_sdk::read_u32_le(&b.3, 12)))
+    }
+}
