@@ -56,6 +56,8 @@ struct Envelope {
 
 pub struct Node {
     pub alive: bool,
+    /// Broker epoch: bumped at every start, registered with the store.
+    pub broker_epoch: u64,
     pub rm: Option<ReplicationManager>,
     pub log: SimLog,
 }
@@ -104,6 +106,7 @@ impl Sim {
             .iter()
             .map(|_| Node {
                 alive: true,
+                broker_epoch: 0,
                 rm: None,
                 log: SimLog::default(),
             })
@@ -141,7 +144,9 @@ impl Sim {
 
     fn start_node(&mut self, n: u32) {
         let node = &mut self.nodes[n as usize];
+        node.broker_epoch += 1;
         let mut rm = ReplicationManager::new(self.config.clone(), n, &node.log.state());
+        rm.set_broker_epoch(node.broker_epoch);
         rm.set_faults(self.opts.faults);
         node.rm = Some(rm);
         node.alive = true;
@@ -209,13 +214,31 @@ impl Sim {
     }
 
     fn crash(&mut self, n: u32) {
-        self.trace.push(format!("t={} crash {n}", self.now));
+        // A machine crash loses unflushed data. Never for the last ISR
+        // member: that is KIP-966's case, a failure beyond RF - min.insync.
+        let last_in_sync = self.ctrl.isr == [n];
+        let lossy = !last_in_sync && self.rng.chance(50);
+        let lost = if lossy {
+            self.nodes[n as usize].log.lose_unflushed()
+        } else {
+            0
+        };
+        self.trace.push(format!(
+            "t={} crash {n} (lost {lost} unflushed batches)",
+            self.now
+        ));
         self.nodes[n as usize].alive = false;
         self.nodes[n as usize].rm = None;
+        self.checker
+            .on_truncate(n, self.nodes[n as usize].log.log_end());
         // The store fences the broker: out of the ISR (never emptying it).
         if self.ctrl.isr.contains(&n) && self.ctrl.isr.len() > 1 {
             self.ctrl.isr.retain(|r| *r != n);
             self.ctrl.version += 1;
+            self.trace.push(format!(
+                "t={} store fences {n}: isr {:?}",
+                self.now, self.ctrl.isr
+            ));
         }
         if self.ctrl.leader == Some(n) || self.ctrl.leader.is_none() {
             self.elect(Some(n));
@@ -336,12 +359,27 @@ impl Sim {
                 leader_epoch,
                 isr,
                 expected_version,
+                added,
             } => {
+                // The store's checks: current leader and epoch, expected
+                // version, live members, and added members' broker epochs
+                // current (KIP-903).
                 let ok = self.ctrl.leader == Some(n)
                     && leader_epoch == self.ctrl.epoch
                     && expected_version == self.ctrl.version
                     && isr.contains(&n)
-                    && isr.iter().all(|r| self.nodes[*r as usize].alive);
+                    && isr.iter().all(|r| self.nodes[*r as usize].alive)
+                    && added
+                        .iter()
+                        .all(|(r, e)| self.nodes[*r as usize].broker_epoch == *e);
+                let view = self.rm(n).map(|rm| {
+                    (
+                        rm.high_watermark(),
+                        rm.log_end_offset(),
+                        rm.follower_log_ends(),
+                    )
+                });
+                self.trace.push(format!("t={now} {n} proposes isr {isr:?} at epoch {leader_epoch} version {expected_version} (hw, leo, followers) {view:?}: {}", if ok { "accepted" } else { "refused" }));
                 let result = if ok {
                     self.ctrl.isr = isr;
                     self.ctrl.version += 1;
@@ -396,6 +434,9 @@ impl Sim {
             }
         }
         for n in 0..self.opts.replicas {
+            if self.nodes[n as usize].alive && self.rng.chance(10) {
+                self.nodes[n as usize].log.flush();
+            }
             if let Some(rm) = self.rm(n) {
                 rm.tick(now);
             }

@@ -1,6 +1,8 @@
 //! A simulated partition log: batches in memory, checkpoints kept as the
-//! driver persists them. A crash keeps what was appended (the page cache
-//! survives a process crash, as Kafka assumes).
+//! driver persists them. `flushed` batches are on disk: a process crash
+//! keeps everything (the page cache survives), a machine crash keeps only
+//! the flushed prefix. Truncations are durable at once, as the file plugin
+//! makes them.
 
 use bytes::{Bytes, BytesMut};
 use replicator::core::ReadSpec;
@@ -14,6 +16,8 @@ pub struct SimLog {
     pub log_start: u64,
     pub hw_checkpoint: u64,
     pub epochs: Vec<EpochEntry>,
+    /// How many batches are on disk.
+    pub flushed: usize,
 }
 
 impl SimLog {
@@ -45,12 +49,26 @@ impl SimLog {
     /// Remove batches whose last offset is >= `offset`.
     pub fn truncate(&mut self, offset: u64) -> u64 {
         self.batches.retain(|b| b.1 <= offset);
+        self.flushed = self.flushed.min(self.batches.len());
         self.log_end()
     }
 
     pub fn reset(&mut self, offset: u64) {
         self.batches.clear();
+        self.flushed = 0;
         self.log_start = offset;
+    }
+
+    pub fn flush(&mut self) {
+        self.flushed = self.batches.len();
+    }
+
+    /// A machine crash: what was not flushed is gone. Returns how many
+    /// batches were lost.
+    pub fn lose_unflushed(&mut self) -> usize {
+        let lost = self.batches.len() - self.flushed;
+        self.batches.truncate(self.flushed);
+        lost
     }
 
     pub fn read(&self, spec: &ReadSpec) -> Bytes {

@@ -41,6 +41,7 @@ pub enum Role {
 /// What the leader knows of one follower.
 #[derive(Debug, Clone, Default)]
 struct Progress {
+    broker_epoch: u64,
     leo: Option<u64>,
     last_caught_up_ms: u64,
     last_fetch_ms: u64,
@@ -111,6 +112,8 @@ pub struct ReplicaCounters {
 pub struct ReplicationManager {
     config: Config,
     id: ReplicaId,
+    /// This broker's incarnation, sent with every fetch.
+    broker_epoch: u64,
     log_start: u64,
     /// Offset after the last batch the storage confirmed.
     leo: u64,
@@ -136,6 +139,7 @@ impl ReplicationManager {
         ReplicationManager {
             config,
             id,
+            broker_epoch: 0,
             log_start: state.bounds.log_start,
             leo: state.bounds.log_end,
             assigned: state.bounds.log_end,
@@ -150,6 +154,12 @@ impl ReplicationManager {
             counters: ReplicaCounters::default(),
             faults: Faults::default(),
         }
+    }
+
+    /// Set this broker's epoch (its registration with the metadata store,
+    /// new at every start), carried by every fetch it sends.
+    pub fn set_broker_epoch(&mut self, epoch: u64) {
+        self.broker_epoch = epoch;
     }
 
     /// Bring back reference-package bugs (negative controls for tests).
@@ -453,6 +463,12 @@ impl ReplicationManager {
         if from != request.replica_id || !l.progress.contains_key(&from) {
             return reply_error(self, epoch, ErrorCode::UnknownReplica);
         }
+        if l.progress
+            .get(&from)
+            .is_some_and(|p| request.replica_epoch < p.broker_epoch)
+        {
+            return reply_error(self, epoch, ErrorCode::StaleBrokerEpoch);
+        }
         // KIP-595: does the follower's last epoch end where it thinks?
         if let Some(last) = request.last_fetched_epoch {
             let diverging = match self.epochs.end_offset_for(last, self.leo) {
@@ -483,7 +499,7 @@ impl ReplicationManager {
         if request.fetch_offset < self.log_start || request.fetch_offset > self.leo {
             return reply_error(self, epoch, ErrorCode::OffsetOutOfRange);
         }
-        self.update_follower(from, request.fetch_offset, now);
+        self.update_follower(from, request.replica_epoch, request.fetch_offset, now);
         self.maybe_expand_isr(from);
         self.maybe_advance_hw();
         let available = self.bytes_after(request.fetch_offset);
@@ -562,7 +578,7 @@ impl ReplicationManager {
         }
     }
 
-    fn update_follower(&mut self, from: ReplicaId, fetch_offset: u64, now: u64) {
+    fn update_follower(&mut self, from: ReplicaId, broker_epoch: u64, fetch_offset: u64, now: u64) {
         let leo = self.leo;
         let Some(l) = self.leader.as_mut() else {
             return;
@@ -570,6 +586,14 @@ impl ReplicationManager {
         let Some(p) = l.progress.get_mut(&from) else {
             return;
         };
+        if broker_epoch > p.broker_epoch {
+            // A new incarnation: nothing it said before counts.
+            *p = Progress {
+                broker_epoch,
+                last_caught_up_ms: p.last_caught_up_ms,
+                ..Progress::default()
+            };
+        }
         // Kafka's rule: caught up now if it reached our end; caught up at
         // its previous fetch if it reached what our end was then.
         if fetch_offset >= leo {
@@ -617,10 +641,15 @@ impl ReplicationManager {
         let Some(l) = self.leader.as_mut() else {
             return;
         };
+        let added = isr
+            .difference(&l.isr)
+            .map(|r| (*r, l.progress.get(r).map_or(0, |p| p.broker_epoch)))
+            .collect();
         self.outbox.push(Action::UpdateIsr {
             leader_epoch: l.epoch,
             isr: isr.iter().copied().collect(),
             expected_version: l.version,
+            added,
         });
         l.pending_isr = Some(isr);
     }
@@ -812,6 +841,7 @@ impl ReplicationManager {
             f.inflight = Some(self.next_correlation);
             FetchRequest {
                 replica_id: self.id,
+                replica_epoch: self.broker_epoch,
                 correlation_id: self.next_correlation,
                 current_leader_epoch: f.epoch,
                 fetch_offset: self.leo,

@@ -27,6 +27,8 @@ pub enum ErrorCode {
     NotEnoughReplicasAfterAppend,
     /// The requester is not a replica of this partition.
     UnknownReplica,
+    /// The fetch came from an older incarnation of the follower broker.
+    StaleBrokerEpoch,
     /// The records could not be appended (storage fault, bad batch).
     StorageError,
 }
@@ -46,6 +48,9 @@ pub enum Acks {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FetchRequest {
     pub replica_id: ReplicaId,
+    /// The follower broker's epoch (its incarnation, KIP-380): a fetch
+    /// from an older incarnation is stale and refused.
+    pub replica_epoch: u64,
     /// Matches the response to this request; stale responses are ignored.
     pub correlation_id: u64,
     /// The epoch the follower believes the leader has (KIP-320).
@@ -125,5 +130,10 @@ pub enum Action {
         leader_epoch: u32,
         isr: Vec<ReplicaId>,
         expected_version: u64,
+        /// Broker epochs of members being added, as their fetches showed
+        /// them: the store refuses a member whose broker epoch is not its
+        /// current registration (KIP-903), so a stale fetch from before a
+        /// crash cannot vouch for a restarted replica.
+        added: Vec<(ReplicaId, u64)>,
     },
 }
