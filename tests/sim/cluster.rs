@@ -332,6 +332,7 @@ impl Sim {
                 }
             }
             Action::PersistEpochs(e) => self.nodes[n as usize].log.epochs = e,
+            Action::IsrWaitDone { .. } => {}
             Action::PersistHighWatermark(hw) => self.nodes[n as usize].log.hw_checkpoint = hw,
             Action::SendFetch { to, request } => {
                 let wait = request.max_wait_ms + 2 * self.opts.max_delay_ms + 10;

@@ -5,12 +5,21 @@
 
 pub mod config;
 pub mod epoch_cache;
+pub mod fetcher;
+pub mod metrics;
+pub mod reconcile;
 pub mod replica;
+pub mod state;
 pub mod types;
 
 pub use config::{Config, ConfigError};
 pub use epoch_cache::EpochCache;
+pub use fetcher::{Fetcher, MultiFetch, TopicPartition};
+pub use metrics::{
+    GlobalMetricsSnapshot, MetricsCollector, PartitionMetrics, PartitionMetricsSnapshot,
+};
 pub use replica::{Faults, ReplicaCounters, ReplicationManager, Role};
+pub use state::{PartitionReplicationState, ReplicationState};
 pub use types::{
     Acks, Action, DivergingEpoch, ErrorCode, FetchRequest, FetchResponse, ProduceId, ReadSpec,
     ReplicaId,

@@ -11,6 +11,8 @@ use bytes::Bytes;
 
 use super::config::Config;
 use super::epoch_cache::EpochCache;
+use super::reconcile;
+use super::state::{PartitionReplicationState, ReplicationState};
 use super::types::{
     Acks, Action, DivergingEpoch, ErrorCode, FetchRequest, FetchResponse, ProduceId, ReadSpec,
     ReplicaId,
@@ -49,11 +51,34 @@ struct Progress {
 }
 
 #[derive(Debug)]
+enum WaiterKind {
+    /// A produce: answers `ProduceDone` with the batch's base offset.
+    Produce(Acks),
+    /// A `wait_for_isr`: answers `IsrWaitDone`, or times out.
+    Wait { deadline_ms: u64 },
+}
+
+#[derive(Debug)]
 struct Waiter {
     id: ProduceId,
     base: u64,
     end: u64,
-    acks: Acks,
+    kind: WaiterKind,
+}
+
+impl Waiter {
+    fn done(&self, result: Result<(), ErrorCode>) -> Action {
+        match self.kind {
+            WaiterKind::Produce(_) => Action::ProduceDone {
+                id: self.id,
+                result: result.map(|()| self.base),
+            },
+            WaiterKind::Wait { .. } => Action::IsrWaitDone {
+                id: self.id,
+                result,
+            },
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -235,6 +260,47 @@ impl ReplicationManager {
         &self.counters
     }
 
+    /// A snapshot of this replica's view of the partition.
+    pub fn state(&self) -> PartitionReplicationState {
+        let mut replica_states = BTreeMap::new();
+        let (leader, replicas, isr) = match (&self.leader, &self.follower) {
+            (Some(l), _) => {
+                for (id, p) in &l.progress {
+                    replica_states.insert(
+                        *id,
+                        ReplicationState {
+                            replica_id: *id,
+                            log_end_offset: p.leo,
+                            last_fetch_ms: p.last_fetch_ms,
+                            last_caught_up_ms: p.last_caught_up_ms,
+                            fetch_lag: self.leo.saturating_sub(p.leo.unwrap_or(0)),
+                            in_sync: l.isr.contains(id),
+                        },
+                    );
+                }
+                (
+                    Some(self.id),
+                    l.replicas.clone(),
+                    l.isr.iter().copied().collect(),
+                )
+            }
+            (_, Some(f)) => (Some(f.leader), Vec::new(), Vec::new()),
+            _ => (None, Vec::new(), Vec::new()),
+        };
+        PartitionReplicationState {
+            replica_id: self.id,
+            role: self.role(),
+            leader,
+            leader_epoch: self.leader_epoch(),
+            replicas,
+            isr,
+            replica_states,
+            high_watermark: self.hw,
+            log_end_offset: self.leo,
+            log_start_offset: self.log_start,
+        }
+    }
+
     // ---- role changes -------------------------------------------------
 
     /// Become leader of `epoch` with `replicas` and the ISR the metadata
@@ -313,10 +379,7 @@ impl ReplicationManager {
     fn step_down(&mut self, why: ErrorCode) {
         if let Some(l) = self.leader.take() {
             for w in l.waiters {
-                self.outbox.push(Action::ProduceDone {
-                    id: w.id,
-                    result: Err(why),
-                });
+                self.outbox.push(w.done(Err(why)));
             }
             for p in l.parked {
                 self.outbox.push(Action::RespondFetch {
@@ -367,7 +430,7 @@ impl ReplicationManager {
                 id,
                 base,
                 end,
-                acks,
+                kind: WaiterKind::Produce(acks),
             }),
         }
         Ok(())
@@ -748,8 +811,8 @@ impl ReplicationManager {
         }
     }
 
-    /// Complete waiting producers the HW (acks=all) or the log end
-    /// (acks=1) now covers.
+    /// Complete waiters the HW (acks=all, `wait_for_isr`) or the log end
+    /// (acks=1) now covers; any number may wait on any offsets.
     fn complete_leader_acks(&mut self) {
         let min_isr = self.config.min_insync_replicas as usize;
         let (hw, leo) = (self.hw, self.leo);
@@ -759,19 +822,55 @@ impl ReplicationManager {
         let isr_len = l.isr.len();
         let mut done = Vec::new();
         l.waiters.retain(|w| {
-            let ready = match w.acks {
-                Acks::All => hw >= w.end,
-                _ => leo >= w.end,
+            let ready = match w.kind {
+                WaiterKind::Produce(Acks::Leader) | WaiterKind::Produce(Acks::None) => leo >= w.end,
+                _ => hw >= w.end,
             };
             if ready {
-                let result = if w.acks == Acks::All && isr_len < min_isr {
-                    Err(ErrorCode::NotEnoughReplicasAfterAppend)
-                } else {
-                    Ok(w.base)
+                let result = match w.kind {
+                    WaiterKind::Produce(Acks::All) if isr_len < min_isr => {
+                        Err(ErrorCode::NotEnoughReplicasAfterAppend)
+                    }
+                    _ => Ok(()),
                 };
-                done.push(Action::ProduceDone { id: w.id, result });
+                done.push(w.done(result));
             }
             !ready
+        });
+        self.outbox.extend(done);
+    }
+
+    /// Answer [`Action::IsrWaitDone`] for `id` once the high watermark
+    /// passes `offset` (every ISR member holds it), or with
+    /// `RequestTimedOut` at `deadline_ms`. The reference API's `WaitForISR`.
+    pub fn wait_for_isr(&mut self, id: u64, offset: u64, deadline_ms: u64) {
+        let Some(l) = self.leader.as_mut() else {
+            self.outbox.push(Action::IsrWaitDone {
+                id,
+                result: Err(ErrorCode::NotLeader),
+            });
+            return;
+        };
+        l.waiters.push(Waiter {
+            id,
+            base: offset,
+            end: offset + 1,
+            kind: WaiterKind::Wait { deadline_ms },
+        });
+        self.complete_leader_acks();
+    }
+
+    fn expire_waits(&mut self, now: u64) {
+        let Some(l) = self.leader.as_mut() else {
+            return;
+        };
+        let mut done = Vec::new();
+        l.waiters.retain(|w| match w.kind {
+            WaiterKind::Wait { deadline_ms } if now >= deadline_ms => {
+                done.push(w.done(Err(ErrorCode::RequestTimedOut)));
+                false
+            }
+            _ => true,
         });
         self.outbox.extend(done);
     }
@@ -789,6 +888,7 @@ impl ReplicationManager {
         }
         if self.leader.is_some() {
             self.serve_parked(now, true);
+            self.expire_waits(now);
             self.maybe_shrink_isr(now);
         }
         self.maybe_fetch(now);
@@ -887,6 +987,8 @@ impl ReplicationManager {
             self.counters.fetch_errors += 1;
             f.next_fetch_ms = now + backoff;
             if e == ErrorCode::OffsetOutOfRange && response.leader_epoch == f.epoch {
+                // Not a failure of the leader: fix the log and fetch again.
+                f.next_fetch_ms = now;
                 if leo < response.log_start_offset {
                     // Behind the leader's log start: restart there.
                     self.storage_inflight += 1;
@@ -907,12 +1009,7 @@ impl ReplicationManager {
         }
         if let Some(d) = response.diverging_epoch {
             // Truncate exactly to the divergence point (KIP-101/279/595).
-            let target = match self.epochs.end_offset_for(d.epoch, leo) {
-                Some((e, end)) if e == d.epoch => end.min(d.end_offset),
-                Some((_, end)) => end,
-                None => self.log_start,
-            }
-            .min(leo);
+            let target = reconcile::divergence_point(&self.epochs, leo, self.log_start, d);
             f.next_fetch_ms = now;
             self.truncate_log(target);
             return;

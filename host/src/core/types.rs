@@ -29,6 +29,8 @@ pub enum ErrorCode {
     UnknownReplica,
     /// The fetch came from an older incarnation of the follower broker.
     StaleBrokerEpoch,
+    /// A wait ran past its deadline.
+    RequestTimedOut,
     /// The records could not be appended (storage fault, bad batch).
     StorageError,
 }
@@ -123,6 +125,11 @@ pub enum Action {
     ProduceDone {
         id: ProduceId,
         result: Result<u64, ErrorCode>,
+    },
+    /// A `wait_for_isr` finished: the HW passed the offset, or why not.
+    IsrWaitDone {
+        id: u64,
+        result: Result<(), ErrorCode>,
     },
     /// Ask the metadata store to set the ISR, as a compare-and-set on the
     /// leader epoch and partition version; report with `isr_update_done`.

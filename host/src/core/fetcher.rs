@@ -1,0 +1,244 @@
+//! The follower broker's fetch scheduler (the reference API's `Fetcher`):
+//! takes the per-partition fetches its replicas ask for and sends them as
+//! multi-partition fetches, one stream of them per (leader, fetcher
+//! thread), with at most `max_inflight_fetches` outstanding on each and
+//! `fetch_backoff_ms` after a failure. Sans-IO like the rest of the core.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::config::Config;
+use super::types::{FetchRequest, ReplicaId};
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TopicPartition {
+    pub topic: String,
+    pub partition: u32,
+}
+
+impl TopicPartition {
+    pub fn new(topic: &str, partition: u32) -> Self {
+        TopicPartition {
+            topic: topic.to_string(),
+            partition,
+        }
+    }
+
+    /// The fetcher thread serving this partition: a stable hash.
+    fn thread(&self, threads: u32) -> u32 {
+        // FNV-1a: stable across runs and platforms, unlike the std hasher.
+        let mut h: u32 = 0x811c_9dc5;
+        for b in self
+            .topic
+            .as_bytes()
+            .iter()
+            .chain(&self.partition.to_le_bytes())
+        {
+            h ^= u32::from(*b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+        h % threads.max(1)
+    }
+}
+
+/// One multi-partition fetch to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MultiFetch {
+    pub id: u64,
+    pub to: ReplicaId,
+    pub thread: u32,
+    pub partitions: Vec<(TopicPartition, FetchRequest)>,
+}
+
+#[derive(Debug)]
+struct Target {
+    leader: ReplicaId,
+    queued: Option<FetchRequest>,
+    backoff_until: u64,
+}
+
+#[derive(Debug)]
+pub struct Fetcher {
+    config: Config,
+    partitions: BTreeMap<TopicPartition, Target>,
+    /// Outstanding fetch id -> (leader, thread, partitions in it).
+    inflight: BTreeMap<u64, (ReplicaId, u32, BTreeSet<TopicPartition>)>,
+    next_id: u64,
+}
+
+impl Fetcher {
+    pub fn new(config: Config) -> Self {
+        Fetcher {
+            config,
+            partitions: BTreeMap::new(),
+            inflight: BTreeMap::new(),
+            next_id: 0,
+        }
+    }
+
+    /// Replicate `tp` from `leader` (replacing any earlier leader).
+    pub fn add_partition(&mut self, tp: TopicPartition, leader: ReplicaId) {
+        self.partitions.insert(
+            tp,
+            Target {
+                leader,
+                queued: None,
+                backoff_until: 0,
+            },
+        );
+    }
+
+    pub fn remove_partition(&mut self, tp: &TopicPartition) {
+        self.partitions.remove(tp);
+    }
+
+    pub fn partition_count(&self) -> usize {
+        self.partitions.len()
+    }
+
+    /// A replica asked to fetch (its `Action::SendFetch`). A newer request
+    /// for the same partition replaces a queued one.
+    pub fn enqueue(&mut self, tp: &TopicPartition, request: FetchRequest) {
+        if let Some(t) = self.partitions.get_mut(tp) {
+            t.queued = Some(request);
+        }
+    }
+
+    fn busy(&self, leader: ReplicaId, thread: u32) -> usize {
+        self.inflight
+            .values()
+            .filter(|(l, t, _)| *l == leader && *t == thread)
+            .count()
+    }
+
+    /// The fetches to send now: queued requests grouped per (leader,
+    /// thread), within the in-flight limit, skipping partitions in backoff.
+    pub fn poll(&mut self, now: u64) -> Vec<MultiFetch> {
+        let threads = self.config.num_fetcher_threads;
+        let mut groups: BTreeMap<(ReplicaId, u32), Vec<TopicPartition>> = BTreeMap::new();
+        let in_flight: BTreeSet<&TopicPartition> =
+            self.inflight.values().flat_map(|(_, _, s)| s).collect();
+        for (tp, t) in &self.partitions {
+            if t.queued.is_some() && now >= t.backoff_until && !in_flight.contains(tp) {
+                groups
+                    .entry((t.leader, tp.thread(threads)))
+                    .or_default()
+                    .push(tp.clone());
+            }
+        }
+        let mut out = Vec::new();
+        for ((leader, thread), tps) in groups {
+            if self.busy(leader, thread) >= self.config.max_inflight_fetches as usize {
+                continue;
+            }
+            let partitions: Vec<(TopicPartition, FetchRequest)> = tps
+                .into_iter()
+                .filter_map(|tp| {
+                    let req = self.partitions.get_mut(&tp)?.queued.take()?;
+                    Some((tp, req))
+                })
+                .collect();
+            self.next_id += 1;
+            let set = partitions.iter().map(|(tp, _)| tp.clone()).collect();
+            self.inflight.insert(self.next_id, (leader, thread, set));
+            out.push(MultiFetch {
+                id: self.next_id,
+                to: leader,
+                thread,
+                partitions,
+            });
+        }
+        out
+    }
+
+    /// The response to fetch `id` arrived (hand each partition's part to
+    /// its replica).
+    pub fn completed(&mut self, id: u64) {
+        self.inflight.remove(&id);
+    }
+
+    /// Fetch `id` failed (timeout, connection lost): its partitions back
+    /// off, and their replicas must be told with `fetch_failed`.
+    pub fn failed(&mut self, id: u64, now: u64) -> Vec<TopicPartition> {
+        let Some((_, _, tps)) = self.inflight.remove(&id) else {
+            return Vec::new();
+        };
+        for tp in &tps {
+            if let Some(t) = self.partitions.get_mut(tp) {
+                t.backoff_until = now + self.config.fetch_backoff_ms;
+            }
+        }
+        tps.into_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(offset: u64) -> FetchRequest {
+        FetchRequest {
+            replica_id: 2,
+            replica_epoch: 1,
+            correlation_id: offset,
+            current_leader_epoch: 1,
+            fetch_offset: offset,
+            last_fetched_epoch: None,
+            max_bytes: 1024,
+            min_bytes: 1,
+            max_wait_ms: 100,
+        }
+    }
+
+    #[test]
+    fn groups_per_leader_and_thread_within_inflight_limits() {
+        let config = Config {
+            num_fetcher_threads: 2,
+            max_inflight_fetches: 1,
+            ..Config::default()
+        };
+        let mut f = Fetcher::new(config);
+        for p in 0..6 {
+            f.add_partition(TopicPartition::new("t", p), if p < 4 { 1 } else { 3 });
+            f.enqueue(&TopicPartition::new("t", p), req(u64::from(p)));
+        }
+        let sent = f.poll(0);
+        // Leader 1 and leader 3, each split over at most 2 threads.
+        assert!(sent.len() >= 2 && sent.len() <= 4, "{sent:?}");
+        let total: usize = sent.iter().map(|m| m.partitions.len()).sum();
+        assert_eq!(total, 6, "every queued partition goes out once");
+        for m in &sent {
+            assert!(
+                m.partitions
+                    .iter()
+                    .all(|(tp, _)| (tp.partition < 4) == (m.to == 1))
+            );
+        }
+        // One in flight per (leader, thread): nothing more until answered.
+        for p in 0..6 {
+            f.enqueue(&TopicPartition::new("t", p), req(10 + u64::from(p)));
+        }
+        assert!(f.poll(1).is_empty());
+        f.completed(sent[0].id);
+        let next = f.poll(2);
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].to, sent[0].to);
+        assert_eq!(next[0].thread, sent[0].thread);
+    }
+
+    #[test]
+    fn failures_back_off() {
+        let config = Config {
+            fetch_backoff_ms: 100,
+            ..Config::default()
+        };
+        let mut f = Fetcher::new(config);
+        let tp = TopicPartition::new("t", 0);
+        f.add_partition(tp.clone(), 1);
+        f.enqueue(&tp, req(0));
+        let sent = f.poll(0);
+        assert_eq!(f.failed(sent[0].id, 10), vec![tp.clone()]);
+        f.enqueue(&tp, req(0));
+        assert!(f.poll(50).is_empty(), "still backing off");
+        assert_eq!(f.poll(110).len(), 1);
+    }
+}

@@ -1,0 +1,727 @@
+//! Scripted scenarios for the replication core: the KIP-101, KIP-279 and
+//! KIP-320 cases, the data-loss scenarios of the reference doc, and a
+//! regression test for each known bug of the reference package.
+
+#[allow(dead_code)]
+#[path = "sim/storage.rs"]
+mod storage;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use bytes::Bytes;
+use replicator::batch::Record;
+use replicator::core::{
+    Acks, Action, Config, ErrorCode, Faults, FetchRequest, FetchResponse, ReplicaId,
+    ReplicationManager, Role,
+};
+use storage::SimLog;
+
+enum Msg {
+    Fetch(FetchRequest),
+    Resp(FetchResponse),
+}
+
+struct Node {
+    rm: Option<ReplicationManager>,
+    log: SimLog,
+    broker_epoch: u64,
+}
+
+/// A tiny deterministic cluster: instant storage, a FIFO network with
+/// blockable links, and a metadata store with compare-and-set.
+struct Cluster {
+    config: Config,
+    nodes: Vec<Node>,
+    queue: VecDeque<(ReplicaId, ReplicaId, Msg)>,
+    blocked: BTreeSet<(ReplicaId, ReplicaId)>,
+    now: u64,
+    epoch: u32,
+    isr: Vec<ReplicaId>,
+    version: u64,
+    produced: BTreeMap<u64, Result<u64, ErrorCode>>,
+    waits: BTreeMap<u64, Result<(), ErrorCode>>,
+    isr_updates: u32,
+    faults: Faults,
+}
+
+fn record(i: u64) -> Vec<Record> {
+    vec![Record {
+        value: Bytes::from(format!("m{i}")),
+        timestamp: i as i64,
+        ..Default::default()
+    }]
+}
+
+impl Cluster {
+    fn new(n: u32, config: Config) -> Cluster {
+        let mut c = Cluster {
+            config,
+            nodes: (0..n)
+                .map(|_| Node {
+                    rm: None,
+                    log: SimLog::default(),
+                    broker_epoch: 0,
+                })
+                .collect(),
+            queue: VecDeque::new(),
+            blocked: BTreeSet::new(),
+            now: 0,
+            epoch: 0,
+            isr: Vec::new(),
+            version: 0,
+            produced: BTreeMap::new(),
+            waits: BTreeMap::new(),
+            isr_updates: 0,
+            faults: Faults::default(),
+        };
+        for i in 0..n {
+            c.start(i);
+        }
+        c
+    }
+
+    fn start(&mut self, n: ReplicaId) {
+        let node = &mut self.nodes[n as usize];
+        node.broker_epoch += 1;
+        let mut rm = ReplicationManager::new(self.config.clone(), n, &node.log.state());
+        rm.set_broker_epoch(node.broker_epoch);
+        rm.set_faults(self.faults);
+        node.rm = Some(rm);
+    }
+
+    fn rm(&mut self, n: ReplicaId) -> &mut ReplicationManager {
+        self.nodes[n as usize].rm.as_mut().expect("node is up")
+    }
+
+    fn replicas(&self) -> Vec<ReplicaId> {
+        (0..self.nodes.len() as u32).collect()
+    }
+
+    /// Make `leader` lead a new epoch with `isr`; every other live node follows.
+    fn elect(&mut self, leader: ReplicaId, isr: &[ReplicaId]) {
+        self.epoch += 1;
+        self.version += 1;
+        self.isr = isr.to_vec();
+        let (epoch, version, now, replicas) = (self.epoch, self.version, self.now, self.replicas());
+        self.rm(leader)
+            .become_leader(epoch, replicas.clone(), isr.to_vec(), version, now);
+        for r in replicas {
+            if r != leader && self.nodes[r as usize].rm.is_some() {
+                self.rm(r).become_follower(leader, epoch, now);
+            }
+        }
+        self.pump();
+    }
+
+    fn crash(&mut self, n: ReplicaId, lossy: bool) {
+        self.nodes[n as usize].rm = None;
+        if lossy {
+            self.nodes[n as usize].log.lose_unflushed();
+        }
+        self.queue.retain(|(f, t, _)| *f != n && *t != n);
+    }
+
+    fn produce(&mut self, leader: ReplicaId, id: u64, acks: Acks) -> Result<(), ErrorCode> {
+        let now = self.now;
+        let r = self.rm(leader).produce(id, &record(id), acks, now);
+        self.pump();
+        r
+    }
+
+    fn advance(&mut self, ms: u64) {
+        for _ in 0..ms / 10 {
+            self.now += 10;
+            let now = self.now;
+            for n in 0..self.nodes.len() as u32 {
+                if let Some(rm) = self.nodes[n as usize].rm.as_mut() {
+                    rm.tick(now);
+                }
+            }
+            self.pump();
+        }
+    }
+
+    /// Carry out actions and deliver messages until nothing moves.
+    fn pump(&mut self) {
+        for _ in 0..100_000 {
+            let mut moved = false;
+            for n in 0..self.nodes.len() as u32 {
+                let actions = match self.nodes[n as usize].rm.as_mut() {
+                    Some(rm) => rm.drain(),
+                    None => continue,
+                };
+                for a in actions {
+                    moved = true;
+                    self.execute(n, a);
+                }
+            }
+            if let Some((from, to, msg)) = self.queue.pop_front() {
+                moved = true;
+                let now = self.now;
+                if !self.blocked.contains(&(from, to))
+                    && let Some(rm) = self.nodes[to as usize].rm.as_mut()
+                {
+                    match msg {
+                        Msg::Fetch(r) => rm.handle_fetch(from, r, now),
+                        Msg::Resp(r) => rm.handle_fetch_response(from, r, now),
+                    }
+                } else {
+                    // A lost message: the follower's fetch times out.
+                    let (follower, corr) = match &msg {
+                        Msg::Fetch(r) => (from, r.correlation_id),
+                        Msg::Resp(r) => (to, r.correlation_id),
+                    };
+                    if let Some(rm) = self.nodes[follower as usize].rm.as_mut() {
+                        rm.fetch_failed(corr, now);
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("the cluster never went quiet");
+    }
+
+    fn execute(&mut self, n: ReplicaId, a: Action) {
+        let now = self.now;
+        let node = &mut self.nodes[n as usize];
+        match a {
+            Action::Append { batches } => {
+                let leo = node.log.append(&batches);
+                if let Some(rm) = node.rm.as_mut() {
+                    rm.log_appended(leo, now);
+                }
+            }
+            Action::Truncate { offset } => {
+                let leo = node.log.truncate(offset);
+                if let Some(rm) = node.rm.as_mut() {
+                    rm.log_truncated(leo, now);
+                }
+            }
+            Action::ResetLog { offset } => {
+                node.log.reset(offset);
+                if let Some(rm) = node.rm.as_mut() {
+                    rm.log_reset(offset, now);
+                }
+            }
+            Action::PersistEpochs(e) => node.log.epochs = e,
+            Action::PersistHighWatermark(hw) => node.log.hw_checkpoint = hw,
+            Action::SendFetch { to, request } => self.queue.push_back((n, to, Msg::Fetch(request))),
+            Action::RespondFetch {
+                to,
+                mut response,
+                read,
+            } => {
+                if let Some(spec) = read {
+                    response.records = node.log.read(&spec);
+                }
+                self.queue.push_back((n, to, Msg::Resp(response)));
+            }
+            Action::ProduceDone { id, result } => {
+                self.produced.insert(id, result);
+            }
+            Action::IsrWaitDone { id, result } => {
+                self.waits.insert(id, result);
+            }
+            Action::UpdateIsr {
+                leader_epoch,
+                isr,
+                expected_version,
+                ..
+            } => {
+                let ok = leader_epoch == self.epoch && expected_version == self.version;
+                let result = if ok {
+                    self.isr = isr;
+                    self.version += 1;
+                    self.isr_updates += 1;
+                    Ok(self.version)
+                } else {
+                    Err(ErrorCode::FencedLeaderEpoch)
+                };
+                if let Some(rm) = self.nodes[n as usize].rm.as_mut() {
+                    rm.isr_update_done(result, now);
+                }
+            }
+        }
+    }
+
+    fn values(&self, n: ReplicaId) -> Vec<(u64, u32, Bytes)> {
+        let log = &self.nodes[n as usize].log;
+        log.batches
+            .iter()
+            .flat_map(|(_, _, epoch, b)| {
+                replicator::batch::decode(b)
+                    .expect("valid")
+                    .into_iter()
+                    .map(move |r| (r.offset, *epoch, r.record.value))
+            })
+            .collect()
+    }
+}
+
+fn config() -> Config {
+    Config {
+        min_insync_replicas: 2,
+        replica_lag_time_max_ms: 1000,
+        fetch_max_wait_ms: 100,
+        fetch_backoff_ms: 50,
+        ..Config::default()
+    }
+}
+
+fn acked(c: &Cluster) -> Vec<u64> {
+    c.produced.values().filter_map(|r| r.ok()).collect()
+}
+
+#[test]
+fn acks_all_completes_as_followers_fetch_without_any_timer() {
+    // Reference bugs: HW on a 5 s timer; acks waited up to ~10 s.
+    let mut c = Cluster::new(3, config());
+    c.elect(0, &[0, 1, 2]);
+    for i in 0..5 {
+        c.produce(0, i, Acks::All).unwrap();
+    }
+    // No `advance`: only message delivery happened.
+    assert_eq!(acked(&c), vec![0, 1, 2, 3, 4]);
+    assert_eq!(c.rm(0).high_watermark(), 5);
+}
+
+#[test]
+fn kip320_fetches_with_an_older_or_newer_epoch_are_refused() {
+    let mut c = Cluster::new(2, config());
+    c.elect(0, &[0, 1]);
+    c.elect(0, &[0, 1]); // epoch 2
+    for (epoch, want) in [
+        (1, ErrorCode::FencedLeaderEpoch),
+        (3, ErrorCode::UnknownLeaderEpoch),
+    ] {
+        let req = FetchRequest {
+            replica_id: 1,
+            replica_epoch: 1,
+            correlation_id: 99,
+            current_leader_epoch: epoch,
+            fetch_offset: 0,
+            last_fetched_epoch: None,
+            max_bytes: 1024,
+            min_bytes: 0,
+            max_wait_ms: 0,
+        };
+        let now = c.now;
+        c.rm(0).handle_fetch(1, req, now);
+        let resp = c.rm(0).drain().into_iter().find_map(|a| match a {
+            Action::RespondFetch { response, .. } => Some(response),
+            _ => None,
+        });
+        assert_eq!(resp.and_then(|r| r.error), Some(want), "epoch {epoch}");
+    }
+}
+
+#[test]
+fn scenario1_isr_of_the_leader_alone_refuses_acks_all_and_commits_nothing() {
+    let mut c = Cluster::new(3, config());
+    c.elect(0, &[0, 1, 2]);
+    c.produce(0, 0, Acks::All).unwrap();
+    c.blocked.extend([(1, 0), (2, 0), (0, 1), (0, 2)]);
+    c.advance(1500);
+    assert_eq!(
+        c.isr,
+        vec![0],
+        "the ISR shrank to the leader through the store"
+    );
+    assert_eq!(
+        c.produce(0, 1, Acks::All),
+        Err(ErrorCode::NotEnoughReplicas)
+    );
+    c.produce(0, 2, Acks::Leader).unwrap();
+    assert_eq!(
+        c.rm(0).high_watermark(),
+        1,
+        "below min.insync the HW must not move"
+    );
+}
+
+#[test]
+fn kip101_restarted_follower_keeps_its_log_and_can_lead_without_loss() {
+    let mut c = Cluster::new(3, config());
+    c.elect(0, &[0, 1, 2]);
+    for i in 0..10 {
+        c.produce(0, i, Acks::All).unwrap();
+    }
+    // The follower's HW checkpoint is stale (it never checkpointed).
+    assert_eq!(c.nodes[1].log.hw_checkpoint, 0);
+    c.crash(1, false);
+    c.start(1);
+    let (epoch, now) = (c.epoch, c.now);
+    c.rm(1).become_follower(0, epoch, now);
+    c.pump();
+    c.crash(0, false);
+    c.elect(1, &[1, 2]);
+    let held: Vec<u64> = c.values(1).iter().map(|v| v.0).collect();
+    assert_eq!(
+        held,
+        (0..10).collect::<Vec<_>>(),
+        "every acked record on the new leader"
+    );
+}
+
+#[test]
+fn kip101_the_reference_behaviour_loses_acked_data() {
+    // The same script with the follower truncating to its HW.
+    let mut c = Cluster::new(3, config());
+    c.faults = Faults {
+        follower_truncates_to_hw: true,
+        ..Faults::default()
+    };
+    c.elect(0, &[0, 1, 2]);
+    for i in 0..10 {
+        c.produce(0, i, Acks::All).unwrap();
+    }
+    c.crash(1, false);
+    c.start(1);
+    c.blocked.insert((0, 1)); // the leader dies before it can refill it
+    let (epoch, now) = (c.epoch, c.now);
+    c.rm(1).become_follower(0, epoch, now);
+    c.pump();
+    assert!(
+        c.values(1).len() < 10,
+        "the bug cut acked records from the future leader"
+    );
+}
+
+#[test]
+fn kip101_divergent_records_at_one_offset_are_reconciled_by_epoch() {
+    let mut c = Cluster::new(
+        2,
+        Config {
+            min_insync_replicas: 1,
+            ..config()
+        },
+    );
+    c.elect(0, &[0, 1]);
+    for i in 0..5 {
+        c.produce(0, i, Acks::All).unwrap();
+    }
+    // Node 0 writes offset 5 that never reaches node 1, then dies.
+    c.blocked.insert((0, 1));
+    c.produce(0, 5, Acks::Leader).unwrap();
+    c.crash(0, false);
+    c.blocked.clear();
+    // Node 1 leads epoch 2 and writes a different record at offset 5.
+    c.elect(1, &[1]);
+    c.produce(1, 105, Acks::Leader).unwrap();
+    // Node 0 returns with its own offset 5 (epoch 1) and must drop it.
+    c.start(0);
+    let (epoch, now) = (c.epoch, c.now);
+    c.rm(0).become_follower(1, epoch, now);
+    c.pump();
+    assert_eq!(
+        c.values(0),
+        c.values(1),
+        "logs identical after reconciliation"
+    );
+    assert_eq!(c.values(0)[5].2, Bytes::from("m105"));
+}
+
+#[test]
+fn kip279_back_to_back_leader_changes_converge() {
+    let mut c = Cluster::new(
+        2,
+        Config {
+            min_insync_replicas: 1,
+            ..config()
+        },
+    );
+    c.elect(0, &[0, 1]);
+    c.produce(0, 0, Acks::All).unwrap();
+    // A writes offset 1 alone; then B leads epoch 2 and writes its own
+    // offset 1; then A leads epoch 3 (B down) and writes offset 2.
+    c.blocked.extend([(0, 1), (1, 0)]);
+    c.produce(0, 1, Acks::Leader).unwrap();
+    c.crash(0, false);
+    c.elect(1, &[1]);
+    c.produce(1, 11, Acks::Leader).unwrap();
+    c.crash(1, false);
+    c.start(0);
+    c.elect(0, &[0]);
+    c.produce(0, 2, Acks::Leader).unwrap();
+    c.blocked.clear();
+    c.start(1);
+    let (epoch, now) = (c.epoch, c.now);
+    c.rm(1).become_follower(0, epoch, now);
+    c.pump();
+    assert_eq!(
+        c.values(1),
+        c.values(0),
+        "B dropped its epoch-2 record and converged"
+    );
+    let offsets: Vec<u64> = c.values(0).iter().map(|v| v.0).collect();
+    assert_eq!(offsets, vec![0, 1, 2]);
+}
+
+#[test]
+fn a_new_leader_never_truncates_its_uncommitted_suffix() {
+    // Reference bug: ReconcileAsNewLeader truncated to the HW.
+    let mut c = Cluster::new(3, config());
+    c.elect(0, &[0, 1, 2]);
+    c.blocked.extend([(0, 1), (0, 2)]);
+    c.produce(0, 0, Acks::Leader).unwrap();
+    c.produce(0, 1, Acks::Leader).unwrap();
+    assert_eq!(c.rm(0).high_watermark(), 0);
+    let (now, replicas) = (c.now, c.replicas());
+    c.rm(0).become_leader(9, replicas, vec![0, 1, 2], 99, now);
+    let truncated = c
+        .rm(0)
+        .drain()
+        .iter()
+        .any(|a| matches!(a, Action::Truncate { .. }));
+    assert!(!truncated);
+    assert_eq!(c.rm(0).log_end_offset(), 2);
+}
+
+#[test]
+fn isr_expansion_waits_for_the_epoch_start_not_just_the_hw() {
+    // Scenario 6: a follower at the new leader's lagging HW but short of
+    // the epoch start must not join.
+    let mut c = Cluster::new(
+        4,
+        Config {
+            min_insync_replicas: 1,
+            ..config()
+        },
+    );
+    c.elect(0, &[0, 1, 2, 3]);
+    for i in 0..9 {
+        c.produce(0, i, Acks::All).unwrap();
+    }
+    // Record 9 misses node 2, so the HW stays at 9 everywhere.
+    c.blocked.extend([(0, 2), (2, 0)]);
+    c.produce(0, 9, Acks::Leader).unwrap();
+    assert_eq!(c.rm(1).log_end_offset(), 10);
+    assert_eq!(c.rm(2).log_end_offset(), 9);
+    // Node 1 leads a new epoch starting at 10 with ISR {1, 3}; node 3 is
+    // unreachable, so node 1's HW cannot move past 9 yet. Node 2's fetches
+    // arrive, the answers are held back.
+    c.crash(0, false);
+    c.blocked.clear();
+    c.blocked.extend([(1, 2), (1, 3), (3, 1)]);
+    c.elect(1, &[1, 3]);
+    c.advance(100);
+    assert!(c.rm(1).high_watermark() <= 9);
+    assert!(
+        !c.isr.contains(&2),
+        "node 2 at 9 >= HW but < epoch start 10 must not join"
+    );
+    c.blocked.remove(&(1, 2));
+    c.advance(300);
+    assert!(
+        c.isr.contains(&2),
+        "after catching up to the epoch start it joins: {:?}",
+        c.isr
+    );
+}
+
+#[test]
+fn isr_shrinks_by_time_since_caught_up_even_while_the_follower_fetches() {
+    // Reference bug: lag measured from the last fetch, so a fetching but
+    // never-caught-up follower stayed in the ISR forever.
+    let mut c = Cluster::new(
+        3,
+        Config {
+            min_insync_replicas: 1,
+            ..config()
+        },
+    );
+    c.elect(0, &[0, 1, 2]);
+    c.blocked.insert((0, 2)); // node 2's fetches arrive, answers never do
+    for i in 0..30 {
+        c.produce(0, i, Acks::Leader).unwrap();
+        c.advance(100);
+    }
+    assert!(!c.isr.contains(&2), "isr {:?}", c.isr);
+    assert!(c.isr.contains(&1));
+}
+
+#[test]
+fn many_isr_changes_all_go_through_the_store() {
+    // Reference bug: changes went to a 10-slot channel nobody read.
+    let mut c = Cluster::new(
+        3,
+        Config {
+            min_insync_replicas: 1,
+            ..config()
+        },
+    );
+    c.elect(0, &[0, 1, 2]);
+    for round in 0..12 {
+        c.blocked.extend([(0, 2), (2, 0)]);
+        c.produce(0, round, Acks::Leader).unwrap();
+        c.advance(1500);
+        assert_eq!(c.isr, vec![0, 1], "round {round}");
+        c.blocked.clear();
+        c.advance(300);
+        assert_eq!(c.isr, vec![0, 1, 2], "round {round}");
+    }
+    assert!(c.isr_updates >= 24);
+    assert_eq!(c.rm(0).isr(), c.isr, "the leader's ISR is the store's");
+}
+
+#[test]
+fn long_poll_waits_for_data_or_max_wait() {
+    let mut c = Cluster::new(
+        2,
+        Config {
+            min_insync_replicas: 1,
+            ..config()
+        },
+    );
+    c.elect(0, &[0, 1]);
+    c.produce(0, 0, Acks::All).unwrap();
+    // Caught up: the follower's fetch is parked at the leader.
+    assert!(c.queue.is_empty());
+    let before = c.rm(1).counters().fetch_bytes;
+    c.produce(0, 1, Acks::All).unwrap();
+    assert!(
+        c.rm(1).counters().fetch_bytes > before,
+        "new data answered the parked fetch at once"
+    );
+    assert_eq!(c.rm(1).log_end_offset(), 2);
+    let fetches = c.rm(0).counters().fetch_requests;
+    c.advance(50);
+    assert_eq!(
+        c.rm(0).counters().fetch_requests,
+        fetches,
+        "no polling before max wait"
+    );
+    c.advance(100);
+    assert!(
+        c.rm(0).counters().fetch_requests > fetches,
+        "max wait answered the empty fetch"
+    );
+}
+
+#[test]
+fn follower_hw_never_exceeds_its_own_log_end() {
+    let mut c = Cluster::new(2, config());
+    c.elect(0, &[0, 1]);
+    for i in 0..3 {
+        c.produce(0, i, Acks::All).unwrap();
+    }
+    let resp = FetchResponse {
+        correlation_id: 0,
+        leader_epoch: c.epoch,
+        error: None,
+        high_watermark: 1000,
+        log_start_offset: 0,
+        log_end_offset: 1000,
+        diverging_epoch: None,
+        records: Bytes::new(),
+    };
+    let now = c.now;
+    c.rm(1).handle_fetch_response(0, resp, now);
+    assert!(c.rm(1).high_watermark() <= c.rm(1).log_end_offset());
+}
+
+#[test]
+fn out_of_range_resets_to_the_leaders_log_start_not_zero() {
+    let mut c = Cluster::new(
+        2,
+        Config {
+            min_insync_replicas: 1,
+            ..config()
+        },
+    );
+    c.elect(0, &[0]);
+    c.crash(1, false);
+    for i in 0..20 {
+        c.produce(0, i, Acks::All).unwrap();
+    }
+    // The leader's log now starts at 15 (retention).
+    c.nodes[0].log.batches.retain(|b| b.0 >= 15);
+    c.nodes[0].log.log_start = 15;
+    let state = c.nodes[0].log.state();
+    let mut rm = ReplicationManager::new(c.config.clone(), 0, &state);
+    rm.set_broker_epoch(9);
+    c.nodes[0].rm = Some(rm);
+    c.elect(0, &[0]);
+    c.start(1);
+    let (epoch, now) = (c.epoch, c.now);
+    c.rm(1).become_follower(0, epoch, now);
+    c.pump();
+    assert_eq!(c.nodes[1].log.log_start, 15);
+    assert_eq!(c.rm(1).log_end_offset(), 20);
+}
+
+#[test]
+fn follower_ignores_batches_that_do_not_start_at_its_log_end() {
+    let mut c = Cluster::new(2, config());
+    c.elect(0, &[0, 1]);
+    let stray = replicator::batch::encode(7, c.epoch, &record(7)).unwrap();
+    // Make the follower's next fetch the outstanding one, then answer it
+    // with a batch at the wrong offset.
+    let now = c.now;
+    c.rm(1).fetch_failed(1, now);
+    let resp = FetchResponse {
+        correlation_id: 1,
+        leader_epoch: c.epoch,
+        error: None,
+        high_watermark: 0,
+        log_start_offset: 0,
+        log_end_offset: 8,
+        diverging_epoch: None,
+        records: stray,
+    };
+    c.rm(1).handle_fetch_response(0, resp, now);
+    let appended = c
+        .rm(1)
+        .drain()
+        .iter()
+        .any(|a| matches!(a, Action::Append { .. }));
+    assert!(!appended);
+}
+
+#[test]
+fn any_number_of_waiters_complete_when_the_hw_passes() {
+    let mut c = Cluster::new(3, config());
+    c.elect(0, &[0, 1, 2]);
+    c.blocked.extend([(1, 0), (2, 0)]);
+    c.produce(0, 0, Acks::Leader).unwrap();
+    c.produce(0, 1, Acks::Leader).unwrap();
+    let now = c.now;
+    for id in 0..5 {
+        c.rm(0).wait_for_isr(id, 1, now + 60_000);
+    }
+    c.rm(0).wait_for_isr(9, 0, now + 60_000);
+    c.pump();
+    assert!(c.waits.is_empty(), "nothing committed yet");
+    c.blocked.clear();
+    c.advance(200);
+    assert_eq!(c.waits.len(), 6);
+    assert!(c.waits.values().all(|r| r.is_ok()));
+}
+
+#[test]
+fn under_replicated_follows_the_replica_count() {
+    let mut two = Cluster::new(
+        2,
+        Config {
+            min_insync_replicas: 1,
+            ..config()
+        },
+    );
+    two.elect(0, &[0, 1]);
+    assert!(!two.rm(0).is_under_replicated());
+    let mut five = Cluster::new(
+        5,
+        Config {
+            min_insync_replicas: 1,
+            ..config()
+        },
+    );
+    five.crash(3, false);
+    five.crash(4, false);
+    five.elect(0, &[0, 1, 2]);
+    assert!(five.rm(0).is_under_replicated());
+    assert!(five.rm(0).state().is_under_replicated());
+    assert_eq!(five.rm(0).role(), Role::Leader);
+}
