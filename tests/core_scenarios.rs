@@ -14,6 +14,7 @@ use replicator::core::{
     Acks, Action, Config, ErrorCode, Faults, FetchRequest, FetchResponse, ReplicaId,
     ReplicationManager, Role,
 };
+
 use storage::SimLog;
 
 enum Msg {
@@ -123,7 +124,7 @@ impl Cluster {
 
     fn produce(&mut self, leader: ReplicaId, id: u64, acks: Acks) -> Result<(), ErrorCode> {
         let now = self.now;
-        let r = self.rm(leader).produce(id, &record(id), acks, now);
+        let r = self.rm(leader).produce(id, &record(id), acks, now + 60_000);
         self.pump();
         r
     }
@@ -188,7 +189,10 @@ impl Cluster {
         let node = &mut self.nodes[n as usize];
         match a {
             Action::Append { batches } => {
-                let leo = node.log.append(&batches);
+                let leo = node
+                    .log
+                    .append(&batches)
+                    .expect("the core appends in order");
                 if let Some(rm) = node.rm.as_mut() {
                     rm.log_appended(leo, now);
                 }
@@ -230,17 +234,18 @@ impl Cluster {
                 expected_version,
                 ..
             } => {
-                let ok = leader_epoch == self.epoch && expected_version == self.version;
-                let result = if ok {
+                let result = if leader_epoch != self.epoch {
+                    Err(ErrorCode::FencedLeaderEpoch)
+                } else if expected_version != self.version {
+                    Err(ErrorCode::IsrUpdateRejected)
+                } else {
                     self.isr = isr;
                     self.version += 1;
                     self.isr_updates += 1;
                     Ok(self.version)
-                } else {
-                    Err(ErrorCode::FencedLeaderEpoch)
                 };
                 if let Some(rm) = self.nodes[n as usize].rm.as_mut() {
-                    rm.isr_update_done(result, now);
+                    rm.isr_update_done(expected_version, result, now);
                 }
             }
         }
@@ -258,6 +263,21 @@ impl Cluster {
             })
             .collect()
     }
+}
+
+/// Make `n` (a follower of `leader`) issue a fresh fetch and return it,
+/// so a test can answer it with a crafted response.
+fn outstanding_fetch(c: &mut Cluster, n: ReplicaId, leader: ReplicaId) -> FetchRequest {
+    let (epoch, now) = (c.epoch, c.now);
+    c.rm(n).become_follower(leader, epoch, now);
+    c.rm(n)
+        .drain()
+        .into_iter()
+        .find_map(|a| match a {
+            Action::SendFetch { request, .. } => Some(request),
+            _ => None,
+        })
+        .expect("a follower fetches on becoming follower")
 }
 
 fn config() -> Config {
@@ -578,7 +598,6 @@ fn long_poll_waits_for_data_or_max_wait() {
     c.elect(0, &[0, 1]);
     c.produce(0, 0, Acks::All).unwrap();
     // Caught up: the follower's fetch is parked at the leader.
-    assert!(c.queue.is_empty());
     let before = c.rm(1).counters().fetch_bytes;
     c.produce(0, 1, Acks::All).unwrap();
     assert!(
@@ -602,13 +621,15 @@ fn long_poll_waits_for_data_or_max_wait() {
 
 #[test]
 fn follower_hw_never_exceeds_its_own_log_end() {
+    // Reference bug: a follower set its HW above its own LEO.
     let mut c = Cluster::new(2, config());
     c.elect(0, &[0, 1]);
     for i in 0..3 {
         c.produce(0, i, Acks::All).unwrap();
     }
+    let req = outstanding_fetch(&mut c, 1, 0);
     let resp = FetchResponse {
-        correlation_id: 0,
+        correlation_id: req.correlation_id,
         leader_epoch: c.epoch,
         error: None,
         high_watermark: 1000,
@@ -619,7 +640,8 @@ fn follower_hw_never_exceeds_its_own_log_end() {
     };
     let now = c.now;
     c.rm(1).handle_fetch_response(0, resp, now);
-    assert!(c.rm(1).high_watermark() <= c.rm(1).log_end_offset());
+    assert_eq!(c.rm(1).log_end_offset(), 3);
+    assert_eq!(c.rm(1).high_watermark(), 3, "capped at its own log end");
 }
 
 #[test]
@@ -654,30 +676,42 @@ fn out_of_range_resets_to_the_leaders_log_start_not_zero() {
 
 #[test]
 fn follower_ignores_batches_that_do_not_start_at_its_log_end() {
+    // Reference bug: appended batches were not checked to start at the LEO.
     let mut c = Cluster::new(2, config());
     c.elect(0, &[0, 1]);
-    let stray = replicator::batch::encode(7, c.epoch, &record(7)).unwrap();
-    // Make the follower's next fetch the outstanding one, then answer it
-    // with a batch at the wrong offset.
-    let now = c.now;
-    c.rm(1).fetch_failed(1, now);
-    let resp = FetchResponse {
-        correlation_id: 1,
-        leader_epoch: c.epoch,
+    let req = outstanding_fetch(&mut c, 1, 0);
+    let answer = |records| FetchResponse {
+        correlation_id: req.correlation_id,
+        leader_epoch: 1,
         error: None,
         high_watermark: 0,
         log_start_offset: 0,
         log_end_offset: 8,
         diverging_epoch: None,
-        records: stray,
+        records,
     };
+    let now = c.now;
+    let stray = replicator::batch::encode(7, 1, &record(7)).unwrap();
+    c.rm(1).handle_fetch_response(0, answer(stray), now);
+    assert!(
+        !c.rm(1)
+            .drain()
+            .iter()
+            .any(|a| matches!(a, Action::Append { .. })),
+        "a batch at 7 for a log ending at 0"
+    );
+    // The same check passes a batch that does start at the log end.
+    let req = outstanding_fetch(&mut c, 1, 0);
+    let good = replicator::batch::encode(0, 1, &record(0)).unwrap();
+    let mut resp = answer(good);
+    resp.correlation_id = req.correlation_id;
     c.rm(1).handle_fetch_response(0, resp, now);
-    let appended = c
-        .rm(1)
-        .drain()
-        .iter()
-        .any(|a| matches!(a, Action::Append { .. }));
-    assert!(!appended);
+    assert!(
+        c.rm(1)
+            .drain()
+            .iter()
+            .any(|a| matches!(a, Action::Append { .. }))
+    );
 }
 
 #[test]
@@ -724,4 +758,40 @@ fn under_replicated_follows_the_replica_count() {
     assert!(five.rm(0).is_under_replicated());
     assert!(five.rm(0).state().is_under_replicated());
     assert_eq!(five.rm(0).role(), Role::Leader);
+}
+
+#[test]
+fn acks_all_fails_fast_when_the_isr_drops_below_min_after_the_append() {
+    let mut c = Cluster::new(3, config());
+    c.elect(0, &[0, 1, 2]);
+    c.blocked.extend([(1, 0), (2, 0), (0, 1), (0, 2)]);
+    c.produce(0, 0, Acks::All).unwrap();
+    assert!(c.produced.is_empty());
+    c.advance(1500); // both followers drop out
+    assert_eq!(
+        c.produced.get(&0),
+        Some(&Err(ErrorCode::NotEnoughReplicasAfterAppend))
+    );
+}
+
+#[test]
+fn a_late_answer_to_an_old_isr_change_is_ignored() {
+    let mut c = Cluster::new(
+        3,
+        Config {
+            min_insync_replicas: 1,
+            ..config()
+        },
+    );
+    c.elect(0, &[0, 1, 2]);
+    let now = c.now;
+    // An answer for a version the leader never proposed against.
+    c.rm(0).isr_update_done(12345, Ok(99), now);
+    assert_eq!(c.rm(0).isr(), vec![0, 1, 2]);
+    // A refusal that is not about the epoch does not fence the leader.
+    c.blocked.extend([(0, 2), (2, 0)]);
+    c.advance(1500);
+    assert_eq!(c.isr, vec![0, 1]);
+    assert!(c.rm(0).is_leader());
+    assert!(c.produce(0, 1, Acks::All).is_ok());
 }

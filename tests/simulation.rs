@@ -48,7 +48,11 @@ fn invariants_hold_across_seeds() {
     );
     assert!(acked > 0 && elections > 50 && truncations > 0 && cuts > 0);
     if let Some((seed, err, trace)) = first_failure(&opts) {
-        let tail: Vec<_> = trace.iter().rev().take(30).rev().collect();
+        let keep = std::env::var("REPLICATOR_SIM_TRACE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(30);
+        let tail: Vec<_> = trace.iter().rev().take(keep).rev().collect();
         panic!(
             "seed {seed} failed: {err}\nreplay: REPLICATOR_SIM_SEED={seed} cargo test --release --test simulation\nlast events:\n{tail:#?}"
         );

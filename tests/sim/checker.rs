@@ -31,6 +31,10 @@ pub struct Checker {
 }
 
 impl Checker {
+    pub fn violation(&mut self, what: String) {
+        self.violations.push(what);
+    }
+
     pub fn on_elect(&mut self, leader: u32, epoch: u32) {
         if epoch <= self.last_epoch {
             self.violations.push(format!(

@@ -88,6 +88,21 @@ pub struct Sim {
     pub checker: Checker,
     pub trace: Vec<String>,
     pub acked_count: u64,
+    /// Per node: storage operations issued and not yet done, in order,
+    /// with the time each may complete (storage is asynchronous).
+    storage_q: Vec<std::collections::VecDeque<(u64, StorageOp)>>,
+    /// ISR changes on their way to the store and back.
+    meta_q: Vec<(u64, u32, Action)>,
+    /// No faults, no loss: the final phase that checks liveness.
+    quiet: bool,
+    /// No new writes either: replicas must converge.
+    draining: bool,
+}
+
+enum StorageOp {
+    Append { batches: Bytes, as_leader: bool },
+    Truncate(u64),
+    Reset(u64),
 }
 
 impl Sim {
@@ -132,6 +147,10 @@ impl Sim {
             checker: Checker::default(),
             trace: Vec::new(),
             acked_count: 0,
+            storage_q: (0..opts.replicas).map(|_| Default::default()).collect(),
+            meta_q: Vec::new(),
+            quiet: false,
+            draining: false,
             opts,
         };
         for n in 0..sim.opts.replicas {
@@ -229,6 +248,8 @@ impl Sim {
         ));
         self.nodes[n as usize].alive = false;
         self.nodes[n as usize].rm = None;
+        // Operations the storage had not done yet never happen.
+        self.storage_q[n as usize].clear();
         self.checker
             .on_truncate(n, self.nodes[n as usize].log.log_end());
         // The store fences the broker: out of the ISR (never emptying it).
@@ -308,28 +329,21 @@ impl Sim {
         let now = self.now;
         match action {
             Action::Append { batches } => {
-                let is_leader = self.rm(n).is_some_and(|rm| rm.is_leader());
-                self.checker
-                    .on_append(n, is_leader, &batches, &self.nodes[n as usize].log);
-                let leo = self.nodes[n as usize].log.append(&batches);
-                if let Some(rm) = self.rm(n) {
-                    rm.log_appended(leo, now);
-                }
+                let as_leader = self.rm(n).is_some_and(|rm| rm.is_leader());
+                self.queue_storage(n, StorageOp::Append { batches, as_leader });
             }
             Action::Truncate { offset } => {
-                self.trace
-                    .push(format!("t={now} {n} truncates to {offset}"));
-                let leo = self.nodes[n as usize].log.truncate(offset);
-                self.checker.on_truncate(n, leo);
-                if let Some(rm) = self.rm(n) {
-                    rm.log_truncated(leo, now);
-                }
+                let view = self
+                    .rm(n)
+                    .map(|rm| (rm.log_end_offset(), rm.epochs().entries().to_vec()));
+                self.trace.push(format!(
+                    "t={now} {n} truncates to {offset} (leo, epochs) {view:?}"
+                ));
+                self.queue_storage(n, StorageOp::Truncate(offset));
             }
             Action::ResetLog { offset } => {
-                self.nodes[n as usize].log.reset(offset);
-                if let Some(rm) = self.rm(n) {
-                    rm.log_reset(offset, now);
-                }
+                self.trace.push(format!("t={now} {n} resets to {offset}"));
+                self.queue_storage(n, StorageOp::Reset(offset));
             }
             Action::PersistEpochs(e) => self.nodes[n as usize].log.epochs = e,
             Action::IsrWaitDone { .. } => {}
@@ -347,6 +361,12 @@ impl Sim {
                 if let Some(spec) = read {
                     response.records = self.nodes[n as usize].log.read(&spec);
                 }
+                if let Some(d) = response.diverging_epoch {
+                    let mine = self.rm(n).map(|rm| rm.epochs().entries().to_vec());
+                    self.trace.push(format!(
+                        "t={now} {n} tells {to}: diverging {d:?}; leader epochs {mine:?}"
+                    ));
+                }
                 self.send(n, to, Msg::Resp(response));
             }
             Action::ProduceDone { id, result } => {
@@ -356,48 +376,127 @@ impl Sim {
                     self.checker.on_ack(n, base, entry);
                 }
             }
-            Action::UpdateIsr {
+            a @ Action::UpdateIsr { .. } => {
+                // The store answers after a while, as a real one does.
+                let delay = if self.rng.chance(50) {
+                    1 + self.rng.below(15)
+                } else {
+                    0
+                };
+                self.meta_q.push((now + delay, n, a));
+                if delay == 0 {
+                    self.answer_metadata();
+                }
+            }
+        }
+    }
+
+    /// Apply storage operations that are due, in order, and report them.
+    fn queue_storage(&mut self, n: u32, op: StorageOp) {
+        let delay = if self.rng.chance(30) {
+            1 + self.rng.below(8)
+        } else {
+            0
+        };
+        self.storage_q[n as usize].push_back((self.now + delay, op));
+        self.complete_storage(n);
+    }
+
+    fn complete_storage(&mut self, n: u32) {
+        let now = self.now;
+        while let Some((due, _)) = self.storage_q[n as usize].front() {
+            if *due > now {
+                return;
+            }
+            let Some((_, op)) = self.storage_q[n as usize].pop_front() else {
+                return;
+            };
+            match op {
+                StorageOp::Append { batches, as_leader } => {
+                    self.checker
+                        .on_append(n, as_leader, &batches, &self.nodes[n as usize].log);
+                    match self.nodes[n as usize].log.append(&batches) {
+                        Ok(leo) => {
+                            if let Some(rm) = self.rm(n) {
+                                rm.log_appended(leo, now);
+                            }
+                        }
+                        Err(e) => self.checker.violation(format!("node {n}: {e}")),
+                    }
+                }
+                StorageOp::Truncate(offset) => {
+                    let leo = self.nodes[n as usize].log.truncate(offset);
+                    self.checker.on_truncate(n, leo);
+                    if let Some(rm) = self.rm(n) {
+                        rm.log_truncated(leo, now);
+                    }
+                }
+                StorageOp::Reset(offset) => {
+                    self.nodes[n as usize].log.reset(offset);
+                    self.checker.on_truncate(n, offset);
+                    if let Some(rm) = self.rm(n) {
+                        rm.log_reset(offset, now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The store answers the ISR changes that are due.
+    fn answer_metadata(&mut self) {
+        let now = self.now;
+        let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.meta_q)
+            .into_iter()
+            .partition(|(t, _, _)| *t <= now);
+        self.meta_q = keep;
+        for (_, n, a) in due {
+            let Action::UpdateIsr {
                 leader_epoch,
                 isr,
                 expected_version,
                 added,
-            } => {
-                // The store's checks: current leader and epoch, expected
-                // version, live members, and added members' broker epochs
-                // current (KIP-903).
-                let ok = self.ctrl.leader == Some(n)
-                    && leader_epoch == self.ctrl.epoch
-                    && expected_version == self.ctrl.version
-                    && isr.contains(&n)
-                    && isr.iter().all(|r| self.nodes[*r as usize].alive)
-                    && added
-                        .iter()
-                        .all(|(r, e)| self.nodes[*r as usize].broker_epoch == *e);
-                let view = self.rm(n).map(|rm| {
-                    (
-                        rm.high_watermark(),
-                        rm.log_end_offset(),
-                        rm.follower_log_ends(),
-                    )
-                });
-                self.trace.push(format!("t={now} {n} proposes isr {isr:?} at epoch {leader_epoch} version {expected_version} (hw, leo, followers) {view:?}: {}", if ok { "accepted" } else { "refused" }));
-                let result = if ok {
-                    self.ctrl.isr = isr;
-                    self.ctrl.version += 1;
-                    Ok(self.ctrl.version)
-                } else {
-                    Err(replicator::core::ErrorCode::FencedLeaderEpoch)
-                };
+            } = a
+            else {
+                continue;
+            };
+            if !self.nodes[n as usize].alive {
+                continue;
+            }
+            // The store's checks: current leader and epoch, expected
+            // version, live members, and added members' broker epochs
+            // current (KIP-903).
+            let current_leader = self.ctrl.leader == Some(n) && leader_epoch == self.ctrl.epoch;
+            let admissible = isr.contains(&n)
+                && isr.iter().all(|r| self.nodes[*r as usize].alive)
+                && added
+                    .iter()
+                    .all(|(r, e)| self.nodes[*r as usize].broker_epoch == *e);
+            let result = if !current_leader {
+                Err(replicator::core::ErrorCode::FencedLeaderEpoch)
+            } else if expected_version != self.ctrl.version || !admissible {
+                Err(replicator::core::ErrorCode::IsrUpdateRejected)
+            } else {
+                self.ctrl.isr = isr.clone();
+                self.ctrl.version += 1;
+                Ok(self.ctrl.version)
+            };
+            let view = self.rm(n).map(|rm| {
+                (
+                    rm.high_watermark(),
+                    rm.log_end_offset(),
+                    rm.follower_log_ends(),
+                )
+            });
+            self.trace.push(format!("t={now} {n} proposes isr {isr:?} at epoch {leader_epoch} version {expected_version} (hw, leo, followers) {view:?}: {result:?}"));
+            if let Some(rm) = self.rm(n) {
+                rm.isr_update_done(expected_version, result, now);
+            }
+            if current_leader && expected_version != self.ctrl.version {
+                // The leader's view was stale: send it the current one.
+                let (epoch, isr, version) =
+                    (self.ctrl.epoch, self.ctrl.isr.clone(), self.ctrl.version);
                 if let Some(rm) = self.rm(n) {
-                    rm.isr_update_done(result, now);
-                }
-                if !ok && self.ctrl.leader == Some(n) && leader_epoch == self.ctrl.epoch {
-                    // The leader's view was stale: send it the current one.
-                    let (epoch, isr, version) =
-                        (self.ctrl.epoch, self.ctrl.isr.clone(), self.ctrl.version);
-                    if let Some(rm) = self.rm(n) {
-                        rm.metadata_isr_changed(epoch, isr, version, now);
-                    }
+                    rm.metadata_isr_changed(epoch, isr, version, now);
                 }
             }
         }
@@ -424,6 +523,11 @@ impl Sim {
             }
             self.settle();
         }
+        for n in 0..self.opts.replicas {
+            self.complete_storage(n);
+        }
+        self.answer_metadata();
+        self.settle();
         let fired: Vec<(u64, u32, u64)> = {
             let (due, keep): (Vec<_>, Vec<_>) = self.timeouts.iter().partition(|t| t.0 <= now);
             self.timeouts = keep;
@@ -445,7 +549,8 @@ impl Sim {
         self.settle();
 
         // Producers: acks=all, one record each, to whoever leads.
-        if self.rng.chance(40)
+        if !self.draining
+            && self.rng.chance(40)
             && let Some(l) = self.ctrl.leader
         {
             let id = self.next_produce;
@@ -457,13 +562,17 @@ impl Sim {
                 ..Default::default()
             };
             if let Some(rm) = self.rm(l)
-                && rm.produce(id, &[record], Acks::All, now).is_ok()
+                && rm.produce(id, &[record], Acks::All, now + 5_000).is_ok()
             {
                 self.pending.insert(id, value);
             }
             self.settle();
         }
 
+        if self.quiet {
+            self.settle();
+            return Checker::check(self);
+        }
         // Faults: crashes within RF - min.insync, restarts, link cuts.
         let down = self.nodes.iter().filter(|n| !n.alive).count() as u32;
         let budget = self.opts.replicas - self.opts.min_insync;
@@ -499,6 +608,61 @@ impl Sim {
         for i in 0..self.opts.steps {
             self.step()
                 .map_err(|e| format!("step {i}, t={}: {e}", self.now))?;
+        }
+        self.check_liveness()
+    }
+
+    /// After the faults stop (links healed, every node back, no loss), the
+    /// cluster must make progress again: a leader acknowledges acks=all
+    /// writes and every replica converges on its log.
+    fn check_liveness(&mut self) -> Result<(), String> {
+        self.quiet = true;
+        self.opts.drop_percent = 0;
+        self.cut.clear();
+        for n in 0..self.opts.replicas {
+            if !self.nodes[n as usize].alive {
+                self.restart(n);
+            }
+        }
+        self.settle();
+        let acked_before = self.acked_count;
+        for i in 0..600 {
+            self.step()
+                .map_err(|e| format!("quiet step {i}, t={}: {e}", self.now))?;
+        }
+        if self.acked_count == acked_before {
+            return Err(format!(
+                "no acks=all write succeeded after the faults stopped (leader {:?}, isr {:?})",
+                self.ctrl.leader, self.ctrl.isr
+            ));
+        }
+        // Then no new writes: every replica must reach the leader's end and
+        // the HW must cover it.
+        self.draining = true;
+        for i in 0..400 {
+            self.step()
+                .map_err(|e| format!("draining step {i}, t={}: {e}", self.now))?;
+        }
+        let views: Vec<(u64, u64)> = self
+            .nodes
+            .iter()
+            .filter_map(|n| {
+                n.rm.as_ref()
+                    .map(|rm| (rm.log_end_offset(), rm.high_watermark()))
+            })
+            .collect();
+        let leader_end = self
+            .ctrl
+            .leader
+            .and_then(|l| self.nodes[l as usize].rm.as_ref())
+            .map(|rm| rm.log_end_offset());
+        if views
+            .iter()
+            .any(|(leo, hw)| Some(*leo) != leader_end || hw != leo)
+        {
+            return Err(format!(
+                "replicas did not converge after the faults stopped: (leo, hw) {views:?}, leader end {leader_end:?}"
+            ));
         }
         Ok(())
     }

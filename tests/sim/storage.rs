@@ -25,15 +25,19 @@ impl SimLog {
         self.batches.last().map_or(self.log_start, |b| b.1)
     }
 
-    pub fn append(&mut self, bytes: &Bytes) -> u64 {
+    /// Append whole batches; an append that does not continue the log is
+    /// refused (as every storage plugin does) and reported.
+    pub fn append(&mut self, bytes: &Bytes) -> Result<u64, String> {
         let mut at = 0usize;
         for b in batches(bytes, true) {
-            let (h, _) = b.expect("the core appends valid batches");
-            assert_eq!(
-                h.base_offset,
-                self.log_end(),
-                "the core appended out of order"
-            );
+            let (h, _) = b.map_err(|e| format!("the core appended a bad batch: {e}"))?;
+            if h.base_offset != self.log_end() {
+                return Err(format!(
+                    "the core appended at {} to a log ending at {}",
+                    h.base_offset,
+                    self.log_end()
+                ));
+            }
             let len = h.batch_len as usize;
             self.batches.push((
                 h.base_offset,
@@ -43,7 +47,7 @@ impl SimLog {
             ));
             at += len;
         }
-        self.log_end()
+        Ok(self.log_end())
     }
 
     /// Remove batches whose last offset is >= `offset`.

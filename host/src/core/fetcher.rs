@@ -75,9 +75,11 @@ impl Fetcher {
         }
     }
 
-    /// Replicate `tp` from `leader` (replacing any earlier leader).
-    pub fn add_partition(&mut self, tp: TopicPartition, leader: ReplicaId) {
-        self.partitions.insert(
+    /// Replicate `tp` from `leader` (replacing any earlier leader). A fetch
+    /// still queued for the old leader is returned: tell its replica with
+    /// `fetch_failed`, or it waits for an answer that never comes.
+    pub fn add_partition(&mut self, tp: TopicPartition, leader: ReplicaId) -> Option<FetchRequest> {
+        let old = self.partitions.insert(
             tp,
             Target {
                 leader,
@@ -85,10 +87,12 @@ impl Fetcher {
                 backoff_until: 0,
             },
         );
+        old.and_then(|t| t.queued)
     }
 
-    pub fn remove_partition(&mut self, tp: &TopicPartition) {
-        self.partitions.remove(tp);
+    /// Stop replicating `tp`; returns its queued fetch, as `add_partition`.
+    pub fn remove_partition(&mut self, tp: &TopicPartition) -> Option<FetchRequest> {
+        self.partitions.remove(tp).and_then(|t| t.queued)
     }
 
     pub fn partition_count(&self) -> usize {
@@ -96,10 +100,19 @@ impl Fetcher {
     }
 
     /// A replica asked to fetch (its `Action::SendFetch`). A newer request
-    /// for the same partition replaces a queued one.
-    pub fn enqueue(&mut self, tp: &TopicPartition, request: FetchRequest) {
-        if let Some(t) = self.partitions.get_mut(tp) {
-            t.queued = Some(request);
+    /// for the same partition replaces a queued one. An unknown partition
+    /// gives the request back (answer it with `fetch_failed`).
+    pub fn enqueue(
+        &mut self,
+        tp: &TopicPartition,
+        request: FetchRequest,
+    ) -> Result<(), FetchRequest> {
+        match self.partitions.get_mut(tp) {
+            Some(t) => {
+                t.queued = Some(request);
+                Ok(())
+            }
+            None => Err(request),
         }
     }
 
@@ -199,7 +212,8 @@ mod tests {
         let mut f = Fetcher::new(config);
         for p in 0..6 {
             f.add_partition(TopicPartition::new("t", p), if p < 4 { 1 } else { 3 });
-            f.enqueue(&TopicPartition::new("t", p), req(u64::from(p)));
+            f.enqueue(&TopicPartition::new("t", p), req(u64::from(p)))
+                .unwrap();
         }
         let sent = f.poll(0);
         // Leader 1 and leader 3, each split over at most 2 threads.
@@ -215,7 +229,8 @@ mod tests {
         }
         // One in flight per (leader, thread): nothing more until answered.
         for p in 0..6 {
-            f.enqueue(&TopicPartition::new("t", p), req(10 + u64::from(p)));
+            f.enqueue(&TopicPartition::new("t", p), req(10 + u64::from(p)))
+                .unwrap();
         }
         assert!(f.poll(1).is_empty());
         f.completed(sent[0].id);
@@ -234,11 +249,18 @@ mod tests {
         let mut f = Fetcher::new(config);
         let tp = TopicPartition::new("t", 0);
         f.add_partition(tp.clone(), 1);
-        f.enqueue(&tp, req(0));
+        f.enqueue(&tp, req(0)).unwrap();
         let sent = f.poll(0);
         assert_eq!(f.failed(sent[0].id, 10), vec![tp.clone()]);
-        f.enqueue(&tp, req(0));
+        f.enqueue(&tp, req(0)).unwrap();
         assert!(f.poll(50).is_empty(), "still backing off");
         assert_eq!(f.poll(110).len(), 1);
+        // Re-targeting hands back what was queued; unknown partitions refuse.
+        f.enqueue(&tp, req(1)).unwrap();
+        assert_eq!(
+            f.add_partition(tp.clone(), 2).map(|r| r.fetch_offset),
+            Some(1)
+        );
+        assert!(f.enqueue(&TopicPartition::new("other", 0), req(2)).is_err());
     }
 }

@@ -54,8 +54,8 @@ struct Progress {
 enum WaiterKind {
     /// A produce: answers `ProduceDone` with the batch's base offset.
     Produce(Acks),
-    /// A `wait_for_isr`: answers `IsrWaitDone`, or times out.
-    Wait { deadline_ms: u64 },
+    /// A `wait_for_isr`: answers `IsrWaitDone`.
+    Wait,
 }
 
 #[derive(Debug)]
@@ -64,6 +64,7 @@ struct Waiter {
     base: u64,
     end: u64,
     kind: WaiterKind,
+    deadline_ms: u64,
 }
 
 impl Waiter {
@@ -73,7 +74,7 @@ impl Waiter {
                 id: self.id,
                 result: result.map(|()| self.base),
             },
-            WaiterKind::Wait { .. } => Action::IsrWaitDone {
+            WaiterKind::Wait => Action::IsrWaitDone {
                 id: self.id,
                 result,
             },
@@ -94,7 +95,9 @@ struct Leader {
     replicas: Vec<ReplicaId>,
     isr: BTreeSet<ReplicaId>,
     /// An ISR change sent to the metadata store and not yet answered.
-    pending_isr: Option<BTreeSet<ReplicaId>>,
+    /// With the version the change was proposed against, to match the
+    /// store's answer to its request.
+    pending_isr: Option<(BTreeSet<ReplicaId>, u64)>,
     version: u64,
     /// The log end when this epoch began.
     epoch_start: u64,
@@ -146,6 +149,11 @@ pub struct ReplicationManager {
     assigned: u64,
     /// Storage operations handed out and not yet confirmed.
     storage_inflight: u32,
+    /// Of those, truncations and resets: while any is pending the log end
+    /// is about to move down, so nothing is appended or acknowledged.
+    truncating: u32,
+    /// Where the pending truncation was asked to cut.
+    truncate_target: Option<u64>,
     hw: u64,
     epochs: EpochCache,
     leader: Option<Leader>,
@@ -161,6 +169,14 @@ impl ReplicationManager {
     /// A replica of a partition whose log holds `state` (as read from
     /// storage on open or recovery).
     pub fn new(config: Config, id: ReplicaId, state: &LogState) -> Self {
+        // The epoch cache may have been persisted ahead of appends a crash
+        // undid: it describes the log, so cut it to the log's end (Kafka's
+        // recovery does the same).
+        let mut epochs = EpochCache::from_entries(state.leader_epochs.clone());
+        let mut outbox = Vec::new();
+        if epochs.truncate_to(state.bounds.log_end) {
+            outbox.push(Action::PersistEpochs(epochs.entries().to_vec()));
+        }
         ReplicationManager {
             config,
             id,
@@ -169,11 +185,13 @@ impl ReplicationManager {
             leo: state.bounds.log_end,
             assigned: state.bounds.log_end,
             storage_inflight: 0,
+            truncating: 0,
+            truncate_target: None,
             hw: state.high_watermark.min(state.bounds.log_end),
-            epochs: EpochCache::from_entries(state.leader_epochs.clone()),
+            epochs,
             leader: None,
             follower: None,
-            outbox: Vec::new(),
+            outbox,
             next_correlation: 0,
             last_hw_checkpoint_ms: 0,
             counters: ReplicaCounters::default(),
@@ -301,6 +319,17 @@ impl ReplicationManager {
         }
     }
 
+    /// The log end a leader may count on: confirmed by the storage and not
+    /// being truncated away (a truncation still in flight makes `assigned`
+    /// smaller than `leo`).
+    fn stable_leo(&self) -> u64 {
+        if self.truncating > 0 {
+            self.leo.min(self.assigned)
+        } else {
+            self.leo
+        }
+    }
+
     // ---- role changes -------------------------------------------------
 
     /// Become leader of `epoch` with `replicas` and the ISR the metadata
@@ -317,14 +346,11 @@ impl ReplicationManager {
         self.step_down(ErrorCode::NotLeader);
         if self.faults.leader_truncates_to_hw && self.hw < self.assigned {
             // Reference bug: "reconcile" by cutting everything above the HW.
-            self.outbox.push(Action::Truncate { offset: self.hw });
-            self.storage_inflight += 1;
-            self.assigned = self.hw;
+            self.truncate_log(self.hw);
         }
         let start = self.assigned;
         if self.epochs.assign(epoch, start) {
-            self.outbox
-                .push(Action::PersistEpochs(self.epochs.entries().to_vec()));
+            self.persist_epochs();
         }
         let progress = replicas
             .iter()
@@ -395,19 +421,23 @@ impl ReplicationManager {
     // ---- produce ------------------------------------------------------
 
     /// Append `records` as one batch of this leader's epoch. Errors come
-    /// back at once; success comes later as [`Action::ProduceDone`].
+    /// back at once; the outcome comes later as [`Action::ProduceDone`],
+    /// at the latest at `deadline_ms` (`RequestTimedOut`).
     pub fn produce(
         &mut self,
         id: ProduceId,
         records: &[Record],
         acks: Acks,
-        _now: u64,
+        deadline_ms: u64,
     ) -> Result<(), ErrorCode> {
         let min_isr = self.config.min_insync_replicas as usize;
+        let truncating = self.truncating > 0;
         let Some(l) = self.leader.as_mut() else {
             return Err(ErrorCode::NotLeader);
         };
-        if l.fenced {
+        if l.fenced || truncating {
+            // Not serving yet: a truncation from before this leadership is
+            // still in flight, or the store refused this leader's view.
             return Err(ErrorCode::NotLeader);
         }
         if acks == Acks::All && l.isr.len() < min_isr {
@@ -431,6 +461,7 @@ impl ReplicationManager {
                 base,
                 end,
                 kind: WaiterKind::Produce(acks),
+                deadline_ms,
             }),
         }
         Ok(())
@@ -455,34 +486,62 @@ impl ReplicationManager {
     /// The storage truncated; the log now ends at `new_leo`.
     pub fn log_truncated(&mut self, new_leo: u64, now: u64) {
         self.storage_inflight = self.storage_inflight.saturating_sub(1);
+        self.truncating = self.truncating.saturating_sub(1);
         self.leo = new_leo;
         self.assigned = new_leo;
         self.hw = self.hw.min(new_leo);
-        if self.epochs.truncate_to(new_leo) {
-            self.outbox
-                .push(Action::PersistEpochs(self.epochs.entries().to_vec()));
+        // The cache was cut when the truncation was issued (an epoch this
+        // replica started meanwhile, as a new leader, must survive); cut it
+        // again only if the storage removed more than asked.
+        if new_leo < self.truncate_target.take().unwrap_or(u64::MAX) {
+            self.epochs.truncate_to(new_leo);
         }
+        // Now the log matches the cache: persist what was held back.
+        self.persist_epochs();
         self.maybe_fetch(now);
     }
 
     /// The storage emptied the log to restart at `offset`.
     pub fn log_reset(&mut self, offset: u64, now: u64) {
         self.storage_inflight = self.storage_inflight.saturating_sub(1);
+        self.truncating = self.truncating.saturating_sub(1);
         self.log_start = offset;
         self.leo = offset;
         self.assigned = offset;
         self.hw = offset;
-        if self.epochs.clear() {
-            self.outbox.push(Action::PersistEpochs(Vec::new()));
-        }
+        self.persist_epochs();
         self.maybe_fetch(now);
+    }
+
+    /// The storage failed an operation (a plugin fault): stop serving. The
+    /// driver recovers the log and builds a new `ReplicationManager` from
+    /// the state it re-reads; nothing more is acknowledged meanwhile.
+    pub fn storage_failed(&mut self) {
+        self.step_down(ErrorCode::StorageError);
+    }
+
+    /// Persist the epoch cache, unless a truncation is pending: the stored
+    /// cache may run ahead of the stored log (recovery trims it) but must
+    /// never lack an epoch whose batches are still on disk, or a crash
+    /// before the truncation lands would mislead the next divergence check.
+    fn persist_epochs(&mut self) {
+        if self.truncating == 0 {
+            self.outbox
+                .push(Action::PersistEpochs(self.epochs.entries().to_vec()));
+        }
     }
 
     fn truncate_log(&mut self, offset: u64) {
         self.counters.truncations += 1;
         self.storage_inflight += 1;
+        self.truncating += 1;
         self.assigned = offset;
+        self.truncate_target = Some(offset);
         self.outbox.push(Action::Truncate { offset });
+        // The cache follows the log at once in memory: whatever this
+        // replica does next (fetch, lead a new epoch) builds on the
+        // truncated log. It is persisted once the truncation is done.
+        self.epochs.truncate_to(offset);
     }
 
     // ---- leader: fetch handling ----------------------------------------
@@ -534,7 +593,7 @@ impl ReplicationManager {
         }
         // KIP-595: does the follower's last epoch end where it thinks?
         if let Some(last) = request.last_fetched_epoch {
-            let diverging = match self.epochs.end_offset_for(last, self.leo) {
+            let diverging = match self.epochs.end_offset_for(last, self.stable_leo()) {
                 Some((e, end)) if e == last && request.fetch_offset <= end => None,
                 Some((e, end)) => Some(DivergingEpoch {
                     epoch: e,
@@ -559,7 +618,7 @@ impl ReplicationManager {
                 return;
             }
         }
-        if request.fetch_offset < self.log_start || request.fetch_offset > self.leo {
+        if request.fetch_offset < self.log_start || request.fetch_offset > self.stable_leo() {
             return reply_error(self, epoch, ErrorCode::OffsetOutOfRange);
         }
         self.update_follower(from, request.replica_epoch, request.fetch_offset, now);
@@ -583,10 +642,11 @@ impl ReplicationManager {
         let Some(l) = self.leader.as_ref() else {
             return;
         };
-        let read = (request.fetch_offset < self.leo).then_some(ReadSpec {
+        let leo = self.stable_leo();
+        let read = (request.fetch_offset < leo).then_some(ReadSpec {
             offset: request.fetch_offset,
             max_bytes: request.max_bytes.min(self.config.fetch_max_bytes),
-            end: self.leo,
+            end: leo,
         });
         let response = FetchResponse {
             correlation_id: request.correlation_id,
@@ -594,7 +654,7 @@ impl ReplicationManager {
             error: None,
             high_watermark: self.hw,
             log_start_offset: self.log_start,
-            log_end_offset: self.leo,
+            log_end_offset: leo,
             diverging_epoch: None,
             records: Bytes::new(),
         };
@@ -608,7 +668,7 @@ impl ReplicationManager {
         let Some(l) = self.leader.as_ref() else {
             return 0;
         };
-        if offset >= self.leo {
+        if offset >= self.stable_leo() {
             return 0;
         }
         if offset < l.epoch_start {
@@ -618,7 +678,7 @@ impl ReplicationManager {
             let i = l.sizes.partition_point(|(next, _)| *next <= o);
             if i == 0 { 0 } else { l.sizes[i - 1].1 }
         };
-        upto(self.leo) - upto(offset)
+        upto(self.stable_leo()).saturating_sub(upto(offset))
     }
 
     /// Answer parked fetches whose data arrived or whose wait ran out.
@@ -642,7 +702,7 @@ impl ReplicationManager {
     }
 
     fn update_follower(&mut self, from: ReplicaId, broker_epoch: u64, fetch_offset: u64, now: u64) {
-        let leo = self.leo;
+        let leo = self.stable_leo();
         let Some(l) = self.leader.as_mut() else {
             return;
         };
@@ -675,7 +735,7 @@ impl ReplicationManager {
     /// member being removed still counts until the removal is accepted.
     fn maximal_isr(l: &Leader) -> BTreeSet<ReplicaId> {
         match &l.pending_isr {
-            Some(p) => l.isr.union(p).copied().collect(),
+            Some((p, _)) => l.isr.union(p).copied().collect(),
             None => l.isr.clone(),
         }
     }
@@ -714,16 +774,32 @@ impl ReplicationManager {
             expected_version: l.version,
             added,
         });
-        l.pending_isr = Some(isr);
+        l.pending_isr = Some((isr, l.version));
     }
 
-    /// The metadata store answered an ISR change: the new version, or a
-    /// refusal (stale epoch or version), which fences this leader.
-    pub fn isr_update_done(&mut self, result: Result<u64, ErrorCode>, now: u64) {
+    /// The metadata store answered the ISR change proposed against
+    /// `expected_version`: the new version, or a refusal. A refusal for a
+    /// stale leader epoch (`FencedLeaderEpoch`) fences this leader until new
+    /// metadata arrives; any other refusal (stale version, a member the
+    /// store will not admit) drops the proposal, to be retried. Answers to
+    /// anything but the pending proposal are ignored. A driver whose request
+    /// got no answer reports it as a refusal.
+    pub fn isr_update_done(
+        &mut self,
+        expected_version: u64,
+        result: Result<u64, ErrorCode>,
+        now: u64,
+    ) {
         let Some(l) = self.leader.as_mut() else {
             return;
         };
-        let Some(proposed) = l.pending_isr.take() else {
+        if l.pending_isr
+            .as_ref()
+            .is_none_or(|(_, v)| *v != expected_version)
+        {
+            return;
+        }
+        let Some((proposed, _)) = l.pending_isr.take() else {
             return;
         };
         match result {
@@ -739,11 +815,12 @@ impl ReplicationManager {
                 self.maybe_advance_hw();
                 self.tick(now);
             }
-            Err(_) => {
-                // Someone else's view won: stop acknowledging until the new
-                // metadata makes this replica leader again or follower.
+            Err(ErrorCode::FencedLeaderEpoch) => {
+                // A newer leader epoch exists: stop acknowledging until the
+                // new metadata makes this replica leader again or follower.
                 l.fenced = true;
             }
+            Err(_) => {}
         }
     }
 
@@ -785,7 +862,7 @@ impl ReplicationManager {
             return;
         }
         let candidate = if self.faults.hw_ignores_isr {
-            Some(self.leo)
+            Some(self.stable_leo())
         } else {
             let members = Self::maximal_isr(l);
             if l.isr.len() < min_isr || !members.contains(&self.id) {
@@ -795,7 +872,7 @@ impl ReplicationManager {
                     .iter()
                     .map(|m| {
                         if *m == self.id {
-                            Some(self.leo)
+                            Some(self.stable_leo())
                         } else {
                             l.progress.get(m).and_then(|p| p.leo)
                         }
@@ -815,27 +892,31 @@ impl ReplicationManager {
     /// (acks=1) now covers; any number may wait on any offsets.
     fn complete_leader_acks(&mut self) {
         let min_isr = self.config.min_insync_replicas as usize;
-        let (hw, leo) = (self.hw, self.leo);
+        let (hw, leo) = (self.hw, self.stable_leo());
         let Some(l) = self.leader.as_mut() else {
             return;
         };
         let isr_len = l.isr.len();
         let mut done = Vec::new();
         l.waiters.retain(|w| {
-            let ready = match w.kind {
-                WaiterKind::Produce(Acks::Leader) | WaiterKind::Produce(Acks::None) => leo >= w.end,
-                _ => hw >= w.end,
+            let outcome = match w.kind {
+                WaiterKind::Produce(Acks::Leader) | WaiterKind::Produce(Acks::None) => {
+                    (leo >= w.end).then_some(Ok(()))
+                }
+                // The ISR shrank below min.insync after the append: the HW
+                // cannot reach it until the ISR grows back, so say so now.
+                WaiterKind::Produce(Acks::All) if hw < w.end && isr_len < min_isr => {
+                    Some(Err(ErrorCode::NotEnoughReplicasAfterAppend))
+                }
+                _ => (hw >= w.end).then_some(Ok(())),
             };
-            if ready {
-                let result = match w.kind {
-                    WaiterKind::Produce(Acks::All) if isr_len < min_isr => {
-                        Err(ErrorCode::NotEnoughReplicasAfterAppend)
-                    }
-                    _ => Ok(()),
-                };
-                done.push(w.done(result));
+            match outcome {
+                Some(result) => {
+                    done.push(w.done(result));
+                    false
+                }
+                None => true,
             }
-            !ready
         });
         self.outbox.extend(done);
     }
@@ -855,22 +936,25 @@ impl ReplicationManager {
             id,
             base: offset,
             end: offset + 1,
-            kind: WaiterKind::Wait { deadline_ms },
+            kind: WaiterKind::Wait,
+            deadline_ms,
         });
         self.complete_leader_acks();
     }
 
+    /// Answer waiters whose deadline passed with `RequestTimedOut`.
     fn expire_waits(&mut self, now: u64) {
         let Some(l) = self.leader.as_mut() else {
             return;
         };
         let mut done = Vec::new();
-        l.waiters.retain(|w| match w.kind {
-            WaiterKind::Wait { deadline_ms } if now >= deadline_ms => {
+        l.waiters.retain(|w| {
+            if now >= w.deadline_ms {
                 done.push(w.done(Err(ErrorCode::RequestTimedOut)));
                 false
+            } else {
+                true
             }
-            _ => true,
         });
         self.outbox.extend(done);
     }
@@ -897,7 +981,7 @@ impl ReplicationManager {
     fn maybe_shrink_isr(&mut self, now: u64) {
         let lag_ms = self.config.replica_lag_time_max_ms;
         let lag_msgs = self.config.replica_lag_max_messages;
-        let leo = self.leo;
+        let leo = self.stable_leo();
         let Some(l) = self.leader.as_ref() else {
             return;
         };
@@ -992,6 +1076,9 @@ impl ReplicationManager {
                 if leo < response.log_start_offset {
                     // Behind the leader's log start: restart there.
                     self.storage_inflight += 1;
+                    self.truncating += 1;
+                    self.assigned = response.log_start_offset;
+                    self.epochs.clear();
                     self.outbox.push(Action::ResetLog {
                         offset: response.log_start_offset,
                     });
@@ -1043,8 +1130,7 @@ impl ReplicationManager {
         self.assigned = next;
         self.storage_inflight += 1;
         if changed {
-            self.outbox
-                .push(Action::PersistEpochs(self.epochs.entries().to_vec()));
+            self.persist_epochs();
         }
         self.outbox.push(Action::Append {
             batches: response.records,

@@ -31,6 +31,9 @@ pub enum ErrorCode {
     StaleBrokerEpoch,
     /// A wait ran past its deadline.
     RequestTimedOut,
+    /// The metadata store refused an ISR change without fencing the leader
+    /// (stale version, or a member it will not admit).
+    IsrUpdateRejected,
     /// The records could not be appended (storage fault, bad batch).
     StorageError,
 }
