@@ -45,7 +45,13 @@ impl Checker {
         self.last_epoch = epoch;
     }
 
-    pub fn on_ack(&mut self, leader: u32, offset: u64, entry: Option<(u32, u32)>) {
+    /// An acks=all write was acknowledged by `leader`, whose HW is `hw`.
+    pub fn on_ack(&mut self, leader: u32, offset: u64, hw: u64, entry: Option<(u32, u32)>) {
+        if hw <= offset {
+            self.violations.push(format!(
+                "leader {leader} acknowledged offset {offset} with its HW at {hw}"
+            ));
+        }
         let Some(entry) = entry else {
             self.violations.push(format!(
                 "leader {leader} acknowledged offset {offset} it does not hold"
@@ -117,7 +123,7 @@ impl Checker {
             }
             let epoch = rm.leader_epoch().unwrap_or(0);
             let hw = rm.high_watermark();
-            let prev = c.leader_hw.insert((i as u32, epoch), hw).unwrap_or(0);
+            let prev = c.leader_hw.insert((i as u32, epoch), hw).unwrap_or(hw);
             if hw < prev {
                 return Err(format!(
                     "leader {i} HW went back from {prev} to {hw} in epoch {epoch}"

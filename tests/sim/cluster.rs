@@ -373,7 +373,8 @@ impl Sim {
                 if let (Some(_), Ok(base)) = (self.pending.remove(&id), result) {
                     self.acked_count += 1;
                     let entry = self.nodes[n as usize].log.entry_at(base);
-                    self.checker.on_ack(n, base, entry);
+                    let hw = self.rm(n).map_or(0, |rm| rm.high_watermark());
+                    self.checker.on_ack(n, base, hw, entry);
                 }
             }
             a @ Action::UpdateIsr { .. } => {
