@@ -280,6 +280,14 @@ fn outstanding_fetch(c: &mut Cluster, n: ReplicaId, leader: ReplicaId) -> FetchR
         .expect("a follower fetches on becoming follower")
 }
 
+/// `config()` with min.insync.replicas = 1.
+fn relaxed() -> Config {
+    Config {
+        min_insync_replicas: 1,
+        ..config()
+    }
+}
+
 fn config() -> Config {
     Config {
         min_insync_replicas: 2,
@@ -411,13 +419,7 @@ fn kip101_the_reference_behaviour_loses_acked_data() {
 
 #[test]
 fn kip101_divergent_records_at_one_offset_are_reconciled_by_epoch() {
-    let mut c = Cluster::new(
-        2,
-        Config {
-            min_insync_replicas: 1,
-            ..config()
-        },
-    );
+    let mut c = Cluster::new(2, relaxed());
     c.elect(0, &[0, 1]);
     for i in 0..5 {
         c.produce(0, i, Acks::All).unwrap();
@@ -445,13 +447,7 @@ fn kip101_divergent_records_at_one_offset_are_reconciled_by_epoch() {
 
 #[test]
 fn kip279_back_to_back_leader_changes_converge() {
-    let mut c = Cluster::new(
-        2,
-        Config {
-            min_insync_replicas: 1,
-            ..config()
-        },
-    );
+    let mut c = Cluster::new(2, relaxed());
     c.elect(0, &[0, 1]);
     c.produce(0, 0, Acks::All).unwrap();
     // A writes offset 1 alone; then B leads epoch 2 and writes its own
@@ -503,13 +499,7 @@ fn a_new_leader_never_truncates_its_uncommitted_suffix() {
 fn isr_expansion_waits_for_the_epoch_start_not_just_the_hw() {
     // Scenario 6: a follower at the new leader's lagging HW but short of
     // the epoch start must not join.
-    let mut c = Cluster::new(
-        4,
-        Config {
-            min_insync_replicas: 1,
-            ..config()
-        },
-    );
+    let mut c = Cluster::new(4, relaxed());
     c.elect(0, &[0, 1, 2, 3]);
     for i in 0..9 {
         c.produce(0, i, Acks::All).unwrap();
@@ -545,13 +535,7 @@ fn isr_expansion_waits_for_the_epoch_start_not_just_the_hw() {
 fn isr_shrinks_by_time_since_caught_up_even_while_the_follower_fetches() {
     // Reference bug: lag measured from the last fetch, so a fetching but
     // never-caught-up follower stayed in the ISR forever.
-    let mut c = Cluster::new(
-        3,
-        Config {
-            min_insync_replicas: 1,
-            ..config()
-        },
-    );
+    let mut c = Cluster::new(3, relaxed());
     c.elect(0, &[0, 1, 2]);
     c.blocked.insert((0, 2)); // node 2's fetches arrive, answers never do
     for i in 0..30 {
@@ -565,13 +549,7 @@ fn isr_shrinks_by_time_since_caught_up_even_while_the_follower_fetches() {
 #[test]
 fn many_isr_changes_all_go_through_the_store() {
     // Reference bug: changes went to a 10-slot channel nobody read.
-    let mut c = Cluster::new(
-        3,
-        Config {
-            min_insync_replicas: 1,
-            ..config()
-        },
-    );
+    let mut c = Cluster::new(3, relaxed());
     c.elect(0, &[0, 1, 2]);
     for round in 0..12 {
         c.blocked.extend([(0, 2), (2, 0)]);
@@ -588,13 +566,7 @@ fn many_isr_changes_all_go_through_the_store() {
 
 #[test]
 fn long_poll_waits_for_data_or_max_wait() {
-    let mut c = Cluster::new(
-        2,
-        Config {
-            min_insync_replicas: 1,
-            ..config()
-        },
-    );
+    let mut c = Cluster::new(2, relaxed());
     c.elect(0, &[0, 1]);
     c.produce(0, 0, Acks::All).unwrap();
     // Caught up: the follower's fetch is parked at the leader.
@@ -646,13 +618,7 @@ fn follower_hw_never_exceeds_its_own_log_end() {
 
 #[test]
 fn out_of_range_resets_to_the_leaders_log_start_not_zero() {
-    let mut c = Cluster::new(
-        2,
-        Config {
-            min_insync_replicas: 1,
-            ..config()
-        },
-    );
+    let mut c = Cluster::new(2, relaxed());
     c.elect(0, &[0]);
     c.crash(1, false);
     for i in 0..20 {
@@ -736,22 +702,10 @@ fn any_number_of_waiters_complete_when_the_hw_passes() {
 
 #[test]
 fn under_replicated_follows_the_replica_count() {
-    let mut two = Cluster::new(
-        2,
-        Config {
-            min_insync_replicas: 1,
-            ..config()
-        },
-    );
+    let mut two = Cluster::new(2, relaxed());
     two.elect(0, &[0, 1]);
     assert!(!two.rm(0).is_under_replicated());
-    let mut five = Cluster::new(
-        5,
-        Config {
-            min_insync_replicas: 1,
-            ..config()
-        },
-    );
+    let mut five = Cluster::new(5, relaxed());
     five.crash(3, false);
     five.crash(4, false);
     five.elect(0, &[0, 1, 2]);
@@ -776,13 +730,7 @@ fn acks_all_fails_fast_when_the_isr_drops_below_min_after_the_append() {
 
 #[test]
 fn a_late_answer_to_an_old_isr_change_is_ignored() {
-    let mut c = Cluster::new(
-        3,
-        Config {
-            min_insync_replicas: 1,
-            ..config()
-        },
-    );
+    let mut c = Cluster::new(3, relaxed());
     c.elect(0, &[0, 1, 2]);
     let now = c.now;
     // An answer for a version the leader never proposed against.
