@@ -12,3 +12,4 @@ pub mod conformance;
 pub mod core;
 pub mod plugin;
 pub mod storage;
+pub mod wire;
