@@ -130,6 +130,7 @@ pub struct ReplicaCounters {
     pub fetch_bytes: u64,
     pub isr_shrinks: u64,
     pub isr_expands: u64,
+    /// Truncations and resets issued.
     pub truncations: u64,
 }
 
@@ -346,7 +347,7 @@ impl ReplicationManager {
         self.step_down(ErrorCode::NotLeader);
         if self.faults.leader_truncates_to_hw && self.hw < self.assigned {
             // Reference bug: "reconcile" by cutting everything above the HW.
-            self.truncate_log(self.hw);
+            self.cut_log(self.hw, false);
         }
         let start = self.assigned;
         if self.epochs.assign(epoch, start) {
@@ -396,7 +397,7 @@ impl ReplicationManager {
         });
         if self.faults.follower_truncates_to_hw && self.hw < self.assigned {
             // Reference bug (pre-KIP-101): cut to the HW on every leader change.
-            self.truncate_log(self.hw);
+            self.cut_log(self.hw, false);
         }
         self.maybe_fetch(now);
     }
@@ -410,7 +411,7 @@ impl ReplicationManager {
             for p in l.parked {
                 self.outbox.push(Action::RespondFetch {
                     to: p.from,
-                    response: self.error_response(p.request.correlation_id, l.epoch, why),
+                    response: self.response(p.request.correlation_id, l.epoch, Some(why)),
                     read: None,
                 });
             }
@@ -485,30 +486,29 @@ impl ReplicationManager {
 
     /// The storage truncated; the log now ends at `new_leo`.
     pub fn log_truncated(&mut self, new_leo: u64, now: u64) {
-        self.storage_inflight = self.storage_inflight.saturating_sub(1);
-        self.truncating = self.truncating.saturating_sub(1);
-        self.leo = new_leo;
-        self.assigned = new_leo;
-        self.hw = self.hw.min(new_leo);
         // The cache was cut when the truncation was issued (an epoch this
         // replica started meanwhile, as a new leader, must survive); cut it
         // again only if the storage removed more than asked.
         if new_leo < self.truncate_target.take().unwrap_or(u64::MAX) {
             self.epochs.truncate_to(new_leo);
         }
-        // Now the log matches the cache: persist what was held back.
-        self.persist_epochs();
-        self.maybe_fetch(now);
+        self.cut_done(new_leo, now);
     }
 
     /// The storage emptied the log to restart at `offset`.
     pub fn log_reset(&mut self, offset: u64, now: u64) {
+        self.log_start = offset;
+        self.cut_done(offset, now);
+    }
+
+    /// A truncation or reset landed: the log ends at `new_leo`, the epoch
+    /// cache held back meanwhile can be persisted, fetching may go on.
+    fn cut_done(&mut self, new_leo: u64, now: u64) {
         self.storage_inflight = self.storage_inflight.saturating_sub(1);
         self.truncating = self.truncating.saturating_sub(1);
-        self.log_start = offset;
-        self.leo = offset;
-        self.assigned = offset;
-        self.hw = offset;
+        self.leo = new_leo;
+        self.assigned = new_leo;
+        self.hw = self.hw.min(new_leo);
         self.persist_epochs();
         self.maybe_fetch(now);
     }
@@ -531,29 +531,36 @@ impl ReplicationManager {
         }
     }
 
-    fn truncate_log(&mut self, offset: u64) {
+    /// Issue a truncation (or, with `reset`, an emptying of the log that
+    /// restarts it at `offset`). The cache follows the log at once in
+    /// memory: whatever this replica does next (fetch, lead a new epoch)
+    /// builds on the cut log. It is persisted once the cut is done.
+    fn cut_log(&mut self, offset: u64, reset: bool) {
         self.counters.truncations += 1;
         self.storage_inflight += 1;
         self.truncating += 1;
         self.assigned = offset;
-        self.truncate_target = Some(offset);
-        self.outbox.push(Action::Truncate { offset });
-        // The cache follows the log at once in memory: whatever this
-        // replica does next (fetch, lead a new epoch) builds on the
-        // truncated log. It is persisted once the truncation is done.
-        self.epochs.truncate_to(offset);
+        if reset {
+            self.epochs.clear();
+            self.outbox.push(Action::ResetLog { offset });
+        } else {
+            self.truncate_target = Some(offset);
+            self.epochs.truncate_to(offset);
+            self.outbox.push(Action::Truncate { offset });
+        }
     }
 
     // ---- leader: fetch handling ----------------------------------------
 
-    fn error_response(&self, correlation_id: u64, epoch: u32, error: ErrorCode) -> FetchResponse {
+    /// A fetch response carrying this replica's offsets and no records.
+    fn response(&self, correlation_id: u64, epoch: u32, error: Option<ErrorCode>) -> FetchResponse {
         FetchResponse {
             correlation_id,
             leader_epoch: epoch,
-            error: Some(error),
+            error,
             high_watermark: self.hw,
             log_start_offset: self.log_start,
-            log_end_offset: self.leo,
+            log_end_offset: self.stable_leo(),
             diverging_epoch: None,
             records: Bytes::new(),
         }
@@ -564,7 +571,7 @@ impl ReplicationManager {
         self.counters.fetch_requests += 1;
         let reply_error = |me: &mut Self, epoch, e| {
             me.counters.fetch_errors += 1;
-            let response = me.error_response(request.correlation_id, epoch, e);
+            let response = me.response(request.correlation_id, epoch, Some(e));
             me.outbox.push(Action::RespondFetch {
                 to: from,
                 response,
@@ -606,9 +613,7 @@ impl ReplicationManager {
                 }),
             };
             if let Some(d) = diverging {
-                let mut response =
-                    self.error_response(request.correlation_id, epoch, ErrorCode::NotLeader);
-                response.error = None;
+                let mut response = self.response(request.correlation_id, epoch, None);
                 response.diverging_epoch = Some(d);
                 self.outbox.push(Action::RespondFetch {
                     to: from,
@@ -648,16 +653,7 @@ impl ReplicationManager {
             max_bytes: request.max_bytes.min(self.config.fetch_max_bytes),
             end: leo,
         });
-        let response = FetchResponse {
-            correlation_id: request.correlation_id,
-            leader_epoch: l.epoch,
-            error: None,
-            high_watermark: self.hw,
-            log_start_offset: self.log_start,
-            log_end_offset: leo,
-            diverging_epoch: None,
-            records: Bytes::new(),
-        };
+        let response = self.response(request.correlation_id, l.epoch, None);
         self.outbox
             .push(Action::RespondFetch { to, response, read });
     }
@@ -1075,17 +1071,11 @@ impl ReplicationManager {
                 f.next_fetch_ms = now;
                 if leo < response.log_start_offset {
                     // Behind the leader's log start: restart there.
-                    self.storage_inflight += 1;
-                    self.truncating += 1;
-                    self.assigned = response.log_start_offset;
-                    self.epochs.clear();
-                    self.outbox.push(Action::ResetLog {
-                        offset: response.log_start_offset,
-                    });
+                    self.cut_log(response.log_start_offset, true);
                     return;
                 }
                 if leo > response.log_end_offset {
-                    self.truncate_log(response.log_end_offset);
+                    self.cut_log(response.log_end_offset, false);
                     return;
                 }
             }
@@ -1098,7 +1088,7 @@ impl ReplicationManager {
             // Truncate exactly to the divergence point (KIP-101/279/595).
             let target = reconcile::divergence_point(&self.epochs, leo, self.log_start, d);
             f.next_fetch_ms = now;
-            self.truncate_log(target);
+            self.cut_log(target, false);
             return;
         }
         f.leader_hw = response.high_watermark;
@@ -1109,22 +1099,26 @@ impl ReplicationManager {
             self.maybe_fetch(now);
             return;
         }
-        // Check what the leader sent before it reaches storage.
+        // Check all the leader sent before any of it reaches storage or
+        // the epoch cache.
         let mut next = leo;
-        let mut changed = false;
+        let mut starts = Vec::new();
         for b in replicator_plugin_sdk::batches(&response.records, true) {
-            let Ok((h, _)) = b else {
-                self.counters.fetch_errors += 1;
-                f.next_fetch_ms = now + backoff;
-                return;
-            };
-            if h.base_offset != next || h.leader_epoch > f.epoch {
-                self.counters.fetch_errors += 1;
-                f.next_fetch_ms = now + backoff;
-                return;
+            match b {
+                Ok((h, _)) if h.base_offset == next && h.leader_epoch <= f.epoch => {
+                    starts.push((h.leader_epoch, h.base_offset));
+                    next = h.next_offset();
+                }
+                _ => {
+                    self.counters.fetch_errors += 1;
+                    f.next_fetch_ms = now + backoff;
+                    return;
+                }
             }
-            changed |= self.epochs.assign(h.leader_epoch, h.base_offset);
-            next = h.next_offset();
+        }
+        let mut changed = false;
+        for (epoch, start) in starts {
+            changed |= self.epochs.assign(epoch, start);
         }
         f.next_fetch_ms = now + interval;
         self.assigned = next;
