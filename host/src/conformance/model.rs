@@ -72,18 +72,17 @@ impl Model {
         if offset < self.start || offset > self.end {
             return Err("offset-out-of-range");
         }
+        // From the batch holding `offset`, while within `max` (always one).
         let mut out = BytesMut::new();
-        let mut n = 0;
-        for (base, next, b) in &self.batches {
-            if *next <= offset && n == 0 {
-                continue;
-            }
-            let _ = base;
-            if n > 0 && out.len() + b.len() > max as usize {
+        for (_, _, b) in self
+            .batches
+            .iter()
+            .skip_while(|(_, next, _)| *next <= offset)
+        {
+            if !out.is_empty() && out.len() + b.len() > max as usize {
                 break;
             }
             out.extend_from_slice(b);
-            n += 1;
         }
         Ok(out.freeze())
     }
