@@ -8,7 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const TARGET: &str = "wasm32-wasip2";
-const PLUGINS: &[&str] = &["storage-memory", "storage-file", "test-hostile"];
+const PLUGINS: &[&str] = &[
+    "storage-memory",
+    "storage-file",
+    "metadata-file",
+    "test-hostile",
+];
 
 fn main() {
     let manifest =

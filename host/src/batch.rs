@@ -211,6 +211,20 @@ pub fn decode(bytes: &Bytes) -> Result<Vec<StoredRecord>, BatchError> {
     Ok(out)
 }
 
+/// The leading whole batches of `bytes` that start before `end`, sliced
+/// without a copy. Used to keep a read below a bound (a fetch's log end,
+/// a consumer's high watermark) when the log has grown since.
+pub fn before(bytes: &Bytes, end: u64) -> Bytes {
+    let mut keep = 0usize;
+    for b in replicator_plugin_sdk::batches(bytes, false) {
+        match b {
+            Ok((h, raw)) if h.base_offset < end => keep += raw.len(),
+            _ => break,
+        }
+    }
+    bytes.slice(..keep)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,8 +8,12 @@
 //! - [`conformance`]: the storage conformance suite (`replicator plugin check`).
 
 pub mod batch;
+pub mod client;
 pub mod conformance;
 pub mod core;
+pub mod metadata;
+pub mod node;
 pub mod plugin;
 pub mod storage;
+pub mod transport;
 pub mod wire;

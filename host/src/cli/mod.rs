@@ -1,8 +1,11 @@
 //! Command-line front end: argument parsing and the subcommands. Errors are
 //! `anyhow` here, at the edge; the library below uses typed errors.
 
+mod client_cmds;
+mod cluster;
 mod demo;
 mod plugin_cmd;
+mod storage_demo;
 
 use std::process::ExitCode;
 
@@ -19,9 +22,28 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Write, recover and read back a partition through a storage plugin,
-    /// verifying every message and reporting throughput.
+    /// Start a 3-node cluster on this machine, produce with acks=all, check
+    /// every replica, stop it, and print the throughput.
     Demo(demo::DemoArgs),
+    /// Set up a cluster's config directory (certificates, node configs).
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
+    /// Run one node.
+    Node(cluster::NodeArgs),
+    /// Manage topics.
+    #[command(subcommand)]
+    Topic(client_cmds::TopicCommand),
+    /// Send messages: one per stdin line, or --count generated ones. Prints
+    /// `<partition> <offset>` per acknowledged message.
+    Produce(client_cmds::ProduceArgs),
+    /// Print committed messages as `<offset> <value>` lines.
+    Consume(client_cmds::ConsumeArgs),
+    /// Per partition: leader, epoch, replicas, ISR, HW, each replica's log
+    /// end and lag.
+    Status(client_cmds::StatusArgs),
+    /// Write, recover and read back one partition through a storage plugin
+    /// in this process, verifying every message (no cluster).
+    StorageDemo(storage_demo::DemoArgs),
     /// Inspect and check storage plugins.
     #[command(subcommand)]
     Plugin(plugin_cmd::PluginCommand),
@@ -43,6 +65,13 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
+            Command::Cluster(cluster::ClusterCommand::Init(args)) => cluster::run_init(args),
+            Command::Node(args) => cluster::run_node(args).await,
+            Command::Topic(cmd) => client_cmds::topic(cmd).await,
+            Command::Produce(args) => client_cmds::produce(args).await,
+            Command::Consume(args) => client_cmds::consume(args).await,
+            Command::Status(args) => client_cmds::status(args).await,
+            Command::StorageDemo(args) => storage_demo::run(args).await,
             Command::Plugin(cmd) => plugin_cmd::run(cmd).await,
         }
     });

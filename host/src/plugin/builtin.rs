@@ -9,6 +9,12 @@ pub const STORAGE: &[(&str, &[u8])] = &[
     ("file", include_bytes!(env!("REPLICATOR_WASM_STORAGE_FILE"))),
 ];
 
+/// (name, wasm component bytes) of every built-in metadata plugin.
+pub const METADATA: &[(&str, &[u8])] = &[(
+    "file",
+    include_bytes!(env!("REPLICATOR_WASM_METADATA_FILE")),
+)];
+
 /// Test-only plugins; not meant for users.
 #[doc(hidden)]
 pub mod testing {
@@ -18,4 +24,8 @@ pub mod testing {
 
 pub fn storage(name: &str) -> Option<&'static [u8]> {
     STORAGE.iter().find(|(n, _)| *n == name).map(|(_, b)| *b)
+}
+
+pub fn metadata(name: &str) -> Option<&'static [u8]> {
+    METADATA.iter().find(|(n, _)| *n == name).map(|(_, b)| *b)
 }

@@ -1,5 +1,6 @@
 //! The wasm plugin host: loads storage backends as sandboxed components
-//! and serves each partition's log from its own instance.
+//! and serves each partition's log from its own instance; loads metadata
+//! backends the same way ([`MetadataPlugin`], one instance per connection).
 //!
 //! One `Store` per partition, owned by one task on the partition's own
 //! storage thread ([`PluginLog`]); every store runs under the [`Sandbox`]
@@ -12,6 +13,7 @@
 mod bindings;
 pub mod builtin;
 mod log;
+mod metadata;
 mod runtime;
 mod sandbox;
 
@@ -22,6 +24,7 @@ use std::sync::Arc;
 use wasmtime::component::Component;
 
 pub use log::PluginLog;
+pub use metadata::{MetadataPlugin, PluginMetadata};
 pub use runtime::{MAX_WASM_STACK, PluginRuntime, default_cache_dir};
 pub use sandbox::{EPOCH_TICK, Sandbox};
 
@@ -43,9 +46,14 @@ pub enum LoadError {
     #[error("plugin `{plugin}` is not a valid wasm component for this host: {detail}")]
     Compile { plugin: String, detail: String },
     #[error(
-        "plugin `{plugin}` does not fit the storage-plugin world of wit/ (replicator:plugin@0.1.0): {detail}"
+        "plugin `{plugin}` does not fit the {world} world of wit/ (replicator:plugin@0.1.0): {detail}"
     )]
-    Link { plugin: String, detail: String },
+    Link {
+        plugin: String,
+        /// `storage-plugin` or `metadata-plugin`.
+        world: &'static str,
+        detail: String,
+    },
     #[error("wasm engine: {0}")]
     Engine(String),
 }
@@ -104,27 +112,8 @@ impl StoragePlugin {
         source: &PluginSource,
         sandbox: Sandbox,
     ) -> Result<Self, LoadError> {
-        match source {
-            PluginSource::Builtin(name) => {
-                let wasm = builtin::storage(name).ok_or_else(|| LoadError::UnknownBuiltin {
-                    name: name.clone(),
-                    known: builtin::STORAGE
-                        .iter()
-                        .map(|(n, _)| *n)
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                })?;
-                Self::from_bytes(runtime, name, wasm, sandbox)
-            }
-            PluginSource::Path(path) => {
-                let wasm = std::fs::read(path).map_err(|source| LoadError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                let name = plugin_name(path);
-                Self::from_bytes(runtime, &name, &wasm, sandbox)
-            }
-        }
+        let (name, wasm) = plugin_bytes(source, builtin::STORAGE)?;
+        Self::from_bytes(runtime, &name, &wasm, sandbox)
     }
 
     /// Load a component from its bytes under a display name.
@@ -137,6 +126,7 @@ impl StoragePlugin {
         let component: Component = runtime.compile(name, wasm)?;
         let link = |e: wasmtime::Error| LoadError::Link {
             plugin: name.to_string(),
+            world: "storage-plugin",
             detail: format!("{e:#}"),
         };
         let instance_pre = runtime
@@ -187,6 +177,38 @@ impl StoragePlugin {
             },
         )
         .await
+    }
+}
+
+/// The display name and component bytes of `source`, a built-in from
+/// `builtins` or a file.
+fn plugin_bytes(
+    source: &PluginSource,
+    builtins: &'static [(&'static str, &'static [u8])],
+) -> Result<(String, std::borrow::Cow<'static, [u8]>), LoadError> {
+    match source {
+        PluginSource::Builtin(name) => {
+            let wasm = builtins
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, b)| *b)
+                .ok_or_else(|| LoadError::UnknownBuiltin {
+                    name: name.clone(),
+                    known: builtins
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?;
+            Ok((name.clone(), wasm.into()))
+        }
+        PluginSource::Path(path) => {
+            let wasm = std::fs::read(path).map_err(|source| LoadError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            Ok((plugin_name(path), wasm.into()))
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use wasmtime::{Config, Engine};
 
 use super::LoadError;
 use super::bindings::StoragePlugin as StorageWorld;
+use super::bindings::metadata::MetadataPlugin as MetadataWorld;
 use super::sandbox::{EPOCH_TICK, PluginState};
 
 /// Wasm stack one call may use (default wasmtime: 512 KiB).
@@ -21,6 +22,7 @@ pub struct PluginRuntime {
     engine: Engine,
     cache_dir: Option<PathBuf>,
     storage_linker: Linker<PluginState>,
+    metadata_linker: Linker<PluginState>,
 }
 
 impl PluginRuntime {
@@ -34,15 +36,20 @@ impl PluginRuntime {
         config.async_stack_size(MAX_WASM_STACK + (1 << 20));
         let engine = Engine::new(&config).map_err(|e| LoadError::Engine(e.to_string()))?;
         spawn_epoch_ticker(&engine);
+        let engine_error = |e: wasmtime::Error| LoadError::Engine(e.to_string());
         let mut storage_linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut storage_linker)
-            .map_err(|e| LoadError::Engine(e.to_string()))?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut storage_linker).map_err(engine_error)?;
         StorageWorld::add_to_linker::<_, HasSelf<_>>(&mut storage_linker, |s| s)
-            .map_err(|e| LoadError::Engine(e.to_string()))?;
+            .map_err(engine_error)?;
+        let mut metadata_linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut metadata_linker).map_err(engine_error)?;
+        MetadataWorld::add_to_linker::<_, HasSelf<_>>(&mut metadata_linker, |s| s)
+            .map_err(engine_error)?;
         Ok(Arc::new(PluginRuntime {
             engine,
             cache_dir,
             storage_linker,
+            metadata_linker,
         }))
     }
 
@@ -62,6 +69,10 @@ impl PluginRuntime {
 
     pub(crate) fn storage_linker(&self) -> &Linker<PluginState> {
         &self.storage_linker
+    }
+
+    pub(crate) fn metadata_linker(&self) -> &Linker<PluginState> {
+        &self.metadata_linker
     }
 
     /// Compile `wasm` (a component), or load it from the cache. The cache

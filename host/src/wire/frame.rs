@@ -50,6 +50,35 @@ pub fn encode(kind: u8, payload: &[u8], out: &mut BytesMut) -> Result<(), FrameE
     Ok(())
 }
 
+/// Check a frame header: returns the kind and payload length, refusing a
+/// wrong version, reserved flags or a length over `max_payload`.
+pub fn parse_header(header: &[u8; HEADER_LEN], max_payload: u32) -> Result<(u8, u32), FrameError> {
+    let version = header[0];
+    if version != VERSION {
+        return Err(FrameError::Version(version));
+    }
+    let kind = header[1];
+    let flags = u16::from_le_bytes([header[2], header[3]]);
+    if flags != 0 {
+        return Err(FrameError::Flags(flags));
+    }
+    let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    if len > max_payload {
+        return Err(FrameError::TooLarge {
+            len,
+            max: max_payload,
+        });
+    }
+    Ok((kind, len))
+}
+
+/// The header of a frame of `kind` with `len` payload bytes, for writers
+/// that send the payload as separate chunks.
+pub fn header(kind: u8, len: u32) -> [u8; HEADER_LEN] {
+    let l = len.to_le_bytes();
+    [VERSION, kind, 0, 0, l[0], l[1], l[2], l[3]]
+}
+
 /// Take one whole frame off the front of `buf` if it holds one.
 /// `Ok(None)`: more bytes needed (nothing is consumed). A frame whose
 /// declared length is over `max_payload` is refused from its header alone,
@@ -58,22 +87,9 @@ pub fn decode(buf: &mut BytesMut, max_payload: u32) -> Result<Option<Frame>, Fra
     if buf.len() < HEADER_LEN {
         return Ok(None);
     }
-    let version = buf[0];
-    if version != VERSION {
-        return Err(FrameError::Version(version));
-    }
-    let kind = buf[1];
-    let flags = u16::from_le_bytes([buf[2], buf[3]]);
-    if flags != 0 {
-        return Err(FrameError::Flags(flags));
-    }
-    let len = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
-    if len > max_payload {
-        return Err(FrameError::TooLarge {
-            len,
-            max: max_payload,
-        });
-    }
+    let mut header = [0u8; HEADER_LEN];
+    header.copy_from_slice(&buf[..HEADER_LEN]);
+    let (kind, len) = parse_header(&header, max_payload)?;
     let total = HEADER_LEN + len as usize;
     if buf.len() < total {
         return Ok(None);

@@ -3,5 +3,6 @@
 
 pub mod frame;
 pub mod messages;
+pub mod rpc;
 
 pub use frame::{DEFAULT_MAX_PAYLOAD, Frame, FrameError, VERSION};

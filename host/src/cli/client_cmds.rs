@@ -1,0 +1,464 @@
+//! The client commands: `topic create`, `produce`, `consume`, `status`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Args, Subcommand, ValueEnum};
+use replicator::batch::Record;
+use replicator::client::Client;
+use replicator::core::{Acks, ReplicaId};
+use replicator::node::ClientConfig;
+use replicator::wire::rpc::ReplicaStatus;
+use tokio::io::AsyncBufReadExt;
+
+#[derive(Subcommand)]
+pub enum TopicCommand {
+    /// Create a topic; partitions are spread round-robin over the nodes,
+    /// each led first by its first replica.
+    Create(TopicCreateArgs),
+}
+
+#[derive(Args)]
+pub struct TopicCreateArgs {
+    /// `client.toml` from `replicator cluster init`.
+    #[arg(long)]
+    pub config: PathBuf,
+    #[arg(long)]
+    pub topic: String,
+    #[arg(long, default_value_t = 1)]
+    pub partitions: u32,
+    #[arg(long, default_value_t = 3)]
+    pub replication_factor: u32,
+}
+
+pub fn client(config: &PathBuf) -> anyhow::Result<Client> {
+    let cfg = ClientConfig::load(config)?;
+    Ok(Client::new(&cfg)?)
+}
+
+pub async fn topic(cmd: TopicCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        TopicCommand::Create(a) => {
+            let c = client(&a.config)?;
+            let parts = c
+                .create_topic(&a.topic, a.partitions, a.replication_factor)
+                .await?;
+            for p in &parts {
+                println!(
+                    "created {}/{} leader {} replicas {:?}",
+                    p.topic,
+                    p.partition,
+                    p.leader.map_or("none".into(), |l| l.to_string()),
+                    p.replicas
+                );
+            }
+            c.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum AcksArg {
+    #[value(name = "0")]
+    Zero,
+    #[value(name = "1")]
+    One,
+    #[value(name = "all")]
+    All,
+}
+
+impl From<AcksArg> for Acks {
+    fn from(a: AcksArg) -> Acks {
+        match a {
+            AcksArg::Zero => Acks::None,
+            AcksArg::One => Acks::Leader,
+            AcksArg::All => Acks::All,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct ProduceArgs {
+    #[arg(long)]
+    pub config: PathBuf,
+    #[arg(long)]
+    pub topic: String,
+    /// Partition to write (default: round-robin over the topic's
+    /// partitions, one batch at a time).
+    #[arg(long)]
+    pub partition: Option<u32>,
+    #[arg(long, value_enum, default_value = "all")]
+    pub acks: AcksArg,
+    /// Send N generated messages instead of reading stdin.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Bytes per generated message.
+    #[arg(long, default_value_t = 100)]
+    pub size: usize,
+    /// Most messages per produce request.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// How long one request may keep retrying (leader moves, ISR catching
+    /// up), in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    pub timeout_ms: u64,
+    /// Print one JSON summary instead of a line per message.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The generated message `i` of `size` bytes: printable, and different for
+/// every `i`, so consumers can verify what they read.
+pub fn generated(i: u64, size: usize) -> Bytes {
+    let head = format!("m{i:010}-");
+    let mut v = Vec::with_capacity(size);
+    v.extend(head.bytes().take(size));
+    let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    while v.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.push(b'a' + (x % 26) as u8);
+    }
+    Bytes::from(v)
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let c = client(&a.config)?;
+    let partitions = match a.partition {
+        Some(p) => vec![p],
+        None => {
+            let ps = c.topic_partitions(&a.topic).await?;
+            if ps.is_empty() {
+                bail!(
+                    "topic {} does not exist (create it with `replicator topic create`)",
+                    a.topic
+                );
+            }
+            ps
+        }
+    };
+    // Messages come from a generator or from stdin lines, in batches of
+    // whatever is available, up to --batch.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(a.batch * 4);
+    match a.count {
+        Some(n) => {
+            let size = a.size;
+            tokio::spawn(async move {
+                for i in 0..n {
+                    if tx.send(generated(i, size)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        None => {
+            tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if tx.send(Bytes::from(line)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+    let timeout = Duration::from_millis(a.timeout_ms);
+    let started = Instant::now();
+    let (mut acked, mut failed, mut bytes) = (0u64, 0u64, 0u64);
+    let mut round = 0usize;
+    let mut out = std::io::stdout().lock();
+    while let Some(first) = rx.recv().await {
+        let mut values = vec![first];
+        while values.len() < a.batch {
+            match rx.try_recv() {
+                Ok(v) => values.push(v),
+                Err(_) => break,
+            }
+        }
+        let partition = partitions[round % partitions.len()];
+        round += 1;
+        let ts = now_ns();
+        let records: Vec<Record> = values
+            .into_iter()
+            .map(|value| Record {
+                key: None,
+                value,
+                timestamp: ts,
+                headers: Vec::new(),
+            })
+            .collect();
+        let n = records.len() as u64;
+        let size: u64 = records.iter().map(|r| r.value.len() as u64).sum();
+        match c
+            .produce(&a.topic, partition, &records, a.acks.into(), timeout)
+            .await
+        {
+            Ok(base) => {
+                acked += n;
+                bytes += size;
+                if !a.json {
+                    for i in 0..n {
+                        let _ = writeln!(out, "{partition} {}", base + i);
+                    }
+                }
+            }
+            Err(e) => {
+                failed += n;
+                eprintln!(
+                    "error: {n} messages to {}/{partition} not acknowledged: {e}",
+                    a.topic
+                );
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    if a.json {
+        let summary = serde_json::json!({
+            "topic": a.topic,
+            "acknowledged": acked,
+            "failed": failed,
+            "bytes": bytes,
+            "seconds": secs,
+            "messages_per_second": acked as f64 / secs.max(1e-9),
+            "megabytes_per_second": bytes as f64 / 1e6 / secs.max(1e-9),
+        });
+        let _ = writeln!(out, "{summary}");
+    }
+    drop(out);
+    c.close().await;
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+#[derive(Args)]
+pub struct ConsumeArgs {
+    #[arg(long)]
+    pub config: PathBuf,
+    #[arg(long)]
+    pub topic: String,
+    #[arg(long, default_value_t = 0)]
+    pub partition: u32,
+    /// First offset to print (default: the log start).
+    #[arg(long)]
+    pub from: Option<u64>,
+    /// Stop after this many messages (default: everything committed when
+    /// the command started).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Read this replica's committed log instead of the leader's (to check
+    /// that replicas agree).
+    #[arg(long)]
+    pub replica: Option<ReplicaId>,
+}
+
+pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
+    let c = client(&a.config)?;
+    let node = match a.replica {
+        Some(r) => r,
+        None => c.leader_of(&a.topic, a.partition).await?,
+    };
+    let first = c
+        .read(node, &a.topic, a.partition, a.from.unwrap_or(0), 1)
+        .await;
+    // Start at the log start if --from was not given (or tell why not).
+    let (mut offset, end) = match first {
+        Ok(b) => (a.from.unwrap_or(b.log_start), b.high_watermark),
+        Err(replicator::client::ClientError::Refused(
+            replicator::wire::rpc::RpcError::OffsetOutOfRange {
+                log_start,
+                high_watermark,
+                ..
+            },
+        )) if a.from.is_none() => (log_start, high_watermark),
+        Err(e) => {
+            return Err(e).context(format!(
+                "reading {}/{} on node {node}",
+                a.topic, a.partition
+            ));
+        }
+    };
+    let stop = match a.count {
+        Some(n) => offset.saturating_add(n),
+        None => end,
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while offset < stop {
+        let b = c
+            .read(node, &a.topic, a.partition, offset, 1 << 20)
+            .await
+            .with_context(|| {
+                format!(
+                    "reading {}/{} at {offset} on node {node}",
+                    a.topic, a.partition
+                )
+            })?;
+        if b.records.is_empty() {
+            // --count past the committed end: wait for more, bounded.
+            if Instant::now() > deadline {
+                bail!("only {offset} of {stop} offsets were committed within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        for r in b.records {
+            if r.offset >= stop {
+                break;
+            }
+            let _ = writeln!(
+                out,
+                "{} {}",
+                r.offset,
+                String::from_utf8_lossy(&r.record.value)
+            );
+            offset = r.offset + 1;
+        }
+    }
+    let _ = out.flush();
+    drop(out);
+    c.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One partition as `status` reports it.
+#[derive(serde::Serialize)]
+pub struct PartitionReport {
+    pub topic: String,
+    pub partition: u32,
+    pub leader: Option<ReplicaId>,
+    pub epoch: u32,
+    pub replicas: Vec<ReplicaId>,
+    pub isr: Vec<ReplicaId>,
+    pub high_watermark: Option<u64>,
+    /// (replica, its log end, lag behind the leader's log end) as each
+    /// replica reports itself; `None` where the replica did not answer.
+    pub replica_log_ends: Vec<(ReplicaId, Option<u64>, Option<u64>)>,
+}
+
+pub async fn gather(c: &Client) -> anyhow::Result<(Vec<PartitionReport>, Vec<String>)> {
+    let (_, parts) = c.metadata().await?;
+    let mut views: std::collections::HashMap<ReplicaId, Vec<ReplicaStatus>> = Default::default();
+    let mut problems = Vec::new();
+    for n in c.known_nodes().await {
+        match c.status(n).await {
+            Ok(v) => {
+                views.insert(n, v);
+            }
+            Err(e) => problems.push(format!("node {n}: {e}")),
+        }
+    }
+    let find = |n: ReplicaId, t: &str, p: u32| {
+        views
+            .get(&n)
+            .and_then(|v| v.iter().find(|s| s.topic == t && s.partition == p))
+    };
+    let mut out = Vec::new();
+    for p in parts {
+        let lead = p.leader.and_then(|l| find(l, &p.topic, p.partition));
+        let leader_leo = lead.map(|s| s.log_end);
+        let replica_log_ends = p
+            .replicas
+            .iter()
+            .map(|r| {
+                let leo = find(*r, &p.topic, p.partition).map(|s| s.log_end);
+                let lag = match (leader_leo, leo) {
+                    (Some(l), Some(o)) => Some(l.saturating_sub(o)),
+                    _ => None,
+                };
+                (*r, leo, lag)
+            })
+            .collect();
+        out.push(PartitionReport {
+            topic: p.topic.clone(),
+            partition: p.partition,
+            leader: p.leader,
+            epoch: p.leader_epoch,
+            replicas: p.replicas.clone(),
+            // The leader's live view, else the store's.
+            isr: lead.map(|s| s.isr.clone()).unwrap_or(p.isr.clone()),
+            high_watermark: lead.map(|s| s.high_watermark),
+            replica_log_ends,
+        });
+    }
+    Ok((out, problems))
+}
+
+pub fn print_table(reports: &[PartitionReport]) {
+    println!(
+        "{:<16} {:>4} {:>6} {:>5} {:<10} {:<10} {:>10}  replica:log-end(lag)",
+        "TOPIC", "PART", "LEADER", "EPOCH", "REPLICAS", "ISR", "HW"
+    );
+    for r in reports {
+        let list = |v: &[ReplicaId]| {
+            v.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let leos = r
+            .replica_log_ends
+            .iter()
+            .map(|(id, leo, lag)| match (leo, lag) {
+                (Some(l), Some(g)) => format!("{id}:{l}({g})"),
+                (Some(l), None) => format!("{id}:{l}"),
+                _ => format!("{id}:?"),
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+        println!(
+            "{:<16} {:>4} {:>6} {:>5} {:<10} {:<10} {:>10}  {}",
+            r.topic,
+            r.partition,
+            r.leader.map_or("-".into(), |l| l.to_string()),
+            r.epoch,
+            list(&r.replicas),
+            list(&r.isr),
+            r.high_watermark.map_or("?".into(), |h| h.to_string()),
+            leos
+        );
+    }
+}
+
+pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
+    let c = client(&a.config)?;
+    let (reports, problems) = gather(&c).await?;
+    if a.json {
+        let v = serde_json::json!({ "partitions": reports, "unreachable": problems });
+        println!("{v}");
+    } else {
+        print_table(&reports);
+        for p in &problems {
+            println!("unreachable: {p}");
+        }
+    }
+    c.close().await;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,252 @@
+//! `replicator cluster init` (certificates and per-node configs in one
+//! directory) and `replicator node` (run one node from its config).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use replicator::core::Config as ReplicationConfig;
+use replicator::node::config::{MetadataSection, NodeAddress, PluginSection};
+use replicator::node::{self, ClientConfig, NodeConfig};
+use replicator::transport::tls::GeneratedCa;
+use replicator::transport::{Identity, TlsPaths};
+
+#[derive(Subcommand)]
+pub enum ClusterCommand {
+    /// Create a cluster's config directory: a CA, one certificate and
+    /// `node-<id>.toml` per node, and a client certificate with
+    /// `client.toml`. Start each node with `replicator node --config
+    /// DIR/node-<id>.toml`; point client commands at `DIR/client.toml`.
+    Init(InitArgs),
+}
+
+#[derive(Args)]
+pub struct InitArgs {
+    /// Directory to write (created; must not already hold a cluster).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Number of nodes (ids 1..=N).
+    #[arg(long, default_value_t = 3)]
+    pub nodes: u32,
+    /// Node i listens for QUIC (UDP) on base-port + i - 1.
+    #[arg(long, default_value_t = 7101)]
+    pub base_port: u16,
+    /// Node i serves Prometheus metrics (TCP) on metrics-base-port + i - 1;
+    /// 0 disables /metrics.
+    #[arg(long, default_value_t = 9101)]
+    pub metrics_base_port: u16,
+    /// Address the nodes bind and advertise.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// Storage backend: built-in `file` or `memory`, or a .wasm path.
+    #[arg(long, default_value = "file")]
+    pub storage: String,
+    /// Metadata backend: built-in `file` or a .wasm path.
+    #[arg(long, default_value = "file")]
+    pub metadata: String,
+    /// min.insync.replicas for acks=all (default: 2 with 3 or more nodes,
+    /// else 1).
+    #[arg(long)]
+    pub min_insync: Option<u32>,
+    /// Storage plugin setting as key=value (repeatable), e.g.
+    /// `--storage-config fsync=always`.
+    #[arg(long = "storage-config", value_parser = super::parse_kv)]
+    pub storage_config: Vec<(String, String)>,
+}
+
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    o.mode(0o600);
+    let mut f = o
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(contents.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn write_new(path: &Path, contents: &str) -> anyhow::Result<()> {
+    if path.exists() {
+        bail!("{} already exists; refusing to overwrite", path.display());
+    }
+    std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Write the cluster directory; returns the client config path.
+pub fn init(args: &InitArgs) -> anyhow::Result<PathBuf> {
+    if args.nodes == 0 || args.nodes > 1000 {
+        bail!("--nodes must be 1..=1000");
+    }
+    let last_port = u32::from(args.base_port) + args.nodes - 1;
+    if args.base_port == 0 || last_port > 65535 {
+        bail!(
+            "--base-port {} leaves no room for {} nodes",
+            args.base_port,
+            args.nodes
+        );
+    }
+    if args.metrics_base_port != 0 && u32::from(args.metrics_base_port) + args.nodes - 1 > 65535 {
+        bail!(
+            "--metrics-base-port {} leaves no room for {} nodes",
+            args.metrics_base_port,
+            args.nodes
+        );
+    }
+    let dir = &args.dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if dir.join("ca.pem").exists() {
+        bail!(
+            "{} already holds a cluster (ca.pem exists); choose another --dir",
+            dir.display()
+        );
+    }
+    let min_insync = args
+        .min_insync
+        .unwrap_or(if args.nodes >= 3 { 2 } else { 1 });
+    if min_insync == 0 || min_insync > args.nodes {
+        bail!("--min-insync must be 1..={}", args.nodes);
+    }
+    let ca = GeneratedCa::new(&dir.display().to_string())?;
+    write_new(&dir.join("ca.pem"), &ca.cert_pem)?;
+    write_private(&dir.join("ca-key.pem"), &ca.key_pem)?;
+    let replication = ReplicationConfig {
+        min_insync_replicas: min_insync,
+        // Faster than Kafka's 1 s: a restarted leader is found sooner.
+        fetch_backoff_ms: 100,
+        ..ReplicationConfig::default()
+    };
+    let mut nodes = Vec::new();
+    for id in 1..=args.nodes {
+        let (cert, key) = ca.issue(Identity::Node(id))?;
+        write_new(&dir.join(format!("node-{id}.pem")), &cert)?;
+        write_private(&dir.join(format!("node-{id}-key.pem")), &key)?;
+        let port = args.base_port + (id - 1) as u16;
+        let listen = SocketAddr::new(args.host, port);
+        nodes.push(NodeAddress {
+            id,
+            address: listen,
+        });
+        let cfg = NodeConfig {
+            node_id: id,
+            listen,
+            advertise: None,
+            metrics_listen: (args.metrics_base_port != 0)
+                .then(|| SocketAddr::new(args.host, args.metrics_base_port + (id - 1) as u16)),
+            data_dir: PathBuf::from(format!("node-{id}")),
+            metadata_poll_ms: 200,
+            tls: TlsPaths {
+                ca: "ca.pem".into(),
+                cert: format!("node-{id}.pem").into(),
+                key: format!("node-{id}-key.pem").into(),
+            },
+            storage: PluginSection {
+                plugin: args.storage.clone(),
+                config: args.storage_config.iter().cloned().collect(),
+            },
+            metadata: MetadataSection {
+                plugin: args.metadata.clone(),
+                dir: "metadata".into(),
+                config: BTreeMap::new(),
+            },
+            replication: replication.clone(),
+        };
+        let text = toml::to_string(&cfg).context("encoding a node config")?;
+        write_new(
+            &dir.join(format!("node-{id}.toml")),
+            &format!(
+                "# Node {id}. Start it with: replicator node --config node-{id}.toml\n\
+                 # Relative paths are relative to this file's directory.\n{text}"
+            ),
+        )?;
+    }
+    let (cert, key) = ca.issue(Identity::Client)?;
+    write_new(&dir.join("client.pem"), &cert)?;
+    write_private(&dir.join("client-key.pem"), &key)?;
+    let client = ClientConfig {
+        tls: TlsPaths {
+            ca: "ca.pem".into(),
+            cert: "client.pem".into(),
+            key: "client-key.pem".into(),
+        },
+        nodes,
+    };
+    let client_path = dir.join("client.toml");
+    write_new(
+        &client_path,
+        &format!(
+            "# Client settings for replicator topic/produce/consume/status --config client.toml\n{}",
+            toml::to_string(&client).context("encoding the client config")?
+        ),
+    )?;
+    std::fs::create_dir_all(dir.join("metadata"))?;
+    Ok(client_path)
+}
+
+pub fn run_init(args: InitArgs) -> anyhow::Result<ExitCode> {
+    let client = init(&args)?;
+    println!(
+        "cluster of {} nodes written to {}",
+        args.nodes,
+        args.dir.display()
+    );
+    for id in 1..=args.nodes {
+        println!(
+            "  start node {id}: replicator node --config {}",
+            args.dir.join(format!("node-{id}.toml")).display()
+        );
+    }
+    println!("  clients:      --config {}", client.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+pub struct NodeArgs {
+    /// The node's config file (from `replicator cluster init`).
+    #[arg(long)]
+    pub config: PathBuf,
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+pub async fn run_node(args: NodeArgs) -> anyhow::Result<ExitCode> {
+    let config = NodeConfig::load(&args.config)?;
+    eprintln!(
+        "node {} starting: QUIC {}, data {}, storage `{}`, metadata `{}` in {}",
+        config.node_id,
+        config.listen,
+        config.data_dir.display(),
+        config.storage.plugin,
+        config.metadata.plugin,
+        config.metadata.dir.display()
+    );
+    node::run(config, shutdown_signal(), None).await?;
+    Ok(ExitCode::SUCCESS)
+}

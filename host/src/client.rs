@@ -1,0 +1,355 @@
+//! A cluster client over QUIC: what the CLI's `topic`, `produce`,
+//! `consume` and `status` commands (and the tests) use. It finds
+//! partition leaders from the metadata any node serves, and retries
+//! retriable refusals (not the leader, not enough replicas yet) until the
+//! request's deadline.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::Mutex;
+
+use crate::batch::{self, Record, StoredRecord};
+use crate::core::{Acks, ReplicaId};
+use crate::metadata::{Broker, PartitionState};
+use crate::node::ClientConfig;
+use crate::transport::{Identity, Peer, TlsMaterial, Transport, TransportError};
+use crate::wire::rpc::{ReplicaStatus, Request, Response, RpcError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Tls(#[from] crate::transport::TlsError),
+    #[error("no node answered: {0}")]
+    NoNode(String),
+    #[error("unknown node {0}: not in client.toml and not registered")]
+    UnknownNode(ReplicaId),
+    #[error("unknown topic or partition {0}/{1}")]
+    UnknownPartition(String, u32),
+    #[error("partition {0}/{1} has no leader")]
+    NoLeader(String, u32),
+    #[error("{0}")]
+    Refused(RpcError),
+    #[error("gave up after {waited:?}: {last}")]
+    Timeout { waited: Duration, last: String },
+    #[error("unexpected answer: {0}")]
+    Protocol(String),
+    #[error("bad records from the node: {0}")]
+    Records(String),
+}
+
+fn refused(e: TransportError) -> ClientError {
+    match e {
+        TransportError::Rejected(r) => ClientError::Refused(r),
+        other => ClientError::Transport(other),
+    }
+}
+
+/// Committed records read from one replica.
+pub struct ReadBatch {
+    pub high_watermark: u64,
+    pub log_start: u64,
+    pub log_end: u64,
+    /// Records below the high watermark, from the requested offset.
+    pub records: Vec<StoredRecord>,
+}
+
+pub struct Client {
+    transport: Transport,
+    nodes: Mutex<HashMap<ReplicaId, SocketAddr>>,
+    peers: Mutex<HashMap<ReplicaId, Peer>>,
+    partitions: Mutex<HashMap<(String, u32), PartitionState>>,
+}
+
+impl Client {
+    pub fn new(config: &ClientConfig) -> Result<Self, ClientError> {
+        let tls = TlsMaterial::load(&config.tls)?;
+        let bind: SocketAddr = match config.nodes.first().map(|n| n.address) {
+            Some(SocketAddr::V6(_)) => "[::]:0",
+            _ => "0.0.0.0:0",
+        }
+        .parse()
+        .map_err(|_| ClientError::Protocol("bad bind address".into()))?;
+        let transport = Transport::bind(bind, &tls, Identity::Client, false)?;
+        Ok(Client {
+            transport,
+            nodes: Mutex::new(config.nodes.iter().map(|n| (n.id, n.address)).collect()),
+            peers: Mutex::new(HashMap::new()),
+            partitions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A confirmed connection to `node`, reused while it lives.
+    pub async fn peer(&self, node: ReplicaId) -> Result<Peer, ClientError> {
+        let mut peers = self.peers.lock().await;
+        if let Some(p) = peers.get(&node)
+            && p.close_reason().is_none()
+        {
+            return Ok(p.clone());
+        }
+        let addr = *self
+            .nodes
+            .lock()
+            .await
+            .get(&node)
+            .ok_or(ClientError::UnknownNode(node))?;
+        let p = tokio::time::timeout(Duration::from_secs(5), self.transport.connect(addr, node))
+            .await
+            .map_err(|_| TransportError::Timeout("connect"))??;
+        peers.insert(node, p.clone());
+        Ok(p)
+    }
+
+    async fn node_ids(&self) -> Vec<ReplicaId> {
+        let mut ids: Vec<_> = self.nodes.lock().await.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Send `req` to the first node that answers (connection failures move
+    /// on to the next; a node's refusal is returned).
+    async fn any(&self, req: &Request, body: &[u8]) -> Result<(Response, Bytes), ClientError> {
+        let mut errors = Vec::new();
+        for id in self.node_ids().await {
+            let peer = match self.peer(id).await {
+                Ok(p) => p,
+                Err(e) => {
+                    errors.push(format!("node {id}: {e}"));
+                    continue;
+                }
+            };
+            match peer.request(req, body).await {
+                Ok(r) => return Ok(r),
+                Err(TransportError::Rejected(e)) => return Err(ClientError::Refused(e)),
+                Err(e) => {
+                    self.peers.lock().await.remove(&id);
+                    errors.push(format!("node {id}: {e}"));
+                }
+            }
+        }
+        Err(ClientError::NoNode(errors.join("; ")))
+    }
+
+    /// Brokers and partitions as the metadata store has them; refreshes
+    /// the leader cache and the node address book.
+    pub async fn metadata(&self) -> Result<(Vec<Broker>, Vec<PartitionState>), ClientError> {
+        match self.any(&Request::Metadata, &[]).await? {
+            (
+                Response::Metadata {
+                    brokers,
+                    partitions,
+                },
+                _,
+            ) => {
+                {
+                    let mut nodes = self.nodes.lock().await;
+                    for b in &brokers {
+                        if let Ok(a) = b.address.parse() {
+                            nodes.entry(b.id).or_insert(a);
+                        }
+                    }
+                }
+                let mut cache = self.partitions.lock().await;
+                cache.clear();
+                for p in &partitions {
+                    cache.insert((p.topic.clone(), p.partition), p.clone());
+                }
+                Ok((brokers, partitions))
+            }
+            (other, _) => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn create_topic(
+        &self,
+        topic: &str,
+        partitions: u32,
+        replication_factor: u32,
+    ) -> Result<Vec<PartitionState>, ClientError> {
+        let req = Request::CreateTopic {
+            topic: topic.to_string(),
+            partitions,
+            replication_factor,
+        };
+        match self.any(&req, &[]).await? {
+            (Response::Created { partitions }, _) => Ok(partitions),
+            (other, _) => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Partitions of `topic`, from fresh metadata.
+    pub async fn topic_partitions(&self, topic: &str) -> Result<Vec<u32>, ClientError> {
+        let (_, parts) = self.metadata().await?;
+        let mut ps: Vec<u32> = parts
+            .iter()
+            .filter(|p| p.topic == topic)
+            .map(|p| p.partition)
+            .collect();
+        ps.sort_unstable();
+        Ok(ps)
+    }
+
+    async fn leader(
+        &self,
+        topic: &str,
+        partition: u32,
+        refresh: bool,
+    ) -> Result<ReplicaId, ClientError> {
+        let key = (topic.to_string(), partition);
+        if !refresh && let Some(p) = self.partitions.lock().await.get(&key) {
+            return p
+                .leader
+                .ok_or_else(|| ClientError::NoLeader(topic.to_string(), partition));
+        }
+        self.metadata().await?;
+        let cache = self.partitions.lock().await;
+        let p = cache
+            .get(&key)
+            .ok_or_else(|| ClientError::UnknownPartition(topic.to_string(), partition))?;
+        p.leader
+            .ok_or_else(|| ClientError::NoLeader(topic.to_string(), partition))
+    }
+
+    /// Produce `records` as one batch to the partition's leader; returns
+    /// the first record's offset. Retries retriable refusals until
+    /// `timeout` has passed.
+    pub async fn produce(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: &[Record],
+        acks: Acks,
+        timeout: Duration,
+    ) -> Result<u64, ClientError> {
+        let body = batch::encode(0, 0, records).map_err(|e| ClientError::Records(e.to_string()))?;
+        let req = Request::Produce {
+            topic: topic.to_string(),
+            partition,
+            acks,
+            timeout_ms: timeout.as_millis().clamp(1, 300_000) as u64,
+        };
+        let started = Instant::now();
+        let mut refresh = false;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let attempt = async {
+                let leader = self.leader(topic, partition, refresh).await?;
+                let peer = self.peer(leader).await?;
+                match peer.request(&req, &body).await {
+                    Ok((Response::Produced { base_offset, .. }, _)) => Ok(base_offset),
+                    Ok((other, _)) => Err(ClientError::Protocol(format!("{other:?}"))),
+                    Err(e) => {
+                        if !matches!(e, TransportError::Rejected(_)) {
+                            self.peers.lock().await.remove(&leader);
+                        }
+                        Err(refused(e))
+                    }
+                }
+            };
+            let err = match attempt.await {
+                Ok(o) => return Ok(o),
+                Err(e) => e,
+            };
+            let retriable = match &err {
+                ClientError::Refused(r) => r.retriable(),
+                ClientError::Protocol(_) | ClientError::Records(_) => false,
+                _ => true,
+            };
+            if !retriable || started.elapsed() + backoff > timeout {
+                return Err(if retriable {
+                    ClientError::Timeout {
+                        waited: started.elapsed(),
+                        last: err.to_string(),
+                    }
+                } else {
+                    err
+                });
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+            refresh = true;
+        }
+    }
+
+    /// Committed records of `topic`/`partition` on replica `node` from
+    /// `offset`, whole batches within `max_bytes`.
+    pub async fn read(
+        &self,
+        node: ReplicaId,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+    ) -> Result<ReadBatch, ClientError> {
+        let req = Request::Read {
+            topic: topic.to_string(),
+            partition,
+            offset,
+            max_bytes,
+        };
+        let peer = self.peer(node).await?;
+        match peer.request(&req, &[]).await.map_err(refused)? {
+            (
+                Response::Records {
+                    high_watermark,
+                    log_start,
+                    log_end,
+                },
+                body,
+            ) => {
+                let records = batch::decode(&body)
+                    .map_err(|e| ClientError::Records(e.to_string()))?
+                    .into_iter()
+                    .filter(|r| r.offset >= offset && r.offset < high_watermark)
+                    .collect::<Vec<_>>();
+                // Never trust a node: offsets must be contiguous from `offset`.
+                for (i, r) in records.iter().enumerate() {
+                    if r.offset != offset + i as u64 {
+                        return Err(ClientError::Records(format!(
+                            "expected offset {}, got {}",
+                            offset + i as u64,
+                            r.offset
+                        )));
+                    }
+                }
+                Ok(ReadBatch {
+                    high_watermark,
+                    log_start,
+                    log_end,
+                    records,
+                })
+            }
+            (other, _) => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// The leader of a partition, from fresh metadata.
+    pub async fn leader_of(&self, topic: &str, partition: u32) -> Result<ReplicaId, ClientError> {
+        self.leader(topic, partition, true).await
+    }
+
+    /// One node's view of its partitions.
+    pub async fn status(&self, node: ReplicaId) -> Result<Vec<ReplicaStatus>, ClientError> {
+        let peer = self.peer(node).await?;
+        match peer.request(&Request::Status, &[]).await.map_err(refused)? {
+            (Response::Status { partitions, .. }, _) => Ok(partitions),
+            (other, _) => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Every known node id (from client.toml and registrations).
+    pub async fn known_nodes(&self) -> Vec<ReplicaId> {
+        self.node_ids().await
+    }
+
+    pub async fn close(&self) {
+        for (_, p) in self.peers.lock().await.drain() {
+            p.close();
+        }
+        self.transport.close().await;
+    }
+}

@@ -1,0 +1,250 @@
+//! The follower side of replication on one node: the core's [`Fetcher`]
+//! groups the fetches of every followed partition into multi-partition
+//! fetches per leader; one session task per leader sends them, one at a
+//! time, on a long-lived QUIC stream, and hands each partition's answer
+//! back to its actor. A failed session reconnects on the next fetch.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::{debug, info};
+
+use crate::core::{FetchRequest, FetchResponse, Fetcher, MultiFetch, ReplicaId, TopicPartition};
+use crate::transport::{FetchStream, Peer, Transport};
+
+use super::partition::{Event, PartitionHandle};
+use super::shared::Shared;
+
+pub enum FetchCmd {
+    /// A follower replica's `SendFetch`.
+    Enqueue {
+        tp: TopicPartition,
+        leader: ReplicaId,
+        request: FetchRequest,
+        partition: PartitionHandle,
+    },
+    /// Stop fetching this partition (it leads now, or is gone).
+    Remove { tp: TopicPartition },
+    Done {
+        id: u64,
+        result: Result<Vec<(TopicPartition, FetchResponse)>, String>,
+    },
+}
+
+struct Manager {
+    shared: Arc<Shared>,
+    transport: Transport,
+    fetcher: Fetcher,
+    leaders: HashMap<TopicPartition, ReplicaId>,
+    partitions: HashMap<TopicPartition, PartitionHandle>,
+    /// Fetch id -> (leader, (partition, correlation id) in it).
+    inflight: HashMap<u64, (ReplicaId, Vec<(TopicPartition, u64)>)>,
+    sessions: HashMap<ReplicaId, mpsc::UnboundedSender<MultiFetch>>,
+    tx: mpsc::UnboundedSender<FetchCmd>,
+}
+
+pub(super) fn spawn(
+    shared: Arc<Shared>,
+    transport: Transport,
+    tx: mpsc::UnboundedSender<FetchCmd>,
+    rx: mpsc::UnboundedReceiver<FetchCmd>,
+) {
+    let m = Manager {
+        fetcher: Fetcher::new(shared.replication.clone()),
+        shared,
+        transport,
+        leaders: HashMap::new(),
+        partitions: HashMap::new(),
+        inflight: HashMap::new(),
+        sessions: HashMap::new(),
+        tx,
+    };
+    tokio::spawn(m.run(rx));
+}
+
+impl Manager {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<FetchCmd>) {
+        // Backoffs end with time, not with a command: poll now and then.
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { return };
+                    self.handle(cmd);
+                    while let Ok(cmd) = rx.try_recv() {
+                        self.handle(cmd);
+                    }
+                }
+                _ = tick.tick() => {}
+            }
+            self.send_ready();
+        }
+    }
+
+    fn fail(&self, tp: &TopicPartition, request: FetchRequest) {
+        if let Some(p) = self.partitions.get(tp) {
+            p.send(Event::FetchFailed {
+                correlation_id: request.correlation_id,
+            });
+        }
+    }
+
+    fn handle(&mut self, cmd: FetchCmd) {
+        let now = self.shared.now_ms();
+        match cmd {
+            FetchCmd::Enqueue {
+                tp,
+                leader,
+                request,
+                partition,
+            } => {
+                self.partitions.insert(tp.clone(), partition);
+                if self.leaders.get(&tp) != Some(&leader) {
+                    self.leaders.insert(tp.clone(), leader);
+                    if let Some(old) = self.fetcher.add_partition(tp.clone(), leader) {
+                        self.fail(&tp, old);
+                    }
+                }
+                if let Err(r) = self.fetcher.enqueue(&tp, request) {
+                    self.fail(&tp, r);
+                }
+            }
+            FetchCmd::Remove { tp } => {
+                self.leaders.remove(&tp);
+                if let Some(old) = self.fetcher.remove_partition(&tp) {
+                    self.fail(&tp, old);
+                }
+                self.partitions.remove(&tp);
+            }
+            FetchCmd::Done { id, result } => {
+                let Some((leader, parts)) = self.inflight.remove(&id) else {
+                    return;
+                };
+                match result {
+                    Ok(responses) => {
+                        self.fetcher.completed(id);
+                        let mut answered = std::collections::HashSet::new();
+                        for (tp, response) in responses {
+                            if let Some(p) = self.partitions.get(&tp) {
+                                answered.insert((tp.clone(), response.correlation_id));
+                                p.send(Event::FetchResponse {
+                                    from: leader,
+                                    response,
+                                });
+                            }
+                        }
+                        // A partition the leader left out of its answer.
+                        for (tp, corr) in parts {
+                            if !answered.contains(&(tp.clone(), corr))
+                                && let Some(p) = self.partitions.get(&tp)
+                            {
+                                p.send(Event::FetchFailed {
+                                    correlation_id: corr,
+                                });
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        debug!("fetch from node {leader} failed: {e}");
+                        self.fetcher.failed(id, now);
+                        for (tp, corr) in parts {
+                            if let Some(p) = self.partitions.get(&tp) {
+                                p.send(Event::FetchFailed {
+                                    correlation_id: corr,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn send_ready(&mut self) {
+        let now = self.shared.now_ms();
+        for mf in self.fetcher.poll(now) {
+            let parts = mf
+                .partitions
+                .iter()
+                .map(|(tp, r)| (tp.clone(), r.correlation_id))
+                .collect();
+            self.inflight.insert(mf.id, (mf.to, parts));
+            let leader = mf.to;
+            let session = self.sessions.entry(leader).or_insert_with(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(session(
+                    self.shared.clone(),
+                    self.transport.clone(),
+                    leader,
+                    rx,
+                    self.tx.clone(),
+                ));
+                tx
+            });
+            if let Err(mpsc::error::SendError(mf)) = session.send(mf) {
+                self.sessions.remove(&leader);
+                let _ = self.tx.send(FetchCmd::Done {
+                    id: mf.id,
+                    result: Err("fetch session ended".into()),
+                });
+            }
+        }
+    }
+}
+
+/// Sends fetches to one leader over one replication stream, reconnecting
+/// after a failure.
+async fn session(
+    shared: Arc<Shared>,
+    transport: Transport,
+    leader: ReplicaId,
+    mut rx: mpsc::UnboundedReceiver<MultiFetch>,
+    done: mpsc::UnboundedSender<FetchCmd>,
+) {
+    let mut conn: Option<(Peer, FetchStream)> = None;
+    while let Some(mf) = rx.recv().await {
+        if conn.is_none() {
+            conn = connect(&shared, &transport, leader)
+                .await
+                .map_err(|e| {
+                    debug!("cannot reach leader node {leader}: {e}");
+                })
+                .ok();
+        }
+        let result = match conn.as_mut() {
+            None => Err(format!("node {leader} is unreachable")),
+            Some((_, stream)) => stream
+                .fetch(&mf.partitions)
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        if result.is_err()
+            && let Some((peer, _)) = conn.take()
+        {
+            peer.close();
+        }
+        if done.send(FetchCmd::Done { id: mf.id, result }).is_err() {
+            return;
+        }
+    }
+}
+
+async fn connect(
+    shared: &Shared,
+    transport: &Transport,
+    leader: ReplicaId,
+) -> Result<(Peer, FetchStream), String> {
+    let addr = shared
+        .broker_addr(leader)
+        .ok_or_else(|| format!("node {leader} is not registered"))?;
+    let peer = tokio::time::timeout(Duration::from_secs(5), transport.connect(addr, leader))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let stream = peer.fetch_stream().await.map_err(|e| e.to_string())?;
+    info!("replication stream to node {leader} at {addr} open");
+    Ok((peer, stream))
+}

@@ -1,0 +1,197 @@
+//! The Prometheus text endpoint (`GET /metrics`): per-partition and global
+//! replication metrics from the node's [`MetricsCollector`], encoded with
+//! prometheus-client at scrape time.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tracing::debug;
+
+use crate::core::MetricsCollector;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Labels {
+    topic: String,
+    partition: u32,
+}
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The metrics of `collector` in Prometheus text format.
+pub fn render(node: u32, collector: &MetricsCollector) -> String {
+    let mut reg = Registry::with_prefix("replicator");
+    let gauges = [
+        (
+            "partition_log_end_offset",
+            "Log end offset (next offset to write)",
+        ),
+        (
+            "partition_high_watermark",
+            "High watermark (committed up to, exclusive)",
+        ),
+        (
+            "partition_isr_size",
+            "In-sync replicas (leader's view; 0 on followers)",
+        ),
+        ("partition_replicas", "Assigned replicas"),
+        (
+            "partition_lag_messages",
+            "Messages the slowest ISR follower is behind (leader) or this replica is behind (follower)",
+        ),
+        ("partition_is_leader", "1 if this node leads the partition"),
+        (
+            "partition_under_replicated",
+            "1 if led here with an ISR smaller than the replica set",
+        ),
+    ];
+    let counters = [
+        (
+            "partition_fetch_requests",
+            "Fetches sent (follower) or served (leader)",
+        ),
+        ("partition_fetch_bytes", "Record bytes fetched or served"),
+        ("partition_fetch_errors", "Fetches that failed"),
+        ("partition_isr_shrinks", "ISR shrinks"),
+        ("partition_isr_expands", "ISR expansions"),
+    ];
+    let gfam: Vec<Family<Labels, Gauge>> = gauges.iter().map(|_| Family::default()).collect();
+    let cfam: Vec<Family<Labels, Counter>> = counters.iter().map(|_| Family::default()).collect();
+    for m in collector.all_partition_metrics() {
+        let s = m.snapshot();
+        let l = Labels {
+            topic: s.topic.clone(),
+            partition: s.partition,
+        };
+        let gv = [
+            i(s.log_end_offset),
+            i(s.high_watermark),
+            i64::from(s.isr_size),
+            i64::from(s.replica_count),
+            i(s.replication_lag_messages),
+            i64::from(s.is_leader),
+            i64::from(s.under_replicated),
+        ];
+        for (f, v) in gfam.iter().zip(gv) {
+            f.get_or_create(&l).set(v);
+        }
+        let cv = [
+            s.fetch_request_count,
+            s.fetch_bytes_total,
+            s.fetch_error_count,
+            s.isr_shrink_count,
+            s.isr_expand_count,
+        ];
+        for (f, v) in cfam.iter().zip(cv) {
+            f.get_or_create(&l).inc_by(v);
+        }
+    }
+    for ((name, help), f) in gauges.iter().zip(gfam) {
+        reg.register(*name, *help, f);
+    }
+    for ((name, help), f) in counters.iter().zip(cfam) {
+        reg.register(*name, *help, f);
+    }
+    let g = collector.global_snapshot();
+    let global: [(&str, &str, u64); 5] = [
+        (
+            "partitions",
+            "Partitions hosted on this node",
+            u64::from(g.total_partitions),
+        ),
+        (
+            "leader_partitions",
+            "Partitions this node leads",
+            u64::from(g.leader_partitions),
+        ),
+        (
+            "under_replicated_partitions",
+            "Led partitions with an ISR smaller than their replica set",
+            u64::from(g.partitions_under_replicated),
+        ),
+        (
+            "max_lag_messages",
+            "Largest replication lag over all partitions",
+            g.max_replication_lag_messages,
+        ),
+        ("node_id", "This node's id", u64::from(node)),
+    ];
+    for (name, help, v) in global {
+        let gauge: Gauge = Gauge::default();
+        gauge.set(i(v));
+        reg.register(name, help, gauge);
+    }
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, &reg).is_err() {
+        out.clear();
+    }
+    out
+}
+
+/// Serve `GET /metrics` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, collector: Arc<dyn Fn() -> String + Send + Sync>) {
+    loop {
+        let Ok((mut sock, peer)) = listener.accept().await else {
+            continue;
+        };
+        let collector = collector.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 8192];
+            let mut n = 0;
+            // Read the request head (bounded); the body, if any, is ignored.
+            while n < buf.len() {
+                match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    sock.read(&mut buf[n..]),
+                )
+                .await
+                {
+                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                    Ok(Ok(k)) => {
+                        n += k;
+                        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                            break;
+                        }
+                    }
+                }
+            }
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let line = head.lines().next().unwrap_or("");
+            let (status, ctype, body) =
+                if line.starts_with("GET /metrics ") || line == "GET /metrics" {
+                    (
+                        "200 OK",
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        collector(),
+                    )
+                } else {
+                    (
+                        "404 Not Found",
+                        "text/plain",
+                        "try GET /metrics\n".to_string(),
+                    )
+                };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            if let Err(e) = sock.write_all(resp.as_bytes()).await {
+                debug!(%peer, "metrics response: {e}");
+            }
+            let _ = sock.shutdown().await;
+        });
+    }
+}
+
+/// Bind the metrics listener (a clear error if the port is taken).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

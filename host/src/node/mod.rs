@@ -1,0 +1,253 @@
+//! The node runtime (tokio): loads the storage and metadata plugins named
+//! in the node's config, registers with the metadata store, serves QUIC
+//! (fetches and the client API), runs one partition actor per assigned
+//! partition, the fetch manager, a metadata watcher, and `/metrics`.
+//! Shutdown stops serving, flushes every partition and closes the plugins.
+
+pub mod config;
+mod fetch;
+pub mod metrics;
+mod partition;
+mod server;
+mod shared;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, oneshot};
+use tracing::{error, info, warn};
+
+use crate::core::TopicPartition;
+use crate::metadata::{MetadataError, MetadataStore};
+use crate::plugin::{LoadError, MetadataPlugin, Sandbox, StoragePlugin};
+use crate::transport::{Identity, TlsError, TlsMaterial, Transport, TransportError};
+
+pub use config::{ClientConfig, ConfigError, NodeConfig};
+use partition::Event;
+use server::NodeServer;
+use shared::Shared;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("{0}")]
+    Transport(#[from] TransportError),
+    #[error("storage plugin: {0}")]
+    Storage(LoadError),
+    #[error("metadata plugin: {0}")]
+    MetadataLoad(LoadError),
+    #[error("metadata store: {0}")]
+    Metadata(#[from] MetadataError),
+    #[error("cannot bind the metrics endpoint {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Run a node until `shutdown` completes. `ready` gets the QUIC address
+/// once the node serves (useful when the config asks for port 0).
+pub async fn run(
+    config: NodeConfig,
+    shutdown: impl Future<Output = ()>,
+    ready: Option<oneshot::Sender<SocketAddr>>,
+) -> Result<(), NodeError> {
+    let id = config.node_id;
+    let tls = TlsMaterial::load(&config.tls)?;
+    let transport = Transport::bind(config.listen, &tls, Identity::Node(id), true)?;
+    let local = transport
+        .local_addr()
+        .map_err(|source| TransportError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let advertised = match config.advertise {
+        Some(a) => a,
+        None if config.listen.port() == 0 => local,
+        None => config.listen,
+    };
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            metrics::bind(addr)
+                .await
+                .map_err(|source| NodeError::Metrics { addr, source })?,
+        ),
+        None => None,
+    };
+
+    let base = std::path::Path::new(".");
+    let storage = StoragePlugin::load(&config.storage.source(base), Sandbox::default())
+        .map_err(NodeError::Storage)?;
+    let meta_plugin = MetadataPlugin::load(
+        &config::PluginSection {
+            plugin: config.metadata.plugin.clone(),
+            config: Default::default(),
+        }
+        .source(base),
+        Sandbox::default(),
+    )
+    .map_err(NodeError::MetadataLoad)?;
+    let meta_pairs = config
+        .metadata
+        .config
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let metadata = meta_plugin
+        .connect(&config.metadata.dir, meta_pairs)
+        .await?;
+    let broker_epoch = metadata.register_broker(id, advertised.to_string()).await?;
+    info!(
+        "node {id} registered at {advertised} with broker epoch {broker_epoch}; storage `{}`, metadata `{}`",
+        storage.name(),
+        meta_plugin.name()
+    );
+    let metadata: Arc<dyn MetadataStore> = Arc::new(metadata);
+
+    let (fetch_tx, fetch_rx) = mpsc::unbounded_channel();
+    let shared = Shared::new(
+        id,
+        broker_epoch,
+        config.data_dir.clone(),
+        storage,
+        config.storage.pairs(),
+        metadata,
+        config.replication.clone(),
+        fetch_tx.clone(),
+    );
+    fetch::spawn(shared.clone(), transport.clone(), fetch_tx, fetch_rx);
+    let server = Arc::new(NodeServer {
+        shared: shared.clone(),
+        partitions: RwLock::new(HashMap::new()),
+        refresh: Arc::new(Notify::new()),
+    });
+    let serving = {
+        let (t, s) = (transport.clone(), server.clone());
+        tokio::spawn(async move { t.serve(id, s).await })
+    };
+    let metrics_task = metrics_listener.map(|l| {
+        let sh = shared.clone();
+        tokio::spawn(metrics::serve(
+            l,
+            Arc::new(move || metrics::render(id, &sh.metrics)),
+        ))
+    });
+    if let Some(r) = ready {
+        let _ = r.send(local);
+    }
+    info!("node {id} serving QUIC on {local}");
+
+    tokio::select! {
+        _ = watch(&server, Duration::from_millis(config.metadata_poll_ms)) => {}
+        _ = shutdown => info!("node {id} shutting down"),
+    }
+
+    // Stop serving first, so nothing new is acknowledged; then flush.
+    transport.close().await;
+    serving.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    let handles: Vec<_> = server
+        .partitions
+        .write()
+        .map(|mut m| m.drain().map(|(_, h)| h).collect())
+        .unwrap_or_default();
+    for h in handles {
+        let (tx, rx) = oneshot::channel();
+        if h.send(Event::Shutdown { reply: tx }) {
+            let _ = rx.await;
+        }
+    }
+    info!("node {id} stopped");
+    Ok(())
+}
+
+/// Follow the metadata store: learn brokers' addresses, open the
+/// partitions assigned here, and pass every partition's new state to it.
+async fn watch(server: &Arc<NodeServer>, every: Duration) {
+    let mut seen: HashMap<TopicPartition, u64> = HashMap::new();
+    let mut failing = false;
+    loop {
+        match refresh(server, &mut seen).await {
+            Ok(()) => {
+                if failing {
+                    info!("metadata store reachable again");
+                }
+                failing = false;
+            }
+            Err(e) => {
+                if !failing {
+                    warn!("metadata refresh failed (will keep trying): {e}");
+                }
+                failing = true;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = server.refresh.notified() => {}
+        }
+    }
+}
+
+async fn refresh(
+    server: &Arc<NodeServer>,
+    seen: &mut HashMap<TopicPartition, u64>,
+) -> Result<(), MetadataError> {
+    let shared = &server.shared;
+    let meta = &shared.metadata;
+    let brokers = meta.list_brokers().await?;
+    if let Ok(mut map) = shared.brokers.write() {
+        for b in brokers {
+            match b.address.parse() {
+                Ok(a) => {
+                    map.insert(b.id, a);
+                }
+                Err(_) => warn!("node {} registered a bad address {:?}", b.id, b.address),
+            }
+        }
+    }
+    for (topic, partition) in meta.list_partitions().await? {
+        let tp = TopicPartition::new(&topic, partition);
+        let state = match meta.get_partition(&topic, partition).await {
+            Ok(s) => s,
+            Err(MetadataError::NotFound(_)) => continue,
+            Err(e) => return Err(e),
+        };
+        if !state.replicas.contains(&shared.node_id) {
+            continue;
+        }
+        if seen.get(&tp) == Some(&state.version) {
+            continue;
+        }
+        let existing = server
+            .partitions
+            .read()
+            .ok()
+            .and_then(|m| m.get(&tp).cloned());
+        let handle = match existing {
+            Some(h) => h,
+            None => match partition::start(shared.clone(), tp.clone()).await {
+                Ok(h) => {
+                    if let Ok(mut m) = server.partitions.write() {
+                        m.insert(tp.clone(), h.clone());
+                    }
+                    h
+                }
+                Err(e) => {
+                    error!("cannot open {topic}/{partition}: {e} (will retry)");
+                    continue;
+                }
+            },
+        };
+        seen.insert(tp, state.version);
+        handle.send(Event::Metadata(state));
+    }
+    Ok(())
+}

@@ -1,0 +1,734 @@
+//! One partition replica on a node: the driver of its sans-IO
+//! `ReplicationManager`. An actor task owns the state machine; events
+//! (client produces and reads, fetches from followers, fetch responses
+//! from the leader, storage completions, metadata changes, clock ticks)
+//! come in on one channel, and the core's actions go out to the storage
+//! plugin (through one ordered lane), the fetch manager, the metadata
+//! store and the waiting callers.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::batch::{self, Record};
+use crate::core::{
+    Acks, Action, ErrorCode, FetchRequest, FetchResponse, PartitionMetrics, ReplicaId,
+    ReplicationManager, Role, TopicPartition,
+};
+use crate::metadata::PartitionState;
+use crate::plugin::PluginLog;
+use crate::storage::{LogState, PartitionLog, StorageError};
+use crate::wire::rpc::{ReplicaStatus, RpcError};
+
+use super::fetch::FetchCmd;
+use super::shared::Shared;
+
+/// How often the core's clock-driven work runs (deadlines, ISR checks,
+/// long-poll expiry).
+const TICK: Duration = Duration::from_millis(10);
+
+/// Committed records read for a client.
+pub struct ReadResult {
+    pub high_watermark: u64,
+    pub log_start: u64,
+    pub log_end: u64,
+    pub records: Bytes,
+}
+
+pub enum Event {
+    Produce {
+        records: Vec<Record>,
+        acks: Acks,
+        timeout_ms: u64,
+        reply: oneshot::Sender<Result<u64, RpcError>>,
+    },
+    Fetch {
+        from: ReplicaId,
+        request: FetchRequest,
+        reply: oneshot::Sender<FetchResponse>,
+    },
+    FetchResponse {
+        from: ReplicaId,
+        response: FetchResponse,
+    },
+    FetchFailed {
+        correlation_id: u64,
+    },
+    Read {
+        offset: u64,
+        max_bytes: u32,
+        reply: oneshot::Sender<Result<ReadResult, RpcError>>,
+    },
+    Status {
+        reply: oneshot::Sender<ReplicaStatus>,
+    },
+    Metadata(PartitionState),
+    Storage(StorageDone),
+    IsrDone {
+        expected_version: u64,
+        result: Result<u64, ErrorCode>,
+        current: Option<PartitionState>,
+    },
+    Recovered(Result<LogState, StorageError>),
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+pub enum StorageDone {
+    Appended(Result<u64, StorageError>),
+    Truncated(Result<u64, StorageError>),
+    Reset(u64, Result<(), StorageError>),
+    Persisted(Result<(), StorageError>),
+    ReadFailed(StorageError),
+}
+
+type LaneOp = Pin<Box<dyn Future<Output = Option<Event>> + Send>>;
+
+/// A handle to a running partition actor.
+#[derive(Clone)]
+pub struct PartitionHandle {
+    tx: mpsc::UnboundedSender<Event>,
+}
+
+impl PartitionHandle {
+    /// Send an event; false if the actor is gone.
+    pub fn send(&self, e: Event) -> bool {
+        self.tx.send(e).is_ok()
+    }
+}
+
+struct Actor {
+    tp: TopicPartition,
+    shared: Arc<Shared>,
+    rm: ReplicationManager,
+    log: Arc<PluginLog>,
+    lane: mpsc::UnboundedSender<LaneOp>,
+    events: mpsc::UnboundedSender<Event>,
+    metrics: Arc<PartitionMetrics>,
+    /// The newest metadata seen, and the version the core has adopted.
+    meta: Option<PartitionState>,
+    applied_version: u64,
+    leader: Option<ReplicaId>,
+    next_produce: u64,
+    produces: HashMap<u64, (oneshot::Sender<Result<u64, RpcError>>, u32)>,
+    fetches: HashMap<(ReplicaId, u64), oneshot::Sender<FetchResponse>>,
+    /// Storage failed: refuse work until the log is recovered.
+    recovering: bool,
+}
+
+/// Open (or reopen) the partition's log and start its actor.
+pub async fn start(
+    shared: Arc<Shared>,
+    tp: TopicPartition,
+) -> Result<PartitionHandle, StorageError> {
+    let dir = shared
+        .data_dir
+        .join(format!("{}-{}", tp.topic, tp.partition));
+    let log = shared
+        .storage
+        .open(
+            &tp.topic,
+            tp.partition,
+            shared.storage_config.clone(),
+            Some(&dir),
+        )
+        .await?;
+    let state = crate::storage::load_state(&log).await?;
+    info!(
+        topic = %tp.topic,
+        partition = tp.partition,
+        "opened log: [{}, {}) hw {}",
+        state.bounds.log_start,
+        state.bounds.log_end,
+        state.high_watermark
+    );
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (lane_tx, lane_rx) = mpsc::unbounded_channel::<LaneOp>();
+    tokio::spawn(run_lane(lane_rx, tx.clone()));
+    let metrics = shared.metrics.register_partition(&tp.topic, tp.partition);
+    let actor = Actor {
+        rm: new_manager(&shared, &state),
+        tp: tp.clone(),
+        shared,
+        log: Arc::new(log),
+        lane: lane_tx,
+        events: tx.clone(),
+        metrics,
+        meta: None,
+        applied_version: 0,
+        leader: None,
+        next_produce: 0,
+        produces: HashMap::new(),
+        fetches: HashMap::new(),
+        recovering: false,
+    };
+    tokio::spawn(actor.run(rx));
+    Ok(PartitionHandle { tx })
+}
+
+fn new_manager(shared: &Shared, state: &LogState) -> ReplicationManager {
+    let mut rm = ReplicationManager::new(shared.replication.clone(), shared.node_id, state);
+    rm.set_broker_epoch(shared.broker_epoch);
+    rm
+}
+
+/// Runs storage operations one after another, in the order issued, and
+/// reports their completions back to the actor.
+async fn run_lane(mut ops: mpsc::UnboundedReceiver<LaneOp>, events: mpsc::UnboundedSender<Event>) {
+    while let Some(op) = ops.recv().await {
+        if let Some(e) = op.await
+            && events.send(e).is_err()
+        {
+            return;
+        }
+    }
+}
+
+fn rpc_error(code: ErrorCode, what: &str) -> RpcError {
+    RpcError::Replication {
+        code,
+        message: what.to_string(),
+    }
+}
+
+impl Actor {
+    fn now(&self) -> u64 {
+        self.shared.now_ms()
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                ev = rx.recv() => {
+                    let Some(ev) = ev else { break };
+                    if let Event::Shutdown { reply } = ev {
+                        self.shutdown().await;
+                        let _ = reply.send(());
+                        return;
+                    }
+                    self.handle(ev);
+                    // Take whatever else is queued before acting, so a burst
+                    // of events becomes one round of actions.
+                    while let Ok(ev) = rx.try_recv() {
+                        if let Event::Shutdown { reply } = ev {
+                            self.drive();
+                            self.shutdown().await;
+                            let _ = reply.send(());
+                            return;
+                        }
+                        self.handle(ev);
+                    }
+                }
+                _ = tick.tick() => {
+                    let now = self.now();
+                    if !self.recovering {
+                        self.rm.tick(now);
+                    }
+                }
+            }
+            self.drive();
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        // Everything issued so far runs before the flush (one lane).
+        let log = self.log.clone();
+        let (done, wait) = oneshot::channel();
+        let _ = self.lane.send(Box::pin(async move {
+            let r = log.flush().await;
+            let _ = done.send(r);
+            None
+        }));
+        match tokio::time::timeout(Duration::from_secs(30), wait).await {
+            Ok(Ok(Ok(()))) => {
+                debug!(topic = %self.tp.topic, partition = self.tp.partition, "flushed")
+            }
+            other => {
+                warn!(topic = %self.tp.topic, partition = self.tp.partition, "flush at shutdown: {other:?}")
+            }
+        }
+        for (_, (reply, _)) in self.produces.drain() {
+            let _ = reply.send(Err(RpcError::ShuttingDown));
+        }
+        self.shared
+            .metrics
+            .unregister_partition(&self.tp.topic, self.tp.partition);
+    }
+
+    fn lane(&self, op: impl Future<Output = Option<Event>> + Send + 'static) {
+        let _ = self.lane.send(Box::pin(op));
+    }
+
+    fn handle(&mut self, ev: Event) {
+        let now = self.now();
+        match ev {
+            Event::Produce {
+                records,
+                acks,
+                timeout_ms,
+                reply,
+            } => {
+                if self.recovering {
+                    let _ = reply.send(Err(rpc_error(
+                        ErrorCode::NotLeader,
+                        "storage is recovering",
+                    )));
+                    return;
+                }
+                self.next_produce += 1;
+                let id = self.next_produce;
+                let count = records.len() as u32;
+                match self
+                    .rm
+                    .produce(id, &records, acks, now.saturating_add(timeout_ms))
+                {
+                    Ok(()) => {
+                        self.produces.insert(id, (reply, count));
+                    }
+                    Err(ErrorCode::NotLeader) => {
+                        let _ = reply.send(Err(RpcError::NotLeader {
+                            node: self.shared.node_id,
+                            leader: self.leader,
+                        }));
+                    }
+                    Err(code) => {
+                        let _ = reply.send(Err(rpc_error(code, "produce refused")));
+                    }
+                }
+            }
+            Event::Fetch {
+                from,
+                request,
+                reply,
+            } => {
+                if self.recovering {
+                    drop(reply); // the server answers NotLeader
+                    return;
+                }
+                self.fetches.insert((from, request.correlation_id), reply);
+                self.rm.handle_fetch(from, request, now);
+            }
+            Event::FetchResponse { from, response } => {
+                if !self.recovering {
+                    self.rm.handle_fetch_response(from, response, now);
+                }
+            }
+            Event::FetchFailed { correlation_id } => {
+                if !self.recovering {
+                    self.rm.fetch_failed(correlation_id, now);
+                }
+            }
+            Event::Read {
+                offset,
+                max_bytes,
+                reply,
+            } => self.read(offset, max_bytes, reply),
+            Event::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Event::Metadata(state) => self.apply_metadata(state, false),
+            Event::Storage(done) => self.storage_done(done),
+            Event::IsrDone {
+                expected_version,
+                result,
+                current,
+            } => {
+                if let Ok(v) = result {
+                    self.applied_version = self.applied_version.max(v);
+                }
+                self.rm.isr_update_done(expected_version, result, now);
+                if let Some(state) = current {
+                    self.apply_metadata(state, false);
+                }
+            }
+            Event::Recovered(Ok(state)) => {
+                info!(topic = %self.tp.topic, partition = self.tp.partition,
+                    "storage recovered: [{}, {})", state.bounds.log_start, state.bounds.log_end);
+                self.rm = new_manager(&self.shared, &state);
+                self.recovering = false;
+                self.leader = None;
+                self.applied_version = 0;
+                if let Some(meta) = self.meta.clone() {
+                    self.apply_metadata(meta, true);
+                }
+            }
+            Event::Recovered(Err(e)) => {
+                warn!(topic = %self.tp.topic, partition = self.tp.partition,
+                    "storage recovery failed, retrying in 1 s: {e}");
+                let log = self.log.clone();
+                self.lane(async move {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    Some(Event::Recovered(log.recover().await))
+                });
+            }
+            Event::Shutdown { .. } => {}
+        }
+    }
+
+    fn read(
+        &mut self,
+        offset: u64,
+        max_bytes: u32,
+        reply: oneshot::Sender<Result<ReadResult, RpcError>>,
+    ) {
+        if self.recovering {
+            let _ = reply.send(Err(rpc_error(
+                ErrorCode::StorageError,
+                "storage is recovering",
+            )));
+            return;
+        }
+        let hw = self.rm.high_watermark();
+        let start = self.rm.log_start_offset();
+        let end = self.rm.log_end_offset();
+        if offset < start || offset > hw {
+            let _ = reply.send(Err(RpcError::OffsetOutOfRange {
+                offset,
+                log_start: start,
+                high_watermark: hw,
+            }));
+            return;
+        }
+        if offset == hw {
+            let _ = reply.send(Ok(ReadResult {
+                high_watermark: hw,
+                log_start: start,
+                log_end: end,
+                records: Bytes::new(),
+            }));
+            return;
+        }
+        let log = self.log.clone();
+        self.lane(async move {
+            match log.read(offset, max_bytes).await {
+                Ok(b) => {
+                    let _ = reply.send(Ok(ReadResult {
+                        high_watermark: hw,
+                        log_start: start,
+                        log_end: end,
+                        records: batch::before(&b, hw),
+                    }));
+                    None
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(rpc_error(ErrorCode::StorageError, &e.to_string())));
+                    matches!(e, StorageError::Fault { .. })
+                        .then_some(Event::Storage(StorageDone::ReadFailed(e)))
+                }
+            }
+        });
+    }
+
+    fn status(&self) -> ReplicaStatus {
+        let role = if self.recovering {
+            "recovering"
+        } else {
+            match self.rm.role() {
+                Role::Leader => "leader",
+                Role::Follower => "follower",
+                Role::Idle => "idle",
+            }
+        };
+        let leader = self.rm.is_leader();
+        ReplicaStatus {
+            topic: self.tp.topic.clone(),
+            partition: self.tp.partition,
+            node: self.shared.node_id,
+            role: role.to_string(),
+            leader: self.leader,
+            leader_epoch: self.rm.leader_epoch(),
+            high_watermark: self.rm.high_watermark(),
+            log_start: self.rm.log_start_offset(),
+            log_end: self.rm.log_end_offset(),
+            isr: if leader { self.rm.isr() } else { Vec::new() },
+            replicas: self
+                .meta
+                .as_ref()
+                .map(|m| m.replicas.clone())
+                .unwrap_or_default(),
+            follower_log_ends: if leader {
+                self.rm.follower_log_ends()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// Adopt the store's view: lead, follow, or take an ISR change. With
+    /// `force`, re-enter the role even if it looks current (after storage
+    /// recovery built a fresh state machine).
+    fn apply_metadata(&mut self, st: PartitionState, force: bool) {
+        if !force
+            && let Some(cur) = &self.meta
+            && cur.version > st.version
+        {
+            return; // older than what we have seen
+        }
+        self.meta = Some(st.clone());
+        if self.recovering {
+            return;
+        }
+        let now = self.now();
+        let me = self.shared.node_id;
+        match st.leader {
+            Some(l) if l == me => {
+                let current =
+                    self.rm.is_leader() && self.rm.leader_epoch() == Some(st.leader_epoch);
+                if !current || force {
+                    info!(topic = %self.tp.topic, partition = self.tp.partition,
+                        "leading epoch {} with isr {:?}", st.leader_epoch, st.isr);
+                    self.shared.fetch(FetchCmd::Remove {
+                        tp: self.tp.clone(),
+                    });
+                    self.rm.become_leader(
+                        st.leader_epoch,
+                        st.replicas.clone(),
+                        st.isr.clone(),
+                        st.version,
+                        now,
+                    );
+                    self.applied_version = st.version;
+                } else if st.version > self.applied_version {
+                    self.rm
+                        .metadata_isr_changed(st.leader_epoch, st.isr.clone(), st.version, now);
+                    self.applied_version = st.version;
+                }
+                self.leader = Some(me);
+            }
+            Some(l) => {
+                let current = self.rm.role() == Role::Follower
+                    && self.rm.leader_epoch() == Some(st.leader_epoch)
+                    && self.leader == Some(l);
+                if !current || force {
+                    info!(topic = %self.tp.topic, partition = self.tp.partition,
+                        "following node {l} in epoch {}", st.leader_epoch);
+                    self.leader = Some(l);
+                    self.rm.become_follower(l, st.leader_epoch, now);
+                }
+                self.applied_version = st.version;
+            }
+            None => {
+                // No leader may be elected (failover comes with the
+                // metadata-driven coordinator); keep the log as it is.
+                self.leader = None;
+            }
+        }
+    }
+
+    fn storage_done(&mut self, done: StorageDone) {
+        let now = self.now();
+        let failure = match done {
+            StorageDone::Appended(Ok(leo)) => {
+                self.rm.log_appended(leo, now);
+                None
+            }
+            StorageDone::Truncated(Ok(leo)) => {
+                self.rm.log_truncated(leo, now);
+                None
+            }
+            StorageDone::Reset(offset, Ok(())) => {
+                self.rm.log_reset(offset, now);
+                None
+            }
+            StorageDone::Persisted(Ok(())) => None,
+            StorageDone::Appended(Err(e))
+            | StorageDone::Truncated(Err(e))
+            | StorageDone::Reset(_, Err(e))
+            | StorageDone::Persisted(Err(e))
+            | StorageDone::ReadFailed(e) => Some(e),
+        };
+        if let Some(e) = failure {
+            if self.recovering {
+                return; // already on it; later ops fail the same way
+            }
+            warn!(topic = %self.tp.topic, partition = self.tp.partition,
+                "storage failed, stepping down and recovering: {e}");
+            self.rm.storage_failed();
+            self.drive();
+            self.recovering = true;
+            // Callers waiting on this incarnation get an answer now.
+            for (_, reply) in self.fetches.drain() {
+                drop(reply);
+            }
+            let log = self.log.clone();
+            self.lane(async move { Some(Event::Recovered(log.recover().await)) });
+        }
+    }
+
+    /// Carry out everything the core asked for.
+    fn drive(&mut self) {
+        for action in self.rm.drain() {
+            self.execute(action);
+        }
+        self.metrics.update_from(&self.rm);
+    }
+
+    fn execute(&mut self, action: Action) {
+        let log = self.log.clone();
+        match action {
+            Action::Append { batches } => self.lane(async move {
+                Some(Event::Storage(StorageDone::Appended(
+                    log.append(batches).await,
+                )))
+            }),
+            Action::Truncate { offset } => self.lane(async move {
+                Some(Event::Storage(StorageDone::Truncated(
+                    log.truncate(offset).await,
+                )))
+            }),
+            Action::ResetLog { offset } => self.lane(async move {
+                Some(Event::Storage(StorageDone::Reset(
+                    offset,
+                    log.delete_prefix(offset).await,
+                )))
+            }),
+            Action::PersistEpochs(entries) => self.lane(async move {
+                Some(Event::Storage(StorageDone::Persisted(
+                    log.set_leader_epochs(entries).await,
+                )))
+            }),
+            Action::PersistHighWatermark(hw) => self.lane(async move {
+                Some(Event::Storage(StorageDone::Persisted(
+                    log.set_high_watermark(hw).await,
+                )))
+            }),
+            Action::SendFetch { to, request } => self.shared.fetch(FetchCmd::Enqueue {
+                tp: self.tp.clone(),
+                leader: to,
+                request,
+                partition: PartitionHandle {
+                    tx: self.events.clone(),
+                },
+            }),
+            Action::RespondFetch {
+                to,
+                mut response,
+                read,
+            } => {
+                let Some(reply) = self.fetches.remove(&(to, response.correlation_id)) else {
+                    return;
+                };
+                match read {
+                    None => {
+                        let _ = reply.send(response);
+                    }
+                    Some(spec) => self.lane(async move {
+                        match log.read(spec.offset, spec.max_bytes).await {
+                            Ok(b) => {
+                                response.records = batch::before(&b, spec.end);
+                                let _ = reply.send(response);
+                                None
+                            }
+                            Err(e) => {
+                                response.error = Some(ErrorCode::StorageError);
+                                let _ = reply.send(response);
+                                matches!(e, StorageError::Fault { .. })
+                                    .then_some(Event::Storage(StorageDone::ReadFailed(e)))
+                            }
+                        }
+                    }),
+                }
+            }
+            Action::ProduceDone { id, result } => {
+                if let Some((reply, _count)) = self.produces.remove(&id) {
+                    let r = result.map_err(|code| match code {
+                        ErrorCode::NotLeader => RpcError::NotLeader {
+                            node: self.shared.node_id,
+                            leader: self.leader.filter(|l| *l != self.shared.node_id),
+                        },
+                        code => rpc_error(code, "produce failed"),
+                    });
+                    let _ = reply.send(r);
+                }
+            }
+            Action::IsrWaitDone { .. } => {}
+            Action::UpdateIsr {
+                leader_epoch,
+                isr,
+                expected_version,
+                added,
+            } => {
+                let shared = self.shared.clone();
+                let tp = self.tp.clone();
+                let events = self.events.clone();
+                tokio::spawn(async move {
+                    let (result, current) =
+                        update_isr(&shared, &tp, leader_epoch, isr, expected_version, added).await;
+                    let _ = events.send(Event::IsrDone {
+                        expected_version,
+                        result,
+                        current,
+                    });
+                });
+            }
+        }
+    }
+}
+
+/// The leader's ISR change as a compare-and-set on the store, with the
+/// controller's checks: still the leader of that epoch, version current,
+/// added members' broker epochs current (KIP-903). Returns the outcome
+/// and, when the store's view differs from the proposal's, that view.
+async fn update_isr(
+    shared: &Shared,
+    tp: &TopicPartition,
+    leader_epoch: u32,
+    isr: Vec<ReplicaId>,
+    expected_version: u64,
+    added: Vec<(ReplicaId, u64)>,
+) -> (Result<u64, ErrorCode>, Option<PartitionState>) {
+    let meta = &shared.metadata;
+    let current = match meta.get_partition(&tp.topic, tp.partition).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(topic = %tp.topic, partition = tp.partition, "ISR update: cannot read metadata: {e}");
+            return (Err(ErrorCode::IsrUpdateRejected), None);
+        }
+    };
+    if current.leader != Some(shared.node_id) || current.leader_epoch != leader_epoch {
+        return (Err(ErrorCode::FencedLeaderEpoch), Some(current));
+    }
+    if current.version != expected_version {
+        return (Err(ErrorCode::IsrUpdateRejected), Some(current));
+    }
+    if !added.is_empty() {
+        let brokers = match meta.list_brokers().await {
+            Ok(b) => b,
+            Err(e) => {
+                warn!("ISR update: cannot list brokers: {e}");
+                return (Err(ErrorCode::IsrUpdateRejected), None);
+            }
+        };
+        for (r, epoch) in &added {
+            if !brokers.iter().any(|b| b.id == *r && b.epoch == *epoch) {
+                info!(topic = %tp.topic, partition = tp.partition,
+                    "not admitting node {r} to the ISR: broker epoch {epoch} is not its registration");
+                return (Err(ErrorCode::IsrUpdateRejected), None);
+            }
+        }
+    }
+    let proposal = PartitionState {
+        isr: isr.clone(),
+        ..current.clone()
+    };
+    match meta.compare_and_set(proposal, expected_version).await {
+        Ok(v) => {
+            info!(topic = %tp.topic, partition = tp.partition, "ISR is now {isr:?} (version {v})");
+            (Ok(v), None)
+        }
+        Err(e) => {
+            debug!(topic = %tp.topic, partition = tp.partition, "ISR update refused: {e}");
+            let fresh = meta.get_partition(&tp.topic, tp.partition).await.ok();
+            (Err(ErrorCode::IsrUpdateRejected), fresh)
+        }
+    }
+}

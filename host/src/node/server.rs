@@ -1,0 +1,329 @@
+//! The node's request handler: serves followers' fetches by handing each
+//! partition's part to its actor, and the client API (create topic,
+//! produce, read, status, metadata).
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{Notify, oneshot};
+use tracing::info;
+
+use crate::batch::{self, Record};
+use crate::core::{ErrorCode, FetchRequest, FetchResponse, ReplicaId, TopicPartition};
+use crate::metadata::{MetadataError, PartitionState};
+use crate::transport::{Handler, Identity, Reply};
+use crate::wire::rpc::{Request, Response, RpcError};
+
+use super::partition::{Event, PartitionHandle};
+use super::shared::Shared;
+
+/// Most partitions one topic may have, and the longest produce timeout.
+const MAX_PARTITIONS: u32 = 10_000;
+const MAX_TIMEOUT_MS: u64 = 300_000;
+/// Most bytes one client read returns.
+const MAX_READ_BYTES: u32 = 16 << 20;
+
+pub struct NodeServer {
+    pub(super) shared: Arc<Shared>,
+    pub(super) partitions: RwLock<HashMap<TopicPartition, PartitionHandle>>,
+    /// Wakes the metadata watcher (after a topic is created here).
+    pub(super) refresh: Arc<Notify>,
+}
+
+fn meta_err(e: MetadataError) -> RpcError {
+    RpcError::Metadata(e.to_string())
+}
+
+/// Kafka's topic name rule.
+fn valid_topic(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 249
+        && t != "."
+        && t != ".."
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+impl NodeServer {
+    fn partition(&self, topic: &str, partition: u32) -> Result<PartitionHandle, RpcError> {
+        self.partitions
+            .read()
+            .ok()
+            .and_then(|m| m.get(&TopicPartition::new(topic, partition)).cloned())
+            .ok_or_else(|| RpcError::UnknownPartition {
+                node: self.shared.node_id,
+                topic: topic.to_string(),
+                partition,
+            })
+    }
+
+    async fn ask<T>(
+        &self,
+        p: &PartitionHandle,
+        make: impl FnOnce(oneshot::Sender<T>) -> Event,
+    ) -> Result<T, RpcError> {
+        let (tx, rx) = oneshot::channel();
+        if !p.send(make(tx)) {
+            return Err(RpcError::ShuttingDown);
+        }
+        rx.await.map_err(|_| RpcError::ShuttingDown)
+    }
+
+    async fn create_topic(
+        &self,
+        topic: String,
+        partitions: u32,
+        replication_factor: u32,
+    ) -> Result<Response, RpcError> {
+        if !valid_topic(&topic) {
+            return Err(RpcError::Invalid(format!(
+                "topic name {topic:?}: use 1 to 249 of [A-Za-z0-9._-]"
+            )));
+        }
+        if partitions == 0 || partitions > MAX_PARTITIONS {
+            return Err(RpcError::Invalid(format!(
+                "partitions must be 1..={MAX_PARTITIONS}, not {partitions}"
+            )));
+        }
+        let meta = &self.shared.metadata;
+        let mut brokers: Vec<ReplicaId> = meta
+            .list_brokers()
+            .await
+            .map_err(meta_err)?
+            .into_iter()
+            .map(|b| b.id)
+            .collect();
+        brokers.sort_unstable();
+        let rf = replication_factor as usize;
+        if rf == 0 || rf > brokers.len() {
+            return Err(RpcError::Invalid(format!(
+                "replication factor {replication_factor} with {} registered nodes ({brokers:?})",
+                brokers.len()
+            )));
+        }
+        if (self.shared.replication.min_insync_replicas as usize) > rf {
+            return Err(RpcError::Invalid(format!(
+                "replication factor {rf} is below min.insync.replicas {}: acks=all could never succeed",
+                self.shared.replication.min_insync_replicas
+            )));
+        }
+        let existing = meta.list_partitions().await.map_err(meta_err)?;
+        if existing.iter().any(|(t, _)| *t == topic) {
+            return Err(RpcError::TopicExists(topic));
+        }
+        let mut created = Vec::new();
+        for p in 0..partitions {
+            // Spread leaders and replicas round-robin over the nodes.
+            let replicas: Vec<ReplicaId> = (0..rf)
+                .map(|i| brokers[(p as usize + i) % brokers.len()])
+                .collect();
+            let mut state = PartitionState {
+                topic: topic.clone(),
+                partition: p,
+                leader: Some(replicas[0]),
+                leader_epoch: 1,
+                isr: replicas.clone(),
+                replicas,
+                version: 0,
+            };
+            match meta.compare_and_set(state.clone(), 0).await {
+                Ok(v) => state.version = v,
+                Err(MetadataError::Conflict(_)) => return Err(RpcError::TopicExists(topic)),
+                Err(e) => return Err(meta_err(e)),
+            }
+            created.push(state);
+        }
+        info!("created topic {topic}: {partitions} partitions, replication factor {rf}");
+        self.refresh.notify_one();
+        Ok(Response::Created {
+            partitions: created,
+        })
+    }
+
+    async fn produce(
+        &self,
+        topic: String,
+        partition: u32,
+        acks: crate::core::Acks,
+        timeout_ms: u64,
+        body: Bytes,
+    ) -> Result<Response, RpcError> {
+        if timeout_ms == 0 || timeout_ms > MAX_TIMEOUT_MS {
+            return Err(RpcError::Invalid(format!(
+                "timeout_ms must be 1..={MAX_TIMEOUT_MS}"
+            )));
+        }
+        let stored = batch::decode(&body)
+            .map_err(|e| RpcError::Invalid(format!("produce body is not a record batch: {e}")))?;
+        if stored.is_empty() {
+            return Err(RpcError::Invalid("produce with no records".into()));
+        }
+        let records: Vec<Record> = stored.into_iter().map(|s| s.record).collect();
+        let count = records.len() as u32;
+        let p = self.partition(&topic, partition)?;
+        let base = self
+            .ask(&p, |reply| Event::Produce {
+                records,
+                acks,
+                timeout_ms,
+                reply,
+            })
+            .await??;
+        Ok(Response::Produced {
+            base_offset: base,
+            count,
+        })
+    }
+}
+
+impl Handler for NodeServer {
+    fn request(
+        &self,
+        _peer: Identity,
+        request: Request,
+        body: Bytes,
+    ) -> Reply<'_, (Response, Bytes)> {
+        Box::pin(async move {
+            match request {
+                Request::Hello { .. } => Err(RpcError::Invalid("hello sent twice".into())),
+                Request::CreateTopic {
+                    topic,
+                    partitions,
+                    replication_factor,
+                } => Ok((
+                    self.create_topic(topic, partitions, replication_factor)
+                        .await?,
+                    Bytes::new(),
+                )),
+                Request::Produce {
+                    topic,
+                    partition,
+                    acks,
+                    timeout_ms,
+                } => Ok((
+                    self.produce(topic, partition, acks, timeout_ms, body)
+                        .await?,
+                    Bytes::new(),
+                )),
+                Request::Read {
+                    topic,
+                    partition,
+                    offset,
+                    max_bytes,
+                } => {
+                    let p = self.partition(&topic, partition)?;
+                    let r = self
+                        .ask(&p, |reply| Event::Read {
+                            offset,
+                            max_bytes: max_bytes.clamp(1, MAX_READ_BYTES),
+                            reply,
+                        })
+                        .await??;
+                    Ok((
+                        Response::Records {
+                            high_watermark: r.high_watermark,
+                            log_start: r.log_start,
+                            log_end: r.log_end,
+                        },
+                        r.records,
+                    ))
+                }
+                Request::Status => {
+                    let handles: Vec<PartitionHandle> = self
+                        .partitions
+                        .read()
+                        .map(|m| m.values().cloned().collect())
+                        .unwrap_or_default();
+                    let mut partitions = Vec::new();
+                    for p in handles {
+                        if let Ok(s) = self.ask(&p, |reply| Event::Status { reply }).await {
+                            partitions.push(s);
+                        }
+                    }
+                    partitions
+                        .sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+                    Ok((
+                        Response::Status {
+                            node: self.shared.node_id,
+                            partitions,
+                        },
+                        Bytes::new(),
+                    ))
+                }
+                Request::Metadata => {
+                    let meta = &self.shared.metadata;
+                    let brokers = meta.list_brokers().await.map_err(meta_err)?;
+                    let mut partitions = Vec::new();
+                    for (t, p) in meta.list_partitions().await.map_err(meta_err)? {
+                        match meta.get_partition(&t, p).await {
+                            Ok(s) => partitions.push(s),
+                            Err(MetadataError::NotFound(_)) => {}
+                            Err(e) => return Err(meta_err(e)),
+                        }
+                    }
+                    Ok((
+                        Response::Metadata {
+                            brokers,
+                            partitions,
+                        },
+                        Bytes::new(),
+                    ))
+                }
+            }
+        })
+    }
+
+    fn fetch(
+        &self,
+        from: ReplicaId,
+        parts: Vec<(TopicPartition, FetchRequest)>,
+    ) -> Reply<'_, Vec<(TopicPartition, FetchResponse)>> {
+        Box::pin(async move {
+            let refuse = |r: &FetchRequest, code| FetchResponse {
+                correlation_id: r.correlation_id,
+                leader_epoch: r.current_leader_epoch,
+                error: Some(code),
+                high_watermark: 0,
+                log_start_offset: 0,
+                log_end_offset: 0,
+                diverging_epoch: None,
+                records: Bytes::new(),
+            };
+            // Hand every part to its partition first, then collect: the
+            // long polls run concurrently.
+            let mut waits = Vec::with_capacity(parts.len());
+            for (tp, request) in parts {
+                let handle = self
+                    .partitions
+                    .read()
+                    .ok()
+                    .and_then(|m| m.get(&tp).cloned());
+                let (tx, rx) = oneshot::channel();
+                let sent = handle.is_some_and(|p| {
+                    p.send(Event::Fetch {
+                        from,
+                        request: request.clone(),
+                        reply: tx,
+                    })
+                });
+                waits.push((tp, request, sent.then_some(rx)));
+            }
+            let limit = Duration::from_millis(self.shared.replication.fetch_max_wait_ms)
+                + Duration::from_secs(5);
+            let mut out = Vec::with_capacity(waits.len());
+            for (tp, request, rx) in waits {
+                let response = match rx {
+                    None => refuse(&request, ErrorCode::NotLeader),
+                    Some(rx) => match tokio::time::timeout(limit, rx).await {
+                        Ok(Ok(r)) => r,
+                        _ => refuse(&request, ErrorCode::NotLeader),
+                    },
+                };
+                out.push((tp, response));
+            }
+            Ok(out)
+        })
+    }
+}

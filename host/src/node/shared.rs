@@ -1,0 +1,73 @@
+//! What every task of a node shares: identity, plugins, metadata store,
+//! settings, metrics, the clock and the fetch manager's inbox.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use crate::core::{Config, MetricsCollector, ReplicaId};
+use crate::metadata::MetadataStore;
+use crate::plugin::StoragePlugin;
+
+use super::fetch::FetchCmd;
+
+pub struct Shared {
+    pub node_id: ReplicaId,
+    /// This incarnation's broker epoch, from registration.
+    pub broker_epoch: u64,
+    pub data_dir: PathBuf,
+    pub storage: StoragePlugin,
+    pub storage_config: Vec<(String, String)>,
+    pub metadata: Arc<dyn MetadataStore>,
+    pub replication: Config,
+    pub metrics: MetricsCollector,
+    /// Broker addresses as registered, refreshed by the metadata watcher.
+    pub brokers: RwLock<HashMap<ReplicaId, SocketAddr>>,
+    pub(super) fetch_tx: mpsc::UnboundedSender<FetchCmd>,
+    start: Instant,
+}
+
+impl Shared {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        node_id: ReplicaId,
+        broker_epoch: u64,
+        data_dir: PathBuf,
+        storage: StoragePlugin,
+        storage_config: Vec<(String, String)>,
+        metadata: Arc<dyn MetadataStore>,
+        replication: Config,
+        fetch_tx: mpsc::UnboundedSender<FetchCmd>,
+    ) -> Arc<Self> {
+        Arc::new(Shared {
+            node_id,
+            broker_epoch,
+            data_dir,
+            storage,
+            storage_config,
+            metadata,
+            replication,
+            metrics: MetricsCollector::new(),
+            brokers: RwLock::new(HashMap::new()),
+            fetch_tx,
+            start: Instant::now(),
+        })
+    }
+
+    /// The core's clock: milliseconds since the node started (monotonic).
+    pub fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    pub fn fetch(&self, cmd: FetchCmd) {
+        let _ = self.fetch_tx.send(cmd);
+    }
+
+    pub fn broker_addr(&self, id: ReplicaId) -> Option<SocketAddr> {
+        self.brokers.read().ok()?.get(&id).copied()
+    }
+}

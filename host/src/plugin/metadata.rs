@@ -1,0 +1,630 @@
+//! [`MetadataPlugin`]: a metadata backend loaded as a sandboxed component,
+//! and [`PluginMetadata`], one connection to it that implements
+//! [`MetadataStore`].
+//!
+//! A connection is one instance in one `Store`, owned by one task on its
+//! own thread (file I/O in WASI host calls blocks only that thread, as for
+//! storage). Calls queue over a channel and are served one at a time. A
+//! trap, a blown deadline or an answer that breaks the contract is a
+//! [`MetadataError::Fault`]: the instance is dropped and the next call
+//! connects a fresh one. Answers are checked against what this connection
+//! has seen: versions and broker epochs never go backwards, a
+//! compare-and-set yields exactly `expected + 1`, a lookup answers for what
+//! was asked.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use wasmtime::Store;
+use wasmtime::component::{Component, ResourceAny};
+
+use super::bindings::metadata::exports::replicator::plugin::metadata as wit;
+use super::bindings::metadata::{MetadataPlugin as World, MetadataPluginPre};
+use super::bindings::replicator::plugin::types::PluginError;
+use super::sandbox::{PluginState, Sandbox};
+use super::{LoadError, PluginRuntime, PluginSource, builtin, plugin_bytes};
+use crate::core::ReplicaId;
+use crate::metadata::{Broker, MetaFuture, MetadataError, MetadataStore, PartitionState};
+
+/// A compiled, linked metadata plugin, ready to connect.
+#[derive(Clone)]
+pub struct MetadataPlugin {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: String,
+    runtime: Arc<PluginRuntime>,
+    pre: MetadataPluginPre<PluginState>,
+    sandbox: Sandbox,
+}
+
+impl MetadataPlugin {
+    /// Load from a built-in name (see [`builtin::METADATA`]) or a path,
+    /// with the shared runtime.
+    pub fn load(source: &PluginSource, sandbox: Sandbox) -> Result<Self, LoadError> {
+        Self::load_with(PluginRuntime::global()?, source, sandbox)
+    }
+
+    pub fn load_with(
+        runtime: Arc<PluginRuntime>,
+        source: &PluginSource,
+        sandbox: Sandbox,
+    ) -> Result<Self, LoadError> {
+        let (name, wasm) = plugin_bytes(source, builtin::METADATA)?;
+        Self::from_bytes(runtime, &name, &wasm, sandbox)
+    }
+
+    /// Load a component from its bytes under a display name.
+    pub fn from_bytes(
+        runtime: Arc<PluginRuntime>,
+        name: &str,
+        wasm: &[u8],
+        sandbox: Sandbox,
+    ) -> Result<Self, LoadError> {
+        let component: Component = runtime.compile(name, wasm)?;
+        let link = |e: wasmtime::Error| LoadError::Link {
+            plugin: name.to_string(),
+            world: "metadata-plugin",
+            detail: format!("{e:#}"),
+        };
+        let instance_pre = runtime
+            .metadata_linker()
+            .instantiate_pre(&component)
+            .map_err(link)?;
+        let pre = MetadataPluginPre::new(instance_pre).map_err(link)?;
+        Ok(MetadataPlugin {
+            inner: Arc::new(Inner {
+                name: name.to_string(),
+                runtime,
+                pre,
+                sandbox,
+            }),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.inner.sandbox
+    }
+
+    /// Connect to the store with `config`, in a new instance that sees
+    /// `data_dir` (created if missing) as `/data` and nothing else. The
+    /// connection's thread runs until every handle is dropped or
+    /// [`PluginMetadata::close`] is called.
+    pub async fn connect(
+        &self,
+        data_dir: &Path,
+        config: Vec<(String, String)>,
+    ) -> Result<PluginMetadata, MetadataError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| MetadataError::Io(format!("create {}: {e}", data_dir.display())))?;
+        let label: Arc<str> = format!("{} metadata", self.name()).into();
+        let sandbox = self.sandbox().clone();
+        let mut actor = Actor {
+            plugin: self.clone(),
+            data_dir: data_dir.to_path_buf(),
+            config,
+            label: label.clone(),
+            live: None,
+            seen: Seen::default(),
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (connected_tx, connected_rx) = oneshot::channel();
+        let io_error =
+            |e: std::io::Error| MetadataError::Io(format!("starting the metadata thread: {e}"));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(io_error)?;
+        std::thread::Builder::new()
+            .name(label.to_string())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let connected = actor.connect().await;
+                    let ok = connected.is_ok();
+                    if connected_tx.send(connected).is_err() || !ok {
+                        return;
+                    }
+                    actor.run(rx).await;
+                })
+            })
+            .map_err(io_error)?;
+        let wait = sandbox.open_deadline * 2 + Duration::from_secs(1);
+        match tokio::time::timeout(wait, connected_rx).await {
+            Ok(Ok(Ok(()))) => Ok(PluginMetadata {
+                tx,
+                label,
+                sandbox: Arc::new(sandbox),
+            }),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(MetadataError::Fault(format!(
+                "{label}: the metadata thread ended while connecting"
+            ))),
+            Err(_) => Err(MetadataError::Fault(format!(
+                "{label}: connecting did not finish within {wait:?}"
+            ))),
+        }
+    }
+}
+
+enum Op {
+    Get(String, u32),
+    CompareAndSet(PartitionState, u64),
+    ListPartitions,
+    RegisterBroker(ReplicaId, String),
+    ListBrokers,
+    Close,
+}
+
+enum Out {
+    State(PartitionState),
+    Version(u64),
+    Partitions(Vec<(String, u32)>),
+    Brokers(Vec<Broker>),
+    Unit,
+}
+
+struct Call {
+    op: Op,
+    reply: oneshot::Sender<Result<Out, MetadataError>>,
+}
+
+/// A connection to a metadata store served by a plugin instance. Cheap to
+/// clone; calls are served one at a time, in order. Dropping every handle
+/// closes the connection.
+#[derive(Clone)]
+pub struct PluginMetadata {
+    tx: mpsc::UnboundedSender<Call>,
+    label: Arc<str>,
+    sandbox: Arc<Sandbox>,
+}
+
+struct Live {
+    store: Store<PluginState>,
+    world: World,
+    client: ResourceAny,
+}
+
+/// The newest versions and broker epochs this connection has seen; the
+/// store may never answer with older ones.
+#[derive(Default)]
+struct Seen {
+    versions: HashMap<(String, u32), u64>,
+    epochs: HashMap<ReplicaId, u64>,
+}
+
+struct Actor {
+    plugin: MetadataPlugin,
+    data_dir: PathBuf,
+    config: Vec<(String, String)>,
+    label: Arc<str>,
+    live: Option<Live>,
+    seen: Seen,
+}
+
+/// Run one guest call under the deadline: a trap or an expired deadline
+/// becomes a fault (its description); an expected error stays an error.
+async fn guarded<T>(
+    deadline: Duration,
+    fut: impl Future<Output = wasmtime::Result<Result<T, PluginError>>>,
+) -> Result<Result<T, PluginError>, String> {
+    // Epoch interruption stops wasm code at the deadline; the timeout
+    // catches a call stuck in a host function, where epochs do not reach.
+    let grace = deadline / 4 + Duration::from_millis(50);
+    match tokio::time::timeout(deadline + grace, fut).await {
+        Err(_) => Err(format!("call did not return within {deadline:?}")),
+        Ok(Err(e)) => Err(match e.downcast_ref::<wasmtime::Trap>() {
+            Some(wasmtime::Trap::Interrupt) => "deadline reached in wasm code".into(),
+            _ => format!("trapped: {e:#}"),
+        }),
+        Ok(Ok(r)) => Ok(r),
+    }
+}
+
+fn convert(e: PluginError) -> MetadataError {
+    match e {
+        PluginError::NotFound(m) => MetadataError::NotFound(m),
+        PluginError::Corrupt(m) => MetadataError::Corrupt(m),
+        PluginError::Io(m) => MetadataError::Io(m),
+        PluginError::Conflict(m) => MetadataError::Conflict(m),
+        PluginError::Unavailable(m) => MetadataError::Unavailable(m),
+        PluginError::InvalidInput(m) => MetadataError::InvalidInput(m),
+        PluginError::Other(m) => MetadataError::Other(m),
+        PluginError::OffsetOutOfRange(b) => MetadataError::Other(format!(
+            "offset out of range ({}..{})",
+            b.log_start, b.log_end
+        )),
+    }
+}
+
+fn from_wit(s: wit::PartitionState) -> PartitionState {
+    PartitionState {
+        topic: s.topic,
+        partition: s.partition,
+        leader: s.leader,
+        leader_epoch: s.leader_epoch,
+        isr: s.isr,
+        replicas: s.replicas,
+        version: s.version,
+    }
+}
+
+fn to_wit(s: &PartitionState) -> wit::PartitionState {
+    wit::PartitionState {
+        topic: s.topic.clone(),
+        partition: s.partition,
+        leader: s.leader,
+        leader_epoch: s.leader_epoch,
+        isr: s.isr.clone(),
+        replicas: s.replicas.clone(),
+        version: s.version,
+    }
+}
+
+/// A guest answer: a fault, an expected error, or a value.
+type Answer<T> = Result<Result<T, PluginError>, String>;
+
+/// What the actor makes of an answer: a value, an error to hand on, or a
+/// broken contract (which drops the instance).
+enum Verdict {
+    Ok(Out),
+    Err(MetadataError),
+    Violation(String),
+}
+
+impl Actor {
+    fn sandbox(&self) -> &Sandbox {
+        &self.plugin.inner.sandbox
+    }
+
+    fn fault(&mut self, detail: String) -> MetadataError {
+        tracing::error!(plugin = %self.label, "metadata plugin fault, instance dropped: {detail}");
+        // A faulted instance is not called again, not even its destructor.
+        self.live = None;
+        MetadataError::Fault(format!("{}: {detail}", self.label))
+    }
+
+    /// Instantiate the plugin and connect its client.
+    async fn connect(&mut self) -> Result<(), MetadataError> {
+        self.live = None;
+        let deadline = self.sandbox().open_deadline;
+        let state = PluginState::new(self.sandbox(), Some(&self.data_dir), self.label.clone())
+            .map_err(|e| self.fault(format!("cannot set up the sandbox: {e:#}")))?;
+        let mut store = Store::new(self.plugin.inner.runtime.engine(), state);
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(Sandbox::ticks(deadline));
+        let world = match tokio::time::timeout(
+            deadline,
+            self.plugin.inner.pre.instantiate_async(&mut store),
+        )
+        .await
+        {
+            Ok(Ok(w)) => w,
+            Ok(Err(e)) => return Err(self.fault(format!("instantiation failed: {e:#}"))),
+            Err(_) => return Err(self.fault("instantiation timed out".into())),
+        };
+        let guest = world.replicator_plugin_metadata().client();
+        match guarded(deadline, guest.call_connect(&mut store, &self.config)).await {
+            Ok(Ok(client)) => {
+                self.live = Some(Live {
+                    store,
+                    world,
+                    client,
+                });
+                Ok(())
+            }
+            Ok(Err(e)) => Err(convert(e)),
+            Err(f) => Err(self.fault(format!("connect: {f}"))),
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Call>) {
+        while let Some(call) = rx.recv().await {
+            if let Op::Close = call.op {
+                self.close().await;
+                let _ = call.reply.send(Ok(Out::Unit));
+                return;
+            }
+            let r = self.serve(call.op).await;
+            let _ = call.reply.send(r);
+        }
+        self.close().await;
+    }
+
+    /// One guest call with its checks, reconnecting first if an earlier
+    /// fault dropped the instance.
+    async fn serve(&mut self, op: Op) -> Result<Out, MetadataError> {
+        if let Op::CompareAndSet(_, u64::MAX) = op {
+            return Err(MetadataError::InvalidInput(
+                "expected version u64::MAX has no successor".into(),
+            ));
+        }
+        if self.live.is_none() {
+            tracing::info!(plugin = %self.label, "reconnecting the metadata plugin");
+            self.connect().await?;
+        }
+        let deadline = self.sandbox().call_deadline;
+        let Some(live) = self.live.as_mut() else {
+            return Err(MetadataError::Fault(format!("{}: no instance", self.label)));
+        };
+        live.store.set_epoch_deadline(Sandbox::ticks(deadline));
+        let guest = live.world.replicator_plugin_metadata().client();
+        let (store, client) = (&mut live.store, live.client);
+        let seen = &mut self.seen;
+        let verdict = match op {
+            Op::Get(topic, partition) => {
+                let r = guarded(
+                    deadline,
+                    guest.call_get_partition(&mut *store, client, &topic, partition),
+                )
+                .await;
+                check_get(seen, topic, partition, r)
+            }
+            Op::CompareAndSet(state, expected) => {
+                let r = guarded(
+                    deadline,
+                    guest.call_compare_and_set(&mut *store, client, &to_wit(&state), expected),
+                )
+                .await;
+                check_cas(seen, &state, expected, r)
+            }
+            Op::ListPartitions => {
+                let r = guarded(deadline, guest.call_list_partitions(&mut *store, client)).await;
+                check_list_partitions(r)
+            }
+            Op::RegisterBroker(id, address) => {
+                let broker = wit::Broker {
+                    id,
+                    address,
+                    epoch: 0,
+                };
+                let r = guarded(
+                    deadline,
+                    guest.call_register_broker(&mut *store, client, &broker),
+                )
+                .await;
+                check_register(seen, id, r)
+            }
+            Op::ListBrokers => {
+                let r = guarded(deadline, guest.call_list_brokers(&mut *store, client)).await;
+                check_list_brokers(seen, r)
+            }
+            Op::Close => Verdict::Err(MetadataError::Other("not a guest call".into())),
+        };
+        match verdict {
+            Verdict::Ok(out) => Ok(out),
+            Verdict::Err(e) => Err(e),
+            Verdict::Violation(why) => Err(self.fault(why)),
+        }
+    }
+
+    /// Let the plugin run the client's destructor, then drop the instance.
+    async fn close(&mut self) {
+        let deadline = self.sandbox().call_deadline;
+        if let Some(mut live) = self.live.take() {
+            live.store.set_epoch_deadline(Sandbox::ticks(deadline));
+            let drop_it = live.client.resource_drop_async(&mut live.store);
+            match tokio::time::timeout(deadline, drop_it).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(plugin = %self.label, "closing the client trapped: {e:#}")
+                }
+                Err(_) => tracing::warn!(plugin = %self.label, "closing the client timed out"),
+            }
+        }
+    }
+}
+
+/// Sort out faults and expected errors; `ok` judges a value.
+fn judge<T>(answer: Answer<T>, ok: impl FnOnce(T) -> Result<Out, String>) -> Verdict {
+    match answer {
+        Err(fault) => Verdict::Violation(fault),
+        Ok(Err(e)) => Verdict::Err(convert(e)),
+        Ok(Ok(v)) => match ok(v) {
+            Ok(out) => Verdict::Ok(out),
+            Err(why) => Verdict::Violation(why),
+        },
+    }
+}
+
+fn check_get(
+    seen: &mut Seen,
+    topic: String,
+    partition: u32,
+    answer: Answer<wit::PartitionState>,
+) -> Verdict {
+    let key = (topic, partition);
+    let known = seen.versions.get(&key).copied().unwrap_or(0);
+    if known > 0 && matches!(answer, Ok(Err(PluginError::NotFound(_)))) {
+        return Verdict::Violation(format!(
+            "get-partition({}/{}) answered not-found after version {known} was seen",
+            key.0, key.1
+        ));
+    }
+    judge(answer, |s| {
+        let s = from_wit(s);
+        if s.topic != key.0 || s.partition != key.1 {
+            return Err(format!(
+                "get-partition({}/{}) answered with the state of {}/{}",
+                key.0, key.1, s.topic, s.partition
+            ));
+        }
+        if s.version == 0 {
+            return Err(format!(
+                "get-partition({}/{}) answered with version 0, which means not created",
+                key.0, key.1
+            ));
+        }
+        if s.version < known {
+            return Err(format!(
+                "get-partition({}/{}) answered with version {} after version {known} was seen",
+                key.0, key.1, s.version
+            ));
+        }
+        seen.versions.insert(key, s.version);
+        Ok(Out::State(s))
+    })
+}
+
+fn check_cas(
+    seen: &mut Seen,
+    state: &PartitionState,
+    expected: u64,
+    answer: Answer<u64>,
+) -> Verdict {
+    let key = (state.topic.clone(), state.partition);
+    let known = seen.versions.get(&key).copied().unwrap_or(0);
+    judge(answer, |v| {
+        let tp = format!("{}/{}", key.0, key.1);
+        if v != expected + 1 {
+            return Err(format!(
+                "compare-and-set({tp}, expected {expected}) returned version {v}, not {}",
+                expected + 1
+            ));
+        }
+        if expected < known {
+            return Err(format!(
+                "compare-and-set({tp}) accepted expected version {expected} after version {known} was seen"
+            ));
+        }
+        seen.versions.insert(key, v);
+        Ok(Out::Version(v))
+    })
+}
+
+fn check_list_partitions(answer: Answer<Vec<wit::TopicPartition>>) -> Verdict {
+    judge(answer, |list| {
+        let mut list: Vec<(String, u32)> = list
+            .into_iter()
+            .map(|tp| (tp.topic, tp.partition))
+            .collect();
+        list.sort();
+        if let Some(w) = list.windows(2).find(|w| w[0] == w[1]) {
+            return Err(format!("list-partitions named {}/{} twice", w[0].0, w[0].1));
+        }
+        Ok(Out::Partitions(list))
+    })
+}
+
+fn check_register(seen: &mut Seen, id: ReplicaId, answer: Answer<u64>) -> Verdict {
+    judge(answer, |epoch| {
+        if let Some(&known) = seen.epochs.get(&id)
+            && epoch <= known
+        {
+            return Err(format!(
+                "register-broker({id}) assigned epoch {epoch}, not above the earlier {known}"
+            ));
+        }
+        seen.epochs.insert(id, epoch);
+        Ok(Out::Version(epoch))
+    })
+}
+
+fn check_list_brokers(seen: &mut Seen, answer: Answer<Vec<wit::Broker>>) -> Verdict {
+    judge(answer, |list| {
+        let mut list: Vec<Broker> = list
+            .into_iter()
+            .map(|b| Broker {
+                id: b.id,
+                address: b.address,
+                epoch: b.epoch,
+            })
+            .collect();
+        list.sort_by_key(|b| b.id);
+        if let Some(w) = list.windows(2).find(|w| w[0].id == w[1].id) {
+            return Err(format!("list-brokers named broker {} twice", w[0].id));
+        }
+        for b in &list {
+            if let Some(&known) = seen.epochs.get(&b.id)
+                && b.epoch < known
+            {
+                return Err(format!(
+                    "list-brokers gave broker {} epoch {} after epoch {known} was seen",
+                    b.id, b.epoch
+                ));
+            }
+        }
+        for b in &list {
+            seen.epochs.insert(b.id, b.epoch);
+        }
+        Ok(Out::Brokers(list))
+    })
+}
+
+impl PluginMetadata {
+    /// Close the connection now and wait until the plugin has released
+    /// it. Other clones of this handle then get faults.
+    pub async fn close(self) {
+        let _ = self.submit(Op::Close).await;
+    }
+
+    /// Queue `op` and wait for the answer, at most long enough for a
+    /// reconnect plus twice the call deadline: past that the caller gets a
+    /// fault even if the metadata thread is stuck in a host call.
+    fn submit(&self, op: Op) -> impl Future<Output = Result<Out, MetadataError>> + Send + 'static {
+        let label = self.label.clone();
+        let wait =
+            self.sandbox.open_deadline + self.sandbox.call_deadline * 2 + Duration::from_secs(1);
+        let (reply, rx) = oneshot::channel();
+        let sent = self.tx.send(Call { op, reply }).is_ok();
+        async move {
+            let gone = || MetadataError::Fault(format!("{label}: the metadata thread is gone"));
+            if !sent {
+                return Err(gone());
+            }
+            match tokio::time::timeout(wait, rx).await {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(_)) => Err(gone()),
+                Err(_) => Err(MetadataError::Fault(format!(
+                    "{label}: no answer within {wait:?}: the metadata thread is stuck"
+                ))),
+            }
+        }
+    }
+}
+
+macro_rules! expect_out {
+    ($self:ident, $op:expr, $pat:pat => $v:expr) => {{
+        let answer = $self.submit($op);
+        Box::pin(async move {
+            match answer.await? {
+                $pat => Ok($v),
+                _ => unreachable!("the actor answers each op with its own output kind"),
+            }
+        })
+    }};
+}
+
+impl MetadataStore for PluginMetadata {
+    fn get_partition<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: u32,
+    ) -> MetaFuture<'a, PartitionState> {
+        expect_out!(self, Op::Get(topic.to_string(), partition), Out::State(s) => s)
+    }
+
+    fn compare_and_set(&self, state: PartitionState, expected_version: u64) -> MetaFuture<'_, u64> {
+        expect_out!(self, Op::CompareAndSet(state, expected_version), Out::Version(v) => v)
+    }
+
+    fn list_partitions(&self) -> MetaFuture<'_, Vec<(String, u32)>> {
+        expect_out!(self, Op::ListPartitions, Out::Partitions(l) => l)
+    }
+
+    fn register_broker(&self, id: ReplicaId, address: String) -> MetaFuture<'_, u64> {
+        expect_out!(self, Op::RegisterBroker(id, address), Out::Version(e) => e)
+    }
+
+    fn list_brokers(&self) -> MetaFuture<'_, Vec<Broker>> {
+        expect_out!(self, Op::ListBrokers, Out::Brokers(l) => l)
+    }
+}

@@ -1,0 +1,569 @@
+//! The QUIC transport (quinn over rustls, mutual TLS): endpoints with
+//! raised UDP buffers, framed streams, the hello round trip that confirms
+//! a peer before it is used, and the two stream shapes of the protocol:
+//!
+//! - a long-lived replication stream per (follower, leader) pair carrying
+//!   multi-partition `FETCH`/`FETCH_RESPONSE` frames, one at a time;
+//! - one bidirectional stream per control or client RPC.
+//!
+//! The server side hands decoded requests to a [`Handler`]; it checks that
+//! a fetch's replica id is the node id the peer's certificate proves.
+
+pub mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls_pki_types::CertificateDer;
+use tracing::{debug, info, warn};
+
+use crate::core::{FetchRequest, FetchResponse, ReplicaId, TopicPartition};
+use crate::wire::frame::{self, FrameError, HEADER_LEN};
+use crate::wire::messages::{self, kind as fetch_kind};
+use crate::wire::rpc::{self, Claim, Request, Response, RpcError, kind as rpc_kind};
+pub use tls::{Identity, TlsError, TlsMaterial, TlsPaths};
+
+/// UDP socket buffers: the kernel default (~200 KiB) drops bursts at
+/// loopback speeds.
+pub const UDP_BUFFER: usize = 4 << 20;
+/// The hello must arrive this soon after the handshake.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Cap on a hello frame: it is tiny, and comes from a not-yet-trusted peer.
+const HELLO_MAX: u32 = 64 * 1024;
+
+/// QUIC application error codes used when closing.
+pub mod close {
+    pub const NORMAL: u32 = 0;
+    pub const IDENTITY: u32 = 1;
+    pub const PROTOCOL: u32 = 2;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot bind UDP {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("connect to {addr}: {detail}")]
+    Connect { addr: SocketAddr, detail: String },
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("stream write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("stream read: {0}")]
+    Read(String),
+    #[error("bad frame from peer: {0}")]
+    Frame(#[from] FrameError),
+    #[error("peer closed the stream before answering")]
+    Eof,
+    #[error("peer refused: {0}")]
+    Rejected(RpcError),
+    #[error("unexpected answer: {0}")]
+    Protocol(String),
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+}
+
+impl TransportError {
+    /// The node's refusal, if that is what this is.
+    pub fn rpc_error(&self) -> Option<&RpcError> {
+        match self {
+            TransportError::Rejected(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(4096u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    // Windows sized for 16 MiB fetch responses at loopback RTTs.
+    t.stream_receive_window((32u32 << 20).into());
+    t.receive_window((128u32 << 20).into());
+    t.send_window(128 << 20);
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(10)) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t
+}
+
+fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, TransportError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let bind_err = |source| TransportError::Bind { addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+        .map_err(bind_err)?;
+    for (what, r) in [
+        ("receive", socket.set_recv_buffer_size(UDP_BUFFER)),
+        ("send", socket.set_send_buffer_size(UDP_BUFFER)),
+    ] {
+        if let Err(e) = r {
+            warn!("cannot raise the UDP {what} buffer to {UDP_BUFFER} bytes: {e}");
+        }
+    }
+    socket.bind(&addr.into()).map_err(bind_err)?;
+    Ok(socket.into())
+}
+
+/// A QUIC endpoint with this party's identity: dials peers, and (for
+/// nodes) accepts them.
+#[derive(Clone)]
+pub struct Transport {
+    endpoint: quinn::Endpoint,
+    me: Identity,
+}
+
+impl Transport {
+    /// Bind `addr`. With `serve`, accept connections (nodes); without,
+    /// dial only (clients). Checks that our certificate is our identity's.
+    pub fn bind(
+        addr: SocketAddr,
+        tls: &TlsMaterial,
+        me: Identity,
+        serve: bool,
+    ) -> Result<Self, TransportError> {
+        tls.check_own_identity(me)?;
+        let transport = Arc::new(transport_config());
+        let server = if serve {
+            let crypto = QuicServerConfig::try_from(tls.server_config()?)
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+            let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+            cfg.transport_config(transport.clone());
+            Some(cfg)
+        } else {
+            None
+        };
+        let socket = udp_socket(addr)?;
+        let mut endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            server,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| TransportError::Bind { addr, source })?;
+        let crypto = QuicClientConfig::try_from(tls.client_config()?)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        client.transport_config(transport);
+        endpoint.set_default_client_config(client);
+        Ok(Transport { endpoint, me })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    pub fn identity(&self) -> Identity {
+        self.me
+    }
+
+    /// Dial node `node` at `addr`, check its certificate is `node-<node>`,
+    /// and do the hello round trip (which is also where a node's refusal
+    /// of *our* certificate surfaces under TLS 1.3).
+    pub async fn connect(&self, addr: SocketAddr, node: ReplicaId) -> Result<Peer, TransportError> {
+        let name = Identity::Node(node).dns_name();
+        let conn = self
+            .endpoint
+            .connect(addr, &name)
+            .map_err(|e| TransportError::Connect {
+                addr,
+                detail: e.to_string(),
+            })?
+            .await
+            .map_err(|e| TransportError::Connect {
+                addr,
+                detail: e.to_string(),
+            })?;
+        let peer = Peer { conn, node, addr };
+        let claim = match self.me {
+            Identity::Node(id) => Claim::Node { id },
+            Identity::Client => Claim::Client,
+        };
+        let hello = tokio::time::timeout(
+            HELLO_TIMEOUT,
+            peer.request_with_cap(&Request::Hello { claim }, &[], HELLO_MAX),
+        )
+        .await
+        .map_err(|_| TransportError::Timeout("hello"))??;
+        match hello.0 {
+            Response::Hello { node: n } if n == node => Ok(peer),
+            Response::Hello { node: n } => Err(TransportError::Protocol(format!(
+                "dialled node {node} at {addr}, it says it is node {n}"
+            ))),
+            other => Err(TransportError::Protocol(format!(
+                "hello answered with {other:?}"
+            ))),
+        }
+    }
+
+    /// Accept connections until the endpoint closes, serving each with
+    /// `handler`. Runs until [`Transport::close`].
+    pub async fn serve<H: Handler>(&self, node: ReplicaId, handler: Arc<H>) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                if let Err(e) = serve_connection(incoming, node, handler).await {
+                    debug!(%remote, "connection ended: {e}");
+                }
+            });
+        }
+    }
+
+    /// Refuse new connections, close existing ones, and wait until peers
+    /// were told (bounded).
+    pub async fn close(&self) {
+        self.endpoint.close(close::NORMAL.into(), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// A confirmed connection to a node.
+#[derive(Clone)]
+pub struct Peer {
+    conn: quinn::Connection,
+    node: ReplicaId,
+    addr: SocketAddr,
+}
+
+impl Peer {
+    pub fn node(&self) -> ReplicaId {
+        self.node
+    }
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    /// Why the connection is gone, if it is.
+    pub fn close_reason(&self) -> Option<quinn::ConnectionError> {
+        self.conn.close_reason()
+    }
+    pub fn close(&self) {
+        self.conn.close(close::NORMAL.into(), b"bye");
+    }
+
+    /// One RPC on its own stream. A node's refusal is
+    /// [`TransportError::Rejected`].
+    pub async fn request(
+        &self,
+        req: &Request,
+        body: &[u8],
+    ) -> Result<(Response, Bytes), TransportError> {
+        self.request_with_cap(req, body, frame::DEFAULT_MAX_PAYLOAD)
+            .await
+    }
+
+    async fn request_with_cap(
+        &self,
+        req: &Request,
+        body: &[u8],
+        cap: u32,
+    ) -> Result<(Response, Bytes), TransportError> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        let payload = rpc::encode(req, body)?;
+        write_frame(&mut send, rpc_kind::REQUEST, payload).await?;
+        let _ = send.finish();
+        let f = read_frame(&mut recv, cap)
+            .await?
+            .ok_or(TransportError::Eof)?;
+        response(f)
+    }
+
+    /// Open this follower's replication stream to the leader.
+    pub async fn fetch_stream(&self) -> Result<FetchStream, TransportError> {
+        let (send, recv) = self.conn.open_bi().await?;
+        Ok(FetchStream { send, recv })
+    }
+
+    /// Send raw bytes on a new stream and read whatever frame comes back
+    /// (for tests of malformed input).
+    #[doc(hidden)]
+    pub async fn raw_exchange(&self, bytes: &[u8]) -> Result<Option<(u8, Bytes)>, TransportError> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        send.write_all(bytes).await?;
+        let _ = send.finish();
+        read_frame(&mut recv, frame::DEFAULT_MAX_PAYLOAD).await
+    }
+}
+
+fn response((kind, payload): (u8, Bytes)) -> Result<(Response, Bytes), TransportError> {
+    if kind != rpc_kind::RESPONSE {
+        return Err(FrameError::Kind(kind).into());
+    }
+    match rpc::decode::<Response>(payload)? {
+        (Response::Error { error }, _) => Err(TransportError::Rejected(error)),
+        ok => Ok(ok),
+    }
+}
+
+/// A follower's long-lived replication stream to one leader.
+pub struct FetchStream {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+impl FetchStream {
+    /// One multi-partition fetch and its answer.
+    pub async fn fetch(
+        &mut self,
+        parts: &[(TopicPartition, FetchRequest)],
+    ) -> Result<Vec<(TopicPartition, FetchResponse)>, TransportError> {
+        let payload = messages::encode_fetch(parts)?;
+        write_frame(&mut self.send, fetch_kind::FETCH, payload).await?;
+        let (kind, payload) = read_frame(&mut self.recv, frame::DEFAULT_MAX_PAYLOAD)
+            .await?
+            .ok_or(TransportError::Eof)?;
+        match kind {
+            fetch_kind::FETCH_RESPONSE => Ok(messages::decode_fetch_response(payload)?),
+            rpc_kind::RESPONSE => match rpc::decode::<Response>(payload)? {
+                (Response::Error { error }, _) => Err(TransportError::Rejected(error)),
+                (other, _) => Err(TransportError::Protocol(format!(
+                    "fetch answered with {other:?}"
+                ))),
+            },
+            other => Err(FrameError::Kind(other).into()),
+        }
+    }
+}
+
+/// A boxed future of a handler's answer.
+pub type Reply<'a, T> = Pin<Box<dyn Future<Output = Result<T, RpcError>> + Send + 'a>>;
+
+/// What a node does with requests; implemented by the node runtime.
+pub trait Handler: Send + Sync + 'static {
+    /// An RPC from an authenticated peer.
+    fn request(
+        &self,
+        peer: Identity,
+        request: Request,
+        body: Bytes,
+    ) -> Reply<'_, (Response, Bytes)>;
+
+    /// A multi-partition fetch from follower `from` (already checked
+    /// against its certificate).
+    fn fetch(
+        &self,
+        from: ReplicaId,
+        parts: Vec<(TopicPartition, FetchRequest)>,
+    ) -> Reply<'_, Vec<(TopicPartition, FetchResponse)>>;
+}
+
+/// Write one frame: the header, then the payload as it is (no copy into a
+/// contiguous buffer).
+pub async fn write_frame(
+    send: &mut quinn::SendStream,
+    kind: u8,
+    payload: Bytes,
+) -> Result<(), TransportError> {
+    let len = u32::try_from(payload.len()).map_err(|_| FrameError::TooLarge {
+        len: u32::MAX,
+        max: frame::DEFAULT_MAX_PAYLOAD,
+    })?;
+    let mut chunks = [Bytes::copy_from_slice(&frame::header(kind, len)), payload];
+    send.write_all_chunks(&mut chunks).await?;
+    Ok(())
+}
+
+/// Read one frame; `None` on a clean end of stream before a header. The
+/// header is checked (version, flags, cap) before the payload is read, so
+/// an oversized frame costs nothing.
+pub async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    cap: u32,
+) -> Result<Option<(u8, Bytes)>, TransportError> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut filled = 0;
+    while filled < HEADER_LEN {
+        match recv.read(&mut header[filled..]).await {
+            Ok(Some(n)) => filled += n,
+            Ok(None) if filled == 0 => return Ok(None),
+            Ok(None) => return Err(TransportError::Eof),
+            Err(e) => return Err(TransportError::Read(e.to_string())),
+        }
+    }
+    let (kind, len) = frame::parse_header(&header, cap)?;
+    let mut payload = BytesMut::zeroed(len as usize);
+    recv.read_exact(&mut payload)
+        .await
+        .map_err(|e| TransportError::Read(e.to_string()))?;
+    Ok(Some((kind, payload.freeze())))
+}
+
+async fn write_error(send: &mut quinn::SendStream, error: RpcError) {
+    if let Ok(payload) = rpc::encode(&Response::Error { error }, &[]) {
+        let _ = write_frame(send, rpc_kind::RESPONSE, payload).await;
+    }
+    let _ = send.finish();
+}
+
+fn peer_cert(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
+    conn.peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?
+        .first()
+        .cloned()
+}
+
+async fn serve_connection<H: Handler>(
+    incoming: quinn::Incoming,
+    node: ReplicaId,
+    handler: Arc<H>,
+) -> Result<(), TransportError> {
+    let conn = incoming.await?;
+    let remote = conn.remote_address();
+    // The handshake checked the chain; the hello says which name to check.
+    let cert = peer_cert(&conn).ok_or_else(|| {
+        conn.close(close::IDENTITY.into(), b"no client certificate");
+        TransportError::Protocol("peer presented no certificate".into())
+    })?;
+    let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
+        .await
+        .map_err(|_| {
+            conn.close(close::PROTOCOL.into(), b"no hello");
+            TransportError::Timeout("hello")
+        })??;
+    let hello = read_frame(&mut recv, HELLO_MAX).await;
+    let claim = match hello {
+        Ok(Some((rpc_kind::REQUEST, payload))) => match rpc::decode::<Request>(payload) {
+            Ok((Request::Hello { claim }, _)) => claim,
+            other => {
+                let why = format!("expected a hello, got {other:?}");
+                write_error(&mut send, RpcError::Invalid(why.clone())).await;
+                conn.close(close::PROTOCOL.into(), b"expected hello");
+                return Err(TransportError::Protocol(why));
+            }
+        },
+        other => {
+            let why = format!("expected a hello frame, got {other:?}");
+            write_error(&mut send, RpcError::Invalid(why.clone())).await;
+            conn.close(close::PROTOCOL.into(), b"expected hello");
+            return Err(TransportError::Protocol(why));
+        }
+    };
+    let identity = match claim {
+        Claim::Node { id } => Identity::Node(id),
+        Claim::Client => Identity::Client,
+    };
+    if let Err(why) = tls::verify_identity(&cert, identity) {
+        warn!(%remote, "refused a peer claiming to be {identity}: {why}");
+        write_error(&mut send, RpcError::Unauthorized(why.clone())).await;
+        // Let the refusal reach the peer before the close does.
+        let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
+        conn.close(close::IDENTITY.into(), b"identity");
+        return Err(TransportError::Protocol(why));
+    }
+    if let Ok(payload) = rpc::encode(&Response::Hello { node }, &[]) {
+        write_frame(&mut send, rpc_kind::RESPONSE, payload).await?;
+    }
+    let _ = send.finish();
+    info!(%remote, "peer {identity} connected");
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(%remote, "peer {identity} gone: {e}");
+                return Ok(());
+            }
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_stream(send, recv, identity, handler).await {
+                debug!(%remote, "stream from {identity} failed: {e}");
+            }
+        });
+    }
+}
+
+async fn serve_stream<H: Handler>(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    peer: Identity,
+    handler: Arc<H>,
+) -> Result<(), TransportError> {
+    loop {
+        let frame = match read_frame(&mut recv, frame::DEFAULT_MAX_PAYLOAD).await {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                let _ = send.finish();
+                return Ok(());
+            }
+            Err(e) => {
+                // Junk or an oversized frame: say why, stop reading this
+                // stream; the connection and every other stream go on.
+                write_error(&mut send, RpcError::Invalid(e.to_string())).await;
+                let _ = recv.stop(close::PROTOCOL.into());
+                return Err(e);
+            }
+        };
+        match frame {
+            (fetch_kind::FETCH, payload) => {
+                let Identity::Node(from) = peer else {
+                    write_error(
+                        &mut send,
+                        RpcError::Unauthorized("only nodes may fetch".into()),
+                    )
+                    .await;
+                    return Ok(());
+                };
+                let parts = match messages::decode_fetch(payload) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        write_error(&mut send, RpcError::Invalid(e.to_string())).await;
+                        return Err(e.into());
+                    }
+                };
+                if let Some((_, r)) = parts.iter().find(|(_, r)| r.replica_id != from) {
+                    let why = format!("node-{from} sent a fetch as replica {}", r.replica_id);
+                    warn!("{why}");
+                    write_error(&mut send, RpcError::Unauthorized(why)).await;
+                    return Ok(());
+                }
+                match handler.fetch(from, parts).await {
+                    Ok(resp) => {
+                        let payload = messages::encode_fetch_response(&resp)?;
+                        write_frame(&mut send, fetch_kind::FETCH_RESPONSE, payload).await?;
+                    }
+                    Err(e) => {
+                        write_error(&mut send, e).await;
+                        return Ok(());
+                    }
+                }
+                // The replication stream stays open for the next fetch.
+            }
+            (rpc_kind::REQUEST, payload) => {
+                let answer = match rpc::decode::<Request>(payload) {
+                    Ok((Request::Hello { .. }, _)) => {
+                        Err(RpcError::Invalid("hello sent twice".into()))
+                    }
+                    Ok((req, body)) => handler.request(peer, req, body).await,
+                    Err(e) => Err(RpcError::Invalid(e.to_string())),
+                };
+                let (resp, body) = match answer {
+                    Ok(r) => r,
+                    Err(error) => (Response::Error { error }, Bytes::new()),
+                };
+                let payload = rpc::encode(&resp, &body)?;
+                write_frame(&mut send, rpc_kind::RESPONSE, payload).await?;
+                let _ = send.finish();
+                return Ok(());
+            }
+            (other, _) => {
+                write_error(
+                    &mut send,
+                    RpcError::Invalid(format!("unknown frame kind {other}")),
+                )
+                .await;
+                let _ = recv.stop(close::PROTOCOL.into());
+                return Ok(());
+            }
+        }
+    }
+}

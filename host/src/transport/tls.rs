@@ -1,0 +1,263 @@
+//! Cluster certificates and the rustls configurations built from them.
+//!
+//! A cluster CA (made by `replicator cluster init` with rcgen) signs one
+//! certificate per node, whose DNS SAN is `node-<id>`, and one client
+//! certificate whose SAN is `client`. Both sides of every connection must
+//! present a certificate signed by the CA (mutual TLS, TLS 1.3 only,
+//! 0-RTT off). Who a peer *is* comes from its certificate: a node claiming
+//! id 3 must present a certificate valid for `node-3` ([`verify_identity`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+use crate::core::ReplicaId;
+
+/// ALPN protocol id: names the wire version, so a node speaking another
+/// version fails the handshake instead of misreading frames.
+pub const ALPN: &[u8] = b"replicator/1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what} {path} holds no usable PEM {expected}: {detail}")]
+    Pem {
+        what: &'static str,
+        path: PathBuf,
+        expected: &'static str,
+        detail: String,
+    },
+    #[error("TLS configuration: {0}")]
+    Config(String),
+    #[error("certificate generation: {0}")]
+    Generate(String),
+}
+
+/// Who a certificate (or a peer) is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Identity {
+    Node(ReplicaId),
+    Client,
+}
+
+impl Identity {
+    /// The DNS name in this identity's certificate.
+    pub fn dns_name(&self) -> String {
+        match self {
+            Identity::Node(id) => format!("node-{id}"),
+            Identity::Client => "client".to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.dns_name())
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// PEM files of a CA and of certificates it issued.
+pub struct GeneratedCa {
+    pub cert_pem: String,
+    pub key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl GeneratedCa {
+    /// A fresh cluster CA (ECDSA P-256, rcgen's default validity).
+    pub fn new(cluster: &str) -> Result<Self, TlsError> {
+        let gen_err = |e: rcgen::Error| TlsError::Generate(e.to_string());
+        let key = KeyPair::generate().map_err(gen_err)?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("replicator CA {cluster}"));
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params.self_signed(&key).map_err(gen_err)?;
+        let key_pem = key.serialize_pem();
+        Ok(GeneratedCa {
+            cert_pem: cert.pem(),
+            key_pem,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// A certificate and key for `identity`, signed by this CA; usable as
+    /// both a TLS server and client certificate.
+    pub fn issue(&self, identity: Identity) -> Result<(String, String), TlsError> {
+        let gen_err = |e: rcgen::Error| TlsError::Generate(e.to_string());
+        let key = KeyPair::generate().map_err(gen_err)?;
+        let mut params = CertificateParams::new(vec![identity.dns_name()]).map_err(gen_err)?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, identity.dns_name());
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+/// Where a node's or client's TLS material lives.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsPaths {
+    /// The cluster CA certificate (PEM).
+    pub ca: PathBuf,
+    /// This party's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// This party's private key (PEM).
+    pub key: PathBuf,
+}
+
+impl TlsPaths {
+    /// Resolve relative paths against `base` (the config file's directory).
+    pub fn resolved(&self, base: &Path) -> TlsPaths {
+        TlsPaths {
+            ca: base.join(&self.ca),
+            cert: base.join(&self.cert),
+            key: base.join(&self.key),
+        }
+    }
+}
+
+/// Loaded TLS material: builds server and client configurations.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: Arc<PrivateKeyDer<'static>>,
+}
+
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = read(what, path)?;
+    let pem_err = |detail: String| TlsError::Pem {
+        what,
+        path: path.to_path_buf(),
+        expected: "CERTIFICATE",
+        detail,
+    };
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(pem_err("no certificate found".into()));
+    }
+    Ok(certs)
+}
+
+impl TlsMaterial {
+    pub fn load(paths: &TlsPaths) -> Result<Self, TlsError> {
+        let ca = certs("CA certificate", &paths.ca)?;
+        let mut roots = RootCertStore::empty();
+        for c in ca {
+            roots.add(c).map_err(|e| TlsError::Pem {
+                what: "CA certificate",
+                path: paths.ca.clone(),
+                expected: "CA CERTIFICATE",
+                detail: e.to_string(),
+            })?;
+        }
+        let chain = certs("certificate", &paths.cert)?;
+        let key_bytes = read("private key", &paths.key)?;
+        let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| TlsError::Pem {
+            what: "private key",
+            path: paths.key.clone(),
+            expected: "PRIVATE KEY",
+            detail: e.to_string(),
+        })?;
+        Ok(TlsMaterial {
+            roots: Arc::new(roots),
+            chain,
+            key: Arc::new(key),
+        })
+    }
+
+    /// The identity this party's own certificate is valid for, if either
+    /// `expected`. Used at startup so a node refuses a certificate that is
+    /// not its own, instead of failing every handshake later.
+    pub fn check_own_identity(&self, expected: Identity) -> Result<(), TlsError> {
+        let leaf = self
+            .chain
+            .first()
+            .ok_or_else(|| TlsError::Config("empty certificate chain".into()))?;
+        verify_identity(leaf, expected).map_err(|e| {
+            TlsError::Config(format!(
+                "this certificate is not valid for {expected} ({e}); use the one `replicator cluster init` wrote for it"
+            ))
+        })
+    }
+
+    /// Server side: TLS 1.3, client certificate required and checked
+    /// against the CA, ALPN, no 0-RTT.
+    pub fn server_config(&self) -> Result<rustls::ServerConfig, TlsError> {
+        let cfg_err = |e: rustls::Error| TlsError::Config(e.to_string());
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(cfg_err)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(cfg_err)?;
+        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        // 0-RTT data is replayable: never accept it.
+        cfg.max_early_data_size = 0;
+        Ok(cfg)
+    }
+
+    /// Client side: TLS 1.3, the server must chain to the CA and be valid
+    /// for the name we dial (`node-<id>`), our certificate presented.
+    pub fn client_config(&self) -> Result<rustls::ClientConfig, TlsError> {
+        let cfg_err = |e: rustls::Error| TlsError::Config(e.to_string());
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(cfg_err)?
+            .with_root_certificates(self.roots.clone())
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(cfg_err)?;
+        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        cfg.enable_early_data = false;
+        Ok(cfg)
+    }
+}
+
+/// Is `cert` (already verified against the CA by the handshake) valid for
+/// `identity`'s name?
+pub fn verify_identity(cert: &CertificateDer<'_>, identity: Identity) -> Result<(), String> {
+    let ee = webpki::EndEntityCert::try_from(cert).map_err(|e| e.to_string())?;
+    let name = ServerName::try_from(identity.dns_name()).map_err(|e| e.to_string())?;
+    ee.verify_is_valid_for_subject_name(&name)
+        .map_err(|e| format!("certificate is not valid for {identity}: {e}"))
+}
