@@ -35,7 +35,7 @@ pub struct TopicCreateArgs {
     pub replication_factor: u32,
 }
 
-pub fn client(config: &PathBuf) -> anyhow::Result<Client> {
+pub fn client(config: &std::path::Path) -> anyhow::Result<Client> {
     let cfg = ClientConfig::load(config)?;
     Ok(Client::new(&cfg)?)
 }
