@@ -15,10 +15,10 @@ use crate::transport::TlsPaths;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
+    #[error("cannot read config {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("config {path}: {detail}")]
     Parse { path: PathBuf, detail: String },
@@ -112,9 +112,9 @@ pub struct ClientConfig {
 }
 
 fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<(T, PathBuf), ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     let value = toml::from_str(&text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),

@@ -36,7 +36,7 @@ pub enum NodeError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("{0}")]
+    #[error(transparent)]
     Transport(#[from] TransportError),
     #[error("storage plugin: {0}")]
     Storage(LoadError),
@@ -44,10 +44,10 @@ pub enum NodeError {
     MetadataLoad(LoadError),
     #[error("metadata store: {0}")]
     Metadata(#[from] MetadataError),
-    #[error("cannot bind the metrics endpoint {addr}: {source}")]
+    #[error("cannot bind the metrics endpoint {addr}: {error}")]
     Metrics {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -63,9 +63,9 @@ pub async fn run(
     let transport = Transport::bind(config.listen, &tls, Identity::Node(id), true)?;
     let local = transport
         .local_addr()
-        .map_err(|source| TransportError::Bind {
+        .map_err(|error| TransportError::Bind {
             addr: config.listen,
-            source,
+            error,
         })?;
     let advertised = match config.advertise {
         Some(a) => a,
@@ -76,7 +76,7 @@ pub async fn run(
         Some(addr) => Some(
             metrics::bind(addr)
                 .await
-                .map_err(|source| NodeError::Metrics { addr, source })?,
+                .map_err(|error| NodeError::Metrics { addr, error })?,
         ),
         None => None,
     };

@@ -38,10 +38,10 @@ pub enum LoadError {
         "unknown built-in plugin `{name}`; built-ins: {known}; or give a path to a .wasm component"
     )]
     UnknownBuiltin { name: String, known: String },
-    #[error("cannot read plugin {path}: {source}")]
+    #[error("cannot read plugin {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("plugin `{plugin}` is not a valid wasm component for this host: {detail}")]
     Compile { plugin: String, detail: String },
@@ -203,9 +203,9 @@ fn plugin_bytes(
             Ok((name.clone(), wasm.into()))
         }
         PluginSource::Path(path) => {
-            let wasm = std::fs::read(path).map_err(|source| LoadError::Read {
+            let wasm = std::fs::read(path).map_err(|error| LoadError::Read {
                 path: path.clone(),
-                source,
+                error,
             })?;
             Ok((plugin_name(path), wasm.into()))
         }

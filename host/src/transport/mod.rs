@@ -45,10 +45,10 @@ pub mod close {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("cannot bind UDP {addr}: {source}")]
+    #[error("cannot bind UDP {addr}: {error}")]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -99,7 +99,7 @@ fn transport_config() -> quinn::TransportConfig {
 
 fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, TransportError> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let bind_err = |source| TransportError::Bind { addr, source };
+    let bind_err = |error| TransportError::Bind { addr, error };
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
         .map_err(bind_err)?;
     for (what, r) in [
@@ -149,7 +149,7 @@ impl Transport {
             socket,
             Arc::new(quinn::TokioRuntime),
         )
-        .map_err(|source| TransportError::Bind { addr, source })?;
+        .map_err(|error| TransportError::Bind { addr, error })?;
         let crypto = QuicClientConfig::try_from(tls.client_config()?)
             .map_err(|e| TlsError::Config(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
@@ -170,6 +170,22 @@ impl Transport {
     /// and do the hello round trip (which is also where a node's refusal
     /// of *our* certificate surfaces under TLS 1.3).
     pub async fn connect(&self, addr: SocketAddr, node: ReplicaId) -> Result<Peer, TransportError> {
+        let claim = match self.me {
+            Identity::Node(id) => Claim::Node { id },
+            Identity::Client => Claim::Client,
+        };
+        self.connect_claiming(addr, node, claim).await
+    }
+
+    /// [`Transport::connect`] with any claim in the hello, whatever our
+    /// certificate says: for tests that a node refuses impostors.
+    #[doc(hidden)]
+    pub async fn connect_claiming(
+        &self,
+        addr: SocketAddr,
+        node: ReplicaId,
+        claim: Claim,
+    ) -> Result<Peer, TransportError> {
         let name = Identity::Node(node).dns_name();
         let conn = self
             .endpoint
@@ -184,10 +200,6 @@ impl Transport {
                 detail: e.to_string(),
             })?;
         let peer = Peer { conn, node, addr };
-        let claim = match self.me {
-            Identity::Node(id) => Claim::Node { id },
-            Identity::Client => Claim::Client,
-        };
         let hello = tokio::time::timeout(
             HELLO_TIMEOUT,
             peer.request_with_cap(&Request::Hello { claim }, &[], HELLO_MAX),

@@ -1,0 +1,231 @@
+//! Three real node processes replicating over QUIC on loopback, driven by
+//! the CLI exactly as an operator would.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{Cluster, cli, cli_ok, converged};
+
+fn consume_replica(c: &Cluster, topic: &str, replica: u32, count: u64) -> Vec<String> {
+    // A follower learns the HW on its next fetch: retry briefly until this
+    // replica has committed `count` messages.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = cli(&[
+            "consume",
+            "--config",
+            &c.client(),
+            "--topic",
+            topic,
+            "--replica",
+            &replica.to_string(),
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        if out.status.success() && lines.len() as u64 >= count {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica {replica} has {} of {count} committed: {}",
+            lines.len(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn expected_lines(from: u64, count: u64, size: usize) -> Vec<String> {
+    (0..count)
+        .map(|i| {
+            let v = replicator_cli_generated(i, size);
+            format!("{} {}", from + i, v)
+        })
+        .collect()
+}
+
+/// Mirrors `produce --count`'s generator (cli/client_cmds.rs): the prefix
+/// is enough to identify a message; the test checks prefixes and lengths.
+fn replicator_cli_generated(i: u64, _size: usize) -> String {
+    format!("m{i:010}-")
+}
+
+fn check_lines(got: &[String], from: u64, count: u64, size: usize) {
+    assert_eq!(got.len() as u64, count);
+    for (line, want) in got.iter().zip(expected_lines(from, count, size)) {
+        assert!(
+            line.starts_with(&want),
+            "{line:.40} does not start with {want}"
+        );
+        let value = line.split_once(' ').map(|(_, v)| v).unwrap_or("");
+        assert_eq!(value.len(), size);
+    }
+}
+
+#[test]
+fn three_nodes_replicate_ten_thousand_acks_all_messages() {
+    let mut c = Cluster::init(3, "file", |t| t);
+    c.start_all();
+    c.wait_up();
+    let out = cli_ok(&[
+        "topic",
+        "create",
+        "--config",
+        &c.client(),
+        "--topic",
+        "orders",
+        "--partitions",
+        "1",
+        "--replication-factor",
+        "3",
+    ]);
+    assert!(out.contains("created orders/0"), "{out}");
+    let summary = cli_ok(&[
+        "produce",
+        "--config",
+        &c.client(),
+        "--topic",
+        "orders",
+        "--acks",
+        "all",
+        "--count",
+        "10000",
+        "--size",
+        "100",
+        "--json",
+    ]);
+    let s: serde_json::Value = serde_json::from_str(summary.trim()).unwrap();
+    assert_eq!(s["acknowledged"], 10000, "{summary}");
+    assert_eq!(s["failed"], 0);
+
+    let status = c.wait_status("all replicas at 10000", |v| {
+        converged(v, "orders", 0, 10000)
+    });
+    let p = support::partition(&status, "orders", 0).unwrap();
+    assert_eq!(p["isr"].as_array().unwrap().len(), 3, "{status}");
+
+    let logs: Vec<Vec<String>> = (1..=3)
+        .map(|r| consume_replica(&c, "orders", r, 10000))
+        .collect();
+    for (r, l) in logs.iter().enumerate() {
+        check_lines(l, 0, 10000, 100);
+        assert_eq!(l, &logs[0], "replica {} differs from replica 1", r + 1);
+    }
+    // Prometheus text from a node: per-partition gauges with the HW.
+    let port = c.base_port + 50;
+    let metrics = http_get(port, "/metrics");
+    assert!(
+        metrics.contains(
+            "replicator_partition_high_watermark{topic=\"orders\",partition=\"0\"} 10000"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("replicator_partition_isr_size"),
+        "{metrics}"
+    );
+    for id in 1..=3 {
+        assert!(c.stop(id), "node {id} did not stop cleanly:\n{}", c.log(id));
+    }
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics port");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn a_restarted_node_rejoins_and_catches_up() {
+    // A short lag time so the ISR drops the dead follower quickly and
+    // acks=all goes on with the two that are left (min.insync = 2).
+    let mut c = Cluster::init(3, "file", |t| {
+        t.replace(
+            "replica_lag_time_max_ms = 30000",
+            "replica_lag_time_max_ms = 1500",
+        )
+    });
+    c.start_all();
+    c.wait_up();
+    cli_ok(&[
+        "topic",
+        "create",
+        "--config",
+        &c.client(),
+        "--topic",
+        "t",
+        "--replication-factor",
+        "3",
+    ]);
+    let client = c.client();
+    let produce = |n: &str| {
+        let out = cli_ok(&[
+            "produce", "--config", &client, "--topic", "t", "--count", n, "--size", "64", "--json",
+        ]);
+        let s: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(s["failed"], 0, "{out}");
+    };
+    produce("2000");
+    c.wait_status("2000 everywhere", |v| converged(v, "t", 0, 2000));
+
+    // Node 3 follows partition 0 (node 1 leads it). Kill it hard.
+    c.kill(3);
+    produce("3000");
+    let v = c.wait_status("ISR without node 3", |v| {
+        support::partition(v, "t", 0)
+            .is_some_and(|p| p["isr"].as_array().is_some_and(|a| a.len() == 2))
+    });
+    let p = support::partition(&v, "t", 0).unwrap();
+    assert_eq!(p["high_watermark"], 5000, "{v}");
+
+    // Restart it from its data directory: it must catch up and rejoin.
+    c.start(3);
+    c.wait_status("node 3 back in the ISR at 5000", |v| {
+        converged(v, "t", 0, 5000)
+    });
+    let a = consume_replica(&c, "t", 1, 5000);
+    let b = consume_replica(&c, "t", 3, 5000);
+    assert_eq!(a.len(), 5000);
+    assert_eq!(a, b, "the restarted replica's log differs");
+    assert!(
+        c.log(3).contains("opened log: [0, 2000)"),
+        "node 3 did not reopen its data:\n{}",
+        c.log(3)
+    );
+}
+
+#[test]
+fn bad_node_configs_fail_with_clear_errors() {
+    let c = Cluster::init(1, "file", |t| t);
+    let cfg = c.path().join("node-1.toml");
+    let original = std::fs::read_to_string(&cfg).unwrap();
+    let run = |text: &str| {
+        std::fs::write(&cfg, text).unwrap();
+        let out = cli(&["node", "--config", cfg.to_str().unwrap()]);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let e = run(&format!("{original}\nflavour = \"vanilla\"\n"));
+    assert!(e.contains("flavour") && e.contains("line"), "{e}");
+    let e = run(&original.replace(
+        "plugin = \"file\"\n\n[storage.config]",
+        "plugin = \"nosuch\"\n\n[storage.config]",
+    ));
+    assert!(e.contains("unknown built-in plugin `nosuch`"), "{e}");
+    let e = run(&original.replace("cert = \"node-1.pem\"", "cert = \"missing.pem\""));
+    assert!(e.contains("missing.pem"), "{e}");
+    let e = run(&original.replace("cert = \"node-1.pem\"", "cert = \"client.pem\""));
+    assert!(e.contains("not valid for node-1"), "{e}");
+    // Port in use.
+    let port = c.base_port;
+    let _hold = std::net::UdpSocket::bind(("127.0.0.1", port)).unwrap();
+    let e = run(&original);
+    assert!(
+        e.contains(&format!("{port}")) && e.to_lowercase().contains("in use"),
+        "{e}"
+    );
+}

@@ -1,0 +1,240 @@
+//! Helpers for tests that run real node processes: a cluster directory
+//! made by `replicator cluster init`, node processes, and CLI calls.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_replicator");
+
+/// Free UDP ports base..base+n and TCP ports base+50.. right now. Each
+/// call in a process starts from a different place, so tests running in
+/// parallel do not pick the same range before either binds it.
+pub fn free_ports(n: u16) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
+    let seed = std::process::id()
+        .wrapping_mul(7919)
+        .wrapping_add(call * 104_729);
+    for k in 0..400u32 {
+        let base = 20000 + ((seed + k * 131) % 390) as u16 * 100;
+        let udp = (0..n).all(|i| std::net::UdpSocket::bind(("127.0.0.1", base + i)).is_ok());
+        let tcp = (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + 50 + i)).is_ok());
+        if udp && tcp {
+            return base;
+        }
+    }
+    panic!("no free ports");
+}
+
+pub fn cli(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run replicator")
+}
+
+pub fn cli_ok(args: &[&str]) -> String {
+    let out = cli(args);
+    assert!(
+        out.status.success(),
+        "replicator {args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<Option<Child>>,
+    pub base_port: u16,
+}
+
+impl Cluster {
+    /// `cluster init` for `n` nodes; `edit` may change each node's TOML.
+    pub fn init(n: u32, storage: &str, edit: impl Fn(String) -> String) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base_port = free_ports(n as u16);
+        cli_ok(&[
+            "cluster",
+            "init",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--nodes",
+            &n.to_string(),
+            "--base-port",
+            &base_port.to_string(),
+            "--metrics-base-port",
+            &(base_port + 50).to_string(),
+            "--storage",
+            storage,
+        ]);
+        for id in 1..=n {
+            let p = dir.path().join(format!("node-{id}.toml"));
+            let text = std::fs::read_to_string(&p).unwrap();
+            std::fs::write(&p, edit(text)).unwrap();
+        }
+        Cluster {
+            dir,
+            nodes: (0..n).map(|_| None).collect(),
+            base_port,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn client(&self) -> String {
+        self.dir.path().join("client.toml").display().to_string()
+    }
+
+    pub fn start(&mut self, id: u32) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("node-{id}.log")))
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["node", "--config"])
+            .arg(self.dir.path().join(format!("node-{id}.toml")))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start node");
+        self.nodes[(id - 1) as usize] = Some(child);
+    }
+
+    pub fn start_all(&mut self) {
+        for id in 1..=self.nodes.len() as u32 {
+            self.start(id);
+        }
+    }
+
+    pub fn signal(&mut self, id: u32, sig: &str) {
+        if let Some(c) = &self.nodes[(id - 1) as usize] {
+            let _ = Command::new("kill")
+                .arg(sig)
+                .arg(c.id().to_string())
+                .status();
+        }
+    }
+
+    pub fn kill(&mut self, id: u32) {
+        if let Some(mut c) = self.nodes[(id - 1) as usize].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; true if it exited successfully within 15 s.
+    pub fn stop(&mut self, id: u32) -> bool {
+        self.signal(id, "-TERM");
+        let Some(mut c) = self.nodes[(id - 1) as usize].take() else {
+            return false;
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                return s.success();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self, id: u32) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("node-{id}.log"))).unwrap_or_default()
+    }
+
+    /// `status --json` once it answers with every node reachable.
+    pub fn status(&self) -> serde_json::Value {
+        let out = cli_ok(&["status", "--config", &self.client(), "--json"]);
+        serde_json::from_str(&out).expect("status json")
+    }
+
+    /// Poll `check` on `status --json` until it holds (bounded).
+    pub fn wait_status(
+        &self,
+        what: &str,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = cli(&["status", "--config", &self.client(), "--json"]);
+            if out.status.success()
+                && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                && check(&v)
+            {
+                return v;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; last status: {}\n{}\nnode logs:\n{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr),
+                    (1..=self.nodes.len() as u32)
+                        .map(|i| format!("--- node {i}\n{}", self.log(i)))
+                        .collect::<String>()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Until every node answers status.
+    pub fn wait_up(&self) {
+        let n = self.nodes.len();
+        self.wait_status("all nodes up", |v| {
+            v["unreachable"].as_array().is_some_and(|u| u.is_empty())
+        });
+        let _ = n;
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for id in 1..=self.nodes.len() as u32 {
+            self.kill(id);
+        }
+    }
+}
+
+/// The partition report of `topic`/`partition` in a status JSON.
+pub fn partition<'a>(
+    v: &'a serde_json::Value,
+    topic: &str,
+    p: u64,
+) -> Option<&'a serde_json::Value> {
+    v["partitions"]
+        .as_array()?
+        .iter()
+        .find(|x| x["topic"] == topic && x["partition"] == p)
+}
+
+/// True when every replica's log end equals the HW and the ISR is full.
+pub fn converged(v: &serde_json::Value, topic: &str, p: u64, total: u64) -> bool {
+    let Some(x) = partition(v, topic, p) else {
+        return false;
+    };
+    let hw = x["high_watermark"].as_u64();
+    hw == Some(total)
+        && x["isr"].as_array().map(|a| a.len()) == x["replicas"].as_array().map(|a| a.len())
+        && x["replica_log_ends"]
+            .as_array()
+            .is_some_and(|r| r.iter().all(|e| e[1].as_u64() == Some(total)))
+}
+
+pub fn dir_str(p: &PathBuf) -> &str {
+    p.to_str().unwrap()
+}
