@@ -81,6 +81,13 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
         "3",
     ]);
     assert!(out.contains("created orders/0"), "{out}");
+    // A min.insync above the replication factor could never take acks=all.
+    let bad = cli(&[
+        "topic", "create", "--config", &c.client(), "--topic", "strict", "--replication-factor",
+        "3", "--min-insync", "4",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("min.insync.replicas 4"));
     let summary = cli_ok(&[
         "produce",
         "--config",

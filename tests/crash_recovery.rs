@@ -40,7 +40,7 @@ async fn sigkill_during_appends_recovers_every_whole_batch() {
     for round in 0..3 {
         let mut child = Command::new(env!("CARGO_BIN_EXE_replicator"))
             .args([
-                "demo",
+                "storage-demo",
                 "--messages",
                 "100000000",
                 "--size",
@@ -80,7 +80,7 @@ async fn sigkill_during_appends_recovers_every_whole_batch() {
 
         let log = plugin
             .open(
-                "demo",
+                "storage-demo",
                 0,
                 vec![("segment.bytes".into(), "1048576".into())],
                 Some(&part),

@@ -31,6 +31,7 @@ fn state(topic: &str, partition: u32, leader: u32, leader_epoch: u32) -> Partiti
         leader_epoch,
         isr: vec![1, 2, 3],
         replicas: vec![1, 2, 3],
+        min_insync: 2,
         version: 0,
     }
 }

@@ -105,7 +105,7 @@ fn any_addr() -> SocketAddr {
 
 /// A topic with some data; returns a fingerprint of the node's state.
 async fn seed(c: &Client) {
-    c.create_topic("t", 1, 1).await.unwrap();
+    c.create_topic("t", 1, 1, None).await.unwrap();
     let recs: Vec<Record> = (0..10)
         .map(|i| Record {
             key: None,
@@ -348,7 +348,7 @@ async fn junk_and_oversized_input_is_refused_and_the_node_keeps_serving() {
     );
 
     // Same connection still serves, and nothing changed.
-    let r = peer.request(&Request::Status, &[]).await;
+    let r = peer.request(&Request::Status {}, &[]).await;
     assert!(matches!(r, Ok((Response::Status { .. }, _))), "{r:?}");
     assert_eq!(fingerprint(&c).await, before, "state changed");
     c.close().await;

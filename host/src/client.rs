@@ -137,7 +137,7 @@ impl Client {
     /// Brokers and partitions as the metadata store has them; refreshes
     /// the leader cache and the node address book.
     pub async fn metadata(&self) -> Result<(Vec<Broker>, Vec<PartitionState>), ClientError> {
-        match self.any(&Request::Metadata, &[]).await? {
+        match self.any(&Request::Metadata {}, &[]).await? {
             (
                 Response::Metadata {
                     brokers,
@@ -169,11 +169,13 @@ impl Client {
         topic: &str,
         partitions: u32,
         replication_factor: u32,
+        min_insync: Option<u32>,
     ) -> Result<Vec<PartitionState>, ClientError> {
         let req = Request::CreateTopic {
             topic: topic.to_string(),
             partitions,
             replication_factor,
+            min_insync,
         };
         match self.any(&req, &[]).await? {
             (Response::Created { partitions }, _) => Ok(partitions),
@@ -335,7 +337,7 @@ impl Client {
     /// One node's view of its partitions.
     pub async fn status(&self, node: ReplicaId) -> Result<Vec<ReplicaStatus>, ClientError> {
         let peer = self.peer(node).await?;
-        match peer.request(&Request::Status, &[]).await.map_err(refused)? {
+        match peer.request(&Request::Status {}, &[]).await.map_err(refused)? {
             (Response::Status { partitions, .. }, _) => Ok(partitions),
             (other, _) => Err(ClientError::Protocol(format!("{other:?}"))),
         }

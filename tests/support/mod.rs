@@ -2,7 +2,7 @@
 //! made by `replicator cluster init`, node processes, and CLI calls.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -233,8 +233,4 @@ pub fn converged(v: &serde_json::Value, topic: &str, p: u64, total: u64) -> bool
         && x["replica_log_ends"]
             .as_array()
             .is_some_and(|r| r.iter().all(|e| e[1].as_u64() == Some(total)))
-}
-
-pub fn dir_str(p: &PathBuf) -> &str {
-    p.to_str().unwrap()
 }

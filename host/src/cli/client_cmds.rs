@@ -33,6 +33,10 @@ pub struct TopicCreateArgs {
     pub partitions: u32,
     #[arg(long, default_value_t = 3)]
     pub replication_factor: u32,
+    /// min.insync.replicas: acks=all is refused while fewer replicas are
+    /// in sync (default: the nodes' `[replication] min_insync_replicas`).
+    #[arg(long)]
+    pub min_insync: Option<u32>,
 }
 
 pub fn client(config: &std::path::Path) -> anyhow::Result<Client> {
@@ -45,7 +49,7 @@ pub async fn topic(cmd: TopicCommand) -> anyhow::Result<ExitCode> {
         TopicCommand::Create(a) => {
             let c = client(&a.config)?;
             let parts = c
-                .create_topic(&a.topic, a.partitions, a.replication_factor)
+                .create_topic(&a.topic, a.partitions, a.replication_factor, a.min_insync)
                 .await?;
             for p in &parts {
                 println!(

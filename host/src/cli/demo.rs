@@ -205,7 +205,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     );
     let c = client_cmds::client(&client_path)?;
     wait_for_cluster(&c, &mut nodes, 3).await?;
-    c.create_topic("demo", args.partitions, 3).await?;
+    c.create_topic("demo", args.partitions, 3, Some(2)).await?;
     println!(
         "3. created topic `demo`: {} partitions, replication factor 3, min.insync 2",
         args.partitions

@@ -333,6 +333,13 @@ impl ReplicationManager {
 
     // ---- role changes -------------------------------------------------
 
+    /// The partition's own min.insync.replicas (a topic setting), replacing
+    /// the broker default this manager was built with. Takes effect for
+    /// the next produce and HW decision.
+    pub fn set_min_insync_replicas(&mut self, n: u32) {
+        self.config.min_insync_replicas = n.max(1);
+    }
+
     /// Become leader of `epoch` with `replicas` and the ISR the metadata
     /// store holds at `version`. The log is kept as it is (a new leader
     /// never truncates); the epoch starts at the log end.

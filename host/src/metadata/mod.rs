@@ -23,6 +23,10 @@ pub struct PartitionState {
     pub isr: Vec<ReplicaId>,
     /// Assigned replicas; their count is the replication factor.
     pub replicas: Vec<ReplicaId>,
+    /// min.insync.replicas for acks=all on this partition (the topic's
+    /// setting); 0 means the node's `[replication]` default.
+    #[serde(default)]
+    pub min_insync: u32,
     /// Bumped by every accepted update; 0 means "not created yet".
     pub version: u64,
 }

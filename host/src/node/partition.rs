@@ -477,6 +477,9 @@ impl Actor {
         if self.recovering {
             return;
         }
+        if st.min_insync != 0 {
+            self.rm.set_min_insync_replicas(st.min_insync);
+        }
         let now = self.now();
         let me = self.shared.node_id;
         match st.leader {

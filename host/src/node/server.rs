@@ -76,6 +76,7 @@ impl NodeServer {
         topic: String,
         partitions: u32,
         replication_factor: u32,
+        min_insync: Option<u32>,
     ) -> Result<Response, RpcError> {
         if !valid_topic(&topic) {
             return Err(RpcError::Invalid(format!(
@@ -103,10 +104,10 @@ impl NodeServer {
                 brokers.len()
             )));
         }
-        if (self.shared.replication.min_insync_replicas as usize) > rf {
+        let min_isr = min_insync.unwrap_or(self.shared.replication.min_insync_replicas);
+        if min_isr == 0 || min_isr as usize > rf {
             return Err(RpcError::Invalid(format!(
-                "replication factor {rf} is below min.insync.replicas {}: acks=all could never succeed",
-                self.shared.replication.min_insync_replicas
+                "min.insync.replicas {min_isr} with replication factor {rf}: it must be 1..={rf}, or acks=all could never succeed"
             )));
         }
         let existing = meta.list_partitions().await.map_err(meta_err)?;
@@ -126,6 +127,7 @@ impl NodeServer {
                 leader_epoch: 1,
                 isr: replicas.clone(),
                 replicas,
+                min_insync: min_insync.unwrap_or(0),
                 version: 0,
             };
             match meta.compare_and_set(state.clone(), 0).await {
@@ -192,8 +194,9 @@ impl Handler for NodeServer {
                     topic,
                     partitions,
                     replication_factor,
+                    min_insync,
                 } => Ok((
-                    self.create_topic(topic, partitions, replication_factor)
+                    self.create_topic(topic, partitions, replication_factor, min_insync)
                         .await?,
                     Bytes::new(),
                 )),
@@ -230,7 +233,7 @@ impl Handler for NodeServer {
                         r.records,
                     ))
                 }
-                Request::Status => {
+                Request::Status {} => {
                     let handles: Vec<PartitionHandle> = self
                         .partitions
                         .read()
@@ -252,7 +255,7 @@ impl Handler for NodeServer {
                         Bytes::new(),
                     ))
                 }
-                Request::Metadata => {
+                Request::Metadata {} => {
                     let meta = &self.shared.metadata;
                     let brokers = meta.list_brokers().await.map_err(meta_err)?;
                     let mut partitions = Vec::new();

@@ -252,6 +252,7 @@ fn from_wit(s: wit::PartitionState) -> PartitionState {
         leader_epoch: s.leader_epoch,
         isr: s.isr,
         replicas: s.replicas,
+        min_insync: s.min_insync,
         version: s.version,
     }
 }
@@ -264,6 +265,7 @@ fn to_wit(s: &PartitionState) -> wit::PartitionState {
         leader_epoch: s.leader_epoch,
         isr: s.isr.clone(),
         replicas: s.replicas.clone(),
+        min_insync: s.min_insync,
         version: s.version,
     }
 }

@@ -36,6 +36,9 @@ pub enum Request {
         topic: String,
         partitions: u32,
         replication_factor: u32,
+        /// min.insync.replicas for the topic; `None`: the nodes' default.
+        #[serde(default)]
+        min_insync: Option<u32>,
     },
     /// Body: one record batch (see [`crate::batch`]) holding the records;
     /// its base offset and epoch are ignored, the leader assigns them.
@@ -54,9 +57,9 @@ pub enum Request {
         max_bytes: u32,
     },
     /// This node's view of every partition it holds.
-    Status,
+    Status {},
     /// Metadata: brokers and partitions as the store has them.
-    Metadata,
+    Metadata {},
 }
 
 /// Errors a node answers with. `leader` hints where to retry.

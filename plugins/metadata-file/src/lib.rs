@@ -39,6 +39,7 @@ fn to_wit(s: store::Partition) -> PartitionState {
         leader_epoch: s.leader_epoch,
         isr: s.isr,
         replicas: s.replicas,
+        min_insync: s.min_insync,
         version: s.version,
     }
 }
@@ -68,6 +69,7 @@ impl GuestClient for FileClient {
             leader_epoch: state.leader_epoch,
             isr: state.isr,
             replicas: state.replicas,
+            min_insync: state.min_insync,
             version: state.version,
         };
         self.0.compare_and_set(s, expected_version).map_err(map)

@@ -66,6 +66,9 @@ pub struct Partition {
     pub leader_epoch: u32,
     pub isr: Vec<u32>,
     pub replicas: Vec<u32>,
+    /// 0: the broker's default. Absent in files from before the field.
+    #[serde(default)]
+    pub min_insync: u32,
     pub version: u64,
 }
 
