@@ -83,8 +83,16 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
     assert!(out.contains("created orders/0"), "{out}");
     // A min.insync above the replication factor could never take acks=all.
     let bad = cli(&[
-        "topic", "create", "--config", &c.client(), "--topic", "strict", "--replication-factor",
-        "3", "--min-insync", "4",
+        "topic",
+        "create",
+        "--config",
+        &c.client(),
+        "--topic",
+        "strict",
+        "--replication-factor",
+        "3",
+        "--min-insync",
+        "4",
     ]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("min.insync.replicas 4"));
@@ -234,5 +242,62 @@ fn bad_node_configs_fail_with_clear_errors() {
     assert!(
         e.contains(&format!("{port}")) && e.to_lowercase().contains("in use"),
         "{e}"
+    );
+}
+
+#[test]
+fn a_restarted_leader_hands_over_and_loses_nothing_even_with_memory_storage() {
+    // In-memory logs: the restarted leader comes back empty. It must not
+    // lead its old epoch again (followers would truncate to its empty
+    // log); leadership moves to an in-sync follower under a new epoch.
+    let mut c = Cluster::init(3, "memory", |t| {
+        t.replace(
+            "replica_lag_time_max_ms = 30000",
+            "replica_lag_time_max_ms = 1500",
+        )
+    });
+    c.start_all();
+    c.wait_up();
+    let client = c.client();
+    cli_ok(&[
+        "topic",
+        "create",
+        "--config",
+        &client,
+        "--topic",
+        "t",
+        "--replication-factor",
+        "3",
+    ]);
+    let produce = |n: &str| {
+        let out = cli_ok(&[
+            "produce", "--config", &client, "--topic", "t", "--count", n, "--size", "64", "--json",
+        ]);
+        let s: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(s["failed"], 0, "{out}");
+    };
+    produce("2000");
+    c.wait_status("2000 everywhere", |v| converged(v, "t", 0, 2000));
+    let before = consume_replica(&c, "t", 2, 2000);
+
+    c.kill(1); // the leader of t/0
+    c.start(1);
+    let v = c.wait_status("a new leader with everything", |v| {
+        support::partition(v, "t", 0).is_some_and(|p| p["leader"] != 1 && p["epoch"] == 2)
+            && converged(v, "t", 0, 2000)
+    });
+    let p = support::partition(&v, "t", 0).unwrap();
+    assert_eq!(p["leader"], 2, "{v}");
+    produce("1000");
+    c.wait_status("3000 everywhere", |v| converged(v, "t", 0, 3000));
+    let logs: Vec<Vec<String>> = (1..=3).map(|r| consume_replica(&c, "t", r, 3000)).collect();
+    for l in &logs {
+        assert_eq!(l, &logs[0]);
+        assert_eq!(&l[..2000], &before[..], "committed messages changed");
+    }
+    assert!(
+        c.log(1).contains("leadership moves to node 2 in epoch 2"),
+        "{}",
+        c.log(1)
     );
 }

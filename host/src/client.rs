@@ -18,6 +18,9 @@ use crate::node::ClientConfig;
 use crate::transport::{Identity, Peer, TlsMaterial, Transport, TransportError};
 use crate::wire::rpc::{ReplicaStatus, Request, Response, RpcError};
 
+/// How long a request other than produce may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(transparent)]
@@ -38,6 +41,13 @@ pub enum ClientError {
     Timeout { waited: Duration, last: String },
     #[error("unexpected answer: {0}")]
     Protocol(String),
+    /// The request was sent, then the connection failed or timed out: the
+    /// records may or may not have been written. Not retried, to not write
+    /// them twice.
+    #[error(
+        "no answer from node {node} after sending ({detail}); the records may or may not have been written"
+    )]
+    Ambiguous { node: ReplicaId, detail: String },
     #[error("bad records from the node: {0}")]
     Records(String),
 }
@@ -85,8 +95,7 @@ impl Client {
 
     /// A confirmed connection to `node`, reused while it lives.
     pub async fn peer(&self, node: ReplicaId) -> Result<Peer, ClientError> {
-        let mut peers = self.peers.lock().await;
-        if let Some(p) = peers.get(&node)
+        if let Some(p) = self.peers.lock().await.get(&node)
             && p.close_reason().is_none()
         {
             return Ok(p.clone());
@@ -97,10 +106,12 @@ impl Client {
             .await
             .get(&node)
             .ok_or(ClientError::UnknownNode(node))?;
+        // Connect without holding the lock: one slow node must not stall
+        // requests to the others.
         let p = tokio::time::timeout(Duration::from_secs(5), self.transport.connect(addr, node))
             .await
             .map_err(|_| TransportError::Timeout("connect"))??;
-        peers.insert(node, p.clone());
+        self.peers.lock().await.insert(node, p.clone());
         Ok(p)
     }
 
@@ -122,7 +133,7 @@ impl Client {
                     continue;
                 }
             };
-            match peer.request(req, body).await {
+            match peer.request_within(req, body, REQUEST_TIMEOUT).await {
                 Ok(r) => return Ok(r),
                 Err(TransportError::Rejected(e)) => return Err(ClientError::Refused(e)),
                 Err(e) => {
@@ -241,14 +252,17 @@ impl Client {
             let attempt = async {
                 let leader = self.leader(topic, partition, refresh).await?;
                 let peer = self.peer(leader).await?;
-                match peer.request(&req, &body).await {
+                let limit = timeout + Duration::from_secs(5);
+                match peer.request_within(&req, &body, limit).await {
                     Ok((Response::Produced { base_offset, .. }, _)) => Ok(base_offset),
                     Ok((other, _)) => Err(ClientError::Protocol(format!("{other:?}"))),
+                    Err(TransportError::Rejected(r)) => Err(ClientError::Refused(r)),
                     Err(e) => {
-                        if !matches!(e, TransportError::Rejected(_)) {
-                            self.peers.lock().await.remove(&leader);
-                        }
-                        Err(refused(e))
+                        self.peers.lock().await.remove(&leader);
+                        Err(ClientError::Ambiguous {
+                            node: leader,
+                            detail: e.to_string(),
+                        })
                     }
                 }
             };
@@ -258,8 +272,12 @@ impl Client {
             };
             let retriable = match &err {
                 ClientError::Refused(r) => r.retriable(),
-                ClientError::Protocol(_) | ClientError::Records(_) => false,
-                _ => true,
+                // Nothing was sent yet: the leader is unknown or unreachable.
+                ClientError::NoLeader(..)
+                | ClientError::NoNode(_)
+                | ClientError::Transport(_)
+                | ClientError::Timeout { .. } => true,
+                _ => false,
             };
             if !retriable || started.elapsed() + backoff > timeout {
                 return Err(if retriable {
@@ -294,7 +312,11 @@ impl Client {
             max_bytes,
         };
         let peer = self.peer(node).await?;
-        match peer.request(&req, &[]).await.map_err(refused)? {
+        match peer
+            .request_within(&req, &[], REQUEST_TIMEOUT)
+            .await
+            .map_err(refused)?
+        {
             (
                 Response::Records {
                     high_watermark,
@@ -337,7 +359,11 @@ impl Client {
     /// One node's view of its partitions.
     pub async fn status(&self, node: ReplicaId) -> Result<Vec<ReplicaStatus>, ClientError> {
         let peer = self.peer(node).await?;
-        match peer.request(&Request::Status {}, &[]).await.map_err(refused)? {
+        match peer
+            .request_within(&Request::Status {}, &[], REQUEST_TIMEOUT)
+            .await
+            .map_err(refused)?
+        {
             (Response::Status { partitions, .. }, _) => Ok(partitions),
             (other, _) => Err(ClientError::Protocol(format!("{other:?}"))),
         }

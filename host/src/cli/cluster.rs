@@ -55,6 +55,11 @@ pub struct InitArgs {
     /// `--storage-config fsync=always`.
     #[arg(long = "storage-config", value_parser = super::parse_kv)]
     pub storage_config: Vec<(String, String)>,
+    /// Keep the CA's private key in this file (needed only to issue more
+    /// certificates later). Keep it away from the nodes: whoever holds it
+    /// can mint a certificate for any node. By default it is discarded.
+    #[arg(long)]
+    pub ca_key_out: Option<PathBuf>,
 }
 
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
@@ -100,6 +105,12 @@ pub fn init(args: &InitArgs) -> anyhow::Result<PathBuf> {
             args.nodes
         );
     }
+    if args.host.is_unspecified() {
+        bail!(
+            "--host {} is not an address nodes and clients can dial; give the machine's address (the nodes bind and advertise it)",
+            args.host
+        );
+    }
     let dir = &args.dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     if dir.join("ca.pem").exists() {
@@ -116,7 +127,9 @@ pub fn init(args: &InitArgs) -> anyhow::Result<PathBuf> {
     }
     let ca = GeneratedCa::new(&dir.display().to_string())?;
     write_new(&dir.join("ca.pem"), &ca.cert_pem)?;
-    write_private(&dir.join("ca-key.pem"), &ca.key_pem)?;
+    if let Some(p) = &args.ca_key_out {
+        write_private(p, &ca.key_pem)?;
+    }
     let replication = ReplicationConfig {
         min_insync_replicas: min_insync,
         // Faster than Kafka's 1 s: a restarted leader is found sooner.
@@ -204,6 +217,12 @@ pub fn run_init(args: InitArgs) -> anyhow::Result<ExitCode> {
         );
     }
     println!("  clients:      --config {}", client.display());
+    match &args.ca_key_out {
+        Some(p) => println!("  CA key kept in {} (keep it off the nodes)", p.display()),
+        None => println!(
+            "  the CA key was discarded: no one can issue more certificates for this cluster"
+        ),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

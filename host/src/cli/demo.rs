@@ -190,6 +190,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         metadata: "file".into(),
         min_insync: Some(2),
         storage_config: Vec::new(),
+        ca_key_out: None,
     })?;
     println!(
         "1. cluster of 3 nodes in {} (storage `{}`, metadata `file`, mTLS)",

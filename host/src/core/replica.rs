@@ -410,6 +410,32 @@ impl ReplicationManager {
     }
 
     /// Stop serving: fail waiting producers and parked fetches.
+    /// The metadata store says no replica leads (or not this one, without
+    /// naming another yet): stop serving as leader or follower until the
+    /// next `become_*`. Waiting producers and parked fetches get
+    /// `NotLeader`.
+    pub fn resign(&mut self) {
+        self.step_down(ErrorCode::NotLeader);
+    }
+
+    /// Answer the parked fetch `correlation_id` from `from` now, with
+    /// whatever is available (a multi-partition fetch whose other parts
+    /// already have data must not wait for this one's long poll).
+    pub fn release_fetch(&mut self, from: ReplicaId, correlation_id: u64) {
+        let Some(l) = self.leader.as_mut() else {
+            return;
+        };
+        let Some(i) = l
+            .parked
+            .iter()
+            .position(|p| p.from == from && p.request.correlation_id == correlation_id)
+        else {
+            return;
+        };
+        let p = l.parked.swap_remove(i);
+        self.respond(p.from, &p.request);
+    }
+
     fn step_down(&mut self, why: ErrorCode) {
         if let Some(l) = self.leader.take() {
             for w in l.waiters {

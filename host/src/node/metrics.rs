@@ -139,8 +139,14 @@ pub fn render(node: u32, collector: &MetricsCollector) -> String {
 /// Serve `GET /metrics` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, collector: Arc<dyn Fn() -> String + Send + Sync>) {
     loop {
-        let Ok((mut sock, peer)) = listener.accept().await else {
-            continue;
+        let (mut sock, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors and the like: do not spin.
+                debug!("metrics accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let collector = collector.clone();
         tokio::spawn(async move {

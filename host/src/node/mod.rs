@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use crate::core::TopicPartition;
@@ -125,8 +125,19 @@ pub async fn run(
     let server = Arc::new(NodeServer {
         shared: shared.clone(),
         partitions: RwLock::new(HashMap::new()),
-        refresh: Arc::new(Notify::new()),
+        rotate: Default::default(),
     });
+    // Partitions this node led before it restarted: its log may have lost
+    // what it had acknowledged (unflushed writes, an in-memory log), so it
+    // must not lead those epochs again. Like Kafka's controller on a
+    // broker's re-registration, move each to a new epoch first.
+    for (topic, partition) in shared.metadata.list_partitions().await? {
+        if let Ok(st) = shared.metadata.get_partition(&topic, partition).await
+            && st.leader == Some(id)
+        {
+            shared.request_handoff(TopicPartition::new(&topic, partition));
+        }
+    }
     let serving = {
         let (t, s) = (transport.clone(), server.clone());
         tokio::spawn(async move { t.serve(id, s).await })
@@ -191,7 +202,7 @@ async fn watch(server: &Arc<NodeServer>, every: Duration) {
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            _ = server.refresh.notified() => {}
+            _ = server.shared.refresh.notified() => {}
         }
     }
 }
@@ -202,6 +213,17 @@ async fn refresh(
 ) -> Result<(), MetadataError> {
     let shared = &server.shared;
     let meta = &shared.metadata;
+    let pending: Vec<TopicPartition> = shared
+        .handoffs
+        .lock()
+        .map(|h| h.iter().cloned().collect())
+        .unwrap_or_default();
+    for tp in pending {
+        handoff(shared, &tp).await?;
+        if let Ok(mut h) = shared.handoffs.lock() {
+            h.remove(&tp);
+        }
+    }
     let brokers = meta.list_brokers().await?;
     if let Ok(mut map) = shared.brokers.write() {
         for b in brokers {
@@ -225,6 +247,9 @@ async fn refresh(
         }
         if seen.get(&tp) == Some(&state.version) {
             continue;
+        }
+        if shared.handoffs.lock().is_ok_and(|h| h.contains(&tp)) {
+            continue; // not until its leadership has moved
         }
         let existing = server
             .partitions
@@ -250,4 +275,57 @@ async fn refresh(
         handle.send(Event::Metadata(state));
     }
     Ok(())
+}
+
+/// Move `tp`'s leadership off this node's old incarnation: to another
+/// in-sync replica under the next epoch (dropping this node from the ISR
+/// until it catches up again), or, if it is the only one in sync, to this
+/// node under the next epoch. A compare-and-set, retried on conflict.
+async fn handoff(shared: &Shared, tp: &TopicPartition) -> Result<(), MetadataError> {
+    let me = shared.node_id;
+    for _ in 0..10 {
+        let st = shared
+            .metadata
+            .get_partition(&tp.topic, tp.partition)
+            .await?;
+        if st.leader != Some(me) {
+            return Ok(());
+        }
+        let others: Vec<_> = st.isr.iter().copied().filter(|r| *r != me).collect();
+        let next = match others.first() {
+            Some(&l) => crate::metadata::PartitionState {
+                leader: Some(l),
+                leader_epoch: st.leader_epoch + 1,
+                isr: others.clone(),
+                ..st.clone()
+            },
+            None => crate::metadata::PartitionState {
+                leader_epoch: st.leader_epoch + 1,
+                ..st.clone()
+            },
+        };
+        match shared
+            .metadata
+            .compare_and_set(next.clone(), st.version)
+            .await
+        {
+            Ok(_) => {
+                info!(
+                    "{}/{}: this node led epoch {} before restarting; leadership moves to node {} in epoch {}",
+                    tp.topic,
+                    tp.partition,
+                    st.leader_epoch,
+                    next.leader.unwrap_or(me),
+                    next.leader_epoch
+                );
+                return Ok(());
+            }
+            Err(MetadataError::Conflict(_)) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(MetadataError::Conflict(format!(
+        "{}/{}: leadership hand-off kept losing compare-and-set races",
+        tp.topic, tp.partition
+    )))
 }

@@ -60,6 +60,11 @@ pub enum Event {
     FetchFailed {
         correlation_id: u64,
     },
+    /// Answer this parked fetch now (its multi-partition fetch has data).
+    ReleaseFetch {
+        from: ReplicaId,
+        correlation_id: u64,
+    },
     Read {
         offset: u64,
         max_bytes: u32,
@@ -121,6 +126,9 @@ struct Actor {
     fetches: HashMap<(ReplicaId, u64), oneshot::Sender<FetchResponse>>,
     /// Storage failed: refuse work until the log is recovered.
     recovering: bool,
+    /// After a recovery while leading epoch E: never lead E (or older)
+    /// again; wait for the store to name a leader of a newer epoch.
+    handoff_from: Option<u32>,
 }
 
 /// Open (or reopen) the partition's log and start its actor.
@@ -168,6 +176,7 @@ pub async fn start(
         produces: HashMap::new(),
         fetches: HashMap::new(),
         recovering: false,
+        handoff_from: None,
     };
     tokio::spawn(actor.run(rx));
     Ok(PartitionHandle { tx })
@@ -327,6 +336,10 @@ impl Actor {
                     self.rm.fetch_failed(correlation_id, now);
                 }
             }
+            Event::ReleaseFetch {
+                from,
+                correlation_id,
+            } => self.rm.release_fetch(from, correlation_id),
             Event::Read {
                 offset,
                 max_bytes,
@@ -358,7 +371,16 @@ impl Actor {
                 self.leader = None;
                 self.applied_version = 0;
                 if let Some(meta) = self.meta.clone() {
-                    self.apply_metadata(meta, true);
+                    if meta.leader == Some(self.shared.node_id) {
+                        // The recovered log may lack what this leader had
+                        // acknowledged (an in-memory log is empty now): do
+                        // not lead this epoch again. Leadership moves to
+                        // another in-sync replica under a new epoch.
+                        self.handoff_from = Some(meta.leader_epoch);
+                        self.shared.request_handoff(self.tp.clone());
+                    } else {
+                        self.apply_metadata(meta, true);
+                    }
                 }
             }
             Event::Recovered(Err(e)) => {
@@ -473,6 +495,12 @@ impl Actor {
         {
             return; // older than what we have seen
         }
+        if let Some(old) = self.handoff_from {
+            if st.leader == Some(self.shared.node_id) && st.leader_epoch <= old {
+                return; // the hand-off has not landed yet
+            }
+            self.handoff_from = None;
+        }
         self.meta = Some(st.clone());
         if self.recovering {
             return;
@@ -520,8 +548,16 @@ impl Actor {
                 self.applied_version = st.version;
             }
             None => {
-                // No leader may be elected (failover comes with the
-                // metadata-driven coordinator); keep the log as it is.
+                // No replica may lead: stop serving in either role (the
+                // log stays as it is) until the store names a leader.
+                if self.rm.role() != Role::Idle {
+                    info!(topic = %self.tp.topic, partition = self.tp.partition,
+                        "no leader in epoch {}: stepping down", st.leader_epoch);
+                    self.rm.resign();
+                    self.shared.fetch(FetchCmd::Remove {
+                        tp: self.tp.clone(),
+                    });
+                }
                 self.leader = None;
             }
         }
@@ -563,7 +599,11 @@ impl Actor {
                 drop(reply);
             }
             let log = self.log.clone();
-            self.lane(async move { Some(Event::Recovered(log.recover().await)) });
+            self.lane(async move {
+                // A fault that repeats must not spin: pause first.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Some(Event::Recovered(log.recover().await))
+            });
         }
     }
 
@@ -643,12 +683,20 @@ impl Actor {
             }
             Action::ProduceDone { id, result } => {
                 if let Some((reply, _count)) = self.produces.remove(&id) {
-                    let r = result.map_err(|code| match code {
-                        ErrorCode::NotLeader => RpcError::NotLeader {
-                            node: self.shared.node_id,
-                            leader: self.leader.filter(|l| *l != self.shared.node_id),
-                        },
-                        code => rpc_error(code, "produce failed"),
+                    // The batch was appended here: whatever went wrong
+                    // afterwards, it may or may not survive, so this is
+                    // never the retriable "not the leader" refusal.
+                    let r = result.map_err(|code| {
+                        let why = match code {
+                            ErrorCode::RequestTimedOut => {
+                                "appended, but not replicated to the ISR in time; it may or may not survive"
+                            }
+                            ErrorCode::NotLeader => {
+                                "appended, but this node stopped leading before it was committed; it may or may not survive"
+                            }
+                            _ => "appended, but not acknowledged; it may or may not survive",
+                        };
+                        rpc_error(code, why)
                     });
                     let _ = reply.send(r);
                 }
@@ -666,6 +714,11 @@ impl Actor {
                 tokio::spawn(async move {
                     let (result, current) =
                         update_isr(&shared, &tp, leader_epoch, isr, expected_version, added).await;
+                    if result.is_err() && current.is_none() {
+                        // The store is down or refused a member: the core
+                        // proposes again at once, so pace the retries.
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
                     let _ = events.send(Event::IsrDone {
                         expected_version,
                         result,

@@ -3,11 +3,12 @@
 //! produce, read, status, metadata).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::oneshot;
 use tracing::info;
 
 use crate::batch::{self, Record};
@@ -24,12 +25,17 @@ const MAX_PARTITIONS: u32 = 10_000;
 const MAX_TIMEOUT_MS: u64 = 300_000;
 /// Most bytes one client read returns.
 const MAX_READ_BYTES: u32 = 16 << 20;
+/// Most record bytes one fetch response carries, all parts together: well
+/// inside the frame cap.
+const RESPONSE_BUDGET: u64 = 48 << 20;
+/// The largest batch there can be (a part carries at least one).
+const MAX_BATCH: u64 = replicator_plugin_sdk::MAX_BATCH_LEN as u64;
 
 pub struct NodeServer {
     pub(super) shared: Arc<Shared>,
     pub(super) partitions: RwLock<HashMap<TopicPartition, PartitionHandle>>,
-    /// Wakes the metadata watcher (after a topic is created here).
-    pub(super) refresh: Arc<Notify>,
+    /// Rotates which parts of a fetch are served first under the budget.
+    pub(super) rotate: AtomicUsize,
 }
 
 fn meta_err(e: MetadataError) -> RpcError {
@@ -138,7 +144,7 @@ impl NodeServer {
             created.push(state);
         }
         info!("created topic {topic}: {partitions} partitions, replication factor {rf}");
-        self.refresh.notify_one();
+        self.shared.refresh.notify_one();
         Ok(Response::Created {
             partitions: created,
         })
@@ -284,6 +290,7 @@ impl Handler for NodeServer {
         parts: Vec<(TopicPartition, FetchRequest)>,
     ) -> Reply<'_, Vec<(TopicPartition, FetchResponse)>> {
         Box::pin(async move {
+            let cfg = &self.shared.replication;
             let refuse = |r: &FetchRequest, code| FetchResponse {
                 correlation_id: r.correlation_id,
                 leader_epoch: r.current_leader_epoch,
@@ -294,39 +301,98 @@ impl Handler for NodeServer {
                 diverging_epoch: None,
                 records: Bytes::new(),
             };
-            // Hand every part to its partition first, then collect: the
-            // long polls run concurrently.
-            let mut waits = Vec::with_capacity(parts.len());
-            for (tp, request) in parts {
+            // The whole answer must fit one frame. Each part may carry up
+            // to its max bytes, and always at least one whole batch; parts
+            // past the budget are answered "try again" (served first next
+            // time, as the starting point rotates).
+            let n = parts.len();
+            let start = if n == 0 {
+                0
+            } else {
+                self.rotate.fetch_add(1, Ordering::Relaxed) % n
+            };
+            let mut budget = RESPONSE_BUDGET;
+            let mut out: Vec<Option<(TopicPartition, FetchResponse)>> = vec![None; n];
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let mut waiting: Vec<(usize, PartitionHandle, u64)> = Vec::new();
+            let mut order: Vec<(usize, TopicPartition, FetchRequest)> = parts
+                .into_iter()
+                .enumerate()
+                .map(|(i, (t, r))| (i, t, r))
+                .collect();
+            order.rotate_left(start);
+            for (i, tp, mut request) in order {
+                // Never trust a follower's wait or size: the leader's own
+                // settings bound how long a fetch is parked and how much
+                // one part may carry.
+                request.max_wait_ms = request.max_wait_ms.min(cfg.fetch_max_wait_ms);
+                request.max_bytes = request.max_bytes.min(cfg.fetch_max_bytes);
+                let worst = u64::from(request.max_bytes).max(MAX_BATCH);
+                if worst > budget {
+                    out[i] = Some((tp, refuse(&request, ErrorCode::RequestTimedOut)));
+                    continue;
+                }
                 let handle = self
                     .partitions
                     .read()
                     .ok()
                     .and_then(|m| m.get(&tp).cloned());
-                let (tx, rx) = oneshot::channel();
-                let sent = handle.is_some_and(|p| {
-                    p.send(Event::Fetch {
-                        from,
-                        request: request.clone(),
-                        reply: tx,
-                    })
-                });
-                waits.push((tp, request, sent.then_some(rx)));
-            }
-            let limit = Duration::from_millis(self.shared.replication.fetch_max_wait_ms)
-                + Duration::from_secs(5);
-            let mut out = Vec::with_capacity(waits.len());
-            for (tp, request, rx) in waits {
-                let response = match rx {
-                    None => refuse(&request, ErrorCode::NotLeader),
-                    Some(rx) => match tokio::time::timeout(limit, rx).await {
-                        Ok(Ok(r)) => r,
-                        _ => refuse(&request, ErrorCode::NotLeader),
-                    },
+                let Some(handle) = handle else {
+                    out[i] = Some((tp, refuse(&request, ErrorCode::NotLeader)));
+                    continue;
                 };
-                out.push((tp, response));
+                let (reply, answer) = oneshot::channel();
+                let correlation_id = request.correlation_id;
+                if !handle.send(Event::Fetch {
+                    from,
+                    request: request.clone(),
+                    reply,
+                }) {
+                    out[i] = Some((tp, refuse(&request, ErrorCode::NotLeader)));
+                    continue;
+                }
+                budget -= worst;
+                waiting.push((i, handle, correlation_id));
+                let tx = tx.clone();
+                out[i] = Some((tp, refuse(&request, ErrorCode::RequestTimedOut)));
+                tokio::spawn(async move {
+                    let r = answer.await.ok();
+                    let _ = tx.send((i, r));
+                });
             }
-            Ok(out)
+            drop(tx);
+            // Wait for the first answer (a part with data, or one whose
+            // long poll ended), then release the other parked parts so
+            // they answer with what they have now.
+            let deadline = tokio::time::Instant::now()
+                + Duration::from_millis(cfg.fetch_max_wait_ms)
+                + Duration::from_secs(5);
+            let mut pending = waiting.len();
+            let mut released = false;
+            while pending > 0 {
+                let got = tokio::time::timeout_at(deadline, rx.recv()).await;
+                let Ok(Some((i, r))) = got else {
+                    break; // out of time: the rest stay "try again"
+                };
+                pending -= 1;
+                match (r, out[i].as_mut()) {
+                    (Some(resp), Some(slot)) => slot.1 = resp,
+                    (None, Some(slot)) => slot.1.error = Some(ErrorCode::NotLeader),
+                    _ => {}
+                }
+                if !released {
+                    released = true;
+                    for (j, h, corr) in &waiting {
+                        if *j != i {
+                            h.send(Event::ReleaseFetch {
+                                from,
+                                correlation_id: *corr,
+                            });
+                        }
+                    }
+                }
+            }
+            Ok(out.into_iter().flatten().collect())
         })
     }
 }

@@ -1,15 +1,15 @@
 //! What every task of a node shares: identity, plugins, metadata store,
 //! settings, metrics, the clock and the fetch manager's inbox.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
-use crate::core::{Config, MetricsCollector, ReplicaId};
+use crate::core::{Config, MetricsCollector, ReplicaId, TopicPartition};
 use crate::metadata::MetadataStore;
 use crate::plugin::StoragePlugin;
 
@@ -28,6 +28,11 @@ pub struct Shared {
     /// Broker addresses as registered, refreshed by the metadata watcher.
     pub brokers: RwLock<HashMap<ReplicaId, SocketAddr>>,
     pub(super) fetch_tx: mpsc::UnboundedSender<FetchCmd>,
+    /// Partitions this node led when it (or their log) restarted: their
+    /// leadership must move to a new epoch before anyone leads again.
+    pub(super) handoffs: Mutex<HashSet<TopicPartition>>,
+    /// Wakes the metadata watcher now (topic created, hand-off wanted).
+    pub(super) refresh: Notify,
     start: Instant,
 }
 
@@ -54,6 +59,8 @@ impl Shared {
             metrics: MetricsCollector::new(),
             brokers: RwLock::new(HashMap::new()),
             fetch_tx,
+            handoffs: Mutex::new(HashSet::new()),
+            refresh: Notify::new(),
             start: Instant::now(),
         })
     }
@@ -65,6 +72,15 @@ impl Shared {
 
     pub fn fetch(&self, cmd: FetchCmd) {
         let _ = self.fetch_tx.send(cmd);
+    }
+
+    /// Ask the watcher to move `tp`'s leadership away from this
+    /// incarnation (see [`super::handoff`]).
+    pub fn request_handoff(&self, tp: TopicPartition) {
+        if let Ok(mut h) = self.handoffs.lock() {
+            h.insert(tp);
+        }
+        self.refresh.notify_one();
     }
 
     pub fn broker_addr(&self, id: ReplicaId) -> Option<SocketAddr> {

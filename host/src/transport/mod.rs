@@ -84,11 +84,13 @@ impl TransportError {
 
 fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(4096u32.into());
+    // Streams a peer may have open at once: one per in-flight request;
+    // each can buffer at most the stream window.
+    t.max_concurrent_bidi_streams(256u32.into());
     t.max_concurrent_uni_streams(0u32.into());
     // Windows sized for 16 MiB fetch responses at loopback RTTs.
-    t.stream_receive_window((32u32 << 20).into());
-    t.receive_window((128u32 << 20).into());
+    t.stream_receive_window((16u32 << 20).into());
+    t.receive_window((64u32 << 20).into());
     t.send_window(128 << 20);
     t.keep_alive_interval(Some(Duration::from_secs(1)));
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(10)) {
@@ -273,6 +275,19 @@ impl Peer {
             .await
     }
 
+    /// [`Peer::request`], giving up after `limit` (a node that accepts the
+    /// stream but never answers must not hang the caller).
+    pub async fn request_within(
+        &self,
+        req: &Request,
+        body: &[u8],
+        limit: Duration,
+    ) -> Result<(Response, Bytes), TransportError> {
+        tokio::time::timeout(limit, self.request(req, body))
+            .await
+            .map_err(|_| TransportError::Timeout("request"))?
+    }
+
     async fn request_with_cap(
         &self,
         req: &Request,
@@ -402,10 +417,22 @@ pub async fn read_frame(
         }
     }
     let (kind, len) = frame::parse_header(&header, cap)?;
-    let mut payload = BytesMut::zeroed(len as usize);
-    recv.read_exact(&mut payload)
-        .await
-        .map_err(|e| TransportError::Read(e.to_string()))?;
+    // Grow the buffer as bytes arrive rather than trusting the declared
+    // length: a peer that announces 64 MiB and sends nothing costs nothing.
+    let len = len as usize;
+    let mut payload = BytesMut::with_capacity(len.min(64 * 1024));
+    while payload.len() < len {
+        match recv.read_chunk(len - payload.len(), true).await {
+            Ok(Some(chunk)) => payload.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                return Err(TransportError::Read(format!(
+                    "stream ended {} bytes into a {len}-byte frame",
+                    payload.len()
+                )));
+            }
+            Err(e) => return Err(TransportError::Read(e.to_string())),
+        }
+    }
     Ok(Some((kind, payload.freeze())))
 }
 
@@ -442,7 +469,13 @@ async fn serve_connection<H: Handler>(
             conn.close(close::PROTOCOL.into(), b"no hello");
             TransportError::Timeout("hello")
         })??;
-    let hello = read_frame(&mut recv, HELLO_MAX).await;
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv, HELLO_MAX)).await {
+        Ok(h) => h,
+        Err(_) => {
+            conn.close(close::PROTOCOL.into(), b"no hello");
+            return Err(TransportError::Timeout("hello"));
+        }
+    };
     let claim = match hello {
         Ok(Some((rpc_kind::REQUEST, payload))) => match rpc::decode::<Request>(payload) {
             Ok((Request::Hello { claim }, _)) => claim,

@@ -103,18 +103,19 @@ pub enum RpcError {
 }
 
 impl RpcError {
-    /// Whether the same request may succeed if retried (possibly elsewhere).
+    /// Whether retrying the same request is safe and may succeed: the
+    /// node refused it before doing anything. Outcomes after an append
+    /// (timeouts, leadership lost before the commit) are not: a retry
+    /// could write the records twice.
     pub fn retriable(&self) -> bool {
-        use crate::core::ErrorCode as E;
         match self {
             RpcError::NotLeader { .. }
             | RpcError::UnknownPartition { .. }
             | RpcError::Metadata(_)
             | RpcError::ShuttingDown => true,
-            RpcError::Replication { code, .. } => matches!(
-                code,
-                E::NotLeader | E::NotEnoughReplicas | E::FencedLeaderEpoch | E::RequestTimedOut
-            ),
+            RpcError::Replication { code, .. } => {
+                *code == crate::core::ErrorCode::NotEnoughReplicas
+            }
             _ => false,
         }
     }
