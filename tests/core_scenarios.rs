@@ -743,3 +743,84 @@ fn a_late_answer_to_an_old_isr_change_is_ignored() {
     assert!(c.rm(0).is_leader());
     assert!(c.produce(0, 1, Acks::All).is_ok());
 }
+
+fn lone_leader() -> ReplicationManager {
+    let state = replicator::storage::LogState {
+        bounds: Default::default(),
+        high_watermark: 0,
+        leader_epochs: Vec::new(),
+    };
+    let mut rm = ReplicationManager::new(relaxed(), 0, &state);
+    rm.become_leader(1, vec![0, 1], vec![0, 1], 1, 0);
+    rm.drain();
+    rm
+}
+
+fn parked_fetch(correlation_id: u64) -> FetchRequest {
+    FetchRequest {
+        replica_id: 1,
+        replica_epoch: 1,
+        correlation_id,
+        current_leader_epoch: 1,
+        fetch_offset: 0,
+        last_fetched_epoch: None,
+        max_bytes: 1 << 20,
+        min_bytes: 1,
+        max_wait_ms: 500,
+    }
+}
+
+#[test]
+fn a_parked_fetch_can_be_released_early() {
+    // The node answers a multi-partition fetch as soon as one part has
+    // data; the other parts' long polls are released, not waited out.
+    let mut rm = lone_leader();
+    rm.handle_fetch(1, parked_fetch(7), 10);
+    assert!(
+        rm.drain()
+            .iter()
+            .all(|a| !matches!(a, Action::RespondFetch { .. })),
+        "an empty log parks the fetch"
+    );
+    rm.release_fetch(1, 8); // not parked: nothing happens
+    assert!(rm.drain().is_empty());
+    rm.release_fetch(1, 7);
+    let answered: Vec<u64> = rm
+        .drain()
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::RespondFetch {
+                to: 1, response, ..
+            } => Some(response.correlation_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(answered, vec![7]);
+    rm.release_fetch(1, 7); // answered once only
+    assert!(rm.drain().is_empty());
+}
+
+#[test]
+fn resigning_fails_waiters_and_stops_acknowledging() {
+    let mut rm = lone_leader();
+    rm.produce(1, &record(0), Acks::All, 1000).unwrap();
+    rm.handle_fetch(1, parked_fetch(3), 1);
+    rm.resign();
+    let actions = rm.drain();
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::ProduceDone {
+            id: 1,
+            result: Err(ErrorCode::NotLeader)
+        }
+    )));
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::RespondFetch { to: 1, response, .. } if response.error == Some(ErrorCode::NotLeader)
+    )));
+    assert_eq!(rm.role(), Role::Idle);
+    assert_eq!(
+        rm.produce(2, &record(1), Acks::All, 1000),
+        Err(ErrorCode::NotLeader)
+    );
+}

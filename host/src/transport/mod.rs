@@ -399,6 +399,25 @@ pub async fn write_frame(
     Ok(())
 }
 
+/// Write one frame whose payload is `chunks`, back to back, with one
+/// vectored write and no copy of the chunks.
+pub async fn write_frame_chunks(
+    send: &mut quinn::SendStream,
+    kind: u8,
+    chunks: Vec<Bytes>,
+) -> Result<(), TransportError> {
+    let total: usize = chunks.iter().map(Bytes::len).sum();
+    let len = u32::try_from(total).map_err(|_| FrameError::TooLarge {
+        len: u32::MAX,
+        max: frame::DEFAULT_MAX_PAYLOAD,
+    })?;
+    let mut all = Vec::with_capacity(chunks.len() + 1);
+    all.push(Bytes::copy_from_slice(&frame::header(kind, len)));
+    all.extend(chunks);
+    send.write_all_chunks(&mut all).await?;
+    Ok(())
+}
+
 /// Read one frame; `None` on a clean end of stream before a header. The
 /// header is checked (version, flags, cap) before the payload is read, so
 /// an oversized frame costs nothing.
@@ -573,8 +592,10 @@ async fn serve_stream<H: Handler>(
                 }
                 match handler.fetch(from, parts).await {
                     Ok(resp) => {
-                        let payload = messages::encode_fetch_response(&resp)?;
-                        write_frame(&mut send, fetch_kind::FETCH_RESPONSE, payload).await?;
+                        // Record batches go out as the storage returned
+                        // them: no copy into one buffer.
+                        let chunks = messages::encode_fetch_response_chunks(&resp)?;
+                        write_frame_chunks(&mut send, fetch_kind::FETCH_RESPONSE, chunks).await?;
                     }
                     Err(e) => {
                         write_error(&mut send, e).await;
