@@ -206,6 +206,13 @@ impl ReplicationManager {
         self.broker_epoch = epoch;
     }
 
+    /// Start this replica's fetch correlation ids above `base`, so ids of a
+    /// new incarnation (a restart, a rebuilt state machine) do not repeat
+    /// ids the leader may still hold parked from an old one.
+    pub fn seed_correlation(&mut self, base: u64) {
+        self.next_correlation = self.next_correlation.max(base);
+    }
+
     /// Bring back reference-package bugs (negative controls for tests).
     #[doc(hidden)]
     pub fn set_faults(&mut self, faults: Faults) {

@@ -50,6 +50,7 @@ pub(super) fn spawn(
     transport: Transport,
     tx: mpsc::UnboundedSender<FetchCmd>,
     rx: mpsc::UnboundedReceiver<FetchCmd>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let m = Manager {
         fetcher: Fetcher::new(shared.replication.clone()),
@@ -61,11 +62,17 @@ pub(super) fn spawn(
         sessions: HashMap::new(),
         tx,
     };
-    tokio::spawn(m.run(rx));
+    tokio::spawn(m.run(rx, stop));
 }
 
 impl Manager {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<FetchCmd>) {
+    /// Runs until the node stops; dropping the sessions' inboxes then ends
+    /// every session task too.
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<FetchCmd>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
         // Backoffs end with time, not with a command: poll now and then.
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -79,6 +86,7 @@ impl Manager {
                     }
                 }
                 _ = tick.tick() => {}
+                _ = stop.changed() => return,
             }
             self.send_ready();
         }

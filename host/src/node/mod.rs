@@ -121,7 +121,14 @@ pub async fn run(
         config.replication.clone(),
         fetch_tx.clone(),
     );
-    fetch::spawn(shared.clone(), transport.clone(), fetch_tx, fetch_rx);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    fetch::spawn(
+        shared.clone(),
+        transport.clone(),
+        fetch_tx,
+        fetch_rx,
+        stop_rx,
+    );
     let server = Arc::new(NodeServer {
         shared: shared.clone(),
         partitions: RwLock::new(HashMap::new()),
@@ -176,6 +183,7 @@ pub async fn run(
             let _ = rx.await;
         }
     }
+    let _ = stop_tx.send(true);
     info!("node {id} stopped");
     Ok(())
 }

@@ -185,6 +185,11 @@ pub async fn start(
 fn new_manager(shared: &Shared, state: &LogState) -> ReplicationManager {
     let mut rm = ReplicationManager::new(shared.replication.clone(), shared.node_id, state);
     rm.set_broker_epoch(shared.broker_epoch);
+    // Unique across incarnations (broker epoch) and rebuilds in one.
+    let builds = shared
+        .builds
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    rm.seed_correlation((shared.broker_epoch << 40) | ((builds & 0xff) << 32));
     rm
 }
 

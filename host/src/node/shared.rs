@@ -33,6 +33,8 @@ pub struct Shared {
     pub(super) handoffs: Mutex<HashSet<TopicPartition>>,
     /// Wakes the metadata watcher now (topic created, hand-off wanted).
     pub(super) refresh: Notify,
+    /// State machines built on this node (seeds correlation ids).
+    pub(super) builds: std::sync::atomic::AtomicU64,
     start: Instant,
 }
 
@@ -61,6 +63,7 @@ impl Shared {
             fetch_tx,
             handoffs: Mutex::new(HashSet::new()),
             refresh: Notify::new(),
+            builds: Default::default(),
             start: Instant::now(),
         })
     }
