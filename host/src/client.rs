@@ -123,7 +123,14 @@ impl Client {
 
     /// Send `req` to the first node that answers (connection failures move
     /// on to the next; a node's refusal is returned).
-    async fn any(&self, req: &Request, body: &[u8]) -> Result<(Response, Bytes), ClientError> {
+    /// `idempotent` requests (reads) move on to the next node also when
+    /// one fails after sending; others only when nothing was sent.
+    async fn any(
+        &self,
+        req: &Request,
+        body: &[u8],
+        idempotent: bool,
+    ) -> Result<(Response, Bytes), ClientError> {
         let mut errors = Vec::new();
         for id in self.node_ids().await {
             let peer = match self.peer(id).await {
@@ -136,9 +143,15 @@ impl Client {
             match peer.request_within(req, body, REQUEST_TIMEOUT).await {
                 Ok(r) => return Ok(r),
                 Err(TransportError::Rejected(e)) => return Err(ClientError::Refused(e)),
-                Err(e) => {
+                Err(e) if idempotent || matches!(e, TransportError::NotSent(_)) => {
                     self.peers.lock().await.remove(&id);
                     errors.push(format!("node {id}: {e}"));
+                }
+                // Sent, then lost: another node must not get it again (a
+                // topic would be created twice, or half).
+                Err(e) => {
+                    self.peers.lock().await.remove(&id);
+                    return Err(ClientError::Transport(e));
                 }
             }
         }
@@ -148,7 +161,7 @@ impl Client {
     /// Brokers and partitions as the metadata store has them; refreshes
     /// the leader cache and the node address book.
     pub async fn metadata(&self) -> Result<(Vec<Broker>, Vec<PartitionState>), ClientError> {
-        match self.any(&Request::Metadata {}, &[]).await? {
+        match self.any(&Request::Metadata {}, &[], true).await? {
             (
                 Response::Metadata {
                     brokers,
@@ -188,7 +201,7 @@ impl Client {
             replication_factor,
             min_insync,
         };
-        match self.any(&req, &[]).await? {
+        match self.any(&req, &[], false).await? {
             (Response::Created { partitions }, _) => Ok(partitions),
             (other, _) => Err(ClientError::Protocol(format!("{other:?}"))),
         }
@@ -257,6 +270,10 @@ impl Client {
                     Ok((Response::Produced { base_offset, .. }, _)) => Ok(base_offset),
                     Ok((other, _)) => Err(ClientError::Protocol(format!("{other:?}"))),
                     Err(TransportError::Rejected(r)) => Err(ClientError::Refused(r)),
+                    Err(e @ TransportError::NotSent(_)) => {
+                        self.peers.lock().await.remove(&leader);
+                        Err(ClientError::Transport(e))
+                    }
                     Err(e) => {
                         self.peers.lock().await.remove(&leader);
                         Err(ClientError::Ambiguous {

@@ -3,6 +3,9 @@
 
 use std::time::Duration;
 
+/// The most one partition's part of a fetch may carry.
+pub const MAX_FETCH_BYTES: u32 = 32 << 20;
+
 /// Replication settings for one broker. `Default` gives Kafka's defaults.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -73,8 +76,11 @@ impl Config {
                 why: why.to_string(),
             })
         };
-        if self.fetch_max_bytes == 0 {
-            return bad("fetch_max_bytes", "must be at least 1");
+        if self.fetch_max_bytes == 0 || self.fetch_max_bytes > MAX_FETCH_BYTES {
+            return bad(
+                "fetch_max_bytes",
+                "must be 1..=33554432 (32 MiB): a fetch response must fit one frame",
+            );
         }
         if self.fetch_min_bytes > self.fetch_max_bytes {
             return bad("fetch_min_bytes", "must not exceed fetch_max_bytes");

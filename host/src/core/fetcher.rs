@@ -9,6 +9,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::config::Config;
 use super::types::{FetchRequest, ReplicaId};
 
+/// How long the next fetch to a leader waits for the partitions of the
+/// previous response to ask again.
+pub const GATHER_MS: u64 = 20;
+
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TopicPartition {
     pub topic: String,
@@ -62,6 +66,9 @@ pub struct Fetcher {
     partitions: BTreeMap<TopicPartition, Target>,
     /// Outstanding fetch id -> (leader, thread, partitions in it).
     inflight: BTreeMap<u64, (ReplicaId, u32, BTreeSet<TopicPartition>)>,
+    /// After a response: the partitions it carried, per (leader, thread),
+    /// and until when to wait for them to ask again (see [`GATHER_MS`]).
+    gathering: BTreeMap<(ReplicaId, u32), (BTreeSet<TopicPartition>, u64)>,
     next_id: u64,
 }
 
@@ -71,6 +78,7 @@ impl Fetcher {
             config,
             partitions: BTreeMap::new(),
             inflight: BTreeMap::new(),
+            gathering: BTreeMap::new(),
             next_id: 0,
         }
     }
@@ -143,6 +151,17 @@ impl Fetcher {
             if self.busy(leader, thread) >= self.config.max_inflight_fetches as usize {
                 continue;
             }
+            if let Some((expected, until)) = self.gathering.get(&(leader, thread)) {
+                let missing = expected.iter().any(|tp| {
+                    self.partitions
+                        .get(tp)
+                        .is_some_and(|t| t.leader == leader && t.queued.is_none())
+                });
+                if missing && now < *until {
+                    continue; // still gathering the last response's partitions
+                }
+                self.gathering.remove(&(leader, thread));
+            }
             let partitions: Vec<(TopicPartition, FetchRequest)> = tps
                 .into_iter()
                 .filter_map(|tp| {
@@ -163,10 +182,17 @@ impl Fetcher {
         out
     }
 
-    /// The response to fetch `id` arrived (hand each partition's part to
-    /// its replica).
-    pub fn completed(&mut self, id: u64) {
-        self.inflight.remove(&id);
+    /// The response to fetch `id` arrived at `now` (hand each partition's
+    /// part to its replica). The next fetch to that leader waits until
+    /// those partitions have asked again, for at most [`GATHER_MS`]: one
+    /// that is still appending what it got would otherwise miss the next
+    /// fetch and wait behind its long poll (Kafka's fetcher thread builds
+    /// the next request only after processing the whole response).
+    pub fn completed(&mut self, id: u64, now: u64) {
+        if let Some((leader, thread, tps)) = self.inflight.remove(&id) {
+            self.gathering
+                .insert((leader, thread), (tps, now.saturating_add(GATHER_MS)));
+        }
     }
 
     /// Fetch `id` failed (timeout, connection lost): its partitions back
@@ -233,7 +259,7 @@ mod tests {
                 .unwrap();
         }
         assert!(f.poll(1).is_empty());
-        f.completed(sent[0].id);
+        f.completed(sent[0].id, 0);
         let next = f.poll(2);
         assert_eq!(next.len(), 1);
         assert_eq!(next[0].to, sent[0].to);
@@ -262,5 +288,35 @@ mod tests {
             Some(1)
         );
         assert!(f.enqueue(&TopicPartition::new("other", 0), req(2)).is_err());
+    }
+
+    #[test]
+    fn the_next_fetch_waits_for_the_last_responses_partitions() {
+        let config = Config::default();
+        let mut f = Fetcher::new(config);
+        let (a, b) = (TopicPartition::new("t", 0), TopicPartition::new("t", 1));
+        f.add_partition(a.clone(), 1);
+        f.add_partition(b.clone(), 1);
+        f.enqueue(&a, req(0)).unwrap();
+        f.enqueue(&b, req(0)).unwrap();
+        let sent = f.poll(0);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].partitions.len(), 2);
+        f.completed(sent[0].id, 100);
+        // `b` (empty answer) asks again at once; `a` is still appending.
+        f.enqueue(&b, req(0)).unwrap();
+        assert!(f.poll(101).is_empty(), "waits for `a` to ask again");
+        f.enqueue(&a, req(5)).unwrap();
+        let next = f.poll(102);
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].partitions.len(), 2, "both in one fetch");
+        // A partition that does not ask again (backing off) holds the
+        // others back for at most GATHER_MS.
+        f.completed(next[0].id, 200);
+        f.enqueue(&b, req(0)).unwrap();
+        assert!(f.poll(200 + GATHER_MS - 1).is_empty());
+        let late = f.poll(200 + GATHER_MS);
+        assert_eq!(late.len(), 1);
+        assert_eq!(late[0].partitions.len(), 1);
     }
 }

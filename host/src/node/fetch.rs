@@ -133,7 +133,7 @@ impl Manager {
                 };
                 match result {
                     Ok(responses) => {
-                        self.fetcher.completed(id);
+                        self.fetcher.completed(id, now);
                         let mut answered = std::collections::HashSet::new();
                         for (tp, response) in responses {
                             if let Some(p) = self.partitions.get(&tp) {

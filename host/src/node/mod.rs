@@ -132,18 +132,15 @@ pub async fn run(
     let server = Arc::new(NodeServer {
         shared: shared.clone(),
         partitions: RwLock::new(HashMap::new()),
-        rotate: Default::default(),
     });
-    // Partitions this node led before it restarted: its log may have lost
-    // what it had acknowledged (unflushed writes, an in-memory log), so it
-    // must not lead those epochs again. Like Kafka's controller on a
-    // broker's re-registration, move each to a new epoch first.
+    // This node's log may have lost what it had acknowledged before the
+    // restart (unflushed writes; an in-memory log is empty). So, like
+    // Kafka's controller on a broker's re-registration, it must not lead
+    // its old epochs again nor count as in sync until it has caught up:
+    // every partition goes through `handoff` (which reads the current
+    // state itself) before this node serves it.
     for (topic, partition) in shared.metadata.list_partitions().await? {
-        if let Ok(st) = shared.metadata.get_partition(&topic, partition).await
-            && st.leader == Some(id)
-        {
-            shared.request_handoff(TopicPartition::new(&topic, partition));
-        }
+        shared.request_handoff(TopicPartition::new(&topic, partition));
     }
     let serving = {
         let (t, s) = (transport.clone(), server.clone());
@@ -227,9 +224,17 @@ async fn refresh(
         .map(|h| h.iter().cloned().collect())
         .unwrap_or_default();
     for tp in pending {
-        handoff(shared, &tp).await?;
-        if let Ok(mut h) = shared.handoffs.lock() {
-            h.remove(&tp);
+        match handoff(shared, &tp).await {
+            Ok(()) => {
+                if let Ok(mut h) = shared.handoffs.lock() {
+                    h.remove(&tp);
+                }
+            }
+            // That partition waits (and is retried); the others go on.
+            Err(e) => warn!(
+                "{}/{}: cannot give up this node's old claim yet: {e}",
+                tp.topic, tp.partition
+            ),
         }
     }
     let brokers = meta.list_brokers().await?;
@@ -285,32 +290,41 @@ async fn refresh(
     Ok(())
 }
 
-/// Move `tp`'s leadership off this node's old incarnation: to another
-/// in-sync replica under the next epoch (dropping this node from the ISR
-/// until it catches up again), or, if it is the only one in sync, to this
-/// node under the next epoch. A compare-and-set, retried on conflict.
+/// Drop this node's old incarnation's claims on `tp`: if it leads, move
+/// leadership to another in-sync replica under the next epoch (or, if it is
+/// the only one in sync, to itself under the next epoch); if it is one of
+/// several in-sync replicas, leave the ISR (it re-enters once caught up,
+/// under its new broker epoch). A compare-and-set, retried on conflict.
 async fn handoff(shared: &Shared, tp: &TopicPartition) -> Result<(), MetadataError> {
     let me = shared.node_id;
     for _ in 0..10 {
-        let st = shared
-            .metadata
-            .get_partition(&tp.topic, tp.partition)
-            .await?;
-        if st.leader != Some(me) {
-            return Ok(());
-        }
+        let st = match shared.metadata.get_partition(&tp.topic, tp.partition).await {
+            Err(MetadataError::NotFound(_)) => return Ok(()),
+            other => other?,
+        };
         let others: Vec<_> = st.isr.iter().copied().filter(|r| *r != me).collect();
-        let next = match others.first() {
-            Some(&l) => crate::metadata::PartitionState {
-                leader: Some(l),
-                leader_epoch: st.leader_epoch + 1,
+        let leading = st.leader == Some(me);
+        if !leading && (others.len() == st.isr.len() || others.is_empty()) {
+            return Ok(()); // not in the ISR, or its only member
+        }
+        let next = if !leading {
+            crate::metadata::PartitionState {
                 isr: others.clone(),
                 ..st.clone()
-            },
-            None => crate::metadata::PartitionState {
-                leader_epoch: st.leader_epoch + 1,
-                ..st.clone()
-            },
+            }
+        } else {
+            match others.first() {
+                Some(&l) => crate::metadata::PartitionState {
+                    leader: Some(l),
+                    leader_epoch: st.leader_epoch + 1,
+                    isr: others.clone(),
+                    ..st.clone()
+                },
+                None => crate::metadata::PartitionState {
+                    leader_epoch: st.leader_epoch + 1,
+                    ..st.clone()
+                },
+            }
         };
         match shared
             .metadata
@@ -318,14 +332,21 @@ async fn handoff(shared: &Shared, tp: &TopicPartition) -> Result<(), MetadataErr
             .await
         {
             Ok(_) => {
-                info!(
-                    "{}/{}: this node led epoch {} before restarting; leadership moves to node {} in epoch {}",
-                    tp.topic,
-                    tp.partition,
-                    st.leader_epoch,
-                    next.leader.unwrap_or(me),
-                    next.leader_epoch
-                );
+                if leading {
+                    info!(
+                        "{}/{}: this node led epoch {} before restarting; leadership moves to node {} in epoch {}",
+                        tp.topic,
+                        tp.partition,
+                        st.leader_epoch,
+                        next.leader.unwrap_or(me),
+                        next.leader_epoch
+                    );
+                } else {
+                    info!(
+                        "{}/{}: left the ISR after restarting (now {:?}); rejoins once caught up",
+                        tp.topic, tp.partition, next.isr
+                    );
+                }
                 return Ok(());
             }
             Err(MetadataError::Conflict(_)) => continue,
@@ -333,7 +354,7 @@ async fn handoff(shared: &Shared, tp: &TopicPartition) -> Result<(), MetadataErr
         }
     }
     Err(MetadataError::Conflict(format!(
-        "{}/{}: leadership hand-off kept losing compare-and-set races",
+        "{}/{}: kept losing compare-and-set races",
         tp.topic, tp.partition
     )))
 }

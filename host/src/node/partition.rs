@@ -271,7 +271,11 @@ impl Actor {
             }
         }
         for (_, (reply, _)) in self.produces.drain() {
-            let _ = reply.send(Err(RpcError::ShuttingDown));
+            // Appended already: not the retriable "shutting down" refusal.
+            let _ = reply.send(Err(rpc_error(
+                ErrorCode::RequestTimedOut,
+                "the node shut down after the append; it may or may not survive",
+            )));
         }
         self.shared
             .metrics
@@ -292,10 +296,11 @@ impl Actor {
                 reply,
             } => {
                 if self.recovering {
-                    let _ = reply.send(Err(rpc_error(
-                        ErrorCode::NotLeader,
-                        "storage is recovering",
-                    )));
+                    // Refused before anything was appended: safe to retry.
+                    let _ = reply.send(Err(RpcError::NotLeader {
+                        node: self.shared.node_id,
+                        leader: None,
+                    }));
                     return;
                 }
                 self.next_produce += 1;
@@ -376,13 +381,14 @@ impl Actor {
                 self.leader = None;
                 self.applied_version = 0;
                 if let Some(meta) = self.meta.clone() {
+                    // Leave the ISR (or hand leadership on) until caught up.
+                    self.shared.request_handoff(self.tp.clone());
                     if meta.leader == Some(self.shared.node_id) {
                         // The recovered log may lack what this leader had
                         // acknowledged (an in-memory log is empty now): do
                         // not lead this epoch again. Leadership moves to
                         // another in-sync replica under a new epoch.
                         self.handoff_from = Some(meta.leader_epoch);
-                        self.shared.request_handoff(self.tp.clone());
                     } else {
                         self.apply_metadata(meta, true);
                     }

@@ -3,7 +3,6 @@
 //! produce, read, status, metadata).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -25,17 +24,15 @@ const MAX_PARTITIONS: u32 = 10_000;
 const MAX_TIMEOUT_MS: u64 = 300_000;
 /// Most bytes one client read returns.
 const MAX_READ_BYTES: u32 = 16 << 20;
-/// Most record bytes one fetch response carries, all parts together: well
-/// inside the frame cap.
-const RESPONSE_BUDGET: u64 = 48 << 20;
-/// The largest batch there can be (a part carries at least one).
-const MAX_BATCH: u64 = replicator_plugin_sdk::MAX_BATCH_LEN as u64;
+/// Record bytes past which a fetch response's later parts go without
+/// their records. One part carries at most 32 MiB (`fetch_max_bytes`'s
+/// limit, and a batch is at most 16 MiB), so the total stays under the
+/// 64 MiB frame cap.
+const RESPONSE_BUDGET: u64 = 24 << 20;
 
 pub struct NodeServer {
     pub(super) shared: Arc<Shared>,
     pub(super) partitions: RwLock<HashMap<TopicPartition, PartitionHandle>>,
-    /// Rotates which parts of a fetch are served first under the budget.
-    pub(super) rotate: AtomicUsize,
 }
 
 fn meta_err(e: MetadataError) -> RpcError {
@@ -74,7 +71,12 @@ impl NodeServer {
         if !p.send(make(tx)) {
             return Err(RpcError::ShuttingDown);
         }
-        rx.await.map_err(|_| RpcError::ShuttingDown)
+        // The partition took the request and dropped it unanswered: what
+        // it did is unknown, so this is not a retriable refusal.
+        rx.await.map_err(|_| RpcError::Replication {
+            code: ErrorCode::RequestTimedOut,
+            message: "the partition stopped before answering; the request may or may not have taken effect".into(),
+        })
     }
 
     async fn create_topic(
@@ -301,37 +303,21 @@ impl Handler for NodeServer {
                 diverging_epoch: None,
                 records: Bytes::new(),
             };
-            // The whole answer must fit one frame. Each part may carry up
-            // to its max bytes, and always at least one whole batch; parts
-            // past the budget are answered "try again" (served first next
-            // time, as the starting point rotates).
+            // Every part goes to its partition (so each follower's
+            // progress is seen). The answer must fit one frame: once the
+            // record bytes gathered reach the budget, later parts are sent
+            // without their records (and no error): the follower simply
+            // fetches them again.
             let n = parts.len();
-            let start = if n == 0 {
-                0
-            } else {
-                self.rotate.fetch_add(1, Ordering::Relaxed) % n
-            };
-            let mut budget = RESPONSE_BUDGET;
             let mut out: Vec<Option<(TopicPartition, FetchResponse)>> = vec![None; n];
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
             let mut waiting: Vec<(usize, PartitionHandle, u64)> = Vec::new();
-            let mut order: Vec<(usize, TopicPartition, FetchRequest)> = parts
-                .into_iter()
-                .enumerate()
-                .map(|(i, (t, r))| (i, t, r))
-                .collect();
-            order.rotate_left(start);
-            for (i, tp, mut request) in order {
+            for (i, (tp, mut request)) in parts.into_iter().enumerate() {
                 // Never trust a follower's wait or size: the leader's own
                 // settings bound how long a fetch is parked and how much
                 // one part may carry.
                 request.max_wait_ms = request.max_wait_ms.min(cfg.fetch_max_wait_ms);
                 request.max_bytes = request.max_bytes.min(cfg.fetch_max_bytes);
-                let worst = u64::from(request.max_bytes).max(MAX_BATCH);
-                if worst > budget {
-                    out[i] = Some((tp, refuse(&request, ErrorCode::RequestTimedOut)));
-                    continue;
-                }
                 let handle = self
                     .partitions
                     .read()
@@ -351,36 +337,49 @@ impl Handler for NodeServer {
                     out[i] = Some((tp, refuse(&request, ErrorCode::NotLeader)));
                     continue;
                 }
-                budget -= worst;
                 waiting.push((i, handle, correlation_id));
-                let tx = tx.clone();
                 out[i] = Some((tp, refuse(&request, ErrorCode::RequestTimedOut)));
+                let tx = tx.clone();
                 tokio::spawn(async move {
                     let r = answer.await.ok();
                     let _ = tx.send((i, r));
                 });
             }
             drop(tx);
-            // Wait for the first answer (a part with data, or one whose
-            // long poll ended), then release the other parked parts so
-            // they answer with what they have now.
+            // Wait until one part has records (or every part answered),
+            // then release the other parked parts so they answer with what
+            // they have now instead of waiting out their long polls.
             let deadline = tokio::time::Instant::now()
                 + Duration::from_millis(cfg.fetch_max_wait_ms)
                 + Duration::from_secs(5);
             let mut pending = waiting.len();
             let mut released = false;
+            let mut bytes = 0u64;
             while pending > 0 {
                 let got = tokio::time::timeout_at(deadline, rx.recv()).await;
                 let Ok(Some((i, r))) = got else {
                     break; // out of time: the rest stay "try again"
                 };
                 pending -= 1;
-                match (r, out[i].as_mut()) {
-                    (Some(resp), Some(slot)) => slot.1 = resp,
-                    (None, Some(slot)) => slot.1.error = Some(ErrorCode::NotLeader),
-                    _ => {}
-                }
-                if !released {
+                let has_data = match (r, out[i].as_mut()) {
+                    (Some(mut resp), Some(slot)) => {
+                        let len = resp.records.len() as u64;
+                        if bytes + len > RESPONSE_BUDGET && bytes > 0 {
+                            resp.records = Bytes::new();
+                        } else {
+                            bytes += len;
+                        }
+                        let has = !resp.records.is_empty();
+                        slot.1 = resp;
+                        has
+                    }
+                    (None, Some(slot)) => {
+                        slot.1.error = Some(ErrorCode::NotLeader);
+                        false
+                    }
+                    _ => false,
+                };
+                if has_data && !released {
                     released = true;
                     for (j, h, corr) in &waiting {
                         if *j != i {

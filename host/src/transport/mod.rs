@@ -64,6 +64,10 @@ pub enum TransportError {
     Frame(#[from] FrameError),
     #[error("peer closed the stream before answering")]
     Eof,
+    /// The request could not be started (no stream, connection gone):
+    /// nothing was sent.
+    #[error("not sent: {0}")]
+    NotSent(String),
     #[error("peer refused: {0}")]
     Rejected(RpcError),
     #[error("unexpected answer: {0}")]
@@ -283,9 +287,18 @@ impl Peer {
         body: &[u8],
         limit: Duration,
     ) -> Result<(Response, Bytes), TransportError> {
-        tokio::time::timeout(limit, self.request(req, body))
+        // Getting a stream is bounded on its own: failing there means
+        // nothing was sent, which callers may safely retry.
+        let (send, recv) = tokio::time::timeout(Duration::from_secs(5), self.conn.open_bi())
             .await
-            .map_err(|_| TransportError::Timeout("request"))?
+            .map_err(|_| TransportError::NotSent("no stream available within 5 s".into()))?
+            .map_err(|e| TransportError::NotSent(e.to_string()))?;
+        tokio::time::timeout(
+            limit,
+            exchange(send, recv, req, body, frame::DEFAULT_MAX_PAYLOAD),
+        )
+        .await
+        .map_err(|_| TransportError::Timeout("request"))?
     }
 
     async fn request_with_cap(
@@ -294,14 +307,12 @@ impl Peer {
         body: &[u8],
         cap: u32,
     ) -> Result<(Response, Bytes), TransportError> {
-        let (mut send, mut recv) = self.conn.open_bi().await?;
-        let payload = rpc::encode(req, body)?;
-        write_frame(&mut send, rpc_kind::REQUEST, payload).await?;
-        let _ = send.finish();
-        let f = read_frame(&mut recv, cap)
-            .await?
-            .ok_or(TransportError::Eof)?;
-        response(f)
+        let (send, recv) = self
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| TransportError::NotSent(e.to_string()))?;
+        exchange(send, recv, req, body, cap).await
     }
 
     /// Open this follower's replication stream to the leader.
@@ -319,6 +330,23 @@ impl Peer {
         let _ = send.finish();
         read_frame(&mut recv, frame::DEFAULT_MAX_PAYLOAD).await
     }
+}
+
+/// One request and its answer on an open stream.
+async fn exchange(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    req: &Request,
+    body: &[u8],
+    cap: u32,
+) -> Result<(Response, Bytes), TransportError> {
+    let payload = rpc::encode(req, body)?;
+    write_frame(&mut send, rpc_kind::REQUEST, payload).await?;
+    let _ = send.finish();
+    let f = read_frame(&mut recv, cap)
+        .await?
+        .ok_or(TransportError::Eof)?;
+    response(f)
 }
 
 fn response((kind, payload): (u8, Bytes)) -> Result<(Response, Bytes), TransportError> {
