@@ -25,12 +25,16 @@ pub enum TopicCommand {
 #[derive(Args)]
 pub struct TopicCreateArgs {
     /// `client.toml` from `replicator cluster init`.
+    /// `client.toml` from `replicator cluster init`.
     #[arg(long)]
     pub config: PathBuf,
+    /// The topic.
     #[arg(long)]
     pub topic: String,
+    /// Number of partitions.
     #[arg(long, default_value_t = 1)]
     pub partitions: u32,
+    /// Replicas per partition (at most the number of nodes).
     #[arg(long, default_value_t = 3)]
     pub replication_factor: u32,
     /// min.insync.replicas: acks=all is refused while fewer replicas are
@@ -88,14 +92,17 @@ impl From<AcksArg> for Acks {
 
 #[derive(Args)]
 pub struct ProduceArgs {
+    /// `client.toml` from `replicator cluster init`.
     #[arg(long)]
     pub config: PathBuf,
+    /// The topic.
     #[arg(long)]
     pub topic: String,
     /// Partition to write (default: round-robin over the topic's
     /// partitions, one batch at a time).
     #[arg(long)]
     pub partition: Option<u32>,
+    /// 0: no wait; 1: the leader appended it; all: every in-sync replica has it.
     #[arg(long, value_enum, default_value = "all")]
     pub acks: AcksArg,
     /// Send N generated messages instead of reading stdin.
@@ -255,10 +262,13 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
 
 #[derive(Args)]
 pub struct ConsumeArgs {
+    /// `client.toml` from `replicator cluster init`.
     #[arg(long)]
     pub config: PathBuf,
+    /// The topic.
     #[arg(long)]
     pub topic: String,
+    /// The partition to read.
     #[arg(long, default_value_t = 0)]
     pub partition: u32,
     /// First offset to print (default: the log start).
@@ -345,6 +355,7 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
 
 #[derive(Args)]
 pub struct StatusArgs {
+    /// `client.toml` from `replicator cluster init`.
     #[arg(long)]
     pub config: PathBuf,
     /// Machine-readable output.
