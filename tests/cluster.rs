@@ -36,6 +36,15 @@ fn consume_replica(c: &Cluster, topic: &str, replica: u32, count: u64) -> Vec<St
     }
 }
 
+/// `produce --count n --size 64 --json` to `topic`; every message acknowledged.
+fn produce_generated(client: &str, topic: &str, n: &str) {
+    let out = cli_ok(&[
+        "produce", "--config", client, "--topic", topic, "--count", n, "--size", "64", "--json",
+    ]);
+    let s: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(s["failed"], 0, "{out}");
+}
+
 fn expected_lines(from: u64, count: u64, size: usize) -> Vec<String> {
     (0..count)
         .map(|i| {
@@ -177,13 +186,7 @@ fn a_restarted_node_rejoins_and_catches_up() {
         "3",
     ]);
     let client = c.client();
-    let produce = |n: &str| {
-        let out = cli_ok(&[
-            "produce", "--config", &client, "--topic", "t", "--count", n, "--size", "64", "--json",
-        ]);
-        let s: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-        assert_eq!(s["failed"], 0, "{out}");
-    };
+    let produce = |n: &str| produce_generated(&client, "t", n);
     produce("2000");
     c.wait_status("2000 everywhere", |v| converged(v, "t", 0, 2000));
 
@@ -269,13 +272,7 @@ fn a_restarted_leader_hands_over_and_loses_nothing_even_with_memory_storage() {
         "--replication-factor",
         "3",
     ]);
-    let produce = |n: &str| {
-        let out = cli_ok(&[
-            "produce", "--config", &client, "--topic", "t", "--count", n, "--size", "64", "--json",
-        ]);
-        let s: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-        assert_eq!(s["failed"], 0, "{out}");
-    };
+    let produce = |n: &str| produce_generated(&client, "t", n);
     produce("2000");
     c.wait_status("2000 everywhere", |v| converged(v, "t", 0, 2000));
     let before = consume_replica(&c, "t", 2, 2000);

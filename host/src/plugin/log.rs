@@ -156,12 +156,14 @@ impl Actor {
         self.live = None;
         let sandbox = self.sandbox().clone();
         let deadline = sandbox.open_deadline;
-        let state = PluginState::new(&sandbox, self.spec.data_dir.as_ref(), self.label.clone())
-            .map_err(|e| self.fault_error(FaultKind::Instantiate, format!("{e:#}")))?;
-        let mut store = Store::new(self.plugin.inner.runtime.engine(), state);
-        store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(Sandbox::ticks(deadline));
+        let mut store = PluginState::store(
+            self.plugin.inner.runtime.engine(),
+            &sandbox,
+            self.spec.data_dir.as_ref(),
+            self.label.clone(),
+            deadline,
+        )
+        .map_err(|e| self.fault_error(FaultKind::Instantiate, format!("{e:#}")))?;
         let world = match tokio::time::timeout(
             deadline,
             self.plugin.inner.pre.instantiate_async(&mut store),

@@ -19,13 +19,13 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use wasmtime::Store;
-use wasmtime::component::{Component, ResourceAny};
+use wasmtime::component::ResourceAny;
 
 use super::bindings::metadata::exports::replicator::plugin::metadata as wit;
 use super::bindings::metadata::{MetadataPlugin as World, MetadataPluginPre};
 use super::bindings::replicator::plugin::types::PluginError;
 use super::sandbox::{PluginState, Sandbox};
-use super::{LoadError, PluginRuntime, PluginSource, builtin, plugin_bytes};
+use super::{LoadError, PluginRuntime, PluginSource, builtin, plugin_bytes, prepare};
 use crate::core::ReplicaId;
 use crate::metadata::{Broker, MetaFuture, MetadataError, MetadataStore, PartitionState};
 
@@ -65,17 +65,14 @@ impl MetadataPlugin {
         wasm: &[u8],
         sandbox: Sandbox,
     ) -> Result<Self, LoadError> {
-        let component: Component = runtime.compile(name, wasm)?;
-        let link = |e: wasmtime::Error| LoadError::Link {
-            plugin: name.to_string(),
-            world: "metadata-plugin",
-            detail: format!("{e:#}"),
-        };
-        let instance_pre = runtime
-            .metadata_linker()
-            .instantiate_pre(&component)
-            .map_err(link)?;
-        let pre = MetadataPluginPre::new(instance_pre).map_err(link)?;
+        let pre = prepare(
+            &runtime,
+            name,
+            wasm,
+            "metadata-plugin",
+            runtime.metadata_linker(),
+            MetadataPluginPre::new,
+        )?;
         Ok(MetadataPlugin {
             inner: Arc::new(Inner {
                 name: name.to_string(),
@@ -297,12 +294,14 @@ impl Actor {
     async fn connect(&mut self) -> Result<(), MetadataError> {
         self.live = None;
         let deadline = self.sandbox().open_deadline;
-        let state = PluginState::new(self.sandbox(), Some(&self.data_dir), self.label.clone())
-            .map_err(|e| self.fault(format!("cannot set up the sandbox: {e:#}")))?;
-        let mut store = Store::new(self.plugin.inner.runtime.engine(), state);
-        store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(Sandbox::ticks(deadline));
+        let mut store = PluginState::store(
+            self.plugin.inner.runtime.engine(),
+            self.sandbox(),
+            Some(&self.data_dir),
+            self.label.clone(),
+            deadline,
+        )
+        .map_err(|e| self.fault(format!("cannot set up the sandbox: {e:#}")))?;
         let world = match tokio::time::timeout(
             deadline,
             self.plugin.inner.pre.instantiate_async(&mut store),

@@ -123,17 +123,14 @@ impl StoragePlugin {
         wasm: &[u8],
         sandbox: Sandbox,
     ) -> Result<Self, LoadError> {
-        let component: Component = runtime.compile(name, wasm)?;
-        let link = |e: wasmtime::Error| LoadError::Link {
-            plugin: name.to_string(),
-            world: "storage-plugin",
-            detail: format!("{e:#}"),
-        };
-        let instance_pre = runtime
-            .storage_linker()
-            .instantiate_pre(&component)
-            .map_err(link)?;
-        let pre = StoragePluginPre::new(instance_pre).map_err(link)?;
+        let pre = prepare(
+            &runtime,
+            name,
+            wasm,
+            "storage-plugin",
+            runtime.storage_linker(),
+            StoragePluginPre::new,
+        )?;
         Ok(StoragePlugin {
             inner: Arc::new(Inner {
                 name: name.to_string(),
@@ -178,6 +175,26 @@ impl StoragePlugin {
         )
         .await
     }
+}
+
+/// Compile `wasm` and pre-instantiate it against `linker`, which provides
+/// the imports of `world`; `make` checks its exports.
+fn prepare<P>(
+    runtime: &PluginRuntime,
+    name: &str,
+    wasm: &[u8],
+    world: &'static str,
+    linker: &wasmtime::component::Linker<PluginState>,
+    make: impl FnOnce(wasmtime::component::InstancePre<PluginState>) -> wasmtime::Result<P>,
+) -> Result<P, LoadError> {
+    let component: Component = runtime.compile(name, wasm)?;
+    let link = |e: wasmtime::Error| LoadError::Link {
+        plugin: name.to_string(),
+        world,
+        detail: format!("{e:#}"),
+    };
+    let instance_pre = linker.instantiate_pre(&component).map_err(link)?;
+    make(instance_pre).map_err(link)
 }
 
 /// The display name and component bytes of `source`, a built-in from

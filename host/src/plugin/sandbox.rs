@@ -69,6 +69,23 @@ pub(crate) struct PluginState {
 }
 
 impl PluginState {
+    /// A store for one plugin instance under `sandbox`: its memory limits
+    /// and an epoch deadline of `deadline` (callers re-arm it per call).
+    pub(crate) fn store(
+        engine: &wasmtime::Engine,
+        sandbox: &Sandbox,
+        data_dir: Option<&PathBuf>,
+        label: Arc<str>,
+        deadline: std::time::Duration,
+    ) -> wasmtime::Result<wasmtime::Store<PluginState>> {
+        let state = PluginState::new(sandbox, data_dir, label)?;
+        let mut store = wasmtime::Store::new(engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(Sandbox::ticks(deadline));
+        Ok(store)
+    }
+
     pub(crate) fn new(
         sandbox: &Sandbox,
         data_dir: Option<&PathBuf>,
