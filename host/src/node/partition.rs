@@ -122,7 +122,7 @@ struct Actor {
     applied_version: u64,
     leader: Option<ReplicaId>,
     next_produce: u64,
-    produces: HashMap<u64, (oneshot::Sender<Result<u64, RpcError>>, u32)>,
+    produces: HashMap<u64, oneshot::Sender<Result<u64, RpcError>>>,
     fetches: HashMap<(ReplicaId, u64), oneshot::Sender<FetchResponse>>,
     /// Storage failed: refuse work until the log is recovered.
     recovering: bool,
@@ -270,7 +270,7 @@ impl Actor {
                 warn!(topic = %self.tp.topic, partition = self.tp.partition, "flush at shutdown: {other:?}")
             }
         }
-        for (_, (reply, _)) in self.produces.drain() {
+        for (_, reply) in self.produces.drain() {
             // Appended already: not the retriable "shutting down" refusal.
             let _ = reply.send(Err(rpc_error(
                 ErrorCode::RequestTimedOut,
@@ -305,13 +305,12 @@ impl Actor {
                 }
                 self.next_produce += 1;
                 let id = self.next_produce;
-                let count = records.len() as u32;
                 match self
                     .rm
                     .produce(id, &records, acks, now.saturating_add(timeout_ms))
                 {
                     Ok(()) => {
-                        self.produces.insert(id, (reply, count));
+                        self.produces.insert(id, reply);
                     }
                     Err(ErrorCode::NotLeader) => {
                         let _ = reply.send(Err(RpcError::NotLeader {
@@ -693,7 +692,7 @@ impl Actor {
                 }
             }
             Action::ProduceDone { id, result } => {
-                if let Some((reply, _count)) = self.produces.remove(&id) {
+                if let Some(reply) = self.produces.remove(&id) {
                     // The batch was appended here: whatever went wrong
                     // afterwards, it may or may not survive, so this is
                     // never the retriable "not the leader" refusal.
