@@ -5,6 +5,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use replicator::history::{Ack, Final, History};
 use support::{Cluster, cli, cli_ok, converged};
 
 fn consume_replica(c: &Cluster, topic: &str, replica: u32, count: u64) -> Vec<String> {
@@ -105,7 +107,9 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
     ]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("min.insync.replicas 4"));
-    let summary = cli_ok(&[
+    // One line per acknowledged message: `<partition> <offset>`; the i-th
+    // message's value starts with `m<i:010>-` (unique per message).
+    let acked = cli_ok(&[
         "produce",
         "--config",
         &c.client(),
@@ -117,11 +121,20 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
         "10000",
         "--size",
         "100",
-        "--json",
     ]);
-    let s: serde_json::Value = serde_json::from_str(summary.trim()).unwrap();
-    assert_eq!(s["acknowledged"], 10000, "{summary}");
-    assert_eq!(s["failed"], 0);
+    let acks: Vec<Ack> = acked
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            let (p, o) = l.split_once(' ').expect("`<partition> <offset>`");
+            Ack {
+                partition: p.parse().unwrap(),
+                offset: o.parse().unwrap(),
+                value: Bytes::from(replicator_cli_generated(i as u64, 100)),
+            }
+        })
+        .collect();
+    assert_eq!(acks.len(), 10000, "every message acknowledged");
 
     let status = c.wait_status("all replicas at 10000", |v| {
         converged(v, "orders", 0, 10000)
@@ -136,6 +149,31 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
         check_lines(l, 0, 10000, 100);
         assert_eq!(l, &logs[0], "replica {} differs from replica 1", r + 1);
     }
+    // The same, as a history: acknowledged writes against every replica's
+    // final committed log.
+    let finals = logs
+        .iter()
+        .enumerate()
+        .map(|(r, l)| Final {
+            replica: r as u32 + 1,
+            partition: 0,
+            records: l
+                .iter()
+                .map(|line| {
+                    let (o, v) = line.split_once(' ').unwrap();
+                    (o.parse().unwrap(), Bytes::from(v[..12].to_string()))
+                })
+                .collect(),
+        })
+        .collect();
+    let report = History {
+        acks,
+        reads: Vec::new(),
+        finals,
+    }
+    .check();
+    assert!(report.ok(), "{:?}", report.anomalies);
+    assert_eq!(report.acknowledged, 10000);
     // Prometheus text from a node: per-partition gauges with the HW.
     let port = c.base_port + 50;
     let metrics = http_get(port, "/metrics");
