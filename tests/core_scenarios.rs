@@ -824,3 +824,17 @@ fn resigning_fails_waiters_and_stops_acknowledging() {
         Err(ErrorCode::NotLeader)
     );
 }
+
+#[test]
+fn followers_learn_a_new_hw_without_waiting_out_their_long_poll() {
+    // The HW moves when the last ISR follower's fetch shows it has the
+    // data; the other follower's fetch is parked by then. It is answered
+    // at once (the HW moved), so every replica's committed log covers the
+    // write without any time passing.
+    let mut c = Cluster::new(3, relaxed());
+    c.elect(0, &[0, 1, 2]);
+    c.produce(0, 0, Acks::All).unwrap();
+    assert_eq!(c.rm(0).high_watermark(), 1);
+    assert_eq!(c.rm(1).high_watermark(), 1);
+    assert_eq!(c.rm(2).high_watermark(), 1);
+}

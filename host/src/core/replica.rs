@@ -87,6 +87,10 @@ struct Parked {
     from: ReplicaId,
     request: FetchRequest,
     deadline_ms: u64,
+    /// The HW when it was parked: a parked fetch is answered when the HW
+    /// moves, so followers learn what is committed without waiting out
+    /// their long poll (Kafka's DelayedFetch does the same).
+    hw: u64,
 }
 
 #[derive(Debug)]
@@ -666,16 +670,24 @@ impl ReplicationManager {
         if request.fetch_offset < self.log_start || request.fetch_offset > self.stable_leo() {
             return reply_error(self, epoch, ErrorCode::OffsetOutOfRange);
         }
+        let hw_before = self.hw;
         self.update_follower(from, request.replica_epoch, request.fetch_offset, now);
         self.maybe_expand_isr(from);
         self.maybe_advance_hw();
         let available = self.bytes_after(request.fetch_offset);
-        if available < u64::from(request.min_bytes) && request.max_wait_ms > 0 {
+        // Parked only if nothing new is to be said: no data, and the HW did
+        // not just move (this very fetch may have moved it).
+        if available < u64::from(request.min_bytes)
+            && request.max_wait_ms > 0
+            && self.hw == hw_before
+        {
+            let hw = self.hw;
             if let Some(l) = self.leader.as_mut() {
                 l.parked.push(Parked {
                     from,
                     deadline_ms: now.saturating_add(request.max_wait_ms),
                     request,
+                    hw,
                 });
             }
             return;
@@ -921,6 +933,23 @@ impl ReplicationManager {
         {
             self.hw = c;
             self.complete_leader_acks();
+            self.serve_parked_behind_hw();
+        }
+    }
+
+    /// Answer parked fetches parked before the HW last moved: their
+    /// followers' HWs are behind.
+    fn serve_parked_behind_hw(&mut self) {
+        let hw = self.hw;
+        let Some(l) = self.leader.as_mut() else {
+            return;
+        };
+        let (behind, keep): (Vec<Parked>, Vec<Parked>) = std::mem::take(&mut l.parked)
+            .into_iter()
+            .partition(|p| p.hw < hw);
+        l.parked = keep;
+        for p in behind {
+            self.respond(p.from, &p.request);
         }
     }
 

@@ -346,9 +346,9 @@ impl Handler for NodeServer {
                 });
             }
             drop(tx);
-            // Wait until one part has records (or every part answered),
-            // then release the other parked parts so they answer with what
-            // they have now instead of waiting out their long polls.
+            // Wait until one part has news (or every part answered), then
+            // release the other parked parts so they answer with what they
+            // have now instead of waiting out their long polls.
             let deadline = tokio::time::Instant::now()
                 + Duration::from_millis(cfg.fetch_max_wait_ms)
                 + Duration::from_secs(5);
@@ -361,7 +361,10 @@ impl Handler for NodeServer {
                     break; // out of time: the rest stay "try again"
                 };
                 pending -= 1;
-                let has_data = match (r, out[i].as_mut()) {
+                // A part that answers without an error before its long poll
+                // ended has news (records, or a new HW the follower must
+                // learn): the whole fetch goes back now.
+                let has_news = match (r, out[i].as_mut()) {
                     (Some(mut resp), Some(slot)) => {
                         let len = resp.records.len() as u64;
                         if bytes + len > RESPONSE_BUDGET && bytes > 0 {
@@ -369,9 +372,9 @@ impl Handler for NodeServer {
                         } else {
                             bytes += len;
                         }
-                        let has = !resp.records.is_empty();
+                        let news = resp.error.is_none();
                         slot.1 = resp;
-                        has
+                        news
                     }
                     (None, Some(slot)) => {
                         slot.1.error = Some(ErrorCode::NotLeader);
@@ -379,7 +382,7 @@ impl Handler for NodeServer {
                     }
                     _ => false,
                 };
-                if has_data && !released {
+                if has_news && !released {
                     released = true;
                     for (j, h, corr) in &waiting {
                         if *j != i {
