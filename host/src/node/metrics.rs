@@ -2,7 +2,6 @@
 //! replication metrics from the node's [`MetricsCollector`], encoded with
 //! prometheus-client at scrape time.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -195,9 +194,4 @@ pub async fn serve(listener: TcpListener, collector: Arc<dyn Fn() -> String + Se
             let _ = sock.shutdown().await;
         });
     }
-}
-
-/// Bind the metrics listener (a clear error if the port is taken).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }

@@ -74,7 +74,7 @@ pub async fn run(
     };
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(
-            metrics::bind(addr)
+            tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|error| NodeError::Metrics { addr, error })?,
         ),

@@ -76,16 +76,6 @@ pub enum TransportError {
     Timeout(&'static str),
 }
 
-impl TransportError {
-    /// The node's refusal, if that is what this is.
-    pub fn rpc_error(&self) -> Option<&RpcError> {
-        match self {
-            TransportError::Rejected(e) => Some(e),
-            _ => None,
-        }
-    }
-}
-
 fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     // Streams a peer may have open at once: one per in-flight request;
