@@ -73,7 +73,16 @@ pub struct Client {
     nodes: Mutex<HashMap<ReplicaId, SocketAddr>>,
     peers: Mutex<HashMap<ReplicaId, Peer>>,
     partitions: Mutex<HashMap<(String, u32), PartitionState>>,
+    /// Brokers the last metadata answer's node counted as failed.
+    failed: Mutex<Vec<ReplicaId>>,
+    /// Broker epochs as last seen in metadata.
+    epochs: Mutex<HashMap<ReplicaId, u64>>,
 }
+
+/// While a produce waits longer than this, the client checks whether the
+/// partition's leader failed or changed, instead of waiting out the
+/// request's whole deadline on a dead node.
+const LEADER_CHECK: Duration = Duration::from_millis(200);
 
 impl Client {
     pub fn new(config: &ClientConfig) -> Result<Self, ClientError> {
@@ -90,6 +99,8 @@ impl Client {
             nodes: Mutex::new(config.nodes.iter().map(|n| (n.id, n.address)).collect()),
             peers: Mutex::new(HashMap::new()),
             partitions: Mutex::new(HashMap::new()),
+            failed: Mutex::new(Vec::new()),
+            epochs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -158,22 +169,62 @@ impl Client {
         Err(ClientError::NoNode(errors.join("; ")))
     }
 
+    /// Ask every known node at once; the first answer wins (every node
+    /// reads the same store, so any answer will do, and a dead node must
+    /// not delay it).
+    async fn fastest(&self, req: &Request) -> Result<(Response, Bytes), ClientError> {
+        let ids = self.node_ids().await;
+        let attempts = ids.into_iter().map(|id| {
+            Box::pin(async move {
+                let peer = self.peer(id).await.map_err(|e| format!("node {id}: {e}"))?;
+                match peer.request_within(req, &[], REQUEST_TIMEOUT).await {
+                    Ok(r) => Ok(r),
+                    Err(e) => {
+                        self.peers.lock().await.remove(&id);
+                        Err(format!("node {id}: {e}"))
+                    }
+                }
+            })
+        });
+        let attempts: Vec<_> = attempts.collect();
+        if attempts.is_empty() {
+            return Err(ClientError::NoNode("no nodes configured".into()));
+        }
+        match futures_util::future::select_ok(attempts).await {
+            Ok((r, _)) => Ok(r),
+            Err(last) => Err(ClientError::NoNode(last)),
+        }
+    }
+
     /// Brokers and partitions as the metadata store has them; refreshes
     /// the leader cache and the node address book.
     pub async fn metadata(&self) -> Result<(Vec<Broker>, Vec<PartitionState>), ClientError> {
-        match self.any(&Request::Metadata {}, &[], true).await? {
+        match self.fastest(&Request::Metadata {}).await? {
             (
                 Response::Metadata {
                     brokers,
                     partitions,
+                    failed,
                 },
                 _,
             ) => {
+                *self.failed.lock().await = failed;
                 {
                     let mut nodes = self.nodes.lock().await;
                     for b in &brokers {
                         if let Ok(a) = b.address.parse() {
                             nodes.entry(b.id).or_insert(a);
+                        }
+                    }
+                }
+                {
+                    // A node registered anew (restarted): a cached
+                    // connection is to its dead incarnation.
+                    let mut epochs = self.epochs.lock().await;
+                    let mut peers = self.peers.lock().await;
+                    for b in &brokers {
+                        if epochs.insert(b.id, b.epoch).is_some_and(|e| e != b.epoch) {
+                            peers.remove(&b.id);
                         }
                     }
                 }
@@ -226,18 +277,59 @@ impl Client {
         refresh: bool,
     ) -> Result<ReplicaId, ClientError> {
         let key = (topic.to_string(), partition);
-        if !refresh && let Some(p) = self.partitions.lock().await.get(&key) {
-            return p
-                .leader
-                .ok_or_else(|| ClientError::NoLeader(topic.to_string(), partition));
+        let cached = self.partitions.lock().await.get(&key).cloned();
+        let p = match cached {
+            Some(p) if !refresh => p,
+            _ => {
+                self.metadata().await?;
+                self.partitions
+                    .lock()
+                    .await
+                    .get(&key)
+                    .cloned()
+                    .ok_or_else(|| ClientError::UnknownPartition(topic.to_string(), partition))?
+            }
+        };
+        let no_leader = || ClientError::NoLeader(topic.to_string(), partition);
+        let leader = p.leader.ok_or_else(no_leader)?;
+        // A leader the cluster counts as failed is about to be replaced:
+        // wait for the election rather than send into the void.
+        if self.failed.lock().await.contains(&leader) {
+            return Err(no_leader());
         }
-        self.metadata().await?;
-        let cache = self.partitions.lock().await;
-        let p = cache
-            .get(&key)
-            .ok_or_else(|| ClientError::UnknownPartition(topic.to_string(), partition))?;
-        p.leader
-            .ok_or_else(|| ClientError::NoLeader(topic.to_string(), partition))
+        Ok(leader)
+    }
+
+    /// Resolves (with the reason) once fresh metadata shows that `leader`
+    /// no longer leads `topic`/`partition` in `epoch`, or is counted as
+    /// failed; never resolves while it still leads.
+    async fn leader_lost(
+        &self,
+        topic: &str,
+        partition: u32,
+        leader: ReplicaId,
+        epoch: Option<u32>,
+    ) -> String {
+        loop {
+            tokio::time::sleep(LEADER_CHECK).await;
+            if self.metadata().await.is_err() {
+                continue;
+            }
+            if self.failed.lock().await.contains(&leader) {
+                return format!("the cluster counts node {leader} as failed");
+            }
+            let now = self
+                .partitions
+                .lock()
+                .await
+                .get(&(topic.to_string(), partition))
+                .map(|p| (p.leader, p.leader_epoch));
+            if let Some((l, e)) = now
+                && (l != Some(leader) || Some(e) != epoch)
+            {
+                return format!("leadership moved to {l:?} in epoch {e}");
+            }
+        }
     }
 
     /// Produce `records` as one batch to the partition's leader; returns
@@ -251,6 +343,20 @@ impl Client {
         acks: Acks,
         timeout: Duration,
     ) -> Result<u64, ClientError> {
+        self.produce_at(topic, partition, records, acks, timeout)
+            .await
+            .map(|(offset, _)| offset)
+    }
+
+    /// [`Client::produce`], also saying which node acknowledged.
+    pub async fn produce_at(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: &[Record],
+        acks: Acks,
+        timeout: Duration,
+    ) -> Result<(u64, ReplicaId), ClientError> {
         let body = batch::encode(0, 0, records).map_err(|e| ClientError::Records(e.to_string()))?;
         let req = Request::Produce {
             topic: topic.to_string(),
@@ -264,10 +370,33 @@ impl Client {
         loop {
             let attempt = async {
                 let leader = self.leader(topic, partition, refresh).await?;
-                let peer = self.peer(leader).await?;
+                let epoch = self
+                    .partitions
+                    .lock()
+                    .await
+                    .get(&(topic.to_string(), partition))
+                    .map(|p| p.leader_epoch);
                 let limit = timeout + Duration::from_secs(5);
-                match peer.request_within(&req, &body, limit).await {
-                    Ok((Response::Produced { base_offset, .. }, _)) => Ok(base_offset),
+                let sent = std::sync::atomic::AtomicBool::new(false);
+                let exchange = async {
+                    let peer = self.peer(leader).await?;
+                    sent.store(true, std::sync::atomic::Ordering::Relaxed);
+                    Ok::<_, ClientError>(peer.request_within(&req, &body, limit).await)
+                };
+                // A dead leader never answers: stop waiting once the
+                // cluster says it failed or was replaced.
+                let answer = tokio::select! {
+                    a = exchange => a?,
+                    why = self.leader_lost(topic, partition, leader, epoch) => {
+                        self.peers.lock().await.remove(&leader);
+                        if !sent.load(std::sync::atomic::Ordering::Relaxed) {
+                            return Err(ClientError::NoLeader(topic.to_string(), partition));
+                        }
+                        return Err(ClientError::Ambiguous { node: leader, detail: why });
+                    }
+                };
+                match answer {
+                    Ok((Response::Produced { base_offset, .. }, _)) => Ok((base_offset, leader)),
                     Ok((other, _)) => Err(ClientError::Protocol(format!("{other:?}"))),
                     Err(TransportError::Rejected(r)) => Err(ClientError::Refused(r)),
                     Err(e @ TransportError::NotSent(_)) => {

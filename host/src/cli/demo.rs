@@ -40,6 +40,38 @@ pub struct DemoArgs {
     /// Keep the cluster directory here instead of a temporary one.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Messages produced (acks=all) after the leader of `demo/0` is killed,
+    /// before it is restarted.
+    #[arg(long, default_value_t = 2_000)]
+    failover_messages: u64,
+    /// Skip the failover step (kill a leader, produce on, restart it).
+    #[arg(long)]
+    skip_failover: bool,
+}
+
+/// Start `replicator node` for node `id`, logging to `node-<id>.log`
+/// (appended to on a restart).
+fn spawn_node(dir: &Path, id: u32, append: bool) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe().context("locating the replicator binary")?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(append)
+        .write(true)
+        .truncate(!append)
+        .open(dir.join(format!("node-{id}.log")))?;
+    Command::new(&exe)
+        .arg("node")
+        .arg("--config")
+        .arg(dir.join(format!("node-{id}.toml")))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting node {id}"))
 }
 
 /// Three node processes; stopped (SIGTERM, then SIGKILL) when dropped.
@@ -49,26 +81,26 @@ struct Nodes {
 
 impl Nodes {
     fn start(dir: &Path, count: u32) -> anyhow::Result<Nodes> {
-        let exe = std::env::current_exe().context("locating the replicator binary")?;
         let mut children = Vec::new();
         for id in 1..=count {
-            let log = std::fs::File::create(dir.join(format!("node-{id}.log")))?;
-            let child = Command::new(&exe)
-                .arg("node")
-                .arg("--config")
-                .arg(dir.join(format!("node-{id}.toml")))
-                .env(
-                    "RUST_LOG",
-                    std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-                )
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .with_context(|| format!("starting node {id}"))?;
-            children.push((id, child));
+            children.push((id, spawn_node(dir, id, false)?));
         }
         Ok(Nodes { children })
+    }
+
+    /// SIGKILL node `id` (no shutdown, no flush: a crash).
+    fn kill(&mut self, id: u32) {
+        if let Some(pos) = self.children.iter().position(|(i, _)| *i == id) {
+            let (_, mut c) = self.children.remove(pos);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn restart(&mut self, dir: &Path, id: u32) -> anyhow::Result<()> {
+        self.kill(id);
+        self.children.push((id, spawn_node(dir, id, true)?));
+        Ok(())
     }
 
     /// Any node that already exited: (id, status).
@@ -257,7 +289,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             anyhow::Ok((p, acked))
         }));
     }
-    let mut acked = Vec::new();
+    let mut acked: Vec<(u32, Vec<(u64, Bytes)>)> = Vec::new();
     for t in tasks {
         acked.push(t.await.context("producer task")??);
     }
@@ -268,6 +300,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     println!("5. status:");
     let (reports, _) = client_cmds::gather(&c).await?;
     client_cmds::print_table(&reports);
+
+    let mut step = 6;
+    if !args.skip_failover {
+        failover_step(&c, &mut nodes, &dir, &args, &mut acked).await?;
+        step += 1;
+    }
 
     // Read back from every replica: identical, and exactly what was acked.
     let mut checked = 0u64;
@@ -307,14 +345,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
     }
     println!(
-        "6. read {checked} messages back from all 3 replicas: identical to what was acknowledged"
+        "{step}. read {checked} messages back from all 3 replicas: identical to what was acknowledged"
     );
     if let Ok(c) = std::sync::Arc::try_unwrap(c) {
         c.close().await;
     }
     let stops = nodes.stop();
     let clean = stops.iter().filter(|(_, ok)| *ok).count();
-    println!("7. stopped the nodes ({clean} of 3 shut down cleanly on SIGTERM)");
+    println!(
+        "{}. stopped the nodes ({clean} of 3 shut down cleanly on SIGTERM)",
+        step + 1
+    );
     let secs = elapsed.as_secs_f64();
     println!(
         "summary: {} messages x {} B with acks=all over QUIC in {:.2} s: {:.0} msg/s, {:.1} MB/s; every replica verified",
@@ -331,4 +372,94 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Kill the leader of `demo/0` with SIGKILL, wait for the election, produce
+/// `--failover-messages` more with acks=all (adding them to `acked`),
+/// restart the killed node and wait until it is back in every ISR.
+async fn failover_step(
+    c: &Client,
+    nodes: &mut Nodes,
+    dir: &Path,
+    args: &DemoArgs,
+    acked: &mut [(u32, Vec<(u64, Bytes)>)],
+) -> anyhow::Result<()> {
+    let victim = c.leader_of("demo", 0).await?;
+    let led: Vec<u32> = c
+        .metadata()
+        .await?
+        .1
+        .iter()
+        .filter(|p| p.topic == "demo" && p.leader == Some(victim))
+        .map(|p| p.partition)
+        .collect();
+    nodes.kill(victim);
+    let killed = Instant::now();
+    // Wait for the election before producing, so that no write goes to
+    // the dead node (it would be neither acknowledged nor refused).
+    let deadline = killed + Duration::from_secs(30);
+    let (leader, epoch) = loop {
+        if let Ok((_, parts)) = c.metadata().await
+            && let Some(p) = parts.iter().find(|p| p.topic == "demo" && p.partition == 0)
+            && let Some(l) = p.leader
+            && l != victim
+        {
+            break (l, p.leader_epoch);
+        }
+        if Instant::now() > deadline {
+            bail!("no new leader for demo/0 within 30 s of killing node {victim}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let elected = killed.elapsed();
+    let parts = u64::from(args.partitions);
+    let mut first_ack = None;
+    let mut produced = 0u64;
+    for chunk_start in (0..args.failover_messages).step_by(args.batch) {
+        let end = (chunk_start + args.batch as u64).min(args.failover_messages);
+        for (p, list) in acked.iter_mut() {
+            let records: Vec<Record> = (chunk_start..end)
+                .filter(|i| i % parts == u64::from(*p))
+                .map(|i| Record {
+                    key: None,
+                    value: generated(args.messages + i, args.size),
+                    timestamp: 0,
+                    headers: Vec::new(),
+                })
+                .collect();
+            if records.is_empty() {
+                continue;
+            }
+            let base = c
+                .produce("demo", *p, &records, Acks::All, Duration::from_secs(30))
+                .await
+                .with_context(|| format!("producing to demo/{p} after the failover"))?;
+            if *p == 0 && first_ack.is_none() {
+                first_ack = Some(killed.elapsed());
+            }
+            produced += records.len() as u64;
+            for (k, r) in records.into_iter().enumerate() {
+                list.push((base + k as u64, r.value));
+            }
+        }
+    }
+    let first = first_ack.map_or(String::new(), |t| {
+        format!(
+            "; first acks=all write to demo/0 after {:.0} ms",
+            t.as_secs_f64() * 1e3
+        )
+    });
+    println!(
+        "6. failover: killed node {victim} (SIGKILL), which led partitions {led:?}; node {leader} leads demo/0 in epoch {epoch} {:.0} ms later{first}; {produced} more messages acknowledged (acks=all) with node {victim} down",
+        elected.as_secs_f64() * 1e3
+    );
+    nodes.restart(dir, victim)?;
+    let restarted = Instant::now();
+    let total: u64 = acked.iter().map(|(_, l)| l.len() as u64).sum();
+    wait_replicated(c, total).await?;
+    println!(
+        "   restarted node {victim}: it caught up and rejoined every ISR in {:.1} s",
+        restarted.elapsed().as_secs_f64()
+    );
+    Ok(())
 }

@@ -85,8 +85,16 @@ impl Fetcher {
 
     /// Replicate `tp` from `leader` (replacing any earlier leader). A fetch
     /// still queued for the old leader is returned: tell its replica with
-    /// `fetch_failed`, or it waits for an answer that never comes.
+    /// `fetch_failed`, or it waits for an answer that never comes. A fetch
+    /// in flight to the old leader no longer holds `tp` back: a dead
+    /// leader's fetch may not end until the connection times out, and the
+    /// replica ignores its late answer (stale correlation id).
     pub fn add_partition(&mut self, tp: TopicPartition, leader: ReplicaId) -> Option<FetchRequest> {
+        if self.partitions.get(&tp).is_some_and(|t| t.leader != leader) {
+            for (_, _, set) in self.inflight.values_mut() {
+                set.remove(&tp);
+            }
+        }
         let old = self.partitions.insert(
             tp,
             Target {
@@ -264,6 +272,24 @@ mod tests {
         assert_eq!(next.len(), 1);
         assert_eq!(next[0].to, sent[0].to);
         assert_eq!(next[0].thread, sent[0].thread);
+    }
+
+    #[test]
+    fn a_new_leader_is_fetched_from_while_the_old_leaders_fetch_hangs() {
+        let mut f = Fetcher::new(Config::default());
+        let tp = TopicPartition::new("t", 0);
+        f.add_partition(tp.clone(), 1);
+        f.enqueue(&tp, req(0)).unwrap();
+        let hung = f.poll(0);
+        assert_eq!(hung.len(), 1);
+        // Leader 1 died with the fetch outstanding; node 2 was elected.
+        assert_eq!(f.add_partition(tp.clone(), 2), None);
+        f.enqueue(&tp, req(1)).unwrap();
+        let sent = f.poll(1);
+        assert_eq!(sent.len(), 1, "the hung fetch must not hold the partition");
+        assert_eq!(sent[0].to, 2);
+        // The old fetch failing later changes nothing for the partition.
+        assert!(f.failed(hung[0].id, 5).is_empty());
     }
 
     #[test]

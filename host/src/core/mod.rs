@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod epoch_cache;
+pub mod failover;
 pub mod fetcher;
 pub mod metrics;
 pub mod reconcile;
@@ -14,6 +15,7 @@ pub mod types;
 
 pub use config::{Config, ConfigError};
 pub use epoch_cache::EpochCache;
+pub use failover::{Decision, DecisionKind, FailoverCoordinator, FailoverMetrics, FailureDetector};
 pub use fetcher::{Fetcher, MultiFetch, TopicPartition};
 pub use metrics::{
     GlobalMetricsSnapshot, MetricsCollector, PartitionMetrics, PartitionMetricsSnapshot,

@@ -89,6 +89,57 @@ pub struct NodeConfig {
     /// Replication settings (the reference API's `Config`), Kafka defaults.
     #[serde(default)]
     pub replication: ReplicationConfig,
+    /// Heartbeats, failure detection and leader election.
+    #[serde(default)]
+    pub failover: FailoverConfig,
+}
+
+/// `[failover]`: how fast a dead leader is replaced. With the defaults a
+/// killed leader is detected within about half a second and replaced at
+/// once; raise the timeout on a loaded or high-latency network, where a
+/// slow answer would otherwise look like a failure (a spurious failover is
+/// safe, but costs a leader epoch and a moment of unavailability).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailoverConfig {
+    /// How often this node sends a heartbeat to every other node, in ms.
+    pub heartbeat_interval_ms: u64,
+    /// A node not heard from for this long counts as failed (so does one
+    /// never heard from, once this long has passed since start), in ms.
+    /// At least twice the heartbeat interval.
+    pub failure_timeout_ms: u64,
+    /// Elect a replica outside the ISR when no in-sync replica is alive.
+    /// Off by default, as in Kafka (KIP-106): the new leader may lack
+    /// acknowledged writes, which are then lost for good.
+    pub unclean_leader_election: bool,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverConfig {
+            heartbeat_interval_ms: 100,
+            failure_timeout_ms: 500,
+            unclean_leader_election: false,
+        }
+    }
+}
+
+impl FailoverConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.heartbeat_interval_ms < 10 {
+            return Err(format!(
+                "heartbeat_interval_ms = {} is below the minimum of 10",
+                self.heartbeat_interval_ms
+            ));
+        }
+        if self.failure_timeout_ms < 2 * self.heartbeat_interval_ms {
+            return Err(format!(
+                "failure_timeout_ms = {} must be at least twice heartbeat_interval_ms ({}): one late heartbeat must not fail a node",
+                self.failure_timeout_ms, self.heartbeat_interval_ms
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn default_metadata_poll_ms() -> u64 {
@@ -158,6 +209,9 @@ impl NodeConfig {
         c.replication
             .validate()
             .map_err(|e| invalid(format!("[replication]: {e}")))?;
+        c.failover
+            .validate()
+            .map_err(|e| invalid(format!("[failover]: {e}")))?;
         if c.metadata_poll_ms == 0 {
             return Err(invalid("metadata_poll_ms must be at least 1".into()));
         }

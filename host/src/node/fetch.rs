@@ -213,6 +213,9 @@ async fn session(
     done: mpsc::UnboundedSender<FetchCmd>,
 ) {
     let mut conn: Option<(Peer, FetchStream)> = None;
+    let limit = Duration::from_millis(
+        u64::from(shared.replication.fetch_max_wait_ms) + 2 * shared.failover.failure_timeout_ms,
+    );
     while let Some(mf) = rx.recv().await {
         if conn.is_none() {
             conn = connect(&shared, &transport, leader)
@@ -224,10 +227,13 @@ async fn session(
         }
         let result = match conn.as_mut() {
             None => Err(format!("node {leader} is unreachable")),
-            Some((_, stream)) => stream
-                .fetch(&mf.partitions)
+            // A leader that died mid-fetch never answers, and quinn would
+            // only notice at its idle timeout: give up after the long poll
+            // plus two failure timeouts, and reconnect.
+            Some((_, stream)) => tokio::time::timeout(limit, stream.fetch(&mf.partitions))
                 .await
-                .map_err(|e| e.to_string()),
+                .map_err(|_| format!("no answer within {limit:?}"))
+                .and_then(|r| r.map_err(|e| e.to_string())),
         };
         if result.is_err()
             && let Some((peer, _)) = conn.take()

@@ -13,7 +13,21 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tracing::debug;
 
-use crate::core::MetricsCollector;
+use crate::core::{FailoverMetrics, MetricsCollector, ReplicaId};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BrokerLabel {
+    broker: u32,
+}
+
+/// What the node's failover side reports: [`FailoverMetrics`] and the
+/// failure detector's verdict on each other node.
+#[derive(Debug, Clone, Default)]
+pub struct FailoverView {
+    pub metrics: FailoverMetrics,
+    /// (node, alive) for every other registered node.
+    pub brokers: Vec<(ReplicaId, bool)>,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Labels {
@@ -25,8 +39,8 @@ fn i(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// The metrics of `collector` in Prometheus text format.
-pub fn render(node: u32, collector: &MetricsCollector) -> String {
+/// The metrics of `collector` and `failover` in Prometheus text format.
+pub fn render(node: u32, collector: &MetricsCollector, failover: &FailoverView) -> String {
     let mut reg = Registry::with_prefix("replicator");
     let gauges = [
         (
@@ -128,6 +142,55 @@ pub fn render(node: u32, collector: &MetricsCollector) -> String {
         gauge.set(i(v));
         reg.register(name, help, gauge);
     }
+    let f = &failover.metrics;
+    let failover_counters: [(&str, &str, u64); 3] = [
+        (
+            "failovers",
+            "Leader elections this node decided (successful + failed)",
+            f.total_failovers,
+        ),
+        (
+            "failovers_successful",
+            "Leader elections this node decided and wrote",
+            f.successful_failovers,
+        ),
+        (
+            "failovers_failed",
+            "Leader elections that could not be carried out (no live in-sync replica, metadata store errors)",
+            f.failed_failovers,
+        ),
+    ];
+    for (name, help, v) in failover_counters {
+        let c: Counter = Counter::default();
+        c.inc_by(v);
+        reg.register(name, help, c);
+    }
+    let secs = |ms: f64| ms / 1000.0;
+    let avg: Gauge<f64, std::sync::atomic::AtomicU64> = Gauge::default();
+    avg.set(secs(f.average_failover_ms));
+    reg.register(
+        "failover_average_seconds",
+        "Mean time from a failed leader's last heartbeat to its successor's election",
+        avg,
+    );
+    let last: Gauge<f64, std::sync::atomic::AtomicU64> = Gauge::default();
+    last.set(secs(f.last_failover_ms.unwrap_or(0) as f64));
+    reg.register(
+        "failover_last_seconds",
+        "Duration of the last election this node decided",
+        last,
+    );
+    let alive: Family<BrokerLabel, Gauge> = Family::default();
+    for (b, up) in &failover.brokers {
+        alive
+            .get_or_create(&BrokerLabel { broker: *b })
+            .set(i64::from(*up));
+    }
+    reg.register(
+        "broker_alive",
+        "1 if the failure detector hears the node's heartbeats",
+        alive,
+    );
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, &reg).is_err() {
         out.clear();

@@ -5,6 +5,7 @@
 //! Shutdown stops serving, flushes every partition and closes the plugins.
 
 pub mod config;
+mod failover;
 mod fetch;
 pub mod metrics;
 mod partition;
@@ -119,6 +120,7 @@ pub async fn run(
         config.storage.pairs(),
         metadata,
         config.replication.clone(),
+        config.failover.clone(),
         fetch_tx.clone(),
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -127,7 +129,7 @@ pub async fn run(
         transport.clone(),
         fetch_tx,
         fetch_rx,
-        stop_rx,
+        stop_rx.clone(),
     );
     let server = Arc::new(NodeServer {
         shared: shared.clone(),
@@ -142,6 +144,7 @@ pub async fn run(
     for (topic, partition) in shared.metadata.list_partitions().await? {
         shared.request_handoff(TopicPartition::new(&topic, partition));
     }
+    failover::spawn(shared.clone(), transport.clone(), stop_rx.clone());
     let serving = {
         let (t, s) = (transport.clone(), server.clone());
         tokio::spawn(async move { t.serve(id, s).await })
@@ -150,7 +153,7 @@ pub async fn run(
         let sh = shared.clone();
         tokio::spawn(metrics::serve(
             l,
-            Arc::new(move || metrics::render(id, &sh.metrics)),
+            Arc::new(move || metrics::render(id, &sh.metrics, &sh.failover_view())),
         ))
     });
     if let Some(r) = ready {
@@ -255,6 +258,13 @@ async fn refresh(
             Err(MetadataError::NotFound(_)) => continue,
             Err(e) => return Err(e),
         };
+        if let Ok(mut m) = shared.states.write() {
+            // A newer version (this node's own election) is never
+            // replaced by an older read.
+            if m.get(&tp).is_none_or(|s| s.version <= state.version) {
+                m.insert(tp.clone(), state.clone());
+            }
+        }
         if !state.replicas.contains(&shared.node_id) {
             continue;
         }

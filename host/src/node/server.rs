@@ -191,7 +191,7 @@ impl NodeServer {
 impl Handler for NodeServer {
     fn request(
         &self,
-        _peer: Identity,
+        peer: Identity,
         request: Request,
         body: Bytes,
     ) -> Reply<'_, (Response, Bytes)> {
@@ -278,6 +278,31 @@ impl Handler for NodeServer {
                         Response::Metadata {
                             brokers,
                             partitions,
+                            failed: self.shared.failed_brokers(),
+                        },
+                        Bytes::new(),
+                    ))
+                }
+                Request::Heartbeat {
+                    broker_epoch: _,
+                    changed,
+                } => {
+                    let Identity::Node(from) = peer else {
+                        return Err(RpcError::Unauthorized(
+                            "heartbeats are for nodes, not clients".into(),
+                        ));
+                    };
+                    let now = self.shared.now_ms();
+                    if let Ok(mut fd) = self.shared.detector.lock() {
+                        fd.record_heartbeat(from, now);
+                    }
+                    if changed {
+                        self.shared.refresh.notify_one();
+                    }
+                    Ok((
+                        Response::Heartbeat {
+                            node: self.shared.node_id,
+                            broker_epoch: self.shared.broker_epoch,
                         },
                         Bytes::new(),
                     ))

@@ -9,10 +9,13 @@ use std::time::Instant;
 
 use tokio::sync::{Notify, mpsc};
 
-use crate::core::{Config, MetricsCollector, ReplicaId, TopicPartition};
-use crate::metadata::MetadataStore;
+use crate::core::{
+    Config, FailoverMetrics, FailureDetector, MetricsCollector, ReplicaId, TopicPartition,
+};
+use crate::metadata::{MetadataStore, PartitionState};
 use crate::plugin::StoragePlugin;
 
+use super::config::FailoverConfig;
 use super::fetch::FetchCmd;
 
 pub struct Shared {
@@ -35,6 +38,16 @@ pub struct Shared {
     pub(super) refresh: Notify,
     /// State machines built on this node (seeds correlation ids).
     pub(super) builds: std::sync::atomic::AtomicU64,
+    pub failover: FailoverConfig,
+    /// Which nodes answered heartbeats lately (clock: [`Shared::now_ms`]).
+    pub detector: Mutex<FailureDetector>,
+    pub failover_metrics: Mutex<FailoverMetrics>,
+    /// Every partition's state as the watcher last read it: what the
+    /// failover coordinator decides on.
+    pub(super) states: RwLock<HashMap<TopicPartition, PartitionState>>,
+    /// Bumped after this node changed partition metadata: heartbeat
+    /// senders tell their peers at once.
+    pub(super) changed: tokio::sync::watch::Sender<u64>,
     start: Instant,
 }
 
@@ -48,8 +61,10 @@ impl Shared {
         storage_config: Vec<(String, String)>,
         metadata: Arc<dyn MetadataStore>,
         replication: Config,
+        failover: FailoverConfig,
         fetch_tx: mpsc::UnboundedSender<FetchCmd>,
     ) -> Arc<Self> {
+        let detector = Mutex::new(FailureDetector::new(failover.failure_timeout_ms, 0));
         Arc::new(Shared {
             node_id,
             broker_epoch,
@@ -64,6 +79,11 @@ impl Shared {
             handoffs: Mutex::new(HashSet::new()),
             refresh: Notify::new(),
             builds: Default::default(),
+            failover,
+            detector,
+            failover_metrics: Mutex::new(FailoverMetrics::default()),
+            states: RwLock::new(HashMap::new()),
+            changed: tokio::sync::watch::Sender::new(0),
             start: Instant::now(),
         })
     }
@@ -84,6 +104,49 @@ impl Shared {
             h.insert(tp);
         }
         self.refresh.notify_one();
+    }
+
+    /// Failover metrics and every other node's liveness, for `/metrics`.
+    pub fn failover_view(&self) -> super::metrics::FailoverView {
+        let failed = self.failed_brokers();
+        let mut brokers: Vec<(ReplicaId, bool)> = self
+            .brokers
+            .read()
+            .map(|b| {
+                b.keys()
+                    .filter(|id| **id != self.node_id)
+                    .map(|id| (*id, !failed.contains(id)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        brokers.sort_unstable();
+        super::metrics::FailoverView {
+            metrics: self
+                .failover_metrics
+                .lock()
+                .map(|m| m.clone())
+                .unwrap_or_default(),
+            brokers,
+        }
+    }
+
+    /// Brokers the failure detector counts as failed now.
+    pub fn failed_brokers(&self) -> Vec<ReplicaId> {
+        let now = self.now_ms();
+        let ids: Vec<ReplicaId> = self
+            .brokers
+            .read()
+            .map(|b| b.keys().copied().collect())
+            .unwrap_or_default();
+        let Ok(fd) = self.detector.lock() else {
+            return Vec::new();
+        };
+        let mut failed: Vec<ReplicaId> = ids
+            .into_iter()
+            .filter(|b| *b != self.node_id && fd.has_failed(*b, now))
+            .collect();
+        failed.sort_unstable();
+        failed
     }
 
     pub fn broker_addr(&self, id: ReplicaId) -> Option<SocketAddr> {

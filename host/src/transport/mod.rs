@@ -86,8 +86,12 @@ fn transport_config() -> quinn::TransportConfig {
     t.stream_receive_window((16u32 << 20).into());
     t.receive_window((64u32 << 20).into());
     t.send_window(128 << 20);
-    t.keep_alive_interval(Some(Duration::from_secs(1)));
-    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(10)) {
+    // A killed peer sends no close, and a restarted one cannot reset the
+    // old connection (its stateless-reset key is new): the idle timeout is
+    // how a connection to a dead incarnation ends. Keep it short; keep-alives
+    // keep idle but live connections open.
+    t.keep_alive_interval(Some(Duration::from_millis(500)));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(3)) {
         t.max_idle_timeout(Some(idle));
     }
     t

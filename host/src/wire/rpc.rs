@@ -60,6 +60,14 @@ pub enum Request {
     Status {},
     /// Metadata: brokers and partitions as the store has them.
     Metadata {},
+    /// Node to node only: "I am alive" (answered with the receiver's own
+    /// [`Response::Heartbeat`]). `changed`: the sender just changed
+    /// partition metadata (an election), so re-read it now.
+    Heartbeat {
+        broker_epoch: u64,
+        #[serde(default)]
+        changed: bool,
+    },
 }
 
 /// Errors a node answers with. `leader` hints where to retry.
@@ -169,6 +177,15 @@ pub enum Response {
     Metadata {
         brokers: Vec<crate::metadata::Broker>,
         partitions: Vec<PartitionState>,
+        /// Brokers the answering node's failure detector counts as failed:
+        /// a client does not send to a leader listed here, it waits for
+        /// the election instead.
+        #[serde(default)]
+        failed: Vec<ReplicaId>,
+    },
+    Heartbeat {
+        node: ReplicaId,
+        broker_epoch: u64,
     },
     Error {
         error: RpcError,

@@ -1,0 +1,437 @@
+//! Failover decisions, sans-IO: the [`FailureDetector`] (which brokers
+//! answered heartbeats recently) and the [`FailoverCoordinator`] (given a
+//! partition's stored state and the detector's view, what compare-and-set
+//! should be tried). The node runtime sends the heartbeats, feeds their
+//! answers in with a clock value, and carries out the decisions; the
+//! metadata store's compare-and-set makes exactly one of several
+//! concurrent deciders win.
+//!
+//! Kafka's shape (KIP-631/841): a broker that misses its session timeout
+//! is fenced; partitions it led elect the first live in-sync replica in
+//! assignment order under the next leader epoch; it leaves every ISR. A
+//! replica outside the ISR is elected only with unclean election on
+//! (KIP-106: off by default, since it can lose acknowledged writes).
+
+use std::collections::{BTreeSet, HashMap};
+
+use crate::core::ReplicaId;
+use crate::metadata::PartitionState;
+
+/// Which brokers answered recently. Times are the caller's monotonic clock
+/// in milliseconds.
+#[derive(Debug, Clone)]
+pub struct FailureDetector {
+    timeout_ms: u64,
+    /// When this detector began: a broker never heard from counts as
+    /// failed once `timeout_ms` has passed since then.
+    started_ms: u64,
+    last_heard: HashMap<ReplicaId, u64>,
+    last_tick_ms: u64,
+}
+
+impl FailureDetector {
+    pub fn new(timeout_ms: u64, now: u64) -> Self {
+        FailureDetector {
+            timeout_ms: timeout_ms.max(1),
+            started_ms: now,
+            last_heard: HashMap::new(),
+            last_tick_ms: now,
+        }
+    }
+
+    pub fn timeout_ms(&self) -> u64 {
+        self.timeout_ms
+    }
+
+    /// `broker` answered (or sent) a heartbeat at `now`.
+    pub fn record_heartbeat(&mut self, broker: ReplicaId, now: u64) {
+        let t = self.last_heard.entry(broker).or_insert(now);
+        *t = (*t).max(now);
+    }
+
+    /// Whether `broker` has been silent for longer than the timeout (or
+    /// was never heard and the detector is older than the timeout).
+    pub fn has_failed(&self, broker: ReplicaId, now: u64) -> bool {
+        let since = self
+            .last_heard
+            .get(&broker)
+            .copied()
+            .unwrap_or(self.started_ms);
+        now.saturating_sub(since) > self.timeout_ms
+    }
+
+    /// When `broker` was last heard from, if ever.
+    pub fn last_heard(&self, broker: ReplicaId) -> Option<u64> {
+        self.last_heard.get(&broker).copied()
+    }
+
+    /// Call regularly (every heartbeat interval). If this process itself
+    /// was not running for longer than half the timeout (SIGSTOP, a VM
+    /// pause, a starved runtime), the silence it measured is its own, not
+    /// the brokers': it starts over as if just started, so a resumed node
+    /// does not depose a healthy leader on stale evidence. Returns whether
+    /// that happened.
+    pub fn tick(&mut self, now: u64) -> bool {
+        let gap = now.saturating_sub(self.last_tick_ms);
+        self.last_tick_ms = now;
+        if gap > self.timeout_ms / 2 {
+            self.started_ms = now;
+            for t in self.last_heard.values_mut() {
+                *t = now;
+            }
+            return true;
+        }
+        false
+    }
+}
+
+/// What the coordinator decided for one partition: the state to write
+/// with compare-and-set against `expected_version`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub next: PartitionState,
+    pub expected_version: u64,
+    pub kind: DecisionKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecisionKind {
+    /// The leader failed (or there was none): `next.leader` leads the next
+    /// epoch. `unclean` if it was not in the ISR.
+    Elect {
+        failed: Option<ReplicaId>,
+        unclean: bool,
+    },
+    /// The leader is alive; failed members leave the ISR so they stop
+    /// holding back the high watermark (Kafka's controller does this for a
+    /// fenced broker). The leader adopts it through its metadata.
+    ShrinkIsr { removed: Vec<ReplicaId> },
+    /// The leader failed and no replica may be elected (no live in-sync
+    /// replica, unclean election off). Nothing is written; the partition
+    /// stays unavailable until an in-sync replica returns.
+    NoCandidate { failed: Option<ReplicaId> },
+}
+
+/// Failover policy for the partitions of one broker. Any broker may decide
+/// for any partition it replicates; the deterministic choice plus the
+/// store's compare-and-set make concurrent deciders agree.
+#[derive(Debug, Clone)]
+pub struct FailoverCoordinator {
+    me: ReplicaId,
+    unclean_election: bool,
+}
+
+impl FailoverCoordinator {
+    pub fn new(me: ReplicaId, unclean_election: bool) -> Self {
+        FailoverCoordinator {
+            me,
+            unclean_election,
+        }
+    }
+
+    /// Whether this broker sees enough of the cluster to act: itself plus
+    /// live brokers form a strict majority of `brokers`. A broker cut off
+    /// from its peers sees them all as failed; without this rule it would
+    /// elect itself (or shrink ISRs to itself) and the partition would
+    /// flap between sides of the cut.
+    pub fn has_quorum(&self, brokers: &[ReplicaId], fd: &FailureDetector, now: u64) -> bool {
+        let all: BTreeSet<ReplicaId> = brokers.iter().copied().chain([self.me]).collect();
+        let live = all
+            .iter()
+            .filter(|b| **b == self.me || !fd.has_failed(**b, now))
+            .count();
+        live * 2 > all.len()
+    }
+
+    fn alive(&self, b: ReplicaId, fd: &FailureDetector, now: u64) -> bool {
+        b == self.me || !fd.has_failed(b, now)
+    }
+
+    /// The change `state` needs, if any. `None`: leader alive and every
+    /// ISR member alive, or nothing this broker should touch.
+    pub fn decide(
+        &self,
+        state: &PartitionState,
+        fd: &FailureDetector,
+        now: u64,
+    ) -> Option<Decision> {
+        if state.version == 0 || !state.replicas.contains(&self.me) {
+            return None;
+        }
+        let leader_ok = state.leader.is_some_and(|l| self.alive(l, fd, now));
+        let live_isr: Vec<ReplicaId> = state
+            .isr
+            .iter()
+            .copied()
+            .filter(|r| self.alive(*r, fd, now))
+            .collect();
+        if leader_ok {
+            let removed: Vec<ReplicaId> = state
+                .isr
+                .iter()
+                .copied()
+                .filter(|r| !live_isr.contains(r))
+                .collect();
+            // Only the leader's own broker trims its ISR: it is the one the
+            // dead member holds back, and one writer keeps it quiet.
+            if removed.is_empty() || state.leader != Some(self.me) {
+                return None;
+            }
+            return Some(Decision {
+                next: PartitionState {
+                    isr: live_isr,
+                    ..state.clone()
+                },
+                expected_version: state.version,
+                kind: DecisionKind::ShrinkIsr { removed },
+            });
+        }
+        let failed = state.leader;
+        // The first live in-sync replica in assignment order (Kafka's
+        // preferred order), so every decider proposes the same state.
+        let clean = state
+            .replicas
+            .iter()
+            .copied()
+            .find(|r| live_isr.contains(r) && Some(*r) != failed);
+        let (leader, isr, unclean) = match clean {
+            Some(l) => (
+                l,
+                live_isr
+                    .iter()
+                    .copied()
+                    .filter(|r| Some(*r) != failed)
+                    .collect(),
+                false,
+            ),
+            None if self.unclean_election => {
+                let Some(l) = state
+                    .replicas
+                    .iter()
+                    .copied()
+                    .find(|r| self.alive(*r, fd, now) && Some(*r) != failed)
+                else {
+                    return Some(Decision {
+                        next: state.clone(),
+                        expected_version: state.version,
+                        kind: DecisionKind::NoCandidate { failed },
+                    });
+                };
+                (l, vec![l], true)
+            }
+            None => {
+                return Some(Decision {
+                    next: state.clone(),
+                    expected_version: state.version,
+                    kind: DecisionKind::NoCandidate { failed },
+                });
+            }
+        };
+        Some(Decision {
+            next: PartitionState {
+                leader: Some(leader),
+                leader_epoch: state.leader_epoch + 1,
+                isr,
+                ..state.clone()
+            },
+            expected_version: state.version,
+            kind: DecisionKind::Elect { failed, unclean },
+        })
+    }
+}
+
+/// The reference API's `FailoverMetrics`: elections this broker won, the
+/// ones it could not carry out, and how long they took (from the failed
+/// leader's last heartbeat to the accepted compare-and-set).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FailoverMetrics {
+    pub total_failovers: u64,
+    pub successful_failovers: u64,
+    pub failed_failovers: u64,
+    /// Mean duration of the successful ones, in milliseconds.
+    pub average_failover_ms: f64,
+    /// Duration of the last successful one, in milliseconds.
+    pub last_failover_ms: Option<u64>,
+    /// Clock value (ms) when the last successful one was accepted.
+    pub last_failover_at_ms: Option<u64>,
+}
+
+impl FailoverMetrics {
+    pub fn record_success(&mut self, took_ms: u64, at_ms: u64) {
+        self.total_failovers += 1;
+        self.successful_failovers += 1;
+        let n = self.successful_failovers as f64;
+        self.average_failover_ms += (took_ms as f64 - self.average_failover_ms) / n;
+        self.last_failover_ms = Some(took_ms);
+        self.last_failover_at_ms = Some(at_ms);
+    }
+
+    pub fn record_failure(&mut self) {
+        self.total_failovers += 1;
+        self.failed_failovers += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(leader: Option<u32>, isr: &[u32]) -> PartitionState {
+        PartitionState {
+            topic: "t".into(),
+            partition: 0,
+            leader,
+            leader_epoch: 4,
+            isr: isr.to_vec(),
+            replicas: vec![1, 2, 3],
+            min_insync: 2,
+            version: 9,
+        }
+    }
+
+    fn detector(now: u64, alive: &[u32]) -> FailureDetector {
+        let mut fd = FailureDetector::new(500, 0);
+        for b in alive {
+            fd.record_heartbeat(*b, now);
+        }
+        fd
+    }
+
+    #[test]
+    fn never_heard_brokers_fail_only_after_the_timeout_since_start() {
+        let fd = FailureDetector::new(500, 1000);
+        assert!(!fd.has_failed(7, 1500));
+        assert!(fd.has_failed(7, 1501));
+    }
+
+    #[test]
+    fn a_heartbeat_keeps_a_broker_alive_for_one_timeout() {
+        let mut fd = FailureDetector::new(500, 0);
+        fd.record_heartbeat(2, 1000);
+        fd.record_heartbeat(2, 900); // late answers never move it back
+        assert!(!fd.has_failed(2, 1500));
+        assert!(fd.has_failed(2, 1501));
+    }
+
+    #[test]
+    fn a_paused_detector_starts_over_instead_of_failing_everyone() {
+        let mut fd = FailureDetector::new(500, 0);
+        fd.record_heartbeat(2, 100);
+        assert!(!fd.tick(200));
+        // Stopped for 5 s: nobody was heard because this process slept.
+        assert!(fd.tick(5200));
+        assert!(!fd.has_failed(2, 5200));
+        assert!(!fd.has_failed(3, 5600));
+        assert!(fd.has_failed(2, 5701));
+    }
+
+    #[test]
+    fn a_dead_leader_is_replaced_by_the_first_live_isr_member_in_replica_order() {
+        let c = FailoverCoordinator::new(3, false);
+        let fd = detector(1000, &[2, 3]);
+        let d = c.decide(&state(Some(1), &[1, 3, 2]), &fd, 1000).unwrap();
+        assert_eq!(
+            d.kind,
+            DecisionKind::Elect {
+                failed: Some(1),
+                unclean: false
+            }
+        );
+        assert_eq!(d.next.leader, Some(2));
+        assert_eq!(d.next.leader_epoch, 5);
+        assert_eq!(d.next.isr, vec![3, 2]);
+        assert_eq!(d.expected_version, 9);
+        // Every live decider proposes the same state.
+        let other = FailoverCoordinator::new(2, false)
+            .decide(&state(Some(1), &[1, 3, 2]), &fd, 1000)
+            .unwrap();
+        assert_eq!(other, d);
+    }
+
+    #[test]
+    fn replicas_outside_the_isr_are_never_elected_cleanly() {
+        let c = FailoverCoordinator::new(2, false);
+        let fd = detector(1000, &[2, 3]);
+        let d = c.decide(&state(Some(1), &[1]), &fd, 1000).unwrap();
+        assert_eq!(d.kind, DecisionKind::NoCandidate { failed: Some(1) });
+        assert_eq!(d.next, state(Some(1), &[1]));
+    }
+
+    #[test]
+    fn unclean_election_takes_a_live_replica_outside_the_isr() {
+        let c = FailoverCoordinator::new(2, true);
+        let fd = detector(1000, &[2, 3]);
+        let d = c.decide(&state(Some(1), &[1]), &fd, 1000).unwrap();
+        assert_eq!(
+            d.kind,
+            DecisionKind::Elect {
+                failed: Some(1),
+                unclean: true
+            }
+        );
+        assert_eq!(d.next.leader, Some(2));
+        assert_eq!(d.next.isr, vec![2]);
+    }
+
+    #[test]
+    fn a_leaderless_partition_elects_a_live_isr_member() {
+        let c = FailoverCoordinator::new(2, false);
+        let fd = detector(1000, &[2, 3]);
+        let d = c.decide(&state(None, &[3]), &fd, 1000).unwrap();
+        assert_eq!(d.next.leader, Some(3));
+        assert_eq!(
+            d.kind,
+            DecisionKind::Elect {
+                failed: None,
+                unclean: false
+            }
+        );
+    }
+
+    #[test]
+    fn a_live_leader_trims_dead_members_and_nobody_else_does() {
+        let fd = detector(1000, &[1, 2]);
+        let s = state(Some(1), &[1, 2, 3]);
+        let d = FailoverCoordinator::new(1, false)
+            .decide(&s, &fd, 1000)
+            .unwrap();
+        assert_eq!(d.kind, DecisionKind::ShrinkIsr { removed: vec![3] });
+        assert_eq!(d.next.isr, vec![1, 2]);
+        assert_eq!(d.next.leader_epoch, 4, "a shrink keeps the epoch");
+        assert_eq!(
+            FailoverCoordinator::new(2, false).decide(&s, &fd, 1000),
+            None
+        );
+    }
+
+    #[test]
+    fn healthy_partitions_and_foreign_ones_need_nothing() {
+        let fd = detector(1000, &[1, 2, 3]);
+        let c = FailoverCoordinator::new(2, false);
+        assert_eq!(c.decide(&state(Some(1), &[1, 2, 3]), &fd, 1000), None);
+        let mut foreign = state(Some(9), &[9]);
+        foreign.replicas = vec![9, 8];
+        assert_eq!(c.decide(&foreign, &detector(1000, &[]), 1000), None);
+    }
+
+    #[test]
+    fn a_broker_cut_off_from_its_peers_has_no_quorum() {
+        let c = FailoverCoordinator::new(1, false);
+        assert!(!c.has_quorum(&[1, 2, 3], &detector(1000, &[]), 1000));
+        assert!(c.has_quorum(&[1, 2, 3], &detector(1000, &[3]), 1000));
+        assert!(c.has_quorum(&[1], &detector(1000, &[]), 1000));
+    }
+
+    #[test]
+    fn failover_metrics_average_the_successful_ones() {
+        let mut m = FailoverMetrics::default();
+        m.record_success(400, 10);
+        m.record_success(800, 20);
+        m.record_failure();
+        assert_eq!(m.total_failovers, 3);
+        assert_eq!(m.successful_failovers, 2);
+        assert_eq!(m.failed_failovers, 1);
+        assert_eq!(m.average_failover_ms, 600.0);
+        assert_eq!(m.last_failover_ms, Some(800));
+    }
+}

@@ -1,0 +1,314 @@
+//! Heartbeats and failover, the driver half: one heartbeat task per other
+//! node (the reference API's `HeartbeatClient`) feeding the shared
+//! [`FailureDetector`], and the coordinator task that runs the sans-IO
+//! [`FailoverCoordinator`] over every partition's last-read state and
+//! carries its decisions out as compare-and-sets on the metadata store.
+//! Several nodes may decide the same election at once; the store lets
+//! exactly one compare-and-set through and the others re-read.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use crate::core::{DecisionKind, FailoverCoordinator, ReplicaId, TopicPartition};
+use crate::metadata::MetadataError;
+use crate::transport::{Peer, Transport};
+use crate::wire::rpc::{Request, Response};
+
+use super::shared::Shared;
+
+/// Start the heartbeat senders (one per known node, started as nodes
+/// appear) and the coordinator. Both end when `stop` turns true.
+pub(super) fn spawn(shared: Arc<Shared>, transport: Transport, stop: watch::Receiver<bool>) {
+    if shared.failover.unclean_leader_election {
+        warn!(
+            "UNCLEAN LEADER ELECTION IS ON: when no in-sync replica is alive, a replica outside the ISR may be elected and acknowledged writes it lacks are LOST for good. Turn `[failover] unclean_leader_election` off unless availability matters more than data."
+        );
+    }
+    tokio::spawn(supervise_heartbeats(
+        shared.clone(),
+        transport,
+        stop.clone(),
+    ));
+    tokio::spawn(coordinate(shared, stop));
+}
+
+fn interval(shared: &Shared) -> Duration {
+    Duration::from_millis(shared.failover.heartbeat_interval_ms)
+}
+
+/// Keep one heartbeat task per other registered node.
+async fn supervise_heartbeats(
+    shared: Arc<Shared>,
+    transport: Transport,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut running: HashSet<ReplicaId> = HashSet::new();
+    loop {
+        let ids: Vec<ReplicaId> = shared
+            .brokers
+            .read()
+            .map(|b| b.keys().copied().collect())
+            .unwrap_or_default();
+        for id in ids {
+            if id != shared.node_id && running.insert(id) {
+                tokio::spawn(heartbeat(
+                    shared.clone(),
+                    transport.clone(),
+                    id,
+                    stop.clone(),
+                ));
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval(&shared)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Send a heartbeat to `node` every interval (at once when this node has
+/// just changed metadata), one at a time; an answer within the failure
+/// timeout is evidence that the node is alive.
+async fn heartbeat(
+    shared: Arc<Shared>,
+    transport: Transport,
+    node: ReplicaId,
+    mut stop: watch::Receiver<bool>,
+) {
+    let every = interval(&shared);
+    let limit = Duration::from_millis(shared.failover.failure_timeout_ms);
+    let mut changed = shared.changed.subscribe();
+    let mut peer: Option<Peer> = None;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut announce = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            r = changed.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                announce = true;
+            }
+            _ = stop.changed() => return,
+        }
+        if peer.as_ref().is_some_and(|p| p.close_reason().is_some()) {
+            peer = None;
+        }
+        if peer.is_none() {
+            let Some(addr) = shared.broker_addr(node) else {
+                continue;
+            };
+            match tokio::time::timeout(limit, transport.connect(addr, node)).await {
+                Ok(Ok(p)) => peer = Some(p),
+                Ok(Err(e)) => {
+                    debug!("heartbeat: cannot reach node {node} at {addr}: {e}");
+                    continue;
+                }
+                Err(_) => {
+                    debug!("heartbeat: connecting to node {node} at {addr} timed out");
+                    continue;
+                }
+            }
+        }
+        let Some(p) = peer.as_ref() else { continue };
+        let req = Request::Heartbeat {
+            broker_epoch: shared.broker_epoch,
+            changed: std::mem::take(&mut announce),
+        };
+        match p.request_within(&req, &[], limit).await {
+            Ok((Response::Heartbeat { node: n, .. }, _)) if n == node => {
+                let now = shared.now_ms();
+                if let Ok(mut fd) = shared.detector.lock() {
+                    fd.record_heartbeat(node, now);
+                }
+            }
+            Ok((other, _)) => {
+                warn!("heartbeat: node {node} answered {other:?}");
+            }
+            Err(e) => {
+                debug!("heartbeat to node {node} failed: {e}");
+                // A fresh connection next time: the old one may be to a
+                // dead incarnation that quinn has not given up on yet.
+                p.close();
+                peer = None;
+            }
+        }
+    }
+}
+
+/// Every heartbeat interval, decide every partition this node replicates
+/// and carry the decisions out.
+async fn coordinate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let coordinator =
+        FailoverCoordinator::new(shared.node_id, shared.failover.unclean_leader_election);
+    // Versions whose compare-and-set lost: not tried again until the
+    // watcher reads a newer version.
+    let mut lost: HashMap<TopicPartition, u64> = HashMap::new();
+    // Versions already reported as failed failovers (retried every tick,
+    // counted and logged once).
+    let mut reported: HashMap<TopicPartition, u64> = HashMap::new();
+    let mut had_quorum = true;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval(&shared)) => {}
+            _ = stop.changed() => return,
+        }
+        let now = shared.now_ms();
+        let brokers: Vec<ReplicaId> = shared
+            .brokers
+            .read()
+            .map(|b| b.keys().copied().collect())
+            .unwrap_or_default();
+        let (paused, quorum) = match shared.detector.lock() {
+            Ok(mut fd) => {
+                let paused = fd.tick(now);
+                (paused, coordinator.has_quorum(&brokers, &fd, now))
+            }
+            Err(_) => return,
+        };
+        if paused {
+            // This process did not run for a while (SIGSTOP, a VM pause):
+            // what it believes may be stale. Re-read before acting.
+            warn!(
+                "node {} was not running for a while; re-reading metadata before any failover decision",
+                shared.node_id
+            );
+            shared.refresh.notify_one();
+            continue;
+        }
+        if quorum != had_quorum {
+            if quorum {
+                info!("node {} sees a majority of nodes again", shared.node_id);
+            } else {
+                warn!(
+                    "node {} cannot reach a majority of nodes: it makes no failover decisions until it can",
+                    shared.node_id
+                );
+            }
+            had_quorum = quorum;
+        }
+        if !quorum {
+            continue;
+        }
+        let states: Vec<_> = shared
+            .states
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        for state in states {
+            let tp = TopicPartition::new(&state.topic, state.partition);
+            if lost.get(&tp) == Some(&state.version) {
+                continue;
+            }
+            let decision = match shared.detector.lock() {
+                Ok(fd) => coordinator.decide(&state, &fd, now).map(|d| {
+                    let since = match &d.kind {
+                        DecisionKind::Elect {
+                            failed: Some(f), ..
+                        } => fd.last_heard(*f),
+                        _ => None,
+                    };
+                    (d, since)
+                }),
+                Err(_) => return,
+            };
+            let Some((d, last_heard)) = decision else {
+                continue;
+            };
+            let name = format!("{}/{}", tp.topic, tp.partition);
+            let first_report = reported.get(&tp) != Some(&state.version);
+            if let DecisionKind::NoCandidate { failed } = &d.kind {
+                if !first_report {
+                    continue;
+                }
+                reported.insert(tp, state.version);
+                error!(
+                    "{name}: leader {failed:?} has failed and no in-sync replica is alive (ISR {:?}); the partition stays unavailable until one returns{}",
+                    state.isr,
+                    if shared.failover.unclean_leader_election {
+                        ""
+                    } else {
+                        " (unclean election is off)"
+                    }
+                );
+                if let Ok(mut m) = shared.failover_metrics.lock() {
+                    m.record_failure();
+                }
+                continue;
+            }
+            match shared
+                .metadata
+                .compare_and_set(d.next.clone(), d.expected_version)
+                .await
+            {
+                Ok(version) => {
+                    let done = shared.now_ms();
+                    match &d.kind {
+                        DecisionKind::Elect { failed, unclean } => {
+                            let took = done.saturating_sub(last_heard.unwrap_or(0));
+                            if let Ok(mut m) = shared.failover_metrics.lock() {
+                                m.record_success(took, done);
+                            }
+                            let how = if *unclean {
+                                "UNCLEAN election (writes it lacks are lost)"
+                            } else {
+                                "elected from the ISR"
+                            };
+                            let msg = format!(
+                                "{name}: leader {failed:?} failed; node {} leads epoch {} ({how}; ISR {:?}; {took} ms after it was last heard)",
+                                d.next.leader.unwrap_or_default(),
+                                d.next.leader_epoch,
+                                d.next.isr
+                            );
+                            if *unclean {
+                                error!("{msg}");
+                            } else {
+                                info!("{msg}");
+                            }
+                        }
+                        DecisionKind::ShrinkIsr { removed } => info!(
+                            "{name}: failed replicas {removed:?} leave the ISR (now {:?})",
+                            d.next.isr
+                        ),
+                        DecisionKind::NoCandidate { .. } => {}
+                    }
+                    if let Ok(mut m) = shared.states.write() {
+                        m.insert(
+                            tp,
+                            crate::metadata::PartitionState {
+                                version,
+                                ..d.next.clone()
+                            },
+                        );
+                    }
+                    shared.changed.send_modify(|n| *n += 1);
+                    shared.refresh.notify_one();
+                }
+                Err(MetadataError::Conflict(_)) => {
+                    // Another node decided first (or the leader changed
+                    // the ISR): re-read and decide again on fresh state.
+                    debug!("{name}: lost the compare-and-set; re-reading");
+                    lost.insert(tp, state.version);
+                    shared.refresh.notify_one();
+                }
+                Err(e) => {
+                    if first_report {
+                        warn!("{name}: failover decision could not be written: {e} (retrying)");
+                        if matches!(d.kind, DecisionKind::Elect { .. })
+                            && let Ok(mut m) = shared.failover_metrics.lock()
+                        {
+                            m.record_failure();
+                        }
+                        reported.insert(tp, state.version);
+                    }
+                }
+            }
+        }
+    }
+}
