@@ -6,6 +6,8 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod etcd;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_replicator");
 
 /// Free UDP ports base..base+n and TCP ports base+50.. right now. Each
