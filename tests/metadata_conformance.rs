@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use replicator::conformance::metadata::{self, MetadataOptions, MetadataSubject};
 use replicator::metadata::{MetadataError, MetadataStore, PartitionState};
 use replicator::plugin::{MetadataPlugin, PluginMetadata, PluginSource, Sandbox};
-use support::etcd::{Etcd, free_port};
+use support::etcd::{Etcd, closed_port};
 
 /// The plugin's per-request timeout in the tests of an unreachable etcd.
 const TIMEOUT_MS: u64 = 1000;
@@ -90,7 +90,7 @@ async fn connect(plugin: &MetadataPlugin, config: Vec<(String, String)>) -> Plug
 /// a bound of a few request timeouts, and the connection stays usable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_port_is_unavailable_promptly() {
-    let port = free_port();
+    let (_closed, port) = closed_port();
     let authority = format!("127.0.0.1:{port}");
     let plugin = load("etcd", Sandbox::default().allow_http([authority.clone()]));
     let m = connect(
@@ -149,7 +149,7 @@ async fn an_endpoint_outside_the_allow_list_is_denied() {
     let etcd = Etcd::start();
     for sandbox in [
         Sandbox::default(),
-        Sandbox::default().allow_http([format!("127.0.0.1:{}", free_port())]),
+        Sandbox::default().allow_http(["127.0.0.1:1".to_string()]),
     ] {
         let plugin = load("etcd", sandbox);
         let m = connect(&plugin, etcd_config(&[etcd.endpoint()], "/denied/")).await;
@@ -203,7 +203,8 @@ async fn bad_etcd_settings_are_refused_at_connect() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_endpoint_falls_over_to_the_next() {
     let etcd = Etcd::start();
-    let dead = format!("127.0.0.1:{}", free_port());
+    let (_closed, port) = closed_port();
+    let dead = format!("127.0.0.1:{port}");
     let plugin = load(
         "etcd",
         Sandbox::default().allow_http([dead.clone(), etcd.authority()]),
@@ -266,4 +267,68 @@ async fn etcd_restart_under_a_live_connection() {
         m.list_partitions().await.expect("list"),
         vec![("t".to_string(), 0)]
     );
+}
+
+/// The command line: `plugin list` shows the metadata built-ins, `plugin
+/// check --metadata` runs the suite against a live etcd (its endpoint
+/// allowed), and `cluster init` refuses an etcd cluster without usable
+/// endpoints before writing anything.
+#[test]
+fn the_cli_checks_metadata_plugins_and_etcd_endpoints() {
+    let list = support::cli_ok(&["plugin", "list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("etcd") && l.contains("metadata")),
+        "{list}"
+    );
+    let etcd = Etcd::start();
+    let config = format!("endpoints={}", etcd.endpoint());
+    let out = support::cli_ok(&[
+        "plugin",
+        "check",
+        "--metadata",
+        "etcd",
+        "--config",
+        &config,
+        "--rounds",
+        "5",
+    ]);
+    assert!(out.contains("9 passed, 0 failed"), "{out}");
+    assert!(out.contains("prefix=/replicator-check/"), "{out}");
+
+    let no_endpoints = support::cli(&["plugin", "check", "--metadata", "etcd"]);
+    assert!(!no_endpoints.status.success());
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = dir.path().join("c");
+    for (extra, why) in [
+        (vec![], "needs `endpoints"),
+        (
+            vec!["--metadata-endpoint", "https://127.0.0.1:2379"],
+            "https is not supported",
+        ),
+        (
+            vec!["--metadata-endpoint", "127.0.0.1:2379"],
+            "http://host:port",
+        ),
+    ] {
+        let mut args = vec![
+            "cluster",
+            "init",
+            "--dir",
+            cluster.to_str().expect("utf-8 path"),
+            "--nodes",
+            "1",
+            "--metadata",
+            "etcd",
+        ];
+        args.extend(extra);
+        let out = support::cli(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(why),
+            "{args:?}: {err}"
+        );
+        assert!(!cluster.join("node-1.toml").exists());
+    }
 }

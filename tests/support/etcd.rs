@@ -46,8 +46,35 @@ pub fn free_port() -> u16 {
         .expect("bind an ephemeral port")
 }
 
+/// A port that refuses connections and stays so while the returned socket
+/// lives: bound, never listening, so no other test can take it.
+pub fn closed_port() -> (socket2::Socket, u16) {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("address");
+    socket.bind(&any.into()).expect("bind");
+    let port = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .map(|a| a.port())
+        .expect("bound port");
+    (socket, port)
+}
+
+/// Two different free ports: both are held while the second is picked.
+fn two_free_ports() -> (u16, u16) {
+    let bind = || TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    let (a, b) = (bind(), bind());
+    let port = |l: &TcpListener| l.local_addr().expect("local addr").port();
+    (port(&a), port(&b))
+}
+
 impl Etcd {
-    /// Start a one-member cluster and wait until it serves.
+    /// Start a one-member cluster and wait until it serves. Ports are
+    /// picked free but released before etcd binds them, so another test
+    /// may take one meanwhile: then etcd exits and is started again on
+    /// new ports.
     pub fn start() -> Etcd {
         // On tmpfs when there is one: etcd syncs its WAL on every write.
         let dir = match Path::new("/dev/shm").is_dir() {
@@ -55,13 +82,23 @@ impl Etcd {
             false => tempfile::tempdir(),
         }
         .expect("etcd temp dir");
+        let (client_port, peer_port) = two_free_ports();
         let mut etcd = Etcd {
             child: None,
             dir,
-            client_port: free_port(),
-            peer_port: free_port(),
+            client_port,
+            peer_port,
         };
-        etcd.spawn();
+        for attempt in 1.. {
+            match etcd.spawn() {
+                Ok(()) => break,
+                Err(log) if attempt < 5 && log.contains("address already in use") => {
+                    (etcd.client_port, etcd.peer_port) = two_free_ports();
+                    let _ = std::fs::remove_dir_all(etcd.dir.path().join("data"));
+                }
+                Err(log) => panic!("etcd did not start:\n{log}"),
+            }
+        }
         etcd
     }
 
@@ -79,7 +116,9 @@ impl Etcd {
         self.dir.path().join("etcd.log")
     }
 
-    fn spawn(&mut self) {
+    /// Start the process and wait until it is healthy; `Err` with its
+    /// log if it exited.
+    fn spawn(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -106,21 +145,23 @@ impl Etcd {
             .spawn()
             .unwrap_or_else(|e| panic!("starting etcd (run scripts/setup if it is missing): {e}"));
         self.child = Some(child);
-        self.wait_healthy();
+        self.wait_healthy()
     }
 
     /// Poll `/health` until etcd reports itself healthy (it has a leader
-    /// and serves), failing with its log if it exits or takes too long.
-    pub fn wait_healthy(&mut self) {
+    /// and serves); `Err` with its log if it exits, a panic if it takes
+    /// too long.
+    pub fn wait_healthy(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                panic!("etcd exited with {status}:\n{}", self.log());
+                self.child = None;
+                return Err(format!("etcd exited with {status}:\n{}", self.log()));
             }
             if self.healthy() {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
@@ -160,7 +201,9 @@ impl Etcd {
     /// Start again on the same ports and data directory.
     pub fn restart(&mut self) {
         self.stop();
-        self.spawn();
+        if let Err(log) = self.spawn() {
+            panic!("etcd did not restart:\n{log}");
+        }
     }
 
     pub fn log(&self) -> String {
