@@ -12,6 +12,7 @@ const PLUGINS: &[&str] = &[
     "storage-memory",
     "storage-file",
     "metadata-file",
+    "metadata-etcd",
     "test-hostile",
 ];
 

@@ -492,8 +492,14 @@ async fn a_store_that_goes_back_in_time_is_a_fault_and_the_client_reconnects() {
 
 #[test]
 fn unknown_builtin_names_the_known_ones() {
-    match MetadataPlugin::load(&PluginSource::Builtin("etcd".into()), Sandbox::default()) {
-        Err(e) => assert!(e.to_string().contains("file"), "{e}"),
+    match MetadataPlugin::load(
+        &PluginSource::Builtin("zookeeper".into()),
+        Sandbox::default(),
+    ) {
+        Err(e) => {
+            let e = e.to_string();
+            assert!(e.contains("file") && e.contains("etcd"), "{e}");
+        }
         Ok(_) => panic!("loaded a plugin that does not exist"),
     }
 }

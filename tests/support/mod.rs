@@ -6,6 +6,8 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod etcd;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_replicator");
 
 /// Free UDP ports base..base+n and TCP ports base+50.. right now. Each
@@ -57,22 +59,38 @@ pub struct Cluster {
 impl Cluster {
     /// `cluster init` for `n` nodes; `edit` may change each node's TOML.
     pub fn init(n: u32, storage: &str, edit: impl Fn(String) -> String) -> Cluster {
+        Cluster::init_with(n, storage, &[], edit)
+    }
+
+    /// [`Cluster::init`] with more `cluster init` arguments.
+    pub fn init_with(
+        n: u32,
+        storage: &str,
+        extra: &[&str],
+        edit: impl Fn(String) -> String,
+    ) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let base_port = free_ports(n as u16);
-        cli_ok(&[
+        let n_text = n.to_string();
+        let base_text = base_port.to_string();
+        let metrics_text = (base_port + 50).to_string();
+        let dir_text = dir.path().to_str().expect("utf-8 temp dir").to_string();
+        let mut args = vec![
             "cluster",
             "init",
             "--dir",
-            dir.path().to_str().unwrap(),
+            &dir_text,
             "--nodes",
-            &n.to_string(),
+            &n_text,
             "--base-port",
-            &base_port.to_string(),
+            &base_text,
             "--metrics-base-port",
-            &(base_port + 50).to_string(),
+            &metrics_text,
             "--storage",
             storage,
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        cli_ok(&args);
         for id in 1..=n {
             let p = dir.path().join(format!("node-{id}.toml"));
             let text = std::fs::read_to_string(&p).unwrap();

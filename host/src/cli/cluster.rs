@@ -1,7 +1,6 @@
 //! `replicator cluster init` (certificates and per-node configs in one
 //! directory) and `replicator node` (run one node from its config).
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -44,9 +43,18 @@ pub struct InitArgs {
     /// Storage backend: built-in `file` or `memory`, or a .wasm path.
     #[arg(long, default_value = "file")]
     pub storage: String,
-    /// Metadata backend: built-in `file` or a .wasm path.
+    /// Metadata backend: built-in `file` or `etcd`, or a .wasm path.
     #[arg(long, default_value = "file")]
     pub metadata: String,
+    /// Endpoint of the metadata store, `http://host:port` (repeatable),
+    /// e.g. etcd's client URLs; required for `--metadata etcd`. The
+    /// metadata plugin may send HTTP requests to these and nowhere else.
+    #[arg(long = "metadata-endpoint")]
+    pub metadata_endpoint: Vec<String>,
+    /// Metadata plugin setting as key=value (repeatable), e.g.
+    /// `--metadata-config prefix=/orders-cluster/` for etcd.
+    #[arg(long = "metadata-config", value_parser = super::parse_kv)]
+    pub metadata_config: Vec<(String, String)>,
     /// min.insync.replicas for acks=all (default: 2 with 3 or more nodes,
     /// else 1).
     #[arg(long)]
@@ -111,6 +119,15 @@ pub fn init(args: &InitArgs) -> anyhow::Result<PathBuf> {
             args.host
         );
     }
+    let metadata = MetadataSection {
+        plugin: args.metadata.clone(),
+        dir: "metadata".into(),
+        endpoints: args.metadata_endpoint.clone(),
+        config: args.metadata_config.iter().cloned().collect(),
+    };
+    if let Err(e) = metadata.validate() {
+        bail!("{e} (give them with --metadata-endpoint http://host:port)");
+    }
     let dir = &args.dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     if dir.join("ca.pem").exists() {
@@ -169,11 +186,7 @@ pub fn init(args: &InitArgs) -> anyhow::Result<PathBuf> {
                 plugin: args.storage.clone(),
                 config: args.storage_config.iter().cloned().collect(),
             },
-            metadata: MetadataSection {
-                plugin: args.metadata.clone(),
-                dir: "metadata".into(),
-                config: BTreeMap::new(),
-            },
+            metadata: metadata.clone(),
             replication: replication.clone(),
             failover: Default::default(),
         };

@@ -220,6 +220,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         host: "127.0.0.1".parse()?,
         storage: args.storage.clone(),
         metadata: "file".into(),
+        metadata_endpoint: Vec::new(),
+        metadata_config: Vec::new(),
         min_insync: Some(2),
         storage_config: Vec::new(),
         ca_key_out: None,

@@ -1,33 +1,55 @@
-//! `replicator plugin ...`: list the built-in plugins, run the conformance
-//! suite against one.
+//! `replicator plugin ...`: list the built-in plugins, run the storage or
+//! metadata conformance suite against one.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use replicator::conformance::{self, Options, Subject};
-use replicator::plugin::{PluginSource, Sandbox, StoragePlugin, builtin};
+use replicator::conformance::metadata::{
+    self as meta_conformance, MetadataOptions, MetadataSubject,
+};
+use replicator::conformance::{self, Options, Report, Subject};
+use replicator::node::config::endpoint_authority;
+use replicator::plugin::{MetadataPlugin, PluginSource, Sandbox, StoragePlugin, builtin};
 
 #[derive(Subcommand)]
 pub enum PluginCommand {
-    /// List the storage plugins built into this binary.
+    /// List the storage and metadata plugins built into this binary.
     List,
     /// Run the storage conformance suite against a plugin: round trips,
     /// offsets, truncation, prefix deletes, checkpoints, reopen, torn-tail
     /// recovery, the error variant of every bad input, and random operation
-    /// sequences compared with a reference model.
+    /// sequences compared with a reference model. With `--metadata`, run
+    /// the metadata suite instead: not-found, create, stale versions,
+    /// compare-and-set races between connections, listings, broker epochs
+    /// (also under concurrent registration) and invalid input.
     Check(CheckArgs),
 }
 
 #[derive(Args)]
 pub struct CheckArgs {
-    /// A built-in plugin name (`memory`, `file`) or a path to a .wasm component.
-    plugin: PluginSource,
-    /// Plugin setting passed to every `open`, as key=value (repeatable),
-    /// e.g. `--config segment.bytes=8192` for the file plugin.
+    /// A built-in storage plugin name (`memory`, `file`) or a path to a
+    /// .wasm component.
+    #[arg(required_unless_present = "metadata", conflicts_with = "metadata")]
+    plugin: Option<PluginSource>,
+    /// Check a metadata plugin instead: a built-in name (`file`, `etcd`)
+    /// or a path to a .wasm component. For etcd, give
+    /// `--config endpoints=http://127.0.0.1:2379`; the sandbox allows HTTP
+    /// to those endpoints only. Unless `--config prefix=...` is given, the
+    /// suite writes under a fresh prefix `/replicator-check/<time>/`, away
+    /// from any cluster's keys.
+    #[arg(long, value_name = "PLUGIN")]
+    metadata: Option<PluginSource>,
+    /// Plugin setting passed to every `open` (or metadata `connect`), as
+    /// key=value (repeatable), e.g. `--config segment.bytes=8192` for the
+    /// file plugin.
     #[arg(long = "config", value_parser = super::parse_kv)]
     config: Vec<(String, String)>,
+    /// Rounds of the metadata suite's races (compare-and-set, broker
+    /// registration).
+    #[arg(long, default_value_t = 20)]
+    rounds: u32,
     /// Random operation sequences for the model-based case.
     #[arg(long, default_value_t = 64)]
     cases: u32,
@@ -48,7 +70,10 @@ pub async fn run(cmd: PluginCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         PluginCommand::List => {
             for (name, wasm) in builtin::STORAGE {
-                println!("{name:<8} storage  {:>7} KiB", wasm.len() / 1024);
+                println!("{name:<8} storage   {:>7} KiB", wasm.len() / 1024);
+            }
+            for (name, wasm) in builtin::METADATA {
+                println!("{name:<8} metadata  {:>7} KiB", wasm.len() / 1024);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -57,8 +82,14 @@ pub async fn run(cmd: PluginCommand) -> anyhow::Result<ExitCode> {
 }
 
 async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let plugin = StoragePlugin::load(&args.plugin, Sandbox::default())
-        .with_context(|| format!("loading plugin `{}`", args.plugin))?;
+    if args.metadata.is_some() {
+        return check_metadata(args).await;
+    }
+    let Some(source) = args.plugin.clone() else {
+        anyhow::bail!("name a storage plugin, or a metadata one with --metadata");
+    };
+    let plugin = StoragePlugin::load(&source, Sandbox::default())
+        .with_context(|| format!("loading plugin `{source}`"))?;
     let (scratch, _guard) = super::work_dir(&args.dir)?;
     let options = Options {
         proptest_cases: args.cases,
@@ -77,6 +108,10 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         eprint!("  running {name}...\r");
     })
     .await;
+    finish(report)
+}
+
+fn finish(report: Report) -> anyhow::Result<ExitCode> {
     eprint!("{:60}\r", "");
     println!("{report}");
     if report.cases.is_empty() {
@@ -87,4 +122,54 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+async fn check_metadata(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let source = args
+        .metadata
+        .clone()
+        .context("--metadata names the plugin")?;
+    let mut config = args.config;
+    // The endpoints the plugin is told about are the only ones its sandbox
+    // lets it reach, as in a node's `[metadata] endpoints`.
+    let mut allow = Vec::new();
+    for (k, v) in &config {
+        if k == "endpoints" {
+            for e in v.split(',').filter(|e| !e.trim().is_empty()) {
+                allow.push(endpoint_authority(e).map_err(anyhow::Error::msg)?);
+            }
+        }
+    }
+    if !config.iter().any(|(k, _)| k == "prefix") && !allow.is_empty() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        config.push(("prefix".into(), format!("/replicator-check/{nanos}/")));
+    }
+    let plugin = MetadataPlugin::load(&source, Sandbox::default().allow_http(allow))
+        .with_context(|| format!("loading metadata plugin `{source}`"))?;
+    let (scratch, _guard) = super::work_dir(&args.dir)?;
+    let options = MetadataOptions {
+        race_rounds: args.rounds.max(1),
+        filter: args.filter,
+        ..MetadataOptions::default()
+    };
+    let shown: Vec<String> = config.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!(
+        "checking metadata plugin `{}` ({} race rounds; config: {})",
+        plugin.name(),
+        options.race_rounds,
+        if shown.is_empty() {
+            "none".to_string()
+        } else {
+            shown.join(" ")
+        }
+    );
+    let subject = MetadataSubject::new(plugin, config);
+    let report = meta_conformance::run(&subject, &scratch, &options, |name| {
+        eprint!("  running {name}...\r");
+    })
+    .await;
+    finish(report)
 }

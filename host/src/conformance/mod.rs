@@ -1,5 +1,6 @@
 //! The storage conformance suite: what every storage plugin must do, run
-//! against a real instance. Tests run it for each plugin under `plugins/`
+//! against a real instance (the metadata suite is in [`metadata`]; both
+//! report through [`Report`]). Tests run it for each plugin under `plugins/`
 //! and users run it as `replicator plugin check <name|path.wasm>`.
 //!
 //! Every case opens a fresh log in its own directory. Cases that need
@@ -7,6 +8,7 @@
 //! nothing across instances, and say so.
 
 mod cases;
+pub mod metadata;
 mod model;
 
 use std::future::Future;

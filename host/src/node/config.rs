@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::core::{Config as ReplicationConfig, ReplicaId};
-use crate::plugin::PluginSource;
+use crate::plugin::{PluginSource, Sandbox};
 use crate::transport::TlsPaths;
 
 #[derive(Debug, thiserror::Error)]
@@ -61,8 +61,90 @@ pub struct MetadataSection {
     /// Host directory the metadata plugin sees as `/data`; for the `file`
     /// plugin the directory every node of the cluster shares.
     pub dir: PathBuf,
+    /// Network endpoints of the store (`http://host:port`), e.g. etcd's
+    /// client URLs. They are the only authorities the plugin's sandbox lets
+    /// HTTP requests go to, and are handed to the plugin as its `endpoints`
+    /// setting (comma-separated).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
     #[serde(default)]
     pub config: BTreeMap<String, String>,
+}
+
+/// `http://host:port` (a trailing `/` allowed) as its authority
+/// `host:port`; anything else is an error saying what is wrong. https is
+/// refused: no plugin can do TLS to its store yet.
+pub fn endpoint_authority(endpoint: &str) -> Result<String, String> {
+    let e = endpoint.trim();
+    if e.starts_with("https://") {
+        return Err(format!(
+            "endpoint `{e}`: https is not supported (no TLS to the metadata store yet); use http://"
+        ));
+    }
+    let Some(rest) = e.strip_prefix("http://") else {
+        return Err(format!("endpoint `{e}` must look like http://host:port"));
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    let valid = match authority.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty()
+                && !authority.contains(['/', '?', '#', '@', ' ', ','])
+                && port.parse::<u16>().is_ok_and(|p| p != 0)
+        }
+        None => false,
+    };
+    if valid {
+        Ok(authority.to_string())
+    } else {
+        Err(format!(
+            "endpoint `{e}` must look like http://host:port, with a port and no path"
+        ))
+    }
+}
+
+impl MetadataSection {
+    /// Check the endpoints: each is a valid `http://host:port`, the
+    /// `etcd` plugin has at least one, and `endpoints` is not also set in
+    /// `config`, where it would be ambiguous.
+    pub fn validate(&self) -> Result<(), String> {
+        for e in &self.endpoints {
+            endpoint_authority(e).map_err(|m| format!("[metadata] {m}"))?;
+        }
+        if self.plugin == "etcd" && self.endpoints.is_empty() {
+            return Err(
+                "[metadata] the etcd plugin needs `endpoints = [\"http://host:port\", ...]`".into(),
+            );
+        }
+        if !self.endpoints.is_empty() && self.config.contains_key("endpoints") {
+            return Err(
+                "[metadata] set the endpoints once, in `endpoints`, not also in `config`".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The sandbox of the metadata plugin: the defaults, with HTTP allowed
+    /// to the endpoints' authorities and nowhere else.
+    pub fn sandbox(&self) -> Sandbox {
+        Sandbox::default().allow_http(
+            self.endpoints
+                .iter()
+                .filter_map(|e| endpoint_authority(e).ok()),
+        )
+    }
+
+    /// The settings handed to the plugin: `config`, plus `endpoints`.
+    pub fn plugin_config(&self) -> Vec<(String, String)> {
+        let mut pairs: Vec<(String, String)> = self
+            .config
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if !self.endpoints.is_empty() {
+            pairs.push(("endpoints".into(), self.endpoints.join(",")));
+        }
+        pairs
+    }
 }
 
 /// `node-<id>.toml`.
@@ -212,6 +294,7 @@ impl NodeConfig {
         c.failover
             .validate()
             .map_err(|e| invalid(format!("[failover]: {e}")))?;
+        c.metadata.validate().map_err(invalid)?;
         if c.metadata_poll_ms == 0 {
             return Err(invalid("metadata_poll_ms must be at least 1".into()));
         }
@@ -252,6 +335,44 @@ mod tests {
         .unwrap();
         let e = ClientConfig::load(&p).unwrap_err().to_string();
         assert!(e.contains("colour") && e.contains("line 5"), "{e}");
+    }
+
+    #[test]
+    fn metadata_endpoints_are_checked_and_become_the_allow_list() {
+        let section = |plugin: &str, endpoints: &[&str]| MetadataSection {
+            plugin: plugin.into(),
+            dir: "m".into(),
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            config: BTreeMap::new(),
+        };
+        let ok = section("etcd", &["http://127.0.0.1:2379", "http://Etcd-2:2379/"]);
+        assert_eq!(ok.validate(), Ok(()));
+        assert_eq!(ok.sandbox().http_allow, ["127.0.0.1:2379", "Etcd-2:2379"]);
+        assert_eq!(
+            ok.plugin_config(),
+            [(
+                "endpoints".to_string(),
+                "http://127.0.0.1:2379,http://Etcd-2:2379/".to_string()
+            )]
+        );
+        assert!(Sandbox::default().http_allow.is_empty());
+        assert!(section("file", &[]).sandbox().http_allow.is_empty());
+        for (bad, why) in [
+            ("https://127.0.0.1:2379", "https is not supported"),
+            ("127.0.0.1:2379", "http://host:port"),
+            ("http://127.0.0.1", "with a port"),
+            ("http://127.0.0.1:99999", "with a port"),
+            ("http://127.0.0.1:2379/v3", "no path"),
+            ("http://:2379", "with a port"),
+        ] {
+            let e = section("etcd", &[bad]).validate().unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let e = section("etcd", &[]).validate().unwrap_err();
+        assert!(e.contains("needs `endpoints"), "{e}");
+        let mut both = section("etcd", &["http://127.0.0.1:2379"]);
+        both.config.insert("endpoints".into(), "http://x:1".into());
+        assert!(both.validate().unwrap_err().contains("once"));
     }
 
     #[test]

@@ -91,15 +91,10 @@ pub async fn run(
             config: Default::default(),
         }
         .source(base),
-        Sandbox::default(),
+        config.metadata.sandbox(),
     )
     .map_err(NodeError::MetadataLoad)?;
-    let meta_pairs = config
-        .metadata
-        .config
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let meta_pairs = config.metadata.plugin_config();
     let metadata = meta_plugin
         .connect(&config.metadata.dir, meta_pairs)
         .await?;

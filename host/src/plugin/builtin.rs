@@ -10,10 +10,16 @@ pub const STORAGE: &[(&str, &[u8])] = &[
 ];
 
 /// (name, wasm component bytes) of every built-in metadata plugin.
-pub const METADATA: &[(&str, &[u8])] = &[(
-    "file",
-    include_bytes!(env!("REPLICATOR_WASM_METADATA_FILE")),
-)];
+pub const METADATA: &[(&str, &[u8])] = &[
+    (
+        "file",
+        include_bytes!(env!("REPLICATOR_WASM_METADATA_FILE")),
+    ),
+    (
+        "etcd",
+        include_bytes!(env!("REPLICATOR_WASM_METADATA_ETCD")),
+    ),
+];
 
 /// Test-only plugins; not meant for users.
 #[doc(hidden)]

@@ -43,6 +43,10 @@ impl PluginRuntime {
             .map_err(engine_error)?;
         let mut metadata_linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut metadata_linker).map_err(engine_error)?;
+        // Metadata backends may talk to a remote store (etcd) over HTTP,
+        // through the sandbox's allow-list; storage plugins may not.
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut metadata_linker)
+            .map_err(engine_error)?;
         MetadataWorld::add_to_linker::<_, HasSelf<_>>(&mut metadata_linker, |s| s)
             .map_err(engine_error)?;
         Ok(Arc::new(PluginRuntime {

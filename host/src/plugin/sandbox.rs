@@ -1,4 +1,6 @@
-//! Limits every plugin store runs under, and the store data they guard.
+//! Limits every plugin store runs under, and the store data they guard:
+//! WASI state, memory limits, and for metadata plugins the wasi:http
+//! state with its allow-list of authorities.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -6,6 +8,10 @@ use std::time::Duration;
 
 use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{FsPerms, ResourceTable, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{
+    Error as HttpError, RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks,
+    WasiHttpView,
+};
 
 use super::bindings::replicator::plugin::{host, types};
 
@@ -24,6 +30,10 @@ pub struct Sandbox {
     pub memory_bytes: usize,
     /// Most tables and table elements an instance may create.
     pub table_elements: usize,
+    /// `host:port` authorities the plugin may send HTTP requests to
+    /// (metadata plugins only: storage plugins get no wasi:http at all).
+    /// Empty, the default, allows nothing.
+    pub http_allow: Vec<String>,
 }
 
 impl Default for Sandbox {
@@ -33,6 +43,7 @@ impl Default for Sandbox {
             open_deadline: Duration::from_secs(120),
             memory_bytes: 1 << 30,
             table_elements: 100_000,
+            http_allow: Vec::new(),
         }
     }
 }
@@ -42,6 +53,13 @@ impl Default for Sandbox {
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 impl Sandbox {
+    /// This sandbox, also allowing HTTP requests to `authorities`
+    /// (`host:port`).
+    pub fn allow_http(mut self, authorities: impl IntoIterator<Item = String>) -> Self {
+        self.http_allow.extend(authorities);
+        self
+    }
+
     pub(crate) fn ticks(d: Duration) -> u64 {
         (d.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64
     }
@@ -59,10 +77,13 @@ impl Sandbox {
 }
 
 /// Data of one plugin store: WASI state (only the partition's directory,
-/// no network, no environment) and the limits.
+/// no sockets, no environment), wasi:http state (used only where the
+/// linker provides wasi:http) and the limits.
 pub(crate) struct PluginState {
     wasi: WasiCtx,
     table: ResourceTable,
+    http: WasiHttpCtx,
+    http_guard: HttpGuard,
     pub(crate) limits: StoreLimits,
     /// "plugin topic/partition", for logs.
     label: Arc<str>,
@@ -110,6 +131,15 @@ impl PluginState {
         Ok(PluginState {
             wasi: b.build(),
             table: ResourceTable::new(),
+            http: WasiHttpCtx::new(),
+            http_guard: HttpGuard {
+                allow: sandbox
+                    .http_allow
+                    .iter()
+                    .map(|a| a.to_ascii_lowercase())
+                    .collect(),
+                label: label.clone(),
+            },
             limits: sandbox.limits(),
             label,
         })
@@ -122,6 +152,75 @@ impl WasiView for PluginState {
             ctx: &mut self.wasi,
             table: &mut self.table,
         }
+    }
+}
+
+impl WasiHttpView for PluginState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_guard,
+        }
+    }
+}
+
+/// Lets a request through to wasmtime's default sender only if its
+/// authority is in the sandbox's allow-list. Sockets stay closed (see
+/// `PluginState::new`), so this is a plugin's only way out.
+struct HttpGuard {
+    /// Lower-cased `host:port`s.
+    allow: Arc<[String]>,
+    label: Arc<str>,
+}
+
+type SendFuture = Box<
+    dyn Future<
+            Output = Result<
+                (
+                    http::Response<WasiBody>,
+                    Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+                ),
+                HttpError,
+            >,
+        > + Send,
+>;
+
+impl WasiHttpHooks for HttpGuard {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+    ) -> SendFuture {
+        _ = fut;
+        // The authority as the guest set it; a missing port is not filled
+        // in, so `host` alone never matches an allowed `host:port`.
+        let authority = request
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_ascii_lowercase())
+            .unwrap_or_default();
+        if !self.allow.contains(&authority) {
+            tracing::warn!(
+                plugin = %self.label,
+                "denied an HTTP request to `{authority}`: not in the sandbox's allow-list ({})",
+                if self.allow.is_empty() {
+                    "empty".to_string()
+                } else {
+                    self.allow.join(", ")
+                }
+            );
+            return Box::new(async { Err(HttpError::HttpRequestDenied) });
+        }
+        Box::new(async move {
+            use http_body_util::BodyExt;
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = _> + Send>,
+            ))
+        })
     }
 }
 

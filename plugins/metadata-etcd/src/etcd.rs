@@ -1,0 +1,342 @@
+//! A small client for etcd v3's JSON gateway (grpc-gateway): range, and a
+//! transaction that puts a key if its create or mod revision is as
+//! expected. Owns endpoint fail-over and the decoding of what etcd sends:
+//! keys and values are base64, int64 fields are JSON strings, and fields
+//! holding their default value (0, false, empty) are left out.
+
+use std::cell::Cell;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::http::{self, Failure};
+
+/// gRPC status codes that mean "try again later".
+const GRPC_UNAVAILABLE: i64 = 14;
+const GRPC_DEADLINE_EXCEEDED: i64 = 4;
+const GRPC_ABORTED: i64 = 10;
+const GRPC_RESOURCE_EXHAUSTED: i64 = 8;
+
+#[derive(Debug)]
+pub enum Error {
+    /// No endpoint answered, or etcd said it cannot serve now.
+    Unavailable(String),
+    /// Every endpoint was refused by the host's allow-list.
+    Denied(String),
+    /// etcd answered with an error that retrying will not fix.
+    Etcd(String),
+    /// etcd's answer could not be decoded.
+    Malformed(String),
+}
+
+/// One key-value as etcd reports it.
+#[derive(Debug)]
+pub struct Kv {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub mod_revision: i64,
+}
+
+/// The condition of a conditional put.
+#[derive(Debug, Clone, Copy)]
+pub enum Expect {
+    /// The key must not exist (create revision 0).
+    Absent,
+    /// The key's last modification must be this revision.
+    ModRevision(i64),
+}
+
+pub struct Gateway {
+    /// `host:port` of each endpoint, in the configured order.
+    endpoints: Vec<String>,
+    timeout: Duration,
+    /// The endpoint that answered last: tried first, so a dead first
+    /// endpoint does not cost every call a failed connect.
+    preferred: Cell<usize>,
+}
+
+/// An int64 as the gateway spells it: a JSON string, or a number.
+#[derive(Debug, Default, Clone, Copy)]
+struct I64(i64);
+
+impl<'de> Deserialize<'de> for I64 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            S(String),
+            N(i64),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(I64(n)),
+            Raw::S(s) => s
+                .parse()
+                .map(I64)
+                .map_err(|_| serde::de::Error::custom(format!("`{s}` is not an int64"))),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawKv {
+    key: String,
+    value: String,
+    mod_revision: I64,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RangeResponse {
+    kvs: Vec<RawKv>,
+    more: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct TxnResponse {
+    succeeded: bool,
+}
+
+/// The gateway's error body (grpc-gateway v1): `{"error", "message", "code"}`.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ErrorBody {
+    error: Option<String>,
+    message: Option<String>,
+    code: Option<i64>,
+}
+
+fn b64(bytes: &[u8]) -> String {
+    B64.encode(bytes)
+}
+
+fn unb64(what: &str, s: &str) -> Result<Vec<u8>, Error> {
+    B64.decode(s)
+        .map_err(|e| Error::Malformed(format!("{what} is not base64: {e}")))
+}
+
+/// The smallest key greater than every key starting with `prefix`: the
+/// prefix with its last byte that is not 0xff incremented (etcd's
+/// `clientv3.GetPrefixRangeEnd`). "\0" (every key) if there is none.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// What the endpoint said, as an error unless it is a 2xx with no error
+/// body.
+fn check_answer(authority: &str, r: &http::Response) -> Result<(), Error> {
+    let err: Option<ErrorBody> = serde_json::from_slice(&r.body).ok();
+    let (code, msg) = match &err {
+        Some(e) if e.code.is_some() || e.error.is_some() => (
+            e.code,
+            e.message
+                .clone()
+                .or_else(|| e.error.clone())
+                .unwrap_or_default(),
+        ),
+        _ => (None, String::new()),
+    };
+    let ok_status = (200..300).contains(&r.status);
+    if ok_status && code.is_none() {
+        return Ok(());
+    }
+    let detail = if msg.is_empty() {
+        let text = String::from_utf8_lossy(&r.body);
+        let text: String = text.chars().take(200).collect();
+        format!("{authority}: HTTP {}: {text}", r.status)
+    } else {
+        format!(
+            "{authority}: HTTP {}: {msg} (gRPC code {})",
+            r.status,
+            code.unwrap_or(-1)
+        )
+    };
+    let retryable = r.status >= 500
+        || matches!(
+            code,
+            Some(
+                GRPC_UNAVAILABLE | GRPC_DEADLINE_EXCEEDED | GRPC_ABORTED | GRPC_RESOURCE_EXHAUSTED
+            )
+        );
+    Err(if retryable {
+        Error::Unavailable(detail)
+    } else {
+        Error::Etcd(detail)
+    })
+}
+
+impl Gateway {
+    pub fn new(endpoints: Vec<String>, timeout: Duration) -> Self {
+        Gateway {
+            endpoints,
+            timeout,
+            preferred: Cell::new(0),
+        }
+    }
+
+    /// POST `body` to `path`, trying the endpoints from the preferred one
+    /// on. A request that may have been applied is not resent when
+    /// `idempotent` is false: its outcome is unknown, which is reported as
+    /// unavailable.
+    fn call(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        idempotent: bool,
+    ) -> Result<Vec<u8>, Error> {
+        let bytes = body.to_string().into_bytes();
+        let n = self.endpoints.len();
+        let mut failures = Vec::new();
+        let mut all_denied = true;
+        for i in 0..n {
+            let at = (self.preferred.get() + i) % n;
+            let Some(authority) = self.endpoints.get(at) else {
+                continue;
+            };
+            match http::post(authority, path, &bytes, self.timeout) {
+                Ok(r) => {
+                    match check_answer(authority, &r) {
+                        Ok(()) => {
+                            self.preferred.set(at);
+                            return Ok(r.body);
+                        }
+                        // This member cannot serve (no leader, stopping):
+                        // another one may.
+                        Err(Error::Unavailable(m)) if idempotent => {
+                            all_denied = false;
+                            failures.push(m);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(Failure::Denied(m)) => failures.push(m),
+                Err(Failure::NotSent(m)) => {
+                    all_denied = false;
+                    failures.push(m);
+                }
+                Err(Failure::Lost(m)) if idempotent => {
+                    all_denied = false;
+                    failures.push(m);
+                }
+                Err(Failure::Lost(m)) => {
+                    return Err(Error::Unavailable(format!(
+                        "{m}; the update's outcome is unknown"
+                    )));
+                }
+            }
+        }
+        let all = failures.join("; ");
+        Err(if all_denied && !failures.is_empty() {
+            Error::Denied(all)
+        } else {
+            Error::Unavailable(format!("no etcd endpoint answered: {all}"))
+        })
+    }
+
+    /// The key `key`, if it exists.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Kv>, Error> {
+        let mut kvs = self.range(key, None, false)?;
+        if kvs.len() > 1 {
+            return Err(Error::Malformed(format!(
+                "a range of one key returned {} keys",
+                kvs.len()
+            )));
+        }
+        let kv = kvs.pop();
+        if let Some(kv) = &kv
+            && kv.key != key
+        {
+            return Err(Error::Malformed(format!(
+                "asked for key {:?}, etcd returned {:?}",
+                String::from_utf8_lossy(key),
+                String::from_utf8_lossy(&kv.key)
+            )));
+        }
+        Ok(kv)
+    }
+
+    /// Every key starting with `prefix`, with values unless `keys_only`.
+    pub fn list(&self, prefix: &[u8], keys_only: bool) -> Result<Vec<Kv>, Error> {
+        let end = prefix_end(prefix);
+        let kvs = self.range(prefix, Some(&end), keys_only)?;
+        if let Some(kv) = kvs.iter().find(|kv| !kv.key.starts_with(prefix)) {
+            return Err(Error::Malformed(format!(
+                "a prefix range returned key {:?} outside the prefix",
+                String::from_utf8_lossy(&kv.key)
+            )));
+        }
+        Ok(kvs)
+    }
+
+    fn range(&self, key: &[u8], end: Option<&[u8]>, keys_only: bool) -> Result<Vec<Kv>, Error> {
+        let mut req = json!({ "key": b64(key) });
+        if let Some(end) = end {
+            req["range_end"] = b64(end).into();
+        }
+        if keys_only {
+            req["keys_only"] = true.into();
+        }
+        let body = self.call("/v3/kv/range", &req, true)?;
+        let r: RangeResponse = serde_json::from_slice(&body)
+            .map_err(|e| Error::Malformed(format!("range response: {e}")))?;
+        if r.more {
+            return Err(Error::Malformed(
+                "a range without a limit reported more keys".into(),
+            ));
+        }
+        r.kvs
+            .into_iter()
+            .map(|kv| {
+                Ok(Kv {
+                    key: unb64("a key", &kv.key)?,
+                    value: unb64("a value", &kv.value)?,
+                    mod_revision: kv.mod_revision.0,
+                })
+            })
+            .collect()
+    }
+
+    /// Put `value` at `key` if `expect` holds, atomically. `Ok(false)`:
+    /// the condition did not hold, nothing was written.
+    pub fn put_if(&self, key: &[u8], expect: Expect, value: &[u8]) -> Result<bool, Error> {
+        let compare = match expect {
+            Expect::Absent => json!({
+                "key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"
+            }),
+            Expect::ModRevision(rev) => json!({
+                "key": b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": rev.to_string()
+            }),
+        };
+        let req = json!({
+            "compare": [compare],
+            "success": [{ "request_put": { "key": b64(key), "value": b64(value) } }],
+        });
+        let body = self.call("/v3/kv/txn", &req, false)?;
+        let r: TxnResponse = serde_json::from_slice(&body)
+            .map_err(|e| Error::Malformed(format!("txn response: {e}")))?;
+        Ok(r.succeeded)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_increments_the_last_byte() {
+        assert_eq!(prefix_end(b"/r/partitions/"), b"/r/partitions0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
+}

@@ -1,0 +1,343 @@
+//! The metadata store on etcd: key layout, compare-and-set of partition
+//! states and broker registration, and the checks of what is read back.
+//!
+//! ```text
+//! <prefix>partitions/<topic>/<partition>   JSON partition state, with its version
+//! <prefix>brokers/<id>                     JSON {id, address, epoch}
+//! ```
+//!
+//! The contract's version is a counter inside the stored JSON (the host
+//! requires exactly `expected + 1` back); etcd's revisions only make the
+//! update atomic. A compare-and-set reads the key, checks the stored
+//! version against the expected one, and writes the successor in a
+//! transaction conditioned on the key being unchanged since the read (its
+//! mod revision, or create revision 0 for a new partition). Of concurrent
+//! writers that read the same revision, etcd applies exactly one
+//! transaction; the others find the condition false and get `conflict`.
+//! Broker registration is the same loop on the broker's key, retried on a
+//! lost race, so every registration gets a distinct, larger epoch.
+
+use serde::{Deserialize, Serialize};
+
+use crate::etcd::{Error as EtcdError, Expect, Gateway, Kv};
+
+/// Longest topic name, as in Kafka.
+const MAX_TOPIC: usize = 249;
+const MAX_ADDRESS: usize = 1024;
+/// Attempts at registering a broker while other registrations of the same
+/// id keep winning the race.
+const ATTEMPTS: usize = 64;
+
+#[derive(Debug)]
+pub enum Error {
+    NotFound(String),
+    Conflict(String),
+    Invalid(String),
+    Unavailable(String),
+    Corrupt(String),
+    Other(String),
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+impl From<EtcdError> for Error {
+    fn from(e: EtcdError) -> Self {
+        match e {
+            EtcdError::Unavailable(m) => Error::Unavailable(m),
+            EtcdError::Denied(m) => Error::Other(m),
+            EtcdError::Etcd(m) => Error::Other(format!("etcd refused the request: {m}")),
+            EtcdError::Malformed(m) => Error::Other(format!("malformed answer from etcd: {m}")),
+        }
+    }
+}
+
+/// The replicated state of one partition, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Partition {
+    pub topic: String,
+    pub partition: u32,
+    pub leader: Option<u32>,
+    pub leader_epoch: u32,
+    pub isr: Vec<u32>,
+    pub replicas: Vec<u32>,
+    #[serde(default)]
+    pub min_insync: u32,
+    pub version: u64,
+}
+
+/// One broker registration, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Broker {
+    pub id: u32,
+    pub address: String,
+    pub epoch: u64,
+}
+
+// The input rules are the file metadata plugin's (plugins/metadata-file),
+// so both backends accept and refuse the same states.
+
+pub fn check_topic(topic: &str) -> std::result::Result<(), String> {
+    if topic.is_empty() {
+        return Err("topic name is empty".into());
+    }
+    if topic.len() > MAX_TOPIC {
+        return Err(format!(
+            "topic name is {} characters long, at most {MAX_TOPIC} are allowed",
+            topic.len()
+        ));
+    }
+    if topic == "." || topic == ".." {
+        return Err(format!("topic name `{topic}` is not allowed"));
+    }
+    if let Some(c) = topic
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "topic name `{}` has `{}`; allowed are ASCII letters, digits, `.`, `_` and `-`",
+            topic.escape_debug(),
+            c.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
+fn duplicate(list: &[u32]) -> Option<u32> {
+    list.iter()
+        .enumerate()
+        .find(|(i, x)| list[..*i].contains(x))
+        .map(|(_, x)| *x)
+}
+
+/// The invariants of a partition state (the version aside).
+pub fn check_state(s: &Partition) -> std::result::Result<(), String> {
+    check_topic(&s.topic)?;
+    let tp = format!("{}/{}", s.topic, s.partition);
+    if s.replicas.is_empty() {
+        return Err(format!("{tp}: replicas are empty"));
+    }
+    if let Some(d) = duplicate(&s.replicas) {
+        return Err(format!("{tp}: replica {d} is listed twice in replicas"));
+    }
+    if let Some(d) = duplicate(&s.isr) {
+        return Err(format!("{tp}: replica {d} is listed twice in the isr"));
+    }
+    if let Some(r) = s.isr.iter().find(|r| !s.replicas.contains(r)) {
+        return Err(format!(
+            "{tp}: isr member {r} is not one of the replicas {:?}",
+            s.replicas
+        ));
+    }
+    if let Some(l) = s.leader
+        && !s.replicas.contains(&l)
+    {
+        return Err(format!(
+            "{tp}: leader {l} is not one of the replicas {:?}",
+            s.replicas
+        ));
+    }
+    Ok(())
+}
+
+fn check_address(address: &str) -> std::result::Result<(), String> {
+    if address.is_empty() {
+        return Err("broker address is empty".into());
+    }
+    if address.len() > MAX_ADDRESS {
+        return Err(format!(
+            "broker address is {} bytes long, at most {MAX_ADDRESS} are allowed",
+            address.len()
+        ));
+    }
+    if address.chars().any(char::is_control) {
+        return Err(format!(
+            "broker address `{}` has control characters",
+            address.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
+/// A number used in a key, in its one canonical spelling (no sign, no
+/// leading zeros), so `7` and `07` cannot both name it.
+fn parse_id(name: &str) -> Option<u32> {
+    let n: u32 = name.parse().ok()?;
+    (n.to_string() == name).then_some(n)
+}
+
+pub struct Store {
+    gateway: Gateway,
+    prefix: String,
+}
+
+impl Store {
+    pub fn new(gateway: Gateway, prefix: String) -> Self {
+        Store { gateway, prefix }
+    }
+
+    fn partitions_prefix(&self) -> String {
+        format!("{}partitions/", self.prefix)
+    }
+
+    fn brokers_prefix(&self) -> String {
+        format!("{}brokers/", self.prefix)
+    }
+
+    fn partition_key(&self, topic: &str, partition: u32) -> String {
+        format!("{}{topic}/{partition}", self.partitions_prefix())
+    }
+
+    fn broker_key(&self, id: u32) -> String {
+        format!("{}{id}", self.brokers_prefix())
+    }
+
+    /// Decode and check the stored state of `topic`/`partition`.
+    fn decode_partition(&self, topic: &str, partition: u32, kv: &Kv) -> Result<Partition> {
+        let key = self.partition_key(topic, partition);
+        let state: Partition = serde_json::from_slice(&kv.value)
+            .map_err(|e| Error::Corrupt(format!("{key}: not a partition state: {e}")))?;
+        if state.topic != topic || state.partition != partition || state.version == 0 {
+            return Err(Error::Corrupt(format!(
+                "{key}: holds {}/{} version {}",
+                state.topic, state.partition, state.version
+            )));
+        }
+        check_state(&state).map_err(|e| Error::Corrupt(format!("{key}: {e}")))?;
+        Ok(state)
+    }
+
+    pub fn get_partition(&self, topic: &str, partition: u32) -> Result<Partition> {
+        check_topic(topic).map_err(Error::Invalid)?;
+        let key = self.partition_key(topic, partition);
+        match self.gateway.get(key.as_bytes())? {
+            None => Err(Error::NotFound(format!("partition {topic}/{partition}"))),
+            Some(kv) => self.decode_partition(topic, partition, &kv),
+        }
+    }
+
+    pub fn compare_and_set(&self, mut state: Partition, expected: u64) -> Result<u64> {
+        check_state(&state).map_err(Error::Invalid)?;
+        let tp = format!("{}/{}", state.topic, state.partition);
+        let new = expected.checked_add(1).ok_or_else(|| {
+            Error::Invalid(format!(
+                "{tp}: expected version {expected} has no successor"
+            ))
+        })?;
+        let key = self.partition_key(&state.topic, state.partition);
+        let condition = match self.gateway.get(key.as_bytes())? {
+            None if expected == 0 => Expect::Absent,
+            None => {
+                return Err(Error::Conflict(format!(
+                    "{tp}: expected version {expected}, but the partition does not exist"
+                )));
+            }
+            Some(kv) => {
+                let stored = self.decode_partition(&state.topic, state.partition, &kv)?;
+                if stored.version != expected {
+                    return Err(Error::Conflict(format!(
+                        "{tp}: expected version {expected}, but the stored version is {}",
+                        stored.version
+                    )));
+                }
+                Expect::ModRevision(kv.mod_revision)
+            }
+        };
+        state.version = new;
+        let bytes = serde_json::to_vec(&state)
+            .map_err(|e| Error::Other(format!("{tp}: encoding the state: {e}")))?;
+        if self.gateway.put_if(key.as_bytes(), condition, &bytes)? {
+            Ok(new)
+        } else {
+            Err(Error::Conflict(format!(
+                "{tp}: expected version {expected}, but another writer stored version {new} first"
+            )))
+        }
+    }
+
+    pub fn list_partitions(&self) -> Result<Vec<(String, u32)>> {
+        let prefix = self.partitions_prefix();
+        let mut out = Vec::new();
+        for kv in self.gateway.list(prefix.as_bytes(), true)? {
+            // Keys that are not `<topic>/<partition>` are not this store's
+            // and are skipped, as the file plugin skips foreign files.
+            let Some(rest) = kv.key.get(prefix.len()..) else {
+                continue;
+            };
+            let Ok(rest) = std::str::from_utf8(rest) else {
+                continue;
+            };
+            let Some((topic, partition)) = rest.rsplit_once('/') else {
+                continue;
+            };
+            if let (Ok(()), Some(p)) = (check_topic(topic), parse_id(partition)) {
+                out.push((topic.to_string(), p));
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Register `id` at `address` under a new epoch, greater than every
+    /// earlier one of `id`.
+    pub fn register_broker(&self, id: u32, address: &str) -> Result<u64> {
+        check_address(address).map_err(Error::Invalid)?;
+        let key = self.broker_key(id);
+        for _ in 0..ATTEMPTS {
+            let (condition, epoch) = match self.gateway.get(key.as_bytes())? {
+                None => (Expect::Absent, 1),
+                Some(kv) => {
+                    let b = self.decode_broker(id, &kv)?;
+                    let next = b.epoch.checked_add(1).ok_or_else(|| {
+                        Error::Corrupt(format!("{key}: broker epochs are exhausted"))
+                    })?;
+                    (Expect::ModRevision(kv.mod_revision), next)
+                }
+            };
+            let b = Broker {
+                id,
+                address: address.to_string(),
+                epoch,
+            };
+            let bytes = serde_json::to_vec(&b)
+                .map_err(|e| Error::Other(format!("broker {id}: encoding: {e}")))?;
+            if self.gateway.put_if(key.as_bytes(), condition, &bytes)? {
+                return Ok(epoch);
+            }
+        }
+        Err(Error::Conflict(format!(
+            "broker {id}: {ATTEMPTS} concurrent registrations won the race for every epoch tried"
+        )))
+    }
+
+    fn decode_broker(&self, id: u32, kv: &Kv) -> Result<Broker> {
+        let key = self.broker_key(id);
+        let b: Broker = serde_json::from_slice(&kv.value)
+            .map_err(|e| Error::Corrupt(format!("{key}: not a broker registration: {e}")))?;
+        if b.id != id || b.epoch == 0 {
+            return Err(Error::Corrupt(format!(
+                "{key}: holds broker {} epoch {}",
+                b.id, b.epoch
+            )));
+        }
+        check_address(&b.address).map_err(|e| Error::Corrupt(format!("{key}: {e}")))?;
+        Ok(b)
+    }
+
+    pub fn list_brokers(&self) -> Result<Vec<Broker>> {
+        let prefix = self.brokers_prefix();
+        let mut out = Vec::new();
+        for kv in self.gateway.list(prefix.as_bytes(), false)? {
+            let id = kv
+                .key
+                .get(prefix.len()..)
+                .and_then(|r| std::str::from_utf8(r).ok())
+                .and_then(parse_id);
+            if let Some(id) = id {
+                out.push(self.decode_broker(id, &kv)?);
+            }
+        }
+        out.sort_by_key(|b| b.id);
+        Ok(out)
+    }
+}

@@ -1,0 +1,334 @@
+//! The metadata conformance suite against the `file` plugin and the `etcd`
+//! plugin (on a real etcd this test starts), and what only a networked
+//! store has: an unreachable endpoint, the sandbox's allow-list, fail-over
+//! to a second endpoint, and etcd restarting under a live connection.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use replicator::conformance::metadata::{self, MetadataOptions, MetadataSubject};
+use replicator::metadata::{MetadataError, MetadataStore, PartitionState};
+use replicator::plugin::{MetadataPlugin, PluginMetadata, PluginSource, Sandbox};
+use support::etcd::{Etcd, closed_port};
+
+/// The plugin's per-request timeout in the tests of an unreachable etcd.
+const TIMEOUT_MS: u64 = 1000;
+/// The per-request timeout of the conformance run: generous, as racing
+/// connections on a loaded 2-core machine can keep etcd from answering
+/// within a second, and a timeout is not what that run tests.
+const CONFORMANCE_TIMEOUT_MS: u64 = 5000;
+
+fn load(name: &str, sandbox: Sandbox) -> MetadataPlugin {
+    MetadataPlugin::load(&PluginSource::Builtin(name.into()), sandbox).expect("built-in loads")
+}
+
+fn etcd_config(endpoints: &[String], prefix: &str) -> Vec<(String, String)> {
+    vec![
+        ("endpoints".into(), endpoints.join(",")),
+        ("prefix".into(), prefix.into()),
+        ("timeout_ms".into(), TIMEOUT_MS.to_string()),
+    ]
+}
+
+async fn check(subject: MetadataSubject) {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let options = MetadataOptions {
+        race_rounds: 50,
+        ..MetadataOptions::default()
+    };
+    let report = metadata::run(&subject, scratch.path(), &options, |_| {}).await;
+    let name = subject.plugin.name().to_string();
+    println!("{name}:\n{report}");
+    assert_eq!(report.failed(), 0, "{name} failed conformance:\n{report}");
+    assert_eq!(report.skipped(), 0, "{name} skipped cases:\n{report}");
+    assert_eq!(
+        report.passed(),
+        metadata::case_names().count(),
+        "every case ran:\n{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_plugin_conforms() {
+    check(MetadataSubject::new(
+        load("file", Sandbox::default()),
+        Vec::new(),
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_plugin_conforms() {
+    let etcd = Etcd::start();
+    let plugin = load("etcd", Sandbox::default().allow_http([etcd.authority()]));
+    let mut config = etcd_config(&[etcd.endpoint()], "/conformance/");
+    config.retain(|(k, _)| k != "timeout_ms");
+    config.push(("timeout_ms".into(), CONFORMANCE_TIMEOUT_MS.to_string()));
+    check(MetadataSubject::new(plugin, config)).await;
+}
+
+fn state(topic: &str, leader: u32, leader_epoch: u32) -> PartitionState {
+    PartitionState {
+        topic: topic.into(),
+        partition: 0,
+        leader: Some(leader),
+        leader_epoch,
+        isr: vec![1, 2],
+        replicas: vec![1, 2],
+        min_insync: 1,
+        version: 0,
+    }
+}
+
+async fn connect(plugin: &MetadataPlugin, config: Vec<(String, String)>) -> PluginMetadata {
+    let dir = tempfile::tempdir().expect("tempdir");
+    plugin.connect(dir.path(), config).await.expect("connect")
+}
+
+/// Every call of a connection to nothing comes back `unavailable`, within
+/// a bound of a few request timeouts, and the connection stays usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_port_is_unavailable_promptly() {
+    let (_closed, port) = closed_port();
+    let authority = format!("127.0.0.1:{port}");
+    let plugin = load("etcd", Sandbox::default().allow_http([authority.clone()]));
+    let m = connect(
+        &plugin,
+        etcd_config(&[format!("http://{authority}")], "/x/"),
+    )
+    .await;
+    let bound = Duration::from_millis(3 * TIMEOUT_MS);
+    for round in 0..3 {
+        let started = Instant::now();
+        let r = m.get_partition("t", 0).await;
+        assert!(
+            matches!(&r, Err(MetadataError::Unavailable(m)) if m.contains(&authority)),
+            "round {round}: {r:?}"
+        );
+        let r = m.compare_and_set(state("t", 1, 0), 0).await;
+        assert!(matches!(r, Err(MetadataError::Unavailable(_))), "{r:?}");
+        let r = m.register_broker(1, "127.0.0.1:1".into()).await;
+        assert!(matches!(r, Err(MetadataError::Unavailable(_))), "{r:?}");
+        assert!(
+            started.elapsed() < bound,
+            "three calls took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+/// A port that accepts connections but never answers (a hung etcd) runs
+/// into the request timeout: `unavailable`, not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_endpoint_times_out_as_unavailable() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let authority = silent.local_addr().expect("addr").to_string();
+    let plugin = load("etcd", Sandbox::default().allow_http([authority.clone()]));
+    let m = connect(
+        &plugin,
+        etcd_config(&[format!("http://{authority}")], "/x/"),
+    )
+    .await;
+    let started = Instant::now();
+    let r = m.list_partitions().await;
+    let took = started.elapsed();
+    assert!(matches!(r, Err(MetadataError::Unavailable(_))), "{r:?}");
+    assert!(
+        took >= Duration::from_millis(TIMEOUT_MS / 2)
+            && took < Duration::from_millis(3 * TIMEOUT_MS),
+        "took {took:?} with a {TIMEOUT_MS} ms timeout"
+    );
+    drop(silent);
+}
+
+/// An endpoint outside the sandbox's allow-list is refused by the host;
+/// the plugin says so instead of hanging, and never reaches the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_outside_the_allow_list_is_denied() {
+    let etcd = Etcd::start();
+    for sandbox in [
+        Sandbox::default(),
+        Sandbox::default().allow_http(["127.0.0.1:1".to_string()]),
+    ] {
+        let plugin = load("etcd", sandbox);
+        let m = connect(&plugin, etcd_config(&[etcd.endpoint()], "/denied/")).await;
+        let started = Instant::now();
+        let r = m.compare_and_set(state("t", 1, 0), 0).await;
+        assert!(
+            matches!(&r, Err(MetadataError::Other(msg)) if msg.contains("allow-list")),
+            "{r:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+    // Nothing was written: an allowed connection finds no partition.
+    let plugin = load("etcd", Sandbox::default().allow_http([etcd.authority()]));
+    let m = connect(&plugin, etcd_config(&[etcd.endpoint()], "/denied/")).await;
+    let r = m.get_partition("t", 0).await;
+    assert!(matches!(r, Err(MetadataError::NotFound(_))), "{r:?}");
+}
+
+/// Bad settings are refused at connect with a message naming them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_etcd_settings_are_refused_at_connect() {
+    let plugin = load("etcd", Sandbox::default());
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (config, why) in [
+        (vec![], "`endpoints` is required"),
+        (vec![("endpoints", "https://127.0.0.1:2379")], "https"),
+        (vec![("endpoints", "127.0.0.1:2379")], "http://host:port"),
+        (vec![("endpoints", "http://127.0.0.1")], "port"),
+        (
+            vec![("endpoints", "http://127.0.0.1:2379"), ("timeout_ms", "0")],
+            "timeout_ms",
+        ),
+        (
+            vec![("endpoints", "http://127.0.0.1:2379"), ("colour", "red")],
+            "unknown setting",
+        ),
+    ] {
+        let config = config
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        match plugin.connect(dir.path(), config).await {
+            Err(MetadataError::InvalidInput(m)) => assert!(m.contains(why), "{m}"),
+            Err(e) => panic!("expected invalid-input naming {why}: {e}"),
+            Ok(_) => panic!("expected invalid-input naming {why}, it connected"),
+        }
+    }
+}
+
+/// A dead first endpoint is skipped for the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_endpoint_falls_over_to_the_next() {
+    let etcd = Etcd::start();
+    let (_closed, port) = closed_port();
+    let dead = format!("127.0.0.1:{port}");
+    let plugin = load(
+        "etcd",
+        Sandbox::default().allow_http([dead.clone(), etcd.authority()]),
+    );
+    let m = connect(
+        &plugin,
+        etcd_config(&[format!("http://{dead}"), etcd.endpoint()], "/failover/"),
+    )
+    .await;
+    assert_eq!(m.compare_and_set(state("t", 1, 0), 0).await, Ok(1));
+    assert_eq!(m.compare_and_set(state("t", 2, 1), 1).await, Ok(2));
+    assert_eq!(m.get_partition("t", 0).await.expect("get").leader, Some(2));
+}
+
+/// etcd killed under a live connection: calls during the downtime are
+/// `unavailable` promptly; after a restart on the same data the same
+/// connection works again and sees everything written before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_restart_under_a_live_connection() {
+    let mut etcd = Etcd::start();
+    let plugin = load("etcd", Sandbox::default().allow_http([etcd.authority()]));
+    let m = connect(&plugin, etcd_config(&[etcd.endpoint()], "/restart/")).await;
+    assert_eq!(m.compare_and_set(state("t", 1, 0), 0).await, Ok(1));
+    assert_eq!(m.compare_and_set(state("t", 2, 1), 1).await, Ok(2));
+    let epoch = m
+        .register_broker(7, "127.0.0.1:7101".into())
+        .await
+        .expect("register");
+
+    etcd.stop();
+    let bound = Duration::from_millis(3 * TIMEOUT_MS);
+    let started = Instant::now();
+    let r = m.get_partition("t", 0).await;
+    assert!(matches!(r, Err(MetadataError::Unavailable(_))), "{r:?}");
+    let r = m.compare_and_set(state("t", 1, 2), 2).await;
+    assert!(matches!(r, Err(MetadataError::Unavailable(_))), "{r:?}");
+    let r = m.register_broker(7, "127.0.0.1:7101".into()).await;
+    assert!(matches!(r, Err(MetadataError::Unavailable(_))), "{r:?}");
+    let r = m.list_brokers().await;
+    assert!(matches!(r, Err(MetadataError::Unavailable(_))), "{r:?}");
+    assert!(
+        started.elapsed() < bound,
+        "calls during the downtime took {:?}",
+        started.elapsed()
+    );
+
+    etcd.restart();
+    let got = m.get_partition("t", 0).await.expect("get after restart");
+    assert_eq!((got.version, got.leader), (2, Some(2)));
+    assert_eq!(m.compare_and_set(state("t", 1, 2), 2).await, Ok(3));
+    let again = m
+        .register_broker(7, "127.0.0.1:7101".into())
+        .await
+        .expect("register after restart");
+    assert!(again > epoch, "epoch {again} after restart, {epoch} before");
+    let brokers = m.list_brokers().await.expect("list brokers");
+    assert_eq!(brokers.len(), 1);
+    assert_eq!((brokers[0].id, brokers[0].epoch), (7, again));
+    assert_eq!(
+        m.list_partitions().await.expect("list"),
+        vec![("t".to_string(), 0)]
+    );
+}
+
+/// The command line: `plugin list` shows the metadata built-ins, `plugin
+/// check --metadata` runs the suite against a live etcd (its endpoint
+/// allowed), and `cluster init` refuses an etcd cluster without usable
+/// endpoints before writing anything.
+#[test]
+fn the_cli_checks_metadata_plugins_and_etcd_endpoints() {
+    let list = support::cli_ok(&["plugin", "list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("etcd") && l.contains("metadata")),
+        "{list}"
+    );
+    let etcd = Etcd::start();
+    let config = format!("endpoints={}", etcd.endpoint());
+    let out = support::cli_ok(&[
+        "plugin",
+        "check",
+        "--metadata",
+        "etcd",
+        "--config",
+        &config,
+        "--rounds",
+        "5",
+    ]);
+    assert!(out.contains("9 passed, 0 failed"), "{out}");
+    assert!(out.contains("prefix=/replicator-check/"), "{out}");
+
+    let no_endpoints = support::cli(&["plugin", "check", "--metadata", "etcd"]);
+    assert!(!no_endpoints.status.success());
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = dir.path().join("c");
+    for (extra, why) in [
+        (vec![], "needs `endpoints"),
+        (
+            vec!["--metadata-endpoint", "https://127.0.0.1:2379"],
+            "https is not supported",
+        ),
+        (
+            vec!["--metadata-endpoint", "127.0.0.1:2379"],
+            "http://host:port",
+        ),
+    ] {
+        let mut args = vec![
+            "cluster",
+            "init",
+            "--dir",
+            cluster.to_str().expect("utf-8 path"),
+            "--nodes",
+            "1",
+            "--metadata",
+            "etcd",
+        ];
+        args.extend(extra);
+        let out = support::cli(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(why),
+            "{args:?}: {err}"
+        );
+        assert!(!cluster.join("node-1.toml").exists());
+    }
+}
