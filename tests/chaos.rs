@@ -421,8 +421,11 @@ fn killing_the_leader_with_etcd_metadata_loses_nothing_acknowledged() {
     });
 }
 
-/// Produce one record straight to `node`, whatever the metadata says.
+/// Produce one record straight to `node`, whatever the metadata says:
+/// `Ok(offset)` if acknowledged, `Err(refusal)` if the node refused it.
+/// Anything else (no answer) fails the test: the node must answer.
 fn produce_to(rt: &tokio::runtime::Runtime, client: &Client, node: u32) -> Result<u64, String> {
+    use replicator::transport::TransportError;
     use replicator::wire::rpc::{Request, Response};
     let rec = Record {
         key: None,
@@ -444,8 +447,9 @@ fn produce_to(rt: &tokio::runtime::Runtime, client: &Client, node: u32) -> Resul
             .await
         {
             Ok((Response::Produced { base_offset, .. }, _)) => Ok(base_offset),
-            Ok((other, _)) => Err(format!("{other:?}")),
-            Err(e) => Err(e.to_string()),
+            Err(TransportError::Rejected(refusal)) => Err(refusal.to_string()),
+            Ok((other, _)) => panic!("node {node} answered a produce with {other:?}"),
+            Err(e) => panic!("node {node} did not answer a produce: {e}"),
         }
     })
 }
@@ -530,6 +534,7 @@ fn a_leader_cut_off_by_the_network_is_replaced_and_rejoins() {
         ]);
         let t = Instant::now();
         let new = wait_new_leader(&rt, &client, leader);
+        let elected = partition_leadership(&rt, &client);
         let deadline = Instant::now() + Duration::from_secs(10);
         let first = loop {
             if let Some(at) = load.first_ack_after(t, leader) {
@@ -549,11 +554,39 @@ fn a_leader_cut_off_by_the_network_is_replaced_and_rejoins() {
         );
         // Keep it cut off a while: it must not depose anyone from its side.
         load.wait_acks(load.acked() + 200, "while the old leader is cut off");
+        // Nobody was deposed meanwhile: not by the cut-off node (no
+        // majority), not by the others (the new leader is alive).
+        assert_eq!(
+            partition_leadership(&rt, &client),
+            elected,
+            "leadership changed during the cut"
+        );
+        // Nothing was acknowledged by the cut-off node after the cut.
+        assert!(
+            load.seen
+                .acks
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|(_, at, node)| *at <= t || *node != leader),
+            "the cut-off node {leader} acknowledged a write"
+        );
         nft(&["delete table inet chaos"]);
         wait_isr(&rt, &client, 3);
     }
     check_history(&rt, &c, &client, load);
     report_failover("network cut", times);
+}
+
+/// (leader, leader epoch) of the test partition, from fresh metadata.
+fn partition_leadership(rt: &tokio::runtime::Runtime, client: &Client) -> (Option<u32>, u32) {
+    rt.block_on(client.metadata())
+        .expect("metadata")
+        .1
+        .into_iter()
+        .find(|p| p.topic == TOPIC)
+        .map(|p| (p.leader, p.leader_epoch))
+        .expect("the test partition")
 }
 
 /// Move this test thread (and the processes and threads it starts) into a

@@ -119,13 +119,20 @@ async fn a_stale_version_is_a_conflict_naming_both_versions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_writers_get_exactly_one_winner_per_version() {
     const TASKS_PER_CLIENT: u32 = 4;
-    const TARGET: u64 = 40;
+    // Four connections (four instances, each serving its calls one at a
+    // time) and enough versions that the race is all but certain to happen
+    // even on a busy machine; it is asserted below.
+    const TARGET: u64 = 100;
     let dir = tempfile::tempdir().expect("tempdir");
     let (a, b) = two_clients(dir.path()).await;
+    let (c2, d) = two_clients(dir.path()).await;
     assert_eq!(a.compare_and_set(state("race", 3, 1, 0), 0).await, Ok(1));
 
     let mut tasks = Vec::new();
-    for (c, client) in [a.clone(), b.clone()].into_iter().enumerate() {
+    for (c, client) in [a.clone(), b.clone(), c2.clone(), d.clone()]
+        .into_iter()
+        .enumerate()
+    {
         for t in 0..TASKS_PER_CLIENT {
             let client = client.clone();
             let tag = c as u32 * 100 + t;

@@ -65,6 +65,14 @@ impl FailureDetector {
         self.last_heard.get(&broker).copied()
     }
 
+    /// Note that this process is about to wait until its next [`tick`]
+    /// (only the wait is measured, not the work done between ticks).
+    ///
+    /// [`tick`]: FailureDetector::tick
+    pub fn resting(&mut self, now: u64) {
+        self.last_tick_ms = now;
+    }
+
     /// Call regularly (every heartbeat interval). If this process itself
     /// was not running for longer than half the timeout (SIGSTOP, a VM
     /// pause, a starved runtime), the silence it measured is its own, not
@@ -248,8 +256,11 @@ pub struct FailoverMetrics {
     pub total_failovers: u64,
     pub successful_failovers: u64,
     pub failed_failovers: u64,
-    /// Mean duration of the successful ones, in milliseconds.
+    /// Mean duration of the successful ones that had one (the failed
+    /// leader had been heard from), in milliseconds.
     pub average_failover_ms: f64,
+    /// How many successful ones the average covers.
+    pub timed_failovers: u64,
     /// Duration of the last successful one, in milliseconds.
     pub last_failover_ms: Option<u64>,
     /// Clock value (ms) when the last successful one was accepted.
@@ -257,12 +268,15 @@ pub struct FailoverMetrics {
 }
 
 impl FailoverMetrics {
-    pub fn record_success(&mut self, took_ms: u64, at_ms: u64) {
+    pub fn record_success(&mut self, took_ms: Option<u64>, at_ms: u64) {
         self.total_failovers += 1;
         self.successful_failovers += 1;
-        let n = self.successful_failovers as f64;
-        self.average_failover_ms += (took_ms as f64 - self.average_failover_ms) / n;
-        self.last_failover_ms = Some(took_ms);
+        if let Some(took) = took_ms {
+            self.timed_failovers += 1;
+            let n = self.timed_failovers as f64;
+            self.average_failover_ms += (took as f64 - self.average_failover_ms) / n;
+            self.last_failover_ms = Some(took);
+        }
         self.last_failover_at_ms = Some(at_ms);
     }
 
@@ -425,11 +439,12 @@ mod tests {
     #[test]
     fn failover_metrics_average_the_successful_ones() {
         let mut m = FailoverMetrics::default();
-        m.record_success(400, 10);
-        m.record_success(800, 20);
+        m.record_success(Some(400), 10);
+        m.record_success(Some(800), 20);
+        m.record_success(None, 30); // no duration: not in the average
         m.record_failure();
-        assert_eq!(m.total_failovers, 3);
-        assert_eq!(m.successful_failovers, 2);
+        assert_eq!(m.total_failovers, 4);
+        assert_eq!(m.successful_failovers, 3);
         assert_eq!(m.failed_failovers, 1);
         assert_eq!(m.average_failover_ms, 600.0);
         assert_eq!(m.last_failover_ms, Some(800));

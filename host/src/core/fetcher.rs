@@ -107,7 +107,12 @@ impl Fetcher {
     }
 
     /// Stop replicating `tp`; returns its queued fetch, as `add_partition`.
+    /// A fetch still in flight no longer holds `tp` (it may follow again
+    /// before that fetch ends).
     pub fn remove_partition(&mut self, tp: &TopicPartition) -> Option<FetchRequest> {
+        for (_, _, set) in self.inflight.values_mut() {
+            set.remove(tp);
+        }
         self.partitions.remove(tp).and_then(|t| t.queued)
     }
 

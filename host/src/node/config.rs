@@ -214,7 +214,7 @@ impl FailoverConfig {
                 self.heartbeat_interval_ms
             ));
         }
-        if self.failure_timeout_ms < 2 * self.heartbeat_interval_ms {
+        if self.failure_timeout_ms < self.heartbeat_interval_ms.saturating_mul(2) {
             return Err(format!(
                 "failure_timeout_ms = {} must be at least twice heartbeat_interval_ms ({}): one late heartbeat must not fail a node",
                 self.failure_timeout_ms, self.heartbeat_interval_ms

@@ -155,6 +155,11 @@ async fn coordinate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut reported: HashMap<TopicPartition, u64> = HashMap::new();
     let mut had_quorum = true;
     loop {
+        // Only the sleep counts towards pause detection: a slow pass
+        // (metadata calls) is not this process being stopped.
+        if let Ok(mut fd) = shared.detector.lock() {
+            fd.resting(shared.now_ms());
+        }
         tokio::select! {
             _ = tokio::time::sleep(interval(&shared)) => {}
             _ = stop.changed() => return,
@@ -206,6 +211,11 @@ async fn coordinate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             if lost.get(&tp) == Some(&state.version) {
                 continue;
             }
+            // Its claims from before this node's restart are being given
+            // up (`handoff`); deciding on them now would be stale.
+            if shared.handoffs.lock().is_ok_and(|h| h.contains(&tp)) {
+                continue;
+            }
             let decision = match shared.detector.lock() {
                 Ok(fd) => coordinator.decide(&state, &fd, now).map(|d| {
                     let since = match &d.kind {
@@ -251,10 +261,14 @@ async fn coordinate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     let done = shared.now_ms();
                     match &d.kind {
                         DecisionKind::Elect { failed, unclean } => {
-                            let took = done.saturating_sub(last_heard.unwrap_or(0));
+                            // Timed from the failed leader's last heartbeat;
+                            // a leader never heard (or no leader) has no
+                            // meaningful duration and is counted without one.
+                            let took = last_heard.map(|h| done.saturating_sub(h));
                             if let Ok(mut m) = shared.failover_metrics.lock() {
                                 m.record_success(took, done);
                             }
+                            let took = took.map_or("?".to_string(), |t| t.to_string());
                             let how = if *unclean {
                                 "UNCLEAN election (writes it lacks are lost)"
                             } else {

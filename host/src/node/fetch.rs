@@ -214,7 +214,10 @@ async fn session(
 ) {
     let mut conn: Option<(Peer, FetchStream)> = None;
     let limit = Duration::from_millis(
-        u64::from(shared.replication.fetch_max_wait_ms) + 2 * shared.failover.failure_timeout_ms,
+        shared
+            .replication
+            .fetch_max_wait_ms
+            .saturating_add(shared.failover.failure_timeout_ms.saturating_mul(2)),
     );
     while let Some(mf) = rx.recv().await {
         if conn.is_none() {

@@ -278,7 +278,7 @@ impl Handler for NodeServer {
                         Response::Metadata {
                             brokers,
                             partitions,
-                            failed: self.shared.failed_brokers(),
+                            failed: self.shared.failed_brokers_for_clients(),
                         },
                         Bytes::new(),
                     ))

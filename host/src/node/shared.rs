@@ -149,6 +149,29 @@ impl Shared {
         failed
     }
 
+    /// [`Shared::failed_brokers`] as told to clients: nothing unless this
+    /// node hears a majority. A node cut off from the others sees them all
+    /// as failed, and a client believing it would stop writing to a
+    /// healthy leader that nobody is going to replace.
+    pub fn failed_brokers_for_clients(&self) -> Vec<ReplicaId> {
+        let now = self.now_ms();
+        let ids: Vec<ReplicaId> = self
+            .brokers
+            .read()
+            .map(|b| b.keys().copied().collect())
+            .unwrap_or_default();
+        let coordinator = crate::core::FailoverCoordinator::new(self.node_id, false);
+        let quorum = self
+            .detector
+            .lock()
+            .is_ok_and(|fd| coordinator.has_quorum(&ids, &fd, now));
+        if quorum {
+            self.failed_brokers()
+        } else {
+            Vec::new()
+        }
+    }
+
     pub fn broker_addr(&self, id: ReplicaId) -> Option<SocketAddr> {
         self.brokers.read().ok()?.get(&id).copied()
     }
