@@ -153,6 +153,21 @@ impl Load {
             .min()
     }
 
+    /// [`Load::first_ack_after`], waiting for it (bounded).
+    fn wait_first_ack_after(&self, t: Instant, old: u32, fault: &str) -> Instant {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(at) = self.first_ack_after(t, old) {
+                return at;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no acks=all success within 10 s of {fault}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn wait_acks(&self, more_than: usize, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.acked() <= more_than {
@@ -351,17 +366,7 @@ fn kill_rounds(c: &mut Cluster, rounds: usize, mut between: impl FnMut(&mut Clus
         let t = Instant::now();
         let new = wait_new_leader(&rt, &client, leader);
         load.wait_acks(load.acked(), "after the kill");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let first = loop {
-            if let Some(at) = load.first_ack_after(t, leader) {
-                break at;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no acks=all success after the kill"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        };
+        let first = load.wait_first_ack_after(t, leader, "the kill");
         let took = first - t;
         println!(
             "round {}: killed leader {leader}; node {new} leads; first acks=all success after {:.0} ms",
@@ -472,17 +477,7 @@ fn a_frozen_leader_is_fenced_when_it_returns() {
         c.signal(leader, "-STOP");
         let t = Instant::now();
         let new = wait_new_leader(&rt, &client, leader);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let first = loop {
-            if let Some(at) = load.first_ack_after(t, leader) {
-                break at;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no acks=all success after the freeze"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        };
+        let first = load.wait_first_ack_after(t, leader, "the freeze");
         times.push(first - t);
         println!(
             "round {}: froze leader {leader}; node {new} leads; first acks=all success after {:.0} ms",
@@ -535,17 +530,7 @@ fn a_leader_cut_off_by_the_network_is_replaced_and_rejoins() {
         let t = Instant::now();
         let new = wait_new_leader(&rt, &client, leader);
         let elected = partition_leadership(&rt, &client);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let first = loop {
-            if let Some(at) = load.first_ack_after(t, leader) {
-                break at;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no acks=all success after the cut"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        };
+        let first = load.wait_first_ack_after(t, leader, "the cut");
         times.push(first - t);
         println!(
             "round {}: cut off leader {leader} (udp port {port}); node {new} leads; first acks=all success after {:.0} ms",

@@ -48,11 +48,7 @@ async fn supervise_heartbeats(
 ) {
     let mut running: HashSet<ReplicaId> = HashSet::new();
     loop {
-        let ids: Vec<ReplicaId> = shared
-            .brokers
-            .read()
-            .map(|b| b.keys().copied().collect())
-            .unwrap_or_default();
+        let ids = shared.broker_ids();
         for id in ids {
             if id != shared.node_id && running.insert(id) {
                 tokio::spawn(heartbeat(
@@ -165,11 +161,7 @@ async fn coordinate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
         }
         let now = shared.now_ms();
-        let brokers: Vec<ReplicaId> = shared
-            .brokers
-            .read()
-            .map(|b| b.keys().copied().collect())
-            .unwrap_or_default();
+        let brokers = shared.broker_ids();
         let (paused, quorum) = match shared.detector.lock() {
             Ok(mut fd) => {
                 let paused = fd.tick(now);

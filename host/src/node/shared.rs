@@ -106,6 +106,14 @@ impl Shared {
         self.refresh.notify_one();
     }
 
+    /// Every registered broker's id, as the watcher last read them.
+    pub fn broker_ids(&self) -> Vec<ReplicaId> {
+        self.brokers
+            .read()
+            .map(|b| b.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
     /// Failover metrics and every other node's liveness, for `/metrics`.
     pub fn failover_view(&self) -> super::metrics::FailoverView {
         let failed = self.failed_brokers();
@@ -133,11 +141,7 @@ impl Shared {
     /// Brokers the failure detector counts as failed now.
     pub fn failed_brokers(&self) -> Vec<ReplicaId> {
         let now = self.now_ms();
-        let ids: Vec<ReplicaId> = self
-            .brokers
-            .read()
-            .map(|b| b.keys().copied().collect())
-            .unwrap_or_default();
+        let ids = self.broker_ids();
         let Ok(fd) = self.detector.lock() else {
             return Vec::new();
         };
@@ -155,11 +159,7 @@ impl Shared {
     /// healthy leader that nobody is going to replace.
     pub fn failed_brokers_for_clients(&self) -> Vec<ReplicaId> {
         let now = self.now_ms();
-        let ids: Vec<ReplicaId> = self
-            .brokers
-            .read()
-            .map(|b| b.keys().copied().collect())
-            .unwrap_or_default();
+        let ids = self.broker_ids();
         let coordinator = crate::core::FailoverCoordinator::new(self.node_id, false);
         let quorum = self
             .detector
