@@ -351,6 +351,35 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
+/// One fault: wait for a full ISR and `warmup` more acknowledgements,
+/// `inject` the fault into the leader, then wait for a new leader and the
+/// first acks=all success it gives. Returns the old leader, when the fault
+/// was injected, and the time from then to that success; prints the round.
+#[allow(clippy::too_many_arguments)]
+fn fault_round(
+    rt: &tokio::runtime::Runtime,
+    client: &Client,
+    load: &Load,
+    c: &mut Cluster,
+    round: usize,
+    warmup: usize,
+    fault: &str,
+    inject: impl FnOnce(&mut Cluster, u32) -> String,
+) -> (u32, Instant, Duration) {
+    let leader = wait_isr(rt, client, 3);
+    load.wait_acks(load.acked() + warmup, &format!("before {fault}"));
+    let what = inject(c, leader);
+    let t = Instant::now();
+    let new = wait_new_leader(rt, client, leader);
+    let took = load.wait_first_ack_after(t, leader, fault) - t;
+    println!(
+        "round {}: {what}; node {new} leads; first acks=all success after {:.0} ms",
+        round + 1,
+        took.as_secs_f64() * 1e3
+    );
+    (leader, t, took)
+}
+
 /// Kill -9 the leader, see a new one elected and acks=all go on, restart
 /// the old one and see it rejoin the ISR; repeat. Nothing acknowledged
 /// may be lost, on any replica.
@@ -360,18 +389,18 @@ fn kill_rounds(c: &mut Cluster, rounds: usize, mut between: impl FnMut(&mut Clus
     let load = Load::start(&rt, client.clone(), 4);
     let mut times = Vec::new();
     for round in 0..rounds {
-        let leader = wait_isr(&rt, &client, 3);
-        load.wait_acks(load.acked() + 300, "before the kill");
-        c.kill(leader);
-        let t = Instant::now();
-        let new = wait_new_leader(&rt, &client, leader);
-        load.wait_acks(load.acked(), "after the kill");
-        let first = load.wait_first_ack_after(t, leader, "the kill");
-        let took = first - t;
-        println!(
-            "round {}: killed leader {leader}; node {new} leads; first acks=all success after {:.0} ms",
-            round + 1,
-            took.as_secs_f64() * 1e3
+        let (leader, _, took) = fault_round(
+            &rt,
+            &client,
+            &load,
+            c,
+            round,
+            300,
+            "the kill",
+            |c, leader| {
+                c.kill(leader);
+                format!("killed leader {leader}")
+            },
         );
         times.push(took);
         between(c, round);
@@ -472,18 +501,20 @@ fn a_frozen_leader_is_fenced_when_it_returns() {
     let load = Load::start(&rt, client.clone(), 4);
     let mut times = Vec::new();
     for round in 0..3 {
-        let leader = wait_isr(&rt, &client, 3);
-        load.wait_acks(load.acked() + 50, "before the freeze");
-        c.signal(leader, "-STOP");
-        let t = Instant::now();
-        let new = wait_new_leader(&rt, &client, leader);
-        let first = load.wait_first_ack_after(t, leader, "the freeze");
-        times.push(first - t);
-        println!(
-            "round {}: froze leader {leader}; node {new} leads; first acks=all success after {:.0} ms",
-            round + 1,
-            (first - t).as_secs_f64() * 1e3
+        let (leader, _, took) = fault_round(
+            &rt,
+            &client,
+            &load,
+            &mut c,
+            round,
+            50,
+            "the freeze",
+            |c, leader| {
+                c.signal(leader, "-STOP");
+                format!("froze leader {leader}")
+            },
         );
+        times.push(took);
         c.signal(leader, "-CONT");
         // Straight at the thawed node: it must refuse, or fail to commit;
         // never acknowledge.
@@ -518,25 +549,27 @@ fn a_leader_cut_off_by_the_network_is_replaced_and_rejoins() {
     let load = Load::start(&rt, client.clone(), 4);
     let mut times = Vec::new();
     for round in 0..2 {
-        let leader = wait_isr(&rt, &client, 3);
-        load.wait_acks(load.acked() + 50, "before the cut");
-        let port = c.base_port + (leader as u16 - 1);
-        nft(&[
-            "add table inet chaos",
-            "add chain inet chaos input { type filter hook input priority 0; }",
-            &format!("add rule inet chaos input udp dport {port} drop"),
-            &format!("add rule inet chaos input udp sport {port} drop"),
-        ]);
-        let t = Instant::now();
-        let new = wait_new_leader(&rt, &client, leader);
-        let elected = partition_leadership(&rt, &client);
-        let first = load.wait_first_ack_after(t, leader, "the cut");
-        times.push(first - t);
-        println!(
-            "round {}: cut off leader {leader} (udp port {port}); node {new} leads; first acks=all success after {:.0} ms",
-            round + 1,
-            (first - t).as_secs_f64() * 1e3
+        let (leader, t, took) = fault_round(
+            &rt,
+            &client,
+            &load,
+            &mut c,
+            round,
+            50,
+            "the cut",
+            |c, leader| {
+                let port = c.base_port + (leader as u16 - 1);
+                nft(&[
+                    "add table inet chaos",
+                    "add chain inet chaos input { type filter hook input priority 0; }",
+                    &format!("add rule inet chaos input udp dport {port} drop"),
+                    &format!("add rule inet chaos input udp sport {port} drop"),
+                ]);
+                format!("cut off leader {leader} (udp port {port})")
+            },
         );
+        let elected = partition_leadership(&rt, &client);
+        times.push(took);
         // Keep it cut off a while: it must not depose anyone from its side.
         load.wait_acks(load.acked() + 200, "while the old leader is cut off");
         // Nobody was deposed meanwhile: not by the cut-off node (no

@@ -31,14 +31,6 @@ pub(super) const ALL: &[(&str, CaseFn)] = &[
     case!("model-based-sequences", super::model::run),
 ];
 
-macro_rules! ensure {
-    ($cond:expr, $($fmt:tt)+) => {
-        if !$cond {
-            return Err(format!($($fmt)+));
-        }
-    };
-}
-
 /// A test batch of `records` records of `size` bytes, content derived from
 /// its base offset so any mix-up shows.
 pub(super) fn batch(base: u64, records: u32, size: usize, epoch: u32) -> Bytes {

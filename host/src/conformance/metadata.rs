@@ -14,9 +14,9 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::{CaseReport, CaseResult, Outcome, Report};
+use super::{CaseResult, Report};
 use crate::metadata::{MetadataError, MetadataStore, PartitionState};
 use crate::plugin::{MetadataPlugin, PluginMetadata};
 
@@ -139,7 +139,6 @@ pub async fn run(
         }
         progress(name);
         let dir = scratch.join(name);
-        let started = Instant::now();
         let ctx = Ctx {
             subject,
             dir: &dir,
@@ -148,30 +147,11 @@ pub async fn run(
             // 1000 ids per case, in a range picked by the seed.
             broker_base: 1_000_000 + ((seed % 1_000_000) as u32) * 1000 + i as u32 * 100,
         };
-        let outcome = if let Err(e) = std::fs::create_dir_all(&dir) {
-            Outcome::Failed(format!("cannot create {}: {e}", dir.display()))
-        } else {
-            match case(&ctx).await {
-                Ok(None) => Outcome::Passed,
-                Ok(Some(why)) => Outcome::Skipped(why),
-                Err(why) => Outcome::Failed(why),
-            }
-        };
-        report.cases.push(CaseReport {
-            name,
-            outcome,
-            elapsed: started.elapsed(),
-        });
+        report
+            .cases
+            .push(super::run_case(name, &dir, case(&ctx)).await);
     }
     report
-}
-
-macro_rules! ensure {
-    ($cond:expr, $($fmt:tt)+) => {
-        if !$cond {
-            return Err(format!($($fmt)+));
-        }
-    };
 }
 
 fn state(topic: &str, partition: u32, leader: u32, leader_epoch: u32) -> PartitionState {

@@ -7,6 +7,16 @@
 //! persistence (reopen, torn tail) are skipped for plugins that keep
 //! nothing across instances, and say so.
 
+/// `ensure!(cond, "why {x}")`: fail the case with that message unless
+/// `cond` holds (every case of both suites).
+macro_rules! ensure {
+    ($cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err(format!($($fmt)+));
+        }
+    };
+}
+
 mod cases;
 pub mod metadata;
 mod model;
@@ -163,21 +173,32 @@ pub async fn run(
         }
         progress(name);
         let dir = scratch.join(name);
-        let started = Instant::now();
-        let outcome = if let Err(e) = std::fs::create_dir_all(&dir) {
-            Outcome::Failed(format!("cannot create {}: {e}", dir.display()))
-        } else {
-            match case(subject, &dir, options).await {
-                Ok(None) => Outcome::Passed,
-                Ok(Some(why)) => Outcome::Skipped(why),
-                Err(why) => Outcome::Failed(why),
-            }
-        };
-        report.cases.push(CaseReport {
-            name,
-            outcome,
-            elapsed: started.elapsed(),
-        });
+        report
+            .cases
+            .push(run_case(name, &dir, case(subject, &dir, options)).await);
     }
     report
+}
+
+/// Run one case (not started yet) in `dir`, created first, and time it.
+async fn run_case(
+    name: &'static str,
+    dir: &Path,
+    case: impl Future<Output = CaseResult>,
+) -> CaseReport {
+    let started = Instant::now();
+    let outcome = if let Err(e) = std::fs::create_dir_all(dir) {
+        Outcome::Failed(format!("cannot create {}: {e}", dir.display()))
+    } else {
+        match case.await {
+            Ok(None) => Outcome::Passed,
+            Ok(Some(why)) => Outcome::Skipped(why),
+            Err(why) => Outcome::Failed(why),
+        }
+    };
+    CaseReport {
+        name,
+        outcome,
+        elapsed: started.elapsed(),
+    }
 }
