@@ -11,6 +11,7 @@ const TARGET: &str = "wasm32-wasip2";
 const PLUGINS: &[&str] = &[
     "storage-memory",
     "storage-file",
+    "storage-s3",
     "metadata-file",
     "metadata-etcd",
     "test-hostile",

@@ -7,6 +7,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod etcd;
+pub mod s3;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_replicator");
 
@@ -54,6 +55,8 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<Option<Child>>,
     pub base_port: u16,
+    /// Extra environment of every node process started from now on.
+    pub env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -100,6 +103,7 @@ impl Cluster {
             dir,
             nodes: (0..n).map(|_| None).collect(),
             base_port,
+            env: Vec::new(),
         }
     }
 
@@ -121,6 +125,7 @@ impl Cluster {
             .args(["node", "--config"])
             .arg(self.dir.path().join(format!("node-{id}.toml")))
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -40,7 +40,12 @@ pub struct InitArgs {
     /// Address the nodes bind and advertise.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: IpAddr,
-    /// Storage backend: built-in `file` or `memory`, or a .wasm path.
+    /// Storage backend: built-in `file`, `memory` or `s3`, or a .wasm path.
+    /// For `s3` give `--storage-config endpoint=http://host:port` and
+    /// `--storage-config bucket=NAME`; credentials come from
+    /// `access_key_id`/`secret_access_key` settings or the nodes'
+    /// AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY. Each node writes under its
+    /// own key prefix, `<prefix>node-<id>/`.
     #[arg(long, default_value = "file")]
     pub storage: String,
     /// Metadata backend: built-in `file` or `etcd`, or a .wasm path.
@@ -60,7 +65,8 @@ pub struct InitArgs {
     #[arg(long)]
     pub min_insync: Option<u32>,
     /// Storage plugin setting as key=value (repeatable), e.g.
-    /// `--storage-config fsync=always`.
+    /// `--storage-config fsync=always` (file) or
+    /// `--storage-config endpoint=http://127.0.0.1:9000` (s3).
     #[arg(long = "storage-config", value_parser = super::parse_kv)]
     pub storage_config: Vec<(String, String)>,
     /// Keep the CA's private key in this file (needed only to issue more
@@ -68,6 +74,27 @@ pub struct InitArgs {
     /// can mint a certificate for any node. By default it is discarded.
     #[arg(long)]
     pub ca_key_out: Option<PathBuf>,
+}
+
+/// Node `id`'s storage section. With an object store (an `endpoint`
+/// setting) every node gets its own key prefix: replicas of one partition
+/// must not share objects (the plugin would fence one of them).
+fn node_storage(args: &InitArgs, id: u32) -> PluginSection {
+    let mut config: std::collections::BTreeMap<String, String> =
+        args.storage_config.iter().cloned().collect();
+    if config.contains_key("endpoint") {
+        let base = config.get("prefix").cloned().unwrap_or_default();
+        let base = if base.is_empty() || base.ends_with('/') {
+            base
+        } else {
+            format!("{base}/")
+        };
+        config.insert("prefix".into(), format!("{base}node-{id}/"));
+    }
+    PluginSection {
+        plugin: args.storage.clone(),
+        config,
+    }
 }
 
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
@@ -182,10 +209,7 @@ pub fn init(args: &InitArgs) -> anyhow::Result<PathBuf> {
                 cert: format!("node-{id}.pem").into(),
                 key: format!("node-{id}-key.pem").into(),
             },
-            storage: PluginSection {
-                plugin: args.storage.clone(),
-                config: args.storage_config.iter().cloned().collect(),
-            },
+            storage: node_storage(&args, id),
             metadata: metadata.clone(),
             replication: replication.clone(),
             failover: Default::default(),

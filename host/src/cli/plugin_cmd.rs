@@ -10,7 +10,7 @@ use replicator::conformance::metadata::{
     self as meta_conformance, MetadataOptions, MetadataSubject,
 };
 use replicator::conformance::{self, Options, Report, Subject};
-use replicator::node::config::endpoint_authority;
+use replicator::node::config::{PluginSection, endpoint_authority};
 use replicator::plugin::{MetadataPlugin, PluginSource, Sandbox, StoragePlugin, builtin};
 
 #[derive(Subcommand)]
@@ -29,8 +29,13 @@ pub enum PluginCommand {
 
 #[derive(Args)]
 pub struct CheckArgs {
-    /// A built-in storage plugin name (`memory`, `file`) or a path to a
-    /// .wasm component.
+    /// A built-in storage plugin name (`memory`, `file`, `s3`) or a path to
+    /// a .wasm component. For s3, give `--config endpoint=http://host:port
+    /// --config bucket=NAME` and credentials (`access_key_id`,
+    /// `secret_access_key`, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in
+    /// the environment); the sandbox allows HTTP to that endpoint only, and
+    /// unless `--config prefix=...` is given the suite writes under a fresh
+    /// prefix `replicator-check/<time>/`.
     #[arg(required_unless_present = "metadata", conflicts_with = "metadata")]
     plugin: Option<PluginSource>,
     /// Check a metadata plugin instead: a built-in name (`file`, `etcd`)
@@ -88,7 +93,22 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let Some(source) = args.plugin.clone() else {
         anyhow::bail!("name a storage plugin, or a metadata one with --metadata");
     };
-    let plugin = StoragePlugin::load(&source, Sandbox::default())
+    let mut config = args.config;
+    // As in a node: HTTP only to the `endpoint` setting (object stores),
+    // which also lets the plugin see the AWS_* credential variables.
+    let section = PluginSection {
+        plugin: source.to_string(),
+        config: config.iter().cloned().collect(),
+    };
+    section.validate().map_err(anyhow::Error::msg)?;
+    let sandbox = section.sandbox();
+    if !sandbox.http_allow.is_empty() && !config.iter().any(|(k, _)| k == "prefix") {
+        config.push((
+            "prefix".into(),
+            format!("replicator-check/{}/", unique_suffix()),
+        ));
+    }
+    let plugin = StoragePlugin::load(&source, sandbox)
         .with_context(|| format!("loading plugin `{source}`"))?;
     let (scratch, _guard) = super::work_dir(&args.dir)?;
     let options = Options {
@@ -100,7 +120,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         plugin.name(),
         options.proptest_cases
     );
-    let mut subject = Subject::new(plugin, args.config);
+    let mut subject = Subject::new(plugin, config);
     if args.persistent {
         subject = subject.persistent(true);
     }
@@ -109,6 +129,15 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     })
     .await;
     finish(report)
+}
+
+/// Nanoseconds since the Unix epoch: a fresh key prefix per check run, away
+/// from any cluster's data and from earlier runs.
+fn unique_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
 
 fn finish(report: Report) -> anyhow::Result<ExitCode> {
@@ -141,11 +170,10 @@ async fn check_metadata(args: CheckArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if !config.iter().any(|(k, _)| k == "prefix") && !allow.is_empty() {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        config.push(("prefix".into(), format!("/replicator-check/{nanos}/")));
+        config.push((
+            "prefix".into(),
+            format!("/replicator-check/{}/", unique_suffix()),
+        ));
     }
     let plugin = MetadataPlugin::load(&source, Sandbox::default().allow_http(allow))
         .with_context(|| format!("loading metadata plugin `{source}`"))?;

@@ -65,11 +65,40 @@ impl Subject {
         }
     }
 
+    /// Open the log kept in `dir`. The topic is named after the directory
+    /// too, so a plugin that stores elsewhere (an object store) keeps each
+    /// case's logs apart as well.
     pub async fn open(&self, dir: &Path) -> StorageResult<PluginLog> {
         self.plugin
-            .open("conformance", 0, self.config.clone(), Some(dir))
+            .open(&topic_for(dir), 0, self.config.clone(), Some(dir))
             .await
     }
+}
+
+/// `conformance.<parent>.<dir>` from the last two components of `dir`,
+/// characters other than `[A-Za-z0-9._-]` replaced by `_`.
+fn topic_for(dir: &Path) -> String {
+    let mut parts: Vec<String> = dir
+        .components()
+        .rev()
+        .take(2)
+        .map(|c| {
+            c.as_os_str()
+                .to_string_lossy()
+                .chars()
+                .map(|ch| {
+                    if ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-') {
+                        ch
+                    } else {
+                        '_'
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    parts.push("conformance".into());
+    parts.reverse();
+    parts.join(".")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -46,6 +46,43 @@ impl PluginSection {
             Err(never) => match never {},
         }
     }
+    /// Check the `endpoint` setting, if any, is a valid `http://host:port`.
+    pub fn validate(&self) -> Result<(), String> {
+        for e in self.endpoints() {
+            endpoint_authority(e).map_err(|m| format!("[storage] config.endpoint: {m}"))?;
+        }
+        Ok(())
+    }
+
+    /// The comma-separated `endpoint` setting (object-store plugins).
+    fn endpoints(&self) -> impl Iterator<Item = &str> {
+        self.config
+            .get("endpoint")
+            .map(|v| v.split(',').map(str::trim).filter(|e| !e.is_empty()))
+            .into_iter()
+            .flatten()
+    }
+
+    /// The sandbox of the storage plugin: the defaults, with HTTP allowed
+    /// to the authority of the `endpoint` setting and nowhere else. A
+    /// plugin with an endpoint also sees the node's [`STORAGE_ENV`]
+    /// variables, so object-store credentials need not sit in the config.
+    pub fn sandbox(&self) -> Sandbox {
+        let allow: Vec<String> = self
+            .endpoints()
+            .filter_map(|e| endpoint_authority(e).ok())
+            .collect();
+        let env: Vec<(String, String)> = if allow.is_empty() {
+            Vec::new()
+        } else {
+            STORAGE_ENV
+                .iter()
+                .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+                .collect()
+        };
+        Sandbox::default().allow_http(allow).with_env(env)
+    }
+
     pub fn pairs(&self) -> Vec<(String, String)> {
         self.config
             .iter()
@@ -71,6 +108,16 @@ pub struct MetadataSection {
     pub config: BTreeMap<String, String>,
 }
 
+/// Environment variables a storage plugin with an `endpoint` may read:
+/// the standard AWS credential and region variables, nothing else.
+pub const STORAGE_ENV: &[&str] = &[
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+];
+
 /// `http://host:port` (a trailing `/` allowed) as its authority
 /// `host:port`; anything else is an error saying what is wrong. https is
 /// refused: no plugin can do TLS to its store yet.
@@ -78,7 +125,7 @@ pub fn endpoint_authority(endpoint: &str) -> Result<String, String> {
     let e = endpoint.trim();
     if e.starts_with("https://") {
         return Err(format!(
-            "endpoint `{e}`: https is not supported (no TLS to the metadata store yet); use http://"
+            "endpoint `{e}`: https is not supported (plugins have no TLS yet); use http://"
         ));
     }
     let Some(rest) = e.strip_prefix("http://") else {
@@ -295,6 +342,7 @@ impl NodeConfig {
             .validate()
             .map_err(|e| invalid(format!("[failover]: {e}")))?;
         c.metadata.validate().map_err(invalid)?;
+        c.storage.validate().map_err(invalid)?;
         if c.metadata_poll_ms == 0 {
             return Err(invalid("metadata_poll_ms must be at least 1".into()));
         }

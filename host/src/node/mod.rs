@@ -23,7 +23,7 @@ use tracing::{error, info, warn};
 
 use crate::core::TopicPartition;
 use crate::metadata::{MetadataError, MetadataStore};
-use crate::plugin::{LoadError, MetadataPlugin, Sandbox, StoragePlugin};
+use crate::plugin::{LoadError, MetadataPlugin, StoragePlugin};
 use crate::transport::{Identity, TlsError, TlsMaterial, Transport, TransportError};
 
 pub use config::{ClientConfig, ConfigError, NodeConfig};
@@ -83,7 +83,7 @@ pub async fn run(
     };
 
     let base = std::path::Path::new(".");
-    let storage = StoragePlugin::load(&config.storage.source(base), Sandbox::default())
+    let storage = StoragePlugin::load(&config.storage.source(base), config.storage.sandbox())
         .map_err(NodeError::Storage)?;
     let meta_plugin = MetadataPlugin::load(
         &config::PluginSection {

@@ -7,6 +7,7 @@ pub const STORAGE: &[(&str, &[u8])] = &[
         include_bytes!(env!("REPLICATOR_WASM_STORAGE_MEMORY")),
     ),
     ("file", include_bytes!(env!("REPLICATOR_WASM_STORAGE_FILE"))),
+    ("s3", include_bytes!(env!("REPLICATOR_WASM_STORAGE_S3"))),
 ];
 
 /// (name, wasm component bytes) of every built-in metadata plugin.

@@ -269,6 +269,15 @@ impl Actor {
             _ => None,
         };
         let mutation = matches!(op, Op::Truncate(_) | Op::DeletePrefix(_));
+        // The contract has `conflict` only for an append that does not
+        // start at the log end. Anywhere else it means the plugin lost its
+        // right to write (a newer writer fenced it, as the S3 plugin's
+        // generations do): only a fresh instance, which re-reads the
+        // store, can go on.
+        let fenced_conflict = match &op {
+            Op::Append(bytes) => index::check_append(bytes, known.log_end).is_ok(),
+            _ => true,
+        };
         let answer = match op {
             Op::Append(bytes) => {
                 let r = guarded(deadline, guest.call_append(&mut *store, log, &bytes)).await;
@@ -367,6 +376,12 @@ impl Actor {
                 let e = convert(e);
                 if let Some(why) = wrong_refusal(&e, known, in_range) {
                     return Err(self.set_fault((FaultKind::Violation, why)));
+                }
+                if fenced_conflict && let StorageError::Conflict(m) = &e {
+                    return Err(self.set_fault((
+                        FaultKind::FailedMutation,
+                        format!("conflict outside the append contract, reopening: {m}"),
+                    )));
                 }
                 if mutation
                     && !matches!(

@@ -39,12 +39,15 @@ impl PluginRuntime {
         let engine_error = |e: wasmtime::Error| LoadError::Engine(e.to_string());
         let mut storage_linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut storage_linker).map_err(engine_error)?;
+        // Storage and metadata backends may talk to a remote store (S3,
+        // etcd) over HTTP, only through the sandbox's allow-list, which is
+        // empty unless the node's config names an endpoint.
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut storage_linker)
+            .map_err(engine_error)?;
         StorageWorld::add_to_linker::<_, HasSelf<_>>(&mut storage_linker, |s| s)
             .map_err(engine_error)?;
         let mut metadata_linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut metadata_linker).map_err(engine_error)?;
-        // Metadata backends may talk to a remote store (etcd) over HTTP,
-        // through the sandbox's allow-list; storage plugins may not.
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut metadata_linker)
             .map_err(engine_error)?;
         MetadataWorld::add_to_linker::<_, HasSelf<_>>(&mut metadata_linker, |s| s)

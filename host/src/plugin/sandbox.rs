@@ -1,6 +1,6 @@
 //! Limits every plugin store runs under, and the store data they guard:
-//! WASI state, memory limits, and for metadata plugins the wasi:http
-//! state with its allow-list of authorities.
+//! WASI state, memory limits, and the wasi:http state with its allow-list
+//! of authorities.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,10 +30,12 @@ pub struct Sandbox {
     pub memory_bytes: usize,
     /// Most tables and table elements an instance may create.
     pub table_elements: usize,
-    /// `host:port` authorities the plugin may send HTTP requests to
-    /// (metadata plugins only: storage plugins get no wasi:http at all).
+    /// `host:port` authorities the plugin may send HTTP requests to.
     /// Empty, the default, allows nothing.
     pub http_allow: Vec<String>,
+    /// Environment variables the plugin sees (none by default), e.g. an
+    /// object store's credentials.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Sandbox {
@@ -44,6 +46,7 @@ impl Default for Sandbox {
             memory_bytes: 1 << 30,
             table_elements: 100_000,
             http_allow: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -57,6 +60,12 @@ impl Sandbox {
     /// (`host:port`).
     pub fn allow_http(mut self, authorities: impl IntoIterator<Item = String>) -> Self {
         self.http_allow.extend(authorities);
+        self
+    }
+
+    /// This sandbox, also passing `vars` to the plugin's environment.
+    pub fn with_env(mut self, vars: impl IntoIterator<Item = (String, String)>) -> Self {
+        self.env.extend(vars);
         self
     }
 
@@ -77,7 +86,7 @@ impl Sandbox {
 }
 
 /// Data of one plugin store: WASI state (only the partition's directory,
-/// no sockets, no environment), wasi:http state (used only where the
+/// no sockets, only the sandbox's environment variables), wasi:http state (used only where the
 /// linker provides wasi:http) and the limits.
 pub(crate) struct PluginState {
     wasi: WasiCtx,
@@ -119,12 +128,15 @@ impl PluginState {
         // directly, avoiding a thread hop per WASI call (~10-30 us; reads
         // of 1 MiB took twice as long with the hop).
         b.allow_blocking_current_thread(true);
-        // No network: these are wasmtime-wasi's defaults, stated here so a
-        // change of defaults cannot open it. Backends that need an endpoint
-        // (etcd, S3) get an allow-list with their own issue.
+        // No sockets: these are wasmtime-wasi's defaults, stated here so a
+        // change of defaults cannot open them. Backends that need an
+        // endpoint (etcd, S3) get wasi:http through the allow-list.
         b.allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false);
+        for (k, v) in &sandbox.env {
+            b.env(k, v);
+        }
         if let Some(dir) = data_dir {
             b.preopened_dir(dir, "/data", FsPerms::ReadWrite)?;
         }

@@ -69,6 +69,12 @@ impl<L> OffsetIndex<L> {
         self.entries.push_back(entry);
     }
 
+    /// Where each batch lives, oldest first, to rewrite locations (a
+    /// buffer uploaded as an object, say); offsets cannot change here.
+    pub fn locs_mut(&mut self) -> impl DoubleEndedIterator<Item = &mut L> {
+        self.entries.iter_mut().map(|e| &mut e.loc)
+    }
+
     /// Position of the batch that holds `offset`.
     pub fn find(&self, offset: u64) -> Option<usize> {
         let i = self.entries.partition_point(|e| e.next <= offset);
