@@ -93,10 +93,12 @@ impl Config {
                 "access_key_id" => key_id = Some(v.trim().to_string()),
                 "secret_access_key" => secret = Some(v.trim().to_string()),
                 "session_token" => token = Some(v.trim().to_string()),
-                "segment.bytes" => segment_bytes = number(k, v, 1024..=1 << 30)?,
+                // Bounded well below the instance's 1 GiB memory limit:
+                // the buffer, a fetched segment and the cache share it.
+                "segment.bytes" => segment_bytes = number(k, v, 1024..=256 << 20)?,
                 "upload.interval.ms" => upload_ms = number(k, v, 0..=3_600_000)?,
                 "timeout.ms" => timeout_ms = number(k, v, 10..=60_000)?,
-                "cache.bytes" => cache_bytes = number(k, v, 0..=1 << 40)?,
+                "cache.bytes" => cache_bytes = number(k, v, 0..=256 << 20)?,
                 _ => return Err(format!("unknown setting `{k}`; storage-s3 takes {KEYS}")),
             }
         }

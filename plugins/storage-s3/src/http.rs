@@ -11,10 +11,6 @@ use wasip2::http::types::{
 };
 use wasip2::io::streams::StreamError;
 
-/// Longest response body read: objects are at most a segment plus one
-/// batch (segment.bytes is capped at 1 GiB, batches at 16 MiB).
-const MAX_RESPONSE: usize = (1 << 30) + (16 << 20);
-
 /// Why a request got no answer.
 #[derive(Debug)]
 pub enum Failure {
@@ -52,6 +48,7 @@ pub fn request(
     headers: &[(String, String)],
     body: &[u8],
     timeout: Duration,
+    max_response: usize,
 ) -> Result<Response, Failure> {
     let local =
         |what: &str| Failure::Unreachable(format!("{authority}: building the request: {what}"));
@@ -134,7 +131,7 @@ pub fn request(
     let incoming = response
         .consume()
         .map_err(|()| Failure::Unreachable(format!("{authority}: response body unavailable")))?;
-    let body = read_all(authority, &incoming)?;
+    let body = read_all(authority, &incoming, max_response)?;
     drop(IncomingBody::finish(incoming));
     Ok(Response { status, body })
 }
@@ -173,7 +170,9 @@ fn write_body(authority: &str, outgoing: &OutgoingBody, body: &[u8]) -> Result<(
     Ok(())
 }
 
-fn read_all(authority: &str, incoming: &IncomingBody) -> Result<Vec<u8>, Failure> {
+/// The whole response body, refusing one over `max` bytes (a broken or
+/// hostile server must not make the instance run out of memory).
+fn read_all(authority: &str, incoming: &IncomingBody, max: usize) -> Result<Vec<u8>, Failure> {
     let stream = incoming.stream().map_err(|()| {
         Failure::Unreachable(format!("{authority}: response body stream unavailable"))
     })?;
@@ -182,9 +181,9 @@ fn read_all(authority: &str, incoming: &IncomingBody) -> Result<Vec<u8>, Failure
         match stream.blocking_read(1 << 20) {
             Ok(chunk) => {
                 out.extend_from_slice(&chunk);
-                if out.len() > MAX_RESPONSE {
+                if out.len() > max {
                     return Err(Failure::Unreachable(format!(
-                        "{authority}: response larger than {MAX_RESPONSE} bytes"
+                        "{authority}: response larger than {max} bytes"
                     )));
                 }
             }

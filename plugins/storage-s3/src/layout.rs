@@ -2,15 +2,21 @@
 //! small control objects (generation claims and checkpoints).
 //!
 //! Under `P = <prefix><topic>/<partition>/`:
-//! - `P/gen/<g:020>`: the claim of writer generation `g`, created with
-//!   `If-None-Match: *` so exactly one opener gets each generation. It
-//!   records the valid log at the moment it was claimed: every segment
-//!   of an older generation that still counts and where it is cut, the
-//!   log end, and the checkpoint inherited.
+//! - `P/gen/<g:020>`: the fence of writer generation `g`, created with
+//!   `If-None-Match: *` so exactly one instance gets each generation. Its
+//!   existence fences every older generation: their writes check for it.
+//! - `P/man/<g:020>`: generation `g`'s claim (manifest), written once `g`
+//!   knows the log it starts from: every segment of an older generation
+//!   that still counts and where it is cut, the log end, and the
+//!   checkpoint inherited. A generation writes nothing else before it,
+//!   so a fence without a manifest (an opener that died) has no data.
 //! - `P/seg/<base:020>-<g:020>`: a segment written by generation `g`,
 //!   batches back to back from offset `base`. Never overwritten.
-//! - `P/chk/<g:020>`: generation `g`'s latest checkpoint (log start, high
-//!   watermark, leader epochs), overwritten in place by its one writer.
+//! - `P/chk/<g:020>-<n:020>`: generation `g`'s `n`-th checkpoint (log
+//!   start, high watermark, leader epochs), created with `If-None-Match: *`;
+//!   the highest `n` counts. Never overwritten: a PUT that timed out and
+//!   lands late can only add an older checkpoint, never replace a newer one
+//!   (an epoch cache that lost an entry would mislead truncation).
 //!
 //! Control objects are text, one field per line, ending with a CRC-32C
 //! line over the text before it, so an operator can read them and a
@@ -22,24 +28,29 @@ pub fn partition_prefix(prefix: &str, topic: &str, partition: u32) -> String {
     format!("{prefix}{topic}/{partition}/")
 }
 
-pub fn claim_key(p: &str, gen_: u64) -> String {
+pub fn fence_key(p: &str, gen_: u64) -> String {
     format!("{p}gen/{gen_:020}")
+}
+
+pub fn claim_key(p: &str, gen_: u64) -> String {
+    format!("{p}man/{gen_:020}")
 }
 
 pub fn segment_key(p: &str, base: u64, gen_: u64) -> String {
     format!("{p}seg/{base:020}-{gen_:020}")
 }
 
-pub fn checkpoint_key(p: &str, gen_: u64) -> String {
-    format!("{p}chk/{gen_:020}")
+pub fn checkpoint_key(p: &str, gen_: u64, seq: u64) -> String {
+    format!("{p}chk/{gen_:020}-{seq:020}")
 }
 
 /// What a key under `p` names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Name {
+    Fence(u64),
     Claim(u64),
     Segment { base: u64, gen_: u64 },
-    Checkpoint(u64),
+    Checkpoint { gen_: u64, seq: u64 },
     Unknown,
 }
 
@@ -49,10 +60,16 @@ pub fn parse_key(p: &str, key: &str) -> Name {
     };
     let num = |s: &str| (s.len() == 20).then(|| s.parse::<u64>().ok()).flatten();
     if let Some(g) = rest.strip_prefix("gen/").and_then(num) {
+        return Name::Fence(g);
+    }
+    if let Some(g) = rest.strip_prefix("man/").and_then(num) {
         return Name::Claim(g);
     }
-    if let Some(g) = rest.strip_prefix("chk/").and_then(num) {
-        return Name::Checkpoint(g);
+    if let Some(s) = rest.strip_prefix("chk/")
+        && let Some((g, n)) = s.split_once('-')
+        && let (Some(gen_), Some(seq)) = (num(g), num(n))
+    {
+        return Name::Checkpoint { gen_, seq };
     }
     if let Some(s) = rest.strip_prefix("seg/")
         && let Some((b, g)) = s.split_once('-')
@@ -226,8 +243,12 @@ mod tests {
     fn names_round_trip_and_foreign_keys_are_unknown() {
         let p = partition_prefix("node-1/", "orders", 3);
         assert_eq!(p, "node-1/orders/3/");
+        assert_eq!(parse_key(&p, &fence_key(&p, 7)), Name::Fence(7));
         assert_eq!(parse_key(&p, &claim_key(&p, 7)), Name::Claim(7));
-        assert_eq!(parse_key(&p, &checkpoint_key(&p, 7)), Name::Checkpoint(7));
+        assert_eq!(
+            parse_key(&p, &checkpoint_key(&p, 7, 2)),
+            Name::Checkpoint { gen_: 7, seq: 2 }
+        );
         assert_eq!(
             parse_key(&p, &segment_key(&p, 120, 7)),
             Name::Segment { base: 120, gen_: 7 }

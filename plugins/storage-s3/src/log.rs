@@ -97,9 +97,15 @@ pub struct S3Log {
     maybe_uploaded_end: u64,
     hw: u64,
     epochs: Vec<(u32, u64)>,
+    /// Last checkpoint number used in this generation, and the last one
+    /// known written.
+    checkpoint_seq: u64,
+    checkpoint_written: Option<u64>,
     cache: VecDeque<(u64, Rc<Vec<u8>>)>,
     cache_used: u64,
     fenced: Option<String>,
+    /// Recovery cut the log at damage: keep every object this time.
+    recovery_cut: bool,
     pub notes: Vec<String>,
 }
 
@@ -174,6 +180,10 @@ impl S3Log {
             region: config.region.clone(),
             creds: config.creds,
             timeout: config.timeout,
+            // A segment may end with one batch past segment.bytes.
+            max_response: config.segment_bytes as usize
+                + replicator_plugin_sdk::MAX_BATCH_LEN as usize
+                + (1 << 20),
         };
         let mut log = S3Log {
             client,
@@ -190,100 +200,95 @@ impl S3Log {
             maybe_uploaded_end: 0,
             hw: 0,
             epochs: Vec::new(),
+            checkpoint_seq: 0,
+            checkpoint_written: None,
             cache: VecDeque::new(),
             cache_used: 0,
             fenced: None,
+            recovery_cut: false,
             notes: Vec::new(),
         };
-        let mut base_claim: Option<Claim> = None;
-        for _attempt in 0..4 {
-            let listing = log.client.list(&log.p, None, None)?;
-            let names: Vec<Name> = listing
-                .iter()
-                .map(|l| layout::parse_key(&log.p, &l.key))
-                .collect();
-            let top = names
-                .iter()
-                .filter_map(|n| match n {
-                    Name::Claim(g) => Some(*g),
-                    _ => None,
-                })
-                .max();
-            // The claim to recover from: on a retry, the same one as
-            // before (our own later claim lacks what raced it).
-            let claim = match (&base_claim, top) {
-                (Some(c), _) => c.clone(),
-                (None, None) => Claim {
-                    gen_: 0,
-                    end: 0,
-                    checkpoint: Checkpoint::default(),
-                    kept: Vec::new(),
-                },
-                (None, Some(g)) => {
-                    let key = layout::claim_key(&log.p, g);
-                    let bytes = log.client.get(&key)?.ok_or_else(|| {
-                        Error::Unavailable(format!("{key} was listed but is gone; retry"))
-                    })?;
-                    Claim::decode(&bytes).map_err(|e| {
-                        Error::Corrupt(format!(
-                            "{key}: {e}; this claim says which segments count, so the log cannot be recovered without it"
-                        ))
-                    })?
-                }
-            };
-            base_claim = Some(claim.clone());
-            let seen: BTreeSet<(u64, u64)> = names
-                .iter()
-                .filter_map(|n| match n {
-                    Name::Segment { base, gen_ } => Some((*base, *gen_)),
-                    _ => None,
-                })
-                .collect();
-            let has_checkpoint = names.contains(&Name::Checkpoint(claim.gen_));
-            log.recover(&claim, &seen, has_checkpoint)?;
-            // Claim the next generation; exactly one opener gets it.
-            let next = top.unwrap_or(0).max(claim.gen_) + 1;
-            let new_claim = Claim {
-                gen_: next,
-                end: log.buffer_base,
-                checkpoint: log.checkpoint(),
-                kept: log.kept(),
-            };
-            let key = layout::claim_key(&log.p, next);
-            match log.client.put(&key, &new_claim.encode(), true) {
-                Ok(()) => {}
-                Err(s3::Error::Exists) => {
-                    return Err(Error::Conflict(format!(
-                        "another instance claimed generation {next} of {} at the same time; two nodes may share this prefix",
-                        log.p
-                    )));
-                }
-                Err(e) => return Err(e.into()),
+        // 1. Fence first: from the moment `gen/<next>` exists, no older
+        // generation's write can pass its post-write check, so everything
+        // one reported as successful is visible to the listing below.
+        let fences = log.client.list(&format!("{}gen/", log.p), None, None)?;
+        let top = fences
+            .iter()
+            .filter_map(|l| match layout::parse_key(&log.p, &l.key) {
+                Name::Fence(g) => Some(g),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        let next = top + 1;
+        log.claim_fence(next).map_err(|e| match e {
+            Error::Fenced(_) => Error::Conflict(format!(
+                "another instance took generation {next} of {} at the same time; two nodes may share this prefix",
+                log.p
+            )),
+            e => e,
+        })?;
+        // 2. Recover from the newest manifest and what its generation
+        // wrote after it.
+        let listing = log.client.list(&log.p, None, None)?;
+        let names: Vec<Name> = listing
+            .iter()
+            .map(|l| layout::parse_key(&log.p, &l.key))
+            .collect();
+        let newest = names
+            .iter()
+            .filter_map(|n| match n {
+                Name::Claim(g) if *g < next => Some(*g),
+                _ => None,
+            })
+            .max();
+        let claim = match newest {
+            None => Claim {
+                gen_: 0,
+                end: 0,
+                checkpoint: Checkpoint::default(),
+                kept: Vec::new(),
+            },
+            Some(g) => {
+                let key = layout::claim_key(&log.p, g);
+                let bytes = log
+                    .client
+                    .get(&key)?
+                    .ok_or_else(|| Error::Corrupt(format!("{key} was listed but is gone")))?;
+                Claim::decode(&bytes).map_err(|e| {
+                    Error::Corrupt(format!(
+                        "{key}: {e}; this manifest says which segments count, so the log cannot be recovered without it"
+                    ))
+                })?
             }
-            log.gen_ = next;
-            // A segment of the generation we recovered from that was
-            // stored after our listing may have been reported successful
-            // (its writer had not seen our claim yet): recover again.
-            let after = log.client.list(&format!("{}seg/", log.p), None, None)?;
-            let raced = after.iter().any(|l| {
-                matches!(layout::parse_key(&log.p, &l.key),
-                    Name::Segment { base, gen_ } if gen_ == claim.gen_ && !seen.contains(&(base, gen_)))
-            });
-            if raced {
-                log.notes.push(format!(
-                    "generation {} wrote while generation {next} was being claimed; recovering again",
-                    claim.gen_
-                ));
-                continue;
-            }
-            log.check_fencing()?;
-            log.collect_garbage(&after);
-            return Ok(log);
+        };
+        let listed: BTreeSet<(u64, u64)> = names
+            .iter()
+            .filter_map(|n| match n {
+                Name::Segment { base, gen_ } => Some((*base, *gen_)),
+                _ => None,
+            })
+            .collect();
+        let mut checkpoints: Vec<u64> = names
+            .iter()
+            .filter_map(|n| match n {
+                Name::Checkpoint { gen_, seq } if *gen_ == claim.gen_ => Some(*seq),
+                _ => None,
+            })
+            .collect();
+        checkpoints.sort_unstable_by(|a, b| b.cmp(a));
+        log.recover(&claim, &listed, &checkpoints)?;
+        // 3. Seal: the manifest makes the generation the one to recover
+        // from. Then check nobody fenced us meanwhile; only then collect
+        // garbage (a newer opener fenced after this check recovers from
+        // this manifest, so nothing it needs is deleted).
+        log.write_claim(next)?;
+        log.gen_ = next;
+        log.check_fencing()?;
+        if !log.recovery_cut {
+            log.collect_garbage(&listing);
         }
-        Err(Error::Conflict(format!(
-            "an older writer of {} kept writing while this one opened; is another node using the same prefix?",
-            log.p
-        )))
+        Ok(log)
     }
 
     /// Rebuild the index from `claim` and the listed segments.
@@ -291,22 +296,24 @@ impl S3Log {
         &mut self,
         claim: &Claim,
         listed: &BTreeSet<(u64, u64)>,
-        has_checkpoint: bool,
+        checkpoints: &[u64],
     ) -> Result<(), Error> {
+        // The newest readable checkpoint of the claimed generation, else
+        // the one the claim carries.
         let mut checkpoint = claim.checkpoint.clone();
-        if has_checkpoint {
-            let key = layout::checkpoint_key(&self.p, claim.gen_);
-            match self.client.get(&key)? {
-                Some(bytes) => match layout::decode_checkpoint(&bytes) {
-                    Ok((g, c)) if g == claim.gen_ => checkpoint = c,
+        for &seq in checkpoints {
+            let key = layout::checkpoint_key(&self.p, claim.gen_, seq);
+            if let Some(bytes) = self.client.get(&key)? {
+                match layout::decode_checkpoint(&bytes) {
+                    Ok((g, c)) if g == claim.gen_ => {
+                        checkpoint = c;
+                        break;
+                    }
                     Ok((g, _)) => self
                         .notes
-                        .push(format!("{key} names generation {g}; using the claim's")),
-                    Err(e) => self.notes.push(format!(
-                        "{key} is damaged ({e}); using the claim's checkpoint"
-                    )),
-                },
-                None => {}
+                        .push(format!("{key} names generation {g}; skipped")),
+                    Err(e) => self.notes.push(format!("{key} is damaged ({e}); skipped")),
+                }
             }
         }
         let mut candidates: Vec<Candidate> = claim
@@ -332,9 +339,16 @@ impl S3Log {
         let mut segments = BTreeMap::new();
         let mut started = false;
         let mut own_started = false;
-        for c in candidates {
-            if c.cut.is_some_and(|cut| cut <= checkpoint.log_start) {
-                continue; // wholly below the log start: deleted or deletable
+        let next_bases: Vec<Option<u64>> = (0..candidates.len())
+            .map(|i| candidates.get(i + 1).map(|c| c.base))
+            .collect();
+        for (c, next_base) in candidates.into_iter().zip(next_bases) {
+            // Wholly below the log start: deleted, or about to be by the
+            // prefix delete that moved the start (maybe still running in
+            // an older instance).
+            let end_at_most = c.cut.or(next_base);
+            if end_at_most.is_some_and(|end| end <= checkpoint.log_start) {
+                continue;
             }
             if c.cut.is_none() && !own_started {
                 own_started = true;
@@ -354,20 +368,21 @@ impl S3Log {
                 index = OffsetIndex::empty_at(c.base);
                 segments.clear();
             }
+            // Objects that should be there and are not were deleted behind
+            // the plugin's back: refuse, leaving everything as it is,
+            // rather than cut the log and collect the rest as garbage.
             if c.base != index.log_end() {
-                self.notes.push(format!(
-                    "{key} starts at {}, but the log ends at {}: the log is cut there",
+                return Err(Error::Corrupt(format!(
+                    "{key} starts at {}, but the log before it ends at {}: a segment is missing; refusing to open",
                     c.base,
                     index.log_end()
-                ));
-                break;
+                )));
             }
             let Some(bytes) = self.client.get(&key)? else {
-                self.notes.push(format!(
-                    "{key} is missing: the log is cut at {}",
+                return Err(Error::Corrupt(format!(
+                    "{key} is missing from the store (the log reaches {} before it); refusing to open",
                     index.log_end()
-                ));
-                break;
+                )));
             };
             let (batches, problem) = scan(&bytes, c.base, c.cut);
             for (h, pos) in &batches {
@@ -393,10 +408,14 @@ impl S3Log {
                 self.cache_insert(c.base, Rc::new(bytes));
             }
             if let Some(why) = problem {
+                // Damage inside an object (bit rot, a bad write by a
+                // foreign tool): like a torn tail, cut back to the last
+                // whole batch; replication refills the rest.
                 self.notes.push(format!(
-                    "{key}: {why}; the log is cut back to {}",
+                    "{key}: {why}; the log is cut back to {}; later objects are kept until the next open",
                     index.log_end()
                 ));
+                self.recovery_cut = true;
                 break;
             }
         }
@@ -458,7 +477,11 @@ impl S3Log {
         if let Ok(control) = self.client.list(&self.p, None, None) {
             for l in control {
                 match layout::parse_key(&self.p, &l.key) {
-                    Name::Claim(g) | Name::Checkpoint(g) if g < self.gen_ => doomed.push(l.key),
+                    Name::Fence(g) | Name::Claim(g) | Name::Checkpoint { gen_: g, .. }
+                        if g < self.gen_ =>
+                    {
+                        doomed.push(l.key)
+                    }
                     _ => {}
                 }
             }
@@ -479,7 +502,7 @@ impl S3Log {
     fn check_fencing(&mut self) -> Result<(), Error> {
         let newer = self.client.list(
             &format!("{}gen/", self.p),
-            Some(&layout::claim_key(&self.p, self.gen_)),
+            Some(&layout::fence_key(&self.p, self.gen_)),
             Some(1),
         )?;
         if let Some(n) = newer.first() {
@@ -502,32 +525,72 @@ impl S3Log {
     /// truncation or reset that may undo uploaded data).
     fn claim_next(&mut self) -> Result<(), Error> {
         let next = self.gen_ + 1;
-        let claim = Claim {
-            gen_: next,
-            end: self.buffer_base,
-            checkpoint: self.checkpoint(),
-            kept: self.kept(),
-        };
-        let key = layout::claim_key(&self.p, next);
-        match self.client.put(&key, &claim.encode(), true) {
-            Ok(()) => {}
-            Err(s3::Error::Exists) => {
-                return Err(self.fence(format!(
-                    "fenced: generation {next} was claimed by another instance"
-                )));
-            }
-            Err(e) => return Err(e.into()),
-        }
+        self.claim_fence(next)?;
+        self.write_claim(next)?;
         self.gen_ = next;
+        self.checkpoint_seq = 0;
+        self.checkpoint_written = None;
         self.maybe_uploaded_end = self.buffer_base;
         self.check_fencing()
     }
 
+    /// Create generation `g`'s fence; someone else having it fences us.
+    fn claim_fence(&mut self, g: u64) -> Result<(), Error> {
+        let key = layout::fence_key(&self.p, g);
+        let body = format!("replicator-s3 fence v1\ngeneration {g}\n");
+        match self.client.put(&key, body.as_bytes(), true) {
+            Ok(()) => Ok(()),
+            Err(s3::Error::Exists) => Err(self.fence(format!(
+                "fenced: generation {g} was taken by another instance"
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Write generation `g`'s manifest of the log as it is now.
+    fn write_claim(&mut self, g: u64) -> Result<(), Error> {
+        let claim = Claim {
+            gen_: g,
+            end: self.buffer_base,
+            checkpoint: self.checkpoint(),
+            kept: self.kept(),
+        };
+        let key = layout::claim_key(&self.p, g);
+        match self.client.put(&key, &claim.encode(), true) {
+            Ok(()) => Ok(()),
+            Err(s3::Error::Exists) => Err(self.fence(format!(
+                "fenced: {key} exists; another instance uses generation {g}"
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn write_checkpoint(&mut self) -> Result<(), Error> {
-        let key = layout::checkpoint_key(&self.p, self.gen_);
+        let seq = self.checkpoint_seq + 1;
+        let key = layout::checkpoint_key(&self.p, self.gen_, seq);
         let body = layout::encode_checkpoint(self.gen_, &self.checkpoint());
-        self.client.put(&key, &body, false)?;
-        self.check_fencing()
+        // A number is never reused, even after a failure whose PUT may
+        // still land.
+        self.checkpoint_seq = seq;
+        match self.client.put(&key, &body, true) {
+            Ok(()) => {}
+            Err(s3::Error::Exists) => {
+                return Err(self.fence(format!(
+                    "fenced: {key} exists; another writer uses generation {}",
+                    self.gen_
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.check_fencing()?;
+        // The previous one no longer counts (best effort; open collects
+        // what is left).
+        if let Some(prev) = self.checkpoint_written.replace(seq) {
+            let _ = self
+                .client
+                .delete(&layout::checkpoint_key(&self.p, self.gen_, prev));
+        }
+        Ok(())
     }
 
     /// Upload the buffer as one segment object.
@@ -621,10 +684,11 @@ impl S3Log {
             ))
         })?;
         let key = layout::segment_key(&self.p, base, seg.gen_);
-        let bytes = self
-            .client
-            .get(&key)?
-            .ok_or_else(|| Error::Corrupt(format!("{key} is gone from the store")))?;
+        let Some(bytes) = self.client.get(&key)? else {
+            // A newer owner may have collected it: if so, say fenced.
+            self.check_fencing()?;
+            return Err(Error::Corrupt(format!("{key} is gone from the store")));
+        };
         let o = Rc::new(bytes);
         self.cache_insert(base, o.clone());
         Ok(o)

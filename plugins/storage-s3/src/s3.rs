@@ -37,6 +37,8 @@ pub struct Client {
     pub region: String,
     pub creds: Credentials,
     pub timeout: Duration,
+    /// Longest response body accepted: a segment and one batch.
+    pub max_response: usize,
 }
 
 pub struct Listed {
@@ -99,13 +101,18 @@ impl Client {
         } else {
             format!("{path}?{qs}")
         };
-        http::request(method, &self.authority, &full, &headers, body, self.timeout).map_err(|f| {
-            match f {
-                Failure::Denied(m) => Error::Refused(m),
-                Failure::Unreachable(m) => {
-                    Error::Unavailable(format!("S3 endpoint unreachable: {m}"))
-                }
-            }
+        http::request(
+            method,
+            &self.authority,
+            &full,
+            &headers,
+            body,
+            self.timeout,
+            self.max_response,
+        )
+        .map_err(|f| match f {
+            Failure::Denied(m) => Error::Refused(m),
+            Failure::Unreachable(m) => Error::Unavailable(format!("S3 endpoint unreachable: {m}")),
         })
     }
 
@@ -121,15 +128,26 @@ impl Client {
         };
         match (r.status, code.as_str()) {
             (
-                403,
+                400 | 403,
                 "InvalidAccessKeyId"
                 | "SignatureDoesNotMatch"
                 | "InvalidToken"
                 | "ExpiredToken"
+                | "TokenRefreshRequired"
                 | "InvalidClientTokenId",
             ) => Error::Refused(format!(
                 "{what}: S3 refused the credentials ({said}); check access_key_id and secret_access_key in the plugin config, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
             )),
+            (_, "AuthorizationHeaderMalformed" | "PermanentRedirect") => Error::Refused(format!(
+                "{what}: the bucket is not in region `{}` ({said}); set `region`",
+                self.region
+            )),
+            (_, "RequestTimeTooSkewed") => Error::Refused(format!(
+                "{what}: S3 says this machine's clock is off ({said}); signatures carry the time, so fix the clock"
+            )),
+            (400 | 409, "ConditionalRequestConflict" | "OperationAborted" | "RequestTimeout") => {
+                Error::Unavailable(format!("{what}: S3 asks to retry ({said})"))
+            }
             (403, _) => Error::Refused(format!(
                 "{what}: S3 denied access to bucket `{}` ({said})",
                 self.bucket
