@@ -205,6 +205,32 @@ async fn a_missing_segment_is_refused_and_an_abandoned_fence_is_skipped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_larger_than_a_segment_is_split_into_segments() {
+    let moto = Moto::start();
+    let mut config = config(&moto, "split/");
+    config.push(("segment.bytes".into(), "65536".into()));
+    let log = open(&config).await.expect("open");
+    // One append of 40 batches of ~10 KB, as a follower appends a whole
+    // fetch response: far more than one segment.
+    let batches: Vec<Bytes> = (0..40).map(|i| batch_at(i, 10_000)).collect();
+    let whole: Vec<u8> = batches.iter().flat_map(|b| b.iter().copied()).collect();
+    assert_eq!(log.append(Bytes::from(whole)).await.expect("append"), 40);
+    log.flush().await.expect("flush");
+    log.close().await;
+    let segments = moto.list_keys("split/t/0/seg/");
+    let largest_batch = batches.iter().map(Bytes::len).max().unwrap_or(0) as u64;
+    assert!(segments.len() >= 6, "{segments:?}");
+    for (key, size) in &segments {
+        assert!(*size <= 65536, "{key} holds {size} bytes, over segment.bytes");
+        assert!(*size >= largest_batch, "{key} holds {size} bytes");
+    }
+    let log = open(&config).await.expect("reopen");
+    assert_eq!(log.bounds().await.expect("bounds").log_end, 40);
+    assert_eq!(log.read(39, 1).await.expect("read"), batches[39]);
+    log.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_writer_fences_the_first() {
     let moto = Moto::start();
     let config = config(&moto, "fence/");
@@ -450,8 +476,7 @@ fn three_nodes_on_s3_replicate_and_ride_out_the_store_going_away() {
     let log2 = c.log(2);
     let reopened = log2
         .lines()
-        .filter(|l| l.contains("opened log: [0, "))
-        .last()
+        .rfind(|l| l.contains("opened log: [0, "))
         .expect("node 2 reopened its log");
     assert!(
         !reopened.contains("opened log: [0, 0)"),

@@ -175,12 +175,13 @@ fn main() {
         mbs(total, read)
     );
     println!(
-        "objects written: {} segments, {:.1} MB (min {} B, mean {} B, max {} B); {} claims; {} checkpoints",
+        "objects written: {} segments, {:.1} MB (min {} B, mean {} B, max {} B); {} manifests, {} fences, {} checkpoints left after the reopen's garbage collection",
         segs.len(),
         seg_bytes as f64 / 1e6,
         segs.iter().min().copied().unwrap_or(0),
         seg_bytes / (segs.len() as u64).max(1),
         segs.iter().max().copied().unwrap_or(0),
+        of("/man/").len(),
         of("/gen/").len(),
         of("/chk/").len()
     );

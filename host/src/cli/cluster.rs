@@ -209,7 +209,7 @@ pub fn init(args: &InitArgs) -> anyhow::Result<PathBuf> {
                 cert: format!("node-{id}.pem").into(),
                 key: format!("node-{id}-key.pem").into(),
             },
-            storage: node_storage(&args, id),
+            storage: node_storage(args, id),
             metadata: metadata.clone(),
             replication: replication.clone(),
             failover: Default::default(),

@@ -128,10 +128,25 @@ pub fn request(
         }
     };
     let status = response.status();
+    let declared: Option<usize> = response
+        .headers()
+        .get("content-length")
+        .first()
+        .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok());
     let incoming = response
         .consume()
         .map_err(|()| Failure::Unreachable(format!("{authority}: response body unavailable")))?;
     let body = read_all(authority, &incoming, max_response)?;
+    // A body cut short must not pass for a short object (recovery would
+    // take it for damage and cut the log).
+    if let Some(n) = declared
+        && n != body.len()
+    {
+        return Err(Failure::Unreachable(format!(
+            "{authority}: the answer declared {n} bytes but {} arrived",
+            body.len()
+        )));
+    }
     drop(IncomingBody::finish(incoming));
     Ok(Response { status, body })
 }

@@ -9,15 +9,17 @@
 //! never runs ahead of persisted data). Replication covers the rest, as
 //! Kafka's unflushed page cache does.
 //!
-//! Fencing (see `layout.rs` for the names): opening claims the next
-//! generation with `If-None-Match: *`, so two openers never share one.
-//! After every write the writer lists claims above its own; if there is
-//! one, it is fenced and its write is reported failed. An opener claims
-//! first and lists again afterwards, so a write of the previous generation
-//! that raced the claim and was reported successful is seen and kept.
-//! Truncating data that may have been uploaded also claims a new
-//! generation, whose claim says exactly which older segments still count
-//! and where they are cut: nothing is ever rewritten in place.
+//! Fencing (see `layout.rs` for the names): opening first creates the
+//! next generation's fence with `If-None-Match: *`, so two openers never
+//! share one. After every write the writer lists the fences above its
+//! own; if there is one, it is fenced and its write is reported failed.
+//! Since the opener fences before it lists, any write an older generation
+//! reported successful (its check ran before the fence existed) is in the
+//! listing. The opener then writes its manifest, checks it was not fenced
+//! meanwhile, and only then collects garbage. Truncating data that may
+//! have been uploaded also takes a new generation, whose manifest says
+//! exactly which older segments still count and where they are cut:
+//! nothing is ever rewritten in place.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::rc::Rc;
@@ -90,6 +92,10 @@ pub struct S3Log {
     segments: BTreeMap<u64, Segment>,
     /// Batches not uploaded yet, from `buffer_base` to the log end.
     buffer: Vec<u8>,
+    /// Where each buffered batch ends: (byte length of the buffer up to
+    /// and including it, next offset). Kept apart from the index, which
+    /// forgets batches below the log start.
+    buffer_marks: VecDeque<(usize, u64)>,
     buffer_base: u64,
     buffer_since: Option<Instant>,
     /// Highest offset an upload may have stored, even if it reported
@@ -170,8 +176,9 @@ fn scan(bytes: &[u8], base: u64, cut: Option<u64>) -> (Vec<(BatchHeader, usize)>
 }
 
 impl S3Log {
-    /// Open (recover) the log under `<prefix><topic>/<partition>/` and
-    /// claim the next writer generation.
+    /// Open (recover) the log under `<prefix><topic>/<partition>/` as the
+    /// next writer generation: fence, list, recover, write the manifest,
+    /// check, collect garbage.
     pub fn open(config: Config, topic: &str, partition: u32) -> Result<S3Log, Error> {
         let p = layout::partition_prefix(&config.prefix, topic, partition);
         let client = s3::Client {
@@ -195,6 +202,7 @@ impl S3Log {
             index: OffsetIndex::empty_at(0),
             segments: BTreeMap::new(),
             buffer: Vec::new(),
+            buffer_marks: VecDeque::new(),
             buffer_base: 0,
             buffer_since: None,
             maybe_uploaded_end: 0,
@@ -243,6 +251,15 @@ impl S3Log {
             })
             .max();
         let claim = match newest {
+            None if names
+                .iter()
+                .any(|n| matches!(n, Name::Segment { .. } | Name::Checkpoint { .. })) =>
+            {
+                return Err(Error::Corrupt(format!(
+                    "{} holds segments or checkpoints but no manifest says which count; refusing to open",
+                    log.p
+                )));
+            }
             None => Claim {
                 gen_: 0,
                 end: 0,
@@ -434,7 +451,7 @@ impl S3Log {
         }
         self.index = index;
         self.segments = segments;
-        self.buffer.clear();
+        self.cut_buffer(0);
         self.buffer_base = end;
         self.buffer_since = None;
         self.maybe_uploaded_end = end;
@@ -462,7 +479,7 @@ impl S3Log {
             .collect()
     }
 
-    /// Delete what no claim from ours on can need: older claims and
+    /// Delete what no manifest from ours on can need: older fences, manifests and
     /// checkpoints, segments that neither count nor are ours. Best effort.
     fn collect_garbage(&mut self, segments_listed: &[s3::Listed]) {
         let mut doomed: Vec<String> = Vec::new();
@@ -507,7 +524,7 @@ impl S3Log {
         )?;
         if let Some(n) = newer.first() {
             return Err(self.fence(format!(
-                "fenced: {} was claimed after this writer's generation {}; another instance opened this partition",
+                "fenced: {} exists, newer than this writer's generation {}; another instance opened this partition",
                 n.key, self.gen_
             )));
         }
@@ -594,38 +611,48 @@ impl S3Log {
     }
 
     /// Upload the buffer as one segment object.
+    /// Upload the buffer as segment objects of at most `segment.bytes`
+    /// (or one batch, if a batch alone is larger): a follower appends whole
+    /// fetch responses, which may be larger than a segment.
     fn upload(&mut self) -> Result<(), Error> {
         self.writable()?;
-        if self.buffer.is_empty() {
-            return Ok(());
+        while let Some(&(first_len, first_next)) = self.buffer_marks.front() {
+            let (len, end) = self
+                .buffer_marks
+                .iter()
+                .take_while(|(e, _)| *e as u64 <= self.segment_bytes)
+                .last()
+                .copied()
+                .unwrap_or((first_len, first_next));
+            let key = layout::segment_key(&self.p, self.buffer_base, self.gen_);
+            self.maybe_uploaded_end = self.maybe_uploaded_end.max(self.index.log_end());
+            match self.client.put(&key, &self.buffer[..len], true) {
+                Ok(()) => {
+                    self.check_fencing()?;
+                    self.uploaded(len, end);
+                }
+                Err(s3::Error::Exists) => self.resume_upload(&key)?,
+                Err(e) => return Err(e.into()),
+            }
         }
-        let end = self.index.log_end();
-        let key = layout::segment_key(&self.p, self.buffer_base, self.gen_);
-        self.maybe_uploaded_end = self.maybe_uploaded_end.max(end);
-        match self.client.put(&key, &self.buffer, true) {
-            Ok(()) => {}
-            Err(s3::Error::Exists) => return self.resume_upload(&key),
-            Err(e) => return Err(e.into()),
-        }
-        self.check_fencing()?;
-        self.uploaded(self.buffer.len(), end);
         Ok(())
     }
 
     /// The segment key exists: an earlier attempt whose answer was lost
-    /// stored it. If it holds a prefix of the buffer, that prefix is
-    /// uploaded and the rest goes into a segment of its own.
+    /// stored it. If it holds a prefix of the buffer that ends at a batch,
+    /// that prefix is uploaded; the caller goes on with the rest.
     fn resume_upload(&mut self, key: &str) -> Result<(), Error> {
         let existing = self.client.get(key)?.unwrap_or_default();
-        let boundary = self.index.entries().find_map(|e| match e.loc {
-            Loc::Buffer(pos) if pos + e.len as usize == existing.len() => Some(e.next),
-            _ => None,
-        });
+        let boundary = self
+            .buffer_marks
+            .iter()
+            .find(|(e, _)| *e == existing.len())
+            .map(|&(_, next)| next);
         match boundary {
             Some(prefix_end) if self.buffer.starts_with(&existing) => {
                 self.check_fencing()?;
                 self.uploaded(existing.len(), prefix_end);
-                self.upload()
+                Ok(())
             }
             _ => Err(self.fence(format!(
                 "fenced: {key} exists with other content; another writer uses generation {}",
@@ -655,8 +682,21 @@ impl S3Log {
         }
         let rest = self.buffer.split_off(len);
         let object = std::mem::replace(&mut self.buffer, rest);
+        self.buffer_marks.retain(|(e, _)| *e > len);
+        for (e, _) in self.buffer_marks.iter_mut() {
+            *e -= len;
+        }
         self.cache_insert(base, Rc::new(object));
         self.buffer_base = end;
+        if self.buffer.is_empty() {
+            self.buffer_since = None;
+        }
+    }
+
+    /// Keep the first `len` buffered bytes (a batch boundary).
+    fn cut_buffer(&mut self, len: usize) {
+        self.buffer.truncate(len);
+        self.buffer_marks.retain(|(e, _)| *e <= len);
         if self.buffer.is_empty() {
             self.buffer_since = None;
         }
@@ -712,6 +752,8 @@ impl S3Log {
         let at = self.buffer.len();
         for l in &located {
             let h = l.header;
+            self.buffer_marks
+                .push_back((at + l.start + h.batch_len as usize, h.next_offset()));
             self.index.push(Entry {
                 base: h.base_offset,
                 next: h.next_offset(),
@@ -768,7 +810,7 @@ impl S3Log {
         if end >= self.maybe_uploaded_end {
             // Only buffered batches went: nothing stored names them.
             if let Some(Loc::Buffer(pos)) = removed.first().map(|e| e.loc) {
-                self.buffer.truncate(pos);
+                self.cut_buffer(pos);
             }
             if self.buffer.is_empty() {
                 self.buffer_since = None;
@@ -782,11 +824,11 @@ impl S3Log {
         // Uploaded data may be undone: the new generation's claim lists
         // what still counts.
         if end < self.buffer_base {
-            self.buffer.clear();
+            self.cut_buffer(0);
             self.buffer_base = end;
             self.buffer_since = None;
         } else if let Some(Loc::Buffer(pos)) = removed.first().map(|e| e.loc) {
-            self.buffer.truncate(pos);
+            self.cut_buffer(pos);
         }
         let dropped: Vec<(u64, Segment)> = self
             .segments
@@ -815,10 +857,14 @@ impl S3Log {
         }
         let past_end = offset > self.index.log_end();
         self.index.delete_prefix(offset);
+        // The newest segment stays (until the next open collects it): an
+        // opener lists it as its own generation's last segment and could
+        // not tell a late DELETE from a hole.
+        let newest = self.segments.keys().next_back().copied();
         let doomed: Vec<(u64, Segment)> = self
             .segments
             .iter()
-            .filter(|(_, s)| past_end || s.end <= offset)
+            .filter(|(b, s)| past_end || (s.end <= offset && Some(**b) != newest))
             .map(|(b, s)| (*b, *s))
             .collect();
         for (b, _) in &doomed {
@@ -827,7 +873,7 @@ impl S3Log {
         }
         if past_end {
             // A follower reset to its leader's log start: start over there.
-            self.buffer.clear();
+            self.cut_buffer(0);
             self.buffer_base = offset;
             self.buffer_since = None;
             self.claim_next()?;

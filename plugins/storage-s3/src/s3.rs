@@ -53,7 +53,7 @@ fn now_secs() -> u64 {
 }
 
 /// The text of the first `<tag>...</tag>` in `xml`, entities decoded.
-fn tag<'a>(xml: &'a str, name: &str) -> Option<String> {
+fn tag(xml: &str, name: &str) -> Option<String> {
     let open = format!("<{name}>");
     let close = format!("</{name}>");
     let start = xml.find(&open)? + open.len();
