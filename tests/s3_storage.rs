@@ -221,7 +221,10 @@ async fn an_append_larger_than_a_segment_is_split_into_segments() {
     let largest_batch = batches.iter().map(Bytes::len).max().unwrap_or(0) as u64;
     assert!(segments.len() >= 6, "{segments:?}");
     for (key, size) in &segments {
-        assert!(*size <= 65536, "{key} holds {size} bytes, over segment.bytes");
+        assert!(
+            *size <= 65536,
+            "{key} holds {size} bytes, over segment.bytes"
+        );
         assert!(*size >= largest_batch, "{key} holds {size} bytes");
     }
     let log = open(&config).await.expect("reopen");
@@ -363,26 +366,25 @@ fn produce(client: &str, topic: &str, n: &str) -> serde_json::Value {
         .unwrap_or(serde_json::Value::Null)
 }
 
+/// `cluster init` of `n` nodes on the s3 plugin against `moto`, with more
+/// `key=value` storage settings.
+fn s3_cluster(moto: &Moto, n: u32, settings: &[&str]) -> Cluster {
+    let mut pairs = vec![
+        format!("endpoint={}", moto.endpoint()),
+        format!("bucket={}", moto.bucket()),
+    ];
+    pairs.extend(settings.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = pairs
+        .iter()
+        .flat_map(|p| ["--storage-config", p.as_str()])
+        .collect();
+    Cluster::init_with(n, "s3", &args, |t| t)
+}
+
 #[test]
 fn three_nodes_on_s3_replicate_and_ride_out_the_store_going_away() {
     let moto = Moto::start();
-    let endpoint = format!("endpoint={}", moto.endpoint());
-    let bucket = format!("bucket={}", moto.bucket());
-    let mut c = Cluster::init_with(
-        3,
-        "s3",
-        &[
-            "--storage-config",
-            &endpoint,
-            "--storage-config",
-            &bucket,
-            "--storage-config",
-            "segment.bytes=65536",
-            "--storage-config",
-            "upload.interval.ms=200",
-        ],
-        |t| t,
-    );
+    let mut c = s3_cluster(&moto, 3, &["segment.bytes=65536", "upload.interval.ms=200"]);
     // Credentials from the environment, as an operator would pass them.
     c.env = vec![
         ("AWS_ACCESS_KEY_ID".into(), moto.access_key_id().into()),
@@ -487,24 +489,8 @@ fn three_nodes_on_s3_replicate_and_ride_out_the_store_going_away() {
 #[test]
 fn a_node_with_wrong_credentials_says_so() {
     let moto = Moto::start();
-    let endpoint = format!("endpoint={}", moto.endpoint());
-    let bucket = format!("bucket={}", moto.bucket());
     let key = format!("access_key_id={}", moto.access_key_id());
-    let mut c = Cluster::init_with(
-        1,
-        "s3",
-        &[
-            "--storage-config",
-            &endpoint,
-            "--storage-config",
-            &bucket,
-            "--storage-config",
-            &key,
-            "--storage-config",
-            "secret_access_key=wrong",
-        ],
-        |t| t,
-    );
+    let mut c = s3_cluster(&moto, 1, &[&key, "secret_access_key=wrong"]);
     c.start_all();
     c.wait_up();
     cli_ok(&[

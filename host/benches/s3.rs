@@ -15,36 +15,18 @@
 #[allow(dead_code)]
 mod s3;
 
-use std::time::{Duration, Instant};
+mod common;
+
+use std::time::Instant;
 
 use bytes::Bytes;
-use replicator::batch::{self, Record};
+use common::{MESSAGE, PER_BATCH, mbs, template};
+use replicator::batch;
 use replicator::node::config::PluginSection;
 use replicator::plugin::{PluginSource, StoragePlugin};
 use replicator::storage::PartitionLog;
 
-const MESSAGE: usize = 1024;
-const PER_BATCH: usize = 64;
 const SEGMENT: usize = 8 << 20;
-
-fn template() -> Vec<u8> {
-    let records: Vec<Record> = (0..PER_BATCH)
-        .map(|i| Record {
-            value: Bytes::from(
-                (0..MESSAGE)
-                    .map(|j| ((i * 7919 + j * 104_729) % 251) as u8)
-                    .collect::<Vec<u8>>(),
-            ),
-            timestamp: i as i64,
-            ..Default::default()
-        })
-        .collect();
-    batch::encode(0, 1, &records).expect("encode").to_vec()
-}
-
-fn mbs(bytes: usize, d: Duration) -> f64 {
-    bytes as f64 / 1e6 / d.as_secs_f64()
-}
 
 fn main() {
     let mb: usize = std::env::var("REPLICATOR_BENCH_MB")

@@ -8,17 +8,18 @@
 //! default 256 MB per backend; REPLICATOR_BENCH_ROUNDS the rounds, default
 //! 3, best reported).
 
+mod common;
+
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
-use replicator::batch::{self, Record};
+use common::{MESSAGE, PER_BATCH, mbs, template};
+use replicator::batch;
 use replicator::plugin::{PluginSource, Sandbox, StoragePlugin};
 use replicator::storage::memory::MemoryLog;
 use replicator::storage::{EpochEntry, LogState, OffsetBounds, PartitionLog, StorageResult};
 
-const MESSAGE: usize = 1024;
-const PER_BATCH: usize = 64;
 const READ_MAX: u32 = 1 << 20;
 
 /// Appends a producer keeps in flight in the pipelined run.
@@ -39,24 +40,6 @@ impl Figures {
             read_mbs: self.read_mbs.max(other.read_mbs),
         }
     }
-}
-
-/// One encoded batch; appends reuse its bytes with a new base offset (the
-/// CRC does not cover it), so encoding cost stays out of the figures.
-fn template() -> Vec<u8> {
-    let records: Vec<Record> = (0..PER_BATCH)
-        .map(|i| Record {
-            // Incompressible-looking content.
-            value: Bytes::from(
-                (0..MESSAGE)
-                    .map(|j| ((i * 7919 + j * 104_729) % 251) as u8)
-                    .collect::<Vec<u8>>(),
-            ),
-            timestamp: i as i64,
-            ..Default::default()
-        })
-        .collect();
-    batch::encode(0, 1, &records).expect("encode").to_vec()
 }
 
 /// Every batch prepared up front, so the timed loops measure storage alone.
@@ -166,10 +149,6 @@ impl PartitionLog for CopyingLog {
     fn recover(&self) -> impl Future<Output = StorageResult<LogState>> + Send {
         self.0.recover()
     }
-}
-
-fn mbs(bytes: usize, d: Duration) -> f64 {
-    bytes as f64 / 1e6 / d.as_secs_f64()
 }
 
 async fn plugin(
