@@ -367,8 +367,9 @@ fn produce(client: &str, topic: &str, n: &str) -> serde_json::Value {
 }
 
 /// `cluster init` of `n` nodes on the s3 plugin against `moto`, with more
-/// `key=value` storage settings.
-fn s3_cluster(moto: &Moto, n: u32, settings: &[&str]) -> Cluster {
+/// `key=value` storage settings and `env` for the nodes; the nodes started
+/// and topic `t` created with replication factor `n`.
+fn s3_cluster(moto: &Moto, n: u32, settings: &[&str], env: &[(&str, &str)]) -> Cluster {
     let mut pairs = vec![
         format!("endpoint={}", moto.endpoint()),
         format!("bucket={}", moto.bucket()),
@@ -378,24 +379,11 @@ fn s3_cluster(moto: &Moto, n: u32, settings: &[&str]) -> Cluster {
         .iter()
         .flat_map(|p| ["--storage-config", p.as_str()])
         .collect();
-    Cluster::init_with(n, "s3", &args, |t| t)
-}
-
-#[test]
-fn three_nodes_on_s3_replicate_and_ride_out_the_store_going_away() {
-    let moto = Moto::start();
-    let mut c = s3_cluster(&moto, 3, &["segment.bytes=65536", "upload.interval.ms=200"]);
-    // Credentials from the environment, as an operator would pass them.
-    c.env = vec![
-        ("AWS_ACCESS_KEY_ID".into(), moto.access_key_id().into()),
-        (
-            "AWS_SECRET_ACCESS_KEY".into(),
-            moto.secret_access_key().into(),
-        ),
-    ];
-    let node1 = std::fs::read_to_string(c.path().join("node-1.toml")).expect("node-1.toml");
-    assert!(node1.contains("prefix = \"node-1/\""), "{node1}");
-    assert!(!node1.contains(moto.secret_access_key()));
+    let mut c = Cluster::init_with(n, "s3", &args, |t| t);
+    c.env = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     c.start_all();
     c.wait_up();
     cli_ok(&[
@@ -406,8 +394,27 @@ fn three_nodes_on_s3_replicate_and_ride_out_the_store_going_away() {
         "--topic",
         "t",
         "--replication-factor",
-        "3",
+        &n.to_string(),
     ]);
+    c
+}
+
+#[test]
+fn three_nodes_on_s3_replicate_and_ride_out_the_store_going_away() {
+    let moto = Moto::start();
+    // Credentials from the environment, as an operator would pass them.
+    let mut c = s3_cluster(
+        &moto,
+        3,
+        &["segment.bytes=65536", "upload.interval.ms=200"],
+        &[
+            ("AWS_ACCESS_KEY_ID", moto.access_key_id()),
+            ("AWS_SECRET_ACCESS_KEY", moto.secret_access_key()),
+        ],
+    );
+    let node1 = std::fs::read_to_string(c.path().join("node-1.toml")).expect("node-1.toml");
+    assert!(node1.contains("prefix = \"node-1/\""), "{node1}");
+    assert!(!node1.contains(moto.secret_access_key()));
     let client = c.client();
     let s = produce(&client, "t", "3000");
     assert_eq!(s["failed"], 0, "{s}");
@@ -490,19 +497,7 @@ fn three_nodes_on_s3_replicate_and_ride_out_the_store_going_away() {
 fn a_node_with_wrong_credentials_says_so() {
     let moto = Moto::start();
     let key = format!("access_key_id={}", moto.access_key_id());
-    let mut c = s3_cluster(&moto, 1, &[&key, "secret_access_key=wrong"]);
-    c.start_all();
-    c.wait_up();
-    cli_ok(&[
-        "topic",
-        "create",
-        "--config",
-        &c.client(),
-        "--topic",
-        "t",
-        "--replication-factor",
-        "1",
-    ]);
+    let c = s3_cluster(&moto, 1, &[&key, "secret_access_key=wrong"], &[]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !c.log(1).contains("S3 refused the credentials") {
         assert!(
