@@ -15,6 +15,7 @@ const PLUGINS: &[&str] = &[
     "metadata-file",
     "metadata-etcd",
     "test-hostile",
+    "test-wrong-version",
 ];
 
 fn main() {

@@ -1,8 +1,11 @@
 //! Loading plugins: the compiled-component cache, and clear errors for
-//! unknown plugins, missing files and bad settings.
+//! unknown plugins, missing files and bad settings; versioned rejection;
+//! `replicator plugin inspect`.
 
 use replicator::plugin::builtin;
-use replicator::plugin::{PluginRuntime, PluginSource, Sandbox, StoragePlugin};
+use replicator::plugin::{
+    LoadError, MetadataPlugin, PluginRuntime, PluginSource, Sandbox, StoragePlugin, WIT_VERSION,
+};
 use replicator::storage::{PartitionLog, StorageError};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,4 +79,130 @@ async fn bad_plugin_settings_are_clear_errors() {
     )
     .err();
     assert!(missing.is_some_and(|e| e.to_string().contains("/nonexistent/x.wasm")));
+}
+
+/// A plugin built against another `replicator:plugin` version is refused
+/// before linking, with a message naming both versions and the fix.
+#[test]
+fn plugin_built_for_another_wit_version_is_refused_by_version() {
+    let runtime = PluginRuntime::new(None).expect("runtime");
+    let err = StoragePlugin::from_bytes(
+        runtime,
+        "wrong",
+        builtin::testing::WRONG_VERSION,
+        Sandbox::default(),
+    )
+    .err()
+    .expect("a 0.2.0 plugin must not load");
+    assert!(matches!(err, LoadError::Version { .. }), "{err:?}");
+    let msg = err.to_string();
+    for says in [
+        "replicator:plugin@0.2.0",
+        &format!("this host speaks replicator:plugin@{WIT_VERSION}"),
+        "rebuild it against this host's wit/",
+        "replicator plugin inspect",
+    ] {
+        assert!(msg.contains(says), "missing `{says}` in: {msg}");
+    }
+}
+
+/// The wrong kind of plugin, a component that is no plugin, and files that
+/// are not components are named as such.
+#[test]
+fn non_plugins_are_named_clearly() {
+    let runtime = PluginRuntime::new(None).expect("runtime");
+    let memory = builtin::storage("memory").expect("built-in");
+    let err = MetadataPlugin::from_bytes(runtime.clone(), "memory", memory, Sandbox::default())
+        .err()
+        .expect("a storage plugin is no metadata plugin");
+    assert!(
+        err.to_string()
+            .contains("is a storage plugin, not a metadata plugin"),
+        "{err}"
+    );
+    let text = StoragePlugin::from_bytes(runtime.clone(), "x", b"hello", Sandbox::default()).err();
+    assert!(
+        text.is_some_and(|e| e.to_string().contains("not a wasm file")),
+        "plain text"
+    );
+    let core =
+        StoragePlugin::from_bytes(runtime, "core", b"\0asm\x01\0\0\0", Sandbox::default()).err();
+    assert!(
+        core.is_some_and(|e| e.to_string().contains("core wasm module, not a component")),
+        "core module"
+    );
+}
+
+fn replicator_cli(args: &[&str]) -> (bool, String) {
+    let cache = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_replicator"))
+        .args(args)
+        .env("REPLICATOR_CACHE_DIR", cache.path())
+        .output()
+        .expect("run replicator");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[test]
+fn plugin_inspect_reports_world_version_and_acceptance() {
+    let (ok, out) = replicator_cli(&["plugin", "inspect", "file"]);
+    assert!(ok, "{out}");
+    for says in [
+        "world     storage-plugin",
+        "wit       replicator:plugin@0.1.0",
+        "accepted  yes",
+        "replicator:plugin/storage@0.1.0",
+        "wasi:filesystem/types@0.2",
+    ] {
+        assert!(out.contains(says), "missing `{says}` in:\n{out}");
+    }
+
+    let (ok, out) = replicator_cli(&["plugin", "inspect", "--metadata", "etcd", "--json"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["world"], "metadata-plugin");
+    assert_eq!(v["accepted"], true);
+    let imports = v["imports"].as_array().expect("imports");
+    assert!(
+        imports.iter().any(|i| i
+            .as_str()
+            .is_some_and(|i| i.starts_with("wasi:http/outgoing-handler@0.2"))),
+        "{imports:?}"
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wrong = dir.path().join("wrong.wasm");
+    std::fs::write(&wrong, builtin::testing::WRONG_VERSION).expect("write");
+    let wrong = wrong.to_str().expect("utf-8 path");
+    let (ok, out) = replicator_cli(&["plugin", "inspect", wrong, "--json"]);
+    assert!(!ok, "a refused plugin exits non-zero:\n{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["world"], "storage-plugin");
+    assert_eq!(v["wit_version"], "0.2.0");
+    assert_eq!(v["host_wit_version"], WIT_VERSION);
+    assert_eq!(v["accepted"], false);
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("replicator:plugin@0.2.0")),
+        "{v}"
+    );
+    let (ok, out) = replicator_cli(&["plugin", "inspect", wrong]);
+    assert!(!ok);
+    assert!(out.contains("accepted  no: "), "{out}");
+
+    let text = dir.path().join("notes.wasm");
+    std::fs::write(&text, "not wasm").expect("write");
+    let (ok, out) = replicator_cli(&["plugin", "inspect", text.to_str().expect("utf-8")]);
+    assert!(!ok);
+    assert!(out.contains("not a wasm file"), "{out}");
+    assert!(!out.contains("panicked"), "{out}");
+    let (ok, out) = replicator_cli(&["plugin", "inspect", "/nonexistent/p.wasm"]);
+    assert!(!ok);
+    assert!(
+        out.contains("cannot read plugin /nonexistent/p.wasm"),
+        "{out}"
+    );
 }

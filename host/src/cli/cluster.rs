@@ -10,6 +10,7 @@ use clap::{Args, Subcommand};
 use replicator::core::Config as ReplicationConfig;
 use replicator::node::config::{MetadataSection, NodeAddress, PluginSection};
 use replicator::node::{self, ClientConfig, NodeConfig};
+use replicator::plugin::PluginSource;
 use replicator::transport::tls::GeneratedCa;
 use replicator::transport::{Identity, TlsPaths};
 
@@ -92,8 +93,20 @@ fn node_storage(args: &InitArgs, id: u32) -> PluginSection {
         config.insert("prefix".into(), format!("{base}node-{id}/"));
     }
     PluginSection {
-        plugin: args.storage.clone(),
+        plugin: plugin_for_config(&args.storage),
         config,
+    }
+}
+
+/// A plugin as the node configs should name it: a relative `.wasm` path is
+/// made absolute here, since the configs resolve relative paths against
+/// their own directory, not the one `cluster init` ran in.
+fn plugin_for_config(plugin: &str) -> String {
+    match plugin.parse::<PluginSource>() {
+        Ok(PluginSource::Path(p)) if p.is_relative() => std::path::absolute(&p)
+            .map(|abs| abs.display().to_string())
+            .unwrap_or_else(|_| plugin.to_string()),
+        _ => plugin.to_string(),
     }
 }
 
@@ -147,7 +160,7 @@ pub fn init(args: &InitArgs) -> anyhow::Result<PathBuf> {
         );
     }
     let metadata = MetadataSection {
-        plugin: args.metadata.clone(),
+        plugin: plugin_for_config(&args.metadata),
         dir: "metadata".into(),
         endpoints: args.metadata_endpoint.clone(),
         config: args.metadata_config.iter().cloned().collect(),

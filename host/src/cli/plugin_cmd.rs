@@ -1,5 +1,5 @@
-//! `replicator plugin ...`: list the built-in plugins, run the storage or
-//! metadata conformance suite against one.
+//! `replicator plugin ...`: list the built-in plugins, show what a component
+//! targets, run the storage or metadata conformance suite against one.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,7 +11,10 @@ use replicator::conformance::metadata::{
 };
 use replicator::conformance::{self, Options, Report, Subject};
 use replicator::node::config::{PluginSection, endpoint_authority};
-use replicator::plugin::{MetadataPlugin, PluginSource, Sandbox, StoragePlugin, builtin};
+use replicator::plugin::{
+    Inspection, MetadataPlugin, PluginRuntime, PluginSource, Sandbox, StoragePlugin, WIT_PACKAGE,
+    WIT_VERSION, builtin,
+};
 
 #[derive(Subcommand)]
 pub enum PluginCommand {
@@ -25,6 +28,25 @@ pub enum PluginCommand {
     /// compare-and-set races between connections, listings, broker epochs
     /// (also under concurrent registration) and invalid input.
     Check(CheckArgs),
+    /// Show what a component targets: its world (storage-plugin,
+    /// metadata-plugin or neither), every import and export by full name,
+    /// the replicator:plugin WIT version it was built against, its size,
+    /// and whether this host accepts it (it is linked as a node would link
+    /// it; the error is shown if that fails). Exits 1 if not accepted.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// A path to a .wasm component, or a built-in name (`memory`, `file`,
+    /// `s3`, `etcd`; `file` is the storage one unless --metadata is given).
+    plugin: PluginSource,
+    /// Look the built-in name up among the metadata plugins.
+    #[arg(long)]
+    metadata: bool,
+    /// Print one JSON object instead of the human report.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -83,6 +105,106 @@ pub async fn run(cmd: PluginCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         PluginCommand::Check(args) => check(args).await,
+        PluginCommand::Inspect(args) => inspect(args),
+    }
+}
+
+fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
+    let (name, origin, wasm) = match &args.plugin {
+        PluginSource::Builtin(name) => {
+            let (kind, found) = if args.metadata {
+                ("metadata", builtin::metadata(name))
+            } else {
+                builtin::storage(name)
+                    .map(|w| ("storage", Some(w)))
+                    .unwrap_or(("metadata", builtin::metadata(name)))
+            };
+            let Some(wasm) = found else {
+                let mut known: Vec<&str> = Vec::new();
+                for (n, _) in builtin::STORAGE.iter().chain(builtin::METADATA) {
+                    if !known.contains(n) {
+                        known.push(n);
+                    }
+                }
+                anyhow::bail!(
+                    "unknown built-in plugin `{name}`; built-ins: {}; or give a path to a .wasm component",
+                    known.join(", ")
+                );
+            };
+            (
+                name.clone(),
+                format!("built-in {kind} plugin"),
+                wasm.to_vec(),
+            )
+        }
+        PluginSource::Path(path) => {
+            let wasm = std::fs::read(path)
+                .with_context(|| format!("cannot read plugin {}", path.display()))?;
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| path.display().to_string());
+            (name, path.display().to_string(), wasm)
+        }
+    };
+    let runtime = PluginRuntime::global()?;
+    let report = replicator::plugin::inspect(&runtime, &name, &wasm)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&inspection_json(&report, &origin))?
+        );
+    } else {
+        print_inspection(&report, &origin);
+    }
+    Ok(if report.accepted.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn inspection_json(r: &Inspection, origin: &str) -> serde_json::Value {
+    serde_json::json!({
+        "name": r.name,
+        "source": origin,
+        "size_bytes": r.size,
+        "world": r.kind.map(|k| k.world()),
+        "wit_package": WIT_PACKAGE,
+        "wit_version": r.wit_version,
+        "host_wit_version": WIT_VERSION,
+        "imports": r.imports,
+        "exports": r.exports,
+        "accepted": r.accepted.is_ok(),
+        "error": r.accepted.as_ref().err(),
+    })
+}
+
+fn print_inspection(r: &Inspection, origin: &str) {
+    println!("plugin    {} ({origin})", r.name);
+    println!("size      {} bytes ({} KiB)", r.size, r.size.div_ceil(1024));
+    println!(
+        "world     {}",
+        r.kind
+            .map(|k| k.world())
+            .unwrap_or("neither storage-plugin nor metadata-plugin")
+    );
+    println!(
+        "wit       {} (this host: {WIT_PACKAGE}@{WIT_VERSION})",
+        r.wit_version
+            .as_ref()
+            .map(|v| format!("{WIT_PACKAGE}@{v}"))
+            .unwrap_or_else(|| format!("names no {WIT_PACKAGE} interface"))
+    );
+    match &r.accepted {
+        Ok(()) => println!("accepted  yes"),
+        Err(e) => println!("accepted  no: {e}"),
+    }
+    for (what, names) in [("imports", &r.imports), ("exports", &r.exports)] {
+        println!("{what} ({})", names.len());
+        for n in names {
+            println!("  {n}");
+        }
     }
 }
 

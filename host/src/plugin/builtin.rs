@@ -27,6 +27,9 @@ pub const METADATA: &[(&str, &[u8])] = &[
 pub mod testing {
     /// A storage plugin that misbehaves on purpose: see `plugins/test-hostile`.
     pub const HOSTILE: &[u8] = include_bytes!(env!("REPLICATOR_WASM_TEST_HOSTILE"));
+    /// A storage plugin built against `replicator:plugin@0.2.0`, which this
+    /// host does not speak: see `plugins/test-wrong-version`.
+    pub const WRONG_VERSION: &[u8] = include_bytes!(env!("REPLICATOR_WASM_TEST_WRONG_VERSION"));
 }
 
 pub fn storage(name: &str) -> Option<&'static [u8]> {

@@ -12,6 +12,7 @@
 
 mod bindings;
 pub mod builtin;
+mod inspect;
 mod log;
 mod metadata;
 mod runtime;
@@ -23,6 +24,7 @@ use std::sync::Arc;
 
 use wasmtime::component::Component;
 
+pub use inspect::{Inspection, PluginKind, inspect};
 pub use log::PluginLog;
 pub use metadata::{MetadataPlugin, PluginMetadata};
 pub use runtime::{MAX_WASM_STACK, PluginRuntime, default_cache_dir};
@@ -30,6 +32,12 @@ pub use sandbox::{EPOCH_TICK, Sandbox};
 
 use bindings::StoragePluginPre;
 use sandbox::PluginState;
+
+/// The WIT package every plugin interface lives in (`wit/worlds.wit`).
+pub const WIT_PACKAGE: &str = "replicator:plugin";
+/// The version of [`WIT_PACKAGE`] this host speaks. Keep in step with the
+/// `package` line of `wit/worlds.wit`.
+pub const WIT_VERSION: &str = "0.1.0";
 
 /// Why a plugin could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +54,34 @@ pub enum LoadError {
     #[error("plugin `{plugin}` is not a valid wasm component for this host: {detail}")]
     Compile { plugin: String, detail: String },
     #[error(
-        "plugin `{plugin}` does not fit the {world} world of wit/ (replicator:plugin@0.1.0): {detail}"
+        "plugin `{plugin}` was built for {WIT_PACKAGE}@{built_for}; this host speaks \
+         {WIT_PACKAGE}@{WIT_VERSION} — rebuild it against this host's wit/ \
+         (replicator plugin inspect {plugin}.wasm shows what it targets)"
+    )]
+    Version {
+        plugin: String,
+        /// The version of `replicator:plugin` the component names.
+        built_for: String,
+    },
+    #[error(
+        "plugin `{plugin}` is not a Replicator storage/metadata plugin: it exports {exports} \
+         (a plugin exports {WIT_PACKAGE}/storage@{WIT_VERSION} or {WIT_PACKAGE}/metadata@{WIT_VERSION})"
+    )]
+    NotAPlugin {
+        plugin: String,
+        /// The component's exports, comma separated (or `nothing`).
+        exports: String,
+    },
+    #[error("plugin `{plugin}` is a {found}, not a {expected}; load it as one")]
+    WrongKind {
+        plugin: String,
+        /// `storage plugin` or `metadata plugin`: what was asked for.
+        expected: &'static str,
+        /// What the component exports.
+        found: &'static str,
+    },
+    #[error(
+        "plugin `{plugin}` does not fit the {world} world of wit/ ({WIT_PACKAGE}@{WIT_VERSION}): {detail}"
     )]
     Link {
         plugin: String,
@@ -188,12 +223,27 @@ fn prepare<P>(
     make: impl FnOnce(wasmtime::component::InstancePre<PluginState>) -> wasmtime::Result<P>,
 ) -> Result<P, LoadError> {
     let component: Component = runtime.compile(name, wasm)?;
+    link(runtime, name, &component, world, linker, make)
+}
+
+/// Check that `component` targets `world` at this host's WIT version, then
+/// pre-instantiate it against `linker`; `make` checks its exports.
+fn link<P>(
+    runtime: &PluginRuntime,
+    name: &str,
+    component: &Component,
+    world: &'static str,
+    linker: &wasmtime::component::Linker<PluginState>,
+    make: impl FnOnce(wasmtime::component::InstancePre<PluginState>) -> wasmtime::Result<P>,
+) -> Result<P, LoadError> {
+    let targets = inspect::Targets::of(runtime.engine(), component);
+    targets.check(name, world)?;
     let link = |e: wasmtime::Error| LoadError::Link {
         plugin: name.to_string(),
         world,
         detail: format!("{e:#}"),
     };
-    let instance_pre = linker.instantiate_pre(&component).map_err(link)?;
+    let instance_pre = linker.instantiate_pre(component).map_err(link)?;
     make(instance_pre).map_err(link)
 }
 

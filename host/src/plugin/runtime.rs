@@ -86,6 +86,7 @@ impl PluginRuntime {
     /// key is the content hash plus wasmtime's compatibility hash, so a new
     /// wasmtime or different engine settings never load stale code.
     pub fn compile(&self, name: &str, wasm: &[u8]) -> Result<Component, LoadError> {
+        check_component_header(name, wasm)?;
         let Some(path) = self.cache_path(wasm) else {
             return self.compile_fresh(name, wasm);
         };
@@ -126,6 +127,28 @@ impl PluginRuntime {
             .collect();
         Some(dir.join(format!("{hex}-{:016x}.cwasm", compat.finish())))
     }
+}
+
+/// Name the usual mistakes before wasmtime does: a file that is not wasm
+/// at all, and a core module where a component is needed.
+fn check_component_header(name: &str, wasm: &[u8]) -> Result<(), LoadError> {
+    let compile = |detail: &str| {
+        Err(LoadError::Compile {
+            plugin: name.to_string(),
+            detail: detail.to_string(),
+        })
+    };
+    if !wasm.starts_with(b"\0asm") || wasm.len() < 8 {
+        return compile("not a wasm file (it does not start with the `\\0asm` magic)");
+    }
+    // Layer 0 with version 1 is a core module; components are layer 1.
+    if wasm[4..8] == [1, 0, 0, 0] {
+        return compile(
+            "a core wasm module, not a component: build for wasm32-wasip2 (or wrap it \
+             with `wasm-tools component new`)",
+        );
+    }
+    Ok(())
 }
 
 fn store_cache_entry(path: &Path, component: &Component) -> std::io::Result<()> {
