@@ -186,7 +186,11 @@ fn three_nodes_replicate_on_the_python_plugin() {
     let leader = p["leader"].as_u64().expect("leader");
     let follower = (1..=3u64).find(|&r| r != leader).expect("a follower");
     let lines = consume_replica(&c, "py", follower, N);
-    assert_eq!(lines.len(), N, "follower {follower} holds more than was produced");
+    assert_eq!(
+        lines.len(),
+        N,
+        "follower {follower} holds more than was produced"
+    );
     for (i, line) in lines.iter().enumerate() {
         let (offset, value) = line.split_once(' ').expect("`<offset> <value>`");
         assert_eq!(offset, i.to_string(), "{line:.40}");
