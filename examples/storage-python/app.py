@@ -57,7 +57,8 @@ U64_MAX = (1 << 64) - 1
 # tail. Earlier batches still get framing and contiguity checks.
 CRC_TAIL = 4 * 1024 * 1024
 # Compact the log file on delete-prefix once this many dead bytes lead it
-# (and they outnumber the live ones): a rewrite costs a copy of the live data.
+# (and they outnumber the live ones): a rewrite costs a copy of the live
+# data. The `compact.bytes` setting overrides it (tests use a small one).
 COMPACT_MIN = 8 * 1024 * 1024
 # wasmtime answers at most 64 KiB per read call.
 READ_CHUNK = 64 * 1024
@@ -260,9 +261,10 @@ def parse_epochs(data):
 
 
 def parse_config(pairs):
-    """(mode, interval seconds) from `fsync` = always|interval|never and
-    `fsync.interval.ms`; unknown keys are refused like the Rust plugins do."""
-    mode, interval_ms = "interval", 1000
+    """(fsync mode, interval seconds, compaction threshold) from `fsync` =
+    always|interval|never, `fsync.interval.ms` and `compact.bytes`; unknown
+    keys are refused like the Rust plugins do."""
+    mode, interval_ms, compact = "interval", 1000, COMPACT_MIN
     for k, v in pairs:
         if k == "fsync":
             if v not in ("always", "interval", "never"):
@@ -272,11 +274,16 @@ def parse_config(pairs):
             if not v.isdigit() or int(v) > 86_400_000:
                 raise invalid(f"fsync.interval.ms = `{v}`: want milliseconds from 0 to 86400000")
             interval_ms = int(v)
+        elif k == "compact.bytes":
+            if not v.isdigit() or int(v) > 1 << 40:
+                raise invalid(f"compact.bytes = `{v}`: want a byte count from 0 to 2^40")
+            compact = int(v)
         else:
             raise invalid(
-                f"unknown setting `{k}`; storage-python takes fsync (always|interval|never), fsync.interval.ms"
+                f"unknown setting `{k}`; storage-python takes fsync (always|interval|never), "
+                "fsync.interval.ms, compact.bytes"
             )
-    return mode, interval_ms / 1000.0
+    return mode, interval_ms / 1000.0, compact
 
 
 # ---------------------------------------------------------------- the log
@@ -294,9 +301,10 @@ class PartitionLog(exports.storage.PartitionLog):
     `log_start <= log_end`. `poss[i]` is the batch's byte position in the
     current log file and `lens[i]` its length."""
 
-    def __init__(self, fsync_mode, fsync_interval):
+    def __init__(self, fsync_mode, fsync_interval, compact_bytes):
         self.fsync_mode = fsync_mode
         self.fsync_interval = fsync_interval
+        self.compact_bytes = compact_bytes
         self.fd = -1
         self.file_base = 0
         self.size = 0  # bytes of whole batches in the file
@@ -312,8 +320,7 @@ class PartitionLog(exports.storage.PartitionLog):
     @classmethod
     @boundary
     def open(cls, topic, partition, config):
-        mode, interval = parse_config(config)
-        log_ = cls(mode, interval)
+        log_ = cls(*parse_config(config))
         log_.recover()
         return log_
 
@@ -535,7 +542,7 @@ class PartitionLog(exports.storage.PartitionLog):
         del self.bases[:cut], self.nexts[:cut], self.poss[:cut], self.lens[:cut]
         self.log_start = offset
         dead = self.poss[0]
-        if dead >= COMPACT_MIN and dead >= self.size - dead:
+        if dead >= self.compact_bytes and dead >= self.size - dead:
             self.compact()
 
     def compact(self):
@@ -566,6 +573,7 @@ class PartitionLog(exports.storage.PartitionLog):
         self.fd = fd
         self.file_base = new_base
         self.size -= dead
+        log(host.LogLevel.DEBUG, f"compacted the log: {dead} dead bytes released, now {seg_name(new_base)}")
         self.poss = [p - dead for p in self.poss]
 
     @boundary
