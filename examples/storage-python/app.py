@@ -51,11 +51,12 @@ HEADER_LEN = 44
 MAGIC = 1
 MAX_BATCH_LEN = 16 * 1024 * 1024
 U64_MAX = (1 << 64) - 1
-# Batches starting this close to the end of the log get their CRC checked
-# on open. Pure-Python CRC runs at about 1 MB/s in the component (open of a
-# 12 MB log: ~4 s), so checking a multi-GB log would blow the host's 120 s
-# open deadline; a torn write is always at the
-# tail. Earlier batches still get framing and contiguity checks.
+# Batches ending in the last CRC_TAIL bytes of the log get their CRC checked
+# on open. Pure-Python CRC runs at about 1 MB/s in the component (opening a
+# 12 MB log takes ~4 s), so checking a multi-GB log would blow the host's
+# 120 s open deadline; a torn write is always at the tail. Earlier batches
+# still get framing and contiguity checks (and the host checks every CRC on
+# read).
 CRC_TAIL = 4 * 1024 * 1024
 # Compact the log file on delete-prefix once this many dead bytes lead it
 # (and they outnumber the live ones): a rewrite costs a copy of the live
