@@ -300,10 +300,12 @@ class Storage(exports.Storage):
 class PartitionLog(exports.storage.PartitionLog):
     """One partition's log: the open log file plus the in-memory index.
 
-    Index invariants (as in the SDK's OffsetIndex): entries are contiguous,
-    `bases[0] >= ...`, `nexts[-1] == log_end` when there are entries, and
-    `log_start <= log_end`. `poss[i]` is the batch's byte position in the
-    current log file and `lens[i]` its length."""
+    Index invariants (as in the SDK's OffsetIndex): entries are contiguous
+    (`nexts[i] == bases[i + 1]`), `file_base <= bases[0] <= log_start` (the
+    start may fall inside the first batch), `nexts[-1] == log_end` when
+    there are entries, and `log_start <= log_end`. `poss[i]` is the batch's
+    byte position in the current log file and `lens[i]` its length; batches
+    are back to back, so `poss[i + 1] == poss[i] + lens[i]`."""
 
     def __init__(self, fsync_mode, fsync_interval, compact_bytes):
         self.fsync_mode = fsync_mode
