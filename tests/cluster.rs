@@ -3,40 +3,9 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
-
 use bytes::Bytes;
 use replicator::history::{Ack, Final, History};
-use support::{Cluster, cli, cli_ok, converged};
-
-fn consume_replica(c: &Cluster, topic: &str, replica: u32, count: u64) -> Vec<String> {
-    // A follower learns the HW on its next fetch: retry briefly until this
-    // replica has committed `count` messages.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = cli(&[
-            "consume",
-            "--config",
-            &c.client(),
-            "--topic",
-            topic,
-            "--replica",
-            &replica.to_string(),
-        ]);
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let lines: Vec<String> = text.lines().map(str::to_string).collect();
-        if out.status.success() && lines.len() as u64 >= count {
-            return lines;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "replica {replica} has {} of {count} committed: {}",
-            lines.len(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+use support::{Cluster, cli, cli_ok, consume_replica, converged};
 
 /// `produce --count n --size 64 --json` to `topic`; every message acknowledged.
 fn produce_generated(client: &str, topic: &str, n: &str) {

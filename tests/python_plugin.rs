@@ -7,14 +7,14 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use replicator::batch::{self, Record};
 use replicator::conformance::{self, Options, Subject};
 use replicator::plugin::{PluginLog, PluginSource, Sandbox, StoragePlugin};
 use replicator::storage::{OffsetBounds, PartitionLog};
-use support::{BIN, Cluster, cli, cli_ok, converged};
+use support::{BIN, Cluster, cli_ok, consume_replica, converged};
 
 fn cases() -> u32 {
     std::env::var("REPLICATOR_PROPTEST_CASES")
@@ -223,36 +223,6 @@ async fn an_interrupted_compaction_keeps_the_new_file() {
     log.close().await;
 }
 
-/// `consume --replica` until that replica returns `count` committed lines.
-fn consume_replica(c: &Cluster, topic: &str, replica: u64, count: usize) -> Vec<String> {
-    // A follower learns the HW on its next fetch: retry until this replica
-    // has committed `count` messages (bounded).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = cli(&[
-            "consume",
-            "--config",
-            &c.client(),
-            "--topic",
-            topic,
-            "--replica",
-            &replica.to_string(),
-        ]);
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let lines: Vec<String> = text.lines().map(str::to_string).collect();
-        if out.status.success() && lines.len() >= count {
-            return lines;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "replica {replica} has {} of {count} committed: {}",
-            lines.len(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn three_nodes_replicate_on_the_python_plugin() {
     const N: usize = 1000;
@@ -307,8 +277,10 @@ fn three_nodes_replicate_on_the_python_plugin() {
     let status = c.wait_status("all replicas at N", |v| converged(v, "py", 0, N as u64));
     let p = support::partition(&status, "py", 0).expect("partition py/0");
     let leader = p["leader"].as_u64().expect("leader");
-    let follower = (1..=3u64).find(|&r| r != leader).expect("a follower");
-    let lines = consume_replica(&c, "py", follower, N);
+    let follower = (1..=3u32)
+        .find(|&r| u64::from(r) != leader)
+        .expect("a follower");
+    let lines = consume_replica(&c, "py", follower, N as u64);
     assert_eq!(
         lines.len(),
         N,

@@ -257,3 +257,33 @@ pub fn converged(v: &serde_json::Value, topic: &str, p: u64, total: u64) -> bool
             .as_array()
             .is_some_and(|r| r.iter().all(|e| e[1].as_u64() == Some(total)))
 }
+
+/// `consume --replica` until that replica returns at least `count`
+/// committed lines (a follower learns the HW on its next fetch), bounded
+/// by 30 s.
+pub fn consume_replica(c: &Cluster, topic: &str, replica: u32, count: u64) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = cli(&[
+            "consume",
+            "--config",
+            &c.client(),
+            "--topic",
+            topic,
+            "--replica",
+            &replica.to_string(),
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        if out.status.success() && lines.len() as u64 >= count {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica {replica} has {} of {count} committed: {}",
+            lines.len(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
