@@ -49,10 +49,18 @@ fn python_wasm() -> &'static Path {
             .to_path_buf();
         let wasm = target.join("examples").join("storage-python.wasm");
         let src = repo_root().join("examples").join("storage-python");
-        let newest_src = ["app.py", "storage.py", "build.sh"]
+        // Its sources, the contract it is built against, and the script
+        // that pins the componentize-py version.
+        let wit = repo_root().join("wit");
+        let mut inputs: Vec<PathBuf> = ["app.py", "storage.py", "build.sh"]
             .iter()
-            .filter_map(|f| modified(&src.join(f)))
-            .max();
+            .map(|f| src.join(f))
+            .collect();
+        inputs.push(repo_root().join("scripts").join("build-examples"));
+        if let Ok(entries) = std::fs::read_dir(&wit) {
+            inputs.extend(entries.flatten().map(|e| e.path()));
+        }
+        let newest_src = inputs.iter().filter_map(|f| modified(f)).max();
         let stale = match (modified(&wasm), newest_src) {
             (Some(built), Some(src)) => built < src,
             (Some(_), None) => false,

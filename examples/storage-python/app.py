@@ -256,7 +256,11 @@ def parse_epochs(data):
         out = []
         for line in lines[2:]:
             e, s = line.split(" ")
-            out.append((int(e), int(s)))
+            e, s = int(e), int(s)
+            # Out of the WIT types' range would trap on the way out.
+            if not (0 <= e < 1 << 32 and 0 <= s < 1 << 64):
+                raise bad
+            out.append((e, s))
     except (UnicodeDecodeError, ValueError):
         raise bad
     if len(out) != count:
@@ -275,11 +279,11 @@ def parse_config(pairs):
                 raise invalid(f"fsync = `{v}`: want always, interval or never")
             mode = v
         elif k == "fsync.interval.ms":
-            if not v.isdigit() or int(v) > 86_400_000:
+            if not v.isascii() or not v.isdigit() or int(v) > 86_400_000:
                 raise invalid(f"fsync.interval.ms = `{v}`: want milliseconds from 0 to 86400000")
             interval_ms = int(v)
         elif k == "compact.bytes":
-            if not v.isdigit() or int(v) > 1 << 40:
+            if not v.isascii() or not v.isdigit() or int(v) > 1 << 40:
                 raise invalid(f"compact.bytes = `{v}`: want a byte count from 0 to 2^40")
             compact = int(v)
         else:
@@ -523,16 +527,17 @@ class PartitionLog(exports.storage.PartitionLog):
             cut_pos = self.poss[keep]
             self.log_end = self.bases[keep]
             del self.bases[keep:], self.nexts[keep:], self.poss[keep:], self.lens[keep:]
-            if self.log_start > self.log_end:
-                # The batch straddling the log start went: the start follows
-                # the end down, and the checkpoint must not resurrect it.
-                self.log_start = self.log_end
-                write_atomic("log-start", f"{self.log_start}\n".encode())
             # A truncation that a crash undid could resurrect divergent
             # batches: make it durable before answering.
             os.ftruncate(self.fd, cut_pos)
             os.fsync(self.fd)
             self.size = cut_pos
+            if self.log_start > self.log_end:
+                # The batch straddling the log start went: the start follows
+                # the end down. Lowered only after the cut is durable, so a
+                # crash in between cannot make deleted offsets readable.
+                self.log_start = self.log_end
+                write_atomic("log-start", f"{self.log_start}\n".encode())
         elif offset < self.log_end:
             # Only reachable when `offset` lies below every stored batch.
             self.log_end = max(offset, self.log_start)
