@@ -123,14 +123,16 @@ impl Targets {
         }
     }
 
-    /// The distinct `replicator:plugin` versions named, exports first.
+    /// The distinct `replicator:plugin` versions named, exports first;
+    /// [`UNVERSIONED`] for a name without one.
     fn versions(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
         for name in self.exports.iter().chain(&self.imports) {
-            if let Some((_, Some(v))) = replicator_interface(name)
-                && !out.iter().any(|o| o == v)
-            {
-                out.push(v.to_string());
+            if let Some((_, v)) = replicator_interface(name) {
+                let v = v.unwrap_or(UNVERSIONED);
+                if !out.iter().any(|o| o == v) {
+                    out.push(v.to_string());
+                }
             }
         }
         out
@@ -178,23 +180,31 @@ fn replicator_interface(name: &str) -> Option<(&str, Option<&str>)> {
     })
 }
 
+/// How a `replicator:plugin` name without a version shows in reports.
+const UNVERSIONED: &str = "(no version)";
+
 /// Whether `version` can be served by this host: the same version, or one
-/// the component model treats as compatible (same major, or same minor
-/// while the major is 0), which wasmtime's linker then matches.
+/// the component model treats as compatible, which wasmtime's linker then
+/// matches: same major (>= 1), or same minor while the major is 0 (minor
+/// >= 1). Pre-releases and 0.0.x match only exactly, as in wasmtime.
 fn compatible(version: &str) -> bool {
-    version == WIT_VERSION || semver_track(version) == semver_track(WIT_VERSION)
+    version == WIT_VERSION
+        || semver_track(version).is_some_and(|t| Some(t) == semver_track(WIT_VERSION))
 }
 
 fn semver_track(version: &str) -> Option<(u64, Option<u64>)> {
-    let core = version.split(['-', '+']).next()?;
+    if version.contains('-') {
+        return None;
+    }
+    let core = version.split('+').next()?;
     let mut parts = core.split('.').map(|p| p.parse::<u64>().ok());
     let major = parts.next()??;
     let minor = parts.next()??;
-    Some(if major == 0 {
-        (0, Some(minor))
-    } else {
-        (major, None)
-    })
+    match (major, minor) {
+        (0, 0) => None,
+        (0, m) => Some((0, Some(m))),
+        (m, _) => Some((m, None)),
+    }
 }
 
 #[cfg(test)]
@@ -208,6 +218,16 @@ mod tests {
         assert!(!compatible("0.2.0"));
         assert!(!compatible("1.0.0"));
         assert!(!compatible("garbage"));
+        assert!(!compatible("0.1.0-rc1"), "pre-releases match only exactly");
+        assert!(!compatible(UNVERSIONED));
+        let t = Targets {
+            imports: vec!["replicator:plugin/host".into()],
+            exports: vec!["replicator:plugin/storage".into()],
+        };
+        assert!(
+            matches!(t.check("x", "storage-plugin"), Err(LoadError::Version { built_for, .. }) if built_for == UNVERSIONED),
+            "an unversioned contract is refused by version"
+        );
         assert_eq!(
             replicator_interface("replicator:plugin/storage@0.1.0"),
             Some(("storage", Some("0.1.0")))

@@ -56,7 +56,7 @@ pub enum LoadError {
     #[error(
         "plugin `{plugin}` was built for {WIT_PACKAGE}@{built_for}; this host speaks \
          {WIT_PACKAGE}@{WIT_VERSION} — rebuild it against this host's wit/ \
-         (replicator plugin inspect {plugin}.wasm shows what it targets)"
+         (`replicator plugin inspect` on the file shows what it targets)"
     )]
     Version {
         plugin: String,
