@@ -187,9 +187,10 @@ pub async fn run(
 /// partitions assigned here, and pass every partition's new state to it.
 async fn watch(server: &Arc<NodeServer>, every: Duration) {
     let mut seen: HashMap<TopicPartition, u64> = HashMap::new();
+    let mut open_failures: HashMap<TopicPartition, OpenFailure> = HashMap::new();
     let mut failing = false;
     loop {
-        match refresh(server, &mut seen).await {
+        match refresh(server, &mut seen, &mut open_failures).await {
             Ok(()) => {
                 if failing {
                     info!("metadata store reachable again");
@@ -210,9 +211,21 @@ async fn watch(server: &Arc<NodeServer>, every: Duration) {
     }
 }
 
+/// A partition whose log would not open: retried with backoff (up to
+/// [`OPEN_RETRY_MAX`]), logged as an error when the reason changes.
+struct OpenFailure {
+    attempts: u32,
+    next_try: std::time::Instant,
+    last_error: String,
+}
+
+/// Longest wait between attempts to open a failing partition's log.
+const OPEN_RETRY_MAX: Duration = Duration::from_secs(10);
+
 async fn refresh(
     server: &Arc<NodeServer>,
     seen: &mut HashMap<TopicPartition, u64>,
+    open_failures: &mut HashMap<TopicPartition, OpenFailure>,
 ) -> Result<(), MetadataError> {
     let shared = &server.shared;
     let meta = &shared.metadata;
@@ -276,18 +289,52 @@ async fn refresh(
             .and_then(|m| m.get(&tp).cloned());
         let handle = match existing {
             Some(h) => h,
-            None => match partition::start(shared.clone(), tp.clone()).await {
-                Ok(h) => {
-                    if let Ok(mut m) = server.partitions.write() {
-                        m.insert(tp.clone(), h.clone());
-                    }
-                    h
-                }
-                Err(e) => {
-                    error!("cannot open {topic}/{partition}: {e} (will retry)");
+            None => {
+                let now = std::time::Instant::now();
+                if open_failures.get(&tp).is_some_and(|f| now < f.next_try) {
                     continue;
                 }
-            },
+                match partition::start(shared.clone(), tp.clone()).await {
+                    Ok(h) => {
+                        if let Some(f) = open_failures.remove(&tp) {
+                            info!(
+                                "opened {topic}/{partition} after {} failed attempts",
+                                f.attempts
+                            );
+                        }
+                        if let Ok(mut m) = server.partitions.write() {
+                            m.insert(tp.clone(), h.clone());
+                        }
+                        h
+                    }
+                    Err(e) => {
+                        let why = e.to_string();
+                        let f = open_failures.entry(tp.clone()).or_insert(OpenFailure {
+                            attempts: 0,
+                            next_try: now,
+                            last_error: String::new(),
+                        });
+                        f.attempts += 1;
+                        // 200 ms, 400 ms, ... up to 10 s between attempts.
+                        let wait = Duration::from_millis(100)
+                            .saturating_mul(1 << f.attempts.min(7))
+                            .min(OPEN_RETRY_MAX);
+                        f.next_try = now + wait;
+                        if why != f.last_error {
+                            error!(
+                                "cannot open {topic}/{partition}: {why} (will retry, backing off up to {OPEN_RETRY_MAX:?})"
+                            );
+                            f.last_error = why;
+                        } else {
+                            tracing::debug!(
+                                "cannot open {topic}/{partition} (attempt {}): {why}",
+                                f.attempts
+                            );
+                        }
+                        continue;
+                    }
+                }
+            }
         };
         seen.insert(tp, state.version);
         handle.send(Event::Metadata(state));
