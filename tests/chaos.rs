@@ -274,8 +274,7 @@ fn check_history(rt: &tokio::runtime::Runtime, c: &Cluster, client: &Client, loa
                     .block_on(client.read(n, TOPIC, 0, next, 4 << 20))
                     .unwrap_or_else(|e| panic!("read replica {n} at {next}: {e}"));
                 let before = next;
-                let from = next;
-                for r in b.records.into_iter().filter(|r| r.offset >= from) {
+                for r in b.records.into_iter().filter(|r| r.offset >= before) {
                     next = r.offset + 1;
                     records.push((r.offset, r.record.value));
                 }

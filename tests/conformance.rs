@@ -1,14 +1,9 @@
 //! The storage conformance suite against every built-in storage plugin.
 
+mod support;
+
 use replicator::conformance::{self, Options, Subject};
 use replicator::plugin::{PluginSource, Sandbox, StoragePlugin};
-
-fn cases() -> u32 {
-    std::env::var("REPLICATOR_PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(48)
-}
 
 /// Run the suite; a persistent plugin must pass every case, skipping none.
 async fn check(name: &str, config: &[(&str, &str)], persistent: bool) {
@@ -20,7 +15,7 @@ async fn check(name: &str, config: &[(&str, &str)], persistent: bool) {
         .collect();
     let scratch = tempfile::tempdir().expect("tempdir");
     let options = Options {
-        proptest_cases: cases(),
+        proptest_cases: support::proptest_cases(),
         filter: None,
     };
     let subject = Subject::new(plugin, config).persistent(persistent);

@@ -23,11 +23,11 @@ fn load(name: &str, sandbox: Sandbox) -> MetadataPlugin {
     MetadataPlugin::load(&PluginSource::Builtin(name.into()), sandbox).expect("built-in loads")
 }
 
-fn etcd_config(endpoints: &[String], prefix: &str) -> Vec<(String, String)> {
+fn etcd_config(endpoints: &[String], prefix: &str, timeout_ms: u64) -> Vec<(String, String)> {
     vec![
         ("endpoints".into(), endpoints.join(",")),
         ("prefix".into(), prefix.into()),
-        ("timeout_ms".into(), TIMEOUT_MS.to_string()),
+        ("timeout_ms".into(), timeout_ms.to_string()),
     ]
 }
 
@@ -62,9 +62,7 @@ async fn file_plugin_conforms() {
 async fn etcd_plugin_conforms() {
     let etcd = Etcd::start();
     let plugin = load("etcd", Sandbox::default().allow_http([etcd.authority()]));
-    let mut config = etcd_config(&[etcd.endpoint()], "/conformance/");
-    config.retain(|(k, _)| k != "timeout_ms");
-    config.push(("timeout_ms".into(), CONFORMANCE_TIMEOUT_MS.to_string()));
+    let config = etcd_config(&[etcd.endpoint()], "/conformance/", CONFORMANCE_TIMEOUT_MS);
     check(MetadataSubject::new(plugin, config)).await;
 }
 
@@ -95,7 +93,7 @@ async fn a_closed_port_is_unavailable_promptly() {
     let plugin = load("etcd", Sandbox::default().allow_http([authority.clone()]));
     let m = connect(
         &plugin,
-        etcd_config(&[format!("http://{authority}")], "/x/"),
+        etcd_config(&[format!("http://{authority}")], "/x/", TIMEOUT_MS),
     )
     .await;
     let bound = Duration::from_millis(3 * TIMEOUT_MS);
@@ -127,7 +125,7 @@ async fn a_silent_endpoint_times_out_as_unavailable() {
     let plugin = load("etcd", Sandbox::default().allow_http([authority.clone()]));
     let m = connect(
         &plugin,
-        etcd_config(&[format!("http://{authority}")], "/x/"),
+        etcd_config(&[format!("http://{authority}")], "/x/", TIMEOUT_MS),
     )
     .await;
     let started = Instant::now();
@@ -152,7 +150,11 @@ async fn an_endpoint_outside_the_allow_list_is_denied() {
         Sandbox::default().allow_http(["127.0.0.1:1".to_string()]),
     ] {
         let plugin = load("etcd", sandbox);
-        let m = connect(&plugin, etcd_config(&[etcd.endpoint()], "/denied/")).await;
+        let m = connect(
+            &plugin,
+            etcd_config(&[etcd.endpoint()], "/denied/", TIMEOUT_MS),
+        )
+        .await;
         let started = Instant::now();
         let r = m.compare_and_set(state("t", 1, 0), 0).await;
         assert!(
@@ -163,7 +165,11 @@ async fn an_endpoint_outside_the_allow_list_is_denied() {
     }
     // Nothing was written: an allowed connection finds no partition.
     let plugin = load("etcd", Sandbox::default().allow_http([etcd.authority()]));
-    let m = connect(&plugin, etcd_config(&[etcd.endpoint()], "/denied/")).await;
+    let m = connect(
+        &plugin,
+        etcd_config(&[etcd.endpoint()], "/denied/", TIMEOUT_MS),
+    )
+    .await;
     let r = m.get_partition("t", 0).await;
     assert!(matches!(r, Err(MetadataError::NotFound(_))), "{r:?}");
 }
@@ -211,7 +217,11 @@ async fn a_dead_endpoint_falls_over_to_the_next() {
     );
     let m = connect(
         &plugin,
-        etcd_config(&[format!("http://{dead}"), etcd.endpoint()], "/failover/"),
+        etcd_config(
+            &[format!("http://{dead}"), etcd.endpoint()],
+            "/failover/",
+            TIMEOUT_MS,
+        ),
     )
     .await;
     assert_eq!(m.compare_and_set(state("t", 1, 0), 0).await, Ok(1));
@@ -226,7 +236,11 @@ async fn a_dead_endpoint_falls_over_to_the_next() {
 async fn etcd_restart_under_a_live_connection() {
     let mut etcd = Etcd::start();
     let plugin = load("etcd", Sandbox::default().allow_http([etcd.authority()]));
-    let m = connect(&plugin, etcd_config(&[etcd.endpoint()], "/restart/")).await;
+    let m = connect(
+        &plugin,
+        etcd_config(&[etcd.endpoint()], "/restart/", TIMEOUT_MS),
+    )
+    .await;
     assert_eq!(m.compare_and_set(state("t", 1, 0), 0).await, Ok(1));
     assert_eq!(m.compare_and_set(state("t", 2, 1), 1).await, Ok(2));
     let epoch = m

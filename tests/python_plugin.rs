@@ -16,13 +16,6 @@ use replicator::plugin::{PluginLog, PluginSource, Sandbox, StoragePlugin};
 use replicator::storage::{OffsetBounds, PartitionLog};
 use support::{BIN, Cluster, cli_ok, consume_replica, converged};
 
-fn cases() -> u32 {
-    std::env::var("REPLICATOR_PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(48)
-}
-
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -114,7 +107,7 @@ async fn conforms(config: &[(&str, &str)]) {
         .collect();
     let scratch = tempfile::tempdir().expect("tempdir");
     let options = Options {
-        proptest_cases: cases(),
+        proptest_cases: support::proptest_cases(),
         filter: None,
     };
     let subject = Subject::new(plugin, config).persistent(true);

@@ -10,9 +10,6 @@ use support::s3::Moto;
 #[test]
 fn objects_round_trip_through_the_helpers() {
     let moto = Moto::start();
-    assert!(moto.endpoint().starts_with("http://127.0.0.1:"));
-    assert_eq!(moto.authority(), format!("127.0.0.1:{}", moto.port()));
-    assert_eq!(moto.region(), "us-east-1");
     assert!(moto.access_key_id().starts_with("AKIA"));
 
     let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();

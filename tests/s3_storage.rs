@@ -64,13 +64,6 @@ async fn fill(log: &PluginLog, from: u64, n: u64) -> Vec<Bytes> {
     out
 }
 
-fn cases() -> u32 {
-    std::env::var("REPLICATOR_PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(48)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_plugin_passes_the_storage_conformance_suite() {
     let moto = Moto::start();
@@ -80,7 +73,7 @@ async fn s3_plugin_passes_the_storage_conformance_suite() {
     let subject = Subject::new(plugin(&config), config).persistent(true);
     let scratch = tempfile::tempdir().expect("tempdir");
     let options = Options {
-        proptest_cases: cases(),
+        proptest_cases: support::proptest_cases(),
         filter: None,
     };
     let report = conformance::run(&subject, scratch.path(), &options, |_| {}).await;

@@ -133,15 +133,9 @@ impl Client {
     }
 
     /// Send `req` to the first node that answers (connection failures move
-    /// on to the next; a node's refusal is returned).
-    /// `idempotent` requests (reads) move on to the next node also when
-    /// one fails after sending; others only when nothing was sent.
-    async fn any(
-        &self,
-        req: &Request,
-        body: &[u8],
-        idempotent: bool,
-    ) -> Result<(Response, Bytes), ClientError> {
+    /// on to the next; a node's refusal is returned). A request that failed
+    /// after it was sent is not sent again elsewhere.
+    async fn any(&self, req: &Request, body: &[u8]) -> Result<(Response, Bytes), ClientError> {
         let mut errors = Vec::new();
         for id in self.node_ids().await {
             let peer = match self.peer(id).await {
@@ -154,7 +148,7 @@ impl Client {
             match peer.request_within(req, body, REQUEST_TIMEOUT).await {
                 Ok(r) => return Ok(r),
                 Err(TransportError::Rejected(e)) => return Err(ClientError::Refused(e)),
-                Err(e) if idempotent || matches!(e, TransportError::NotSent(_)) => {
+                Err(e @ TransportError::NotSent(_)) => {
                     self.peers.lock().await.remove(&id);
                     errors.push(format!("node {id}: {e}"));
                 }
@@ -252,7 +246,7 @@ impl Client {
             replication_factor,
             min_insync,
         };
-        match self.any(&req, &[], false).await? {
+        match self.any(&req, &[]).await? {
             (Response::Created { partitions }, _) => Ok(partitions),
             (other, _) => Err(ClientError::Protocol(format!("{other:?}"))),
         }

@@ -38,14 +38,6 @@ fn binary() -> PathBuf {
     })
 }
 
-/// A TCP port nothing listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
-}
-
 /// A port that refuses connections and stays so while the returned socket
 /// lives: bound, never listening, so no other test can take it.
 pub fn closed_port() -> (socket2::Socket, u16) {

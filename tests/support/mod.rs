@@ -287,3 +287,12 @@ pub fn consume_replica(c: &Cluster, topic: &str, replica: u32, count: u64) -> Ve
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Random operation sequences per conformance run:
+/// `REPLICATOR_PROPTEST_CASES`, else 48.
+pub fn proptest_cases() -> u32 {
+    std::env::var("REPLICATOR_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(48)
+}

@@ -290,7 +290,7 @@ async fn cas_race(c: &Ctx<'_>) -> CaseResult {
             let s = state(&t, 0, 1, round * 1000 + i as u32);
             async move { (i, m.compare_and_set(s, version).await) }
         });
-        let results = futures_join_all(attempts).await;
+        let results = futures_util::future::join_all(attempts).await;
         let winners: Vec<usize> = results
             .iter()
             .filter(|(_, r)| r.is_ok())
@@ -318,30 +318,6 @@ async fn cas_race(c: &Ctx<'_>) -> CaseResult {
         );
     }
     Ok(None)
-}
-
-/// Await every future concurrently, keeping their order.
-async fn futures_join_all<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut pinned: Vec<Pin<Box<F>>> = futures.map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (f, slot) in pinned.iter_mut().zip(out.iter_mut()) {
-            if slot.is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => *slot = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    out.into_iter().flatten().collect()
 }
 
 async fn list_partitions(c: &Ctx<'_>) -> CaseResult {
@@ -441,7 +417,7 @@ async fn broker_race(c: &Ctx<'_>) -> CaseResult {
             let addr = format!("10.1.{round}.{i}:7101");
             async move { (i, m.register_broker(id, addr).await) }
         });
-        for (i, r) in futures_join_all(attempts).await {
+        for (i, r) in futures_util::future::join_all(attempts).await {
             let e = r.map_err(|e| format!("round {round}: racer {i} failed to register: {e}"))?;
             ensure!(
                 seen.insert(e),

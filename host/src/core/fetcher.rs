@@ -91,9 +91,7 @@ impl Fetcher {
     /// replica ignores its late answer (stale correlation id).
     pub fn add_partition(&mut self, tp: TopicPartition, leader: ReplicaId) -> Option<FetchRequest> {
         if self.partitions.get(&tp).is_some_and(|t| t.leader != leader) {
-            for (_, _, set) in self.inflight.values_mut() {
-                set.remove(&tp);
-            }
+            self.release_inflight(&tp);
         }
         let old = self.partitions.insert(
             tp,
@@ -110,10 +108,15 @@ impl Fetcher {
     /// A fetch still in flight no longer holds `tp` (it may follow again
     /// before that fetch ends).
     pub fn remove_partition(&mut self, tp: &TopicPartition) -> Option<FetchRequest> {
+        self.release_inflight(tp);
+        self.partitions.remove(tp).and_then(|t| t.queued)
+    }
+
+    /// No fetch in flight holds `tp` back any more.
+    fn release_inflight(&mut self, tp: &TopicPartition) {
         for (_, _, set) in self.inflight.values_mut() {
             set.remove(tp);
         }
-        self.partitions.remove(tp).and_then(|t| t.queued)
     }
 
     pub fn partition_count(&self) -> usize {

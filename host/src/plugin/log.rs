@@ -269,14 +269,10 @@ impl Actor {
             _ => None,
         };
         let mutation = matches!(op, Op::Truncate(_) | Op::DeletePrefix(_));
-        // The contract has `conflict` only for an append that does not
-        // start at the log end. Anywhere else it means the plugin lost its
-        // right to write (a newer writer fenced it, as the S3 plugin's
-        // generations do): only a fresh instance, which re-reads the
-        // store, can go on.
-        let fenced_conflict = match &op {
-            Op::Append(bytes) => index::check_append(bytes, known.log_end).is_ok(),
-            _ => true,
+        // Kept (a reference count, not a copy) to judge a `conflict` answer.
+        let appended = match &op {
+            Op::Append(bytes) => Some(bytes.clone()),
+            _ => None,
         };
         let answer = match op {
             Op::Append(bytes) => {
@@ -377,7 +373,16 @@ impl Actor {
                 if let Some(why) = wrong_refusal(&e, known, in_range) {
                     return Err(self.set_fault((FaultKind::Violation, why)));
                 }
-                if fenced_conflict && let StorageError::Conflict(m) = &e {
+                // The contract has `conflict` only for an append that does
+                // not start at the log end. Anywhere else it means the
+                // plugin lost its right to write (a newer writer fenced it,
+                // as the S3 plugin's generations do): only a fresh
+                // instance, which re-reads the store, can go on.
+                if let StorageError::Conflict(m) = &e
+                    && appended
+                        .as_ref()
+                        .is_none_or(|b| index::check_append(b, known.log_end).is_ok())
+                {
                     return Err(self.set_fault((
                         FaultKind::FailedMutation,
                         format!("conflict outside the append contract, reopening: {m}"),

@@ -205,7 +205,6 @@ impl WasiHttpHooks for HttpGuard {
         options: Option<RequestOptions>,
         fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
     ) -> SendFuture {
-        _ = fut;
         // The authority as the guest set it; a missing port is not filled
         // in, so `host` alone never matches an allowed `host:port`.
         let authority = request
@@ -225,14 +224,7 @@ impl WasiHttpHooks for HttpGuard {
             );
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         }
-        Box::new(async move {
-            use http_body_util::BodyExt;
-            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
-            Ok((
-                response.map(BodyExt::boxed_unsync),
-                Box::new(io) as Box<dyn Future<Output = _> + Send>,
-            ))
-        })
+        wasmtime_wasi_http::default_hooks().send_request(request, options, fut)
     }
 }
 

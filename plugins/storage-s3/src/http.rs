@@ -136,7 +136,7 @@ pub fn request(
     let incoming = response
         .consume()
         .map_err(|()| Failure::Unreachable(format!("{authority}: response body unavailable")))?;
-    let body = read_all(authority, &incoming, max_response)?;
+    let body = read_all(authority, &incoming, declared, max_response)?;
     // A body cut short must not pass for a short object (recovery would
     // take it for damage and cut the log).
     if let Some(n) = declared
@@ -187,11 +187,16 @@ fn write_body(authority: &str, outgoing: &OutgoingBody, body: &[u8]) -> Result<(
 
 /// The whole response body, refusing one over `max` bytes (a broken or
 /// hostile server must not make the instance run out of memory).
-fn read_all(authority: &str, incoming: &IncomingBody, max: usize) -> Result<Vec<u8>, Failure> {
+fn read_all(
+    authority: &str,
+    incoming: &IncomingBody,
+    declared: Option<usize>,
+    max: usize,
+) -> Result<Vec<u8>, Failure> {
     let stream = incoming.stream().map_err(|()| {
         Failure::Unreachable(format!("{authority}: response body stream unavailable"))
     })?;
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(declared.unwrap_or(0).min(max));
     loop {
         match stream.blocking_read(1 << 20) {
             Ok(chunk) => {

@@ -108,7 +108,6 @@ pub struct S3Log {
     checkpoint_seq: u64,
     checkpoint_written: Option<u64>,
     cache: VecDeque<(u64, Rc<Vec<u8>>)>,
-    cache_used: u64,
     fenced: Option<String>,
     /// Recovery cut the log at damage: keep every object this time.
     recovery_cut: bool,
@@ -211,7 +210,6 @@ impl S3Log {
             checkpoint_seq: 0,
             checkpoint_written: None,
             cache: VecDeque::new(),
-            cache_used: 0,
             fenced: None,
             recovery_cut: false,
             notes: Vec::new(),
@@ -355,7 +353,6 @@ impl S3Log {
         let mut index: OffsetIndex<Loc> = OffsetIndex::empty_at(claim.end);
         let mut segments = BTreeMap::new();
         let mut started = false;
-        let mut own_started = false;
         let next_bases: Vec<Option<u64>> = (0..candidates.len())
             .map(|i| candidates.get(i + 1).map(|c| c.base))
             .collect();
@@ -367,15 +364,11 @@ impl S3Log {
             if end_at_most.is_some_and(|end| end <= checkpoint.log_start) {
                 continue;
             }
-            if c.cut.is_none() && !own_started {
-                own_started = true;
-                if !started {
-                    index = OffsetIndex::empty_at(claim.end);
-                    started = true;
-                }
-            }
             if !started {
-                index = OffsetIndex::empty_at(c.base);
+                // The first kept segment starts the log; without one, the
+                // generation's own segments start at the manifest's end.
+                let start = if c.cut.is_some() { c.base } else { claim.end };
+                index = OffsetIndex::empty_at(start);
                 started = true;
             }
             let key = layout::segment_key(&self.p, c.base, c.gen_);
@@ -453,7 +446,6 @@ impl S3Log {
         self.segments = segments;
         self.cut_buffer(0);
         self.buffer_base = end;
-        self.buffer_since = None;
         self.maybe_uploaded_end = end;
         self.hw = checkpoint.hw;
         self.epochs = checkpoint.epochs;
@@ -610,7 +602,6 @@ impl S3Log {
         Ok(())
     }
 
-    /// Upload the buffer as one segment object.
     /// Upload the buffer as segment objects of at most `segment.bytes`
     /// (or one batch, if a batch alone is larger): a follower appends whole
     /// fetch responses, which may be larger than a segment.
@@ -671,14 +662,15 @@ impl S3Log {
                 end,
             },
         );
-        for loc in self.index.locs_mut() {
-            if let Loc::Buffer(pos) = *loc {
-                *loc = if pos < len {
-                    Loc::Object { base, pos }
-                } else {
-                    Loc::Buffer(pos - len)
-                };
-            }
+        // Buffered batches are the index's tail: stop at the first
+        // uploaded one.
+        for loc in self.index.locs_mut().rev() {
+            let Loc::Buffer(pos) = *loc else { break };
+            *loc = if pos < len {
+                Loc::Object { base, pos }
+            } else {
+                Loc::Buffer(pos - len)
+            };
         }
         let rest = self.buffer.split_off(len);
         let object = std::mem::replace(&mut self.buffer, rest);
@@ -702,14 +694,15 @@ impl S3Log {
         }
     }
 
+    /// Cache a segment's bytes, evicting the oldest entries past
+    /// `cache.bytes` (the newest always stays).
     fn cache_insert(&mut self, base: u64, bytes: Rc<Vec<u8>>) {
         self.cache.retain(|(b, _)| *b != base);
-        self.cache_used = self.cache.iter().map(|(_, o)| o.len() as u64).sum();
-        self.cache_used += bytes.len() as u64;
         self.cache.push_back((base, bytes));
-        while self.cache_used > self.cache_limit && self.cache.len() > 1 {
+        let mut used: u64 = self.cache.iter().map(|(_, o)| o.len() as u64).sum();
+        while used > self.cache_limit && self.cache.len() > 1 {
             if let Some((_, o)) = self.cache.pop_front() {
-                self.cache_used -= o.len() as u64;
+                used -= o.len() as u64;
             }
         }
     }
@@ -812,9 +805,6 @@ impl S3Log {
             if let Some(Loc::Buffer(pos)) = removed.first().map(|e| e.loc) {
                 self.cut_buffer(pos);
             }
-            if self.buffer.is_empty() {
-                self.buffer_since = None;
-            }
             // A truncation below the log start pulls the start back too.
             if self.epochs.len() != epochs_before || self.index.log_start() != start_before {
                 self.write_checkpoint()?;
@@ -826,27 +816,15 @@ impl S3Log {
         if end < self.buffer_base {
             self.cut_buffer(0);
             self.buffer_base = end;
-            self.buffer_since = None;
         } else if let Some(Loc::Buffer(pos)) = removed.first().map(|e| e.loc) {
             self.cut_buffer(pos);
         }
-        let dropped: Vec<(u64, Segment)> = self
-            .segments
-            .iter()
-            .filter(|(b, _)| **b >= end)
-            .map(|(b, s)| (*b, *s))
-            .collect();
-        for (b, _) in &dropped {
-            self.segments.remove(b);
-            self.cache.retain(|(c, _)| c != b);
-        }
+        let dropped = self.forget_segments(|b, _| b >= end);
         for s in self.segments.values_mut() {
             s.end = s.end.min(end);
         }
         self.claim_next()?;
-        for (b, s) in dropped {
-            let _ = self.client.delete(&layout::segment_key(&self.p, b, s.gen_));
-        }
+        self.delete_segments(dropped);
         Ok(end)
     }
 
@@ -861,29 +839,42 @@ impl S3Log {
         // opener lists it as its own generation's last segment and could
         // not tell a late DELETE from a hole.
         let newest = self.segments.keys().next_back().copied();
-        let doomed: Vec<(u64, Segment)> = self
-            .segments
-            .iter()
-            .filter(|(b, s)| past_end || (s.end <= offset && Some(**b) != newest))
-            .map(|(b, s)| (*b, *s))
-            .collect();
-        for (b, _) in &doomed {
-            self.segments.remove(b);
-            self.cache.retain(|(c, _)| c != b);
-        }
+        let doomed =
+            self.forget_segments(|b, s| past_end || (s.end <= offset && Some(b) != newest));
         if past_end {
             // A follower reset to its leader's log start: start over there.
             self.cut_buffer(0);
             self.buffer_base = offset;
-            self.buffer_since = None;
             self.claim_next()?;
         } else {
             self.write_checkpoint()?;
         }
-        for (b, s) in doomed {
+        self.delete_segments(doomed);
+        Ok(())
+    }
+
+    /// Stop counting (and caching) the segments `drop` picks; returns them
+    /// for [`Self::delete_segments`] once the new state is durable.
+    fn forget_segments(&mut self, drop: impl Fn(u64, &Segment) -> bool) -> Vec<(u64, Segment)> {
+        let gone: Vec<(u64, Segment)> = self
+            .segments
+            .iter()
+            .filter(|(b, s)| drop(**b, s))
+            .map(|(b, s)| (*b, *s))
+            .collect();
+        for (b, _) in &gone {
+            self.segments.remove(b);
+            self.cache.retain(|(c, _)| c != b);
+        }
+        gone
+    }
+
+    /// Delete forgotten segments' objects (best effort: the next open
+    /// collects what is left).
+    fn delete_segments(&self, gone: Vec<(u64, Segment)>) {
+        for (b, s) in gone {
             let _ = self.client.delete(&layout::segment_key(&self.p, b, s.gen_));
         }
-        Ok(())
     }
 
     pub fn high_watermark(&self) -> u64 {

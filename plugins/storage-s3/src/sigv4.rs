@@ -110,16 +110,7 @@ pub fn sign(
         headers.push((k.to_ascii_lowercase(), v.trim().to_string()));
     }
     headers.sort();
-    let mut q: Vec<(String, String)> = query
-        .iter()
-        .map(|(k, v)| (uri_encode(k, false), uri_encode(v, false)))
-        .collect();
-    q.sort();
-    let canonical_query = q
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join("&");
+    let canonical_query = query_string(query);
     let canonical_headers: String = headers.iter().map(|(k, v)| format!("{k}:{v}\n")).collect();
     let signed_headers = headers
         .iter()
