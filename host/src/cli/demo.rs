@@ -6,7 +6,7 @@
 //! nodes and prints a summary with throughput.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -19,6 +19,7 @@ use replicator::core::Acks;
 
 use super::client_cmds::{self, generated};
 use super::cluster::{self, InitArgs};
+use super::procs::{Nodes, free_ports, wait_for_cluster};
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -47,138 +48,6 @@ pub struct DemoArgs {
     /// Skip the failover step (kill a leader, produce on, restart it).
     #[arg(long)]
     skip_failover: bool,
-}
-
-/// Start `replicator node` for node `id`, logging to `node-<id>.log`
-/// (appended to on a restart).
-fn spawn_node(dir: &Path, id: u32, append: bool) -> anyhow::Result<Child> {
-    let exe = std::env::current_exe().context("locating the replicator binary")?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(append)
-        .write(true)
-        .truncate(!append)
-        .open(dir.join(format!("node-{id}.log")))?;
-    Command::new(&exe)
-        .arg("node")
-        .arg("--config")
-        .arg(dir.join(format!("node-{id}.toml")))
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("starting node {id}"))
-}
-
-/// Three node processes; stopped (SIGTERM, then SIGKILL) when dropped.
-struct Nodes {
-    children: Vec<(u32, Child)>,
-}
-
-impl Nodes {
-    fn start(dir: &Path, count: u32) -> anyhow::Result<Nodes> {
-        let mut children = Vec::new();
-        for id in 1..=count {
-            children.push((id, spawn_node(dir, id, false)?));
-        }
-        Ok(Nodes { children })
-    }
-
-    /// SIGKILL node `id` (no shutdown, no flush: a crash).
-    fn kill(&mut self, id: u32) {
-        if let Some(pos) = self.children.iter().position(|(i, _)| *i == id) {
-            let (_, mut c) = self.children.remove(pos);
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn restart(&mut self, dir: &Path, id: u32) -> anyhow::Result<()> {
-        self.kill(id);
-        self.children.push((id, spawn_node(dir, id, true)?));
-        Ok(())
-    }
-
-    /// Any node that already exited: (id, status).
-    fn exited(&mut self) -> Option<(u32, std::process::ExitStatus)> {
-        self.children
-            .iter_mut()
-            .find_map(|(id, c)| c.try_wait().ok().flatten().map(|s| (*id, s)))
-    }
-
-    /// SIGTERM everyone, wait up to 10 s each, then SIGKILL.
-    fn stop(&mut self) -> Vec<(u32, bool)> {
-        for (_, c) in &self.children {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
-        }
-        let mut clean = Vec::new();
-        for (id, c) in &mut self.children {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let ok = loop {
-                match c.try_wait() {
-                    Ok(Some(s)) => break s.success(),
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(20))
-                    }
-                    _ => {
-                        let _ = c.kill();
-                        let _ = c.wait();
-                        break false;
-                    }
-                }
-            };
-            clean.push((*id, ok));
-        }
-        self.children.clear();
-        clean
-    }
-}
-
-impl Drop for Nodes {
-    fn drop(&mut self) {
-        for (_, c) in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// A UDP and a TCP port range of `n` ports each that are free right now.
-fn free_ports(n: u16) -> anyhow::Result<(u16, u16)> {
-    for base in (20000u16..60000).step_by(97) {
-        let udp_ok = (0..n).all(|i| std::net::UdpSocket::bind(("127.0.0.1", base + i)).is_ok());
-        let tcp_ok =
-            (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + 50 + i)).is_ok());
-        if udp_ok && tcp_ok {
-            return Ok((base, base + 50));
-        }
-    }
-    bail!("no free ports on 127.0.0.1")
-}
-
-async fn wait_for_cluster(c: &Client, nodes: &mut Nodes, want: usize) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some((id, s)) = nodes.exited() {
-            bail!("node {id} exited during startup ({s}); see its log");
-        }
-        if let Ok((brokers, _)) = c.metadata().await
-            && brokers.len() >= want
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("the nodes did not all register within 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Wait until every replica of every partition has the leader's log and

@@ -1,10 +1,12 @@
 //! Command-line front end: argument parsing and the subcommands. Errors are
 //! `anyhow` here, at the edge; the library below uses typed errors.
 
+mod bench;
 mod client_cmds;
 mod cluster;
 mod demo;
 mod plugin_cmd;
+mod procs;
 mod storage_demo;
 
 use std::process::ExitCode;
@@ -25,6 +27,14 @@ enum Command {
     /// Start a 3-node cluster on this machine, produce with acks=all, check
     /// every replica, stop it, and print the throughput.
     Demo(demo::DemoArgs),
+    /// Benchmark a 3-node cluster on this machine (RF 3, acks=all): four
+    /// produce workloads per storage backend, failover time, and raw quinn
+    /// and native storage as baselines measured in the same run.
+    Bench(bench::BenchArgs),
+    /// The receiving end of the benchmark's raw-quinn baseline (started by
+    /// `bench`).
+    #[command(hide = true)]
+    BenchSink(bench::raw_quinn::SinkArgs),
     /// Set up a cluster's config directory (certificates, node configs).
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
@@ -70,6 +80,8 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
+            Command::BenchSink(args) => bench::raw_quinn::sink(args).await,
             Command::Cluster(cluster::ClusterCommand::Init(args)) => cluster::run_init(args),
             Command::Node(args) => cluster::run_node(args).await,
             Command::Topic(cmd) => client_cmds::topic(cmd).await,

@@ -11,6 +11,7 @@ pub mod metrics;
 mod partition;
 mod server;
 mod shared;
+pub mod storage;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -83,8 +84,18 @@ pub async fn run(
     };
 
     let base = std::path::Path::new(".");
-    let storage = StoragePlugin::load(&config.storage.source(base), config.storage.sandbox())
-        .map_err(NodeError::Storage)?;
+    let storage = if config.storage.plugin == storage::NATIVE {
+        warn!(
+            "storage `{}`: the native in-process memory log, a benchmark baseline; it keeps nothing across a restart",
+            storage::NATIVE
+        );
+        storage::NodeStorage::Native
+    } else {
+        storage::NodeStorage::Plugin(
+            StoragePlugin::load(&config.storage.source(base), config.storage.sandbox())
+                .map_err(NodeError::Storage)?,
+        )
+    };
     let meta_plugin = MetadataPlugin::load(
         &config::PluginSection {
             plugin: config.metadata.plugin.clone(),

@@ -16,13 +16,13 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+use super::storage::NodeLog;
 use crate::batch::{self, Record};
 use crate::core::{
     Acks, Action, ErrorCode, FetchRequest, FetchResponse, PartitionMetrics, ReplicaId,
     ReplicationManager, Role, TopicPartition,
 };
 use crate::metadata::PartitionState;
-use crate::plugin::PluginLog;
 use crate::storage::{LogState, PartitionLog, StorageError};
 use crate::wire::rpc::{ReplicaStatus, RpcError};
 
@@ -113,7 +113,7 @@ struct Actor {
     tp: TopicPartition,
     shared: Arc<Shared>,
     rm: ReplicationManager,
-    log: Arc<PluginLog>,
+    log: Arc<NodeLog>,
     lane: mpsc::UnboundedSender<LaneOp>,
     events: mpsc::UnboundedSender<Event>,
     metrics: Arc<PartitionMetrics>,

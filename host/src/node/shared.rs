@@ -13,17 +13,17 @@ use crate::core::{
     Config, FailoverMetrics, FailureDetector, MetricsCollector, ReplicaId, TopicPartition,
 };
 use crate::metadata::{MetadataStore, PartitionState};
-use crate::plugin::StoragePlugin;
 
 use super::config::FailoverConfig;
 use super::fetch::FetchCmd;
+use super::storage::NodeStorage;
 
 pub struct Shared {
     pub node_id: ReplicaId,
     /// This incarnation's broker epoch, from registration.
     pub broker_epoch: u64,
     pub data_dir: PathBuf,
-    pub storage: StoragePlugin,
+    pub storage: NodeStorage,
     pub storage_config: Vec<(String, String)>,
     pub metadata: Arc<dyn MetadataStore>,
     pub replication: Config,
@@ -57,7 +57,7 @@ impl Shared {
         node_id: ReplicaId,
         broker_epoch: u64,
         data_dir: PathBuf,
-        storage: StoragePlugin,
+        storage: NodeStorage,
         storage_config: Vec<(String, String)>,
         metadata: Arc<dyn MetadataStore>,
         replication: Config,

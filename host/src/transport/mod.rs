@@ -166,6 +166,15 @@ impl Transport {
         self.me
     }
 
+    /// The QUIC endpoint itself, configured exactly as for replication
+    /// (TLS, ALPN, windows, socket buffers): `replicator bench` measures
+    /// raw stream throughput through it as the baseline replication is
+    /// compared against. Carries no hello and no framing.
+    #[doc(hidden)]
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        &self.endpoint
+    }
+
     /// Dial node `node` at `addr`, check its certificate is `node-<node>`,
     /// and do the hello round trip (which is also where a node's refusal
     /// of *our* certificate surfaces under TLS 1.3).

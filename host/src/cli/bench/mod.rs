@@ -1,0 +1,231 @@
+//! `replicator bench`: the cluster benchmark. It measures, in one run on
+//! this machine, raw quinn throughput between two processes (the
+//! baseline), then for each storage backend a 3-node cluster of real node
+//! processes over QUIC (RF 3, min.insync 2, acks=all) under the four
+//! workloads in [`workload::WORKLOADS`], and the failover time. It prints a
+//! table (or JSON) with the ratios the benchmark issue sets targets for and
+//! writes `results.json` and `chart.svg`.
+
+mod payload;
+pub mod raw_quinn;
+mod report;
+mod workload;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use super::cluster::{self, InitArgs};
+use super::procs::{Nodes, free_ports, wait_for_cluster};
+use report::{Report, Setup};
+use workload::WORKLOADS;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Storage backends to compare, each on a fresh cluster: `native`
+    /// (in-process memory log, no wasm: the baseline), `memory`, `file`
+    /// (fsync at roll and flush), or a .wasm path.
+    #[arg(long, value_delimiter = ',', default_value = "native,memory,file")]
+    storage: Vec<String>,
+    /// Workloads to run: a (1 in flight), b (1 producer, 256 in flight),
+    /// c (4 producers, 64 in flight each), d (64 KiB batches, 8 in flight).
+    #[arg(long, value_delimiter = ',', default_value = "a,b,c,d")]
+    workloads: Vec<String>,
+    /// Measured seconds per workload.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Unmeasured warm-up seconds before each workload.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Bytes per message (incompressible).
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// MB sent for the raw-quinn baseline.
+    #[arg(long, default_value_t = 2000)]
+    raw_mb: u64,
+    /// Failover rounds per storage backend (SIGKILL the leader, time the
+    /// first acks=all write its successor acknowledges); 0 skips them.
+    #[arg(long, default_value_t = 3)]
+    failover_rounds: u32,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Directory for `results.json` and `chart.svg` (created).
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+    /// Exit non-zero when a target ratio is missed (requests that fail
+    /// always make it exit non-zero).
+    #[arg(long)]
+    check: bool,
+    /// Keep the clusters' directories and node logs here instead of a
+    /// temporary directory.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    // `contains` is false for NaN, which clap would otherwise accept.
+    if !(f64::MIN_POSITIVE..=3600.0).contains(&args.seconds)
+        || !(0.0..=600.0).contains(&args.warmup)
+    {
+        bail!("--seconds must be in (0, 3600] and --warmup in [0, 600]");
+    }
+    if args.size == 0 || args.size > 1 << 20 {
+        bail!("--size must be 1..=1048576 bytes");
+    }
+    if args.raw_mb == 0 || args.storage.is_empty() {
+        bail!("--raw-mb must be at least 1 and --storage must name a backend");
+    }
+    let workloads = args
+        .workloads
+        .iter()
+        .map(|k| {
+            WORKLOADS
+                .iter()
+                .find(|w| w.key == k.trim())
+                .with_context(|| format!("unknown workload `{k}` (expected a, b, c or d)"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let (dir, _guard) = super::work_dir(&args.dir)?;
+    let window = Duration::from_secs_f64(args.seconds);
+    let warmup = Duration::from_secs_f64(args.warmup);
+    let say = |line: String| {
+        // Progress goes to stderr, so `--json` output stays clean.
+        eprintln!("bench: {line}");
+    };
+
+    let mut raw = None;
+    let mut results = Vec::new();
+    let mut failovers = Vec::new();
+    for (i, storage) in args.storage.iter().enumerate() {
+        let cluster_dir = dir.join(format!("cluster-{i}"));
+        let (base_port, metrics_port) = free_ports(3)?;
+        let client_path = cluster::init(&InitArgs {
+            dir: cluster_dir.clone(),
+            nodes: 3,
+            base_port,
+            metrics_base_port: metrics_port,
+            host: "127.0.0.1".parse()?,
+            storage: storage.clone(),
+            metadata: "file".into(),
+            metadata_endpoint: Vec::new(),
+            metadata_config: Vec::new(),
+            min_insync: Some(2),
+            storage_config: Vec::new(),
+            ca_key_out: None,
+        })?;
+        if raw.is_none() {
+            say(format!(
+                "raw quinn baseline: {} MB on one connection between two processes",
+                args.raw_mb
+            ));
+            let r = raw_quinn::measure(&cluster_dir, args.raw_mb * 1_000_000).await?;
+            say(format!("raw quinn: {:.1} MB/s", r.mb_per_s));
+            raw = Some(r);
+        }
+        say(format!(
+            "storage `{storage}`: starting 3 nodes in {}",
+            cluster_dir.display()
+        ));
+        let mut nodes = Nodes::start(&cluster_dir, 3)?;
+        let c = super::client_cmds::client(&client_path)?;
+        wait_for_cluster(&c, &mut nodes, 3).await?;
+        c.close().await;
+        for w in &workloads {
+            say(format!(
+                "storage `{storage}`, workload {}: {}",
+                w.key, w.title
+            ));
+            let r = workload::run(&cluster_dir, &nodes, storage, w, args.size, warmup, window)
+                .await
+                .with_context(|| format!("workload {} on `{storage}`", w.key))?;
+            say(format!(
+                "  {:.0} msg/s, {:.1} MB/s, p99 {:.2} ms, {} failed",
+                r.msgs_per_s, r.mb_per_s, r.latency_ms.p99, r.failed
+            ));
+            results.push(r);
+            if let Some((id, status)) = nodes.exited() {
+                bail!(
+                    "node {id} exited during the benchmark ({status}); see {}",
+                    cluster_dir.join(format!("node-{id}.log")).display()
+                );
+            }
+        }
+        if args.failover_rounds > 0 {
+            say(format!(
+                "storage `{storage}`: {} failover rounds",
+                args.failover_rounds
+            ));
+            let f = workload::failover(
+                &cluster_dir,
+                &mut nodes,
+                storage,
+                args.failover_rounds,
+                args.size,
+            )
+            .await
+            .with_context(|| format!("failover on `{storage}`"))?;
+            say(format!(
+                "  failover p50 {:.0} ms, max {:.0} ms",
+                f.p50_ms, f.max_ms
+            ));
+            failovers.push(f);
+        }
+        let stops = nodes.stop();
+        if let Some((id, _)) = stops.iter().find(|(_, ok)| !ok) {
+            bail!(
+                "node {id} did not shut down cleanly; see {}",
+                cluster_dir.join(format!("node-{id}.log")).display()
+            );
+        }
+    }
+    let raw = raw.context("no raw-quinn measurement")?;
+    let report = Report::new(
+        Setup {
+            nodes: 3,
+            replication_factor: 3,
+            min_insync: 2,
+            acks: "all",
+            message_bytes: args.size,
+            warmup_s: args.warmup,
+            window_s: args.seconds,
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        },
+        raw,
+        results,
+        failovers,
+    );
+    let json = serde_json::to_string_pretty(&report)?;
+    let results_path = args.out.join("results.json");
+    let chart_path = args.out.join("chart.svg");
+    std::fs::write(&results_path, &json)
+        .with_context(|| format!("writing {}", results_path.display()))?;
+    std::fs::write(&chart_path, report.svg())
+        .with_context(|| format!("writing {}", chart_path.display()))?;
+    if args.json {
+        println!("{json}");
+    } else {
+        print!("{}", report.table());
+        println!(
+            "\nwrote {} and {}",
+            results_path.display(),
+            chart_path.display()
+        );
+    }
+    if report.failed_requests() > 0 {
+        bail!(
+            "{} produce requests failed in a healthy cluster",
+            report.failed_requests()
+        );
+    }
+    if args.check && !report.all_met() {
+        eprintln!("bench: some targets were missed (--check)");
+        return Ok(ExitCode::from(2));
+    }
+    Ok(ExitCode::SUCCESS)
+}

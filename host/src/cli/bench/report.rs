@@ -1,0 +1,476 @@
+//! The results of `replicator bench`: the ratios the benchmark issue sets
+//! targets for, a table for people, JSON for machines, and an SVG bar chart.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::raw_quinn::RawQuinn;
+use super::workload::{FailoverResult, WorkloadResult};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Setup {
+    pub nodes: u32,
+    pub replication_factor: u32,
+    pub min_insync: u32,
+    pub acks: &'static str,
+    pub message_bytes: usize,
+    pub warmup_s: f64,
+    pub window_s: f64,
+    pub cores: usize,
+}
+
+/// A ratio with the target it is held to.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub value: f64,
+    /// `>=` or `<=`.
+    pub op: &'static str,
+    pub target: f64,
+    pub met: bool,
+    pub detail: String,
+}
+
+impl Check {
+    fn new(name: String, value: f64, op: &'static str, target: f64, detail: String) -> Check {
+        let met = match op {
+            ">=" => value >= target,
+            _ => value <= target,
+        };
+        Check {
+            name,
+            value,
+            op,
+            target,
+            met,
+            detail,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub setup: Setup,
+    pub raw_quinn: RawQuinn,
+    pub workloads: Vec<WorkloadResult>,
+    pub failover: Vec<FailoverResult>,
+    pub checks: Vec<Check>,
+}
+
+/// Throughput workloads: everything but the one-in-flight latency floor.
+const THROUGHPUT: [&str; 3] = ["b", "c", "d"];
+
+impl Report {
+    pub fn new(
+        setup: Setup,
+        raw_quinn: RawQuinn,
+        workloads: Vec<WorkloadResult>,
+        failover: Vec<FailoverResult>,
+    ) -> Report {
+        let mut r = Report {
+            setup,
+            raw_quinn,
+            workloads,
+            failover,
+            checks: Vec::new(),
+        };
+        r.checks = r.compute_checks();
+        r
+    }
+
+    fn find(&self, storage: &str, workload: &str) -> Option<&WorkloadResult> {
+        self.workloads
+            .iter()
+            .find(|w| w.storage == storage && w.workload == workload)
+    }
+
+    fn storages(&self) -> Vec<&str> {
+        let mut s: Vec<&str> = Vec::new();
+        for w in &self.workloads {
+            if !s.contains(&w.storage.as_str()) {
+                s.push(&w.storage);
+            }
+        }
+        s
+    }
+
+    fn compute_checks(&self) -> Vec<Check> {
+        let mut checks = Vec::new();
+        for storage in self.storages() {
+            // Replicated throughput against raw QUIC: the best throughput
+            // workload. Each byte crosses QUIC three times, so 1/3 is the
+            // ceiling.
+            if let Some(best) = THROUGHPUT
+                .iter()
+                .filter_map(|k| self.find(storage, k))
+                .max_by(|a, b| a.mb_per_s.total_cmp(&b.mb_per_s))
+                && self.raw_quinn.mb_per_s > 0.0
+            {
+                checks.push(Check::new(
+                    format!("{storage}: replicated / raw quinn"),
+                    best.mb_per_s / self.raw_quinn.mb_per_s,
+                    ">=",
+                    0.25,
+                    format!(
+                        "workload {} {:.1} MB/s vs {:.1} MB/s (ceiling 0.33)",
+                        best.workload, best.mb_per_s, self.raw_quinn.mb_per_s
+                    ),
+                ));
+            }
+            if let Some(a) = self.find(storage, "a") {
+                checks.push(Check::new(
+                    format!("{storage}: one-in-flight p99 commit latency (ms)"),
+                    a.latency_ms.p99,
+                    "<=",
+                    1.5,
+                    format!(
+                        "p50 {:.2} ms, max {:.2} ms",
+                        a.latency_ms.p50, a.latency_ms.max
+                    ),
+                ));
+            }
+        }
+        // The plugin boundary must not be the bottleneck: the wasm memory
+        // plugin against native in-process storage, same workloads.
+        for k in THROUGHPUT {
+            if let (Some(wasm), Some(native)) = (self.find("memory", k), self.find("native", k))
+                && native.mb_per_s > 0.0
+            {
+                checks.push(Check::new(
+                    format!("wasm memory / native, workload {k}"),
+                    wasm.mb_per_s / native.mb_per_s,
+                    ">=",
+                    0.9,
+                    format!("{:.1} vs {:.1} MB/s", wasm.mb_per_s, native.mb_per_s),
+                ));
+            }
+        }
+        checks
+    }
+
+    pub fn all_met(&self) -> bool {
+        self.checks.iter().all(|c| c.met)
+    }
+
+    pub fn failed_requests(&self) -> u64 {
+        self.workloads.iter().map(|w| w.failed).sum()
+    }
+
+    /// The human-readable table.
+    pub fn table(&self) -> String {
+        let s = &self.setup;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{} nodes, RF {}, min.insync {}, acks={}, {} B incompressible messages; {:.0} s warm-up + {:.0} s measured per workload; {} cores",
+            s.nodes,
+            s.replication_factor,
+            s.min_insync,
+            s.acks,
+            s.message_bytes,
+            s.warmup_s,
+            s.window_s,
+            s.cores
+        );
+        let _ = writeln!(
+            out,
+            "raw quinn, one connection between two processes: {:.1} MB/s ({} MB in {:.2} s)\n",
+            self.raw_quinn.mb_per_s,
+            self.raw_quinn.bytes / 1_000_000,
+            self.raw_quinn.seconds
+        );
+        let _ = writeln!(
+            out,
+            "{:<8} {:<36} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>6}",
+            "STORAGE",
+            "WORKLOAD",
+            "MSG/S",
+            "MB/S",
+            "P50 MS",
+            "P99 MS",
+            "P99.9 MS",
+            "MAX MS",
+            "CPU S/GB",
+            "FAILED"
+        );
+        for w in &self.workloads {
+            let _ = writeln!(
+                out,
+                "{:<8} {:<36} {:>9.0} {:>8.1} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9.1} {:>6}",
+                w.storage,
+                format!("{}: {}", w.workload, w.title),
+                w.msgs_per_s,
+                w.mb_per_s,
+                w.latency_ms.p50,
+                w.latency_ms.p99,
+                w.latency_ms.p999,
+                w.latency_ms.max,
+                w.node_cpu_s_per_gb,
+                w.failed
+            );
+        }
+        for f in &self.failover {
+            let rounds: Vec<String> = f.rounds_ms.iter().map(|r| format!("{r:.0}")).collect();
+            let _ = writeln!(
+                out,
+                "\nfailover ({}): SIGKILL of the leader to the first acks=all write on its successor: p50 {:.0} ms, max {:.0} ms (rounds: {} ms)",
+                f.storage,
+                f.p50_ms,
+                f.max_ms,
+                rounds.join(", ")
+            );
+        }
+        let _ = writeln!(out, "\ntargets:");
+        for c in &self.checks {
+            let _ = writeln!(
+                out,
+                "  [{}] {}: {:.3} (target {} {}; {})",
+                if c.met { "met" } else { "MISSED" },
+                c.name,
+                c.value,
+                c.op,
+                c.target,
+                c.detail
+            );
+        }
+        for w in self.workloads.iter().filter(|w| w.failed > 0) {
+            let _ = writeln!(
+                out,
+                "\n{} requests failed in {}/{}; first: {}",
+                w.failed,
+                w.storage,
+                w.workload,
+                w.first_error.as_deref().unwrap_or("?")
+            );
+        }
+        out
+    }
+
+    /// A grouped bar chart of MB/s per workload and storage, with the raw
+    /// quinn figure and the 0.25x target as lines. Plain SVG written here:
+    /// a chart library would add a font stack for a dozen rectangles.
+    pub fn svg(&self) -> String {
+        let storages = self.storages();
+        let keys: Vec<&str> = {
+            let mut k: Vec<&str> = Vec::new();
+            for w in &self.workloads {
+                if !k.contains(&w.workload.as_str()) {
+                    k.push(&w.workload);
+                }
+            }
+            k
+        };
+        let max_mb = self
+            .workloads
+            .iter()
+            .map(|w| w.mb_per_s)
+            .fold(self.raw_quinn.mb_per_s * 0.34, f64::max)
+            .max(1.0);
+        let (w, h, left, top, bottom) = (900.0, 420.0, 70.0, 40.0, 60.0);
+        let plot_h = h - top - bottom;
+        let group_w = (w - left - 20.0) / keys.len().max(1) as f64;
+        let bar_w = (group_w * 0.8) / storages.len().max(1) as f64;
+        let y = |mb: f64| top + plot_h * (1.0 - mb / max_mb);
+        let colors = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2"];
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+        );
+        let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+        let _ = writeln!(
+            s,
+            r#"<text x="{left}" y="20" font-size="14">replicated acks=all throughput (MB/s), 3 nodes, RF 3, {} B messages; raw quinn {:.0} MB/s</text>"#,
+            self.setup.message_bytes, self.raw_quinn.mb_per_s
+        );
+        for (gi, key) in keys.iter().enumerate() {
+            let gx = left + gi as f64 * group_w + group_w * 0.1;
+            for (si, storage) in storages.iter().enumerate() {
+                if let Some(r) = self.find(storage, key) {
+                    let x = gx + si as f64 * bar_w;
+                    let top_y = y(r.mb_per_s);
+                    let _ = writeln!(
+                        s,
+                        r#"<rect x="{x:.1}" y="{top_y:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{} {}: {:.1} MB/s</title></rect>"#,
+                        bar_w * 0.95,
+                        (top + plot_h - top_y).max(0.0),
+                        colors[si % colors.len()],
+                        xml_escape(storage),
+                        xml_escape(key),
+                        r.mb_per_s
+                    );
+                    let _ = writeln!(
+                        s,
+                        r#"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="middle">{:.0}</text>"#,
+                        x + bar_w * 0.47,
+                        top_y - 3.0,
+                        r.mb_per_s
+                    );
+                }
+            }
+            let title = self
+                .workloads
+                .iter()
+                .find(|r| r.workload == *key)
+                .map_or("", |r| r.title.as_str());
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}: {}</text>"#,
+                left + gi as f64 * group_w + group_w / 2.0,
+                h - bottom + 18.0,
+                xml_escape(key),
+                xml_escape(title)
+            );
+        }
+        for (label, mb, dash) in [
+            ("raw quinn", self.raw_quinn.mb_per_s, ""),
+            (
+                "0.25 x raw quinn (target)",
+                self.raw_quinn.mb_per_s * 0.25,
+                r#" stroke-dasharray="6,4""#,
+            ),
+        ] {
+            if mb <= max_mb {
+                let ly = y(mb);
+                let _ = writeln!(
+                    s,
+                    r##"<line x1="{left}" x2="{:.1}" y1="{ly:.1}" y2="{ly:.1}" stroke="#333"{dash}/><text x="{:.1}" y="{:.1}" text-anchor="end">{label}: {mb:.0} MB/s</text>"##,
+                    w - 20.0,
+                    w - 22.0,
+                    ly - 4.0
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            r##"<line x1="{left}" x2="{left}" y1="{top}" y2="{:.1}" stroke="#333"/><line x1="{left}" x2="{:.1}" y1="{:.1}" y2="{:.1}" stroke="#333"/>"##,
+            top + plot_h,
+            w - 20.0,
+            top + plot_h,
+            top + plot_h
+        );
+        for i in 0..=4 {
+            let mb = max_mb * f64::from(i) / 4.0;
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{mb:.0}</text>"#,
+                left - 6.0,
+                y(mb) + 4.0
+            );
+        }
+        for (si, storage) in storages.iter().enumerate() {
+            let lx = left + 10.0 + si as f64 * 140.0;
+            let _ = writeln!(
+                s,
+                r#"<rect x="{lx:.1}" y="{:.1}" width="12" height="12" fill="{}"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+                h - 26.0,
+                colors[si % colors.len()],
+                lx + 16.0,
+                h - 16.0,
+                xml_escape(storage)
+            );
+        }
+        let _ = writeln!(s, "</svg>");
+        s
+    }
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::bench::workload::Latency;
+
+    fn result(storage: &str, workload: &str, mb: f64, p99: f64) -> WorkloadResult {
+        WorkloadResult {
+            storage: storage.into(),
+            workload: workload.into(),
+            title: format!("w{workload}"),
+            messages: 1,
+            bytes: 1,
+            seconds: 1.0,
+            msgs_per_s: 1.0,
+            mb_per_s: mb,
+            latency_ms: Latency {
+                p99,
+                ..Latency::default()
+            },
+            node_cpu_s_per_gb: 1.0,
+            failed: 0,
+            first_error: None,
+        }
+    }
+
+    fn report(workloads: Vec<WorkloadResult>) -> Report {
+        Report::new(
+            Setup {
+                nodes: 3,
+                replication_factor: 3,
+                min_insync: 2,
+                acks: "all",
+                message_bytes: 1024,
+                warmup_s: 1.0,
+                window_s: 5.0,
+                cores: 2,
+            },
+            RawQuinn {
+                bytes: 1,
+                seconds: 1.0,
+                mb_per_s: 400.0,
+            },
+            workloads,
+            Vec::new(),
+        )
+    }
+
+    #[test]
+    fn checks_use_the_best_throughput_workload_and_compare_wasm_to_native() {
+        let r = report(vec![
+            result("native", "a", 1.0, 1.2),
+            result("native", "b", 90.0, 5.0),
+            result("native", "d", 120.0, 5.0),
+            result("memory", "a", 1.0, 2.0),
+            result("memory", "b", 60.0, 5.0),
+            result("memory", "d", 110.0, 5.0),
+        ]);
+        let get = |name: &str| {
+            r.checks
+                .iter()
+                .find(|c| c.name == name)
+                .unwrap_or_else(|| panic!("no check {name}: {:?}", r.checks))
+        };
+        let raw = get("memory: replicated / raw quinn");
+        assert!((raw.value - 110.0 / 400.0).abs() < 1e-9 && raw.met);
+        assert!(!get("memory: one-in-flight p99 commit latency (ms)").met);
+        assert!(get("native: one-in-flight p99 commit latency (ms)").met);
+        let b = get("wasm memory / native, workload b");
+        assert!((b.value - 60.0 / 90.0).abs() < 1e-9 && !b.met);
+        assert!(get("wasm memory / native, workload d").met);
+        assert!(!r.all_met());
+        let table = r.table();
+        assert!(
+            table.contains("MISSED") && table.contains("[met]"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn the_chart_has_a_bar_per_result_and_the_target_line() {
+        let r = report(vec![
+            result("memory", "b", 60.0, 5.0),
+            result("file", "b", 50.0, 5.0),
+            result("memory", "d<&>", 70.0, 5.0),
+        ]);
+        let svg = r.svg();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<title>").count(), 3);
+        assert!(svg.contains("0.25 x raw quinn (target): 100 MB/s"));
+        assert!(!svg.contains("d<&>") && svg.contains("memory d&lt;&amp;&gt;: 70.0 MB/s"));
+    }
+}

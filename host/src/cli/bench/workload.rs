@@ -1,0 +1,367 @@
+//! The produce workloads of `replicator bench` and what each measures:
+//! acks=all throughput, per-request commit latency (hdrhistogram) and the
+//! nodes' CPU time, over a timed window after an unmeasured warm-up. Also
+//! the failover measurement: SIGKILL the leader, time the first acks=all
+//! write its successor acknowledges.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use hdrhistogram::Histogram;
+use replicator::batch::Record;
+use replicator::client::Client;
+use replicator::core::Acks;
+use serde::Serialize;
+
+use super::payload;
+use crate::cli::client_cmds;
+use crate::cli::procs::Nodes;
+
+/// One workload: how many producers, each with its own connection and
+/// partition, keep how many produce requests of how many records in
+/// flight.
+#[derive(Debug, Clone, Copy)]
+pub struct Workload {
+    pub key: &'static str,
+    pub title: &'static str,
+    pub producers: u32,
+    pub in_flight: usize,
+    pub records_per_request: usize,
+}
+
+/// The workloads, as the benchmark issue names them.
+pub const WORKLOADS: [Workload; 4] = [
+    Workload {
+        key: "a",
+        title: "1 in flight (commit-latency floor)",
+        producers: 1,
+        in_flight: 1,
+        records_per_request: 1,
+    },
+    Workload {
+        key: "b",
+        title: "1 producer, 256 in flight",
+        producers: 1,
+        in_flight: 256,
+        records_per_request: 1,
+    },
+    Workload {
+        key: "c",
+        title: "4 producers, 64 in flight each",
+        producers: 4,
+        in_flight: 64,
+        records_per_request: 1,
+    },
+    Workload {
+        key: "d",
+        title: "64 KiB batches, 8 in flight",
+        producers: 1,
+        in_flight: 8,
+        records_per_request: 64,
+    },
+];
+
+/// Commit latency of acknowledged requests, in milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+impl Latency {
+    fn of(h: &Histogram<u64>) -> Latency {
+        let ms = |us: u64| us as f64 / 1000.0;
+        Latency {
+            p50: ms(h.value_at_quantile(0.50)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+            mean: h.mean() / 1000.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadResult {
+    pub storage: String,
+    pub workload: String,
+    pub title: String,
+    /// Messages acknowledged (acks=all) inside the measured window.
+    pub messages: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub msgs_per_s: f64,
+    pub mb_per_s: f64,
+    pub latency_ms: Latency,
+    /// CPU seconds (user + system) of the three node processes per GB of
+    /// payload committed; each byte is stored three times and crosses QUIC
+    /// three times (client to leader, leader to each follower).
+    pub node_cpu_s_per_gb: f64,
+    /// Produce requests that failed inside the window (a healthy cluster
+    /// has none).
+    pub failed: u64,
+    pub first_error: Option<String>,
+}
+
+const WARMUP: u8 = 0;
+const MEASURING: u8 = 1;
+const STOPPING: u8 = 2;
+
+/// What one producer task saw in the measured window.
+struct ProducerTally {
+    acked_requests: u64,
+    latency_us: Histogram<u64>,
+    failed: u64,
+    first_error: Option<String>,
+}
+
+fn histogram() -> anyhow::Result<Histogram<u64>> {
+    // 1 us to 10 min, 3 significant digits.
+    Histogram::new_with_bounds(1, 600_000_000, 3).context("histogram bounds")
+}
+
+/// Create `topic` (RF 3, min.insync 2) and wait until every partition has
+/// a leader and a full ISR, so no election lands in a measurement.
+pub async fn create_topic(c: &Client, topic: &str, partitions: u32) -> anyhow::Result<()> {
+    c.create_topic(topic, partitions, 3, Some(2))
+        .await
+        .with_context(|| format!("creating topic {topic}"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, parts) = c.metadata().await?;
+        let ready = parts
+            .iter()
+            .filter(|p| p.topic == topic && p.leader.is_some() && p.isr.len() == 3)
+            .count();
+        if ready == partitions as usize {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("topic {topic} did not get leaders and a full ISR within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Run workload `w` against the running cluster in `cluster`: warm up,
+/// then measure for `window`.
+pub async fn run(
+    cluster: &Path,
+    nodes: &Nodes,
+    storage: &str,
+    w: &Workload,
+    size: usize,
+    warmup: Duration,
+    window: Duration,
+) -> anyhow::Result<WorkloadResult> {
+    let client_toml = cluster.join("client.toml");
+    let topic = format!("bench-{}", w.key);
+    let setup = client_cmds::client(&client_toml)?;
+    create_topic(&setup, &topic, w.producers).await?;
+    setup.close().await;
+
+    let phase = Arc::new(AtomicU8::new(WARMUP));
+    let mut tasks = Vec::new();
+    for p in 0..w.producers {
+        let client = Arc::new(client_cmds::client(&client_toml)?);
+        let requests: Arc<Vec<Vec<Record>>> = Arc::new(payload::requests(
+            16,
+            w.records_per_request,
+            size,
+            u64::from(p) << 32,
+        ));
+        let (topic, phase, w) = (topic.clone(), phase.clone(), *w);
+        tasks.push(tokio::spawn(async move {
+            let r = produce_loop(&client, &topic, p, &w, &requests, &phase).await;
+            client.close().await;
+            r
+        }));
+    }
+    tokio::time::sleep(warmup).await;
+    let cpu_before = nodes.cpu_seconds()?;
+    let started = Instant::now();
+    phase.store(MEASURING, Ordering::SeqCst);
+    tokio::time::sleep(window).await;
+    phase.store(STOPPING, Ordering::SeqCst);
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = nodes.cpu_seconds()? - cpu_before;
+
+    let mut latency = histogram()?;
+    let (mut requests, mut failed, mut first_error) = (0u64, 0u64, None);
+    for t in tasks {
+        let tally = t.await.context("producer task")??;
+        latency
+            .add(&tally.latency_us)
+            .context("merging latency histograms")?;
+        requests += tally.acked_requests;
+        failed += tally.failed;
+        first_error = first_error.or(tally.first_error);
+    }
+    let messages = requests * w.records_per_request as u64;
+    let bytes = messages * size as u64;
+    Ok(WorkloadResult {
+        storage: storage.to_string(),
+        workload: w.key.to_string(),
+        title: w.title.to_string(),
+        messages,
+        bytes,
+        seconds,
+        msgs_per_s: messages as f64 / seconds,
+        mb_per_s: bytes as f64 / 1e6 / seconds,
+        latency_ms: Latency::of(&latency),
+        node_cpu_s_per_gb: if bytes > 0 {
+            cpu / (bytes as f64 / 1e9)
+        } else {
+            0.0
+        },
+        failed,
+        first_error,
+    })
+}
+
+/// Keep `w.in_flight` produce requests outstanding on one partition until
+/// told to stop, then let the outstanding ones finish. Only requests that
+/// complete while the phase is MEASURING are counted.
+async fn produce_loop(
+    client: &Client,
+    topic: &str,
+    partition: u32,
+    w: &Workload,
+    requests: &[Vec<Record>],
+    phase: &AtomicU8,
+) -> anyhow::Result<ProducerTally> {
+    let mut tally = ProducerTally {
+        acked_requests: 0,
+        latency_us: histogram()?,
+        failed: 0,
+        first_error: None,
+    };
+    let mut pending = FuturesUnordered::new();
+    let mut next = 0usize;
+    loop {
+        while phase.load(Ordering::Relaxed) != STOPPING && pending.len() < w.in_flight {
+            let records = &requests[next % requests.len()];
+            next += 1;
+            pending.push(async move {
+                let sent = Instant::now();
+                let r = client
+                    .produce(
+                        topic,
+                        partition,
+                        records,
+                        Acks::All,
+                        Duration::from_secs(30),
+                    )
+                    .await;
+                (sent.elapsed(), r)
+            });
+        }
+        let Some((took, result)) = pending.next().await else {
+            break;
+        };
+        if phase.load(Ordering::Relaxed) != MEASURING {
+            continue;
+        }
+        match result {
+            Ok(_) => {
+                tally.acked_requests += 1;
+                let us = (took.as_micros() as u64).clamp(1, 600_000_000);
+                tally.latency_us.record(us).context("recording a latency")?;
+            }
+            Err(e) => {
+                tally.failed += 1;
+                tally.first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    Ok(tally)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FailoverResult {
+    pub storage: String,
+    /// Per round: SIGKILL of the leader to the first acks=all write
+    /// acknowledged by another node, in ms.
+    pub rounds_ms: Vec<f64>,
+    pub p50_ms: f64,
+    pub max_ms: f64,
+}
+
+/// `rounds` times: SIGKILL the leader of a 1-partition topic, produce
+/// (acks=all, one at a time) until another node acknowledges, restart the
+/// killed node and wait until it is back in the ISR.
+pub async fn failover(
+    cluster: &Path,
+    nodes: &mut Nodes,
+    storage: &str,
+    rounds: u32,
+    size: usize,
+) -> anyhow::Result<FailoverResult> {
+    let c = client_cmds::client(&cluster.join("client.toml"))?;
+    let topic = "bench-failover";
+    create_topic(&c, topic, 1).await?;
+    let records = payload::requests(1, 1, size, 99).remove(0);
+    let mut rounds_ms = Vec::new();
+    for _ in 0..rounds {
+        // A write before the kill, so the client knows the leader (as a
+        // producer in steady state does).
+        let (_, victim) = c
+            .produce_at(topic, 0, &records, Acks::All, Duration::from_secs(30))
+            .await
+            .context("producing before the failover")?;
+        nodes.kill(victim);
+        let killed = Instant::now();
+        loop {
+            if killed.elapsed() > Duration::from_secs(60) {
+                bail!("no node other than {victim} acknowledged within 60 s of killing it");
+            }
+            // Errors are expected here (the write in flight at the kill is
+            // ambiguous, and there is no leader for a moment): try again.
+            if let Ok((_, node)) = c
+                .produce_at(topic, 0, &records, Acks::All, Duration::from_secs(10))
+                .await
+                && node != victim
+            {
+                break;
+            }
+        }
+        rounds_ms.push(killed.elapsed().as_secs_f64() * 1e3);
+        nodes.restart(cluster, victim)?;
+        wait_full_isr(&c, topic).await?;
+    }
+    c.close().await;
+    let mut sorted = rounds_ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    Ok(FailoverResult {
+        storage: storage.to_string(),
+        p50_ms: sorted.get(sorted.len() / 2).copied().unwrap_or(0.0),
+        max_ms: sorted.last().copied().unwrap_or(0.0),
+        rounds_ms,
+    })
+}
+
+async fn wait_full_isr(c: &Client, topic: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok((_, parts)) = c.metadata().await
+            && parts
+                .iter()
+                .filter(|p| p.topic == topic)
+                .all(|p| p.isr.len() == 3)
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the restarted node did not rejoin the ISR of {topic} within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

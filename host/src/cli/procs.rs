@@ -1,0 +1,193 @@
+//! Node processes for the commands that run a whole cluster on this
+//! machine (`demo`, `bench`): start, kill, restart and stop them, find
+//! free ports, wait until they registered, and read their CPU time.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use replicator::client::Client;
+
+/// Start `replicator node` for node `id`, logging to `node-<id>.log`
+/// (appended to on a restart).
+pub fn spawn_node(dir: &Path, id: u32, append: bool) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe().context("locating the replicator binary")?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(append)
+        .write(true)
+        .truncate(!append)
+        .open(dir.join(format!("node-{id}.log")))?;
+    Command::new(&exe)
+        .arg("node")
+        .arg("--config")
+        .arg(dir.join(format!("node-{id}.toml")))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting node {id}"))
+}
+
+/// Three node processes; stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Nodes {
+    children: Vec<(u32, Child)>,
+}
+
+impl Nodes {
+    pub fn start(dir: &Path, count: u32) -> anyhow::Result<Nodes> {
+        let mut children = Vec::new();
+        for id in 1..=count {
+            children.push((id, spawn_node(dir, id, false)?));
+        }
+        Ok(Nodes { children })
+    }
+
+    /// SIGKILL node `id` (no shutdown, no flush: a crash).
+    pub fn kill(&mut self, id: u32) {
+        if let Some(pos) = self.children.iter().position(|(i, _)| *i == id) {
+            let (_, mut c) = self.children.remove(pos);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self, dir: &Path, id: u32) -> anyhow::Result<()> {
+        self.kill(id);
+        self.children.push((id, spawn_node(dir, id, true)?));
+        Ok(())
+    }
+
+    /// CPU seconds (user + system) the running nodes have used so far.
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        self.children
+            .iter()
+            .map(|(id, c)| cpu_seconds(c.id()).with_context(|| format!("CPU time of node {id}")))
+            .sum()
+    }
+
+    /// Any node that already exited: (id, status).
+    pub fn exited(&mut self) -> Option<(u32, std::process::ExitStatus)> {
+        self.children
+            .iter_mut()
+            .find_map(|(id, c)| c.try_wait().ok().flatten().map(|s| (*id, s)))
+    }
+
+    /// SIGTERM everyone, wait up to 10 s each, then SIGKILL.
+    pub fn stop(&mut self) -> Vec<(u32, bool)> {
+        for (_, c) in &self.children {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+        }
+        let mut clean = Vec::new();
+        for (id, c) in &mut self.children {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let ok = loop {
+                match c.try_wait() {
+                    Ok(Some(s)) => break s.success(),
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    _ => {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break false;
+                    }
+                }
+            };
+            clean.push((*id, ok));
+        }
+        self.children.clear();
+        clean
+    }
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A UDP and a TCP port range of `n` ports each that are free right now.
+pub fn free_ports(n: u16) -> anyhow::Result<(u16, u16)> {
+    for base in (20000u16..60000).step_by(97) {
+        let udp_ok = (0..n).all(|i| std::net::UdpSocket::bind(("127.0.0.1", base + i)).is_ok());
+        let tcp_ok =
+            (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + 50 + i)).is_ok());
+        if udp_ok && tcp_ok {
+            return Ok((base, base + 50));
+        }
+    }
+    bail!("no free ports on 127.0.0.1")
+}
+
+pub async fn wait_for_cluster(c: &Client, nodes: &mut Nodes, want: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some((id, s)) = nodes.exited() {
+            bail!("node {id} exited during startup ({s}); see its log");
+        }
+        if let Ok((brokers, _)) = c.metadata().await
+            && brokers.len() >= want
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the nodes did not all register within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// User plus system CPU seconds process `pid` has used, from
+/// `/proc/<pid>/stat` (fields 14 and 15, in clock ticks).
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name (field 2) is in parentheses and may hold spaces:
+    // count fields from the last ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("no ')' in /proc/PID/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state), so field N is at index N - 3.
+    let ticks = |n: usize| -> anyhow::Result<u64> {
+        fields
+            .get(n - 3)
+            .context("short /proc/PID/stat")?
+            .parse::<u64>()
+            .context("non-numeric CPU time in /proc/PID/stat")
+    };
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as f64 } else { 100.0 };
+    Ok((ticks(14)? + ticks(15)?) as f64 / hz)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn own_cpu_time_grows_with_work() {
+        let me = std::process::id();
+        let before = super::cpu_seconds(me).expect("own stat");
+        let started = std::time::Instant::now();
+        let mut x = 0u64;
+        while started.elapsed() < std::time::Duration::from_millis(300) {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        let after = super::cpu_seconds(me).expect("own stat");
+        assert!(after - before >= 0.1, "{before} -> {after}");
+    }
+}

@@ -1,0 +1,108 @@
+//! What a node keeps its partition logs in: a wasm storage plugin (always,
+//! in production), or the native in-process memory log (`plugin =
+//! "native"`), the baseline `replicator bench` measures the plugin
+//! boundary against. Both are [`PartitionLog`]s; the partition actor does
+//! not know which it has.
+
+use std::path::Path;
+
+use bytes::Bytes;
+
+use crate::plugin::{PluginLog, StoragePlugin};
+use crate::storage::memory::MemoryLog;
+use crate::storage::{EpochEntry, LogState, OffsetBounds, PartitionLog, StorageResult};
+
+/// The `[storage] plugin` name of the native baseline. Not a wasm plugin:
+/// it keeps nothing across restarts and is meant for benchmarks only.
+pub const NATIVE: &str = "native";
+
+#[derive(Clone)]
+pub enum NodeStorage {
+    Plugin(StoragePlugin),
+    Native,
+}
+
+impl NodeStorage {
+    pub fn name(&self) -> &str {
+        match self {
+            NodeStorage::Plugin(p) => p.name(),
+            NodeStorage::Native => NATIVE,
+        }
+    }
+
+    pub async fn open(
+        &self,
+        topic: &str,
+        partition: u32,
+        config: Vec<(String, String)>,
+        data_dir: Option<&Path>,
+    ) -> StorageResult<NodeLog> {
+        match self {
+            NodeStorage::Plugin(p) => Ok(NodeLog::Plugin(
+                p.open(topic, partition, config, data_dir).await?,
+            )),
+            NodeStorage::Native => Ok(NodeLog::Native(MemoryLog::new())),
+        }
+    }
+}
+
+pub enum NodeLog {
+    Plugin(PluginLog),
+    Native(MemoryLog),
+}
+
+/// Forward a [`PartitionLog`] call to whichever log this is. The call is
+/// made before the returned future is awaited, as the trait requires for
+/// pipelining.
+macro_rules! forward {
+    ($self:ident . $method:ident ( $($arg:ident),* )) => {{
+        let call: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>> = match $self {
+            NodeLog::Plugin(l) => Box::pin(l.$method($($arg),*)),
+            NodeLog::Native(l) => Box::pin(l.$method($($arg),*)),
+        };
+        call
+    }};
+}
+
+impl PartitionLog for NodeLog {
+    fn append(&self, batches: Bytes) -> impl Future<Output = StorageResult<u64>> + Send {
+        forward!(self.append(batches))
+    }
+    fn read(
+        &self,
+        offset: u64,
+        max_bytes: u32,
+    ) -> impl Future<Output = StorageResult<Bytes>> + Send {
+        forward!(self.read(offset, max_bytes))
+    }
+    fn bounds(&self) -> impl Future<Output = StorageResult<OffsetBounds>> + Send {
+        forward!(self.bounds())
+    }
+    fn truncate(&self, offset: u64) -> impl Future<Output = StorageResult<u64>> + Send {
+        forward!(self.truncate(offset))
+    }
+    fn delete_prefix(&self, offset: u64) -> impl Future<Output = StorageResult<()>> + Send {
+        forward!(self.delete_prefix(offset))
+    }
+    fn high_watermark(&self) -> impl Future<Output = StorageResult<u64>> + Send {
+        forward!(self.high_watermark())
+    }
+    fn set_high_watermark(&self, offset: u64) -> impl Future<Output = StorageResult<()>> + Send {
+        forward!(self.set_high_watermark(offset))
+    }
+    fn leader_epochs(&self) -> impl Future<Output = StorageResult<Vec<EpochEntry>>> + Send {
+        forward!(self.leader_epochs())
+    }
+    fn set_leader_epochs(
+        &self,
+        entries: Vec<EpochEntry>,
+    ) -> impl Future<Output = StorageResult<()>> + Send {
+        forward!(self.set_leader_epochs(entries))
+    }
+    fn flush(&self) -> impl Future<Output = StorageResult<()>> + Send {
+        forward!(self.flush())
+    }
+    fn recover(&self) -> impl Future<Output = StorageResult<LogState>> + Send {
+        forward!(self.recover())
+    }
+}
