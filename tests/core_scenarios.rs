@@ -838,3 +838,50 @@ fn followers_learn_a_new_hw_without_waiting_out_their_long_poll() {
     assert_eq!(c.rm(1).high_watermark(), 1);
     assert_eq!(c.rm(2).high_watermark(), 1);
 }
+
+/// A burst of produces handled in one round leaves the core as one storage
+/// append holding every batch in order (one plugin call, not one per
+/// produce), reported once; the acknowledgements still come per produce.
+#[test]
+fn a_burst_of_produces_becomes_one_storage_append() {
+    let log = SimLog::default();
+    let mut rm = ReplicationManager::new(relaxed(), 0, &log.state());
+    rm.become_leader(1, vec![0, 1, 2], vec![0], 1, 0);
+    let _ = rm.drain();
+    for i in 0..5 {
+        rm.produce(i, &record(i), Acks::All, 10_000)
+            .expect("leader takes produces");
+    }
+    let actions = rm.drain();
+    let appends: Vec<&Bytes> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Append { batches } => Some(batches),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(appends.len(), 1, "{actions:?}");
+    let records = replicator::batch::decode(appends[0]).expect("whole batches");
+    let offsets: Vec<u64> = records.iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, [0, 1, 2, 3, 4]);
+    assert_eq!(records[3].record.value, record(3)[0].value);
+    // Reported once, it completes all five (the ISR is the leader alone).
+    rm.log_appended(5, 1);
+    let done: Vec<(u64, Result<u64, ErrorCode>)> = rm
+        .drain()
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::ProduceDone { id, result } => Some((id, result)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(done, (0..5).map(|i| (i, Ok(i))).collect::<Vec<_>>());
+    // The storage is idle again: a later produce is appended on its own.
+    rm.produce(5, &record(5), Acks::All, 10_000)
+        .expect("leader takes produces");
+    let again = rm.drain();
+    assert!(
+        matches!(again.as_slice(), [Action::Append { batches }] if replicator::batch::decode(batches).map(|r| r[0].offset).ok() == Some(5)),
+        "{again:?}"
+    );
+}

@@ -347,6 +347,37 @@ async fn junk_and_oversized_input_is_refused_and_the_node_keeps_serving() {
         "{r:?}"
     );
 
+    // Valid batches, but more of them than one produce may carry: refused
+    // whole, before anything is appended.
+    let one = replicator::batch::encode(
+        0,
+        0,
+        &[Record {
+            value: Bytes::from(vec![9u8; 1 << 20]),
+            ..Default::default()
+        }],
+    )
+    .expect("a 1 MiB batch");
+    let oversized: Vec<u8> = std::iter::repeat_n(&one[..], 17)
+        .flatten()
+        .copied()
+        .collect();
+    let r = peer
+        .request(
+            &Request::Produce {
+                topic: "t".into(),
+                partition: 0,
+                acks: Acks::All,
+                timeout_ms: 1000,
+            },
+            &oversized,
+        )
+        .await;
+    assert!(
+        matches!(&r, Err(TransportError::Rejected(RpcError::Invalid(m))) if m.contains("limit")),
+        "{r:?}"
+    );
+
     // Same connection still serves, and nothing changed.
     let r = peer.request(&Request::Status {}, &[]).await;
     assert!(matches!(r, Ok((Response::Status { .. }, _))), "{r:?}");

@@ -154,6 +154,47 @@ impl Cursor<'_> {
 /// CRCs), sharing memory with `bytes`: keys and values are slices of it.
 pub fn decode(bytes: &Bytes) -> Result<Vec<StoredRecord>, BatchError> {
     let mut out = Vec::new();
+    for_each_record(bytes, |r| out.push(r))?;
+    Ok(out)
+}
+
+/// Check the batches in `bytes` as [`decode`] does (framing, CRCs, every
+/// record's fields) without collecting anything; returns the number of
+/// records. What a leader runs on a producer's batch before restamping it.
+pub fn validate(bytes: &Bytes) -> Result<u32, BatchError> {
+    let mut count = 0u32;
+    for_each_record(bytes, |_| count += 1)?;
+    Ok(count)
+}
+
+/// A copy of the validated batches in `bytes` with offsets from
+/// `base_offset` and `leader_epoch` written into each header and the CRC
+/// resealed: how a leader takes a producer's batch as it is, without
+/// decoding and re-encoding its records. Returns the copy and the offset
+/// after its last record.
+pub fn restamp(
+    bytes: &Bytes,
+    base_offset: u64,
+    leader_epoch: u32,
+) -> Result<(Bytes, u64), BatchError> {
+    let mut out = BytesMut::from(&bytes[..]);
+    let mut at = 0usize;
+    let mut next = base_offset;
+    while at < out.len() {
+        let mut h = BatchHeader::parse(&out[at..])?;
+        let end = at + h.batch_len as usize;
+        h.base_offset = next;
+        h.leader_epoch = leader_epoch;
+        h.write(&mut out[at..at + HEADER_LEN]);
+        replicator_plugin_sdk::seal(&mut out[at..end]);
+        next += u64::from(h.record_count);
+        at = end;
+    }
+    Ok((out.freeze(), next))
+}
+
+/// Walk every record of the batches in `bytes`, checking framing and CRCs.
+fn for_each_record(bytes: &Bytes, mut each: impl FnMut(StoredRecord)) -> Result<(), BatchError> {
     let mut at = 0usize;
     for b in replicator_plugin_sdk::batches(bytes, true) {
         let (h, _) = b?;
@@ -193,7 +234,7 @@ pub fn decode(bytes: &Bytes) -> Result<Vec<StoredRecord>, BatchError> {
             if c.pos != rec_end {
                 return Err(bad("record length disagrees with its fields"));
             }
-            out.push(StoredRecord {
+            each(StoredRecord {
                 offset: h.base_offset + u64::from(i),
                 leader_epoch: h.leader_epoch,
                 record: Record {
@@ -208,7 +249,7 @@ pub fn decode(bytes: &Bytes) -> Result<Vec<StoredRecord>, BatchError> {
             return Err(BatchError::Trailing(at - c.pos));
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The leading whole batches of `bytes` that start before `end`, sliced
@@ -273,7 +314,34 @@ mod tests {
             let mut b = encode(5, 1, &recs).unwrap().to_vec();
             let at = flip % b.len();
             b[at] ^= 0x5a;
-            prop_assert!(decode(&Bytes::from(b)).is_err());
+            let b = Bytes::from(b);
+            prop_assert!(decode(&b).is_err());
+            prop_assert!(validate(&b).is_err());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn restamping_equals_encoding_at_the_new_offset(
+            base in 0u64..1 << 40, epoch in any::<u32>(),
+            a in proptest::collection::vec(arb_record(), 1..10),
+            b in proptest::collection::vec(arb_record(), 1..10)) {
+            // Two batches as a producer sends them (offset 0, epoch 0).
+            let mut body = encode(0, 0, &a).unwrap().to_vec();
+            body.extend_from_slice(&encode(0, 0, &b).unwrap());
+            let body = Bytes::from(body);
+            prop_assert_eq!(validate(&body).unwrap() as usize, a.len() + b.len());
+            let (stamped, next) = restamp(&body, base, epoch).unwrap();
+            let mut want = encode(base, epoch, &a).unwrap().to_vec();
+            want.extend_from_slice(&encode(base + a.len() as u64, epoch, &b).unwrap());
+            prop_assert_eq!(&stamped[..], &want[..]);
+            prop_assert_eq!(next, base + (a.len() + b.len()) as u64);
+        }
+
+        #[test]
+        fn validate_agrees_with_decode_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let bytes = Bytes::from(bytes);
+            prop_assert_eq!(validate(&bytes).ok(), decode(&bytes).ok().map(|r| r.len() as u32));
         }
     }
 

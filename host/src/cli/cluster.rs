@@ -287,6 +287,13 @@ pub struct NodeArgs {
     /// The node's config file (from `replicator cluster init`).
     #[arg(long)]
     pub config: PathBuf,
+    /// Threads running the node's tasks (QUIC, partitions, fetching);
+    /// storage plugins have threads of their own. Default: one per core.
+    /// Lower it when several nodes share a machine (`demo` and `bench`
+    /// give each of their three nodes a third of the cores): fewer threads
+    /// handing work to each other means fewer wake-ups per commit.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
 }
 
 async fn shutdown_signal() {

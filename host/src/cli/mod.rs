@@ -67,10 +67,16 @@ pub fn main() -> ExitCode {
     } else {
         "warn"
     });
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Command::Node(cluster::NodeArgs {
+        worker_threads: Some(n),
+        ..
+    }) = &cli.command
     {
+        builder.worker_threads(usize::from(*n));
+    }
+    let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

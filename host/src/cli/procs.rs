@@ -23,6 +23,8 @@ pub fn spawn_node(dir: &Path, id: u32, append: bool) -> anyhow::Result<Child> {
         .arg("node")
         .arg("--config")
         .arg(dir.join(format!("node-{id}.toml")))
+        .arg("--worker-threads")
+        .arg(worker_threads().to_string())
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -32,6 +34,15 @@ pub fn spawn_node(dir: &Path, id: u32, append: bool) -> anyhow::Result<Child> {
         .stderr(log)
         .spawn()
         .with_context(|| format!("starting node {id}"))
+}
+
+/// Worker threads for each node when all of them share this machine: a
+/// share of the cores (at least one), so the nodes do not each run a
+/// thread per core and hand work between more threads than there are
+/// cores.
+pub fn worker_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / 3).max(1)
 }
 
 /// Three node processes; stopped (SIGTERM, then SIGKILL) when dropped.

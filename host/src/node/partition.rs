@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::storage::NodeLog;
-use crate::batch::{self, Record};
+use crate::batch;
 use crate::core::{
     Acks, Action, ErrorCode, FetchRequest, FetchResponse, PartitionMetrics, ReplicaId,
     ReplicationManager, Role, TopicPartition,
@@ -43,7 +43,8 @@ pub struct ReadResult {
 
 pub enum Event {
     Produce {
-        records: Vec<Record>,
+        /// Validated batches as the producer encoded them.
+        batches: Bytes,
         acks: Acks,
         timeout_ms: u64,
         reply: oneshot::Sender<Result<u64, RpcError>>,
@@ -290,7 +291,7 @@ impl Actor {
         let now = self.now();
         match ev {
             Event::Produce {
-                records,
+                batches,
                 acks,
                 timeout_ms,
                 reply,
@@ -307,7 +308,7 @@ impl Actor {
                 let id = self.next_produce;
                 match self
                     .rm
-                    .produce(id, &records, acks, now.saturating_add(timeout_ms))
+                    .produce_batches(id, &batches, acks, now.saturating_add(timeout_ms))
                 {
                     Ok(()) => {
                         self.produces.insert(id, reply);

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 use tracing::info;
 
-use crate::batch::{self, Record};
+use crate::batch::{self, MAX_BATCH_LEN};
 use crate::core::{ErrorCode, FetchRequest, FetchResponse, ReplicaId, TopicPartition};
 use crate::metadata::{MetadataError, PartitionState};
 use crate::transport::{Handler, Identity, Reply};
@@ -165,17 +165,25 @@ impl NodeServer {
                 "timeout_ms must be 1..={MAX_TIMEOUT_MS}"
             )));
         }
-        let stored = batch::decode(&body)
+        // One produce is at most one batch's worth, as a batch encoded from
+        // its records would be (the storage takes it in one call).
+        if body.len() > MAX_BATCH_LEN as usize {
+            return Err(RpcError::Invalid(format!(
+                "produce body of {} bytes is over the {MAX_BATCH_LEN}-byte limit",
+                body.len()
+            )));
+        }
+        // Checked here, off the partition's task; the leader then takes the
+        // batches as they are and only restamps their headers.
+        let count = batch::validate(&body)
             .map_err(|e| RpcError::Invalid(format!("produce body is not a record batch: {e}")))?;
-        if stored.is_empty() {
+        if count == 0 {
             return Err(RpcError::Invalid("produce with no records".into()));
         }
-        let records: Vec<Record> = stored.into_iter().map(|s| s.record).collect();
-        let count = records.len() as u32;
         let p = self.partition(&topic, partition)?;
         let base = self
             .ask(&p, |reply| Event::Produce {
-                records,
+                batches: body,
                 acks,
                 timeout_ms,
                 reply,

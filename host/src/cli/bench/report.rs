@@ -163,7 +163,7 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{} nodes, RF {}, min.insync {}, acks={}, {} B incompressible messages; {:.0} s warm-up + {:.0} s measured per workload; {} cores",
+            "{} nodes, RF {}, min.insync {}, acks={}, {} B incompressible messages; {:.0} s warm-up + {:.0} s measured per workload; {} cores\nCPU columns: CPU seconds per GB committed, of the three nodes together and of the producing client",
             s.nodes,
             s.replication_factor,
             s.min_insync,
@@ -182,7 +182,7 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "{:<8} {:<36} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>6}",
+            "{:<8} {:<36} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>6}",
             "STORAGE",
             "WORKLOAD",
             "MSG/S",
@@ -191,13 +191,14 @@ impl Report {
             "P99 MS",
             "P99.9 MS",
             "MAX MS",
-            "CPU S/GB",
+            "NODE CPU",
+            "CLNT CPU",
             "FAILED"
         );
         for w in &self.workloads {
             let _ = writeln!(
                 out,
-                "{:<8} {:<36} {:>9.0} {:>8.1} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9.1} {:>6}",
+                "{:<8} {:<36} {:>9.0} {:>8.1} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9.1} {:>9.1} {:>6}",
                 w.storage,
                 format!("{}: {}", w.workload, w.title),
                 w.msgs_per_s,
@@ -207,6 +208,7 @@ impl Report {
                 w.latency_ms.p999,
                 w.latency_ms.max,
                 w.node_cpu_s_per_gb,
+                w.client_cpu_s_per_gb,
                 w.failed
             );
         }
@@ -402,6 +404,7 @@ mod tests {
                 ..Latency::default()
             },
             node_cpu_s_per_gb: 1.0,
+            client_cpu_s_per_gb: 1.0,
             failed: 0,
             first_error: None,
         }

@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use super::payload;
 use crate::cli::client_cmds;
-use crate::cli::procs::Nodes;
+use crate::cli::procs::{Nodes, cpu_seconds};
 
 /// One workload: how many producers, each with its own connection and
 /// partition, keep how many produce requests of how many records in
@@ -59,9 +59,9 @@ pub const WORKLOADS: [Workload; 4] = [
     },
     Workload {
         key: "d",
-        title: "64 KiB batches, 8 in flight",
+        title: "64 KiB batches, 32 in flight",
         producers: 1,
-        in_flight: 8,
+        in_flight: 32,
         records_per_request: 64,
     },
 ];
@@ -105,6 +105,9 @@ pub struct WorkloadResult {
     /// payload committed; each byte is stored three times and crosses QUIC
     /// three times (client to leader, leader to each follower).
     pub node_cpu_s_per_gb: f64,
+    /// The same for this process, the producers' side (the client shares
+    /// the machine's cores with the nodes).
+    pub client_cpu_s_per_gb: f64,
     /// Produce requests that failed inside the window (a healthy cluster
     /// has none).
     pub failed: u64,
@@ -186,13 +189,16 @@ pub async fn run(
         }));
     }
     tokio::time::sleep(warmup).await;
+    let me = std::process::id();
     let cpu_before = nodes.cpu_seconds()?;
+    let client_cpu_before = cpu_seconds(me)?;
     let started = Instant::now();
     phase.store(MEASURING, Ordering::SeqCst);
     tokio::time::sleep(window).await;
     phase.store(STOPPING, Ordering::SeqCst);
     let seconds = started.elapsed().as_secs_f64();
     let cpu = nodes.cpu_seconds()? - cpu_before;
+    let client_cpu = cpu_seconds(me)? - client_cpu_before;
 
     let mut latency = histogram()?;
     let (mut requests, mut failed, mut first_error) = (0u64, 0u64, None);
@@ -217,14 +223,19 @@ pub async fn run(
         msgs_per_s: messages as f64 / seconds,
         mb_per_s: bytes as f64 / 1e6 / seconds,
         latency_ms: Latency::of(&latency),
-        node_cpu_s_per_gb: if bytes > 0 {
-            cpu / (bytes as f64 / 1e9)
-        } else {
-            0.0
-        },
+        node_cpu_s_per_gb: per_gb(cpu, bytes),
+        client_cpu_s_per_gb: per_gb(client_cpu, bytes),
         failed,
         first_error,
     })
+}
+
+fn per_gb(cpu_seconds: f64, bytes: u64) -> f64 {
+    if bytes > 0 {
+        cpu_seconds / (bytes as f64 / 1e9)
+    } else {
+        0.0
+    }
 }
 
 /// Keep `w.in_flight` produce requests outstanding on one partition until
