@@ -20,9 +20,6 @@ use super::types::{
 use crate::batch::{self, Record};
 use crate::storage::LogState;
 
-/// Most bytes [`ReplicationManager::drain`] joins into one append.
-pub const COALESCE_BYTES: usize = 4 << 20;
-
 /// Test-only switches that bring back the reference package's bugs, so the
 /// simulation's checker can be shown to catch each one.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -227,58 +224,8 @@ impl ReplicationManager {
     }
 
     /// The actions queued since the last call.
-    ///
-    /// Appends queued back to back (a burst of produces handled in one
-    /// round) leave as one append of all their batches, up to
-    /// [`COALESCE_BYTES`]: one storage call instead of one per produce, as
-    /// the storage contract takes several contiguous batches at once. Each
-    /// merged append is still reported once, with `log_appended`.
-    /// Completions (`ProduceDone`, `IsrWaitDone`) do not depend on later
-    /// appends, so they do not break a run.
     pub fn drain(&mut self) -> Vec<Action> {
-        let queued = std::mem::take(&mut self.outbox);
-        let mut out = Vec::with_capacity(queued.len());
-        let mut run: Vec<Bytes> = Vec::new();
-        let mut run_bytes = 0usize;
-        for action in queued {
-            match action {
-                Action::Append { batches } => {
-                    if run_bytes + batches.len() > COALESCE_BYTES {
-                        self.emit_appends(&mut run, &mut out);
-                        run_bytes = 0;
-                    }
-                    run_bytes += batches.len();
-                    run.push(batches);
-                }
-                done @ (Action::ProduceDone { .. } | Action::IsrWaitDone { .. }) => out.push(done),
-                other => {
-                    self.emit_appends(&mut run, &mut out);
-                    run_bytes = 0;
-                    out.push(other);
-                }
-            }
-        }
-        self.emit_appends(&mut run, &mut out);
-        out
-    }
-
-    /// One `Append` of the batches in `run` (emptied), in order.
-    fn emit_appends(&mut self, run: &mut Vec<Bytes>, out: &mut Vec<Action>) {
-        let batches = match run.len() {
-            0 => return,
-            1 => run.pop().unwrap_or_default(),
-            n => {
-                let mut joined = bytes::BytesMut::with_capacity(run.iter().map(Bytes::len).sum());
-                for b in run.drain(..) {
-                    joined.extend_from_slice(&b);
-                }
-                // Issued as one storage call, reported once.
-                self.storage_inflight = self.storage_inflight.saturating_sub(n as u32 - 1);
-                joined.freeze()
-            }
-        };
-        run.clear();
-        out.push(Action::Append { batches });
+        std::mem::take(&mut self.outbox)
     }
 
     pub fn id(&self) -> ReplicaId {

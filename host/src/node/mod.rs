@@ -12,6 +12,7 @@ mod partition;
 mod server;
 mod shared;
 pub mod storage;
+mod tail_cache;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -1,8 +1,8 @@
 //! `replicator bench`: the cluster benchmark. It measures, in one run on
 //! this machine, raw quinn throughput between two processes (the
-//! baseline), then for each storage backend a 3-node cluster of real node
-//! processes over QUIC (RF 3, min.insync 2, acks=all) under the four
-//! workloads in [`workload::WORKLOADS`], and the failover time. It prints a
+//! baseline), then for each storage backend and each of the workloads in
+//! [`workload::WORKLOADS`] a fresh 3-node cluster of real node processes
+//! over QUIC (RF 3, min.insync 2, acks=all), and the failover time. It prints a
 //! table (or JSON) with the ratios the benchmark issue sets targets for and
 //! writes `results.json` and `chart.svg`.
 
@@ -11,7 +11,7 @@ pub mod raw_quinn;
 mod report;
 mod workload;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -66,6 +66,64 @@ pub struct BenchArgs {
     dir: Option<PathBuf>,
 }
 
+/// `cluster init` for three nodes on loopback with `storage`; returns the
+/// client config's path.
+fn init_cluster(dir: &Path, storage: &str) -> anyhow::Result<PathBuf> {
+    let (base_port, metrics_port) = free_ports(3)?;
+    cluster::init(&InitArgs {
+        dir: dir.to_path_buf(),
+        nodes: 3,
+        base_port,
+        metrics_base_port: metrics_port,
+        host: "127.0.0.1".parse()?,
+        storage: storage.to_string(),
+        metadata: "file".into(),
+        metadata_endpoint: Vec::new(),
+        metadata_config: Vec::new(),
+        min_insync: Some(2),
+        storage_config: Vec::new(),
+        ca_key_out: None,
+    })
+}
+
+/// A running 3-node cluster in `dir`.
+struct Cluster {
+    dir: PathBuf,
+    nodes: Nodes,
+}
+
+impl Cluster {
+    async fn start(dir: &Path, storage: &str) -> anyhow::Result<Cluster> {
+        let client_path = init_cluster(dir, storage)?;
+        let mut nodes = Nodes::start(dir, 3)?;
+        let c = super::client_cmds::client(&client_path)?;
+        wait_for_cluster(&c, &mut nodes, 3).await?;
+        c.close().await;
+        Ok(Cluster {
+            dir: dir.to_path_buf(),
+            nodes,
+        })
+    }
+
+    /// Check no node died, then stop them all (SIGTERM, clean exits).
+    fn stop(mut self) -> anyhow::Result<()> {
+        if let Some((id, status)) = self.nodes.exited() {
+            bail!(
+                "node {id} exited during the benchmark ({status}); see {}",
+                self.dir.join(format!("node-{id}.log")).display()
+            );
+        }
+        let stops = self.nodes.stop();
+        if let Some((id, _)) = stops.iter().find(|(_, ok)| !ok) {
+            bail!(
+                "node {id} did not shut down cleanly; see {}",
+                self.dir.join(format!("node-{id}.log")).display()
+            );
+        }
+        Ok(())
+    }
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     // `contains` is false for NaN, which clap would otherwise accept.
     if !(f64::MIN_POSITIVE..=3600.0).contains(&args.seconds)
@@ -99,71 +157,56 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         eprintln!("bench: {line}");
     };
 
-    let mut raw = None;
+    // The baseline first, on certificates of a cluster that never runs.
+    say(format!(
+        "raw quinn baseline: {} MB on one connection between two processes",
+        args.raw_mb
+    ));
+    let certs = dir.join("baseline");
+    init_cluster(&certs, "memory")?;
+    let raw = raw_quinn::measure(&certs, args.raw_mb * 1_000_000).await?;
+    say(format!("raw quinn: {:.1} MB/s", raw.mb_per_s));
+
+    // Every workload on a fresh cluster: no partitions, data or fetch
+    // sessions left over from the one before.
     let mut results = Vec::new();
     let mut failovers = Vec::new();
     for (i, storage) in args.storage.iter().enumerate() {
-        let cluster_dir = dir.join(format!("cluster-{i}"));
-        let (base_port, metrics_port) = free_ports(3)?;
-        let client_path = cluster::init(&InitArgs {
-            dir: cluster_dir.clone(),
-            nodes: 3,
-            base_port,
-            metrics_base_port: metrics_port,
-            host: "127.0.0.1".parse()?,
-            storage: storage.clone(),
-            metadata: "file".into(),
-            metadata_endpoint: Vec::new(),
-            metadata_config: Vec::new(),
-            min_insync: Some(2),
-            storage_config: Vec::new(),
-            ca_key_out: None,
-        })?;
-        if raw.is_none() {
-            say(format!(
-                "raw quinn baseline: {} MB on one connection between two processes",
-                args.raw_mb
-            ));
-            let r = raw_quinn::measure(&cluster_dir, args.raw_mb * 1_000_000).await?;
-            say(format!("raw quinn: {:.1} MB/s", r.mb_per_s));
-            raw = Some(r);
-        }
-        say(format!(
-            "storage `{storage}`: starting 3 nodes in {}",
-            cluster_dir.display()
-        ));
-        let mut nodes = Nodes::start(&cluster_dir, 3)?;
-        let c = super::client_cmds::client(&client_path)?;
-        wait_for_cluster(&c, &mut nodes, 3).await?;
-        c.close().await;
         for w in &workloads {
             say(format!(
                 "storage `{storage}`, workload {}: {}",
                 w.key, w.title
             ));
-            let r = workload::run(&cluster_dir, &nodes, storage, w, args.size, warmup, window)
-                .await
-                .with_context(|| format!("workload {} on `{storage}`", w.key))?;
+            let cluster =
+                Cluster::start(&dir.join(format!("cluster-{i}-{}", w.key)), storage).await?;
+            let r = workload::run(
+                &cluster.dir,
+                &cluster.nodes,
+                storage,
+                w,
+                args.size,
+                warmup,
+                window,
+            )
+            .await
+            .with_context(|| format!("workload {} on `{storage}`", w.key))?;
             say(format!(
                 "  {:.0} msg/s, {:.1} MB/s, p99 {:.2} ms, {} failed",
                 r.msgs_per_s, r.mb_per_s, r.latency_ms.p99, r.failed
             ));
             results.push(r);
-            if let Some((id, status)) = nodes.exited() {
-                bail!(
-                    "node {id} exited during the benchmark ({status}); see {}",
-                    cluster_dir.join(format!("node-{id}.log")).display()
-                );
-            }
+            cluster.stop()?;
         }
         if args.failover_rounds > 0 {
             say(format!(
                 "storage `{storage}`: {} failover rounds",
                 args.failover_rounds
             ));
+            let mut cluster =
+                Cluster::start(&dir.join(format!("cluster-{i}-failover")), storage).await?;
             let f = workload::failover(
-                &cluster_dir,
-                &mut nodes,
+                &cluster.dir,
+                &mut cluster.nodes,
                 storage,
                 args.failover_rounds,
                 args.size,
@@ -175,16 +218,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 f.p50_ms, f.max_ms
             ));
             failovers.push(f);
-        }
-        let stops = nodes.stop();
-        if let Some((id, _)) = stops.iter().find(|(_, ok)| !ok) {
-            bail!(
-                "node {id} did not shut down cleanly; see {}",
-                cluster_dir.join(format!("node-{id}.log")).display()
-            );
+            cluster.stop()?;
         }
     }
-    let raw = raw.context("no raw-quinn measurement")?;
     let report = Report::new(
         Setup {
             nodes: 3,

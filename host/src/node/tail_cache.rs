@@ -1,0 +1,208 @@
+//! The tail of one partition's log as it was handed to storage: the most
+//! recent appends, kept in memory so that a leader answers follower
+//! fetches for them without a storage call (Kafka serves them from the
+//! page cache). A fetch reads what was appended moments ago, so a few MiB
+//! cover it; anything older goes to the storage plugin as before.
+//!
+//! Why this is the storage's content: the core asks for a read only below
+//! the log end the storage acknowledged, and every append passes through
+//! here when it is issued, in order. A truncation, reset or storage fault
+//! empties the cache, so nothing cut away or unconfirmed is ever served.
+
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
+use replicator_plugin_sdk::batches;
+
+/// Bytes of recent appends kept per partition (the newest append is kept
+/// whatever its size).
+pub const TAIL_CACHE_BYTES: usize = 8 << 20;
+
+struct Chunk {
+    base: u64,
+    next: u64,
+    data: Bytes,
+}
+
+pub struct TailCache {
+    chunks: VecDeque<Chunk>,
+    bytes: usize,
+    cap: usize,
+}
+
+impl TailCache {
+    pub fn new(cap: usize) -> Self {
+        TailCache {
+            chunks: VecDeque::new(),
+            bytes: 0,
+            cap,
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.chunks.clear();
+        self.bytes = 0;
+    }
+
+    /// An append of `data` (whole batches) was issued to storage. One
+    /// that does not continue the cached tail starts the cache over.
+    pub fn appended(&mut self, data: &Bytes) {
+        let mut range: Option<(u64, u64)> = None;
+        for b in batches(data, false) {
+            match b {
+                Ok((h, _)) => {
+                    let base = range.map_or(h.base_offset, |(b, _)| b);
+                    range = Some((base, h.next_offset()));
+                }
+                // Storage will refuse it too; serve nothing from here.
+                Err(_) => return self.clear(),
+            }
+        }
+        let Some((base, next)) = range else { return };
+        if self.chunks.back().is_some_and(|c| c.next != base) {
+            self.clear();
+        }
+        self.bytes += data.len();
+        self.chunks.push_back(Chunk {
+            base,
+            next,
+            data: data.clone(),
+        });
+        while self.bytes > self.cap && self.chunks.len() > 1 {
+            if let Some(old) = self.chunks.pop_front() {
+                self.bytes -= old.data.len();
+            }
+        }
+    }
+
+    /// What a storage read of `offset` with `max_bytes` would return, cut
+    /// before `end`: whole batches from the one holding `offset`, at least
+    /// one. `None` when the cache does not hold `offset`.
+    pub fn read(&self, offset: u64, max_bytes: u32, end: u64) -> Option<Bytes> {
+        let first = self.chunks.front()?;
+        let last = self.chunks.back()?;
+        if offset < first.base || offset >= last.next {
+            return None;
+        }
+        let max_bytes = max_bytes as usize;
+        let start = self.chunks.partition_point(|c| c.next <= offset);
+        // (chunk, byte range) pieces, in order.
+        let mut pieces: Vec<(usize, usize, usize)> = Vec::new();
+        let mut taken = 0usize;
+        'chunks: for (i, c) in self.chunks.iter().enumerate().skip(start) {
+            let mut at = 0usize;
+            for b in batches(&c.data, false) {
+                let Ok((h, raw)) = b else { break 'chunks };
+                let (from, to) = (at, at + raw.len());
+                at = to;
+                if h.next_offset() <= offset {
+                    continue;
+                }
+                if h.base_offset >= end || (taken > 0 && taken + raw.len() > max_bytes) {
+                    break 'chunks;
+                }
+                taken += raw.len();
+                match pieces.last_mut() {
+                    Some((pc, _, pto)) if *pc == i && *pto == from => *pto = to,
+                    _ => pieces.push((i, from, to)),
+                }
+            }
+        }
+        Some(match pieces.as_slice() {
+            [] => Bytes::new(),
+            // The common case: one slice of one append, no copy.
+            [(i, from, to)] => self.chunks[*i].data.slice(*from..*to),
+            _ => {
+                let mut out = BytesMut::with_capacity(taken);
+                for (i, from, to) in &pieces {
+                    out.extend_from_slice(&self.chunks[*i].data[*from..*to]);
+                }
+                out.freeze()
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::{self, Record};
+    use crate::storage::PartitionLog;
+    use crate::storage::memory::MemoryLog;
+
+    fn batch_at(base: u64, records: usize, size: usize) -> Bytes {
+        let recs: Vec<Record> = (0..records)
+            .map(|i| Record {
+                value: Bytes::from(vec![(base as usize + i) as u8; size]),
+                ..Default::default()
+            })
+            .collect();
+        batch::encode(base, 1, &recs).expect("encodes")
+    }
+
+    fn joined(parts: &[Bytes]) -> Bytes {
+        let mut v = Vec::new();
+        for p in parts {
+            v.extend_from_slice(p);
+        }
+        Bytes::from(v)
+    }
+
+    /// Whatever is asked, the cache answers exactly what the storage does
+    /// (cut before `end`), or nothing.
+    #[tokio::test]
+    async fn answers_exactly_as_the_storage_would() {
+        let log = MemoryLog::new();
+        let mut cache = TailCache::new(3000);
+        let mut next = 0u64;
+        // Single batches and multi-batch appends of varied sizes.
+        for (i, n) in [1usize, 3, 2, 1, 4, 1, 2].into_iter().enumerate() {
+            let parts: Vec<Bytes> = (0..n)
+                .map(|k| {
+                    let b = batch_at(next, 1 + (i + k) % 3, 100 + 37 * k);
+                    next += (1 + (i + k) % 3) as u64;
+                    b
+                })
+                .collect();
+            let data = joined(&parts);
+            cache.appended(&data);
+            log.append(data).await.expect("appends");
+        }
+        let mut served = 0;
+        for offset in 0..next + 2 {
+            for max_bytes in [1u32, 150, 400, 1000, 1 << 20] {
+                for end in [offset, offset + 1, offset + 5, next] {
+                    let Some(got) = cache.read(offset, max_bytes, end) else {
+                        continue;
+                    };
+                    served += 1;
+                    let want =
+                        batch::before(&log.read(offset, max_bytes).await.expect("reads"), end);
+                    assert_eq!(got, want, "offset {offset} max {max_bytes} end {end}");
+                }
+            }
+        }
+        assert!(served > 100, "the cache served only {served} reads");
+        // The oldest appends were evicted: those reads go to storage.
+        assert!(cache.read(0, 1 << 20, next).is_none());
+        assert!(cache.read(next - 1, 1 << 20, next).is_some());
+        assert!(cache.read(next, 1 << 20, next + 1).is_none());
+    }
+
+    #[test]
+    fn a_gap_or_a_clear_starts_over() {
+        let mut cache = TailCache::new(1 << 20);
+        cache.appended(&batch_at(0, 2, 10));
+        cache.appended(&batch_at(2, 2, 10));
+        assert!(cache.read(0, 1 << 20, 4).is_some());
+        // Not contiguous (say, after a truncation it was not told of).
+        cache.appended(&batch_at(10, 1, 10));
+        assert!(cache.read(0, 1 << 20, 11).is_none());
+        assert!(cache.read(10, 1 << 20, 11).is_some());
+        cache.clear();
+        assert!(cache.read(10, 1 << 20, 11).is_none());
+        // Garbage is not cached.
+        cache.appended(&Bytes::from_static(b"not a batch"));
+        assert!(cache.read(0, 1 << 20, 1).is_none());
+    }
+}
