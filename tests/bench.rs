@@ -1,0 +1,107 @@
+//! `replicator bench` end to end, short: real node processes, the raw
+//! quinn baseline and the JSON report, checked for what a reader of the
+//! figures relies on (the long run is `scripts/replicator bench`).
+
+use std::process::Command;
+
+fn bench(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_replicator"))
+        .arg("bench")
+        .args(args)
+        .output()
+        .expect("run replicator bench");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_short_run_measures_everything_it_reports() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let out_dir = out.path().to_str().expect("utf-8 path");
+    let (ok, stdout, stderr) = bench(&[
+        "--storage",
+        "native,memory",
+        "--workloads",
+        "a,d",
+        "--seconds",
+        "0.5",
+        "--warmup",
+        "0.2",
+        "--raw-mb",
+        "100",
+        "--failover-rounds",
+        "1",
+        "--json",
+        "--out",
+        out_dir,
+    ]);
+    assert!(ok, "bench failed:\n{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("--json prints JSON");
+    assert!(
+        report["raw_quinn"]["mb_per_s"]
+            .as_f64()
+            .is_some_and(|v| v > 1.0)
+    );
+    let workloads = report["workloads"].as_array().expect("workloads");
+    assert_eq!(workloads.len(), 4, "2 storages x 2 workloads");
+    for w in workloads {
+        let messages = w["messages"].as_u64().unwrap_or(0);
+        assert!(messages > 0, "nothing acknowledged: {w}");
+        assert_eq!(w["failed"].as_u64(), Some(0), "{w}");
+        let lat = &w["latency_ms"];
+        let (p50, p99, max) = (
+            lat["p50"].as_f64().unwrap_or(-1.0),
+            lat["p99"].as_f64().unwrap_or(-1.0),
+            lat["max"].as_f64().unwrap_or(-1.0),
+        );
+        assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{lat}");
+        assert!(
+            w["node_cpu_s_per_gb"].as_f64().is_some_and(|c| c > 0.0),
+            "{w}"
+        );
+    }
+    // Workload d sends 64 records per request.
+    let d = workloads
+        .iter()
+        .find(|w| w["workload"] == "d")
+        .expect("workload d");
+    assert_eq!(d["messages"].as_u64().unwrap_or(1) % 64, 0, "{d}");
+    let failover = report["failover"].as_array().expect("failover");
+    assert_eq!(failover.len(), 2);
+    for f in failover {
+        let ms = f["rounds_ms"][0].as_f64().unwrap_or(0.0);
+        // Bounded below by the failure timeout (500 ms by default).
+        assert!((400.0..30_000.0).contains(&ms), "{f}");
+    }
+    let checks = report["checks"].as_array().expect("checks");
+    assert!(
+        checks
+            .iter()
+            .any(|c| c["name"] == "wasm memory / native, workload d"),
+        "{checks:?}"
+    );
+    let chart = std::fs::read_to_string(out.path().join("chart.svg")).expect("chart.svg");
+    assert_eq!(chart.matches("<title>").count(), 4, "one bar per result");
+    let saved = std::fs::read_to_string(out.path().join("results.json")).expect("results.json");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&saved).expect("JSON"),
+        report
+    );
+}
+
+#[test]
+fn bad_arguments_are_refused_before_anything_starts() {
+    for (args, says) in [
+        (&["--workloads", "e"][..], "unknown workload `e`"),
+        (&["--seconds", "0"][..], "--seconds"),
+        (&["--seconds", "NaN"][..], "--seconds"),
+        (&["--size", "0"][..], "--size"),
+    ] {
+        let (ok, _, stderr) = bench(args);
+        assert!(!ok, "{args:?} was accepted");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}
