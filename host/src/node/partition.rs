@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::storage::NodeLog;
-use super::tail_cache::{TAIL_CACHE_BYTES, TailCache};
+use super::tail_cache::{NODE_TAIL_CACHE_BYTES, TAIL_CACHE_BYTES, TailCache};
 use crate::batch;
 use crate::core::{
     Acks, Action, ErrorCode, FetchRequest, FetchResponse, PartitionMetrics, ReplicaId,
@@ -174,12 +174,17 @@ pub async fn start(
     let log = Arc::new(log);
     tokio::spawn(run_lane(log.clone(), lane_rx, tx.clone()));
     let metrics = shared.metrics.register_partition(&tp.topic, tp.partition);
+    let tail = TailCache::new(
+        TAIL_CACHE_BYTES,
+        shared.tail_cache_bytes.clone(),
+        NODE_TAIL_CACHE_BYTES,
+    );
     let actor = Actor {
         rm: new_manager(&shared, &state),
         tp: tp.clone(),
         shared,
         log,
-        tail: TailCache::new(TAIL_CACHE_BYTES),
+        tail,
         lane: lane_tx,
         events: tx.clone(),
         metrics,
@@ -234,9 +239,9 @@ async fn run_lane(
             LaneOp::Append(first) => {
                 let mut parts = vec![first];
                 let mut bytes = parts[0].len();
-                while bytes < COALESCE_BYTES {
+                loop {
                     match ops.try_recv() {
-                        Ok(LaneOp::Append(b)) => {
+                        Ok(LaneOp::Append(b)) if bytes + b.len() <= COALESCE_BYTES => {
                             bytes += b.len();
                             parts.push(b);
                         }
@@ -698,7 +703,13 @@ impl Actor {
         let log = self.log.clone();
         match action {
             Action::Append { batches } => {
-                self.tail.appended(&batches);
+                // Only a leader answers fetches; a follower's appends are
+                // slices of whole fetch-response frames, not kept.
+                if self.rm.role() == Role::Leader {
+                    self.tail.appended(&batches);
+                } else {
+                    self.tail.clear();
+                }
                 let _ = self.lane.send(LaneOp::Append(batches));
             }
             Action::Truncate { offset } => {
@@ -941,5 +952,30 @@ mod tests {
             .map(|r| r.offset)
             .collect();
         assert_eq!(offsets, [0, 1, 2, 3]);
+    }
+
+    /// A join stops before it would pass `COALESCE_BYTES`.
+    #[tokio::test]
+    async fn a_join_never_grows_past_its_bound() {
+        let log = Arc::new(NodeLog::Native(MemoryLog::new()));
+        let (ops, rx) = mpsc::unbounded_channel();
+        let (events, mut done) = mpsc::unbounded_channel();
+        let big = |base: u64| {
+            let r = Record {
+                value: Bytes::from(vec![1u8; COALESCE_BYTES * 3 / 4]),
+                ..Default::default()
+            };
+            batch::encode(base, 1, &[r]).expect("encodes")
+        };
+        for base in 0..3 {
+            let _ = ops.send(LaneOp::Append(big(base)));
+        }
+        drop(ops);
+        run_lane(log, rx, events).await;
+        let mut ends = Vec::new();
+        while let Ok(Event::Storage(StorageDone::Appended(Ok(end)))) = done.try_recv() {
+            ends.push(end);
+        }
+        assert_eq!(ends, [1, 2, 3], "each went alone");
     }
 }

@@ -34,6 +34,8 @@ pub struct Shared {
     /// Partitions this node led when it (or their log) restarted: their
     /// leadership must move to a new epoch before anyone leads again.
     pub(super) handoffs: Mutex<HashSet<TopicPartition>>,
+    /// Bytes held by all partitions' tail caches (bounded node-wide).
+    pub(super) tail_cache_bytes: Arc<std::sync::atomic::AtomicUsize>,
     /// Wakes the metadata watcher now (topic created, hand-off wanted).
     pub(super) refresh: Notify,
     /// State machines built on this node (seeds correlation ids).
@@ -77,6 +79,7 @@ impl Shared {
             brokers: RwLock::new(HashMap::new()),
             fetch_tx,
             handoffs: Mutex::new(HashSet::new()),
+            tail_cache_bytes: Default::default(),
             refresh: Notify::new(),
             builds: Default::default(),
             failover,

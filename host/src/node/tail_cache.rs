@@ -8,8 +8,16 @@
 //! the log end the storage acknowledged, and every append passes through
 //! here when it is issued, in order. A truncation, reset or storage fault
 //! empties the cache, so nothing cut away or unconfirmed is ever served.
+//!
+//! Memory: only a leader's appends are kept (they are its own restamped
+//! copies; a follower's are slices of whole fetch-response frames, which
+//! caching would keep alive), at most [`TAIL_CACHE_BYTES`] per partition,
+//! and all partitions of a node together stay within
+//! [`NODE_TAIL_CACHE_BYTES`] beyond each one's newest append.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use replicator_plugin_sdk::batches;
@@ -17,6 +25,10 @@ use replicator_plugin_sdk::batches;
 /// Bytes of recent appends kept per partition (the newest append is kept
 /// whatever its size).
 pub const TAIL_CACHE_BYTES: usize = 8 << 20;
+
+/// Bytes all tail caches of one node may keep together, beyond each one's
+/// newest append: past this, every cache that grows evicts its oldest.
+pub const NODE_TAIL_CACHE_BYTES: usize = 256 << 20;
 
 struct Chunk {
     base: u64,
@@ -28,19 +40,25 @@ pub struct TailCache {
     chunks: VecDeque<Chunk>,
     bytes: usize,
     cap: usize,
+    /// Bytes held by every tail cache of the node, this one included.
+    node: Arc<AtomicUsize>,
+    node_cap: usize,
 }
 
 impl TailCache {
-    pub fn new(cap: usize) -> Self {
+    pub fn new(cap: usize, node: Arc<AtomicUsize>, node_cap: usize) -> Self {
         TailCache {
             chunks: VecDeque::new(),
             bytes: 0,
             cap,
+            node,
+            node_cap,
         }
     }
 
     pub fn clear(&mut self) {
         self.chunks.clear();
+        self.node.fetch_sub(self.bytes, Ordering::Relaxed);
         self.bytes = 0;
     }
 
@@ -63,14 +81,18 @@ impl TailCache {
             self.clear();
         }
         self.bytes += data.len();
+        self.node.fetch_add(data.len(), Ordering::Relaxed);
         self.chunks.push_back(Chunk {
             base,
             next,
             data: data.clone(),
         });
-        while self.bytes > self.cap && self.chunks.len() > 1 {
+        while (self.bytes > self.cap || self.node.load(Ordering::Relaxed) > self.node_cap)
+            && self.chunks.len() > 1
+        {
             if let Some(old) = self.chunks.pop_front() {
                 self.bytes -= old.data.len();
+                self.node.fetch_sub(old.data.len(), Ordering::Relaxed);
             }
         }
     }
@@ -123,6 +145,12 @@ impl TailCache {
     }
 }
 
+impl Drop for TailCache {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,7 +181,7 @@ mod tests {
     #[tokio::test]
     async fn answers_exactly_as_the_storage_would() {
         let log = MemoryLog::new();
-        let mut cache = TailCache::new(3000);
+        let mut cache = TailCache::new(3000, Default::default(), usize::MAX);
         let mut next = 0u64;
         // Single batches and multi-batch appends of varied sizes.
         for (i, n) in [1usize, 3, 2, 1, 4, 1, 2].into_iter().enumerate() {
@@ -191,7 +219,7 @@ mod tests {
 
     #[test]
     fn a_gap_or_a_clear_starts_over() {
-        let mut cache = TailCache::new(1 << 20);
+        let mut cache = TailCache::new(1 << 20, Default::default(), usize::MAX);
         cache.appended(&batch_at(0, 2, 10));
         cache.appended(&batch_at(2, 2, 10));
         assert!(cache.read(0, 1 << 20, 4).is_some());
@@ -204,5 +232,29 @@ mod tests {
         // Garbage is not cached.
         cache.appended(&Bytes::from_static(b"not a batch"));
         assert!(cache.read(0, 1 << 20, 1).is_none());
+    }
+
+    #[test]
+    fn the_node_budget_holds_across_partitions() {
+        let node = Arc::new(AtomicUsize::new(0));
+        let one = batch_at(0, 1, 1000).len();
+        let mut a = TailCache::new(1 << 20, node.clone(), 5 * one);
+        let mut b = TailCache::new(1 << 20, node.clone(), 5 * one);
+        for i in 0..10 {
+            a.appended(&batch_at(i, 1, 1000));
+            b.appended(&batch_at(i, 1, 1000));
+            // Over the node's budget only by each cache's newest append.
+            assert!(node.load(Ordering::Relaxed) <= 5 * one + 2 * one);
+        }
+        // Both still serve their newest append.
+        assert!(a.read(9, 1 << 20, 10).is_some() && b.read(9, 1 << 20, 10).is_some());
+        assert!(a.read(0, 1 << 20, 10).is_none());
+        drop(a);
+        b.clear();
+        assert_eq!(
+            node.load(Ordering::Relaxed),
+            0,
+            "dropped and cleared caches give back"
+        );
     }
 }
