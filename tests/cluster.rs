@@ -305,3 +305,90 @@ fn a_restarted_leader_hands_over_and_loses_nothing_even_with_memory_storage() {
         c.log(1)
     );
 }
+
+/// The batching producer: thousands of messages sent at once all land, each
+/// at the offset it was told, in far fewer requests than messages; a
+/// request that fails fails every message in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_batching_producer_acknowledges_every_message_at_its_offset() {
+    use replicator::client::{Client, ClientError};
+    use replicator::node::ClientConfig;
+    use replicator::producer::{Producer, ProducerConfig};
+    use std::sync::Arc;
+
+    let mut c = Cluster::init(3, "memory", |t| t);
+    c.start_all();
+    c.wait_up();
+    let client = Arc::new(
+        Client::new(&ClientConfig::load(std::path::Path::new(&c.client())).expect("client.toml"))
+            .expect("client"),
+    );
+    client
+        .create_topic("batched", 1, 3, Some(2))
+        .await
+        .expect("create topic");
+    let producer = Producer::new(client.clone(), "batched", 0, ProducerConfig::default());
+    let n = 3000u64;
+    let value = |i: u64| Bytes::from(format!("message-{i}"));
+    let sends: Vec<_> = (0..n)
+        .map(|i| {
+            producer.send(replicator::batch::Record {
+                value: value(i),
+                ..Default::default()
+            })
+        })
+        .collect();
+    let mut offsets = Vec::new();
+    for (i, s) in sends.into_iter().enumerate() {
+        offsets.push((
+            s.await.unwrap_or_else(|e| panic!("message {i}: {e}")),
+            i as u64,
+        ));
+    }
+    let requests = producer.requests_sent();
+    assert!(requests * 4 < n, "{requests} requests for {n} messages");
+    let mut seen: Vec<u64> = offsets.iter().map(|(o, _)| *o).collect();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..n).collect::<Vec<_>>(), "every offset once");
+    // Every message is at the offset it was acknowledged with.
+    let leader = client.leader_of("batched", 0).await.expect("leader");
+    let mut stored = std::collections::HashMap::new();
+    let mut from = 0;
+    while from < n {
+        let b = client
+            .read(leader, "batched", 0, from, 1 << 20)
+            .await
+            .expect("read");
+        assert!(!b.records.is_empty(), "nothing at {from}");
+        for r in b.records {
+            from = r.offset + 1;
+            stored.insert(r.offset, r.record.value);
+        }
+    }
+    for (offset, i) in offsets {
+        assert_eq!(stored.get(&offset), Some(&value(i)), "offset {offset}");
+    }
+    // A partition that does not exist: every message gets the error.
+    let nowhere = Producer::new(
+        client.clone(),
+        "batched",
+        7,
+        ProducerConfig {
+            timeout: std::time::Duration::from_millis(500),
+            ..ProducerConfig::default()
+        },
+    );
+    let failed: Vec<_> = (0..20)
+        .map(|i| {
+            nowhere.send(replicator::batch::Record {
+                value: value(i),
+                ..Default::default()
+            })
+        })
+        .collect();
+    for f in failed {
+        let e = f.await.expect_err("no such partition");
+        assert!(!matches!(e, ClientError::Ambiguous { .. }), "{e}");
+    }
+    client.close().await;
+}

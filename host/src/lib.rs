@@ -15,6 +15,7 @@ pub mod history;
 pub mod metadata;
 pub mod node;
 pub mod plugin;
+pub mod producer;
 pub mod storage;
 pub mod transport;
 pub mod wire;

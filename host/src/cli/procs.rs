@@ -186,6 +186,27 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok((ticks(14)? + ticks(15)?) as f64 / hz)
 }
 
+/// The machine's CPU time so far from `/proc/stat`, in clock ticks:
+/// (stolen by the hypervisor, all). Their growth over a measurement says
+/// how much of the machine the benchmark did not get.
+pub fn machine_ticks() -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("no cpu line in /proc/stat")?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice],
+    // where guest time is already counted in user.
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|f| f.parse::<u64>().context("non-numeric /proc/stat field"))
+        .collect::<anyhow::Result<_>>()?;
+    let steal = fields.get(7).copied().unwrap_or(0);
+    Ok((steal, fields.iter().sum()))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -200,5 +221,7 @@ mod tests {
         std::hint::black_box(x);
         let after = super::cpu_seconds(me).expect("own stat");
         assert!(after - before >= 0.1, "{before} -> {after}");
+        let (steal, all) = super::machine_ticks().expect("/proc/stat");
+        assert!(steal <= all && all > 0, "{steal} of {all}");
     }
 }

@@ -58,6 +58,9 @@ pub struct Report {
     pub checks: Vec<Check>,
 }
 
+/// Steal above this (percent of the machine's CPU time) gets a warning.
+const STEAL_WARN_PCT: f64 = 5.0;
+
 /// Throughput workloads: everything but the one-in-flight latency floor.
 const THROUGHPUT: [&str; 3] = ["b", "c", "d"];
 
@@ -182,7 +185,7 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "{:<8} {:<36} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>6}",
+            "{:<8} {:<36} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>6} {:>6}",
             "STORAGE",
             "WORKLOAD",
             "MSG/S",
@@ -193,12 +196,13 @@ impl Report {
             "MAX MS",
             "NODE CPU",
             "CLNT CPU",
+            "STEAL%",
             "FAILED"
         );
         for w in &self.workloads {
             let _ = writeln!(
                 out,
-                "{:<8} {:<36} {:>9.0} {:>8.1} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9.1} {:>9.1} {:>6}",
+                "{:<8} {:<36} {:>9.0} {:>8.1} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9.1} {:>9.1} {:>6.1} {:>6}",
                 w.storage,
                 format!("{}: {}", w.workload, w.title),
                 w.msgs_per_s,
@@ -209,6 +213,7 @@ impl Report {
                 w.latency_ms.max,
                 w.node_cpu_s_per_gb,
                 w.client_cpu_s_per_gb,
+                w.steal_pct,
                 w.failed
             );
         }
@@ -221,6 +226,18 @@ impl Report {
                 f.p50_ms,
                 f.max_ms,
                 rounds.join(", ")
+            );
+        }
+        if let Some(w) = self
+            .workloads
+            .iter()
+            .max_by(|a, b| a.steal_pct.total_cmp(&b.steal_pct))
+            .filter(|w| w.steal_pct > STEAL_WARN_PCT)
+        {
+            let _ = writeln!(
+                out,
+                "\nwarning: the hypervisor took up to {:.0}% of this machine's CPU time during a workload ({}/{}); these figures understate what the machine can do; run again when it is quiet",
+                w.steal_pct, w.storage, w.workload
             );
         }
         let _ = writeln!(out, "\ntargets:");
@@ -405,6 +422,7 @@ mod tests {
             },
             node_cpu_s_per_gb: 1.0,
             client_cpu_s_per_gb: 1.0,
+            steal_pct: 0.0,
             failed: 0,
             first_error: None,
         }
@@ -460,6 +478,22 @@ mod tests {
         assert!(
             table.contains("MISSED") && table.contains("[met]"),
             "{table}"
+        );
+    }
+
+    #[test]
+    fn a_contended_machine_is_called_out() {
+        let quiet = report(vec![result("memory", "b", 60.0, 5.0)]);
+        assert!(!quiet.table().contains("hypervisor"));
+        let mut stolen = result("memory", "d", 60.0, 5.0);
+        stolen.steal_pct = 31.4;
+        let noisy = report(vec![result("memory", "b", 60.0, 5.0), stolen]);
+        assert!(
+            noisy.table().contains(
+                "hypervisor took up to 31% of this machine's CPU time during a workload (memory/d)"
+            ),
+            "{}",
+            noisy.table()
         );
     }
 

@@ -14,17 +14,20 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use hdrhistogram::Histogram;
 use replicator::batch::Record;
-use replicator::client::Client;
+use replicator::client::{Client, ClientError};
 use replicator::core::Acks;
+use replicator::producer::{Producer, ProducerConfig};
 use serde::Serialize;
 
 use super::payload;
 use crate::cli::client_cmds;
-use crate::cli::procs::{Nodes, cpu_seconds};
+use crate::cli::procs::{Nodes, cpu_seconds, machine_ticks};
 
 /// One workload: how many producers, each with its own connection and
-/// partition, keep how many produce requests of how many records in
-/// flight.
+/// partition, keep how much in flight. A batching workload keeps
+/// `in_flight` messages outstanding through a [`Producer`] (which sends
+/// what waits as one request, 5 requests at most); otherwise it keeps
+/// `in_flight` requests of `records_per_request` records each.
 #[derive(Debug, Clone, Copy)]
 pub struct Workload {
     pub key: &'static str,
@@ -32,6 +35,7 @@ pub struct Workload {
     pub producers: u32,
     pub in_flight: usize,
     pub records_per_request: usize,
+    pub batching: bool,
 }
 
 /// The workloads, as the benchmark issue names them.
@@ -42,20 +46,23 @@ pub const WORKLOADS: [Workload; 4] = [
         producers: 1,
         in_flight: 1,
         records_per_request: 1,
+        batching: false,
     },
     Workload {
         key: "b",
-        title: "1 producer, 256 in flight",
+        title: "1 producer, 256 msgs in flight",
         producers: 1,
         in_flight: 256,
         records_per_request: 1,
+        batching: true,
     },
     Workload {
         key: "c",
-        title: "4 producers, 64 in flight each",
+        title: "4 producers, 64 msgs in flight each",
         producers: 4,
         in_flight: 64,
         records_per_request: 1,
+        batching: true,
     },
     Workload {
         key: "d",
@@ -63,6 +70,7 @@ pub const WORKLOADS: [Workload; 4] = [
         producers: 1,
         in_flight: 32,
         records_per_request: 64,
+        batching: false,
     },
 ];
 
@@ -108,6 +116,10 @@ pub struct WorkloadResult {
     /// The same for this process, the producers' side (the client shares
     /// the machine's cores with the nodes).
     pub client_cpu_s_per_gb: f64,
+    /// Share of the machine's CPU time the hypervisor took during the
+    /// window (steal), in percent: above a few percent, the figures say
+    /// more about the neighbours than about Replicator.
+    pub steal_pct: f64,
     /// Produce requests that failed inside the window (a healthy cluster
     /// has none).
     pub failed: u64,
@@ -192,6 +204,7 @@ pub async fn run(
     let me = std::process::id();
     let cpu_before = nodes.cpu_seconds()?;
     let client_cpu_before = cpu_seconds(me)?;
+    let machine_before = machine_ticks()?;
     let started = Instant::now();
     phase.store(MEASURING, Ordering::SeqCst);
     tokio::time::sleep(window).await;
@@ -199,6 +212,11 @@ pub async fn run(
     let seconds = started.elapsed().as_secs_f64();
     let cpu = nodes.cpu_seconds()? - cpu_before;
     let client_cpu = cpu_seconds(me)? - client_cpu_before;
+    let machine = machine_ticks()?;
+    let (steal, all) = (
+        machine.0.saturating_sub(machine_before.0),
+        machine.1.saturating_sub(machine_before.1),
+    );
 
     let mut latency = histogram()?;
     let (mut requests, mut failed, mut first_error) = (0u64, 0u64, None);
@@ -225,10 +243,19 @@ pub async fn run(
         latency_ms: Latency::of(&latency),
         node_cpu_s_per_gb: per_gb(cpu, bytes),
         client_cpu_s_per_gb: per_gb(client_cpu, bytes),
+        steal_pct: if all > 0 {
+            steal as f64 * 100.0 / all as f64
+        } else {
+            0.0
+        },
         failed,
         first_error,
     })
 }
+
+/// A produce's answer: a request's base offset, or a message's offset.
+type Answer<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, ClientError>> + Send + 'a>>;
 
 fn per_gb(cpu_seconds: f64, bytes: u64) -> f64 {
     if bytes > 0 {
@@ -242,7 +269,7 @@ fn per_gb(cpu_seconds: f64, bytes: u64) -> f64 {
 /// told to stop, then let the outstanding ones finish. Only requests that
 /// complete while the phase is MEASURING are counted.
 async fn produce_loop(
-    client: &Client,
+    client: &Arc<Client>,
     topic: &str,
     partition: u32,
     w: &Workload,
@@ -255,23 +282,28 @@ async fn produce_loop(
         failed: 0,
         first_error: None,
     };
+    let producer = w
+        .batching
+        .then(|| Producer::new(client.clone(), topic, partition, ProducerConfig::default()));
     let mut pending = FuturesUnordered::new();
     let mut next = 0usize;
     loop {
         while phase.load(Ordering::Relaxed) != STOPPING && pending.len() < w.in_flight {
             let records = &requests[next % requests.len()];
             next += 1;
+            let sent = Instant::now();
+            let answer: Answer<'_> = match &producer {
+                Some(p) => Box::pin(p.send(records.first().cloned().unwrap_or_default())),
+                None => Box::pin(client.produce(
+                    topic,
+                    partition,
+                    records,
+                    Acks::All,
+                    Duration::from_secs(30),
+                )),
+            };
             pending.push(async move {
-                let sent = Instant::now();
-                let r = client
-                    .produce(
-                        topic,
-                        partition,
-                        records,
-                        Acks::All,
-                        Duration::from_secs(30),
-                    )
-                    .await;
+                let r = answer.await;
                 (sent.elapsed(), r)
             });
         }
