@@ -18,8 +18,7 @@ use replicator::client::Client;
 use replicator::core::Acks;
 
 use super::client_cmds::{self, generated};
-use super::cluster::{self, InitArgs};
-use super::procs::{Nodes, free_ports, wait_for_cluster};
+use super::procs::{Nodes, init_local_cluster, wait_for_cluster};
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -80,21 +79,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     let (dir, _guard) = super::work_dir(&args.dir)?;
     let dir = dir.join("cluster");
-    let (base_port, metrics_port) = free_ports(3)?;
-    let client_path = cluster::init(&InitArgs {
-        dir: dir.clone(),
-        nodes: 3,
-        base_port,
-        metrics_base_port: metrics_port,
-        host: "127.0.0.1".parse()?,
-        storage: args.storage.clone(),
-        metadata: "file".into(),
-        metadata_endpoint: Vec::new(),
-        metadata_config: Vec::new(),
-        min_insync: Some(2),
-        storage_config: Vec::new(),
-        ca_key_out: None,
-    })?;
+    let (client_path, base_port, metrics_port) = init_local_cluster(&dir, &args.storage)?;
     println!(
         "1. cluster of 3 nodes in {} (storage `{}`, metadata `file`, mTLS)",
         dir.display(),

@@ -2,7 +2,7 @@
 //! machine (`demo`, `bench`): start, kill, restart and stop them, find
 //! free ports, wait until they registered, and read their CPU time.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -127,6 +127,28 @@ impl Drop for Nodes {
             let _ = c.wait();
         }
     }
+}
+
+/// `cluster init` in `dir` for three nodes on 127.0.0.1 with `storage`,
+/// file metadata and min.insync 2, on ports free right now. Returns the
+/// client config's path and the UDP and metrics base ports.
+pub fn init_local_cluster(dir: &Path, storage: &str) -> anyhow::Result<(PathBuf, u16, u16)> {
+    let (base_port, metrics_port) = free_ports(3)?;
+    let client = super::cluster::init(&super::cluster::InitArgs {
+        dir: dir.to_path_buf(),
+        nodes: 3,
+        base_port,
+        metrics_base_port: metrics_port,
+        host: "127.0.0.1".parse()?,
+        storage: storage.to_string(),
+        metadata: "file".into(),
+        metadata_endpoint: Vec::new(),
+        metadata_config: Vec::new(),
+        min_insync: Some(2),
+        storage_config: Vec::new(),
+        ca_key_out: None,
+    })?;
+    Ok((client, base_port, metrics_port))
 }
 
 /// A UDP and a TCP port range of `n` ports each that are free right now.

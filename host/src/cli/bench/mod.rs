@@ -18,8 +18,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 
-use super::cluster::{self, InitArgs};
-use super::procs::{Nodes, free_ports, wait_for_cluster};
+use super::procs::{Nodes, init_local_cluster, wait_for_cluster};
 use report::{Report, Setup};
 use workload::WORKLOADS;
 
@@ -66,26 +65,6 @@ pub struct BenchArgs {
     dir: Option<PathBuf>,
 }
 
-/// `cluster init` for three nodes on loopback with `storage`; returns the
-/// client config's path.
-fn init_cluster(dir: &Path, storage: &str) -> anyhow::Result<PathBuf> {
-    let (base_port, metrics_port) = free_ports(3)?;
-    cluster::init(&InitArgs {
-        dir: dir.to_path_buf(),
-        nodes: 3,
-        base_port,
-        metrics_base_port: metrics_port,
-        host: "127.0.0.1".parse()?,
-        storage: storage.to_string(),
-        metadata: "file".into(),
-        metadata_endpoint: Vec::new(),
-        metadata_config: Vec::new(),
-        min_insync: Some(2),
-        storage_config: Vec::new(),
-        ca_key_out: None,
-    })
-}
-
 /// A running 3-node cluster in `dir`.
 struct Cluster {
     dir: PathBuf,
@@ -94,7 +73,7 @@ struct Cluster {
 
 impl Cluster {
     async fn start(dir: &Path, storage: &str) -> anyhow::Result<Cluster> {
-        let client_path = init_cluster(dir, storage)?;
+        let (client_path, _, _) = init_local_cluster(dir, storage)?;
         let mut nodes = Nodes::start(dir, 3)?;
         let c = super::client_cmds::client(&client_path)?;
         wait_for_cluster(&c, &mut nodes, 3).await?;
@@ -163,7 +142,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         args.raw_mb
     ));
     let certs = dir.join("baseline");
-    init_cluster(&certs, "memory")?;
+    init_local_cluster(&certs, "memory")?;
     let raw = raw_quinn::measure(&certs, args.raw_mb * 1_000_000).await?;
     say(format!("raw quinn: {:.1} MB/s", raw.mb_per_s));
 

@@ -286,7 +286,7 @@ impl Report {
             .map(|w| w.mb_per_s)
             .fold(self.raw_quinn.mb_per_s * 0.34, f64::max)
             .max(1.0);
-        let (w, h, left, top, bottom) = (900.0, 420.0, 70.0, 40.0, 60.0);
+        let (w, h, left, top, bottom) = (900.0, 430.0, 70.0, 40.0, 72.0);
         let plot_h = h - top - bottom;
         let group_w = (w - left - 20.0) / keys.len().max(1) as f64;
         let bar_w = (group_w * 0.8) / storages.len().max(1) as f64;
@@ -335,11 +335,13 @@ impl Report {
                 .map_or("", |r| r.title.as_str());
             let _ = writeln!(
                 s,
-                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}: {}</text>"#,
-                left + gi as f64 * group_w + group_w / 2.0,
-                h - bottom + 18.0,
+                // The key on one line, the title smaller below it, so that
+                // neighbouring groups' labels do not run into each other.
+                r#"<text x="{x:.1}" y="{:.1}" text-anchor="middle">{}<tspan x="{x:.1}" dy="13" font-size="9">{}</tspan></text>"#,
+                h - bottom + 16.0,
                 xml_escape(key),
-                xml_escape(title)
+                xml_escape(title),
+                x = left + gi as f64 * group_w + group_w / 2.0,
             );
         }
         for (label, mb, dash) in [
