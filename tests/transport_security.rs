@@ -330,18 +330,14 @@ async fn junk_and_oversized_input_is_refused_and_the_node_keeps_serving() {
     let truncated = [1u8, 1, 0, 0, 100, 0, 0, 0, 1, 2, 3];
     let why = refusal(peer.raw_exchange(&truncated).await.unwrap());
     assert!(why.contains("stream read"), "{why}");
+    let produce = Request::Produce {
+        topic: "t".into(),
+        partition: 0,
+        acks: Acks::All,
+        timeout_ms: 1000,
+    };
     // A produce whose body is not a record batch.
-    let r = peer
-        .request(
-            &Request::Produce {
-                topic: "t".into(),
-                partition: 0,
-                acks: Acks::All,
-                timeout_ms: 1000,
-            },
-            b"not a batch",
-        )
-        .await;
+    let r = peer.request(&produce, b"not a batch").await;
     assert!(
         matches!(r, Err(TransportError::Rejected(RpcError::Invalid(_)))),
         "{r:?}"
@@ -358,21 +354,11 @@ async fn junk_and_oversized_input_is_refused_and_the_node_keeps_serving() {
         }],
     )
     .expect("a 1 MiB batch");
-    let oversized: Vec<u8> = std::iter::repeat_n(&one[..], 17)
+    let oversized = std::iter::repeat_n(&one[..], 17)
         .flatten()
         .copied()
-        .collect();
-    let r = peer
-        .request(
-            &Request::Produce {
-                topic: "t".into(),
-                partition: 0,
-                acks: Acks::All,
-                timeout_ms: 1000,
-            },
-            &oversized,
-        )
-        .await;
+        .collect::<Vec<u8>>();
+    let r = peer.request(&produce, &oversized).await;
     assert!(
         matches!(&r, Err(TransportError::Rejected(RpcError::Invalid(m))) if m.contains("limit")),
         "{r:?}"

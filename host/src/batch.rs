@@ -43,7 +43,8 @@ pub enum BatchError {
     Trailing(usize),
 }
 
-fn record_len(r: &Record) -> usize {
+/// Bytes `r` takes in an encoded batch.
+pub(crate) fn record_len(r: &Record) -> usize {
     let headers: usize = r
         .headers
         .iter()

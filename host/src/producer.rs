@@ -18,7 +18,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::batch::{HEADER_LEN, MAX_BATCH_LEN, Record};
+use crate::batch::{HEADER_LEN, MAX_BATCH_LEN, Record, record_len};
 use crate::client::{Client, ClientError};
 use crate::core::Acks;
 
@@ -100,12 +100,6 @@ impl Producer {
     }
 }
 
-/// Bytes a record adds to a batch, about (the batch encoder is exact).
-fn approx_len(r: &Record) -> usize {
-    let headers: usize = r.headers.iter().map(|(k, v)| 6 + k.len() + v.len()).sum();
-    24 + r.key.as_ref().map_or(0, |k| k.len()) + r.value.len() + headers
-}
-
 /// A copy of `e` for every other message of the failed request.
 fn duplicate(e: &ClientError) -> ClientError {
     match e {
@@ -147,7 +141,7 @@ async fn run(
             let mut replies = Vec::new();
             let mut bytes = 0usize;
             while let Some(p) = waiting.front() {
-                let len = approx_len(&p.record);
+                let len = record_len(&p.record);
                 if !records.is_empty() && bytes + len > max_bytes {
                     break;
                 }
@@ -156,11 +150,12 @@ async fn run(
                 records.push(p.record);
                 replies.push(p.reply);
             }
-            let (client, topic, config) = (client.clone(), topic.clone(), config.clone());
+            let (client, topic) = (client.clone(), topic.clone());
+            let (acks, timeout) = (config.acks, config.timeout);
             requests.fetch_add(1, Ordering::Relaxed);
             inflight.push(async move {
                 let r = client
-                    .produce(&topic, partition, &records, config.acks, config.timeout)
+                    .produce(&topic, partition, &records, acks, timeout)
                     .await;
                 match r {
                     Ok(base) => {

@@ -11,7 +11,7 @@ use replicator::client::Client;
 
 /// Start `replicator node` for node `id`, logging to `node-<id>.log`
 /// (appended to on a restart).
-pub fn spawn_node(dir: &Path, id: u32, append: bool) -> anyhow::Result<Child> {
+fn spawn_node(dir: &Path, id: u32, append: bool) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("locating the replicator binary")?;
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -40,7 +40,7 @@ pub fn spawn_node(dir: &Path, id: u32, append: bool) -> anyhow::Result<Child> {
 /// share of the cores (at least one), so the nodes do not each run a
 /// thread per core and hand work between more threads than there are
 /// cores.
-pub fn worker_threads() -> usize {
+fn worker_threads() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     (cores / 3).max(1)
 }
@@ -152,7 +152,7 @@ pub fn init_local_cluster(dir: &Path, storage: &str) -> anyhow::Result<(PathBuf,
 }
 
 /// A UDP and a TCP port range of `n` ports each that are free right now.
-pub fn free_ports(n: u16) -> anyhow::Result<(u16, u16)> {
+fn free_ports(n: u16) -> anyhow::Result<(u16, u16)> {
     for base in (20000u16..60000).step_by(97) {
         let udp_ok = (0..n).all(|i| std::net::UdpSocket::bind(("127.0.0.1", base + i)).is_ok());
         let tcp_ok =

@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
@@ -234,8 +234,14 @@ async fn run_lane(
                 None => return,
             },
         };
-        let done = match op {
-            LaneOp::Other(op) => op.await.into_iter().collect::<Vec<_>>(),
+        match op {
+            LaneOp::Other(op) => {
+                if let Some(e) = op.await
+                    && events.send(e).is_err()
+                {
+                    return;
+                }
+            }
             LaneOp::Append(first) => {
                 let mut parts = vec![first];
                 let mut bytes = parts[0].len();
@@ -256,21 +262,18 @@ async fn run_lane(
                 let data = if n == 1 {
                     parts.pop().unwrap_or_default()
                 } else {
-                    let mut joined = BytesMut::with_capacity(bytes);
-                    for p in &parts {
-                        joined.extend_from_slice(p);
-                    }
-                    joined.freeze()
+                    Bytes::from(parts.concat())
                 };
                 let r = log.append(data).await;
-                (0..n)
-                    .map(|_| Event::Storage(StorageDone::Appended(r.clone())))
-                    .collect()
-            }
-        };
-        for e in done {
-            if events.send(e).is_err() {
-                return;
+                // One report per append, each with the joined call's result.
+                for _ in 0..n {
+                    if events
+                        .send(Event::Storage(StorageDone::Appended(r.clone())))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
             }
         }
     }

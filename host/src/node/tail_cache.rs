@@ -168,14 +168,6 @@ mod tests {
         batch::encode(base, 1, &recs).expect("encodes")
     }
 
-    fn joined(parts: &[Bytes]) -> Bytes {
-        let mut v = Vec::new();
-        for p in parts {
-            v.extend_from_slice(p);
-        }
-        Bytes::from(v)
-    }
-
     /// Whatever is asked, the cache answers exactly what the storage does
     /// (cut before `end`), or nothing.
     #[tokio::test]
@@ -192,7 +184,7 @@ mod tests {
                     b
                 })
                 .collect();
-            let data = joined(&parts);
+            let data = Bytes::from(parts.concat());
             cache.appended(&data);
             log.append(data).await.expect("appends");
         }

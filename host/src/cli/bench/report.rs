@@ -88,14 +88,13 @@ impl Report {
             .find(|w| w.storage == storage && w.workload == workload)
     }
 
+    /// The storages, then the workloads, in the order they were run.
     fn storages(&self) -> Vec<&str> {
-        let mut s: Vec<&str> = Vec::new();
-        for w in &self.workloads {
-            if !s.contains(&w.storage.as_str()) {
-                s.push(&w.storage);
-            }
-        }
-        s
+        distinct(self.workloads.iter().map(|w| w.storage.as_str()))
+    }
+
+    fn workload_keys(&self) -> Vec<&str> {
+        distinct(self.workloads.iter().map(|w| w.workload.as_str()))
     }
 
     fn compute_checks(&self) -> Vec<Check> {
@@ -271,15 +270,7 @@ impl Report {
     /// a chart library would add a font stack for a dozen rectangles.
     pub fn svg(&self) -> String {
         let storages = self.storages();
-        let keys: Vec<&str> = {
-            let mut k: Vec<&str> = Vec::new();
-            for w in &self.workloads {
-                if !k.contains(&w.workload.as_str()) {
-                    k.push(&w.workload);
-                }
-            }
-            k
-        };
+        let keys = self.workload_keys();
         let max_mb = self
             .workloads
             .iter()
@@ -395,6 +386,17 @@ impl Report {
         let _ = writeln!(s, "</svg>");
         s
     }
+}
+
+/// `items` without repeats, first occurrences in order.
+fn distinct<'a>(items: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut out: Vec<&str> = Vec::new();
+    for i in items {
+        if !out.contains(&i) {
+            out.push(i);
+        }
+    }
+    out
 }
 
 fn xml_escape(s: &str) -> String {

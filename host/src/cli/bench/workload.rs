@@ -149,21 +149,7 @@ pub async fn create_topic(c: &Client, topic: &str, partitions: u32) -> anyhow::R
     c.create_topic(topic, partitions, 3, Some(2))
         .await
         .with_context(|| format!("creating topic {topic}"))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, parts) = c.metadata().await?;
-        let ready = parts
-            .iter()
-            .filter(|p| p.topic == topic && p.leader.is_some() && p.isr.len() == 3)
-            .count();
-        if ready == partitions as usize {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("topic {topic} did not get leaders and a full ISR within 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_full_isr(c, topic, partitions).await
 }
 
 /// Run workload `w` against the running cluster in `cluster`: warm up,
@@ -378,7 +364,7 @@ pub async fn failover(
         }
         rounds_ms.push(killed.elapsed().as_secs_f64() * 1e3);
         nodes.restart(cluster, victim)?;
-        wait_full_isr(&c, topic).await?;
+        wait_full_isr(&c, topic, 1).await?;
     }
     c.close().await;
     let mut sorted = rounds_ms.clone();
@@ -391,20 +377,23 @@ pub async fn failover(
     })
 }
 
-async fn wait_full_isr(c: &Client, topic: &str) -> anyhow::Result<()> {
+/// Until all `partitions` of `topic` have a leader and all three replicas
+/// in the ISR (the client has no metadata watch: poll).
+async fn wait_full_isr(c: &Client, topic: &str, partitions: u32) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok((_, parts)) = c.metadata().await
             && parts
                 .iter()
-                .filter(|p| p.topic == topic)
-                .all(|p| p.isr.len() == 3)
+                .filter(|p| p.topic == topic && p.leader.is_some() && p.isr.len() == 3)
+                .count()
+                == partitions as usize
         {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("the restarted node did not rejoin the ISR of {topic} within 60 s");
+            bail!("{topic} did not have leaders and a full ISR within 60 s");
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
