@@ -5,7 +5,7 @@ mod support;
 
 use bytes::Bytes;
 use replicator::history::{Ack, Final, History};
-use support::{Cluster, cli, cli_ok, consume_replica, converged};
+use support::{Cluster, cli, cli_ok, consume_replica, converged, partition};
 
 /// `produce --count n --size 64 --json` to `topic`; every message acknowledged.
 fn produce_generated(client: &str, topic: &str, n: &str) {
@@ -108,7 +108,7 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
     let status = c.wait_status("all replicas at 10000", |v| {
         converged(v, "orders", 0, 10000)
     });
-    let p = support::partition(&status, "orders", 0).unwrap();
+    let p = partition(&status, "orders", 0).unwrap();
     assert_eq!(p["isr"].as_array().unwrap().len(), 3, "{status}");
 
     let logs: Vec<Vec<String>> = (1..=3)
@@ -161,6 +161,92 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
     }
 }
 
+/// A counter of the Prometheus text `metrics`, 0 when absent.
+fn counter(metrics: &str, name_and_labels: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Incremental fetch sessions: once a follower's fetch session holds 32
+/// idle partitions, its fetches and the answers to them leave those
+/// partitions out, while everything written is still replicated.
+#[test]
+fn idle_partitions_drop_out_of_fetches_and_answers() {
+    let mut c = Cluster::init(3, "memory", |t| t);
+    c.start_all();
+    c.wait_up();
+    let client = c.client();
+    cli_ok(&[
+        "topic",
+        "create",
+        "--config",
+        &client,
+        "--topic",
+        "wide",
+        "--partitions",
+        "32",
+        "--replication-factor",
+        "3",
+    ]);
+    produce_generated(&client, "wide", "500");
+    c.wait_status("every partition replicated", |v| {
+        (0..32).all(|p| {
+            let total = partition(v, "wide", p)
+                .and_then(|x| x["high_watermark"].as_u64())
+                .unwrap_or(u64::MAX);
+            converged(v, "wide", p, total)
+        })
+    });
+    let status = c.status();
+    let written: u64 = (0..32)
+        .map(|p| {
+            partition(&status, "wide", p).unwrap()["high_watermark"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(written, 500, "{status}");
+
+    // Node 1 follows about two thirds of the partitions. Watch its
+    // fetches while nothing is written.
+    let port = c.base_port + 50;
+    let read = || {
+        let m = http_get(port, "/metrics");
+        let get = |labels: &str| {
+            counter(
+                &m,
+                &format!("replicator_fetch_session_partitions_total{{{labels}}}"),
+            )
+        };
+        [
+            get("message=\"fetch\",kind=\"sent\""),
+            get("message=\"fetch\",kind=\"omitted\""),
+            get("message=\"response\",kind=\"sent\""),
+            get("message=\"response\",kind=\"omitted\""),
+        ]
+    };
+    let before = read();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let after = loop {
+        let now = read();
+        if now[1] >= before[1] + 300 && now[3] >= before[3] + 300 {
+            break now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fetch sessions left too little out: {before:?} -> {now:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let [fs, fo, rs, ro] = [0, 1, 2, 3].map(|i| after[i] - before[i]);
+    // A partition that sits out one fetch (its replica was busy) goes in
+    // full once more; nearly all of them stay out.
+    assert!(fs * 10 <= fo, "fetch: {fs} sent, {fo} omitted");
+    assert!(rs * 10 <= ro, "response: {rs} sent, {ro} omitted");
+}
+
 fn http_get(port: u16, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics port");
@@ -201,10 +287,9 @@ fn a_restarted_node_rejoins_and_catches_up() {
     c.kill(3);
     produce("3000");
     let v = c.wait_status("ISR without node 3", |v| {
-        support::partition(v, "t", 0)
-            .is_some_and(|p| p["isr"].as_array().is_some_and(|a| a.len() == 2))
+        partition(v, "t", 0).is_some_and(|p| p["isr"].as_array().is_some_and(|a| a.len() == 2))
     });
-    let p = support::partition(&v, "t", 0).unwrap();
+    let p = partition(&v, "t", 0).unwrap();
     assert_eq!(p["high_watermark"], 5000, "{v}");
 
     // Restart it from its data directory: it must catch up and rejoin.
@@ -287,10 +372,10 @@ fn a_restarted_leader_hands_over_and_loses_nothing_even_with_memory_storage() {
     c.kill(1); // the leader of t/0
     c.start(1);
     let v = c.wait_status("a new leader with everything", |v| {
-        support::partition(v, "t", 0).is_some_and(|p| p["leader"] != 1 && p["epoch"] == 2)
+        partition(v, "t", 0).is_some_and(|p| p["leader"] != 1 && p["epoch"] == 2)
             && converged(v, "t", 0, 2000)
     });
-    let p = support::partition(&v, "t", 0).unwrap();
+    let p = partition(&v, "t", 0).unwrap();
     assert_eq!(p["leader"], 2, "{v}");
     produce("1000");
     c.wait_status("3000 everywhere", |v| converged(v, "t", 0, 3000));

@@ -211,6 +211,23 @@ async fn peers_must_prove_who_they_are() {
     let peer2 = n2.connect(node.addr, 1).await.unwrap();
     let mut s = peer2.fetch_stream().await.unwrap();
     unauthorized(s.fetch(&fetch_as(3)).await);
+    // A fetch that forgets a partition its (new, empty) session never held
+    // is out of step with the leader: refused, not guessed at.
+    let mut forget = vec![replicator::wire::VERSION, 1, 0, 0, 15, 0, 0, 0];
+    forget.extend_from_slice(&0u32.to_le_bytes()); // no entries
+    forget.extend_from_slice(&1u32.to_le_bytes()); // one forgotten
+    forget.extend_from_slice(&[1, 0, b't', 0, 0, 0, 0]); // t/0
+    match peer2.raw_exchange(&forget).await.unwrap() {
+        Some((kind, payload)) if kind == rpc::kind::RESPONSE => {
+            match rpc::decode::<Response>(payload).unwrap().0 {
+                Response::Error {
+                    error: RpcError::Invalid(why),
+                } => assert!(why.contains("not in the session"), "{why}"),
+                other => panic!("expected Invalid, got {other:?}"),
+            }
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
 
     // Dialling node 1 while expecting node 2: our side refuses its cert.
     assert!(cl.connect(node.addr, 2).await.is_err());
@@ -319,15 +336,16 @@ async fn junk_and_oversized_input_is_refused_and_the_node_keeps_serving() {
     // Wrong version, reserved flags, unknown kind, junk JSON, truncated.
     let why = refusal(peer.raw_exchange(&[9, 10, 0, 0, 0, 0, 0, 0]).await.unwrap());
     assert!(why.contains("version"), "{why}");
-    let why = refusal(peer.raw_exchange(&[1, 10, 1, 0, 0, 0, 0, 0]).await.unwrap());
+    let v = replicator::wire::VERSION;
+    let why = refusal(peer.raw_exchange(&[v, 10, 1, 0, 0, 0, 0, 0]).await.unwrap());
     assert!(why.contains("flags"), "{why}");
-    let why = refusal(peer.raw_exchange(&[1, 77, 0, 0, 0, 0, 0, 0]).await.unwrap());
+    let why = refusal(peer.raw_exchange(&[v, 77, 0, 0, 0, 0, 0, 0]).await.unwrap());
     assert!(why.contains("kind"), "{why}");
-    let mut bad_json = vec![1, 10, 0, 0, 9, 0, 0, 0, 5, 0, 0, 0];
+    let mut bad_json = vec![v, 10, 0, 0, 9, 0, 0, 0, 5, 0, 0, 0];
     bad_json.extend_from_slice(b"{oops");
     let why = refusal(peer.raw_exchange(&bad_json).await.unwrap());
     assert!(why.contains("rpc header"), "{why}");
-    let truncated = [1u8, 1, 0, 0, 100, 0, 0, 0, 1, 2, 3];
+    let truncated = [v, 1, 0, 0, 100, 0, 0, 0, 1, 2, 3];
     let why = refusal(peer.raw_exchange(&truncated).await.unwrap());
     assert!(why.contains("stream read"), "{why}");
     let produce = Request::Produce {

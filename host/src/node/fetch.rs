@@ -203,8 +203,9 @@ impl Manager {
     }
 }
 
-/// Sends fetches to one leader over one replication stream, reconnecting
-/// after a failure.
+/// Sends fetches to one leader over one replication stream (one
+/// incremental fetch session), reconnecting after a failure: a new stream
+/// starts a new session.
 async fn session(
     shared: Arc<Shared>,
     transport: Transport,
@@ -236,7 +237,11 @@ async fn session(
             Some((_, stream)) => tokio::time::timeout(limit, stream.fetch(&mf.partitions))
                 .await
                 .map_err(|_| format!("no answer within {limit:?}"))
-                .and_then(|r| r.map_err(|e| e.to_string())),
+                .and_then(|r| r.map_err(|e| e.to_string()))
+                .map(|(responses, counts)| {
+                    shared.fetch_sessions.add(counts);
+                    responses
+                }),
         };
         if result.is_err()
             && let Some((peer, _)) = conn.take()

@@ -15,6 +15,8 @@ use tracing::debug;
 
 use crate::core::{FailoverMetrics, MetricsCollector, ReplicaId};
 
+use super::shared::FetchSessionStats;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BrokerLabel {
     broker: u32,
@@ -30,6 +32,12 @@ pub struct FailoverView {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SessionLabels {
+    message: &'static str,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Labels {
     topic: String,
     partition: u32,
@@ -40,7 +48,12 @@ fn i(v: u64) -> i64 {
 }
 
 /// The metrics of `collector` and `failover` in Prometheus text format.
-pub fn render(node: u32, collector: &MetricsCollector, failover: &FailoverView) -> String {
+pub fn render(
+    node: u32,
+    collector: &MetricsCollector,
+    failover: &FailoverView,
+    sessions: &FetchSessionStats,
+) -> String {
     let mut reg = Registry::with_prefix("replicator");
     let gauges = [
         (
@@ -190,6 +203,23 @@ pub fn render(node: u32, collector: &MetricsCollector, failover: &FailoverView) 
         "broker_alive",
         "1 if the failure detector hears the node's heartbeats",
         alive,
+    );
+    let parts: Family<SessionLabels, Counter> = Family::default();
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    for (message, kind, v) in [
+        ("fetch", "sent", load(&sessions.fetch_sent)),
+        ("fetch", "omitted", load(&sessions.fetch_omitted)),
+        ("response", "sent", load(&sessions.response_sent)),
+        ("response", "omitted", load(&sessions.response_omitted)),
+    ] {
+        parts
+            .get_or_create(&SessionLabels { message, kind })
+            .inc_by(v);
+    }
+    reg.register(
+        "fetch_session_partitions",
+        "Partitions this node's fetches (and the answers to them) carried in full (sent) or left out because the fetch session already held them (omitted)",
+        parts,
     );
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, &reg).is_err() {

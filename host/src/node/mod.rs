@@ -160,7 +160,9 @@ pub async fn run(
         let sh = shared.clone();
         tokio::spawn(metrics::serve(
             l,
-            Arc::new(move || metrics::render(id, &sh.metrics, &sh.failover_view())),
+            Arc::new(move || {
+                metrics::render(id, &sh.metrics, &sh.failover_view(), &sh.fetch_sessions)
+            }),
         ))
     });
     if let Some(r) = ready {

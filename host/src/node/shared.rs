@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -13,6 +14,7 @@ use crate::core::{
     Config, FailoverMetrics, FailureDetector, MetricsCollector, ReplicaId, TopicPartition,
 };
 use crate::metadata::{MetadataStore, PartitionState};
+use crate::transport::FetchCounts;
 
 use super::config::FailoverConfig;
 use super::fetch::FetchCmd;
@@ -50,7 +52,31 @@ pub struct Shared {
     /// Bumped after this node changed partition metadata: heartbeat
     /// senders tell their peers at once.
     pub(super) changed: tokio::sync::watch::Sender<u64>,
+    /// What this node's fetch sessions sent and left out.
+    pub fetch_sessions: FetchSessionStats,
     start: Instant,
+}
+
+/// Partitions this node's fetches and the answers to them carried in
+/// full, and left out because the session already held them.
+#[derive(Debug, Default)]
+pub struct FetchSessionStats {
+    pub fetch_sent: AtomicU64,
+    pub fetch_omitted: AtomicU64,
+    pub response_sent: AtomicU64,
+    pub response_omitted: AtomicU64,
+}
+
+impl FetchSessionStats {
+    pub fn add(&self, c: FetchCounts) {
+        self.fetch_sent.fetch_add(c.request.sent, Ordering::Relaxed);
+        self.fetch_omitted
+            .fetch_add(c.request.omitted, Ordering::Relaxed);
+        self.response_sent
+            .fetch_add(c.response.sent, Ordering::Relaxed);
+        self.response_omitted
+            .fetch_add(c.response.omitted, Ordering::Relaxed);
+    }
 }
 
 impl Shared {
@@ -87,6 +113,7 @@ impl Shared {
             failover_metrics: Mutex::new(FailoverMetrics::default()),
             states: RwLock::new(HashMap::new()),
             changed: tokio::sync::watch::Sender::new(0),
+            fetch_sessions: FetchSessionStats::default(),
             start: Instant::now(),
         })
     }

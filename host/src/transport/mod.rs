@@ -3,7 +3,8 @@
 //! a peer before it is used, and the two stream shapes of the protocol:
 //!
 //! - a long-lived replication stream per (follower, leader) pair carrying
-//!   multi-partition `FETCH`/`FETCH_RESPONSE` frames, one at a time;
+//!   multi-partition `FETCH`/`FETCH_RESPONSE` frames, one at a time; the
+//!   stream is an incremental fetch session ([`crate::wire::session`]);
 //! - one bidirectional stream per control or client RPC.
 //!
 //! The server side hands decoded requests to a [`Handler`]; it checks that
@@ -15,6 +16,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -24,8 +26,9 @@ use tracing::{debug, info, warn};
 
 use crate::core::{FetchRequest, FetchResponse, ReplicaId, TopicPartition};
 use crate::wire::frame::{self, FrameError, HEADER_LEN};
-use crate::wire::messages::{self, kind as fetch_kind};
+use crate::wire::messages::kind as fetch_kind;
 use crate::wire::rpc::{self, Claim, Request, Response, RpcError, kind as rpc_kind};
+use crate::wire::session::{FetchRefused, FollowerSession, LeaderSession, SessionCounts};
 pub use tls::{Identity, TlsError, TlsMaterial, TlsPaths};
 
 /// UDP socket buffers: the kernel default (~200 KiB) drops bursts at
@@ -321,7 +324,11 @@ impl Peer {
     /// Open this follower's replication stream to the leader.
     pub async fn fetch_stream(&self) -> Result<FetchStream, TransportError> {
         let (send, recv) = self.conn.open_bi().await?;
-        Ok(FetchStream { send, recv })
+        Ok(FetchStream {
+            send,
+            recv,
+            session: FollowerSession::new(),
+        })
     }
 
     /// Send raw bytes on a new stream and read whatever frame comes back
@@ -362,25 +369,39 @@ fn response((kind, payload): (u8, Bytes)) -> Result<(Response, Bytes), Transport
     }
 }
 
-/// A follower's long-lived replication stream to one leader.
+/// A follower's long-lived replication stream to one leader: one
+/// incremental fetch session.
 pub struct FetchStream {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
+    session: FollowerSession,
+}
+
+/// What one fetch put on the wire, against what the session left out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FetchCounts {
+    pub request: SessionCounts,
+    pub response: SessionCounts,
 }
 
 impl FetchStream {
-    /// One multi-partition fetch and its answer.
+    /// One multi-partition fetch and its answer: one response per part.
+    /// After an error the session is out of step with the leader's: drop
+    /// the stream.
     pub async fn fetch(
         &mut self,
         parts: &[(TopicPartition, FetchRequest)],
-    ) -> Result<Vec<(TopicPartition, FetchResponse)>, TransportError> {
-        let payload = messages::encode_fetch(parts)?;
+    ) -> Result<(Vec<(TopicPartition, FetchResponse)>, FetchCounts), TransportError> {
+        let (payload, pending, request) = self.session.encode_fetch(parts)?;
         write_frame(&mut self.send, fetch_kind::FETCH, payload).await?;
         let (kind, payload) = read_frame(&mut self.recv, frame::DEFAULT_MAX_PAYLOAD)
             .await?
             .ok_or(TransportError::Eof)?;
         match kind {
-            fetch_kind::FETCH_RESPONSE => Ok(messages::decode_fetch_response(payload)?),
+            fetch_kind::FETCH_RESPONSE => {
+                let (responses, response) = self.session.decode_response(payload, pending)?;
+                Ok((responses, FetchCounts { request, response }))
+            }
             rpc_kind::RESPONSE => match rpc::decode::<Response>(payload)? {
                 (Response::Error { error }, _) => Err(TransportError::Rejected(error)),
                 (other, _) => Err(TransportError::Protocol(format!(
@@ -391,6 +412,11 @@ impl FetchStream {
         }
     }
 }
+
+/// Correlation ids for the fetches this process serves: unique across
+/// sessions, so a new session's fetch never meets an old one's parked in a
+/// partition.
+static NEXT_FETCH_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A boxed future of a handler's answer.
 pub type Reply<'a, T> = Pin<Box<dyn Future<Output = Result<T, RpcError>> + Send + 'a>>;
@@ -583,6 +609,8 @@ async fn serve_stream<H: Handler>(
     peer: Identity,
     handler: Arc<H>,
 ) -> Result<(), TransportError> {
+    // A stream that carries fetches is one fetch session.
+    let mut session = LeaderSession::new();
     loop {
         let frame = match read_frame(&mut recv, frame::DEFAULT_MAX_PAYLOAD).await {
             Ok(Some(f)) => f,
@@ -608,24 +636,25 @@ async fn serve_stream<H: Handler>(
                     .await;
                     return Ok(());
                 };
-                let parts = match messages::decode_fetch(payload) {
+                let fetch_id = NEXT_FETCH_ID.fetch_add(1, Ordering::Relaxed);
+                let parts = match session.decode_fetch(payload, from, fetch_id) {
                     Ok(p) => p,
-                    Err(e) => {
+                    Err(e @ FetchRefused::Impersonation { .. }) => {
+                        warn!("{e}");
+                        write_error(&mut send, RpcError::Unauthorized(e.to_string())).await;
+                        return Ok(());
+                    }
+                    Err(FetchRefused::Malformed(e)) => {
+                        warn!("bad fetch from node-{from}: {e}");
                         write_error(&mut send, RpcError::Invalid(e.to_string())).await;
                         return Err(e.into());
                     }
                 };
-                if let Some((_, r)) = parts.iter().find(|(_, r)| r.replica_id != from) {
-                    let why = format!("node-{from} sent a fetch as replica {}", r.replica_id);
-                    warn!("{why}");
-                    write_error(&mut send, RpcError::Unauthorized(why)).await;
-                    return Ok(());
-                }
                 match handler.fetch(from, parts).await {
                     Ok(resp) => {
                         // Record batches go out as the storage returned
                         // them: no copy into one buffer.
-                        let chunks = messages::encode_fetch_response_chunks(&resp)?;
+                        let (chunks, _) = session.encode_response(&resp)?;
                         write_frame_chunks(&mut send, fetch_kind::FETCH_RESPONSE, chunks).await?;
                     }
                     Err(e) => {

@@ -24,7 +24,7 @@ use crate::core::ReplicaId;
 
 /// ALPN protocol id: names the wire version, so a node speaking another
 /// version fails the handshake instead of misreading frames.
-pub const ALPN: &[u8] = b"replicator/1";
+pub const ALPN: &[u8] = b"replicator/2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

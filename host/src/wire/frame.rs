@@ -7,7 +7,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Wire format version; the QUIC ALPN names it too.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Header size in bytes.
 pub const HEADER_LEN: usize = 8;
 /// Default cap on one frame's payload: a fetch response of 16 MiB batches

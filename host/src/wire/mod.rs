@@ -4,5 +4,6 @@
 pub mod frame;
 pub mod messages;
 pub mod rpc;
+pub mod session;
 
 pub use frame::{DEFAULT_MAX_PAYLOAD, Frame, FrameError, VERSION};

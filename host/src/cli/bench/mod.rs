@@ -30,7 +30,7 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "native,memory,file")]
     storage: Vec<String>,
     /// Workloads to run: a (1 in flight), b (1 producer, 256 in flight),
-    /// c (4 producers, 64 in flight each), d (64 KiB batches, 8 in flight).
+    /// c (4 producers, 64 in flight each), d (64 KiB batches, 32 in flight).
     #[arg(long, value_delimiter = ',', default_value = "a,b,c,d")]
     workloads: Vec<String>,
     /// Measured seconds per workload.
