@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::plugin::{PluginLog, StoragePlugin};
 use crate::storage::memory::MemoryLog;
@@ -62,6 +62,43 @@ macro_rules! forward {
         };
         call
     }};
+}
+
+impl NodeLog {
+    /// Append `parts` (contiguous, in order) as one group commit: one
+    /// result per part. A plugin gets them as one call, joined in
+    /// `scratch` (the WIT call takes one buffer), and every part gets
+    /// that call's result; the native log takes each part as it is (no
+    /// copy) and reports each on its own.
+    pub async fn append_all(
+        &self,
+        mut parts: Vec<Bytes>,
+        scratch: &mut BytesMut,
+    ) -> Vec<StorageResult<u64>> {
+        match self {
+            NodeLog::Native(l) => {
+                let mut out = Vec::with_capacity(parts.len());
+                for p in parts {
+                    out.push(l.append(p).await);
+                }
+                out
+            }
+            NodeLog::Plugin(l) => {
+                let n = parts.len();
+                let data = if n == 1 {
+                    parts.pop().unwrap_or_default()
+                } else {
+                    scratch.reserve(parts.iter().map(Bytes::len).sum());
+                    for p in &parts {
+                        scratch.extend_from_slice(p);
+                    }
+                    scratch.split().freeze()
+                };
+                let r = l.append(data).await;
+                vec![r; n]
+            }
+        }
+    }
 }
 
 impl PartitionLog for NodeLog {

@@ -493,23 +493,35 @@ pub async fn read_frame(
         }
     }
     let (kind, len) = frame::parse_header(&header, cap)?;
-    // Grow the buffer as bytes arrive rather than trusting the declared
-    // length: a peer that announces 64 MiB and sends nothing costs nothing.
+    // Hold quinn's chunks as they arrive rather than trusting the declared
+    // length (a peer that announces 64 MiB and sends nothing costs
+    // nothing), then copy them once into a buffer of the exact size: no
+    // regrowth.
     let len = len as usize;
-    let mut payload = BytesMut::with_capacity(len.min(64 * 1024));
-    while payload.len() < len {
-        match recv.read_chunk(len - payload.len(), true).await {
-            Ok(Some(chunk)) => payload.extend_from_slice(&chunk.bytes),
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut got = 0usize;
+    while got < len {
+        match recv.read_chunk(len - got, true).await {
+            Ok(Some(chunk)) => {
+                got += chunk.bytes.len();
+                chunks.push(chunk.bytes);
+            }
             Ok(None) => {
                 return Err(TransportError::Read(format!(
-                    "stream ended {} bytes into a {len}-byte frame",
-                    payload.len()
+                    "stream ended {got} bytes into a {len}-byte frame"
                 )));
             }
             Err(e) => return Err(TransportError::Read(e.to_string())),
         }
     }
-    Ok(Some((kind, payload.freeze())))
+    // Copied even from a single chunk: the chunk may be a slice of a
+    // larger receive buffer, which a stored payload would keep alive.
+    let mut payload = BytesMut::with_capacity(len);
+    for c in &chunks {
+        payload.extend_from_slice(c);
+    }
+    let payload = payload.freeze();
+    Ok(Some((kind, payload)))
 }
 
 async fn write_error(send: &mut quinn::SendStream, error: RpcError) {
