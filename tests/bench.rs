@@ -45,6 +45,13 @@ fn a_short_run_measures_everything_it_reports() {
             .as_f64()
             .is_some_and(|v| v > 1.0)
     );
+    assert!(
+        report["raw_quinn"]["cpu_s_per_gb"]
+            .as_f64()
+            .is_some_and(|v| v > 0.0),
+        "{}",
+        report["raw_quinn"]
+    );
     let workloads = report["workloads"].as_array().expect("workloads");
     assert_eq!(workloads.len(), 4, "2 storages x 2 workloads");
     for w in workloads {

@@ -2,10 +2,6 @@
 
 mod cli;
 
-/// jemalloc: see the note on the dependency in Cargo.toml.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 fn main() -> std::process::ExitCode {
     cli::main()
 }

@@ -17,6 +17,8 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::Args;
 use replicator::node::config::{ClientConfig, NodeConfig};
+
+use crate::cli::procs::cpu_seconds;
 use replicator::transport::Transport;
 use replicator::transport::tls::{Identity, TlsMaterial};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -71,6 +73,9 @@ pub struct RawQuinn {
     pub bytes: u64,
     pub seconds: f64,
     pub mb_per_s: f64,
+    /// CPU seconds per GB of sender and receiver together: what one QUIC
+    /// crossing of a byte costs this machine.
+    pub cpu_s_per_gb: f64,
 }
 
 /// Start a sink process with node 1's certificate, send `bytes` on one
@@ -108,9 +113,15 @@ pub async fn measure(cluster: &Path, bytes: u64) -> anyhow::Result<RawQuinn> {
         .context("connecting to the sink")?;
     // Warm up congestion control and the windows, untimed.
     send_bulk(&conn, 64 << 20).await?;
+    let sink_pid = child.id().context("the raw-quinn sink exited")?;
+    let cpu =
+        || -> anyhow::Result<f64> { Ok(cpu_seconds(std::process::id())? + cpu_seconds(sink_pid)?) };
+    let cpu_before = cpu()?;
     let started = Instant::now();
     let counted = send_bulk(&conn, bytes).await?;
     let seconds = started.elapsed().as_secs_f64();
+    // This process only sends while it is timed.
+    let cpu_used = cpu()? - cpu_before;
     if counted != bytes {
         bail!("the sink counted {counted} bytes, {bytes} were sent");
     }
@@ -121,6 +132,7 @@ pub async fn measure(cluster: &Path, bytes: u64) -> anyhow::Result<RawQuinn> {
         bytes,
         seconds,
         mb_per_s: bytes as f64 / 1e6 / seconds,
+        cpu_s_per_gb: cpu_used / (bytes as f64 / 1e9),
     })
 }
 
