@@ -28,6 +28,8 @@ fn a_short_run_measures_everything_it_reports() {
         "a,d",
         "--seconds",
         "0.5",
+        "--rounds",
+        "2",
         "--warmup",
         "0.2",
         "--raw-mb",
@@ -54,6 +56,14 @@ fn a_short_run_measures_everything_it_reports() {
     );
     let workloads = report["workloads"].as_array().expect("workloads");
     assert_eq!(workloads.len(), 4, "2 storages x 2 workloads");
+    // Two rounds of each, interleaved; each row is one of its rounds.
+    let all = report["all_rounds"].as_array().expect("all_rounds");
+    assert_eq!(all.len(), 8, "2 rounds x 2 storages x 2 workloads");
+    assert_eq!(all[0]["storage"], "native");
+    assert_eq!(all[4]["storage"], "native", "the second round starts over");
+    for w in workloads {
+        assert!(all.contains(w), "{w} is not one of the rounds");
+    }
     for w in workloads {
         let messages = w["messages"].as_u64().unwrap_or(0);
         assert!(messages > 0, "nothing acknowledged: {w}");
@@ -106,6 +116,7 @@ fn bad_arguments_are_refused_before_anything_starts() {
         (&["--seconds", "0"][..], "--seconds"),
         (&["--seconds", "NaN"][..], "--seconds"),
         (&["--size", "0"][..], "--size"),
+        (&["--rounds", "0"][..], "--rounds"),
     ] {
         let (ok, _, stderr) = bench(args);
         assert!(!ok, "{args:?} was accepted");

