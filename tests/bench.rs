@@ -56,14 +56,19 @@ fn a_short_run_measures_everything_it_reports() {
     );
     let workloads = report["workloads"].as_array().expect("workloads");
     assert_eq!(workloads.len(), 4, "2 storages x 2 workloads");
-    // Two rounds of each, interleaved; each row is one of its rounds.
+    // Two rounds of each, interleaved; each row is one of its rounds, and
+    // the rows keep the first round's order.
     let all = report["all_rounds"].as_array().expect("all_rounds");
     assert_eq!(all.len(), 8, "2 rounds x 2 storages x 2 workloads");
     assert_eq!(all[0]["storage"], "native");
-    assert_eq!(all[4]["storage"], "native", "the second round starts over");
+    assert_eq!(
+        all[4]["storage"], "memory",
+        "the second round starts with the next backend"
+    );
     for w in workloads {
         assert!(all.contains(w), "{w} is not one of the rounds");
     }
+    assert_eq!(workloads[0]["storage"], "native");
     for w in workloads {
         let messages = w["messages"].as_u64().unwrap_or(0);
         assert!(messages > 0, "nothing acknowledged: {w}");

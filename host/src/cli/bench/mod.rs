@@ -45,10 +45,11 @@ pub struct BenchArgs {
     /// MB sent for the raw-quinn baseline.
     #[arg(long, default_value_t = 2000)]
     raw_mb: u64,
-    /// Rounds of every (storage, workload) pair, interleaved: each row of
-    /// the report is its best round (highest MB/s; lowest p99 for a), so a
-    /// burst of hypervisor steal in one round does not decide a ratio.
-    /// Every round is kept in results.json.
+    /// Rounds of every (storage, workload) pair, interleaved, each round
+    /// starting with the next backend: each row of the report is its best
+    /// round (highest MB/s; lowest p99 for a), so a burst of hypervisor
+    /// steal in one round does not decide a ratio. Every round is kept in
+    /// results.json.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
     rounds: u32,
     /// Failover rounds per storage backend (SIGKILL the leader, time the
@@ -165,7 +166,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         if raw.as_ref().is_none_or(|b| r.mb_per_s > b.mb_per_s) {
             raw = Some(r);
         }
-        for (i, storage) in args.storage.iter().enumerate() {
+        // Each round starts with the next backend: whatever follows the
+        // baseline's burst (this VM's steal often does) falls on each one
+        // in turn.
+        let n = args.storage.len();
+        for k in 0..n {
+            let i = (k + round as usize - 1) % n;
+            let storage = &args.storage[i];
             for w in &workloads {
                 say(format!(
                     "storage `{storage}`, workload {}{of}: {}",
