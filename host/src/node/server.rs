@@ -7,6 +7,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::sync::oneshot;
 use tracing::info;
 
@@ -343,7 +345,10 @@ impl Handler for NodeServer {
             // fetches them again.
             let n = parts.len();
             let mut out: Vec<Option<(TopicPartition, FetchResponse)>> = vec![None; n];
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            // The parts' answers, polled here as they come: no task or
+            // channel per part (a session hands every partition in it to
+            // its actor on each fetch).
+            let mut answers = FuturesUnordered::new();
             let mut waiting: Vec<(usize, PartitionHandle, u64)> = Vec::new();
             for (i, (tp, mut request)) in parts.into_iter().enumerate() {
                 // Never trust a follower's wait or size: the leader's own
@@ -372,13 +377,8 @@ impl Handler for NodeServer {
                 }
                 waiting.push((i, handle, correlation_id));
                 out[i] = Some((tp, refuse(&request, ErrorCode::RequestTimedOut)));
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let r = answer.await.ok();
-                    let _ = tx.send((i, r));
-                });
+                answers.push(async move { (i, answer.await.ok()) });
             }
-            drop(tx);
             // Wait until one part has news (or every part answered), then
             // release the other parked parts so they answer with what they
             // have now instead of waiting out their long polls.
@@ -389,7 +389,7 @@ impl Handler for NodeServer {
             let mut released = false;
             let mut bytes = 0u64;
             while pending > 0 {
-                let got = tokio::time::timeout_at(deadline, rx.recv()).await;
+                let got = tokio::time::timeout_at(deadline, answers.next()).await;
                 let Ok(Some((i, r))) = got else {
                     break; // out of time: the rest stay "try again"
                 };
