@@ -16,6 +16,22 @@ fn produce_generated(client: &str, topic: &str, n: &str) {
     assert_eq!(s["failed"], 0, "{out}");
 }
 
+/// `topic create` with replication factor 3; returns what it printed.
+fn create_topic(client: &str, topic: &str, partitions: &str) -> String {
+    cli_ok(&[
+        "topic",
+        "create",
+        "--config",
+        client,
+        "--topic",
+        topic,
+        "--partitions",
+        partitions,
+        "--replication-factor",
+        "3",
+    ])
+}
+
 fn expected_lines(from: u64, count: u64, size: usize) -> Vec<String> {
     (0..count)
         .map(|i| {
@@ -48,18 +64,7 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
     let mut c = Cluster::init(3, "file", |t| t);
     c.start_all();
     c.wait_up();
-    let out = cli_ok(&[
-        "topic",
-        "create",
-        "--config",
-        &c.client(),
-        "--topic",
-        "orders",
-        "--partitions",
-        "1",
-        "--replication-factor",
-        "3",
-    ]);
+    let out = create_topic(&c.client(), "orders", "1");
     assert!(out.contains("created orders/0"), "{out}");
     // A min.insync above the replication factor could never take acks=all.
     let bad = cli(&[
@@ -178,18 +183,7 @@ fn idle_partitions_drop_out_of_fetches_and_answers() {
     c.start_all();
     c.wait_up();
     let client = c.client();
-    cli_ok(&[
-        "topic",
-        "create",
-        "--config",
-        &client,
-        "--topic",
-        "wide",
-        "--partitions",
-        "32",
-        "--replication-factor",
-        "3",
-    ]);
+    create_topic(&client, "wide", "32");
     produce_generated(&client, "wide", "500");
     c.wait_status("every partition replicated", |v| {
         (0..32).all(|p| {
@@ -268,16 +262,7 @@ fn a_restarted_node_rejoins_and_catches_up() {
     });
     c.start_all();
     c.wait_up();
-    cli_ok(&[
-        "topic",
-        "create",
-        "--config",
-        &c.client(),
-        "--topic",
-        "t",
-        "--replication-factor",
-        "3",
-    ]);
+    create_topic(&c.client(), "t", "1");
     let client = c.client();
     let produce = |n: &str| produce_generated(&client, "t", n);
     produce("2000");
@@ -354,16 +339,7 @@ fn a_restarted_leader_hands_over_and_loses_nothing_even_with_memory_storage() {
     c.start_all();
     c.wait_up();
     let client = c.client();
-    cli_ok(&[
-        "topic",
-        "create",
-        "--config",
-        &client,
-        "--topic",
-        "t",
-        "--replication-factor",
-        "3",
-    ]);
+    create_topic(&client, "t", "1");
     let produce = |n: &str| produce_generated(&client, "t", n);
     produce("2000");
     c.wait_status("2000 everywhere", |v| converged(v, "t", 0, 2000));

@@ -520,8 +520,7 @@ pub async fn read_frame(
     for c in &chunks {
         payload.extend_from_slice(c);
     }
-    let payload = payload.freeze();
-    Ok(Some((kind, payload)))
+    Ok(Some((kind, payload.freeze())))
 }
 
 async fn write_error(send: &mut quinn::SendStream, error: RpcError) {

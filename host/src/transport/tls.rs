@@ -25,6 +25,9 @@ use crate::core::ReplicaId;
 /// ALPN protocol id: names the wire version, so a node speaking another
 /// version fails the handshake instead of misreading frames.
 pub const ALPN: &[u8] = b"replicator/2";
+// Bumping the wire version without the ALPN (or the reverse) fails the
+// build.
+const _: () = assert!(ALPN[ALPN.len() - 1] == b'0' + crate::wire::VERSION);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

@@ -228,24 +228,27 @@ impl FollowerSession {
             .cloned()
             .collect();
         let mut out = BytesMut::with_capacity(8 + parts.len() * MIN_UPSERT);
+        out.put_u32_le(0); // the count of entries, filled in below
         let mut counts = SessionCounts::default();
-        let mut upserts = BytesMut::new();
         for (tp, r) in parts {
             let state = RequestState::of(r);
-            match self.parts.get_mut(tp) {
-                Some((held, _)) if *held == state => counts.omitted += 1,
+            let changed = match self.parts.get_mut(tp) {
+                Some((held, _)) if *held == state => false,
                 Some((held, _)) => {
                     *held = state;
-                    put_tp(&mut upserts, tp)?;
-                    state.put(&mut upserts);
-                    counts.sent += 1;
+                    true
                 }
                 None => {
                     self.parts.insert(tp.clone(), (state, None));
-                    put_tp(&mut upserts, tp)?;
-                    state.put(&mut upserts);
-                    counts.sent += 1;
+                    true
                 }
+            };
+            if changed {
+                put_tp(&mut out, tp)?;
+                state.put(&mut out);
+                counts.sent += 1;
+            } else {
+                counts.omitted += 1;
             }
         }
         if self.parts.len() - forget.len() > MAX_SESSION_PARTITIONS {
@@ -254,8 +257,7 @@ impl FollowerSession {
                 format!("more than {MAX_SESSION_PARTITIONS} partitions in one session"),
             ));
         }
-        out.put_u32_le(counts.sent as u32);
-        out.put_slice(&upserts);
+        out[..4].copy_from_slice(&(counts.sent as u32).to_le_bytes());
         out.put_u32_le(forget.len() as u32);
         for tp in &forget {
             self.parts.remove(tp);
@@ -423,10 +425,11 @@ impl LeaderSession {
         &mut self,
         parts: &[(TopicPartition, FetchResponse)],
     ) -> Result<(Vec<Bytes>, SessionCounts), FrameError> {
-        // First decide what goes out (and remember it as sent), then
-        // write it: the count leads the payload.
+        // The count leads the payload; its chunk is filled in at the end.
+        let mut chunks = Vec::with_capacity(2 + parts.len() * 2);
+        chunks.push(Bytes::new());
         let mut counts = SessionCounts::default();
-        let mut send = Vec::with_capacity(parts.len());
+        let mut out = BytesMut::with_capacity(parts.len() * MIN_ANSWER);
         for (tp, r) in parts {
             let state = ResponseState::of(r);
             let Some((_, last)) = self.parts.get_mut(tp) else {
@@ -435,21 +438,14 @@ impl LeaderSession {
                     format!("{}/{} is not in the session", tp.topic, tp.partition),
                 ));
             };
-            let quiet = r.records.is_empty() && state.is_quiet() && *last == Some(state);
-            if quiet {
+            if r.records.is_empty() && state.is_quiet() && *last == Some(state) {
                 counts.omitted += 1;
-            } else {
-                *last = Some(state);
-                counts.sent += 1;
+                continue;
             }
-            send.push(!quiet);
-        }
-        let mut chunks = Vec::with_capacity(1 + parts.len() * 2);
-        let mut out = BytesMut::with_capacity(4 + parts.len() * MIN_ANSWER);
-        out.put_u32_le(counts.sent as u32);
-        for ((tp, r), _) in parts.iter().zip(send).filter(|(_, send)| *send) {
+            *last = Some(state);
+            counts.sent += 1;
             put_tp(&mut out, tp)?;
-            put_response_state(&mut out, &ResponseState::of(r));
+            put_response_state(&mut out, &state);
             let len = u32::try_from(r.records.len()).map_err(|_| bad("records", "over 4 GiB"))?;
             out.put_u32_le(len);
             if !r.records.is_empty() {
@@ -460,6 +456,7 @@ impl LeaderSession {
         if !out.is_empty() {
             chunks.push(out.freeze());
         }
+        chunks[0] = Bytes::copy_from_slice(&(counts.sent as u32).to_le_bytes());
         Ok((chunks, counts))
     }
 }

@@ -17,11 +17,12 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::Args;
 use replicator::node::config::{ClientConfig, NodeConfig};
-
-use crate::cli::procs::cpu_seconds;
 use replicator::transport::Transport;
 use replicator::transport::tls::{Identity, TlsMaterial};
 use tokio::io::{AsyncBufReadExt, BufReader};
+
+use super::workload::per_gb;
+use crate::cli::procs::cpu_seconds;
 
 /// Bytes written per `write_chunk`: large, so the sender's per-call cost
 /// does not limit the baseline.
@@ -132,7 +133,7 @@ pub async fn measure(cluster: &Path, bytes: u64) -> anyhow::Result<RawQuinn> {
         bytes,
         seconds,
         mb_per_s: bytes as f64 / 1e6 / seconds,
-        cpu_s_per_gb: cpu_used / (bytes as f64 / 1e9),
+        cpu_s_per_gb: per_gb(cpu_used, bytes),
     })
 }
 

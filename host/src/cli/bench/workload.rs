@@ -243,7 +243,8 @@ pub async fn run(
 type Answer<'a> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, ClientError>> + Send + 'a>>;
 
-fn per_gb(cpu_seconds: f64, bytes: u64) -> f64 {
+/// CPU seconds per GB of `bytes` (0 when nothing moved).
+pub(super) fn per_gb(cpu_seconds: f64, bytes: u64) -> f64 {
     if bytes > 0 {
         cpu_seconds / (bytes as f64 / 1e9)
     } else {
