@@ -88,6 +88,44 @@ async fn infinite_loop_hits_the_epoch_deadline() {
     contained("loop", FaultKind::Deadline).await;
 }
 
+/// Stores are tasks on the caller's runtime: a guest stuck in a loop must
+/// yield at every epoch tick, or one bad partition would stall a whole
+/// node. One worker thread here, so without the yield the healthy
+/// partition could not be served until the loop's deadline.
+#[tokio::test(flavor = "current_thread")]
+async fn a_looping_guest_does_not_hold_the_runtime() {
+    let runtime = PluginRuntime::global().expect("runtime");
+    let sandbox = Sandbox {
+        call_deadline: Duration::from_secs(2),
+        ..sandbox()
+    };
+    let plugin = StoragePlugin::from_bytes(runtime, "hostile", HOSTILE, sandbox).expect("load");
+    let looping = plugin
+        .open("t", 0, vec![("mode".into(), "loop".into())], None)
+        .await
+        .expect("open");
+    let healthy = plugin
+        .open("t", 1, vec![], None)
+        .await
+        .expect("open healthy");
+    let looping = tokio::spawn(async move { looping.append(one(0)).await });
+    let started = Instant::now();
+    let mut served = 0;
+    while started.elapsed() < Duration::from_millis(300) {
+        assert_eq!(healthy.append(one(served)).await, Ok(served + 1));
+        served += 1;
+    }
+    assert!(
+        !looping.is_finished(),
+        "the looping call ended within 300 ms ({served} healthy appends), before its 2 s deadline"
+    );
+    let err = looping
+        .await
+        .expect("join")
+        .expect_err("the looping append must fail");
+    assert_fault(&err, FaultKind::Deadline);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocking_host_call_hits_the_host_timeout() {
     contained("sleep", FaultKind::Deadline).await;
@@ -212,7 +250,7 @@ async fn plugins_see_only_their_partition_directory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_call_blocked_in_the_kernel_is_contained() {
     // Opening a FIFO blocks in open(2) until a writer comes: a host call
-    // that neither epochs nor the storage thread's own timers can stop.
+    // that neither epochs nor the store's own timers can stop.
     let data = tempfile::tempdir().expect("tempdir");
     let fifo = data.path().join("fifo");
     let made = std::process::Command::new("mkfifo")

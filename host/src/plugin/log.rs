@@ -217,7 +217,7 @@ impl Actor {
         let Some(live) = self.live.as_mut() else {
             return Err(self.fault_error(FaultKind::NeedsRecovery, "no instance".into()));
         };
-        live.store.set_epoch_deadline(Sandbox::ticks(deadline));
+        PluginState::arm(&mut live.store, deadline);
         let guest = live.world.replicator_plugin_storage().partition_log();
         let r = guarded(deadline, async {
             guest.call_bounds(&mut live.store, live.log).await.map(Ok)
@@ -257,7 +257,7 @@ impl Actor {
         let Some(live) = self.live.as_mut() else {
             return Err(self.fault_error(FaultKind::NeedsRecovery, "no instance".into()));
         };
-        live.store.set_epoch_deadline(Sandbox::ticks(deadline));
+        PluginState::arm(&mut live.store, deadline);
         let guest = live.world.replicator_plugin_storage().partition_log();
         let (store, log) = (&mut live.store, live.log);
         // What an error from this op may not claim, and whether a failure
@@ -447,8 +447,7 @@ impl Actor {
     /// Let the plugin run its destructor, then drop the instance.
     async fn close(&mut self) {
         if let Some(mut live) = self.live.take() {
-            live.store
-                .set_epoch_deadline(Sandbox::ticks(self.sandbox().call_deadline));
+            PluginState::arm(&mut live.store, self.sandbox().call_deadline);
             let drop_it = live.log.resource_drop_async(&mut live.store);
             match tokio::time::timeout(self.sandbox().call_deadline, drop_it).await {
                 Ok(Ok(())) => {}
@@ -619,11 +618,14 @@ impl PluginLog {
         let _ = self.submit(Op::Close).await;
     }
 
-    /// Start the log's own thread, instantiate the plugin and open the log
-    /// there. The thread runs a single-threaded runtime that owns the store:
-    /// file I/O in WASI host calls then blocks only this partition, and a
-    /// call stuck there is reported by the caller-side deadline in
-    /// [`Self::submit`] while every other partition keeps working.
+    /// Start the log's task on the current runtime, instantiate the plugin
+    /// and open the log there. The task owns the store. Calls reach it over
+    /// a channel, with no thread hop: the task runs on the same workers as
+    /// the partition actors and the network. A guest yields at every epoch
+    /// tick (see [`PluginState::store`]), WASI file I/O runs on the
+    /// blocking pool, and a call stuck in the kernel is reported by the
+    /// caller-side deadline in [`Self::submit`] while every other
+    /// partition keeps working. Must be called inside a tokio runtime.
     pub(crate) async fn spawn(plugin: StoragePlugin, spec: OpenSpec) -> StorageResult<PluginLog> {
         let label: Arc<str> = format!("{} {}/{}", plugin.name(), spec.topic, spec.partition).into();
         let sandbox = plugin.sandbox().clone();
@@ -637,29 +639,18 @@ impl PluginLog {
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let (opened_tx, opened_rx) = oneshot::channel();
-        let io_error =
-            |e: std::io::Error| StorageError::Io(format!("starting the storage thread: {e}"));
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(io_error)?;
-        std::thread::Builder::new()
-            .name(format!("storage {label}"))
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let opened = actor.instantiate().await;
-                    let ok = opened.is_ok();
-                    if opened_tx.send(opened).is_err() || !ok {
-                        return;
-                    }
-                    actor.run(rx).await;
-                })
-            })
-            .map_err(io_error)?;
+        tokio::spawn(async move {
+            let opened = actor.instantiate().await;
+            let ok = opened.is_ok();
+            if opened_tx.send(opened).is_err() || !ok {
+                return;
+            }
+            actor.run(rx).await;
+        });
         let gone = || StorageError::Fault {
             plugin: label.to_string(),
             kind: FaultKind::Closed,
-            detail: "the storage thread ended while opening".into(),
+            detail: "the storage task ended while opening".into(),
         };
         let wait = sandbox.open_deadline * 2 + Duration::from_secs(1);
         match tokio::time::timeout(wait, opened_rx).await {
@@ -685,7 +676,7 @@ impl PluginLog {
     ///
     /// The wait is bounded too: past twice the call deadline (queueing
     /// included) the caller gets a `Deadline` fault even if the storage
-    /// thread is stuck in a host call that no deadline can interrupt.
+    /// task is stuck in a host call that no deadline can interrupt.
     fn submit(&self, op: Op) -> impl Future<Output = StorageResult<Out>> + Send + 'static {
         let plugin = self.plugin.clone();
         let fault = move |kind, detail: String| StorageError::Fault {
@@ -702,20 +693,14 @@ impl PluginLog {
         let sent = self.tx.send(Call { op, reply }).is_ok();
         async move {
             if !sent {
-                return Err(fault(
-                    FaultKind::Closed,
-                    "the storage thread is gone".into(),
-                ));
+                return Err(fault(FaultKind::Closed, "the storage task is gone".into()));
             }
             match tokio::time::timeout(wait, rx).await {
                 Ok(Ok(answer)) => answer,
-                Ok(Err(_)) => Err(fault(
-                    FaultKind::Closed,
-                    "the storage thread is gone".into(),
-                )),
+                Ok(Err(_)) => Err(fault(FaultKind::Closed, "the storage task is gone".into())),
                 Err(_) => Err(fault(
                     FaultKind::Deadline,
-                    format!("no answer within {wait:?}: the storage thread is stuck"),
+                    format!("no answer within {wait:?}: the storage task is stuck"),
                 )),
             }
         }

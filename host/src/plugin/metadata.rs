@@ -2,9 +2,9 @@
 //! and [`PluginMetadata`], one connection to it that implements
 //! [`MetadataStore`].
 //!
-//! A connection is one instance in one `Store`, owned by one task on its
-//! own thread (file I/O in WASI host calls blocks only that thread, as for
-//! storage). Calls queue over a channel and are served one at a time. A
+//! A connection is one instance in one `Store`, owned by one task on the
+//! caller's runtime (as for storage: the guest yields at every epoch tick,
+//! WASI file I/O runs on the blocking pool). Calls queue over a channel and are served one at a time. A
 //! trap, a blown deadline or an answer that breaks the contract is a
 //! [`MetadataError::Fault`]: the instance is dropped and the next call
 //! connects a fresh one. Answers are checked against what this connection
@@ -93,8 +93,9 @@ impl MetadataPlugin {
 
     /// Connect to the store with `config`, in a new instance that sees
     /// `data_dir` (created if missing) as `/data` and nothing else. The
-    /// connection's thread runs until every handle is dropped or
-    /// [`PluginMetadata::close`] is called.
+    /// connection's task runs until every handle is dropped or
+    /// [`PluginMetadata::close`] is called. Must be called inside a tokio
+    /// runtime.
     pub async fn connect(
         &self,
         data_dir: &Path,
@@ -114,25 +115,14 @@ impl MetadataPlugin {
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let (connected_tx, connected_rx) = oneshot::channel();
-        let io_error =
-            |e: std::io::Error| MetadataError::Io(format!("starting the metadata thread: {e}"));
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(io_error)?;
-        std::thread::Builder::new()
-            .name(label.to_string())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let connected = actor.connect().await;
-                    let ok = connected.is_ok();
-                    if connected_tx.send(connected).is_err() || !ok {
-                        return;
-                    }
-                    actor.run(rx).await;
-                })
-            })
-            .map_err(io_error)?;
+        tokio::spawn(async move {
+            let connected = actor.connect().await;
+            let ok = connected.is_ok();
+            if connected_tx.send(connected).is_err() || !ok {
+                return;
+            }
+            actor.run(rx).await;
+        });
         let wait = sandbox.open_deadline * 2 + Duration::from_secs(1);
         match tokio::time::timeout(wait, connected_rx).await {
             Ok(Ok(Ok(()))) => Ok(PluginMetadata {
@@ -142,7 +132,7 @@ impl MetadataPlugin {
             }),
             Ok(Ok(Err(e))) => Err(e),
             Ok(Err(_)) => Err(MetadataError::Fault(format!(
-                "{label}: the metadata thread ended while connecting"
+                "{label}: the metadata task ended while connecting"
             ))),
             Err(_) => Err(MetadataError::Fault(format!(
                 "{label}: connecting did not finish within {wait:?}"
@@ -356,7 +346,7 @@ impl Actor {
         let Some(live) = self.live.as_mut() else {
             return Err(MetadataError::Fault(format!("{}: no instance", self.label)));
         };
-        live.store.set_epoch_deadline(Sandbox::ticks(deadline));
+        PluginState::arm(&mut live.store, deadline);
         let guest = live.world.replicator_plugin_metadata().client();
         let (store, client) = (&mut live.store, live.client);
         let seen = &mut self.seen;
@@ -411,7 +401,7 @@ impl Actor {
     async fn close(&mut self) {
         let deadline = self.sandbox().call_deadline;
         if let Some(mut live) = self.live.take() {
-            live.store.set_epoch_deadline(Sandbox::ticks(deadline));
+            PluginState::arm(&mut live.store, deadline);
             let drop_it = live.client.resource_drop_async(&mut live.store);
             match tokio::time::timeout(deadline, drop_it).await {
                 Ok(Ok(())) => {}
@@ -569,7 +559,7 @@ impl PluginMetadata {
 
     /// Queue `op` and wait for the answer, at most long enough for a
     /// reconnect plus twice the call deadline: past that the caller gets a
-    /// fault even if the metadata thread is stuck in a host call.
+    /// fault even if the metadata task is stuck in a host call.
     fn submit(&self, op: Op) -> impl Future<Output = Result<Out, MetadataError>> + Send + 'static {
         let label = self.label.clone();
         let wait =
@@ -577,7 +567,7 @@ impl PluginMetadata {
         let (reply, rx) = oneshot::channel();
         let sent = self.tx.send(Call { op, reply }).is_ok();
         async move {
-            let gone = || MetadataError::Fault(format!("{label}: the metadata thread is gone"));
+            let gone = || MetadataError::Fault(format!("{label}: the metadata task is gone"));
             if !sent {
                 return Err(gone());
             }
@@ -585,7 +575,7 @@ impl PluginMetadata {
                 Ok(Ok(answer)) => answer,
                 Ok(Err(_)) => Err(gone()),
                 Err(_) => Err(MetadataError::Fault(format!(
-                    "{label}: no answer within {wait:?}: the metadata thread is stuck"
+                    "{label}: no answer within {wait:?}: the metadata task is stuck"
                 ))),
             }
         }

@@ -2,9 +2,9 @@
 //! and serves each partition's log from its own instance; loads metadata
 //! backends the same way ([`MetadataPlugin`], one instance per connection).
 //!
-//! One `Store` per partition, owned by one task on the partition's own
-//! storage thread ([`PluginLog`]); every store runs under the [`Sandbox`]
-//! limits. A trap, blown deadline or
+//! One `Store` per partition, owned by one task on the node's runtime
+//! ([`PluginLog`]); every store runs under the [`Sandbox`] limits, and a
+//! running guest yields to the runtime at every epoch tick. A trap, blown deadline or
 //! contract violation drops the instance: the partition answers
 //! [`StorageError::Fault`](crate::storage::StorageError::Fault) until
 //! `recover()` re-instantiates it and re-reads its state. Other partitions

@@ -4,9 +4,9 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime::{StoreLimits, StoreLimitsBuilder, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, ResourceTable, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{
     Error as HttpError, RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks,
@@ -22,7 +22,7 @@ pub struct Sandbox {
     /// Wall-clock budget of one call (append, read, ...). Enforced by epoch
     /// interruption inside wasm, by a timeout around async host calls, and
     /// by the caller, who stops waiting after twice this (queueing
-    /// included) even if the storage thread is blocked in the kernel.
+    /// included) even if a host call is blocked in the kernel.
     pub call_deadline: Duration,
     /// Budget of `open`, which may recover a large log.
     pub open_deadline: Duration,
@@ -51,8 +51,9 @@ impl Default for Sandbox {
     }
 }
 
-/// Granularity of epoch deadlines: the ticker thread bumps the epoch this
-/// often.
+/// How often the ticker thread bumps the engine's epoch: the longest a
+/// guest runs before it yields to the runtime (and before an expired
+/// deadline is noticed).
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 impl Sandbox {
@@ -67,10 +68,6 @@ impl Sandbox {
     pub fn with_env(mut self, vars: impl IntoIterator<Item = (String, String)>) -> Self {
         self.env.extend(vars);
         self
-    }
-
-    pub(crate) fn ticks(d: Duration) -> u64 {
-        (d.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64
     }
 
     pub(crate) fn limits(&self) -> StoreLimits {
@@ -96,24 +93,45 @@ pub(crate) struct PluginState {
     pub(crate) limits: StoreLimits,
     /// "plugin topic/partition", for logs.
     label: Arc<str>,
+    /// When the current call's budget runs out (see [`PluginState::arm`]).
+    call_ends: Instant,
 }
 
 impl PluginState {
     /// A store for one plugin instance under `sandbox`: its memory limits
-    /// and an epoch deadline of `deadline` (callers re-arm it per call).
+    /// and a call budget of `deadline` (callers re-arm it per call).
+    ///
+    /// Stores run as tasks on the node's runtime, so a guest must not keep
+    /// a worker: at every epoch tick a running guest yields to the runtime
+    /// (other partitions and the network go on) and resumes, until its
+    /// call's wall-clock budget is spent, when it traps with
+    /// `Trap::Interrupt`. A call that finishes within a tick never sees
+    /// the callback.
     pub(crate) fn store(
         engine: &wasmtime::Engine,
         sandbox: &Sandbox,
         data_dir: Option<&PathBuf>,
         label: Arc<str>,
-        deadline: std::time::Duration,
+        deadline: Duration,
     ) -> wasmtime::Result<wasmtime::Store<PluginState>> {
         let state = PluginState::new(sandbox, data_dir, label)?;
         let mut store = wasmtime::Store::new(engine, state);
         store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(Sandbox::ticks(deadline));
+        store.epoch_deadline_callback(|ctx| {
+            Ok(if Instant::now() >= ctx.data().call_ends {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Yield(1)
+            })
+        });
+        Self::arm(&mut store, deadline);
         Ok(store)
+    }
+
+    /// Give the next call on `store` a fresh budget of `deadline`.
+    pub(crate) fn arm(store: &mut wasmtime::Store<PluginState>, deadline: Duration) {
+        store.data_mut().call_ends = Instant::now() + deadline;
+        store.set_epoch_deadline(1);
     }
 
     pub(crate) fn new(
@@ -124,10 +142,10 @@ impl PluginState {
         let mut b = WasiCtxBuilder::new();
         // Panic messages reach the operator; stdout stays closed.
         b.inherit_stderr();
-        // Each partition has its own storage thread: file I/O runs on it
-        // directly, avoiding a thread hop per WASI call (~10-30 us; reads
-        // of 1 MiB took twice as long with the hop).
-        b.allow_blocking_current_thread(true);
+        // Stores are tasks on the node's runtime: file I/O goes to tokio's
+        // blocking pool, so a slow disk (or an fsync) never holds a worker
+        // that serves the network and the other partitions.
+        b.allow_blocking_current_thread(false);
         // No sockets: these are wasmtime-wasi's defaults, stated here so a
         // change of defaults cannot open them. Backends that need an
         // endpoint (etcd, S3) get wasi:http through the allow-list.
@@ -154,6 +172,7 @@ impl PluginState {
             },
             limits: sandbox.limits(),
             label,
+            call_ends: Instant::now(),
         })
     }
 }
