@@ -4,6 +4,7 @@
 //! baseline in the benchmarks and the simplest complete storage backend.
 
 use std::cell::RefCell;
+use std::rc::Rc;
 
 use replicator_plugin_sdk::index::{self, AppendError, Entry, OffsetIndex};
 
@@ -18,8 +19,14 @@ impl Guest for Plugin {
     type PartitionLog = MemoryLog;
 }
 
+/// Where a batch lives: the append it came in (kept whole, as the host
+/// wrote it into this instance's memory) and its byte offset there. An
+/// append of many batches (a group commit, a follower's fetch) is stored
+/// without copying; its buffer is freed with the last of its batches.
+type Loc = (Rc<Vec<u8>>, usize);
+
 struct State {
-    index: OffsetIndex<Vec<u8>>,
+    index: OffsetIndex<Loc>,
     high_watermark: u64,
     epochs: Vec<EpochEntry>,
 }
@@ -63,28 +70,18 @@ impl GuestPartitionLog for MemoryLog {
     fn append(&self, batch: Vec<u8>) -> Result<u64, PluginError> {
         let mut s = self.0.borrow_mut();
         let located = index::check_append(&batch, s.index.log_end()).map_err(append_error)?;
-        if located.len() == 1 {
-            // The common case keeps the host's buffer as is: no copy.
-            let h = located[0].header;
+        // The host's buffer is kept as is: no copy, and no fresh pages to
+        // fault in beyond the ones the host already wrote.
+        let chunk = Rc::new(batch);
+        for l in located {
+            let h = l.header;
             s.index.push(Entry {
                 base: h.base_offset,
                 next: h.next_offset(),
                 leader_epoch: h.leader_epoch,
                 len: h.batch_len,
-                loc: batch,
+                loc: (chunk.clone(), l.start),
             });
-        } else {
-            for l in located {
-                let h = l.header;
-                let bytes = batch[l.start..l.start + h.batch_len as usize].to_vec();
-                s.index.push(Entry {
-                    base: h.base_offset,
-                    next: h.next_offset(),
-                    leader_epoch: h.leader_epoch,
-                    len: h.batch_len,
-                    loc: bytes,
-                });
-            }
         }
         Ok(s.index.log_end())
     }
@@ -98,12 +95,17 @@ impl GuestPartitionLog for MemoryLog {
         let total: usize = range
             .clone()
             .filter_map(|i| s.index.get(i))
-            .map(|e| e.loc.len())
+            .map(|e| e.len as usize)
             .sum();
         let mut out = Vec::with_capacity(total);
         for i in range {
-            if let Some(e) = s.index.get(i) {
-                out.extend_from_slice(&e.loc);
+            if let Some(Entry {
+                len,
+                loc: (chunk, start),
+                ..
+            }) = s.index.get(i)
+            {
+                out.extend_from_slice(&chunk[*start..*start + *len as usize]);
             }
         }
         Ok(out)
