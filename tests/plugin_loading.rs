@@ -206,3 +206,66 @@ fn plugin_inspect_reports_world_version_and_acceptance() {
         "{out}"
     );
 }
+
+/// Names of this process's threads whose name starts with `prefix`.
+fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .filter(|name| name.starts_with(prefix))
+        .count()
+}
+
+/// The built-in file plugin's stores get a thread each (their file I/O
+/// runs inline there); other plugins' stores are tasks on the caller's
+/// runtime; the sandbox can say otherwise either way. Thread names are
+/// cut to 15 bytes, so topics differ in their first letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_stores_get_their_own_thread_and_others_are_tasks() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let load = |name: &str, own_thread| {
+        StoragePlugin::load(
+            &PluginSource::Builtin(name.into()),
+            Sandbox {
+                own_thread,
+                ..Sandbox::default()
+            },
+        )
+        .expect("load")
+    };
+    let cases = [
+        ("file", None, "x", true),
+        ("file", Some(false), "y", false),
+        ("memory", None, "z", false),
+        ("memory", Some(true), "w", true),
+    ];
+    let mut open = Vec::new();
+    for (plugin, own_thread, topic, threaded) in cases {
+        let log = load(plugin, own_thread)
+            .open(topic, 0, vec![], Some(&data.path().join(topic)))
+            .await
+            .expect("open");
+        assert_eq!(log.bounds().await.map(|b| b.log_end), Ok(0));
+        let prefix = format!("storage {plugin} {topic}");
+        let prefix = &prefix[..prefix.len().min(15)];
+        assert_eq!(
+            threads_named(prefix),
+            usize::from(threaded),
+            "{plugin} with own_thread {own_thread:?}"
+        );
+        open.push(log);
+    }
+    // Closing a threaded store ends its thread.
+    for log in open {
+        log.close().await;
+    }
+    let gone = std::time::Instant::now();
+    while threads_named("storage ") > 0 {
+        assert!(
+            gone.elapsed() < std::time::Duration::from_secs(10),
+            "store threads outlived their logs"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

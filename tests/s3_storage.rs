@@ -36,6 +36,7 @@ fn plugin(config: &[(String, String)]) -> StoragePlugin {
     let section = PluginSection {
         plugin: "s3".into(),
         config: config.iter().cloned().collect(),
+        thread_per_partition: None,
     };
     section.validate().expect("valid storage section");
     StoragePlugin::load(&PluginSource::Builtin("s3".into()), section.sandbox()).expect("load s3")

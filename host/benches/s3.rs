@@ -48,6 +48,7 @@ fn main() {
     let section = PluginSection {
         plugin: "s3".into(),
         config: config.iter().cloned().collect(),
+        thread_per_partition: None,
     };
     let plugin = StoragePlugin::load(&PluginSource::Builtin("s3".into()), section.sandbox())
         .expect("load the s3 plugin");

@@ -95,6 +95,7 @@ fn node_storage(args: &InitArgs, id: u32) -> PluginSection {
     PluginSection {
         plugin: plugin_for_config(&args.storage),
         config,
+        thread_per_partition: None,
     }
 }
 

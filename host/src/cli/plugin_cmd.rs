@@ -221,6 +221,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let section = PluginSection {
         plugin: source.to_string(),
         config: config.iter().cloned().collect(),
+        thread_per_partition: None,
     };
     section.validate().map_err(anyhow::Error::msg)?;
     let sandbox = section.sandbox();

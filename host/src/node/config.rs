@@ -35,6 +35,12 @@ pub struct PluginSection {
     /// Settings handed to the plugin as they are.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
+    /// Storage only: run each partition's store on its own thread (file
+    /// I/O inline) rather than as a task on the node's runtime (file I/O
+    /// on the blocking pool). Unset, the plugin decides: on for the
+    /// built-in `file` plugin, off for the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread_per_partition: Option<bool>,
 }
 
 impl PluginSection {
@@ -80,7 +86,10 @@ impl PluginSection {
                 .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
                 .collect()
         };
-        Sandbox::default().allow_http(allow).with_env(env)
+        Sandbox {
+            own_thread: self.thread_per_partition,
+            ..Sandbox::default().allow_http(allow).with_env(env)
+        }
     }
 
     pub fn pairs(&self) -> Vec<(String, String)> {
@@ -326,6 +335,7 @@ impl NodeConfig {
         let meta_source = PluginSection {
             plugin: c.metadata.plugin.clone(),
             config: BTreeMap::new(),
+            thread_per_partition: None,
         }
         .source(&base);
         if let PluginSource::Path(p) = meta_source {
@@ -383,6 +393,30 @@ mod tests {
         .unwrap();
         let e = ClientConfig::load(&p).unwrap_err().to_string();
         assert!(e.contains("colour") && e.contains("line 5"), "{e}");
+    }
+
+    #[test]
+    fn thread_per_partition_reaches_the_sandbox() {
+        let parse = |extra: &str| -> PluginSection {
+            toml::from_str(&format!("plugin = \"file\"\n{extra}")).expect("parse")
+        };
+        assert_eq!(
+            parse("").sandbox().own_thread,
+            None,
+            "unset: the plugin decides"
+        );
+        assert_eq!(
+            parse("thread_per_partition = false").sandbox().own_thread,
+            Some(false)
+        );
+        assert_eq!(
+            parse("thread_per_partition = true").sandbox().own_thread,
+            Some(true)
+        );
+        let e = toml::from_str::<PluginSection>("plugin = \"file\"\nthread_per_partition = 1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("thread_per_partition"), "{e}");
     }
 
     #[test]

@@ -101,6 +101,7 @@ pub async fn run(
         &config::PluginSection {
             plugin: config.metadata.plugin.clone(),
             config: Default::default(),
+            thread_per_partition: None,
         }
         .source(base),
         config.metadata.sandbox(),

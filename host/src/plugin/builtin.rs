@@ -10,6 +10,11 @@ pub const STORAGE: &[(&str, &[u8])] = &[
     ("s3", include_bytes!(env!("REPLICATOR_WASM_STORAGE_S3"))),
 ];
 
+/// Built-in storage plugins that do file I/O on nearly every call: their
+/// stores get their own thread unless the sandbox says otherwise (see
+/// `Sandbox::own_thread`).
+pub const STORAGE_OWN_THREAD: &[&str] = &["file"];
+
 /// (name, wasm component bytes) of every built-in metadata plugin.
 pub const METADATA: &[(&str, &[u8])] = &[
     (

@@ -618,14 +618,16 @@ impl PluginLog {
         let _ = self.submit(Op::Close).await;
     }
 
-    /// Start the log's task on the current runtime, instantiate the plugin
-    /// and open the log there. The task owns the store. Calls reach it over
-    /// a channel, with no thread hop: the task runs on the same workers as
-    /// the partition actors and the network. A guest yields at every epoch
-    /// tick (see [`PluginState::store`]), WASI file I/O runs on the
-    /// blocking pool, and a call stuck in the kernel is reported by the
-    /// caller-side deadline in [`Self::submit`] while every other
-    /// partition keeps working. Must be called inside a tokio runtime.
+    /// Start the log's task, instantiate the plugin and open the log there.
+    /// The task owns the store and gets calls over a channel. It runs on
+    /// the current runtime, with no thread hop per call, next to the
+    /// partition actors and the network; WASI file I/O goes to the
+    /// blocking pool. With `Sandbox::own_thread` it runs on a thread of
+    /// its own instead, with file I/O inline. Either way a guest yields at
+    /// every epoch tick (see [`PluginState::store`]), and a call stuck in
+    /// the kernel is reported by the caller-side deadline in
+    /// [`Self::submit`] while every other partition keeps working. Must be
+    /// called inside a tokio runtime.
     pub(crate) async fn spawn(plugin: StoragePlugin, spec: OpenSpec) -> StorageResult<PluginLog> {
         let label: Arc<str> = format!("{} {}/{}", plugin.name(), spec.topic, spec.partition).into();
         let sandbox = plugin.sandbox().clone();
@@ -639,14 +641,28 @@ impl PluginLog {
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let (opened_tx, opened_rx) = oneshot::channel();
-        tokio::spawn(async move {
+        let serve = async move {
             let opened = actor.instantiate().await;
             let ok = opened.is_ok();
             if opened_tx.send(opened).is_err() || !ok {
                 return;
             }
             actor.run(rx).await;
-        });
+        };
+        if sandbox.own_thread == Some(true) {
+            let io_error =
+                |e: std::io::Error| StorageError::Io(format!("starting the storage thread: {e}"));
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(io_error)?;
+            std::thread::Builder::new()
+                .name(format!("storage {label}"))
+                .spawn(move || runtime.block_on(serve))
+                .map_err(io_error)?;
+        } else {
+            tokio::spawn(serve);
+        }
         let gone = || StorageError::Fault {
             plugin: label.to_string(),
             kind: FaultKind::Closed,

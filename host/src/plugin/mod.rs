@@ -2,9 +2,11 @@
 //! and serves each partition's log from its own instance; loads metadata
 //! backends the same way ([`MetadataPlugin`], one instance per connection).
 //!
-//! One `Store` per partition, owned by one task on the node's runtime
-//! ([`PluginLog`]); every store runs under the [`Sandbox`] limits, and a
-//! running guest yields to the runtime at every epoch tick. A trap, blown deadline or
+//! One `Store` per partition, owned by one task ([`PluginLog`]): on the
+//! node's runtime, or on the partition's own thread for plugins that do
+//! file I/O on every call (`Sandbox::own_thread`). Every store runs under
+//! the [`Sandbox`] limits, and a running guest yields to its runtime at
+//! every epoch tick. A trap, blown deadline or
 //! contract violation drops the instance: the partition answers
 //! [`StorageError::Fault`](crate::storage::StorageError::Fault) until
 //! `recover()` re-instantiates it and re-reads its state. Other partitions
@@ -148,6 +150,13 @@ impl StoragePlugin {
         sandbox: Sandbox,
     ) -> Result<Self, LoadError> {
         let (name, wasm) = plugin_bytes(source, builtin::STORAGE)?;
+        let mut sandbox = sandbox;
+        if sandbox.own_thread.is_none() {
+            sandbox.own_thread = Some(matches!(
+                source,
+                PluginSource::Builtin(n) if builtin::STORAGE_OWN_THREAD.contains(&n.as_str())
+            ));
+        }
         Self::from_bytes(runtime, &name, &wasm, sandbox)
     }
 
