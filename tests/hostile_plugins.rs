@@ -43,6 +43,26 @@ async fn open(mode: &str) -> (StoragePlugin, PluginLog) {
     (plugin, log)
 }
 
+/// Partition 0 of the hostile plugin in `mode` (seeing `data`, if any)
+/// and a healthy partition 1, both under `sandbox`.
+async fn hostile_and_healthy(
+    sandbox: Sandbox,
+    mode: &str,
+    data: Option<&std::path::Path>,
+) -> (PluginLog, PluginLog) {
+    let runtime = PluginRuntime::global().expect("runtime");
+    let plugin = StoragePlugin::from_bytes(runtime, "hostile", HOSTILE, sandbox).expect("load");
+    let hostile = plugin
+        .open("t", 0, vec![("mode".into(), mode.into())], data)
+        .await
+        .expect("open");
+    let healthy = plugin
+        .open("t", 1, vec![], None)
+        .await
+        .expect("open healthy");
+    (hostile, healthy)
+}
+
 /// The first append faults with `kind` quickly, later calls refuse until
 /// recover(), and a healthy partition of the same plugin is unaffected.
 async fn contained(mode: &str, kind: FaultKind) {
@@ -94,20 +114,11 @@ async fn infinite_loop_hits_the_epoch_deadline() {
 /// partition could not be served until the loop's deadline.
 #[tokio::test(flavor = "current_thread")]
 async fn a_looping_guest_does_not_hold_the_runtime() {
-    let runtime = PluginRuntime::global().expect("runtime");
     let sandbox = Sandbox {
         call_deadline: Duration::from_secs(2),
         ..sandbox()
     };
-    let plugin = StoragePlugin::from_bytes(runtime, "hostile", HOSTILE, sandbox).expect("load");
-    let looping = plugin
-        .open("t", 0, vec![("mode".into(), "loop".into())], None)
-        .await
-        .expect("open");
-    let healthy = plugin
-        .open("t", 1, vec![], None)
-        .await
-        .expect("open healthy");
+    let (looping, healthy) = hostile_and_healthy(sandbox, "loop", None).await;
     let looping = tokio::spawn(async move { looping.append(one(0)).await });
     let started = Instant::now();
     let mut served = 0;
@@ -270,21 +281,8 @@ async fn blocked_in_the_kernel(own_thread: bool) {
         .status()
         .expect("mkfifo");
     assert!(made.success());
-    let runtime = PluginRuntime::global().expect("runtime");
-    let plugin = StoragePlugin::from_bytes(runtime, "hostile", HOSTILE, sandbox).expect("load");
-    let stuck = plugin
-        .open(
-            "t",
-            0,
-            vec![("mode".into(), "read-file:/data/fifo".into())],
-            Some(data.path()),
-        )
-        .await
-        .expect("open");
-    let healthy = plugin
-        .open("t", 1, vec![], None)
-        .await
-        .expect("open healthy");
+    let (stuck, healthy) =
+        hostile_and_healthy(sandbox, "read-file:/data/fifo", Some(data.path())).await;
     let started = Instant::now();
     let err = stuck
         .append(one(0))
