@@ -4,13 +4,13 @@
 //!
 //! A connection is one instance in one `Store`, owned by one task on the
 //! caller's runtime (as for storage: the guest yields at every epoch tick,
-//! WASI file I/O runs on the blocking pool). Calls queue over a channel and are served one at a time. A
-//! trap, a blown deadline or an answer that breaks the contract is a
-//! [`MetadataError::Fault`]: the instance is dropped and the next call
-//! connects a fresh one. Answers are checked against what this connection
-//! has seen: versions and broker epochs never go backwards, a
-//! compare-and-set yields exactly `expected + 1`, a lookup answers for what
-//! was asked.
+//! WASI file I/O runs on the blocking pool). Calls queue over a channel
+//! and are served one at a time. A trap, a blown deadline or an answer
+//! that breaks the contract is a [`MetadataError::Fault`]: the instance is
+//! dropped and the next call connects a fresh one. Answers are checked
+//! against what this connection has seen: versions and broker epochs never
+//! go backwards, a compare-and-set yields exactly `expected + 1`, a lookup
+//! answers for what was asked.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

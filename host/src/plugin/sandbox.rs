@@ -114,8 +114,8 @@ impl PluginState {
     /// thread), so a guest must not keep a worker: at every epoch tick a
     /// running guest yields to the runtime (other partitions and the
     /// network go on) and resumes, until its call's wall-clock budget is
-    /// spent, when it traps with `Trap::Interrupt`. A call that finishes
-    /// within a tick never sees the callback.
+    /// spent, when it traps with `Trap::Interrupt`. The callback runs once
+    /// per tick a call spans, so a short call costs nothing extra.
     pub(crate) fn store(
         engine: &wasmtime::Engine,
         sandbox: &Sandbox,
