@@ -33,9 +33,14 @@ fn assert_fault(err: &StorageError, kind: FaultKind) {
     }
 }
 
-async fn open(mode: &str) -> (StoragePlugin, PluginLog) {
+/// The hostile plugin, loaded under `sandbox`.
+fn hostile(sandbox: Sandbox) -> StoragePlugin {
     let runtime = PluginRuntime::global().expect("runtime");
-    let plugin = StoragePlugin::from_bytes(runtime, "hostile", HOSTILE, sandbox()).expect("load");
+    StoragePlugin::from_bytes(runtime, "hostile", HOSTILE, sandbox).expect("load")
+}
+
+async fn open(mode: &str) -> (StoragePlugin, PluginLog) {
+    let plugin = hostile(sandbox());
     let log = plugin
         .open("t", 0, vec![("mode".into(), mode.into())], None)
         .await
@@ -50,8 +55,7 @@ async fn hostile_and_healthy(
     mode: &str,
     data: Option<&std::path::Path>,
 ) -> (PluginLog, PluginLog) {
-    let runtime = PluginRuntime::global().expect("runtime");
-    let plugin = StoragePlugin::from_bytes(runtime, "hostile", HOSTILE, sandbox).expect("load");
+    let plugin = hostile(sandbox);
     let hostile = plugin
         .open("t", 0, vec![("mode".into(), mode.into())], data)
         .await
@@ -66,11 +70,7 @@ async fn hostile_and_healthy(
 /// The first append faults with `kind` quickly, later calls refuse until
 /// recover(), and a healthy partition of the same plugin is unaffected.
 async fn contained(mode: &str, kind: FaultKind) {
-    let (plugin, log) = open(mode).await;
-    let healthy = plugin
-        .open("t", 1, vec![], None)
-        .await
-        .expect("open healthy");
+    let (log, healthy) = hostile_and_healthy(sandbox(), mode, None).await;
     let started = Instant::now();
     let err = log
         .append(one(0))
@@ -179,8 +179,7 @@ async fn corrupt_read_is_a_violation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inconsistent_bounds_are_a_violation() {
-    let runtime = PluginRuntime::global().expect("runtime");
-    let plugin = StoragePlugin::from_bytes(runtime, "hostile", HOSTILE, sandbox()).expect("load");
+    let plugin = hostile(sandbox());
     let err = plugin
         .open("t", 0, vec![("mode".into(), "lie-bounds".into())], None)
         .await
@@ -191,8 +190,7 @@ async fn inconsistent_bounds_are_a_violation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trap_while_opening_is_a_fault_not_a_panic() {
-    let runtime = PluginRuntime::global().expect("runtime");
-    let plugin = StoragePlugin::from_bytes(runtime, "hostile", HOSTILE, sandbox()).expect("load");
+    let plugin = hostile(sandbox());
     let err = plugin
         .open("t", 0, vec![("mode".into(), "trap-open".into())], None)
         .await
@@ -235,8 +233,7 @@ async fn plugins_see_only_their_partition_directory() {
     let secret = secret_dir.path().join("secret");
     std::fs::write(&secret, b"not for plugins").expect("write");
     let data = tempfile::tempdir().expect("tempdir");
-    let runtime = PluginRuntime::global().expect("runtime");
-    let plugin = StoragePlugin::from_bytes(runtime, "hostile", HOSTILE, sandbox()).expect("load");
+    let plugin = hostile(sandbox());
     for path in [
         secret.display().to_string(),
         "/data/../../etc/passwd".to_string(),

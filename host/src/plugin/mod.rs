@@ -147,10 +147,9 @@ impl StoragePlugin {
     pub fn load_with(
         runtime: Arc<PluginRuntime>,
         source: &PluginSource,
-        sandbox: Sandbox,
+        mut sandbox: Sandbox,
     ) -> Result<Self, LoadError> {
         let (name, wasm) = plugin_bytes(source, builtin::STORAGE)?;
-        let mut sandbox = sandbox;
         if sandbox.own_thread.is_none() {
             sandbox.own_thread = Some(matches!(
                 source,
