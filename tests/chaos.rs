@@ -204,17 +204,31 @@ fn setup(rt: &tokio::runtime::Runtime, c: &mut Cluster) -> Arc<Client> {
 /// Until the partition's leader reports an ISR of `n`; returns the leader.
 fn wait_isr(rt: &tokio::runtime::Runtime, client: &Client, n: usize) -> u32 {
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = String::from("no answer");
     loop {
         let got = rt.block_on(async {
-            let leader = client.leader_of(TOPIC, 0).await.ok()?;
-            let st = client.status(leader).await.ok()?;
+            let leader = match client.leader_of(TOPIC, 0).await {
+                Ok(l) => l,
+                Err(e) => {
+                    last = format!("leader_of: {e}");
+                    return None;
+                }
+            };
+            let st = match client.status(leader).await {
+                Ok(s) => s,
+                Err(e) => {
+                    last = format!("status of leader {leader}: {e}");
+                    return None;
+                }
+            };
             let p = st.into_iter().find(|s| s.topic == TOPIC)?;
+            last = format!("leader {leader} reports {p:?}");
             (p.role == "leader" && p.isr.len() == n).then_some(leader)
         });
         if let Some(l) = got {
             return l;
         }
-        assert!(Instant::now() < deadline, "ISR never reached {n}");
+        assert!(Instant::now() < deadline, "ISR never reached {n}; last: {last}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -325,6 +325,34 @@ fn bad_node_configs_fail_with_clear_errors() {
     );
 }
 
+/// `cluster init` warns when it puts a node's port in the kernel's
+/// ephemeral range (an outgoing connection can hold such a port while the
+/// node is down), names the ports, and keeps quiet for the defaults.
+#[test]
+fn cluster_init_warns_about_ports_in_the_ephemeral_range() {
+    let Some(range) = replicator::ports::ephemeral_range() else {
+        eprintln!("no ephemeral port range on this system: nothing to warn about");
+        return;
+    };
+    let init = |extra: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = vec!["cluster", "init", "--dir", dir.path().to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = cli(&args);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let quiet = init(&[]);
+    assert!(!quiet.contains("ephemeral"), "defaults warned: {quiet}");
+    let inside = range.start().to_string();
+    let e = init(&["--base-port", &inside, "--metrics-base-port", "0"]);
+    let first = *range.start();
+    assert!(
+        e.contains(&format!("ports {first}-{}", first + 2)) && e.contains("ephemeral port range"),
+        "{e}"
+    );
+}
+
 #[test]
 fn a_restarted_leader_hands_over_and_loses_nothing_even_with_memory_storage() {
     // In-memory logs: the restarted leader comes back empty. It must not

@@ -15,6 +15,7 @@ pub mod history;
 pub mod metadata;
 pub mod node;
 pub mod plugin;
+pub mod ports;
 pub mod producer;
 pub mod storage;
 pub mod transport;

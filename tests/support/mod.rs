@@ -11,25 +11,19 @@ pub mod s3;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_replicator");
 
-/// Free UDP ports base..base+n and TCP ports base+50.. right now. Each
-/// call in a process starts from a different place, so tests running in
-/// parallel do not pick the same range before either binds it.
+/// Free UDP ports base..base+n and TCP ports base+50.. right now, outside
+/// the kernel's ephemeral range: a node restarted on a port an outgoing
+/// connection took meanwhile could not start. Each call in a process
+/// starts from a different place, so tests running in parallel do not
+/// pick the same range before either binds it.
 pub fn free_ports(n: u16) -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static CALLS: AtomicU32 = AtomicU32::new(0);
     let call = CALLS.fetch_add(1, Ordering::Relaxed);
     let seed = std::process::id()
         .wrapping_mul(7919)
-        .wrapping_add(call * 104_729);
-    for k in 0..400u32 {
-        let base = 20000 + ((seed + k * 131) % 390) as u16 * 100;
-        let udp = (0..n).all(|i| std::net::UdpSocket::bind(("127.0.0.1", base + i)).is_ok());
-        let tcp = (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + 50 + i)).is_ok());
-        if udp && tcp {
-            return base;
-        }
-    }
-    panic!("no free ports");
+        .wrapping_add(call.wrapping_mul(104_729));
+    replicator::ports::free_block(n, 50, seed).expect("no free ports")
 }
 
 pub fn cli(args: &[&str]) -> Output {
@@ -230,8 +224,28 @@ impl Drop for Cluster {
         for id in 1..=self.nodes.len() as u32 {
             self.kill(id);
         }
+        // The temp dir goes with the cluster: a failing test leaves the end
+        // of each node's log in its output, so a CI failure can be read.
+        if std::thread::panicking() {
+            for id in 1..=self.nodes.len() as u32 {
+                let log = self.log(id);
+                let lines: Vec<&str> = log.lines().collect();
+                let from = lines.len().saturating_sub(LOG_TAIL_LINES);
+                eprintln!(
+                    "--- node {id} log, last {} of {} lines",
+                    lines.len() - from,
+                    lines.len()
+                );
+                for l in &lines[from..] {
+                    eprintln!("{l}");
+                }
+            }
+        }
     }
 }
+
+/// Lines of each node's log a failing test prints.
+const LOG_TAIL_LINES: usize = 120;
 
 /// The partition report of `topic`/`partition` in a status JSON.
 pub fn partition<'a>(

@@ -274,6 +274,16 @@ pub fn run_init(args: InitArgs) -> anyhow::Result<ExitCode> {
         );
     }
     println!("  clients:      --config {}", client.display());
+    let last = |base: u16| base.saturating_add((args.nodes - 1) as u16);
+    let mut ranges = vec![args.base_port..=last(args.base_port)];
+    if args.metrics_base_port != 0 {
+        ranges.push(args.metrics_base_port..=last(args.metrics_base_port));
+    }
+    for r in ranges {
+        if let Some(w) = replicator::ports::ephemeral_warning(r) {
+            eprintln!("warning: {w}");
+        }
+    }
     match &args.ca_key_out {
         Some(p) => println!("  CA key kept in {} (keep it off the nodes)", p.display()),
         None => println!(

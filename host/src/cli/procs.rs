@@ -151,17 +151,14 @@ pub fn init_local_cluster(dir: &Path, storage: &str) -> anyhow::Result<(PathBuf,
     Ok((client, base_port, metrics_port))
 }
 
-/// A UDP and a TCP port range of `n` ports each that are free right now.
+/// A UDP and a TCP port range of `n` ports each that are free right now
+/// and outside the kernel's ephemeral range (see `replicator::ports`): the
+/// demo and the bench restart killed nodes on the same ports.
 fn free_ports(n: u16) -> anyhow::Result<(u16, u16)> {
-    for base in (20000u16..60000).step_by(97) {
-        let udp_ok = (0..n).all(|i| std::net::UdpSocket::bind(("127.0.0.1", base + i)).is_ok());
-        let tcp_ok =
-            (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + 50 + i)).is_ok());
-        if udp_ok && tcp_ok {
-            return Ok((base, base + 50));
-        }
+    match replicator::ports::free_block(n, 50, std::process::id()) {
+        Some(base) => Ok((base, base + 50)),
+        None => bail!("no free ports on 127.0.0.1 outside the ephemeral port range"),
     }
-    bail!("no free ports on 127.0.0.1")
 }
 
 pub async fn wait_for_cluster(c: &Client, nodes: &mut Nodes, want: usize) -> anyhow::Result<()> {

@@ -47,7 +47,7 @@ pub enum NodeError {
     MetadataLoad(LoadError),
     #[error("metadata store: {0}")]
     Metadata(#[from] MetadataError),
-    #[error("cannot bind the metrics endpoint {addr}: {error}")]
+    #[error("cannot bind the metrics endpoint {addr}: {error}{}", crate::ports::in_use_hint(*.addr, .error))]
     Metrics {
         addr: SocketAddr,
         error: std::io::Error,

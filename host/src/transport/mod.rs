@@ -48,7 +48,7 @@ pub mod close {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("cannot bind UDP {addr}: {error}")]
+    #[error("cannot bind UDP {addr}: {error}{}", crate::ports::in_use_hint(*.addr, .error))]
     Bind {
         addr: SocketAddr,
         error: std::io::Error,
