@@ -228,7 +228,10 @@ fn wait_isr(rt: &tokio::runtime::Runtime, client: &Client, n: usize) -> u32 {
         if let Some(l) = got {
             return l;
         }
-        assert!(Instant::now() < deadline, "ISR never reached {n}; last: {last}");
+        assert!(
+            Instant::now() < deadline,
+            "ISR never reached {n}; last: {last}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
