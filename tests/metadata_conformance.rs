@@ -137,6 +137,24 @@ async fn a_silent_endpoint_times_out_as_unavailable() {
             && took < Duration::from_millis(3 * TIMEOUT_MS),
         "took {took:?} with a {TIMEOUT_MS} ms timeout"
     );
+    // The host closed the connection it gave up on: the listener's end
+    // is not left established (a hung server must not pin sockets).
+    let port = silent.local_addr().expect("addr").port();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let open: Vec<_> = sockets_with(port)
+            .into_iter()
+            .filter(|(_, state)| state == "01")
+            .collect();
+        if open.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "connections still open after the timeout: {open:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     drop(silent);
 }
 
@@ -172,6 +190,99 @@ async fn an_endpoint_outside_the_allow_list_is_denied() {
     .await;
     let r = m.get_partition("t", 0).await;
     assert!(matches!(r, Err(MetadataError::NotFound(_))), "{r:?}");
+}
+
+/// The peer ports of TCP sockets (any state but LISTEN, TIME_WAIT
+/// included) with `port` at one end, from `/proc/net/tcp{,6}`: one per
+/// connection made to (or from) that port in the last minute or so.
+fn connections_with(port: u16) -> std::collections::BTreeSet<u16> {
+    sockets_with(port)
+        .into_iter()
+        .map(|(peer, _)| peer)
+        .collect()
+}
+
+/// (peer port, state) of each non-listening TCP socket with `port` at one
+/// end; states as the kernel numbers them (01 established, 06 time-wait,
+/// 08 close-wait).
+fn sockets_with(port: u16) -> Vec<(u16, String)> {
+    let mut peers = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let port_of = |a: &str| {
+                a.rsplit_once(':')
+                    .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+            };
+            let (Some(local), Some(remote), Some(state)) = (
+                f.get(1).and_then(|a| port_of(a)),
+                f.get(2).and_then(|a| port_of(a)),
+                f.get(3),
+            ) else {
+                continue;
+            };
+            if *state == "0A" {
+                continue; // LISTEN
+            }
+            if local == port {
+                peers.push((remote, state.to_string()));
+            } else if remote == port {
+                peers.push((local, state.to_string()));
+            }
+        }
+    }
+    peers
+}
+
+/// The host keeps a plugin's HTTP connections alive: 300 metadata calls
+/// to one etcd use a few TCP connections, not one each (which left
+/// thousands of ports in TIME_WAIT on a cluster, and a restarted node
+/// could find its port taken).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_calls_reuse_http_connections() {
+    if !std::path::Path::new("/proc/net/tcp").exists() {
+        eprintln!("no /proc/net/tcp: cannot count connections here");
+        return;
+    }
+    let etcd = Etcd::start();
+    let before = connections_with(etcd.client_port);
+    let plugin = load("etcd", Sandbox::default().allow_http([etcd.authority()]));
+    let m = connect(
+        &plugin,
+        etcd_config(&[etcd.endpoint()], "/pool/", CONFORMANCE_TIMEOUT_MS),
+    )
+    .await;
+    let v = m
+        .compare_and_set(state("t", 1, 0), 0)
+        .await
+        .expect("create");
+    let started = Instant::now();
+    for i in 0..100u32 {
+        let got = m.get_partition("t", 0).await.expect("get");
+        assert_eq!(got.version, v);
+        m.list_partitions().await.expect("list");
+        m.register_broker(1 + i % 3, "127.0.0.1:1".into())
+            .await
+            .expect("register");
+    }
+    let new: Vec<u16> = connections_with(etcd.client_port)
+        .difference(&before)
+        .copied()
+        .collect();
+    println!(
+        "300 calls in {:.0} ms over {} new connections",
+        started.elapsed().as_secs_f64() * 1e3,
+        new.len()
+    );
+    assert!(
+        new.len() <= 4,
+        "301 calls opened {} connections to etcd, from ports {:?}...",
+        new.len(),
+        &new[..new.len().min(8)]
+    );
 }
 
 /// Bad settings are refused at connect with a message naming them.

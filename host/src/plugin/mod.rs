@@ -14,6 +14,7 @@
 
 mod bindings;
 pub mod builtin;
+mod http_pool;
 mod inspect;
 mod log;
 mod metadata;

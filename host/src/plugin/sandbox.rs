@@ -207,8 +207,8 @@ impl WasiHttpView for PluginState {
     }
 }
 
-/// Lets a request through to wasmtime's default sender only if its
-/// authority is in the sandbox's allow-list. Sockets stay closed (see
+/// Lets a request through to the pooled sender ([`super::http_pool`])
+/// only if its authority is in the sandbox's allow-list. Sockets stay closed (see
 /// `PluginState::new`), so this is a plugin's only way out.
 struct HttpGuard {
     /// Lower-cased `host:port`s.
@@ -254,7 +254,10 @@ impl WasiHttpHooks for HttpGuard {
             );
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         }
-        wasmtime_wasi_http::default_hooks().send_request(request, options, fut)
+        // `fut` reports errors in sending the request body; this sender
+        // reports them through its own result, as wasmtime's does.
+        let _ = fut;
+        Box::new(super::http_pool::HttpPool::global().send(request, options))
     }
 }
 
