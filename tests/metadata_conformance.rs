@@ -285,6 +285,38 @@ async fn metadata_calls_reuse_http_connections() {
     );
 }
 
+/// A pooled connection belongs to no store's runtime: one opened by a
+/// store whose runtime has ended serves the next store, on another
+/// runtime (a store on its own thread has a runtime that ends with it).
+#[test]
+fn pooled_connections_outlive_the_runtime_that_opened_them() {
+    if !std::path::Path::new("/proc/net/tcp").exists() {
+        eprintln!("no /proc/net/tcp: cannot count connections here");
+        return;
+    }
+    let etcd = Etcd::start();
+    let before = connections_with(etcd.client_port);
+    let plugin = load("etcd", Sandbox::default().allow_http([etcd.authority()]));
+    let config = etcd_config(&[etcd.endpoint()], "/outlive/", CONFORMANCE_TIMEOUT_MS);
+    for round in 0..3 {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let m = connect(&plugin, config.clone()).await;
+            m.list_partitions()
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        });
+        drop(rt);
+    }
+    let new = connections_with(etcd.client_port)
+        .difference(&before)
+        .count();
+    assert_eq!(new, 1, "three stores on three runtimes, one after another");
+}
+
 /// Bad settings are refused at connect with a message naming them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_etcd_settings_are_refused_at_connect() {

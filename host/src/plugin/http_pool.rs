@@ -13,6 +13,9 @@
 //! may have reached the server is never resent here; the plugin sees the
 //! error and treats the outcome as unknown, as it would on any connection.
 //! HTTPS goes to wasmtime's default sender, unpooled.
+//!
+//! Connections live on a one-thread runtime of their own (`plugin-http`),
+//! not on the runtime of the store that opened them, so they outlive it.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -39,9 +42,8 @@ pub(crate) type Sent = (
     Box<dyn Future<Output = Result<(), HttpError>> + Send>,
 );
 
-/// Connections by `host:port`, shared by every store in the process.
-/// A connection is driven by a task on the runtime that opened it; when
-/// that runtime ends, the connection closes and is dropped on next use.
+/// Connections by `host:port`, shared by every store in the process, each
+/// driven by a task on [`io_runtime`].
 #[derive(Default)]
 pub(crate) struct HttpPool {
     idle: Mutex<HashMap<String, Vec<Conn>>>,
@@ -158,9 +160,42 @@ impl HttpPool {
     }
 }
 
-/// A new HTTP/1.1 connection to `authority`, driven by a task of its own.
+/// The runtime that owns every pooled connection: its socket and the task
+/// driving it. Why not the caller's: a connection outlives the store that
+/// opened it, and a store on its own thread has a runtime of its own that
+/// ends with it; another store's request on a borrowed connection must
+/// not fail because of that. `None` if its thread cannot be started (then
+/// connections live on the caller's runtime).
+fn io_runtime() -> Option<&'static tokio::runtime::Runtime> {
+    static RT: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("plugin-http")
+            .enable_all()
+            .build()
+            .map_err(|e| tracing::warn!("no thread for plugin HTTP connections: {e}"))
+            .ok()
+    })
+    .as_ref()
+}
+
+/// A new HTTP/1.1 connection to `authority`, opened and driven on
+/// [`io_runtime`].
 async fn connect(authority: &str, within: Duration) -> Result<Conn, HttpError> {
-    let stream = match tokio::time::timeout(within, TcpStream::connect(authority)).await {
+    let open = open(authority.to_string(), within);
+    match io_runtime() {
+        Some(rt) => rt.spawn(open).await.unwrap_or_else(|e| {
+            Err(HttpError::Connect(std::io::Error::other(format!(
+                "the connection task ended: {e}"
+            ))))
+        }),
+        None => open.await,
+    }
+}
+
+async fn open(authority: String, within: Duration) -> Result<Conn, HttpError> {
+    let stream = match tokio::time::timeout(within, TcpStream::connect(&authority)).await {
         Ok(s) => s.map_err(HttpError::Connect)?,
         Err(_) => return Err(HttpError::ConnectionTimeout),
     };
@@ -173,10 +208,9 @@ async fn connect(authority: &str, within: Duration) -> Result<Conn, HttpError> {
     )
     .await
     .map_err(|_| HttpError::ConnectionTimeout)??;
-    let label = authority.to_string();
     let driver = tokio::spawn(async move {
         if let Err(e) = conn.await {
-            tracing::debug!("HTTP connection to {label} ended: {e}");
+            tracing::debug!("HTTP connection to {authority} ended: {e}");
         }
     })
     .abort_handle();
