@@ -237,24 +237,49 @@ fn sockets_with(port: u16) -> Vec<(u16, String)> {
     peers
 }
 
+/// An etcd of its own, the connections to it before the test's, and the
+/// etcd plugin allowed to reach it with its config under `prefix`.
+struct Counted {
+    etcd: Etcd,
+    before: std::collections::BTreeSet<u16>,
+    plugin: MetadataPlugin,
+    config: Vec<(String, String)>,
+}
+
+/// [`Counted`], or `None` where connections cannot be counted.
+fn counted_etcd(prefix: &str) -> Option<Counted> {
+    if !std::path::Path::new("/proc/net/tcp").exists() {
+        eprintln!("no /proc/net/tcp: cannot count connections here");
+        return None;
+    }
+    let etcd = Etcd::start();
+    let before = connections_with(etcd.client_port);
+    let plugin = load("etcd", Sandbox::default().allow_http([etcd.authority()]));
+    let config = etcd_config(&[etcd.endpoint()], prefix, CONFORMANCE_TIMEOUT_MS);
+    Some(Counted {
+        etcd,
+        before,
+        plugin,
+        config,
+    })
+}
+
 /// The host keeps a plugin's HTTP connections alive: 300 metadata calls
 /// to one etcd use a few TCP connections, not one each (which left
 /// thousands of ports in TIME_WAIT on a cluster, and a restarted node
 /// could find its port taken).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_calls_reuse_http_connections() {
-    if !std::path::Path::new("/proc/net/tcp").exists() {
-        eprintln!("no /proc/net/tcp: cannot count connections here");
+    let Some(Counted {
+        etcd,
+        before,
+        plugin,
+        config,
+    }) = counted_etcd("/pool/")
+    else {
         return;
-    }
-    let etcd = Etcd::start();
-    let before = connections_with(etcd.client_port);
-    let plugin = load("etcd", Sandbox::default().allow_http([etcd.authority()]));
-    let m = connect(
-        &plugin,
-        etcd_config(&[etcd.endpoint()], "/pool/", CONFORMANCE_TIMEOUT_MS),
-    )
-    .await;
+    };
+    let m = connect(&plugin, config).await;
     let v = m
         .compare_and_set(state("t", 1, 0), 0)
         .await
@@ -290,14 +315,15 @@ async fn metadata_calls_reuse_http_connections() {
 /// runtime (a store on its own thread has a runtime that ends with it).
 #[test]
 fn pooled_connections_outlive_the_runtime_that_opened_them() {
-    if !std::path::Path::new("/proc/net/tcp").exists() {
-        eprintln!("no /proc/net/tcp: cannot count connections here");
+    let Some(Counted {
+        etcd,
+        before,
+        plugin,
+        config,
+    }) = counted_etcd("/outlive/")
+    else {
         return;
-    }
-    let etcd = Etcd::start();
-    let before = connections_with(etcd.client_port);
-    let plugin = load("etcd", Sandbox::default().allow_http([etcd.authority()]));
-    let config = etcd_config(&[etcd.endpoint()], "/outlive/", CONFORMANCE_TIMEOUT_MS);
+    };
     for round in 0..3 {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
