@@ -481,3 +481,106 @@ async fn the_batching_producer_acknowledges_every_message_at_its_offset() {
     }
     client.close().await;
 }
+
+/// Kafka's read rule: an offset past a replica's HW but inside its log
+/// gets no records (and the HW), not an out-of-range error; only past the
+/// log end is it out of range. A reader meets this when a new leader's HW
+/// lags one it saw; here the leader's two followers are frozen, so its
+/// next append stays uncommitted.
+#[test]
+fn a_read_past_the_high_watermark_inside_the_log_is_empty_not_out_of_range() {
+    use replicator::batch::Record;
+    use replicator::client::{Client, ClientError};
+    use replicator::core::Acks;
+    use replicator::wire::rpc::RpcError;
+    use std::time::{Duration, Instant};
+
+    let mut c = Cluster::init(3, "memory", |t| t);
+    c.start_all();
+    c.wait_up();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _in_runtime = rt.enter();
+    let cfg = replicator::node::ClientConfig::load(std::path::Path::new(&c.client()))
+        .expect("client.toml");
+    let client = Client::new(&cfg).expect("client");
+    let record = |v: &'static [u8]| Record {
+        key: None,
+        value: Bytes::from_static(v),
+        timestamp: 0,
+        headers: Vec::new(),
+    };
+    rt.block_on(client.create_topic("hw", 1, 3, Some(2)))
+        .expect("create topic");
+    let first = rt
+        .block_on(client.produce(
+            "hw",
+            0,
+            &[record(b"committed")],
+            Acks::All,
+            Duration::from_secs(30),
+        ))
+        .expect("first record");
+    assert_eq!(first, 0);
+    let leader = rt.block_on(client.leader_of("hw", 0)).expect("leader");
+    let followers: Vec<u32> = (1..=3).filter(|n| *n != leader).collect();
+    // Both followers fully caught up (HW 1 everywhere) before the freeze.
+    c.wait_status("HW 1 on the leader", |v| {
+        partition(v, "hw", 0).is_some_and(|p| p["high_watermark"] == 1)
+    });
+    for f in &followers {
+        c.signal(*f, "-STOP");
+    }
+    let client = std::sync::Arc::new(client);
+    let pending = rt.spawn({
+        let client = client.clone();
+        let rec = record(b"uncommitted");
+        async move {
+            client
+                .produce("hw", 0, &[rec], Acks::All, Duration::from_secs(2))
+                .await
+        }
+    });
+    // The leader appends it; nobody can acknowledge it.
+    let reader = &client;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = rt.block_on(reader.status(leader)).expect("leader status");
+        let p = st.iter().find(|s| s.topic == "hw").expect("partition");
+        if p.log_end == 2 {
+            assert_eq!(p.high_watermark, 1, "{p:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the append never landed: {p:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let inside = rt
+        .block_on(reader.read(leader, "hw", 0, 2, 1 << 20))
+        .expect("offset 2 is the log end: inside the log");
+    assert!(inside.records.is_empty(), "uncommitted records were served");
+    assert_eq!((inside.high_watermark, inside.log_end), (1, 2));
+    match rt.block_on(reader.read(leader, "hw", 0, 3, 1 << 20)) {
+        Err(ClientError::Refused(RpcError::OffsetOutOfRange {
+            offset: 3,
+            high_watermark: 1,
+            ..
+        })) => {}
+        other => panic!(
+            "offset 3 is past the log end: {:?}",
+            other.map(|b| (b.high_watermark, b.log_end, b.records.len()))
+        ),
+    }
+    // The committed record is served; the uncommitted one is not.
+    let from0 = rt
+        .block_on(reader.read(leader, "hw", 0, 0, 1 << 20))
+        .expect("read 0");
+    let offsets: Vec<u64> = from0.records.iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, vec![0]);
+    for f in &followers {
+        c.signal(*f, "-CONT");
+    }
+    let _ = rt.block_on(pending);
+}

@@ -493,7 +493,13 @@ impl Actor {
         let hw = self.rm.high_watermark();
         let start = self.rm.log_start_offset();
         let end = self.rm.log_end_offset();
-        if offset < start || offset > hw {
+        // Kafka's rule (LocalLog.read): only an offset outside the log is
+        // out of range. One past the HW but inside the log gets no records:
+        // a new leader's (or a follower's) HW can lag one a reader already
+        // saw, and those records are there, just not known to be committed
+        // here yet. Calling them out of range would tell the reader its
+        // position is gone.
+        if offset < start || offset > end {
             let _ = reply.send(Err(RpcError::OffsetOutOfRange {
                 offset,
                 log_start: start,
@@ -501,7 +507,7 @@ impl Actor {
             }));
             return;
         }
-        if offset == hw {
+        if offset >= hw {
             let _ = reply.send(Ok(ReadResult {
                 high_watermark: hw,
                 log_start: start,
