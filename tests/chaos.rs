@@ -22,7 +22,6 @@ use replicator::batch::Record;
 use replicator::client::{Client, ClientError};
 use replicator::core::Acks;
 use replicator::history::{Ack, Final, History, Read};
-use replicator::node::ClientConfig;
 use support::Cluster;
 
 const TOPIC: &str = "chaos";
@@ -187,8 +186,7 @@ impl Load {
 
 fn client(rt: &tokio::runtime::Runtime, c: &Cluster) -> Arc<Client> {
     let _in_runtime = rt.enter();
-    let cfg = ClientConfig::load(std::path::Path::new(&c.client())).expect("client.toml");
-    Arc::new(Client::new(&cfg).expect("client"))
+    c.library_client()
 }
 
 fn setup(rt: &tokio::runtime::Runtime, c: &mut Cluster) -> Arc<Client> {
@@ -359,14 +357,6 @@ fn report_failover(what: &str, mut times: Vec<Duration>) {
     assert!(p99 <= Duration::from_secs(2), "{what}: p99 {p99:?} > 2 s");
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 /// One fault: wait for a full ISR and `warmup` more acknowledgements,
 /// `inject` the fault into the leader, then wait for a new leader and the
 /// first acks=all success it gives. Returns the old leader, when the fault
@@ -400,7 +390,7 @@ fn fault_round(
 /// the old one and see it rejoin the ISR; repeat. Nothing acknowledged
 /// may be lost, on any replica.
 fn kill_rounds(c: &mut Cluster, rounds: usize, mut between: impl FnMut(&mut Cluster, usize)) {
-    let rt = runtime();
+    let rt = support::runtime();
     let client = setup(&rt, c);
     let load = Load::start(&rt, client.clone(), 4);
     let mut times = Vec::new();
@@ -512,7 +502,7 @@ fn produce_to(rt: &tokio::runtime::Runtime, client: &Client, node: u32) -> Resul
 fn a_frozen_leader_is_fenced_when_it_returns() {
     let _serial = serial();
     let mut c = Cluster::init(3, "file", |t| t);
-    let rt = runtime();
+    let rt = support::runtime();
     let client = setup(&rt, &mut c);
     let load = Load::start(&rt, client.clone(), 4);
     let mut times = Vec::new();
@@ -560,7 +550,7 @@ fn a_leader_cut_off_by_the_network_is_replaced_and_rejoins() {
         );
     }
     let mut c = Cluster::init(3, "file", |t| t);
-    let rt = runtime();
+    let rt = support::runtime();
     let client = setup(&rt, &mut c);
     let load = Load::start(&rt, client.clone(), 4);
     let mut times = Vec::new();

@@ -400,18 +400,13 @@ fn a_restarted_leader_hands_over_and_loses_nothing_even_with_memory_storage() {
 /// request that fails fails every message in it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_batching_producer_acknowledges_every_message_at_its_offset() {
-    use replicator::client::{Client, ClientError};
-    use replicator::node::ClientConfig;
+    use replicator::client::ClientError;
     use replicator::producer::{Producer, ProducerConfig};
-    use std::sync::Arc;
 
     let mut c = Cluster::init(3, "memory", |t| t);
     c.start_all();
     c.wait_up();
-    let client = Arc::new(
-        Client::new(&ClientConfig::load(std::path::Path::new(&c.client())).expect("client.toml"))
-            .expect("client"),
-    );
+    let client = c.library_client();
     client
         .create_topic("batched", 1, 3, Some(2))
         .await
@@ -490,7 +485,7 @@ async fn the_batching_producer_acknowledges_every_message_at_its_offset() {
 #[test]
 fn a_read_past_the_high_watermark_inside_the_log_is_empty_not_out_of_range() {
     use replicator::batch::Record;
-    use replicator::client::{Client, ClientError};
+    use replicator::client::ClientError;
     use replicator::core::Acks;
     use replicator::wire::rpc::RpcError;
     use std::time::{Duration, Instant};
@@ -498,15 +493,9 @@ fn a_read_past_the_high_watermark_inside_the_log_is_empty_not_out_of_range() {
     let mut c = Cluster::init(3, "memory", |t| t);
     c.start_all();
     c.wait_up();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = support::runtime();
     let _in_runtime = rt.enter();
-    let cfg = replicator::node::ClientConfig::load(std::path::Path::new(&c.client()))
-        .expect("client.toml");
-    let client = Client::new(&cfg).expect("client");
+    let client = c.library_client();
     let record = |v: &'static [u8]| Record {
         key: None,
         value: Bytes::from_static(v),
@@ -534,7 +523,6 @@ fn a_read_past_the_high_watermark_inside_the_log_is_empty_not_out_of_range() {
     for f in &followers {
         c.signal(*f, "-STOP");
     }
-    let client = std::sync::Arc::new(client);
     let pending = rt.spawn({
         let client = client.clone();
         let rec = record(b"uncommitted");
@@ -545,10 +533,9 @@ fn a_read_past_the_high_watermark_inside_the_log_is_empty_not_out_of_range() {
         }
     });
     // The leader appends it; nobody can acknowledge it.
-    let reader = &client;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let st = rt.block_on(reader.status(leader)).expect("leader status");
+        let st = rt.block_on(client.status(leader)).expect("leader status");
         let p = st.iter().find(|s| s.topic == "hw").expect("partition");
         if p.log_end == 2 {
             assert_eq!(p.high_watermark, 1, "{p:?}");
@@ -558,11 +545,11 @@ fn a_read_past_the_high_watermark_inside_the_log_is_empty_not_out_of_range() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let inside = rt
-        .block_on(reader.read(leader, "hw", 0, 2, 1 << 20))
+        .block_on(client.read(leader, "hw", 0, 2, 1 << 20))
         .expect("offset 2 is the log end: inside the log");
     assert!(inside.records.is_empty(), "uncommitted records were served");
     assert_eq!((inside.high_watermark, inside.log_end), (1, 2));
-    match rt.block_on(reader.read(leader, "hw", 0, 3, 1 << 20)) {
+    match rt.block_on(client.read(leader, "hw", 0, 3, 1 << 20)) {
         Err(ClientError::Refused(RpcError::OffsetOutOfRange {
             offset: 3,
             high_watermark: 1,
@@ -575,7 +562,7 @@ fn a_read_past_the_high_watermark_inside_the_log_is_empty_not_out_of_range() {
     }
     // The committed record is served; the uncommitted one is not.
     let from0 = rt
-        .block_on(reader.read(leader, "hw", 0, 0, 1 << 20))
+        .block_on(client.read(leader, "hw", 0, 0, 1 << 20))
         .expect("read 0");
     let offsets: Vec<u64> = from0.records.iter().map(|r| r.offset).collect();
     assert_eq!(offsets, vec![0]);

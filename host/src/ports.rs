@@ -51,21 +51,13 @@ pub fn ephemeral_warning(ports: RangeInclusive<u16>) -> Option<String> {
 }
 
 /// More words for a failed bind of `addr`: when the port is in use and
-/// lies in the ephemeral range, say so (empty otherwise).
+/// lies in the ephemeral range, the [`ephemeral_warning`] for it (empty
+/// otherwise).
 pub fn in_use_hint(addr: std::net::SocketAddr, error: &std::io::Error) -> String {
     if error.kind() != std::io::ErrorKind::AddrInUse {
         return String::new();
     }
-    match ephemeral_range() {
-        Some(r) if r.contains(&addr.port()) => format!(
-            " (port {} lies in this machine's ephemeral port range {}-{}, so an outgoing connection may hold it; move the node's ports below {})",
-            addr.port(),
-            r.start(),
-            r.end(),
-            r.start()
-        ),
-        _ => String::new(),
-    }
+    ephemeral_warning(addr.port()..=addr.port()).map_or_else(String::new, |w| format!(" ({w})"))
 }
 
 /// A base port `b` such that UDP ports `b..b+n` and TCP ports

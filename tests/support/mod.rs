@@ -26,6 +26,16 @@ pub fn free_ports(n: u16) -> u16 {
     replicator::ports::free_block(n, 50, seed).expect("no free ports")
 }
 
+/// The runtime tests drive a library client on: two workers, as the
+/// machine has two cores.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 pub fn cli(args: &[&str]) -> Output {
     Command::new(BIN)
         .args(args)
@@ -107,6 +117,14 @@ impl Cluster {
 
     pub fn client(&self) -> String {
         self.dir.path().join("client.toml").display().to_string()
+    }
+
+    /// A library client from the cluster's `client.toml`. Call it inside a
+    /// runtime: its QUIC endpoint registers with the current one.
+    pub fn library_client(&self) -> std::sync::Arc<replicator::client::Client> {
+        let cfg = replicator::node::ClientConfig::load(std::path::Path::new(&self.client()))
+            .expect("client.toml");
+        std::sync::Arc::new(replicator::client::Client::new(&cfg).expect("client"))
     }
 
     pub fn start(&mut self, id: u32) {

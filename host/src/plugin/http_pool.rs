@@ -123,7 +123,6 @@ impl HttpPool {
             .build()
             .map_err(|_| HttpError::HttpRequestUriInvalid)?;
 
-        let mut request = request;
         loop {
             let (mut conn, reused) = match self.take(&authority) {
                 Some(c) => (c, true),

@@ -208,25 +208,15 @@ impl WasiHttpView for PluginState {
 }
 
 /// Lets a request through to the pooled sender ([`super::http_pool`])
-/// only if its authority is in the sandbox's allow-list. Sockets stay closed (see
-/// `PluginState::new`), so this is a plugin's only way out.
+/// only if its authority is in the sandbox's allow-list. Sockets stay
+/// closed (see `PluginState::new`), so this is a plugin's only way out.
 struct HttpGuard {
     /// Lower-cased `host:port`s.
     allow: Arc<[String]>,
     label: Arc<str>,
 }
 
-type SendFuture = Box<
-    dyn Future<
-            Output = Result<
-                (
-                    http::Response<WasiBody>,
-                    Box<dyn Future<Output = Result<(), HttpError>> + Send>,
-                ),
-                HttpError,
-            >,
-        > + Send,
->;
+type SendFuture = Box<dyn Future<Output = Result<super::http_pool::Sent, HttpError>> + Send>;
 
 impl WasiHttpHooks for HttpGuard {
     fn send_request(
