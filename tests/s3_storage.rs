@@ -37,6 +37,7 @@ fn plugin(config: &[(String, String)]) -> StoragePlugin {
         plugin: "s3".into(),
         config: config.iter().cloned().collect(),
         thread_per_partition: None,
+        write_behind_ms: None,
     };
     section.validate().expect("valid storage section");
     StoragePlugin::load(&PluginSource::Builtin("s3".into()), section.sandbox()).expect("load s3")

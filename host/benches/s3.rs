@@ -49,6 +49,7 @@ fn main() {
         plugin: "s3".into(),
         config: config.iter().cloned().collect(),
         thread_per_partition: None,
+        write_behind_ms: None,
     };
     let plugin = StoragePlugin::load(&PluginSource::Builtin("s3".into()), section.sandbox())
         .expect("load the s3 plugin");

@@ -96,6 +96,7 @@ fn node_storage(args: &InitArgs, id: u32) -> PluginSection {
         plugin: plugin_for_config(&args.storage),
         config,
         thread_per_partition: None,
+        write_behind_ms: None,
     }
 }
 

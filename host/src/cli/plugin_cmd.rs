@@ -222,6 +222,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         plugin: source.to_string(),
         config: config.iter().cloned().collect(),
         thread_per_partition: None,
+        write_behind_ms: None,
     };
     section.validate().map_err(anyhow::Error::msg)?;
     let sandbox = section.sandbox();

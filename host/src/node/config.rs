@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -41,7 +42,17 @@ pub struct PluginSection {
     /// built-in `file` plugin, off for the others.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thread_per_partition: Option<bool>,
+    /// Storage only: while a partition is appended to, sync the files its
+    /// plugin changed this often (milliseconds) on a host thread, so the
+    /// plugin's own fsync stays short; 0 turns it off. Unset, the plugin
+    /// decides: 50 for the built-in `file` plugin, off for the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_behind_ms: Option<u64>,
 }
+
+/// Longest `write_behind_ms`: past a minute the kernel's own writeback
+/// (30 s by default) has long done the work.
+const MAX_WRITE_BEHIND_MS: u64 = 60_000;
 
 impl PluginSection {
     /// The plugin source; a relative path is resolved against `base`.
@@ -52,10 +63,16 @@ impl PluginSection {
             Err(never) => match never {},
         }
     }
-    /// Check the `endpoint` setting, if any, is a valid `http://host:port`.
+    /// Check the `endpoint` setting, if any, is a valid `http://host:port`,
+    /// and `write_behind_ms` is within a minute.
     pub fn validate(&self) -> Result<(), String> {
         for e in self.endpoints() {
             endpoint_authority(e).map_err(|m| format!("[storage] config.endpoint: {m}"))?;
+        }
+        if let Some(ms) = self.write_behind_ms.filter(|ms| *ms > MAX_WRITE_BEHIND_MS) {
+            return Err(format!(
+                "[storage] write_behind_ms = {ms}: want 0 (off) to {MAX_WRITE_BEHIND_MS} milliseconds"
+            ));
         }
         Ok(())
     }
@@ -88,6 +105,7 @@ impl PluginSection {
         };
         Sandbox {
             own_thread: self.thread_per_partition,
+            write_behind: self.write_behind_ms.map(Duration::from_millis),
             ..Sandbox::default().allow_http(allow).with_env(env)
         }
     }
@@ -336,6 +354,7 @@ impl NodeConfig {
             plugin: c.metadata.plugin.clone(),
             config: BTreeMap::new(),
             thread_per_partition: None,
+            write_behind_ms: None,
         }
         .source(&base);
         if let PluginSource::Path(p) = meta_source {
@@ -417,6 +436,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("thread_per_partition"), "{e}");
+    }
+
+    #[test]
+    fn write_behind_ms_reaches_the_sandbox_and_is_bounded() {
+        let parse = |extra: &str| -> PluginSection {
+            toml::from_str(&format!("plugin = \"file\"\n{extra}")).expect("parse")
+        };
+        assert_eq!(
+            parse("").sandbox().write_behind,
+            None,
+            "unset: the plugin decides"
+        );
+        assert_eq!(
+            parse("write_behind_ms = 0").sandbox().write_behind,
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            parse("write_behind_ms = 200").sandbox().write_behind,
+            Some(Duration::from_millis(200))
+        );
+        assert_eq!(parse("write_behind_ms = 60000").validate(), Ok(()));
+        let e = parse("write_behind_ms = 60001").validate().unwrap_err();
+        assert!(
+            e.contains("write_behind_ms = 60001") && e.contains("60000"),
+            "{e}"
+        );
+        let e = toml::from_str::<PluginSection>("plugin = \"file\"\nwrite_behind_ms = -1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("write_behind_ms"), "{e}");
     }
 
     #[test]

@@ -102,6 +102,7 @@ pub async fn run(
             plugin: config.metadata.plugin.clone(),
             config: Default::default(),
             thread_per_partition: None,
+            write_behind_ms: None,
         }
         .source(base),
         config.metadata.sandbox(),

@@ -15,6 +15,12 @@ pub const STORAGE: &[(&str, &[u8])] = &[
 /// `Sandbox::own_thread`).
 pub const STORAGE_OWN_THREAD: &[&str] = &["file"];
 
+/// Built-in storage plugins that keep their log in files, and how often
+/// the host syncs what they changed unless the sandbox says otherwise
+/// (see `Sandbox::write_behind`).
+pub const STORAGE_WRITE_BEHIND: &[(&str, std::time::Duration)] =
+    &[("file", std::time::Duration::from_millis(50))];
+
 /// (name, wasm component bytes) of every built-in metadata plugin.
 pub const METADATA: &[(&str, &[u8])] = &[
     (

@@ -19,6 +19,7 @@ use super::bindings::StoragePlugin as World;
 use super::bindings::exports::replicator::plugin::storage as wit;
 use super::bindings::replicator::plugin::types::PluginError;
 use super::sandbox::{PluginState, Sandbox};
+use super::write_behind::WriteBehind;
 use crate::storage::{
     EpochEntry, FaultKind, LogState, OffsetBounds, PartitionLog, StorageError, StorageResult,
 };
@@ -67,6 +68,7 @@ pub struct PluginLog {
     tx: mpsc::UnboundedSender<Call>,
     plugin: Arc<str>,
     sandbox: Arc<Sandbox>,
+    write_behind_synced: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 struct Live {
@@ -83,6 +85,7 @@ struct Actor {
     fault: Option<(FaultKind, String)>,
     /// The bounds the log must have, tracked from every answered mutation.
     known: OffsetBounds,
+    write_behind: Option<WriteBehind>,
 }
 
 type Fault = (FaultKind, String);
@@ -103,6 +106,14 @@ async fn guarded<T>(
         )),
         Ok(Err(e)) => Err(classify(&e)),
         Ok(Ok(r)) => Ok(r),
+    }
+}
+
+/// Sleep until `at`; `None` never wakes (its `select!` arm is disabled).
+async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -433,9 +444,29 @@ impl Actor {
     }
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Call>) {
-        while let Some(call) = rx.recv().await {
+        loop {
+            // Checked before every call too: under a steady stream of
+            // calls the timer below would never be the ready branch.
+            if let Some(w) = self.write_behind.as_mut()
+                && w.due().is_some_and(|at| at <= std::time::Instant::now())
+            {
+                w.start();
+            }
+            let due = self.write_behind.as_ref().and_then(WriteBehind::due);
+            let call = tokio::select! {
+                call = rx.recv() => call,
+                () = sleep_until(due), if due.is_some() => continue,
+            };
+            let Some(call) = call else { break };
             let closing = matches!(call.op, Op::Close);
+            let append = matches!(call.op, Op::Append(_));
             let r = self.serve(call.op).await;
+            if append
+                && r.is_ok()
+                && let Some(w) = self.write_behind.as_mut()
+            {
+                w.appended();
+            }
             let _ = call.reply.send(r);
             if closing {
                 return;
@@ -611,6 +642,13 @@ fn epochs_not_monotonic(entries: impl Iterator<Item = (u32, u64)>) -> Option<Str
 }
 
 impl PluginLog {
+    /// How many of this log's successful appends (counted from its
+    /// opening) a finished write-behind round has synced to disk (see
+    /// `Sandbox::write_behind`), or `None` when it has no write-behind.
+    pub fn write_behind_synced(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.write_behind_synced.clone()
+    }
+
     /// Close the log now and wait until the plugin has released it (its
     /// files closed), unlike dropping the handles, which closes it later.
     /// Other clones of this handle then get `Closed` faults.
@@ -638,7 +676,16 @@ impl PluginLog {
             live: None,
             fault: None,
             known: OffsetBounds::default(),
+            write_behind: None,
         };
+        let write_behind = match (&actor.spec.data_dir, sandbox.write_behind) {
+            (Some(dir), Some(period)) if !period.is_zero() => {
+                Some(WriteBehind::new(dir.clone(), period, label.clone()))
+            }
+            _ => None,
+        };
+        let write_behind_synced = write_behind.as_ref().map(WriteBehind::synced);
+        actor.write_behind = write_behind;
         let (tx, rx) = mpsc::unbounded_channel();
         let (opened_tx, opened_rx) = oneshot::channel();
         let serve = async move {
@@ -674,6 +721,7 @@ impl PluginLog {
                 tx,
                 plugin: label,
                 sandbox: Arc::new(sandbox),
+                write_behind_synced,
             }),
             Ok(Ok(Err(e))) => Err(e),
             Ok(Err(_)) => Err(gone()),

@@ -20,6 +20,7 @@ mod log;
 mod metadata;
 mod runtime;
 mod sandbox;
+mod write_behind;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -156,6 +157,16 @@ impl StoragePlugin {
                 source,
                 PluginSource::Builtin(n) if builtin::STORAGE_OWN_THREAD.contains(&n.as_str())
             ));
+        }
+        if sandbox.write_behind.is_none() {
+            let builtin_period = match source {
+                PluginSource::Builtin(n) => builtin::STORAGE_WRITE_BEHIND
+                    .iter()
+                    .find(|(name, _)| name == n)
+                    .map(|(_, period)| *period),
+                PluginSource::Path(_) => None,
+            };
+            sandbox.write_behind = Some(builtin_period.unwrap_or_default());
         }
         Self::from_bytes(runtime, &name, &wasm, sandbox)
     }

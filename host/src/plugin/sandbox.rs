@@ -44,6 +44,13 @@ pub struct Sandbox {
     /// per partition. `None` lets the plugin decide: yes for the built-in
     /// `file` plugin, no for the others.
     pub own_thread: Option<bool>,
+    /// Storage only: while a partition is appended to, sync the files its
+    /// plugin changed under its data directory this often, on a host
+    /// thread, so that the plugin's own fsync finds little left to write
+    /// (see `write_behind.rs`). `Duration::ZERO` turns it off; `None` lets
+    /// the plugin decide: 50 ms for the built-in `file` plugin, off for
+    /// the others.
+    pub write_behind: Option<Duration>,
 }
 
 impl Default for Sandbox {
@@ -56,6 +63,7 @@ impl Default for Sandbox {
             http_allow: Vec::new(),
             env: Vec::new(),
             own_thread: None,
+            write_behind: None,
         }
     }
 }
