@@ -48,6 +48,9 @@ pub(crate) struct WriteBehind {
     /// Files modified after this were not synced by a finished round.
     since: SystemTime,
     busy: Arc<AtomicBool>,
+    /// A failure was logged at warn level; later ones go to debug, so a
+    /// lasting one (a file the host may not open) does not flood the log.
+    warned: Arc<AtomicBool>,
     /// Appends whose data a finished round has synced.
     synced: Arc<watch::Sender<u64>>,
 }
@@ -63,6 +66,7 @@ impl WriteBehind {
             last_start: Instant::now(),
             since: SystemTime::UNIX_EPOCH,
             busy: Arc::new(AtomicBool::new(false)),
+            warned: Arc::new(AtomicBool::new(false)),
             synced: Arc::new(watch::channel(0).0),
         }
     }
@@ -99,10 +103,18 @@ impl WriteBehind {
         self.since = started.checked_sub(MTIME_SLACK).unwrap_or(started);
         let (dir, label) = (self.dir.clone(), self.label.clone());
         let (busy, synced) = (self.busy.clone(), self.synced.clone());
+        let warned = self.warned.clone();
         tokio::task::spawn_blocking(move || {
-            let failures = sync_changed(&dir, since);
-            for (path, e) in failures {
-                tracing::warn!(plugin = %label, "write-behind: syncing {}: {e}", path.display());
+            for (path, e) in sync_changed(&dir, since) {
+                if warned.swap(true, Ordering::Relaxed) {
+                    tracing::debug!(plugin = %label, "write-behind: syncing {}: {e}", path.display());
+                } else {
+                    tracing::warn!(
+                        plugin = %label,
+                        "write-behind: syncing {}: {e} (later failures are logged at debug level)",
+                        path.display()
+                    );
+                }
             }
             busy.store(false, Ordering::Release);
             synced.send_replace(covers);
