@@ -414,11 +414,20 @@ mod tests {
         assert!(e.contains("colour") && e.contains("line 5"), "{e}");
     }
 
+    /// A `[storage]` section for the file plugin with `extra` lines.
+    fn parse(extra: &str) -> PluginSection {
+        toml::from_str(&format!("plugin = \"file\"\n{extra}")).expect("parse")
+    }
+
+    /// The section's `key = value` as a plugin-section error, if any.
+    fn refused(line: &str) -> String {
+        toml::from_str::<PluginSection>(&format!("plugin = \"file\"\n{line}"))
+            .unwrap_err()
+            .to_string()
+    }
+
     #[test]
     fn thread_per_partition_reaches_the_sandbox() {
-        let parse = |extra: &str| -> PluginSection {
-            toml::from_str(&format!("plugin = \"file\"\n{extra}")).expect("parse")
-        };
         assert_eq!(
             parse("").sandbox().own_thread,
             None,
@@ -432,17 +441,12 @@ mod tests {
             parse("thread_per_partition = true").sandbox().own_thread,
             Some(true)
         );
-        let e = toml::from_str::<PluginSection>("plugin = \"file\"\nthread_per_partition = 1")
-            .unwrap_err()
-            .to_string();
+        let e = refused("thread_per_partition = 1");
         assert!(e.contains("thread_per_partition"), "{e}");
     }
 
     #[test]
     fn write_behind_ms_reaches_the_sandbox_and_is_bounded() {
-        let parse = |extra: &str| -> PluginSection {
-            toml::from_str(&format!("plugin = \"file\"\n{extra}")).expect("parse")
-        };
         assert_eq!(
             parse("").sandbox().write_behind,
             None,
@@ -462,9 +466,7 @@ mod tests {
             e.contains("write_behind_ms = 60001") && e.contains("60000"),
             "{e}"
         );
-        let e = toml::from_str::<PluginSection>("plugin = \"file\"\nwrite_behind_ms = -1")
-            .unwrap_err()
-            .to_string();
+        let e = refused("write_behind_ms = -1");
         assert!(e.contains("write_behind_ms"), "{e}");
     }
 
