@@ -51,7 +51,8 @@ pub(crate) struct WriteBehind {
     /// A failure was logged at warn level; later ones go to debug, so a
     /// lasting one (a file the host may not open) does not flood the log.
     warned: Arc<AtomicBool>,
-    /// Appends whose data a finished round has synced.
+    /// Appends whose data a round that finished without a failure has
+    /// synced.
     synced: Arc<watch::Sender<u64>>,
 }
 
@@ -105,7 +106,10 @@ impl WriteBehind {
         let (busy, synced) = (self.busy.clone(), self.synced.clone());
         let warned = self.warned.clone();
         tokio::task::spawn_blocking(move || {
-            for (path, e) in sync_changed(&dir, since) {
+            let failures = sync_changed(&dir, since);
+            // Only a clean round vouches for the appends it covers.
+            let clean = failures.is_empty();
+            for (path, e) in failures {
                 if warned.swap(true, Ordering::Relaxed) {
                     tracing::debug!(plugin = %label, "write-behind: syncing {}: {e}", path.display());
                 } else {
@@ -117,7 +121,9 @@ impl WriteBehind {
                 }
             }
             busy.store(false, Ordering::Release);
-            synced.send_replace(covers);
+            if clean {
+                synced.send_replace(covers);
+            }
         });
     }
 }
