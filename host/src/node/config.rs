@@ -419,7 +419,7 @@ mod tests {
         toml::from_str(&format!("plugin = \"file\"\n{extra}")).expect("parse")
     }
 
-    /// The section's `key = value` as a plugin-section error, if any.
+    /// Why a section for the file plugin with `line` does not parse.
     fn refused(line: &str) -> String {
         toml::from_str::<PluginSection>(&format!("plugin = \"file\"\n{line}"))
             .unwrap_err()

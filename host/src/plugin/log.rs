@@ -669,6 +669,13 @@ impl PluginLog {
     pub(crate) async fn spawn(plugin: StoragePlugin, spec: OpenSpec) -> StorageResult<PluginLog> {
         let label: Arc<str> = format!("{} {}/{}", plugin.name(), spec.topic, spec.partition).into();
         let sandbox = plugin.sandbox().clone();
+        let write_behind = match (&spec.data_dir, sandbox.write_behind) {
+            (Some(dir), Some(period)) if !period.is_zero() => {
+                Some(WriteBehind::new(dir.clone(), period, label.clone()))
+            }
+            _ => None,
+        };
+        let write_behind_synced = write_behind.as_ref().map(WriteBehind::synced);
         let mut actor = Actor {
             plugin,
             spec,
@@ -676,16 +683,8 @@ impl PluginLog {
             live: None,
             fault: None,
             known: OffsetBounds::default(),
-            write_behind: None,
+            write_behind,
         };
-        let write_behind = match (&actor.spec.data_dir, sandbox.write_behind) {
-            (Some(dir), Some(period)) if !period.is_zero() => {
-                Some(WriteBehind::new(dir.clone(), period, label.clone()))
-            }
-            _ => None,
-        };
-        let write_behind_synced = write_behind.as_ref().map(WriteBehind::synced);
-        actor.write_behind = write_behind;
         let (tx, rx) = mpsc::unbounded_channel();
         let (opened_tx, opened_rx) = oneshot::channel();
         let serve = async move {

@@ -131,8 +131,23 @@ impl WriteBehind {
 /// Sync every regular file under `dir` (not following symbolic links)
 /// modified at or after `since`. Files that vanish meanwhile are skipped;
 /// other failures are returned.
-pub(crate) fn sync_changed(dir: &Path, since: SystemTime) -> Vec<(PathBuf, std::io::Error)> {
-    let mut failures = Vec::new();
+fn sync_changed(dir: &Path, since: SystemTime) -> Vec<(PathBuf, std::io::Error)> {
+    let (files, mut failures) = changed_files(dir, since);
+    for path in files {
+        match sync_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => failures.push((path, e)),
+        }
+    }
+    failures
+}
+
+/// The regular files under `dir` (at most [`MAX_DEPTH`] levels down, not
+/// through symbolic links) modified at or after `since`, and the
+/// directories that could not be read.
+fn changed_files(dir: &Path, since: SystemTime) -> (Vec<PathBuf>, Vec<(PathBuf, std::io::Error)>) {
+    let (mut files, mut failures) = (Vec::new(), Vec::new());
     let mut stack = vec![(dir.to_path_buf(), 0usize)];
     while let Some((d, depth)) = stack.pop() {
         let entries = match std::fs::read_dir(&d) {
@@ -144,22 +159,17 @@ pub(crate) fn sync_changed(dir: &Path, since: SystemTime) -> Vec<(PathBuf, std::
             }
         };
         for entry in entries.flatten() {
-            let path = entry.path();
             // `DirEntry::metadata` does not follow a symbolic link, so a
             // plugin cannot point this at a file outside its directory.
             let Ok(meta) = entry.metadata() else { continue };
             if meta.is_dir() && depth < MAX_DEPTH {
-                stack.push((path, depth + 1));
+                stack.push((entry.path(), depth + 1));
             } else if meta.is_file() && meta.modified().is_ok_and(|m| m >= since) {
-                match sync_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => failures.push((path, e)),
-                }
+                files.push(entry.path());
             }
         }
     }
-    failures
+    (files, failures)
 }
 
 fn sync_file(path: &Path) -> std::io::Result<()> {
@@ -178,7 +188,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_tree_of_files_and_links_syncs_and_a_missing_directory_is_no_failure() {
+    fn changed_files_are_found_links_are_not_followed_and_a_missing_directory_is_no_failure() {
         let dir = tempfile::tempdir().expect("tempdir");
         let outside = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("a.log"), b"x").expect("write");
@@ -189,6 +199,20 @@ mod tests {
             .expect("symlink");
         // Everything present syncs without failures, links skipped.
         assert!(sync_changed(dir.path(), SystemTime::UNIX_EPOCH).is_empty());
+        let (mut files, failures) = changed_files(dir.path(), SystemTime::UNIX_EPOCH);
+        files.sort();
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(
+            files,
+            [dir.path().join("a.log"), dir.path().join("sub/b.log")],
+            "the files in the tree, not the link out of it"
+        );
+        let later = SystemTime::now() + Duration::from_secs(3600);
+        assert_eq!(
+            changed_files(dir.path(), later).0,
+            Vec::<PathBuf>::new(),
+            "files unchanged since are left alone"
+        );
         // A directory that is gone is nothing to do, not a failure.
         assert!(sync_changed(&dir.path().join("gone"), SystemTime::UNIX_EPOCH).is_empty());
     }
