@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use bytes::Bytes;
 use replicator::batch::Record;
 use replicator::core::{
-    Acks, Action, Config, ErrorCode, Faults, FetchRequest, FetchResponse, ReplicaId,
+    Acks, Action, Config, ErrorCode, Faults, FetchRequest, FetchResponse, Records, ReplicaId,
     ReplicationManager, Role,
 };
 
@@ -218,7 +218,7 @@ impl Cluster {
                 read,
             } => {
                 if let Some(spec) = read {
-                    response.records = node.log.read(&spec);
+                    response.records = node.log.read(&spec).into();
                 }
                 self.queue.push_back((n, to, Msg::Resp(response)));
             }
@@ -608,7 +608,7 @@ fn follower_hw_never_exceeds_its_own_log_end() {
         log_start_offset: 0,
         log_end_offset: 1000,
         diverging_epoch: None,
-        records: Bytes::new(),
+        records: Records::default(),
     };
     let now = c.now;
     c.rm(1).handle_fetch_response(0, resp, now);
@@ -654,7 +654,7 @@ fn follower_ignores_batches_that_do_not_start_at_its_log_end() {
         log_start_offset: 0,
         log_end_offset: 8,
         diverging_epoch: None,
-        records,
+        records: Records::from(records),
     };
     let now = c.now;
     let stray = replicator::batch::encode(7, 1, &record(7)).unwrap();

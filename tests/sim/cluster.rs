@@ -359,7 +359,7 @@ impl Sim {
                 read,
             } => {
                 if let Some(spec) = read {
-                    response.records = self.nodes[n as usize].log.read(&spec);
+                    response.records = self.nodes[n as usize].log.read(&spec).into();
                 }
                 if let Some(d) = response.diverging_epoch {
                     let mine = self.rm(n).map(|rm| rm.epochs().entries().to_vec());

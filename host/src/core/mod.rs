@@ -24,5 +24,5 @@ pub use replica::{Faults, ReplicaCounters, ReplicationManager, Role};
 pub use state::{PartitionReplicationState, ReplicationState};
 pub use types::{
     Acks, Action, DivergingEpoch, ErrorCode, FetchRequest, FetchResponse, ProduceId, ReadSpec,
-    ReplicaId,
+    Records, ReplicaId,
 };

@@ -15,7 +15,7 @@ use super::reconcile;
 use super::state::{PartitionReplicationState, ReplicationState};
 use super::types::{
     Acks, Action, DivergingEpoch, ErrorCode, FetchRequest, FetchResponse, ProduceId, ReadSpec,
-    ReplicaId,
+    Records, ReplicaId,
 };
 use crate::batch::{self, Record};
 use crate::storage::LogState;
@@ -624,7 +624,7 @@ impl ReplicationManager {
             log_start_offset: self.log_start,
             log_end_offset: self.stable_leo(),
             diverging_epoch: None,
-            records: Bytes::new(),
+            records: Records::default(),
         }
     }
 
@@ -1190,7 +1190,9 @@ impl ReplicationManager {
         // the epoch cache.
         let mut next = leo;
         let mut starts = Vec::new();
-        for b in replicator_plugin_sdk::batches(&response.records, true) {
+        // From the wire this is one piece, so no copy.
+        let records = response.records.into_contiguous();
+        for b in replicator_plugin_sdk::batches(&records, true) {
             match b {
                 Ok((h, _)) if h.base_offset == next && h.leader_epoch <= f.epoch => {
                     starts.push((h.leader_epoch, h.base_offset));
@@ -1213,8 +1215,6 @@ impl ReplicationManager {
         if changed {
             self.persist_epochs();
         }
-        self.outbox.push(Action::Append {
-            batches: response.records,
-        });
+        self.outbox.push(Action::Append { batches: records });
     }
 }

@@ -76,6 +76,70 @@ pub struct DivergingEpoch {
     pub end_offset: u64,
 }
 
+/// Record batches in a fetch answer: whole batches in offset order, held
+/// as pieces that are each a run of whole batches. A leader answers from
+/// several recent appends by listing them, not by copying them into one
+/// buffer; the wire carries the pieces back to back, so a follower always
+/// receives one.
+#[derive(Debug, Clone, Default)]
+pub struct Records {
+    pieces: Vec<Bytes>,
+}
+
+impl Records {
+    /// Total bytes of all pieces.
+    pub fn len(&self) -> usize {
+        self.pieces.iter().map(Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
+    /// The pieces, in order; none is empty.
+    pub fn pieces(&self) -> &[Bytes] {
+        &self.pieces
+    }
+
+    /// Add a piece after the others (an empty one is dropped).
+    pub fn push(&mut self, piece: Bytes) {
+        if !piece.is_empty() {
+            self.pieces.push(piece);
+        }
+    }
+
+    /// The batches as one buffer: no copy when there is one piece.
+    pub fn into_contiguous(mut self) -> Bytes {
+        match self.pieces.len() {
+            0 => Bytes::new(),
+            1 => self.pieces.swap_remove(0),
+            _ => Bytes::from(self.pieces.concat()),
+        }
+    }
+}
+
+impl From<Bytes> for Records {
+    fn from(piece: Bytes) -> Self {
+        let mut r = Records::default();
+        r.push(piece);
+        r
+    }
+}
+
+/// Equal when the bytes are, however they are split into pieces.
+impl PartialEq for Records {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len()
+            && self
+                .pieces
+                .iter()
+                .flat_map(|p| p.iter())
+                .eq(other.pieces.iter().flat_map(|p| p.iter()))
+    }
+}
+
+impl Eq for Records {}
+
 /// The leader's answer. The driver fills `records` from the leader's log
 /// as [`Action::RespondFetch`] describes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,7 +151,7 @@ pub struct FetchResponse {
     pub log_start_offset: u64,
     pub log_end_offset: u64,
     pub diverging_epoch: Option<DivergingEpoch>,
-    pub records: Bytes,
+    pub records: Records,
 }
 
 /// What the driver reads from the leader's log for a fetch response.

@@ -774,7 +774,7 @@ impl Actor {
                     Some(spec) => self.lane(async move {
                         match log.read(spec.offset, spec.max_bytes).await {
                             Ok(b) => {
-                                response.records = batch::before(&b, spec.end);
+                                response.records = batch::before(&b, spec.end).into();
                                 let _ = reply.send(response);
                                 None
                             }

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use tracing::info;
 
 use crate::batch::{self, MAX_BATCH_LEN};
-use crate::core::{ErrorCode, FetchRequest, FetchResponse, ReplicaId, TopicPartition};
+use crate::core::{ErrorCode, FetchRequest, FetchResponse, Records, ReplicaId, TopicPartition};
 use crate::metadata::{MetadataError, PartitionState};
 use crate::transport::{Handler, Identity, Reply};
 use crate::wire::rpc::{Request, Response, RpcError};
@@ -336,7 +336,7 @@ impl Handler for NodeServer {
                 log_start_offset: 0,
                 log_end_offset: 0,
                 diverging_epoch: None,
-                records: Bytes::new(),
+                records: Records::default(),
             };
             // Every part goes to its partition (so each follower's
             // progress is seen). The answer must fit one frame: once the
@@ -401,7 +401,7 @@ impl Handler for NodeServer {
                     (Some(mut resp), Some(slot)) => {
                         let len = resp.records.len() as u64;
                         if bytes + len > RESPONSE_BUDGET && bytes > 0 {
-                            resp.records = Bytes::new();
+                            resp.records = Records::default();
                         } else {
                             bytes += len;
                         }

@@ -157,7 +157,7 @@ impl ResponseState {
             log_start_offset: self.log_start_offset,
             log_end_offset: self.log_end_offset,
             diverging_epoch: self.diverging_epoch,
-            records,
+            records: records.into(),
         }
     }
 
@@ -450,7 +450,7 @@ impl LeaderSession {
             out.put_u32_le(len);
             if !r.records.is_empty() {
                 chunks.push(out.split().freeze());
-                chunks.push(r.records.clone());
+                chunks.extend(r.records.pieces().iter().cloned());
             }
         }
         if !out.is_empty() {
@@ -507,6 +507,7 @@ fn read_response_state(r: &mut Reader) -> Result<ResponseState, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::Records;
     use proptest::prelude::*;
 
     fn tp(p: u32) -> TopicPartition {
@@ -536,7 +537,7 @@ mod tests {
             log_start_offset: 0,
             log_end_offset: hw,
             diverging_epoch: None,
-            records: Bytes::new(),
+            records: Records::default(),
         }
     }
 
@@ -668,11 +669,35 @@ mod tests {
         let parts = vec![(tp(0), request(1, 5))];
         round(&mut f, &mut l, &parts, |_, _| quiet(5), 1);
         let with_records = |_: &TopicPartition, _: &FetchRequest| FetchResponse {
-            records: Bytes::from_static(b"batch"),
+            records: Bytes::from_static(b"batch").into(),
             ..quiet(5)
         };
         let (_, got, _, _) = round(&mut f, &mut l, &parts, with_records, 2);
-        assert_eq!(got[0].1.records, Bytes::from_static(b"batch"));
+        assert_eq!(got[0].1.records, Bytes::from_static(b"batch").into());
+    }
+
+    /// A leader answers from several appends without joining them: the
+    /// pieces go out as chunks and arrive as one run of bytes, in order.
+    #[test]
+    fn records_in_pieces_arrive_as_one() {
+        let (mut f, mut l) = (FollowerSession::new(), LeaderSession::new());
+        let parts = vec![(tp(0), request(1, 5))];
+        let in_pieces = |_: &TopicPartition, _: &FetchRequest| {
+            let mut records = Records::default();
+            for piece in [&b"one "[..], b"", b"two ", b"three"] {
+                records.push(Bytes::from_static(piece));
+            }
+            FetchResponse {
+                records,
+                ..quiet(5)
+            }
+        };
+        let (_, got, _, _) = round(&mut f, &mut l, &parts, in_pieces, 1);
+        assert_eq!(got[0].1.records.pieces().len(), 1);
+        assert_eq!(
+            got[0].1.records.clone().into_contiguous(),
+            Bytes::from_static(b"one two three")
+        );
     }
 
     #[test]
@@ -814,7 +839,11 @@ mod tests {
                         log_start_offset: 0,
                         log_end_offset: hw + 1,
                         diverging_epoch: div.map(|epoch| DivergingEpoch { epoch, end_offset: 1 }),
-                        records: if records { Bytes::from(vec![i as u8; 3]) } else { Bytes::new() },
+                        records: if records {
+                            Bytes::from(vec![i as u8; 3]).into()
+                        } else {
+                            Records::default()
+                        },
                     }
                 };
                 let fetch_id = 100 + i as u64;
