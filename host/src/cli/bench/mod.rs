@@ -6,6 +6,7 @@
 //! table (or JSON) with the ratios the benchmark issue sets targets for and
 //! writes `results.json` and `chart.svg`.
 
+mod fresh_memory;
 mod payload;
 pub mod raw_quinn;
 mod report;
@@ -148,6 +149,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let certs = dir.join("baseline");
     init_local_cluster(&certs, "memory")?;
     let mut raw: Option<raw_quinn::RawQuinn> = None;
+    let mut fresh: Option<fresh_memory::FreshMemory> = None;
     // Every workload on a fresh cluster: no partitions, data or fetch
     // sessions left over from the one before.
     let mut results = Vec::new();
@@ -165,6 +167,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         say(format!("raw quinn: {:.1} MB/s", r.mb_per_s));
         if raw.as_ref().is_none_or(|b| r.mb_per_s > b.mb_per_s) {
             raw = Some(r);
+        }
+        let f = fresh_memory::measure();
+        say(format!(
+            "fresh memory: {:.2} GB/s ({:.2} us per page)",
+            f.gb_per_s, f.us_per_page
+        ));
+        if fresh.as_ref().is_none_or(|b| f.gb_per_s > b.gb_per_s) {
+            fresh = Some(f);
         }
         // Each round starts with the next backend: whatever follows the
         // baseline's burst (this VM's steal often does) falls on each one
@@ -202,6 +212,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let raw = raw.context("no round ran")?;
+    let fresh = fresh.context("no round ran")?;
     let mut failovers = Vec::new();
     for (i, storage) in args.storage.iter().enumerate() {
         if args.failover_rounds > 0 {
@@ -241,6 +252,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             rounds: args.rounds,
         },
         raw,
+        fresh,
         results,
         failovers,
     );
