@@ -147,7 +147,13 @@ impl TailCache {
             records.push(self.chunks[i].data.slice(from..to));
             return Some(records);
         }
-        let mut short = BytesMut::new();
+        // Sized once: a run of short appends is copied exactly once.
+        let short_len = pieces
+            .iter()
+            .map(|(_, from, to)| to - from)
+            .filter(|&len| len < SLICE_AT_LEAST)
+            .sum();
+        let mut short = BytesMut::with_capacity(short_len);
         for (i, from, to) in pieces {
             let data = &self.chunks[i].data;
             if to - from < SLICE_AT_LEAST {
