@@ -43,6 +43,8 @@ struct Cluster {
     waits: BTreeMap<u64, Result<(), ErrorCode>>,
     isr_updates: u32,
     faults: Faults,
+    /// Retention deletions carried out.
+    deletions: u32,
 }
 
 fn record(i: u64) -> Vec<Record> {
@@ -74,6 +76,7 @@ impl Cluster {
             waits: BTreeMap::new(),
             isr_updates: 0,
             faults: Faults::default(),
+            deletions: 0,
         };
         for i in 0..n {
             c.start(i);
@@ -207,6 +210,18 @@ impl Cluster {
                 node.log.reset(offset);
                 if let Some(rm) = node.rm.as_mut() {
                     rm.log_reset(offset, now);
+                }
+            }
+            Action::DeletePrefix { offset } => {
+                let hw = node.rm.as_ref().map_or(0, |rm| rm.high_watermark());
+                assert!(
+                    offset <= hw,
+                    "node {n} deletes below {offset} past its HW {hw}"
+                );
+                node.log.delete_prefix(offset);
+                self.deletions += 1;
+                if let Some(rm) = node.rm.as_mut() {
+                    rm.log_prefix_deleted();
                 }
             }
             Action::PersistEpochs(e) => node.log.epochs = e,
@@ -638,6 +653,77 @@ fn out_of_range_resets_to_the_leaders_log_start_not_zero() {
     c.pump();
     assert_eq!(c.nodes[1].log.log_start, 15);
     assert_eq!(c.rm(1).log_end_offset(), 20);
+}
+
+#[test]
+fn retention_deletes_committed_segments_and_a_follower_behind_restarts_at_the_leaders_start() {
+    let mut c = Cluster::new(
+        3,
+        Config {
+            fetch_max_bytes: 1024,
+            retention_bytes: Some(1024),
+            ..relaxed()
+        },
+    );
+    c.elect(0, &[0, 1, 2]);
+    c.crash(2, false);
+    c.elect(0, &[0, 1]);
+    for i in 0..200 {
+        c.produce(0, i, Acks::All).unwrap();
+    }
+    assert!(c.produced.values().all(|r| r.is_ok()));
+    assert!(c.deletions > 20, "only {} deletions", c.deletions);
+    // Both live replicas keep at least the limit and at most a segment
+    // (a sixteenth) more; the execute() above checked every deletion was
+    // below the deleting replica's HW.
+    for n in [0, 1] {
+        let log = c.nodes[n as usize].log.clone();
+        let kept: usize = log.batches.iter().map(|b| b.3.len()).sum();
+        assert!(log.log_start > 0, "node {n} deleted nothing");
+        assert!(
+            (1024..=1024 + 64 + 100).contains(&kept),
+            "node {n} keeps {kept} B"
+        );
+        assert_eq!(c.rm(n).log_start_offset(), log.log_start);
+    }
+    // A fetch below the log start is out of range, with the log start.
+    let start = c.rm(0).log_start_offset();
+    let req = outstanding_fetch(&mut c, 1, 0);
+    let now = c.now;
+    c.rm(0).handle_fetch(
+        1,
+        FetchRequest {
+            fetch_offset: start - 1,
+            last_fetched_epoch: None,
+            ..req
+        },
+        now,
+    );
+    let answer = c.rm(0).drain().into_iter().find_map(|a| match a {
+        Action::RespondFetch { response, .. } => Some(response),
+        _ => None,
+    });
+    let answer = answer.expect("answered at once");
+    assert_eq!(answer.error, Some(ErrorCode::OffsetOutOfRange));
+    assert_eq!(answer.log_start_offset, start);
+    c.pump();
+    // Node 2 comes back with nothing past offset 0: it restarts its log at
+    // the leader's start and then holds exactly what the leader holds.
+    c.start(2);
+    let (epoch, now) = (c.epoch, c.now);
+    c.rm(2).become_follower(0, epoch, now);
+    c.pump();
+    let leader_start = c.nodes[0].log.log_start;
+    assert!(c.nodes[2].log.log_start >= leader_start);
+    assert_eq!(c.rm(2).log_end_offset(), 200);
+    let tail = |c: &Cluster, n: ReplicaId, from: u64| {
+        c.values(n)
+            .into_iter()
+            .filter(|v| v.0 >= from)
+            .collect::<Vec<_>>()
+    };
+    let from = c.nodes[2].log.log_start;
+    assert_eq!(tail(&c, 2, from), tail(&c, 0, from));
 }
 
 #[test]

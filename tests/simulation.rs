@@ -29,25 +29,62 @@ fn first_failure(opts: &Options) -> Option<(u64, String, Vec<String>)> {
     })
 }
 
+/// How often the first 50 seeds' traces mention each of `what`.
+fn exercised(opts: &Options, what: &[&str]) -> (u64, Vec<usize>) {
+    let mut acked = 0;
+    let mut counts = vec![0; what.len()];
+    for seed in 0..seeds().min(50) {
+        let mut sim = Sim::new(seed, opts.clone());
+        let _ = sim.run();
+        acked += sim.acked_count;
+        for (n, w) in counts.iter_mut().zip(what) {
+            *n += sim.trace.iter().filter(|t| t.contains(w)).count();
+        }
+    }
+    (acked, counts)
+}
+
 #[test]
 fn invariants_hold_across_seeds() {
     let opts = Options::default();
     // What the seeds exercised, so a run that silently stopped doing
     // anything interesting shows up.
-    let (mut acked, mut elections, mut truncations, mut cuts) = (0u64, 0usize, 0usize, 0usize);
-    for seed in 0..seeds().min(50) {
-        let mut sim = Sim::new(seed, opts.clone());
-        let _ = sim.run();
-        acked += sim.acked_count;
-        elections += sim.trace.iter().filter(|t| t.contains(" elect ")).count();
-        truncations += sim.trace.iter().filter(|t| t.contains("truncates")).count();
-        cuts += sim.trace.iter().filter(|t| t.contains(" cut ")).count();
-    }
+    let (acked, n) = exercised(&opts, &[" elect ", "truncates", " cut "]);
+    let (elections, truncations, cuts) = (n[0], n[1], n[2]);
     println!(
         "first 50 seeds: {acked} acks=all writes, {elections} elections, {truncations} truncations, {cuts} link cuts"
     );
     assert!(acked > 0 && elections > 50 && truncations > 0 && cuts > 0);
-    if let Some((seed, err, trace)) = first_failure(&opts) {
+    assert_invariants(&opts);
+}
+
+/// Retention far below what a node accepts (`Config::validate` wants at
+/// least `fetch_max_bytes`, 4 KiB here): 1 KiB per replica in segments of
+/// 64 B, so deletions follow every few commits and the uncommitted tail
+/// is often longer than what retention keeps. Safety must not depend on
+/// the limit.
+const TINY_RETENTION: u64 = 1024;
+
+/// The same faults with retention on: replicas delete committed prefixes
+/// while leaders fail, and followers that fall behind a leader's log start
+/// restart there.
+#[test]
+fn invariants_hold_with_retention() {
+    let opts = Options {
+        retention_bytes: Some(TINY_RETENTION),
+        ..Options::default()
+    };
+    let (acked, n) = exercised(&opts, &["deletes below", "resets to", " elect "]);
+    let (deletions, resets, elections) = (n[0], n[1], n[2]);
+    println!(
+        "first 50 seeds: {acked} acks=all writes, {deletions} retention deletions, {resets} resets to a leader's log start, {elections} elections"
+    );
+    assert!(acked > 0 && deletions > 100 && resets > 0 && elections > 50);
+    assert_invariants(&opts);
+}
+
+fn assert_invariants(opts: &Options) {
+    if let Some((seed, err, trace)) = first_failure(opts) {
         let keep = std::env::var("REPLICATOR_SIM_TRACE")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -89,6 +126,39 @@ fn must_be_caught(name: &str, opts: Options) {
             seeds()
         ),
     }
+}
+
+#[test]
+fn negative_control_retention_ignores_hw() {
+    must_be_caught(
+        "retention ignores the HW",
+        Options {
+            faults: Faults {
+                retention_ignores_hw: true,
+                ..Faults::default()
+            },
+            retention_bytes: Some(TINY_RETENTION),
+            ..Options::default()
+        },
+    );
+}
+
+#[test]
+fn negative_control_empty_log_sends_epoch() {
+    // Without the fix, a follower whose whole log retention deleted keeps
+    // asking with an epoch older than anything its new leader knows, is
+    // told "diverging" forever, and the ISR never grows back.
+    must_be_caught(
+        "an empty log sends its last epoch",
+        Options {
+            faults: Faults {
+                empty_log_sends_epoch: true,
+                ..Faults::default()
+            },
+            retention_bytes: Some(TINY_RETENTION),
+            ..Options::default()
+        },
+    );
 }
 
 #[test]

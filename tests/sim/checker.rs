@@ -4,7 +4,9 @@
 //!   data below a high watermark that was ever seen never changes;
 //! - a leader's HW never goes back, and a stale leader never advances it;
 //! - at most one replica appends as leader in an epoch, epochs never
-//!   decrease along a log, and each election raises the epoch.
+//!   decrease along a log, and each election raises the epoch;
+//! - retention deletes only committed data (below the highest HW a
+//!   leader reached); below a replica's log start nothing is compared.
 
 use std::collections::BTreeMap;
 
@@ -70,6 +72,18 @@ impl Checker {
     pub fn on_truncate(&mut self, node: u32, new_end: u64) {
         if let Some(v) = self.verified.get_mut(&node) {
             *v = (*v).min(new_end);
+        }
+    }
+
+    /// A replica's retention deleted everything below `offset`. `own_hw`
+    /// is its HW if it is the acting leader: that HW may have moved in
+    /// this very step, before `check` saw it.
+    pub fn on_delete_prefix(&mut self, node: u32, offset: u64, own_hw: Option<u64>) {
+        let committed = self.max_hw.max(own_hw.unwrap_or(0));
+        if offset > committed {
+            self.violations.push(format!(
+                "node {node} deleted up to {offset}, past anything committed (highest HW {committed})"
+            ));
         }
     }
 
@@ -150,6 +164,9 @@ impl Checker {
             Box::new(c.acked.iter().rev().take(3))
         };
         for (off, entry) in acked {
+            if *off < lnode.log.log_start {
+                continue; // retention's
+            }
             match lnode.log.entry_at(*off) {
                 Some(e) if e == *entry => {}
                 other => {
@@ -162,7 +179,7 @@ impl Checker {
         }
         // Extend the committed prefix from the leader, checking overlap.
         let hw = lrm.high_watermark();
-        for off in c.max_hw.min(hw)..hw {
+        for off in c.max_hw.min(hw).max(lnode.log.log_start)..hw {
             let Some(e) = lnode.log.entry_at(off) else {
                 return Err(format!("leader {l} HW {hw} is past its data at {off}"));
             };
@@ -181,7 +198,7 @@ impl Checker {
                 continue;
             };
             let upto = rm.high_watermark().min(c.max_hw);
-            let from = *c.verified.get(&(i as u32)).unwrap_or(&0);
+            let from = (*c.verified.get(&(i as u32)).unwrap_or(&0)).max(node.log.log_start);
             for off in from..upto {
                 let mine = node.log.entry_at(off);
                 if let Some(want) = c.committed.get(&off)

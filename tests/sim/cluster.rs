@@ -25,6 +25,8 @@ pub struct Options {
     pub elect_outside_isr: bool,
     pub drop_percent: u64,
     pub max_delay_ms: u64,
+    /// `Config::retention_bytes` of every replica.
+    pub retention_bytes: Option<u64>,
 }
 
 impl Default for Options {
@@ -37,6 +39,7 @@ impl Default for Options {
             elect_outside_isr: false,
             drop_percent: 3,
             max_delay_ms: 20,
+            retention_bytes: None,
         }
     }
 }
@@ -103,6 +106,7 @@ enum StorageOp {
     Append { batches: Bytes, as_leader: bool },
     Truncate(u64),
     Reset(u64),
+    DeletePrefix(u64),
 }
 
 impl Sim {
@@ -114,6 +118,7 @@ impl Sim {
             fetch_backoff_ms: 20,
             fetch_max_bytes: 4096,
             high_watermark_checkpoint_interval_ms: 100,
+            retention_bytes: opts.retention_bytes,
             ..Config::default()
         };
         let replicas: Vec<u32> = (0..opts.replicas).collect();
@@ -345,6 +350,11 @@ impl Sim {
                 self.trace.push(format!("t={now} {n} resets to {offset}"));
                 self.queue_storage(n, StorageOp::Reset(offset));
             }
+            Action::DeletePrefix { offset } => {
+                self.trace
+                    .push(format!("t={now} {n} deletes below {offset} (retention)"));
+                self.queue_storage(n, StorageOp::DeletePrefix(offset));
+            }
             Action::PersistEpochs(e) => self.nodes[n as usize].log.epochs = e,
             Action::IsrWaitDone { .. } => {}
             Action::PersistHighWatermark(hw) => self.nodes[n as usize].log.hw_checkpoint = hw,
@@ -437,6 +447,18 @@ impl Sim {
                     self.checker.on_truncate(n, offset);
                     if let Some(rm) = self.rm(n) {
                         rm.log_reset(offset, now);
+                    }
+                }
+                StorageOp::DeletePrefix(offset) => {
+                    let epoch = self.ctrl.epoch;
+                    let own_hw = self
+                        .rm(n)
+                        .filter(|rm| rm.is_leader() && rm.leader_epoch() == Some(epoch))
+                        .map(|rm| rm.high_watermark());
+                    self.checker.on_delete_prefix(n, offset, own_hw);
+                    self.nodes[n as usize].log.delete_prefix(offset);
+                    if let Some(rm) = self.rm(n) {
+                        rm.log_prefix_deleted();
                     }
                 }
             }

@@ -63,6 +63,15 @@ impl SimLog {
         self.log_start = offset;
     }
 
+    /// Retention: drop the batches below `offset`, the new log start.
+    /// Durable at once, as the file plugin's start checkpoint is.
+    pub fn delete_prefix(&mut self, offset: u64) {
+        let gone = self.batches.partition_point(|b| b.1 <= offset);
+        self.batches.drain(..gone);
+        self.flushed = self.flushed.saturating_sub(gone);
+        self.log_start = self.log_start.max(offset);
+    }
+
     pub fn flush(&mut self) {
         self.flushed = self.batches.len();
     }

@@ -65,6 +65,13 @@ pub struct InitArgs {
     /// else 1).
     #[arg(long)]
     pub min_insync: Option<u32>,
+    /// Keep at least this many MiB of each partition's log on every node
+    /// and delete older, committed batches (`[replication]
+    /// retention_bytes`, Kafka's `retention.bytes`). Unset keeps
+    /// everything: with the memory plugin the nodes' memory then grows
+    /// with every byte written.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 40))]
+    pub retention_mb: Option<u64>,
     /// Storage plugin setting as key=value (repeatable), e.g.
     /// `--storage-config fsync=always` (file) or
     /// `--storage-config endpoint=http://127.0.0.1:9000` (s3).
@@ -198,8 +205,12 @@ pub fn init(args: &InitArgs) -> anyhow::Result<PathBuf> {
         // waiting there for the other partitions; new data ends a long
         // poll at once anyway, so a shorter one costs little.
         fetch_max_wait_ms: 100,
+        retention_bytes: args.retention_mb.map(|mb| mb << 20),
         ..ReplicationConfig::default()
     };
+    replication
+        .validate()
+        .map_err(|e| anyhow::anyhow!("--retention-mb: {e}"))?;
     let mut nodes = Vec::new();
     for id in 1..=args.nodes {
         let (cert, key) = ca.issue(Identity::Node(id))?;

@@ -130,9 +130,14 @@ impl Drop for Nodes {
 }
 
 /// `cluster init` in `dir` for three nodes on 127.0.0.1 with `storage`,
-/// file metadata and min.insync 2, on ports free right now. Returns the
-/// client config's path and the UDP and metrics base ports.
-pub fn init_local_cluster(dir: &Path, storage: &str) -> anyhow::Result<(PathBuf, u16, u16)> {
+/// file metadata, min.insync 2 and `retention_mb` (`None` keeps
+/// everything), on ports free right now. Returns the client config's path
+/// and the UDP and metrics base ports.
+pub fn init_local_cluster(
+    dir: &Path,
+    storage: &str,
+    retention_mb: Option<u64>,
+) -> anyhow::Result<(PathBuf, u16, u16)> {
     let (base_port, metrics_port) = free_ports(3)?;
     let client = super::cluster::init(&super::cluster::InitArgs {
         dir: dir.to_path_buf(),
@@ -145,6 +150,7 @@ pub fn init_local_cluster(dir: &Path, storage: &str) -> anyhow::Result<(PathBuf,
         metadata_endpoint: Vec::new(),
         metadata_config: Vec::new(),
         min_insync: Some(2),
+        retention_mb,
         storage_config: Vec::new(),
         ca_key_out: None,
     })?;

@@ -38,6 +38,13 @@ pub struct Config {
     pub min_insync_replicas: u32,
     /// Allow electing a replica outside the ISR (may lose committed data).
     pub unclean_leader_election: bool,
+    /// Keep at least this many bytes of each partition's log and delete
+    /// older batches once they are committed (Kafka's `retention.bytes`,
+    /// per partition, whole segments of a sixteenth of it at a time).
+    /// Unset keeps everything, as Kafka does by default; an in-memory log
+    /// then grows for as long as the node runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retention_bytes: Option<u64>,
 }
 
 impl Default for Config {
@@ -55,6 +62,7 @@ impl Default for Config {
             fetch_backoff_ms: 1_000,
             min_insync_replicas: 1,
             unclean_leader_election: false,
+            retention_bytes: None,
         }
     }
 }
@@ -103,10 +111,41 @@ impl Config {
                 "must be below replica_lag_time_max_ms, or idle followers would drop out of the ISR",
             );
         }
+        if let Some(r) = self.retention_bytes
+            && r < u64::from(self.fetch_max_bytes)
+        {
+            return bad(
+                "retention_bytes",
+                &format!(
+                    "{r} is less than fetch_max_bytes ({}): a log must keep at least one fetch's worth, or a follower one fetch behind would find its position deleted; leave it unset to keep everything",
+                    self.fetch_max_bytes
+                ),
+            );
+        }
         Ok(())
     }
 
     pub fn fetch_max_wait(&self) -> Duration {
         Duration::from_millis(self.fetch_max_wait_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_must_hold_a_fetch() {
+        let mut c = Config {
+            retention_bytes: Some(64 << 20),
+            ..Config::default()
+        };
+        assert_eq!(c.validate(), Ok(()));
+        c.retention_bytes = Some(1000);
+        let e = c.validate().expect_err("below fetch_max_bytes");
+        assert_eq!(e.field, "retention_bytes");
+        assert!(e.why.contains("fetch_max_bytes (1048576)"), "{}", e.why);
+        c.retention_bytes = None;
+        assert_eq!(c.validate(), Ok(()));
     }
 }

@@ -10,6 +10,7 @@ pub mod fetcher;
 pub mod metrics;
 pub mod reconcile;
 pub mod replica;
+pub mod retention;
 pub mod state;
 pub mod types;
 

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use super::config::Config;
 use super::epoch_cache::EpochCache;
 use super::reconcile;
+use super::retention::RetentionIndex;
 use super::state::{PartitionReplicationState, ReplicationState};
 use super::types::{
     Acks, Action, DivergingEpoch, ErrorCode, FetchRequest, FetchResponse, ProduceId, ReadSpec,
@@ -31,6 +32,10 @@ pub struct Faults {
     pub hw_ignores_isr: bool,
     /// A follower truncates to its HW instead of asking by epoch.
     pub follower_truncates_to_hw: bool,
+    /// Retention deletes up to the log end, committed or not.
+    pub retention_ignores_hw: bool,
+    /// A follower whose log is empty still sends its cache's last epoch.
+    pub empty_log_sends_epoch: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +141,8 @@ pub struct ReplicaCounters {
     pub isr_expands: u64,
     /// Truncations and resets issued.
     pub truncations: u64,
+    /// Log-start moves issued by retention.
+    pub retention_deletions: u64,
 }
 
 /// The state machine of one partition replica (the reference API's
@@ -161,6 +168,10 @@ pub struct ReplicationManager {
     truncate_target: Option<u64>,
     hw: u64,
     epochs: EpochCache,
+    /// The log's segments, for `retention_bytes`.
+    retention: RetentionIndex,
+    /// A retention deletion is with the storage.
+    deleting: bool,
     leader: Option<Leader>,
     follower: Option<Follower>,
     outbox: Vec<Action>,
@@ -192,8 +203,15 @@ impl ReplicationManager {
             storage_inflight: 0,
             truncating: 0,
             truncate_target: None,
-            hw: state.high_watermark.min(state.bounds.log_end),
+            // Nothing below the log start can be read, so the HW is at
+            // least there (Kafka clamps it the same way).
+            hw: state
+                .high_watermark
+                .min(state.bounds.log_end)
+                .max(state.bounds.log_start),
             epochs,
+            retention: RetentionIndex::new(state.bounds.log_start, state.bounds.log_end),
+            deleting: false,
             leader: None,
             follower: None,
             outbox,
@@ -511,6 +529,8 @@ impl ReplicationManager {
             batch::restamp(batches, base, l.epoch).map_err(|_| ErrorCode::StorageError)?;
         l.bytes_appended += bytes.len() as u64;
         l.sizes.push_back((end, l.bytes_appended));
+        self.retention
+            .appended(end, bytes.len() as u64, self.config.retention_bytes);
         self.assigned = end;
         self.storage_inflight += 1;
         self.outbox.push(Action::Append { batches: bytes });
@@ -541,9 +561,12 @@ impl ReplicationManager {
             self.maybe_advance_hw();
             self.serve_parked(now, false);
         } else if let Some(f) = &self.follower {
-            self.hw = f.leader_hw.min(self.leo);
+            // Never below the log start (Kafka clamps the same way): a new
+            // leader's HW may briefly lag where retention got here.
+            self.hw = f.leader_hw.min(self.leo).max(self.log_start);
             self.maybe_fetch(now);
         }
+        self.maybe_retain();
     }
 
     /// The storage truncated; the log now ends at `new_leo`.
@@ -553,6 +576,7 @@ impl ReplicationManager {
         // again only if the storage removed more than asked.
         if new_leo < self.truncate_target.take().unwrap_or(u64::MAX) {
             self.epochs.truncate_to(new_leo);
+            self.retention.truncated(new_leo);
         }
         self.cut_done(new_leo, now);
     }
@@ -560,7 +584,46 @@ impl ReplicationManager {
     /// The storage emptied the log to restart at `offset`.
     pub fn log_reset(&mut self, offset: u64, now: u64) {
         self.log_start = offset;
+        // The leader's log start, where this restarts, is at most its HW:
+        // everything before it is committed.
+        self.hw = offset;
         self.cut_done(offset, now);
+    }
+
+    /// The storage deleted the prefix retention asked for.
+    pub fn log_prefix_deleted(&mut self) {
+        self.deleting = false;
+        self.maybe_retain();
+    }
+
+    /// Move the log start past whole segments that `retention_bytes` no
+    /// longer needs, below the HW only. The start moves at once, so no
+    /// fetch or read is served from what is about to go; the storage
+    /// deletes behind it.
+    fn maybe_retain(&mut self) {
+        let Some(limit) = self.config.retention_bytes else {
+            return;
+        };
+        if self.deleting || self.truncating > 0 {
+            return;
+        }
+        let upto = if self.faults.retention_ignores_hw {
+            self.leo
+        } else {
+            self.hw
+        };
+        let Some(offset) = self
+            .retention
+            .deletable(limit, upto)
+            .filter(|o| *o > self.log_start)
+        else {
+            return;
+        };
+        self.retention.deleted(offset);
+        self.log_start = offset;
+        self.deleting = true;
+        self.counters.retention_deletions += 1;
+        self.outbox.push(Action::DeletePrefix { offset });
     }
 
     /// A truncation or reset landed: the log ends at `new_leo`, the epoch
@@ -573,6 +636,7 @@ impl ReplicationManager {
         self.hw = self.hw.min(new_leo);
         self.persist_epochs();
         self.maybe_fetch(now);
+        self.maybe_retain();
     }
 
     /// The storage failed an operation (a plugin fault): stop serving. The
@@ -604,10 +668,12 @@ impl ReplicationManager {
         self.assigned = offset;
         if reset {
             self.epochs.clear();
+            self.retention.reset(offset);
             self.outbox.push(Action::ResetLog { offset });
         } else {
             self.truncate_target = Some(offset);
             self.epochs.truncate_to(offset);
+            self.retention.truncated(offset);
             self.outbox.push(Action::Truncate { offset });
         }
     }
@@ -952,6 +1018,7 @@ impl ReplicationManager {
             self.hw = c;
             self.complete_leader_acks();
             self.serve_parked_behind_hw();
+            self.maybe_retain();
         }
     }
 
@@ -1112,7 +1179,15 @@ impl ReplicationManager {
                 correlation_id: self.next_correlation,
                 current_leader_epoch: f.epoch,
                 fetch_offset: self.leo,
-                last_fetched_epoch: self.epochs.latest().map(|e| e.epoch),
+                // An empty log (retention deleted all of it, or it was just
+                // reset) has nothing to reconcile. Its cache's last epoch
+                // could predate everything a leader that restarted its own
+                // log still knows, and that leader would answer "diverging
+                // at my log start" forever.
+                last_fetched_epoch: (self.leo > self.log_start
+                    || self.faults.empty_log_sends_epoch)
+                    .then(|| self.epochs.latest().map(|e| e.epoch))
+                    .flatten(),
                 max_bytes: self.config.fetch_max_bytes,
                 min_bytes: self.config.fetch_min_bytes,
                 max_wait_ms: self.config.fetch_max_wait_ms,
@@ -1181,9 +1256,10 @@ impl ReplicationManager {
         f.leader_hw = response.high_watermark;
         self.counters.fetch_bytes += response.records.len() as u64;
         if response.records.is_empty() {
-            self.hw = response.high_watermark.min(leo);
+            self.hw = response.high_watermark.min(leo).max(self.log_start);
             f.next_fetch_ms = now + interval;
             self.maybe_fetch(now);
+            self.maybe_retain();
             return;
         }
         // Check all the leader sent before any of it reaches storage or
@@ -1210,6 +1286,8 @@ impl ReplicationManager {
             changed |= self.epochs.assign(epoch, start);
         }
         f.next_fetch_ms = now + interval;
+        self.retention
+            .appended(next, records.len() as u64, self.config.retention_bytes);
         self.assigned = next;
         self.storage_inflight += 1;
         if changed {

@@ -173,6 +173,9 @@ pub enum Action {
     Truncate { offset: u64 },
     /// Empty the log and restart it at `offset`; report with `log_reset`.
     ResetLog { offset: u64 },
+    /// Delete the batches below `offset`, the new log start (retention;
+    /// already below the HW); report with `log_prefix_deleted`.
+    DeletePrefix { offset: u64 },
     /// Persist the leader-epoch cache.
     PersistEpochs(Vec<EpochEntry>),
     /// Persist the high watermark (a recovery hint).

@@ -93,6 +93,7 @@ pub enum StorageDone {
     Truncated(Result<u64, StorageError>),
     Reset(u64, Result<(), StorageError>),
     Persisted(Result<(), StorageError>),
+    PrefixDeleted(Result<(), StorageError>),
     ReadFailed(StorageError),
 }
 
@@ -665,11 +666,16 @@ impl Actor {
                 self.rm.log_reset(offset, now);
                 None
             }
+            StorageDone::PrefixDeleted(Ok(())) => {
+                self.rm.log_prefix_deleted();
+                None
+            }
             StorageDone::Persisted(Ok(())) => None,
             StorageDone::Appended(Err(e))
             | StorageDone::Truncated(Err(e))
             | StorageDone::Reset(_, Err(e))
             | StorageDone::Persisted(Err(e))
+            | StorageDone::PrefixDeleted(Err(e))
             | StorageDone::ReadFailed(e) => Some(e),
         };
         if let Some(e) = failure {
@@ -734,6 +740,11 @@ impl Actor {
                     )))
                 })
             }
+            Action::DeletePrefix { offset } => self.lane(async move {
+                Some(Event::Storage(StorageDone::PrefixDeleted(
+                    log.delete_prefix(offset).await,
+                )))
+            }),
             Action::PersistEpochs(entries) => self.lane(async move {
                 Some(Event::Storage(StorageDone::Persisted(
                     log.set_leader_epochs(entries).await,

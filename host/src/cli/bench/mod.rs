@@ -71,6 +71,12 @@ pub struct BenchArgs {
     /// temporary directory.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// MiB of each partition's log every node keeps (retention, as a
+    /// long-running cluster would have); older committed batches are
+    /// deleted and their memory reused. 0 keeps everything, so every byte
+    /// written lands in memory the process never touched before.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
+    retention_mb: u64,
 }
 
 /// A running 3-node cluster in `dir`.
@@ -80,8 +86,9 @@ struct Cluster {
 }
 
 impl Cluster {
-    async fn start(dir: &Path, storage: &str) -> anyhow::Result<Cluster> {
-        let (client_path, _, _) = init_local_cluster(dir, storage)?;
+    async fn start(dir: &Path, storage: &str, retention_mb: u64) -> anyhow::Result<Cluster> {
+        let (client_path, _, _) =
+            init_local_cluster(dir, storage, (retention_mb > 0).then_some(retention_mb))?;
         let mut nodes = Nodes::start(dir, 3)?;
         let c = super::client_cmds::client(&client_path)?;
         wait_for_cluster(&c, &mut nodes, 3).await?;
@@ -147,7 +154,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     // The baseline on certificates of a cluster that never runs, before
     // each round; the best run counts.
     let certs = dir.join("baseline");
-    init_local_cluster(&certs, "memory")?;
+    init_local_cluster(&certs, "memory", None)?;
     let mut raw: Option<raw_quinn::RawQuinn> = None;
     let mut fresh: Option<fresh_memory::FreshMemory> = None;
     // Every workload on a fresh cluster: no partitions, data or fetch
@@ -188,9 +195,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                     "storage `{storage}`, workload {}{of}: {}",
                     w.key, w.title
                 ));
-                let cluster =
-                    Cluster::start(&dir.join(format!("cluster-{round}-{i}-{}", w.key)), storage)
-                        .await?;
+                let cluster = Cluster::start(
+                    &dir.join(format!("cluster-{round}-{i}-{}", w.key)),
+                    storage,
+                    args.retention_mb,
+                )
+                .await?;
                 let r = workload::run(
                     &cluster.dir,
                     &cluster.nodes,
@@ -220,8 +230,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 "storage `{storage}`: {} failover rounds",
                 args.failover_rounds
             ));
-            let mut cluster =
-                Cluster::start(&dir.join(format!("cluster-{i}-failover")), storage).await?;
+            let mut cluster = Cluster::start(
+                &dir.join(format!("cluster-{i}-failover")),
+                storage,
+                args.retention_mb,
+            )
+            .await?;
             let f = workload::failover(
                 &cluster.dir,
                 &mut cluster.nodes,
@@ -250,6 +264,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             window_s: args.seconds,
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             rounds: args.rounds,
+            retention_mb: args.retention_mb,
         },
         raw,
         fresh,

@@ -22,6 +22,8 @@ pub struct Setup {
     /// Rounds measured; each figure is the best round's (see
     /// [`best_rounds`]).
     pub rounds: u32,
+    /// Log each node keeps per partition (MiB); 0 keeps everything.
+    pub retention_mb: u64,
 }
 
 /// A ratio with the target it is held to.
@@ -215,7 +217,7 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{} nodes, RF {}, min.insync {}, acks={}, {} B incompressible messages; {:.0} s warm-up + {:.0} s measured per workload; {} cores\nCPU columns: CPU seconds per GB committed, of the three nodes together and of the producing client",
+            "{} nodes, RF {}, min.insync {}, acks={}, {} B incompressible messages; {:.0} s warm-up + {:.0} s measured per workload; {} cores; {}\nCPU columns: CPU seconds per GB committed, of the three nodes together and of the producing client",
             s.nodes,
             s.replication_factor,
             s.min_insync,
@@ -223,7 +225,12 @@ impl Report {
             s.message_bytes,
             s.warmup_s,
             s.window_s,
-            s.cores
+            s.cores,
+            if s.retention_mb == 0 {
+                "every node keeps everything written (no retention)".to_string()
+            } else {
+                format!("retention {} MiB per partition per node", s.retention_mb)
+            }
         );
         if s.rounds > 1 {
             let _ = writeln!(
@@ -509,6 +516,7 @@ mod tests {
                 window_s: 5.0,
                 cores: 2,
                 rounds: 1,
+                retention_mb: 64,
             },
             RawQuinn {
                 bytes: 1,
