@@ -571,3 +571,81 @@ fn a_read_past_the_high_watermark_inside_the_log_is_empty_not_out_of_range() {
     }
     let _ = rt.block_on(pending);
 }
+
+#[test]
+fn retention_bounds_every_log_and_a_wiped_replica_restarts_at_the_leaders_start() {
+    // 1 MiB per partition (`cluster init --retention-mb 1`), memory
+    // storage: a restarted node comes back with nothing.
+    let mut c = Cluster::init_with(3, "memory", &["--retention-mb", "1"], |t| {
+        assert!(t.contains("retention_bytes = 1048576"), "{t}");
+        t.replace(
+            "replica_lag_time_max_ms = 30000",
+            "replica_lag_time_max_ms = 1500",
+        )
+    });
+    c.start_all();
+    c.wait_up();
+    create_topic(&c.client(), "t", "1");
+    let client = c.client();
+    let produce = |n: &str| {
+        let out = cli_ok(&[
+            "produce", "--config", &client, "--topic", "t", "--count", n, "--size", "1000",
+            "--json",
+        ]);
+        let s: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(s["failed"], 0, "{out}");
+    };
+    // 10 MB, ten times the limit.
+    produce("10000");
+    c.wait_status("10000 everywhere", |v| converged(v, "t", 0, 10000));
+    // Each replica keeps at least the limit (1 MiB: over a thousand 1 KB
+    // messages) and at most a segment more, and what it keeps is exactly
+    // what was written at those offsets, up to `end`. (Each `produce`
+    // numbers its messages from 0; the second one starts at 10000.)
+    let kept = |c: &Cluster, r: u32, end: u64| {
+        let lines = consume_replica(c, "t", r, 1);
+        let first: u64 = lines[0].split_once(' ').unwrap().0.parse().unwrap();
+        assert_eq!(lines.len() as u64, end - first, "replica {r}");
+        for (o, line) in (first..).zip(&lines) {
+            let want = format!("{o} {}", replicator_cli_generated(o % 10000, 1000));
+            assert!(line.starts_with(&want), "{line:.40} is not {want}");
+            assert_eq!(line.len(), want.len() - "m0000000000-".len() + 1000);
+        }
+        first
+    };
+    for r in 1..=3 {
+        let first = kept(&c, r, 10000);
+        let held = 10000 - first;
+        assert!(
+            (1000..=1200).contains(&held),
+            "replica {r} holds {held} messages from {first}"
+        );
+    }
+    // Below the log start is out of range, and says where the log starts.
+    let gone = cli(&[
+        "consume", "--config", &client, "--topic", "t", "--from", "0", "--count", "1",
+    ]);
+    assert!(!gone.status.success());
+    let err = String::from_utf8_lossy(&gone.stderr);
+    assert!(err.contains("offset 0 is out of range ["), "{err}");
+
+    // Node 3 loses everything (memory storage) and misses 3000 more: it
+    // comes back at offset 0, below the leader's log start, restarts its
+    // log there and catches up.
+    c.kill(3);
+    produce("3000");
+    c.wait_status("ISR without node 3", |v| {
+        partition(v, "t", 0).is_some_and(|p| p["isr"].as_array().is_some_and(|a| a.len() == 2))
+    });
+    c.start(3);
+    c.wait_status("node 3 back in the ISR at 13000", |v| {
+        converged(v, "t", 0, 13000)
+    });
+    let first = kept(&c, 3, 13000);
+    assert!(first > 10000 && 13000 - first <= 1200, "node 3 from {first}");
+    assert!(
+        c.log(3).contains("storage recovered: [0, 0)") || c.log(3).contains("opened log: [0, 0)"),
+        "node 3 did not start empty:\n{}",
+        c.log(3)
+    );
+}
