@@ -642,7 +642,10 @@ fn retention_bounds_every_log_and_a_wiped_replica_restarts_at_the_leaders_start(
         converged(v, "t", 0, 13000)
     });
     let first = kept(&c, 3, 13000);
-    assert!(first > 10000 && 13000 - first <= 1200, "node 3 from {first}");
+    assert!(
+        first > 10000 && 13000 - first <= 1200,
+        "node 3 from {first}"
+    );
     assert!(
         c.log(3).contains("storage recovered: [0, 0)") || c.log(3).contains("opened log: [0, 0)"),
         "node 3 did not start empty:\n{}",
