@@ -315,6 +315,21 @@ fn bad_node_configs_fail_with_clear_errors() {
     assert!(e.contains("missing.pem"), "{e}");
     let e = run(&original.replace("cert = \"node-1.pem\"", "cert = \"client.pem\""));
     assert!(e.contains("not valid for node-1"), "{e}");
+    // Retention below one fetch's worth.
+    let e = run(&original.replace("[replication]\n", "[replication]\nretention_bytes = 1000\n"));
+    assert!(
+        e.contains("retention_bytes") && e.contains("fetch_max_bytes (1048576)"),
+        "{e}"
+    );
+    let init = cli(&[
+        "cluster",
+        "init",
+        "--dir",
+        c.path().join("again").to_str().unwrap(),
+        "--retention-mb",
+        "0",
+    ]);
+    assert!(!init.status.success(), "--retention-mb 0 was accepted");
     // Port in use.
     let port = c.base_port;
     let _hold = std::net::UdpSocket::bind(("127.0.0.1", port)).unwrap();
@@ -602,9 +617,23 @@ fn retention_bounds_every_log_and_a_wiped_replica_restarts_at_the_leaders_start(
     // messages) and at most a segment more, and what it keeps is exactly
     // what was written at those offsets, up to `end`. (Each `produce`
     // numbers its messages from 0; the second one starts at 10000.)
+    let offset = |line: &String| -> u64 { line.split_once(' ').unwrap().0.parse().unwrap() };
     let kept = |c: &Cluster, r: u32, end: u64| {
-        let lines = consume_replica(c, "t", r, 1);
-        let first: u64 = lines[0].split_once(' ').unwrap().0.parse().unwrap();
+        // A follower learns the last HW on its next fetch; its retention
+        // moves with it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let lines = loop {
+            let lines = consume_replica(c, "t", r, 1);
+            if lines.last().map(offset) == Some(end - 1) {
+                break lines;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "replica {r} never reached {end}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let first = offset(&lines[0]);
         assert_eq!(lines.len() as u64, end - first, "replica {r}");
         for (o, line) in (first..).zip(&lines) {
             let want = format!("{o} {}", replicator_cli_generated(o % 10000, 1000));
@@ -620,6 +649,19 @@ fn retention_bounds_every_log_and_a_wiped_replica_restarts_at_the_leaders_start(
             (1000..=1200).contains(&held),
             "replica {r} holds {held} messages from {first}"
         );
+        // `/metrics` shows the same log start, and the deletions.
+        let m = http_get(c.base_port + 50 + r as u16 - 1, "/metrics");
+        let labels = "{topic=\"t\",partition=\"0\"}";
+        let start = counter(
+            &m,
+            &format!("replicator_partition_log_start_offset{labels}"),
+        );
+        let deletions = counter(
+            &m,
+            &format!("replicator_partition_retention_deletions_total{labels}"),
+        );
+        assert_eq!(start, first, "replica {r}");
+        assert!(deletions > 1, "replica {r}: {deletions} deletions");
     }
     // Below the log start is out of range, and says where the log starts.
     let gone = cli(&[

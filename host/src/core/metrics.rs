@@ -15,6 +15,7 @@ pub struct PartitionMetrics {
     pub topic: String,
     pub partition: u32,
     pub is_leader: AtomicBool,
+    pub log_start_offset: AtomicU64,
     pub log_end_offset: AtomicU64,
     pub high_watermark: AtomicU64,
     /// Leader: the largest follower lag; follower: not tracked here.
@@ -26,6 +27,8 @@ pub struct PartitionMetrics {
     pub replica_count: AtomicU32,
     pub isr_shrink_count: AtomicU64,
     pub isr_expand_count: AtomicU64,
+    /// Log-start moves made by retention (`retention_bytes`).
+    pub retention_deletions: AtomicU64,
     pub failovers: AtomicU64,
 }
 
@@ -35,6 +38,7 @@ pub struct PartitionMetricsSnapshot {
     pub topic: String,
     pub partition: u32,
     pub is_leader: bool,
+    pub log_start_offset: u64,
     pub log_end_offset: u64,
     pub high_watermark: u64,
     pub replication_lag_messages: u64,
@@ -45,6 +49,7 @@ pub struct PartitionMetricsSnapshot {
     pub replica_count: u32,
     pub isr_shrink_count: u64,
     pub isr_expand_count: u64,
+    pub retention_deletions: u64,
     pub failovers: u64,
     pub under_replicated: bool,
 }
@@ -63,6 +68,7 @@ impl PartitionMetrics {
         let state = rm.state();
         let c = rm.counters();
         self.is_leader.store(rm.is_leader(), Relaxed);
+        self.log_start_offset.store(rm.log_start_offset(), Relaxed);
         self.log_end_offset.store(state.log_end_offset, Relaxed);
         self.high_watermark.store(state.high_watermark, Relaxed);
         let lag = state
@@ -80,6 +86,8 @@ impl PartitionMetrics {
             .store(state.replicas.len() as u32, Relaxed);
         self.isr_shrink_count.store(c.isr_shrinks, Relaxed);
         self.isr_expand_count.store(c.isr_expands, Relaxed);
+        self.retention_deletions
+            .store(c.retention_deletions, Relaxed);
     }
 
     /// Count a leader change of this partition.
@@ -95,6 +103,7 @@ impl PartitionMetrics {
             topic: self.topic.clone(),
             partition: self.partition,
             is_leader,
+            log_start_offset: self.log_start_offset.load(Relaxed),
             log_end_offset: self.log_end_offset.load(Relaxed),
             high_watermark: self.high_watermark.load(Relaxed),
             replication_lag_messages: self.replication_lag_messages.load(Relaxed),
@@ -105,6 +114,7 @@ impl PartitionMetrics {
             replica_count,
             isr_shrink_count: self.isr_shrink_count.load(Relaxed),
             isr_expand_count: self.isr_expand_count.load(Relaxed),
+            retention_deletions: self.retention_deletions.load(Relaxed),
             failovers: self.failovers.load(Relaxed),
             under_replicated: is_leader && isr_size < replica_count,
         }

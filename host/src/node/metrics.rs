@@ -57,6 +57,10 @@ pub fn render(
     let mut reg = Registry::with_prefix("replicator");
     let gauges = [
         (
+            "partition_log_start_offset",
+            "Log start offset (first offset still kept; moves with retention)",
+        ),
+        (
             "partition_log_end_offset",
             "Log end offset (next offset to write)",
         ),
@@ -88,6 +92,10 @@ pub fn render(
         ("partition_fetch_errors", "Fetches that failed"),
         ("partition_isr_shrinks", "ISR shrinks"),
         ("partition_isr_expands", "ISR expansions"),
+        (
+            "partition_retention_deletions",
+            "Log-start moves made by retention (retention_bytes)",
+        ),
     ];
     let gfam: Vec<Family<Labels, Gauge>> = gauges.iter().map(|_| Family::default()).collect();
     let cfam: Vec<Family<Labels, Counter>> = counters.iter().map(|_| Family::default()).collect();
@@ -98,6 +106,7 @@ pub fn render(
             partition: s.partition,
         };
         let gv = [
+            i(s.log_start_offset),
             i(s.log_end_offset),
             i(s.high_watermark),
             i64::from(s.isr_size),
@@ -115,6 +124,7 @@ pub fn render(
             s.fetch_error_count,
             s.isr_shrink_count,
             s.isr_expand_count,
+            s.retention_deletions,
         ];
         for (f, v) in cfam.iter().zip(cv) {
             f.get_or_create(&l).inc_by(v);
