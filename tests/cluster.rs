@@ -9,11 +9,26 @@ use support::{Cluster, cli, cli_ok, consume_replica, converged, partition};
 
 /// `produce --count n --size 64 --json` to `topic`; every message acknowledged.
 fn produce_generated(client: &str, topic: &str, n: &str) {
+    produce_sized(client, topic, n, "64");
+}
+
+/// `produce --count n --size size --json` to `topic`; every message
+/// acknowledged.
+fn produce_sized(client: &str, topic: &str, n: &str, size: &str) {
     let out = cli_ok(&[
-        "produce", "--config", client, "--topic", topic, "--count", n, "--size", "64", "--json",
+        "produce", "--config", client, "--topic", topic, "--count", n, "--size", size, "--json",
     ]);
     let s: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(s["failed"], 0, "{out}");
+}
+
+/// A node config whose ISR drops a dead follower after 1.5 s, so acks=all
+/// goes on with the two that are left (min.insync = 2).
+fn short_lag(toml: String) -> String {
+    toml.replace(
+        "replica_lag_time_max_ms = 30000",
+        "replica_lag_time_max_ms = 1500",
+    )
 }
 
 /// `topic create` with replication factor 3; returns what it printed.
@@ -252,14 +267,7 @@ fn http_get(port: u16, path: &str) -> String {
 
 #[test]
 fn a_restarted_node_rejoins_and_catches_up() {
-    // A short lag time so the ISR drops the dead follower quickly and
-    // acks=all goes on with the two that are left (min.insync = 2).
-    let mut c = Cluster::init(3, "file", |t| {
-        t.replace(
-            "replica_lag_time_max_ms = 30000",
-            "replica_lag_time_max_ms = 1500",
-        )
-    });
+    let mut c = Cluster::init(3, "file", short_lag);
     c.start_all();
     c.wait_up();
     create_topic(&c.client(), "t", "1");
@@ -373,12 +381,7 @@ fn a_restarted_leader_hands_over_and_loses_nothing_even_with_memory_storage() {
     // In-memory logs: the restarted leader comes back empty. It must not
     // lead its old epoch again (followers would truncate to its empty
     // log); leadership moves to an in-sync follower under a new epoch.
-    let mut c = Cluster::init(3, "memory", |t| {
-        t.replace(
-            "replica_lag_time_max_ms = 30000",
-            "replica_lag_time_max_ms = 1500",
-        )
-    });
+    let mut c = Cluster::init(3, "memory", short_lag);
     c.start_all();
     c.wait_up();
     let client = c.client();
@@ -593,23 +596,13 @@ fn retention_bounds_every_log_and_a_wiped_replica_restarts_at_the_leaders_start(
     // storage: a restarted node comes back with nothing.
     let mut c = Cluster::init_with(3, "memory", &["--retention-mb", "1"], |t| {
         assert!(t.contains("retention_bytes = 1048576"), "{t}");
-        t.replace(
-            "replica_lag_time_max_ms = 30000",
-            "replica_lag_time_max_ms = 1500",
-        )
+        short_lag(t)
     });
     c.start_all();
     c.wait_up();
     create_topic(&c.client(), "t", "1");
     let client = c.client();
-    let produce = |n: &str| {
-        let out = cli_ok(&[
-            "produce", "--config", &client, "--topic", "t", "--count", n, "--size", "1000",
-            "--json",
-        ]);
-        let s: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-        assert_eq!(s["failed"], 0, "{out}");
-    };
+    let produce = |n: &str| produce_sized(&client, "t", n, "1000");
     // 10 MB, ten times the limit.
     produce("10000");
     c.wait_status("10000 everywhere", |v| converged(v, "t", 0, 10000));
