@@ -191,11 +191,6 @@ pub fn init(args: &InitArgs) -> anyhow::Result<PathBuf> {
     if min_insync == 0 || min_insync > args.nodes {
         bail!("--min-insync must be 1..={}", args.nodes);
     }
-    let ca = GeneratedCa::new(&dir.display().to_string())?;
-    write_new(&dir.join("ca.pem"), &ca.cert_pem)?;
-    if let Some(p) = &args.ca_key_out {
-        write_private(p, &ca.key_pem)?;
-    }
     let replication = ReplicationConfig {
         min_insync_replicas: min_insync,
         // Faster than Kafka's 1 s: a restarted leader is found sooner.
@@ -208,9 +203,16 @@ pub fn init(args: &InitArgs) -> anyhow::Result<PathBuf> {
         retention_bytes: args.retention_mb.map(|mb| mb << 20),
         ..ReplicationConfig::default()
     };
+    // Checked before anything is written, so a refusal leaves no
+    // half-made cluster behind.
     replication
         .validate()
         .map_err(|e| anyhow::anyhow!("--retention-mb: {e}"))?;
+    let ca = GeneratedCa::new(&dir.display().to_string())?;
+    write_new(&dir.join("ca.pem"), &ca.cert_pem)?;
+    if let Some(p) = &args.ca_key_out {
+        write_private(p, &ca.key_pem)?;
+    }
     let mut nodes = Vec::new();
     for id in 1..=args.nodes {
         let (cert, key) = ca.issue(Identity::Node(id))?;

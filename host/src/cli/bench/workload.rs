@@ -274,12 +274,8 @@ async fn produce_loop(
         .then(|| Producer::new(client.clone(), topic, partition, ProducerConfig::default()));
     let mut pending = FuturesUnordered::new();
     let mut next = 0usize;
-    let in_flight: usize = std::env::var("XP_INFLIGHT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(w.in_flight);
     loop {
-        while phase.load(Ordering::Relaxed) != STOPPING && pending.len() < in_flight {
+        while phase.load(Ordering::Relaxed) != STOPPING && pending.len() < w.in_flight {
             let records = &requests[next % requests.len()];
             next += 1;
             let sent = Instant::now();
