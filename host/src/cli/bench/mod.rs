@@ -27,7 +27,8 @@ use workload::WORKLOADS;
 pub struct BenchArgs {
     /// Storage backends to compare, each on a fresh cluster: `native`
     /// (in-process memory log, no wasm: the baseline), `memory`, `file`
-    /// (fsync at roll and flush), or a .wasm path.
+    /// (its defaults: 64 MiB segments, fsync once a second and at each
+    /// roll, write-behind on), or a .wasm path.
     #[arg(long, value_delimiter = ',', default_value = "native,memory,file")]
     storage: Vec<String>,
     /// Workloads to run: a (1 in flight), b (1 producer, 256 in flight),

@@ -146,8 +146,11 @@ impl Report {
         let mut checks = Vec::new();
         for storage in self.storages() {
             // Replicated throughput against raw QUIC: the best throughput
-            // workload. Each byte crosses QUIC three times, so 1/3 is the
-            // ceiling.
+            // workload. Each byte crosses QUIC three times, so 1/3 is
+            // where the cluster would stop if every crossing cost what the
+            // raw run's does. It is not a hard ceiling: a crossing inside
+            // the cluster has measured cheaper than the raw run's (2.5 raw
+            // crossings' worth for all three in a CI run).
             if let Some(best) = THROUGHPUT
                 .iter()
                 .filter_map(|k| self.find(storage, k))
@@ -160,7 +163,7 @@ impl Report {
                     ">=",
                     0.25,
                     format!(
-                        "workload {} {:.1} MB/s vs {:.1} MB/s (ceiling 0.33); its nodes and client spent {:.1} CPU s/GB, {:.1} raw QUIC crossings' worth (3 are unavoidable){}",
+                        "workload {} {:.1} MB/s vs {:.1} MB/s (0.33 if each of its 3 QUIC crossings cost what the raw run's does); its nodes and client spent {:.1} CPU s/GB, {:.1} raw QUIC crossings' worth{}",
                         best.workload,
                         best.mb_per_s,
                         self.raw_quinn.mb_per_s,
