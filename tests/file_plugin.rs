@@ -63,12 +63,7 @@ async fn an_interrupted_reset_is_finished_on_open() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damage_in_a_closed_segment_is_refused_not_cut() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let log = open(dir.path()).await.expect("open");
-    fill(&log, 30).await;
-    log.close().await;
-    let segs = segments(dir.path());
-    assert!(segs.len() >= 3, "small segments roll: {segs:?}");
+    let (dir, segs) = closed_log_of_30().await;
     // Flip a byte inside the first (closed, synced, indexed) segment and
     // damage its index too, so recovery has to scan it.
     let first = &segs[0];
@@ -81,11 +76,7 @@ async fn damage_in_a_closed_segment_is_refused_not_cut() {
         .map(|p| std::fs::metadata(p).expect("meta").len())
         .collect();
 
-    match open(dir.path()).await {
-        Err(StorageError::Corrupt(m)) => assert!(m.contains("damaged"), "{m}"),
-        Err(other) => panic!("expected corrupt, got {other}"),
-        Ok(_) => panic!("a damaged closed segment was accepted"),
-    }
+    refused_as_corrupt(dir.path(), "damaged").await;
     let after: Vec<u64> = segments(dir.path())
         .iter()
         .map(|p| std::fs::metadata(p).expect("meta").len())
@@ -270,6 +261,26 @@ fn the_built_in_file_plugin_gets_write_behind_by_default() {
     assert_eq!(memory.sandbox().write_behind, Some(Duration::ZERO));
 }
 
+/// A closed log of 30 batches over at least four small segments.
+async fn closed_log_of_30() -> (tempfile::TempDir, Vec<std::path::PathBuf>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(dir.path()).await.expect("open");
+    fill(&log, 30).await;
+    log.close().await;
+    let segs = segments(dir.path());
+    assert!(segs.len() >= 4, "small segments roll: {segs:?}");
+    (dir, segs)
+}
+
+/// Opening `dir` fails with a `corrupt` error that mentions `why`.
+async fn refused_as_corrupt(dir: &Path, why: &str) {
+    match open(dir).await {
+        Err(StorageError::Corrupt(m)) => assert!(m.contains(why), "{m}"),
+        Err(other) => panic!("expected corrupt, got {other}"),
+        Ok(_) => panic!("opened a log that should be refused as corrupt ({why})"),
+    }
+}
+
 fn base_of(segment: &Path) -> u64 {
     segment
         .file_stem()
@@ -351,20 +362,10 @@ async fn retention_removes_segments_lowest_first_because_a_gap_is_refused() {
     // Retention removes whole segments from the start. A crash midway
     // through removing two must leave a log that opens: lowest first leaves
     // a shorter log; highest first would leave a gap, which is corruption.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let log = open(dir.path()).await.expect("open");
-    fill(&log, 30).await;
-    log.close().await;
-    let segs = segments(dir.path());
-    assert!(segs.len() >= 4, "small segments roll: {segs:?}");
-
+    let (dir, segs) = closed_log_of_30().await;
     let gap = snapshot(dir.path());
     std::fs::remove_file(gap.path().join(segs[1].file_name().expect("name"))).expect("rm");
-    match open(gap.path()).await {
-        Err(StorageError::Corrupt(m)) => assert!(m.contains("starts at"), "{m}"),
-        Err(other) => panic!("expected corrupt, got {other}"),
-        Ok(_) => panic!("a log with a gap was accepted"),
-    }
+    refused_as_corrupt(gap.path(), "starts at").await;
 
     std::fs::remove_file(&segs[0]).expect("rm");
     let log = open(dir.path())
