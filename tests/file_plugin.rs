@@ -385,3 +385,90 @@ async fn retention_removes_segments_lowest_first_because_a_gap_is_refused() {
     assert_eq!(segments(dir.path())[0], segs[3]);
     log.close().await;
 }
+
+fn retired(dir: &Path) -> Vec<(std::path::PathBuf, u64)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "deleted"))
+        .map(|p| {
+            let len = std::fs::metadata(&p).expect("meta").len();
+            (p, len)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_retention_released_is_freed_a_piece_per_call_and_a_crash_leaves_no_trace() {
+    // Removing a big segment in one call stalls the partition's store for
+    // tens of milliseconds; retention instead shrinks it over its next
+    // calls, each freeing at least what it released (1 MiB at the least).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let eight_mib = vec![("segment.bytes".into(), (8u64 << 20).to_string())];
+    let log = plugin()
+        .open("t", 0, eight_mib.clone(), Some(dir.path()))
+        .await
+        .expect("open");
+    let big = |i: u64| {
+        let r = Record {
+            value: Bytes::from(vec![i as u8; 64 * 1024]),
+            ..Default::default()
+        };
+        batch::encode(i, 1, &[r]).expect("encode")
+    };
+    for i in 0..300 {
+        log.append(big(i)).await.expect("append");
+    }
+    let segs = segments(dir.path());
+    assert!(segs.len() >= 3, "8 MiB segments roll: {segs:?}");
+    let second = base_of(&segs[1]);
+
+    // Half-MiB retention steps up to the second segment: nothing retired.
+    let mut start = 0;
+    while start + 8 < second {
+        start += 8;
+        log.delete_prefix(start).await.expect("delete prefix");
+    }
+    assert!(retired(dir.path()).is_empty());
+    // The step past the first segment's end retires it, and frees 1 MiB.
+    log.delete_prefix(second + 1).await.expect("delete prefix");
+    let r = retired(dir.path());
+    assert_eq!(r.len(), 1, "{r:?}");
+    let (path, mut size) = r[0].clone();
+    assert!(
+        size > 0 && size <= (7u64 << 20),
+        "freed a piece, not all at once: {size}"
+    );
+    assert_eq!(base_of(&segments(dir.path())[0]), second);
+
+    // A crash now: open removes the retired file and the log is whole.
+    let crashed = snapshot(dir.path());
+    let copy = plugin()
+        .open("t", 0, eight_mib.clone(), Some(crashed.path()))
+        .await
+        .expect("reopen after a crash");
+    assert!(
+        retired(crashed.path()).is_empty(),
+        "leftover removed on open"
+    );
+    let b = copy.bounds().await.expect("bounds");
+    assert_eq!((b.log_start, b.log_end), (second, 300));
+    assert_eq!(copy.read(second, 1).await.expect("read"), big(second));
+    copy.close().await;
+
+    // Each further step frees at least 1 MiB more, until it is gone.
+    let mut step = second + 1;
+    while path.exists() {
+        step += 1;
+        log.delete_prefix(step).await.expect("delete prefix");
+        let now = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        assert!(now + (1 << 20) <= size || now == 0, "{size} -> {now}");
+        size = now;
+        assert!(step < second + 10, "an 8 MiB segment took too many calls");
+    }
+    assert!(retired(dir.path()).is_empty());
+    log.close().await;
+}

@@ -5,6 +5,8 @@
 //! - `<base:020>.index`: offset index of a closed segment, written on roll.
 //! - `high-watermark`, `leader-epochs`, `log-start`: checkpoints, each
 //!   replaced atomically (temp file + rename).
+//! - `<base:020>.deleted`: a segment retention released, freed a piece at
+//!   a time (see `Retired`); removed on open if a crash left it.
 //!
 //! Recovery trusts a closed segment's index only when it is intact and
 //! matches the segment's size; otherwise it scans the segment. The active
@@ -63,9 +65,26 @@ struct Segment {
     size: u64,
 }
 
+/// A segment retention released, renamed out of the log and shrunk from
+/// its end a piece per `delete_prefix` call until it is gone. Why: removing
+/// a 64 MiB file at once held the partition's only store thread for 10-38
+/// ms (the kernel frees every cached page and extent in that call), which
+/// stalled every append behind it, as Kafka avoids by deleting segments
+/// from a background thread. A guest has no thread of its own, so it pays
+/// as it goes: each call frees at least as many bytes as it released.
+struct Retired {
+    name: String,
+    file: Descriptor,
+    size: u64,
+}
+
+/// The least a `delete_prefix` call frees of retired segments.
+const FREE_AT_LEAST: u64 = 1024 * 1024;
+
 const HW_FILE: &str = "high-watermark";
 const EPOCH_FILE: &str = "leader-epochs";
 const START_FILE: &str = "log-start";
+const RETIRED_SUFFIX: &str = ".deleted";
 const INDEX_MAGIC: &[u8; 4] = b"RIX1";
 const INDEX_ENTRY: usize = 32;
 const SCAN_WINDOW: u64 = 1024 * 1024;
@@ -85,6 +104,8 @@ pub struct FileLog {
     /// `log-start` checkpoint was last written; written at `sync` (flush)
     /// and on close. See `delete_prefix` for why that is enough.
     start_pending: bool,
+    /// Released segments not yet freed, oldest first.
+    retired: Vec<Retired>,
     /// What recovery did, for the host's log.
     pub recovery_notes: Vec<String>,
 }
@@ -107,7 +128,9 @@ impl FileLog {
         let mut bases = Vec::new();
         let mut stray = Vec::new();
         for name in fs::list(&dir)? {
-            if name.ends_with(".tmp") {
+            if name.ends_with(".tmp") || name.ends_with(RETIRED_SUFFIX) {
+                // Half-written checkpoints, and segments retention released
+                // before a crash: nothing in either belongs to the log.
                 fs::remove(&dir, &name)?;
             } else if let Some(b) = name.strip_suffix(".log") {
                 match b.parse::<u64>() {
@@ -132,6 +155,7 @@ impl FileLog {
             unsynced: false,
             unindexed: Vec::new(),
             start_pending: false,
+            retired: Vec::new(),
             recovery_notes: Vec::new(),
         };
         for name in stray {
@@ -255,31 +279,69 @@ impl FileLog {
     fn drop_files(&self, bases: &[u64]) -> FsResult<()> {
         let mut sorted = bases.to_vec();
         sorted.sort_unstable();
-        self.remove_in_order(sorted.iter().rev())
-    }
-
-    /// Remove the segments at the start of the log, lowest offset first:
-    /// a crash midway must leave a contiguous suffix, where highest-first
-    /// would leave a gap that recovery refuses as corruption.
-    fn drop_prefix_files(&self, bases: &[u64]) -> FsResult<()> {
-        let mut sorted = bases.to_vec();
-        sorted.sort_unstable();
-        self.remove_in_order(sorted.iter())
-    }
-
-    fn remove_in_order<'a>(&self, bases: impl Iterator<Item = &'a u64>) -> FsResult<()> {
-        let mut removed = false;
-        for &b in bases {
-            // Index first: a segment without one is only scanned on open.
+        for &b in sorted.iter().rev() {
             fs::remove(&self.dir, &index_name(b))?;
             fs::remove(&self.dir, &seg_name(b))?;
-            removed = true;
         }
-        // Most retention steps remove no file: no directory sync for them.
-        if removed {
+        if !sorted.is_empty() {
             fs::sync_dir(&self.dir);
         }
         Ok(())
+    }
+
+    /// Take the segments at the start of the log out of it, lowest offset
+    /// first: a crash midway must leave a contiguous suffix, where highest
+    /// first would leave a gap that recovery refuses as corruption. Each
+    /// loses its index and is renamed to `.deleted`, which open removes;
+    /// its space is freed later by `free_retired`.
+    fn retire(&mut self, bases: &[u64]) -> FsResult<()> {
+        let mut sorted = bases.to_vec();
+        sorted.sort_unstable();
+        for b in sorted {
+            let i = self.segments.partition_point(|s| s.base < b);
+            if self.segments.get(i).is_none_or(|s| s.base != b) {
+                continue;
+            }
+            let seg = self.segments.remove(i);
+            fs::remove(&self.dir, &index_name(b))?;
+            let name = format!("{b:020}{RETIRED_SUFFIX}");
+            self.dir
+                .rename_at(&seg.name, &self.dir, &name)
+                .map_err(|e| fs::err("rename", &seg.name, e))?;
+            self.retired.push(Retired {
+                name,
+                file: seg.file,
+                size: seg.size,
+            });
+        }
+        if !bases.is_empty() {
+            fs::sync_dir(&self.dir);
+        }
+        Ok(())
+    }
+
+    /// Free up to `budget` bytes of retired segments, oldest first, by
+    /// shrinking them from the end; an emptied one is removed. Best effort:
+    /// a failure leaves the file for the next call (or the next open).
+    fn free_retired(&mut self, mut budget: u64) {
+        while budget > 0 {
+            let Some(r) = self.retired.first_mut() else {
+                return;
+            };
+            let cut = budget.min(r.size);
+            if r.file.set_size(r.size - cut).is_err() {
+                return;
+            }
+            r.size -= cut;
+            budget -= cut;
+            if r.size == 0 {
+                let r = self.retired.remove(0);
+                drop(r.file);
+                if fs::remove(&self.dir, &r.name).is_err() {
+                    return;
+                }
+            }
+        }
     }
 
     fn write_start(&mut self) -> FsResult<()> {
@@ -466,6 +528,7 @@ impl FileLog {
     }
 
     pub fn sync(&mut self) -> Result<(), Error> {
+        self.free_retired(u64::MAX);
         if self.start_pending {
             self.write_start()?;
         }
@@ -588,7 +651,12 @@ impl FileLog {
             fs::write_atomic(&self.dir, START_FILE, format!("{offset}\n").as_bytes())?;
             self.start_pending = false;
         }
-        self.index.delete_prefix(offset);
+        let released: u64 = self
+            .index
+            .delete_prefix(offset)
+            .iter()
+            .map(|e| u64::from(e.len))
+            .sum();
         // Empty exactly when `resets`: a batch that ends past `offset` stays.
         if self.index.is_empty() {
             // Nothing left (or a reset past the end): start afresh at `offset`.
@@ -610,9 +678,9 @@ impl FileLog {
                 .map(|s| s.base)
                 .filter(|&b| b < keep_from)
                 .collect();
-            self.segments.retain(|s| s.base >= keep_from);
-            self.drop_prefix_files(&gone)?;
+            self.retire(&gone)?;
             self.start_pending = true;
+            self.free_retired(released.max(FREE_AT_LEAST));
         }
         self.index.set_log_start(offset);
         Ok(())
@@ -648,8 +716,10 @@ impl FileLog {
 
 impl Drop for FileLog {
     /// A clean close keeps the exact log start (best effort: if this fails,
-    /// the start is the first segment's base on open, as after a crash).
+    /// the start is the first segment's base on open, as after a crash)
+    /// and leaves no retired segment behind.
     fn drop(&mut self) {
+        self.free_retired(u64::MAX);
         if self.start_pending {
             let _ = self.write_start();
         }
