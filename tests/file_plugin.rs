@@ -470,5 +470,15 @@ async fn a_segment_retention_released_is_freed_a_piece_per_call_and_a_crash_leav
         assert!(step < second + 10, "an 8 MiB segment took too many calls");
     }
     assert!(retired(dir.path()).is_empty());
+
+    // A reset retires nothing for later: what was retired goes with it.
+    let third = base_of(&segments(dir.path())[1]);
+    log.delete_prefix(third - 1).await.expect("delete prefix");
+    log.delete_prefix(third + 1)
+        .await
+        .expect("retire the second");
+    assert_eq!(retired(dir.path()).len(), 1, "paced again");
+    log.delete_prefix(1_000).await.expect("reset past the end");
+    assert!(retired(dir.path()).is_empty(), "a reset frees everything");
     log.close().await;
 }

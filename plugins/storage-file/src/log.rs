@@ -663,6 +663,9 @@ impl FileLog {
             let all: Vec<u64> = self.segments.iter().map(|s| s.base).collect();
             self.segments.clear();
             self.drop_files(&all)?;
+            // A reset removes everything at once anyway (it is rare); no
+            // retention call may follow soon to free what is retired.
+            self.free_retired(u64::MAX);
             let at = self.index.log_end();
             self.index = OffsetIndex::empty_at(at);
             self.create_segment(at)?;
