@@ -29,15 +29,30 @@ async fn fill(log: &PluginLog, batches: u64) {
     fill_from(log, 0, batches).await;
 }
 
-fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
+/// The files of `dir` named `*.<ext>`, sorted (by base offset, for the
+/// plugin's zero-padded names).
+fn files_ending(dir: &Path, ext: &str) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(dir)
         .expect("dir")
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .filter(|p| p.extension().is_some_and(|e| e == ext))
         .collect();
     v.sort();
     v
+}
+
+fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
+    files_ending(dir, "log")
+}
+
+/// Batch `i`: one record of `len` bytes, each `i as u8`.
+fn batch_of(i: u64, len: usize) -> Bytes {
+    let r = Record {
+        value: Bytes::from(vec![i as u8; len]),
+        ..Default::default()
+    };
+    batch::encode(i, 1, &[r]).expect("encode")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,13 +167,7 @@ async fn an_unsynced_closed_segment_is_cut_like_a_torn_tail() {
 
 async fn fill_from(log: &PluginLog, from: u64, batches: u64) {
     for i in from..from + batches {
-        let r = Record {
-            value: Bytes::from(vec![i as u8; 500]),
-            ..Default::default()
-        };
-        log.append(batch::encode(i, 1, &[r]).expect("encode"))
-            .await
-            .expect("append");
+        log.append(batch_of(i, 500)).await.expect("append");
     }
 }
 
@@ -333,15 +342,7 @@ async fn a_retention_move_is_checkpointed_at_flush_and_a_crash_before_keeps_ever
         })
     );
     let r = log.read(second, 1).await.expect("read at the start");
-    let want = batch::encode(
-        second,
-        1,
-        &[Record {
-            value: Bytes::from(vec![second as u8; 500]),
-            ..Default::default()
-        }],
-    )
-    .expect("encode");
+    let want = batch_of(second, 500);
     assert_eq!(r, want, "the batch at the recovered start is intact");
     log.close().await;
 
@@ -387,18 +388,13 @@ async fn retention_removes_segments_lowest_first_because_a_gap_is_refused() {
 }
 
 fn retired(dir: &Path) -> Vec<(std::path::PathBuf, u64)> {
-    let mut v: Vec<_> = std::fs::read_dir(dir)
-        .expect("dir")
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "deleted"))
+    files_ending(dir, "deleted")
+        .into_iter()
         .map(|p| {
             let len = std::fs::metadata(&p).expect("meta").len();
             (p, len)
         })
-        .collect();
-    v.sort();
-    v
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -412,13 +408,7 @@ async fn a_segment_retention_released_is_freed_a_piece_per_call_and_a_crash_leav
         .open("t", 0, eight_mib.clone(), Some(dir.path()))
         .await
         .expect("open");
-    let big = |i: u64| {
-        let r = Record {
-            value: Bytes::from(vec![i as u8; 64 * 1024]),
-            ..Default::default()
-        };
-        batch::encode(i, 1, &[r]).expect("encode")
-    };
+    let big = |i: u64| batch_of(i, 64 * 1024);
     for i in 0..300 {
         log.append(big(i)).await.expect("append");
     }

@@ -289,22 +289,17 @@ impl FileLog {
         Ok(())
     }
 
-    /// Take the segments at the start of the log out of it, lowest offset
+    /// Take the segments below `base` out of the log, lowest offset
     /// first: a crash midway must leave a contiguous suffix, where highest
     /// first would leave a gap that recovery refuses as corruption. Each
     /// loses its index and is renamed to `.deleted`, which open removes;
     /// its space is freed later by `free_retired`.
-    fn retire(&mut self, bases: &[u64]) -> FsResult<()> {
-        let mut sorted = bases.to_vec();
-        sorted.sort_unstable();
-        for b in sorted {
-            let i = self.segments.partition_point(|s| s.base < b);
-            if self.segments.get(i).is_none_or(|s| s.base != b) {
-                continue;
-            }
-            let seg = self.segments.remove(i);
-            fs::remove(&self.dir, &index_name(b))?;
-            let name = format!("{b:020}{RETIRED_SUFFIX}");
+    fn retire_before(&mut self, base: u64) -> FsResult<()> {
+        let n = self.segments.partition_point(|s| s.base < base);
+        let gone: Vec<Segment> = self.segments.drain(..n).collect();
+        for seg in gone {
+            fs::remove(&self.dir, &index_name(seg.base))?;
+            let name = format!("{:020}{RETIRED_SUFFIX}", seg.base);
             self.dir
                 .rename_at(&seg.name, &self.dir, &name)
                 .map_err(|e| fs::err("rename", &seg.name, e))?;
@@ -314,7 +309,7 @@ impl FileLog {
                 size: seg.size,
             });
         }
-        if !bases.is_empty() {
+        if n > 0 {
             fs::sync_dir(&self.dir);
         }
         Ok(())
@@ -335,9 +330,9 @@ impl FileLog {
             r.size -= cut;
             budget -= cut;
             if r.size == 0 {
-                let r = self.retired.remove(0);
-                drop(r.file);
-                if fs::remove(&self.dir, &r.name).is_err() {
+                // Dropping the entry closes the file before its removal.
+                let name = self.retired.remove(0).name;
+                if fs::remove(&self.dir, &name).is_err() {
                     return;
                 }
             }
@@ -675,13 +670,7 @@ impl FileLog {
                 .get(0)
                 .map(|e| e.loc.segment)
                 .ok_or(Error::OutOfRange)?;
-            let gone: Vec<u64> = self
-                .segments
-                .iter()
-                .map(|s| s.base)
-                .filter(|&b| b < keep_from)
-                .collect();
-            self.retire(&gone)?;
+            self.retire_before(keep_from)?;
             self.start_pending = true;
             self.free_retired(released.max(FREE_AT_LEAST));
         }
