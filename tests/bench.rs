@@ -68,6 +68,22 @@ fn a_short_run_measures_everything_it_reports() {
     for w in workloads {
         assert!(all.contains(w), "{w} is not one of the rounds");
     }
+    let rounds: Vec<u64> = all.iter().filter_map(|w| w["round"].as_u64()).collect();
+    assert_eq!(
+        rounds,
+        [1, 1, 1, 1, 2, 2, 2, 2],
+        "each result names its round"
+    );
+    // One raw-quinn run per round, the best of them the baseline.
+    let raws = report["raw_quinn_rounds"]
+        .as_array()
+        .expect("raw_quinn_rounds");
+    assert_eq!(raws.len(), 2, "{raws:?}");
+    let best_raw = raws
+        .iter()
+        .filter_map(|r| r["mb_per_s"].as_f64())
+        .fold(0.0, f64::max);
+    assert_eq!(report["raw_quinn"]["mb_per_s"].as_f64(), Some(best_raw));
     assert_eq!(workloads[0]["storage"], "native");
     for w in workloads {
         let messages = w["messages"].as_u64().unwrap_or(0);
@@ -99,12 +115,27 @@ fn a_short_run_measures_everything_it_reports() {
         assert!((400.0..30_000.0).contains(&ms), "{f}");
     }
     let checks = report["checks"].as_array().expect("checks");
-    assert!(
+    let check = |name: &str| {
         checks
             .iter()
-            .any(|c| c["name"] == "wasm memory / native, workload d"),
-        "{checks:?}"
-    );
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no check {name}: {checks:?}"))
+    };
+    // Each ratio also says how it moved from round to round.
+    for (name, says) in [
+        (
+            "wasm memory / native, workload d",
+            "each against native in the same round: ",
+        ),
+        (
+            "memory: replicated / raw quinn",
+            "against the raw run each began with: ",
+        ),
+    ] {
+        let detail = check(name)["detail"].as_str().unwrap_or("");
+        let per_round = detail.split(says).nth(1).unwrap_or("");
+        assert_eq!(per_round.split(", ").count(), 2, "{name}: {detail}");
+    }
     let chart = std::fs::read_to_string(out.path().join("chart.svg")).expect("chart.svg");
     assert_eq!(chart.matches("<title>").count(), 4, "one bar per result");
     let saved = std::fs::read_to_string(out.path().join("results.json")).expect("results.json");

@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use anyhow::Context as _;
 use serde::Serialize;
 
 use super::fresh_memory::FreshMemory;
@@ -58,7 +59,10 @@ impl Check {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub setup: Setup,
+    /// The best raw-quinn run: the baseline the checks divide by.
     pub raw_quinn: RawQuinn,
+    /// Every raw-quinn run, one at the start of each round, in order.
+    pub raw_quinn_rounds: Vec<RawQuinn>,
     /// First touch of fresh memory on this machine (best round).
     pub fresh_memory: FreshMemory,
     /// The best round of each (storage, workload): what the table shows
@@ -106,17 +110,24 @@ const THROUGHPUT: [&str; 3] = ["b", "c", "d"];
 
 impl Report {
     /// A report of every round measured (`all_rounds`, in the order run)
-    /// and the raw-quinn baseline's best run.
+    /// and the raw-quinn run each round began with (`raw_runs[k - 1]` for
+    /// round k); the best of those is the baseline.
     pub fn new(
         setup: Setup,
-        raw_quinn: RawQuinn,
+        raw_runs: Vec<RawQuinn>,
         fresh_memory: FreshMemory,
         all_rounds: Vec<WorkloadResult>,
         failover: Vec<FailoverResult>,
-    ) -> Report {
+    ) -> anyhow::Result<Report> {
+        let raw_quinn = raw_runs
+            .iter()
+            .max_by(|a, b| a.mb_per_s.total_cmp(&b.mb_per_s))
+            .cloned()
+            .context("no raw-quinn run")?;
         let mut r = Report {
             setup,
             raw_quinn,
+            raw_quinn_rounds: raw_runs,
             fresh_memory,
             workloads: best_rounds(&all_rounds),
             all_rounds,
@@ -124,7 +135,7 @@ impl Report {
             checks: Vec::new(),
         };
         r.checks = r.compute_checks();
-        r
+        Ok(r)
     }
 
     fn find(&self, storage: &str, workload: &str) -> Option<&WorkloadResult> {
@@ -140,6 +151,35 @@ impl Report {
 
     fn workload_keys(&self) -> Vec<&str> {
         distinct(self.workloads.iter().map(|w| w.workload.as_str()))
+    }
+
+    /// A ratio taken within each round (`f(round, that round's raw run)`),
+    /// its two sides minutes apart rather than rounds apart: how far it
+    /// moves from round to round. None with a single round, where the
+    /// check's own figure is that round's.
+    fn by_round(&self, f: impl Fn(u32, &RawQuinn) -> Option<f64>) -> Option<Vec<f64>> {
+        if self.raw_quinn_rounds.len() < 2 {
+            return None;
+        }
+        let ratios: Vec<f64> = self
+            .raw_quinn_rounds
+            .iter()
+            .zip(1u32..)
+            .filter_map(|(raw, round)| f(round, raw))
+            .filter(|r| r.is_finite())
+            .collect();
+        (!ratios.is_empty()).then_some(ratios)
+    }
+
+    /// The highest MB/s of `storage` in `round` among `workloads`.
+    fn best_in_round(&self, round: u32, storage: &str, workloads: &[&str]) -> Option<f64> {
+        self.all_rounds
+            .iter()
+            .filter(|w| {
+                w.round == round && w.storage == storage && workloads.contains(&w.workload.as_str())
+            })
+            .map(|w| w.mb_per_s)
+            .max_by(f64::total_cmp)
     }
 
     fn compute_checks(&self) -> Vec<Check> {
@@ -180,6 +220,11 @@ impl Report {
                         } else {
                             String::new()
                         },
+                    ) + &round_by_round(
+                        "against the raw run each began with",
+                        self.by_round(|round, raw| {
+                            Some(self.best_in_round(round, storage, &THROUGHPUT)? / raw.mb_per_s)
+                        }),
                     ),
                 ));
             }
@@ -207,7 +252,16 @@ impl Report {
                     wasm.mb_per_s / native.mb_per_s,
                     ">=",
                     0.9,
-                    format!("{:.1} vs {:.1} MB/s", wasm.mb_per_s, native.mb_per_s),
+                    format!("{:.1} vs {:.1} MB/s", wasm.mb_per_s, native.mb_per_s)
+                        + &round_by_round(
+                            "each against native in the same round",
+                            self.by_round(|round, _| {
+                                Some(
+                                    self.best_in_round(round, "memory", &[k])?
+                                        / self.best_in_round(round, "native", &[k])?,
+                                )
+                            }),
+                        ),
                 ));
             }
         }
@@ -253,11 +307,25 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "raw quinn, one connection between two processes: {:.1} MB/s ({} MB in {:.2} s), {:.1} CPU s/GB (both ends)",
+            "raw quinn, one connection between two processes: {:.1} MB/s ({} MB in {:.2} s), {:.1} CPU s/GB (both ends){}",
             self.raw_quinn.mb_per_s,
             self.raw_quinn.bytes / 1_000_000,
             self.raw_quinn.seconds,
-            self.raw_quinn.cpu_s_per_gb
+            self.raw_quinn.cpu_s_per_gb,
+            if self.raw_quinn_rounds.len() > 1 {
+                let runs: Vec<String> = self
+                    .raw_quinn_rounds
+                    .iter()
+                    .map(|r| format!("{:.1}", r.mb_per_s))
+                    .collect();
+                format!(
+                    "; the best of {} runs, one per round: {} MB/s",
+                    runs.len(),
+                    runs.join(", ")
+                )
+            } else {
+                String::new()
+            }
         );
         let _ = writeln!(
             out,
@@ -480,6 +548,15 @@ impl Report {
     }
 }
 
+/// "; round by round, <how>: 0.241, 0.266" for a check's detail, or
+/// nothing without rounds to show.
+fn round_by_round(how: &str, ratios: Option<Vec<f64>>) -> String {
+    ratios.map_or_else(String::new, |r| {
+        let r: Vec<String> = r.iter().map(|x| format!("{x:.3}")).collect();
+        format!("; round by round, {how}: {}", r.join(", "))
+    })
+}
+
 /// `items` without repeats, first occurrences in order.
 fn distinct<'a>(items: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
     let mut out: Vec<&str> = Vec::new();
@@ -504,6 +581,7 @@ mod tests {
 
     fn result(storage: &str, workload: &str, mb: f64, p99: f64) -> WorkloadResult {
         WorkloadResult {
+            round: 1,
             storage: storage.into(),
             workload: workload.into(),
             title: format!("w{workload}"),
@@ -524,7 +602,20 @@ mod tests {
         }
     }
 
+    fn raw(mb_per_s: f64) -> RawQuinn {
+        RawQuinn {
+            bytes: 1,
+            seconds: 1.0,
+            mb_per_s,
+            cpu_s_per_gb: 4.0,
+        }
+    }
+
     fn report(workloads: Vec<WorkloadResult>) -> Report {
+        report_of_rounds(vec![raw(400.0)], workloads)
+    }
+
+    fn report_of_rounds(raw_runs: Vec<RawQuinn>, workloads: Vec<WorkloadResult>) -> Report {
         Report::new(
             Setup {
                 nodes: 3,
@@ -535,15 +626,10 @@ mod tests {
                 warmup_s: 1.0,
                 window_s: 5.0,
                 cores: 2,
-                rounds: 1,
+                rounds: raw_runs.len() as u32,
                 retention_mb: 64,
             },
-            RawQuinn {
-                bytes: 1,
-                seconds: 1.0,
-                mb_per_s: 400.0,
-                cpu_s_per_gb: 4.0,
-            },
+            raw_runs,
             FreshMemory {
                 gb_per_s: 2.0,
                 us_per_page: 2.0,
@@ -552,6 +638,7 @@ mod tests {
             workloads,
             Vec::new(),
         )
+        .expect("a report of at least one raw run")
     }
 
     #[test]
@@ -617,6 +704,85 @@ mod tests {
             table.contains("MISSED") && table.contains("[met]"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn the_baseline_is_the_best_raw_run_and_each_round_is_also_paired_with_its_own() {
+        let in_round = |round, storage, workload, mb| WorkloadResult {
+            round,
+            ..result(storage, workload, mb, 5.0)
+        };
+        let r = report_of_rounds(
+            vec![raw(400.0), raw(500.0)],
+            vec![
+                in_round(1, "memory", "b", 90.0),
+                in_round(1, "memory", "d", 110.0),
+                in_round(2, "memory", "d", 100.0),
+                in_round(2, "memory", "b", 120.0),
+                // Not a throughput workload: never the best of a round.
+                in_round(2, "memory", "a", 900.0),
+                in_round(1, "native", "d", 130.0),
+                in_round(2, "native", "d", 80.0),
+            ],
+        );
+        assert_eq!(r.raw_quinn.mb_per_s, 500.0);
+        assert_eq!(r.raw_quinn_rounds.len(), 2);
+        let memory = r
+            .checks
+            .iter()
+            .find(|c| c.name == "memory: replicated / raw quinn")
+            .expect("memory's check");
+        // The check: the best row (120, round 2) against the best raw run.
+        assert!((memory.value - 120.0 / 500.0).abs() < 1e-9 && !memory.met);
+        // Round 1: 110 / 400; round 2: 120 / 500.
+        assert!(
+            memory
+                .detail
+                .ends_with("round by round, against the raw run each began with: 0.275, 0.240"),
+            "{}",
+            memory.detail
+        );
+        // Native: 130 / 400 in round 1, 80 / 500 in round 2.
+        let native = r
+            .checks
+            .iter()
+            .find(|c| c.name == "native: replicated / raw quinn");
+        assert!(
+            native.is_some_and(|c| c.detail.ends_with("began with: 0.325, 0.160")),
+            "{native:?}"
+        );
+        // wasm / native: the best rows (120 of memory b has no native b),
+        // and round by round, d against d of the same round.
+        let d = r
+            .checks
+            .iter()
+            .find(|c| c.name == "wasm memory / native, workload d")
+            .expect("d's check");
+        assert!((d.value - 110.0 / 130.0).abs() < 1e-9);
+        assert!(
+            d.detail
+                .ends_with("round by round, each against native in the same round: 0.846, 1.250"),
+            "{}",
+            d.detail
+        );
+        assert!(
+            r.table()
+                .contains("the best of 2 runs, one per round: 400.0, 500.0 MB/s"),
+            "{}",
+            r.table()
+        );
+        // One round: no per-round figures.
+        let one = report(vec![result("memory", "d", 110.0, 5.0)]);
+        assert!(!one.table().contains("round by round") && !one.table().contains("best of"));
+        // No raw run at all is an error, not a division by nothing.
+        let none = Report::new(
+            one.setup.clone(),
+            Vec::new(),
+            one.fresh_memory.clone(),
+            Vec::new(),
+            Vec::new(),
+        );
+        assert!(none.is_err());
     }
 
     #[test]

@@ -99,6 +99,9 @@ impl Latency {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct WorkloadResult {
+    /// The round (from 1) this was measured in: its raw-quinn run is the
+    /// one that round started with.
+    pub round: u32,
     pub storage: String,
     pub workload: String,
     pub title: String,
@@ -218,6 +221,8 @@ pub async fn run(
     let messages = requests * w.records_per_request as u64;
     let bytes = messages * size as u64;
     Ok(WorkloadResult {
+        // Set by the caller, which knows the round.
+        round: 0,
         storage: storage.to_string(),
         workload: w.key.to_string(),
         title: w.title.to_string(),
