@@ -283,7 +283,7 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{} nodes, RF {}, min.insync {}, acks={}, {} B incompressible messages; {:.0} s warm-up + {:.0} s measured per workload; {} cores; {}\nCPU columns: CPU seconds per GB committed, of the three nodes together and of the producing client",
+            "{} nodes, RF {}, min.insync {}, acks={}, {} B incompressible messages; {} s warm-up + {} s measured per workload; {} cores; {}\nCPU columns: CPU seconds per GB committed, of the three nodes together and of the producing client",
             s.nodes,
             s.replication_factor,
             s.min_insync,
@@ -772,8 +772,15 @@ mod tests {
             r.table()
         );
         // One round: no per-round figures.
-        let one = report(vec![result("memory", "d", 110.0, 5.0)]);
+        let mut one = report(vec![result("memory", "d", 110.0, 5.0)]);
         assert!(!one.table().contains("round by round") && !one.table().contains("best of"));
+        // Fractions of a second are printed as given.
+        one.setup.warmup_s = 0.5;
+        assert!(
+            one.table().contains("0.5 s warm-up + 5 s measured"),
+            "{}",
+            one.table()
+        );
         // No raw run at all is an error, not a division by nothing.
         let none = Report::new(
             one.setup.clone(),
