@@ -137,7 +137,16 @@ fn a_short_run_measures_everything_it_reports() {
         assert_eq!(per_round.split(", ").count(), 2, "{name}: {detail}");
     }
     let chart = std::fs::read_to_string(out.path().join("chart.svg")).expect("chart.svg");
-    assert_eq!(chart.matches("<title>").count(), 4, "one bar per result");
+    assert_eq!(
+        chart.matches("</title></rect>").count(),
+        4,
+        "one bar per row"
+    );
+    assert_eq!(
+        chart.matches(r#"class="rounds""#).count(),
+        4,
+        "and in each, the spread of its 2 rounds"
+    );
     let saved = std::fs::read_to_string(out.path().join("results.json")).expect("results.json");
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&saved).expect("JSON"),

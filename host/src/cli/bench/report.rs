@@ -477,6 +477,28 @@ impl Report {
                         top_y - 3.0,
                         r.mb_per_s
                     );
+                    // How far the rounds were apart: a line inside the
+                    // bar from the slowest round up to the best.
+                    let rounds: Vec<f64> = self
+                        .all_rounds
+                        .iter()
+                        .filter(|w| w.storage == *storage && w.workload == *key)
+                        .map(|w| w.mb_per_s)
+                        .collect();
+                    let slowest = rounds.iter().copied().fold(f64::INFINITY, f64::min);
+                    if rounds.len() > 1 && slowest.is_finite() {
+                        let (cx, low_y) = (x + bar_w * 0.47, y(slowest));
+                        let each: Vec<String> = rounds.iter().map(|m| format!("{m:.1}")).collect();
+                        let _ = writeln!(
+                            s,
+                            r##"<g class="rounds" stroke="#222"><title>{} {}, each round: {} MB/s</title><line x1="{cx:.1}" x2="{cx:.1}" y1="{low_y:.1}" y2="{top_y:.1}"/><line x1="{:.1}" x2="{:.1}" y1="{low_y:.1}" y2="{low_y:.1}"/></g>"##,
+                            xml_escape(storage),
+                            xml_escape(key),
+                            each.join(", "),
+                            cx - bar_w * 0.2,
+                            cx + bar_w * 0.2,
+                        );
+                    }
                 }
             }
             let title = self
@@ -541,6 +563,15 @@ impl Report {
                 lx + 16.0,
                 h - 16.0,
                 xml_escape(storage)
+            );
+        }
+        if self.raw_quinn_rounds.len() > 1 {
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="end">bar: best of {} rounds; line in it: slowest round to best</text>"#,
+                w - 22.0,
+                h - 16.0,
+                self.raw_quinn_rounds.len()
             );
         }
         let _ = writeln!(s, "</svg>");
@@ -820,5 +851,62 @@ mod tests {
         assert_eq!(svg.matches("<title>").count(), 3);
         assert!(svg.contains("0.25 x raw quinn (target): 100 MB/s"));
         assert!(!svg.contains("d<&>") && svg.contains("memory d&lt;&amp;&gt;: 70.0 MB/s"));
+        // One round: nothing to spread.
+        assert!(!svg.contains(r#"class="rounds""#) && !svg.contains("best of"));
+    }
+
+    #[test]
+    fn the_chart_shows_how_far_the_rounds_were_apart() {
+        let in_round = |round, storage, workload, mb| WorkloadResult {
+            round,
+            ..result(storage, workload, mb, 5.0)
+        };
+        let r = report_of_rounds(
+            vec![raw(400.0), raw(400.0)],
+            vec![
+                in_round(1, "memory", "d", 100.0),
+                in_round(1, "native", "d", 120.0),
+                in_round(2, "native", "d", 60.0),
+                in_round(2, "memory", "d", 150.0),
+            ],
+        );
+        let svg = r.svg();
+        assert_eq!(svg.matches(r#"class="rounds""#).count(), 2, "{svg}");
+        assert!(
+            svg.contains("memory d, each round: 100.0, 150.0 MB/s"),
+            "{svg}"
+        );
+        assert!(
+            svg.contains("native d, each round: 120.0, 60.0 MB/s"),
+            "{svg}"
+        );
+        assert!(svg.contains("bar: best of 2 rounds"));
+        // The bar is the best round; the line runs from the slowest up to it.
+        let bar_top = |label: &str| -> f64 {
+            let at = svg.find(label).expect("bar title");
+            let rect = &svg[svg[..at].rfind("<rect").expect("rect")..at];
+            let y = rect
+                .split(r#" y=""#)
+                .nth(1)
+                .and_then(|v| v.split('"').next());
+            y.and_then(|v| v.parse().ok()).expect("y of the bar")
+        };
+        let line = svg
+            .split(r#"class="rounds""#)
+            .nth(2)
+            .and_then(|g| g.split("<line ").nth(1))
+            .expect("native's line");
+        let attr = |name: &str| -> f64 {
+            line.split(&format!(r#"{name}=""#))
+                .nth(1)
+                .and_then(|v| v.split('"').next())
+                .and_then(|v| v.parse().ok())
+                .expect("attribute")
+        };
+        assert_eq!(attr("y2"), bar_top("native d: 120.0 MB/s"));
+        assert!(
+            attr("y1") > attr("y2"),
+            "the slowest round is lower: {line}"
+        );
     }
 }
