@@ -633,6 +633,14 @@ mod tests {
         }
     }
 
+    /// A throughput row measured in `round`.
+    fn in_round(round: u32, storage: &str, workload: &str, mb: f64) -> WorkloadResult {
+        WorkloadResult {
+            round,
+            ..result(storage, workload, mb, 5.0)
+        }
+    }
+
     fn raw(mb_per_s: f64) -> RawQuinn {
         RawQuinn {
             bytes: 1,
@@ -739,10 +747,6 @@ mod tests {
 
     #[test]
     fn the_baseline_is_the_best_raw_run_and_each_round_is_also_paired_with_its_own() {
-        let in_round = |round, storage, workload, mb| WorkloadResult {
-            round,
-            ..result(storage, workload, mb, 5.0)
-        };
         let r = report_of_rounds(
             vec![raw(400.0), raw(500.0)],
             vec![
@@ -857,10 +861,6 @@ mod tests {
 
     #[test]
     fn the_chart_shows_how_far_the_rounds_were_apart() {
-        let in_round = |round, storage, workload, mb| WorkloadResult {
-            round,
-            ..result(storage, workload, mb, 5.0)
-        };
         let r = report_of_rounds(
             vec![raw(400.0), raw(400.0)],
             vec![
