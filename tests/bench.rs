@@ -135,6 +135,13 @@ fn a_short_run_measures_everything_it_reports() {
         let detail = check(name)["detail"].as_str().unwrap_or("");
         let per_round = detail.split(says).nth(1).unwrap_or("");
         assert_eq!(per_round.split(", ").count(), 2, "{name}: {detail}");
+        // And for machines, as numbers.
+        let by_round = check(name)["by_round"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(by_round.len(), 2, "{name}: {by_round:?}");
+        assert!(by_round.iter().all(|r| r.as_f64().is_some_and(|r| r > 0.0)));
     }
     let chart = std::fs::read_to_string(out.path().join("chart.svg")).expect("chart.svg");
     assert_eq!(

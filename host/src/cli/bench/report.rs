@@ -37,6 +37,10 @@ pub struct Check {
     pub target: f64,
     pub met: bool,
     pub detail: String,
+    /// With `--rounds` ≥ 2: the same ratio taken within each round, in
+    /// order (see `Report::by_round`); the detail says against what.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub by_round: Vec<f64>,
 }
 
 impl Check {
@@ -52,7 +56,19 @@ impl Check {
             target,
             met,
             detail,
+            by_round: Vec::new(),
         }
+    }
+
+    /// Add the ratio round by round, `how` saying what each is taken
+    /// against ("; round by round, <how>: 0.241, 0.266" in the detail).
+    fn with_rounds(mut self, how: &str, ratios: Option<Vec<f64>>) -> Check {
+        if let Some(r) = ratios {
+            let each: Vec<String> = r.iter().map(|x| format!("{x:.3}")).collect();
+            let _ = write!(self.detail, "; round by round, {how}: {}", each.join(", "));
+            self.by_round = r;
+        }
+        self
     }
 }
 
@@ -220,12 +236,13 @@ impl Report {
                         } else {
                             String::new()
                         },
-                    ) + &round_by_round(
-                        "against the raw run each began with",
-                        self.by_round(|round, raw| {
-                            Some(self.best_in_round(round, storage, &THROUGHPUT)? / raw.mb_per_s)
-                        }),
                     ),
+                )
+                .with_rounds(
+                    "against the raw run each began with",
+                    self.by_round(|round, raw| {
+                        Some(self.best_in_round(round, storage, &THROUGHPUT)? / raw.mb_per_s)
+                    }),
                 ));
             }
             if let Some(a) = self.find(storage, "a") {
@@ -247,22 +264,24 @@ impl Report {
             if let (Some(wasm), Some(native)) = (self.find("memory", k), self.find("native", k))
                 && native.mb_per_s > 0.0
             {
-                checks.push(Check::new(
-                    format!("wasm memory / native, workload {k}"),
-                    wasm.mb_per_s / native.mb_per_s,
-                    ">=",
-                    0.9,
-                    format!("{:.1} vs {:.1} MB/s", wasm.mb_per_s, native.mb_per_s)
-                        + &round_by_round(
-                            "each against native in the same round",
-                            self.by_round(|round, _| {
-                                Some(
-                                    self.best_in_round(round, "memory", &[k])?
-                                        / self.best_in_round(round, "native", &[k])?,
-                                )
-                            }),
-                        ),
-                ));
+                checks.push(
+                    Check::new(
+                        format!("wasm memory / native, workload {k}"),
+                        wasm.mb_per_s / native.mb_per_s,
+                        ">=",
+                        0.9,
+                        format!("{:.1} vs {:.1} MB/s", wasm.mb_per_s, native.mb_per_s),
+                    )
+                    .with_rounds(
+                        "each against native in the same round",
+                        self.by_round(|round, _| {
+                            Some(
+                                self.best_in_round(round, "memory", &[k])?
+                                    / self.best_in_round(round, "native", &[k])?,
+                            )
+                        }),
+                    ),
+                );
             }
         }
         checks
@@ -579,15 +598,6 @@ impl Report {
     }
 }
 
-/// "; round by round, <how>: 0.241, 0.266" for a check's detail, or
-/// nothing without rounds to show.
-fn round_by_round(how: &str, ratios: Option<Vec<f64>>) -> String {
-    ratios.map_or_else(String::new, |r| {
-        let r: Vec<String> = r.iter().map(|x| format!("{x:.3}")).collect();
-        format!("; round by round, {how}: {}", r.join(", "))
-    })
-}
-
 /// `items` without repeats, first occurrences in order.
 fn distinct<'a>(items: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
     let mut out: Vec<&str> = Vec::new();
@@ -770,6 +780,7 @@ mod tests {
         // The check: the best row (120, round 2) against the best raw run.
         assert!((memory.value - 120.0 / 500.0).abs() < 1e-9 && !memory.met);
         // Round 1: 110 / 400; round 2: 120 / 500.
+        assert_eq!(memory.by_round, [110.0 / 400.0, 120.0 / 500.0]);
         assert!(
             memory
                 .detail
@@ -809,6 +820,7 @@ mod tests {
         // One round: no per-round figures.
         let mut one = report(vec![result("memory", "d", 110.0, 5.0)]);
         assert!(!one.table().contains("round by round") && !one.table().contains("best of"));
+        assert!(one.checks.iter().all(|c| c.by_round.is_empty()));
         // Fractions of a second are printed as given.
         one.setup.warmup_s = 0.5;
         assert!(
