@@ -21,7 +21,11 @@ fn bench(args: &[&str]) -> (bool, String, String) {
 fn a_short_run_measures_everything_it_reports() {
     let out = tempfile::tempdir().expect("tempdir");
     let out_dir = out.path().to_str().expect("utf-8 path");
+    let kept = tempfile::tempdir().expect("tempdir");
+    let kept_dir = kept.path().to_str().expect("utf-8 path");
     let (ok, stdout, stderr) = bench(&[
+        "--dir",
+        kept_dir,
         "--storage",
         "native,memory",
         "--workloads",
@@ -154,10 +158,56 @@ fn a_short_run_measures_everything_it_reports() {
         4,
         "and in each, the spread of its 2 rounds"
     );
+    // The nodes' logs are kept with --dir, as plain text: no colour codes
+    // in a file.
+    let log = std::fs::read_to_string(kept.path().join("cluster-1-0-a").join("node-1.log"))
+        .expect("node 1's log of round 1, native, workload a");
+    assert!(log.contains(" INFO "), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "ANSI escapes in a log file:\n{log}"
+    );
     let saved = std::fs::read_to_string(out.path().join("results.json")).expect("results.json");
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&saved).expect("JSON"),
         report
+    );
+}
+
+#[test]
+fn a_node_that_cannot_start_is_reported_with_its_own_words() {
+    // A file that exists but is no wasm component: only the node finds
+    // out, and its log may be in a temporary directory that is gone by
+    // the time the error is read, so the error quotes it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"not a component").expect("write junk");
+    let out = dir.path().join("out");
+    let (ok, _, stderr) = bench(&[
+        "--storage",
+        junk.to_str().expect("utf-8 path"),
+        "--workloads",
+        "a",
+        "--seconds",
+        "0.2",
+        "--warmup",
+        "0",
+        "--raw-mb",
+        "10",
+        "--failover-rounds",
+        "0",
+        "--out",
+        out.to_str().expect("utf-8 path"),
+    ]);
+    assert!(
+        !ok,
+        "a cluster that cannot start was benchmarked:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("node 1 exited during startup")
+            && stderr.contains("node-1.log:")
+            && stderr.contains("not a valid wasm component"),
+        "{stderr}"
     );
 }
 
@@ -169,6 +219,14 @@ fn bad_arguments_are_refused_before_anything_starts() {
         (&["--seconds", "NaN"][..], "--seconds"),
         (&["--size", "0"][..], "--size"),
         (&["--rounds", "0"][..], "--rounds"),
+        (
+            &["--storage", "memory,nosuch"][..],
+            "unknown storage `nosuch` in --storage; expected one of native, memory, file, s3",
+        ),
+        (
+            &["--storage", "/nonexistent/plugin.wasm"][..],
+            "--storage /nonexistent/plugin.wasm: no such file",
+        ),
     ] {
         let (ok, _, stderr) = bench(args);
         assert!(!ok, "{args:?} was accepted");

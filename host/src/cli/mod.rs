@@ -110,9 +110,13 @@ pub fn main() -> ExitCode {
 fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal as _;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour for a terminal only: `demo` and `bench` send each node's
+        // stderr to a log file, which should read as plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 

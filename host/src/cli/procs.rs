@@ -48,7 +48,12 @@ fn worker_threads() -> usize {
 /// Three node processes; stopped (SIGTERM, then SIGKILL) when dropped.
 pub struct Nodes {
     children: Vec<(u32, Child)>,
+    /// Where their configs and logs are.
+    dir: PathBuf,
 }
+
+/// Lines of a node's log quoted in an error about it.
+const LOG_TAIL_LINES: usize = 8;
 
 impl Nodes {
     pub fn start(dir: &Path, count: u32) -> anyhow::Result<Nodes> {
@@ -56,7 +61,48 @@ impl Nodes {
         for id in 1..=count {
             children.push((id, spawn_node(dir, id, false)?));
         }
-        Ok(Nodes { children })
+        Ok(Nodes {
+            children,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// What node `id`'s log says went wrong, for an error about it: its
+    /// last error and warning lines, or its last lines if it has none.
+    /// Quoted, because the directory holding the log may be a temporary
+    /// one that is gone by the time anyone reads the error.
+    pub fn log_tail(&self, id: u32) -> String {
+        let path = self.dir.join(format!("node-{id}.log"));
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let text = String::from_utf8_lossy(&bytes);
+                let lines: Vec<&str> = text.lines().collect();
+                let bad: Vec<&str> = lines
+                    .iter()
+                    .copied()
+                    .filter(|l| {
+                        let l = l.to_ascii_lowercase();
+                        l.contains("error") || l.contains("warn")
+                    })
+                    .collect();
+                let (what, pick) = if bad.is_empty() {
+                    ("the end of", lines)
+                } else {
+                    ("errors and warnings in", bad)
+                };
+                let tail = &pick[pick.len().saturating_sub(LOG_TAIL_LINES)..];
+                format!(
+                    "{what} {}:\n  {}",
+                    path.display(),
+                    if tail.is_empty() {
+                        "(empty)".to_string()
+                    } else {
+                        tail.join("\n  ")
+                    }
+                )
+            }
+            Err(e) => format!("cannot read {}: {e}", path.display()),
+        }
     }
 
     /// SIGKILL node `id` (no shutdown, no flush: a crash).
@@ -171,7 +217,10 @@ pub async fn wait_for_cluster(c: &Client, nodes: &mut Nodes, want: usize) -> any
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some((id, s)) = nodes.exited() {
-            bail!("node {id} exited during startup ({s}); see its log");
+            bail!(
+                "node {id} exited during startup ({s}); {}",
+                nodes.log_tail(id)
+            );
         }
         if let Ok((brokers, _)) = c.metadata().await
             && brokers.len() >= want

@@ -105,18 +105,46 @@ impl Cluster {
     fn stop(mut self) -> anyhow::Result<()> {
         if let Some((id, status)) = self.nodes.exited() {
             bail!(
-                "node {id} exited during the benchmark ({status}); see {}",
-                self.dir.join(format!("node-{id}.log")).display()
+                "node {id} exited during the benchmark ({status}); {}",
+                self.nodes.log_tail(id)
             );
         }
         let stops = self.nodes.stop();
         if let Some((id, _)) = stops.iter().find(|(_, ok)| !ok) {
             bail!(
-                "node {id} did not shut down cleanly; see {}",
-                self.dir.join(format!("node-{id}.log")).display()
+                "node {id} did not shut down cleanly; {}",
+                self.nodes.log_tail(*id)
             );
         }
         Ok(())
+    }
+}
+
+/// Refuse a `--storage` entry no node could load, before minutes of
+/// measuring: a name that is neither `native` nor a built-in plugin, or a
+/// .wasm path that is not a file. (Whether a file is a storage component
+/// is for the nodes to say; their log is quoted if they refuse it.)
+fn check_storage(storage: &str) -> anyhow::Result<()> {
+    use replicator::node::storage::NATIVE;
+    use replicator::plugin::{PluginSource, builtin};
+    let source: PluginSource = match storage.parse() {
+        Ok(s) => s,
+        Err(never) => match never {},
+    };
+    match source {
+        PluginSource::Builtin(name) if name != NATIVE && builtin::storage(&name).is_none() => {
+            let known: Vec<&str> = std::iter::once(NATIVE)
+                .chain(builtin::STORAGE.iter().map(|(n, _)| *n))
+                .collect();
+            bail!(
+                "unknown storage `{name}` in --storage; expected one of {} or a path to a .wasm component",
+                known.join(", ")
+            )
+        }
+        PluginSource::Path(path) if !path.is_file() => {
+            bail!("--storage {}: no such file", path.display())
+        }
+        _ => Ok(()),
     }
 }
 
@@ -132,6 +160,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if args.raw_mb == 0 || args.storage.is_empty() {
         bail!("--raw-mb must be at least 1 and --storage must name a backend");
+    }
+    for storage in &args.storage {
+        check_storage(storage)?;
     }
     let workloads = args
         .workloads

@@ -123,8 +123,8 @@ pub struct WorkloadResult {
     /// window (steal), in percent: above a few percent, the figures say
     /// more about the neighbours than about Replicator.
     pub steal_pct: f64,
-    /// Produce requests that failed inside the window (a healthy cluster
-    /// has none).
+    /// Produce requests that failed inside the window, or were sent in it
+    /// and failed after it (a healthy cluster has none).
     pub failed: u64,
     pub first_error: Option<String>,
 }
@@ -218,6 +218,14 @@ pub async fn run(
         failed += tally.failed;
         first_error = first_error.or(tally.first_error);
     }
+    if requests == 0 && failed == 0 {
+        let logs: Vec<String> = (1..=3).map(|id| nodes.log_tail(id)).collect();
+        bail!(
+            "no request was acknowledged or failed in the {:.1} s window: the cluster did not answer; {}",
+            window.as_secs_f64(),
+            logs.join("\n")
+        );
+    }
     let messages = requests * w.records_per_request as u64;
     let bytes = messages * size as u64;
     Ok(WorkloadResult {
@@ -284,6 +292,7 @@ async fn produce_loop(
             let records = &requests[next % requests.len()];
             next += 1;
             let sent = Instant::now();
+            let sent_measuring = phase.load(Ordering::Relaxed) == MEASURING;
             let answer: Answer<'_> = match &producer {
                 Some(p) => Box::pin(p.send(records.first().cloned().unwrap_or_default())),
                 None => Box::pin(client.produce(
@@ -296,25 +305,28 @@ async fn produce_loop(
             };
             pending.push(async move {
                 let r = answer.await;
-                (sent.elapsed(), r)
+                (sent.elapsed(), sent_measuring, r)
             });
         }
-        let Some((took, result)) = pending.next().await else {
+        let Some((took, sent_measuring, result)) = pending.next().await else {
             break;
         };
-        if phase.load(Ordering::Relaxed) != MEASURING {
-            continue;
-        }
+        let measuring = phase.load(Ordering::Relaxed) == MEASURING;
         match result {
-            Ok(_) => {
+            // Throughput and latency: what the window saw acknowledged.
+            Ok(_) if measuring => {
                 tally.acked_requests += 1;
                 let us = (took.as_micros() as u64).clamp(1, 600_000_000);
                 tally.latency_us.record(us).context("recording a latency")?;
             }
-            Err(e) => {
+            Ok(_) => {}
+            // A request the window sent fails the run even if its answer
+            // comes after the window: a slow failure is still a failure.
+            Err(e) if measuring || sent_measuring => {
                 tally.failed += 1;
                 tally.first_error.get_or_insert_with(|| e.to_string());
             }
+            Err(_) => {}
         }
     }
     Ok(tally)
