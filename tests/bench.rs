@@ -227,6 +227,10 @@ fn bad_arguments_are_refused_before_anything_starts() {
             &["--storage", "/nonexistent/plugin.wasm"][..],
             "--storage /nonexistent/plugin.wasm: no such file",
         ),
+        (
+            &["--size", "1048576", "--workloads", "a,d"][..],
+            "--size 1048576: a request of workload d (64 messages) cannot be sent: batch would be",
+        ),
     ] {
         let (ok, _, stderr) = bench(args);
         assert!(!ok, "{args:?} was accepted");

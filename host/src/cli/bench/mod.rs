@@ -174,6 +174,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("unknown workload `{k}` (expected a, b, c or d)"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    // A request the client cannot even encode would fail every time, as
+    // fast as it can be sent: say so before measuring anything.
+    for w in &workloads {
+        let one = payload::requests(1, w.records_per_request, args.size, 0);
+        if let Some(request) = one.first()
+            && let Err(e) = replicator::batch::encode(0, 0, request)
+        {
+            bail!(
+                "--size {}: a request of workload {} ({} messages) cannot be sent: {e}",
+                args.size,
+                w.key,
+                w.records_per_request
+            );
+        }
+    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let (dir, _guard) = super::work_dir(&args.dir)?;
