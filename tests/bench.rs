@@ -212,6 +212,18 @@ fn a_node_that_cannot_start_is_reported_with_its_own_words() {
 }
 
 #[test]
+fn an_output_path_that_is_a_file_is_refused() {
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    let path = file.path().to_str().expect("utf-8 path");
+    let (ok, _, stderr) = bench(&["--out", path]);
+    assert!(!ok, "--out {path} was accepted");
+    assert!(
+        stderr.contains(&format!("--out {path} is a file")),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn bad_arguments_are_refused_before_anything_starts() {
     for (args, says) in [
         (&["--workloads", "e"][..], "unknown workload `e`"),

@@ -189,6 +189,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
+    if args.out.exists() && !args.out.is_dir() {
+        bail!(
+            "--out {} is a file; it must name a directory (created if missing)",
+            args.out.display()
+        );
+    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let (dir, _guard) = super::work_dir(&args.dir)?;
