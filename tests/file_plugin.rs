@@ -270,14 +270,20 @@ fn the_built_in_file_plugin_gets_write_behind_by_default() {
     assert_eq!(memory.sandbox().write_behind, Some(Duration::ZERO));
 }
 
-/// A closed log of 30 batches over at least four small segments.
-async fn closed_log_of_30() -> (tempfile::TempDir, Vec<std::path::PathBuf>) {
+/// An open log of 30 batches over at least four small segments.
+async fn log_of_30() -> (tempfile::TempDir, PluginLog, Vec<std::path::PathBuf>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = open(dir.path()).await.expect("open");
     fill(&log, 30).await;
-    log.close().await;
     let segs = segments(dir.path());
     assert!(segs.len() >= 4, "small segments roll: {segs:?}");
+    (dir, log, segs)
+}
+
+/// [`log_of_30`], closed.
+async fn closed_log_of_30() -> (tempfile::TempDir, Vec<std::path::PathBuf>) {
+    let (dir, log, segs) = log_of_30().await;
+    log.close().await;
     (dir, segs)
 }
 
@@ -310,11 +316,7 @@ fn snapshot(dir: &Path) -> tempfile::TempDir {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retention_move_is_checkpointed_at_flush_and_a_crash_before_keeps_every_batch() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let log = open(dir.path()).await.expect("open");
-    fill(&log, 30).await;
-    let segs = segments(dir.path());
-    assert!(segs.len() >= 4, "small segments roll: {segs:?}");
+    let (dir, log, segs) = log_of_30().await;
     let (second, third) = (base_of(&segs[1]), base_of(&segs[2]));
     let to = second + 1;
     assert!(to < third, "the new start falls inside the second segment");

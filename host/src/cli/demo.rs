@@ -5,7 +5,7 @@
 //! replica and checks they agree with what was acknowledged, then stops the
 //! nodes and prints a summary with throughput.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -159,7 +159,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     let mut step = 6;
     if !args.skip_failover {
-        failover_step(&c, &mut nodes, &dir, &args, &mut acked).await?;
+        failover_step(&c, &mut nodes, &args, &mut acked).await?;
         step += 1;
     }
 
@@ -236,7 +236,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 async fn failover_step(
     c: &Client,
     nodes: &mut Nodes,
-    dir: &Path,
     args: &DemoArgs,
     acked: &mut [(u32, Vec<(u64, Bytes)>)],
 ) -> anyhow::Result<()> {
@@ -309,7 +308,7 @@ async fn failover_step(
         "6. failover: killed node {victim} (SIGKILL), which led partitions {led:?}; node {leader} leads demo/0 in epoch {epoch} {:.0} ms later{first}; {produced} more messages acknowledged (acks=all) with node {victim} down",
         elected.as_secs_f64() * 1e3
     );
-    nodes.restart(dir, victim)?;
+    nodes.restart(victim)?;
     let restarted = Instant::now();
     let total: u64 = acked.iter().map(|(_, l)| l.len() as u64).sum();
     wait_replicated(c, total).await?;

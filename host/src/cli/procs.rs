@@ -105,6 +105,16 @@ impl Nodes {
         }
     }
 
+    /// [`Nodes::log_tail`] of every running node, one after the other.
+    pub fn log_tails(&self) -> String {
+        let tails: Vec<String> = self
+            .children
+            .iter()
+            .map(|(id, _)| self.log_tail(*id))
+            .collect();
+        tails.join("\n")
+    }
+
     /// SIGKILL node `id` (no shutdown, no flush: a crash).
     pub fn kill(&mut self, id: u32) {
         if let Some(pos) = self.children.iter().position(|(i, _)| *i == id) {
@@ -114,10 +124,17 @@ impl Nodes {
         }
     }
 
-    pub fn restart(&mut self, dir: &Path, id: u32) -> anyhow::Result<()> {
+    /// SIGKILL node `id` if it runs, then start it again on its config,
+    /// appending to its log.
+    pub fn restart(&mut self, id: u32) -> anyhow::Result<()> {
         self.kill(id);
-        self.children.push((id, spawn_node(dir, id, true)?));
+        self.children.push((id, spawn_node(&self.dir, id, true)?));
         Ok(())
+    }
+
+    /// The cluster directory: configs, data and `node-N.log`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// CPU seconds (user + system) the running nodes have used so far.

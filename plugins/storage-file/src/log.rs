@@ -339,8 +339,9 @@ impl FileLog {
         }
     }
 
-    fn write_start(&mut self) -> FsResult<()> {
-        let start = self.index.log_start();
+    /// Checkpoint `start` as the log start, durably; nothing is pending
+    /// after it.
+    fn write_start(&mut self, start: u64) -> FsResult<()> {
         fs::write_atomic(&self.dir, START_FILE, format!("{start}\n").as_bytes())?;
         self.start_pending = false;
         Ok(())
@@ -525,7 +526,7 @@ impl FileLog {
     pub fn sync(&mut self) -> Result<(), Error> {
         self.free_retired(u64::MAX);
         if self.start_pending {
-            self.write_start()?;
+            self.write_start(self.index.log_start())?;
         }
         if self.unsynced {
             let a = self.active()?;
@@ -589,7 +590,7 @@ impl FileLog {
         if self.index.log_start() < start {
             // The batch straddling the log start went: the start follows the
             // end down, and the checkpoint must not resurrect the old one.
-            self.write_start()?;
+            self.write_start(self.index.log_start())?;
         }
         if let Some(first) = removed.first() {
             let cut = first.loc;
@@ -643,8 +644,7 @@ impl FileLog {
         }
         let resets = offset >= self.index.log_end();
         if resets {
-            fs::write_atomic(&self.dir, START_FILE, format!("{offset}\n").as_bytes())?;
-            self.start_pending = false;
+            self.write_start(offset)?;
         }
         let released: u64 = self
             .index
@@ -713,7 +713,7 @@ impl Drop for FileLog {
     fn drop(&mut self) {
         self.free_retired(u64::MAX);
         if self.start_pending {
-            let _ = self.write_start();
+            let _ = self.write_start(self.index.log_start());
         }
     }
 }

@@ -81,9 +81,8 @@ pub struct BenchArgs {
     retention_mb: u64,
 }
 
-/// A running 3-node cluster in `dir`.
+/// A running 3-node cluster (its directory is `nodes.dir()`).
 struct Cluster {
-    dir: PathBuf,
     nodes: Nodes,
 }
 
@@ -95,10 +94,7 @@ impl Cluster {
         let c = super::client_cmds::client(&client_path)?;
         wait_for_cluster(&c, &mut nodes, 3).await?;
         c.close().await;
-        Ok(Cluster {
-            dir: dir.to_path_buf(),
-            nodes,
-        })
+        Ok(Cluster { nodes })
     }
 
     /// Check no node died, then stop them all (SIGTERM, clean exits).
@@ -127,10 +123,7 @@ impl Cluster {
 fn check_storage(storage: &str) -> anyhow::Result<()> {
     use replicator::node::storage::NATIVE;
     use replicator::plugin::{PluginSource, builtin};
-    let source: PluginSource = match storage.parse() {
-        Ok(s) => s,
-        Err(never) => match never {},
-    };
+    let Ok(source) = storage.parse::<PluginSource>();
     match source {
         PluginSource::Builtin(name) if name != NATIVE && builtin::storage(&name).is_none() => {
             let known: Vec<&str> = std::iter::once(NATIVE)
@@ -253,17 +246,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                     args.retention_mb,
                 )
                 .await?;
-                let mut r = workload::run(
-                    &cluster.dir,
-                    &cluster.nodes,
-                    storage,
-                    w,
-                    args.size,
-                    warmup,
-                    window,
-                )
-                .await
-                .with_context(|| format!("workload {} on `{storage}`", w.key))?;
+                let mut r = workload::run(&cluster.nodes, storage, w, args.size, warmup, window)
+                    .await
+                    .with_context(|| format!("workload {} on `{storage}`", w.key))?;
                 r.round = round;
                 say(format!(
                     "  {:.0} msg/s, {:.1} MB/s, p99 {:.2} ms, {} failed",
@@ -288,15 +273,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 args.retention_mb,
             )
             .await?;
-            let f = workload::failover(
-                &cluster.dir,
-                &mut cluster.nodes,
-                storage,
-                args.failover_rounds,
-                args.size,
-            )
-            .await
-            .with_context(|| format!("failover on `{storage}`"))?;
+            let f =
+                workload::failover(&mut cluster.nodes, storage, args.failover_rounds, args.size)
+                    .await
+                    .with_context(|| format!("failover on `{storage}`"))?;
             say(format!(
                 "  failover p50 {:.0} ms, max {:.0} ms",
                 f.p50_ms, f.max_ms

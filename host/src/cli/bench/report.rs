@@ -504,8 +504,8 @@ impl Report {
                         .filter(|w| w.storage == *storage && w.workload == *key)
                         .map(|w| w.mb_per_s)
                         .collect();
-                    let slowest = rounds.iter().copied().fold(f64::INFINITY, f64::min);
-                    if rounds.len() > 1 && slowest.is_finite() {
+                    if rounds.len() > 1 {
+                        let slowest = rounds.iter().copied().fold(f64::INFINITY, f64::min);
                         let (cx, low_y) = (x + bar_w * 0.47, y(slowest));
                         let each: Vec<String> = rounds.iter().map(|m| format!("{m:.1}")).collect();
                         let _ = writeln!(

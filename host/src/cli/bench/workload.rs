@@ -4,7 +4,6 @@
 //! the failover measurement: SIGKILL the leader, time the first acks=all
 //! write its successor acknowledges.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
@@ -155,10 +154,9 @@ pub async fn create_topic(c: &Client, topic: &str, partitions: u32) -> anyhow::R
     wait_full_isr(c, topic, partitions).await
 }
 
-/// Run workload `w` against the running cluster in `cluster`: warm up,
+/// Run workload `w` against the running cluster of `nodes`: warm up,
 /// then measure for `window`.
 pub async fn run(
-    cluster: &Path,
     nodes: &Nodes,
     storage: &str,
     w: &Workload,
@@ -166,7 +164,7 @@ pub async fn run(
     warmup: Duration,
     window: Duration,
 ) -> anyhow::Result<WorkloadResult> {
-    let client_toml = cluster.join("client.toml");
+    let client_toml = nodes.dir().join("client.toml");
     let topic = format!("bench-{}", w.key);
     let setup = client_cmds::client(&client_toml)?;
     create_topic(&setup, &topic, w.producers).await?;
@@ -219,11 +217,10 @@ pub async fn run(
         first_error = first_error.or(tally.first_error);
     }
     if requests == 0 && failed == 0 {
-        let logs: Vec<String> = (1..=3).map(|id| nodes.log_tail(id)).collect();
         bail!(
             "no request was acknowledged or failed in the {:.1} s window: the cluster did not answer; {}",
             window.as_secs_f64(),
-            logs.join("\n")
+            nodes.log_tails()
         );
     }
     let messages = requests * w.records_per_request as u64;
@@ -346,13 +343,12 @@ pub struct FailoverResult {
 /// (acks=all, one at a time) until another node acknowledges, restart the
 /// killed node and wait until it is back in the ISR.
 pub async fn failover(
-    cluster: &Path,
     nodes: &mut Nodes,
     storage: &str,
     rounds: u32,
     size: usize,
 ) -> anyhow::Result<FailoverResult> {
-    let c = client_cmds::client(&cluster.join("client.toml"))?;
+    let c = client_cmds::client(&nodes.dir().join("client.toml"))?;
     let topic = "bench-failover";
     create_topic(&c, topic, 1).await?;
     let records = payload::requests(1, 1, size, 99).remove(0);
@@ -381,7 +377,7 @@ pub async fn failover(
             }
         }
         rounds_ms.push(killed.elapsed().as_secs_f64() * 1e3);
-        nodes.restart(cluster, victim)?;
+        nodes.restart(victim)?;
         wait_full_isr(&c, topic, 1).await?;
     }
     c.close().await;
