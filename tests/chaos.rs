@@ -483,7 +483,7 @@ fn produce_to(rt: &tokio::runtime::Runtime, client: &Client, node: u32) -> Resul
             timeout_ms: 2000,
         };
         match peer
-            .request_within(&req, &body, Duration::from_secs(5))
+            .request_within(&req, body, Duration::from_secs(5))
             .await
         {
             Ok((Response::Produced { base_offset, .. }, _)) => Ok(base_offset),

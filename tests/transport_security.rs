@@ -355,7 +355,9 @@ async fn junk_and_oversized_input_is_refused_and_the_node_keeps_serving() {
         timeout_ms: 1000,
     };
     // A produce whose body is not a record batch.
-    let r = peer.request(&produce, b"not a batch").await;
+    let r = peer
+        .request(&produce, Bytes::from_static(b"not a batch"))
+        .await;
     assert!(
         matches!(r, Err(TransportError::Rejected(RpcError::Invalid(_)))),
         "{r:?}"
@@ -376,14 +378,14 @@ async fn junk_and_oversized_input_is_refused_and_the_node_keeps_serving() {
         .flatten()
         .copied()
         .collect::<Vec<u8>>();
-    let r = peer.request(&produce, &oversized).await;
+    let r = peer.request(&produce, oversized.into()).await;
     assert!(
         matches!(&r, Err(TransportError::Rejected(RpcError::Invalid(m))) if m.contains("limit")),
         "{r:?}"
     );
 
     // Same connection still serves, and nothing changed.
-    let r = peer.request(&Request::Status {}, &[]).await;
+    let r = peer.request(&Request::Status {}, Bytes::new()).await;
     assert!(matches!(r, Ok((Response::Status { .. }, _))), "{r:?}");
     assert_eq!(fingerprint(&c).await, before, "state changed");
     c.close().await;

@@ -168,17 +168,23 @@ pub fn validate(bytes: &Bytes) -> Result<u32, BatchError> {
     Ok(count)
 }
 
-/// A copy of the validated batches in `bytes` with offsets from
-/// `base_offset` and `leader_epoch` written into each header and the CRC
-/// resealed: how a leader takes a producer's batch as it is, without
-/// decoding and re-encoding its records. Returns the copy and the offset
-/// after its last record.
+/// The validated batches in `bytes` with offsets from `base_offset` and
+/// `leader_epoch` written into each header and the CRC resealed: how a
+/// leader takes a producer's batch as it is, without decoding and
+/// re-encoding its records. Returns the batches and the offset after their
+/// last record.
+///
+/// When `bytes` is the only handle on its buffer (a produce body sliced out
+/// of the frame it arrived in) the headers are written in place; otherwise
+/// the batches are copied first, so no other holder sees them change.
 pub fn restamp(
-    bytes: &Bytes,
+    bytes: Bytes,
     base_offset: u64,
     leader_epoch: u32,
 ) -> Result<(Bytes, u64), BatchError> {
-    let mut out = BytesMut::from(&bytes[..]);
+    let mut out = bytes
+        .try_into_mut()
+        .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
     let mut at = 0usize;
     let mut next = base_offset;
     while at < out.len() {
@@ -332,11 +338,23 @@ mod tests {
             body.extend_from_slice(&encode(0, 0, &b).unwrap());
             let body = Bytes::from(body);
             prop_assert_eq!(validate(&body).unwrap() as usize, a.len() + b.len());
-            let (stamped, next) = restamp(&body, base, epoch).unwrap();
+            let kept = body.clone();
+            let (stamped, next) = restamp(body.clone(), base, epoch).unwrap();
             let mut want = encode(base, epoch, &a).unwrap().to_vec();
             want.extend_from_slice(&encode(base + a.len() as u64, epoch, &b).unwrap());
             prop_assert_eq!(&stamped[..], &want[..]);
             prop_assert_eq!(next, base + (a.len() + b.len()) as u64);
+            // Shared, the batches were copied: the other handles still see
+            // what the producer sent.
+            prop_assert_ne!(stamped.as_ptr(), kept.as_ptr());
+            prop_assert_eq!(validate(&kept).unwrap() as usize, a.len() + b.len());
+            prop_assert_eq!(&body[..], &kept[..]);
+            // The only handle: stamped in place, the same bytes.
+            drop(kept);
+            let at = body.as_ptr();
+            let (in_place, _) = restamp(body, base, epoch).unwrap();
+            prop_assert_eq!(in_place.as_ptr(), at);
+            prop_assert_eq!(&in_place[..], &want[..]);
         }
 
         #[test]

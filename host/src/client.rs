@@ -135,7 +135,7 @@ impl Client {
     /// Send `req` to the first node that answers (connection failures move
     /// on to the next; a node's refusal is returned). A request that failed
     /// after it was sent is not sent again elsewhere.
-    async fn any(&self, req: &Request, body: &[u8]) -> Result<(Response, Bytes), ClientError> {
+    async fn any(&self, req: &Request) -> Result<(Response, Bytes), ClientError> {
         let mut errors = Vec::new();
         for id in self.node_ids().await {
             let peer = match self.peer(id).await {
@@ -145,7 +145,10 @@ impl Client {
                     continue;
                 }
             };
-            match peer.request_within(req, body, REQUEST_TIMEOUT).await {
+            match peer
+                .request_within(req, Bytes::new(), REQUEST_TIMEOUT)
+                .await
+            {
                 Ok(r) => return Ok(r),
                 Err(TransportError::Rejected(e)) => return Err(ClientError::Refused(e)),
                 Err(e @ TransportError::NotSent(_)) => {
@@ -171,7 +174,10 @@ impl Client {
         let attempts = ids.into_iter().map(|id| {
             Box::pin(async move {
                 let peer = self.peer(id).await.map_err(|e| format!("node {id}: {e}"))?;
-                match peer.request_within(req, &[], REQUEST_TIMEOUT).await {
+                match peer
+                    .request_within(req, Bytes::new(), REQUEST_TIMEOUT)
+                    .await
+                {
                     Ok(r) => Ok(r),
                     Err(e) => {
                         self.peers.lock().await.remove(&id);
@@ -246,7 +252,7 @@ impl Client {
             replication_factor,
             min_insync,
         };
-        match self.any(&req, &[]).await? {
+        match self.any(&req).await? {
             (Response::Created { partitions }, _) => Ok(partitions),
             (other, _) => Err(ClientError::Protocol(format!("{other:?}"))),
         }
@@ -375,7 +381,7 @@ impl Client {
                 let exchange = async {
                     let peer = self.peer(leader).await?;
                     sent.store(true, std::sync::atomic::Ordering::Relaxed);
-                    Ok::<_, ClientError>(peer.request_within(&req, &body, limit).await)
+                    Ok::<_, ClientError>(peer.request_within(&req, body.clone(), limit).await)
                 };
                 // A dead leader never answers: stop waiting once the
                 // cluster says it failed or was replaced.
@@ -453,7 +459,7 @@ impl Client {
         };
         let peer = self.peer(node).await?;
         match peer
-            .request_within(&req, &[], REQUEST_TIMEOUT)
+            .request_within(&req, Bytes::new(), REQUEST_TIMEOUT)
             .await
             .map_err(refused)?
         {
@@ -500,7 +506,7 @@ impl Client {
     pub async fn status(&self, node: ReplicaId) -> Result<Vec<ReplicaStatus>, ClientError> {
         let peer = self.peer(node).await?;
         match peer
-            .request_within(&Request::Status {}, &[], REQUEST_TIMEOUT)
+            .request_within(&Request::Status {}, Bytes::new(), REQUEST_TIMEOUT)
             .await
             .map_err(refused)?
         {

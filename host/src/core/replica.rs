@@ -494,17 +494,18 @@ impl ReplicationManager {
         deadline_ms: u64,
     ) -> Result<(), ErrorCode> {
         let batch = batch::encode(0, 0, records).map_err(|_| ErrorCode::StorageError)?;
-        self.produce_batches(id, &batch, acks, deadline_ms)
+        self.produce_batches(id, batch, acks, deadline_ms)
     }
 
     /// [`Self::produce`] for records a producer already encoded: `batches`
     /// must have passed [`batch::validate`]. They are taken as they are,
     /// with this leader's offsets and epoch written into their headers
-    /// (one copy, no per-record work), as Kafka's leader does.
+    /// (in place when `batches` is the only handle on its buffer; no
+    /// per-record work), as Kafka's leader does.
     pub fn produce_batches(
         &mut self,
         id: ProduceId,
-        batches: &Bytes,
+        batches: Bytes,
         acks: Acks,
         deadline_ms: u64,
     ) -> Result<(), ErrorCode> {

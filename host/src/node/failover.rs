@@ -117,7 +117,7 @@ async fn heartbeat(
             broker_epoch: shared.broker_epoch,
             changed: std::mem::take(&mut announce),
         };
-        match p.request_within(&req, &[], limit).await {
+        match p.request_within(&req, bytes::Bytes::new(), limit).await {
             Ok((Response::Heartbeat { node: n, .. }, _)) if n == node => {
                 let now = shared.now_ms();
                 if let Ok(mut fd) = shared.detector.lock() {

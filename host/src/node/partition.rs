@@ -378,7 +378,7 @@ impl Actor {
                 let id = self.next_produce;
                 match self
                     .rm
-                    .produce_batches(id, &batches, acks, now.saturating_add(timeout_ms))
+                    .produce_batches(id, batches, acks, now.saturating_add(timeout_ms))
                 {
                     Ok(()) => {
                         self.produces.insert(id, reply);

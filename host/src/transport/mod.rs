@@ -214,7 +214,7 @@ impl Transport {
         let peer = Peer { conn, node, addr };
         let hello = tokio::time::timeout(
             HELLO_TIMEOUT,
-            peer.request_with_cap(&Request::Hello { claim }, &[], HELLO_MAX),
+            peer.request_with_cap(&Request::Hello { claim }, Bytes::new(), HELLO_MAX),
         )
         .await
         .map_err(|_| TransportError::Timeout("hello"))??;
@@ -279,7 +279,7 @@ impl Peer {
     pub async fn request(
         &self,
         req: &Request,
-        body: &[u8],
+        body: Bytes,
     ) -> Result<(Response, Bytes), TransportError> {
         self.request_with_cap(req, body, frame::DEFAULT_MAX_PAYLOAD)
             .await
@@ -290,7 +290,7 @@ impl Peer {
     pub async fn request_within(
         &self,
         req: &Request,
-        body: &[u8],
+        body: Bytes,
         limit: Duration,
     ) -> Result<(Response, Bytes), TransportError> {
         // Getting a stream is bounded on its own: failing there means
@@ -310,7 +310,7 @@ impl Peer {
     async fn request_with_cap(
         &self,
         req: &Request,
-        body: &[u8],
+        body: Bytes,
         cap: u32,
     ) -> Result<(Response, Bytes), TransportError> {
         let (send, recv) = self
@@ -347,11 +347,10 @@ async fn exchange(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     req: &Request,
-    body: &[u8],
+    body: Bytes,
     cap: u32,
 ) -> Result<(Response, Bytes), TransportError> {
-    let payload = rpc::encode(req, body)?;
-    write_frame(&mut send, rpc_kind::REQUEST, payload).await?;
+    write_rpc(&mut send, rpc_kind::REQUEST, req, body).await?;
     let _ = send.finish();
     let f = read_frame(&mut recv, cap)
         .await?
@@ -456,6 +455,19 @@ pub async fn write_frame(
     Ok(())
 }
 
+/// Write one RPC frame: its header, then `body` as it is (a produce's
+/// record batches, a read's answer), with one vectored write and no copy.
+async fn write_rpc<T: serde::Serialize>(
+    send: &mut quinn::SendStream,
+    kind: u8,
+    header: &T,
+    body: Bytes,
+) -> Result<(), TransportError> {
+    let mut parts = rpc::frame_parts(kind, header, body)?;
+    send.write_all_chunks(&mut parts).await?;
+    Ok(())
+}
+
 /// Write one frame whose payload is `chunks`, back to back, with one
 /// vectored write and no copy of the chunks.
 pub async fn write_frame_chunks(
@@ -524,9 +536,13 @@ pub async fn read_frame(
 }
 
 async fn write_error(send: &mut quinn::SendStream, error: RpcError) {
-    if let Ok(payload) = rpc::encode(&Response::Error { error }, &[]) {
-        let _ = write_frame(send, rpc_kind::RESPONSE, payload).await;
-    }
+    let _ = write_rpc(
+        send,
+        rpc_kind::RESPONSE,
+        &Response::Error { error },
+        Bytes::new(),
+    )
+    .await;
     let _ = send.finish();
 }
 
@@ -592,9 +608,13 @@ async fn serve_connection<H: Handler>(
         conn.close(close::IDENTITY.into(), b"identity");
         return Err(TransportError::Protocol(why));
     }
-    if let Ok(payload) = rpc::encode(&Response::Hello { node }, &[]) {
-        write_frame(&mut send, rpc_kind::RESPONSE, payload).await?;
-    }
+    write_rpc(
+        &mut send,
+        rpc_kind::RESPONSE,
+        &Response::Hello { node },
+        Bytes::new(),
+    )
+    .await?;
     let _ = send.finish();
     info!(%remote, "peer {identity} connected");
     loop {
@@ -687,8 +707,7 @@ async fn serve_stream<H: Handler>(
                     Ok(r) => r,
                     Err(error) => (Response::Error { error }, Bytes::new()),
                 };
-                let payload = rpc::encode(&resp, &body)?;
-                write_frame(&mut send, rpc_kind::RESPONSE, payload).await?;
+                write_rpc(&mut send, rpc_kind::RESPONSE, &resp, body).await?;
                 let _ = send.finish();
                 return Ok(());
             }
