@@ -104,6 +104,16 @@ fn a_short_run_measures_everything_it_reports() {
             w["node_cpu_s_per_gb"].as_f64().is_some_and(|c| c > 0.0),
             "{w}"
         );
+        // The busiest node did work, and no more than the machine has
+        // cores for (with a clock tick's slack over the window).
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let busiest = w["busiest_node_cores"].as_f64().unwrap_or(-1.0);
+        assert!(0.0 < busiest && busiest <= cores + 0.05, "{w}");
+        let (idle, steal) = (
+            w["idle_pct"].as_f64().unwrap_or(-1.0),
+            w["steal_pct"].as_f64().unwrap_or(-1.0),
+        );
+        assert!(idle >= 0.0 && steal >= 0.0 && idle + steal <= 100.0, "{w}");
     }
     // Workload d sends 64 records per request.
     let d = workloads
@@ -203,10 +213,13 @@ fn a_node_that_cannot_start_is_reported_with_its_own_words() {
         !ok,
         "a cluster that cannot start was benchmarked:\n{stderr}"
     );
+    // Every node fails the same way; the one reported is whichever exited
+    // first, and the log quoted is that node's.
     assert!(
-        stderr.contains("node 1 exited during startup")
-            && stderr.contains("node-1.log:")
-            && stderr.contains("not a valid wasm component"),
+        (1..=3).any(
+            |n| stderr.contains(&format!("node {n} exited during startup"))
+                && stderr.contains(&format!("node-{n}.log:"))
+        ) && stderr.contains("not a valid wasm component"),
         "{stderr}"
     );
 }

@@ -137,12 +137,13 @@ impl Nodes {
         &self.dir
     }
 
-    /// CPU seconds (user + system) the running nodes have used so far.
-    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+    /// CPU seconds (user + system) each running node has used so far, in
+    /// node order.
+    pub fn cpu_seconds(&self) -> anyhow::Result<Vec<f64>> {
         self.children
             .iter()
             .map(|(id, c)| cpu_seconds(c.id()).with_context(|| format!("CPU time of node {id}")))
-            .sum()
+            .collect()
     }
 
     /// Any node that already exited: (id, status).
@@ -280,7 +281,7 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 /// The machine's CPU time so far from `/proc/stat`, in clock ticks:
 /// (stolen by the hypervisor, all). Their growth over a measurement says
 /// how much of the machine the benchmark did not get.
-pub fn machine_ticks() -> anyhow::Result<(u64, u64)> {
+pub fn machine_ticks() -> anyhow::Result<MachineTicks> {
     let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
     let line = stat
         .lines()
@@ -294,8 +295,34 @@ pub fn machine_ticks() -> anyhow::Result<(u64, u64)> {
         .take(8)
         .map(|f| f.parse::<u64>().context("non-numeric /proc/stat field"))
         .collect::<anyhow::Result<_>>()?;
-    let steal = fields.get(7).copied().unwrap_or(0);
-    Ok((steal, fields.iter().sum()))
+    let field = |i: usize| fields.get(i).copied().unwrap_or(0);
+    Ok(MachineTicks {
+        idle: field(3) + field(4),
+        steal: field(7),
+        all: fields.iter().sum(),
+    })
+}
+
+/// The machine's CPU time so far, in clock ticks, from `/proc/stat`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MachineTicks {
+    /// Idle, including waiting for I/O: no thread wanted the CPU.
+    pub idle: u64,
+    /// Taken by the hypervisor for other guests.
+    pub steal: u64,
+    pub all: u64,
+}
+
+impl MachineTicks {
+    /// Idle and steal as percentages of the time from `before` to `self`.
+    pub fn idle_and_steal_pct_since(&self, before: &MachineTicks) -> (f64, f64) {
+        let all = self.all.saturating_sub(before.all);
+        if all == 0 {
+            return (0.0, 0.0);
+        }
+        let pct = |now: u64, then: u64| now.saturating_sub(then) as f64 * 100.0 / all as f64;
+        (pct(self.idle, before.idle), pct(self.steal, before.steal))
+    }
 }
 
 #[cfg(test)]
@@ -312,7 +339,25 @@ mod tests {
         std::hint::black_box(x);
         let after = super::cpu_seconds(me).expect("own stat");
         assert!(after - before >= 0.1, "{before} -> {after}");
-        let (steal, all) = super::machine_ticks().expect("/proc/stat");
-        assert!(steal <= all && all > 0, "{steal} of {all}");
+        let t = super::machine_ticks().expect("/proc/stat");
+        assert!(t.steal + t.idle <= t.all && t.all > 0, "{t:?}");
+    }
+
+    #[test]
+    fn idle_and_steal_are_shares_of_the_window_not_of_all_time() {
+        use super::MachineTicks;
+        let before = MachineTicks {
+            idle: 900,
+            steal: 50,
+            all: 1000,
+        };
+        let after = MachineTicks {
+            idle: 930,
+            steal: 60,
+            all: 1200,
+        };
+        assert_eq!(after.idle_and_steal_pct_since(&before), (15.0, 5.0));
+        // No time passed (or counters went backwards): no share at all.
+        assert_eq!(before.idle_and_steal_pct_since(&after), (0.0, 0.0));
     }
 }

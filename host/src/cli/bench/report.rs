@@ -302,7 +302,7 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{} nodes, RF {}, min.insync {}, acks={}, {} B incompressible messages; {} s warm-up + {} s measured per workload; {} cores; {}\nCPU columns: CPU seconds per GB committed, of the three nodes together and of the producing client",
+            "{} nodes, RF {}, min.insync {}, acks={}, {} B incompressible messages; {} s warm-up + {} s measured per workload; {} cores; {}\nCPU columns: CPU seconds per GB committed, of the three nodes together and of the producing client; TOP NODE: cores the busiest node used; IDLE% and STEAL%: the machine's CPU time that was idle and that the hypervisor took",
             s.nodes,
             s.replication_factor,
             s.min_insync,
@@ -363,7 +363,7 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "{:<8} {:<36} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>6} {:>6}",
+            "{:<8} {:<36} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6} {:>6} {:>6}",
             "STORAGE",
             "WORKLOAD",
             "MSG/S",
@@ -374,13 +374,15 @@ impl Report {
             "MAX MS",
             "NODE CPU",
             "CLNT CPU",
+            "TOP NODE",
+            "IDLE%",
             "STEAL%",
             "FAILED"
         );
         for w in &self.workloads {
             let _ = writeln!(
                 out,
-                "{:<8} {:<36} {:>9.0} {:>8.1} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9.1} {:>9.1} {:>6.1} {:>6}",
+                "{:<8} {:<36} {:>9.0} {:>8.1} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9.1} {:>9.1} {:>8.2} {:>6.1} {:>6.1} {:>6}",
                 w.storage,
                 format!("{}: {}", w.workload, w.title),
                 w.msgs_per_s,
@@ -391,6 +393,8 @@ impl Report {
                 w.latency_ms.max,
                 w.node_cpu_s_per_gb,
                 w.client_cpu_s_per_gb,
+                w.busiest_node_cores,
+                w.idle_pct,
                 w.steal_pct,
                 w.failed
             );
@@ -638,6 +642,8 @@ mod tests {
             node_cpu_s_per_gb: 1.0,
             client_cpu_s_per_gb: 1.0,
             steal_pct: 0.0,
+            idle_pct: 0.0,
+            busiest_node_cores: 0.0,
             failed: 0,
             first_error: None,
         }
@@ -840,9 +846,39 @@ mod tests {
     }
 
     #[test]
+    fn the_table_shows_how_busy_the_busiest_node_and_the_machine_were() {
+        let mut w = result("memory", "d", 60.0, 5.0);
+        w.busiest_node_cores = 0.873;
+        w.idle_pct = 12.46;
+        w.steal_pct = 0.2;
+        let table = report(vec![w]).table();
+        let header = table
+            .lines()
+            .find(|l| l.starts_with("STORAGE"))
+            .expect("header");
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("memory "))
+            .expect("row");
+        // Each value sits under its own heading.
+        for (heading, value) in [("TOP NODE", "0.87"), ("IDLE%", "12.5"), ("STEAL%", "0.2")] {
+            let end = header.find(heading).expect(heading) + heading.len();
+            assert_eq!(
+                row.get(end - value.len()..end),
+                Some(value),
+                "{header}\n{row}"
+            );
+        }
+        assert!(
+            table.contains("TOP NODE: cores the busiest node used"),
+            "{table}"
+        );
+    }
+
+    #[test]
     fn a_contended_machine_is_called_out() {
         let quiet = report(vec![result("memory", "b", 60.0, 5.0)]);
-        assert!(!quiet.table().contains("hypervisor"));
+        assert!(!quiet.table().contains("warning: the hypervisor"));
         let mut stolen = result("memory", "d", 60.0, 5.0);
         stolen.steal_pct = 31.4;
         let noisy = report(vec![result("memory", "b", 60.0, 5.0), stolen]);

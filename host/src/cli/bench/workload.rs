@@ -122,6 +122,13 @@ pub struct WorkloadResult {
     /// window (steal), in percent: above a few percent, the figures say
     /// more about the neighbours than about Replicator.
     pub steal_pct: f64,
+    /// Share of the machine's CPU time no thread wanted during the window,
+    /// in percent: near 0, the cores were the limit.
+    pub idle_pct: f64,
+    /// CPU seconds per second of the busiest node in the window (the
+    /// leader, as a rule): near its worker threads' count, that one
+    /// node's runtime was the limit.
+    pub busiest_node_cores: f64,
     /// Produce requests that failed inside the window, or were sent in it
     /// and failed after it (a healthy cluster has none).
     pub failed: u64,
@@ -197,13 +204,14 @@ pub async fn run(
     tokio::time::sleep(window).await;
     phase.store(STOPPING, Ordering::SeqCst);
     let seconds = started.elapsed().as_secs_f64();
-    let cpu = nodes.cpu_seconds()? - cpu_before;
+    let node_cpu: Vec<f64> = nodes
+        .cpu_seconds()?
+        .iter()
+        .zip(&cpu_before)
+        .map(|(after, before)| after - before)
+        .collect();
     let client_cpu = cpu_seconds(me)? - client_cpu_before;
-    let machine = machine_ticks()?;
-    let (steal, all) = (
-        machine.0.saturating_sub(machine_before.0),
-        machine.1.saturating_sub(machine_before.1),
-    );
+    let (idle_pct, steal_pct) = machine_ticks()?.idle_and_steal_pct_since(&machine_before);
 
     let mut latency = histogram()?;
     let (mut requests, mut failed, mut first_error) = (0u64, 0u64, None);
@@ -237,13 +245,11 @@ pub async fn run(
         msgs_per_s: messages as f64 / seconds,
         mb_per_s: bytes as f64 / 1e6 / seconds,
         latency_ms: Latency::of(&latency),
-        node_cpu_s_per_gb: per_gb(cpu, bytes),
+        node_cpu_s_per_gb: per_gb(node_cpu.iter().sum(), bytes),
         client_cpu_s_per_gb: per_gb(client_cpu, bytes),
-        steal_pct: if all > 0 {
-            steal as f64 * 100.0 / all as f64
-        } else {
-            0.0
-        },
+        steal_pct,
+        idle_pct,
+        busiest_node_cores: node_cpu.iter().copied().fold(0.0, f64::max) / seconds,
         failed,
         first_error,
     })
