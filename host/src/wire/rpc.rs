@@ -199,7 +199,8 @@ fn bad(what: &'static str, why: impl Into<String>) -> FrameError {
     }
 }
 
-/// `header` as JSON, then `body`, in one buffer.
+/// `header` as JSON, then `body`, in one buffer: a payload for tests and
+/// tools that write a frame by hand. The transport sends [`frame_parts`].
 pub fn encode<T: Serialize>(header: &T, body: &[u8]) -> Result<Bytes, FrameError> {
     let json = header_json(header)?;
     let mut out = BytesMut::with_capacity(json.len() + body.len());
