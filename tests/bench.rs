@@ -225,6 +225,45 @@ fn a_node_that_cannot_start_is_reported_with_its_own_words() {
 }
 
 #[test]
+fn a_cluster_that_never_answers_fails_the_run_when_the_window_ends() {
+    // The s3 plugin with no endpoint: the nodes start and the topic is
+    // created, but no partition's storage opens, so no produce is ever
+    // answered. The run must fail, quoting the nodes, and must not wait
+    // out the client's 30 s request timeout first.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("out");
+    let started = std::time::Instant::now();
+    let (ok, stdout, stderr) = bench(&[
+        "--storage",
+        "s3",
+        "--workloads",
+        "a",
+        "--seconds",
+        "0.2",
+        "--warmup",
+        "0",
+        "--raw-mb",
+        "10",
+        "--failover-rounds",
+        "0",
+        "--out",
+        out.to_str().expect("utf-8 path"),
+    ]);
+    let took = started.elapsed();
+    assert!(!ok, "a silent cluster was reported as measured:\n{stdout}");
+    assert!(
+        stderr.contains("the cluster did not answer")
+            && stderr.contains("storage-s3 needs `endpoint"),
+        "{stderr}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(25),
+        "took {took:?}: it waited for the requests to time out"
+    );
+    assert!(!stdout.contains("[met]"), "{stdout}");
+}
+
+#[test]
 fn an_output_path_that_is_a_file_is_refused() {
     let file = tempfile::NamedTempFile::new().expect("temp file");
     let path = file.path().to_str().expect("utf-8 path");

@@ -5,7 +5,7 @@
 //! write its successor acknowledges.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -178,6 +178,9 @@ pub async fn run(
     setup.close().await;
 
     let phase = Arc::new(AtomicU8::new(WARMUP));
+    // Answers (acknowledgements or failures) so far, across producers: if
+    // the window adds none, the cluster is not answering at all.
+    let answered = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for p in 0..w.producers {
         let client = Arc::new(client_cmds::client(&client_toml)?);
@@ -187,9 +190,9 @@ pub async fn run(
             size,
             u64::from(p) << 32,
         ));
-        let (topic, phase, w) = (topic.clone(), phase.clone(), *w);
+        let (topic, phase, answered, w) = (topic.clone(), phase.clone(), answered.clone(), *w);
         tasks.push(tokio::spawn(async move {
-            let r = produce_loop(&client, &topic, p, &w, &requests, &phase).await;
+            let r = produce_loop(&client, &topic, p, &w, &requests, &phase, &answered).await;
             client.close().await;
             r
         }));
@@ -199,6 +202,7 @@ pub async fn run(
     let cpu_before = nodes.cpu_seconds()?;
     let client_cpu_before = cpu_seconds(me)?;
     let machine_before = machine_ticks()?;
+    let answered_before = answered.load(Ordering::SeqCst);
     let started = Instant::now();
     phase.store(MEASURING, Ordering::SeqCst);
     tokio::time::sleep(window).await;
@@ -212,6 +216,18 @@ pub async fn run(
         .collect();
     let client_cpu = cpu_seconds(me)? - client_cpu_before;
     let (idle_pct, steal_pct) = machine_ticks()?.idle_and_steal_pct_since(&machine_before);
+    if answered.load(Ordering::SeqCst) == answered_before {
+        // Say so now: the requests still out would only time out (30 s)
+        // into a run that has already failed.
+        for t in &tasks {
+            t.abort();
+        }
+        bail!(
+            "no request was acknowledged or failed in the {:.1} s window: the cluster did not answer; {}",
+            window.as_secs_f64(),
+            nodes.log_tails()
+        );
+    }
 
     let mut latency = histogram()?;
     let (mut requests, mut failed, mut first_error) = (0u64, 0u64, None);
@@ -225,8 +241,9 @@ pub async fn run(
         first_error = first_error.or(tally.first_error);
     }
     if requests == 0 && failed == 0 {
+        // The window's only answers came as it closed, too late to count.
         bail!(
-            "no request was acknowledged or failed in the {:.1} s window: the cluster did not answer; {}",
+            "no request was acknowledged or failed in the {:.1} s window: the cluster did not answer in time; {}",
             window.as_secs_f64(),
             nodes.log_tails()
         );
@@ -278,6 +295,7 @@ async fn produce_loop(
     w: &Workload,
     requests: &[Vec<Record>],
     phase: &AtomicU8,
+    answered: &AtomicU64,
 ) -> anyhow::Result<ProducerTally> {
     let mut tally = ProducerTally {
         acked_requests: 0,
@@ -314,6 +332,7 @@ async fn produce_loop(
         let Some((took, sent_measuring, result)) = pending.next().await else {
             break;
         };
+        answered.fetch_add(1, Ordering::SeqCst);
         let measuring = phase.load(Ordering::Relaxed) == MEASURING;
         match result {
             // Throughput and latency: what the window saw acknowledged.
