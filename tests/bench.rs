@@ -225,8 +225,56 @@ fn a_node_that_cannot_start_is_reported_with_its_own_words() {
 }
 
 #[test]
+fn storage_settings_reach_every_node_and_the_results() {
+    let kept = tempfile::tempdir().expect("tempdir");
+    let out = kept.path().join("out");
+    let (ok, stdout, stderr) = bench(&[
+        "--storage",
+        "file",
+        "--storage-config",
+        "fsync=always",
+        "--workloads",
+        "a",
+        "--seconds",
+        "0.2",
+        "--warmup",
+        "0",
+        "--raw-mb",
+        "10",
+        "--failover-rounds",
+        "0",
+        "--json",
+        "--dir",
+        kept.path().to_str().expect("utf-8 path"),
+        "--out",
+        out.to_str().expect("utf-8 path"),
+    ]);
+    assert!(ok, "{stderr}");
+    for id in 1..=3 {
+        let config = std::fs::read_to_string(
+            kept.path()
+                .join("cluster-1-0-a")
+                .join(format!("node-{id}.toml")),
+        )
+        .expect("node config");
+        let parsed: toml::Table = config.parse().expect("node config is TOML");
+        assert_eq!(
+            parsed["storage"]["config"]["fsync"].as_str(),
+            Some("always"),
+            "{config}"
+        );
+    }
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON report");
+    assert_eq!(
+        report["setup"]["storage_config"],
+        serde_json::json!([["fsync", "always"]]),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn a_cluster_that_never_answers_fails_the_run_when_the_window_ends() {
-    // The s3 plugin with no endpoint: the nodes start and the topic is
+    // The s3 plugin with no bucket: the nodes start and the topic is
     // created, but no partition's storage opens, so no produce is ever
     // answered. The run must fail, quoting the nodes, and must not wait
     // out the client's 30 s request timeout first.
@@ -236,6 +284,8 @@ fn a_cluster_that_never_answers_fails_the_run_when_the_window_ends() {
     let (ok, stdout, stderr) = bench(&[
         "--storage",
         "s3",
+        "--storage-config",
+        "endpoint=http://127.0.0.1:9",
         "--workloads",
         "a",
         "--seconds",
@@ -253,7 +303,7 @@ fn a_cluster_that_never_answers_fails_the_run_when_the_window_ends() {
     assert!(!ok, "a silent cluster was reported as measured:\n{stdout}");
     assert!(
         stderr.contains("the cluster did not answer")
-            && stderr.contains("storage-s3 needs `endpoint"),
+            && stderr.contains("storage-s3 needs `bucket`"),
         "{stderr}"
     );
     assert!(
@@ -294,6 +344,27 @@ fn bad_arguments_are_refused_before_anything_starts() {
         (
             &["--size", "1048576", "--workloads", "a,d"][..],
             "--size 1048576: a request of workload d (64 messages) cannot be sent: batch would be",
+        ),
+        (
+            &["--storage", "s3"][..],
+            "--storage s3 needs an object store: add --storage-config endpoint=http://HOST:PORT",
+        ),
+        (
+            &[
+                "--storage",
+                "native,file",
+                "--storage-config",
+                "fsync=always",
+            ][..],
+            "--storage-config needs exactly one plugin in --storage (got native,file)",
+        ),
+        (
+            &["--storage", "native", "--storage-config", "fsync=always"][..],
+            "--storage-config needs exactly one plugin in --storage (got native)",
+        ),
+        (
+            &["--storage", "file", "--storage-config", "fsync"][..],
+            "`fsync` is not key=value",
         ),
     ] {
         let (ok, _, stderr) = bench(args);

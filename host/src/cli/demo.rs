@@ -79,7 +79,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     let (dir, _guard) = super::work_dir(&args.dir)?;
     let dir = dir.join("cluster");
-    let (client_path, base_port, metrics_port) = init_local_cluster(&dir, &args.storage, None)?;
+    let (client_path, base_port, metrics_port) =
+        init_local_cluster(&dir, &args.storage, &[], None)?;
     println!(
         "1. cluster of 3 nodes in {} (storage `{}`, metadata `file`, mTLS)",
         dir.display(),

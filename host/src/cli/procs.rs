@@ -193,13 +193,14 @@ impl Drop for Nodes {
     }
 }
 
-/// `cluster init` in `dir` for three nodes on 127.0.0.1 with `storage`,
-/// file metadata, min.insync 2 and `retention_mb` (`None` keeps
-/// everything), on ports free right now. Returns the client config's path
-/// and the UDP and metrics base ports.
+/// `cluster init` in `dir` for three nodes on 127.0.0.1 with `storage`
+/// and its `storage_config` settings, file metadata, min.insync 2 and
+/// `retention_mb` (`None` keeps everything), on ports free right now.
+/// Returns the client config's path and the UDP and metrics base ports.
 pub fn init_local_cluster(
     dir: &Path,
     storage: &str,
+    storage_config: &[(String, String)],
     retention_mb: Option<u64>,
 ) -> anyhow::Result<(PathBuf, u16, u16)> {
     let (base_port, metrics_port) = free_ports(3)?;
@@ -215,7 +216,7 @@ pub fn init_local_cluster(
         metadata_config: Vec::new(),
         min_insync: Some(2),
         retention_mb,
-        storage_config: Vec::new(),
+        storage_config: storage_config.to_vec(),
         ca_key_out: None,
     })?;
     Ok((client, base_port, metrics_port))

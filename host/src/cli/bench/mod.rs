@@ -31,6 +31,14 @@ pub struct BenchArgs {
     /// roll, write-behind on), or a .wasm path.
     #[arg(long, value_delimiter = ',', default_value = "native,memory,file")]
     storage: Vec<String>,
+    /// A setting for the storage plugin, as key=value (repeatable), as in
+    /// `cluster init`: `--storage file --storage-config fsync=always`, or
+    /// `--storage s3 --storage-config endpoint=http://127.0.0.1:9000`
+    /// (an S3 server such as moto_server; see the README). Plugins refuse
+    /// settings they do not know, so this needs exactly one plugin in
+    /// --storage.
+    #[arg(long = "storage-config", value_name = "KEY=VALUE", value_parser = crate::cli::parse_kv)]
+    storage_config: Vec<(String, String)>,
     /// Workloads to run: a (1 in flight), b (1 producer, 256 in flight),
     /// c (4 producers, 64 in flight each), d (64 KiB batches, 32 in flight).
     #[arg(long, value_delimiter = ',', default_value = "a,b,c,d")]
@@ -87,9 +95,18 @@ struct Cluster {
 }
 
 impl Cluster {
-    async fn start(dir: &Path, storage: &str, retention_mb: u64) -> anyhow::Result<Cluster> {
-        let (client_path, _, _) =
-            init_local_cluster(dir, storage, (retention_mb > 0).then_some(retention_mb))?;
+    async fn start(
+        dir: &Path,
+        storage: &str,
+        storage_config: &[(String, String)],
+        retention_mb: u64,
+    ) -> anyhow::Result<Cluster> {
+        let (client_path, _, _) = init_local_cluster(
+            dir,
+            storage,
+            storage_config,
+            (retention_mb > 0).then_some(retention_mb),
+        )?;
         let mut nodes = Nodes::start(dir, 3)?;
         let c = super::client_cmds::client(&client_path)?;
         wait_for_cluster(&c, &mut nodes, 3).await?;
@@ -117,10 +134,11 @@ impl Cluster {
 }
 
 /// Refuse a `--storage` entry no node could load, before minutes of
-/// measuring: a name that is neither `native` nor a built-in plugin, or a
-/// .wasm path that is not a file. (Whether a file is a storage component
-/// is for the nodes to say; their log is quoted if they refuse it.)
-fn check_storage(storage: &str) -> anyhow::Result<()> {
+/// measuring: a name that is neither `native` nor a built-in plugin, a
+/// .wasm path that is not a file, or the s3 plugin with no object store to
+/// talk to. (Whether a file is a storage component, or an endpoint an S3
+/// server, is for the nodes to say; their log is quoted if they refuse.)
+fn check_storage(storage: &str, config: &[(String, String)]) -> anyhow::Result<()> {
     use replicator::node::storage::NATIVE;
     use replicator::plugin::{PluginSource, builtin};
     let Ok(source) = storage.parse::<PluginSource>();
@@ -136,6 +154,13 @@ fn check_storage(storage: &str) -> anyhow::Result<()> {
         }
         PluginSource::Path(path) if !path.is_file() => {
             bail!("--storage {}: no such file", path.display())
+        }
+        PluginSource::Builtin(name)
+            if name == "s3" && !config.iter().any(|(k, _)| k == "endpoint") =>
+        {
+            bail!(
+                "--storage s3 needs an object store: add --storage-config endpoint=http://HOST:PORT (a local one: `moto_server -H 127.0.0.1 -p PORT`, see Storage on an object store in the README)"
+            )
         }
         _ => Ok(()),
     }
@@ -155,7 +180,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         bail!("--raw-mb must be at least 1 and --storage must name a backend");
     }
     for storage in &args.storage {
-        check_storage(storage)?;
+        check_storage(storage, &args.storage_config)?;
+    }
+    if !args.storage_config.is_empty()
+        && (args.storage.len() != 1 || args.storage[0] == replicator::node::storage::NATIVE)
+    {
+        bail!(
+            "--storage-config needs exactly one plugin in --storage (got {}): plugins refuse settings they do not know",
+            args.storage.join(",")
+        );
     }
     let workloads = args
         .workloads
@@ -201,7 +234,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     // The baseline on certificates of a cluster that never runs, before
     // each round; the best run counts.
     let certs = dir.join("baseline");
-    init_local_cluster(&certs, "memory", None)?;
+    init_local_cluster(&certs, "memory", &[], None)?;
     let mut raw_runs: Vec<raw_quinn::RawQuinn> = Vec::new();
     let mut fresh: Option<fresh_memory::FreshMemory> = None;
     // Every workload on a fresh cluster: no partitions, data or fetch
@@ -243,6 +276,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 let cluster = Cluster::start(
                     &dir.join(format!("cluster-{round}-{i}-{}", w.key)),
                     storage,
+                    &args.storage_config,
                     args.retention_mb,
                 )
                 .await?;
@@ -270,6 +304,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             let mut cluster = Cluster::start(
                 &dir.join(format!("cluster-{i}-failover")),
                 storage,
+                &args.storage_config,
                 args.retention_mb,
             )
             .await?;
@@ -297,6 +332,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             rounds: args.rounds,
             retention_mb: args.retention_mb,
+            storage_config: args.storage_config.clone(),
         },
         raw_runs,
         fresh,

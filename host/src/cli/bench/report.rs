@@ -25,6 +25,8 @@ pub struct Setup {
     pub rounds: u32,
     /// Log each node keeps per partition (MiB); 0 keeps everything.
     pub retention_mb: u64,
+    /// `--storage-config` settings given to the storage plugin.
+    pub storage_config: Vec<(String, String)>,
 }
 
 /// A ratio with the target it is held to.
@@ -317,6 +319,14 @@ impl Report {
                 format!("retention {} MiB per partition per node", s.retention_mb)
             }
         );
+        if !s.storage_config.is_empty() {
+            let settings: Vec<String> = s
+                .storage_config
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            let _ = writeln!(out, "storage plugin settings: {}", settings.join(", "));
+        }
         if s.rounds > 1 {
             let _ = writeln!(
                 out,
@@ -683,6 +693,7 @@ mod tests {
                 cores: 2,
                 rounds: raw_runs.len() as u32,
                 retention_mb: 64,
+                storage_config: Vec::new(),
             },
             raw_runs,
             FreshMemory {
