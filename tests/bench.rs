@@ -347,7 +347,7 @@ fn bad_arguments_are_refused_before_anything_starts() {
         ),
         (
             &["--storage", "s3"][..],
-            "--storage s3 needs an object store: add --storage-config endpoint=http://HOST:PORT",
+            "--storage s3 needs an object store: add --storage-config endpoint=http://HOST:PORT --storage-config bucket=NAME",
         ),
         (
             &[

@@ -33,8 +33,9 @@ pub struct BenchArgs {
     storage: Vec<String>,
     /// A setting for the storage plugin, as key=value (repeatable), as in
     /// `cluster init`: `--storage file --storage-config fsync=always`, or
-    /// `--storage s3 --storage-config endpoint=http://127.0.0.1:9000`
-    /// (an S3 server such as moto_server; see the README). Plugins refuse
+    /// `--storage s3 --storage-config endpoint=http://127.0.0.1:9000
+    /// --storage-config bucket=bench` (an S3 server such as moto_server,
+    /// and AWS_* credentials; see the README). Plugins refuse
     /// settings they do not know, so this needs exactly one plugin in
     /// --storage.
     #[arg(long = "storage-config", value_name = "KEY=VALUE", value_parser = crate::cli::parse_kv)]
@@ -159,7 +160,7 @@ fn check_storage(storage: &str, config: &[(String, String)]) -> anyhow::Result<(
             if name == "s3" && !config.iter().any(|(k, _)| k == "endpoint") =>
         {
             bail!(
-                "--storage s3 needs an object store: add --storage-config endpoint=http://HOST:PORT (a local one: `moto_server -H 127.0.0.1 -p PORT`, see Storage on an object store in the README)"
+                "--storage s3 needs an object store: add --storage-config endpoint=http://HOST:PORT --storage-config bucket=NAME, with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY set (a local store: `moto_server -H 127.0.0.1 -p PORT`; see Storage on an object store in the README)"
             )
         }
         _ => Ok(()),
