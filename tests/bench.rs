@@ -17,6 +17,28 @@ fn bench(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// The shortest run that starts a cluster (workload a for 0.2 s, a tiny
+/// raw-quinn run, no failover), writing to `out`, for tests of what
+/// happens around a run rather than of its figures.
+fn short_run(out: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let mut all = vec![
+        "--workloads",
+        "a",
+        "--seconds",
+        "0.2",
+        "--warmup",
+        "0",
+        "--raw-mb",
+        "10",
+        "--failover-rounds",
+        "0",
+        "--out",
+        out.to_str().expect("utf-8 path"),
+    ];
+    all.extend_from_slice(args);
+    bench(&all)
+}
+
 #[test]
 fn a_short_run_measures_everything_it_reports() {
     let out = tempfile::tempdir().expect("tempdir");
@@ -193,22 +215,7 @@ fn a_node_that_cannot_start_is_reported_with_its_own_words() {
     let junk = dir.path().join("junk.wasm");
     std::fs::write(&junk, b"not a component").expect("write junk");
     let out = dir.path().join("out");
-    let (ok, _, stderr) = bench(&[
-        "--storage",
-        junk.to_str().expect("utf-8 path"),
-        "--workloads",
-        "a",
-        "--seconds",
-        "0.2",
-        "--warmup",
-        "0",
-        "--raw-mb",
-        "10",
-        "--failover-rounds",
-        "0",
-        "--out",
-        out.to_str().expect("utf-8 path"),
-    ]);
+    let (ok, _, stderr) = short_run(&out, &["--storage", junk.to_str().expect("utf-8 path")]);
     assert!(
         !ok,
         "a cluster that cannot start was benchmarked:\n{stderr}"
@@ -228,27 +235,18 @@ fn a_node_that_cannot_start_is_reported_with_its_own_words() {
 fn storage_settings_reach_every_node_and_the_results() {
     let kept = tempfile::tempdir().expect("tempdir");
     let out = kept.path().join("out");
-    let (ok, stdout, stderr) = bench(&[
-        "--storage",
-        "file",
-        "--storage-config",
-        "fsync=always",
-        "--workloads",
-        "a",
-        "--seconds",
-        "0.2",
-        "--warmup",
-        "0",
-        "--raw-mb",
-        "10",
-        "--failover-rounds",
-        "0",
-        "--json",
-        "--dir",
-        kept.path().to_str().expect("utf-8 path"),
-        "--out",
-        out.to_str().expect("utf-8 path"),
-    ]);
+    let (ok, stdout, stderr) = short_run(
+        &out,
+        &[
+            "--storage",
+            "file",
+            "--storage-config",
+            "fsync=always",
+            "--json",
+            "--dir",
+            kept.path().to_str().expect("utf-8 path"),
+        ],
+    );
     assert!(ok, "{stderr}");
     for id in 1..=3 {
         let config = std::fs::read_to_string(
@@ -281,24 +279,15 @@ fn a_cluster_that_never_answers_fails_the_run_when_the_window_ends() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("out");
     let started = std::time::Instant::now();
-    let (ok, stdout, stderr) = bench(&[
-        "--storage",
-        "s3",
-        "--storage-config",
-        "endpoint=http://127.0.0.1:9",
-        "--workloads",
-        "a",
-        "--seconds",
-        "0.2",
-        "--warmup",
-        "0",
-        "--raw-mb",
-        "10",
-        "--failover-rounds",
-        "0",
-        "--out",
-        out.to_str().expect("utf-8 path"),
-    ]);
+    let (ok, stdout, stderr) = short_run(
+        &out,
+        &[
+            "--storage",
+            "s3",
+            "--storage-config",
+            "endpoint=http://127.0.0.1:9",
+        ],
+    );
     let took = started.elapsed();
     assert!(!ok, "a silent cluster was reported as measured:\n{stdout}");
     assert!(
