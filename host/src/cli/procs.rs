@@ -279,9 +279,9 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok((ticks(14)? + ticks(15)?) as f64 / hz)
 }
 
-/// The machine's CPU time so far from `/proc/stat`, in clock ticks:
-/// (stolen by the hypervisor, all). Their growth over a measurement says
-/// how much of the machine the benchmark did not get.
+/// The machine's CPU time so far from `/proc/stat`, in clock ticks. Its
+/// growth over a measurement says how much of the machine sat idle and how
+/// much the benchmark did not get.
 pub fn machine_ticks() -> anyhow::Result<MachineTicks> {
     let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
     let line = stat
@@ -305,7 +305,7 @@ pub fn machine_ticks() -> anyhow::Result<MachineTicks> {
 }
 
 /// The machine's CPU time so far, in clock ticks, from `/proc/stat`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct MachineTicks {
     /// Idle, including waiting for I/O: no thread wanted the CPU.
     pub idle: u64,

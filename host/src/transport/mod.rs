@@ -446,11 +446,8 @@ pub async fn write_frame(
     kind: u8,
     payload: Bytes,
 ) -> Result<(), TransportError> {
-    let len = u32::try_from(payload.len()).map_err(|_| FrameError::TooLarge {
-        len: u32::MAX,
-        max: frame::DEFAULT_MAX_PAYLOAD,
-    })?;
-    let mut chunks = [Bytes::copy_from_slice(&frame::header(kind, len)), payload];
+    let header = frame::header(kind, payload.len())?;
+    let mut chunks = [Bytes::copy_from_slice(&header), payload];
     send.write_all_chunks(&mut chunks).await?;
     Ok(())
 }
@@ -476,12 +473,9 @@ pub async fn write_frame_chunks(
     chunks: Vec<Bytes>,
 ) -> Result<(), TransportError> {
     let total: usize = chunks.iter().map(Bytes::len).sum();
-    let len = u32::try_from(total).map_err(|_| FrameError::TooLarge {
-        len: u32::MAX,
-        max: frame::DEFAULT_MAX_PAYLOAD,
-    })?;
+    let header = frame::header(kind, total)?;
     let mut all = Vec::with_capacity(chunks.len() + 1);
-    all.push(Bytes::copy_from_slice(&frame::header(kind, len)));
+    all.push(Bytes::copy_from_slice(&header));
     all.extend(chunks);
     send.write_all_chunks(&mut all).await?;
     Ok(())

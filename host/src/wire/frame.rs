@@ -37,15 +37,9 @@ pub struct Frame {
 
 /// Append one frame to `out`.
 pub fn encode(kind: u8, payload: &[u8], out: &mut BytesMut) -> Result<(), FrameError> {
-    let len = u32::try_from(payload.len()).map_err(|_| FrameError::TooLarge {
-        len: u32::MAX,
-        max: DEFAULT_MAX_PAYLOAD,
-    })?;
+    let header = header(kind, payload.len())?;
     out.reserve(HEADER_LEN + payload.len());
-    out.put_u8(VERSION);
-    out.put_u8(kind);
-    out.put_u16_le(0);
-    out.put_u32_le(len);
+    out.put_slice(&header);
     out.put_slice(payload);
     Ok(())
 }
@@ -72,11 +66,17 @@ pub fn parse_header(header: &[u8; HEADER_LEN], max_payload: u32) -> Result<(u8, 
     Ok((kind, len))
 }
 
-/// The header of a frame of `kind` with `len` payload bytes, for writers
-/// that send the payload as separate chunks.
-pub fn header(kind: u8, len: u32) -> [u8; HEADER_LEN] {
-    let l = len.to_le_bytes();
-    [VERSION, kind, 0, 0, l[0], l[1], l[2], l[3]]
+/// The header of a frame of `kind` with `len` payload bytes (for writers
+/// that send the payload as separate chunks too); a length the header
+/// cannot hold is refused.
+pub fn header(kind: u8, len: usize) -> Result<[u8; HEADER_LEN], FrameError> {
+    let l = u32::try_from(len)
+        .map_err(|_| FrameError::TooLarge {
+            len: u32::MAX,
+            max: DEFAULT_MAX_PAYLOAD,
+        })?
+        .to_le_bytes();
+    Ok([VERSION, kind, 0, 0, l[0], l[1], l[2], l[3]])
 }
 
 /// Take one whole frame off the front of `buf` if it holds one.

@@ -219,12 +219,9 @@ pub fn frame_parts<T: Serialize>(
     body: Bytes,
 ) -> Result<[Bytes; 2], FrameError> {
     let json = header_json(header)?;
-    let payload_len = u32::try_from(json.len() + body.len()).map_err(|_| FrameError::TooLarge {
-        len: u32::MAX,
-        max: super::frame::DEFAULT_MAX_PAYLOAD,
-    })?;
-    let mut head = BytesMut::with_capacity(super::frame::HEADER_LEN + json.len());
-    head.put_slice(&super::frame::header(kind, payload_len));
+    let frame_header = super::frame::header(kind, json.len() + body.len())?;
+    let mut head = BytesMut::with_capacity(frame_header.len() + json.len());
+    head.put_slice(&frame_header);
     head.put_slice(&json);
     Ok([head.freeze(), body])
 }

@@ -216,17 +216,20 @@ pub async fn run(
         .collect();
     let client_cpu = cpu_seconds(me)? - client_cpu_before;
     let (idle_pct, steal_pct) = machine_ticks()?.idle_and_steal_pct_since(&machine_before);
+    let silent = |how: &str| {
+        anyhow::anyhow!(
+            "no request was acknowledged or failed in the {:.1} s window: the cluster did not answer{how}; {}",
+            window.as_secs_f64(),
+            nodes.log_tails()
+        )
+    };
     if answered.load(Ordering::SeqCst) == answered_before {
         // Say so now: the requests still out would only time out (30 s)
         // into a run that has already failed.
         for t in &tasks {
             t.abort();
         }
-        bail!(
-            "no request was acknowledged or failed in the {:.1} s window: the cluster did not answer; {}",
-            window.as_secs_f64(),
-            nodes.log_tails()
-        );
+        return Err(silent(""));
     }
 
     let mut latency = histogram()?;
@@ -242,11 +245,7 @@ pub async fn run(
     }
     if requests == 0 && failed == 0 {
         // The window's only answers came as it closed, too late to count.
-        bail!(
-            "no request was acknowledged or failed in the {:.1} s window: the cluster did not answer in time; {}",
-            window.as_secs_f64(),
-            nodes.log_tails()
-        );
+        return Err(silent(" in time"));
     }
     let messages = requests * w.records_per_request as u64;
     let bytes = messages * size as u64;
