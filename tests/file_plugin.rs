@@ -404,6 +404,7 @@ async fn a_segment_retention_released_is_freed_a_piece_per_call_and_a_crash_leav
     // Removing a big segment in one call stalls the partition's store for
     // tens of milliseconds; retention instead shrinks it over its next
     // calls, each freeing at least what it released (1 MiB at the least).
+    // The first one released is kept whole for the next roll instead.
     let dir = tempfile::tempdir().expect("tempdir");
     let eight_mib = vec![("segment.bytes".into(), (8u64 << 20).to_string())];
     let log = plugin()
@@ -415,8 +416,9 @@ async fn a_segment_retention_released_is_freed_a_piece_per_call_and_a_crash_leav
         log.append(big(i)).await.expect("append");
     }
     let segs = segments(dir.path());
-    assert!(segs.len() >= 3, "8 MiB segments roll: {segs:?}");
-    let second = base_of(&segs[1]);
+    assert_eq!(segs.len(), 3, "8 MiB segments roll: {segs:?}");
+    let (second, third) = (base_of(&segs[1]), base_of(&segs[2]));
+    let first_len = std::fs::metadata(&segs[0]).expect("meta").len();
 
     // Half-MiB retention steps up to the second segment: nothing retired.
     let mut start = 0;
@@ -425,8 +427,21 @@ async fn a_segment_retention_released_is_freed_a_piece_per_call_and_a_crash_leav
         log.delete_prefix(start).await.expect("delete prefix");
     }
     assert!(retired(dir.path()).is_empty());
-    // The step past the first segment's end retires it, and frees 1 MiB.
+    assert!(files_ending(dir.path(), "spare").is_empty());
+    // The step past the first segment's end retires it, as the spare.
     log.delete_prefix(second + 1).await.expect("delete prefix");
+    let spare = files_ending(dir.path(), "spare");
+    assert_eq!(spare.len(), 1, "{spare:?}");
+    assert_eq!(std::fs::metadata(&spare[0]).expect("meta").len(), first_len);
+    assert!(retired(dir.path()).is_empty());
+    // With a spare kept, the next one released is freed, a piece first.
+    start = second + 1;
+    while start + 8 < third {
+        start += 8;
+        log.delete_prefix(start).await.expect("delete prefix");
+    }
+    assert!(retired(dir.path()).is_empty());
+    log.delete_prefix(third + 1).await.expect("delete prefix");
     let r = retired(dir.path());
     assert_eq!(r.len(), 1, "{r:?}");
     let (path, mut size) = r[0].clone();
@@ -434,43 +449,148 @@ async fn a_segment_retention_released_is_freed_a_piece_per_call_and_a_crash_leav
         size > 0 && size <= (7u64 << 20),
         "freed a piece, not all at once: {size}"
     );
-    assert_eq!(base_of(&segments(dir.path())[0]), second);
+    assert_eq!(base_of(&segments(dir.path())[0]), third);
 
-    // A crash now: open removes the retired file and the log is whole.
+    // A crash now: open removes the retired file and the spare, and the
+    // log is whole.
     let crashed = snapshot(dir.path());
     let copy = plugin()
         .open("t", 0, eight_mib.clone(), Some(crashed.path()))
         .await
         .expect("reopen after a crash");
     assert!(
-        retired(crashed.path()).is_empty(),
-        "leftover removed on open"
+        retired(crashed.path()).is_empty() && files_ending(crashed.path(), "spare").is_empty(),
+        "leftovers removed on open"
     );
     let b = copy.bounds().await.expect("bounds");
-    assert_eq!((b.log_start, b.log_end), (second, 300));
-    assert_eq!(copy.read(second, 1).await.expect("read"), big(second));
+    assert_eq!((b.log_start, b.log_end), (third, 300));
+    assert_eq!(copy.read(third, 1).await.expect("read"), big(third));
     copy.close().await;
 
     // Each further step frees at least 1 MiB more, until it is gone.
-    let mut step = second + 1;
+    let mut step = third + 1;
     while path.exists() {
         step += 1;
         log.delete_prefix(step).await.expect("delete prefix");
         let now = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         assert!(now + (1 << 20) <= size || now == 0, "{size} -> {now}");
         size = now;
-        assert!(step < second + 10, "an 8 MiB segment took too many calls");
+        assert!(step < third + 10, "an 8 MiB segment took too many calls");
     }
     assert!(retired(dir.path()).is_empty());
+    assert_eq!(files_ending(dir.path(), "spare").len(), 1, "still kept");
 
-    // A reset retires nothing for later: what was retired goes with it.
-    let third = base_of(&segments(dir.path())[1]);
-    log.delete_prefix(third - 1).await.expect("delete prefix");
-    log.delete_prefix(third + 1)
-        .await
-        .expect("retire the second");
-    assert_eq!(retired(dir.path()).len(), 1, "paced again");
+    // A reset frees what is retired and starts its new segment in the
+    // spare's file; a clean close cuts the old bytes.
     log.delete_prefix(1_000).await.expect("reset past the end");
-    assert!(retired(dir.path()).is_empty(), "a reset frees everything");
+    assert!(retired(dir.path()).is_empty() && files_ending(dir.path(), "spare").is_empty());
+    let segs = segments(dir.path());
+    assert_eq!(segs.len(), 1);
+    assert_eq!(base_of(&segs[0]), 1_000);
+    log.close().await;
+    assert_eq!(std::fs::metadata(&segs[0]).expect("meta").len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_roll_overwrites_a_released_segment_and_its_old_batches_never_come_back() {
+    use std::os::unix::fs::MetadataExt;
+    let meta = |p: &Path| std::fs::metadata(p).expect("meta");
+    // 30 batches of 500-byte records, 7 to a 4 KiB segment.
+    let (dir, log, segs) = log_of_30().await;
+    let (first_len, first_inode) = (meta(&segs[0]).len(), meta(&segs[0]).ino());
+    let second = base_of(&segs[1]);
+    let mut sent: Vec<Bytes> = (0..30).map(|i| batch_of(i, 500)).collect();
+
+    // Retention releases the first segment: it is kept whole, not freed.
+    log.delete_prefix(second).await.expect("delete prefix");
+    let spare = files_ending(dir.path(), "spare");
+    assert_eq!(spare.len(), 1, "one spare: {spare:?}");
+    assert_eq!(meta(&spare[0]).len(), first_len, "kept whole");
+    assert!(retired(dir.path()).is_empty());
+
+    // The next roll takes its file over. Batches the size of its old ones
+    // line up with them: its second old batch, whole and with a valid CRC,
+    // sits right after the new segment's first.
+    let before = segments(dir.path());
+    let rolled = loop {
+        let i = sent.len() as u64;
+        log.append(batch_of(i, 500)).await.expect("append");
+        sent.push(batch_of(i, 500));
+        let now = segments(dir.path());
+        if now.len() > before.len() {
+            break now.last().cloned().expect("a segment");
+        }
+        assert!(i < 60, "no roll after {i} batches");
+    };
+    assert_eq!(
+        meta(&rolled).ino(),
+        first_inode,
+        "the spare's file, renamed"
+    );
+    assert_eq!(
+        meta(&rolled).len(),
+        first_len,
+        "overwritten in place, not cut"
+    );
+    assert!(files_ending(dir.path(), "spare").is_empty());
+    let end = sent.len() as u64;
+    assert_eq!(base_of(&rolled), end - 1);
+
+    // A crash now: recovery finds one new batch, then an old batch whose
+    // offset does not follow it, and cuts there.
+    let crashed = snapshot(dir.path());
+    let copy = open(crashed.path()).await.expect("reopen after a crash");
+    let b = copy.bounds().await.expect("bounds");
+    assert_eq!((b.log_start, b.log_end), (second, end));
+    assert_eq!(
+        copy.read(end - 1, 1).await.expect("read"),
+        sent[end as usize - 1]
+    );
+    assert_eq!(
+        std::fs::metadata(crashed.path().join(rolled.file_name().expect("name")))
+            .expect("meta")
+            .len(),
+        sent[end as usize - 1].len() as u64,
+        "the old bytes are cut"
+    );
+    copy.close().await;
+
+    // Larger batches now, so the recycled segment closes short of its old
+    // length: its file is cut to its data, which its index covers.
+    let mut in_rolled = sent[end as usize - 1].len() as u64;
+    loop {
+        let i = sent.len() as u64;
+        let b = batch_of(i, 1000);
+        log.append(b.clone()).await.expect("append");
+        sent.push(b.clone());
+        if segments(dir.path()).len() > before.len() + 1 {
+            break;
+        }
+        in_rolled += b.len() as u64;
+    }
+    assert!(in_rolled < first_len, "{in_rolled} vs {first_len}");
+    assert_eq!(
+        meta(&rolled).len(),
+        in_rolled,
+        "closed at its data's length"
+    );
+    assert!(rolled.with_extension("index").exists());
+    log.close().await;
+    assert!(
+        files_ending(dir.path(), "spare").is_empty(),
+        "close removes it"
+    );
+
+    // Every batch reads back as sent after a clean reopen.
+    let log = open(dir.path()).await.expect("reopen");
+    let b = log.bounds().await.expect("bounds");
+    assert_eq!((b.log_start, b.log_end), (second, sent.len() as u64));
+    for i in second..b.log_end {
+        assert_eq!(
+            log.read(i, 1).await.expect("read"),
+            sent[i as usize],
+            "batch {i}"
+        );
+    }
     log.close().await;
 }

@@ -7,6 +7,9 @@
 //!   replaced atomically (temp file + rename).
 //! - `<base:020>.deleted`: a segment retention released, freed a piece at
 //!   a time (see `Retired`); removed on open if a crash left it.
+//! - `<base:020>.spare`: a segment retention released, kept whole for the
+//!   next roll to overwrite (see `FileLog::spare`); removed on open and on
+//!   close.
 //!
 //! Recovery trusts a closed segment's index only when it is intact and
 //! matches the segment's size; otherwise it scans the segment. The active
@@ -63,6 +66,9 @@ struct Segment {
     name: String,
     file: Descriptor,
     size: u64,
+    /// A spare's file: it may hold bytes past `size` from its former life,
+    /// which are cut when the segment closes.
+    recycled: bool,
 }
 
 /// A segment retention released, renamed out of the log and shrunk from
@@ -85,6 +91,7 @@ const HW_FILE: &str = "high-watermark";
 const EPOCH_FILE: &str = "leader-epochs";
 const START_FILE: &str = "log-start";
 const RETIRED_SUFFIX: &str = ".deleted";
+const SPARE_SUFFIX: &str = ".spare";
 const INDEX_MAGIC: &[u8; 4] = b"RIX1";
 const INDEX_ENTRY: usize = 32;
 const SCAN_WINDOW: u64 = 1024 * 1024;
@@ -106,6 +113,17 @@ pub struct FileLog {
     start_pending: bool,
     /// Released segments not yet freed, oldest first.
     retired: Vec<Retired>,
+    /// One released segment kept whole, which the next new segment takes
+    /// over (renamed) and overwrites from its start. Why: writing into a
+    /// file's cached pages costs the kernel far less than a new file's
+    /// (no page allocation, no delayed block allocation, nothing to free
+    /// at retention), and retention releases a segment for every one a
+    /// busy partition rolls. Safe to overwrite in place because every
+    /// offset in it is below the log start, and so below every offset
+    /// this log will write: recovery's scan, which wants each batch to
+    /// start at the offset the previous one ended, stops at the first
+    /// stale batch (and cuts it), as it does at a torn write.
+    spare: Option<Retired>,
     /// What recovery did, for the host's log.
     pub recovery_notes: Vec<String>,
 }
@@ -128,7 +146,10 @@ impl FileLog {
         let mut bases = Vec::new();
         let mut stray = Vec::new();
         for name in fs::list(&dir)? {
-            if name.ends_with(".tmp") || name.ends_with(RETIRED_SUFFIX) {
+            if name.ends_with(".tmp")
+                || name.ends_with(RETIRED_SUFFIX)
+                || name.ends_with(SPARE_SUFFIX)
+            {
                 // Half-written checkpoints, and segments retention released
                 // before a crash: nothing in either belongs to the log.
                 fs::remove(&dir, &name)?;
@@ -156,6 +177,7 @@ impl FileLog {
             unindexed: Vec::new(),
             start_pending: false,
             retired: Vec::new(),
+            spare: None,
             recovery_notes: Vec::new(),
         };
         for name in stray {
@@ -243,6 +265,7 @@ impl FileLog {
                 name: name.clone(),
                 file,
                 size: valid,
+                recycled: false,
             });
             if !active && indexed_missing {
                 // Index it at the next flush, once its data is synced.
@@ -299,15 +322,22 @@ impl FileLog {
         let gone: Vec<Segment> = self.segments.drain(..n).collect();
         for seg in gone {
             fs::remove(&self.dir, &index_name(seg.base))?;
-            let name = format!("{:020}{RETIRED_SUFFIX}", seg.base);
+            let keep = self.spare.is_none();
+            let suffix = if keep { SPARE_SUFFIX } else { RETIRED_SUFFIX };
+            let name = format!("{:020}{suffix}", seg.base);
             self.dir
                 .rename_at(&seg.name, &self.dir, &name)
                 .map_err(|e| fs::err("rename", &seg.name, e))?;
-            self.retired.push(Retired {
+            let r = Retired {
                 name,
                 file: seg.file,
                 size: seg.size,
-            });
+            };
+            if keep {
+                self.spare = Some(r);
+            } else {
+                self.retired.push(r);
+            }
         }
         if n > 0 {
             fs::sync_dir(&self.dir);
@@ -417,13 +447,39 @@ impl FileLog {
 
     fn create_segment(&mut self, base: u64) -> FsResult<()> {
         let name = seg_name(base);
+        if let Some(spare) = self.spare.take() {
+            if self.dir.rename_at(&spare.name, &self.dir, &name).is_ok() {
+                self.segments.push(Segment {
+                    base,
+                    name,
+                    file: spare.file,
+                    size: 0,
+                    recycled: true,
+                });
+                return Ok(());
+            }
+            // Free it like any released segment; start a new file.
+            self.retired.push(spare);
+        }
         let file = fs::open(&self.dir, &name, true, true)?;
         self.segments.push(Segment {
             base,
             name,
             file,
             size: 0,
+            recycled: false,
         });
+        Ok(())
+    }
+
+    /// Cut what a recycled segment holds past its end, so a closed
+    /// segment's size is its data's (its index must cover it all).
+    fn cut_stale_tail(seg: &Segment) -> FsResult<()> {
+        if seg.recycled {
+            seg.file
+                .set_size(seg.size)
+                .map_err(|e| fs::err("truncate", &seg.name, e))?;
+        }
         Ok(())
     }
 
@@ -502,6 +558,7 @@ impl FileLog {
 
     fn roll(&mut self) -> Result<(), Error> {
         let a = self.active()?;
+        Self::cut_stale_tail(a)?;
         let base = a.base;
         if self.config.fsync == Fsync::Never {
             // No sync now; the index waits for the next `flush`. Until then
@@ -712,6 +769,12 @@ impl Drop for FileLog {
     /// and leaves no retired segment behind.
     fn drop(&mut self) {
         self.free_retired(u64::MAX);
+        if let Some(spare) = self.spare.take() {
+            let _ = fs::remove(&self.dir, &spare.name);
+        }
+        if let Some(a) = self.segments.last() {
+            let _ = Self::cut_stale_tail(a);
+        }
         if self.start_pending {
             let _ = self.write_start(self.index.log_start());
         }
