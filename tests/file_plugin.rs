@@ -594,3 +594,167 @@ async fn the_next_roll_overwrites_a_released_segment_and_its_old_batches_never_c
     }
     log.close().await;
 }
+
+/// One step of [`random_steps_and_crashes_lose_nothing_and_bring_back_nothing_stale`].
+#[derive(Debug, Clone)]
+enum Step {
+    /// A batch of one record of this many bytes.
+    Append(usize),
+    /// Move the log start to an offset picked from the log (or past it).
+    DeletePrefix(u16),
+    Truncate(u16),
+    Flush,
+    /// Reopen a copy of the files as they are: a crash of the process.
+    Crash,
+    /// Close and reopen.
+    Reopen,
+}
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    prop_oneof![
+        // Mostly one size, so a new batch often lines up with an old one
+        // in a segment that is overwritten.
+        8 => prop_oneof![4 => Just(500usize), 1 => 1usize..1500].prop_map(Step::Append),
+        2 => any::<u16>().prop_map(Step::DeletePrefix),
+        1 => any::<u16>().prop_map(Step::Truncate),
+        1 => Just(Step::Flush),
+        2 => Just(Step::Crash),
+        1 => Just(Step::Reopen),
+    ]
+}
+
+/// What the log must hold: its batches by base offset, and the batches
+/// retention released, which a crash may bring back (the log start is
+/// checkpointed lazily) but only as they were written.
+#[derive(Default)]
+struct Expected {
+    batches: std::collections::BTreeMap<u64, Bytes>,
+    released: std::collections::BTreeMap<u64, Bytes>,
+    start: u64,
+    end: u64,
+}
+
+impl Expected {
+    fn pick(&self, p: u16) -> u64 {
+        self.start + u64::from(p) % (self.end - self.start + 3)
+    }
+}
+
+async fn check_steps(steps: Vec<Step>) -> Result<(), proptest::test_runner::TestCaseError> {
+    use proptest::{prop_assert, prop_assert_eq};
+    let mut dirs = vec![tempfile::tempdir().expect("tempdir")];
+    let mut log = open(dirs[0].path()).await.expect("open");
+    let mut x = Expected::default();
+    for s in steps {
+        let crash = matches!(s, Step::Crash);
+        match s {
+            Step::Append(len) => {
+                let b = batch_of(x.end, len);
+                prop_assert_eq!(log.append(b.clone()).await, Ok(x.end + 1));
+                x.batches.insert(x.end, b);
+                x.end += 1;
+            }
+            Step::DeletePrefix(p) => {
+                let at = x.pick(p);
+                prop_assert_eq!(log.delete_prefix(at).await, Ok(()));
+                if at > x.start {
+                    // One record a batch: the batch holding `at` starts there.
+                    let kept = x.batches.split_off(&at);
+                    x.released.extend(std::mem::replace(&mut x.batches, kept));
+                    x.start = at;
+                    x.end = x.end.max(at);
+                }
+            }
+            Step::Truncate(p) => {
+                let at = x.pick(p);
+                if at > x.end {
+                    let bounds = OffsetBounds {
+                        log_start: x.start,
+                        log_end: x.end,
+                    };
+                    prop_assert_eq!(
+                        log.truncate(at).await,
+                        Err(StorageError::OffsetOutOfRange(bounds))
+                    );
+                } else {
+                    prop_assert_eq!(log.truncate(at).await, Ok(at));
+                    // Divergent from here: never to be seen again.
+                    x.batches.split_off(&at);
+                    x.end = at;
+                }
+            }
+            Step::Flush => prop_assert_eq!(log.flush().await, Ok(())),
+            Step::Crash => {
+                let copy = snapshot(dirs.last().expect("a dir").path());
+                log.close().await;
+                log = open(copy.path()).await.expect("reopen after a crash");
+                dirs.push(copy);
+            }
+            Step::Reopen => {
+                log.close().await;
+                log = open(dirs.last().expect("a dir").path())
+                    .await
+                    .expect("reopen");
+            }
+        }
+        let b = log.bounds().await.expect("bounds");
+        prop_assert_eq!(b.log_end, x.end, "nothing lost, nothing stale past the end");
+        if !crash {
+            prop_assert_eq!(b.log_start, x.start);
+            continue;
+        }
+        // A crash may bring back what retention released, as written.
+        prop_assert!(b.log_start <= x.start, "{b:?}, start {}", x.start);
+        for o in b.log_start..x.start {
+            let back = x.released.remove(&o);
+            prop_assert!(
+                back.is_some(),
+                "offset {o} came back but was never released"
+            );
+            x.batches.extend(back.map(|b| (o, b)));
+        }
+        x.start = b.log_start;
+        check_batches(&log, &x).await?;
+    }
+    check_batches(&log, &x).await?;
+    log.close().await;
+    Ok(())
+}
+
+/// Every batch of the log reads back as written.
+async fn check_batches(
+    log: &PluginLog,
+    x: &Expected,
+) -> Result<(), proptest::test_runner::TestCaseError> {
+    for (&o, want) in x.batches.range(x.start..) {
+        proptest::prop_assert_eq!(&log.read(o, 1).await.expect("read"), want, "batch {}", o);
+    }
+    Ok(())
+}
+
+#[test]
+fn random_steps_and_crashes_lose_nothing_and_bring_back_nothing_stale() {
+    // Small segments, so retention releases them and new ones are written
+    // over them often; crashes between steps reopen the files as they are.
+    use proptest::test_runner::{Config, TestRunner};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let cases = std::env::var("REPLICATOR_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(48);
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&proptest::collection::vec(step(), 1..80), |steps| {
+            rt.block_on(check_steps(steps))
+        })
+        .expect("every sequence holds");
+}
