@@ -758,3 +758,108 @@ fn random_steps_and_crashes_lose_nothing_and_bring_back_nothing_stale() {
         })
         .expect("every sequence holds");
 }
+
+/// A tmpfs of a given size mounted on a new directory (a disk that fills
+/// up for real), unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// `None` where this process may not mount one (it needs root).
+    fn mount(bytes: u64) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().ok()?;
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then_some(SmallDisk { dir })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        // Lazily: a failed test may still hold files open on it.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_an_append_whole_and_retention_makes_room_again() {
+    let Some(disk) = SmallDisk::mount(1 << 20) else {
+        eprintln!("skipped: cannot mount a 1 MiB tmpfs here (needs root)");
+        return;
+    };
+    let dir = disk.dir.path();
+    let config = vec![("segment.bytes".into(), (256u64 << 10).to_string())];
+    let log = plugin()
+        .open("t", 0, config.clone(), Some(dir))
+        .await
+        .expect("open");
+    // Fill the disk with 16 KiB batches, then to the last page with small
+    // ones.
+    let mut sent: Vec<Bytes> = Vec::new();
+    let mut refused = None;
+    for len in [16 * 1024, 100] {
+        loop {
+            let b = batch_of(sent.len() as u64, len);
+            match log.append(b.clone()).await {
+                Ok(e) => {
+                    sent.push(b);
+                    assert_eq!(e, sent.len() as u64);
+                }
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+            assert!(
+                sent.len() < 1000,
+                "a 1 MiB disk took {} batches",
+                sent.len()
+            );
+        }
+    }
+    match refused.expect("the disk filled up") {
+        StorageError::Io(m) => assert!(m.contains("No space left on device"), "{m}"),
+        other => panic!("expected an i/o error, got {other}"),
+    }
+    // Refused whole: nothing of it is in the log or its files.
+    let end = sent.len() as u64;
+    assert_eq!(log.bounds().await.map(|b| b.log_end), Ok(end));
+    let on_disk: u64 = segments(dir)
+        .iter()
+        .map(|p| std::fs::metadata(p).expect("meta").len())
+        .sum();
+    let total: u64 = sent.iter().map(|b| b.len() as u64).sum();
+    assert_eq!(on_disk, total, "no partial batch left behind");
+
+    // Retention releases the first segment, which the plugin would keep as
+    // its spare; with the disk full, the next append frees it instead.
+    let second = base_of(&segments(dir)[1]);
+    log.delete_prefix(second).await.expect("delete prefix");
+    let b = batch_of(end, 16 * 1024);
+    assert_eq!(log.append(b.clone()).await, Ok(end + 1), "room again");
+    sent.push(b);
+    assert!(files_ending(dir, "spare").is_empty() && retired(dir).is_empty());
+    for i in second..=end {
+        assert_eq!(
+            log.read(i, 1).await.expect("read"),
+            sent[i as usize],
+            "batch {i}"
+        );
+    }
+    log.close().await;
+    let log = plugin()
+        .open("t", 0, config, Some(dir))
+        .await
+        .expect("reopen");
+    let b = log.bounds().await.expect("bounds");
+    assert_eq!((b.log_start, b.log_end), (second, end + 1));
+    log.close().await;
+}

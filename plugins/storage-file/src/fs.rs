@@ -90,15 +90,38 @@ pub fn read_exact_at(
     Ok(())
 }
 
+/// A write that failed: why, and whether it was for want of space.
+pub struct WriteFailed {
+    pub message: String,
+    pub out_of_space: bool,
+}
+
+impl From<WriteFailed> for String {
+    fn from(w: WriteFailed) -> String {
+        w.message
+    }
+}
+
 /// Write all of `bytes` at `offset`.
-pub fn write_all_at(file: &Descriptor, name: &str, offset: u64, bytes: &[u8]) -> FsResult<()> {
+pub fn write_all_at(
+    file: &Descriptor,
+    name: &str,
+    offset: u64,
+    bytes: &[u8],
+) -> Result<(), WriteFailed> {
     let mut done = 0usize;
     while done < bytes.len() {
         let n = file
             .write(&bytes[done..], offset + done as u64)
-            .map_err(|e| err("write", name, e))?;
+            .map_err(|e| WriteFailed {
+                message: err("write", name, e),
+                out_of_space: matches!(e, ErrorCode::InsufficientSpace | ErrorCode::Quota),
+            })?;
         if n == 0 {
-            return Err(format!("write {name}: no progress"));
+            return Err(WriteFailed {
+                message: format!("write {name}: no progress"),
+                out_of_space: false,
+            });
         }
         done += n as usize;
     }

@@ -514,23 +514,13 @@ impl FileLog {
             }
             Fsync::Never => false,
         };
-        let written = {
-            let a = self.active()?;
-            fs::write_all_at(&a.file, &a.name, start, bytes).and_then(|()| {
-                if sync_now {
-                    fs::sync(&a.file, &a.name)
-                } else {
-                    Ok(())
-                }
-            })
-        };
-        if let Err(e) = written {
-            // All or nothing: leave no partial or unsynced batch behind.
-            if let Ok(a) = self.active() {
-                let _ = a.file.set_size(start);
-            }
-            return Err(Error::Io(e));
+        let mut written = self.write_at(start, bytes, sync_now);
+        if written.as_ref().is_err_and(|e| e.out_of_space) && self.free_all_released() {
+            // The space released segments held is worth more to a full
+            // disk than a cheaper roll or a smoother retention.
+            written = self.write_at(start, bytes, sync_now);
         }
+        written.map_err(|e| Error::Io(e.message))?;
         for l in located {
             let h = l.header;
             self.index.push(Entry {
@@ -554,6 +544,44 @@ impl FileLog {
             self.unsynced = true;
         }
         Ok(self.index.log_end())
+    }
+
+    /// Write `bytes` at `start` of the active segment (and sync them, with
+    /// `sync`), all or nothing: a failure leaves no partial or unsynced
+    /// batch behind.
+    fn write_at(&self, start: u64, bytes: &[u8], sync: bool) -> Result<(), fs::WriteFailed> {
+        let a = self.active().map_err(|_| fs::WriteFailed {
+            message: "the log has no active segment".into(),
+            out_of_space: false,
+        })?;
+        let written = fs::write_all_at(&a.file, &a.name, start, bytes).and_then(|()| {
+            if sync {
+                fs::sync(&a.file, &a.name).map_err(|message| fs::WriteFailed {
+                    message,
+                    out_of_space: false,
+                })
+            } else {
+                Ok(())
+            }
+        });
+        if written.is_err() {
+            let _ = a.file.set_size(start);
+        }
+        written
+    }
+
+    /// Free the spare and every retired segment now. Whether there was
+    /// any to free.
+    fn free_all_released(&mut self) -> bool {
+        let any = self.spare.is_some() || !self.retired.is_empty();
+        if let Some(spare) = self.spare.take() {
+            // Closed before its removal, or its space stays taken.
+            let name = spare.name;
+            drop(spare.file);
+            let _ = fs::remove(&self.dir, &name);
+        }
+        self.free_retired(u64::MAX);
+        any
     }
 
     fn roll(&mut self) -> Result<(), Error> {
@@ -768,10 +796,7 @@ impl Drop for FileLog {
     /// the start is the first segment's base on open, as after a crash)
     /// and leaves no retired segment behind.
     fn drop(&mut self) {
-        self.free_retired(u64::MAX);
-        if let Some(spare) = self.spare.take() {
-            let _ = fs::remove(&self.dir, &spare.name);
-        }
+        self.free_all_released();
         if let Some(a) = self.segments.last() {
             let _ = Self::cut_stale_tail(a);
         }
