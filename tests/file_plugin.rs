@@ -789,14 +789,30 @@ impl Drop for SmallDisk {
     }
 }
 
+/// Append batches of `len` bytes until one is refused; the refusal.
+async fn fill_until_refused(log: &PluginLog, sent: &mut Vec<Bytes>, len: usize) -> StorageError {
+    loop {
+        let b = batch_of(sent.len() as u64, len);
+        match log.append(b.clone()).await {
+            Ok(e) => {
+                sent.push(b);
+                assert_eq!(e, sent.len() as u64);
+            }
+            Err(e) => return e,
+        }
+        assert!(sent.len() < 1000, "the disk took {} batches", sent.len());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_fails_an_append_whole_and_retention_makes_room_again() {
-    let Some(disk) = SmallDisk::mount(1 << 20) else {
-        eprintln!("skipped: cannot mount a 1 MiB tmpfs here (needs root)");
+    const SEGMENT: u64 = 256 << 10;
+    let Some(disk) = SmallDisk::mount(1152 << 10) else {
+        eprintln!("skipped: cannot mount a small tmpfs here (needs root)");
         return;
     };
     let dir = disk.dir.path();
-    let config = vec![("segment.bytes".into(), (256u64 << 10).to_string())];
+    let config = vec![("segment.bytes".into(), SEGMENT.to_string())];
     let log = plugin()
         .open("t", 0, config.clone(), Some(dir))
         .await
@@ -804,28 +820,8 @@ async fn a_full_disk_fails_an_append_whole_and_retention_makes_room_again() {
     // Fill the disk with 16 KiB batches, then to the last page with small
     // ones.
     let mut sent: Vec<Bytes> = Vec::new();
-    let mut refused = None;
-    for len in [16 * 1024, 100] {
-        loop {
-            let b = batch_of(sent.len() as u64, len);
-            match log.append(b.clone()).await {
-                Ok(e) => {
-                    sent.push(b);
-                    assert_eq!(e, sent.len() as u64);
-                }
-                Err(e) => {
-                    refused = Some(e);
-                    break;
-                }
-            }
-            assert!(
-                sent.len() < 1000,
-                "a 1 MiB disk took {} batches",
-                sent.len()
-            );
-        }
-    }
-    match refused.expect("the disk filled up") {
+    fill_until_refused(&log, &mut sent, 16 * 1024).await;
+    match fill_until_refused(&log, &mut sent, 100).await {
         StorageError::Io(m) => assert!(m.contains("No space left on device"), "{m}"),
         other => panic!("expected an i/o error, got {other}"),
     }
@@ -847,7 +843,25 @@ async fn a_full_disk_fails_an_append_whole_and_retention_makes_room_again() {
     assert_eq!(log.append(b.clone()).await, Ok(end + 1), "room again");
     sent.push(b);
     assert!(files_ending(dir, "spare").is_empty() && retired(dir).is_empty());
-    for i in second..=end {
+
+    // Full again, one more segment released, and an append too big for
+    // the active segment: its roll takes the spare's file, whose blocks
+    // are already allocated, so it needs no new space for its data.
+    fill_until_refused(&log, &mut sent, 16 * 1024).await;
+    fill_until_refused(&log, &mut sent, 100).await;
+    let third = base_of(&segments(dir)[1]);
+    log.delete_prefix(third).await.expect("delete prefix");
+    let active = std::fs::metadata(segments(dir).last().expect("active"))
+        .expect("meta")
+        .len();
+    let end = sent.len() as u64;
+    let b = batch_of(end, (SEGMENT - active) as usize);
+    assert_eq!(log.append(b.clone()).await, Ok(end + 1), "rolled");
+    sent.push(b);
+    assert_eq!(base_of(segments(dir).last().expect("active")), end);
+    assert!(files_ending(dir, "spare").is_empty() && retired(dir).is_empty());
+
+    for i in third..=end {
         assert_eq!(
             log.read(i, 1).await.expect("read"),
             sent[i as usize],
@@ -860,6 +874,6 @@ async fn a_full_disk_fails_an_append_whole_and_retention_makes_room_again() {
         .await
         .expect("reopen");
     let b = log.bounds().await.expect("bounds");
-    assert_eq!((b.log_start, b.log_end), (second, end + 1));
+    assert_eq!((b.log_start, b.log_end), (third, end + 1));
     log.close().await;
 }

@@ -499,7 +499,13 @@ impl FileLog {
             let a = self.active()?;
             a.size > 0 && a.size + bytes.len() as u64 > self.config.segment_bytes
         };
-        if needs_roll {
+        if needs_roll && let Err(e) = self.roll() {
+            // A roll writes the closed segment's index and may create a
+            // file, which a full disk refuses while released segments hold
+            // space (a roll can be retried: every step of it can be redone).
+            if !self.free_all_released() {
+                return Err(e);
+            }
             self.roll()?;
         }
         let (seg_base, start) = {
