@@ -877,3 +877,49 @@ async fn a_full_disk_fails_an_append_whole_and_retention_makes_room_again() {
     assert_eq!((b.log_start, b.log_end), (third, end + 1));
     log.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_roll_the_full_disk_refuses_frees_the_spare_and_is_tried_again() {
+    // Everything in whole pages, so the disk fills exactly: batches of
+    // one 4 KiB page, 16 to a segment, and an index of one page per
+    // closed segment.
+    const PAGE: u64 = 4096;
+    let page_batch = |i: u64| batch_of(i, PAGE as usize - 68);
+    assert_eq!(page_batch(0).len() as u64, PAGE);
+    // Four full segments and the indexes of the first three.
+    let Some(disk) = SmallDisk::mount((4 * 16 + 3) * PAGE) else {
+        eprintln!("skipped: cannot mount a small tmpfs here (needs root)");
+        return;
+    };
+    let dir = disk.dir.path();
+    let config = vec![("segment.bytes".into(), (16 * PAGE).to_string())];
+    let log = plugin()
+        .open("t", 0, config.clone(), Some(dir))
+        .await
+        .expect("open");
+    for i in 0..64 {
+        assert_eq!(log.append(page_batch(i)).await, Ok(i + 1));
+    }
+    // The 65th needs a roll, whose index finds no page.
+    match log.append(page_batch(64)).await {
+        Err(StorageError::Io(m)) => assert!(m.contains("No space left on device"), "{m}"),
+        other => panic!("expected a full disk, got {other:?}"),
+    }
+    // Retention releases the first segment (kept as the spare) and its
+    // index's page; the flush's log-start checkpoint takes that page.
+    log.delete_prefix(16).await.expect("delete prefix");
+    log.flush().await.expect("flush");
+    assert_eq!(files_ending(dir, "spare").len(), 1);
+    // So the roll fails again, until the spare is freed for it.
+    assert_eq!(log.append(page_batch(64)).await, Ok(65), "rolled");
+    assert!(files_ending(dir, "spare").is_empty());
+    assert_eq!(base_of(segments(dir).last().expect("active")), 64);
+    for i in 16..65 {
+        assert_eq!(
+            log.read(i, 1).await.expect("read"),
+            page_batch(i),
+            "batch {i}"
+        );
+    }
+    log.close().await;
+}
