@@ -71,6 +71,19 @@ struct Segment {
     recycled: bool,
 }
 
+impl Segment {
+    /// Cut what a recycled segment holds past its end, so a closed
+    /// segment's size is its data's (its index must cover it all).
+    fn cut_stale_tail(&self) -> FsResult<()> {
+        if self.recycled {
+            self.file
+                .set_size(self.size)
+                .map_err(|e| fs::err("truncate", &self.name, e))?;
+        }
+        Ok(())
+    }
+}
+
 /// A segment retention released, renamed out of the log and shrunk from
 /// its end a piece per `delete_prefix` call until it is gone. Why: removing
 /// a 64 MiB file at once held the partition's only store thread for 10-38
@@ -472,17 +485,6 @@ impl FileLog {
         Ok(())
     }
 
-    /// Cut what a recycled segment holds past its end, so a closed
-    /// segment's size is its data's (its index must cover it all).
-    fn cut_stale_tail(seg: &Segment) -> FsResult<()> {
-        if seg.recycled {
-            seg.file
-                .set_size(seg.size)
-                .map_err(|e| fs::err("truncate", &seg.name, e))?;
-        }
-        Ok(())
-    }
-
     fn active(&self) -> Result<&Segment, Error> {
         self.segments
             .last()
@@ -592,7 +594,7 @@ impl FileLog {
 
     fn roll(&mut self) -> Result<(), Error> {
         let a = self.active()?;
-        Self::cut_stale_tail(a)?;
+        a.cut_stale_tail()?;
         let base = a.base;
         if self.config.fsync == Fsync::Never {
             // No sync now; the index waits for the next `flush`. Until then
@@ -804,7 +806,7 @@ impl Drop for FileLog {
     fn drop(&mut self) {
         self.free_all_released();
         if let Some(a) = self.segments.last() {
-            let _ = Self::cut_stale_tail(a);
+            let _ = a.cut_stale_tail();
         }
         if self.start_pending {
             let _ = self.write_start(self.index.log_start());
