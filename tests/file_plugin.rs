@@ -911,9 +911,15 @@ async fn a_roll_the_full_disk_refuses_frees_the_spare_and_is_tried_again() {
     // index's page; the flush's log-start checkpoint takes that page.
     log.delete_prefix(16).await.expect("delete prefix");
     log.flush().await.expect("flush");
-    assert_eq!(files_ending(dir, "spare").len(), 1);
-    // So the roll fails again, until the spare is freed for it.
+    let spares = files_ending(dir, "spare");
+    assert_eq!(spares.len(), 1);
+    // So the roll fails again, until the spare is freed for it. Freed
+    // even while another descriptor holds it open (the host's
+    // write-behind may be syncing it): unlinking alone would keep its
+    // pages taken until that one closed.
+    let held = std::fs::File::open(&spares[0]).expect("hold the spare open");
     assert_eq!(log.append(page_batch(64)).await, Ok(65), "rolled");
+    drop(held);
     assert!(files_ending(dir, "spare").is_empty());
     assert_eq!(base_of(segments(dir).last().expect("active")), 64);
     let sent: Vec<Bytes> = (16..65).map(page_batch).collect();

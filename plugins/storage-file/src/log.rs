@@ -583,7 +583,11 @@ impl FileLog {
     fn free_all_released(&mut self) -> bool {
         let any = self.spare.is_some() || !self.retired.is_empty();
         if let Some(spare) = self.spare.take() {
-            // Closed before its removal, or its space stays taken.
+            // Emptied first: an unlinked file keeps its blocks while any
+            // descriptor is open, and another may be (the host's
+            // write-behind syncs changed files on a thread of its own).
+            // Then closed before its removal, or its space stays taken.
+            let _ = spare.file.set_size(0);
             let name = spare.name;
             drop(spare.file);
             let _ = fs::remove(&self.dir, &name);
