@@ -926,3 +926,62 @@ async fn a_roll_the_full_disk_refuses_frees_the_spare_and_is_tried_again() {
     assert_eq!(unread(&log, (16..).zip(&sent)).await, None);
     log.close().await;
 }
+
+/// The host writes a plugin's `wasi:filesystem` writes itself (from the
+/// guest's memory in place on a store's own thread, from a copy on the
+/// blocking pool otherwise; see `plugin/wasi_write.rs`). Either way the
+/// segment files hold exactly the batches appended, back to back,
+/// whatever their sizes and however many one append carries, and a log
+/// written one way reads back the other way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_hold_exactly_the_appended_bytes_on_a_thread_or_a_task() {
+    let load = |own_thread| {
+        StoragePlugin::load(
+            &PluginSource::Builtin("file".into()),
+            Sandbox {
+                own_thread: Some(own_thread),
+                ..Sandbox::default()
+            },
+        )
+        .expect("load")
+    };
+    let config = vec![("segment.bytes".into(), (1u64 << 20).to_string())];
+    // One byte of value up to several of wasmtime-wasi's 64 KiB reads.
+    let lens = [1, 100, 4096 - 68, 65_536, 70_001, 300_000, 5, 1 << 20];
+    for own_thread in [true, false] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = load(own_thread)
+            .open("t", 0, config.clone(), Some(dir.path()))
+            .await
+            .expect("open");
+        let mut sent = Vec::new();
+        for (i, &len) in lens.iter().enumerate() {
+            let b = batch_of(i as u64, len);
+            assert_eq!(log.append(b.clone()).await, Ok(i as u64 + 1));
+            sent.push(b);
+        }
+        // Three batches in one call, as a group commit or a fetch sends.
+        let from = sent.len() as u64;
+        let three: Vec<Bytes> = (from..from + 3).map(|i| batch_of(i, 3000)).collect();
+        assert_eq!(log.append(Bytes::from(three.concat())).await, Ok(from + 3));
+        sent.extend(three);
+        log.close().await;
+
+        let on_disk: Vec<u8> = segments(dir.path())
+            .iter()
+            .flat_map(|s| std::fs::read(s).expect("read segment"))
+            .collect();
+        assert!(
+            on_disk == sent.concat(),
+            "own thread {own_thread}: the segments hold {} bytes, not the {} appended",
+            on_disk.len(),
+            sent.iter().map(Bytes::len).sum::<usize>()
+        );
+        let log = load(!own_thread)
+            .open("t", 0, config.clone(), Some(dir.path()))
+            .await
+            .expect("reopen");
+        assert_eq!(unread(&log, (0..).zip(&sent)).await, None);
+        log.close().await;
+    }
+}

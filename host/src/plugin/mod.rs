@@ -20,6 +20,7 @@ mod log;
 mod metadata;
 mod runtime;
 mod sandbox;
+mod wasi_write;
 mod write_behind;
 
 use std::path::{Path, PathBuf};

@@ -112,6 +112,9 @@ pub(crate) struct PluginState {
     label: Arc<str>,
     /// When the current call's budget runs out (see [`PluginState::arm`]).
     call_ends: Instant,
+    /// The store has a thread of its own, so file I/O may block it (see
+    /// `Sandbox::own_thread` and `wasi_write.rs`).
+    inline_io: bool,
 }
 
 impl PluginState {
@@ -192,7 +195,18 @@ impl PluginState {
             limits: sandbox.limits(),
             label,
             call_ends: Instant::now(),
+            inline_io: sandbox.own_thread == Some(true),
         })
+    }
+
+    /// The store's resources (WASI descriptors among them).
+    pub(crate) fn table(&self) -> &ResourceTable {
+        &self.table
+    }
+
+    /// Whether file I/O runs inline on the store's own thread.
+    pub(crate) fn inline_io(&self) -> bool {
+        self.inline_io
     }
 }
 
