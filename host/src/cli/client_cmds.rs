@@ -25,7 +25,6 @@ pub enum TopicCommand {
 #[derive(Args)]
 pub struct TopicCreateArgs {
     /// `client.toml` from `replicator cluster init`.
-    /// `client.toml` from `replicator cluster init`.
     #[arg(long)]
     pub config: PathBuf,
     /// The topic.

@@ -142,3 +142,62 @@ pub(crate) fn work_dir(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every command and argument explains itself in `--help`, once: clap's
+    /// own consistency checks, then no visible command or argument without
+    /// help, and no sentence said twice in one help text (a doc comment
+    /// pasted twice once showed up that way).
+    #[test]
+    fn every_command_and_argument_has_help_without_repeats() {
+        let mut cli = Cli::command();
+        cli.build();
+        cli.clone().debug_assert();
+        let mut problems = Vec::new();
+        let mut stack = vec![(String::from("replicator"), cli)];
+        while let Some((path, cmd)) = stack.pop() {
+            let about = cmd
+                .get_long_about()
+                .or(cmd.get_about())
+                .map(|s| s.to_string());
+            if !cmd.is_hide_set() && path != "replicator" {
+                check(&path, about.as_deref(), &mut problems);
+            }
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_hide_set() || matches!(id, "help" | "version") {
+                    continue;
+                }
+                let help = arg
+                    .get_long_help()
+                    .or(arg.get_help())
+                    .map(|s| s.to_string());
+                check(&format!("{path} --{id}"), help.as_deref(), &mut problems);
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() != "help" {
+                    stack.push((format!("{path} {}", sub.get_name()), sub.clone()));
+                }
+            }
+        }
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
+
+    fn check(what: &str, help: Option<&str>, problems: &mut Vec<String>) {
+        let Some(help) = help.filter(|h| !h.trim().is_empty()) else {
+            problems.push(format!("{what}: no help"));
+            return;
+        };
+        let mut seen = std::collections::HashSet::new();
+        for sentence in help.split(". ").map(str::trim).filter(|s| s.len() > 12) {
+            if !seen.insert(sentence.trim_end_matches('.')) {
+                problems.push(format!("{what}: says `{sentence}` twice"));
+            }
+        }
+    }
+}
