@@ -319,6 +319,17 @@ fn bad_node_configs_fail_with_clear_errors() {
         "plugin = \"nosuch\"\n\n[storage.config]",
     ));
     assert!(e.contains("unknown built-in plugin `nosuch`"), "{e}");
+    // A setting the plugin refuses stops the node at startup, not at the
+    // first partition it opens.
+    let e = run(&original.replace(
+        "[storage.config]\n",
+        "[storage.config]\nfsync = \"sometimes\"\n",
+    ));
+    assert!(
+        e.contains("refuses the node's [storage.config] settings")
+            && e.contains("fsync = `sometimes`: want always, interval or never"),
+        "{e}"
+    );
     let e = run(&original.replace("cert = \"node-1.pem\"", "cert = \"missing.pem\""));
     assert!(e.contains("missing.pem"), "{e}");
     let e = run(&original.replace("cert = \"node-1.pem\"", "cert = \"client.pem\""));
@@ -338,6 +349,22 @@ fn bad_node_configs_fail_with_clear_errors() {
         "0",
     ]);
     assert!(!init.status.success(), "--retention-mb 0 was accepted");
+    // So does `cluster init`, before it writes anything.
+    let again = c.path().join("again");
+    let init = cli(&[
+        "cluster",
+        "init",
+        "--dir",
+        again.to_str().unwrap(),
+        "--storage-config",
+        "fsync=sometimes",
+    ]);
+    let e = String::from_utf8_lossy(&init.stderr);
+    assert!(
+        !init.status.success() && e.contains("storage plugin `file` refuses these settings"),
+        "{e}"
+    );
+    assert!(!again.exists(), "cluster init wrote {}", again.display());
     // Port in use.
     let port = c.base_port;
     let _hold = std::net::UdpSocket::bind(("127.0.0.1", port)).unwrap();

@@ -4,7 +4,8 @@
 
 use replicator::plugin::builtin;
 use replicator::plugin::{
-    LoadError, MetadataPlugin, PluginRuntime, PluginSource, Sandbox, StoragePlugin, WIT_VERSION,
+    ConfigCheck, LoadError, MetadataPlugin, PluginRuntime, PluginSource, Sandbox, StoragePlugin,
+    WIT_VERSION,
 };
 use replicator::storage::{PartitionLog, StorageError};
 
@@ -268,4 +269,64 @@ async fn file_stores_get_their_own_thread_and_others_are_tasks() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+}
+
+/// A node asks its storage plugin about its settings at startup: a
+/// throwaway partition in a temporary directory under the data directory,
+/// removed afterwards. A refusal carries the plugin's reason; a plugin
+/// that reaches a remote store is not asked (its open would write there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_settings_are_checked_in_a_throwaway_partition() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let scratch = data.path().join("node-1");
+    let kv = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+    let load = |name: &str, sandbox| {
+        StoragePlugin::load(&PluginSource::Builtin(name.into()), sandbox).expect("load")
+    };
+    let file = load("file", Sandbox::default());
+    assert_eq!(
+        file.check_config(vec![], &scratch).await,
+        ConfigCheck::Accepted
+    );
+    assert_eq!(
+        file.check_config(kv("fsync", "always"), &scratch).await,
+        ConfigCheck::Accepted
+    );
+    match file.check_config(kv("fsync", "sometimes"), &scratch).await {
+        ConfigCheck::Refused(why) => assert!(why.contains("fsync = `sometimes`"), "{why}"),
+        other => panic!("fsync = sometimes: {other:?}"),
+    }
+    match file
+        .check_config(kv("segment.bytes", "lots"), &scratch)
+        .await
+    {
+        ConfigCheck::Refused(why) => assert!(why.contains("segment.bytes"), "{why}"),
+        other => panic!("segment.bytes = lots: {other:?}"),
+    }
+    let memory = load("memory", Sandbox::default());
+    assert_eq!(
+        memory.check_config(vec![], &scratch).await,
+        ConfigCheck::Accepted
+    );
+    assert!(matches!(
+        memory.check_config(kv("colour", "blue"), &scratch).await,
+        ConfigCheck::Refused(why) if why.contains("colour")
+    ));
+    // Nothing is left behind: the data directory is as empty as it began.
+    let left: Vec<_> = std::fs::read_dir(&scratch)
+        .expect("scratch")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "the checks left {left:?}");
+    // With an HTTP allow-list the plugin is not asked, even with a
+    // setting it would refuse.
+    let remote = load(
+        "memory",
+        Sandbox::default().allow_http(["127.0.0.1:9".to_string()]),
+    );
+    assert!(matches!(
+        remote.check_config(kv("colour", "blue"), &scratch).await,
+        ConfigCheck::Unchecked(why) if why.contains("remote store")
+    ));
 }

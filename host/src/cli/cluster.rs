@@ -5,12 +5,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use clap::{Args, Subcommand};
 use replicator::core::Config as ReplicationConfig;
 use replicator::node::config::{MetadataSection, NodeAddress, PluginSection};
 use replicator::node::{self, ClientConfig, NodeConfig};
-use replicator::plugin::PluginSource;
+use replicator::plugin::{ConfigCheck, PluginSource, StoragePlugin};
 use replicator::transport::tls::GeneratedCa;
 use replicator::transport::{Identity, TlsPaths};
 
@@ -88,8 +88,11 @@ pub struct InitArgs {
 /// setting) every node gets its own key prefix: replicas of one partition
 /// must not share objects (the plugin would fence one of them).
 fn node_storage(args: &InitArgs, id: u32) -> PluginSection {
-    let mut config: std::collections::BTreeMap<String, String> =
-        args.storage_config.iter().cloned().collect();
+    storage_section(&args.storage, &args.storage_config, id)
+}
+
+fn storage_section(storage: &str, settings: &[(String, String)], id: u32) -> PluginSection {
+    let mut config: std::collections::BTreeMap<String, String> = settings.iter().cloned().collect();
     if config.contains_key("endpoint") {
         let base = config.get("prefix").cloned().unwrap_or_default();
         let base = if base.is_empty() || base.ends_with('/') {
@@ -100,7 +103,7 @@ fn node_storage(args: &InitArgs, id: u32) -> PluginSection {
         config.insert("prefix".into(), format!("{base}node-{id}/"));
     }
     PluginSection {
-        plugin: plugin_for_config(&args.storage),
+        plugin: plugin_for_config(storage),
         config,
         thread_per_partition: None,
         write_behind_ms: None,
@@ -142,7 +145,29 @@ fn write_new(path: &Path, contents: &str) -> anyhow::Result<()> {
     std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Write the cluster directory; returns the client config path.
+/// Refuse, before anything is written, a storage plugin that does not
+/// load or settings it refuses: the check each node makes at startup (see
+/// `replicator::plugin::ConfigCheck`), in a temporary directory, so an
+/// operator hears of a typo here and not from three node logs.
+pub async fn check_storage(storage: &str, settings: &[(String, String)]) -> anyhow::Result<()> {
+    let section = storage_section(storage, settings, 1);
+    if section.plugin == node::storage::NATIVE {
+        return Ok(());
+    }
+    let plugin = StoragePlugin::load(&section.source(Path::new(".")), section.sandbox())
+        .map_err(|e| anyhow!("--storage {storage}: {e}"))?;
+    let scratch = tempfile::tempdir().context("creating a temporary directory")?;
+    match plugin.check_config(section.pairs(), scratch.path()).await {
+        ConfigCheck::Refused(why) => bail!(
+            "--storage-config: storage plugin `{}` refuses these settings: {why}",
+            plugin.name()
+        ),
+        ConfigCheck::Accepted | ConfigCheck::Unchecked(_) => Ok(()),
+    }
+}
+
+/// Write the cluster directory; returns the client config path. Callers
+/// run [`check_storage`] first.
 pub fn init(args: &InitArgs) -> anyhow::Result<PathBuf> {
     if args.nodes == 0 || args.nodes > 1000 {
         bail!("--nodes must be 1..=1000");
@@ -274,7 +299,8 @@ pub fn init(args: &InitArgs) -> anyhow::Result<PathBuf> {
     Ok(client_path)
 }
 
-pub fn run_init(args: InitArgs) -> anyhow::Result<ExitCode> {
+pub async fn run_init(args: InitArgs) -> anyhow::Result<ExitCode> {
+    check_storage(&args.storage, &args.storage_config).await?;
     let client = init(&args)?;
     println!(
         "cluster of {} nodes written to {}",

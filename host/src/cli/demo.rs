@@ -80,7 +80,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let (dir, _guard) = super::work_dir(&args.dir)?;
     let dir = dir.join("cluster");
     let (client_path, base_port, metrics_port) =
-        init_local_cluster(&dir, &args.storage, &[], None)?;
+        init_local_cluster(&dir, &args.storage, &[], None).await?;
     println!(
         "1. cluster of 3 nodes in {} (storage `{}`, metadata `file`, mTLS)",
         dir.display(),

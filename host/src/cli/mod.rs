@@ -88,7 +88,7 @@ pub fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::BenchSink(args) => bench::raw_quinn::sink(args).await,
-            Command::Cluster(cluster::ClusterCommand::Init(args)) => cluster::run_init(args),
+            Command::Cluster(cluster::ClusterCommand::Init(args)) => cluster::run_init(args).await,
             Command::Node(args) => cluster::run_node(args).await,
             Command::Topic(cmd) => client_cmds::topic(cmd).await,
             Command::Produce(args) => client_cmds::produce(args).await,

@@ -197,14 +197,14 @@ impl Drop for Nodes {
 /// and its `storage_config` settings, file metadata, min.insync 2 and
 /// `retention_mb` (`None` keeps everything), on ports free right now.
 /// Returns the client config's path and the UDP and metrics base ports.
-pub fn init_local_cluster(
+pub async fn init_local_cluster(
     dir: &Path,
     storage: &str,
     storage_config: &[(String, String)],
     retention_mb: Option<u64>,
 ) -> anyhow::Result<(PathBuf, u16, u16)> {
     let (base_port, metrics_port) = free_ports(3)?;
-    let client = super::cluster::init(&super::cluster::InitArgs {
+    let args = super::cluster::InitArgs {
         dir: dir.to_path_buf(),
         nodes: 3,
         base_port,
@@ -218,7 +218,9 @@ pub fn init_local_cluster(
         retention_mb,
         storage_config: storage_config.to_vec(),
         ca_key_out: None,
-    })?;
+    };
+    super::cluster::check_storage(storage, storage_config).await?;
+    let client = super::cluster::init(&args)?;
     Ok((client, base_port, metrics_port))
 }
 

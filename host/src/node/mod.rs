@@ -25,7 +25,7 @@ use tracing::{error, info, warn};
 
 use crate::core::TopicPartition;
 use crate::metadata::{MetadataError, MetadataStore};
-use crate::plugin::{LoadError, MetadataPlugin, StoragePlugin};
+use crate::plugin::{ConfigCheck, LoadError, MetadataPlugin, StoragePlugin};
 use crate::transport::{Identity, TlsError, TlsMaterial, Transport, TransportError};
 
 pub use config::{ClientConfig, ConfigError, NodeConfig};
@@ -43,6 +43,8 @@ pub enum NodeError {
     Transport(#[from] TransportError),
     #[error("storage plugin: {0}")]
     Storage(LoadError),
+    #[error("storage plugin `{plugin}` refuses the node's [storage.config] settings: {why}")]
+    StorageConfig { plugin: String, why: String },
     #[error("metadata plugin: {0}")]
     MetadataLoad(LoadError),
     #[error("metadata store: {0}")]
@@ -97,6 +99,25 @@ pub async fn run(
                 .map_err(NodeError::Storage)?,
         )
     };
+    // A setting the plugin refuses stops the node here, not at the first
+    // partition it opens (see plugin/config_check.rs).
+    if let storage::NodeStorage::Plugin(p) = &storage {
+        match p
+            .check_config(config.storage.pairs(), &config.data_dir)
+            .await
+        {
+            ConfigCheck::Accepted => {}
+            ConfigCheck::Refused(why) => {
+                return Err(NodeError::StorageConfig {
+                    plugin: p.name().to_string(),
+                    why,
+                });
+            }
+            ConfigCheck::Unchecked(why) => {
+                info!("storage settings not checked at startup: {why}");
+            }
+        }
+    }
     let meta_plugin = MetadataPlugin::load(
         &config::PluginSection {
             plugin: config.metadata.plugin.clone(),

@@ -14,6 +14,7 @@
 
 mod bindings;
 pub mod builtin;
+mod config_check;
 mod http_pool;
 mod inspect;
 mod log;
@@ -29,6 +30,7 @@ use std::sync::Arc;
 
 use wasmtime::component::Component;
 
+pub use config_check::ConfigCheck;
 pub use inspect::{Inspection, PluginKind, inspect};
 pub use log::PluginLog;
 pub use metadata::{MetadataPlugin, PluginMetadata};

@@ -107,7 +107,8 @@ impl Cluster {
             storage,
             storage_config,
             (retention_mb > 0).then_some(retention_mb),
-        )?;
+        )
+        .await?;
         let mut nodes = Nodes::start(dir, 3)?;
         let c = super::client_cmds::client(&client_path)?;
         wait_for_cluster(&c, &mut nodes, 3).await?;
@@ -137,8 +138,8 @@ impl Cluster {
 /// Refuse a `--storage` entry no node could load, before minutes of
 /// measuring: a name that is neither `native` nor a built-in plugin, a
 /// .wasm path that is not a file, or the s3 plugin with no object store to
-/// talk to. (Whether a file is a storage component, or an endpoint an S3
-/// server, is for the nodes to say; their log is quoted if they refuse.)
+/// talk to. (Whether an endpoint is an S3 server is for the nodes to say;
+/// their log is quoted if they refuse.)
 fn check_storage(storage: &str, config: &[(String, String)]) -> anyhow::Result<()> {
     use replicator::node::storage::NATIVE;
     use replicator::plugin::{PluginSource, builtin};
@@ -180,9 +181,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if args.raw_mb == 0 || args.storage.is_empty() {
         bail!("--raw-mb must be at least 1 and --storage must name a backend");
     }
-    for storage in &args.storage {
-        check_storage(storage, &args.storage_config)?;
-    }
     if !args.storage_config.is_empty()
         && (args.storage.len() != 1 || args.storage[0] == replicator::node::storage::NATIVE)
     {
@@ -190,6 +188,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             "--storage-config needs exactly one plugin in --storage (got {}): plugins refuse settings they do not know",
             args.storage.join(",")
         );
+    }
+    for storage in &args.storage {
+        check_storage(storage, &args.storage_config)?;
+        // The plugin loads and takes the settings, as a node will check.
+        super::cluster::check_storage(storage, &args.storage_config).await?;
     }
     let workloads = args
         .workloads
@@ -235,7 +238,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     // The baseline on certificates of a cluster that never runs, before
     // each round; the best run counts.
     let certs = dir.join("baseline");
-    init_local_cluster(&certs, "memory", &[], None)?;
+    init_local_cluster(&certs, "memory", &[], None).await?;
     let mut raw_runs: Vec<raw_quinn::RawQuinn> = Vec::new();
     let mut fresh: Option<fresh_memory::FreshMemory> = None;
     // Every workload on a fresh cluster: no partitions, data or fetch

@@ -1,0 +1,88 @@
+//! Whether a storage plugin accepts the settings a node would hand every
+//! partition it opens, asked once at startup (and by `cluster init`)
+//! instead of at the first partition.
+//!
+//! Why: the WIT contract has no call for it, so a setting a plugin refuses
+//! (`fsync = "sometimes"`) used to surface only when a topic was created,
+//! as an error the node retried every 10 s for as long as it ran. Kafka
+//! refuses a bad config before the broker starts; so does a node now.
+//!
+//! How: a throwaway partition is opened in a fresh, empty directory and
+//! closed, with write-behind off. A plugin answers `invalid-input` at open
+//! for a setting it refuses (the contract's variant for a bad config), and
+//! an empty directory leaves it nothing else to refuse. Plugins with an
+//! HTTP allow-list are not asked: their open talks to a remote store (the
+//! S3 plugin writes a fence object there), which a check must not touch.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Inner, StoragePlugin};
+use crate::storage::StorageError;
+
+/// The partition a check opens; a valid topic name no client can confuse
+/// with its own (it never reaches the metadata store).
+const TOPIC: &str = "replicator.config-check";
+
+/// What a check found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigCheck {
+    /// A partition opened with these settings.
+    Accepted,
+    /// The plugin refused them, saying why.
+    Refused(String),
+    /// The check could not tell, and why (the node goes on; the first
+    /// real open will say).
+    Unchecked(String),
+}
+
+impl StoragePlugin {
+    /// Open and close a throwaway partition with `config`, in a temporary
+    /// directory under `scratch` (removed afterwards). Must be called
+    /// inside a tokio runtime.
+    pub async fn check_config(&self, config: Vec<(String, String)>, scratch: &Path) -> ConfigCheck {
+        if !self.inner.sandbox.http_allow.is_empty() {
+            return ConfigCheck::Unchecked(
+                "it reaches a remote store, which a check would write to".into(),
+            );
+        }
+        let made = std::fs::create_dir_all(scratch).and_then(|()| {
+            tempfile::Builder::new()
+                .prefix(".config-check-")
+                .tempdir_in(scratch)
+        });
+        let dir = match made {
+            Ok(d) => d,
+            Err(e) => {
+                return ConfigCheck::Unchecked(format!(
+                    "cannot make a directory under {}: {e}",
+                    scratch.display()
+                ));
+            }
+        };
+        let probe = StoragePlugin {
+            inner: Arc::new(Inner {
+                name: self.inner.name.clone(),
+                runtime: self.inner.runtime.clone(),
+                pre: self.inner.pre.clone(),
+                sandbox: super::Sandbox {
+                    write_behind: Some(Duration::ZERO),
+                    ..self.inner.sandbox.clone()
+                },
+            }),
+        };
+        let found = match probe.open(TOPIC, 0, config, Some(dir.path())).await {
+            Ok(log) => {
+                log.close().await;
+                ConfigCheck::Accepted
+            }
+            Err(StorageError::InvalidInput(why)) => ConfigCheck::Refused(why),
+            Err(e) => ConfigCheck::Unchecked(e.to_string()),
+        };
+        if let Err(e) = dir.close() {
+            tracing::warn!("config check: removing its directory: {e}");
+        }
+        found
+    }
+}
