@@ -5,7 +5,7 @@ mod support;
 
 use bytes::Bytes;
 use replicator::history::{Ack, Final, History};
-use support::{Cluster, cli, cli_ok, consume_replica, converged, partition};
+use support::{Cluster, cli, cli_ok, cli_within, consume_replica, converged, partition};
 
 /// `produce --count n --size 64 --json` to `topic`; every message acknowledged.
 fn produce_generated(client: &str, topic: &str, n: &str) {
@@ -308,7 +308,10 @@ fn bad_node_configs_fail_with_clear_errors() {
     let original = std::fs::read_to_string(&cfg).unwrap();
     let run = |text: &str| {
         std::fs::write(&cfg, text).unwrap();
-        let out = cli(&["node", "--config", cfg.to_str().unwrap()]);
+        let out = cli_within(
+            &["node", "--config", cfg.to_str().unwrap()],
+            std::time::Duration::from_secs(60),
+        );
         assert!(!out.status.success());
         String::from_utf8_lossy(&out.stderr).to_string()
     };

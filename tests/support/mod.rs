@@ -44,6 +44,32 @@ pub fn cli(args: &[&str]) -> Output {
         .expect("run replicator")
 }
 
+/// `cli`, for a command that must end by itself within `limit`: one that
+/// does not is killed and fails the test (a node meant to refuse its
+/// config would otherwise serve until the test run is killed).
+pub fn cli_within(args: &[&str], limit: std::time::Duration) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run replicator");
+    let start = std::time::Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "replicator {args:?} still ran after {limit:?}; killed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
 pub fn cli_ok(args: &[&str]) -> String {
     let out = cli(args);
     assert!(

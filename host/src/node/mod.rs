@@ -113,8 +113,12 @@ pub async fn run(
                     why,
                 });
             }
-            ConfigCheck::Unchecked(why) => {
+            ConfigCheck::Skipped(why) => {
                 info!("storage settings not checked at startup: {why}");
+            }
+            // The partitions' opens are likely to fail the same way.
+            ConfigCheck::Unchecked(why) => {
+                warn!("storage settings could not be checked at startup: {why}");
             }
         }
     }

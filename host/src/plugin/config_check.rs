@@ -32,10 +32,21 @@ pub enum ConfigCheck {
     Accepted,
     /// The plugin refused them, saying why.
     Refused(String),
-    /// The check could not tell, and why (the node goes on; the first
-    /// real open will say).
+    /// Not asked, and why: the plugin reaches a remote store.
+    Skipped(String),
+    /// The check could not tell, and why: the throwaway open failed some
+    /// other way (a trap, a timeout, a directory it could not make). The
+    /// node goes on; the first real open will say more.
     Unchecked(String),
 }
+
+/// Longest a check waits for its open, past which it cannot tell: an empty
+/// directory has nothing to recover, so this is instantiation and setup.
+const OPEN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Names of check directories start with this; any found at the next
+/// check (a check killed halfway) are removed.
+const DIR_PREFIX: &str = ".config-check-";
 
 impl StoragePlugin {
     /// Open and close a throwaway partition with `config`, in a temporary
@@ -43,13 +54,14 @@ impl StoragePlugin {
     /// inside a tokio runtime.
     pub async fn check_config(&self, config: Vec<(String, String)>, scratch: &Path) -> ConfigCheck {
         if !self.inner.sandbox.http_allow.is_empty() {
-            return ConfigCheck::Unchecked(
+            return ConfigCheck::Skipped(
                 "it reaches a remote store, which a check would write to".into(),
             );
         }
+        remove_leftovers(scratch);
         let made = std::fs::create_dir_all(scratch).and_then(|()| {
             tempfile::Builder::new()
-                .prefix(".config-check-")
+                .prefix(DIR_PREFIX)
                 .tempdir_in(scratch)
         });
         let dir = match made {
@@ -68,6 +80,7 @@ impl StoragePlugin {
                 pre: self.inner.pre.clone(),
                 sandbox: super::Sandbox {
                     write_behind: Some(Duration::ZERO),
+                    open_deadline: self.inner.sandbox.open_deadline.min(OPEN_DEADLINE),
                     ..self.inner.sandbox.clone()
                 },
             }),
@@ -84,5 +97,22 @@ impl StoragePlugin {
             tracing::warn!("config check: removing its directory: {e}");
         }
         found
+    }
+}
+
+/// Remove check directories a check that was killed left in `scratch`.
+fn remove_leftovers(scratch: &Path) {
+    let Ok(entries) = std::fs::read_dir(scratch) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let left = e
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(DIR_PREFIX))
+            && e.file_type().is_ok_and(|t| t.is_dir());
+        if left && let Err(err) = std::fs::remove_dir_all(e.path()) {
+            tracing::warn!("config check: removing {}: {err}", e.path().display());
+        }
     }
 }

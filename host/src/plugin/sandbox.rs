@@ -167,7 +167,8 @@ impl PluginState {
         // a worker that serves the network and the other partitions. A
         // store on its own thread does it inline: only that partition
         // waits, and no call pays a thread hop.
-        b.allow_blocking_current_thread(sandbox.own_thread == Some(true));
+        let inline_io = sandbox.own_thread == Some(true);
+        b.allow_blocking_current_thread(inline_io);
         // No sockets: these are wasmtime-wasi's defaults, stated here so a
         // change of defaults cannot open them. Backends that need an
         // endpoint (etcd, S3) get wasi:http through the allow-list.
@@ -195,7 +196,7 @@ impl PluginState {
             limits: sandbox.limits(),
             label,
             call_ends: Instant::now(),
-            inline_io: sandbox.own_thread == Some(true),
+            inline_io,
         })
     }
 
