@@ -368,6 +368,24 @@ fn bad_node_configs_fail_with_clear_errors() {
         "{e}"
     );
     assert!(!again.exists(), "cluster init wrote {}", again.display());
+    let init = cli(&[
+        "cluster",
+        "init",
+        "--dir",
+        again.to_str().unwrap(),
+        "--min-insync",
+        "4",
+    ]);
+    let e = String::from_utf8_lossy(&init.stderr);
+    assert!(
+        !init.status.success() && e.contains("--min-insync must be 1..=3"),
+        "{e}"
+    );
+    assert!(
+        !again.exists(),
+        "a refused cluster init made {}",
+        again.display()
+    );
     // Port in use.
     let port = c.base_port;
     let _hold = std::net::UdpSocket::bind(("127.0.0.1", port)).unwrap();

@@ -179,9 +179,14 @@ pub async fn check_storage(storage: &str, settings: &[(String, String)]) -> anyh
     }
 }
 
-/// Write the cluster directory; returns the client config path. Callers
-/// run [`check_storage`] first.
-pub fn init(args: &InitArgs) -> anyhow::Result<PathBuf> {
+/// What `init` derives from its arguments, checked before anything is
+/// written, so a refusal leaves no half-made cluster behind.
+struct Plan {
+    metadata: MetadataSection,
+    replication: ReplicationConfig,
+}
+
+fn plan(args: &InitArgs) -> anyhow::Result<Plan> {
     if args.nodes == 0 || args.nodes > 1000 {
         bail!("--nodes must be 1..=1000");
     }
@@ -216,7 +221,6 @@ pub fn init(args: &InitArgs) -> anyhow::Result<PathBuf> {
         bail!("{e} (give them with --metadata-endpoint http://host:port)");
     }
     let dir = &args.dir;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     if dir.join("ca.pem").exists() {
         bail!(
             "{} already holds a cluster (ca.pem exists); choose another --dir",
@@ -241,11 +245,24 @@ pub fn init(args: &InitArgs) -> anyhow::Result<PathBuf> {
         retention_bytes: args.retention_mb.map(|mb| mb << 20),
         ..ReplicationConfig::default()
     };
-    // Checked before anything is written, so a refusal leaves no
-    // half-made cluster behind.
     replication
         .validate()
         .map_err(|e| anyhow::anyhow!("--retention-mb: {e}"))?;
+    Ok(Plan {
+        metadata,
+        replication,
+    })
+}
+
+/// Write the cluster directory; returns the client config path. Callers
+/// run [`check_storage`] first.
+pub fn init(args: &InitArgs) -> anyhow::Result<PathBuf> {
+    let Plan {
+        metadata,
+        replication,
+    } = plan(args)?;
+    let dir = &args.dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let ca = GeneratedCa::new(&dir.display().to_string())?;
     write_new(&dir.join("ca.pem"), &ca.cert_pem)?;
     if let Some(p) = &args.ca_key_out {
@@ -313,6 +330,8 @@ pub fn init(args: &InitArgs) -> anyhow::Result<PathBuf> {
 }
 
 pub async fn run_init(args: InitArgs) -> anyhow::Result<ExitCode> {
+    // The cheap checks first, then the plugin's (it loads a component).
+    plan(&args)?;
     check_storage(&args.storage, &args.storage_config).await?;
     let client = init(&args)?;
     println!(
