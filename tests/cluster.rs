@@ -343,49 +343,28 @@ fn bad_node_configs_fail_with_clear_errors() {
         e.contains("retention_bytes") && e.contains("fetch_max_bytes (1048576)"),
         "{e}"
     );
-    let init = cli(&[
-        "cluster",
-        "init",
-        "--dir",
-        c.path().join("again").to_str().unwrap(),
-        "--retention-mb",
-        "0",
-    ]);
-    assert!(!init.status.success(), "--retention-mb 0 was accepted");
-    // So does `cluster init`, before it writes anything.
+    // `cluster init` refuses bad arguments before it writes anything,
+    // settings the storage plugin refuses among them.
     let again = c.path().join("again");
-    let init = cli(&[
-        "cluster",
-        "init",
-        "--dir",
-        again.to_str().unwrap(),
-        "--storage-config",
-        "fsync=sometimes",
-    ]);
-    let e = String::from_utf8_lossy(&init.stderr);
+    let refused_init = |extra: &[&str]| {
+        let mut args = vec!["cluster", "init", "--dir", again.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = cli(&args);
+        assert!(!out.status.success(), "cluster init {extra:?} was accepted");
+        assert!(
+            !again.exists(),
+            "a refused cluster init {extra:?} made {again:?}"
+        );
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    refused_init(&["--retention-mb", "0"]);
+    let e = refused_init(&["--storage-config", "fsync=sometimes"]);
     assert!(
-        !init.status.success() && e.contains("storage plugin `file` refuses these settings"),
+        e.contains("storage plugin `file` refuses these settings"),
         "{e}"
     );
-    assert!(!again.exists(), "cluster init wrote {}", again.display());
-    let init = cli(&[
-        "cluster",
-        "init",
-        "--dir",
-        again.to_str().unwrap(),
-        "--min-insync",
-        "4",
-    ]);
-    let e = String::from_utf8_lossy(&init.stderr);
-    assert!(
-        !init.status.success() && e.contains("--min-insync must be 1..=3"),
-        "{e}"
-    );
-    assert!(
-        !again.exists(),
-        "a refused cluster init made {}",
-        again.display()
-    );
+    let e = refused_init(&["--min-insync", "4"]);
+    assert!(e.contains("--min-insync must be 1..=3"), "{e}");
     // Port in use.
     let port = c.base_port;
     let _hold = std::net::UdpSocket::bind(("127.0.0.1", port)).unwrap();
