@@ -79,8 +79,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     let (dir, _guard) = super::work_dir(&args.dir)?;
     let dir = dir.join("cluster");
+    super::cluster::check_storage(&args.storage, &[]).await?;
     let (client_path, base_port, metrics_port) =
-        init_local_cluster(&dir, &args.storage, &[], None).await?;
+        init_local_cluster(&dir, &args.storage, &[], None)?;
     println!(
         "1. cluster of 3 nodes in {} (storage `{}`, metadata `file`, mTLS)",
         dir.display(),

@@ -197,7 +197,8 @@ impl Drop for Nodes {
 /// and its `storage_config` settings, file metadata, min.insync 2 and
 /// `retention_mb` (`None` keeps everything), on ports free right now.
 /// Returns the client config's path and the UDP and metrics base ports.
-pub async fn init_local_cluster(
+/// Callers check the storage plugin first (`cluster::check_storage`), once.
+pub fn init_local_cluster(
     dir: &Path,
     storage: &str,
     storage_config: &[(String, String)],
@@ -219,7 +220,6 @@ pub async fn init_local_cluster(
         storage_config: storage_config.to_vec(),
         ca_key_out: None,
     };
-    super::cluster::check_storage(storage, storage_config).await?;
     let client = super::cluster::init(&args)?;
     Ok((client, base_port, metrics_port))
 }

@@ -582,15 +582,12 @@ impl FileLog {
     /// any to free.
     fn free_all_released(&mut self) -> bool {
         let any = self.spare.is_some() || !self.retired.is_empty();
+        // The spare goes the way of any released segment: emptied, then
+        // removed. Emptying is what frees its blocks at once: an unlinked
+        // file keeps them while any descriptor is open, and another may be
+        // (the host's write-behind syncs changed files on its own thread).
         if let Some(spare) = self.spare.take() {
-            // Emptied first: an unlinked file keeps its blocks while any
-            // descriptor is open, and another may be (the host's
-            // write-behind syncs changed files on a thread of its own).
-            // Then closed before its removal, or its space stays taken.
-            let _ = spare.file.set_size(0);
-            let name = spare.name;
-            drop(spare.file);
-            let _ = fs::remove(&self.dir, &name);
+            self.retired.push(spare);
         }
         self.free_retired(u64::MAX);
         any

@@ -107,8 +107,7 @@ impl Cluster {
             storage,
             storage_config,
             (retention_mb > 0).then_some(retention_mb),
-        )
-        .await?;
+        )?;
         let mut nodes = Nodes::start(dir, 3)?;
         let c = super::client_cmds::client(&client_path)?;
         wait_for_cluster(&c, &mut nodes, 3).await?;
@@ -238,7 +237,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     // The baseline on certificates of a cluster that never runs, before
     // each round; the best run counts.
     let certs = dir.join("baseline");
-    init_local_cluster(&certs, "memory", &[], None).await?;
+    init_local_cluster(&certs, "memory", &[], None)?;
     let mut raw_runs: Vec<raw_quinn::RawQuinn> = Vec::new();
     let mut fresh: Option<fresh_memory::FreshMemory> = None;
     // Every workload on a fresh cluster: no partitions, data or fetch
