@@ -176,6 +176,20 @@ async fn fill_from(log: &PluginLog, from: u64, batches: u64) {
 /// Pages of `path` that are dirty or being written back, by cachestat(2)
 /// (Linux 6.5 and later); `None` where the kernel lacks it.
 fn unwritten_pages(path: &Path) -> Option<u64> {
+    page_cache(path).map(|p| p.unwritten)
+}
+
+/// What the page cache holds of a file.
+struct PageCache {
+    /// Pages cached.
+    cached: u64,
+    /// Pages dirty or being written back.
+    unwritten: u64,
+}
+
+/// What the page cache holds of `path`, by cachestat(2) (Linux 6.5 and
+/// later); `None` where the kernel lacks it.
+fn page_cache(path: &Path) -> Option<PageCache> {
     use std::os::fd::AsRawFd;
     #[repr(C)]
     struct Range {
@@ -208,7 +222,10 @@ fn unwritten_pages(path: &Path) -> Option<u64> {
             0,
         )
     };
-    (r == 0).then_some(stat.dirty + stat.writeback)
+    (r == 0).then_some(PageCache {
+        cached: stat.cache,
+        unwritten: stat.dirty + stat.writeback,
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -927,27 +944,40 @@ async fn a_roll_the_full_disk_refuses_frees_the_spare_and_is_tried_again() {
     log.close().await;
 }
 
-/// The host writes a plugin's `wasi:filesystem` writes itself (from the
-/// guest's memory in place on a store's own thread, from a copy on the
-/// blocking pool otherwise; see `plugin/wasi_write.rs`). Either way the
-/// segment files hold exactly the batches appended, back to back,
-/// whatever their sizes and however many one append carries, and a log
-/// written one way reads back the other way.
+/// The host does a plugin's `wasi:filesystem` writes and reads itself
+/// (`plugin/wasi_file_io.rs`): writes from the guest's memory in place, at
+/// most 4 MiB a call; reads from the page cache without waiting on the
+/// node's runtime, or on the blocking pool when the data is not cached,
+/// and inline on a store's own thread. Either way the segment files hold
+/// exactly the batches appended, back to back, whatever their sizes and
+/// however many one append carries, and a log written one way reads back
+/// the other way, from the page cache and from the disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn segments_hold_exactly_the_appended_bytes_on_a_thread_or_a_task() {
     let load = |own_thread| {
         StoragePlugin::load(
             &PluginSource::Builtin("file".into()),
             Sandbox {
-                own_thread: Some(own_thread),
+                own_thread,
                 ..Sandbox::default()
             },
         )
         .expect("load")
     };
     let config = vec![("segment.bytes".into(), (1u64 << 20).to_string())];
-    // One byte of value up to several of wasmtime-wasi's 64 KiB reads.
-    let lens = [1, 100, 4096 - 68, 65_536, 70_001, 300_000, 5, 1 << 20];
+    // One byte of value up to many host reads, and a batch the host
+    // writes in two calls.
+    let lens = [
+        1,
+        100,
+        4096 - 68,
+        65_536,
+        70_001,
+        300_000,
+        5,
+        1 << 20,
+        5 << 20,
+    ];
     for own_thread in [true, false] {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = load(own_thread)
@@ -981,6 +1011,22 @@ async fn segments_hold_exactly_the_appended_bytes_on_a_thread_or_a_task() {
             .open("t", 0, config.clone(), Some(dir.path()))
             .await
             .expect("reopen");
+        assert_eq!(unread(&log, (0..).zip(&sent)).await, None);
+        // Again with the segments out of the page cache, so every read
+        // must wait for the disk.
+        for s in segments(dir.path()) {
+            let f = std::fs::File::open(&s).expect("open segment");
+            f.sync_all().expect("sync");
+            // SAFETY: a valid fd for the call's duration.
+            let r = unsafe {
+                use std::os::fd::AsRawFd;
+                libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
+            };
+            assert_eq!(r, 0, "fadvise {}", s.display());
+            if let Some(pages) = page_cache(&s) {
+                assert_eq!(pages.cached, 0, "{} is still cached", s.display());
+            }
+        }
         assert_eq!(unread(&log, (0..).zip(&sent)).await, None);
         log.close().await;
     }

@@ -137,6 +137,42 @@ async fn a_looping_guest_does_not_hold_the_runtime() {
     assert_fault(&err, FaultKind::Deadline);
 }
 
+/// The host writes a guest's file writes inline on the runtime (no copy,
+/// no hop), 4 MiB per call at most, so a guest that writes without end
+/// holds the node's only worker no longer than a plain loop does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_guest_writing_without_end_does_not_hold_the_runtime() {
+    let sandbox = Sandbox {
+        call_deadline: Duration::from_secs(2),
+        ..sandbox()
+    };
+    let data = tempfile::tempdir().expect("tempdir");
+    let (writing, healthy) = hostile_and_healthy(sandbox, "write-loop", Some(data.path())).await;
+    let writing = tokio::spawn(async move { writing.append(one(0)).await });
+    let started = Instant::now();
+    let mut served = 0;
+    while started.elapsed() < Duration::from_millis(300) {
+        assert_eq!(healthy.append(one(served)).await, Ok(served + 1));
+        served += 1;
+    }
+    if writing.is_finished() {
+        panic!(
+            "the writing call ended within 300 ms ({served} healthy appends), before its 2 s \
+             deadline: {:?}",
+            writing.await
+        );
+    }
+    // The guest writes 16 MiB at offset 0 each time, and ignores how much
+    // was written: each call wrote only the first 4 MiB.
+    let flood = std::fs::metadata(data.path().join("flood")).map_or(0, |m| m.len());
+    assert_eq!(flood, 4 << 20, "bytes the guest's writes left in its file");
+    let err = writing
+        .await
+        .expect("join")
+        .expect_err("the writing append must fail");
+    assert_fault(&err, FaultKind::Deadline);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocking_host_call_hits_the_host_timeout() {
     contained("sleep", FaultKind::Deadline).await;
@@ -268,7 +304,7 @@ async fn blocked_in_the_kernel(own_thread: bool) {
     // Opening a FIFO blocks in open(2) until a writer comes: a host call
     // that neither epochs nor the store's own timers can stop.
     let sandbox = Sandbox {
-        own_thread: Some(own_thread),
+        own_thread,
         ..sandbox()
     };
     let data = tempfile::tempdir().expect("tempdir");

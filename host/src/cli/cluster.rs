@@ -370,8 +370,9 @@ pub struct NodeArgs {
     /// The node's config file (from `replicator cluster init`).
     #[arg(long)]
     pub config: PathBuf,
-    /// Threads running the node's tasks (QUIC, partitions, fetching);
-    /// storage plugins have threads of their own. Default: one per core.
+    /// Threads running the node's tasks (QUIC, partitions, fetching,
+    /// storage plugins); file I/O that waits for the disk runs on a pool of
+    /// its own. Default: one per core.
     /// Lower it when several nodes share a machine (`demo` and `bench`
     /// give each of their three nodes a third of the cores): fewer threads
     /// handing work to each other means fewer wake-ups per commit.

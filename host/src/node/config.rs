@@ -36,10 +36,10 @@ pub struct PluginSection {
     /// Settings handed to the plugin as they are.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
-    /// Storage only: run each partition's store on its own thread (file
-    /// I/O inline) rather than as a task on the node's runtime (file I/O
-    /// on the blocking pool). Unset, the plugin decides: on for the
-    /// built-in `file` plugin, off for the others.
+    /// Storage only: run each partition's store on its own thread, with
+    /// all its file I/O inline, rather than as a task on the node's
+    /// runtime (the default), where file I/O that may wait for the disk
+    /// goes to the blocking pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thread_per_partition: Option<bool>,
     /// Storage only: while a partition is appended to, sync the files its
@@ -104,7 +104,7 @@ impl PluginSection {
                 .collect()
         };
         Sandbox {
-            own_thread: self.thread_per_partition,
+            own_thread: self.thread_per_partition.unwrap_or(false),
             write_behind: self.write_behind_ms.map(Duration::from_millis),
             ..Sandbox::default().allow_http(allow).with_env(env)
         }
@@ -428,19 +428,9 @@ mod tests {
 
     #[test]
     fn thread_per_partition_reaches_the_sandbox() {
-        assert_eq!(
-            parse("").sandbox().own_thread,
-            None,
-            "unset: the plugin decides"
-        );
-        assert_eq!(
-            parse("thread_per_partition = false").sandbox().own_thread,
-            Some(false)
-        );
-        assert_eq!(
-            parse("thread_per_partition = true").sandbox().own_thread,
-            Some(true)
-        );
+        assert!(!parse("").sandbox().own_thread, "unset: a task");
+        assert!(!parse("thread_per_partition = false").sandbox().own_thread);
+        assert!(parse("thread_per_partition = true").sandbox().own_thread);
         let e = refused("thread_per_partition = 1");
         assert!(e.contains("thread_per_partition"), "{e}");
     }

@@ -10,11 +10,6 @@ pub const STORAGE: &[(&str, &[u8])] = &[
     ("s3", include_bytes!(env!("REPLICATOR_WASM_STORAGE_S3"))),
 ];
 
-/// Built-in storage plugins that do file I/O on nearly every call: their
-/// stores get their own thread unless the sandbox says otherwise (see
-/// `Sandbox::own_thread`).
-pub const STORAGE_OWN_THREAD: &[&str] = &["file"];
-
 /// Built-in storage plugins that keep their log in files, and how often
 /// the host syncs what they changed unless the sandbox says otherwise
 /// (see `Sandbox::write_behind`).

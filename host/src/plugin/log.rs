@@ -659,9 +659,10 @@ impl PluginLog {
     /// Start the log's task, instantiate the plugin and open the log there.
     /// The task owns the store and gets calls over a channel. It runs on
     /// the current runtime, with no thread hop per call, next to the
-    /// partition actors and the network; WASI file I/O goes to the
-    /// blocking pool. With `Sandbox::own_thread` it runs on a thread of
-    /// its own instead, with file I/O inline. Either way a guest yields at
+    /// partition actors and the network; WASI file I/O that may wait for
+    /// the disk goes to the blocking pool (writes and cached reads stay
+    /// inline). With `Sandbox::own_thread` it runs on a thread of its own
+    /// instead, with all file I/O inline. Either way a guest yields at
     /// every epoch tick (see [`PluginState::store`]), and a call stuck in
     /// the kernel is reported by the caller-side deadline in
     /// [`Self::submit`] while every other partition keeps working. Must be
@@ -695,7 +696,7 @@ impl PluginLog {
             }
             actor.run(rx).await;
         };
-        if sandbox.own_thread == Some(true) {
+        if sandbox.own_thread {
             let io_error =
                 |e: std::io::Error| StorageError::Io(format!("starting the storage thread: {e}"));
             let runtime = tokio::runtime::Builder::new_current_thread()

@@ -3,8 +3,8 @@
 //! backends the same way ([`MetadataPlugin`], one instance per connection).
 //!
 //! One `Store` per partition, owned by one task ([`PluginLog`]): on the
-//! node's runtime, or on the partition's own thread for plugins that do
-//! file I/O on every call (`Sandbox::own_thread`). Every store runs under
+//! node's runtime, or on the partition's own thread where the sandbox
+//! asks for one (`Sandbox::own_thread`). Every store runs under
 //! the [`Sandbox`] limits, and a running guest yields to its runtime at
 //! every epoch tick. A trap, blown deadline or
 //! contract violation drops the instance: the partition answers
@@ -21,7 +21,7 @@ mod log;
 mod metadata;
 mod runtime;
 mod sandbox;
-mod wasi_write;
+mod wasi_file_io;
 mod write_behind;
 
 use std::path::{Path, PathBuf};
@@ -155,12 +155,6 @@ impl StoragePlugin {
         mut sandbox: Sandbox,
     ) -> Result<Self, LoadError> {
         let (name, wasm) = plugin_bytes(source, builtin::STORAGE)?;
-        if sandbox.own_thread.is_none() {
-            sandbox.own_thread = Some(matches!(
-                source,
-                PluginSource::Builtin(n) if builtin::STORAGE_OWN_THREAD.contains(&n.as_str())
-            ));
-        }
         if sandbox.write_behind.is_none() {
             let builtin_period = match source {
                 PluginSource::Builtin(n) => builtin::STORAGE_WRITE_BEHIND

@@ -39,7 +39,7 @@ impl PluginRuntime {
         let engine_error = |e: wasmtime::Error| LoadError::Engine(e.to_string());
         let mut storage_linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut storage_linker).map_err(engine_error)?;
-        super::wasi_write::shadow(&mut storage_linker).map_err(engine_error)?;
+        super::wasi_file_io::shadow(&mut storage_linker).map_err(engine_error)?;
         // Storage and metadata backends may talk to a remote store (S3,
         // etcd) over HTTP, only through the sandbox's allow-list, which is
         // empty unless the node's config names an endpoint.

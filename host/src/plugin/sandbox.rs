@@ -36,14 +36,15 @@ pub struct Sandbox {
     /// Environment variables the plugin sees (none by default), e.g. an
     /// object store's credentials.
     pub env: Vec<(String, String)>,
-    /// Storage only: give each partition's store its own OS thread, with
-    /// WASI file I/O done inline on it, instead of a task on the node's
-    /// runtime whose file I/O goes to tokio's blocking pool. Each WASI
-    /// file call then costs no thread hop (a 1 MiB read is 16 calls,
-    /// since wasmtime-wasi reads at most 64 KiB at a time), for a thread
-    /// per partition. `None` lets the plugin decide: yes for the built-in
-    /// `file` plugin, no for the others.
-    pub own_thread: Option<bool>,
+    /// Storage only: give each partition's store its own OS thread, where
+    /// all of its WASI file I/O runs inline, instead of a task on the
+    /// node's runtime (the default). On the runtime, writes and reads the
+    /// page cache can answer run inline too, and what may wait for the disk
+    /// (opens, syncs, truncations, uncached reads) goes to tokio's blocking
+    /// pool, so it never holds a worker (see `wasi_file_io.rs`). A thread
+    /// saves those hops, for a thread per partition and a hop to it per
+    /// call.
+    pub own_thread: bool,
     /// Storage only: while a partition is appended to, sync the files its
     /// plugin changed under its data directory this often, on a host
     /// thread, so that the plugin's own fsync finds little left to write
@@ -62,7 +63,7 @@ impl Default for Sandbox {
             table_elements: 100_000,
             http_allow: Vec::new(),
             env: Vec::new(),
-            own_thread: None,
+            own_thread: false,
             write_behind: None,
         }
     }
@@ -112,8 +113,8 @@ pub(crate) struct PluginState {
     label: Arc<str>,
     /// When the current call's budget runs out (see [`PluginState::arm`]).
     call_ends: Instant,
-    /// The store has a thread of its own, so file I/O may block it (see
-    /// `Sandbox::own_thread` and `wasi_write.rs`).
+    /// The store has a thread of its own, so any file I/O may block it
+    /// (see `Sandbox::own_thread` and `wasi_file_io.rs`).
     inline_io: bool,
 }
 
@@ -162,12 +163,13 @@ impl PluginState {
         let mut b = WasiCtxBuilder::new();
         // Panic messages reach the operator; stdout stays closed.
         b.inherit_stderr();
-        // A store that is a task on the node's runtime sends file I/O to
-        // tokio's blocking pool, so a slow disk (or an fsync) never holds
-        // a worker that serves the network and the other partitions. A
-        // store on its own thread does it inline: only that partition
-        // waits, and no call pays a thread hop.
-        let inline_io = sandbox.own_thread == Some(true);
+        // A store that is a task on the node's runtime sends file I/O that
+        // may wait for the disk to tokio's blocking pool, so a slow disk
+        // (or an fsync) never holds a worker that serves the network and
+        // the other partitions (writes and cached reads stay inline: see
+        // `wasi_file_io.rs`). A store on its own thread does it all
+        // inline: only that partition waits, and no call pays a hop.
+        let inline_io = sandbox.own_thread;
         b.allow_blocking_current_thread(inline_io);
         // No sockets: these are wasmtime-wasi's defaults, stated here so a
         // change of defaults cannot open them. Backends that need an

@@ -6,8 +6,10 @@ use wasip2::filesystem::types::{
     Descriptor, DescriptorFlags, DescriptorType, ErrorCode, OpenFlags, PathFlags,
 };
 
-/// wasmtime-wasi returns at most this much per read call.
-const READ_CHUNK: u64 = 64 * 1024;
+/// Most bytes asked for per read call: what Replicator's host returns at
+/// most. Other hosts may return less (wasmtime-wasi's own read stops at
+/// 64 KiB); a short read is read on from where it ended.
+const READ_CHUNK: u64 = 1 << 20;
 
 pub type FsResult<T> = Result<T, String>;
 

@@ -4,6 +4,8 @@
 //! - `loop`: spins forever in wasm (epoch deadline),
 //! - `sleep`: blocks in a host call for an hour (host-side timeout),
 //! - `grow`: allocates without bound (memory limit),
+//! - `write-loop`: writes 16 MiB at a time to a file in its data directory,
+//!   forever (the host writes at most a few MiB per call, inline),
 //! - `trap`: hits `unreachable`,
 //! - `stack`: recurses without bound (wasm stack limit),
 //! - `lie-append`: acknowledges appends with a wrong log end offset,
@@ -75,6 +77,33 @@ fn misbehave(mode: &str) {
     }
 }
 
+/// Overwrite the start of `flood` in the data directory with 16 MiB per
+/// call, forever. Returns only if the file cannot be written, with why.
+fn write_forever() -> String {
+    use wasip2::filesystem::types::{DescriptorFlags, OpenFlags, PathFlags};
+    let Some((dir, _)) = wasip2::filesystem::preopens::get_directories()
+        .into_iter()
+        .next()
+    else {
+        return "no data directory".into();
+    };
+    let file = match dir.open_at(
+        PathFlags::empty(),
+        "flood",
+        OpenFlags::CREATE,
+        DescriptorFlags::READ | DescriptorFlags::WRITE,
+    ) {
+        Ok(f) => f,
+        Err(e) => return format!("open flood: {e}"),
+    };
+    let buf = vec![7u8; 16 << 20];
+    loop {
+        if let Err(e) = file.write(&buf, 0) {
+            return format!("write flood: {e}");
+        }
+    }
+}
+
 /// Attempt a TCP connection through wasi:sockets; the sandbox should refuse.
 fn try_connect(port: &str) -> PluginError {
     use wasip2::sockets::network::{IpAddressFamily, IpSocketAddress, Ipv4SocketAddress};
@@ -125,6 +154,9 @@ impl GuestPartitionLog for Hostile {
         misbehave(&self.mode);
         if let Some(port) = self.mode.strip_prefix("connect:") {
             return Err(try_connect(port));
+        }
+        if self.mode == "write-loop" {
+            return Err(PluginError::Io(write_forever()));
         }
         if let Some(path) = self.mode.strip_prefix("read-file:") {
             return Err(match std::fs::read(path) {

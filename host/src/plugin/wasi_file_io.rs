@@ -1,0 +1,219 @@
+//! The storage linker's own `wasi:filesystem` `descriptor.write` and
+//! `descriptor.read`, in place of wasmtime-wasi's: they work on the page
+//! cache inline, on whatever thread runs the store, and leave the disk to
+//! tokio's blocking pool.
+//!
+//! Why: a store on the node's runtime (the default, `Sandbox::own_thread`
+//! off) must not block a worker that also serves the network and the
+//! other partitions, so wasmtime-wasi sends every file call to the
+//! blocking pool: a copy of the buffer, a thread hop and a wake-up per
+//! call. The calls that wait for the disk (opens, syncs, truncations) are
+//! worth that; a buffered write or a read of cached data is a copy to or
+//! from the page cache and is not. Each append of a file-backed plugin is
+//! such a write, on every node. Giving each store a thread of its own,
+//! with all of its I/O inline, saved the hops but cost one per call to
+//! reach that thread, and a second thread on every partition competing for
+//! the cores. With writes inline on the runtime and everything else as
+//! wasmtime-wasi does it, workload d on the file plugin went from 142-178
+//! to 154-194 MB/s in six interleaved pairs (docs/performance.md).
+//!
+//! - **write** goes from the guest's memory straight to `pwrite`, with no
+//!   copy (nothing else runs on the store while its guest waits in this
+//!   call, so the memory cannot change or move under it). A buffered write
+//!   waits for the disk only when the kernel throttles writers because too
+//!   much is dirty, which write-behind (`write_behind.rs`) keeps the
+//!   plugin's own data from causing. At most [`INLINE_WRITE_MAX`] bytes go
+//!   per call, so one call holds a worker for a millisecond or two at
+//!   most; a longer buffer gets a short write, which WASI allows and guests
+//!   loop over (yielding at epoch ticks in between).
+//! - **read** asks the kernel for what is cached without waiting
+//!   (`preadv2` with `RWF_NOWAIT`), and sends the read to the blocking
+//!   pool only when the data is not in memory. It returns up to
+//!   [`READ_MAX`] bytes per call, where wasmtime-wasi returns 64 KiB.
+//!
+//! On a store with its own thread both simply run inline. Everything else
+//! wasmtime-wasi checks or returns is kept: the descriptor must be a file
+//! (`bad-descriptor` otherwise), a write needs a preopen that allows
+//! writes (`not-permitted`), OS errors map to the same error codes
+//! (`insufficient-space` for ENOSPC), a read returns end-of-file with an
+//! empty list, and a handle the guest does not own traps.
+
+use std::future::Future;
+use std::os::unix::fs::FileExt;
+
+use wasmtime::StoreContextMut;
+use wasmtime::component::{Linker, LinkerInstance, Resource, WasmList};
+use wasmtime_wasi::filesystem::Descriptor;
+use wasmtime_wasi::p2::bindings::filesystem::types::ErrorCode;
+
+use super::sandbox::PluginState;
+
+/// The interface wasmtime-wasi defines the descriptor methods in. A guest
+/// built against any 0.2.x imports it through semver matching.
+const INTERFACE: &str = "wasi:filesystem/types@0.2.12";
+const WRITE: &str = "[method]descriptor.write";
+const READ: &str = "[method]descriptor.read";
+
+/// Most bytes one `write` call copies into the page cache (a millisecond
+/// or two of a worker's time here); the guest writes the rest in further
+/// calls. As much as a partition's storage lane joins into one append
+/// (`COALESCE_BYTES` in `node/partition.rs`), so appends take one call.
+pub(crate) const INLINE_WRITE_MAX: usize = 4 << 20;
+
+/// Most bytes one `read` call returns: what the host allocates for it.
+pub(crate) const READ_MAX: usize = 1 << 20;
+
+type Written = Result<u64, ErrorCode>;
+type Read = Result<(Vec<u8>, bool), ErrorCode>;
+type HostFuture<'a, T> = Box<dyn Future<Output = wasmtime::Result<(T,)>> + Send + 'a>;
+
+/// Replace wasmtime-wasi's `descriptor.write` and `descriptor.read` in
+/// `linker` (which must already hold wasmtime-wasi's p2 interfaces).
+pub(crate) fn shadow(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
+    shadow_one(linker, WRITE, |types| types.func_wrap_async(WRITE, write))?;
+    shadow_one(linker, READ, |types| types.func_wrap_async(READ, read))
+}
+
+fn shadow_one(
+    linker: &mut Linker<PluginState>,
+    name: &str,
+    define: impl Fn(&mut LinkerInstance<'_, PluginState>) -> wasmtime::Result<()>,
+) -> wasmtime::Result<()> {
+    // First without shadowing, which must fail: wasmtime-wasi defined the
+    // function already. If it does not, INTERFACE names a version
+    // wasmtime-wasi no longer links (after an upgrade), and guests would
+    // quietly get its function, or an instance holding nothing but ours.
+    // Every plugin load fails instead, until INTERFACE is fixed.
+    linker.allow_shadowing(false);
+    if linker
+        .instance(INTERFACE)
+        .and_then(|mut types| define(&mut types))
+        .is_ok()
+    {
+        wasmtime::bail!(
+            "{INTERFACE} {name} was not defined by wasmtime-wasi: set INTERFACE in \
+             host/src/plugin/wasi_file_io.rs to the wasi:filesystem version it links"
+        );
+    }
+    linker.allow_shadowing(true);
+    let defined = linker
+        .instance(INTERFACE)
+        .and_then(|mut types| define(&mut types));
+    // Back to the default, so nothing else replaces a definition unawares.
+    linker.allow_shadowing(false);
+    defined
+}
+
+/// The file behind `fd`, or what the guest gets instead: an error code
+/// for a directory, a trap for a handle it does not own.
+fn file<'a>(
+    state: &'a PluginState,
+    fd: &Resource<Descriptor>,
+) -> Result<Result<&'a wasmtime_wasi::filesystem::File, ErrorCode>, wasmtime::Error> {
+    match state.table().get(fd) {
+        Ok(Descriptor::File(f)) => Ok(Ok(f)),
+        Ok(Descriptor::Dir(_)) => Ok(Err(ErrorCode::BadDescriptor)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `descriptor.write(buffer, offset)`.
+fn write(
+    store: StoreContextMut<'_, PluginState>,
+    (fd, buffer, offset): (Resource<Descriptor>, WasmList<u8>, u64),
+) -> HostFuture<'_, Written> {
+    let file = match file(store.data(), &fd) {
+        Ok(Ok(f)) => f,
+        Ok(Err(code)) => return ready(Err(code)),
+        Err(trap) => return Box::new(std::future::ready(Err(trap))),
+    };
+    if file.perms.write_not_permitted() {
+        return ready(Err(ErrorCode::NotPermitted));
+    }
+    let bytes = buffer.as_le_slice(&store);
+    let bytes = &bytes[..bytes.len().min(INLINE_WRITE_MAX)];
+    let written = file.file.write_at(bytes, offset);
+    ready(written.map(|n| n as u64).map_err(ErrorCode::from))
+}
+
+/// `descriptor.read(length, offset)`: up to `length` bytes (at most
+/// [`READ_MAX`]) and whether the read found the end of the file.
+fn read(
+    store: StoreContextMut<'_, PluginState>,
+    (fd, length, offset): (Resource<Descriptor>, u64, u64),
+) -> HostFuture<'_, Read> {
+    let state = store.data();
+    let file = match file(state, &fd) {
+        Ok(Ok(f)) => f,
+        Ok(Err(code)) => return ready(Err(code)),
+        Err(trap) => return Box::new(std::future::ready(Err(trap))),
+    };
+    let mut buffer = vec![0u8; usize::try_from(length).unwrap_or(usize::MAX).min(READ_MAX)];
+    if state.inline_io() {
+        let r = file.file.read_at(&mut buffer, offset);
+        return ready(finish(buffer, r));
+    }
+    match read_cached(&file.file, &mut buffer, offset) {
+        Some(r) => ready(finish(buffer, r)),
+        None => {
+            let file = file.file.clone();
+            Box::new(async move {
+                let (buffer, r) = tokio::task::spawn_blocking(move || {
+                    let r = file.read_at(&mut buffer, offset);
+                    (buffer, r)
+                })
+                .await?;
+                Ok((finish(buffer, r),))
+            })
+        }
+    }
+}
+
+/// What a read returns: the bytes read, and end-of-file when there were
+/// none (as wasmtime-wasi reports it).
+fn finish(mut buffer: Vec<u8>, read: std::io::Result<usize>) -> Read {
+    let n = read.map_err(ErrorCode::from)?;
+    buffer.truncate(n);
+    Ok((buffer, n == 0))
+}
+
+/// Read what the page cache holds at `offset` without waiting for the
+/// disk: `None` when that would mean waiting (or the kernel cannot say),
+/// so the read must go where it may block.
+#[cfg(target_os = "linux")]
+fn read_cached(
+    file: &std::fs::File,
+    buffer: &mut [u8],
+    offset: u64,
+) -> Option<std::io::Result<usize>> {
+    use std::os::fd::AsRawFd;
+    // An offset past i64::MAX is the kernel's EINVAL either way; let the
+    // blocking read report it as wasmtime-wasi would.
+    let offset = i64::try_from(offset).ok()?;
+    let iov = libc::iovec {
+        iov_base: buffer.as_mut_ptr().cast(),
+        iov_len: buffer.len(),
+    };
+    // SAFETY: the iovec points into `buffer`, which is live and
+    // exclusively borrowed for the call; the fd is open while `file` is.
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
+    if n >= 0 {
+        return Some(Ok(n as usize));
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        // Not cached (EAGAIN), or a file system or kernel without
+        // RWF_NOWAIT for this file.
+        Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => None,
+        _ => Some(Err(e)),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn read_cached(_: &std::fs::File, _: &mut [u8], _: u64) -> Option<std::io::Result<usize>> {
+    None
+}
+
+fn ready<T: Send + 'static>(r: T) -> HostFuture<'static, T> {
+    Box::new(std::future::ready(Ok((r,))))
+}
