@@ -62,7 +62,8 @@ CRC_TAIL = 4 * 1024 * 1024
 # (and they outnumber the live ones): a rewrite costs a copy of the live
 # data. The `compact.bytes` setting overrides it (tests use a small one).
 COMPACT_MIN = 8 * 1024 * 1024
-# wasmtime answers at most 64 KiB per read call.
+# Bytes asked for per read call. Replicator's host answers up to 1 MiB,
+# wasmtime-wasi's own read at most 64 KiB; a short read is read on.
 READ_CHUNK = 64 * 1024
 # Bytes of log read at a time while scanning on open.
 SCAN_WINDOW = 1024 * 1024
