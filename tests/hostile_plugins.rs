@@ -114,62 +114,53 @@ async fn infinite_loop_hits_the_epoch_deadline() {
 /// partition could not be served until the loop's deadline.
 #[tokio::test(flavor = "current_thread")]
 async fn a_looping_guest_does_not_hold_the_runtime() {
-    let sandbox = Sandbox {
-        call_deadline: Duration::from_secs(2),
-        ..sandbox()
-    };
-    let (looping, healthy) = hostile_and_healthy(sandbox, "loop", None).await;
-    let looping = tokio::spawn(async move { looping.append(one(0)).await });
-    let started = Instant::now();
-    let mut served = 0;
-    while started.elapsed() < Duration::from_millis(300) {
-        assert_eq!(healthy.append(one(served)).await, Ok(served + 1));
-        served += 1;
-    }
-    assert!(
-        !looping.is_finished(),
-        "the looping call ended within 300 ms ({served} healthy appends), before its 2 s deadline"
-    );
-    let err = looping
-        .await
-        .expect("join")
-        .expect_err("the looping append must fail");
-    assert_fault(&err, FaultKind::Deadline);
+    served_meanwhile("loop", None, || {}).await;
 }
 
 /// The host writes a guest's file writes inline on the runtime (no copy,
 /// no hop), 4 MiB per call at most, so a guest that writes without end
 /// holds the node's only worker no longer than a plain loop does.
-#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+#[tokio::test(flavor = "current_thread")]
 async fn a_guest_writing_without_end_does_not_hold_the_runtime() {
+    let data = tempfile::tempdir().expect("tempdir");
+    served_meanwhile("write-loop", Some(data.path()), || {
+        // The guest writes 16 MiB at offset 0 each time, and ignores how
+        // much was written: each call wrote only the first 4 MiB.
+        let flood = std::fs::metadata(data.path().join("flood")).map_or(0, |m| m.len());
+        assert_eq!(flood, 4 << 20, "bytes the guest's writes left in its file");
+    })
+    .await;
+}
+
+/// Start `mode`'s first append, with a 2 s deadline, and serve a healthy
+/// partition of the same plugin for 300 ms meanwhile. The hostile call
+/// must still be running then (so it did not hold the runtime until its
+/// deadline), `meanwhile` runs, and the call ends in a deadline fault.
+async fn served_meanwhile(mode: &str, data: Option<&std::path::Path>, meanwhile: impl FnOnce()) {
     let sandbox = Sandbox {
         call_deadline: Duration::from_secs(2),
         ..sandbox()
     };
-    let data = tempfile::tempdir().expect("tempdir");
-    let (writing, healthy) = hostile_and_healthy(sandbox, "write-loop", Some(data.path())).await;
-    let writing = tokio::spawn(async move { writing.append(one(0)).await });
+    let (hostile, healthy) = hostile_and_healthy(sandbox, mode, data).await;
+    let hostile = tokio::spawn(async move { hostile.append(one(0)).await });
     let started = Instant::now();
     let mut served = 0;
     while started.elapsed() < Duration::from_millis(300) {
         assert_eq!(healthy.append(one(served)).await, Ok(served + 1));
         served += 1;
     }
-    if writing.is_finished() {
+    if hostile.is_finished() {
         panic!(
-            "the writing call ended within 300 ms ({served} healthy appends), before its 2 s \
+            "{mode}: the call ended within 300 ms ({served} healthy appends), before its 2 s \
              deadline: {:?}",
-            writing.await
+            hostile.await
         );
     }
-    // The guest writes 16 MiB at offset 0 each time, and ignores how much
-    // was written: each call wrote only the first 4 MiB.
-    let flood = std::fs::metadata(data.path().join("flood")).map_or(0, |m| m.len());
-    assert_eq!(flood, 4 << 20, "bytes the guest's writes left in its file");
-    let err = writing
+    meanwhile();
+    let err = hostile
         .await
         .expect("join")
-        .expect_err("the writing append must fail");
+        .expect_err("the hostile append must fail");
     assert_fault(&err, FaultKind::Deadline);
 }
 
