@@ -284,8 +284,8 @@ async fn plugins_see_only_their_partition_directory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_call_blocked_in_the_kernel_is_contained() {
-    // Both placements of a store: a task whose file I/O runs on the
-    // blocking pool, and a thread of its own that does it inline.
+    // Both placements of a store: a task whose opens run on the blocking
+    // pool, and a thread of its own that does them inline.
     for own_thread in [false, true] {
         blocked_in_the_kernel(own_thread).await;
     }

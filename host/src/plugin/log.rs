@@ -665,8 +665,10 @@ impl PluginLog {
     /// instead, with all file I/O inline. Either way a guest yields at
     /// every epoch tick (see [`PluginState::store`]), and a call stuck in
     /// the kernel is reported by the caller-side deadline in
-    /// [`Self::submit`] while every other partition keeps working. Must be
-    /// called inside a tokio runtime.
+    /// [`Self::submit`]. Other partitions keep working meanwhile, unless
+    /// the call is stuck in an inline write on the runtime (the first
+    /// slow one sends every store's writes to the pool for a while: see
+    /// `wasi_file_io.rs`). Must be called inside a tokio runtime.
     pub(crate) async fn spawn(plugin: StoragePlugin, spec: OpenSpec) -> StorageResult<PluginLog> {
         let label: Arc<str> = format!("{} {}/{}", plugin.name(), spec.topic, spec.partition).into();
         let sandbox = plugin.sandbox().clone();

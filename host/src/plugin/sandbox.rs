@@ -164,9 +164,10 @@ impl PluginState {
         // Panic messages reach the operator; stdout stays closed.
         b.inherit_stderr();
         // A store that is a task on the node's runtime sends file I/O that
-        // may wait for the disk to tokio's blocking pool, so a slow disk
-        // (or an fsync) never holds a worker that serves the network and
-        // the other partitions (writes and cached reads stay inline: see
+        // may wait for the disk to tokio's blocking pool, so an fsync or a
+        // slow disk does not hold a worker that serves the network and the
+        // other partitions (writes and cached reads stay inline, and
+        // writes leave for the pool after a slow one: see
         // `wasi_file_io.rs`). A store on its own thread does it all
         // inline: only that partition waits, and no call pays a hop.
         let inline_io = sandbox.own_thread;

@@ -19,13 +19,18 @@
 //!
 //! - **write** goes from the guest's memory straight to `pwrite`, with no
 //!   copy (nothing else runs on the store while its guest waits in this
-//!   call, so the memory cannot change or move under it). A buffered write
-//!   waits for the disk only when the kernel throttles writers because too
-//!   much is dirty, which write-behind (`write_behind.rs`) keeps the
-//!   plugin's own data from causing. At most [`INLINE_WRITE_MAX`] bytes go
-//!   per call, so one call holds a worker for a millisecond or two at
-//!   most; a longer buffer gets a short write, which WASI allows and guests
-//!   loop over (yielding at epoch ticks in between).
+//!   call, so the memory cannot change or move under it). At most
+//!   [`INLINE_WRITE_MAX`] bytes go per call, a millisecond or two of
+//!   copying; a longer buffer gets a short write, which WASI allows and
+//!   guests loop over (yielding at epoch ticks in between). A buffered
+//!   write can still wait in the kernel: when it throttles writers because
+//!   too much of the machine's memory is dirty (global: any process can
+//!   cause it), on a journal commit, near a full disk, on a network file
+//!   system. Such a wait holds the worker, so after any inline write that
+//!   took over [`SLOW_WRITE`], every store in the process writes on the
+//!   blocking pool (a copy and a hop, as wasmtime-wasi does) for
+//!   [`POOL_AFTER_SLOW_WRITE`], then tries inline again: a disk that
+//!   keeps stalling costs a worker one slow write a second at most.
 //! - **read** asks the kernel for what is cached without waiting
 //!   (`preadv2` with `RWF_NOWAIT`), and sends the read to the blocking
 //!   pool only when the data is not in memory. It returns up to
@@ -40,6 +45,9 @@
 
 use std::future::Future;
 use std::os::unix::fs::FileExt;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use wasmtime::StoreContextMut;
 use wasmtime::component::{Linker, LinkerInstance, Resource, WasmList};
@@ -59,6 +67,68 @@ const READ: &str = "[method]descriptor.read";
 /// calls. As much as a partition's storage lane joins into one append
 /// (`COALESCE_BYTES` in `node/partition.rs`), so appends take one call.
 pub(crate) const INLINE_WRITE_MAX: usize = 4 << 20;
+
+/// An inline write that took longer than this waited for something other
+/// than a copy into the page cache (see the module's docs).
+pub(crate) const SLOW_WRITE: Duration = Duration::from_millis(10);
+
+/// How long writes go to the blocking pool after a slow inline one.
+pub(crate) const POOL_AFTER_SLOW_WRITE: Duration = Duration::from_secs(1);
+
+/// Whether writes may run inline, for every store in the process: a slow
+/// inline write closes it for [`POOL_AFTER_SLOW_WRITE`]. The kernel's
+/// reasons for a slow write (dirty throttling, the journal, a full disk)
+/// are not one partition's, so neither is the gate.
+pub(crate) struct WriteGate {
+    /// Milliseconds after [`epoch`] before which writes go to the pool.
+    pool_until_ms: AtomicU64,
+}
+
+impl WriteGate {
+    pub(crate) const fn new() -> Self {
+        WriteGate {
+            pool_until_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// May a write at `now` (milliseconds after [`epoch`]) run inline?
+    pub(crate) fn inline(&self, now_ms: u64) -> bool {
+        now_ms >= self.pool_until_ms.load(Ordering::Relaxed)
+    }
+
+    /// An inline write finished at `now_ms` after taking `took`.
+    pub(crate) fn finished(&self, now_ms: u64, took: Duration) {
+        if took > SLOW_WRITE {
+            self.close_for(now_ms, POOL_AFTER_SLOW_WRITE);
+            tracing::debug!(
+                "an inline plugin write took {took:?}: writes go to the blocking pool for {:?}",
+                POOL_AFTER_SLOW_WRITE
+            );
+        }
+    }
+
+    /// Send writes to the pool from `now_ms` for `period`.
+    pub(crate) fn close_for(&self, now_ms: u64, period: Duration) {
+        let until = now_ms.saturating_add(u64::try_from(period.as_millis()).unwrap_or(u64::MAX));
+        self.pool_until_ms.fetch_max(until, Ordering::Relaxed);
+    }
+}
+
+/// The gate every store's writes go through.
+pub(crate) static WRITE_GATE: WriteGate = WriteGate::new();
+
+/// Milliseconds since the first call: the gate's clock.
+pub(crate) fn epoch_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Test hook: send every store's writes to the blocking pool for `period`,
+/// as a slow write would.
+#[doc(hidden)]
+pub fn write_on_the_pool_for(period: Duration) {
+    WRITE_GATE.close_for(epoch_ms(), period);
+}
 
 /// Most bytes one `read` call returns: what the host allocates for it.
 pub(crate) const READ_MAX: usize = 1 << 20;
@@ -132,8 +202,23 @@ fn write(
     }
     let bytes = buffer.as_le_slice(&store);
     let bytes = &bytes[..bytes.len().min(INLINE_WRITE_MAX)];
-    let written = file.file.write_at(bytes, offset);
-    ready(written.map(|n| n as u64).map_err(ErrorCode::from))
+    // A store with its own thread may block; on the runtime, only while
+    // the gate is open (see the module's docs).
+    let inline = store.data().inline_io() || WRITE_GATE.inline(epoch_ms());
+    if inline {
+        let started = Instant::now();
+        let written = file.file.write_at(bytes, offset);
+        if !store.data().inline_io() {
+            WRITE_GATE.finished(epoch_ms(), started.elapsed());
+        }
+        return ready(written.map(|n| n as u64).map_err(ErrorCode::from));
+    }
+    let bytes = bytes.to_vec();
+    let file = file.file.clone();
+    Box::new(async move {
+        let written = tokio::task::spawn_blocking(move || file.write_at(&bytes, offset)).await?;
+        Ok((written.map(|n| n as u64).map_err(ErrorCode::from),))
+    })
 }
 
 /// `descriptor.read(length, offset)`: up to `length` bytes (at most
@@ -216,4 +301,26 @@ fn read_cached(_: &std::fs::File, _: &mut [u8], _: u64) -> Option<std::io::Resul
 
 fn ready<T: Send + 'static>(r: T) -> HostFuture<'static, T> {
     Box::new(std::future::ready(Ok((r,))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_write_sends_writes_to_the_pool_for_a_while() {
+        let gate = WriteGate::new();
+        assert!(gate.inline(0), "open at first");
+        gate.finished(5, Duration::from_millis(2));
+        assert!(gate.inline(5), "a fast write keeps it open");
+        gate.finished(100, SLOW_WRITE + Duration::from_millis(1));
+        assert!(!gate.inline(100), "closed by a slow write");
+        assert!(!gate.inline(1_099));
+        assert!(gate.inline(1_100), "open again a period later");
+        // A later closing never shortens an earlier one.
+        gate.close_for(200, Duration::from_secs(5));
+        gate.finished(300, SLOW_WRITE * 2);
+        assert!(!gate.inline(5_199));
+        assert!(gate.inline(5_200));
+    }
 }

@@ -86,8 +86,8 @@ impl Segment {
 
 /// A segment retention released, renamed out of the log and shrunk from
 /// its end a piece per `delete_prefix` call until it is gone. Why: removing
-/// a 64 MiB file at once held the partition's only store thread for 10-38
-/// ms (the kernel frees every cached page and extent in that call), which
+/// a 64 MiB file at once held the partition's store for 10-38 ms (the
+/// kernel frees every cached page and extent in that call), which
 /// stalled every append behind it, as Kafka avoids by deleting segments
 /// from a background thread. A guest has no thread of its own, so it pays
 /// as it goes: each call frees at least as many bytes as it released.
