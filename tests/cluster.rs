@@ -237,6 +237,14 @@ fn idle_partitions_drop_out_of_fetches_and_answers() {
         ]
     };
     let before = read();
+    // Writes that waited in the kernel are counted (none are expected of
+    // the memory plugin, which writes no files).
+    assert!(
+        http_get(port, "/metrics")
+            .lines()
+            .any(|l| l == "replicator_storage_slow_writes_total 0"),
+        "no slow-write counter at 0 in the metrics"
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let after = loop {
         let now = read();

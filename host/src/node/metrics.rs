@@ -214,6 +214,13 @@ pub fn render(
         "1 if the failure detector hears the node's heartbeats",
         alive,
     );
+    let slow: Counter = Counter::default();
+    slow.inc_by(crate::plugin::slow_plugin_writes());
+    reg.register(
+        "storage_slow_writes",
+        "Storage plugin writes that waited in the kernel for over 10 ms (the disk behind, too much dirty memory); each sends plugin writes to the blocking pool for a second",
+        slow,
+    );
     let parts: Family<SessionLabels, Counter> = Family::default();
     let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     for (message, kind, v) in [

@@ -80,15 +80,31 @@ pub(crate) const POOL_AFTER_SLOW_WRITE: Duration = Duration::from_secs(1);
 /// reasons for a slow write (dirty throttling, the journal, a full disk)
 /// are not one partition's, so neither is the gate.
 pub(crate) struct WriteGate {
-    /// Milliseconds after [`epoch`] before which writes go to the pool.
+    /// Milliseconds after [`epoch_ms`]'s start before which writes go to
+    /// the pool.
     pool_until_ms: AtomicU64,
+    /// Inline writes that took over [`SLOW_WRITE`], for the node's metrics.
+    slow_writes: AtomicU64,
+    /// When a slow write was last logged at warn level (plus one, so 0 is
+    /// never): later ones within a minute go to debug.
+    warned_ms: AtomicU64,
 }
+
+/// How often a slow write is logged at warn level at most.
+const WARN_EVERY_MS: u64 = 60_000;
 
 impl WriteGate {
     pub(crate) const fn new() -> Self {
         WriteGate {
             pool_until_ms: AtomicU64::new(0),
+            slow_writes: AtomicU64::new(0),
+            warned_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Inline writes so far that took over [`SLOW_WRITE`].
+    pub(crate) fn slow_writes(&self) -> u64 {
+        self.slow_writes.load(Ordering::Relaxed)
     }
 
     /// May a write at `now` (milliseconds after [`epoch`]) run inline?
@@ -100,10 +116,22 @@ impl WriteGate {
     pub(crate) fn finished(&self, now_ms: u64, took: Duration) {
         if took > SLOW_WRITE {
             self.close_for(now_ms, POOL_AFTER_SLOW_WRITE);
-            tracing::debug!(
-                "an inline plugin write took {took:?}: writes go to the blocking pool for {:?}",
-                POOL_AFTER_SLOW_WRITE
-            );
+            let slow = self.slow_writes.fetch_add(1, Ordering::Relaxed) + 1;
+            let last = self.warned_ms.load(Ordering::Relaxed);
+            let warn = last == 0 || now_ms.saturating_sub(last - 1) >= WARN_EVERY_MS;
+            if warn && self.warned_ms.swap(now_ms + 1, Ordering::Relaxed) == last {
+                tracing::warn!(
+                    "a storage plugin's write took {took:?} in the kernel (the disk is behind, \
+                     or the machine has too much dirty memory): plugin writes go to the blocking \
+                     pool for {POOL_AFTER_SLOW_WRITE:?}; {slow} such writes so far (at most one \
+                     warning a minute; `replicator_storage_slow_writes_total` counts them)"
+                );
+            } else {
+                tracing::debug!(
+                    "an inline plugin write took {took:?}: writes go to the blocking pool for \
+                     {POOL_AFTER_SLOW_WRITE:?}"
+                );
+            }
         }
     }
 
@@ -121,6 +149,12 @@ pub(crate) static WRITE_GATE: WriteGate = WriteGate::new();
 pub(crate) fn epoch_ms() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Writes by storage plugins in this process that waited in the kernel for
+/// over 10 ms, each of which sent writes to the blocking pool for a second.
+pub fn slow_plugin_writes() -> u64 {
+    WRITE_GATE.slow_writes()
 }
 
 /// Test hook: send every store's writes to the blocking pool for `period`,
@@ -313,8 +347,10 @@ mod tests {
         assert!(gate.inline(0), "open at first");
         gate.finished(5, Duration::from_millis(2));
         assert!(gate.inline(5), "a fast write keeps it open");
+        assert_eq!(gate.slow_writes(), 0);
         gate.finished(100, SLOW_WRITE + Duration::from_millis(1));
         assert!(!gate.inline(100), "closed by a slow write");
+        assert_eq!(gate.slow_writes(), 1, "and counted");
         assert!(!gate.inline(1_099));
         assert!(gate.inline(1_100), "open again a period later");
         // A later closing never shortens an earlier one.
@@ -322,5 +358,6 @@ mod tests {
         gate.finished(300, SLOW_WRITE * 2);
         assert!(!gate.inline(5_199));
         assert!(gate.inline(5_200));
+        assert_eq!(gate.slow_writes(), 2);
     }
 }
