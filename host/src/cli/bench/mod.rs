@@ -134,6 +134,22 @@ impl Cluster {
     }
 }
 
+/// How many of the node logs (`node-*.log`) in `dir` contain `needle`.
+fn nodes_that_logged(dir: &Path, needle: &str) -> u32 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let logs = entries.flatten().filter(|e| {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        name.starts_with("node-") && name.ends_with(".log")
+    });
+    let hits = logs.filter(|e| {
+        std::fs::read(e.path()).is_ok_and(|b| String::from_utf8_lossy(&b).contains(needle))
+    });
+    u32::try_from(hits.count()).unwrap_or(u32::MAX)
+}
+
 /// Refuse a `--storage` entry no node could load, before minutes of
 /// measuring: a name that is neither `native` nor a built-in plugin, a
 /// .wasm path that is not a file, or the s3 plugin with no object store to
@@ -287,6 +303,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                     .await
                     .with_context(|| format!("workload {} on `{storage}`", w.key))?;
                 r.round = round;
+                r.nodes_with_slow_writes =
+                    nodes_that_logged(cluster.nodes.dir(), replicator::plugin::SLOW_WRITE_LOG);
                 say(format!(
                     "  {:.0} msg/s, {:.1} MB/s, p99 {:.2} ms, {} failed",
                     r.msgs_per_s, r.mb_per_s, r.latency_ms.p99, r.failed
@@ -370,4 +388,27 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(2));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_that_logged_counts_node_logs_with_the_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text);
+        write(
+            "node-1.log",
+            "start\nWARN a storage plugin's write took 12ms\n",
+        )
+        .expect("write");
+        write("node-2.log", "start\nnothing here\n").expect("write");
+        write("node-3.log", "a storage plugin's write took 30ms").expect("write");
+        // Not a node log.
+        write("client.log", "a storage plugin's write took 1s").expect("write");
+        let needle = replicator::plugin::SLOW_WRITE_LOG;
+        assert_eq!(nodes_that_logged(dir.path(), needle), 2);
+        assert_eq!(nodes_that_logged(&dir.path().join("gone"), needle), 0);
+    }
 }

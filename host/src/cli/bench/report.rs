@@ -432,6 +432,17 @@ impl Report {
                 w.steal_pct, w.storage, w.workload
             );
         }
+        for w in self
+            .workloads
+            .iter()
+            .filter(|w| w.nodes_with_slow_writes > 0)
+        {
+            let _ = writeln!(
+                out,
+                "\nnote: in {}/{}, {} node(s) logged a storage write slower than 10 ms in the kernel; each then wrote on the blocking pool for a second, which costs more CPU per byte (a busy disk, or too much dirty memory on the machine)",
+                w.storage, w.workload, w.nodes_with_slow_writes
+            );
+        }
         let _ = writeln!(out, "\ntargets:");
         for c in &self.checks {
             let _ = writeln!(
@@ -656,6 +667,7 @@ mod tests {
             busiest_node_cores: 0.0,
             failed: 0,
             first_error: None,
+            nodes_with_slow_writes: 0,
         }
     }
 
@@ -884,6 +896,20 @@ mod tests {
             table.contains("TOP NODE: cores the busiest node used"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn rows_whose_nodes_wrote_on_the_pool_are_called_out() {
+        let calm = report(vec![result("file", "d", 60.0, 5.0)]);
+        assert!(!calm.table().contains("slower than 10 ms"));
+        let mut slowed = result("file", "d", 60.0, 5.0);
+        slowed.nodes_with_slow_writes = 2;
+        let table = report(vec![result("memory", "d", 60.0, 5.0), slowed]).table();
+        assert!(
+            table.contains("in file/d, 2 node(s) logged a storage write slower than 10 ms"),
+            "{table}"
+        );
+        assert!(!table.contains("in memory/d"), "{table}");
     }
 
     #[test]

@@ -133,6 +133,10 @@ pub struct WorkloadResult {
     /// and failed after it (a healthy cluster has none).
     pub failed: u64,
     pub first_error: Option<String>,
+    /// Nodes that logged a storage write slower than 10 ms in the kernel
+    /// (from their start to the window's end): each sent its plugin writes
+    /// to the blocking pool for a second, which costs more CPU per byte.
+    pub nodes_with_slow_writes: u32,
 }
 
 const WARMUP: u8 = 0;
@@ -268,6 +272,8 @@ pub async fn run(
         busiest_node_cores: node_cpu.iter().copied().fold(0.0, f64::max) / seconds,
         failed,
         first_error,
+        // Set by the caller, which has the nodes' logs.
+        nodes_with_slow_writes: 0,
     })
 }
 
