@@ -90,6 +90,10 @@ pub(crate) struct WriteGate {
     warned_ms: AtomicU64,
 }
 
+/// How the warning about a slow write begins (the bench looks for it in
+/// its nodes' logs).
+pub const SLOW_WRITE_LOG: &str = "a storage plugin's write took";
+
 /// How often a slow write is logged at warn level at most.
 const WARN_EVERY_MS: u64 = 60_000;
 
@@ -121,7 +125,7 @@ impl WriteGate {
             let warn = last == 0 || now_ms.saturating_sub(last - 1) >= WARN_EVERY_MS;
             if warn && self.warned_ms.swap(now_ms + 1, Ordering::Relaxed) == last {
                 tracing::warn!(
-                    "a storage plugin's write took {took:?} in the kernel (the disk is behind, \
+                    "{SLOW_WRITE_LOG} {took:?} in the kernel (the disk is behind, \
                      or the machine has too much dirty memory): plugin writes go to the blocking \
                      pool for {POOL_AFTER_SLOW_WRITE:?}; {slow} such writes so far (at most one \
                      warning a minute; `replicator_storage_slow_writes_total` counts them)"
