@@ -898,33 +898,36 @@ mod tests {
         );
     }
 
+    /// The table of a report with one plain row, and of the same report
+    /// with a second row (`storage`/d) that `change` altered.
+    fn plain_and_with(storage: &str, change: impl FnOnce(&mut WorkloadResult)) -> (String, String) {
+        let plain = report(vec![result("memory", "b", 60.0, 5.0)]).table();
+        let mut row = result(storage, "d", 60.0, 5.0);
+        change(&mut row);
+        let with = report(vec![result("memory", "b", 60.0, 5.0), row]).table();
+        (plain, with)
+    }
+
     #[test]
     fn rows_whose_nodes_wrote_on_the_pool_are_called_out() {
-        let calm = report(vec![result("file", "d", 60.0, 5.0)]);
-        assert!(!calm.table().contains("slower than 10 ms"));
-        let mut slowed = result("file", "d", 60.0, 5.0);
-        slowed.nodes_with_slow_writes = 2;
-        let table = report(vec![result("memory", "d", 60.0, 5.0), slowed]).table();
+        let (plain, with) = plain_and_with("file", |r| r.nodes_with_slow_writes = 2);
+        assert!(!plain.contains("slower than 10 ms"), "{plain}");
         assert!(
-            table.contains("in file/d, 2 node(s) logged a storage write slower than 10 ms"),
-            "{table}"
+            with.contains("in file/d, 2 node(s) logged a storage write slower than 10 ms"),
+            "{with}"
         );
-        assert!(!table.contains("in memory/d"), "{table}");
+        assert!(!with.contains("in memory/b"), "{with}");
     }
 
     #[test]
     fn a_contended_machine_is_called_out() {
-        let quiet = report(vec![result("memory", "b", 60.0, 5.0)]);
-        assert!(!quiet.table().contains("warning: the hypervisor"));
-        let mut stolen = result("memory", "d", 60.0, 5.0);
-        stolen.steal_pct = 31.4;
-        let noisy = report(vec![result("memory", "b", 60.0, 5.0), stolen]);
+        let (quiet, noisy) = plain_and_with("memory", |r| r.steal_pct = 31.4);
+        assert!(!quiet.contains("warning: the hypervisor"), "{quiet}");
         assert!(
-            noisy.table().contains(
+            noisy.contains(
                 "hypervisor took up to 31% of this machine's CPU time during a workload (memory/d)"
             ),
-            "{}",
-            noisy.table()
+            "{noisy}"
         );
     }
 
