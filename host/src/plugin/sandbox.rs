@@ -41,7 +41,8 @@ pub struct Sandbox {
     /// node's runtime (the default). On the runtime, writes and reads the
     /// page cache can answer run inline too, and what may wait for the disk
     /// (opens, syncs, truncations, uncached reads) goes to tokio's blocking
-    /// pool, so it never holds a worker (see `wasi_file_io.rs`). A thread
+    /// pool, as do writes for a second after a slow one, so the disk does
+    /// not hold a worker (see `wasi_file_io.rs`). A thread
     /// saves those hops, for a thread per partition and a hop to it per
     /// call.
     pub own_thread: bool,

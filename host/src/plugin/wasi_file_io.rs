@@ -66,22 +66,21 @@ const READ: &str = "[method]descriptor.read";
 /// or two of a worker's time here); the guest writes the rest in further
 /// calls. As much as a partition's storage lane joins into one append
 /// (`COALESCE_BYTES` in `node/partition.rs`), so appends take one call.
-pub(crate) const INLINE_WRITE_MAX: usize = 4 << 20;
+const INLINE_WRITE_MAX: usize = 4 << 20;
 
 /// An inline write that took longer than this waited for something other
 /// than a copy into the page cache (see the module's docs).
-pub(crate) const SLOW_WRITE: Duration = Duration::from_millis(10);
+const SLOW_WRITE: Duration = Duration::from_millis(10);
 
 /// How long writes go to the blocking pool after a slow inline one.
-pub(crate) const POOL_AFTER_SLOW_WRITE: Duration = Duration::from_secs(1);
+const POOL_AFTER_SLOW_WRITE: Duration = Duration::from_secs(1);
 
 /// Whether writes may run inline, for every store in the process: a slow
 /// inline write closes it for [`POOL_AFTER_SLOW_WRITE`]. The kernel's
 /// reasons for a slow write (dirty throttling, the journal, a full disk)
 /// are not one partition's, so neither is the gate.
-pub(crate) struct WriteGate {
-    /// Milliseconds after [`epoch_ms`]'s start before which writes go to
-    /// the pool.
+struct WriteGate {
+    /// Before this (on the [`ms_at`] clock), writes go to the pool.
     pool_until_ms: AtomicU64,
     /// Inline writes that took over [`SLOW_WRITE`], for the node's metrics.
     slow_writes: AtomicU64,
@@ -98,7 +97,7 @@ pub const SLOW_WRITE_LOG: &str = "a storage plugin's write took";
 const WARN_EVERY_MS: u64 = 60_000;
 
 impl WriteGate {
-    pub(crate) const fn new() -> Self {
+    const fn new() -> Self {
         WriteGate {
             pool_until_ms: AtomicU64::new(0),
             slow_writes: AtomicU64::new(0),
@@ -107,23 +106,29 @@ impl WriteGate {
     }
 
     /// Inline writes so far that took over [`SLOW_WRITE`].
-    pub(crate) fn slow_writes(&self) -> u64 {
+    fn slow_writes(&self) -> u64 {
         self.slow_writes.load(Ordering::Relaxed)
     }
 
-    /// May a write at `now` (milliseconds after [`epoch`]) run inline?
-    pub(crate) fn inline(&self, now_ms: u64) -> bool {
+    /// May a write at `now_ms` (on the [`ms_at`] clock) run inline?
+    fn inline(&self, now_ms: u64) -> bool {
         now_ms >= self.pool_until_ms.load(Ordering::Relaxed)
     }
 
     /// An inline write finished at `now_ms` after taking `took`.
-    pub(crate) fn finished(&self, now_ms: u64, took: Duration) {
+    fn finished(&self, now_ms: u64, took: Duration) {
         if took > SLOW_WRITE {
             self.close_for(now_ms, POOL_AFTER_SLOW_WRITE);
             let slow = self.slow_writes.fetch_add(1, Ordering::Relaxed) + 1;
             let last = self.warned_ms.load(Ordering::Relaxed);
-            let warn = last == 0 || now_ms.saturating_sub(last - 1) >= WARN_EVERY_MS;
-            if warn && self.warned_ms.swap(now_ms + 1, Ordering::Relaxed) == last {
+            let due = last == 0 || now_ms.saturating_sub(last - 1) >= WARN_EVERY_MS;
+            // Of writes that find a warning due at once, one warns.
+            let warn = due
+                && self
+                    .warned_ms
+                    .compare_exchange(last, now_ms + 1, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok();
+            if warn {
                 tracing::warn!(
                     "{SLOW_WRITE_LOG} {took:?} in the kernel (the disk is behind, \
                      or the machine has too much dirty memory): plugin writes go to the blocking \
@@ -140,19 +145,20 @@ impl WriteGate {
     }
 
     /// Send writes to the pool from `now_ms` for `period`.
-    pub(crate) fn close_for(&self, now_ms: u64, period: Duration) {
+    fn close_for(&self, now_ms: u64, period: Duration) {
         let until = now_ms.saturating_add(u64::try_from(period.as_millis()).unwrap_or(u64::MAX));
         self.pool_until_ms.fetch_max(until, Ordering::Relaxed);
     }
 }
 
 /// The gate every store's writes go through.
-pub(crate) static WRITE_GATE: WriteGate = WriteGate::new();
+static WRITE_GATE: WriteGate = WriteGate::new();
 
-/// Milliseconds since the first call: the gate's clock.
-pub(crate) fn epoch_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
+/// The gate's clock: milliseconds from the first reading to `t`.
+fn ms_at(t: Instant) -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let since = t.saturating_duration_since(*START.get_or_init(|| t));
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Writes by storage plugins in this process that waited in the kernel for
@@ -165,11 +171,11 @@ pub fn slow_plugin_writes() -> u64 {
 /// as a slow write would.
 #[doc(hidden)]
 pub fn write_on_the_pool_for(period: Duration) {
-    WRITE_GATE.close_for(epoch_ms(), period);
+    WRITE_GATE.close_for(ms_at(Instant::now()), period);
 }
 
 /// Most bytes one `read` call returns: what the host allocates for it.
-pub(crate) const READ_MAX: usize = 1 << 20;
+const READ_MAX: usize = 1 << 20;
 
 type Written = Result<u64, ErrorCode>;
 type Read = Result<(Vec<u8>, bool), ErrorCode>;
@@ -242,21 +248,27 @@ fn write(
     let bytes = &bytes[..bytes.len().min(INLINE_WRITE_MAX)];
     // A store with its own thread may block; on the runtime, only while
     // the gate is open (see the module's docs).
-    let inline = store.data().inline_io() || WRITE_GATE.inline(epoch_ms());
-    if inline {
-        let started = Instant::now();
-        let written = file.file.write_at(bytes, offset);
-        if !store.data().inline_io() {
-            WRITE_GATE.finished(epoch_ms(), started.elapsed());
-        }
-        return ready(written.map(|n| n as u64).map_err(ErrorCode::from));
+    if store.data().inline_io() {
+        return ready(written(file.file.write_at(bytes, offset)));
+    }
+    let started = Instant::now();
+    if WRITE_GATE.inline(ms_at(started)) {
+        let r = file.file.write_at(bytes, offset);
+        let ended = Instant::now();
+        WRITE_GATE.finished(ms_at(ended), ended - started);
+        return ready(written(r));
     }
     let bytes = bytes.to_vec();
     let file = file.file.clone();
     Box::new(async move {
-        let written = tokio::task::spawn_blocking(move || file.write_at(&bytes, offset)).await?;
-        Ok((written.map(|n| n as u64).map_err(ErrorCode::from),))
+        let r = tokio::task::spawn_blocking(move || file.write_at(&bytes, offset)).await?;
+        Ok((written(r),))
     })
+}
+
+/// What a write returns: the bytes written.
+fn written(r: std::io::Result<usize>) -> Written {
+    r.map(|n| n as u64).map_err(ErrorCode::from)
 }
 
 /// `descriptor.read(length, offset)`: up to `length` bytes (at most
