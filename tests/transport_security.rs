@@ -1,7 +1,8 @@
 //! Mutual TLS and hostile input against a real node (in this process):
 //! certificates from another CA, no certificate, impostor identities,
 //! fetches by non-nodes, junk datagrams, oversized and malformed frames.
-//! Each is refused, the node keeps serving, and no state changes.
+//! Each is refused, the node keeps serving, and no state changes. Also
+//! how many connections a client opens, as the node counts them.
 
 mod support;
 
@@ -46,9 +47,14 @@ fn init(dir: &Path, nodes: u32) {
 
 /// Node 1 of a 2-node cluster directory, running in this process.
 async fn start() -> Node {
+    start_with(|_| {}).await
+}
+
+async fn start_with(change: impl FnOnce(&mut NodeConfig)) -> Node {
     let dir = tempfile::tempdir().unwrap();
     init(dir.path(), 2);
-    let config = NodeConfig::load(&dir.path().join("node-1.toml")).unwrap();
+    let mut config = NodeConfig::load(&dir.path().join("node-1.toml")).unwrap();
+    change(&mut config);
     let (stop, stopped) = oneshot::channel::<()>();
     let (ready, addr) = oneshot::channel();
     let task = tokio::spawn(async move {
@@ -390,4 +396,50 @@ async fn junk_and_oversized_input_is_refused_and_the_node_keeps_serving() {
     assert_eq!(fingerprint(&c).await, before, "state changed");
     c.close().await;
     node.shutdown().await;
+}
+
+/// A burst of requests on a fresh client waits for one connection to the
+/// node instead of each making its own (32 handshakes, before this was
+/// fixed); the node's metrics count the connections it accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_requests_on_a_fresh_client_opens_one_connection() {
+    let metrics = {
+        let l = std::net::TcpListener::bind(any_addr()).unwrap();
+        l.local_addr().unwrap()
+    };
+    let node = start_with(|c| c.metrics_listen = Some(metrics)).await;
+    let accepted = || async move {
+        let text = http_get(metrics, "/metrics").await;
+        let count = |peer: &str| {
+            let name = format!("replicator_connections_accepted_total{{peer=\"{peer}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&name)?.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no {name} in the metrics:\n{text}"))
+        };
+        (count("client"), count("node"))
+    };
+    assert_eq!(accepted().await, (0, 0), "before any client");
+    for round in 1..=2u64 {
+        let client = node.client();
+        let burst = (0..32).map(|_| client.status(1));
+        for answer in futures_util::future::join_all(burst).await {
+            answer.expect("status");
+        }
+        assert_eq!(
+            accepted().await,
+            (round, 0),
+            "client connections after {round} fresh clients' bursts of 32 requests"
+        );
+    }
+    node.shutdown().await;
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("metrics");
+    let ask = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(ask.as_bytes()).await.expect("ask");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("answer");
+    out
 }

@@ -6,9 +6,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
 use tokio::sync::Mutex;
 
 use crate::batch::{self, Record, StoredRecord};
@@ -52,6 +55,24 @@ pub enum ClientError {
     Records(String),
 }
 
+/// One caller's copy of a failed [`Dial`]'s error (the error itself is
+/// not `Clone`): the same variant where that matters to a caller
+/// (a refusal, a timeout), the message otherwise.
+fn shared_error(e: &TransportError, addr: SocketAddr) -> TransportError {
+    match e {
+        TransportError::Rejected(r) => TransportError::Rejected(r.clone()),
+        TransportError::Timeout(what) => TransportError::Timeout(what),
+        TransportError::Connect { addr, detail } => TransportError::Connect {
+            addr: *addr,
+            detail: detail.clone(),
+        },
+        other => TransportError::Connect {
+            addr,
+            detail: other.to_string(),
+        },
+    }
+}
+
 fn refused(e: TransportError) -> ClientError {
     match e {
         TransportError::Rejected(r) => ClientError::Refused(r),
@@ -68,10 +89,21 @@ pub struct ReadBatch {
     pub records: Vec<StoredRecord>,
 }
 
+/// A connection being made to one node. Every request that needs one while
+/// it is made awaits this same attempt, so a burst of requests on a fresh
+/// client (or after a failover) opens one connection, not one each.
+type Dial = Shared<BoxFuture<'static, Result<Peer, Arc<TransportError>>>>;
+
+/// How long making a connection (handshake and hello) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub struct Client {
     transport: Transport,
     nodes: Mutex<HashMap<ReplicaId, SocketAddr>>,
     peers: Mutex<HashMap<ReplicaId, Peer>>,
+    /// Connections being made, at most one per node. Never held across an
+    /// await.
+    dials: std::sync::Mutex<HashMap<ReplicaId, Dial>>,
     partitions: Mutex<HashMap<(String, u32), PartitionState>>,
     /// Brokers the last metadata answer's node counted as failed.
     failed: Mutex<Vec<ReplicaId>>,
@@ -98,6 +130,7 @@ impl Client {
             transport,
             nodes: Mutex::new(config.nodes.iter().map(|n| (n.id, n.address)).collect()),
             peers: Mutex::new(HashMap::new()),
+            dials: std::sync::Mutex::new(HashMap::new()),
             partitions: Mutex::new(HashMap::new()),
             failed: Mutex::new(Vec::new()),
             epochs: Mutex::new(HashMap::new()),
@@ -117,13 +150,41 @@ impl Client {
             .await
             .get(&node)
             .ok_or(ClientError::UnknownNode(node))?;
-        // Connect without holding the lock: one slow node must not stall
+        // Connect without holding a lock: one slow node must not stall
         // requests to the others.
-        let p = tokio::time::timeout(Duration::from_secs(5), self.transport.connect(addr, node))
-            .await
-            .map_err(|_| TransportError::Timeout("connect"))??;
-        self.peers.lock().await.insert(node, p.clone());
-        Ok(p)
+        let dial = {
+            let mut dials = self.dials.lock().unwrap_or_else(PoisonError::into_inner);
+            dials
+                .entry(node)
+                .or_insert_with(|| {
+                    let transport = self.transport.clone();
+                    async move {
+                        tokio::time::timeout(CONNECT_TIMEOUT, transport.connect(addr, node))
+                            .await
+                            .unwrap_or(Err(TransportError::Timeout("connect")))
+                            .map_err(Arc::new)
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        let made = dial.clone().await;
+        {
+            // The attempt is over for everyone: the next one after a
+            // failure or a lost connection dials anew.
+            let mut dials = self.dials.lock().unwrap_or_else(PoisonError::into_inner);
+            if dials.get(&node).is_some_and(|d| d.ptr_eq(&dial)) {
+                dials.remove(&node);
+            }
+        }
+        match made {
+            Ok(p) => {
+                self.peers.lock().await.insert(node, p.clone());
+                Ok(p)
+            }
+            Err(e) => Err(ClientError::Transport(shared_error(&e, addr))),
+        }
     }
 
     async fn node_ids(&self) -> Vec<ReplicaId> {

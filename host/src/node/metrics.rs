@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tracing::debug;
 
 use crate::core::{FailoverMetrics, MetricsCollector, ReplicaId};
+use crate::transport::AcceptedConnections;
 
 use super::shared::FetchSessionStats;
 
@@ -29,6 +30,11 @@ pub struct FailoverView {
     pub metrics: FailoverMetrics,
     /// (node, alive) for every other registered node.
     pub brokers: Vec<(ReplicaId, bool)>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabel {
+    peer: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -53,6 +59,7 @@ pub fn render(
     collector: &MetricsCollector,
     failover: &FailoverView,
     sessions: &FetchSessionStats,
+    connections: AcceptedConnections,
 ) -> String {
     let mut reg = Registry::with_prefix("replicator");
     let gauges = [
@@ -220,6 +227,15 @@ pub fn render(
         "storage_slow_writes",
         "Storage plugin writes that waited in the kernel for over 10 ms (the disk behind, too much dirty memory); each sends plugin writes to the blocking pool for a second",
         slow,
+    );
+    let accepted: Family<PeerLabel, Counter> = Family::default();
+    for (peer, v) in [("node", connections.nodes), ("client", connections.clients)] {
+        accepted.get_or_create(&PeerLabel { peer }).inc_by(v);
+    }
+    reg.register(
+        "connections_accepted",
+        "QUIC connections this node accepted whose peer passed the hello, by kind of peer (a client makes one per node it talks to; one that climbs under steady traffic is reconnecting)",
+        accepted,
     );
     let parts: Family<SessionLabels, Counter> = Family::default();
     let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);

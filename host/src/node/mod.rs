@@ -184,11 +184,17 @@ pub async fn run(
         tokio::spawn(async move { t.serve(id, s).await })
     };
     let metrics_task = metrics_listener.map(|l| {
-        let sh = shared.clone();
+        let (sh, t) = (shared.clone(), transport.clone());
         tokio::spawn(metrics::serve(
             l,
             Arc::new(move || {
-                metrics::render(id, &sh.metrics, &sh.failover_view(), &sh.fetch_sessions)
+                metrics::render(
+                    id,
+                    &sh.metrics,
+                    &sh.failover_view(),
+                    &sh.fetch_sessions,
+                    t.accepted(),
+                )
             }),
         ))
     });

@@ -123,6 +123,23 @@ fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, TransportError> {
 pub struct Transport {
     endpoint: quinn::Endpoint,
     me: Identity,
+    accepted: Arc<Accepted>,
+}
+
+/// Connections this endpoint accepted and confirmed (hello answered), by
+/// the kind of peer: a count that climbs while traffic is steady is a
+/// peer reconnecting in a loop.
+#[derive(Default)]
+struct Accepted {
+    nodes: AtomicU64,
+    clients: AtomicU64,
+}
+
+/// What [`Transport::accepted`] reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AcceptedConnections {
+    pub nodes: u64,
+    pub clients: u64,
 }
 
 impl Transport {
@@ -158,7 +175,11 @@ impl Transport {
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
         client.transport_config(transport);
         endpoint.set_default_client_config(client);
-        Ok(Transport { endpoint, me })
+        Ok(Transport {
+            endpoint,
+            me,
+            accepted: Arc::default(),
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -167,6 +188,15 @@ impl Transport {
 
     pub fn identity(&self) -> Identity {
         self.me
+    }
+
+    /// Connections accepted since [`Transport::bind`] whose peer passed
+    /// the hello, nodes and clients apart.
+    pub fn accepted(&self) -> AcceptedConnections {
+        AcceptedConnections {
+            nodes: self.accepted.nodes.load(Ordering::Relaxed),
+            clients: self.accepted.clients.load(Ordering::Relaxed),
+        }
     }
 
     /// The QUIC endpoint itself, configured exactly as for replication
@@ -234,9 +264,10 @@ impl Transport {
     pub async fn serve<H: Handler>(&self, node: ReplicaId, handler: Arc<H>) {
         while let Some(incoming) = self.endpoint.accept().await {
             let handler = handler.clone();
+            let accepted = self.accepted.clone();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
-                if let Err(e) = serve_connection(incoming, node, handler).await {
+                if let Err(e) = serve_connection(incoming, node, handler, &accepted).await {
                     debug!(%remote, "connection ended: {e}");
                 }
             });
@@ -552,6 +583,7 @@ async fn serve_connection<H: Handler>(
     incoming: quinn::Incoming,
     node: ReplicaId,
     handler: Arc<H>,
+    accepted: &Accepted,
 ) -> Result<(), TransportError> {
     let conn = incoming.await?;
     let remote = conn.remote_address();
@@ -610,6 +642,11 @@ async fn serve_connection<H: Handler>(
     )
     .await?;
     let _ = send.finish();
+    match identity {
+        Identity::Node(_) => &accepted.nodes,
+        Identity::Client => &accepted.clients,
+    }
+    .fetch_add(1, Ordering::Relaxed);
     info!(%remote, "peer {identity} connected");
     loop {
         let (send, recv) = match conn.accept_bi().await {
