@@ -170,6 +170,11 @@ impl Client {
                 .clone()
         };
         let made = dial.clone().await;
+        if let Ok(p) = &made {
+            // Cached before the attempt is cleared, so a request arriving
+            // in between finds one or the other, and does not dial again.
+            self.peers.lock().await.insert(node, p.clone());
+        }
         {
             // The attempt is over for everyone: the next one after a
             // failure or a lost connection dials anew.
@@ -178,13 +183,7 @@ impl Client {
                 dials.remove(&node);
             }
         }
-        match made {
-            Ok(p) => {
-                self.peers.lock().await.insert(node, p.clone());
-                Ok(p)
-            }
-            Err(e) => Err(ClientError::Transport(shared_error(&e, addr))),
-        }
+        made.map_err(|e| ClientError::Transport(shared_error(&e, addr)))
     }
 
     async fn node_ids(&self) -> Vec<ReplicaId> {
