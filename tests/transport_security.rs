@@ -53,6 +53,11 @@ async fn start() -> Node {
 async fn start_with(change: impl FnOnce(&mut NodeConfig)) -> Node {
     let dir = tempfile::tempdir().unwrap();
     init(dir.path(), 2);
+    run_in(dir, change).await
+}
+
+/// Node 1 of the cluster directory `dir` (made by [`init`]).
+async fn run_in(dir: tempfile::TempDir, change: impl FnOnce(&mut NodeConfig)) -> Node {
     let mut config = NodeConfig::load(&dir.path().join("node-1.toml")).unwrap();
     change(&mut config);
     let (stop, stopped) = oneshot::channel::<()>();
@@ -431,6 +436,30 @@ async fn a_burst_of_requests_on_a_fresh_client_opens_one_connection() {
             "client connections after {round} fresh clients' bursts of 32 requests"
         );
     }
+    node.shutdown().await;
+}
+
+/// A request that gave up on a node that was down leaves nothing behind: once
+/// the node is up, the next request connects at once. (A dial kept for
+/// later requests would still be retransmitting its first packet to the
+/// dead port, and the next request would wait for that, about a second
+/// after it started: QUIC over UDP is not refused, only timed out.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_given_up_on_a_down_node_does_not_hold_up_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    init(dir.path(), 2);
+    let cfg = ClientConfig::load(&dir.path().join("client.toml")).unwrap();
+    let client = Client::new(&cfg).unwrap();
+    let gave_up = tokio::time::timeout(Duration::from_millis(100), client.status(1)).await;
+    assert!(gave_up.is_err(), "node 1 is not running yet: {gave_up:?}");
+    let node = run_in(dir, |_| {}).await;
+    let asked = std::time::Instant::now();
+    client.status(1).await.expect("status once node 1 is up");
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_millis(500),
+        "the first request to node 1 once it was up took {took:?}"
+    );
     node.shutdown().await;
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use futures_util::future::{BoxFuture, Shared};
+use futures_util::future::{BoxFuture, Shared, WeakShared};
 use tokio::sync::Mutex;
 
 use crate::batch::{self, Record, StoredRecord};
@@ -92,7 +92,8 @@ pub struct ReadBatch {
 /// A connection being made to one node. Every request that needs one while
 /// it is made awaits this same attempt, so a burst of requests on a fresh
 /// client (or after a failover) opens one connection, not one each.
-type Dial = Shared<BoxFuture<'static, Result<Peer, Arc<TransportError>>>>;
+type Dial = Shared<DialFuture>;
+type DialFuture = BoxFuture<'static, Result<Peer, Arc<TransportError>>>;
 
 /// How long making a connection (handshake and hello) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -101,9 +102,14 @@ pub struct Client {
     transport: Transport,
     nodes: Mutex<HashMap<ReplicaId, SocketAddr>>,
     peers: Mutex<HashMap<ReplicaId, Peer>>,
-    /// Connections being made, at most one per node. Never held across an
-    /// await.
-    dials: std::sync::Mutex<HashMap<ReplicaId, Dial>>,
+    /// Connections being made, at most one per node. Weak: an attempt that
+    /// every request waiting for it gave up on is dropped with the last of
+    /// them, as each request's own attempt was. Kept, a dial to a dead node
+    /// would hold the next requests after the node restarted until its
+    /// handshake's retransmission found the new process (a QUIC dial to a
+    /// closed port is never refused, only timed out). Never locked across
+    /// an await.
+    dials: std::sync::Mutex<HashMap<ReplicaId, WeakShared<DialFuture>>>,
     partitions: Mutex<HashMap<(String, u32), PartitionState>>,
     /// Brokers the last metadata answer's node counted as failed.
     failed: Mutex<Vec<ReplicaId>>,
@@ -154,20 +160,24 @@ impl Client {
         // requests to the others.
         let dial = {
             let mut dials = self.dials.lock().unwrap_or_else(PoisonError::into_inner);
-            dials
-                .entry(node)
-                .or_insert_with(|| {
+            match dials.get(&node).and_then(WeakShared::upgrade) {
+                Some(d) => d,
+                None => {
                     let transport = self.transport.clone();
-                    async move {
+                    let d: Dial = async move {
                         tokio::time::timeout(CONNECT_TIMEOUT, transport.connect(addr, node))
                             .await
                             .unwrap_or(Err(TransportError::Timeout("connect")))
                             .map_err(Arc::new)
                     }
                     .boxed()
-                    .shared()
-                })
-                .clone()
+                    .shared();
+                    if let Some(w) = d.downgrade() {
+                        dials.insert(node, w);
+                    }
+                    d
+                }
+            }
         };
         let made = dial.clone().await;
         if let Ok(p) = &made {
@@ -179,7 +189,8 @@ impl Client {
             // The attempt is over for everyone: the next one after a
             // failure or a lost connection dials anew.
             let mut dials = self.dials.lock().unwrap_or_else(PoisonError::into_inner);
-            if dials.get(&node).is_some_and(|d| d.ptr_eq(&dial)) {
+            let current = dials.get(&node).map(WeakShared::upgrade);
+            if current.is_some_and(|d| d.is_none_or(|d| d.ptr_eq(&dial))) {
                 dials.remove(&node);
             }
         }
