@@ -199,6 +199,12 @@ fn a_short_run_measures_everything_it_reports() {
         !log.contains('\u{1b}'),
         "ANSI escapes in a log file:\n{log}"
     );
+    // Its data went once it was measured: the clusters after it do not run
+    // beside it.
+    for id in 1..=3 {
+        let data = kept.path().join("cluster-1-0-a").join(format!("node-{id}"));
+        assert!(!data.exists(), "{} was kept", data.display());
+    }
     let saved = std::fs::read_to_string(out.path().join("results.json")).expect("results.json");
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&saved).expect("JSON"),
@@ -252,10 +258,21 @@ fn storage_settings_reach_every_node_and_the_results() {
             "--json",
             "--dir",
             kept.path().to_str().expect("utf-8 path"),
+            "--keep-data",
         ],
     );
     assert!(ok, "{stderr}");
     for id in 1..=3 {
+        // --keep-data kept what each node wrote: its log's segments.
+        let data = kept.path().join("cluster-1-0-a").join(format!("node-{id}"));
+        let files = walk(&data);
+        assert!(
+            files
+                .iter()
+                .any(|f| f.extension().is_some_and(|e| e == "log")),
+            "no segment under {}: {files:?}",
+            data.display()
+        );
         let config = std::fs::read_to_string(
             kept.path()
                 .join("cluster-1-0-a")
@@ -367,4 +384,18 @@ fn bad_arguments_are_refused_before_anything_starts() {
         assert!(!ok, "{args:?} was accepted");
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
+}
+
+/// Every file under `dir`, recursively.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
 }
