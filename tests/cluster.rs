@@ -265,12 +265,7 @@ fn idle_partitions_drop_out_of_fetches_and_answers() {
 }
 
 fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics port");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
+    support::http_get(("127.0.0.1", port), path)
 }
 
 #[test]

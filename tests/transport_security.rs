@@ -414,7 +414,9 @@ async fn a_burst_of_requests_on_a_fresh_client_opens_one_connection() {
     };
     let node = start_with(|c| c.metrics_listen = Some(metrics)).await;
     let accepted = || async move {
-        let text = http_get(metrics, "/metrics").await;
+        let text = tokio::task::spawn_blocking(move || support::http_get(metrics, "/metrics"))
+            .await
+            .expect("metrics");
         let count = |peer: &str| {
             let name = format!("replicator_connections_accepted_total{{peer=\"{peer}\"}} ");
             text.lines()
@@ -461,14 +463,4 @@ async fn a_request_given_up_on_a_down_node_does_not_hold_up_the_next() {
         "the first request to node 1 once it was up took {took:?}"
     );
     node.shutdown().await;
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("metrics");
-    let ask = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    s.write_all(ask.as_bytes()).await.expect("ask");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("answer");
-    out
 }

@@ -189,8 +189,8 @@ impl Client {
             // The attempt is over for everyone: the next one after a
             // failure or a lost connection dials anew.
             let mut dials = self.dials.lock().unwrap_or_else(PoisonError::into_inner);
-            let current = dials.get(&node).map(WeakShared::upgrade);
-            if current.is_some_and(|d| d.is_none_or(|d| d.ptr_eq(&dial))) {
+            let current = dials.get(&node).and_then(WeakShared::upgrade);
+            if current.is_none_or(|d| d.ptr_eq(&dial)) {
                 dials.remove(&node);
             }
         }

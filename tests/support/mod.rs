@@ -348,6 +348,21 @@ pub fn consume_replica(c: &Cluster, topic: &str, replica: u32, count: u64) -> Ve
 
 /// Random operation sequences per conformance run:
 /// `REPLICATOR_PROPTEST_CASES`, else 48.
+/// The whole answer (status line, headers, body) to `GET path` from the
+/// HTTP server at `addr`, such as a node's `/metrics`.
+pub fn http_get(addr: impl std::net::ToSocketAddrs, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the HTTP server");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("ask");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("answer");
+    out
+}
+
 pub fn proptest_cases() -> u32 {
     std::env::var("REPLICATOR_PROPTEST_CASES")
         .ok()

@@ -83,8 +83,9 @@ pub struct BenchArgs {
     /// was measured (see --keep-data).
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Keep each measured cluster's data (its nodes' logs) until the end,
-    /// instead of deleting it as soon as the cluster stopped. Later
+    /// Keep each measured cluster's data (its nodes' data directories,
+    /// the storage plugin's files among them) until the end, instead of
+    /// deleting it as soon as the cluster stopped. Later
     /// clusters then run beside it: file-plugin rows of later rounds
     /// measured ~15% slower that way.
     #[arg(long)]
