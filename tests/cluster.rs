@@ -717,3 +717,56 @@ fn retention_bounds_every_log_and_a_wiped_replica_restarts_at_the_leaders_start(
         c.log(3)
     );
 }
+
+/// Every file under `dir` (recursively) whose name ends with `suffix`.
+fn files_ending(dir: &std::path::Path, suffix: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if p.to_string_lossy().ends_with(suffix) {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn a_file_node_stopped_gracefully_has_closed_its_logs_first() {
+    // Small segments under 1 MiB of retention: the file plugin keeps a
+    // segment retention released (`<base>.spare`) for its next roll, and
+    // only its destructor removes it. A node used to leave that
+    // destructor to the process's exit, where it raced the runtime's
+    // shutdown (a panic in the node's log, the spare left behind).
+    let mut c = Cluster::init_with(
+        3,
+        "file",
+        &[
+            "--retention-mb",
+            "1",
+            "--storage-config",
+            "segment.bytes=262144",
+        ],
+        short_lag,
+    );
+    c.start_all();
+    c.wait_up();
+    create_topic(&c.client(), "t", "1");
+    produce_sized(&c.client(), "t", "4000", "1000");
+    c.wait_status("4000 everywhere", |v| converged(v, "t", 0, 4000));
+    let spares = files_ending(c.path(), ".spare");
+    assert!(!spares.is_empty(), "no node holds a released segment");
+    for id in 1..=3 {
+        assert!(c.stop(id), "node {id} did not stop cleanly:\n{}", c.log(id));
+        let log = c.log(id);
+        assert!(!log.contains("panicked"), "node {id}:\n{log}");
+    }
+    for suffix in [".spare", ".deleted"] {
+        let left = files_ending(c.path(), suffix);
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+}

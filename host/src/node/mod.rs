@@ -2,7 +2,8 @@
 //! in the node's config, registers with the metadata store, serves QUIC
 //! (fetches and the client API), runs one partition actor per assigned
 //! partition, the fetch manager, a metadata watcher, and `/metrics`.
-//! Shutdown stops serving, flushes every partition and closes the plugins.
+//! Shutdown stops serving, then flushes and closes every partition's log
+//! (the storage plugin's destructor runs before the node reports it stopped).
 
 pub mod config;
 mod failover;

@@ -341,6 +341,13 @@ impl Actor {
                 warn!(topic = %self.tp.topic, partition = self.tp.partition, "flush at shutdown: {other:?}")
             }
         }
+        // Release the plugin (its destructor runs) before the node reports
+        // it stopped. Left to the handles' drop, the destructor ran while
+        // the process's runtime shut down: the file plugin's, freeing a
+        // released segment on the blocking pool, found its job cancelled,
+        // and wasmtime-wasi panicked in the middle of it (two of three
+        // nodes after a bench cluster), leaving the segment behind.
+        self.log.close().await;
         for (_, reply) in self.produces.drain() {
             // Appended already: not the retriable "shutting down" refusal.
             let _ = reply.send(Err(rpc_error(

@@ -65,6 +65,14 @@ macro_rules! forward {
 }
 
 impl NodeLog {
+    /// Release the log now and wait until its plugin has (its files
+    /// closed, its destructor run); later calls get `Closed` faults.
+    pub async fn close(&self) {
+        if let NodeLog::Plugin(l) = self {
+            l.clone().close().await;
+        }
+    }
+
     /// Append `parts` (contiguous, in order) as one group commit: one
     /// result per part. A plugin gets them as one call, joined in
     /// `scratch` (the WIT call takes one buffer), and every part gets
