@@ -76,6 +76,9 @@ impl Nodes {
         match std::fs::read(&path) {
             Ok(bytes) => {
                 let text = String::from_utf8_lossy(&bytes);
+                if let Some(p) = first_panic(&text) {
+                    return format!("a panic in {}:\n  {p}", path.display());
+                }
                 let lines: Vec<&str> = text.lines().collect();
                 let bad: Vec<&str> = lines
                     .iter()
@@ -153,7 +156,16 @@ impl Nodes {
             .find_map(|(id, c)| c.try_wait().ok().flatten().map(|s| (*id, s)))
     }
 
-    /// SIGTERM everyone, wait up to 10 s each, then SIGKILL.
+    /// Whether node `id`'s log reports a panic.
+    fn panicked(&self, id: u32) -> bool {
+        std::fs::read(self.dir.join(format!("node-{id}.log")))
+            .is_ok_and(|b| first_panic(&String::from_utf8_lossy(&b)).is_some())
+    }
+
+    /// SIGTERM everyone, wait up to 10 s each, then SIGKILL. A node is
+    /// clean if it exited successfully and its log reports no panic: a
+    /// panic in a task, or while the runtime shuts down, leaves the exit
+    /// status at 0.
     pub fn stop(&mut self) -> Vec<(u32, bool)> {
         for (_, c) in &self.children {
             let _ = Command::new("kill")
@@ -178,6 +190,9 @@ impl Nodes {
                 }
             };
             clean.push((*id, ok));
+        }
+        for (id, ok) in &mut clean {
+            *ok = *ok && !self.panicked(*id);
         }
         self.children.clear();
         clean
@@ -328,8 +343,34 @@ impl MachineTicks {
     }
 }
 
+/// The first panic a node's log reports: Rust's "thread '...' (id) panicked at
+/// FILE:LINE:COL:" line and the message line after it.
+fn first_panic(log: &str) -> Option<String> {
+    let mut lines = log.lines();
+    let at = lines.find(|l| l.starts_with("thread '") && l.contains(" panicked at "))?;
+    Some(match lines.next() {
+        Some(message) => format!("{at}\n  {message}"),
+        None => at.to_string(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_panic_is_found_with_its_message_and_only_a_panic() {
+        let log = "INFO node 1 stopped\n\nthread 'tokio-rt-worker' (7353) panicked at src/runtime.rs:81:45:\nchild task panicked: JoinError::Cancelled(Id(8895))\nstack backtrace:\n";
+        assert_eq!(
+            super::first_panic(log).as_deref(),
+            Some(
+                "thread 'tokio-rt-worker' (7353) panicked at src/runtime.rs:81:45:\n  child task panicked: JoinError::Cancelled(Id(8895))"
+            )
+        );
+        // A log line that merely mentions a panic is not one.
+        let quiet =
+            "WARN closing the log trapped: the guest panicked at guest.rs:1\nINFO node 1 stopped\n";
+        assert_eq!(super::first_panic(quiet), None);
+    }
+
     #[test]
     fn own_cpu_time_grows_with_work() {
         let me = std::process::id();
