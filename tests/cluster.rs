@@ -305,6 +305,25 @@ fn a_restarted_node_rejoins_and_catches_up() {
 }
 
 #[test]
+fn cli_within_kills_a_command_that_outlives_its_limit() {
+    // A node with a good config serves until stopped: what the bad-config
+    // test must not wait for if a config it expects refused is accepted.
+    let c = Cluster::init(1, "memory", |t| t);
+    let cfg = c.path().join("node-1.toml");
+    let started = std::time::Instant::now();
+    let limit = std::time::Duration::from_secs(2);
+    let run = std::panic::catch_unwind(|| {
+        cli_within(&["node", "--config", cfg.to_str().unwrap()], limit)
+    });
+    let Err(panic) = run else {
+        panic!("a serving node ended within {limit:?}")
+    };
+    let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(message.contains("still ran after 2s; killed"), "{message}");
+    assert!(started.elapsed() < limit * 5, "{:?}", started.elapsed());
+}
+
+#[test]
 fn bad_node_configs_fail_with_clear_errors() {
     let c = Cluster::init(1, "file", |t| t);
     let cfg = c.path().join("node-1.toml");

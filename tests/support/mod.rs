@@ -46,28 +46,33 @@ pub fn cli(args: &[&str]) -> Output {
 
 /// `cli`, for a command that must end by itself within `limit`: one that
 /// does not is killed and fails the test (a node meant to refuse its
-/// config would otherwise serve until the test run is killed).
+/// config would otherwise serve until the test run is killed). Its output
+/// is read as it comes (a thread waits for it), so a command that prints
+/// more than a pipe holds cannot block, and its exit is seen at once.
 pub fn cli_within(args: &[&str], limit: std::time::Duration) -> Output {
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(args)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run replicator");
-    let start = std::time::Instant::now();
-    while child.try_wait().expect("wait").is_none() {
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
+    let pid = child.id().to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("output"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            let out = rx.recv().expect("waiter").expect("output");
             panic!(
                 "replicator {args:?} still ran after {limit:?}; killed:\n{}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    child.wait_with_output().expect("output")
 }
 
 pub fn cli_ok(args: &[&str]) -> String {
