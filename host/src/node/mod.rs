@@ -2,9 +2,9 @@
 //! in the node's config, registers with the metadata store, serves QUIC
 //! (fetches and the client API), runs one partition actor per assigned
 //! partition, the fetch manager, a metadata watcher, and `/metrics`.
-//! Shutdown stops serving, then flushes and closes every partition's log
-//! and closes the metadata plugin (their destructors run before the node
-//! reports it stopped).
+//! Shutdown stops failover decisions, fetching and serving, then flushes
+//! and closes every partition's log and closes the metadata plugin (their
+//! destructors run before the node reports it stopped).
 
 pub mod config;
 mod failover;
