@@ -66,11 +66,13 @@ pub fn cli_within(args: &[&str], limit: std::time::Duration) -> Output {
         Ok(out) => out.expect("output"),
         Err(_) => {
             let _ = Command::new("kill").args(["-KILL", &pid]).status();
-            let out = rx.recv().expect("waiter").expect("output");
-            panic!(
-                "replicator {args:?} still ran after {limit:?}; killed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            // Bounded too: should the kill have failed, the test fails
+            // rather than hangs.
+            let stderr = match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+                Ok(Ok(out)) => String::from_utf8_lossy(&out.stderr).to_string(),
+                _ => format!("(no output: pid {pid} could not be killed or reaped)"),
+            };
+            panic!("replicator {args:?} still ran after {limit:?}; killed:\n{stderr}");
         }
     }
 }

@@ -76,9 +76,11 @@ impl Nodes {
         match std::fs::read(&path) {
             Ok(bytes) => {
                 let text = String::from_utf8_lossy(&bytes);
-                if let Some(p) = first_panic(&text) {
-                    return format!("a panic in {}:\n  {p}", path.display());
-                }
+                // A panic first (what went wrong), then the usual tail
+                // (what may explain it).
+                let panic = first_panic(&text)
+                    .map(|p| format!("a panic in {}:\n  {p}\n", path.display()))
+                    .unwrap_or_default();
                 let lines: Vec<&str> = text.lines().collect();
                 let bad: Vec<&str> = lines
                     .iter()
@@ -95,7 +97,7 @@ impl Nodes {
                 };
                 let tail = &pick[pick.len().saturating_sub(LOG_TAIL_LINES)..];
                 format!(
-                    "{what} {}:\n  {}",
+                    "{panic}{what} {}:\n  {}",
                     path.display(),
                     if tail.is_empty() {
                         "(empty)".to_string()

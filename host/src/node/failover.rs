@@ -244,6 +244,11 @@ async fn coordinate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 }
                 continue;
             }
+            if *stop.borrow() {
+                // The node is shutting down: a pass that was already
+                // running writes no decision (see `node::run`).
+                return;
+            }
             match shared
                 .metadata
                 .compare_and_set(d.next.clone(), d.expected_version)

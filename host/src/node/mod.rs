@@ -212,9 +212,10 @@ pub async fn run(
         _ = shutdown => info!("node {id} shutting down"),
     }
 
-    // A node on its way out makes no more failover decisions, and fetches
-    // nothing more: its heartbeats and fetches stop with the transport, so
-    // what it believes of the others only goes stale from here. (It went
+    // A node on its way out makes no more failover decisions (a pass
+    // already running writes none), and fetches nothing more: its
+    // heartbeats and fetches stop with the transport, so what it believes
+    // of the others only goes stale from here. (It went
     // on deciding until its partitions were closed, which after a failover
     // test took ~1.4 s, the transport's close waiting for connections to
     // killed peers to drain: in six bench runs here nodes elected a leader
@@ -242,7 +243,14 @@ pub async fn run(
     // failover decision): left to the drop, that call could still be
     // running when the runtime shut down, as the storage plugins' closes
     // were, and a file call of it would find its job cancelled.
-    metadata_plugin.close().await;
+    // Bounded: a call it is stuck in (an unreachable etcd) may take its
+    // deadlines, and the node should stop anyway.
+    if tokio::time::timeout(Duration::from_secs(5), metadata_plugin.close())
+        .await
+        .is_err()
+    {
+        warn!("the metadata plugin did not close within 5 s; leaving it");
+    }
     info!("node {id} stopped");
     Ok(())
 }

@@ -97,6 +97,11 @@ pub enum StorageDone {
     ReadFailed(StorageError),
 }
 
+/// Longest a shutting-down partition waits for its storage plugin to
+/// close (its destructor to run) after the flush. Shutdown takes the
+/// partitions one by one, and a process manager waits only so long.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 /// Most bytes the lane joins into one append.
 const COALESCE_BYTES: usize = 4 << 20;
 
@@ -347,7 +352,12 @@ impl Actor {
         // released segment on the blocking pool, found its job cancelled,
         // and wasmtime-wasi panicked in the middle of it (two of three
         // nodes after a bench cluster), leaving the segment behind.
-        self.log.close().await;
+        if tokio::time::timeout(CLOSE_WAIT, self.log.close())
+            .await
+            .is_err()
+        {
+            warn!(topic = %self.tp.topic, partition = self.tp.partition, "the storage plugin did not close within {CLOSE_WAIT:?}; leaving it");
+        }
         for (_, reply) in self.produces.drain() {
             // Appended already: not the retriable "shutting down" refusal.
             let _ = reply.send(Err(rpc_error(

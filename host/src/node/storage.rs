@@ -65,8 +65,9 @@ macro_rules! forward {
 }
 
 impl NodeLog {
-    /// Release the log now and wait until its plugin has (its files
-    /// closed, its destructor run); later calls get `Closed` faults.
+    /// Release a plugin's log now and wait until the plugin has (its
+    /// files closed, its destructor run); later calls get `Closed` faults.
+    /// The native log has nothing to release.
     pub async fn close(&self) {
         if let NodeLog::Plugin(l) = self {
             l.clone().close().await;
