@@ -66,7 +66,7 @@ const READ: &str = "[method]descriptor.read";
 /// or two of a worker's time here); the guest writes the rest in further
 /// calls. As much as a partition's storage lane joins into one append
 /// (`COALESCE_BYTES` in `node/partition.rs`), so appends take one call.
-const INLINE_WRITE_MAX: usize = 4 << 20;
+pub const INLINE_WRITE_MAX: usize = 4 << 20;
 
 /// An inline write that took longer than this waited for something other
 /// than a copy into the page cache (see the module's docs).
