@@ -2,6 +2,8 @@
 //! quinn baseline and the JSON report, checked for what a reader of the
 //! figures relies on (the long run is `scripts/replicator bench`).
 
+mod support;
+
 use std::process::Command;
 
 fn bench(args: &[&str]) -> (bool, String, String) {
@@ -265,7 +267,7 @@ fn storage_settings_reach_every_node_and_the_results() {
     for id in 1..=3 {
         // --keep-data kept what each node wrote: its log's segments.
         let data = kept.path().join("cluster-1-0-a").join(format!("node-{id}"));
-        let files = walk(&data);
+        let files = support::files_under(&data);
         assert!(
             files
                 .iter()
@@ -384,18 +386,4 @@ fn bad_arguments_are_refused_before_anything_starts() {
         assert!(!ok, "{args:?} was accepted");
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
-}
-
-/// Every file under `dir`, recursively.
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            files.extend(walk(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
 }

@@ -739,18 +739,8 @@ fn retention_bounds_every_log_and_a_wiped_replica_restarts_at_the_leaders_start(
 
 /// Every file under `dir` (recursively) whose name ends with `suffix`.
 fn files_ending(dir: &std::path::Path, suffix: &str) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                todo.push(p);
-            } else if p.to_string_lossy().ends_with(suffix) {
-                found.push(p);
-            }
-        }
-    }
+    let mut found = support::files_under(dir);
+    found.retain(|p| p.to_string_lossy().ends_with(suffix));
     found
 }
 

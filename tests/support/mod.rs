@@ -353,8 +353,6 @@ pub fn consume_replica(c: &Cluster, topic: &str, replica: u32, count: u64) -> Ve
     }
 }
 
-/// Random operation sequences per conformance run:
-/// `REPLICATOR_PROPTEST_CASES`, else 48.
 /// The whole answer (status line, headers, body) to `GET path` from the
 /// HTTP server at `addr`, such as a node's `/metrics`.
 pub fn http_get(addr: impl std::net::ToSocketAddrs, path: &str) -> String {
@@ -370,6 +368,22 @@ pub fn http_get(addr: impl std::net::ToSocketAddrs, path: &str) -> String {
     out
 }
 
+/// Every file under `dir`, recursively (nothing if it does not exist).
+pub fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// Random operation sequences per conformance run:
+/// `REPLICATOR_PROPTEST_CASES`, else 48.
 pub fn proptest_cases() -> u32 {
     std::env::var("REPLICATOR_PROPTEST_CASES")
         .ok()

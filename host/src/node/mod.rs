@@ -215,12 +215,12 @@ pub async fn run(
     // A node on its way out makes no more failover decisions (a pass
     // already running writes none), and fetches nothing more: its
     // heartbeats and fetches stop with the transport, so what it believes
-    // of the others only goes stale from here. (It went
-    // on deciding until its partitions were closed, which after a failover
-    // test took ~1.4 s, the transport's close waiting for connections to
-    // killed peers to drain: in six bench runs here nodes elected a leader
-    // four times while shutting down, 542-559 ms after they last heard
-    // from the old one.)
+    // of the others only goes stale from here. (It went on deciding until
+    // its partitions were closed, which after a failover test took ~1.4 s,
+    // the transport's close waiting for connections to killed peers to
+    // drain: in six bench runs here nodes elected a leader four times
+    // while shutting down, 542-559 ms after they last heard from the old
+    // one.)
     let _ = stop_tx.send(true);
     // Stop serving, so nothing new is acknowledged; then flush.
     transport.close().await;
@@ -245,11 +245,12 @@ pub async fn run(
     // were, and a file call of it would find its job cancelled.
     // Bounded: a call it is stuck in (an unreachable etcd) may take its
     // deadlines, and the node should stop anyway.
-    if tokio::time::timeout(Duration::from_secs(5), metadata_plugin.close())
+    if tokio::time::timeout(partition::CLOSE_WAIT, metadata_plugin.close())
         .await
         .is_err()
     {
-        warn!("the metadata plugin did not close within 5 s; leaving it");
+        let wait = partition::CLOSE_WAIT;
+        warn!("the metadata plugin did not close within {wait:?}; leaving it");
     }
     info!("node {id} stopped");
     Ok(())

@@ -97,10 +97,11 @@ pub enum StorageDone {
     ReadFailed(StorageError),
 }
 
-/// Longest a shutting-down partition waits for its storage plugin to
-/// close (its destructor to run) after the flush. Shutdown takes the
-/// partitions one by one, and a process manager waits only so long.
-const CLOSE_WAIT: Duration = Duration::from_secs(5);
+/// Longest a shutting-down node waits for a plugin to close (its
+/// destructor to run): each partition's storage after its flush, then
+/// the metadata plugin. Shutdown takes the partitions one by one, and a
+/// process manager waits only so long.
+pub(super) const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// Most bytes the lane joins into one append.
 const COALESCE_BYTES: usize = 4 << 20;
