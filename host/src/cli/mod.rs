@@ -69,12 +69,8 @@ pub fn main() -> ExitCode {
     });
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
-    if let Command::Node(cluster::NodeArgs {
-        worker_threads: Some(n),
-        ..
-    }) = &cli.command
-    {
-        builder.worker_threads(usize::from(*n));
+    if let Some(n) = runtime_workers(&cli.command) {
+        builder.worker_threads(usize::from(n));
     }
     let runtime = match builder.build() {
         Ok(rt) => rt,
@@ -104,6 +100,19 @@ pub fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Worker threads for the command's runtime, where it sets them (the
+/// runtime's default is one per core).
+fn runtime_workers(command: &Command) -> Option<u16> {
+    match command {
+        Command::Node(cluster::NodeArgs { worker_threads, .. }) => *worker_threads,
+        Command::BenchSink(args) => args.worker_threads,
+        // The producers and the raw-quinn sender run here: on a node's
+        // worker threads, like every other process `bench` measures.
+        Command::Bench(_) => u16::try_from(procs::worker_threads()).ok(),
+        _ => None,
     }
 }
 
@@ -145,9 +154,57 @@ pub(crate) fn work_dir(
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory;
+    use clap::{CommandFactory, Parser};
 
-    use super::Cli;
+    use super::{Cli, runtime_workers};
+
+    /// The raw-quinn baseline is only fair if both of its ends run on as
+    /// many worker threads as a node: `bench` (the sender) and
+    /// `bench-sink` take a node's count, a node its flag.
+    #[test]
+    fn bench_and_its_sink_run_on_a_nodes_worker_threads() {
+        let workers = |args: &[&str]| {
+            let cli = Cli::try_parse_from(args).expect("parses");
+            runtime_workers(&cli.command)
+        };
+        let node_share = u16::try_from(super::procs::worker_threads()).ok();
+        assert!(node_share.is_some_and(|n| n >= 1));
+        assert_eq!(workers(&["replicator", "bench"]), node_share);
+        assert_eq!(
+            workers(&[
+                "replicator",
+                "bench-sink",
+                "--config",
+                "n.toml",
+                "--worker-threads",
+                "1"
+            ]),
+            Some(1)
+        );
+        assert_eq!(
+            workers(&[
+                "replicator",
+                "node",
+                "--config",
+                "n.toml",
+                "--worker-threads",
+                "3"
+            ]),
+            Some(3)
+        );
+        assert_eq!(workers(&["replicator", "node", "--config", "n.toml"]), None);
+        assert!(
+            Cli::try_parse_from([
+                "replicator",
+                "bench-sink",
+                "--config",
+                "n.toml",
+                "--worker-threads",
+                "0"
+            ])
+            .is_err()
+        );
+    }
 
     /// Every command and argument explains itself in `--help`, once: clap's
     /// own consistency checks, then no visible command or argument without

@@ -39,8 +39,9 @@ fn spawn_node(dir: &Path, id: u32, append: bool) -> anyhow::Result<Child> {
 /// Worker threads for each node when all of them share this machine: a
 /// share of the cores (at least one), so the nodes do not each run a
 /// thread per core and hand work between more threads than there are
-/// cores.
-fn worker_threads() -> usize {
+/// cores. `bench` gives its own runtime (the producers, the raw-quinn
+/// sender) and the raw-quinn sink as many.
+pub(crate) fn worker_threads() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     (cores / 3).max(1)
 }

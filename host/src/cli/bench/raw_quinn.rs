@@ -6,7 +6,12 @@
 //!
 //! The receiving side is the hidden `replicator bench-sink` subcommand,
 //! run as its own process so that sender and receiver compete for the two
-//! cores as the nodes do.
+//! cores as the nodes do. Both ends run on runtimes with a node's worker
+//! threads (`procs::worker_threads`; `bench` runs on one too): on this
+//! 2-core VM, runtimes with a worker per core at each end moved 712 MB/s
+//! on average where one worker each moved 891 (six alternating runs of
+//! each), so a baseline measured that way flattered every ratio by a
+//! quarter.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,7 +27,7 @@ use replicator::transport::tls::{Identity, TlsMaterial};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use super::workload::per_gb;
-use crate::cli::procs::cpu_seconds;
+use crate::cli::procs::{cpu_seconds, worker_threads};
 
 /// Bytes written per `write_chunk`: large, so the sender's per-call cost
 /// does not limit the baseline.
@@ -36,6 +41,10 @@ pub struct SinkArgs {
     /// UDP address to listen on (port 0 picks one; the address is printed).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// Worker threads of the sink's async runtime (default: one per core),
+    /// as `node --worker-threads`.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
 }
 
 /// `replicator bench-sink`: accept one connection, read every stream to
@@ -81,12 +90,15 @@ pub struct RawQuinn {
 
 /// Start a sink process with node 1's certificate, send `bytes` on one
 /// stream as the client, and time it until the sink has counted them all.
+/// The sink runs with a node's worker threads, as this process does.
 pub async fn measure(cluster: &Path, bytes: u64) -> anyhow::Result<RawQuinn> {
     let exe = std::env::current_exe().context("locating the replicator binary")?;
     let mut child = tokio::process::Command::new(exe)
         .arg("bench-sink")
         .arg("--config")
         .arg(cluster.join("node-1.toml"))
+        .arg("--worker-threads")
+        .arg(worker_threads().to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
