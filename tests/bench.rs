@@ -82,6 +82,12 @@ fn a_short_run_measures_everything_it_reports() {
         "{}",
         report["raw_quinn"]
     );
+    // A fair baseline: both ends of the raw run had as many worker threads
+    // as each node, as their runtimes reported them.
+    let node_workers = report["setup"]["node_workers"].as_u64();
+    assert!(node_workers.is_some_and(|n| n >= 1), "{}", report["setup"]);
+    assert_eq!(report["raw_quinn"]["sender_workers"].as_u64(), node_workers);
+    assert_eq!(report["raw_quinn"]["sink_workers"].as_u64(), node_workers);
     let workloads = report["workloads"].as_array().expect("workloads");
     assert_eq!(workloads.len(), 4, "2 storages x 2 workloads");
     // Two rounds of each, interleaved; each row is one of its rounds, and

@@ -388,6 +388,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             rounds: args.rounds,
             retention_mb: args.retention_mb,
             storage_config: args.storage_config.clone(),
+            node_workers: super::procs::worker_threads(),
         },
         raw_runs,
         fresh,

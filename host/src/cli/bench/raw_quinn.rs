@@ -49,12 +49,14 @@ pub struct SinkArgs {
 
 /// `replicator bench-sink`: accept one connection, read every stream to
 /// its end and answer with the byte count (8 bytes, big-endian). Prints
-/// `listening <addr>` once ready; exits when the connection closes.
+/// `listening <addr> workers <n>` once ready (`n`: its runtime's worker
+/// threads, which the report shows); exits when the connection closes.
 pub async fn sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
     let config = NodeConfig::load(&args.config)?;
     let tls = TlsMaterial::load(&config.tls)?;
     let transport = Transport::bind(args.listen, &tls, Identity::Node(config.node_id), true)?;
-    println!("listening {}", transport.local_addr()?);
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    println!("listening {} workers {workers}", transport.local_addr()?);
     let incoming = tokio::time::timeout(Duration::from_secs(30), transport.endpoint().accept())
         .await
         .context("no connection within 30 s")?
@@ -86,6 +88,10 @@ pub struct RawQuinn {
     /// CPU seconds per GB of sender and receiver together: what one QUIC
     /// crossing of a byte costs this machine.
     pub cpu_s_per_gb: f64,
+    /// Worker threads of the sender's and the sink's runtimes, as each
+    /// reported them (a node's count, for a fair baseline).
+    pub sender_workers: usize,
+    pub sink_workers: usize,
 }
 
 /// Start a sink process with node 1's certificate, send `bytes` on one
@@ -111,9 +117,7 @@ pub async fn measure(cluster: &Path, bytes: u64) -> anyhow::Result<RawQuinn> {
         .await
         .context("the raw-quinn sink did not start within 30 s")??
         .context("the raw-quinn sink exited before listening")?;
-    let addr: SocketAddr = first
-        .strip_prefix("listening ")
-        .and_then(|a| a.parse().ok())
+    let (addr, sink_workers) = parse_listening(&first)
         .with_context(|| format!("unexpected first line from the sink: {first:?}"))?;
 
     let client = ClientConfig::load(&cluster.join("client.toml"))?;
@@ -146,7 +150,23 @@ pub async fn measure(cluster: &Path, bytes: u64) -> anyhow::Result<RawQuinn> {
         seconds,
         mb_per_s: bytes as f64 / 1e6 / seconds,
         cpu_s_per_gb: per_gb(cpu_used, bytes),
+        sender_workers: tokio::runtime::Handle::current().metrics().num_workers(),
+        sink_workers,
     })
+}
+
+/// The sink's `listening <addr> workers <n>`.
+fn parse_listening(line: &str) -> Option<(SocketAddr, usize)> {
+    let mut words = line.split_whitespace();
+    if words.next()? != "listening" {
+        return None;
+    }
+    let addr = words.next()?.parse().ok()?;
+    if words.next()? != "workers" {
+        return None;
+    }
+    let workers = words.next()?.parse().ok()?;
+    words.next().is_none().then_some((addr, workers))
 }
 
 /// Write `bytes` on a new stream and return what the sink says it read.
@@ -167,4 +187,27 @@ async fn send_bulk(conn: &quinn::Connection, bytes: u64) -> anyhow::Result<u64> 
         .await
         .context("reading the sink's count")?;
     Ok(u64::from_be_bytes(count))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_listening;
+
+    #[test]
+    fn the_sinks_first_line_gives_its_address_and_workers() {
+        assert_eq!(
+            parse_listening("listening 127.0.0.1:4433 workers 1"),
+            Some(("127.0.0.1:4433".parse().expect("addr"), 1))
+        );
+        for bad in [
+            "listening 127.0.0.1:4433",
+            "listening nowhere workers 1",
+            "listening 127.0.0.1:4433 workers",
+            "listening 127.0.0.1:4433 workers x",
+            "listening 127.0.0.1:4433 workers 1 more",
+            "error: no config",
+        ] {
+            assert_eq!(parse_listening(bad), None, "{bad}");
+        }
+    }
 }

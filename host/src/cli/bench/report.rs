@@ -27,6 +27,8 @@ pub struct Setup {
     pub retention_mb: u64,
     /// `--storage-config` settings given to the storage plugin.
     pub storage_config: Vec<(String, String)>,
+    /// Worker threads each node runs (`node --worker-threads`).
+    pub node_workers: usize,
 }
 
 /// A ratio with the target it is held to.
@@ -336,11 +338,14 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "raw quinn, one connection between two processes: {:.1} MB/s ({} MB in {:.2} s), {:.1} CPU s/GB (both ends){}",
+            "raw quinn, one connection between two processes: {:.1} MB/s ({} MB in {:.2} s), {:.1} CPU s/GB (both ends; {} + {} worker threads, each node {}){}",
             self.raw_quinn.mb_per_s,
             self.raw_quinn.bytes / 1_000_000,
             self.raw_quinn.seconds,
             self.raw_quinn.cpu_s_per_gb,
+            self.raw_quinn.sender_workers,
+            self.raw_quinn.sink_workers,
+            s.node_workers,
             if self.raw_quinn_rounds.len() > 1 {
                 let runs: Vec<String> = self
                     .raw_quinn_rounds
@@ -685,6 +690,8 @@ mod tests {
             seconds: 1.0,
             mb_per_s,
             cpu_s_per_gb: 4.0,
+            sender_workers: 1,
+            sink_workers: 1,
         }
     }
 
@@ -706,6 +713,7 @@ mod tests {
                 rounds: raw_runs.len() as u32,
                 retention_mb: 64,
                 storage_config: Vec::new(),
+                node_workers: 1,
             },
             raw_runs,
             FreshMemory {
