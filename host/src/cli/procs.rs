@@ -18,7 +18,7 @@ fn spawn_node(dir: &Path, id: u32, append: bool) -> anyhow::Result<Child> {
         .append(append)
         .write(true)
         .truncate(!append)
-        .open(dir.join(format!("node-{id}.log")))?;
+        .open(log_path(dir, id))?;
     Command::new(&exe)
         .arg("node")
         .arg("--config")
@@ -34,6 +34,11 @@ fn spawn_node(dir: &Path, id: u32, append: bool) -> anyhow::Result<Child> {
         .stderr(log)
         .spawn()
         .with_context(|| format!("starting node {id}"))
+}
+
+/// Where node `id` of the cluster in `dir` logs (its stderr).
+fn log_path(dir: &Path, id: u32) -> PathBuf {
+    dir.join(format!("node-{id}.log"))
 }
 
 /// Worker threads for each node when all of them share this machine: a
@@ -73,7 +78,7 @@ impl Nodes {
     /// Quoted, because the directory holding the log may be a temporary
     /// one that is gone by the time anyone reads the error.
     pub fn log_tail(&self, id: u32) -> String {
-        let path = self.dir.join(format!("node-{id}.log"));
+        let path = log_path(&self.dir, id);
         match std::fs::read(&path) {
             Ok(bytes) => {
                 let text = String::from_utf8_lossy(&bytes);
@@ -161,7 +166,7 @@ impl Nodes {
 
     /// Whether node `id`'s log reports a panic.
     fn panicked(&self, id: u32) -> bool {
-        std::fs::read(self.dir.join(format!("node-{id}.log")))
+        std::fs::read(log_path(&self.dir, id))
             .is_ok_and(|b| first_panic(&String::from_utf8_lossy(&b)).is_some())
     }
 
