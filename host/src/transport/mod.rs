@@ -10,6 +10,8 @@
 //! The server side hands decoded requests to a [`Handler`]; it checks that
 //! a fetch's replica id is the node id the peer's certificate proves.
 
+#[cfg(test)]
+mod read_frame_tests;
 pub mod tls;
 
 use std::future::Future;
@@ -19,9 +21,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls_pki_types::CertificateDer;
+use tokio::io::AsyncReadExt;
 use tracing::{debug, info, warn};
 
 use crate::core::{FetchRequest, FetchResponse, ReplicaId, TopicPartition};
@@ -530,35 +533,37 @@ pub async fn read_frame(
         }
     }
     let (kind, len) = frame::parse_header(&header, cap)?;
-    // Hold quinn's chunks as they arrive rather than trusting the declared
-    // length (a peer that announces 64 MiB and sends nothing costs
-    // nothing), then copy them once into a buffer of the exact size: no
-    // regrowth.
     let len = len as usize;
-    let mut chunks: Vec<Bytes> = Vec::new();
-    let mut got = 0usize;
-    while got < len {
-        match recv.read_chunk(len - got, true).await {
-            Ok(Some(chunk)) => {
-                got += chunk.bytes.len();
-                chunks.push(chunk.bytes);
-            }
-            Ok(None) => {
+    // Read straight into a buffer of the frame's size: one `read_buf` takes
+    // every chunk quinn holds for the stream under one lock and copies each
+    // while it is still in cache (one `read_chunk` per ~1.2 KB packet cost
+    // the followers ~12% of their CPU). The declared length is not trusted
+    // with memory: a peer has to send `FIRST_ALLOC` bytes before the buffer
+    // grows to the rest, once.
+    let mut payload = BytesMut::with_capacity(len.min(FIRST_ALLOC));
+    while payload.len() < len {
+        if payload.len() == payload.capacity() {
+            payload.reserve(len - payload.len());
+        }
+        let want = len - payload.len();
+        let mut limited = (&mut payload).limit(want);
+        match recv.read_buf(&mut limited).await {
+            Ok(0) => {
                 return Err(TransportError::Read(format!(
-                    "stream ended {got} bytes into a {len}-byte frame"
+                    "stream ended {} bytes into a {len}-byte frame",
+                    payload.len()
                 )));
             }
+            Ok(_) => {}
             Err(e) => return Err(TransportError::Read(e.to_string())),
         }
     }
-    // Copied even from a single chunk: the chunk may be a slice of a
-    // larger receive buffer, which a stored payload would keep alive.
-    let mut payload = BytesMut::with_capacity(len);
-    for c in &chunks {
-        payload.extend_from_slice(c);
-    }
     Ok(Some((kind, payload.freeze())))
 }
+
+/// What a frame's buffer holds before its sender has proved, by sending
+/// that much, that the rest of its declared length is coming.
+const FIRST_ALLOC: usize = 2 << 20;
 
 async fn write_error(send: &mut quinn::SendStream, error: RpcError) {
     let _ = write_rpc(
