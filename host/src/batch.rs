@@ -8,6 +8,8 @@
 //! `u32 header_count`, then per header `u16 name_len`, name (UTF-8),
 //! `u32 value_len`, value. The offset of record `i` is `base_offset + i`.
 
+use std::ops::Range;
+
 use bytes::{Bytes, BytesMut};
 pub use replicator_plugin_sdk::{BatchHeader, HEADER_LEN, HeaderError, MAX_BATCH_LEN};
 
@@ -124,38 +126,73 @@ pub fn set_base_offset(batch: &mut [u8], base_offset: u64) {
     batch[0..8].copy_from_slice(&base_offset.to_le_bytes());
 }
 
+/// Reads fields from one batch's records as positions in the buffer: a
+/// walk only checks framing, so it neither counts references to the
+/// buffer nor allocates (a validating leader walks every record).
 struct Cursor<'a> {
-    buf: &'a Bytes,
+    buf: &'a [u8],
     pos: usize,
     end: usize,
 }
 
 impl Cursor<'_> {
-    fn take(&mut self, n: usize) -> Option<Bytes> {
+    fn take(&mut self, n: usize) -> Option<Range<usize>> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.end)?;
-        let out = self.buf.slice(self.pos..end);
+        let out = self.pos..end;
         self.pos = end;
         Some(out)
     }
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let r = self.take(N)?;
+        self.buf[r].try_into().ok()
+    }
     fn u16(&mut self) -> Option<u16> {
-        let b = self.take(2)?;
-        Some(u16::from_le_bytes([b[0], b[1]]))
+        self.array().map(u16::from_le_bytes)
     }
     fn u32(&mut self) -> Option<u32> {
-        let b = self.take(4)?;
-        Some(replicator_plugin_sdk::read_u32_le(&b, 0))
+        self.array().map(u32::from_le_bytes)
     }
     fn i64(&mut self) -> Option<i64> {
-        let b = self.take(8)?;
-        Some(replicator_plugin_sdk::read_u64_le(&b, 0) as i64)
+        self.array().map(i64::from_le_bytes)
     }
+}
+
+/// Where one record's fields lie in the walked buffer.
+struct RecordSpans<'h> {
+    offset: u64,
+    leader_epoch: u32,
+    timestamp: i64,
+    key: Option<Range<usize>>,
+    value: Range<usize>,
+    /// Each header's name (checked to be UTF-8) and value.
+    headers: &'h [(Range<usize>, Range<usize>)],
 }
 
 /// Decode every record of the batches in `bytes` (checking framing and
 /// CRCs), sharing memory with `bytes`: keys and values are slices of it.
 pub fn decode(bytes: &Bytes) -> Result<Vec<StoredRecord>, BatchError> {
     let mut out = Vec::new();
-    for_each_record(bytes, |r| out.push(r))?;
+    for_each_record(bytes, |r| {
+        let headers = r
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                // The walk checked that the name is UTF-8.
+                let name = String::from_utf8_lossy(&bytes[k.clone()]).into_owned();
+                (name, bytes.slice(v.clone()))
+            })
+            .collect();
+        out.push(StoredRecord {
+            offset: r.offset,
+            leader_epoch: r.leader_epoch,
+            record: Record {
+                key: r.key.map(|k| bytes.slice(k)),
+                value: bytes.slice(r.value),
+                timestamp: r.timestamp,
+                headers,
+            },
+        });
+    })?;
     Ok(out)
 }
 
@@ -201,8 +238,10 @@ pub fn restamp(
 }
 
 /// Walk every record of the batches in `bytes`, checking framing and CRCs.
-fn for_each_record(bytes: &Bytes, mut each: impl FnMut(StoredRecord)) -> Result<(), BatchError> {
+fn for_each_record(bytes: &[u8], mut each: impl FnMut(RecordSpans<'_>)) -> Result<(), BatchError> {
     let mut at = 0usize;
+    // Reused across records: a record with headers allocates only once.
+    let mut headers = Vec::new();
     for b in replicator_plugin_sdk::batches(bytes, true) {
         let (h, _) = b?;
         let start = at;
@@ -230,26 +269,26 @@ fn for_each_record(bytes: &Bytes, mut each: impl FnMut(StoredRecord)) -> Result<
             let vlen = c.u32().ok_or(bad("truncated value length"))? as usize;
             let value = c.take(vlen).ok_or(bad("value past record end"))?;
             let nh = c.u32().ok_or(bad("truncated header count"))?;
-            let mut headers = Vec::new();
+            headers.clear();
             for _ in 0..nh {
                 let kl = c.u16().ok_or(bad("truncated header name"))? as usize;
                 let k = c.take(kl).ok_or(bad("header name past end"))?;
-                let k = String::from_utf8(k.to_vec()).map_err(|_| bad("header name not UTF-8"))?;
+                if std::str::from_utf8(&bytes[k.clone()]).is_err() {
+                    return Err(bad("header name not UTF-8"));
+                }
                 let vl = c.u32().ok_or(bad("truncated header value"))? as usize;
                 headers.push((k, c.take(vl).ok_or(bad("header value past end"))?));
             }
             if c.pos != rec_end {
                 return Err(bad("record length disagrees with its fields"));
             }
-            each(StoredRecord {
+            each(RecordSpans {
                 offset: h.base_offset + u64::from(i),
                 leader_epoch: h.leader_epoch,
-                record: Record {
-                    key,
-                    value,
-                    timestamp,
-                    headers,
-                },
+                timestamp,
+                key,
+                value,
+                headers: &headers,
             });
         }
         if c.pos != at {
