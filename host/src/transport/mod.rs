@@ -562,8 +562,11 @@ pub async fn read_frame(
 }
 
 /// What a frame's buffer holds before its sender has proved, by sending
-/// that much, that the rest of its declared length is coming.
-const FIRST_ALLOC: usize = 2 << 20;
+/// that much, that the rest of its declared length is coming. A peer that
+/// opens its 256 streams and declares the largest frame on each makes a node
+/// hold 64 MiB, the connection's receive window: no more than sending data
+/// would. (2 MiB measured no faster: native d 283.9 against 287.6 MB/s.)
+const FIRST_ALLOC: usize = 256 << 10;
 
 async fn write_error(send: &mut quinn::SendStream, error: RpcError) {
     let _ = write_rpc(
