@@ -35,20 +35,11 @@ async fn frames_beyond_the_first_allocation_arrive_whole_and_in_order() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = GeneratedCa::new("read-frame").expect("ca");
     let loopback: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-    let server = Transport::bind(
-        loopback,
-        &material(dir.path(), &ca, Identity::Node(1)),
-        Identity::Node(1),
-        true,
-    )
-    .expect("bind server");
-    let client = Transport::bind(
-        loopback,
-        &material(dir.path(), &ca, Identity::Node(2)),
-        Identity::Node(2),
-        false,
-    )
-    .expect("bind client");
+    let bind = |id, serve| {
+        Transport::bind(loopback, &material(dir.path(), &ca, id), id, serve).expect("bind")
+    };
+    let server = bind(Identity::Node(1), true);
+    let client = bind(Identity::Node(2), false);
     let addr = server.local_addr().expect("addr");
 
     let big = pattern(2 * FIRST_ALLOC + 12_345, 1);
@@ -99,24 +90,15 @@ async fn frames_beyond_the_first_allocation_arrive_whole_and_in_order() {
         .await
         .expect("accept");
     let (_send, mut recv) = conn.accept_bi().await.expect("stream");
-    let (kind, got) = read_frame(&mut recv, frame::DEFAULT_MAX_PAYLOAD)
-        .await
-        .expect("big frame")
-        .expect("not the end");
-    assert_eq!(kind, rpc_kind::REQUEST);
-    assert_eq!(got.len(), big.len());
-    assert!(got[..] == big[..], "the big frame's bytes differ");
-    let (_, got) = read_frame(&mut recv, frame::DEFAULT_MAX_PAYLOAD)
-        .await
-        .expect("mid frame")
-        .expect("not the end");
-    assert_eq!(got.len(), mid.len());
-    assert!(got[..] == mid[..], "the mid frame's bytes differ");
-    let (_, got) = read_frame(&mut recv, frame::DEFAULT_MAX_PAYLOAD)
-        .await
-        .expect("small frame")
-        .expect("not the end");
-    assert_eq!(&got[..], &small[..]);
+    for (name, want) in [("big", &big), ("mid", &mid), ("small", &small)] {
+        let (kind, got) = read_frame(&mut recv, frame::DEFAULT_MAX_PAYLOAD)
+            .await
+            .unwrap_or_else(|e| panic!("the {name} frame: {e}"))
+            .unwrap_or_else(|| panic!("the stream ended before the {name} frame"));
+        assert_eq!(kind, rpc_kind::REQUEST);
+        assert_eq!(got.len(), want.len(), "the {name} frame's length");
+        assert!(got[..] == want[..], "the {name} frame's bytes differ");
+    }
     match read_frame(&mut recv, frame::DEFAULT_MAX_PAYLOAD).await {
         Err(TransportError::Read(why)) => assert_eq!(
             why,
