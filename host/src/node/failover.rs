@@ -323,3 +323,142 @@ async fn coordinate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The coordinator against a metadata store that records what it is
+    //! asked to write: a node told to stop in the middle of a pass writes
+    //! no further decision (its failure detector only goes stale from
+    //! there on, as its heartbeats stop).
+
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::metadata::{Broker, MetaFuture, MetadataStore, PartitionState};
+    use crate::node::config::FailoverConfig;
+    use crate::node::storage::NodeStorage;
+
+    /// Accepts every compare-and-set and records which partition it was
+    /// for; with `stop` set, the first one also tells the node to stop,
+    /// as a shutdown arriving while that write is in flight would.
+    struct RecordingStore {
+        writes: Mutex<Vec<u32>>,
+        stop: Option<watch::Sender<bool>>,
+    }
+
+    impl MetadataStore for RecordingStore {
+        fn get_partition<'a>(&'a self, _: &'a str, _: u32) -> MetaFuture<'a, PartitionState> {
+            Box::pin(async { Err(MetadataError::Other("not used by the coordinator".into())) })
+        }
+        fn compare_and_set(&self, state: PartitionState, expected: u64) -> MetaFuture<'_, u64> {
+            Box::pin(async move {
+                if let Ok(mut w) = self.writes.lock() {
+                    w.push(state.partition);
+                }
+                if let Some(stop) = &self.stop {
+                    let _ = stop.send(true);
+                }
+                Ok(expected + 1)
+            })
+        }
+        fn list_partitions(&self) -> MetaFuture<'_, Vec<(String, u32)>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+        fn register_broker(&self, _: ReplicaId, _: String) -> MetaFuture<'_, u64> {
+            Box::pin(async { Ok(1) })
+        }
+        fn list_brokers(&self) -> MetaFuture<'_, Vec<Broker>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+    }
+
+    /// Node 1 of three sees node 3, the leader of two partitions, fail
+    /// while node 2 keeps answering; which partitions' elections it
+    /// writes, when the first write stops the node (`stop_midway`) or not.
+    async fn elections_written(stop_midway: bool) -> Vec<u32> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let store = Arc::new(RecordingStore {
+            writes: Mutex::new(Vec::new()),
+            stop: stop_midway.then_some(stop_tx.clone()),
+        });
+        let (fetch_tx, _fetch_rx) = tokio::sync::mpsc::unbounded_channel();
+        // Slow enough that a loaded machine's late timer is not taken
+        // for this process having been paused (half the timeout).
+        let failover = FailoverConfig {
+            heartbeat_interval_ms: 50,
+            failure_timeout_ms: 400,
+            unclean_leader_election: false,
+        };
+        let shared = Shared::new(
+            1,
+            1,
+            std::env::temp_dir(),
+            NodeStorage::Native,
+            Vec::new(),
+            store.clone(),
+            crate::core::Config::default(),
+            failover,
+            fetch_tx,
+        );
+        if let Ok(mut b) = shared.brokers.write() {
+            for id in 1..=3 {
+                b.insert(id, ([127, 0, 0, 1], 9000 + id as u16).into());
+            }
+        }
+        if let Ok(mut s) = shared.states.write() {
+            for partition in 0..2 {
+                let state = PartitionState {
+                    topic: "t".into(),
+                    partition,
+                    leader: Some(3),
+                    leader_epoch: 1,
+                    isr: vec![1, 2, 3],
+                    replicas: vec![1, 2, 3],
+                    min_insync: 2,
+                    version: 1,
+                };
+                s.insert(TopicPartition::new("t", partition), state);
+            }
+        }
+        // Node 2 answers heartbeats; node 3 never does.
+        let beats = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                loop {
+                    let now = shared.now_ms();
+                    if let Ok(mut fd) = shared.detector.lock() {
+                        fd.record_heartbeat(2, now);
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        };
+        let coordinator = tokio::spawn(coordinate(shared.clone(), stop_rx));
+        if !stop_midway {
+            // Both elections written, then stop the node.
+            let mut changed = shared.changed.subscribe();
+            while *changed.borrow_and_update() < 2 {
+                let _ = changed.changed().await;
+            }
+            let _ = stop_tx.send(true);
+        }
+        let ended = tokio::time::timeout(Duration::from_secs(10), coordinator).await;
+        beats.abort();
+        assert!(
+            matches!(ended, Ok(Ok(()))),
+            "the coordinator did not end once the node was stopping"
+        );
+        let mut writes = store.writes.lock().map(|w| w.clone()).unwrap_or_default();
+        writes.sort_unstable();
+        writes
+    }
+
+    #[tokio::test]
+    async fn a_stopping_node_writes_no_further_failover_decision() {
+        // The control: a running node writes both elections.
+        assert_eq!(elections_written(false).await, vec![0, 1]);
+        // Stopped while writing the first, it leaves the second alone.
+        let writes = elections_written(true).await;
+        assert_eq!(writes.len(), 1, "elections written: {writes:?}");
+    }
+}
