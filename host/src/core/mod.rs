@@ -24,6 +24,6 @@ pub use metrics::{
 pub use replica::{Faults, ReplicaCounters, ReplicationManager, Role};
 pub use state::{PartitionReplicationState, ReplicationState};
 pub use types::{
-    Acks, Action, DivergingEpoch, ErrorCode, FetchRequest, FetchResponse, ProduceId, ReadSpec,
-    Records, ReplicaId,
+    Acks, Action, DivergingEpoch, ErrorCode, FetchRequest, FetchResponse, MAX_TOPIC_LEN, ProduceId,
+    ReadSpec, Records, ReplicaId,
 };

@@ -6,6 +6,10 @@ use bytes::Bytes;
 use crate::storage::EpochEntry;
 
 pub type ReplicaId = u32;
+
+/// Longest topic name, in bytes (Kafka's limit). Creation refuses longer
+/// names, so a longer one on the wire is garbage.
+pub const MAX_TOPIC_LEN: usize = 249;
 /// Identifies one produce request to its caller.
 pub type ProduceId = u64;
 

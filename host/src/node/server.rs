@@ -44,7 +44,7 @@ fn meta_err(e: MetadataError) -> RpcError {
 /// Kafka's topic name rule.
 fn valid_topic(t: &str) -> bool {
     !t.is_empty()
-        && t.len() <= 249
+        && t.len() <= crate::core::MAX_TOPIC_LEN
         && t != "."
         && t != ".."
         && t.bytes()

@@ -8,7 +8,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::frame::FrameError;
-use crate::core::{ErrorCode, TopicPartition};
+use crate::core::{ErrorCode, MAX_TOPIC_LEN, TopicPartition};
 
 /// Frame kinds.
 pub mod kind {
@@ -55,13 +55,22 @@ impl Reader {
         a.copy_from_slice(&b);
         Ok(u64::from_le_bytes(a))
     }
-    pub(super) fn string(&mut self) -> Result<String, FrameError> {
+    /// A topic name: refused past [`MAX_TOPIC_LEN`], which no created
+    /// topic has, so a session cannot be made to hold (and re-encode in
+    /// every answer) 64 KiB names.
+    pub(super) fn topic(&mut self) -> Result<String, FrameError> {
         let n = self.u16()? as usize;
+        if n > MAX_TOPIC_LEN {
+            return Err(bad(
+                self.what,
+                format!("a {n}-byte topic name (at most {MAX_TOPIC_LEN})"),
+            ));
+        }
         let b = self.take(n)?;
         String::from_utf8(b.to_vec()).map_err(|_| bad(self.what, "topic is not UTF-8"))
     }
     pub(super) fn tp(&mut self) -> Result<TopicPartition, FrameError> {
-        let topic = self.string()?;
+        let topic = self.topic()?;
         let partition = self.u32()?;
         Ok(TopicPartition { topic, partition })
     }
@@ -122,9 +131,52 @@ pub(super) fn decode_error(c: u8) -> Result<Option<ErrorCode>, FrameError> {
 }
 
 pub(super) fn put_tp(out: &mut BytesMut, tp: &TopicPartition) -> Result<(), FrameError> {
-    let len = u16::try_from(tp.topic.len()).map_err(|_| bad("topic", "longer than 65535 bytes"))?;
+    // What the reader would refuse is not sent.
+    let len = u16::try_from(tp.topic.len())
+        .ok()
+        .filter(|n| usize::from(*n) <= MAX_TOPIC_LEN)
+        .ok_or_else(|| {
+            bad(
+                "topic",
+                format!(
+                    "a {}-byte topic name (at most {MAX_TOPIC_LEN})",
+                    tp.topic.len()
+                ),
+            )
+        })?;
     out.put_u16_le(len);
     out.put_slice(tp.topic.as_bytes());
     out.put_u32_le(tp.partition);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_tp(topic_len: usize) -> Result<TopicPartition, FrameError> {
+        let mut out = BytesMut::new();
+        out.put_u16_le(u16::try_from(topic_len).unwrap_or(u16::MAX));
+        out.put_slice(&vec![b'a'; topic_len]);
+        out.put_u32_le(7);
+        Reader {
+            buf: out.freeze(),
+            what: "fetch",
+        }
+        .tp()
+    }
+
+    #[test]
+    fn topic_names_past_the_limit_are_refused_both_ways() {
+        let ok = read_tp(MAX_TOPIC_LEN).expect("the longest topic name reads");
+        assert_eq!((ok.topic.len(), ok.partition), (MAX_TOPIC_LEN, 7));
+        let mut out = BytesMut::new();
+        assert!(put_tp(&mut out, &ok).is_ok());
+
+        let err = read_tp(MAX_TOPIC_LEN + 1).expect_err("one byte too long");
+        assert!(err.to_string().contains("a 250-byte topic name"), "{err}");
+        let long = TopicPartition::new(&"a".repeat(MAX_TOPIC_LEN + 1), 0);
+        let err = put_tp(&mut out, &long).expect_err("not sent either");
+        assert!(err.to_string().contains("a 250-byte topic name"), "{err}");
+    }
 }
