@@ -43,7 +43,14 @@ pub enum BatchError {
     Record { index: u32, why: &'static str },
     #[error("batch has {0} bytes after its last record")]
     Trailing(usize),
+    #[error("offsets from {0} would pass {MAX_OFFSET}, the end of the offset space")]
+    OffsetSpace(u64),
 }
+
+/// One past the largest offset a log may hold: Kafka's offsets are
+/// signed 64-bit. A plugin that reports a log end past it is broken, and
+/// a leader assigns no offset beyond it.
+pub const MAX_OFFSET: u64 = i64::MAX as u64;
 
 /// Bytes `r` takes in an encoded batch.
 pub(crate) fn record_len(r: &Record) -> usize {
@@ -227,11 +234,16 @@ pub fn restamp(
     while at < out.len() {
         let mut h = BatchHeader::parse(&out[at..])?;
         let end = at + h.batch_len as usize;
+        // Parsing checked the producer's base offset, not this one.
+        let after = next
+            .checked_add(u64::from(h.record_count))
+            .filter(|a| *a <= MAX_OFFSET)
+            .ok_or(BatchError::OffsetSpace(next))?;
         h.base_offset = next;
         h.leader_epoch = leader_epoch;
         h.write(&mut out[at..at + HEADER_LEN]);
         replicator_plugin_sdk::seal(&mut out[at..end]);
-        next += u64::from(h.record_count);
+        next = after;
         at = end;
     }
     Ok((out.freeze(), next))
@@ -333,6 +345,16 @@ mod tests {
                 timestamp: ts,
                 headers: h.into_iter().map(|(k, v)| (k, Bytes::from(v))).collect(),
             })
+    }
+
+    #[test]
+    fn restamping_stops_at_the_end_of_the_offset_space() {
+        let two = [Record::default(), Record::default()];
+        let b = encode(0, 1, &two).expect("encodes");
+        let (_, next) = restamp(b.clone(), MAX_OFFSET - 2, 3).expect("the last two offsets");
+        assert_eq!(next, MAX_OFFSET);
+        let err = restamp(b, MAX_OFFSET - 1, 3).expect_err("one offset too many");
+        assert_eq!(err, BatchError::OffsetSpace(MAX_OFFSET - 1));
     }
 
     proptest! {

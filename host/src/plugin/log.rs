@@ -210,12 +210,14 @@ impl Actor {
         self.fault = None;
         // Learn the bounds; everything after is checked against them.
         let b = self.call_bounds().await?;
-        if b.log_start > b.log_end {
+        if b.log_start > b.log_end || b.log_end > crate::batch::MAX_OFFSET {
             return Err(self.set_fault((
                 FaultKind::Violation,
                 format!(
-                    "opened with log start {} past log end {}",
-                    b.log_start, b.log_end
+                    "opened with log start {} and log end {}: the start must not pass the end, nor the end {}",
+                    b.log_start,
+                    b.log_end,
+                    crate::batch::MAX_OFFSET
                 ),
             )));
         }

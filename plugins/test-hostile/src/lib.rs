@@ -11,6 +11,7 @@
 //! - `lie-append`: acknowledges appends with a wrong log end offset,
 //! - `lie-read`: returns batches whose CRC does not match,
 //! - `lie-bounds`: reports a log start past the log end,
+//! - `huge-bounds`: reports a log ending past the offset space,
 //! - `accept-gaps`: accepts appends at any base offset,
 //! - `connect:PORT`: tries a TCP connection to 127.0.0.1:PORT,
 //! - `read-file:PATH`: tries to read a file outside its data directory;
@@ -214,6 +215,12 @@ impl GuestPartitionLog for Hostile {
             return OffsetBounds {
                 log_start: ix.log_end() + 10,
                 log_end: ix.log_end(),
+            };
+        }
+        if self.mode == "huge-bounds" {
+            return OffsetBounds {
+                log_start: u64::MAX - 1,
+                log_end: u64::MAX - 1,
             };
         }
         OffsetBounds {
