@@ -916,7 +916,10 @@ impl ReplicationManager {
     /// metadata arrives; any other refusal (stale version, a member the
     /// store will not admit) drops the proposal, to be retried. Answers to
     /// anything but the pending proposal are ignored. A driver whose request
-    /// got no answer reports it as a refusal.
+    /// got no answer reports it as a refusal only if the store cannot have
+    /// written it; a write whose outcome it does not know, it reports with
+    /// the state read back from the store, so that until then the proposal's
+    /// members keep counting for the HW (`maximal_isr`).
     pub fn isr_update_done(
         &mut self,
         expected_version: u64,

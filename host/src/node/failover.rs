@@ -336,7 +336,6 @@ mod tests {
     use super::*;
     use crate::metadata::{Broker, MetaFuture, MetadataStore, PartitionState};
     use crate::node::config::FailoverConfig;
-    use crate::node::storage::NodeStorage;
 
     /// Accepts every compare-and-set and records which partition it was
     /// for; with `stop` set, the first one also tells the node to stop,
@@ -381,7 +380,6 @@ mod tests {
             writes: Mutex::new(Vec::new()),
             stop: stop_midway.then_some(stop_tx.clone()),
         });
-        let (fetch_tx, _fetch_rx) = tokio::sync::mpsc::unbounded_channel();
         // Slow enough that a loaded machine's late timer is not taken
         // for this process having been paused (half the timeout).
         let failover = FailoverConfig {
@@ -389,22 +387,7 @@ mod tests {
             failure_timeout_ms: 400,
             unclean_leader_election: false,
         };
-        let shared = Shared::new(
-            1,
-            1,
-            std::env::temp_dir(),
-            NodeStorage::Native,
-            Vec::new(),
-            store.clone(),
-            crate::core::Config::default(),
-            failover,
-            fetch_tx,
-        );
-        if let Ok(mut b) = shared.brokers.write() {
-            for id in 1..=3 {
-                b.insert(id, ([127, 0, 0, 1], 9000 + id as u16).into());
-            }
-        }
+        let (shared, _fetch_rx) = Shared::for_tests(store.clone(), failover);
         if let Ok(mut s) = shared.states.write() {
             for partition in 0..2 {
                 let state = PartitionState {

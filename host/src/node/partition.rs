@@ -23,7 +23,7 @@ use crate::core::{
     Acks, Action, ErrorCode, FetchRequest, FetchResponse, PartitionMetrics, ReplicaId,
     ReplicationManager, Role, TopicPartition,
 };
-use crate::metadata::PartitionState;
+use crate::metadata::{MetadataError, PartitionState};
 use crate::storage::{LogState, PartitionLog, StorageError};
 use crate::wire::rpc::{ReplicaStatus, RpcError};
 
@@ -848,8 +848,17 @@ impl Actor {
                 let tp = self.tp.clone();
                 let events = self.events.clone();
                 tokio::spawn(async move {
-                    let (result, current) =
-                        update_isr(&shared, &tp, leader_epoch, isr, expected_version, added).await;
+                    let gone = || events.is_closed();
+                    let (result, current) = update_isr(
+                        &shared,
+                        &tp,
+                        leader_epoch,
+                        isr,
+                        expected_version,
+                        added,
+                        gone,
+                    )
+                    .await;
                     if result.is_err() && current.is_none() {
                         // The store is down or refused a member: the core
                         // proposes again at once, so pace the retries.
@@ -877,6 +886,7 @@ async fn update_isr(
     isr: Vec<ReplicaId>,
     expected_version: u64,
     added: Vec<(ReplicaId, u64)>,
+    gone: impl Fn() -> bool,
 ) -> (Result<u64, ErrorCode>, Option<PartitionState>) {
     let meta = &shared.metadata;
     let current = match meta.get_partition(&tp.topic, tp.partition).await {
@@ -917,10 +927,49 @@ async fn update_isr(
             info!(topic = %tp.topic, partition = tp.partition, "ISR is now {isr:?} (version {v})");
             (Ok(v), None)
         }
-        Err(e) => {
+        Err(e @ (MetadataError::Conflict(_) | MetadataError::InvalidInput(_))) => {
+            // Not written: the core may drop the proposal.
             debug!(topic = %tp.topic, partition = tp.partition, "ISR update refused: {e}");
             let fresh = meta.get_partition(&tp.topic, tp.partition).await.ok();
             (Err(ErrorCode::IsrUpdateRejected), fresh)
+        }
+        Err(e) => {
+            // Maybe written (a lost answer, a call that timed out): the
+            // core keeps counting the proposal's members for the HW until
+            // the store says which ISR it holds. Dropping an expansion the
+            // store did take would let the HW pass a member that may be
+            // elected (Kafka's AlterPartition keeps its maximal ISR on
+            // such errors too).
+            warn!(topic = %tp.topic, partition = tp.partition,
+                "ISR update's outcome unknown ({e}); reading it back");
+            let fresh = read_back(shared, tp, gone).await;
+            (Err(ErrorCode::IsrUpdateRejected), fresh)
+        }
+    }
+}
+
+/// The partition's state, re-read until the store answers (backing off
+/// to 2 s) or `gone` says nobody is waiting any more. The store runs
+/// one call at a time in order, so the answer reflects a write that was
+/// still running when its caller gave up.
+async fn read_back(
+    shared: &Shared,
+    tp: &TopicPartition,
+    gone: impl Fn() -> bool,
+) -> Option<PartitionState> {
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match shared.metadata.get_partition(&tp.topic, tp.partition).await {
+            Ok(s) => return Some(s),
+            Err(e) if gone() => {
+                debug!(topic = %tp.topic, partition = tp.partition, "stopped reading back the ISR: {e}");
+                return None;
+            }
+            Err(e) => {
+                debug!(topic = %tp.topic, partition = tp.partition, "reading back the ISR: {e}");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
         }
     }
 }
@@ -1043,5 +1092,101 @@ mod tests {
             ends.push(end);
         }
         assert_eq!(ends, [1, 2, 3], "each went alone");
+    }
+
+    /// A store that writes a compare-and-set and then fails to say so,
+    /// and fails the next `blind_reads` reads too (a lost answer, then a
+    /// store unavailable for a while).
+    struct LostAnswers {
+        state: std::sync::Mutex<PartitionState>,
+        /// Reads still to fail; set to `blind_after_write` by the write.
+        blind_reads: std::sync::atomic::AtomicU32,
+        blind_after_write: u32,
+    }
+
+    impl crate::metadata::MetadataStore for LostAnswers {
+        fn get_partition<'a>(
+            &'a self,
+            _: &'a str,
+            _: u32,
+        ) -> crate::metadata::MetaFuture<'a, PartitionState> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let blind = self
+                .blind_reads
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            let state = self.state.lock().ok().map(|s| s.clone());
+            Box::pin(async move {
+                match state {
+                    Some(s) if !blind => Ok(s),
+                    _ => Err(MetadataError::Unavailable("no answer".into())),
+                }
+            })
+        }
+        fn compare_and_set(
+            &self,
+            next: PartitionState,
+            expected: u64,
+        ) -> crate::metadata::MetaFuture<'_, u64> {
+            if let Ok(mut s) = self.state.lock()
+                && s.version == expected
+            {
+                *s = PartitionState {
+                    version: expected + 1,
+                    ..next
+                };
+                self.blind_reads
+                    .store(self.blind_after_write, std::sync::atomic::Ordering::SeqCst);
+            }
+            Box::pin(async { Err(MetadataError::Unavailable("answer lost".into())) })
+        }
+        fn list_partitions(&self) -> crate::metadata::MetaFuture<'_, Vec<(String, u32)>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+        fn register_broker(&self, _: ReplicaId, _: String) -> crate::metadata::MetaFuture<'_, u64> {
+            Box::pin(async { Ok(1) })
+        }
+        fn list_brokers(&self) -> crate::metadata::MetaFuture<'_, Vec<crate::metadata::Broker>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+    }
+
+    /// Leader 1 of epoch 4 proposes adding node 3 to the ISR; the store
+    /// takes it but the answer and the next `blind_reads` reads are lost.
+    async fn lost_expansion(
+        blind_reads: u32,
+        gone: impl Fn() -> bool,
+    ) -> (Result<u64, ErrorCode>, Option<PartitionState>) {
+        let store = Arc::new(LostAnswers {
+            state: std::sync::Mutex::new(PartitionState {
+                topic: "t".into(),
+                partition: 0,
+                leader: Some(1),
+                leader_epoch: 4,
+                isr: vec![1, 2],
+                replicas: vec![1, 2, 3],
+                min_insync: 2,
+                version: 9,
+            }),
+            blind_reads: 0.into(),
+            blind_after_write: blind_reads,
+        });
+        let (shared, _fetch_rx) = Shared::for_tests(store, Default::default());
+        let tp = TopicPartition::new("t", 0);
+        update_isr(&shared, &tp, 4, vec![1, 2, 3], 9, Vec::new(), gone).await
+    }
+
+    #[tokio::test]
+    async fn an_isr_update_with_a_lost_answer_is_read_back_not_dropped() {
+        // Reported as a plain refusal, the core would drop the expansion
+        // and stop counting node 3 for the HW while the store lists it in
+        // the ISR, where it may be elected.
+        let (result, current) = lost_expansion(3, || false).await;
+        assert_eq!(result, Err(ErrorCode::IsrUpdateRejected));
+        let current = current.expect("the store's state, read back");
+        assert_eq!((current.isr, current.version), (vec![1, 2, 3], 10));
+        // Nobody waiting any more: it stops reading.
+        let (_, current) = lost_expansion(u32::MAX, || true).await;
+        assert!(current.is_none());
     }
 }

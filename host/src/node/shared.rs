@@ -118,6 +118,33 @@ impl Shared {
         })
     }
 
+    /// Node 1 of brokers 1-3 on native storage over `metadata`, for the
+    /// drivers' tests.
+    #[cfg(test)]
+    pub(super) fn for_tests(
+        metadata: Arc<dyn MetadataStore>,
+        failover: FailoverConfig,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<FetchCmd>) {
+        let (fetch_tx, fetch_rx) = mpsc::unbounded_channel();
+        let shared = Shared::new(
+            1,
+            1,
+            std::env::temp_dir(),
+            NodeStorage::Native,
+            Vec::new(),
+            metadata,
+            Config::default(),
+            failover,
+            fetch_tx,
+        );
+        if let Ok(mut b) = shared.brokers.write() {
+            for id in 1..=3 {
+                b.insert(id, ([127, 0, 0, 1], 9000 + id as u16).into());
+            }
+        }
+        (shared, fetch_rx)
+    }
+
     /// The core's clock: milliseconds since the node started (monotonic).
     pub fn now_ms(&self) -> u64 {
         self.start.elapsed().as_millis() as u64
