@@ -767,6 +767,40 @@ fn follower_ignores_batches_that_do_not_start_at_its_log_end() {
 }
 
 #[test]
+fn follower_ignores_batches_whose_epochs_go_back() {
+    // A log's epochs never decrease: appending epoch 1 after epoch 2 would
+    // leave an epoch cache that no longer describes the log.
+    let mut c = Cluster::new(2, config());
+    c.elect(0, &[0, 1]);
+    c.elect(0, &[0, 1]);
+    let appends = |c: &mut Cluster, epochs: [u32; 2]| {
+        let req = outstanding_fetch(c, 1, 0);
+        let mut records = replicator::batch::encode(0, epochs[0], &record(0))
+            .unwrap()
+            .to_vec();
+        records.extend_from_slice(&replicator::batch::encode(1, epochs[1], &record(1)).unwrap());
+        let resp = FetchResponse {
+            correlation_id: req.correlation_id,
+            leader_epoch: 2,
+            error: None,
+            high_watermark: 0,
+            log_start_offset: 0,
+            log_end_offset: 2,
+            diverging_epoch: None,
+            records: Records::from(Bytes::from(records)),
+        };
+        let now = c.now;
+        c.rm(1).handle_fetch_response(0, resp, now);
+        c.rm(1)
+            .drain()
+            .iter()
+            .any(|a| matches!(a, Action::Append { .. }))
+    };
+    assert!(!appends(&mut c, [2, 1]), "epoch 1 appended after epoch 2");
+    assert!(appends(&mut c, [1, 2]), "epochs 1 then 2 refused");
+}
+
+#[test]
 fn any_number_of_waiters_complete_when_the_hw_passes() {
     let mut c = Cluster::new(3, config());
     c.elect(0, &[0, 1, 2]);

@@ -1270,11 +1270,18 @@ impl ReplicationManager {
         // the epoch cache.
         let mut next = leo;
         let mut starts = Vec::new();
+        // Epochs never decrease along a log: not below this log's latest
+        // (a divergence answer cut any later one away first), nor below
+        // the batch before.
+        let mut floor = self.epochs.latest().map_or(0, |e| e.epoch);
         // From the wire this is one piece, so no copy.
         let records = response.records.into_contiguous();
         for b in replicator_plugin_sdk::batches(&records, true) {
             match b {
-                Ok((h, _)) if h.base_offset == next && h.leader_epoch <= f.epoch => {
+                Ok((h, _))
+                    if h.base_offset == next && (floor..=f.epoch).contains(&h.leader_epoch) =>
+                {
+                    floor = h.leader_epoch;
                     starts.push((h.leader_epoch, h.base_offset));
                     next = h.next_offset();
                 }
