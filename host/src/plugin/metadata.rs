@@ -183,7 +183,8 @@ struct Live {
 /// store may never answer with older ones.
 #[derive(Default)]
 struct Seen {
-    versions: HashMap<(String, u32), u64>,
+    /// Each partition's newest version seen, and the highest leader epoch.
+    versions: HashMap<(String, u32), (u64, u32)>,
     epochs: HashMap<ReplicaId, u64>,
 }
 
@@ -439,7 +440,7 @@ fn check_get(
     answer: Answer<wit::PartitionState>,
 ) -> Verdict {
     let key = (topic, partition);
-    let known = seen.versions.get(&key).copied().unwrap_or(0);
+    let (known, known_epoch) = seen.versions.get(&key).copied().unwrap_or((0, 0));
     if known > 0 && matches!(answer, Ok(Err(PluginError::NotFound(_)))) {
         return Verdict::Violation(format!(
             "get-partition({}/{}) answered not-found after version {known} was seen",
@@ -466,7 +467,15 @@ fn check_get(
                 key.0, key.1, s.version
             ));
         }
-        seen.versions.insert(key, s.version);
+        if s.leader_epoch < known_epoch {
+            // Leader epochs only grow: a node would lead, or follow, an
+            // epoch whose place in its epoch cache is already taken.
+            return Err(format!(
+                "get-partition({}/{}) answered with leader epoch {} after epoch {known_epoch} was seen",
+                key.0, key.1, s.leader_epoch
+            ));
+        }
+        seen.versions.insert(key, (s.version, s.leader_epoch));
         Ok(Out::State(s))
     })
 }
@@ -478,7 +487,7 @@ fn check_cas(
     answer: Answer<u64>,
 ) -> Verdict {
     let key = (state.topic.clone(), state.partition);
-    let known = seen.versions.get(&key).copied().unwrap_or(0);
+    let (known, known_epoch) = seen.versions.get(&key).copied().unwrap_or((0, 0));
     judge(answer, |v| {
         let tp = format!("{}/{}", key.0, key.1);
         if v != expected + 1 {
@@ -492,7 +501,8 @@ fn check_cas(
                 "compare-and-set({tp}) accepted expected version {expected} after version {known} was seen"
             ));
         }
-        seen.versions.insert(key, v);
+        seen.versions
+            .insert(key, (v, state.leader_epoch.max(known_epoch)));
         Ok(Out::Version(v))
     })
 }
@@ -623,5 +633,47 @@ impl MetadataStore for PluginMetadata {
 
     fn list_brokers(&self) -> MetaFuture<'_, Vec<Broker>> {
         expect_out!(self, Op::ListBrokers, Out::Brokers(l) => l)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(version: u64, leader_epoch: u32) -> Answer<wit::PartitionState> {
+        Ok(Ok(wit::PartitionState {
+            topic: "t".into(),
+            partition: 0,
+            leader: Some(1),
+            leader_epoch,
+            isr: vec![1, 2],
+            replicas: vec![1, 2, 3],
+            min_insync: 2,
+            version,
+        }))
+    }
+
+    fn get(seen: &mut Seen, answer: Answer<wit::PartitionState>) -> Result<u64, String> {
+        match check_get(seen, "t".into(), 0, answer) {
+            Verdict::Ok(Out::State(s)) => Ok(s.version),
+            Verdict::Violation(why) => Err(why),
+            _ => Err("neither a state nor a violation".into()),
+        }
+    }
+
+    #[test]
+    fn a_partitions_versions_and_leader_epochs_never_go_back() {
+        let mut seen = Seen {
+            versions: HashMap::new(),
+            epochs: HashMap::new(),
+        };
+        assert_eq!(get(&mut seen, state(6, 5)), Ok(6));
+        // A new version of the same epoch (an ISR change) is fine.
+        assert_eq!(get(&mut seen, state(7, 5)), Ok(7));
+        let why = get(&mut seen, state(5, 5)).expect_err("version went back");
+        assert!(why.contains("version 5 after version 7"), "{why}");
+        let why = get(&mut seen, state(8, 3)).expect_err("epoch went back");
+        assert!(why.contains("leader epoch 3 after epoch 5"), "{why}");
+        assert_eq!(get(&mut seen, state(8, 6)), Ok(8));
     }
 }
