@@ -801,6 +801,32 @@ fn follower_ignores_batches_whose_epochs_go_back() {
 }
 
 #[test]
+fn a_truncation_before_a_log_start_inside_a_batch_empties_the_log_there() {
+    // Retention put the log start at 7, inside the batch at 6..9; cutting
+    // to 7 takes the whole batch, so the log ends at 6. The start follows,
+    // or reads would find a log whose start is past its end.
+    use replicator::storage::{LogState, OffsetBounds};
+    let state = LogState {
+        bounds: OffsetBounds {
+            log_start: 7,
+            log_end: 9,
+        },
+        high_watermark: 7,
+        leader_epochs: Vec::new(),
+    };
+    let mut rm = ReplicationManager::new(config(), 1, &state);
+    rm.log_truncated(6, 0);
+    assert_eq!(
+        (
+            rm.log_start_offset(),
+            rm.log_end_offset(),
+            rm.high_watermark()
+        ),
+        (6, 6, 6)
+    );
+}
+
+#[test]
 fn any_number_of_waiters_complete_when_the_hw_passes() {
     let mut c = Cluster::new(3, config());
     c.elect(0, &[0, 1, 2]);

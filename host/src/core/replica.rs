@@ -635,6 +635,9 @@ impl ReplicationManager {
         self.leo = new_leo;
         self.assigned = new_leo;
         self.hw = self.hw.min(new_leo);
+        // Cut back to the start of a batch that began before a log start
+        // retention put inside it: the log is empty there now.
+        self.log_start = self.log_start.min(new_leo);
         self.persist_epochs();
         self.maybe_fetch(now);
         self.maybe_retain();
