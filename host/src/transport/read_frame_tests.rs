@@ -43,6 +43,8 @@ async fn frames_beyond_the_first_allocation_arrive_whole_and_in_order() {
     let addr = server.local_addr().expect("addr");
 
     let big = pattern(2 * FIRST_ALLOC + 12_345, 1);
+    // Past 8 times the first allocation: the buffer grows in steps.
+    let huge = pattern(40 * FIRST_ALLOC + 3, 5);
     // Just past the first allocation: growing a buffer by a little can
     // give it room for much more, which must not be read into.
     let mid = pattern(FIRST_ALLOC + 10, 4);
@@ -52,7 +54,13 @@ async fn frames_beyond_the_first_allocation_arrive_whole_and_in_order() {
     let cut = pattern(cut_sent, 3);
 
     let writer = {
-        let (big, mid, small, cut) = (big.clone(), mid.clone(), small.clone(), cut.clone());
+        let (big, huge, mid, small, cut) = (
+            big.clone(),
+            huge.clone(),
+            mid.clone(),
+            small.clone(),
+            cut.clone(),
+        );
         let endpoint = client.endpoint().clone();
         tokio::spawn(async move {
             let conn = endpoint
@@ -64,6 +72,7 @@ async fn frames_beyond_the_first_allocation_arrive_whole_and_in_order() {
             let mut bytes = Vec::new();
             for (payload, declared) in [
                 (&big, big.len()),
+                (&huge, huge.len()),
                 (&mid, mid.len()),
                 (&small, small.len()),
                 (&cut, cut_len),
@@ -90,7 +99,12 @@ async fn frames_beyond_the_first_allocation_arrive_whole_and_in_order() {
         .await
         .expect("accept");
     let (_send, mut recv) = conn.accept_bi().await.expect("stream");
-    for (name, want) in [("big", &big), ("mid", &mid), ("small", &small)] {
+    for (name, want) in [
+        ("big", &big),
+        ("huge", &huge),
+        ("mid", &mid),
+        ("small", &small),
+    ] {
         let (kind, got) = read_frame(&mut recv, frame::DEFAULT_MAX_PAYLOAD)
             .await
             .unwrap_or_else(|e| panic!("the {name} frame: {e}"))
@@ -108,4 +122,33 @@ async fn frames_beyond_the_first_allocation_arrive_whole_and_in_order() {
     }
     conn.close(0u32.into(), b"done");
     writer.await.expect("writer");
+}
+
+#[test]
+fn a_buffer_never_reserves_more_than_eight_times_what_arrived() {
+    for len in [
+        FIRST_ALLOC + 1,
+        1 << 20,
+        (1 << 20) + 99,
+        8 * FIRST_ALLOC + 1,
+        64 << 20,
+    ] {
+        let mut filled = FIRST_ALLOC.min(len);
+        let mut steps = 0;
+        while filled < len {
+            let cap = grown(filled, len);
+            assert!(
+                cap > filled && cap <= len,
+                "{filled} of {len}: grew to {cap}"
+            );
+            assert!(cap <= 8 * filled, "{filled} of {len}: grew to {cap}");
+            filled = cap;
+            steps += 1;
+        }
+        // What the data path sends (fetch answers up to 1 MiB and change)
+        // grows once.
+        if len <= 2 << 20 {
+            assert_eq!(steps, 1, "{len}");
+        }
+    }
 }
