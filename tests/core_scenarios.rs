@@ -827,6 +827,33 @@ fn a_truncation_before_a_log_start_inside_a_batch_empties_the_log_there() {
 }
 
 #[test]
+fn a_leader_turned_follower_keeps_its_hw_when_its_last_append_lands() {
+    use replicator::storage::{LogState, OffsetBounds};
+    let state = LogState {
+        bounds: OffsetBounds {
+            log_start: 0,
+            log_end: 5,
+        },
+        high_watermark: 5,
+        leader_epochs: Vec::new(),
+    };
+    let mut rm = ReplicationManager::new(relaxed(), 1, &state);
+    rm.become_leader(1, vec![1, 2], vec![1], 1, 0);
+    rm.produce(1, &record(5), Acks::Leader, 60_000)
+        .expect("acks=1 with the leader alone in the ISR");
+    assert!(
+        rm.drain()
+            .iter()
+            .any(|a| matches!(a, Action::Append { .. }))
+    );
+    // Deposed while that append is in flight; it lands before the new
+    // leader's first answer.
+    rm.become_follower(2, 2, 0);
+    rm.log_appended(6, 0);
+    assert_eq!(rm.high_watermark(), 5, "the HW fell back");
+}
+
+#[test]
 fn any_number_of_waiters_complete_when_the_hw_passes() {
     let mut c = Cluster::new(3, config());
     c.elect(0, &[0, 1, 2]);

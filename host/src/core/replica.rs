@@ -429,7 +429,10 @@ impl ReplicationManager {
             epoch,
             inflight: None,
             next_fetch_ms: now,
-            leader_hw: 0,
+            // What it knew committed stays committed until the leader says
+            // where its HW is; 0 would drop the HW to the log start if an
+            // append from its leadership finished before the first answer.
+            leader_hw: self.hw,
         });
         if self.faults.follower_truncates_to_hw && self.hw < self.assigned {
             // Reference bug (pre-KIP-101): cut to the HW on every leader change.
