@@ -144,9 +144,11 @@ async fn racing_writers_get_exactly_one_winner_per_version() {
                     if current.version >= TARGET {
                         return (tag, won, conflicts);
                     }
-                    // The leader epoch carries the writer's tag and version.
+                    // The leader epoch carries the version and the writer's
+                    // tag, growing with the version as epochs must (the
+                    // host refuses an epoch that goes back).
                     let mut next = current.clone();
-                    next.leader_epoch = tag * 1000 + current.version as u32 + 1;
+                    next.leader_epoch = (current.version as u32 + 1) * 1000 + tag;
                     match client.compare_and_set(next, current.version).await {
                         Ok(v) => {
                             assert_eq!(v, current.version + 1);
@@ -180,7 +182,7 @@ async fn racing_writers_get_exactly_one_winner_per_version() {
     for client in [&a, &b] {
         let last = client.get_partition("race", 3).await.expect("get");
         assert_eq!(last.version, TARGET);
-        assert_eq!(last.leader_epoch, winners[&TARGET] * 1000 + TARGET as u32);
+        assert_eq!(last.leader_epoch, TARGET as u32 * 1000 + winners[&TARGET]);
     }
     // Old versions are pruned; the newest are kept.
     let files = version_files(dir.path(), "race", 3);
