@@ -111,6 +111,16 @@ impl Config {
                 "must be below replica_lag_time_max_ms, or idle followers would drop out of the ISR",
             );
         }
+        if self
+            .fetch_max_wait_ms
+            .saturating_add(self.fetcher_interval_ms)
+            >= self.replica_lag_time_max_ms
+        {
+            return bad(
+                "fetcher_interval_ms",
+                "plus fetch_max_wait_ms must be below replica_lag_time_max_ms: a follower pauses this long after every fetch, so idle followers would drop out of the ISR",
+            );
+        }
         if let Some(r) = self.retention_bytes
             && r < u64::from(self.fetch_max_bytes)
         {
@@ -133,6 +143,21 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_follower_pausing_past_the_lag_limit_is_refused() {
+        let c = Config {
+            fetcher_interval_ms: 29_500,
+            ..Config::default()
+        };
+        let e = c.validate().expect_err("500 + 29,500 reaches 30,000");
+        assert_eq!(e.field, "fetcher_interval_ms");
+        let c = Config {
+            fetcher_interval_ms: 29_499,
+            ..Config::default()
+        };
+        assert!(c.validate().is_ok());
+    }
 
     #[test]
     fn retention_must_hold_a_fetch() {

@@ -375,6 +375,20 @@ impl NodeConfig {
         if c.metadata_poll_ms == 0 {
             return Err(invalid("metadata_poll_ms must be at least 1".into()));
         }
+        if c.replication.unclean_leader_election != c.failover.unclean_leader_election {
+            // The core's copy mirrors the reference API; elections read
+            // [failover]'s. Different values would leave one ignored.
+            return Err(invalid(format!(
+                "[replication] unclean_leader_election = {} but [failover] unclean_leader_election = {}: a node elects by [failover]'s; set it there (and the same, or not at all, under [replication])",
+                c.replication.unclean_leader_election, c.failover.unclean_leader_election
+            )));
+        }
+        if c.listen.ip().is_unspecified() && c.advertise.is_none() {
+            return Err(invalid(format!(
+                "listen = \"{}\" is every interface, which other nodes cannot dial: set `advertise` to this node's reachable address",
+                c.listen
+            )));
+        }
         Ok(c)
     }
 
@@ -417,6 +431,39 @@ mod tests {
     /// A `[storage]` section for the file plugin with `extra` lines.
     fn parse(extra: &str) -> PluginSection {
         toml::from_str(&format!("plugin = \"file\"\n{extra}")).expect("parse")
+    }
+
+    /// Why a node config with `top` among its top-level lines and `extra`
+    /// after its sections does not load ("loaded" if it does).
+    fn node_refused(top: &str, extra: &str) -> String {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("node-1.toml");
+        let text = format!(
+            "node_id = 1\n{top}\ndata_dir = \"d\"\n\
+             [tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
+             [storage]\nplugin = \"memory\"\n[metadata]\nplugin = \"file\"\ndir = \"m\"\n{extra}"
+        );
+        std::fs::write(&p, text).expect("write");
+        match NodeConfig::load(&p) {
+            Ok(_) => "loaded".into(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn settings_a_node_would_ignore_or_cannot_use_are_refused() {
+        let ok = "listen = \"127.0.0.1:7101\"";
+        assert_eq!(node_refused(ok, ""), "loaded");
+        let e = node_refused(ok, "[replication]\nunclean_leader_election = true\n");
+        assert!(e.contains("a node elects by [failover]'s"), "{e}");
+        let both = "[replication]\nunclean_leader_election = true\n\
+                    [failover]\nunclean_leader_election = true\n";
+        assert_eq!(node_refused(ok, both), "loaded");
+        let any = "listen = \"0.0.0.0:7101\"";
+        let e = node_refused(any, "");
+        assert!(e.contains("set `advertise`"), "{e}");
+        let advertised = format!("{any}\nadvertise = \"10.0.0.5:7101\"");
+        assert_eq!(node_refused(&advertised, ""), "loaded");
     }
 
     /// Why a section for the file plugin with `line` does not parse.
