@@ -21,6 +21,10 @@ use super::types::{
 use crate::batch::{self, Record};
 use crate::storage::LogState;
 
+/// Batches whose sizes a leader keeps for fetch min-bytes: far more than
+/// a follower lags by (it fetches again as soon as it has appended).
+const SIZES_KEPT: usize = 4096;
+
 /// Test-only switches that bring back the reference package's bugs, so the
 /// simulation's checker can be shown to catch each one.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -116,8 +120,8 @@ struct Leader {
     /// The metadata store refused an ISR change: another controller view
     /// won. Stop acknowledging until new metadata arrives.
     fenced: bool,
-    /// (next offset, cumulative bytes) of batches appended in this epoch,
-    /// for fetch min-bytes.
+    /// (next offset, cumulative bytes) of the last [`SIZES_KEPT`] batches
+    /// appended in this epoch, for fetch min-bytes.
     sizes: VecDeque<(u64, u64)>,
     bytes_appended: u64,
 }
@@ -533,6 +537,13 @@ impl ReplicationManager {
             batch::restamp(batches, base, l.epoch).map_err(|_| ErrorCode::StorageError)?;
         l.bytes_appended += bytes.len() as u64;
         l.sizes.push_back((end, l.bytes_appended));
+        if l.sizes.len() > SIZES_KEPT {
+            // Bounded, or a long-lived leader grows by an entry per
+            // produce. A fetch from before the oldest entry counts all
+            // bytes since this epoch began: it is far behind, so its
+            // min-bytes is met anyway.
+            l.sizes.pop_front();
+        }
         self.retention
             .appended(end, bytes.len() as u64, self.config.retention_bytes);
         self.assigned = end;
@@ -1311,5 +1322,43 @@ impl ReplicationManager {
             self.persist_epochs();
         }
         self.outbox.push(Action::Append { batches: records });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::Record;
+    use crate::storage::{LogState, OffsetBounds};
+
+    #[test]
+    fn a_long_lived_leader_keeps_a_bounded_size_history() {
+        let state = LogState {
+            bounds: OffsetBounds {
+                log_start: 0,
+                log_end: 0,
+            },
+            high_watermark: 0,
+            leader_epochs: Vec::new(),
+        };
+        let mut rm = ReplicationManager::new(Config::default(), 1, &state);
+        rm.become_leader(1, vec![1, 2], vec![1], 1, 0);
+        let record = [Record {
+            value: bytes::Bytes::from_static(b"0123456789"),
+            ..Default::default()
+        }];
+        let n = 3 * SIZES_KEPT as u64;
+        for id in 0..n {
+            assert!(rm.produce(id, &record, Acks::Leader, 60_000).is_ok());
+        }
+        rm.log_appended(n, 0);
+        let l = rm.leader.as_ref().expect("leads");
+        assert_eq!(l.sizes.len(), SIZES_KEPT);
+        // Recent offsets still count exactly; one from before the kept
+        // history counts as plenty.
+        let one = l.sizes[1].1 - l.sizes[0].1;
+        assert_eq!(rm.bytes_after(n - 1), one);
+        assert_eq!(rm.bytes_after(n - 2), 2 * one);
+        assert!(rm.bytes_after(1) >= one * SIZES_KEPT as u64);
     }
 }
