@@ -44,11 +44,12 @@ pub enum ClientError {
     Timeout { waited: Duration, last: String },
     #[error("unexpected answer: {0}")]
     Protocol(String),
-    /// The request was sent, then the connection failed or timed out: the
-    /// records may or may not have been written. Not retried, to not write
-    /// them twice.
+    /// The request was sent, then the connection failed or timed out, or
+    /// the leader appended the records and could not acknowledge them (a
+    /// timeout waiting for the ISR, leadership lost): the records may or
+    /// may not have been written. Not retried, to not write them twice.
     #[error(
-        "no answer from node {node} after sending ({detail}); the records may or may not have been written"
+        "node {node} did not acknowledge the records ({detail}); they may or may not have been written"
     )]
     Ambiguous { node: ReplicaId, detail: String },
     #[error("bad records from the node: {0}")]
@@ -469,6 +470,13 @@ impl Client {
                 match answer {
                     Ok((Response::Produced { base_offset, .. }, _)) => Ok((base_offset, leader)),
                     Ok((other, _)) => Err(ClientError::Protocol(format!("{other:?}"))),
+                    // Appended, then not acknowledged: not a refusal.
+                    Err(TransportError::Rejected(r @ RpcError::AfterAppend { .. })) => {
+                        Err(ClientError::Ambiguous {
+                            node: leader,
+                            detail: r.to_string(),
+                        })
+                    }
                     Err(TransportError::Rejected(r)) => Err(ClientError::Refused(r)),
                     Err(e @ TransportError::NotSent(_)) => {
                         self.peers.lock().await.remove(&leader);

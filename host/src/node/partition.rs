@@ -289,6 +289,14 @@ fn rpc_error(code: ErrorCode, what: &str) -> RpcError {
     }
 }
 
+/// What went wrong after the records were appended here.
+fn after_append(code: ErrorCode, what: &str) -> RpcError {
+    RpcError::AfterAppend {
+        code,
+        message: what.to_string(),
+    }
+}
+
 impl Actor {
     fn now(&self) -> u64 {
         self.shared.now_ms()
@@ -361,7 +369,7 @@ impl Actor {
         }
         for (_, reply) in self.produces.drain() {
             // Appended already: not the retriable "shutting down" refusal.
-            let _ = reply.send(Err(rpc_error(
+            let _ = reply.send(Err(after_append(
                 ErrorCode::RequestTimedOut,
                 "the node shut down after the append; it may or may not survive",
             )));
@@ -832,7 +840,7 @@ impl Actor {
                             }
                             _ => "appended, but not acknowledged; it may or may not survive",
                         };
-                        rpc_error(code, why)
+                        after_append(code, why)
                     });
                     let _ = reply.send(r);
                 }

@@ -75,7 +75,7 @@ impl NodeServer {
         }
         // The partition took the request and dropped it unanswered: what
         // it did is unknown, so this is not a retriable refusal.
-        rx.await.map_err(|_| RpcError::Replication {
+        rx.await.map_err(|_| RpcError::AfterAppend {
             code: ErrorCode::RequestTimedOut,
             message: "the partition stopped before answering; the request may or may not have taken effect".into(),
         })

@@ -108,6 +108,15 @@ pub enum RpcError {
     Metadata(String),
     #[error("node is shutting down")]
     ShuttingDown,
+    /// The leader appended the records (or may have), then could not
+    /// acknowledge them (a timeout, leadership lost, the ISR shrank, the
+    /// node stopped): they may or may not survive. Never retried; clients
+    /// report it as ambiguous.
+    #[error("{code:?} after the append: {message}")]
+    AfterAppend {
+        code: crate::core::ErrorCode,
+        message: String,
+    },
 }
 
 impl RpcError {
