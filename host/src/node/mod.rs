@@ -7,6 +7,7 @@
 //! destructors run before the node reports it stopped).
 
 pub mod config;
+mod data_dir_lock;
 mod failover;
 mod fetch;
 pub mod metrics;
@@ -51,6 +52,8 @@ pub enum NodeError {
     MetadataLoad(LoadError),
     #[error("metadata store: {0}")]
     Metadata(#[from] MetadataError),
+    #[error(transparent)]
+    DataDir(#[from] data_dir_lock::LockError),
     #[error("cannot bind the metrics endpoint {addr}: {error}{}", crate::ports::in_use_hint(*.addr, .error))]
     Metrics {
         addr: SocketAddr,
@@ -66,6 +69,9 @@ pub async fn run(
     ready: Option<oneshot::Sender<SocketAddr>>,
 ) -> Result<(), NodeError> {
     let id = config.node_id;
+    // First: a second node on this directory stops here, before it binds
+    // or registers anything.
+    let _data_dir = data_dir_lock::lock(&config.data_dir)?;
     let tls = TlsMaterial::load(&config.tls)?;
     let transport = Transport::bind(config.listen, &tls, Identity::Node(id), true)?;
     let local = transport
