@@ -387,6 +387,13 @@ fn bad_node_configs_fail_with_clear_errors() {
     );
     let e = refused_init(&["--min-insync", "4"]);
     assert!(e.contains("--min-insync must be 1..=3"), "{e}");
+    // A CA key path that cannot be written, or would overwrite a key.
+    let nowhere = c.path().join("no-such-dir/ca.key");
+    let e = refused_init(&["--ca-key-out", nowhere.to_str().unwrap()]);
+    assert!(e.contains("does not exist"), "{e}");
+    let taken = c.path().join("ca.pem");
+    let e = refused_init(&["--ca-key-out", taken.to_str().unwrap()]);
+    assert!(e.contains("refusing to overwrite a key"), "{e}");
     // Port in use.
     let port = c.base_port;
     let _hold = std::net::UdpSocket::bind(("127.0.0.1", port)).unwrap();

@@ -53,7 +53,7 @@ pub enum BatchError {
 pub const MAX_OFFSET: u64 = i64::MAX as u64;
 
 /// Bytes `r` takes in an encoded batch.
-pub(crate) fn record_len(r: &Record) -> usize {
+pub fn record_len(r: &Record) -> usize {
     let headers: usize = r
         .headers
         .iter()

@@ -54,6 +54,9 @@ pub enum ClientError {
     Ambiguous { node: ReplicaId, detail: String },
     #[error("bad records from the node: {0}")]
     Records(String),
+    /// The caller's records do not make a batch (too large, no records).
+    #[error("the records cannot be sent: {0}")]
+    Unsendable(String),
 }
 
 /// One caller's copy of a failed [`Dial`]'s error (the error itself is
@@ -429,7 +432,8 @@ impl Client {
         acks: Acks,
         timeout: Duration,
     ) -> Result<(u64, ReplicaId), ClientError> {
-        let body = batch::encode(0, 0, records).map_err(|e| ClientError::Records(e.to_string()))?;
+        let body =
+            batch::encode(0, 0, records).map_err(|e| ClientError::Unsendable(e.to_string()))?;
         let req = Request::Produce {
             topic: topic.to_string(),
             partition,

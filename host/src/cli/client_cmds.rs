@@ -122,6 +122,31 @@ pub struct ProduceArgs {
     pub json: bool,
 }
 
+/// Refuse, before anything is sent, generated messages of `size` bytes
+/// that `batch` at a time would not fit one produce request (a batch),
+/// naming the flags to change. Also bounds what `generated` allocates.
+pub fn check_message_size(size: usize, batch: usize) -> anyhow::Result<()> {
+    use replicator::batch::{HEADER_LEN, MAX_BATCH_LEN, Record, record_len};
+    let limit = MAX_BATCH_LEN as usize;
+    // A record's framing around its value, whatever the value's size.
+    let framing = record_len(&Record::default());
+    let one = framing.saturating_add(size);
+    if HEADER_LEN.saturating_add(one) > limit {
+        bail!(
+            "--size {size}: a message must fit one batch, so at most {} bytes",
+            limit - HEADER_LEN - framing
+        );
+    }
+    let all = HEADER_LEN.saturating_add(one.saturating_mul(batch));
+    if all > limit {
+        bail!(
+            "--batch {batch} messages of --size {size} bytes make a {all}-byte request, over the {limit}-byte batch limit; lower --batch to at most {}",
+            (limit - HEADER_LEN) / one
+        );
+    }
+    Ok(())
+}
+
 /// The generated message `i` of `size` bytes: printable, and different for
 /// every `i`, so consumers can verify what they read.
 pub fn generated(i: u64, size: usize) -> Bytes {
@@ -149,6 +174,9 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
     if a.batch == 0 {
         bail!("--batch must be at least 1");
     }
+    if a.count.is_some() {
+        check_message_size(a.size, a.batch)?;
+    }
     let c = client(&a.config)?;
     let partitions = match a.partition {
         Some(p) => vec![p],
@@ -165,7 +193,9 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
     };
     // Messages come from a generator or from stdin lines, in batches of
     // whatever is available, up to --batch.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(a.batch * 4);
+    // The queue holds a few batches; --batch is bounded by the batch limit
+    // for generated messages, not for stdin lines, so bound it here too.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(a.batch.min(1 << 16) * 4);
     match a.count {
         Some(n) => {
             let size = a.size;
@@ -475,4 +505,28 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     }
     c.close().await;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_message_size;
+
+    #[test]
+    fn messages_that_cannot_make_a_batch_are_refused_up_front() {
+        assert!(check_message_size(100, 64).is_ok());
+        assert!(check_message_size(1 << 20, 15).is_ok());
+        let e = check_message_size(20_000_000, 1).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--size 20000000: a message must fit one batch"),
+            "{e}"
+        );
+        let e = check_message_size(100_000_000_000, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("must fit one batch"), "{e}");
+        let e = check_message_size(1 << 20, 64).unwrap_err().to_string();
+        assert!(e.contains("lower --batch to at most 15"), "{e}");
+        let e = check_message_size(100, usize::MAX).unwrap_err().to_string();
+        assert!(e.contains("lower --batch"), "{e}");
+    }
 }

@@ -227,6 +227,25 @@ fn plan(args: &InitArgs) -> anyhow::Result<Plan> {
             dir.display()
         );
     }
+    if let Some(key) = &args.ca_key_out {
+        if key.exists() {
+            bail!(
+                "--ca-key-out {} already exists; refusing to overwrite a key",
+                key.display()
+            );
+        }
+        // Relative to where init runs, as the key is written.
+        let parent = key.parent().filter(|p| !p.as_os_str().is_empty());
+        if let Some(parent) = parent
+            && !parent.is_dir()
+        {
+            bail!(
+                "--ca-key-out {}: directory {} does not exist",
+                key.display(),
+                parent.display()
+            );
+        }
+    }
     let min_insync = args
         .min_insync
         .unwrap_or(if args.nodes >= 3 { 2 } else { 1 });
@@ -264,10 +283,12 @@ pub fn init(args: &InitArgs) -> anyhow::Result<PathBuf> {
     let dir = &args.dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let ca = GeneratedCa::new(&dir.display().to_string())?;
-    write_new(&dir.join("ca.pem"), &ca.cert_pem)?;
+    // The key first: if it cannot be written, no ca.pem marks the
+    // directory as a cluster that a second try would refuse.
     if let Some(p) = &args.ca_key_out {
         write_private(p, &ca.key_pem)?;
     }
+    write_new(&dir.join("ca.pem"), &ca.cert_pem)?;
     let mut nodes = Vec::new();
     for id in 1..=args.nodes {
         let (cert, key) = ca.issue(Identity::Node(id))?;

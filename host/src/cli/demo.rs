@@ -77,6 +77,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     if args.messages == 0 || args.batch == 0 || args.partitions == 0 {
         bail!("--messages, --batch and --partitions must be at least 1");
     }
+    super::client_cmds::check_message_size(args.size, args.batch)?;
     let (dir, _guard) = super::work_dir(&args.dir)?;
     let dir = dir.join("cluster");
     super::cluster::check_storage(&args.storage, &[]).await?;

@@ -165,14 +165,17 @@ fn store_cache_entry(path: &Path, component: &Component) -> std::io::Result<()> 
 }
 
 /// `$REPLICATOR_CACHE_DIR`, else `$XDG_CACHE_HOME/replicator/components`,
-/// else `~/.cache/replicator/components`; `None` if none is known.
+/// else `~/.cache/replicator/components`; `None` if none is known. An
+/// empty variable counts as unset (as the XDG spec says), not as the
+/// current directory.
 pub fn default_cache_dir() -> Option<PathBuf> {
-    if let Some(d) = std::env::var_os("REPLICATOR_CACHE_DIR") {
+    let set = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(d) = set("REPLICATOR_CACHE_DIR") {
         return Some(PathBuf::from(d));
     }
-    let base = std::env::var_os("XDG_CACHE_HOME")
+    let base = set("XDG_CACHE_HOME")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+        .or_else(|| set("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
     Some(base.join("replicator").join("components"))
 }
 

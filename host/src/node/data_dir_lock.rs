@@ -1,0 +1,99 @@
+//! A node's claim on its data directory: an exclusive lock on
+//! `<data_dir>/.lock`, held for as long as the node runs, so two node
+//! processes (a copied config still naming another node's directory) never
+//! write the same partition logs. The kernel drops the lock when the
+//! process exits, however it exits, so a killed node leaves nothing stale.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+/// Held while the node runs; dropping it releases the directory.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: File,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("cannot create the data directory {dir}: {error}")]
+    Create { dir: PathBuf, error: std::io::Error },
+    #[error(
+        "data directory {dir} is in use by another node process{holder} (it holds {dir}/.lock): two nodes must not share a data_dir; check `data_dir` in this node's config"
+    )]
+    InUse { dir: PathBuf, holder: String },
+    #[error("cannot lock {path}: {error}")]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+}
+
+/// Lock `dir` (created if missing) for this process, and write its pid
+/// into the lock file so that a refused second node can name the first.
+pub fn lock(dir: &Path) -> Result<DataDirLock, LockError> {
+    std::fs::create_dir_all(dir).map_err(|error| LockError::Create {
+        dir: dir.to_path_buf(),
+        error,
+    })?;
+    let path = dir.join(".lock");
+    let io = |error| LockError::Io {
+        path: path.clone(),
+        error,
+    };
+    // Not truncated on open: the holder's pid is still in it if locked.
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            let holder = if pid.is_empty() || pid.len() > 20 {
+                String::new()
+            } else {
+                format!(" (pid {pid})")
+            };
+            return Err(LockError::InUse {
+                dir: dir.to_path_buf(),
+                holder,
+            });
+        }
+        Err(TryLockError::Error(e)) => return Err(io(e)),
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    write!(file, "{}", std::process::id()).map_err(io)?;
+    Ok(DataDirLock { _file: file })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_data_directory_has_one_node_at_a_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("node-1");
+        let first = lock(&data).expect("a fresh directory, created");
+        // Another open of the file is another claimant, as a second
+        // process would be.
+        let e = lock(&data)
+            .expect_err("the same directory twice")
+            .to_string();
+        assert!(e.contains("is in use by another node process"), "{e}");
+        assert!(
+            e.contains(&format!("(pid {})", std::process::id())),
+            "names the holder: {e}"
+        );
+        drop(first);
+        let again = lock(&data).expect("free once the first is gone");
+        drop(again);
+    }
+}
