@@ -434,16 +434,19 @@ impl Client {
     ) -> Result<(u64, ReplicaId), ClientError> {
         let body =
             batch::encode(0, 0, records).map_err(|e| ClientError::Unsendable(e.to_string()))?;
-        let req = Request::Produce {
-            topic: topic.to_string(),
-            partition,
-            acks,
-            timeout_ms: timeout.as_millis().clamp(1, 300_000) as u64,
-        };
         let started = Instant::now();
         let mut refresh = false;
         let mut backoff = Duration::from_millis(20);
         loop {
+            // Each attempt gets what is left of the deadline, so retries
+            // do not stretch it.
+            let left = timeout.saturating_sub(started.elapsed());
+            let req = Request::Produce {
+                topic: topic.to_string(),
+                partition,
+                acks,
+                timeout_ms: left.as_millis().clamp(1, 300_000) as u64,
+            };
             let attempt = async {
                 let leader = self.leader(topic, partition, refresh).await?;
                 let epoch = self
@@ -452,7 +455,7 @@ impl Client {
                     .await
                     .get(&(topic.to_string(), partition))
                     .map(|p| p.leader_epoch);
-                let limit = timeout + Duration::from_secs(5);
+                let limit = left + Duration::from_secs(5);
                 let sent = std::sync::atomic::AtomicBool::new(false);
                 let exchange = async {
                     let peer = self.peer(leader).await?;
