@@ -33,8 +33,8 @@ pub enum ConfigError {
 pub struct PluginSection {
     /// A built-in name (`file`, `memory`) or a path to a `.wasm` component.
     pub plugin: String,
-    /// Settings handed to the plugin as they are.
-    #[serde(default)]
+    /// Settings handed to the plugin as they are (see [`plugin_settings`]).
+    #[serde(default, deserialize_with = "plugin_settings")]
     pub config: BTreeMap<String, String>,
     /// Storage only: run each partition's store on its own thread, with
     /// all its file I/O inline, rather than as a task on the node's
@@ -131,7 +131,7 @@ pub struct MetadataSection {
     /// setting (comma-separated).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "plugin_settings")]
     pub config: BTreeMap<String, String>,
 }
 
@@ -219,6 +219,53 @@ impl MetadataSection {
         }
         pairs
     }
+}
+
+/// A `[storage.config]` or `[metadata.config]` table as the plugin gets
+/// it, a string per setting: strings as they are, numbers and booleans as
+/// written (`"fsync.interval.ms" = 5`), and unquoted dotted keys
+/// (`segment.bytes = "8192"`, which TOML reads as nested tables) joined
+/// back with dots, so each way an operator may write a setting works.
+fn plugin_settings<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    fn flatten(
+        prefix: &str,
+        table: toml::Table,
+        out: &mut BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        for (k, v) in table {
+            let key = if prefix.is_empty() {
+                k
+            } else {
+                format!("{prefix}.{k}")
+            };
+            let value = match v {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                toml::Value::Table(t) => {
+                    flatten(&key, t, out)?;
+                    continue;
+                }
+                other => {
+                    return Err(format!(
+                        "plugin setting `{key}` is {} {other}; settings are strings, numbers or booleans",
+                        other.type_str()
+                    ));
+                }
+            };
+            if out.insert(key.clone(), value).is_some() {
+                return Err(format!("plugin setting `{key}` is given twice"));
+            }
+        }
+        Ok(())
+    }
+    let table = toml::Table::deserialize(d)?;
+    let mut out = BTreeMap::new();
+    flatten("", table, &mut out).map_err(serde::de::Error::custom)?;
+    Ok(out)
 }
 
 /// `node-<id>.toml`.
@@ -471,6 +518,31 @@ mod tests {
         toml::from_str::<PluginSection>(&format!("plugin = \"file\"\n{line}"))
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn plugin_settings_may_be_dotted_keys_numbers_or_booleans() {
+        let section = parse(
+            "[config]\nsegment.bytes = \"8192\"\n\"fsync.interval.ms\" = 5\nfsync = \"interval\"\nx = true\n",
+        );
+        let got: Vec<(&str, &str)> = section
+            .config
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("fsync", "interval"),
+                ("fsync.interval.ms", "5"),
+                ("segment.bytes", "8192"),
+                ("x", "true"),
+            ]
+        );
+        let e = refused("[config]\nsizes = [1, 2]\n");
+        assert!(e.contains("plugin setting `sizes` is array"), "{e}");
+        let e = refused("[config]\n\"a.b\" = \"1\"\na.b = \"2\"\n");
+        assert!(e.contains("`a.b` is given twice"), "{e}");
     }
 
     #[test]
