@@ -25,6 +25,16 @@ use crate::storage::LogState;
 /// a follower lags by (it fetches again as soon as it has appended).
 const SIZES_KEPT: usize = 4096;
 
+/// Most bytes a leader accepts ahead of its storage. Produces beyond it
+/// are refused with the retriable [`ErrorCode::StorageBacklog`] until the
+/// storage catches up: without a bound, acks=0 producers (answered on
+/// acceptance) could queue appends until the node ran out of memory.
+pub const MAX_UNSTORED_BYTES: u64 = 64 << 20;
+
+/// Most appends a leader accepts ahead of its storage (many tiny ones
+/// cost memory beyond their bytes).
+const MAX_UNSTORED_APPENDS: usize = 16_384;
+
 /// Test-only switches that bring back the reference package's bugs, so the
 /// simulation's checker can be shown to catch each one.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -124,6 +134,10 @@ struct Leader {
     /// appended in this epoch, for fetch min-bytes.
     sizes: VecDeque<(u64, u64)>,
     bytes_appended: u64,
+    /// (log end after it, bytes) of each append handed to the storage and
+    /// not yet stored, oldest first: what [`MAX_UNSTORED_BYTES`] bounds.
+    unstored: VecDeque<(u64, u64)>,
+    unstored_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -419,6 +433,8 @@ impl ReplicationManager {
             fenced: false,
             sizes: VecDeque::new(),
             bytes_appended: 0,
+            unstored: VecDeque::new(),
+            unstored_bytes: 0,
         });
         self.maybe_advance_hw();
     }
@@ -532,10 +548,19 @@ impl ReplicationManager {
         if acks == Acks::All && l.isr.len() < min_isr {
             return Err(ErrorCode::NotEnoughReplicas);
         }
+        // One batch larger than the bound still goes when nothing waits.
+        if !l.unstored.is_empty()
+            && (l.unstored_bytes + batches.len() as u64 > MAX_UNSTORED_BYTES
+                || l.unstored.len() >= MAX_UNSTORED_APPENDS)
+        {
+            return Err(ErrorCode::StorageBacklog);
+        }
         let base = self.assigned;
         let (bytes, end) =
             batch::restamp(batches, base, l.epoch).map_err(|_| ErrorCode::StorageError)?;
         l.bytes_appended += bytes.len() as u64;
+        l.unstored.push_back((end, bytes.len() as u64));
+        l.unstored_bytes += bytes.len() as u64;
         l.sizes.push_back((end, l.bytes_appended));
         if l.sizes.len() > SIZES_KEPT {
             // Bounded, or a long-lived leader grows by an entry per
@@ -571,6 +596,14 @@ impl ReplicationManager {
     pub fn log_appended(&mut self, new_leo: u64, now: u64) {
         self.storage_inflight = self.storage_inflight.saturating_sub(1);
         self.leo = self.leo.max(new_leo);
+        if let Some(l) = self.leader.as_mut() {
+            while let Some(&(end, len)) = l.unstored.front()
+                && end <= self.leo
+            {
+                l.unstored.pop_front();
+                l.unstored_bytes -= len;
+            }
+        }
         if self.leader.is_some() {
             self.complete_leader_acks();
             self.maybe_advance_hw();
@@ -1360,5 +1393,38 @@ mod tests {
         assert_eq!(rm.bytes_after(n - 1), one);
         assert_eq!(rm.bytes_after(n - 2), 2 * one);
         assert!(rm.bytes_after(1) >= one * SIZES_KEPT as u64);
+    }
+
+    #[test]
+    fn a_leader_accepts_only_so_much_ahead_of_its_storage() {
+        let state = LogState {
+            bounds: OffsetBounds {
+                log_start: 0,
+                log_end: 0,
+            },
+            high_watermark: 0,
+            leader_epochs: Vec::new(),
+        };
+        let mut rm = ReplicationManager::new(Config::default(), 1, &state);
+        rm.become_leader(1, vec![1, 2], vec![1], 1, 0);
+        let mib = [Record {
+            value: bytes::Bytes::from(vec![7u8; 1 << 20]),
+            ..Default::default()
+        }];
+        // acks=0 is answered on acceptance: without the bound nothing
+        // would stop a producer while the storage never answers.
+        let mut accepted = 0u64;
+        let refused = loop {
+            match rm.produce(accepted, &mib, Acks::None, 60_000) {
+                Ok(()) => accepted += 1,
+                Err(e) => break e,
+            }
+            assert!(accepted <= 1000, "never refused");
+        };
+        assert_eq!(refused, ErrorCode::StorageBacklog);
+        assert_eq!(accepted, MAX_UNSTORED_BYTES / (1 << 20) - 1);
+        // The storage stores the first two: there is room again.
+        rm.log_appended(2, 0);
+        assert!(rm.produce(accepted, &mib, Acks::None, 60_000).is_ok());
     }
 }

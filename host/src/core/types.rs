@@ -40,6 +40,9 @@ pub enum ErrorCode {
     IsrUpdateRejected,
     /// The records could not be appended (storage fault, bad batch).
     StorageError,
+    /// Refused before the append: the leader holds more appends than it
+    /// accepts ahead of its storage. Retriable once the storage catches up.
+    StorageBacklog,
 }
 
 /// How much replication a producer waits for.

@@ -109,6 +109,7 @@ pub(super) fn error_code(e: Option<ErrorCode>) -> u8 {
         Some(ErrorCode::RequestTimedOut) => 9,
         Some(ErrorCode::IsrUpdateRejected) => 10,
         Some(ErrorCode::StorageError) => 11,
+        Some(ErrorCode::StorageBacklog) => 12,
     }
 }
 
@@ -126,6 +127,7 @@ pub(super) fn decode_error(c: u8) -> Result<Option<ErrorCode>, FrameError> {
         9 => ErrorCode::RequestTimedOut,
         10 => ErrorCode::IsrUpdateRejected,
         11 => ErrorCode::StorageError,
+        12 => ErrorCode::StorageBacklog,
         other => return Err(bad("fetch response", format!("unknown error code {other}"))),
     }))
 }

@@ -130,9 +130,10 @@ impl RpcError {
             | RpcError::UnknownPartition { .. }
             | RpcError::Metadata(_)
             | RpcError::ShuttingDown => true,
-            RpcError::Replication { code, .. } => {
-                *code == crate::core::ErrorCode::NotEnoughReplicas
-            }
+            RpcError::Replication { code, .. } => matches!(
+                code,
+                crate::core::ErrorCode::NotEnoughReplicas | crate::core::ErrorCode::StorageBacklog
+            ),
             _ => false,
         }
     }
