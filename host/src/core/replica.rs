@@ -1364,8 +1364,8 @@ mod tests {
     use crate::batch::Record;
     use crate::storage::{LogState, OffsetBounds};
 
-    #[test]
-    fn a_long_lived_leader_keeps_a_bounded_size_history() {
+    /// Node 1 leading epoch 1 of an empty log, alone in its ISR.
+    fn sole_leader() -> ReplicationManager {
         let state = LogState {
             bounds: OffsetBounds {
                 log_start: 0,
@@ -1376,6 +1376,12 @@ mod tests {
         };
         let mut rm = ReplicationManager::new(Config::default(), 1, &state);
         rm.become_leader(1, vec![1, 2], vec![1], 1, 0);
+        rm
+    }
+
+    #[test]
+    fn a_long_lived_leader_keeps_a_bounded_size_history() {
+        let mut rm = sole_leader();
         let record = [Record {
             value: bytes::Bytes::from_static(b"0123456789"),
             ..Default::default()
@@ -1397,16 +1403,7 @@ mod tests {
 
     #[test]
     fn a_leader_accepts_only_so_much_ahead_of_its_storage() {
-        let state = LogState {
-            bounds: OffsetBounds {
-                log_start: 0,
-                log_end: 0,
-            },
-            high_watermark: 0,
-            leader_epochs: Vec::new(),
-        };
-        let mut rm = ReplicationManager::new(Config::default(), 1, &state);
-        rm.become_leader(1, vec![1, 2], vec![1], 1, 0);
+        let mut rm = sole_leader();
         let mib = [Record {
             value: bytes::Bytes::from(vec![7u8; 1 << 20]),
             ..Default::default()
