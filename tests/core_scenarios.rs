@@ -801,6 +801,63 @@ fn follower_ignores_batches_whose_epochs_go_back() {
 }
 
 #[test]
+fn an_empty_follower_takes_older_epochs_after_one_it_led_without_writing() {
+    // Its log is empty at 100 (retention, or a reset there). It led epoch
+    // 5 and wrote nothing, then follows epoch 6, whose leader holds epoch
+    // 4 batches from 100 it never saw. An empty log sends no last epoch,
+    // so no divergence answer cuts epoch 5 away first: the batches must
+    // still be taken, and epoch 5 forgotten.
+    use replicator::storage::{LogState, OffsetBounds};
+    let state = LogState {
+        bounds: OffsetBounds {
+            log_start: 100,
+            log_end: 100,
+        },
+        high_watermark: 100,
+        leader_epochs: Vec::new(),
+    };
+    let mut rm = ReplicationManager::new(config(), 1, &state);
+    rm.become_leader(5, vec![1, 2], vec![1, 2], 1, 0);
+    rm.become_follower(2, 6, 0);
+    let request = rm
+        .drain()
+        .into_iter()
+        .find_map(|a| match a {
+            Action::SendFetch { request, .. } => Some(request),
+            _ => None,
+        })
+        .expect("fetches");
+    assert_eq!(request.last_fetched_epoch, None);
+    let records = replicator::batch::encode(100, 4, &record(100)).unwrap();
+    let resp = FetchResponse {
+        correlation_id: request.correlation_id,
+        leader_epoch: 6,
+        error: None,
+        high_watermark: 100,
+        log_start_offset: 0,
+        log_end_offset: 101,
+        diverging_epoch: None,
+        records: Records::from(records),
+    };
+    rm.handle_fetch_response(2, resp, 0);
+    let actions = rm.drain();
+    assert!(
+        actions.iter().any(|a| matches!(a, Action::Append { .. })),
+        "the epoch 4 batch was refused after the empty epoch 5"
+    );
+    let epochs = actions.iter().rev().find_map(|a| match a {
+        Action::PersistEpochs(e) => Some(e.clone()),
+        _ => None,
+    });
+    let epochs: Vec<(u32, u64)> = epochs
+        .expect("the cache changed")
+        .iter()
+        .map(|e| (e.epoch, e.start_offset))
+        .collect();
+    assert_eq!(epochs, [(4, 100)]);
+}
+
+#[test]
 fn a_truncation_before_a_log_start_inside_a_batch_empties_the_log_there() {
     // Retention put the log start at 7, inside the batch at 6..9; cutting
     // to 7 takes the whole batch, so the log ends at 6. The start follows,

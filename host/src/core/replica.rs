@@ -1320,10 +1320,19 @@ impl ReplicationManager {
         // the epoch cache.
         let mut next = leo;
         let mut starts = Vec::new();
-        // Epochs never decrease along a log: not below this log's latest
-        // (a divergence answer cut any later one away first), nor below
-        // the batch before.
-        let mut floor = self.epochs.latest().map_or(0, |e| e.epoch);
+        // Epochs never decrease along a log: not below the latest epoch
+        // of this log's batches (a divergence answer cut any later one
+        // away first), nor below the batch before. An epoch that starts at
+        // the log end holds no batch: this replica led it and wrote
+        // nothing. An empty log sends no last epoch, so nothing cut it;
+        // it goes below, as Kafka's cache drops such entries.
+        let mut floor = self
+            .epochs
+            .entries()
+            .iter()
+            .rev()
+            .find(|e| e.start_offset < leo)
+            .map_or(0, |e| e.epoch);
         // From the wire this is one piece, so no copy.
         let records = response.records.into_contiguous();
         for b in replicator_plugin_sdk::batches(&records, true) {
@@ -1342,7 +1351,7 @@ impl ReplicationManager {
                 }
             }
         }
-        let mut changed = false;
+        let mut changed = self.epochs.truncate_to(leo);
         for (epoch, start) in starts {
             changed |= self.epochs.assign(epoch, start);
         }
