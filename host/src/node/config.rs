@@ -422,13 +422,12 @@ impl NodeConfig {
         if c.metadata_poll_ms == 0 {
             return Err(invalid("metadata_poll_ms must be at least 1".into()));
         }
-        if c.replication.unclean_leader_election != c.failover.unclean_leader_election {
+        if c.replication.unclean_leader_election && !c.failover.unclean_leader_election {
             // The core's copy mirrors the reference API; elections read
-            // [failover]'s. Different values would leave one ignored.
-            return Err(invalid(format!(
-                "[replication] unclean_leader_election = {} but [failover] unclean_leader_election = {}: a node elects by [failover]'s; set it there (and the same, or not at all, under [replication])",
-                c.replication.unclean_leader_election, c.failover.unclean_leader_election
-            )));
+            // [failover]'s. Turned on only there it would do nothing.
+            return Err(invalid(
+                "[replication] unclean_leader_election = true but [failover] unclean_leader_election = false: a node elects by [failover]'s; set it there".into(),
+            ));
         }
         if c.listen.ip().is_unspecified() && c.advertise.is_none() {
             return Err(invalid(format!(
@@ -506,6 +505,10 @@ mod tests {
         let both = "[replication]\nunclean_leader_election = true\n\
                     [failover]\nunclean_leader_election = true\n";
         assert_eq!(node_refused(ok, both), "loaded");
+        // What `cluster init` writes, with [failover]'s turned on.
+        let on = "[replication]\nunclean_leader_election = false\n\
+                  [failover]\nunclean_leader_election = true\n";
+        assert_eq!(node_refused(ok, on), "loaded");
         let any = "listen = \"0.0.0.0:7101\"";
         let e = node_refused(any, "");
         assert!(e.contains("set `advertise`"), "{e}");

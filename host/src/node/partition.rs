@@ -867,9 +867,14 @@ impl Actor {
                         gone,
                     )
                     .await;
-                    if result.is_err() && current.is_none() {
-                        // The store is down or refused a member: the core
-                        // proposes again at once, so pace the retries.
+                    if result.is_err()
+                        && current
+                            .as_ref()
+                            .is_none_or(|c| c.version == expected_version)
+                    {
+                        // The store is down, refused a member, or did not
+                        // take it: the core proposes again at once, so
+                        // pace the retries.
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                     let _ = events.send(Event::IsrDone {
