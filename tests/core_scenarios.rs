@@ -800,24 +800,29 @@ fn follower_ignores_batches_whose_epochs_go_back() {
     assert!(appends(&mut c, [1, 2]), "epochs 1 then 2 refused");
 }
 
-#[test]
-fn an_empty_follower_takes_older_epochs_after_one_it_led_without_writing() {
-    // Its log is empty at 100 (retention, or a reset there). It led epoch
-    // 5 and wrote nothing, then follows epoch 6, whose leader holds epoch
-    // 4 batches from 100 it never saw. An empty log sends no last epoch,
-    // so no divergence answer cuts epoch 5 away first: the batches must
-    // still be taken, and epoch 5 forgotten.
-    use replicator::storage::{LogState, OffsetBounds};
+/// What an empty follower (log at `at`, `epochs` remembered, epoch 5
+/// led first if `led_5`) does with its epoch 6 leader's epoch 4 batch at
+/// `at`: whether it appends it, and its epoch cache after.
+fn empty_follower_takes(at: u64, epochs: &[(u32, u64)], led_5: bool) -> Vec<(u32, u64)> {
+    use replicator::storage::{EpochEntry, LogState, OffsetBounds};
     let state = LogState {
         bounds: OffsetBounds {
-            log_start: 100,
-            log_end: 100,
+            log_start: at,
+            log_end: at,
         },
-        high_watermark: 100,
-        leader_epochs: Vec::new(),
+        high_watermark: at,
+        leader_epochs: epochs
+            .iter()
+            .map(|&(epoch, start_offset)| EpochEntry {
+                epoch,
+                start_offset,
+            })
+            .collect(),
     };
     let mut rm = ReplicationManager::new(config(), 1, &state);
-    rm.become_leader(5, vec![1, 2], vec![1, 2], 1, 0);
+    if led_5 {
+        rm.become_leader(5, vec![1, 2], vec![1, 2], 1, 0);
+    }
     rm.become_follower(2, 6, 0);
     let request = rm
         .drain()
@@ -827,15 +832,15 @@ fn an_empty_follower_takes_older_epochs_after_one_it_led_without_writing() {
             _ => None,
         })
         .expect("fetches");
-    assert_eq!(request.last_fetched_epoch, None);
-    let records = replicator::batch::encode(100, 4, &record(100)).unwrap();
+    assert_eq!(request.last_fetched_epoch, None, "an empty log");
+    let records = replicator::batch::encode(at, 4, &record(at)).unwrap();
     let resp = FetchResponse {
         correlation_id: request.correlation_id,
         leader_epoch: 6,
         error: None,
-        high_watermark: 100,
+        high_watermark: at,
         log_start_offset: 0,
-        log_end_offset: 101,
+        log_end_offset: at + 1,
         diverging_epoch: None,
         records: Records::from(records),
     };
@@ -843,18 +848,32 @@ fn an_empty_follower_takes_older_epochs_after_one_it_led_without_writing() {
     let actions = rm.drain();
     assert!(
         actions.iter().any(|a| matches!(a, Action::Append { .. })),
-        "the epoch 4 batch was refused after the empty epoch 5"
+        "the epoch 4 batch at {at} was refused (remembered {epochs:?}, led 5: {led_5})"
     );
     let epochs = actions.iter().rev().find_map(|a| match a {
         Action::PersistEpochs(e) => Some(e.clone()),
         _ => None,
     });
-    let epochs: Vec<(u32, u64)> = epochs
+    epochs
         .expect("the cache changed")
         .iter()
         .map(|e| (e.epoch, e.start_offset))
-        .collect();
-    assert_eq!(epochs, [(4, 100)]);
+        .collect()
+}
+
+#[test]
+fn an_empty_follower_takes_older_epochs_than_it_remembers() {
+    // An empty log sends no last epoch, so no divergence answer cuts away
+    // what its cache remembers first: a newer leader's batches of an older
+    // epoch must still be taken, and the cache must give way.
+    // It led epoch 5 at 100 and wrote nothing.
+    assert_eq!(empty_follower_takes(100, &[], true), [(4, 100)]);
+    // Retention emptied it at 7; it remembers epochs 3 and 5 of what it
+    // deleted (an unclean election put an epoch 4 log in charge).
+    assert_eq!(
+        empty_follower_takes(7, &[(3, 0), (5, 6)], false),
+        [(3, 0), (4, 7)]
+    );
 }
 
 #[test]

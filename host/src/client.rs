@@ -511,7 +511,12 @@ impl Client {
                 | ClientError::Timeout { .. } => true,
                 _ => false,
             };
-            if !retriable || started.elapsed() + backoff > timeout {
+            // A retry needs time left to commit in: one sent with a few
+            // milliseconds would be appended, then time out waiting for the
+            // ISR and come back ambiguous, where stopping here says
+            // "nothing written".
+            let least = (timeout / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
+            if !retriable || started.elapsed() + backoff + least > timeout {
                 return Err(if retriable {
                     ClientError::Timeout {
                         waited: started.elapsed(),

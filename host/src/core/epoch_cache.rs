@@ -67,6 +67,16 @@ impl EpochCache {
         self.entries.len() != before
     }
 
+    /// Drop entries of `epoch` and later: an empty log is about to take
+    /// batches of `epoch`, and what it remembers of later epochs describes
+    /// no batch it holds (Kafka's cache drops such conflicting entries).
+    /// Returns whether the cache changed.
+    pub fn truncate_from_epoch(&mut self, epoch: u32) -> bool {
+        let before = self.entries.len();
+        self.entries.retain(|e| e.epoch < epoch);
+        self.entries.len() != before
+    }
+
     /// Forget everything (the log was reset to start at a new offset).
     pub fn clear(&mut self) -> bool {
         let changed = !self.entries.is_empty();

@@ -1323,16 +1323,21 @@ impl ReplicationManager {
         // Epochs never decrease along a log: not below the latest epoch
         // of this log's batches (a divergence answer cut any later one
         // away first), nor below the batch before. An epoch that starts at
-        // the log end holds no batch: this replica led it and wrote
-        // nothing. An empty log sends no last epoch, so nothing cut it;
-        // it goes below, as Kafka's cache drops such entries.
-        let mut floor = self
-            .epochs
-            .entries()
-            .iter()
-            .rev()
-            .find(|e| e.start_offset < leo)
-            .map_or(0, |e| e.epoch);
+        // the log end holds no batch (this replica led it and wrote
+        // nothing), and an empty log holds none at all: it sent no last
+        // epoch, so no divergence answer cut what its cache remembers of
+        // deleted batches. Neither sets a floor; the cache gives way below.
+        let empty = leo <= self.log_start;
+        let mut floor = if empty {
+            0
+        } else {
+            self.epochs
+                .entries()
+                .iter()
+                .rev()
+                .find(|e| e.start_offset < leo)
+                .map_or(0, |e| e.epoch)
+        };
         // From the wire this is one piece, so no copy.
         let records = response.records.into_contiguous();
         for b in replicator_plugin_sdk::batches(&records, true) {
@@ -1352,6 +1357,9 @@ impl ReplicationManager {
             }
         }
         let mut changed = self.epochs.truncate_to(leo);
+        if empty && let Some(&(first, _)) = starts.first() {
+            changed |= self.epochs.truncate_from_epoch(first);
+        }
         for (epoch, start) in starts {
             changed |= self.epochs.assign(epoch, start);
         }
