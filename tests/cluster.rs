@@ -394,6 +394,8 @@ fn bad_node_configs_fail_with_clear_errors() {
     let taken = c.path().join("ca.pem");
     let e = refused_init(&["--ca-key-out", taken.to_str().unwrap()]);
     assert!(e.contains("refusing to overwrite a key"), "{e}");
+    let e = refused_init(&["--metadata-endpoint", "http://127.0.0.1:2379"]);
+    assert!(e.contains("`file` metadata plugin"), "{e}");
     // Port in use.
     let port = c.base_port;
     let _hold = std::net::UdpSocket::bind(("127.0.0.1", port)).unwrap();

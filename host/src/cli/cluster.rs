@@ -220,6 +220,12 @@ fn plan(args: &InitArgs) -> anyhow::Result<Plan> {
     if let Err(e) = metadata.validate() {
         bail!("{e} (give them with --metadata-endpoint http://host:port)");
     }
+    if metadata.plugin == "file" && !metadata.endpoints.is_empty() {
+        // Every node would refuse its `endpoints` setting at start.
+        bail!(
+            "--metadata-endpoint is for a networked store; the `file` metadata plugin keeps the cluster's metadata in a directory and takes none (use --metadata etcd)"
+        );
+    }
     let dir = &args.dir;
     if dir.join("ca.pem").exists() {
         bail!(
