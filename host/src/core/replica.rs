@@ -603,8 +603,6 @@ impl ReplicationManager {
                 l.unstored.pop_front();
                 l.unstored_bytes -= len;
             }
-        }
-        if self.leader.is_some() {
             self.complete_leader_acks();
             self.maybe_advance_hw();
             self.serve_parked(now, false);

@@ -60,12 +60,7 @@ impl Reader {
     /// every answer) 64 KiB names.
     pub(super) fn topic(&mut self) -> Result<String, FrameError> {
         let n = self.u16()? as usize;
-        if n > MAX_TOPIC_LEN {
-            return Err(bad(
-                self.what,
-                format!("a {n}-byte topic name (at most {MAX_TOPIC_LEN})"),
-            ));
-        }
+        topic_len_ok(self.what, n)?;
         let b = self.take(n)?;
         String::from_utf8(b.to_vec()).map_err(|_| bad(self.what, "topic is not UTF-8"))
     }
@@ -132,21 +127,22 @@ pub(super) fn decode_error(c: u8) -> Result<Option<ErrorCode>, FrameError> {
     }))
 }
 
+/// Topic names past [`MAX_TOPIC_LEN`] are refused both when read and
+/// when sent (what the reader would refuse is not sent).
+fn topic_len_ok(what: &'static str, n: usize) -> Result<(), FrameError> {
+    if n > MAX_TOPIC_LEN {
+        return Err(bad(
+            what,
+            format!("a {n}-byte topic name (at most {MAX_TOPIC_LEN})"),
+        ));
+    }
+    Ok(())
+}
+
 pub(super) fn put_tp(out: &mut BytesMut, tp: &TopicPartition) -> Result<(), FrameError> {
-    // What the reader would refuse is not sent.
-    let len = u16::try_from(tp.topic.len())
-        .ok()
-        .filter(|n| usize::from(*n) <= MAX_TOPIC_LEN)
-        .ok_or_else(|| {
-            bad(
-                "topic",
-                format!(
-                    "a {}-byte topic name (at most {MAX_TOPIC_LEN})",
-                    tp.topic.len()
-                ),
-            )
-        })?;
-    out.put_u16_le(len);
+    topic_len_ok("topic", tp.topic.len())?;
+    // At most MAX_TOPIC_LEN, so it fits.
+    out.put_u16_le(tp.topic.len() as u16);
     out.put_slice(tp.topic.as_bytes());
     out.put_u32_le(tp.partition);
     Ok(())
