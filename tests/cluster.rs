@@ -471,6 +471,96 @@ fn a_restarted_leader_hands_over_and_loses_nothing_even_with_memory_storage() {
     );
 }
 
+/// KIP-966. Node 2 leaves the ISR while it is below min.insync (2), so it
+/// is eligible (the ELR): the HW stops, and it holds every committed write.
+/// Then the last ISR member, the leader, restarts with in-memory storage:
+/// its log is empty. It must not lead (node 2 would truncate everything
+/// committed to its empty log); node 2 must, once it is back.
+#[test]
+fn the_eligible_replica_leads_when_the_last_in_sync_one_lost_its_log() {
+    let c = last_in_sync_restarts("memory", false);
+    assert!(c.log(1).contains("opened log: [0, 0)"), "{}", c.log(1));
+    let decided = format!("{}{}", c.log(1), c.log(2));
+    assert!(decided.contains("elected from the ELR"), "{decided}");
+}
+
+/// The same with file storage and a graceful stop: the clean-shutdown
+/// record vouches for node 1's log, so it leads again at once.
+#[test]
+fn a_last_in_sync_replica_stopped_cleanly_leads_again() {
+    let c = last_in_sync_restarts("file", true);
+    let log = c.log(1);
+    assert!(log.contains("opened log: [0, 2000)"), "{log}");
+    assert!(
+        log.contains("leadership moves to node 1 in epoch 2"),
+        "{log}"
+    );
+}
+
+/// Commit 2000 messages, kill node 3, freeze node 2 until it leaves the
+/// ISR (into the ELR), restart node 1 (the leader) killed or stopped,
+/// then thaw node 2 and restart node 3: every replica must end with the
+/// 2000 and 1000 more, unchanged.
+fn last_in_sync_restarts(storage: &str, graceful: bool) -> Cluster {
+    let mut c = Cluster::init(3, storage, short_lag);
+    c.start_all();
+    c.wait_up();
+    let client = c.client();
+    create_topic(&client, "t", "1");
+    produce_generated(&client, "t", "2000");
+    c.wait_status("2000 everywhere", |v| converged(v, "t", 0, 2000));
+    let before = consume_replica(&c, "t", 2, 2000);
+
+    let isr_is = |v: &serde_json::Value, isr: serde_json::Value| {
+        partition(v, "t", 0).is_some_and(|p| p["isr"] == isr)
+    };
+    c.kill(3);
+    c.wait_status("ISR 1, 2", |v| isr_is(v, serde_json::json!([1, 2])));
+    // Frozen, node 2 falls out of the ISR by lag, below min.insync.
+    c.signal(2, "-STOP");
+    let v = c.wait_status("ISR 1 with 2 eligible", |v| {
+        isr_is(v, serde_json::json!([1]))
+            && partition(v, "t", 0).is_some_and(|p| p["elr"] == serde_json::json!([2]))
+    });
+    assert_eq!(
+        partition(&v, "t", 0).unwrap()["high_watermark"],
+        2000,
+        "{v}"
+    );
+
+    if graceful {
+        assert!(c.stop(1), "node 1 did not stop cleanly:\n{}", c.log(1));
+    } else {
+        c.kill(1);
+    }
+    c.start(1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !c.log(1).contains("it may not lead") && !c.log(1).contains("leadership moves") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 1 did not give up its claims:\n{}",
+            c.log(1)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    c.signal(2, "-CONT");
+    let leader = if graceful { 1 } else { 2 };
+    c.wait_status("the right leader", |v| {
+        partition(v, "t", 0).is_some_and(|p| p["leader"] == leader)
+    });
+    c.start(3);
+    c.wait_status("2000 everywhere again", |v| converged(v, "t", 0, 2000));
+    produce_generated(&client, "t", "1000");
+    c.wait_status("3000 everywhere", |v| converged(v, "t", 0, 3000));
+    let logs: Vec<Vec<String>> = (1..=3).map(|r| consume_replica(&c, "t", r, 3000)).collect();
+    for l in &logs {
+        assert_eq!(l, &logs[0]);
+        assert_eq!(&l[..2000], &before[..], "committed messages changed");
+    }
+    c
+}
+
 /// The batching producer: thousands of messages sent at once all land, each
 /// at the offset it was told, in far fewer requests than messages; a
 /// request that fails fails every message in it.

@@ -73,6 +73,7 @@ fn state(topic: &str, leader: u32, leader_epoch: u32) -> PartitionState {
         leader: Some(leader),
         leader_epoch,
         isr: vec![1, 2],
+        elr: vec![],
         replicas: vec![1, 2],
         min_insync: 1,
         version: 0,

@@ -30,6 +30,7 @@ fn state(topic: &str, partition: u32, leader: u32, leader_epoch: u32) -> Partiti
         leader: Some(leader),
         leader_epoch,
         isr: vec![1, 2, 3],
+        elr: vec![],
         replicas: vec![1, 2, 3],
         min_insync: 2,
         version: 0,
@@ -226,6 +227,7 @@ async fn get_returns_the_newest_version_in_the_documented_format() {
     let mut none = got.clone();
     none.leader = None;
     none.isr = vec![];
+    none.elr = vec![2, 3];
     assert_eq!(a.compare_and_set(none.clone(), 2).await, Ok(3));
     assert_eq!(
         b.get_partition("t", 0).await,
@@ -242,11 +244,21 @@ async fn get_returns_the_newest_version_in_the_documented_format() {
         "\"leader\":2",
         "\"leader_epoch\":1",
         "\"isr\":[2,3]",
+        "\"elr\":[]",
         "\"replicas\":[1,2,3]",
         "\"version\":2",
     ] {
         assert!(json.contains(field), "{field} in {json}");
     }
+    let json = std::fs::read_to_string(version_file(dir.path(), "t", 0, 3)).expect("version 3");
+    assert!(json.contains("\"elr\":[2,3]"), "{json}");
+
+    // A file written before the ELR (and min.insync) fields existed reads
+    // as having none.
+    let old = r#"{"topic":"t","partition":0,"leader":3,"leader_epoch":2,"isr":[3],"replicas":[1,2,3],"version":4}"#;
+    std::fs::write(version_file(dir.path(), "t", 0, 4), old).expect("write version 4");
+    let got = a.get_partition("t", 0).await.expect("get version 4");
+    assert_eq!((got.version, got.elr, got.min_insync), (4, vec![], 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

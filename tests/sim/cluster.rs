@@ -1,6 +1,8 @@
 //! The simulated cluster: nodes running the real `ReplicationManager`, a
 //! metadata store with compare-and-set that fences crashed brokers and
-//! elects leaders from the live ISR, and a lossy, reordering network.
+//! elects leaders from the live ISR (else the live ELR, KIP-966), and a
+//! lossy, reordering network. The ISR and ELR change only through the
+//! host's own rules (`PartitionState::with_isr`, `after_restart`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -9,6 +11,7 @@ use replicator::batch::Record;
 use replicator::core::{
     Acks, Action, Config, Faults, FetchRequest, FetchResponse, ReplicationManager,
 };
+use replicator::metadata::PartitionState;
 
 use super::checker::Checker;
 use super::rng::Rng;
@@ -23,7 +26,14 @@ pub struct Options {
     pub faults: Faults,
     /// Negative control: the controller elects any live replica.
     pub elect_outside_isr: bool,
+    /// KIP-966: elect from the ELR when no ISR member is alive, and give
+    /// up a restarted replica's claims by `after_restart`. Off (negative
+    /// control): a restarted sole ISR member leads with what its log kept.
+    pub eligible_leaders: bool,
     pub drop_percent: u64,
+    /// Chance per step (percent) of a crash, and of a link cut.
+    pub crash_percent: u64,
+    pub cut_percent: u64,
     pub max_delay_ms: u64,
     /// `Config::retention_bytes` of every replica.
     pub retention_bytes: Option<u64>,
@@ -37,7 +47,10 @@ impl Default for Options {
             steps: 1500,
             faults: Faults::default(),
             elect_outside_isr: false,
+            eligible_leaders: true,
             drop_percent: 3,
+            crash_percent: 1,
+            cut_percent: 1,
             max_delay_ms: 20,
             retention_bytes: None,
         }
@@ -59,6 +72,10 @@ struct Envelope {
 
 pub struct Node {
     pub alive: bool,
+    /// Its last crash lost unflushed batches: its log is not intact (what
+    /// a clean-shutdown record tells a real node; a crashed real node
+    /// counts as not intact even when it lost nothing, which is safer).
+    pub lost: bool,
     /// Broker epoch: bumped at every start, registered with the store.
     pub broker_epoch: u64,
     pub rm: Option<ReplicationManager>,
@@ -71,6 +88,7 @@ pub struct Controller {
     pub leader: Option<u32>,
     pub epoch: u32,
     pub isr: Vec<u32>,
+    pub elr: Vec<u32>,
     pub version: u64,
     pub replicas: Vec<u32>,
 }
@@ -126,6 +144,7 @@ impl Sim {
             .iter()
             .map(|_| Node {
                 alive: true,
+                lost: false,
                 broker_epoch: 0,
                 rm: None,
                 log: SimLog::default(),
@@ -140,6 +159,7 @@ impl Sim {
                 leader: None,
                 epoch: 0,
                 isr: replicas.clone(),
+                elr: Vec::new(),
                 version: 1,
                 replicas,
             },
@@ -176,6 +196,30 @@ impl Sim {
         node.alive = true;
     }
 
+    fn partition_state(&self) -> PartitionState {
+        PartitionState {
+            topic: "t".into(),
+            partition: 0,
+            leader: self.ctrl.leader,
+            leader_epoch: self.ctrl.epoch,
+            isr: self.ctrl.isr.clone(),
+            elr: self.ctrl.elr.clone(),
+            replicas: self.ctrl.replicas.clone(),
+            min_insync: self.opts.min_insync,
+            version: self.ctrl.version,
+        }
+    }
+
+    /// The ISR becomes `isr`; the ELR follows the host's rule. `eligible`:
+    /// whether members leaving it held everything committed.
+    fn set_isr(&mut self, isr: Vec<u32>, eligible: bool) {
+        let next = self
+            .partition_state()
+            .with_isr(isr, self.opts.min_insync, eligible);
+        self.ctrl.isr = next.isr;
+        self.ctrl.elr = next.elr;
+    }
+
     fn rm(&mut self, n: u32) -> Option<&mut ReplicationManager> {
         let node = &mut self.nodes[n as usize];
         if node.alive { node.rm.as_mut() } else { None }
@@ -191,20 +235,24 @@ impl Sim {
             .copied()
             .filter(|r| self.nodes[*r as usize].alive && Some(*r) != dead)
             .collect();
-        let candidates: Vec<u32> = if self.opts.elect_outside_isr {
+        let among = |set: &[u32]| -> Vec<u32> {
+            alive.iter().copied().filter(|r| set.contains(r)).collect()
+        };
+        let mut candidates: Vec<u32> = if self.opts.elect_outside_isr {
             alive.clone()
         } else {
-            alive
-                .iter()
-                .copied()
-                .filter(|r| self.ctrl.isr.contains(r))
-                .collect()
+            among(&self.ctrl.isr)
         };
+        let mut eligible = false;
+        if candidates.is_empty() && self.opts.eligible_leaders {
+            candidates = among(&self.ctrl.elr);
+            eligible = true;
+        }
         if candidates.is_empty() {
             self.ctrl.leader = None;
             self.trace.push(format!(
-                "t={} partition offline (isr {:?})",
-                self.now, self.ctrl.isr
+                "t={} partition offline (isr {:?}, elr {:?})",
+                self.now, self.ctrl.isr, self.ctrl.elr
             ));
             return;
         }
@@ -212,8 +260,15 @@ impl Sim {
         self.ctrl.epoch += 1;
         self.ctrl.version += 1;
         self.ctrl.leader = Some(leader);
-        if !self.ctrl.isr.contains(&leader) {
+        if eligible {
+            self.trace.push(format!(
+                "t={} elect from the elr {:?}",
+                self.now, self.ctrl.elr
+            ));
+            self.set_isr(vec![leader], true);
+        } else if !self.ctrl.isr.contains(&leader) {
             self.ctrl.isr = vec![leader];
+            self.ctrl.elr.clear();
         }
         let (epoch, isr, version, replicas, now) = (
             self.ctrl.epoch,
@@ -238,10 +293,12 @@ impl Sim {
     }
 
     fn crash(&mut self, n: u32) {
-        // A machine crash loses unflushed data. Never for the last ISR
-        // member: that is KIP-966's case, a failure beyond RF - min.insync.
-        let last_in_sync = self.ctrl.isr == [n];
-        let lossy = !last_in_sync && self.rng.chance(50);
+        // A machine crash loses unflushed data. Never for the last replica
+        // known to hold every committed record (the last ISR member, with
+        // nobody eligible): no protocol keeps what every holder lost. The
+        // last ISR member with an ELR is KIP-966's case.
+        let last_holder = self.ctrl.isr == [n] && self.ctrl.elr.is_empty();
+        let lossy = !last_holder && self.rng.chance(50);
         let lost = if lossy {
             self.nodes[n as usize].log.lose_unflushed()
         } else {
@@ -252,6 +309,7 @@ impl Sim {
             self.now
         ));
         self.nodes[n as usize].alive = false;
+        self.nodes[n as usize].lost = lost > 0;
         self.nodes[n as usize].rm = None;
         // Operations the storage had not done yet never happen.
         self.storage_q[n as usize].clear();
@@ -259,11 +317,12 @@ impl Sim {
             .on_truncate(n, self.nodes[n as usize].log.log_end());
         // The store fences the broker: out of the ISR (never emptying it).
         if self.ctrl.isr.contains(&n) && self.ctrl.isr.len() > 1 {
-            self.ctrl.isr.retain(|r| *r != n);
+            let isr = self.ctrl.isr.iter().copied().filter(|r| *r != n).collect();
+            self.set_isr(isr, true);
             self.ctrl.version += 1;
             self.trace.push(format!(
-                "t={} store fences {n}: isr {:?}",
-                self.now, self.ctrl.isr
+                "t={} store fences {n}: isr {:?}, elr {:?}",
+                self.now, self.ctrl.isr, self.ctrl.elr
             ));
         }
         if self.ctrl.leader == Some(n) || self.ctrl.leader.is_none() {
@@ -284,6 +343,22 @@ impl Sim {
     fn restart(&mut self, n: u32) {
         self.trace.push(format!("t={} restart {n}", self.now));
         self.start_node(n);
+        let intact = !self.nodes[n as usize].lost;
+        if self.opts.eligible_leaders
+            && let Some(next) =
+                self.partition_state()
+                    .after_restart(n, intact, self.opts.min_insync)
+        {
+            // The store never names a crashed leader here (it elected
+            // at the crash), so only the ISR and ELR change.
+            self.trace.push(format!(
+                "t={} {n} gives up its claims (intact {intact}): isr {:?}, elr {:?}",
+                self.now, next.isr, next.elr
+            ));
+            self.ctrl.isr = next.isr;
+            self.ctrl.elr = next.elr;
+            self.ctrl.version += 1;
+        }
         match self.ctrl.leader {
             Some(l) => {
                 let (epoch, now) = (self.ctrl.epoch, self.now);
@@ -499,7 +574,7 @@ impl Sim {
             } else if expected_version != self.ctrl.version || !admissible {
                 Err(replicator::core::ErrorCode::IsrUpdateRejected)
             } else {
-                self.ctrl.isr = isr.clone();
+                self.set_isr(isr.clone(), true);
                 self.ctrl.version += 1;
                 Ok(self.ctrl.version)
             };
@@ -599,7 +674,7 @@ impl Sim {
         // Faults: crashes within RF - min.insync, restarts, link cuts.
         let down = self.nodes.iter().filter(|n| !n.alive).count() as u32;
         let budget = self.opts.replicas - self.opts.min_insync;
-        if self.rng.chance(1) && down < budget {
+        if self.rng.chance(self.opts.crash_percent) && down < budget {
             let n = self.rng.below(u64::from(self.opts.replicas)) as u32;
             if self.nodes[n as usize].alive {
                 self.crash(n);
@@ -611,7 +686,7 @@ impl Sim {
             let n = dead[self.rng.below(dead.len() as u64) as usize];
             self.restart(n);
         }
-        if self.rng.chance(1) {
+        if self.rng.chance(self.opts.cut_percent) {
             let a = self.rng.below(u64::from(self.opts.replicas)) as u32;
             let b = self.rng.below(u64::from(self.opts.replicas)) as u32;
             if a != b {

@@ -401,6 +401,8 @@ pub struct PartitionReport {
     pub epoch: u32,
     pub replicas: Vec<ReplicaId>,
     pub isr: Vec<ReplicaId>,
+    /// Eligible leader replicas (KIP-966), as the store holds them.
+    pub elr: Vec<ReplicaId>,
     pub high_watermark: Option<u64>,
     /// (replica, its log end, lag behind the leader's log end) as each
     /// replica reports itself; `None` where the replica did not answer.
@@ -448,6 +450,7 @@ pub async fn gather(c: &Client) -> anyhow::Result<(Vec<PartitionReport>, Vec<Str
             replicas: p.replicas.clone(),
             // The leader's live view, else the store's.
             isr: lead.map(|s| s.isr.clone()).unwrap_or(p.isr.clone()),
+            elr: p.elr.clone(),
             high_watermark: lead.map(|s| s.high_watermark),
             replica_log_ends,
         });
@@ -457,8 +460,8 @@ pub async fn gather(c: &Client) -> anyhow::Result<(Vec<PartitionReport>, Vec<Str
 
 pub fn print_table(reports: &[PartitionReport]) {
     println!(
-        "{:<16} {:>4} {:>6} {:>5} {:<10} {:<10} {:>10}  replica:log-end(lag)",
-        "TOPIC", "PART", "LEADER", "EPOCH", "REPLICAS", "ISR", "HW"
+        "{:<16} {:>4} {:>6} {:>5} {:<10} {:<10} {:<6} {:>10}  replica:log-end(lag)",
+        "TOPIC", "PART", "LEADER", "EPOCH", "REPLICAS", "ISR", "ELR", "HW"
     );
     for r in reports {
         let list = |v: &[ReplicaId]| {
@@ -478,13 +481,18 @@ pub fn print_table(reports: &[PartitionReport]) {
             .collect::<Vec<_>>()
             .join(" ");
         println!(
-            "{:<16} {:>4} {:>6} {:>5} {:<10} {:<10} {:>10}  {}",
+            "{:<16} {:>4} {:>6} {:>5} {:<10} {:<10} {:<6} {:>10}  {}",
             r.topic,
             r.partition,
             r.leader.map_or("-".into(), |l| l.to_string()),
             r.epoch,
             list(&r.replicas),
             list(&r.isr),
+            if r.elr.is_empty() {
+                "-".to_string()
+            } else {
+                list(&r.elr)
+            },
             r.high_watermark.map_or("?".into(), |h| h.to_string()),
             leos
         );

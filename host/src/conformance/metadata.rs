@@ -155,12 +155,20 @@ pub async fn run(
 }
 
 fn state(topic: &str, partition: u32, leader: u32, leader_epoch: u32) -> PartitionState {
+    // Odd epochs carry an ELR (KIP-966), so the cases that compare what
+    // was stored with what comes back check that it round-trips too.
+    let (isr, elr) = if leader_epoch % 2 == 1 {
+        (vec![leader], (1..=3).filter(|r| *r != leader).collect())
+    } else {
+        (vec![1, 2, 3], vec![])
+    };
     PartitionState {
         topic: topic.into(),
         partition,
         leader: Some(leader),
         leader_epoch,
-        isr: vec![1, 2, 3],
+        isr,
+        elr,
         replicas: vec![1, 2, 3],
         min_insync: 2,
         version: 0,

@@ -105,17 +105,19 @@ pub struct Decision {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DecisionKind {
     /// The leader failed (or there was none): `next.leader` leads the next
-    /// epoch. `unclean` if it was not in the ISR.
+    /// epoch. `eligible` if it came from the ELR (no ISR member was
+    /// alive), `unclean` if from neither.
     Elect {
         failed: Option<ReplicaId>,
         unclean: bool,
+        eligible: bool,
     },
     /// The leader is alive; failed members leave the ISR so they stop
     /// holding back the high watermark (Kafka's controller does this for a
     /// fenced broker). The leader adopts it through its metadata.
     ShrinkIsr { removed: Vec<ReplicaId> },
     /// The leader failed and no replica may be elected (no live in-sync
-    /// replica, unclean election off). Nothing is written; the partition
+    /// or eligible replica, unclean election off). Nothing is written; the partition
     /// stays unavailable until an in-sync replica returns.
     NoCandidate { failed: Option<ReplicaId> },
 }
@@ -127,13 +129,17 @@ pub enum DecisionKind {
 pub struct FailoverCoordinator {
     me: ReplicaId,
     unclean_election: bool,
+    /// min.insync.replicas of partitions that have none of their own: it
+    /// decides who joins the ELR.
+    default_min_insync: u32,
 }
 
 impl FailoverCoordinator {
-    pub fn new(me: ReplicaId, unclean_election: bool) -> Self {
+    pub fn new(me: ReplicaId, unclean_election: bool, default_min_insync: u32) -> Self {
         FailoverCoordinator {
             me,
             unclean_election,
+            default_min_insync,
         }
     }
 
@@ -157,6 +163,14 @@ impl FailoverCoordinator {
 
     /// The change `state` needs, if any. `None`: leader alive and every
     /// ISR member alive, or nothing this broker should touch.
+    ///
+    /// Members that leave the ISR here (dead ones, a failed leader) held
+    /// every committed record, so they join the ELR when the ISR is left
+    /// below min.insync ([`PartitionState::with_isr`]). A failed leader's
+    /// successor is the first live ISR member, else the first live ELR
+    /// member (KIP-966: it holds everything committed, since the HW stopped
+    /// when the ISR fell below min.insync), else, with unclean election on,
+    /// any live replica.
     pub fn decide(
         &self,
         state: &PartitionState,
@@ -186,66 +200,90 @@ impl FailoverCoordinator {
                 return None;
             }
             return Some(Decision {
-                next: PartitionState {
-                    isr: live_isr,
-                    ..state.clone()
-                },
+                next: state.with_isr(live_isr, self.default_min_insync, true),
                 expected_version: state.version,
                 kind: DecisionKind::ShrinkIsr { removed },
             });
         }
         let failed = state.leader;
+        let no_candidate = || {
+            Some(Decision {
+                next: state.clone(),
+                expected_version: state.version,
+                kind: DecisionKind::NoCandidate { failed },
+            })
+        };
         // The first live in-sync replica in assignment order (Kafka's
         // preferred order), so every decider proposes the same state.
-        let clean = state
-            .replicas
-            .iter()
-            .copied()
-            .find(|r| live_isr.contains(r) && Some(*r) != failed);
-        let (leader, isr, unclean) = match clean {
-            Some(l) => (
-                l,
-                live_isr
-                    .iter()
-                    .copied()
-                    .filter(|r| Some(*r) != failed)
-                    .collect(),
-                false,
-            ),
-            None if self.unclean_election => {
-                let Some(l) = state
-                    .replicas
-                    .iter()
-                    .copied()
-                    .find(|r| self.alive(*r, fd, now) && Some(*r) != failed)
-                else {
-                    return Some(Decision {
-                        next: state.clone(),
-                        expected_version: state.version,
-                        kind: DecisionKind::NoCandidate { failed },
-                    });
-                };
-                (l, vec![l], true)
-            }
-            None => {
-                return Some(Decision {
-                    next: state.clone(),
-                    expected_version: state.version,
-                    kind: DecisionKind::NoCandidate { failed },
-                });
-            }
+        let first_live = |set: &[ReplicaId]| {
+            state
+                .replicas
+                .iter()
+                .copied()
+                .find(|r| set.contains(r) && Some(*r) != failed && self.alive(*r, fd, now))
+        };
+        let (next, from) = if let Some(l) = first_live(&live_isr) {
+            let isr = live_isr.iter().copied().filter(|r| Some(*r) != failed);
+            let next = state.with_isr(isr.collect(), self.default_min_insync, true);
+            (
+                PartitionState {
+                    leader: Some(l),
+                    ..next
+                },
+                Candidate::InSync,
+            )
+        } else if let Some(l) = first_live(&state.elr) {
+            // The ISR's remaining members (a dead leader among them) held
+            // every committed record too: they stay eligible.
+            let next = state.with_isr(vec![l], self.default_min_insync, true);
+            (
+                PartitionState {
+                    leader: Some(l),
+                    ..next
+                },
+                Candidate::Eligible,
+            )
+        } else if self.unclean_election {
+            let Some(l) = state
+                .replicas
+                .iter()
+                .copied()
+                .find(|r| self.alive(*r, fd, now) && Some(*r) != failed)
+            else {
+                return no_candidate();
+            };
+            // Nothing is known about what anyone holds any more.
+            let next = PartitionState {
+                leader: Some(l),
+                isr: vec![l],
+                elr: Vec::new(),
+                ..state.clone()
+            };
+            (next, Candidate::Unclean)
+        } else {
+            return no_candidate();
         };
         Some(Decision {
             next: PartitionState {
-                leader: Some(leader),
                 leader_epoch: state.leader_epoch + 1,
-                isr,
-                ..state.clone()
+                ..next
             },
             expected_version: state.version,
-            kind: DecisionKind::Elect { failed, unclean },
+            kind: DecisionKind::Elect {
+                failed,
+                unclean: from == Candidate::Unclean,
+                eligible: from == Candidate::Eligible,
+            },
         })
     }
+}
+
+/// Where an elected leader came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Candidate {
+    InSync,
+    Eligible,
+    Unclean,
 }
 
 /// The reference API's `FailoverMetrics`: elections this broker won, the
@@ -297,6 +335,7 @@ mod tests {
             leader,
             leader_epoch: 4,
             isr: isr.to_vec(),
+            elr: vec![],
             replicas: vec![1, 2, 3],
             min_insync: 2,
             version: 9,
@@ -341,14 +380,15 @@ mod tests {
 
     #[test]
     fn a_dead_leader_is_replaced_by_the_first_live_isr_member_in_replica_order() {
-        let c = FailoverCoordinator::new(3, false);
+        let c = FailoverCoordinator::new(3, false, 2);
         let fd = detector(1000, &[2, 3]);
         let d = c.decide(&state(Some(1), &[1, 3, 2]), &fd, 1000).unwrap();
         assert_eq!(
             d.kind,
             DecisionKind::Elect {
                 failed: Some(1),
-                unclean: false
+                unclean: false,
+                eligible: false
             }
         );
         assert_eq!(d.next.leader, Some(2));
@@ -356,7 +396,7 @@ mod tests {
         assert_eq!(d.next.isr, vec![3, 2]);
         assert_eq!(d.expected_version, 9);
         // Every live decider proposes the same state.
-        let other = FailoverCoordinator::new(2, false)
+        let other = FailoverCoordinator::new(2, false, 2)
             .decide(&state(Some(1), &[1, 3, 2]), &fd, 1000)
             .unwrap();
         assert_eq!(other, d);
@@ -364,7 +404,7 @@ mod tests {
 
     #[test]
     fn replicas_outside_the_isr_are_never_elected_cleanly() {
-        let c = FailoverCoordinator::new(2, false);
+        let c = FailoverCoordinator::new(2, false, 2);
         let fd = detector(1000, &[2, 3]);
         let d = c.decide(&state(Some(1), &[1]), &fd, 1000).unwrap();
         assert_eq!(d.kind, DecisionKind::NoCandidate { failed: Some(1) });
@@ -373,14 +413,15 @@ mod tests {
 
     #[test]
     fn unclean_election_takes_a_live_replica_outside_the_isr() {
-        let c = FailoverCoordinator::new(2, true);
+        let c = FailoverCoordinator::new(2, true, 2);
         let fd = detector(1000, &[2, 3]);
         let d = c.decide(&state(Some(1), &[1]), &fd, 1000).unwrap();
         assert_eq!(
             d.kind,
             DecisionKind::Elect {
                 failed: Some(1),
-                unclean: true
+                unclean: true,
+                eligible: false
             }
         );
         assert_eq!(d.next.leader, Some(2));
@@ -388,8 +429,79 @@ mod tests {
     }
 
     #[test]
+    fn dead_members_leaving_an_isr_below_min_insync_become_eligible() {
+        let fd = detector(1000, &[1]);
+        let d = FailoverCoordinator::new(1, false, 2)
+            .decide(&state(Some(1), &[1, 2]), &fd, 1000)
+            .unwrap();
+        assert_eq!((d.next.isr, d.next.elr), (vec![1], vec![2]));
+        // With min.insync 1 the ISR {1} still commits on its own: 2 would
+        // not hold what it commits, so 2 is not eligible.
+        let d = FailoverCoordinator::new(1, false, 1)
+            .decide(
+                &PartitionState {
+                    min_insync: 0,
+                    ..state(Some(1), &[1, 2])
+                },
+                &fd,
+                1000,
+            )
+            .unwrap();
+        assert_eq!((d.next.isr, d.next.elr), (vec![1], vec![]));
+    }
+
+    #[test]
+    fn with_no_live_isr_member_a_live_eligible_replica_leads() {
+        // KIP-966's case: 2 left the ISR while it was below min.insync, so
+        // it holds every committed record; then the last member, 1, died.
+        let mut s = state(Some(1), &[1]);
+        s.elr = vec![2];
+        let fd = detector(1000, &[2, 3]);
+        let d = FailoverCoordinator::new(3, false, 2)
+            .decide(&s, &fd, 1000)
+            .unwrap();
+        assert_eq!(
+            d.kind,
+            DecisionKind::Elect {
+                failed: Some(1),
+                unclean: false,
+                eligible: true
+            }
+        );
+        assert_eq!(d.next.leader, Some(2));
+        assert_eq!(d.next.leader_epoch, 5);
+        assert_eq!(d.next.isr, vec![2]);
+        assert_eq!(d.next.elr, vec![1], "the dead leader held it all too");
+        // 3 is alive but was never eligible: it is not elected cleanly.
+        let fd = detector(1000, &[3]);
+        let d = FailoverCoordinator::new(3, false, 2)
+            .decide(&s, &fd, 1000)
+            .unwrap();
+        assert_eq!(d.kind, DecisionKind::NoCandidate { failed: Some(1) });
+        // Unclean election may take it, and then nothing is eligible.
+        let d = FailoverCoordinator::new(3, true, 2)
+            .decide(&s, &fd, 1000)
+            .unwrap();
+        assert_eq!((d.next.leader, d.next.elr), (Some(3), vec![]));
+    }
+
+    #[test]
+    fn a_leaderless_partition_with_an_empty_isr_elects_an_eligible_replica() {
+        let mut s = state(None, &[]);
+        s.elr = vec![1, 3];
+        let fd = detector(1000, &[2, 3]);
+        let d = FailoverCoordinator::new(2, false, 2)
+            .decide(&s, &fd, 1000)
+            .unwrap();
+        assert_eq!(
+            (d.next.leader, d.next.isr, d.next.elr),
+            (Some(3), vec![3], vec![1])
+        );
+    }
+
+    #[test]
     fn a_leaderless_partition_elects_a_live_isr_member() {
-        let c = FailoverCoordinator::new(2, false);
+        let c = FailoverCoordinator::new(2, false, 2);
         let fd = detector(1000, &[2, 3]);
         let d = c.decide(&state(None, &[3]), &fd, 1000).unwrap();
         assert_eq!(d.next.leader, Some(3));
@@ -397,7 +509,8 @@ mod tests {
             d.kind,
             DecisionKind::Elect {
                 failed: None,
-                unclean: false
+                unclean: false,
+                eligible: false
             }
         );
     }
@@ -406,14 +519,14 @@ mod tests {
     fn a_live_leader_trims_dead_members_and_nobody_else_does() {
         let fd = detector(1000, &[1, 2]);
         let s = state(Some(1), &[1, 2, 3]);
-        let d = FailoverCoordinator::new(1, false)
+        let d = FailoverCoordinator::new(1, false, 2)
             .decide(&s, &fd, 1000)
             .unwrap();
         assert_eq!(d.kind, DecisionKind::ShrinkIsr { removed: vec![3] });
         assert_eq!(d.next.isr, vec![1, 2]);
         assert_eq!(d.next.leader_epoch, 4, "a shrink keeps the epoch");
         assert_eq!(
-            FailoverCoordinator::new(2, false).decide(&s, &fd, 1000),
+            FailoverCoordinator::new(2, false, 2).decide(&s, &fd, 1000),
             None
         );
     }
@@ -421,7 +534,7 @@ mod tests {
     #[test]
     fn healthy_partitions_and_foreign_ones_need_nothing() {
         let fd = detector(1000, &[1, 2, 3]);
-        let c = FailoverCoordinator::new(2, false);
+        let c = FailoverCoordinator::new(2, false, 2);
         assert_eq!(c.decide(&state(Some(1), &[1, 2, 3]), &fd, 1000), None);
         let mut foreign = state(Some(9), &[9]);
         foreign.replicas = vec![9, 8];
@@ -430,7 +543,7 @@ mod tests {
 
     #[test]
     fn a_broker_cut_off_from_its_peers_has_no_quorum() {
-        let c = FailoverCoordinator::new(1, false);
+        let c = FailoverCoordinator::new(1, false, 2);
         assert!(!c.has_quorum(&[1, 2, 3], &detector(1000, &[]), 1000));
         assert!(c.has_quorum(&[1, 2, 3], &detector(1000, &[3]), 1000));
         assert!(c.has_quorum(&[1], &detector(1000, &[]), 1000));

@@ -21,6 +21,13 @@ pub struct PartitionState {
     pub leader_epoch: u32,
     /// In-sync replicas, leader included.
     pub isr: Vec<ReplicaId>,
+    /// Eligible leader replicas (KIP-966): members that left the ISR while
+    /// it had fewer than min.insync members. Each holds every committed
+    /// record, since the HW cannot advance while the ISR is that small, so
+    /// one may lead when no in-sync replica is left. See
+    /// [`PartitionState::with_isr`].
+    #[serde(default)]
+    pub elr: Vec<ReplicaId>,
     /// Assigned replicas; their count is the replication factor.
     pub replicas: Vec<ReplicaId>,
     /// min.insync.replicas for acks=all on this partition (the topic's
@@ -29,6 +36,130 @@ pub struct PartitionState {
     pub min_insync: u32,
     /// Bumped by every accepted update; 0 means "not created yet".
     pub version: u64,
+}
+
+impl PartitionState {
+    /// The partition's min.insync.replicas: its own, else the node's
+    /// default (`default`), at least 1.
+    pub fn effective_min_insync(&self, default: u32) -> usize {
+        let n = if self.min_insync == 0 {
+            default
+        } else {
+            self.min_insync
+        };
+        n.max(1) as usize
+    }
+
+    /// This state with its ISR changed to `isr`, and its ELR kept true
+    /// (KIP-966). Every change of the ISR goes through here.
+    ///
+    /// - A member that leaves the ISR while the ISR ends up below
+    ///   min.insync joins the ELR, if `leavers_eligible`: it held every
+    ///   committed record, and the HW cannot advance again until the ISR
+    ///   has min.insync members, so it still does. A member leaving because
+    ///   its log may have lost records (a restart) is not eligible.
+    /// - A replica back in the ISR leaves the ELR.
+    /// - Once the ISR has min.insync members the ELR is emptied: the HW may
+    ///   now advance past what its members hold.
+    ///
+    /// The ELR keeps assignment order, so deciders that start from the same
+    /// state propose the same one.
+    pub fn with_isr(
+        &self,
+        isr: Vec<ReplicaId>,
+        default_min_insync: u32,
+        leavers_eligible: bool,
+    ) -> PartitionState {
+        let min = self.effective_min_insync(default_min_insync);
+        let elr = if isr.len() >= min {
+            Vec::new()
+        } else {
+            self.replicas
+                .iter()
+                .copied()
+                .filter(|r| {
+                    !isr.contains(r)
+                        && (self.elr.contains(r) || (leavers_eligible && self.isr.contains(r)))
+                })
+                .collect()
+        };
+        PartitionState {
+            isr,
+            elr,
+            ..self.clone()
+        }
+    }
+
+    /// What giving up a restarted replica's old claims on a partition writes,
+    /// if anything: `me` restarted (or its log was recovered), and `intact`
+    /// says whether its log still holds all it held before.
+    ///
+    /// - Leading, with other ISR members: leadership moves to the first of
+    ///   them under the next epoch, and `me` leaves the ISR (it re-enters once
+    ///   caught up, under its new broker epoch). Likewise a follower in the ISR
+    ///   leaves it. Either way `me` joins the ELR when the ISR falls below
+    ///   min.insync, but only if intact.
+    /// - Leading as the only ISR member: if intact, it leads again under the
+    ///   next epoch (nothing was lost). If not, it may not lead: its log may
+    ///   lack acknowledged writes, which the ELR's members hold (KIP-966). The
+    ///   partition is left without a leader, ISR or claim of `me`'s, and the
+    ///   failover coordinator elects a live ELR member; with none, only unclean
+    ///   election can make it available again, as in Kafka. (A partition
+    ///   with no other replica leads again: nobody could hold more.)
+    /// - A sole ISR member that does not lead (the leader field was cleared)
+    ///   does the same, unless intact.
+    /// - Outside the ISR: it leaves the ELR unless intact.
+    pub fn after_restart(
+        &self,
+        me: ReplicaId,
+        intact: bool,
+        default_min_insync: u32,
+    ) -> Option<PartitionState> {
+        let st = self;
+        let others: Vec<ReplicaId> = st.isr.iter().copied().filter(|r| *r != me).collect();
+        let in_isr = others.len() < st.isr.len();
+        let leading = st.leader == Some(me);
+        let next_epoch = st.leader_epoch + 1;
+        if !in_isr && !leading {
+            return (!intact && st.elr.contains(&me)).then(|| st.without_eligible(me));
+        }
+        if let Some(&l) = others.first() {
+            let next = st.with_isr(others, default_min_insync, intact);
+            return Some(if leading {
+                PartitionState {
+                    leader: Some(l),
+                    leader_epoch: next_epoch,
+                    ..next
+                }
+            } else {
+                next
+            });
+        }
+        // The only replica of the partition: nobody can hold more, and
+        // waiting would only keep it unavailable.
+        let alone = st.replicas == [me];
+        match (intact || alone, leading) {
+            (true, true) => Some(PartitionState {
+                leader_epoch: next_epoch,
+                ..st.clone()
+            }),
+            (true, false) => None,
+            (false, _) => Some(PartitionState {
+                leader: None,
+                leader_epoch: next_epoch,
+                ..st.with_isr(Vec::new(), default_min_insync, false)
+            }),
+        }
+    }
+
+    /// This state without `replica` in its ELR (its log may have lost
+    /// records it held).
+    pub fn without_eligible(&self, replica: ReplicaId) -> PartitionState {
+        PartitionState {
+            elr: self.elr.iter().copied().filter(|r| *r != replica).collect(),
+            ..self.clone()
+        }
+    }
 }
 
 /// A registered broker.
@@ -91,4 +222,59 @@ pub trait MetadataStore: Send + Sync {
     fn register_broker(&self, id: ReplicaId, address: String) -> MetaFuture<'_, u64>;
 
     fn list_brokers(&self) -> MetaFuture<'_, Vec<Broker>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(isr: &[u32], elr: &[u32]) -> PartitionState {
+        PartitionState {
+            topic: "t".into(),
+            partition: 0,
+            leader: Some(1),
+            leader_epoch: 3,
+            isr: isr.to_vec(),
+            elr: elr.to_vec(),
+            replicas: vec![1, 2, 3],
+            min_insync: 0,
+            version: 7,
+        }
+    }
+
+    #[test]
+    fn members_leaving_while_the_isr_is_at_min_insync_or_more_are_not_eligible() {
+        // min.insync 2: {1, 2} is still enough, so the HW may go on
+        // advancing without 3, and 3 would not hold what it commits.
+        let s = state(&[1, 2, 3], &[]).with_isr(vec![1, 2], 2, true);
+        assert_eq!((s.isr, s.elr), (vec![1, 2], vec![]));
+    }
+
+    #[test]
+    fn members_leaving_an_isr_below_min_insync_become_eligible() {
+        let s = state(&[1, 2], &[]).with_isr(vec![1], 2, true);
+        assert_eq!(s.elr, vec![2]);
+        // The last member going keeps both eligible, in assignment order.
+        let s = state(&[2], &[3]).with_isr(vec![], 2, true);
+        assert_eq!(s.elr, vec![2, 3]);
+        // A partition's own min.insync wins over the node's default.
+        let mut own = state(&[1, 2, 3], &[]);
+        own.min_insync = 3;
+        assert_eq!(own.with_isr(vec![1, 2], 2, true).elr, vec![3]);
+    }
+
+    #[test]
+    fn a_member_whose_log_may_have_lost_records_is_not_eligible() {
+        let s = state(&[1, 2], &[3]).with_isr(vec![1], 2, false);
+        assert_eq!(s.elr, vec![3], "3 stays, 2 does not join");
+        assert_eq!(state(&[1], &[2, 3]).without_eligible(2).elr, vec![3]);
+    }
+
+    #[test]
+    fn rejoining_the_isr_leaves_the_elr_and_a_full_isr_empties_it() {
+        let s = state(&[1], &[2, 3]).with_isr(vec![1, 2], 3, true);
+        assert_eq!((s.isr, s.elr), (vec![1, 2], vec![3]));
+        let s = state(&[1], &[2, 3]).with_isr(vec![1, 2], 2, true);
+        assert_eq!(s.elr, Vec::<u32>::new());
+    }
 }

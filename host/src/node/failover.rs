@@ -141,8 +141,11 @@ async fn heartbeat(
 /// Every heartbeat interval, decide every partition this node replicates
 /// and carry the decisions out.
 async fn coordinate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let coordinator =
-        FailoverCoordinator::new(shared.node_id, shared.failover.unclean_leader_election);
+    let coordinator = FailoverCoordinator::new(
+        shared.node_id,
+        shared.failover.unclean_leader_election,
+        shared.replication.min_insync_replicas,
+    );
     // Versions whose compare-and-set lost: not tried again until the
     // watcher reads a newer version.
     let mut lost: HashMap<TopicPartition, u64> = HashMap::new();
@@ -205,7 +208,7 @@ async fn coordinate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             }
             // Its claims from before this node's restart are being given
             // up (`handoff`); deciding on them now would be stale.
-            if shared.handoffs.lock().is_ok_and(|h| h.contains(&tp)) {
+            if shared.handoffs.lock().is_ok_and(|h| h.contains_key(&tp)) {
                 continue;
             }
             let decision = match shared.detector.lock() {
@@ -230,15 +233,22 @@ async fn coordinate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     continue;
                 }
                 reported.insert(tp, state.version);
-                error!(
-                    "{name}: leader {failed:?} has failed and no in-sync replica is alive (ISR {:?}); the partition stays unavailable until one returns{}",
-                    state.isr,
-                    if shared.failover.unclean_leader_election {
-                        ""
-                    } else {
-                        " (unclean election is off)"
-                    }
-                );
+                if state.isr.is_empty() && state.elr.is_empty() {
+                    error!(
+                        "{name}: no replica is known to hold every committed write (ISR and ELR are empty: the last in-sync replica restarted without its log intact); the partition stays unavailable until [failover] unclean_leader_election is turned on, which elects a live replica and loses the writes it lacks"
+                    );
+                } else {
+                    error!(
+                        "{name}: leader {failed:?} has failed and no in-sync or eligible replica is alive (ISR {:?}, ELR {:?}); the partition stays unavailable until one returns{}",
+                        state.isr,
+                        state.elr,
+                        if shared.failover.unclean_leader_election {
+                            ""
+                        } else {
+                            " (unclean election is off)"
+                        }
+                    );
+                }
                 if let Ok(mut m) = shared.failover_metrics.lock() {
                     m.record_failure();
                 }
@@ -257,7 +267,11 @@ async fn coordinate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 Ok(version) => {
                     let done = shared.now_ms();
                     match &d.kind {
-                        DecisionKind::Elect { failed, unclean } => {
+                        DecisionKind::Elect {
+                            failed,
+                            unclean,
+                            eligible,
+                        } => {
                             // Timed from the failed leader's last heartbeat;
                             // a leader never heard (or no leader) has no
                             // meaningful duration and is counted without one.
@@ -268,6 +282,8 @@ async fn coordinate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                             let took = took.map_or("?".to_string(), |t| t.to_string());
                             let how = if *unclean {
                                 "UNCLEAN election (writes it lacks are lost)"
+                            } else if *eligible {
+                                "no in-sync replica was alive: elected from the ELR, which holds every committed write"
                             } else {
                                 "elected from the ISR"
                             };
@@ -396,6 +412,7 @@ mod tests {
                     leader: Some(3),
                     leader_epoch: 1,
                     isr: vec![1, 2, 3],
+                    elr: vec![],
                     replicas: vec![1, 2, 3],
                     min_insync: 2,
                     version: 1,

@@ -6,6 +6,7 @@
 //! and closes every partition's log and closes the metadata plugin (their
 //! destructors run before the node reports it stopped).
 
+mod clean_shutdown;
 pub mod config;
 mod data_dir_lock;
 mod failover;
@@ -54,6 +55,8 @@ pub enum NodeError {
     Metadata(#[from] MetadataError),
     #[error(transparent)]
     DataDir(#[from] data_dir_lock::LockError),
+    #[error(transparent)]
+    CleanShutdown(#[from] clean_shutdown::RecordError),
     #[error("cannot bind the metrics endpoint {addr}: {error}{}", crate::ports::in_use_hint(*.addr, .error))]
     Metrics {
         addr: SocketAddr,
@@ -72,6 +75,11 @@ pub async fn run(
     // First: a second node on this directory stops here, before it binds
     // or registers anything.
     let _data_dir = data_dir_lock::lock(&config.data_dir)?;
+    // Then what the last stop vouched for. It is deleted only once this
+    // start can no longer fail before opening logs (below): a start that
+    // fails (a port in use, the metadata store not up yet) must not cost
+    // the next try its record.
+    let clean = clean_shutdown::CleanShutdown::read(&config.data_dir)?;
     let tls = TlsMaterial::load(&config.tls)?;
     let transport = Transport::bind(config.listen, &tls, Identity::Node(id), true)?;
     let local = transport
@@ -166,6 +174,7 @@ pub async fn run(
         config.replication.clone(),
         config.failover.clone(),
         fetch_tx.clone(),
+        clean,
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     fetch::spawn(
@@ -184,10 +193,14 @@ pub async fn run(
     // Kafka's controller on a broker's re-registration, it must not lead
     // its old epochs again nor count as in sync until it has caught up:
     // every partition goes through `handoff` (which reads the current
-    // state itself) before this node serves it.
+    // state itself) before this node serves it. Whether the log is intact
+    // is known once it is open (the clean-shutdown record).
     for (topic, partition) in shared.metadata.list_partitions().await? {
-        shared.request_handoff(TopicPartition::new(&topic, partition));
+        shared.request_handoff(TopicPartition::new(&topic, partition), None);
     }
+    // From here on logs open and are written: a crash of this run must
+    // find no record.
+    clean_shutdown::CleanShutdown::consume(&config.data_dir)?;
     failover::spawn(shared.clone(), transport.clone(), stop_rx.clone());
     let serving = {
         let (t, s) = (transport.clone(), server.clone());
@@ -237,13 +250,29 @@ pub async fn run(
     let handles: Vec<_> = server
         .partitions
         .write()
-        .map(|mut m| m.drain().map(|(_, h)| h).collect())
+        .map(|mut m| m.drain().collect())
         .unwrap_or_default();
-    for h in handles {
+    // Each partition answers with its log end once flushed and closed;
+    // the clean-shutdown record lists those that did, except any whose
+    // claims from an earlier incarnation were never given up (its log may
+    // be short of what those claims promise).
+    let mut ends = Vec::new();
+    for (tp, h) in handles {
         let (tx, rx) = oneshot::channel();
-        if h.send(Event::Shutdown { reply: tx }) {
-            let _ = rx.await;
+        if h.send(Event::Shutdown { reply: tx })
+            && let Ok(Some(end)) = rx.await
+            // Read after it answered: a recovery up to then has asked for
+            // its hand-off, and none can after.
+            && shared
+                .handoffs
+                .lock()
+                .is_ok_and(|hs| hs.get(&tp).is_none_or(|intact| *intact == Some(true)))
+        {
+            ends.push((tp, end));
         }
+    }
+    if let Err(e) = clean_shutdown::CleanShutdown::write(&config.data_dir, &ends) {
+        warn!("{e}: the next start treats every log as possibly incomplete");
     }
     // The metadata plugin too, after whatever call it is in (a poll, a
     // failover decision): left to the drop, that call could still be
@@ -308,24 +337,20 @@ async fn refresh(
 ) -> Result<(), MetadataError> {
     let shared = &server.shared;
     let meta = &shared.metadata;
-    let pending: Vec<TopicPartition> = shared
+    // Hand-offs whose log was judged (a log recovered after a fault, or
+    // one that would not open); the others wait for their log to open
+    // below.
+    let judged: Vec<(TopicPartition, bool)> = shared
         .handoffs
         .lock()
-        .map(|h| h.iter().cloned().collect())
+        .map(|h| {
+            h.iter()
+                .filter_map(|(tp, intact)| Some((tp.clone(), (*intact)?)))
+                .collect()
+        })
         .unwrap_or_default();
-    for tp in pending {
-        match handoff(shared, &tp).await {
-            Ok(()) => {
-                if let Ok(mut h) = shared.handoffs.lock() {
-                    h.remove(&tp);
-                }
-            }
-            // That partition waits (and is retried); the others go on.
-            Err(e) => warn!(
-                "{}/{}: cannot give up this node's old claim yet: {e}",
-                tp.topic, tp.partition
-            ),
-        }
+    for (tp, intact) in judged {
+        settle_handoff(shared, &tp, intact).await;
     }
     let brokers = meta.list_brokers().await?;
     if let Ok(mut map) = shared.brokers.write() {
@@ -352,14 +377,25 @@ async fn refresh(
                 m.insert(tp.clone(), state.clone());
             }
         }
+        let pending = shared
+            .handoffs
+            .lock()
+            .ok()
+            .and_then(|h| h.get(&tp).copied());
         if !state.replicas.contains(&shared.node_id) {
+            if pending.is_some() {
+                // Not a replica: it holds no claim to give up.
+                if let Ok(mut h) = shared.handoffs.lock() {
+                    h.remove(&tp);
+                }
+            }
             continue;
         }
-        if seen.get(&tp) == Some(&state.version) {
-            continue;
-        }
-        if shared.handoffs.lock().is_ok_and(|h| h.contains(&tp)) {
-            continue; // not until its leadership has moved
+        match pending {
+            Some(Some(_)) => continue, // not until its claims are given up
+            Some(None) => {}           // judged once its log is open, below
+            None if seen.get(&tp) == Some(&state.version) => continue,
+            None => {}
         }
         let existing = server
             .partitions
@@ -367,6 +403,7 @@ async fn refresh(
             .ok()
             .and_then(|m| m.get(&tp).cloned());
         let handle = match existing {
+            Some(_) if pending.is_some() => continue,
             Some(h) => h,
             None => {
                 let now = std::time::Instant::now();
@@ -374,7 +411,7 @@ async fn refresh(
                     continue;
                 }
                 match partition::start(shared.clone(), tp.clone()).await {
-                    Ok(h) => {
+                    Ok((h, opened_end)) => {
                         if let Some(f) = open_failures.remove(&tp) {
                             info!(
                                 "opened {topic}/{partition} after {} failed attempts",
@@ -383,6 +420,16 @@ async fn refresh(
                         }
                         if let Ok(mut m) = server.partitions.write() {
                             m.insert(tp.clone(), h.clone());
+                        }
+                        if pending.is_some() {
+                            // Its old claims go first; it is served from
+                            // the next pass, with the state that wrote.
+                            let intact = shared.clean.intact(&tp, opened_end);
+                            if let Ok(mut hs) = shared.handoffs.lock() {
+                                hs.insert(tp.clone(), Some(intact));
+                            }
+                            settle_handoff(shared, &tp, intact).await;
+                            continue;
                         }
                         h
                     }
@@ -410,6 +457,15 @@ async fn refresh(
                                 f.attempts
                             );
                         }
+                        if pending.is_some() {
+                            // Its claims must not wait for the log: a
+                            // leader that cannot serve would hold the
+                            // partition. Unjudged, the log counts as lost.
+                            if let Ok(mut hs) = shared.handoffs.lock() {
+                                hs.insert(tp.clone(), Some(false));
+                            }
+                            settle_handoff(shared, &tp, false).await;
+                        }
                         continue;
                     }
                 }
@@ -421,41 +477,38 @@ async fn refresh(
     Ok(())
 }
 
-/// Drop this node's old incarnation's claims on `tp`: if it leads, move
-/// leadership to another in-sync replica under the next epoch (or, if it is
-/// the only one in sync, to itself under the next epoch); if it is one of
-/// several in-sync replicas, leave the ISR (it re-enters once caught up,
-/// under its new broker epoch). A compare-and-set, retried on conflict.
-async fn handoff(shared: &Shared, tp: &TopicPartition) -> Result<(), MetadataError> {
+/// Give up `tp`'s old claims ([`handoff`]). Once done, the partition
+/// leaves the pending set and the watcher runs again at once, so that it
+/// gets the state the hand-off wrote; until then it is retried each pass.
+async fn settle_handoff(shared: &Shared, tp: &TopicPartition, intact: bool) {
+    match handoff(shared, tp, intact).await {
+        Ok(()) => {
+            if let Ok(mut h) = shared.handoffs.lock() {
+                h.remove(tp);
+            }
+            shared.refresh.notify_one();
+        }
+        // That partition waits (and is retried); the others go on.
+        Err(e) => warn!(
+            "{}/{}: cannot give up this node's old claim yet: {e}",
+            tp.topic, tp.partition
+        ),
+    }
+}
+
+/// Drop this node's old incarnation's claims on `tp`
+/// ([`PartitionState::after_restart`]).
+/// A compare-and-set, retried on conflict.
+async fn handoff(shared: &Shared, tp: &TopicPartition, intact: bool) -> Result<(), MetadataError> {
     let me = shared.node_id;
     for _ in 0..10 {
         let st = match shared.metadata.get_partition(&tp.topic, tp.partition).await {
             Err(MetadataError::NotFound(_)) => return Ok(()),
             other => other?,
         };
-        let others: Vec<_> = st.isr.iter().copied().filter(|r| *r != me).collect();
-        let leading = st.leader == Some(me);
-        if !leading && (others.len() == st.isr.len() || others.is_empty()) {
-            return Ok(()); // not in the ISR, or its only member
-        }
-        let next = if !leading {
-            crate::metadata::PartitionState {
-                isr: others.clone(),
-                ..st.clone()
-            }
-        } else {
-            match others.first() {
-                Some(&l) => crate::metadata::PartitionState {
-                    leader: Some(l),
-                    leader_epoch: st.leader_epoch + 1,
-                    isr: others.clone(),
-                    ..st.clone()
-                },
-                None => crate::metadata::PartitionState {
-                    leader_epoch: st.leader_epoch + 1,
-                    ..st.clone()
-                },
-            }
+        let Some(next) = st.after_restart(me, intact, shared.replication.min_insync_replicas)
+        else {
+            return Ok(());
         };
         match shared
             .metadata
@@ -463,20 +516,31 @@ async fn handoff(shared: &Shared, tp: &TopicPartition) -> Result<(), MetadataErr
             .await
         {
             Ok(_) => {
-                if leading {
-                    info!(
-                        "{}/{}: this node led epoch {} before restarting; leadership moves to node {} in epoch {}",
-                        tp.topic,
-                        tp.partition,
-                        st.leader_epoch,
-                        next.leader.unwrap_or(me),
-                        next.leader_epoch
-                    );
+                let name = format!("{}/{}", tp.topic, tp.partition);
+                let lossy = if intact {
+                    ""
                 } else {
-                    info!(
-                        "{}/{}: left the ISR after restarting (now {:?}); rejoins once caught up",
-                        tp.topic, tp.partition, next.isr
-                    );
+                    " (its log may lack records it held: no clean shutdown recorded them)"
+                };
+                match next.leader {
+                    Some(l) if st.leader == Some(me) => info!(
+                        "{name}: this node led epoch {} before restarting{lossy}; leadership moves to node {l} in epoch {}",
+                        st.leader_epoch, next.leader_epoch
+                    ),
+                    None if st.leader == Some(me) || st.isr.contains(&me) => error!(
+                        "{name}: this node was the only in-sync replica and restarted{lossy}; it may not lead, so the partition has no leader until an eligible replica (ELR {:?}) is alive{}",
+                        next.elr,
+                        if next.elr.is_empty() {
+                            ": none is, so only unclean election ([failover] unclean_leader_election) can make it available, losing the writes this node lacks"
+                        } else {
+                            ""
+                        }
+                    ),
+                    _ if st.isr.contains(&me) => info!(
+                        "{name}: left the ISR after restarting{lossy} (now {:?}, ELR {:?}); rejoins once caught up",
+                        next.isr, next.elr
+                    ),
+                    _ => info!("{name}: left the ELR after restarting{lossy}"),
                 }
                 return Ok(());
             }
@@ -488,4 +552,86 @@ async fn handoff(shared: &Shared, tp: &TopicPartition) -> Result<(), MetadataErr
         "{}/{}: kept losing compare-and-set races",
         tp.topic, tp.partition
     )))
+}
+
+#[cfg(test)]
+mod handoff_tests {
+    use crate::metadata::PartitionState;
+
+    fn state(leader: Option<u32>, isr: &[u32], elr: &[u32]) -> PartitionState {
+        PartitionState {
+            topic: "t".into(),
+            partition: 0,
+            leader,
+            leader_epoch: 4,
+            isr: isr.to_vec(),
+            elr: elr.to_vec(),
+            replicas: vec![1, 2, 3],
+            min_insync: 2,
+            version: 9,
+        }
+    }
+
+    #[test]
+    fn a_restarted_leader_hands_on_to_another_isr_member_eligible_only_if_intact() {
+        for intact in [true, false] {
+            let next = state(Some(1), &[1, 2], &[])
+                .after_restart(1, intact, 2)
+                .unwrap();
+            assert_eq!((next.leader, next.leader_epoch), (Some(2), 5));
+            assert_eq!(next.isr, vec![2]);
+            assert_eq!(next.elr, if intact { vec![1] } else { vec![] });
+        }
+    }
+
+    #[test]
+    fn a_sole_isr_member_whose_log_lost_records_does_not_lead_again() {
+        // KIP-966: 2 left the ISR below min.insync and holds everything
+        // committed; 1's log may not.
+        let next = state(Some(1), &[1], &[2])
+            .after_restart(1, false, 2)
+            .unwrap();
+        assert_eq!(next.leader, None);
+        assert_eq!(next.leader_epoch, 5);
+        assert_eq!((next.isr, next.elr), (vec![], vec![2]));
+        // With nothing eligible it still does not: only unclean election
+        // may then pick a leader.
+        let next = state(Some(1), &[1], &[])
+            .after_restart(1, false, 2)
+            .unwrap();
+        assert_eq!((next.leader, next.isr, next.elr), (None, vec![], vec![]));
+        // The only replica leads again whatever it lost: nobody has more.
+        let mut alone = state(Some(1), &[1], &[]);
+        alone.replicas = vec![1];
+        let next = alone.after_restart(1, false, 2).unwrap();
+        assert_eq!(
+            (next.leader, next.leader_epoch, next.isr),
+            (Some(1), 5, vec![1])
+        );
+        // Intact, it leads again under the next epoch.
+        let next = state(Some(1), &[1], &[2])
+            .after_restart(1, true, 2)
+            .unwrap();
+        assert_eq!((next.leader, next.leader_epoch), (Some(1), 5));
+        assert_eq!((next.isr, next.elr), (vec![1], vec![2]));
+    }
+
+    #[test]
+    fn a_restarted_replica_outside_the_isr_leaves_the_elr_unless_intact() {
+        let s = state(None, &[], &[1, 3]);
+        assert_eq!(s.after_restart(3, false, 2).unwrap().elr, vec![1]);
+        assert_eq!(s.after_restart(3, true, 2), None);
+        assert_eq!(
+            state(Some(1), &[1, 2], &[]).after_restart(3, false, 2),
+            None
+        );
+        // A follower in the ISR leaves it.
+        let next = state(Some(1), &[1, 2, 3], &[])
+            .after_restart(3, false, 2)
+            .unwrap();
+        assert_eq!(
+            (next.leader, next.isr, next.elr),
+            (Some(1), vec![1, 2], vec![])
+        );
+    }
 }

@@ -83,8 +83,10 @@ pub enum Event {
         current: Option<PartitionState>,
     },
     Recovered(Result<LogState, StorageError>),
+    /// Flush and close the log; the answer is its log end if both
+    /// succeeded (for the clean-shutdown record).
     Shutdown {
-        reply: oneshot::Sender<()>,
+        reply: oneshot::Sender<Option<u64>>,
     },
 }
 
@@ -151,10 +153,11 @@ struct Actor {
 }
 
 /// Open (or reopen) the partition's log and start its actor.
+/// Open `tp`'s log and start its actor; also the log end it opened with.
 pub async fn start(
     shared: Arc<Shared>,
     tp: TopicPartition,
-) -> Result<PartitionHandle, StorageError> {
+) -> Result<(PartitionHandle, u64), StorageError> {
     let dir = shared
         .data_dir
         .join(format!("{}-{}", tp.topic, tp.partition));
@@ -205,7 +208,7 @@ pub async fn start(
         handoff_from: None,
     };
     tokio::spawn(actor.run(rx));
-    Ok(PartitionHandle { tx })
+    Ok((PartitionHandle { tx }, state.bounds.log_end))
 }
 
 fn new_manager(shared: &Shared, state: &LogState) -> ReplicationManager {
@@ -310,8 +313,7 @@ impl Actor {
                 ev = rx.recv() => {
                     let Some(ev) = ev else { break };
                     if let Event::Shutdown { reply } = ev {
-                        self.shutdown().await;
-                        let _ = reply.send(());
+                        let _ = reply.send(self.shutdown().await);
                         return;
                     }
                     self.handle(ev);
@@ -320,8 +322,7 @@ impl Actor {
                     while let Ok(ev) = rx.try_recv() {
                         if let Event::Shutdown { reply } = ev {
                             self.drive();
-                            self.shutdown().await;
-                            let _ = reply.send(());
+                            let _ = reply.send(self.shutdown().await);
                             return;
                         }
                         self.handle(ev);
@@ -338,23 +339,30 @@ impl Actor {
         }
     }
 
-    async fn shutdown(&mut self) {
+    /// Flush and close the log; its end if both succeeded and the log is
+    /// not being recovered from a fault.
+    async fn shutdown(&mut self) -> Option<u64> {
         // Everything issued so far runs before the flush (one lane).
         let log = self.log.clone();
         let (done, wait) = oneshot::channel();
         self.lane(async move {
-            let r = log.flush().await;
+            let r = match log.flush().await {
+                Ok(()) => log.bounds().await.map(|b| b.log_end),
+                Err(e) => Err(e),
+            };
             let _ = done.send(r);
             None
         });
-        match tokio::time::timeout(Duration::from_secs(30), wait).await {
-            Ok(Ok(Ok(()))) => {
-                debug!(topic = %self.tp.topic, partition = self.tp.partition, "flushed")
+        let mut end = match tokio::time::timeout(Duration::from_secs(30), wait).await {
+            Ok(Ok(Ok(end))) => {
+                debug!(topic = %self.tp.topic, partition = self.tp.partition, "flushed");
+                (!self.recovering).then_some(end)
             }
             other => {
-                warn!(topic = %self.tp.topic, partition = self.tp.partition, "flush at shutdown: {other:?}")
+                warn!(topic = %self.tp.topic, partition = self.tp.partition, "flush at shutdown: {other:?}");
+                None
             }
-        }
+        };
         // Release the plugin (its destructor runs) before the node reports
         // it stopped. Left to the handles' drop, the destructor ran while
         // the process's runtime shut down: the file plugin's, freeing a
@@ -366,6 +374,7 @@ impl Actor {
             .is_err()
         {
             warn!(topic = %self.tp.topic, partition = self.tp.partition, "the storage plugin did not close within {CLOSE_WAIT:?}; leaving it");
+            end = None;
         }
         for (_, reply) in self.produces.drain() {
             // Appended already: not the retriable "shutting down" refusal.
@@ -377,6 +386,7 @@ impl Actor {
         self.shared
             .metrics
             .unregister_partition(&self.tp.topic, self.tp.partition);
+        end
     }
 
     fn lane(&self, op: impl Future<Output = Option<Event>> + Send + 'static) {
@@ -472,14 +482,22 @@ impl Actor {
             Event::Recovered(Ok(state)) => {
                 info!(topic = %self.tp.topic, partition = self.tp.partition,
                     "storage recovered: [{}, {})", state.bounds.log_start, state.bounds.log_end);
+                let lost_end = self.rm.log_end_offset();
                 self.rm = new_manager(&self.shared, &state);
                 self.tail.clear();
                 self.recovering = false;
                 self.leader = None;
                 self.applied_version = 0;
+                let intact = state.bounds.log_end >= lost_end;
+                if self.meta.is_none() && !intact {
+                    // Opened at start, its hand-off not yet done: that one
+                    // must know the log lost records since it was judged.
+                    self.shared.request_handoff(self.tp.clone(), Some(false));
+                }
                 if let Some(meta) = self.meta.clone() {
-                    // Leave the ISR (or hand leadership on) until caught up.
-                    self.shared.request_handoff(self.tp.clone());
+                    // Leave the ISR (or hand leadership on) until caught
+                    // up; and the ELR too if records it held are gone.
+                    self.shared.request_handoff(self.tp.clone(), Some(intact));
                     if meta.leader == Some(self.shared.node_id) {
                         // The recovered log may lack what this leader had
                         // acknowledged (an in-memory log is empty now): do
@@ -931,10 +949,9 @@ async fn update_isr(
             }
         }
     }
-    let proposal = PartitionState {
-        isr: isr.clone(),
-        ..current.clone()
-    };
+    // Members it drops were in sync, so they hold everything committed:
+    // eligible if the ISR falls below min.insync.
+    let proposal = current.with_isr(isr.clone(), shared.replication.min_insync_replicas, true);
     match meta.compare_and_set(proposal, expected_version).await {
         Ok(v) => {
             info!(topic = %tp.topic, partition = tp.partition, "ISR is now {isr:?} (version {v})");
@@ -1177,6 +1194,7 @@ mod tests {
                 leader: Some(1),
                 leader_epoch: 4,
                 isr: vec![1, 2],
+                elr: vec![],
                 replicas: vec![1, 2, 3],
                 min_insync: 2,
                 version: 9,

@@ -136,8 +136,12 @@ impl NodeServer {
                 leader: Some(replicas[0]),
                 leader_epoch: 1,
                 isr: replicas.clone(),
+                elr: Vec::new(),
                 replicas,
-                min_insync: min_insync.unwrap_or(0),
+                // Resolved now: every node then counts the same
+                // min.insync for this partition's HW and ELR, whatever
+                // its own default (or a later change of it).
+                min_insync: min_isr,
                 version: 0,
             };
             match meta.compare_and_set(state.clone(), 0).await {

@@ -1,7 +1,7 @@
 //! What every task of a node shares: identity, plugins, metadata store,
 //! settings, metrics, the clock and the fetch manager's inbox.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use tokio::sync::{Notify, mpsc};
 
+use super::clean_shutdown::CleanShutdown;
 use crate::core::{
     Config, FailoverMetrics, FailureDetector, MetricsCollector, ReplicaId, TopicPartition,
 };
@@ -33,9 +34,14 @@ pub struct Shared {
     /// Broker addresses as registered, refreshed by the metadata watcher.
     pub brokers: RwLock<HashMap<ReplicaId, SocketAddr>>,
     pub(super) fetch_tx: mpsc::UnboundedSender<FetchCmd>,
-    /// Partitions this node led when it (or their log) restarted: their
-    /// leadership must move to a new epoch before anyone leads again.
-    pub(super) handoffs: Mutex<HashSet<TopicPartition>>,
+    /// Partitions whose claims from before this node (or their log)
+    /// restarted must be given up (see [`super::handoff`]) before this node
+    /// serves them, with whether the log is intact (holds all it held
+    /// before); `None` until the log is opened and can be compared with the
+    /// clean-shutdown record.
+    pub(super) handoffs: Mutex<HashMap<TopicPartition, Option<bool>>>,
+    /// What this node's last clean stop recorded (empty after a crash).
+    pub(super) clean: CleanShutdown,
     /// Bytes held by all partitions' tail caches (bounded node-wide).
     pub(super) tail_cache_bytes: Arc<std::sync::atomic::AtomicUsize>,
     /// Wakes the metadata watcher now (topic created, hand-off wanted).
@@ -91,6 +97,7 @@ impl Shared {
         replication: Config,
         failover: FailoverConfig,
         fetch_tx: mpsc::UnboundedSender<FetchCmd>,
+        clean: CleanShutdown,
     ) -> Arc<Self> {
         let detector = Mutex::new(FailureDetector::new(failover.failure_timeout_ms, 0));
         Arc::new(Shared {
@@ -104,7 +111,8 @@ impl Shared {
             metrics: MetricsCollector::new(),
             brokers: RwLock::new(HashMap::new()),
             fetch_tx,
-            handoffs: Mutex::new(HashSet::new()),
+            handoffs: Mutex::new(HashMap::new()),
+            clean,
             tail_cache_bytes: Default::default(),
             refresh: Notify::new(),
             builds: Default::default(),
@@ -136,6 +144,7 @@ impl Shared {
             Config::default(),
             failover,
             fetch_tx,
+            CleanShutdown::default(),
         );
         if let Ok(mut b) = shared.brokers.write() {
             for id in 1..=3 {
@@ -154,11 +163,21 @@ impl Shared {
         let _ = self.fetch_tx.send(cmd);
     }
 
-    /// Ask the watcher to move `tp`'s leadership away from this
-    /// incarnation (see [`super::handoff`]).
-    pub fn request_handoff(&self, tp: TopicPartition) {
+    /// Ask the watcher to give up this incarnation's claims on `tp` (see
+    /// [`super::handoff`]); `intact`: whether its log holds all it held
+    /// (`None`: judge when the log is opened).
+    ///
+    /// A verdict of "not intact" is never overwritten by a later one before
+    /// the hand-off is done: a second recovery compares with a log that
+    /// already lost records.
+    pub fn request_handoff(&self, tp: TopicPartition, intact: Option<bool>) {
         if let Ok(mut h) = self.handoffs.lock() {
-            h.insert(tp);
+            let merged = match (h.get(&tp).copied(), intact) {
+                (Some(Some(false)), _) | (_, Some(false)) => Some(false),
+                (Some(old), None) => old,
+                (_, new) => new,
+            };
+            h.insert(tp, merged);
         }
         self.refresh.notify_one();
     }
@@ -217,7 +236,7 @@ impl Shared {
     pub fn failed_brokers_for_clients(&self) -> Vec<ReplicaId> {
         let now = self.now_ms();
         let ids = self.broker_ids();
-        let coordinator = crate::core::FailoverCoordinator::new(self.node_id, false);
+        let coordinator = crate::core::FailoverCoordinator::new(self.node_id, false, 1);
         let quorum = self
             .detector
             .lock()

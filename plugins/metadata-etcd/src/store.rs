@@ -59,6 +59,10 @@ pub struct Partition {
     pub leader: Option<u32>,
     pub leader_epoch: u32,
     pub isr: Vec<u32>,
+    /// Eligible leader replicas (KIP-966). Absent in data from before
+    /// the field.
+    #[serde(default)]
+    pub elr: Vec<u32>,
     pub replicas: Vec<u32>,
     #[serde(default)]
     pub min_insync: u32,

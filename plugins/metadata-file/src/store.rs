@@ -65,6 +65,10 @@ pub struct Partition {
     pub leader: Option<u32>,
     pub leader_epoch: u32,
     pub isr: Vec<u32>,
+    /// Eligible leader replicas (KIP-966). Absent in data from before
+    /// the field.
+    #[serde(default)]
+    pub elr: Vec<u32>,
     pub replicas: Vec<u32>,
     /// 0: the broker's default. Absent in files from before the field.
     #[serde(default)]
