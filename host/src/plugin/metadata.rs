@@ -469,6 +469,14 @@ fn check_get(
                 key.0, key.1, s.version
             ));
         }
+        if let Some(why) = membership_error(&s) {
+            // Elections trust these lists: a stranger in the ELR, or a
+            // member counted twice, could lead without the committed writes.
+            return Err(format!(
+                "get-partition({}/{}) answered with {why}",
+                key.0, key.1
+            ));
+        }
         if s.leader_epoch < known_epoch {
             // Leader epochs only grow: a node would lead, or follow, an
             // epoch whose place in its epoch cache is already taken.
@@ -480,6 +488,30 @@ fn check_get(
         seen.versions.insert(key, (s.version, s.leader_epoch));
         Ok(Out::State(s))
     })
+}
+
+/// What is wrong with a state's ISR and ELR, if anything: each must hold
+/// assigned replicas only, once each, and no replica may be in both.
+fn membership_error(s: &PartitionState) -> Option<String> {
+    for (name, list) in [("ISR", &s.isr), ("ELR", &s.elr)] {
+        if let Some(r) = list.iter().find(|r| !s.replicas.contains(r)) {
+            return Some(format!(
+                "{name} member {r} that is not a replica ({:?})",
+                s.replicas
+            ));
+        }
+        if let Some((_, r)) = list
+            .iter()
+            .enumerate()
+            .find(|(i, r)| list[..*i].contains(r))
+        {
+            return Some(format!("{name} member {r} listed twice"));
+        }
+    }
+    s.elr
+        .iter()
+        .find(|r| s.isr.contains(r))
+        .map(|r| format!("replica {r} both in the ISR and the ELR"))
 }
 
 fn check_cas(
@@ -678,5 +710,31 @@ mod tests {
         let why = get(&mut seen, state(8, 3)).expect_err("epoch went back");
         assert!(why.contains("leader epoch 3 after epoch 5"), "{why}");
         assert_eq!(get(&mut seen, state(8, 6)), Ok(8));
+    }
+
+    #[test]
+    fn isr_and_elr_members_must_be_distinct_replicas() {
+        let mut seen = Seen {
+            versions: HashMap::new(),
+            epochs: HashMap::new(),
+        };
+        let with = |isr: Vec<u32>, elr: Vec<u32>| {
+            let mut a = state(3, 1);
+            if let Ok(Ok(s)) = &mut a {
+                s.isr = isr;
+                s.elr = elr;
+            }
+            a
+        };
+        assert_eq!(get(&mut seen, with(vec![1], vec![2, 3])), Ok(3));
+        for (isr, elr, expect) in [
+            (vec![1], vec![4], "ELR member 4 that is not a replica"),
+            (vec![1, 7], vec![], "ISR member 7 that is not a replica"),
+            (vec![1], vec![2, 2], "ELR member 2 listed twice"),
+            (vec![1, 2], vec![2], "replica 2 both in the ISR and the ELR"),
+        ] {
+            let why = get(&mut seen, with(isr, elr)).expect_err(expect);
+            assert!(why.contains(expect), "{why}");
+        }
     }
 }
