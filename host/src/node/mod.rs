@@ -350,7 +350,11 @@ async fn refresh(
         })
         .unwrap_or_default();
     for (tp, intact) in judged {
-        settle_handoff(shared, &tp, intact).await;
+        if settle_handoff(shared, &tp, intact).await {
+            // Whatever it wrote (or not), the partition gets the state
+            // again: it may have refused leadership meanwhile.
+            seen.remove(&tp);
+        }
     }
     let brokers = meta.list_brokers().await?;
     if let Ok(mut map) = shared.brokers.write() {
@@ -424,10 +428,18 @@ async fn refresh(
                         if pending.is_some() {
                             // Its old claims go first; it is served from
                             // the next pass, with the state that wrote.
-                            let intact = shared.clean.intact(&tp, opened_end);
-                            if let Ok(mut hs) = shared.handoffs.lock() {
-                                hs.insert(tp.clone(), Some(intact));
-                            }
+                            // A recovery since the open may have judged
+                            // it already: "not intact" wins.
+                            shared.request_handoff(
+                                tp.clone(),
+                                Some(shared.clean.intact(&tp, opened_end)),
+                            );
+                            let intact = shared
+                                .handoffs
+                                .lock()
+                                .ok()
+                                .and_then(|h| h.get(&tp).copied().flatten())
+                                .unwrap_or(false);
                             settle_handoff(shared, &tp, intact).await;
                             continue;
                         }
@@ -461,9 +473,7 @@ async fn refresh(
                             // Its claims must not wait for the log: a
                             // leader that cannot serve would hold the
                             // partition. Unjudged, the log counts as lost.
-                            if let Ok(mut hs) = shared.handoffs.lock() {
-                                hs.insert(tp.clone(), Some(false));
-                            }
+                            shared.request_handoff(tp.clone(), Some(false));
                             settle_handoff(shared, &tp, false).await;
                         }
                         continue;
@@ -477,22 +487,32 @@ async fn refresh(
     Ok(())
 }
 
-/// Give up `tp`'s old claims ([`handoff`]). Once done, the partition
-/// leaves the pending set and the watcher runs again at once, so that it
-/// gets the state the hand-off wrote; until then it is retried each pass.
-async fn settle_handoff(shared: &Shared, tp: &TopicPartition, intact: bool) {
+/// Give up `tp`'s old claims ([`handoff`]); whether that settled them.
+/// Once done, the partition leaves the pending set (unless a recovery
+/// judged its log again meanwhile: then the next pass gives up what that
+/// verdict asks) and the watcher runs again at once, so that it gets the
+/// state the hand-off wrote; until then it is retried each pass.
+async fn settle_handoff(shared: &Shared, tp: &TopicPartition, intact: bool) -> bool {
     match handoff(shared, tp, intact).await {
         Ok(()) => {
-            if let Ok(mut h) = shared.handoffs.lock() {
-                h.remove(tp);
-            }
+            let settled = shared.handoffs.lock().is_ok_and(|mut h| {
+                let same = h.get(tp) == Some(&Some(intact));
+                if same {
+                    h.remove(tp);
+                }
+                same
+            });
             shared.refresh.notify_one();
+            settled
         }
         // That partition waits (and is retried); the others go on.
-        Err(e) => warn!(
-            "{}/{}: cannot give up this node's old claim yet: {e}",
-            tp.topic, tp.partition
-        ),
+        Err(e) => {
+            warn!(
+                "{}/{}: cannot give up this node's old claim yet: {e}",
+                tp.topic, tp.partition
+            );
+            false
+        }
     }
 }
 
@@ -556,7 +576,88 @@ async fn handoff(shared: &Shared, tp: &TopicPartition, intact: bool) -> Result<(
 
 #[cfg(test)]
 mod handoff_tests {
-    use crate::metadata::PartitionState;
+    use std::sync::{Arc, Mutex};
+
+    use super::settle_handoff;
+    use crate::core::{ReplicaId, TopicPartition};
+    use crate::metadata::{Broker, MetaFuture, MetadataError, MetadataStore, PartitionState};
+    use crate::node::config::FailoverConfig;
+    use crate::node::shared::Shared;
+
+    type Hook = Box<dyn FnOnce() + Send>;
+
+    /// One partition's state with compare-and-set; `during_write` runs
+    /// inside the next write, as a recovery racing it would.
+    struct OneState {
+        state: Mutex<PartitionState>,
+        during_write: Mutex<Option<Hook>>,
+    }
+
+    impl MetadataStore for OneState {
+        fn get_partition<'a>(&'a self, _: &'a str, _: u32) -> MetaFuture<'a, PartitionState> {
+            let s = match self.state.lock() {
+                Ok(s) => Ok(s.clone()),
+                Err(_) => Err(MetadataError::Other("poisoned".into())),
+            };
+            Box::pin(async move { s })
+        }
+        fn compare_and_set(&self, state: PartitionState, expected: u64) -> MetaFuture<'_, u64> {
+            if let Some(hook) = self.during_write.lock().ok().and_then(|mut h| h.take()) {
+                hook();
+            }
+            let r = match self.state.lock() {
+                Ok(mut s) if s.version == expected => {
+                    *s = PartitionState {
+                        version: expected + 1,
+                        ..state
+                    };
+                    Ok(expected + 1)
+                }
+                _ => Err(MetadataError::Conflict("stale".into())),
+            };
+            Box::pin(async move { r })
+        }
+        fn list_partitions(&self) -> MetaFuture<'_, Vec<(String, u32)>> {
+            Box::pin(async { Ok(vec![("t".into(), 0)]) })
+        }
+        fn register_broker(&self, _: ReplicaId, _: String) -> MetaFuture<'_, u64> {
+            Box::pin(async { Ok(1) })
+        }
+        fn list_brokers(&self) -> MetaFuture<'_, Vec<Broker>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lossy_verdict_arriving_during_an_intact_hand_off_is_not_dropped() {
+        // Node 1 was the only in-sync replica and its log opened intact:
+        // it writes "lead again". Meanwhile its log faults and recovers
+        // short. That verdict must still be carried out after the first.
+        let store = Arc::new(OneState {
+            state: Mutex::new(state(Some(1), &[1], &[2])),
+            during_write: Mutex::new(None),
+        });
+        let (shared, _fetch) = Shared::for_tests(store.clone(), FailoverConfig::default());
+        let tp = TopicPartition::new("t", 0);
+        shared.request_handoff(tp.clone(), Some(true));
+        let (racing, at) = (shared.clone(), tp.clone());
+        if let Ok(mut h) = store.during_write.lock() {
+            *h = Some(Box::new(move || racing.request_handoff(at, Some(false))));
+        }
+        assert!(
+            !settle_handoff(&shared, &tp, true).await,
+            "settled too early"
+        );
+        assert!(shared.handoff_pending(&tp), "the lossy verdict was dropped");
+        let led_again = store.state.lock().unwrap().clone();
+        assert_eq!((led_again.leader, led_again.leader_epoch), (Some(1), 5));
+        // A later "intact" does not overwrite it either.
+        shared.request_handoff(tp.clone(), Some(true));
+        assert!(settle_handoff(&shared, &tp, false).await);
+        assert!(!shared.handoff_pending(&tp));
+        let last = store.state.lock().unwrap().clone();
+        assert_eq!((last.leader, last.isr, last.elr), (None, vec![], vec![2]));
+    }
 
     fn state(leader: Option<u32>, isr: &[u32], elr: &[u32]) -> PartitionState {
         PartitionState {

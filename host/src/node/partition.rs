@@ -633,6 +633,13 @@ impl Actor {
             }
             self.handoff_from = None;
         }
+        if st.leader == Some(self.shared.node_id) && self.shared.handoff_pending(&self.tp) {
+            // Sent before a recovery asked to give up this replica's
+            // claims: leading now could serve a log short of what it
+            // acknowledged. The hand-off's own state comes next.
+            self.meta = Some(st);
+            return;
+        }
         self.meta = Some(st.clone());
         if self.recovering {
             return;
@@ -1122,6 +1129,46 @@ mod tests {
             ends.push(end);
         }
         assert_eq!(ends, [1, 2, 3], "each went alone");
+    }
+
+    /// A partition with claims still to give up (a recovery lost records)
+    /// does not lead on metadata sent before: its log may lack what it
+    /// acknowledged. Once they are given up, the same state is obeyed.
+    #[tokio::test]
+    async fn a_pending_hand_off_keeps_a_replica_from_leading() {
+        let store = Arc::new(LostAnswers {
+            state: std::sync::Mutex::new(PartitionState {
+                topic: "t".into(),
+                partition: 0,
+                leader: Some(1),
+                leader_epoch: 4,
+                isr: vec![1],
+                elr: vec![2],
+                replicas: vec![1, 2, 3],
+                min_insync: 2,
+                version: 9,
+            }),
+            blind_reads: 0.into(),
+            blind_after_write: 0,
+        });
+        let (shared, _fetch_rx) = Shared::for_tests(store.clone(), Default::default());
+        let tp = TopicPartition::new("t", 0);
+        let (handle, _) = start(shared.clone(), tp.clone()).await.expect("start");
+        let role = async |h: &PartitionHandle| {
+            let (reply, rx) = oneshot::channel();
+            assert!(h.send(Event::Status { reply }));
+            rx.await.expect("status").role
+        };
+        let named_leader = store.state.lock().unwrap().clone();
+        shared.request_handoff(tp.clone(), Some(false));
+        handle.send(Event::Metadata(named_leader.clone()));
+        assert_eq!(role(&handle).await, "idle");
+        if let Ok(mut h) = shared.handoffs.lock() {
+            h.remove(&tp);
+        }
+        // The watcher sends it again once the hand-off settled.
+        handle.send(Event::Metadata(named_leader));
+        assert_eq!(role(&handle).await, "leader");
     }
 
     /// A store that writes a compare-and-set and then fails to say so,

@@ -182,6 +182,12 @@ impl Shared {
         self.refresh.notify_one();
     }
 
+    /// Whether `tp` has claims from before a restart or a recovery still
+    /// to give up: it must not lead until they are.
+    pub fn handoff_pending(&self, tp: &TopicPartition) -> bool {
+        self.handoffs.lock().map_or(true, |h| h.contains_key(tp))
+    }
+
     /// Every registered broker's id, as the watcher last read them.
     pub fn broker_ids(&self) -> Vec<ReplicaId> {
         self.brokers
