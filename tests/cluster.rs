@@ -500,6 +500,91 @@ fn a_last_in_sync_replica_stopped_cleanly_leads_again() {
     );
 }
 
+/// The whole cluster crashes (SIGKILL, no clean-shutdown record): every
+/// replica restarts not intact and gives up its claims, so nobody is known
+/// to hold every committed write and the partition stays without a leader,
+/// saying why. `partition elect --unclean` (refused without the flag)
+/// elects the replica with the longest log; the file plugin lost nothing,
+/// so nothing is lost.
+#[test]
+fn after_a_whole_cluster_crash_an_unclean_election_by_the_operator_restores_service() {
+    let mut c = Cluster::init(3, "file", short_lag);
+    c.start_all();
+    c.wait_up();
+    let client = c.client();
+    create_topic(&client, "t", "1");
+    produce_generated(&client, "t", "2000");
+    c.wait_status("2000 everywhere", |v| converged(v, "t", 0, 2000));
+    let before = consume_replica(&c, "t", 2, 2000);
+
+    for n in 1..=3 {
+        c.kill(n);
+    }
+    c.start_all();
+    c.wait_status("no leader, nobody in sync or eligible", |v| {
+        v["unreachable"].as_array().is_some_and(|u| u.is_empty())
+            && partition(v, "t", 0).is_some_and(|p| {
+                p["leader"].is_null()
+                    && p["isr"] == serde_json::json!([])
+                    && p["elr"] == serde_json::json!([])
+            })
+    });
+    let logs = || (1..=3).map(|n| c.log(n)).collect::<String>();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !logs().contains("no replica is known to hold every committed write") {
+        assert!(std::time::Instant::now() < deadline, "{}", logs());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    let elect = |extra: &[&str]| {
+        let mut args = vec![
+            "partition",
+            "elect",
+            "--config",
+            &client,
+            "--topic",
+            "t",
+            "--partition",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        cli(&args)
+    };
+    let refused = elect(&[]);
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("Pass --unclean"), "{why}");
+    let out = cli_ok(&[
+        "partition",
+        "elect",
+        "--config",
+        &client,
+        "--topic",
+        "t",
+        "--partition",
+        "0",
+        "--unclean",
+    ]);
+    assert!(
+        out.contains("node 1 leads t/0") && out.contains("1:2000 2:2000 3:2000"),
+        "{out}"
+    );
+    // Now it has a leader: a second one is refused.
+    let again = elect(&["--unclean"]);
+    let why = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success() && why.contains("has a live leader"),
+        "{why}"
+    );
+
+    c.wait_status("2000 everywhere again", |v| converged(v, "t", 0, 2000));
+    produce_generated(&client, "t", "1000");
+    c.wait_status("3000 everywhere", |v| converged(v, "t", 0, 3000));
+    for r in 1..=3 {
+        assert_eq!(&consume_replica(&c, "t", r, 3000)[..2000], &before[..]);
+    }
+}
+
 /// Commit 2000 messages, kill node 3, freeze node 2 until it leaves the
 /// ISR (into the ELR), restart node 1 (the leader) killed or stopped,
 /// then thaw node 2 and restart node 3: every replica must end with the

@@ -333,6 +333,25 @@ impl Client {
         }
     }
 
+    /// An unclean election of `replica` for `topic`/`partition` (see
+    /// [`Request::ElectUnclean`]): the state it wrote.
+    pub async fn elect_unclean(
+        &self,
+        topic: &str,
+        partition: u32,
+        replica: ReplicaId,
+    ) -> Result<PartitionState, ClientError> {
+        let req = Request::ElectUnclean {
+            topic: topic.to_string(),
+            partition,
+            replica,
+        };
+        match self.any(&req).await? {
+            (Response::Elected { state }, _) => Ok(state),
+            (other, _) => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
     /// Partitions of `topic`, from fresh metadata.
     pub async fn topic_partitions(&self, topic: &str) -> Result<Vec<u32>, ClientError> {
         let (_, parts) = self.metadata().await?;

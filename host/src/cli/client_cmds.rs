@@ -1,4 +1,5 @@
-//! The client commands: `topic create`, `produce`, `consume`, `status`.
+//! The client commands: `topic create`, `partition elect`, `produce`,
+//! `consume`, `status`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -63,6 +64,96 @@ pub async fn topic(cmd: TopicCommand) -> anyhow::Result<ExitCode> {
                     p.replicas
                 );
             }
+            c.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum PartitionCommand {
+    /// Elect a leader for a partition that cannot get one by itself
+    /// (unclean: acknowledged writes may be lost).
+    ///
+    /// For when no in-sync or eligible replica is alive, or none is left
+    /// (every one restarted without its log intact, e.g. after the whole
+    /// cluster lost power). Only unclean elections are manual, so
+    /// `--unclean` is required: the new leader may lack acknowledged
+    /// writes, which are then lost.
+    Elect(PartitionElectArgs),
+}
+
+#[derive(Args)]
+pub struct PartitionElectArgs {
+    /// `client.toml` from `replicator cluster init`.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// The topic.
+    #[arg(long)]
+    pub topic: String,
+    /// The partition.
+    #[arg(long)]
+    pub partition: u32,
+    /// Confirm that acknowledged writes the new leader lacks may be lost.
+    #[arg(long)]
+    pub unclean: bool,
+    /// The replica to elect (default: the live replica with the longest
+    /// log, the first in assignment order on a tie).
+    #[arg(long)]
+    pub replica: Option<ReplicaId>,
+}
+
+pub async fn partition(cmd: PartitionCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        PartitionCommand::Elect(a) => {
+            if !a.unclean {
+                bail!(
+                    "only unclean elections are manual: a partition with a live in-sync or eligible replica gets a leader by itself within a few heartbeats. Pass --unclean to elect a replica that may lack acknowledged writes (they are then lost)"
+                );
+            }
+            let c = client(&a.config)?;
+            let (reports, _) = gather(&c).await?;
+            let Some(report) = reports
+                .iter()
+                .find(|r| r.topic == a.topic && r.partition == a.partition)
+            else {
+                bail!("no partition {}/{} in the metadata", a.topic, a.partition);
+            };
+            let ends: Vec<String> = report
+                .replica_log_ends
+                .iter()
+                .map(|(r, leo, _)| format!("{r}:{}", leo.map_or("?".into(), |l| l.to_string())))
+                .collect();
+            let replica = match a.replica {
+                Some(r) => r,
+                // Keep as much as the replicas still hold.
+                None => report
+                    .replica_log_ends
+                    .iter()
+                    .filter_map(|(r, leo, _)| Some((*r, (*leo)?)))
+                    .fold(
+                        None,
+                        |best: Option<(ReplicaId, u64)>, (r, leo)| match best {
+                            Some((_, b)) if b >= leo => best,
+                            _ => Some((r, leo)),
+                        },
+                    )
+                    .map(|(r, _)| r)
+                    .with_context(|| {
+                        format!(
+                            "no replica of {}/{} answered with its log end; pass --replica",
+                            a.topic, a.partition
+                        )
+                    })?,
+            };
+            let state = c.elect_unclean(&a.topic, a.partition, replica).await?;
+            println!(
+                "node {replica} leads {}/{} in epoch {} (UNCLEAN: acknowledged writes it lacks are lost); replica log ends were {}",
+                a.topic,
+                a.partition,
+                state.leader_epoch,
+                ends.join(" ")
+            );
             c.close().await;
             Ok(ExitCode::SUCCESS)
         }

@@ -43,6 +43,10 @@ enum Command {
     /// Manage topics.
     #[command(subcommand)]
     Topic(client_cmds::TopicCommand),
+    /// Operate on one partition (an unclean election when nothing else
+    /// can make it available).
+    #[command(subcommand)]
+    Partition(client_cmds::PartitionCommand),
     /// Send messages: one per stdin line, or --count generated ones. Prints
     /// `<partition> <offset>` per acknowledged message.
     Produce(client_cmds::ProduceArgs),
@@ -87,6 +91,7 @@ pub fn main() -> ExitCode {
             Command::Cluster(cluster::ClusterCommand::Init(args)) => cluster::run_init(args).await,
             Command::Node(args) => cluster::run_node(args).await,
             Command::Topic(cmd) => client_cmds::topic(cmd).await,
+            Command::Partition(cmd) => client_cmds::partition(cmd).await,
             Command::Produce(args) => client_cmds::produce(args).await,
             Command::Consume(args) => client_cmds::consume(args).await,
             Command::Status(args) => client_cmds::status(args).await,

@@ -235,7 +235,7 @@ async fn coordinate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 reported.insert(tp, state.version);
                 if state.isr.is_empty() && state.elr.is_empty() {
                     error!(
-                        "{name}: no replica is known to hold every committed write (ISR and ELR are empty: the last in-sync replica restarted without its log intact); the partition stays unavailable until [failover] unclean_leader_election is turned on, which elects a live replica and loses the writes it lacks"
+                        "{name}: no replica is known to hold every committed write (ISR and ELR are empty: the last in-sync replica restarted without its log intact); the partition stays unavailable until an operator runs `replicator partition elect --unclean` (or turns on [failover] unclean_leader_election), which elects a live replica and loses the writes it lacks"
                     );
                 } else {
                     error!(

@@ -551,7 +551,7 @@ async fn handoff(shared: &Shared, tp: &TopicPartition, intact: bool) -> Result<(
                         "{name}: this node was the only in-sync replica and restarted{lossy}; it may not lead, so the partition has no leader until an eligible replica (ELR {:?}) is alive{}",
                         next.elr,
                         if next.elr.is_empty() {
-                            ": none is, so only unclean election ([failover] unclean_leader_election) can make it available, losing the writes this node lacks"
+                            ": there is none, so only an unclean election (`replicator partition elect --unclean`) can make it available, losing the writes its leader lacks"
                         } else {
                             ""
                         }

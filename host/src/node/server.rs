@@ -37,6 +37,112 @@ pub struct NodeServer {
     pub(super) partitions: RwLock<HashMap<TopicPartition, PartitionHandle>>,
 }
 
+impl NodeServer {
+    /// An operator's unclean election (see [`Request::ElectUnclean`]),
+    /// checked against this node's failure detector, which must hear a
+    /// majority. A compare-and-set: a state that changed meanwhile refuses.
+    async fn elect_unclean(
+        &self,
+        topic: String,
+        partition: u32,
+        replica: ReplicaId,
+    ) -> Result<Response, RpcError> {
+        let shared = &self.shared;
+        let me = shared.node_id;
+        let st = match shared.metadata.get_partition(&topic, partition).await {
+            Err(MetadataError::NotFound(_)) => {
+                return Err(RpcError::UnknownPartition {
+                    node: me,
+                    topic,
+                    partition,
+                });
+            }
+            other => other.map_err(meta_err)?,
+        };
+        let name = format!("{topic}/{partition}");
+        if !st.replicas.contains(&replica) {
+            return Err(RpcError::Invalid(format!(
+                "node {replica} is not a replica of {name} (replicas {:?})",
+                st.replicas
+            )));
+        }
+        let now = shared.now_ms();
+        let brokers = shared.broker_ids();
+        let coordinator = crate::core::FailoverCoordinator::new(me, false, 1);
+        let (quorum, live): (bool, Vec<ReplicaId>) = match shared.detector.lock() {
+            Ok(fd) => (
+                coordinator.has_quorum(&brokers, &fd, now),
+                st.replicas
+                    .iter()
+                    .copied()
+                    .filter(|r| *r == me || !fd.has_failed(*r, now))
+                    .collect(),
+            ),
+            Err(_) => (false, Vec::new()),
+        };
+        if !quorum {
+            return Err(RpcError::Invalid(format!(
+                "node {me} cannot hear a majority of the nodes, so it does not know who is alive: ask another node"
+            )));
+        }
+        if !live.contains(&replica) {
+            return Err(RpcError::Invalid(format!(
+                "node {replica} is not alive (live replicas of {name}: {live:?})"
+            )));
+        }
+        if let Some(l) = st.leader.filter(|l| live.contains(l)) {
+            return Err(RpcError::Invalid(format!(
+                "{name} has a live leader, node {l}: there is nothing to elect"
+            )));
+        }
+        let keepers: Vec<ReplicaId> = st
+            .isr
+            .iter()
+            .chain(&st.elr)
+            .copied()
+            .filter(|r| live.contains(r))
+            .collect();
+        if !keepers.is_empty() {
+            return Err(RpcError::Invalid(format!(
+                "{name} has live in-sync or eligible replicas {keepers:?}: the failover elects one of them without losing writes"
+            )));
+        }
+        let next = PartitionState {
+            leader: Some(replica),
+            leader_epoch: st.leader_epoch + 1,
+            isr: vec![replica],
+            elr: Vec::new(),
+            ..st.clone()
+        };
+        let version = match shared
+            .metadata
+            .compare_and_set(next.clone(), st.version)
+            .await
+        {
+            Ok(v) => v,
+            Err(MetadataError::Conflict(_)) => {
+                return Err(RpcError::Metadata(format!(
+                    "{name} changed while electing; look at `status` and try again"
+                )));
+            }
+            Err(e) => return Err(meta_err(e)),
+        };
+        tracing::error!(
+            "{name}: UNCLEAN election asked by an operator: node {replica} leads epoch {} (ISR was {:?}, ELR {:?}); acknowledged writes it lacks are lost",
+            next.leader_epoch,
+            st.isr,
+            st.elr
+        );
+        let state = PartitionState { version, ..next };
+        if let Ok(mut m) = shared.states.write() {
+            m.insert(TopicPartition::new(&topic, partition), state.clone());
+        }
+        shared.changed.send_modify(|n| *n += 1);
+        shared.refresh.notify_one();
+        Ok(Response::Elected { state })
+    }
+}
+
 fn meta_err(e: MetadataError) -> RpcError {
     RpcError::Metadata(e.to_string())
 }
@@ -255,6 +361,14 @@ impl Handler for NodeServer {
                         r.records,
                     ))
                 }
+                Request::ElectUnclean {
+                    topic,
+                    partition,
+                    replica,
+                } => Ok((
+                    self.elect_unclean(topic, partition, replica).await?,
+                    Bytes::new(),
+                )),
                 Request::Status {} => {
                     let handles: Vec<PartitionHandle> = self
                         .partitions

@@ -56,6 +56,15 @@ pub enum Request {
         offset: u64,
         max_bytes: u32,
     },
+    /// An operator's unclean election (`replicator partition elect
+    /// --unclean`): `replica` leads the next epoch alone, with an empty
+    /// ELR. Refused while the leader, or any in-sync or eligible replica,
+    /// is alive: the failover elects those without losing writes.
+    ElectUnclean {
+        topic: String,
+        partition: u32,
+        replica: ReplicaId,
+    },
     /// This node's view of every partition it holds.
     Status {},
     /// Metadata: brokers and partitions as the store has them.
@@ -196,6 +205,10 @@ pub enum Response {
     Heartbeat {
         node: ReplicaId,
         broker_epoch: u64,
+    },
+    /// The state an unclean election wrote.
+    Elected {
+        state: PartitionState,
     },
     Error {
         error: RpcError,
