@@ -554,17 +554,24 @@ fn after_a_whole_cluster_crash_an_unclean_election_by_the_operator_restores_serv
     assert!(!refused.status.success());
     let why = String::from_utf8_lossy(&refused.stderr);
     assert!(why.contains("Pass --unclean"), "{why}");
-    let out = cli_ok(&[
-        "partition",
-        "elect",
-        "--config",
-        &client,
-        "--topic",
-        "t",
-        "--partition",
-        "0",
-        "--unclean",
-    ]);
+    let unknown = elect(&["--unclean", "--replica", "9"]);
+    let why = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        !unknown.status.success() && why.contains("unknown node 9"),
+        "{why}"
+    );
+    // A node refuses until it has heard a majority for a failure timeout.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let out = loop {
+        let o = elect(&["--unclean"]);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        if o.status.success() || !err.contains("try again shortly") {
+            assert!(o.status.success(), "{err}");
+            break String::from_utf8_lossy(&o.stdout).to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "{err}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
     assert!(
         out.contains("node 1 leads t/0") && out.contains("1:2000 2:2000 3:2000"),
         "{out}"

@@ -346,7 +346,14 @@ impl Client {
             partition,
             replica,
         };
-        match self.any(&req).await? {
+        // Asked of the replica itself: it knows whether its log is ready
+        // to lead (not recovering, its own hand-off done).
+        let peer = self.peer(replica).await?;
+        match peer
+            .request_within(&req, Bytes::new(), REQUEST_TIMEOUT)
+            .await
+            .map_err(refused)?
+        {
             (Response::Elected { state }, _) => Ok(state),
             (other, _) => Err(ClientError::Protocol(format!("{other:?}"))),
         }

@@ -98,7 +98,9 @@ pub struct PartitionElectArgs {
     #[arg(long)]
     pub unclean: bool,
     /// The replica to elect (default: the live replica with the longest
-    /// log, the first in assignment order on a tie).
+    /// log, the first in assignment order on a tie; the longest log is
+    /// not always the one with the most acknowledged writes, since an
+    /// uncommitted tail from an older epoch counts too).
     #[arg(long)]
     pub replica: Option<ReplicaId>,
 }

@@ -38,9 +38,12 @@ pub struct NodeServer {
 }
 
 impl NodeServer {
-    /// An operator's unclean election (see [`Request::ElectUnclean`]),
-    /// checked against this node's failure detector, which must hear a
-    /// majority. A compare-and-set: a state that changed meanwhile refuses.
+    /// An operator's unclean election of this node (see
+    /// [`Request::ElectUnclean`]). Liveness is judged strictly: a broker
+    /// counts as alive only if heard within the failure timeout, and this
+    /// node must have run for a timeout and hear a majority (a node that
+    /// just started has heard nobody, and would take everyone for alive).
+    /// A compare-and-set: a state that changed meanwhile refuses.
     async fn elect_unclean(
         &self,
         topic: String,
@@ -49,6 +52,13 @@ impl NodeServer {
     ) -> Result<Response, RpcError> {
         let shared = &self.shared;
         let me = shared.node_id;
+        let tp = TopicPartition::new(&topic, partition);
+        let name = format!("{topic}/{partition}");
+        if replica != me {
+            return Err(RpcError::Invalid(format!(
+                "node {me} was asked to elect node {replica}: the request goes to the replica to elect"
+            )));
+        }
         let st = match shared.metadata.get_partition(&topic, partition).await {
             Err(MetadataError::NotFound(_)) => {
                 return Err(RpcError::UnknownPartition {
@@ -59,38 +69,41 @@ impl NodeServer {
             }
             other => other.map_err(meta_err)?,
         };
-        let name = format!("{topic}/{partition}");
-        if !st.replicas.contains(&replica) {
+        if !st.replicas.contains(&me) {
             return Err(RpcError::Invalid(format!(
-                "node {replica} is not a replica of {name} (replicas {:?})",
+                "node {me} is not a replica of {name} (replicas {:?})",
                 st.replicas
+            )));
+        }
+        let p = self.partition(&topic, partition)?;
+        let status = self.ask(&p, |reply| Event::Status { reply }).await?;
+        if shared.handoff_pending(&tp) || status.role == "recovering" {
+            return Err(RpcError::Invalid(format!(
+                "node {me} is not ready to lead {name}: its log is being recovered or its claims from before a restart are still being given up; try again shortly"
             )));
         }
         let now = shared.now_ms();
         let brokers = shared.broker_ids();
-        let coordinator = crate::core::FailoverCoordinator::new(me, false, 1);
-        let (quorum, live): (bool, Vec<ReplicaId>) = match shared.detector.lock() {
-            Ok(fd) => (
-                coordinator.has_quorum(&brokers, &fd, now),
-                st.replicas
-                    .iter()
-                    .copied()
-                    .filter(|r| *r == me || !fd.has_failed(*r, now))
-                    .collect(),
-            ),
-            Err(_) => (false, Vec::new()),
+        let timeout = shared.failover.failure_timeout_ms;
+        let heard: Vec<ReplicaId> = match shared.detector.lock() {
+            Ok(fd) => brokers
+                .iter()
+                .copied()
+                .filter(|b| {
+                    *b == me
+                        || fd
+                            .last_heard(*b)
+                            .is_some_and(|t| now.saturating_sub(t) <= timeout)
+                })
+                .collect(),
+            Err(_) => Vec::new(),
         };
-        if !quorum {
+        if now <= timeout || brokers.is_empty() || heard.len() * 2 <= brokers.len() {
             return Err(RpcError::Invalid(format!(
-                "node {me} cannot hear a majority of the nodes, so it does not know who is alive: ask another node"
+                "node {me} does not yet hear a majority of the nodes (heard {heard:?} of {brokers:?}), so it cannot tell who is alive; try again shortly"
             )));
         }
-        if !live.contains(&replica) {
-            return Err(RpcError::Invalid(format!(
-                "node {replica} is not alive (live replicas of {name}: {live:?})"
-            )));
-        }
-        if let Some(l) = st.leader.filter(|l| live.contains(l)) {
+        if let Some(l) = st.leader.filter(|l| heard.contains(l)) {
             return Err(RpcError::Invalid(format!(
                 "{name} has a live leader, node {l}: there is nothing to elect"
             )));
@@ -100,7 +113,7 @@ impl NodeServer {
             .iter()
             .chain(&st.elr)
             .copied()
-            .filter(|r| live.contains(r))
+            .filter(|r| heard.contains(r))
             .collect();
         if !keepers.is_empty() {
             return Err(RpcError::Invalid(format!(

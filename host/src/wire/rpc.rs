@@ -57,9 +57,10 @@ pub enum Request {
         max_bytes: u32,
     },
     /// An operator's unclean election (`replicator partition elect
-    /// --unclean`): `replica` leads the next epoch alone, with an empty
-    /// ELR. Refused while the leader, or any in-sync or eligible replica,
-    /// is alive: the failover elects those without losing writes.
+    /// --unclean`), sent to `replica` itself: it leads the next epoch
+    /// alone, with an empty ELR. Refused while the leader, or any in-sync
+    /// or eligible replica, is alive (the failover elects those without
+    /// losing writes), and while `replica` is not ready to lead.
     ElectUnclean {
         topic: String,
         partition: u32,
