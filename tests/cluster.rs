@@ -439,15 +439,8 @@ fn a_restarted_leader_hands_over_and_loses_nothing_even_with_memory_storage() {
     // In-memory logs: the restarted leader comes back empty. It must not
     // lead its old epoch again (followers would truncate to its empty
     // log); leadership moves to an in-sync follower under a new epoch.
-    let mut c = Cluster::init(3, "memory", short_lag);
-    c.start_all();
-    c.wait_up();
-    let client = c.client();
-    create_topic(&client, "t", "1");
+    let (mut c, client, before) = three_nodes_with_2000("memory");
     let produce = |n: &str| produce_generated(&client, "t", n);
-    produce("2000");
-    c.wait_status("2000 everywhere", |v| converged(v, "t", 0, 2000));
-    let before = consume_replica(&c, "t", 2, 2000);
 
     c.kill(1); // the leader of t/0
     c.start(1);
@@ -469,6 +462,21 @@ fn a_restarted_leader_hands_over_and_loses_nothing_even_with_memory_storage() {
         "{}",
         c.log(1)
     );
+}
+
+/// Three nodes on `storage` (short lag), topic `t` with one partition
+/// led by node 1, and 2000 messages committed on every replica: the
+/// cluster, its client config, and the messages as node 2 holds them.
+fn three_nodes_with_2000(storage: &str) -> (Cluster, String, Vec<String>) {
+    let mut c = Cluster::init(3, storage, short_lag);
+    c.start_all();
+    c.wait_up();
+    let client = c.client();
+    create_topic(&client, "t", "1");
+    produce_generated(&client, "t", "2000");
+    c.wait_status("2000 everywhere", |v| converged(v, "t", 0, 2000));
+    let before = consume_replica(&c, "t", 2, 2000);
+    (c, client, before)
 }
 
 /// KIP-966. Node 2 leaves the ISR while it is below min.insync (2), so it
@@ -508,14 +516,7 @@ fn a_last_in_sync_replica_stopped_cleanly_leads_again() {
 /// so nothing is lost.
 #[test]
 fn after_a_whole_cluster_crash_an_unclean_election_by_the_operator_restores_service() {
-    let mut c = Cluster::init(3, "file", short_lag);
-    c.start_all();
-    c.wait_up();
-    let client = c.client();
-    create_topic(&client, "t", "1");
-    produce_generated(&client, "t", "2000");
-    c.wait_status("2000 everywhere", |v| converged(v, "t", 0, 2000));
-    let before = consume_replica(&c, "t", 2, 2000);
+    let (mut c, client, before) = three_nodes_with_2000("file");
 
     for n in 1..=3 {
         c.kill(n);
@@ -597,14 +598,7 @@ fn after_a_whole_cluster_crash_an_unclean_election_by_the_operator_restores_serv
 /// then thaw node 2 and restart node 3: every replica must end with the
 /// 2000 and 1000 more, unchanged.
 fn last_in_sync_restarts(storage: &str, graceful: bool) -> Cluster {
-    let mut c = Cluster::init(3, storage, short_lag);
-    c.start_all();
-    c.wait_up();
-    let client = c.client();
-    create_topic(&client, "t", "1");
-    produce_generated(&client, "t", "2000");
-    c.wait_status("2000 everywhere", |v| converged(v, "t", 0, 2000));
-    let before = consume_replica(&c, "t", 2, 2000);
+    let (mut c, client, before) = three_nodes_with_2000(storage);
 
     let isr_is = |v: &serde_json::Value, isr: serde_json::Value| {
         partition(v, "t", 0).is_some_and(|p| p["isr"] == isr)

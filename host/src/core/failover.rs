@@ -329,17 +329,7 @@ mod tests {
     use super::*;
 
     fn state(leader: Option<u32>, isr: &[u32]) -> PartitionState {
-        PartitionState {
-            topic: "t".into(),
-            partition: 0,
-            leader,
-            leader_epoch: 4,
-            isr: isr.to_vec(),
-            elr: vec![],
-            replicas: vec![1, 2, 3],
-            min_insync: 2,
-            version: 9,
-        }
+        PartitionState::sample(leader, isr, &[])
     }
 
     fn detector(now: u64, alive: &[u32]) -> FailureDetector {

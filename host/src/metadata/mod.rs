@@ -152,6 +152,23 @@ impl PartitionState {
         }
     }
 
+    /// Partition t/0 on replicas 1-3, leader epoch 4, min.insync 2,
+    /// version 9: the tests' common fixture.
+    #[cfg(test)]
+    pub(crate) fn sample(leader: Option<ReplicaId>, isr: &[ReplicaId], elr: &[ReplicaId]) -> Self {
+        PartitionState {
+            topic: "t".into(),
+            partition: 0,
+            leader,
+            leader_epoch: 4,
+            isr: isr.to_vec(),
+            elr: elr.to_vec(),
+            replicas: vec![1, 2, 3],
+            min_insync: 2,
+            version: 9,
+        }
+    }
+
     /// This state without `replica` in its ELR (its log may have lost
     /// records it held).
     pub fn without_eligible(&self, replica: ReplicaId) -> PartitionState {
@@ -228,17 +245,11 @@ pub trait MetadataStore: Send + Sync {
 mod tests {
     use super::*;
 
+    /// Without a min.insync of its own: the node's default counts.
     fn state(isr: &[u32], elr: &[u32]) -> PartitionState {
         PartitionState {
-            topic: "t".into(),
-            partition: 0,
-            leader: Some(1),
-            leader_epoch: 3,
-            isr: isr.to_vec(),
-            elr: elr.to_vec(),
-            replicas: vec![1, 2, 3],
             min_insync: 0,
-            version: 7,
+            ..PartitionState::sample(Some(1), isr, elr)
         }
     }
 

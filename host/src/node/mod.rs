@@ -660,17 +660,7 @@ mod handoff_tests {
     }
 
     fn state(leader: Option<u32>, isr: &[u32], elr: &[u32]) -> PartitionState {
-        PartitionState {
-            topic: "t".into(),
-            partition: 0,
-            leader,
-            leader_epoch: 4,
-            isr: isr.to_vec(),
-            elr: elr.to_vec(),
-            replicas: vec![1, 2, 3],
-            min_insync: 2,
-            version: 9,
-        }
+        PartitionState::sample(leader, isr, elr)
     }
 
     #[test]

@@ -1137,17 +1137,7 @@ mod tests {
     #[tokio::test]
     async fn a_pending_hand_off_keeps_a_replica_from_leading() {
         let store = Arc::new(LostAnswers {
-            state: std::sync::Mutex::new(PartitionState {
-                topic: "t".into(),
-                partition: 0,
-                leader: Some(1),
-                leader_epoch: 4,
-                isr: vec![1],
-                elr: vec![2],
-                replicas: vec![1, 2, 3],
-                min_insync: 2,
-                version: 9,
-            }),
+            state: std::sync::Mutex::new(PartitionState::sample(Some(1), &[1], &[2])),
             blind_reads: 0.into(),
             blind_after_write: 0,
         });
@@ -1235,17 +1225,7 @@ mod tests {
         gone: impl Fn() -> bool,
     ) -> (Result<u64, ErrorCode>, Option<PartitionState>) {
         let store = Arc::new(LostAnswers {
-            state: std::sync::Mutex::new(PartitionState {
-                topic: "t".into(),
-                partition: 0,
-                leader: Some(1),
-                leader_epoch: 4,
-                isr: vec![1, 2],
-                elr: vec![],
-                replicas: vec![1, 2, 3],
-                min_insync: 2,
-                version: 9,
-            }),
+            state: std::sync::Mutex::new(PartitionState::sample(Some(1), &[1, 2], &[])),
             blind_reads: 0.into(),
             blind_after_write: blind_reads,
         });
