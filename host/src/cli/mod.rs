@@ -52,7 +52,7 @@ enum Command {
     Produce(client_cmds::ProduceArgs),
     /// Print committed messages as `<offset> <value>` lines.
     Consume(client_cmds::ConsumeArgs),
-    /// Per partition: leader, epoch, replicas, ISR, HW, each replica's log
+    /// Per partition: leader, epoch, replicas, ISR, ELR, HW, each replica's log
     /// end and lag.
     Status(client_cmds::StatusArgs),
     /// Write, recover and read back one partition through a storage plugin
