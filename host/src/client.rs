@@ -348,12 +348,7 @@ impl Client {
         };
         // Asked of the replica itself: it knows whether its log is ready
         // to lead (not recovering, its own hand-off done).
-        let peer = self.peer(replica).await?;
-        match peer
-            .request_within(&req, Bytes::new(), REQUEST_TIMEOUT)
-            .await
-            .map_err(refused)?
-        {
+        match self.ask_node(replica, &req).await? {
             (Response::Elected { state }, _) => Ok(state),
             (other, _) => Err(ClientError::Protocol(format!("{other:?}"))),
         }
@@ -574,12 +569,7 @@ impl Client {
             offset,
             max_bytes,
         };
-        let peer = self.peer(node).await?;
-        match peer
-            .request_within(&req, Bytes::new(), REQUEST_TIMEOUT)
-            .await
-            .map_err(refused)?
-        {
+        match self.ask_node(node, &req).await? {
             (
                 Response::Records {
                     high_watermark,
@@ -621,15 +611,22 @@ impl Client {
 
     /// One node's view of its partitions.
     pub async fn status(&self, node: ReplicaId) -> Result<Vec<ReplicaStatus>, ClientError> {
-        let peer = self.peer(node).await?;
-        match peer
-            .request_within(&Request::Status {}, Bytes::new(), REQUEST_TIMEOUT)
-            .await
-            .map_err(refused)?
-        {
+        match self.ask_node(node, &Request::Status {}).await? {
             (Response::Status { partitions, .. }, _) => Ok(partitions),
             (other, _) => Err(ClientError::Protocol(format!("{other:?}"))),
         }
+    }
+
+    /// `req` (without a body) to `node`, and its answer.
+    async fn ask_node(
+        &self,
+        node: ReplicaId,
+        req: &Request,
+    ) -> Result<(Response, Bytes), ClientError> {
+        let peer = self.peer(node).await?;
+        peer.request_within(req, Bytes::new(), REQUEST_TIMEOUT)
+            .await
+            .map_err(refused)
     }
 
     /// Every known node id (from client.toml and registrations).

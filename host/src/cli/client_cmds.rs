@@ -129,17 +129,14 @@ pub async fn partition(cmd: PartitionCommand) -> anyhow::Result<ExitCode> {
             let replica = match a.replica {
                 Some(r) => r,
                 // Keep as much as the replicas still hold.
+                // (`max_by_key` keeps the last of equals: reversed, the
+                // first in assignment order wins a tie.)
                 None => report
                     .replica_log_ends
                     .iter()
+                    .rev()
                     .filter_map(|(r, leo, _)| Some((*r, (*leo)?)))
-                    .fold(
-                        None,
-                        |best: Option<(ReplicaId, u64)>, (r, leo)| match best {
-                            Some((_, b)) if b >= leo => best,
-                            _ => Some((r, leo)),
-                        },
-                    )
+                    .max_by_key(|(_, leo)| *leo)
                     .map(|(r, _)| r)
                     .with_context(|| {
                         format!(

@@ -60,6 +60,15 @@ impl FailureDetector {
         now.saturating_sub(since) > self.timeout_ms
     }
 
+    /// Whether `broker` was heard from within the timeout: stricter than
+    /// `!has_failed`, which gives a broker never heard the benefit of the
+    /// doubt until the detector is a timeout old.
+    pub fn heard_recently(&self, broker: ReplicaId, now: u64) -> bool {
+        self.last_heard
+            .get(&broker)
+            .is_some_and(|t| now.saturating_sub(*t) <= self.timeout_ms)
+    }
+
     /// When `broker` was last heard from, if ever.
     pub fn last_heard(&self, broker: ReplicaId) -> Option<u64> {
         self.last_heard.get(&broker).copied()
@@ -206,14 +215,7 @@ impl FailoverCoordinator {
             });
         }
         let failed = state.leader;
-        let no_candidate = || {
-            Some(Decision {
-                next: state.clone(),
-                expected_version: state.version,
-                kind: DecisionKind::NoCandidate { failed },
-            })
-        };
-        // The first live in-sync replica in assignment order (Kafka's
+        // The first live member of `set` in assignment order (Kafka's
         // preferred order), so every decider proposes the same state.
         let first_live = |set: &[ReplicaId]| {
             state
@@ -222,49 +224,36 @@ impl FailoverCoordinator {
                 .copied()
                 .find(|r| set.contains(r) && Some(*r) != failed && self.alive(*r, fd, now))
         };
-        let (next, from) = if let Some(l) = first_live(&live_isr) {
+        let min = self.default_min_insync;
+        let (leader, next, from) = if let Some(l) = first_live(&live_isr) {
             let isr = live_isr.iter().copied().filter(|r| Some(*r) != failed);
-            let next = state.with_isr(isr.collect(), self.default_min_insync, true);
             (
-                PartitionState {
-                    leader: Some(l),
-                    ..next
-                },
+                l,
+                state.with_isr(isr.collect(), min, true),
                 Candidate::InSync,
             )
         } else if let Some(l) = first_live(&state.elr) {
             // The ISR's remaining members (a dead leader among them) held
             // every committed record too: they stay eligible.
-            let next = state.with_isr(vec![l], self.default_min_insync, true);
-            (
-                PartitionState {
-                    leader: Some(l),
-                    ..next
-                },
-                Candidate::Eligible,
-            )
-        } else if self.unclean_election {
-            let Some(l) = state
-                .replicas
-                .iter()
-                .copied()
-                .find(|r| self.alive(*r, fd, now) && Some(*r) != failed)
-            else {
-                return no_candidate();
-            };
+            (l, state.with_isr(vec![l], min, true), Candidate::Eligible)
+        } else if let Some(l) = first_live(&state.replicas).filter(|_| self.unclean_election) {
             // Nothing is known about what anyone holds any more.
             let next = PartitionState {
-                leader: Some(l),
                 isr: vec![l],
                 elr: Vec::new(),
                 ..state.clone()
             };
-            (next, Candidate::Unclean)
+            (l, next, Candidate::Unclean)
         } else {
-            return no_candidate();
+            return Some(Decision {
+                next: state.clone(),
+                expected_version: state.version,
+                kind: DecisionKind::NoCandidate { failed },
+            });
         };
         Some(Decision {
             next: PartitionState {
+                leader: Some(leader),
                 leader_epoch: state.leader_epoch + 1,
                 ..next
             },

@@ -115,16 +115,15 @@ impl PartitionState {
         intact: bool,
         default_min_insync: u32,
     ) -> Option<PartitionState> {
-        let st = self;
-        let others: Vec<ReplicaId> = st.isr.iter().copied().filter(|r| *r != me).collect();
-        let in_isr = others.len() < st.isr.len();
-        let leading = st.leader == Some(me);
-        let next_epoch = st.leader_epoch + 1;
+        let others: Vec<ReplicaId> = self.isr.iter().copied().filter(|r| *r != me).collect();
+        let in_isr = others.len() < self.isr.len();
+        let leading = self.leader == Some(me);
+        let next_epoch = self.leader_epoch + 1;
         if !in_isr && !leading {
-            return (!intact && st.elr.contains(&me)).then(|| st.without_eligible(me));
+            return (!intact && self.elr.contains(&me)).then(|| self.without_eligible(me));
         }
         if let Some(&l) = others.first() {
-            let next = st.with_isr(others, default_min_insync, intact);
+            let next = self.with_isr(others, default_min_insync, intact);
             return Some(if leading {
                 PartitionState {
                     leader: Some(l),
@@ -137,17 +136,17 @@ impl PartitionState {
         }
         // The only replica of the partition: nobody can hold more, and
         // waiting would only keep it unavailable.
-        let alone = st.replicas == [me];
+        let alone = self.replicas == [me];
         match (intact || alone, leading) {
             (true, true) => Some(PartitionState {
                 leader_epoch: next_epoch,
-                ..st.clone()
+                ..self.clone()
             }),
             (true, false) => None,
             (false, _) => Some(PartitionState {
                 leader: None,
                 leader_epoch: next_epoch,
-                ..st.with_isr(Vec::new(), default_min_insync, false)
+                ..self.with_isr(Vec::new(), default_min_insync, false)
             }),
         }
     }

@@ -208,7 +208,7 @@ async fn coordinate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             }
             // Its claims from before this node's restart are being given
             // up (`handoff`); deciding on them now would be stale.
-            if shared.handoffs.lock().is_ok_and(|h| h.contains_key(&tp)) {
+            if shared.handoff_pending(&tp) {
                 continue;
             }
             let decision = match shared.detector.lock() {
@@ -305,17 +305,13 @@ async fn coordinate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                         ),
                         DecisionKind::NoCandidate { .. } => {}
                     }
-                    if let Ok(mut m) = shared.states.write() {
-                        m.insert(
-                            tp,
-                            crate::metadata::PartitionState {
-                                version,
-                                ..d.next.clone()
-                            },
-                        );
-                    }
-                    shared.changed.send_modify(|n| *n += 1);
-                    shared.refresh.notify_one();
+                    shared.wrote_state(
+                        tp,
+                        crate::metadata::PartitionState {
+                            version,
+                            ..d.next.clone()
+                        },
+                    );
                 }
                 Err(MetadataError::Conflict(_)) => {
                     // Another node decided first (or the leader changed

@@ -430,15 +430,11 @@ async fn refresh(
                             // the next pass, with the state that wrote.
                             // A recovery since the open may have judged
                             // it already: "not intact" wins.
-                            shared.request_handoff(
-                                tp.clone(),
-                                Some(shared.clean.intact(&tp, opened_end)),
-                            );
                             let intact = shared
-                                .handoffs
-                                .lock()
-                                .ok()
-                                .and_then(|h| h.get(&tp).copied().flatten())
+                                .request_handoff(
+                                    tp.clone(),
+                                    Some(shared.clean.intact(&tp, opened_end)),
+                                )
                                 .unwrap_or(false);
                             settle_handoff(shared, &tp, intact).await;
                             continue;
@@ -642,7 +638,9 @@ mod handoff_tests {
         shared.request_handoff(tp.clone(), Some(true));
         let (racing, at) = (shared.clone(), tp.clone());
         if let Ok(mut h) = store.during_write.lock() {
-            *h = Some(Box::new(move || racing.request_handoff(at, Some(false))));
+            *h = Some(Box::new(move || {
+                racing.request_handoff(at, Some(false));
+            }));
         }
         assert!(
             !settle_handoff(&shared, &tp, true).await,

@@ -152,8 +152,8 @@ struct Actor {
     handoff_from: Option<u32>,
 }
 
-/// Open (or reopen) the partition's log and start its actor.
-/// Open `tp`'s log and start its actor; also the log end it opened with.
+/// Open (or reopen) `tp`'s log and start its actor; also the log end it
+/// opened with.
 pub async fn start(
     shared: Arc<Shared>,
     tp: TopicPartition,
@@ -489,15 +489,14 @@ impl Actor {
                 self.leader = None;
                 self.applied_version = 0;
                 let intact = state.bounds.log_end >= lost_end;
-                if self.meta.is_none() && !intact {
-                    // Opened at start, its hand-off not yet done: that one
-                    // must know the log lost records since it was judged.
-                    self.shared.request_handoff(self.tp.clone(), Some(false));
+                // Leave the ISR (or hand leadership on) until caught up;
+                // and the ELR too if records it held are gone. A log with
+                // no metadata yet was opened at start and its hand-off is
+                // not done: it needs telling only of a loss.
+                if self.meta.is_some() || !intact {
+                    self.shared.request_handoff(self.tp.clone(), Some(intact));
                 }
                 if let Some(meta) = self.meta.clone() {
-                    // Leave the ISR (or hand leadership on) until caught
-                    // up; and the ELR too if records it held are gone.
-                    self.shared.request_handoff(self.tp.clone(), Some(intact));
                     if meta.leader == Some(self.shared.node_id) {
                         // The recovered log may lack what this leader had
                         // acknowledged (an in-memory log is empty now): do

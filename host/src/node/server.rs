@@ -84,21 +84,18 @@ impl NodeServer {
         }
         let now = shared.now_ms();
         let brokers = shared.broker_ids();
-        let timeout = shared.failover.failure_timeout_ms;
         let heard: Vec<ReplicaId> = match shared.detector.lock() {
             Ok(fd) => brokers
                 .iter()
                 .copied()
-                .filter(|b| {
-                    *b == me
-                        || fd
-                            .last_heard(*b)
-                            .is_some_and(|t| now.saturating_sub(t) <= timeout)
-                })
+                .filter(|b| *b == me || fd.heard_recently(*b, now))
                 .collect(),
             Err(_) => Vec::new(),
         };
-        if now <= timeout || brokers.is_empty() || heard.len() * 2 <= brokers.len() {
+        if now <= shared.failover.failure_timeout_ms
+            || brokers.is_empty()
+            || heard.len() * 2 <= brokers.len()
+        {
             return Err(RpcError::Invalid(format!(
                 "node {me} does not yet hear a majority of the nodes (heard {heard:?} of {brokers:?}), so it cannot tell who is alive; try again shortly"
             )));
@@ -147,11 +144,7 @@ impl NodeServer {
             st.elr
         );
         let state = PartitionState { version, ..next };
-        if let Ok(mut m) = shared.states.write() {
-            m.insert(TopicPartition::new(&topic, partition), state.clone());
-        }
-        shared.changed.send_modify(|n| *n += 1);
-        shared.refresh.notify_one();
+        shared.wrote_state(tp, state.clone());
         Ok(Response::Elected { state })
     }
 }

@@ -169,23 +169,36 @@ impl Shared {
     ///
     /// A verdict of "not intact" is never overwritten by a later one before
     /// the hand-off is done: a second recovery compares with a log that
-    /// already lost records.
-    pub fn request_handoff(&self, tp: TopicPartition, intact: Option<bool>) {
-        if let Ok(mut h) = self.handoffs.lock() {
+    /// already lost records. Returns the verdict the hand-off now carries.
+    pub fn request_handoff(&self, tp: TopicPartition, intact: Option<bool>) -> Option<bool> {
+        let merged = self.handoffs.lock().ok().and_then(|mut h| {
             let merged = match (h.get(&tp).copied(), intact) {
                 (Some(Some(false)), _) | (_, Some(false)) => Some(false),
                 (Some(old), None) => old,
                 (_, new) => new,
             };
             h.insert(tp, merged);
-        }
+            merged
+        });
         self.refresh.notify_one();
+        merged
     }
 
     /// Whether `tp` has claims from before a restart or a recovery still
     /// to give up: it must not lead until they are.
     pub fn handoff_pending(&self, tp: &TopicPartition) -> bool {
         self.handoffs.lock().map_or(true, |h| h.contains_key(tp))
+    }
+
+    /// This node wrote `state` (version included) to the store: the
+    /// coordinator decides on it from now, peers hear of it with the next
+    /// heartbeat, and the watcher passes it on at once.
+    pub(super) fn wrote_state(&self, tp: TopicPartition, state: PartitionState) {
+        if let Ok(mut m) = self.states.write() {
+            m.insert(tp, state);
+        }
+        self.changed.send_modify(|n| *n += 1);
+        self.refresh.notify_one();
     }
 
     /// Every registered broker's id, as the watcher last read them.

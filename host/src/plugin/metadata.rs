@@ -441,48 +441,44 @@ fn check_get(
     partition: u32,
     answer: Answer<wit::PartitionState>,
 ) -> Verdict {
+    let asked = format!("get-partition({topic}/{partition})");
     let key = (topic, partition);
     let (known, known_epoch) = seen.versions.get(&key).copied().unwrap_or((0, 0));
     if known > 0 && matches!(answer, Ok(Err(PluginError::NotFound(_)))) {
         return Verdict::Violation(format!(
-            "get-partition({}/{}) answered not-found after version {known} was seen",
-            key.0, key.1
+            "{asked} answered not-found after version {known} was seen"
         ));
     }
     judge(answer, |s| {
         let s = from_wit(s);
         if s.topic != key.0 || s.partition != key.1 {
             return Err(format!(
-                "get-partition({}/{}) answered with the state of {}/{}",
-                key.0, key.1, s.topic, s.partition
+                "{asked} answered with the state of {}/{}",
+                s.topic, s.partition
             ));
         }
         if s.version == 0 {
             return Err(format!(
-                "get-partition({}/{}) answered with version 0, which means not created",
-                key.0, key.1
+                "{asked} answered with version 0, which means not created"
             ));
         }
         if s.version < known {
             return Err(format!(
-                "get-partition({}/{}) answered with version {} after version {known} was seen",
-                key.0, key.1, s.version
+                "{asked} answered with version {} after version {known} was seen",
+                s.version
             ));
         }
         if let Some(why) = membership_error(&s) {
             // Elections trust these lists: a stranger in the ELR, or a
             // member counted twice, could lead without the committed writes.
-            return Err(format!(
-                "get-partition({}/{}) answered with {why}",
-                key.0, key.1
-            ));
+            return Err(format!("{asked} answered with {why}"));
         }
         if s.leader_epoch < known_epoch {
             // Leader epochs only grow: a node would lead, or follow, an
             // epoch whose place in its epoch cache is already taken.
             return Err(format!(
-                "get-partition({}/{}) answered with leader epoch {} after epoch {known_epoch} was seen",
-                key.0, key.1, s.leader_epoch
+                "{asked} answered with leader epoch {} after epoch {known_epoch} was seen",
+                s.leader_epoch
             ));
         }
         seen.versions.insert(key, (s.version, s.leader_epoch));
