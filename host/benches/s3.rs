@@ -20,7 +20,7 @@ mod common;
 use std::time::Instant;
 
 use bytes::Bytes;
-use common::{MESSAGE, PER_BATCH, mbs, template};
+use common::{MESSAGE, mbs, per_batch, template};
 use replicator::batch;
 use replicator::node::config::PluginSection;
 use replicator::plugin::{PluginSource, StoragePlugin};
@@ -58,7 +58,8 @@ fn main() {
         .build()
         .expect("runtime");
     println!(
-        "s3 storage benchmark: {batches} batches of {PER_BATCH} x {MESSAGE} B messages ({} B each), segment.bytes {} MiB, moto at {}",
+        "s3 storage benchmark: {batches} batches of {} x {MESSAGE} B messages ({} B each), segment.bytes {} MiB, moto at {}",
+        per_batch(),
         tpl.len(),
         SEGMENT >> 20,
         moto.endpoint()
@@ -81,7 +82,7 @@ fn main() {
         let prepared: Vec<Bytes> = (0..batches)
             .map(|i| {
                 let mut b = tpl.clone();
-                batch::set_base_offset(&mut b, (i * PER_BATCH) as u64);
+                batch::set_base_offset(&mut b, (i * per_batch()) as u64);
                 Bytes::from(b)
             })
             .collect();
@@ -101,7 +102,7 @@ fn main() {
             .expect("reopen");
         let reopen = t.elapsed();
         let end = log.bounds().await.expect("bounds").log_end;
-        assert_eq!(end, (batches * PER_BATCH) as u64, "reopened short");
+        assert_eq!(end, (batches * per_batch()) as u64, "reopened short");
         let t = Instant::now();
         let mut at = 0;
         let mut read = 0usize;

@@ -14,7 +14,7 @@ use std::future::Future;
 use std::time::Instant;
 
 use bytes::Bytes;
-use common::{MESSAGE, PER_BATCH, mbs, template};
+use common::{MESSAGE, mbs, per_batch, template};
 use replicator::batch;
 use replicator::plugin::{PluginSource, Sandbox, StoragePlugin};
 use replicator::storage::memory::MemoryLog;
@@ -48,7 +48,7 @@ fn prepare(batches: usize, first_offset: u64) -> Vec<Bytes> {
     (0..batches)
         .map(|i| {
             let mut b = tpl.clone();
-            batch::set_base_offset(&mut b, first_offset + (i * PER_BATCH) as u64);
+            batch::set_base_offset(&mut b, first_offset + (i * per_batch()) as u64);
             Bytes::from(b)
         })
         .collect()
@@ -67,7 +67,7 @@ async fn measure<L: PartitionLog>(log: &L, batches: usize) -> Figures {
     log.flush().await.expect("flush");
 
     // WINDOW appends in flight, as a pipelining producer or follower does.
-    let prepared = prepare(batches, (batches * PER_BATCH) as u64);
+    let prepared = prepare(batches, (batches * per_batch()) as u64);
     let t = Instant::now();
     let mut inflight = std::collections::VecDeque::new();
     for b in prepared {
@@ -84,7 +84,7 @@ async fn measure<L: PartitionLog>(log: &L, batches: usize) -> Figures {
     let pipelined = t.elapsed();
     log.flush().await.expect("flush");
 
-    let end = (2 * batches * PER_BATCH) as u64;
+    let end = (2 * batches * per_batch()) as u64;
     let t = Instant::now();
     let mut at = 0u64;
     let mut read = 0usize;
@@ -200,7 +200,8 @@ fn main() {
     let run = rt.spawn(async move {
         let tmp = tempfile::tempdir().expect("tempdir");
         println!(
-            "storage benchmark: {batches} batches of {PER_BATCH} x {MESSAGE} B messages ({batch_bytes} B each), reads of up to {} KiB, best of {rounds} rounds",
+            "storage benchmark: {batches} batches of {} x {MESSAGE} B messages ({batch_bytes} B each), reads of up to {} KiB, best of {rounds} rounds",
+            per_batch(),
             READ_MAX / 1024
         );
         // Best of a few rounds, each on a fresh log: on a shared 2-core VM
