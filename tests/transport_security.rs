@@ -464,3 +464,51 @@ async fn a_request_given_up_on_a_down_node_does_not_hold_up_the_next() {
     );
     node.shutdown().await;
 }
+
+/// A client that closes while it is still dialling a peer that never
+/// answers (a node that is down) does not wait out that handshake's drain,
+/// which quinn times from its initial RTT estimate (about 3 s). Every CLI
+/// command dials every node, so each took 2 s longer (the old bound on the
+/// wait) while any node was down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_does_not_wait_for_a_handshake_to_a_silent_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    init(dir.path(), 1);
+    let silent = std::net::UdpSocket::bind(any_addr()).unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let t = Transport::bind(
+        any_addr(),
+        &material(dir.path(), "client"),
+        Identity::Client,
+        false,
+    )
+    .unwrap();
+    let dialling = {
+        let t = t.clone();
+        tokio::spawn(async move { t.connect(silent_addr, 1).await })
+    };
+    // The handshake is in flight once its first packet arrives.
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let got = tokio::task::spawn_blocking(move || silent.recv(&mut [0u8; 2048]))
+        .await
+        .unwrap();
+    assert!(
+        got.as_ref().is_ok_and(|n| *n > 0),
+        "no handshake packet: {got:?}"
+    );
+    let started = std::time::Instant::now();
+    t.close().await;
+    let took = started.elapsed();
+    assert!(
+        took <= replicator::transport::CLOSE_WAIT + Duration::from_millis(300),
+        "closing took {took:?}"
+    );
+    let dialled = dialling.await.unwrap();
+    assert!(
+        dialled.is_err(),
+        "connected to a silent socket: {:?}",
+        dialled.map(|p| p.node())
+    );
+}

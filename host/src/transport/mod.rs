@@ -82,6 +82,17 @@ pub enum TransportError {
     Timeout(&'static str),
 }
 
+/// The longest [`Transport::close`] waits for its connections to drain.
+/// A connection is told of the close at once (the endpoint's first poll
+/// sends it), and then drains for three probe timeouts, which wait_idle
+/// waits for: about 80 ms on loopback or a LAN, under half a second at a
+/// 100 ms RTT. A handshake still in flight to a peer that never answered
+/// (down, or its packets dropped) has no RTT sample and drains for three
+/// seconds from quinn's initial 333 ms estimate, with nobody to tell. It
+/// used to hold every command of the CLI, which dials every node, for
+/// the whole wait (then 2 s) while any node was down.
+pub const CLOSE_WAIT: Duration = Duration::from_millis(500);
+
 fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     // Streams a peer may have open at once: one per in-flight request;
@@ -278,10 +289,10 @@ impl Transport {
     }
 
     /// Refuse new connections, close existing ones, and wait until peers
-    /// were told (bounded).
+    /// were told (bounded by [`CLOSE_WAIT`]).
     pub async fn close(&self) {
         self.endpoint.close(close::NORMAL.into(), b"shutdown");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await;
     }
 }
 
