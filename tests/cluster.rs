@@ -593,6 +593,84 @@ fn after_a_whole_cluster_crash_an_unclean_election_by_the_operator_restores_serv
     }
 }
 
+/// Controlled shutdown. Failure detection is made slow (20 s) so that only
+/// a stopping node's own hand-over can explain a quick recovery: a leader
+/// stopped gracefully hands the partition to an in-sync replica, and a
+/// follower stopped gracefully leaves the ISR, before they exit. Either
+/// way the next acks=all produce is acknowledged within seconds, where
+/// without it the first would wait for the 20 s timeout; nothing is lost.
+#[test]
+fn a_gracefully_stopped_node_hands_over_before_it_exits() {
+    let slow_detection =
+        |toml: String| toml.replace("failure_timeout_ms = 500", "failure_timeout_ms = 20000");
+    let mut c = Cluster::init(3, "file", slow_detection);
+    c.start_all();
+    c.wait_up();
+    let client = c.client();
+    create_topic(&client, "t", "1");
+    produce_generated(&client, "t", "2000");
+    c.wait_status("2000 everywhere", |v| converged(v, "t", 0, 2000));
+    let before = consume_replica(&c, "t", 2, 2000);
+    let quick = std::time::Duration::from_secs(10);
+
+    // The leader, node 1.
+    let stopped = std::time::Instant::now();
+    assert!(c.stop(1), "node 1 did not stop cleanly:\n{}", c.log(1));
+    produce_generated(&client, "t", "1000");
+    let took = stopped.elapsed();
+    assert!(
+        took < quick,
+        "the produce after the leader stopped took {took:?}"
+    );
+    let v = c.status();
+    let p = partition(&v, "t", 0).unwrap();
+    assert_eq!((&p["leader"], &p["epoch"]), (&2.into(), &2.into()), "{v}");
+    assert_eq!(p["isr"], serde_json::json!([2, 3]), "{v}");
+    assert!(
+        c.log(1)
+            .contains("t/0: controlled shutdown: node 2 leads epoch 2"),
+        "{}",
+        c.log(1)
+    );
+
+    // Back in the ISR, then a follower, node 3, stops.
+    c.start(1);
+    c.wait_status("3000 everywhere", |v| {
+        converged(v, "t", 0, 3000)
+            && partition(v, "t", 0)
+                .is_some_and(|p| p["isr"].as_array().is_some_and(|i| i.len() == 3))
+    });
+    let stopped = std::time::Instant::now();
+    assert!(c.stop(3), "node 3 did not stop cleanly:\n{}", c.log(3));
+    produce_generated(&client, "t", "1000");
+    let took = stopped.elapsed();
+    assert!(
+        took < quick,
+        "the produce after a follower stopped took {took:?}"
+    );
+    let v = c.status();
+    let isr = &partition(&v, "t", 0).unwrap()["isr"];
+    assert!(
+        isr.as_array()
+            .is_some_and(|i| i.len() == 2 && !i.contains(&3.into())),
+        "{v}"
+    );
+    assert!(
+        c.log(3)
+            .contains("t/0: controlled shutdown: this node leaves the ISR"),
+        "{}",
+        c.log(3)
+    );
+
+    c.start(3);
+    c.wait_status("4000 everywhere", |v| converged(v, "t", 0, 4000));
+    let logs: Vec<Vec<String>> = (1..=3).map(|r| consume_replica(&c, "t", r, 4000)).collect();
+    for l in &logs {
+        assert_eq!(l, &logs[0]);
+        assert_eq!(&l[..2000], &before[..], "committed messages changed");
+    }
+}
+
 /// Commit 2000 messages, kill node 3, freeze node 2 until it leaves the
 /// ISR (into the ELR), restart node 1 (the leader) killed or stopped,
 /// then thaw node 2 and restart node 3: every replica must end with the

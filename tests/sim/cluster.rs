@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::Bytes;
 use replicator::batch::Record;
 use replicator::core::{
-    Acks, Action, Config, Faults, FetchRequest, FetchResponse, ReplicationManager,
+    Acks, Action, Config, DecisionKind, FailoverCoordinator, FailureDetector, Faults, FetchRequest,
+    FetchResponse, ReplicationManager,
 };
 use replicator::metadata::PartitionState;
 
@@ -33,6 +34,14 @@ pub struct Options {
     pub drop_percent: u64,
     /// Chance per step (percent) of a crash, and of a link cut.
     pub crash_percent: u64,
+    /// Of those crashes, the share (percent) that are graceful stops
+    /// instead: the node hands over first (controlled shutdown, by the
+    /// host's `FailoverCoordinator::step_down`), then stops with its log
+    /// flushed and intact.
+    pub stop_percent: u64,
+    /// Negative control: a stopping leader hands over to any live replica,
+    /// in the ISR or not.
+    pub hand_over_outside_isr: bool,
     pub cut_percent: u64,
     pub max_delay_ms: u64,
     /// `Config::retention_bytes` of every replica.
@@ -50,6 +59,8 @@ impl Default for Options {
             eligible_leaders: true,
             drop_percent: 3,
             crash_percent: 1,
+            stop_percent: 0,
+            hand_over_outside_isr: false,
             cut_percent: 1,
             max_delay_ms: 20,
             retention_bytes: None,
@@ -315,6 +326,96 @@ impl Sim {
         self.storage_q[n as usize].clear();
         self.checker
             .on_truncate(n, self.nodes[n as usize].log.log_end());
+        self.fence(n);
+    }
+
+    /// A graceful stop with controlled shutdown, as `node::run` does it:
+    /// the node (fetching no more, registered anew) writes what `step_down` decides, with
+    /// the peers it heard recently as candidates; then its storage finishes
+    /// what it was given and flushes, and it exits with its log intact.
+    fn stop(&mut self, n: u32) {
+        let now = self.now;
+        // It registers again first: fetches of this incarnation still on
+        // the way cannot let it back into the ISR (the store checks added
+        // members' broker epochs).
+        self.nodes[n as usize].broker_epoch += 1;
+        let mut fd = FailureDetector::new(self.config.replica_lag_time_max_ms, now);
+        for r in 0..self.opts.replicas {
+            if r != n && self.nodes[r as usize].alive && !self.cut.contains(&(r, n)) {
+                fd.record_heartbeat(r, now);
+            }
+        }
+        let state = self.partition_state();
+        let mut decision =
+            FailoverCoordinator::new(n, false, self.opts.min_insync).step_down(&state, &fd, now);
+        if self.opts.hand_over_outside_isr
+            && state.leader == Some(n)
+            && let Some(d) = decision.as_mut()
+            && let Some(r) = (0..self.opts.replicas)
+                .find(|r| *r != n && self.nodes[*r as usize].alive && !state.isr.contains(r))
+        {
+            d.next.leader = Some(r);
+            d.kind = DecisionKind::StepDown { successor: Some(r) };
+        }
+        if let Some(d) = decision {
+            self.ctrl.version += 1;
+            self.ctrl.isr = d.next.isr.clone();
+            self.ctrl.elr = d.next.elr.clone();
+            let (isr, elr, version) = (d.next.isr, d.next.elr, self.ctrl.version);
+            if let DecisionKind::StepDown { successor: Some(s) } = d.kind {
+                self.ctrl.leader = Some(s);
+                self.ctrl.epoch = d.next.leader_epoch;
+                let epoch = self.ctrl.epoch;
+                self.trace.push(format!(
+                    "t={now} {n} stops: hands over to {s} epoch {epoch} isr {isr:?} elr {elr:?}"
+                ));
+                self.checker.on_elect(s, epoch);
+                let replicas = self.ctrl.replicas.clone();
+                if let Some(rm) = self.rm(s) {
+                    rm.become_leader(epoch, replicas, isr, version, now);
+                }
+                for r in 0..self.opts.replicas {
+                    if r != s
+                        && let Some(rm) = self.rm(r)
+                    {
+                        rm.become_follower(s, epoch, now);
+                    }
+                }
+            } else {
+                self.trace.push(format!(
+                    "t={now} {n} stops: leaves the isr {isr:?} elr {elr:?}"
+                ));
+                if let Some(l) = self.ctrl.leader {
+                    let epoch = self.ctrl.epoch;
+                    if let Some(rm) = self.rm(l) {
+                        rm.metadata_isr_changed(epoch, isr, version, now);
+                    }
+                }
+            }
+            self.settle();
+        } else {
+            self.trace.push(format!("t={now} {n} stops"));
+        }
+        // Shutdown waits for the storage lane, then flushes.
+        for op in self.storage_q[n as usize].iter_mut() {
+            op.0 = now;
+        }
+        self.complete_storage(n);
+        self.settle();
+        self.complete_storage(n);
+        self.nodes[n as usize].log.flush();
+        self.nodes[n as usize].alive = false;
+        self.nodes[n as usize].lost = false;
+        self.nodes[n as usize].rm = None;
+        self.storage_q[n as usize].clear();
+        // What it could not hand over, failure detection does, as for a
+        // crash.
+        self.fence(n);
+    }
+
+    /// What the store does once it finds `n` gone: out of the ISR (never
+    /// emptying it), and a new leader if `n` led.
+    fn fence(&mut self, n: u32) {
         // The store fences the broker: out of the ISR (never emptying it).
         if self.ctrl.isr.contains(&n) && self.ctrl.isr.len() > 1 {
             let isr = self.ctrl.isr.iter().copied().filter(|r| *r != n).collect();
@@ -677,7 +778,12 @@ impl Sim {
         if self.rng.chance(self.opts.crash_percent) && down < budget {
             let n = self.rng.below(u64::from(self.opts.replicas)) as u32;
             if self.nodes[n as usize].alive {
-                self.crash(n);
+                // No draw when off, so the other tests' seeds replay as before.
+                if self.opts.stop_percent > 0 && self.rng.chance(self.opts.stop_percent) {
+                    self.stop(n);
+                } else {
+                    self.crash(n);
+                }
             }
         } else if self.rng.chance(3) && down > 0 {
             let dead: Vec<u32> = (0..self.opts.replicas)

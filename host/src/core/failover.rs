@@ -129,6 +129,9 @@ pub enum DecisionKind {
     /// or eligible replica, unclean election off). Nothing is written; the partition
     /// stays unavailable until an in-sync replica returns.
     NoCandidate { failed: Option<ReplicaId> },
+    /// This broker is stopping cleanly ([`FailoverCoordinator::step_down`]):
+    /// it leaves the ISR, and if it led, `successor` leads the next epoch.
+    StepDown { successor: Option<ReplicaId> },
 }
 
 /// Failover policy for the partitions of one broker. Any broker may decide
@@ -262,6 +265,67 @@ impl FailoverCoordinator {
                 failed,
                 unclean: from == Candidate::Unclean,
                 eligible: from == Candidate::Eligible,
+            },
+        })
+    }
+
+    /// Controlled shutdown (Kafka's `controlled.shutdown.enable`, on by
+    /// default there too): what this broker, about to stop cleanly, writes
+    /// for `state`, so that nobody waits a failure timeout to find it gone.
+    ///
+    /// - Leading: the first ISR member in assignment order that was heard
+    ///   within the timeout leads the next epoch, and this broker leaves the
+    ///   ISR. Without one it keeps leading (`None`): the partition would
+    ///   have no leader either way, and a clean stop lets it lead again at
+    ///   restart.
+    /// - A follower in the ISR leaves it, so the leader's high watermark
+    ///   does not wait `replica_lag_time_max_ms` for a stopped replica. Not
+    ///   the ISR's only member: that would leave nobody in it.
+    ///
+    /// Having been in sync, it holds every committed record, so it joins
+    /// the ELR when the ISR falls below min.insync
+    /// ([`PartitionState::with_isr`]), as any member leaving cleanly would
+    /// (if its log then fails to flush, the node's clean-shutdown record
+    /// leaves it out, and at restart it leaves the ELR again). The caller
+    /// must first stop this broker's fetching and fence its late fetches
+    /// (a new broker epoch): a follower still fetching could be let back
+    /// into the ISR.
+    pub fn step_down(
+        &self,
+        state: &PartitionState,
+        fd: &FailureDetector,
+        now: u64,
+    ) -> Option<Decision> {
+        let me = self.me;
+        if state.version == 0 || !state.isr.contains(&me) {
+            return None;
+        }
+        let others: Vec<ReplicaId> = state.isr.iter().copied().filter(|r| *r != me).collect();
+        let min = self.default_min_insync;
+        if state.leader != Some(me) {
+            if others.is_empty() {
+                return None;
+            }
+            return Some(Decision {
+                next: state.with_isr(others, min, true),
+                expected_version: state.version,
+                kind: DecisionKind::StepDown { successor: None },
+            });
+        }
+        let successor = state
+            .replicas
+            .iter()
+            .copied()
+            .find(|r| others.contains(r) && fd.heard_recently(*r, now))?;
+        Some(Decision {
+            next: PartitionState {
+                leader: Some(successor),
+                leader_epoch: state.leader_epoch + 1,
+                ..state.with_isr(others, min, true)
+            },
+            expected_version: state.version,
+            kind: DecisionKind::StepDown {
+                successor: Some(successor),
             },
         })
     }
@@ -526,6 +590,61 @@ mod tests {
         assert!(!c.has_quorum(&[1, 2, 3], &detector(1000, &[]), 1000));
         assert!(c.has_quorum(&[1, 2, 3], &detector(1000, &[3]), 1000));
         assert!(c.has_quorum(&[1], &detector(1000, &[]), 1000));
+    }
+
+    #[test]
+    fn a_stopping_leader_hands_over_to_the_first_in_sync_replica_it_heard() {
+        let c = FailoverCoordinator::new(1, false, 2);
+        let s = state(Some(1), &[1, 3, 2]);
+        // Assignment order (2 before 3), among those heard recently.
+        let d = c.step_down(&s, &detector(1000, &[2, 3]), 1000).unwrap();
+        assert_eq!(d.kind, DecisionKind::StepDown { successor: Some(2) });
+        assert_eq!(d.next.leader, Some(2));
+        assert_eq!(d.next.leader_epoch, s.leader_epoch + 1);
+        assert_eq!(d.next.isr, vec![3, 2]);
+        assert!(d.next.elr.is_empty());
+        assert_eq!(d.expected_version, s.version);
+        // Both last heard 600 ms ago, past the 500 ms timeout: nobody.
+        assert_eq!(c.step_down(&s, &detector(400, &[2, 3]), 1000), None);
+        // Node 2 silent, node 3 heard: node 3.
+        let mut fd = detector(400, &[2]);
+        fd.record_heartbeat(3, 1000);
+        let d = c.step_down(&s, &fd, 1000).unwrap();
+        assert_eq!(d.next.leader, Some(3));
+        // Never heard from (a detector younger than the timeout would
+        // still give it the benefit of the doubt): not a successor.
+        assert_eq!(c.step_down(&s, &FailureDetector::new(500, 900), 1000), None);
+    }
+
+    #[test]
+    fn a_stopping_sole_in_sync_leader_keeps_leading() {
+        let c = FailoverCoordinator::new(1, false, 2);
+        let fd = detector(1000, &[2, 3]);
+        assert_eq!(c.step_down(&state(Some(1), &[1]), &fd, 1000), None);
+        // Its only in-sync peer is silent: the same.
+        let mut fd = detector(1000, &[3]);
+        fd.record_heartbeat(2, 100);
+        assert_eq!(c.step_down(&state(Some(1), &[1, 2]), &fd, 1000), None);
+    }
+
+    #[test]
+    fn a_stopping_follower_leaves_the_isr_and_stays_eligible_below_min_insync() {
+        let c = FailoverCoordinator::new(3, false, 2);
+        let fd = detector(1000, &[1, 2]);
+        let d = c.step_down(&state(Some(1), &[1, 2, 3]), &fd, 1000).unwrap();
+        assert_eq!(d.kind, DecisionKind::StepDown { successor: None });
+        assert_eq!((d.next.leader, d.next.leader_epoch), (Some(1), 4));
+        assert_eq!(d.next.isr, vec![1, 2]);
+        assert!(d.next.elr.is_empty());
+        // Below min.insync it holds every committed record: eligible.
+        let d = c.step_down(&state(Some(1), &[1, 3]), &fd, 1000).unwrap();
+        assert_eq!((d.next.isr.clone(), d.next.elr.clone()), (vec![1], vec![3]));
+        // Not in the ISR, or its only member: nothing to write.
+        assert_eq!(c.step_down(&state(Some(1), &[1, 2]), &fd, 1000), None);
+        assert_eq!(c.step_down(&state(None, &[3]), &fd, 1000), None);
+        let mut unknown = state(Some(1), &[1, 3]);
+        unknown.version = 0;
+        assert_eq!(c.step_down(&unknown, &fd, 1000), None);
     }
 
     #[test]

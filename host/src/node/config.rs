@@ -315,6 +315,12 @@ pub struct FailoverConfig {
     /// Off by default, as in Kafka (KIP-106): the new leader may lack
     /// acknowledged writes, which are then lost for good.
     pub unclean_leader_election: bool,
+    /// On a graceful stop (SIGTERM, Ctrl-C), first hand every partition
+    /// this node leads to a live in-sync replica and leave every ISR it is
+    /// in, so producers and followers move on at once rather than a
+    /// failure timeout later (Kafka's `controlled.shutdown.enable`, also
+    /// on by default there). Bounded by the failure timeout.
+    pub controlled_shutdown: bool,
 }
 
 impl Default for FailoverConfig {
@@ -323,6 +329,7 @@ impl Default for FailoverConfig {
             heartbeat_interval_ms: 100,
             failure_timeout_ms: 500,
             unclean_leader_election: false,
+            controlled_shutdown: true,
         }
     }
 }

@@ -14,10 +14,11 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::core::{DecisionKind, FailoverCoordinator, ReplicaId, TopicPartition};
-use crate::metadata::MetadataError;
+use crate::metadata::{MetadataError, PartitionState};
 use crate::transport::{Peer, Transport};
 use crate::wire::rpc::{Request, Response};
 
+use super::partition::{Event, PartitionHandle};
 use super::shared::Shared;
 
 /// Start the heartbeat senders (one per known node, started as nodes
@@ -303,7 +304,7 @@ async fn coordinate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                             "{name}: failed replicas {removed:?} leave the ISR (now {:?})",
                             d.next.isr
                         ),
-                        DecisionKind::NoCandidate { .. } => {}
+                        DecisionKind::NoCandidate { .. } | DecisionKind::StepDown { .. } => {}
                     }
                     shared.wrote_state(
                         tp,
@@ -334,6 +335,184 @@ async fn coordinate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             }
         }
     }
+}
+
+/// Controlled shutdown: before a stopping node closes its partitions, it
+/// hands the leadership of each it leads to a live in-sync replica and
+/// leaves every ISR it is in ([`FailoverCoordinator::step_down`]), then
+/// tells its peers, so that producers and followers move on at once
+/// instead of a failure timeout later. Bounded by `limit` as a whole;
+/// whatever it could not write is left to the others' failure detection,
+/// as before. The caller has stopped this node's failover decisions and
+/// fetches.
+///
+/// First it registers again (`advertised` is its address), which gives it
+/// a new broker epoch: a fetch of this incarnation that reaches a leader
+/// late (sent before fetching stopped, or retransmitted) then cannot let
+/// it back into an ISR it left, since a leader admits a member only under
+/// its registered broker epoch (KIP-903), as Kafka's controller refuses
+/// brokers in controlled shutdown (KIP-841).
+pub(super) async fn step_down(
+    shared: &Shared,
+    partitions: &HashMap<TopicPartition, PartitionHandle>,
+    transport: &Transport,
+    advertised: String,
+    limit: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + limit;
+    let fenced = tokio::time::timeout_at(
+        deadline,
+        shared.metadata.register_broker(shared.node_id, advertised),
+    )
+    .await;
+    if !matches!(fenced, Ok(Ok(_))) {
+        let why = match fenced {
+            Ok(Err(e)) => e.to_string(),
+            _ => "timed out".into(),
+        };
+        warn!(
+            "controlled shutdown: cannot renew this node's registration ({why}); a late fetch of it could let it back into an ISR until failure detection removes it"
+        );
+    }
+    let wrote = tokio::time::timeout_at(deadline, step_down_all(shared, partitions)).await;
+    match wrote {
+        Ok(0) => return,
+        Ok(_) => {}
+        Err(_) => warn!(
+            "controlled shutdown: not done within {limit:?}; the rest is left to failure detection"
+        ),
+    }
+    // Peers re-read the metadata at once on a heartbeat that says so (as
+    // after an election), instead of at their next poll. Only those heard
+    // recently: dialling one that is down would only wait.
+    let now = shared.now_ms();
+    let heard: Vec<ReplicaId> = match shared.detector.lock() {
+        Ok(fd) => shared
+            .broker_ids()
+            .into_iter()
+            .filter(|id| *id != shared.node_id && fd.heard_recently(*id, now))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    let mut told = tokio::task::JoinSet::new();
+    for id in heard {
+        let Some(addr) = shared.broker_addr(id) else {
+            continue;
+        };
+        let (transport, epoch) = (transport.clone(), shared.broker_epoch);
+        told.spawn(async move {
+            let peer = transport.connect(addr, id).await.ok()?;
+            let req = Request::Heartbeat {
+                broker_epoch: epoch,
+                changed: true,
+            };
+            let answer = peer.request_within(&req, bytes::Bytes::new(), limit).await;
+            answer.ok().map(|_| id)
+        });
+    }
+    let _ = tokio::time::timeout_at(deadline, async {
+        while let Some(r) = told.join_next().await {
+            if let Ok(None) = r {
+                debug!(
+                    "controlled shutdown: a peer did not hear of it; it learns at its next poll"
+                );
+            }
+        }
+    })
+    .await;
+}
+
+/// Write every step-down this node's last-read states call for; how many
+/// were written.
+async fn step_down_all(
+    shared: &Shared,
+    partitions: &HashMap<TopicPartition, PartitionHandle>,
+) -> usize {
+    let coordinator = FailoverCoordinator::new(
+        shared.node_id,
+        shared.failover.unclean_leader_election,
+        shared.replication.min_insync_replicas,
+    );
+    let states: Vec<_> = shared
+        .states
+        .read()
+        .map(|m| m.values().cloned().collect())
+        .unwrap_or_default();
+    let mut written = 0;
+    for mut state in states {
+        let tp = TopicPartition::new(&state.topic, state.partition);
+        // Claims from before a restart or a recovery not yet given up:
+        // its log may lack what they promise, so it must not join the ELR
+        // on its way out. Failure detection deals with it, as before.
+        if shared.handoff_pending(&tp) {
+            continue;
+        }
+        let name = format!("{}/{}", tp.topic, tp.partition);
+        // A conflict means someone else wrote first (the leader's ISR
+        // change, an election): decide again on what they wrote.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            if tries > 5 {
+                warn!(
+                    "{name}: controlled shutdown: gave up after 5 conflicting writes; failure detection will do it"
+                );
+                break;
+            }
+            let decision = match shared.detector.lock() {
+                Ok(fd) => coordinator.step_down(&state, &fd, shared.now_ms()),
+                Err(_) => return written,
+            };
+            let Some(d) = decision else { break };
+            match shared
+                .metadata
+                .compare_and_set(d.next.clone(), d.expected_version)
+                .await
+            {
+                Ok(version) => {
+                    let next = PartitionState { version, ..d.next };
+                    match d.kind {
+                        DecisionKind::StepDown { successor: Some(l) } => info!(
+                            "{name}: controlled shutdown: node {l} leads epoch {}, and this node leaves the ISR (now {:?})",
+                            next.leader_epoch, next.isr
+                        ),
+                        _ => info!(
+                            "{name}: controlled shutdown: this node leaves the ISR (now {:?}, ELR {:?})",
+                            next.isr, next.elr
+                        ),
+                    }
+                    // Its own partition stops leading (its producers get
+                    // `NotLeader`) without waiting for the watcher, which
+                    // has stopped.
+                    if let Some(h) = partitions.get(&tp) {
+                        h.send(Event::Metadata(next.clone()));
+                    }
+                    shared.wrote_state(tp.clone(), next);
+                    written += 1;
+                    break;
+                }
+                Err(MetadataError::Conflict(_)) => {
+                    match shared.metadata.get_partition(&tp.topic, tp.partition).await {
+                        Ok(fresh) => state = fresh,
+                        Err(e) => {
+                            warn!("{name}: controlled shutdown: cannot re-read the partition: {e}");
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Not a refusal: the write may still land (a call that
+                    // timed out is not withdrawn). Either way the rest is
+                    // failure detection's, as without controlled shutdown.
+                    warn!(
+                        "{name}: controlled shutdown: the write failed or its outcome is unknown ({e}); failure detection will finish the job"
+                    );
+                    break;
+                }
+            }
+        }
+    }
+    written
 }
 
 #[cfg(test)]
@@ -398,6 +577,7 @@ mod tests {
             heartbeat_interval_ms: 50,
             failure_timeout_ms: 400,
             unclean_leader_election: false,
+            controlled_shutdown: true,
         };
         let (shared, _fetch_rx) = Shared::for_tests(store.clone(), failover);
         if let Ok(mut s) = shared.states.write() {

@@ -2,9 +2,11 @@
 //! in the node's config, registers with the metadata store, serves QUIC
 //! (fetches and the client API), runs one partition actor per assigned
 //! partition, the fetch manager, a metadata watcher, and `/metrics`.
-//! Shutdown stops failover decisions, fetching and serving, then flushes
-//! and closes every partition's log and closes the metadata plugin (their
-//! destructors run before the node reports it stopped).
+//! Shutdown stops failover decisions and fetching, hands over what the
+//! node leads and leaves every ISR (controlled shutdown, `failover.rs`),
+//! stops serving, then flushes and closes every partition's log and closes
+//! the metadata plugin (their destructors run before the node reports it
+//! stopped).
 
 mod clean_shutdown;
 pub mod config;
@@ -241,6 +243,22 @@ pub async fn run(
     // while shutting down, 542-559 ms after they last heard from the old
     // one.)
     let _ = stop_tx.send(true);
+    if config.failover.controlled_shutdown {
+        let partitions = server
+            .partitions
+            .read()
+            .map(|m| m.clone())
+            .unwrap_or_default();
+        let limit = Duration::from_millis(config.failover.failure_timeout_ms);
+        failover::step_down(
+            &shared,
+            &partitions,
+            &transport,
+            advertised.to_string(),
+            limit,
+        )
+        .await;
+    }
     // Stop serving, so nothing new is acknowledged; then flush.
     transport.close().await;
     serving.abort();
