@@ -468,7 +468,16 @@ fn a_restarted_leader_hands_over_and_loses_nothing_even_with_memory_storage() {
 /// led by node 1, and 2000 messages committed on every replica: the
 /// cluster, its client config, and the messages as node 2 holds them.
 fn three_nodes_with_2000(storage: &str) -> (Cluster, String, Vec<String>) {
-    let mut c = Cluster::init(3, storage, short_lag);
+    configured_with_2000(storage, short_lag)
+}
+
+/// [`three_nodes_with_2000`] with `edit` applied to each node's TOML
+/// instead of a short lag.
+fn configured_with_2000(
+    storage: &str,
+    edit: impl Fn(String) -> String,
+) -> (Cluster, String, Vec<String>) {
+    let mut c = Cluster::init(3, storage, edit);
     c.start_all();
     c.wait_up();
     let client = c.client();
@@ -603,26 +612,10 @@ fn after_a_whole_cluster_crash_an_unclean_election_by_the_operator_restores_serv
 fn a_gracefully_stopped_node_hands_over_before_it_exits() {
     let slow_detection =
         |toml: String| toml.replace("failure_timeout_ms = 500", "failure_timeout_ms = 20000");
-    let mut c = Cluster::init(3, "file", slow_detection);
-    c.start_all();
-    c.wait_up();
-    let client = c.client();
-    create_topic(&client, "t", "1");
-    produce_generated(&client, "t", "2000");
-    c.wait_status("2000 everywhere", |v| converged(v, "t", 0, 2000));
-    let before = consume_replica(&c, "t", 2, 2000);
-    let quick = std::time::Duration::from_secs(10);
+    let (mut c, client, before) = configured_with_2000("file", slow_detection);
 
     // The leader, node 1.
-    let stopped = std::time::Instant::now();
-    assert!(c.stop(1), "node 1 did not stop cleanly:\n{}", c.log(1));
-    produce_generated(&client, "t", "1000");
-    let took = stopped.elapsed();
-    assert!(
-        took < quick,
-        "the produce after the leader stopped took {took:?}"
-    );
-    let v = c.status();
+    let v = stop_then_produce(&mut c, &client, 1);
     let p = partition(&v, "t", 0).unwrap();
     assert_eq!((&p["leader"], &p["epoch"]), (&2.into(), &2.into()), "{v}");
     assert_eq!(p["isr"], serde_json::json!([2, 3]), "{v}");
@@ -640,15 +633,7 @@ fn a_gracefully_stopped_node_hands_over_before_it_exits() {
             && partition(v, "t", 0)
                 .is_some_and(|p| p["isr"].as_array().is_some_and(|i| i.len() == 3))
     });
-    let stopped = std::time::Instant::now();
-    assert!(c.stop(3), "node 3 did not stop cleanly:\n{}", c.log(3));
-    produce_generated(&client, "t", "1000");
-    let took = stopped.elapsed();
-    assert!(
-        took < quick,
-        "the produce after a follower stopped took {took:?}"
-    );
-    let v = c.status();
+    let v = stop_then_produce(&mut c, &client, 3);
     let isr = &partition(&v, "t", 0).unwrap()["isr"];
     assert!(
         isr.as_array()
@@ -669,6 +654,24 @@ fn a_gracefully_stopped_node_hands_over_before_it_exits() {
         assert_eq!(l, &logs[0]);
         assert_eq!(&l[..2000], &before[..], "committed messages changed");
     }
+}
+
+/// Stop `node` gracefully, then produce 1000 more messages to `t`: both
+/// within 10 s, where failure detection alone takes 20 s. The status after.
+fn stop_then_produce(c: &mut Cluster, client: &str, node: u32) -> serde_json::Value {
+    let stopped = std::time::Instant::now();
+    assert!(
+        c.stop(node),
+        "node {node} did not stop cleanly:\n{}",
+        c.log(node)
+    );
+    produce_generated(client, "t", "1000");
+    let took = stopped.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "the produce after node {node} stopped took {took:?}"
+    );
+    c.status()
 }
 
 /// Commit 2000 messages, kill node 3, freeze node 2 until it leaves the
