@@ -538,6 +538,16 @@ impl Client {
             // "nothing written".
             let least = (timeout / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
             if !retriable || started.elapsed() + backoff + least > timeout {
+                // The leader may have changed (an ambiguous answer is often
+                // a leader that stepped down): the next produce asks the
+                // cluster instead of sending to it again, which could be
+                // a node on its way out, whose dial hangs until the leader
+                // check gives up on it (Kafka's clients likewise refresh
+                // metadata on such errors).
+                self.partitions
+                    .lock()
+                    .await
+                    .remove(&(topic.to_string(), partition));
                 return Err(if retriable {
                     ClientError::Timeout {
                         waited: started.elapsed(),
@@ -613,6 +623,15 @@ impl Client {
     pub async fn status(&self, node: ReplicaId) -> Result<Vec<ReplicaStatus>, ClientError> {
         match self.ask_node(node, &Request::Status {}).await? {
             (Response::Status { partitions, .. }, _) => Ok(partitions),
+            (other, _) => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// The brokers `node`'s failure detector counts as failed (nothing
+    /// while it cannot hear a majority; see [`Request::Metadata`]).
+    pub async fn failed_seen_by(&self, node: ReplicaId) -> Result<Vec<ReplicaId>, ClientError> {
+        match self.ask_node(node, &Request::Metadata {}).await? {
+            (Response::Metadata { failed, .. }, _) => Ok(failed),
             (other, _) => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }

@@ -135,6 +135,41 @@ impl Nodes {
         }
     }
 
+    /// SIGTERM node `id` (a graceful stop, with controlled shutdown) and
+    /// return at once; [`Nodes::wait_stopped`] waits for it to exit.
+    pub fn terminate(&self, id: u32) {
+        if let Some((_, c)) = self.children.iter().find(|(i, _)| *i == id) {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+        }
+    }
+
+    /// Wait up to 10 s for node `id` to exit (SIGKILL after that) and
+    /// forget it; whether it exited successfully without a panic.
+    pub fn wait_stopped(&mut self, id: u32) -> bool {
+        let Some(pos) = self.children.iter().position(|(i, _)| *i == id) else {
+            return false;
+        };
+        let (_, mut c) = self.children.remove(pos);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let ok = loop {
+            match c.try_wait() {
+                Ok(Some(s)) => break s.success(),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break false;
+                }
+            }
+        };
+        ok && !self.panicked(id)
+    }
+
     /// SIGKILL node `id` if it runs, then start it again on its config,
     /// appending to its log.
     pub fn restart(&mut self, id: u32) -> anyhow::Result<()> {

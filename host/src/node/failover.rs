@@ -79,7 +79,8 @@ async fn heartbeat(
     let every = interval(&shared);
     let limit = Duration::from_millis(shared.failover.failure_timeout_ms);
     let mut changed = shared.changed.subscribe();
-    let mut peer: Option<Peer> = None;
+    // With the node's broker epoch when it was dialled.
+    let mut peer: Option<(Peer, Option<u64>)> = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut announce = false;
@@ -94,15 +95,19 @@ async fn heartbeat(
             }
             _ = stop.changed() => return,
         }
-        if peer.as_ref().is_some_and(|p| p.close_reason().is_some()) {
+        if let Some((p, at_dial)) = &peer
+            && (p.close_reason().is_some() || shared.dialled_before_restart(node, *at_dial))
+        {
+            p.close();
             peer = None;
         }
         if peer.is_none() {
             let Some(addr) = shared.broker_addr(node) else {
                 continue;
             };
+            let at_dial = shared.broker_epoch_of(node);
             match tokio::time::timeout(limit, transport.connect(addr, node)).await {
-                Ok(Ok(p)) => peer = Some(p),
+                Ok(Ok(p)) => peer = Some((p, at_dial)),
                 Ok(Err(e)) => {
                     debug!("heartbeat: cannot reach node {node} at {addr}: {e}");
                     continue;
@@ -113,7 +118,9 @@ async fn heartbeat(
                 }
             }
         }
-        let Some(p) = peer.as_ref() else { continue };
+        let Some((p, _)) = peer.as_ref() else {
+            continue;
+        };
         let req = Request::Heartbeat {
             broker_epoch: shared.broker_epoch,
             changed: std::mem::take(&mut announce),

@@ -213,14 +213,23 @@ async fn session(
     mut rx: mpsc::UnboundedReceiver<MultiFetch>,
     done: mpsc::UnboundedSender<FetchCmd>,
 ) {
-    let mut conn: Option<(Peer, FetchStream)> = None;
+    // With the leader's broker epoch when it was dialled.
+    let mut conn: Option<(Peer, FetchStream, Option<u64>)> = None;
     let limit = Duration::from_millis(
         shared
             .replication
             .fetch_max_wait_ms
             .saturating_add(shared.failover.failure_timeout_ms.saturating_mul(2)),
     );
+    let mut reregistered = shared.reregistered.subscribe();
     while let Some(mf) = rx.recv().await {
+        if let Some((peer, _, at_dial)) = &conn
+            && shared.dialled_before_restart(leader, *at_dial)
+        {
+            debug!("node {leader} restarted since its replication stream was opened: reconnecting");
+            peer.close();
+            conn = None;
+        }
         if conn.is_none() {
             conn = connect(&shared, &transport, leader)
                 .await
@@ -233,18 +242,35 @@ async fn session(
             None => Err(format!("node {leader} is unreachable")),
             // A leader that died mid-fetch never answers, and quinn would
             // only notice at its idle timeout: give up after the long poll
-            // plus two failure timeouts, and reconnect.
-            Some((_, stream)) => tokio::time::timeout(limit, stream.fetch(&mf.partitions))
-                .await
-                .map_err(|_| format!("no answer within {limit:?}"))
-                .and_then(|r| r.map_err(|e| e.to_string()))
-                .map(|(responses, counts)| {
-                    shared.fetch_sessions.add(counts);
-                    responses
-                }),
+            // plus two failure timeouts, or as soon as it registered again
+            // (it restarted: this stream is to the dead incarnation), and
+            // reconnect.
+            Some((_, stream, at_dial)) => {
+                let at_dial = *at_dial;
+                let restarted = async {
+                    loop {
+                        if reregistered.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                        if shared.dialled_before_restart(leader, at_dial) {
+                            return;
+                        }
+                    }
+                };
+                tokio::select! {
+                    r = tokio::time::timeout(limit, stream.fetch(&mf.partitions)) => r
+                        .map_err(|_| format!("no answer within {limit:?}"))
+                        .and_then(|r| r.map_err(|e| e.to_string()))
+                        .map(|(responses, counts)| {
+                            shared.fetch_sessions.add(counts);
+                            responses
+                        }),
+                    () = restarted => Err(format!("node {leader} registered again during the fetch")),
+                }
+            }
         };
         if result.is_err()
-            && let Some((peer, _)) = conn.take()
+            && let Some((peer, _, _)) = conn.take()
         {
             peer.close();
         }
@@ -258,7 +284,8 @@ async fn connect(
     shared: &Shared,
     transport: &Transport,
     leader: ReplicaId,
-) -> Result<(Peer, FetchStream), String> {
+) -> Result<(Peer, FetchStream, Option<u64>), String> {
+    let at_dial = shared.broker_epoch_of(leader);
     let addr = shared
         .broker_addr(leader)
         .ok_or_else(|| format!("node {leader} is not registered"))?;
@@ -268,5 +295,5 @@ async fn connect(
         .map_err(|e| e.to_string())?;
     let stream = peer.fetch_stream().await.map_err(|e| e.to_string())?;
     info!("replication stream to node {leader} at {addr} open");
-    Ok((peer, stream))
+    Ok((peer, stream, at_dial))
 }

@@ -375,6 +375,15 @@ async fn refresh(
         }
     }
     let brokers = meta.list_brokers().await?;
+    if let Ok(mut epochs) = shared.broker_epochs.write() {
+        let mut again = false;
+        for b in &brokers {
+            again |= epochs.insert(b.id, b.epoch).is_some_and(|e| e < b.epoch);
+        }
+        if again {
+            shared.reregistered.send_modify(|n| *n += 1);
+        }
+    }
     if let Ok(mut map) = shared.brokers.write() {
         for b in brokers {
             match b.address.parse() {

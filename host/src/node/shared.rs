@@ -33,6 +33,10 @@ pub struct Shared {
     pub metrics: MetricsCollector,
     /// Broker addresses as registered, refreshed by the metadata watcher.
     pub brokers: RwLock<HashMap<ReplicaId, SocketAddr>>,
+    /// Each broker's registered broker epoch, as the watcher last read it:
+    /// a connection dialled before the latest one may be to a dead
+    /// incarnation ([`Shared::dialled_before_restart`]).
+    pub broker_epochs: RwLock<HashMap<ReplicaId, u64>>,
     pub(super) fetch_tx: mpsc::UnboundedSender<FetchCmd>,
     /// Partitions whose claims from before this node (or their log)
     /// restarted must be given up (see [`super::handoff`]) before this node
@@ -58,6 +62,10 @@ pub struct Shared {
     /// Bumped after this node changed partition metadata: heartbeat
     /// senders tell their peers at once.
     pub(super) changed: tokio::sync::watch::Sender<u64>,
+    /// Bumped when the watcher reads a broker epoch newer than the one
+    /// it had (a node registered again: restarted, or stopping), so that
+    /// connections waiting on the old incarnation give up at once.
+    pub(super) reregistered: tokio::sync::watch::Sender<u64>,
     /// What this node's fetch sessions sent and left out.
     pub fetch_sessions: FetchSessionStats,
     start: Instant,
@@ -110,6 +118,7 @@ impl Shared {
             replication,
             metrics: MetricsCollector::new(),
             brokers: RwLock::new(HashMap::new()),
+            broker_epochs: RwLock::new(HashMap::new()),
             fetch_tx,
             handoffs: Mutex::new(HashMap::new()),
             clean,
@@ -121,6 +130,7 @@ impl Shared {
             failover_metrics: Mutex::new(FailoverMetrics::default()),
             states: RwLock::new(HashMap::new()),
             changed: tokio::sync::watch::Sender::new(0),
+            reregistered: tokio::sync::watch::Sender::new(0),
             fetch_sessions: FetchSessionStats::default(),
             start: Instant::now(),
         })
@@ -265,6 +275,19 @@ impl Shared {
         } else {
             Vec::new()
         }
+    }
+
+    /// `id`'s registered broker epoch, as last read.
+    pub fn broker_epoch_of(&self, id: ReplicaId) -> Option<u64> {
+        self.broker_epochs.read().ok()?.get(&id).copied()
+    }
+
+    /// Whether `id` registered again since a connection to it was dialled
+    /// when its epoch read `at_dial`: that connection may be to the
+    /// incarnation that restarted, which will never answer (quinn would
+    /// notice only at its idle timeout), so dial again.
+    pub fn dialled_before_restart(&self, id: ReplicaId, at_dial: Option<u64>) -> bool {
+        self.broker_epoch_of(id) > at_dial
     }
 
     pub fn broker_addr(&self, id: ReplicaId) -> Option<SocketAddr> {

@@ -65,7 +65,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
     rounds: u32,
     /// Failover rounds per storage backend (SIGKILL the leader, time the
-    /// first acks=all write its successor acknowledges); 0 skips them.
+    /// first acks=all write its successor acknowledges), each followed by
+    /// as many handover rounds (the same with SIGTERM, a graceful stop
+    /// that hands the partition over first); 0 skips them.
     #[arg(long, default_value_t = 3)]
     failover_rounds: u32,
     /// Print the report as JSON instead of a table.
@@ -368,8 +370,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                     .await
                     .with_context(|| format!("failover on `{storage}`"))?;
             say(format!(
-                "  failover p50 {:.0} ms, max {:.0} ms",
-                f.p50_ms, f.max_ms
+                "  failover p50 {:.0} ms, max {:.0} ms; handover p50 {:.0} ms, max {:.0} ms",
+                f.p50_ms, f.max_ms, f.handover_p50_ms, f.handover_max_ms
             ));
             failovers.push(f);
             cluster.stop()?;

@@ -424,6 +424,19 @@ impl Report {
                 f.max_ms,
                 rounds.join(", ")
             );
+            let rounds: Vec<String> = f
+                .handover_rounds_ms
+                .iter()
+                .map(|r| format!("{r:.0}"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "handover ({}): SIGTERM of the leader (controlled shutdown) to the first acks=all write on its successor: p50 {:.0} ms, max {:.0} ms (rounds: {} ms)",
+                f.storage,
+                f.handover_p50_ms,
+                f.handover_max_ms,
+                rounds.join(", ")
+            );
         }
         if let Some(w) = self
             .workloads
