@@ -35,6 +35,13 @@ pub const MAX_UNSTORED_BYTES: u64 = 64 << 20;
 /// cost memory beyond their bytes).
 const MAX_UNSTORED_APPENDS: usize = 16_384;
 
+/// A follower refused by a leader that has not yet learned the epoch it
+/// leads fetches again after this fraction of `fetch_backoff_ms` (10 ms of
+/// the default 100): the leader learns it within milliseconds (a
+/// heartbeat tells it), and a whole backoff would hold every acks=all
+/// write behind it.
+const LEADER_CATCHING_UP: u64 = 10;
+
 /// Test-only switches that bring back the reference package's bugs, so the
 /// simulation's checker can be shown to catch each one.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -1280,6 +1287,15 @@ impl ReplicationManager {
         if let Some(e) = response.error {
             self.counters.fetch_errors += 1;
             f.next_fetch_ms = now + backoff;
+            if matches!(e, ErrorCode::NotLeader | ErrorCode::UnknownLeaderEpoch)
+                && response.leader_epoch < f.epoch
+            {
+                // The leader has not learned the epoch it leads yet (this
+                // replica heard of the election first, as followers of a
+                // controlled shutdown often do): it will in a moment, and
+                // a whole backoff would hold every acks=all write for it.
+                f.next_fetch_ms = now + (backoff / LEADER_CATCHING_UP).max(1);
+            }
             if e == ErrorCode::OffsetOutOfRange && response.leader_epoch == f.epoch {
                 // Not a failure of the leader: fix the log and fetch again.
                 f.next_fetch_ms = now;
@@ -1378,6 +1394,65 @@ mod tests {
     use super::*;
     use crate::batch::Record;
     use crate::storage::{LogState, OffsetBounds};
+
+    /// Node 2 following node 1 in epoch 5; the correlation id of the fetch
+    /// it sent.
+    fn follower_of_epoch_5() -> (ReplicationManager, u64) {
+        let state = LogState {
+            bounds: OffsetBounds::default(),
+            high_watermark: 0,
+            leader_epochs: Vec::new(),
+        };
+        let mut rm = ReplicationManager::new(Config::default(), 2, &state);
+        rm.become_follower(1, 5, 0);
+        rm.tick(0);
+        let sent = rm.drain().into_iter().find_map(|a| match a {
+            Action::SendFetch { request, .. } => Some(request.correlation_id),
+            _ => None,
+        });
+        (rm, sent.expect("a fetch"))
+    }
+
+    fn refusal(correlation_id: u64, leader_epoch: u32, error: ErrorCode) -> FetchResponse {
+        FetchResponse {
+            correlation_id,
+            leader_epoch,
+            error: Some(error),
+            high_watermark: 0,
+            log_start_offset: 0,
+            log_end_offset: 0,
+            diverging_epoch: None,
+            records: Default::default(),
+        }
+    }
+
+    /// When the next fetch goes out after `response`, in ms after it.
+    fn next_fetch_after(error: ErrorCode, leader_epoch: u32) -> u64 {
+        let (mut rm, id) = follower_of_epoch_5();
+        rm.handle_fetch_response(1, refusal(id, leader_epoch, error), 1000);
+        (1000..=1000 + Config::default().fetch_backoff_ms)
+            .find(|&t| {
+                rm.tick(t);
+                rm.drain()
+                    .iter()
+                    .any(|a| matches!(a, Action::SendFetch { .. }))
+            })
+            .map_or(u64::MAX, |t| t - 1000)
+    }
+
+    #[test]
+    fn a_leader_that_has_not_learned_its_epoch_yet_is_asked_again_soon() {
+        let backoff = Config::default().fetch_backoff_ms;
+        let soon = backoff / LEADER_CATCHING_UP;
+        // Refused by a node still in epoch 4: it is about to learn of 5.
+        assert_eq!(next_fetch_after(ErrorCode::NotLeader, 4), soon);
+        assert_eq!(next_fetch_after(ErrorCode::UnknownLeaderEpoch, 4), soon);
+        // Refused in the epoch it was asked for, or by a newer one: a
+        // real refusal, the whole backoff.
+        assert_eq!(next_fetch_after(ErrorCode::NotLeader, 5), backoff);
+        assert_eq!(next_fetch_after(ErrorCode::FencedLeaderEpoch, 6), backoff);
+        assert_eq!(next_fetch_after(ErrorCode::StorageError, 4), backoff);
+    }
 
     /// Node 1 leading epoch 1 of an empty log, alone in its ISR.
     fn sole_leader() -> ReplicationManager {
