@@ -153,21 +153,7 @@ impl Nodes {
             return false;
         };
         let (_, mut c) = self.children.remove(pos);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let ok = loop {
-            match c.try_wait() {
-                Ok(Some(s)) => break s.success(),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                _ => {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                    break false;
-                }
-            }
-        };
-        ok && !self.panicked(id)
+        exited_within_10_s(&mut c) && !self.panicked(id)
     }
 
     /// SIGKILL node `id` if it runs, then start it again on its config,
@@ -218,27 +204,30 @@ impl Nodes {
         }
         let mut clean = Vec::new();
         for (id, c) in &mut self.children {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let ok = loop {
-                match c.try_wait() {
-                    Ok(Some(s)) => break s.success(),
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(20))
-                    }
-                    _ => {
-                        let _ = c.kill();
-                        let _ = c.wait();
-                        break false;
-                    }
-                }
-            };
-            clean.push((*id, ok));
+            clean.push((*id, exited_within_10_s(c)));
         }
         for (id, ok) in &mut clean {
             *ok = *ok && !self.panicked(*id);
         }
         self.children.clear();
         clean
+    }
+}
+
+/// Wait up to 10 s for `c` to exit, SIGKILL it after that; whether it
+/// exited successfully by itself.
+fn exited_within_10_s(c: &mut Child) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.try_wait() {
+            Ok(Some(s)) => return s.success(),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = c.kill();
+                let _ = c.wait();
+                return false;
+            }
+        }
     }
 }
 
