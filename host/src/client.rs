@@ -115,6 +115,9 @@ pub struct Client {
     /// an await.
     dials: std::sync::Mutex<HashMap<ReplicaId, WeakShared<DialFuture>>>,
     partitions: Mutex<HashMap<(String, u32), PartitionState>>,
+    /// Partitions whose next produce asks the cluster for the leader
+    /// first (a produce to them failed: the leader may have changed).
+    stale: Mutex<std::collections::HashSet<(String, u32)>>,
     /// Brokers the last metadata answer's node counted as failed.
     failed: Mutex<Vec<ReplicaId>>,
     /// Broker epochs as last seen in metadata.
@@ -142,6 +145,7 @@ impl Client {
             peers: Mutex::new(HashMap::new()),
             dials: std::sync::Mutex::new(HashMap::new()),
             partitions: Mutex::new(HashMap::new()),
+            stale: Mutex::new(std::collections::HashSet::new()),
             failed: Mutex::new(Vec::new()),
             epochs: Mutex::new(HashMap::new()),
         })
@@ -373,6 +377,7 @@ impl Client {
         refresh: bool,
     ) -> Result<ReplicaId, ClientError> {
         let key = (topic.to_string(), partition);
+        let refresh = self.stale.lock().await.remove(&key) || refresh;
         let cached = self.partitions.lock().await.get(&key).cloned();
         let p = match cached {
             Some(p) if !refresh => p,
@@ -543,11 +548,12 @@ impl Client {
                 // cluster instead of sending to it again, which could be
                 // a node on its way out, whose dial hangs until the leader
                 // check gives up on it (Kafka's clients likewise refresh
-                // metadata on such errors).
-                self.partitions
+                // metadata on such errors). Marked, not removed: a
+                // concurrent produce still finds the entry.
+                self.stale
                     .lock()
                     .await
-                    .remove(&(topic.to_string(), partition));
+                    .insert((topic.to_string(), partition));
                 return Err(if retriable {
                     ClientError::Timeout {
                         waited: started.elapsed(),

@@ -37,10 +37,15 @@ const MAX_UNSTORED_APPENDS: usize = 16_384;
 
 /// A follower refused by a leader that has not yet learned the epoch it
 /// leads fetches again after this fraction of `fetch_backoff_ms` (10 ms of
-/// the default 100): the leader learns it within milliseconds (a
-/// heartbeat tells it), and a whole backoff would hold every acks=all
-/// write behind it.
+/// the default 100), [`QUICK_RETRIES`] times per epoch at most: after an
+/// election or a controlled shutdown a heartbeat tells the leader within
+/// milliseconds, and a whole backoff would hold every acks=all write
+/// behind it. (Otherwise it learns at its next metadata poll, and the
+/// follower is back to whole backoffs by then.)
 const LEADER_CATCHING_UP: u64 = 10;
+
+/// Quick retries per epoch followed (see [`LEADER_CATCHING_UP`]).
+const QUICK_RETRIES: u32 = 10;
 
 /// Test-only switches that bring back the reference package's bugs, so the
 /// simulation's checker can be shown to catch each one.
@@ -154,6 +159,9 @@ struct Follower {
     inflight: Option<u64>,
     next_fetch_ms: u64,
     leader_hw: u64,
+    /// Quick retries left while the leader has not learned its epoch (see
+    /// [`LEADER_CATCHING_UP`]).
+    quick_retries: u32,
 }
 
 /// Per-replica counters, read by the metrics collector.
@@ -460,6 +468,7 @@ impl ReplicationManager {
             // where its HW is; 0 would drop the HW to the log start if an
             // append from its leadership finished before the first answer.
             leader_hw: self.hw,
+            quick_retries: QUICK_RETRIES,
         });
         if self.faults.follower_truncates_to_hw && self.hw < self.assigned {
             // Reference bug (pre-KIP-101): cut to the HW on every leader change.
@@ -1287,14 +1296,16 @@ impl ReplicationManager {
         if let Some(e) = response.error {
             self.counters.fetch_errors += 1;
             f.next_fetch_ms = now + backoff;
-            if matches!(e, ErrorCode::NotLeader | ErrorCode::UnknownLeaderEpoch)
-                && response.leader_epoch < f.epoch
-            {
-                // The leader has not learned the epoch it leads yet (this
-                // replica heard of the election first, as followers of a
-                // controlled shutdown often do): it will in a moment, and
-                // a whole backoff would hold every acks=all write for it.
-                f.next_fetch_ms = now + (backoff / LEADER_CATCHING_UP).max(1);
+            // The leader is in an older epoch than the one this replica
+            // follows it in (0: it has no role there at all, which no
+            // heartbeat is about to fix): it has not learned of the
+            // election yet, and will in a moment. This replica often hears
+            // first after a controlled shutdown.
+            let catching_up = matches!(e, ErrorCode::NotLeader | ErrorCode::UnknownLeaderEpoch)
+                && (1..f.epoch).contains(&response.leader_epoch);
+            if catching_up && f.quick_retries > 0 {
+                f.quick_retries -= 1;
+                f.next_fetch_ms = now + (backoff / LEADER_CATCHING_UP).clamp(1, backoff.max(1));
             }
             if e == ErrorCode::OffsetOutOfRange && response.leader_epoch == f.epoch {
                 // Not a failure of the leader: fix the log and fetch again.
@@ -1447,11 +1458,44 @@ mod tests {
         // Refused by a node still in epoch 4: it is about to learn of 5.
         assert_eq!(next_fetch_after(ErrorCode::NotLeader, 4), soon);
         assert_eq!(next_fetch_after(ErrorCode::UnknownLeaderEpoch, 4), soon);
-        // Refused in the epoch it was asked for, or by a newer one: a
-        // real refusal, the whole backoff.
+        // Refused in the epoch it was asked for, or by a newer one, or by
+        // a node with no role there (epoch 0): the whole backoff.
         assert_eq!(next_fetch_after(ErrorCode::NotLeader, 5), backoff);
         assert_eq!(next_fetch_after(ErrorCode::FencedLeaderEpoch, 6), backoff);
         assert_eq!(next_fetch_after(ErrorCode::StorageError, 4), backoff);
+        assert_eq!(next_fetch_after(ErrorCode::NotLeader, 0), backoff);
+    }
+
+    #[test]
+    fn quick_retries_are_bounded_per_epoch() {
+        let backoff = Config::default().fetch_backoff_ms;
+        let (mut rm, mut id) = follower_of_epoch_5();
+        let mut waits = Vec::new();
+        let mut now = 1000;
+        for _ in 0..QUICK_RETRIES + 2 {
+            rm.handle_fetch_response(1, refusal(id, 4, ErrorCode::NotLeader), now);
+            let sent = (now..=now + backoff).find_map(|t| {
+                rm.tick(t);
+                rm.drain().into_iter().find_map(|a| match a {
+                    Action::SendFetch { request, .. } => Some((t, request.correlation_id)),
+                    _ => None,
+                })
+            });
+            let (t, next) = sent.expect("a fetch within the backoff");
+            waits.push(t - now);
+            (now, id) = (t, next);
+        }
+        let soon = backoff / LEADER_CATCHING_UP;
+        assert!(
+            waits[..QUICK_RETRIES as usize].iter().all(|w| *w == soon),
+            "{waits:?}"
+        );
+        assert!(
+            waits[QUICK_RETRIES as usize..]
+                .iter()
+                .all(|w| *w == backoff),
+            "{waits:?}"
+        );
     }
 
     /// Node 1 leading epoch 1 of an empty log, alone in its ISR.

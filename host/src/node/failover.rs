@@ -102,10 +102,11 @@ async fn heartbeat(
             peer = None;
         }
         if peer.is_none() {
+            // The epoch before the address (see the watcher).
+            let at_dial = shared.broker_epoch_of(node);
             let Some(addr) = shared.broker_addr(node) else {
                 continue;
             };
-            let at_dial = shared.broker_epoch_of(node);
             match tokio::time::timeout(limit, transport.connect(addr, node)).await {
                 Ok(Ok(p)) => peer = Some((p, at_dial)),
                 Ok(Err(e)) => {

@@ -375,6 +375,19 @@ async fn refresh(
         }
     }
     let brokers = meta.list_brokers().await?;
+    // Addresses first, then epochs: a dialler reads the epoch before the
+    // address, so a connection recorded under a new epoch is to the new
+    // registration's address.
+    if let Ok(mut map) = shared.brokers.write() {
+        for b in &brokers {
+            match b.address.parse() {
+                Ok(a) => {
+                    map.insert(b.id, a);
+                }
+                Err(_) => warn!("node {} registered a bad address {:?}", b.id, b.address),
+            }
+        }
+    }
     if let Ok(mut epochs) = shared.broker_epochs.write() {
         let mut again = false;
         for b in &brokers {
@@ -382,16 +395,6 @@ async fn refresh(
         }
         if again {
             shared.reregistered.send_modify(|n| *n += 1);
-        }
-    }
-    if let Ok(mut map) = shared.brokers.write() {
-        for b in brokers {
-            match b.address.parse() {
-                Ok(a) => {
-                    map.insert(b.id, a);
-                }
-                Err(_) => warn!("node {} registered a bad address {:?}", b.id, b.address),
-            }
         }
     }
     for (topic, partition) in meta.list_partitions().await? {

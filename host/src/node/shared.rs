@@ -64,7 +64,7 @@ pub struct Shared {
     pub(super) changed: tokio::sync::watch::Sender<u64>,
     /// Bumped when the watcher reads a broker epoch newer than the one
     /// it had (a node registered again: restarted, or stopping), so that
-    /// connections waiting on the old incarnation give up at once.
+    /// fetches waiting on a restarted incarnation give up at once.
     pub(super) reregistered: tokio::sync::watch::Sender<u64>,
     /// What this node's fetch sessions sent and left out.
     pub fetch_sessions: FetchSessionStats,
@@ -283,9 +283,12 @@ impl Shared {
     }
 
     /// Whether `id` registered again since a connection to it was dialled
-    /// when its epoch read `at_dial`: that connection may be to the
-    /// incarnation that restarted, which will never answer (quinn would
-    /// notice only at its idle timeout), so dial again.
+    /// when its epoch read `at_dial`, so dial again: that connection may be
+    /// to an incarnation that restarted, which will never answer (quinn
+    /// would notice only at its idle timeout). A node also registers again
+    /// as it stops gracefully (controlled shutdown); its connections are
+    /// then redialled needlessly, once, on their way to closing anyway. An
+    /// epoch unknown at dial time (`None`) counts as older than any.
     pub fn dialled_before_restart(&self, id: ReplicaId, at_dial: Option<u64>) -> bool {
         self.broker_epoch_of(id) > at_dial
     }

@@ -65,9 +65,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
     rounds: u32,
     /// Failover rounds per storage backend (SIGKILL the leader, time the
-    /// first acks=all write its successor acknowledges), each followed by
-    /// as many handover rounds (the same with SIGTERM, a graceful stop
-    /// that hands the partition over first); 0 skips them.
+    /// first acks=all write its successor acknowledges), then as many
+    /// handover rounds (the same with SIGTERM, a graceful stop that hands
+    /// the partition over first); 0 skips them.
     #[arg(long, default_value_t = 3)]
     failover_rounds: u32,
     /// Print the report as JSON instead of a table.
