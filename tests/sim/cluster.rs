@@ -281,6 +281,16 @@ impl Sim {
             self.ctrl.isr = vec![leader];
             self.ctrl.elr.clear();
         }
+        self.trace.push(format!(
+            "t={} elect {leader} epoch {} isr {:?}",
+            self.now, self.ctrl.epoch, self.ctrl.isr
+        ));
+        self.install_leader(leader);
+    }
+
+    /// The store names `leader` in its current epoch: it leads, and every
+    /// other live replica follows it.
+    fn install_leader(&mut self, leader: u32) {
         let (epoch, isr, version, replicas, now) = (
             self.ctrl.epoch,
             self.ctrl.isr.clone(),
@@ -288,18 +298,29 @@ impl Sim {
             self.ctrl.replicas.clone(),
             self.now,
         );
-        self.trace
-            .push(format!("t={now} elect {leader} epoch {epoch} isr {isr:?}"));
         self.checker.on_elect(leader, epoch);
         if let Some(rm) = self.rm(leader) {
-            rm.become_leader(epoch, replicas.clone(), isr, version, now);
+            rm.become_leader(epoch, replicas, isr, version, now);
         }
-        for r in alive {
+        for r in 0..self.opts.replicas {
             if r != leader
                 && let Some(rm) = self.rm(r)
             {
                 rm.become_follower(leader, epoch, now);
             }
+        }
+    }
+
+    /// `leader` learns the ISR the store now holds (changed without it).
+    fn tell_leader_isr(&mut self, leader: u32) {
+        let (epoch, isr, version, now) = (
+            self.ctrl.epoch,
+            self.ctrl.isr.clone(),
+            self.ctrl.version,
+            self.now,
+        );
+        if let Some(rm) = self.rm(leader) {
+            rm.metadata_isr_changed(epoch, isr, version, now);
         }
     }
 
@@ -359,36 +380,25 @@ impl Sim {
         }
         if let Some(d) = decision {
             self.ctrl.version += 1;
-            self.ctrl.isr = d.next.isr.clone();
-            self.ctrl.elr = d.next.elr.clone();
-            let (isr, elr, version) = (d.next.isr, d.next.elr, self.ctrl.version);
-            if let DecisionKind::StepDown { successor: Some(s) } = d.kind {
-                self.ctrl.leader = Some(s);
-                self.ctrl.epoch = d.next.leader_epoch;
-                let epoch = self.ctrl.epoch;
-                self.trace.push(format!(
-                    "t={now} {n} stops: hands over to {s} epoch {epoch} isr {isr:?} elr {elr:?}"
-                ));
-                self.checker.on_elect(s, epoch);
-                let replicas = self.ctrl.replicas.clone();
-                if let Some(rm) = self.rm(s) {
-                    rm.become_leader(epoch, replicas, isr, version, now);
+            self.ctrl.isr = d.next.isr;
+            self.ctrl.elr = d.next.elr;
+            let (isr, elr) = (&self.ctrl.isr, &self.ctrl.elr);
+            match d.kind {
+                DecisionKind::StepDown { successor: Some(s) } => {
+                    let epoch = d.next.leader_epoch;
+                    self.trace.push(format!(
+                        "t={now} {n} stops: hands over to {s} epoch {epoch} isr {isr:?} elr {elr:?}"
+                    ));
+                    self.ctrl.leader = Some(s);
+                    self.ctrl.epoch = epoch;
+                    self.install_leader(s);
                 }
-                for r in 0..self.opts.replicas {
-                    if r != s
-                        && let Some(rm) = self.rm(r)
-                    {
-                        rm.become_follower(s, epoch, now);
-                    }
-                }
-            } else {
-                self.trace.push(format!(
-                    "t={now} {n} stops: leaves the isr {isr:?} elr {elr:?}"
-                ));
-                if let Some(l) = self.ctrl.leader {
-                    let epoch = self.ctrl.epoch;
-                    if let Some(rm) = self.rm(l) {
-                        rm.metadata_isr_changed(epoch, isr, version, now);
+                _ => {
+                    self.trace.push(format!(
+                        "t={now} {n} stops: leaves the isr {isr:?} elr {elr:?}"
+                    ));
+                    if let Some(l) = self.ctrl.leader {
+                        self.tell_leader_isr(l);
                     }
                 }
             }
@@ -429,15 +439,7 @@ impl Sim {
         if self.ctrl.leader == Some(n) || self.ctrl.leader.is_none() {
             self.elect(Some(n));
         } else if let Some(l) = self.ctrl.leader {
-            let (epoch, isr, version, now) = (
-                self.ctrl.epoch,
-                self.ctrl.isr.clone(),
-                self.ctrl.version,
-                self.now,
-            );
-            if let Some(rm) = self.rm(l) {
-                rm.metadata_isr_changed(epoch, isr, version, now);
-            }
+            self.tell_leader_isr(l);
         }
     }
 
@@ -692,11 +694,7 @@ impl Sim {
             }
             if current_leader && expected_version != self.ctrl.version {
                 // The leader's view was stale: send it the current one.
-                let (epoch, isr, version) =
-                    (self.ctrl.epoch, self.ctrl.isr.clone(), self.ctrl.version);
-                if let Some(rm) = self.rm(n) {
-                    rm.metadata_isr_changed(epoch, isr, version, now);
-                }
+                self.tell_leader_isr(n);
             }
         }
     }

@@ -1437,18 +1437,23 @@ mod tests {
         }
     }
 
+    /// The first fetch `rm` sends from `from` on, ticking every ms for a
+    /// backoff: when, and its correlation id.
+    fn next_fetch(rm: &mut ReplicationManager, from: u64) -> Option<(u64, u64)> {
+        (from..=from + Config::default().fetch_backoff_ms).find_map(|t| {
+            rm.tick(t);
+            rm.drain().into_iter().find_map(|a| match a {
+                Action::SendFetch { request, .. } => Some((t, request.correlation_id)),
+                _ => None,
+            })
+        })
+    }
+
     /// When the next fetch goes out after `response`, in ms after it.
     fn next_fetch_after(error: ErrorCode, leader_epoch: u32) -> u64 {
         let (mut rm, id) = follower_of_epoch_5();
         rm.handle_fetch_response(1, refusal(id, leader_epoch, error), 1000);
-        (1000..=1000 + Config::default().fetch_backoff_ms)
-            .find(|&t| {
-                rm.tick(t);
-                rm.drain()
-                    .iter()
-                    .any(|a| matches!(a, Action::SendFetch { .. }))
-            })
-            .map_or(u64::MAX, |t| t - 1000)
+        next_fetch(&mut rm, 1000).map_or(u64::MAX, |(t, _)| t - 1000)
     }
 
     #[test]
@@ -1474,14 +1479,7 @@ mod tests {
         let mut now = 1000;
         for _ in 0..QUICK_RETRIES + 2 {
             rm.handle_fetch_response(1, refusal(id, 4, ErrorCode::NotLeader), now);
-            let sent = (now..=now + backoff).find_map(|t| {
-                rm.tick(t);
-                rm.drain().into_iter().find_map(|a| match a {
-                    Action::SendFetch { request, .. } => Some((t, request.correlation_id)),
-                    _ => None,
-                })
-            });
-            let (t, next) = sent.expect("a fetch within the backoff");
+            let (t, next) = next_fetch(&mut rm, now).expect("a fetch within the backoff");
             waits.push(t - now);
             (now, id) = (t, next);
         }

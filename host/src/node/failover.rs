@@ -373,11 +373,12 @@ pub(super) async fn step_down(
         shared.metadata.register_broker(shared.node_id, advertised),
     )
     .await;
-    if !matches!(fenced, Ok(Ok(_))) {
-        let why = match fenced {
-            Ok(Err(e)) => e.to_string(),
-            _ => "timed out".into(),
-        };
+    let why = match fenced {
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some("timed out".to_string()),
+    };
+    if let Some(why) = why {
         warn!(
             "controlled shutdown: cannot renew this node's registration ({why}); a late fetch of it could let it back into an ISR until failure detection removes it"
         );
@@ -458,15 +459,7 @@ async fn step_down_all(
         let name = format!("{}/{}", tp.topic, tp.partition);
         // A conflict means someone else wrote first (the leader's ISR
         // change, an election): decide again on what they wrote.
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            if tries > 5 {
-                warn!(
-                    "{name}: controlled shutdown: gave up after 5 conflicting writes; failure detection will do it"
-                );
-                break;
-            }
+        for attempt in 1..=5 {
             let decision = match shared.detector.lock() {
                 Ok(fd) => coordinator.step_down(&state, &fd, shared.now_ms()),
                 Err(_) => return written,
@@ -499,6 +492,9 @@ async fn step_down_all(
                     written += 1;
                     break;
                 }
+                Err(MetadataError::Conflict(_)) if attempt == 5 => warn!(
+                    "{name}: controlled shutdown: gave up after 5 conflicting writes; failure detection will do it"
+                ),
                 Err(MetadataError::Conflict(_)) => {
                     match shared.metadata.get_partition(&tp.topic, tp.partition).await {
                         Ok(fresh) => state = fresh,

@@ -248,13 +248,12 @@ async fn session(
             Some((_, stream, at_dial)) => {
                 let at_dial = *at_dial;
                 let restarted = async {
-                    loop {
-                        if reregistered.changed().await.is_err() {
-                            std::future::pending::<()>().await;
-                        }
-                        if shared.dialled_before_restart(leader, at_dial) {
-                            return;
-                        }
+                    let gone = reregistered
+                        .wait_for(|_| shared.dialled_before_restart(leader, at_dial))
+                        .await
+                        .is_err();
+                    if gone {
+                        std::future::pending::<()>().await;
                     }
                 };
                 tokio::select! {
