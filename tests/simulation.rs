@@ -284,6 +284,33 @@ fn negative_control_a_stopping_leader_hands_over_outside_the_isr() {
     );
 }
 
+/// A rolling restart meets failures: a node stops or crashes while others
+/// are down, until one is left (never two that lost unflushed data). The
+/// ELR and the step-down decide through double faults the earlier tests
+/// never reach.
+#[test]
+fn overlapping_stops_and_crashes_lose_no_acknowledged_write() {
+    let opts = Options {
+        overlap: true,
+        ..controlled_stops()
+    };
+    let (acked, n) = exercised(
+        &opts,
+        &[
+            "overlap: 1 down",
+            "overlap: 1 down (lossy true)",
+            "stops: hands over to",
+            "elect from the elr",
+        ],
+    );
+    println!(
+        "first 50 seeds: {acked} acks=all writes, {} faults while another node was down ({} of them after a lossy crash), {} hand-overs by a stopping leader, {} elections from the ELR",
+        n[0], n[1], n[2], n[3]
+    );
+    assert!(acked > 0 && n[0] > n[1] && n[1] > 0 && n[2] > 0 && n[3] > 0);
+    assert_invariants(&opts);
+}
+
 fn controlled_stops() -> Options {
     Options {
         crash_percent: 4,

@@ -42,6 +42,11 @@ pub struct Options {
     /// Negative control: a stopping leader hands over to any live replica,
     /// in the ISR or not.
     pub hand_over_outside_isr: bool,
+    /// Faults overlap: a node may stop or crash while others are down, as
+    /// long as one stays up and at most one of the down nodes lost
+    /// unflushed data (a rolling restart meeting a crash). Off: at most
+    /// `replicas - min_insync` nodes are down at once.
+    pub overlap: bool,
     pub cut_percent: u64,
     pub max_delay_ms: u64,
     /// `Config::retention_bytes` of every replica.
@@ -61,6 +66,7 @@ impl Default for Options {
             crash_percent: 1,
             stop_percent: 0,
             hand_over_outside_isr: false,
+            overlap: false,
             cut_percent: 1,
             max_delay_ms: 20,
             retention_bytes: None,
@@ -770,16 +776,29 @@ impl Sim {
             self.settle();
             return Checker::check(self);
         }
-        // Faults: crashes within RF - min.insync, restarts, link cuts.
+        // Faults: crashes within RF - min.insync (with overlap: all but
+        // one node, one of them lossy), restarts, link cuts.
         let down = self.nodes.iter().filter(|n| !n.alive).count() as u32;
-        let budget = self.opts.replicas - self.opts.min_insync;
+        let lossy_down = self.nodes.iter().any(|n| !n.alive && n.lost);
+        let budget = if self.opts.overlap {
+            self.opts.replicas - 1
+        } else {
+            self.opts.replicas - self.opts.min_insync
+        };
         if self.rng.chance(self.opts.crash_percent) && down < budget {
             let n = self.rng.below(u64::from(self.opts.replicas)) as u32;
             if self.nodes[n as usize].alive {
+                if down > 0 {
+                    self.trace
+                        .push(format!("t={now} overlap: {down} down (lossy {lossy_down})"));
+                }
                 // No draw when off, so the other tests' seeds replay as before.
                 if self.opts.stop_percent > 0 && self.rng.chance(self.opts.stop_percent) {
                     self.stop(n);
-                } else {
+                } else if !lossy_down {
+                    // Two nodes that each lost what they had not flushed
+                    // can lose an acknowledged write with any protocol
+                    // that acknowledges before flushing (Kafka's too).
                     self.crash(n);
                 }
             }
