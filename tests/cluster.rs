@@ -288,6 +288,26 @@ fn a_restarted_node_rejoins_and_catches_up() {
     let p = partition(&v, "t", 0).unwrap();
     assert_eq!(p["high_watermark"], 5000, "{v}");
 
+    // Once the cluster counts node 3 as failed, `status` gives it half a
+    // second instead of the 3 s handshake timeout (3.1 s before).
+    let counted = |v: &serde_json::Value| {
+        v["unreachable"].as_array().is_some_and(|u| {
+            u.iter().any(|m| {
+                m.as_str()
+                    .is_some_and(|m| m.starts_with("node 3: the cluster counts it as failed"))
+            })
+        })
+    };
+    c.wait_status("node 3 counted as failed", counted);
+    let started = std::time::Instant::now();
+    let v = c.status();
+    let took = started.elapsed();
+    assert!(counted(&v), "{v}");
+    assert!(
+        took < std::time::Duration::from_secs(2),
+        "status with a node down took {took:?}"
+    );
+
     // Restart it from its data directory: it must catch up and rejoin.
     c.start(3);
     c.wait_status("node 3 back in the ISR at 5000", |v| {

@@ -654,6 +654,12 @@ impl Client {
             .map_err(refused)
     }
 
+    /// The brokers the node that answered the last [`Client::metadata`]
+    /// counted as failed (no heartbeat within its failure timeout).
+    pub async fn counted_failed(&self) -> Vec<ReplicaId> {
+        self.failed.lock().await.clone()
+    }
+
     /// Every known node id (from client.toml and registrations).
     pub async fn known_nodes(&self) -> Vec<ReplicaId> {
         self.node_ids().await

@@ -499,12 +499,37 @@ pub struct PartitionReport {
     pub replica_log_ends: Vec<(ReplicaId, Option<u64>, Option<u64>)>,
 }
 
+/// How long `gather` waits for a node the cluster counts as failed. One
+/// that is up answers within milliseconds; one that is down would hold
+/// every `status` for the whole handshake timeout (3 s), which operators
+/// pay on each look during an incident.
+const FAILED_NODE_WAIT: Duration = Duration::from_millis(500);
+
 pub async fn gather(c: &Client) -> anyhow::Result<(Vec<PartitionReport>, Vec<String>)> {
     let (_, parts) = c.metadata().await?;
+    let failed = c.counted_failed().await;
+    // Every node at once: a dead one costs its timeout once, not in turn.
+    let asks = c.known_nodes().await.into_iter().map(|n| {
+        let counted_failed = failed.contains(&n);
+        async move {
+            let answer = if counted_failed {
+                match tokio::time::timeout(FAILED_NODE_WAIT, c.status(n)).await {
+                    Ok(answer) => answer.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!(
+                        "the cluster counts it as failed, and it did not answer within {} ms",
+                        FAILED_NODE_WAIT.as_millis()
+                    )),
+                }
+            } else {
+                c.status(n).await.map_err(|e| e.to_string())
+            };
+            (n, answer)
+        }
+    });
     let mut views: std::collections::HashMap<ReplicaId, Vec<ReplicaStatus>> = Default::default();
     let mut problems = Vec::new();
-    for n in c.known_nodes().await {
-        match c.status(n).await {
+    for (n, answer) in futures_util::future::join_all(asks).await {
+        match answer {
             Ok(v) => {
                 views.insert(n, v);
             }
