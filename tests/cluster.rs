@@ -676,6 +676,53 @@ fn a_gracefully_stopped_node_hands_over_before_it_exits() {
     }
 }
 
+/// Preferred leader election: the leader that took over from a killed
+/// node hands the partition back once that node has restarted and caught
+/// up (`[failover] auto_leader_rebalance`, here every 2 s instead of 300).
+#[test]
+fn a_restarted_preferred_replica_leads_again() {
+    let rebalance_soon = |toml: String| {
+        short_lag(toml).replace(
+            "leader_imbalance_check_interval_ms = 300000",
+            "leader_imbalance_check_interval_ms = 2000",
+        )
+    };
+    let (mut c, client, before) = configured_with_2000("file", rebalance_soon);
+    let leads = |v: &serde_json::Value, leader: u32, epoch: u32| {
+        partition(v, "t", 0).is_some_and(|p| p["leader"] == leader && p["epoch"] == epoch)
+    };
+    assert!(leads(&c.status(), 1, 1), "{}", c.status());
+
+    c.kill(1);
+    c.wait_status("node 2 leads epoch 2", |v| leads(v, 2, 2));
+    produce_generated(&client, "t", "1000");
+    c.start(1);
+    let v = c.wait_status("node 1 leads again, with everything", |v| {
+        leads(v, 1, 3) && converged(v, "t", 0, 3000)
+    });
+    assert_eq!(
+        partition(&v, "t", 0).unwrap()["isr"]
+            .as_array()
+            .map(Vec::len),
+        Some(3),
+        "{v}"
+    );
+    assert!(
+        c.log(2)
+            .contains("t/0: preferred replica 1 is in sync; it leads epoch 3 (leader rebalance)"),
+        "{}",
+        c.log(2)
+    );
+
+    produce_generated(&client, "t", "1000");
+    c.wait_status("4000 everywhere", |v| converged(v, "t", 0, 4000));
+    let logs: Vec<Vec<String>> = (1..=3).map(|r| consume_replica(&c, "t", r, 4000)).collect();
+    for l in &logs {
+        assert_eq!(l, &logs[0]);
+        assert_eq!(&l[..2000], &before[..], "committed messages changed");
+    }
+}
+
 /// Stop `node` gracefully, then produce 1000 more messages to `t`: both
 /// within 10 s, where failure detection alone takes 20 s. The status after.
 fn stop_then_produce(c: &mut Cluster, client: &str, node: u32) -> serde_json::Value {

@@ -311,6 +311,40 @@ fn overlapping_stops_and_crashes_lose_no_acknowledged_write() {
     assert_invariants(&opts);
 }
 
+/// Preferred leader election among crashes, stops and cuts: the leader
+/// often hands a partition back to its preferred replica, which must hold
+/// everything acknowledged.
+#[test]
+fn leader_rebalances_lose_no_acknowledged_write() {
+    let opts = rebalancing();
+    let (acked, n) = exercised(&opts, &["rebalance: "]);
+    println!(
+        "first 50 seeds: {acked} acks=all writes, {} hand-overs to the preferred replica",
+        n[0]
+    );
+    assert!(acked > 0 && n[0] > 20);
+    assert_invariants(&opts);
+}
+
+#[test]
+fn negative_control_the_rebalance_hands_over_outside_the_isr() {
+    must_be_caught(
+        "the rebalance hands over outside the ISR",
+        Options {
+            prefer_outside_isr: true,
+            ..rebalancing()
+        },
+    );
+}
+
+fn rebalancing() -> Options {
+    Options {
+        rebalance_percent: 5,
+        overlap: true,
+        ..controlled_stops()
+    }
+}
+
 fn controlled_stops() -> Options {
     Options {
         crash_percent: 4,

@@ -47,6 +47,13 @@ pub struct Options {
     /// unflushed data (a rolling restart meeting a crash). Off: at most
     /// `replicas - min_insync` nodes are down at once.
     pub overlap: bool,
+    /// Chance per step (percent) that the leader runs the leader
+    /// rebalance: it hands over to the preferred replica if that one is
+    /// in the ISR and heard (the host's `FailoverCoordinator::prefer`).
+    pub rebalance_percent: u64,
+    /// Negative control: the rebalance hands over to the preferred replica
+    /// whenever it is alive, in the ISR or not.
+    pub prefer_outside_isr: bool,
     pub cut_percent: u64,
     pub max_delay_ms: u64,
     /// `Config::retention_bytes` of every replica.
@@ -67,6 +74,8 @@ impl Default for Options {
             stop_percent: 0,
             hand_over_outside_isr: false,
             overlap: false,
+            rebalance_percent: 0,
+            prefer_outside_isr: false,
             cut_percent: 1,
             max_delay_ms: 20,
             retention_bytes: None,
@@ -366,12 +375,7 @@ impl Sim {
         // the way cannot let it back into the ISR (the store checks added
         // members' broker epochs).
         self.nodes[n as usize].broker_epoch += 1;
-        let mut fd = FailureDetector::new(self.config.replica_lag_time_max_ms, now);
-        for r in 0..self.opts.replicas {
-            if r != n && self.nodes[r as usize].alive && !self.cut.contains(&(r, n)) {
-                fd.record_heartbeat(r, now);
-            }
-        }
+        let fd = self.heard_by(n);
         let state = self.partition_state();
         let mut decision =
             FailoverCoordinator::new(n, false, self.opts.min_insync).step_down(&state, &fd, now);
@@ -427,6 +431,60 @@ impl Sim {
         // What it could not hand over, failure detection does, as for a
         // crash.
         self.fence(n);
+    }
+
+    /// The leader's rebalance pass, as the host's coordinator runs it: the
+    /// preferred replica (the first in assignment order) leads the next
+    /// epoch if it is in the ISR and the leader heard it recently.
+    fn rebalance(&mut self) {
+        let Some(l) = self.ctrl.leader else { return };
+        let now = self.now;
+        let fd = self.heard_by(l);
+        let state = self.partition_state();
+        let decision =
+            FailoverCoordinator::new(l, false, self.opts.min_insync).prefer(&state, &fd, now);
+        let preferred = match decision {
+            Some(d) => Some((d.next.leader_epoch, d.kind)),
+            None if self.opts.prefer_outside_isr => {
+                let p = state.replicas[0];
+                (p != l && fd.heard_recently(p, now)).then(|| {
+                    (
+                        state.leader_epoch + 1,
+                        DecisionKind::Prefer { preferred: p },
+                    )
+                })
+            }
+            None => None,
+        };
+        let Some((epoch, DecisionKind::Prefer { preferred })) = preferred else {
+            return;
+        };
+        self.ctrl.version += 1;
+        self.ctrl.leader = Some(preferred);
+        self.ctrl.epoch = epoch;
+        if !self.ctrl.isr.contains(&preferred) {
+            // The control's store takes the leader into the ISR, as an
+            // unclean election would.
+            self.ctrl.isr.push(preferred);
+        }
+        self.trace.push(format!(
+            "t={now} rebalance: {l} hands over to {preferred} epoch {epoch} isr {:?}",
+            self.ctrl.isr
+        ));
+        self.install_leader(preferred);
+        self.settle();
+    }
+
+    /// A failure detector of node `n`: it has heard every live node it
+    /// has a link from.
+    fn heard_by(&self, n: u32) -> FailureDetector {
+        let mut fd = FailureDetector::new(self.config.replica_lag_time_max_ms, self.now);
+        for r in 0..self.opts.replicas {
+            if r != n && self.nodes[r as usize].alive && !self.cut.contains(&(r, n)) {
+                fd.record_heartbeat(r, self.now);
+            }
+        }
+        fd
     }
 
     /// What the store does once it finds `n` gone: out of the ISR (never
@@ -808,6 +866,10 @@ impl Sim {
                 .collect();
             let n = dead[self.rng.below(dead.len() as u64) as usize];
             self.restart(n);
+        }
+        // No draw when off, so the other tests' seeds replay as before.
+        if self.opts.rebalance_percent > 0 && self.rng.chance(self.opts.rebalance_percent) {
+            self.rebalance();
         }
         if self.rng.chance(self.opts.cut_percent) {
             let a = self.rng.below(u64::from(self.opts.replicas)) as u32;

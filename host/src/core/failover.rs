@@ -132,6 +132,10 @@ pub enum DecisionKind {
     /// This broker is stopping cleanly ([`FailoverCoordinator::step_down`]):
     /// it leaves the ISR, and if it led, `successor` leads the next epoch.
     StepDown { successor: Option<ReplicaId> },
+    /// This broker leads, and the preferred replica (the first in
+    /// assignment order) is back in the ISR: it leads the next epoch
+    /// ([`FailoverCoordinator::prefer`]), and this broker follows.
+    Prefer { preferred: ReplicaId },
 }
 
 /// Failover policy for the partitions of one broker. Any broker may decide
@@ -327,6 +331,49 @@ impl FailoverCoordinator {
             kind: DecisionKind::StepDown {
                 successor: Some(successor),
             },
+        })
+    }
+}
+
+impl FailoverCoordinator {
+    /// Preferred leader election (Kafka's `auto.leader.rebalance.enable`):
+    /// a partition this broker leads although it is not its preferred
+    /// replica (the first in assignment order) goes back to that replica
+    /// once it is in the ISR and heard within the failure timeout. Without
+    /// it, leadership piles up on the nodes that restarted first: after a
+    /// rolling restart one node can lead every partition and do all of the
+    /// leaders' work.
+    ///
+    /// Only the leader's broker decides, as for [`DecisionKind::ShrinkIsr`]:
+    /// it knows the ISR it admitted, and one writer keeps it quiet. The
+    /// ISR is unchanged; the new leader holds every committed record
+    /// because it is in it. Records this broker appended that the new
+    /// leader lacks were never committed (the HW waits for every ISR
+    /// member), so their producers get an ambiguous answer, as at any
+    /// change of leader.
+    pub fn prefer(
+        &self,
+        state: &PartitionState,
+        fd: &FailureDetector,
+        now: u64,
+    ) -> Option<Decision> {
+        let preferred = *state.replicas.first()?;
+        if state.version == 0
+            || state.leader != Some(self.me)
+            || preferred == self.me
+            || !state.isr.contains(&preferred)
+            || !fd.heard_recently(preferred, now)
+        {
+            return None;
+        }
+        Some(Decision {
+            next: PartitionState {
+                leader: Some(preferred),
+                leader_epoch: state.leader_epoch + 1,
+                ..state.clone()
+            },
+            expected_version: state.version,
+            kind: DecisionKind::Prefer { preferred },
         })
     }
 }
@@ -645,6 +692,49 @@ mod tests {
         let mut unknown = state(Some(1), &[1, 3]);
         unknown.version = 0;
         assert_eq!(c.step_down(&unknown, &fd, 1000), None);
+    }
+
+    #[test]
+    fn a_leader_hands_back_to_the_preferred_replica_once_it_is_in_sync_and_heard() {
+        // Replicas [1, 2, 3]: node 1 is preferred; node 2 leads.
+        let c = FailoverCoordinator::new(2, false, 2);
+        let s = state(Some(2), &[2, 3, 1]);
+        let d = c.prefer(&s, &detector(1000, &[1, 3]), 1000).unwrap();
+        assert_eq!(d.kind, DecisionKind::Prefer { preferred: 1 });
+        assert_eq!(d.next.leader, Some(1));
+        assert_eq!(d.next.leader_epoch, s.leader_epoch + 1);
+        assert_eq!(
+            (d.next.isr.clone(), d.next.elr.clone()),
+            (s.isr.clone(), s.elr.clone())
+        );
+        assert_eq!(d.expected_version, s.version);
+        // Not in the ISR yet (still catching up after its restart).
+        assert_eq!(
+            c.prefer(&state(Some(2), &[2, 3]), &detector(1000, &[1, 3]), 1000),
+            None
+        );
+        // In the ISR but not heard within the timeout.
+        let mut fd = detector(400, &[3]);
+        fd.record_heartbeat(1, 100);
+        assert_eq!(c.prefer(&s, &fd, 1000), None);
+        // Nobody else decides it: not a follower, not the preferred itself.
+        let fd = detector(1000, &[1, 2, 3]);
+        assert_eq!(
+            FailoverCoordinator::new(3, false, 2).prefer(&s, &fd, 1000),
+            None
+        );
+        assert_eq!(
+            FailoverCoordinator::new(1, false, 2).prefer(&s, &fd, 1000),
+            None
+        );
+        // The preferred replica leading already: nothing to do.
+        assert_eq!(
+            FailoverCoordinator::new(1, false, 2).prefer(&state(Some(1), &[1, 2, 3]), &fd, 1000),
+            None
+        );
+        let mut unknown = s.clone();
+        unknown.version = 0;
+        assert_eq!(c.prefer(&unknown, &fd, 1000), None);
     }
 
     #[test]

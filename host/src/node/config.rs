@@ -321,6 +321,18 @@ pub struct FailoverConfig {
     /// failure timeout later (Kafka's `controlled.shutdown.enable`, also
     /// on by default there). Bounded by the failure timeout.
     pub controlled_shutdown: bool,
+    /// Every `leader_imbalance_check_interval_ms`, hand each partition this
+    /// node leads back to its preferred replica (the first in assignment
+    /// order) if that replica is in the ISR and alive (Kafka's
+    /// `auto.leader.rebalance.enable`, on by default there too). Without
+    /// it, leadership stays where failovers and stops left it: after a
+    /// rolling restart one node can lead every partition. Producers with
+    /// requests in flight at the change get an ambiguous answer for them,
+    /// as at any change of leader.
+    pub auto_leader_rebalance: bool,
+    /// How often the leader rebalance runs, in ms (Kafka's
+    /// `leader.imbalance.check.interval.seconds`, 300 s there too).
+    pub leader_imbalance_check_interval_ms: u64,
 }
 
 impl Default for FailoverConfig {
@@ -330,6 +342,8 @@ impl Default for FailoverConfig {
             failure_timeout_ms: 500,
             unclean_leader_election: false,
             controlled_shutdown: true,
+            auto_leader_rebalance: true,
+            leader_imbalance_check_interval_ms: 300_000,
         }
     }
 }
@@ -346,6 +360,14 @@ impl FailoverConfig {
             return Err(format!(
                 "failure_timeout_ms = {} must be at least twice heartbeat_interval_ms ({}): one late heartbeat must not fail a node",
                 self.failure_timeout_ms, self.heartbeat_interval_ms
+            ));
+        }
+        if self.auto_leader_rebalance
+            && self.leader_imbalance_check_interval_ms < self.failure_timeout_ms
+        {
+            return Err(format!(
+                "leader_imbalance_check_interval_ms = {} is below failure_timeout_ms ({}): leadership would move back and forth faster than a failure is found (Kafka's default is 300000; turn the rebalance off with auto_leader_rebalance = false)",
+                self.leader_imbalance_check_interval_ms, self.failure_timeout_ms
             ));
         }
         Ok(())
@@ -521,6 +543,13 @@ mod tests {
         assert!(e.contains("set `advertise`"), "{e}");
         let advertised = format!("{any}\nadvertise = \"10.0.0.5:7101\"");
         assert_eq!(node_refused(&advertised, ""), "loaded");
+        // A leader rebalance faster than failure detection would move
+        // leadership back and forth.
+        let e = node_refused(ok, "[failover]\nleader_imbalance_check_interval_ms = 100\n");
+        assert!(e.contains("is below failure_timeout_ms (500)"), "{e}");
+        let off =
+            "[failover]\nauto_leader_rebalance = false\nleader_imbalance_check_interval_ms = 100\n";
+        assert_eq!(node_refused(ok, off), "loaded");
     }
 
     /// Why a section for the file plugin with `line` does not parse.

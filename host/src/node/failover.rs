@@ -162,6 +162,8 @@ async fn coordinate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     // counted and logged once).
     let mut reported: HashMap<TopicPartition, u64> = HashMap::new();
     let mut had_quorum = true;
+    let rebalance_every = shared.failover.leader_imbalance_check_interval_ms;
+    let mut next_rebalance = shared.now_ms().saturating_add(rebalance_every);
     loop {
         // Only the sleep counts towards pause detection: a slow pass
         // (metadata calls) is not this process being stopped.
@@ -205,6 +207,10 @@ async fn coordinate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         if !quorum {
             continue;
         }
+        let rebalance = shared.failover.auto_leader_rebalance && now >= next_rebalance;
+        if rebalance {
+            next_rebalance = now.saturating_add(rebalance_every);
+        }
         let states: Vec<_> = shared
             .states
             .read()
@@ -221,15 +227,22 @@ async fn coordinate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 continue;
             }
             let decision = match shared.detector.lock() {
-                Ok(fd) => coordinator.decide(&state, &fd, now).map(|d| {
-                    let since = match &d.kind {
-                        DecisionKind::Elect {
-                            failed: Some(f), ..
-                        } => fd.last_heard(*f),
-                        _ => None,
-                    };
-                    (d, since)
-                }),
+                Ok(fd) => coordinator
+                    .decide(&state, &fd, now)
+                    .or_else(|| {
+                        rebalance
+                            .then(|| coordinator.prefer(&state, &fd, now))
+                            .flatten()
+                    })
+                    .map(|d| {
+                        let since = match &d.kind {
+                            DecisionKind::Elect {
+                                failed: Some(f), ..
+                            } => fd.last_heard(*f),
+                            _ => None,
+                        };
+                        (d, since)
+                    }),
                 Err(_) => return,
             };
             let Some((d, last_heard)) = decision else {
@@ -311,6 +324,10 @@ async fn coordinate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                         DecisionKind::ShrinkIsr { removed } => info!(
                             "{name}: failed replicas {removed:?} leave the ISR (now {:?})",
                             d.next.isr
+                        ),
+                        DecisionKind::Prefer { preferred } => info!(
+                            "{name}: preferred replica {preferred} is in sync; it leads epoch {} (leader rebalance)",
+                            d.next.leader_epoch
                         ),
                         DecisionKind::NoCandidate { .. } | DecisionKind::StepDown { .. } => {}
                     }
@@ -581,7 +598,7 @@ mod tests {
             heartbeat_interval_ms: 50,
             failure_timeout_ms: 400,
             unclean_leader_election: false,
-            controlled_shutdown: true,
+            ..FailoverConfig::default()
         };
         let (shared, _fetch_rx) = Shared::for_tests(store.clone(), failover);
         if let Ok(mut s) = shared.states.write() {
