@@ -248,6 +248,9 @@ async fn session(
             Some((_, stream, at_dial)) => {
                 let at_dial = *at_dial;
                 let restarted = async {
+                    // The closure reads the broker epochs under the watch's
+                    // lock; `Shared::record_brokers` releases the epochs
+                    // before it takes that lock.
                     let gone = reregistered
                         .wait_for(|_| shared.dialled_before_restart(leader, at_dial))
                         .await

@@ -375,28 +375,7 @@ async fn refresh(
         }
     }
     let brokers = meta.list_brokers().await?;
-    // Addresses first, then epochs: a dialler reads the epoch before the
-    // address, so a connection recorded under a new epoch is to the new
-    // registration's address.
-    if let Ok(mut map) = shared.brokers.write() {
-        for b in &brokers {
-            match b.address.parse() {
-                Ok(a) => {
-                    map.insert(b.id, a);
-                }
-                Err(_) => warn!("node {} registered a bad address {:?}", b.id, b.address),
-            }
-        }
-    }
-    if let Ok(mut epochs) = shared.broker_epochs.write() {
-        let mut again = false;
-        for b in &brokers {
-            again |= epochs.insert(b.id, b.epoch).is_some_and(|e| e < b.epoch);
-        }
-        if again {
-            shared.reregistered.send_modify(|n| *n += 1);
-        }
-    }
+    shared.record_brokers(&brokers);
     for (topic, partition) in meta.list_partitions().await? {
         let tp = TopicPartition::new(&topic, partition);
         let state = match meta.get_partition(&topic, partition).await {
@@ -652,6 +631,47 @@ mod handoff_tests {
         fn list_brokers(&self) -> MetaFuture<'_, Vec<Broker>> {
             Box::pin(async { Ok(Vec::new()) })
         }
+    }
+
+    /// A fetch session's `wait_for` reads the broker epochs while it holds
+    /// the `reregistered` watch; recording a restart must therefore never
+    /// hold the epochs while it waits for that watch. It did, and a node
+    /// whose two worker threads met there hung for good.
+    #[test]
+    fn recording_a_restart_never_holds_the_epochs_while_it_wakes_the_waiters() {
+        let store = Arc::new(OneState {
+            state: Mutex::new(state(Some(1), &[1], &[])),
+            during_write: Mutex::new(None),
+        });
+        let (shared, _fetch) = Shared::for_tests(store, FailoverConfig::default());
+        let broker = |epoch| Broker {
+            id: 2,
+            address: "127.0.0.1:7102".into(),
+            epoch,
+        };
+        shared.record_brokers(&[broker(1)]);
+        // What a waiting fetch session holds while its closure runs.
+        let watch = shared.reregistered.borrow();
+        let recorder = {
+            let shared = shared.clone();
+            std::thread::spawn(move || shared.record_brokers(&[broker(2)]))
+        };
+        let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+        let reader = shared.clone();
+        std::thread::spawn(move || {
+            while reader.broker_epoch_of(2) != Some(2) {
+                std::thread::yield_now();
+            }
+            let _ = seen_tx.send(());
+        });
+        let seen = seen_rx.recv_timeout(std::time::Duration::from_secs(10));
+        drop(watch);
+        recorder.join().expect("recorder");
+        assert!(
+            seen.is_ok(),
+            "the broker epochs stayed locked while the watcher waited for the watch"
+        );
+        assert_eq!(*shared.reregistered.borrow(), 1, "waiters were not woken");
     }
 
     #[tokio::test]

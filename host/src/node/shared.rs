@@ -278,6 +278,41 @@ impl Shared {
     }
 
     /// `id`'s registered broker epoch, as last read.
+    /// The brokers as the metadata store lists them: their addresses,
+    /// then their epochs, and a wake-up for whoever waits on a restart
+    /// (`reregistered`) when an epoch grew.
+    ///
+    /// Addresses first: a dialler reads the epoch before the address, so a
+    /// connection recorded under a new epoch is to the new registration's
+    /// address. The wake-up is sent after the epochs' lock is released: a
+    /// fetch session's `wait_for` reads the epochs while it holds the
+    /// watch's lock, so notifying under the epochs' lock took the two locks
+    /// in the other order and could deadlock both worker threads (a node
+    /// hung for good in a chaos test).
+    pub(super) fn record_brokers(&self, brokers: &[crate::metadata::Broker]) {
+        if let Ok(mut map) = self.brokers.write() {
+            for b in brokers {
+                match b.address.parse() {
+                    Ok(a) => {
+                        map.insert(b.id, a);
+                    }
+                    Err(_) => {
+                        tracing::warn!("node {} registered a bad address {:?}", b.id, b.address)
+                    }
+                }
+            }
+        }
+        let again = match self.broker_epochs.write() {
+            Ok(mut epochs) => brokers.iter().fold(false, |again, b| {
+                epochs.insert(b.id, b.epoch).is_some_and(|e| e < b.epoch) || again
+            }),
+            Err(_) => false,
+        };
+        if again {
+            self.reregistered.send_modify(|n| *n += 1);
+        }
+    }
+
     pub fn broker_epoch_of(&self, id: ReplicaId) -> Option<u64> {
         self.broker_epochs.read().ok()?.get(&id).copied()
     }
