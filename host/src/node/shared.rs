@@ -302,12 +302,14 @@ impl Shared {
                 }
             }
         }
-        let again = match self.broker_epochs.write() {
-            Ok(mut epochs) => brokers.iter().fold(false, |again, b| {
-                epochs.insert(b.id, b.epoch).is_some_and(|e| e < b.epoch) || again
-            }),
-            Err(_) => false,
-        };
+        let mut again = false;
+        if let Ok(mut epochs) = self.broker_epochs.write() {
+            // Every broker's epoch is recorded (no short cut on the first
+            // that grew).
+            for b in brokers {
+                again |= epochs.insert(b.id, b.epoch).is_some_and(|e| e < b.epoch);
+            }
+        }
         if again {
             self.reregistered.send_modify(|n| *n += 1);
         }
