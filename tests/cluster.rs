@@ -713,6 +713,11 @@ fn a_restarted_preferred_replica_leads_again() {
         "{}",
         c.log(2)
     );
+    let metrics = http_get(c.base_port + 50 + 1, "/metrics");
+    assert!(
+        metrics.contains("replicator_preferred_leader_elections_total 1\n"),
+        "{metrics}"
+    );
 
     produce_generated(&client, "t", "1000");
     c.wait_status("4000 everywhere", |v| converged(v, "t", 0, 4000));

@@ -459,6 +459,17 @@ impl Sim {
         let Some((epoch, DecisionKind::Prefer { preferred })) = preferred else {
             return;
         };
+        // The host's partition must have seen the preferred replica's
+        // current incarnation fetching, caught up.
+        let within = self.config.fetch_max_wait_ms + self.config.replica_lag_time_max_ms;
+        let broker_epoch = self.nodes[preferred as usize].broker_epoch;
+        let ready = self.nodes[l as usize]
+            .rm
+            .as_ref()
+            .is_some_and(|rm| rm.follower_ready(preferred, broker_epoch, now, within));
+        if !ready && !self.opts.prefer_outside_isr {
+            return;
+        }
         self.ctrl.version += 1;
         self.ctrl.leader = Some(preferred);
         self.ctrl.epoch = epoch;

@@ -403,6 +403,9 @@ pub struct FailoverMetrics {
     pub last_failover_ms: Option<u64>,
     /// Clock value (ms) when the last successful one was accepted.
     pub last_failover_at_ms: Option<u64>,
+    /// Partitions this broker handed back to their preferred replica
+    /// ([`FailoverCoordinator::prefer`]); not failovers.
+    pub preferred_elections: u64,
 }
 
 impl FailoverMetrics {

@@ -292,6 +292,31 @@ impl ReplicationManager {
     pub fn is_leader(&self) -> bool {
         self.leader.as_ref().is_some_and(|l| !l.fenced)
     }
+
+    /// On a leader: whether `replica`'s incarnation `broker_epoch` fetched
+    /// within `within_ms` of `now` from an offset at or past the HW, so it
+    /// could lead at once. Preferred leader election asks this before it
+    /// hands over: the store's ISR may still list a replica that restarted
+    /// (with a log that may have lost records and a hand-off pending) or
+    /// whose storage is recovering, and neither fetches until it is done.
+    pub fn follower_ready(
+        &self,
+        replica: ReplicaId,
+        broker_epoch: u64,
+        now: u64,
+        within_ms: u64,
+    ) -> bool {
+        let hw = self.high_watermark();
+        self.leader
+            .as_ref()
+            .filter(|l| !l.fenced)
+            .and_then(|l| l.progress.get(&replica))
+            .is_some_and(|p| {
+                p.broker_epoch == broker_epoch
+                    && now.saturating_sub(p.last_fetch_ms) <= within_ms
+                    && p.leo.is_some_and(|leo| leo >= hw)
+            })
+    }
     pub fn leader_epoch(&self) -> Option<u32> {
         self.leader
             .as_ref()
@@ -1509,6 +1534,55 @@ mod tests {
         let mut rm = ReplicationManager::new(Config::default(), 1, &state);
         rm.become_leader(1, vec![1, 2], vec![1], 1, 0);
         rm
+    }
+
+    #[test]
+    fn a_follower_is_ready_to_lead_only_in_its_current_incarnation_fetching_and_caught_up() {
+        let mut rm = sole_leader();
+        let record = [Record {
+            value: bytes::Bytes::from_static(b"0123456789"),
+            ..Default::default()
+        }];
+        for id in 0..10 {
+            assert!(rm.produce(id, &record, Acks::Leader, 60_000).is_ok());
+        }
+        rm.log_appended(10, 0);
+        let fetch = |rm: &mut ReplicationManager, broker_epoch, offset, now| {
+            let request = FetchRequest {
+                replica_id: 2,
+                replica_epoch: broker_epoch,
+                correlation_id: now,
+                current_leader_epoch: 1,
+                fetch_offset: offset,
+                last_fetched_epoch: None,
+                max_bytes: 1 << 20,
+                min_bytes: 0,
+                max_wait_ms: 0,
+            };
+            rm.handle_fetch(2, request, now);
+            rm.drain();
+        };
+        // Never fetched: not ready.
+        assert!(!rm.follower_ready(2, 7, 100, 500));
+        fetch(&mut rm, 7, 10, 100);
+        let hw = rm.high_watermark();
+        assert!(hw > 0, "the sole in-sync leader committed what it appended");
+        assert!(rm.follower_ready(2, 7, 100, 500));
+        assert!(rm.follower_ready(2, 7, 600, 500));
+        // Silent for longer than the bound, or another incarnation.
+        assert!(!rm.follower_ready(2, 7, 601, 500));
+        assert!(!rm.follower_ready(2, 8, 100, 500));
+        // A new incarnation fetching from behind the HW (its log lost the
+        // tail) is not ready, even in the ISR.
+        fetch(&mut rm, 8, 3, 700);
+        assert!(!rm.follower_ready(2, 8, 700, 500));
+        assert!(!rm.follower_ready(2, 7, 700, 500));
+        fetch(&mut rm, 8, 10, 800);
+        assert!(rm.follower_ready(2, 8, 800, 500));
+        // Only a leader answers.
+        assert!(!rm.follower_ready(3, 8, 800, 500));
+        rm.become_follower(2, 2, 900);
+        assert!(!rm.follower_ready(2, 8, 900, 500));
     }
 
     #[test]

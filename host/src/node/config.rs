@@ -366,7 +366,7 @@ impl FailoverConfig {
             && self.leader_imbalance_check_interval_ms < self.failure_timeout_ms
         {
             return Err(format!(
-                "leader_imbalance_check_interval_ms = {} is below failure_timeout_ms ({}): leadership would move back and forth faster than a failure is found (Kafka's default is 300000; turn the rebalance off with auto_leader_rebalance = false)",
+                "leader_imbalance_check_interval_ms = {} is below failure_timeout_ms ({}): each leader change costs producers an ambiguous answer for what they have in flight, and a replica that keeps failing would take leadership back faster than its failures are found (Kafka's default is 300000; turn the rebalance off with auto_leader_rebalance = false)",
                 self.leader_imbalance_check_interval_ms, self.failure_timeout_ms
             ));
         }

@@ -19,11 +19,17 @@ use crate::transport::{Peer, Transport};
 use crate::wire::rpc::{Request, Response};
 
 use super::partition::{Event, PartitionHandle};
+use super::server::NodeServer;
 use super::shared::Shared;
 
 /// Start the heartbeat senders (one per known node, started as nodes
 /// appear) and the coordinator. Both end when `stop` turns true.
-pub(super) fn spawn(shared: Arc<Shared>, transport: Transport, stop: watch::Receiver<bool>) {
+pub(super) fn spawn(
+    shared: Arc<Shared>,
+    transport: Transport,
+    server: Arc<NodeServer>,
+    stop: watch::Receiver<bool>,
+) {
     if shared.failover.unclean_leader_election {
         warn!(
             "UNCLEAN LEADER ELECTION IS ON: when no in-sync replica is alive, a replica outside the ISR may be elected and acknowledged writes it lacks are LOST for good. Turn `[failover] unclean_leader_election` off unless availability matters more than data."
@@ -34,7 +40,7 @@ pub(super) fn spawn(shared: Arc<Shared>, transport: Transport, stop: watch::Rece
         transport,
         stop.clone(),
     ));
-    tokio::spawn(coordinate(shared, stop));
+    tokio::spawn(coordinate(shared, Some(server), stop));
 }
 
 fn interval(shared: &Shared) -> Duration {
@@ -149,7 +155,14 @@ async fn heartbeat(
 
 /// Every heartbeat interval, decide every partition this node replicates
 /// and carry the decisions out.
-async fn coordinate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+/// `server` reaches this node's partitions (the leader rebalance asks a
+/// partition whether its preferred replica could lead); `None` in tests
+/// without partitions.
+async fn coordinate(
+    shared: Arc<Shared>,
+    server: Option<Arc<NodeServer>>,
+    mut stop: watch::Receiver<bool>,
+) {
     let coordinator = FailoverCoordinator::new(
         shared.node_id,
         shared.failover.unclean_leader_election,
@@ -248,6 +261,28 @@ async fn coordinate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             let Some((d, last_heard)) = decision else {
                 continue;
             };
+            if let DecisionKind::Prefer { preferred } = d.kind {
+                // The store's ISR can still list a replica that restarted
+                // (its hand-off pending) or whose storage is recovering; it
+                // would refuse to lead, and the partition would have no
+                // leader until it is done. Only one this node's partition
+                // saw fetching, caught up, in its registered incarnation.
+                let within = shared
+                    .replication
+                    .fetch_max_wait_ms
+                    .saturating_add(shared.failover.failure_timeout_ms);
+                let ready = match &server {
+                    Some(s) => s.follower_ready(&tp, preferred, within).await,
+                    None => false,
+                };
+                if !ready {
+                    debug!(
+                        "{}/{}: preferred replica {preferred} is in the ISR but not fetching caught up; no rebalance",
+                        tp.topic, tp.partition
+                    );
+                    continue;
+                }
+            }
             let name = format!("{}/{}", tp.topic, tp.partition);
             let first_report = reported.get(&tp) != Some(&state.version);
             if let DecisionKind::NoCandidate { failed } = &d.kind {
@@ -325,10 +360,15 @@ async fn coordinate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                             "{name}: failed replicas {removed:?} leave the ISR (now {:?})",
                             d.next.isr
                         ),
-                        DecisionKind::Prefer { preferred } => info!(
-                            "{name}: preferred replica {preferred} is in sync; it leads epoch {} (leader rebalance)",
-                            d.next.leader_epoch
-                        ),
+                        DecisionKind::Prefer { preferred } => {
+                            if let Ok(mut m) = shared.failover_metrics.lock() {
+                                m.preferred_elections += 1;
+                            }
+                            info!(
+                                "{name}: preferred replica {preferred} is in sync; it leads epoch {} (leader rebalance)",
+                                d.next.leader_epoch
+                            );
+                        }
                         DecisionKind::NoCandidate { .. } | DecisionKind::StepDown { .. } => {}
                     }
                     shared.wrote_state(
@@ -347,7 +387,12 @@ async fn coordinate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     shared.refresh.notify_one();
                 }
                 Err(e) => {
-                    if first_report {
+                    if matches!(d.kind, DecisionKind::Prefer { .. }) {
+                        // Not worth a retry every tick: the next check.
+                        warn!(
+                            "{name}: leader rebalance could not be written: {e} (tried again at the next check, in {rebalance_every} ms)"
+                        );
+                    } else if first_report {
                         warn!("{name}: failover decision could not be written: {e} (retrying)");
                         if matches!(d.kind, DecisionKind::Elect { .. })
                             && let Ok(mut m) = shared.failover_metrics.lock()
@@ -412,9 +457,10 @@ pub(super) async fn step_down(
     // after an election), instead of at their next poll. Only those heard
     // recently: dialling one that is down would only wait.
     let now = shared.now_ms();
+    // The ids first: no other lock is taken while the detector is held.
+    let ids = shared.broker_ids();
     let heard: Vec<ReplicaId> = match shared.detector.lock() {
-        Ok(fd) => shared
-            .broker_ids()
+        Ok(fd) => ids
             .into_iter()
             .filter(|id| *id != shared.node_id && fd.heard_recently(*id, now))
             .collect(),
@@ -630,7 +676,7 @@ mod tests {
                 }
             })
         };
-        let coordinator = tokio::spawn(coordinate(shared.clone(), stop_rx));
+        let coordinator = tokio::spawn(coordinate(shared.clone(), None, stop_rx));
         if !stop_midway {
             // Both elections written, then stop the node.
             let mut changed = shared.changed.subscribe();

@@ -173,7 +173,7 @@ pub fn render(
         reg.register(name, help, gauge);
     }
     let f = &failover.metrics;
-    let failover_counters: [(&str, &str, u64); 3] = [
+    let failover_counters: [(&str, &str, u64); 4] = [
         (
             "failovers",
             "Leader elections this node decided (successful + failed)",
@@ -188,6 +188,11 @@ pub fn render(
             "failovers_failed",
             "Leader elections that could not be carried out (no live in-sync replica, metadata store errors)",
             f.failed_failovers,
+        ),
+        (
+            "preferred_leader_elections",
+            "Partitions this node led and handed back to their preferred replica (leader rebalance)",
+            f.preferred_elections,
         ),
     ];
     for (name, help, v) in failover_counters {

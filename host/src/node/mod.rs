@@ -203,7 +203,12 @@ pub async fn run(
     // From here on logs open and are written: a crash of this run must
     // find no record.
     clean_shutdown::CleanShutdown::consume(&config.data_dir)?;
-    failover::spawn(shared.clone(), transport.clone(), stop_rx.clone());
+    failover::spawn(
+        shared.clone(),
+        transport.clone(),
+        server.clone(),
+        stop_rx.clone(),
+    );
     let serving = {
         let (t, s) = (transport.clone(), server.clone());
         tokio::spawn(async move { t.serve(id, s).await })

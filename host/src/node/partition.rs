@@ -75,6 +75,15 @@ pub enum Event {
     Status {
         reply: oneshot::Sender<ReplicaStatus>,
     },
+    /// Whether `replica`'s incarnation `broker_epoch` fetched from this
+    /// leader within `within_ms`, caught up to the HW
+    /// ([`crate::core::ReplicationManager::follower_ready`]).
+    FollowerReady {
+        replica: ReplicaId,
+        broker_epoch: u64,
+        within_ms: u64,
+        reply: oneshot::Sender<bool>,
+    },
     Metadata(PartitionState),
     Storage(StorageDone),
     IsrDone {
@@ -463,6 +472,18 @@ impl Actor {
             } => self.read(offset, max_bytes, reply),
             Event::Status { reply } => {
                 let _ = reply.send(self.status());
+            }
+            Event::FollowerReady {
+                replica,
+                broker_epoch,
+                within_ms,
+                reply,
+            } => {
+                let ready = !self.recovering
+                    && self
+                        .rm
+                        .follower_ready(replica, broker_epoch, now, within_ms);
+                let _ = reply.send(ready);
             }
             Event::Metadata(state) => self.apply_metadata(state, false),
             Event::Storage(done) => self.storage_done(done),

@@ -164,6 +164,31 @@ fn valid_topic(t: &str) -> bool {
 }
 
 impl NodeServer {
+    /// Whether the replica `replica` of `tp`, in its registered
+    /// incarnation, fetched from this node (its leader) within `within_ms`
+    /// and caught up: it could lead at once. `false` when unknown.
+    pub(super) async fn follower_ready(
+        &self,
+        tp: &TopicPartition,
+        replica: ReplicaId,
+        within_ms: u64,
+    ) -> bool {
+        let Some(broker_epoch) = self.shared.broker_epoch_of(replica) else {
+            return false;
+        };
+        let Ok(p) = self.partition(&tp.topic, tp.partition) else {
+            return false;
+        };
+        self.ask(&p, |reply| Event::FollowerReady {
+            replica,
+            broker_epoch,
+            within_ms,
+            reply,
+        })
+        .await
+        .unwrap_or(false)
+    }
+
     fn partition(&self, topic: &str, partition: u32) -> Result<PartitionHandle, RpcError> {
         self.partitions
             .read()
