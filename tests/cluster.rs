@@ -583,7 +583,7 @@ fn after_a_whole_cluster_crash_an_unclean_election_by_the_operator_restores_serv
     let refused = elect(&[]);
     assert!(!refused.status.success());
     let why = String::from_utf8_lossy(&refused.stderr);
-    assert!(why.contains("Pass --unclean"), "{why}");
+    assert!(why.contains("or --unclean to elect"), "{why}");
     let unknown = elect(&["--unclean", "--replica", "9"]);
     let why = String::from_utf8_lossy(&unknown.stderr);
     assert!(
@@ -718,6 +718,75 @@ fn a_restarted_preferred_replica_leads_again() {
         metrics.contains("replicator_preferred_leader_elections_total 1\n"),
         "{metrics}"
     );
+
+    produce_generated(&client, "t", "1000");
+    c.wait_status("4000 everywhere", |v| converged(v, "t", 0, 4000));
+    let logs: Vec<Vec<String>> = (1..=3).map(|r| consume_replica(&c, "t", r, 4000)).collect();
+    for l in &logs {
+        assert_eq!(l, &logs[0]);
+        assert_eq!(&l[..2000], &before[..], "committed messages changed");
+    }
+}
+
+/// `partition elect --preferred`: an operator moves a partition back to
+/// its preferred replica at once (the rebalance is off here), and is told
+/// why when it cannot be done.
+#[test]
+fn an_operator_moves_a_partition_back_to_its_preferred_replica() {
+    let no_rebalance = |toml: String| {
+        short_lag(toml).replace(
+            "auto_leader_rebalance = true",
+            "auto_leader_rebalance = false",
+        )
+    };
+    let (mut c, client, before) = configured_with_2000("file", no_rebalance);
+    let elect = |c: &Cluster| {
+        let config = c.client();
+        let out = cli(&[
+            "partition",
+            "elect",
+            "--config",
+            &config,
+            "--topic",
+            "t",
+            "--partition",
+            "0",
+            "--preferred",
+        ]);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let leads = |v: &serde_json::Value, leader: u32, epoch: u32| {
+        partition(v, "t", 0).is_some_and(|p| p["leader"] == leader && p["epoch"] == epoch)
+    };
+    let (ok, why) = elect(&c);
+    assert!(!ok && why.contains("node 1, leads already"), "{why}");
+
+    c.kill(1);
+    c.wait_status("node 2 leads epoch 2 without node 1", |v| {
+        leads(v, 2, 2)
+            && partition(v, "t", 0).is_some_and(|p| p["isr"] == serde_json::json!([2, 3]))
+    });
+    produce_generated(&client, "t", "1000");
+    let (ok, why) = elect(&c);
+    assert!(!ok && why.contains("is not in the ISR [2, 3]"), "{why}");
+
+    c.start(1);
+    c.wait_status("node 1 back in the ISR at 3000", |v| {
+        converged(v, "t", 0, 3000)
+            && partition(v, "t", 0)
+                .is_some_and(|p| p["isr"].as_array().is_some_and(|i| i.len() == 3))
+    });
+    let (ok, said) = elect(&c);
+    assert!(ok && said.contains("node 1 leads t/0 in epoch 3"), "{said}");
+    let v = c.status();
+    assert!(leads(&v, 1, 3), "{v}");
+    // With the rebalance off, nothing else moved it.
+    assert!(!c.log(2).contains("(leader rebalance)"), "{}", c.log(2));
 
     produce_generated(&client, "t", "1000");
     c.wait_status("4000 everywhere", |v| converged(v, "t", 0, 4000));

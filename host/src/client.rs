@@ -358,6 +358,31 @@ impl Client {
         }
     }
 
+    /// A preferred leader election for `topic`/`partition` (see
+    /// [`Request::ElectPreferred`]), asked of its leader per fresh
+    /// metadata: the state it wrote.
+    pub async fn elect_preferred(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<PartitionState, ClientError> {
+        let (_, parts) = self.metadata().await?;
+        let leader = parts
+            .iter()
+            .find(|p| p.topic == topic && p.partition == partition)
+            .ok_or_else(|| ClientError::UnknownPartition(topic.to_string(), partition))?
+            .leader
+            .ok_or_else(|| ClientError::NoLeader(topic.to_string(), partition))?;
+        let req = Request::ElectPreferred {
+            topic: topic.to_string(),
+            partition,
+        };
+        match self.ask_node(leader, &req).await? {
+            (Response::Elected { state }, _) => Ok(state),
+            (other, _) => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
     /// Partitions of `topic`, from fresh metadata.
     pub async fn topic_partitions(&self, topic: &str) -> Result<Vec<u32>, ClientError> {
         let (_, parts) = self.metadata().await?;

@@ -72,14 +72,17 @@ pub async fn topic(cmd: TopicCommand) -> anyhow::Result<ExitCode> {
 
 #[derive(Subcommand)]
 pub enum PartitionCommand {
-    /// Elect a leader for a partition that cannot get one by itself
-    /// (unclean: acknowledged writes may be lost).
+    /// Move a partition to its preferred replica now (`--preferred`), or
+    /// elect a leader for one that cannot get one by itself (`--unclean`:
+    /// acknowledged writes may be lost).
     ///
-    /// For when no in-sync or eligible replica is alive, or none is left
-    /// (every one restarted without its log intact, e.g. after the whole
-    /// cluster lost power). Only unclean elections are manual, so
-    /// `--unclean` is required: the new leader may lack acknowledged
-    /// writes, which are then lost.
+    /// `--preferred` does what the leader rebalance does every
+    /// `leader_imbalance_check_interval_ms` (after a rolling restart, say).
+    /// `--unclean` is for when no in-sync or eligible replica is alive, or
+    /// none is left (every one restarted without its log intact, e.g.
+    /// after the whole cluster lost power): the new leader may lack
+    /// acknowledged writes, which are then lost. One of the two is
+    /// required.
     Elect(PartitionElectArgs),
 }
 
@@ -95,8 +98,14 @@ pub struct PartitionElectArgs {
     #[arg(long)]
     pub partition: u32,
     /// Confirm that acknowledged writes the new leader lacks may be lost.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "preferred")]
     pub unclean: bool,
+    /// Hand the partition to its preferred replica (the first in
+    /// assignment order) now, as the leader rebalance does every
+    /// `leader_imbalance_check_interval_ms`; refused unless that replica
+    /// is in the ISR and fetching caught up. Loses nothing committed.
+    #[arg(long, conflicts_with = "replica")]
+    pub preferred: bool,
     /// The replica to elect (default: the live replica with the longest
     /// log, the first in assignment order on a tie; the longest log is
     /// not always the one with the most acknowledged writes, since an
@@ -108,9 +117,24 @@ pub struct PartitionElectArgs {
 pub async fn partition(cmd: PartitionCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         PartitionCommand::Elect(a) => {
+            if a.preferred {
+                let c = client(&a.config)?;
+                let state = c.elect_preferred(&a.topic, a.partition).await;
+                c.close().await;
+                let state = state?;
+                println!(
+                    "node {} leads {}/{} in epoch {} (its preferred replica; ISR {:?})",
+                    state.leader.unwrap_or_default(),
+                    a.topic,
+                    a.partition,
+                    state.leader_epoch,
+                    state.isr
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             if !a.unclean {
                 bail!(
-                    "only unclean elections are manual: a partition with a live in-sync or eligible replica gets a leader by itself within a few heartbeats. Pass --unclean to elect a replica that may lack acknowledged writes (they are then lost)"
+                    "a partition with a live in-sync or eligible replica gets a leader by itself within a few heartbeats. Pass --preferred to move it to its preferred replica now, or --unclean to elect a replica that may lack acknowledged writes (they are then lost)"
                 );
             }
             let c = client(&a.config)?;

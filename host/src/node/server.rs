@@ -149,6 +149,94 @@ impl NodeServer {
     }
 }
 
+impl NodeServer {
+    /// An operator's preferred leader election (see
+    /// [`Request::ElectPreferred`]): what the leader rebalance does at its
+    /// check ([`crate::core::FailoverCoordinator::prefer`] and the
+    /// partition's [`NodeServer::follower_ready`]), now, with the reason
+    /// when it will not.
+    async fn elect_preferred(&self, topic: String, partition: u32) -> Result<Response, RpcError> {
+        let shared = &self.shared;
+        let me = shared.node_id;
+        let tp = TopicPartition::new(&topic, partition);
+        let name = format!("{topic}/{partition}");
+        let st = match shared.metadata.get_partition(&topic, partition).await {
+            Err(MetadataError::NotFound(_)) => {
+                return Err(RpcError::UnknownPartition {
+                    node: me,
+                    topic,
+                    partition,
+                });
+            }
+            other => other.map_err(meta_err)?,
+        };
+        let Some(&preferred) = st.replicas.first() else {
+            return Err(RpcError::Invalid(format!("{name} has no replicas")));
+        };
+        if st.leader == Some(preferred) {
+            return Err(RpcError::Invalid(format!(
+                "{name}: its preferred replica, node {preferred}, leads already (epoch {})",
+                st.leader_epoch
+            )));
+        }
+        if st.leader != Some(me) {
+            return Err(RpcError::Invalid(format!(
+                "node {me} does not lead {name} (leader {:?}): the request goes to the leader",
+                st.leader
+            )));
+        }
+        if !st.isr.contains(&preferred) {
+            return Err(RpcError::Invalid(format!(
+                "{name}: its preferred replica, node {preferred}, is not in the ISR {:?}; it leads once it has caught up and rejoined",
+                st.isr
+            )));
+        }
+        let now = shared.now_ms();
+        let decision = match shared.detector.lock() {
+            Ok(fd) => crate::core::FailoverCoordinator::new(
+                me,
+                false,
+                shared.replication.min_insync_replicas,
+            )
+            .prefer(&st, &fd, now),
+            Err(_) => None,
+        };
+        let within = shared
+            .replication
+            .fetch_max_wait_ms
+            .saturating_add(shared.failover.failure_timeout_ms);
+        let ready = self.follower_ready(&tp, preferred, within).await;
+        let (Some(d), true) = (decision, ready) else {
+            return Err(RpcError::Invalid(format!(
+                "{name}: its preferred replica, node {preferred}, has not been heard, or seen fetching caught up, within {within} ms (it may be restarting or recovering its log); try again shortly"
+            )));
+        };
+        let version = match shared
+            .metadata
+            .compare_and_set(d.next.clone(), d.expected_version)
+            .await
+        {
+            Ok(v) => v,
+            Err(MetadataError::Conflict(_)) => {
+                return Err(RpcError::Metadata(format!(
+                    "{name} changed meanwhile; look at `status` and try again"
+                )));
+            }
+            Err(e) => return Err(meta_err(e)),
+        };
+        if let Ok(mut m) = shared.failover_metrics.lock() {
+            m.preferred_elections += 1;
+        }
+        tracing::info!(
+            "{name}: preferred leader election asked by an operator: node {preferred} leads epoch {}",
+            d.next.leader_epoch
+        );
+        let state = PartitionState { version, ..d.next };
+        shared.wrote_state(tp, state.clone());
+        Ok(Response::Elected { state })
+    }
+}
+
 fn meta_err(e: MetadataError) -> RpcError {
     RpcError::Metadata(e.to_string())
 }
@@ -391,6 +479,9 @@ impl Handler for NodeServer {
                         },
                         r.records,
                     ))
+                }
+                Request::ElectPreferred { topic, partition } => {
+                    Ok((self.elect_preferred(topic, partition).await?, Bytes::new()))
                 }
                 Request::ElectUnclean {
                     topic,

@@ -66,6 +66,12 @@ pub enum Request {
         partition: u32,
         replica: ReplicaId,
     },
+    /// An operator's preferred leader election (`replicator partition
+    /// elect --preferred`), sent to the partition's leader: it hands the
+    /// partition to its preferred replica (the first in assignment order)
+    /// now, as the leader rebalance would at its next check. Refused
+    /// unless that replica is in the ISR, heard, and fetching caught up.
+    ElectPreferred { topic: String, partition: u32 },
     /// This node's view of every partition it holds.
     Status {},
     /// Metadata: brokers and partitions as the store has them.
