@@ -797,6 +797,49 @@ fn an_operator_moves_a_partition_back_to_its_preferred_replica() {
     }
 }
 
+/// A leader whose storage fails hands the partition on at the fault, as
+/// Kafka moves leaders off a failed log dir (KIP-112), not once its log
+/// has recovered: a log that never recovers (a dead disk) kept the
+/// partition unavailable for as long as the node ran. Here its partition's
+/// directory goes, so the next segment cannot be created.
+#[test]
+fn a_leader_whose_storage_fails_hands_the_partition_on_before_it_recovers() {
+    let small_segments = |toml: String| {
+        short_lag(toml).replace(
+            "[storage.config]\n",
+            "[storage.config]\n\"segment.bytes\" = \"16384\"\n",
+        )
+    };
+    let (c, client, before) = configured_with_2000("file", small_segments);
+    std::fs::remove_dir_all(c.path().join("node-1").join("t-0")).expect("remove t-0");
+    // Fails once node 1's storage does; retried below on the new leader.
+    let _ = cli(&[
+        "produce", "--config", &client, "--topic", "t", "--count", "1000", "--size", "64", "--json",
+    ]);
+    let v = c.wait_status("a new leader without node 1", |v| {
+        partition(v, "t", 0).is_some_and(|p| {
+            p["leader"] != 1 && p["isr"].as_array().is_some_and(|i| !i.contains(&1.into()))
+        })
+    });
+    let p = partition(&v, "t", 0).unwrap();
+    assert_eq!(p["epoch"], 2, "{v}");
+    // The hand-off was written at the fault, before the log recovered
+    // (which takes at least the 200 ms pause before a recovery).
+    let log = c.log(1);
+    let at = |what: &str| log.find(what).unwrap_or(usize::MAX);
+    let (failed, moved, recovered) = (
+        at("storage failed"),
+        at("leadership moves to node"),
+        at("storage recovered"),
+    );
+    assert!(failed < moved && moved < recovered, "{log}");
+    // Acks=all writes go on with the two that are left.
+    produce_generated(&client, "t", "1000");
+    let leader = p["leader"].as_u64().unwrap() as u32;
+    let kept = consume_replica(&c, "t", leader, 2000);
+    assert_eq!(&kept[..2000], &before[..], "committed messages changed");
+}
+
 /// Stop `node` gracefully, then produce 1000 more messages to `t`: both
 /// within 10 s, where failure detection alone takes 20 s. The status after.
 fn stop_then_produce(c: &mut Cluster, client: &str, node: u32) -> serde_json::Value {

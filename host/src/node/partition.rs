@@ -758,6 +758,22 @@ impl Actor {
             self.rm.storage_failed();
             self.drive();
             self.recovering = true;
+            // Leadership and ISR membership move off this replica now, as
+            // Kafka's controller moves them off a failed log dir (KIP-112),
+            // not once the log has recovered: a leader whose storage never
+            // recovers (its disk gone) kept the partition unavailable, and
+            // a follower held the leader's HW back until it was found
+            // lagging. Not intact: the recovered log may hold less. Not
+            // when it is the ISR's only member: nobody else could lead, and
+            // a log that recovers whole may lead again.
+            let me = self.shared.node_id;
+            if self
+                .meta
+                .as_ref()
+                .is_some_and(|m| m.isr.contains(&me) && m.isr.len() > 1)
+            {
+                self.shared.request_handoff(self.tp.clone(), Some(false));
+            }
             // The recovered log may hold less than was issued.
             self.tail.clear();
             // Callers waiting on this incarnation get an answer now.
