@@ -668,12 +668,7 @@ fn a_gracefully_stopped_node_hands_over_before_it_exits() {
     );
 
     c.start(3);
-    c.wait_status("4000 everywhere", |v| converged(v, "t", 0, 4000));
-    let logs: Vec<Vec<String>> = (1..=3).map(|r| consume_replica(&c, "t", r, 4000)).collect();
-    for l in &logs {
-        assert_eq!(l, &logs[0]);
-        assert_eq!(&l[..2000], &before[..], "committed messages changed");
-    }
+    all_hold_4000_and_the_first_2000(&c, &before);
 }
 
 /// Preferred leader election: the leader that took over from a killed
@@ -719,13 +714,7 @@ fn a_restarted_preferred_replica_leads_again() {
         "{metrics}"
     );
 
-    produce_generated(&client, "t", "1000");
-    c.wait_status("4000 everywhere", |v| converged(v, "t", 0, 4000));
-    let logs: Vec<Vec<String>> = (1..=3).map(|r| consume_replica(&c, "t", r, 4000)).collect();
-    for l in &logs {
-        assert_eq!(l, &logs[0]);
-        assert_eq!(&l[..2000], &before[..], "committed messages changed");
-    }
+    the_last_1000_join_the_first_3000(&c, &client, &before);
 }
 
 /// `partition elect --preferred`: an operator moves a partition back to
@@ -788,13 +777,7 @@ fn an_operator_moves_a_partition_back_to_its_preferred_replica() {
     // With the rebalance off, nothing else moved it.
     assert!(!c.log(2).contains("(leader rebalance)"), "{}", c.log(2));
 
-    produce_generated(&client, "t", "1000");
-    c.wait_status("4000 everywhere", |v| converged(v, "t", 0, 4000));
-    let logs: Vec<Vec<String>> = (1..=3).map(|r| consume_replica(&c, "t", r, 4000)).collect();
-    for l in &logs {
-        assert_eq!(l, &logs[0]);
-        assert_eq!(&l[..2000], &before[..], "committed messages changed");
-    }
+    the_last_1000_join_the_first_3000(&c, &client, &before);
 }
 
 /// A leader whose storage fails hands the partition on at the fault, as
@@ -838,6 +821,23 @@ fn a_leader_whose_storage_fails_hands_the_partition_on_before_it_recovers() {
     let leader = p["leader"].as_u64().unwrap() as u32;
     let kept = consume_replica(&c, "t", leader, 2000);
     assert_eq!(&kept[..2000], &before[..], "committed messages changed");
+}
+
+/// Produce 1000 more to `t` (3000 there), then [`all_hold_4000_and_the_first_2000`].
+fn the_last_1000_join_the_first_3000(c: &Cluster, client: &str, before: &[String]) {
+    produce_generated(client, "t", "1000");
+    all_hold_4000_and_the_first_2000(c, before);
+}
+
+/// Every replica of `t` ends with the same 4000 messages, the first 2000
+/// (`before`) unchanged.
+fn all_hold_4000_and_the_first_2000(c: &Cluster, before: &[String]) {
+    c.wait_status("4000 everywhere", |v| converged(v, "t", 0, 4000));
+    let logs: Vec<Vec<String>> = (1..=3).map(|r| consume_replica(c, "t", r, 4000)).collect();
+    for l in &logs {
+        assert_eq!(l, &logs[0]);
+        assert_eq!(&l[..2000], before, "committed messages changed");
+    }
 }
 
 /// Stop `node` gracefully, then produce 1000 more messages to `t`: both

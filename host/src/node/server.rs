@@ -59,16 +59,7 @@ impl NodeServer {
                 "node {me} was asked to elect node {replica}: the request goes to the replica to elect"
             )));
         }
-        let st = match shared.metadata.get_partition(&topic, partition).await {
-            Err(MetadataError::NotFound(_)) => {
-                return Err(RpcError::UnknownPartition {
-                    node: me,
-                    topic,
-                    partition,
-                });
-            }
-            other => other.map_err(meta_err)?,
-        };
+        let st = self.stored_state(&topic, partition).await?;
         if !st.replicas.contains(&me) {
             return Err(RpcError::Invalid(format!(
                 "node {me} is not a replica of {name} (replicas {:?})",
@@ -160,16 +151,7 @@ impl NodeServer {
         let me = shared.node_id;
         let tp = TopicPartition::new(&topic, partition);
         let name = format!("{topic}/{partition}");
-        let st = match shared.metadata.get_partition(&topic, partition).await {
-            Err(MetadataError::NotFound(_)) => {
-                return Err(RpcError::UnknownPartition {
-                    node: me,
-                    topic,
-                    partition,
-                });
-            }
-            other => other.map_err(meta_err)?,
-        };
+        let st = self.stored_state(&topic, partition).await?;
         let Some(&preferred) = st.replicas.first() else {
             return Err(RpcError::Invalid(format!("{name} has no replicas")));
         };
@@ -275,6 +257,18 @@ impl NodeServer {
         })
         .await
         .unwrap_or(false)
+    }
+
+    /// `topic`/`partition` as the metadata store has it now.
+    async fn stored_state(&self, topic: &str, partition: u32) -> Result<PartitionState, RpcError> {
+        match self.shared.metadata.get_partition(topic, partition).await {
+            Err(MetadataError::NotFound(_)) => Err(RpcError::UnknownPartition {
+                node: self.shared.node_id,
+                topic: topic.to_string(),
+                partition,
+            }),
+            other => other.map_err(meta_err),
+        }
     }
 
     fn partition(&self, topic: &str, partition: u32) -> Result<PartitionHandle, RpcError> {
