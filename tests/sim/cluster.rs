@@ -460,7 +460,8 @@ impl Sim {
             return;
         };
         // The host's partition must have seen the preferred replica's
-        // current incarnation fetching, caught up.
+        // current incarnation fetching, caught up, within a long poll plus
+        // a failure timeout (here `replica_lag_time_max_ms`: see `heard_by`).
         let within = self.config.fetch_max_wait_ms + self.config.replica_lag_time_max_ms;
         let broker_epoch = self.nodes[preferred as usize].broker_epoch;
         let ready = self.nodes[l as usize]

@@ -139,10 +139,7 @@ impl Nodes {
     /// return at once; [`Nodes::wait_stopped`] waits for it to exit.
     pub fn terminate(&self, id: u32) {
         if let Some((_, c)) = self.children.iter().find(|(i, _)| *i == id) {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
+            sigterm(c);
         }
     }
 
@@ -197,10 +194,7 @@ impl Nodes {
     /// status at 0.
     pub fn stop(&mut self) -> Vec<(u32, bool)> {
         for (_, c) in &self.children {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
+            sigterm(c);
         }
         let mut clean = Vec::new();
         for (id, c) in &mut self.children {
@@ -212,6 +206,15 @@ impl Nodes {
         self.children.clear();
         clean
     }
+}
+
+/// Ask `c` to stop gracefully (SIGTERM); std's `Child::kill` only sends
+/// SIGKILL.
+fn sigterm(c: &Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(c.id().to_string())
+        .status();
 }
 
 /// Wait up to 10 s for `c` to exit, SIGKILL it after that; whether it

@@ -333,9 +333,7 @@ impl FailoverCoordinator {
             },
         })
     }
-}
 
-impl FailoverCoordinator {
     /// Preferred leader election (Kafka's `auto.leader.rebalance.enable`):
     /// a partition this broker leads although it is not its preferred
     /// replica (the first in assignment order) goes back to that replica

@@ -267,12 +267,8 @@ async fn coordinate(
                 // would refuse to lead, and the partition would have no
                 // leader until it is done. Only one this node's partition
                 // saw fetching, caught up, in its registered incarnation.
-                let within = shared
-                    .replication
-                    .fetch_max_wait_ms
-                    .saturating_add(shared.failover.failure_timeout_ms);
                 let ready = match &server {
-                    Some(s) => s.follower_ready(&tp, preferred, within).await,
+                    Some(s) => s.follower_ready(&tp, preferred).await,
                     None => false,
                 };
                 if !ready {

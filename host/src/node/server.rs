@@ -115,19 +115,7 @@ impl NodeServer {
             elr: Vec::new(),
             ..st.clone()
         };
-        let version = match shared
-            .metadata
-            .compare_and_set(next.clone(), st.version)
-            .await
-        {
-            Ok(v) => v,
-            Err(MetadataError::Conflict(_)) => {
-                return Err(RpcError::Metadata(format!(
-                    "{name} changed while electing; look at `status` and try again"
-                )));
-            }
-            Err(e) => return Err(meta_err(e)),
-        };
+        let version = self.write_election(&name, &next, st.version).await?;
         tracing::error!(
             "{name}: UNCLEAN election asked by an operator: node {replica} leads epoch {} (ISR was {:?}, ELR {:?}); acknowledged writes it lacks are lost",
             next.leader_epoch,
@@ -138,9 +126,7 @@ impl NodeServer {
         shared.wrote_state(tp, state.clone());
         Ok(Response::Elected { state })
     }
-}
 
-impl NodeServer {
     /// An operator's preferred leader election (see
     /// [`Request::ElectPreferred`]): what the leader rebalance does at its
     /// check ([`crate::core::FailoverCoordinator::prefer`] and the
@@ -183,29 +169,16 @@ impl NodeServer {
             .prefer(&st, &fd, now),
             Err(_) => None,
         };
-        let within = shared
-            .replication
-            .fetch_max_wait_ms
-            .saturating_add(shared.failover.failure_timeout_ms);
-        let ready = self.follower_ready(&tp, preferred, within).await;
+        let ready = self.follower_ready(&tp, preferred).await;
         let (Some(d), true) = (decision, ready) else {
             return Err(RpcError::Invalid(format!(
-                "{name}: its preferred replica, node {preferred}, has not been heard, or seen fetching caught up, within {within} ms (it may be restarting or recovering its log); try again shortly"
+                "{name}: its preferred replica, node {preferred}, has not been heard, or seen fetching caught up, within {} ms (it may be restarting or recovering its log); try again shortly",
+                self.ready_window_ms()
             )));
         };
-        let version = match shared
-            .metadata
-            .compare_and_set(d.next.clone(), d.expected_version)
-            .await
-        {
-            Ok(v) => v,
-            Err(MetadataError::Conflict(_)) => {
-                return Err(RpcError::Metadata(format!(
-                    "{name} changed meanwhile; look at `status` and try again"
-                )));
-            }
-            Err(e) => return Err(meta_err(e)),
-        };
+        let version = self
+            .write_election(&name, &d.next, d.expected_version)
+            .await?;
         if let Ok(mut m) = shared.failover_metrics.lock() {
             m.preferred_elections += 1;
         }
@@ -234,15 +207,23 @@ fn valid_topic(t: &str) -> bool {
 }
 
 impl NodeServer {
+    /// How recently a replica must have fetched, caught up, to take over
+    /// as preferred leader: a long poll's wait plus a failure timeout, so a
+    /// follower idling in a long poll still counts.
+    fn ready_window_ms(&self) -> u64 {
+        let shared = &self.shared;
+        shared
+            .replication
+            .fetch_max_wait_ms
+            .saturating_add(shared.failover.failure_timeout_ms)
+    }
+
     /// Whether the replica `replica` of `tp`, in its registered
-    /// incarnation, fetched from this node (its leader) within `within_ms`
-    /// and caught up: it could lead at once. `false` when unknown.
-    pub(super) async fn follower_ready(
-        &self,
-        tp: &TopicPartition,
-        replica: ReplicaId,
-        within_ms: u64,
-    ) -> bool {
+    /// incarnation, fetched from this node (its leader) within
+    /// [`NodeServer::ready_window_ms`] and caught up: it could lead at
+    /// once. `false` when unknown.
+    pub(super) async fn follower_ready(&self, tp: &TopicPartition, replica: ReplicaId) -> bool {
+        let within_ms = self.ready_window_ms();
         let Some(broker_epoch) = self.shared.broker_epoch_of(replica) else {
             return false;
         };
@@ -257,6 +238,27 @@ impl NodeServer {
         })
         .await
         .unwrap_or(false)
+    }
+
+    /// Write an operator's election `next` by compare-and-set against
+    /// `expected`; its version. A state that changed meanwhile refuses.
+    async fn write_election(
+        &self,
+        name: &str,
+        next: &PartitionState,
+        expected: u64,
+    ) -> Result<u64, RpcError> {
+        match self
+            .shared
+            .metadata
+            .compare_and_set(next.clone(), expected)
+            .await
+        {
+            Err(MetadataError::Conflict(_)) => Err(RpcError::Metadata(format!(
+                "{name} changed while electing; look at `status` and try again"
+            ))),
+            other => other.map_err(meta_err),
+        }
     }
 
     /// `topic`/`partition` as the metadata store has it now.

@@ -277,7 +277,6 @@ impl Shared {
         }
     }
 
-    /// `id`'s registered broker epoch, as last read.
     /// The brokers as the metadata store lists them: their addresses,
     /// then their epochs, and a wake-up for whoever waits on a restart
     /// (`reregistered`) when an epoch grew.
@@ -315,6 +314,7 @@ impl Shared {
         }
     }
 
+    /// `id`'s registered broker epoch, as last read.
     pub fn broker_epoch_of(&self, id: ReplicaId) -> Option<u64> {
         self.broker_epochs.read().ok()?.get(&id).copied()
     }
