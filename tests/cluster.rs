@@ -375,6 +375,11 @@ fn bad_node_configs_fail_with_clear_errors() {
             && e.contains("fsync = `sometimes`: want always, interval or never"),
         "{e}"
     );
+    let e = run(&original.replace("cluster_id = \"", "cluster_id = \"not/this-"));
+    assert!(
+        e.contains("cluster_id: cluster id `not/this-") && e.contains("allowed are"),
+        "{e}"
+    );
     let e = run(&original.replace("cert = \"node-1.pem\"", "cert = \"missing.pem\""));
     assert!(e.contains("missing.pem"), "{e}");
     let e = run(&original.replace("cert = \"node-1.pem\"", "cert = \"client.pem\""));
@@ -1242,4 +1247,170 @@ fn a_file_node_stopped_gracefully_has_closed_its_logs_first() {
         let left = files_ending(c.path(), suffix);
         assert!(left.is_empty(), "left behind: {left:?}");
     }
+}
+
+/// Run `node --config cfg` to its exit, which must be a refusal; its stderr.
+fn refused_start(cfg: &std::path::Path) -> String {
+    let out = cli_within(
+        &["node", "--config", cfg.to_str().expect("utf-8 path")],
+        std::time::Duration::from_secs(60),
+    );
+    assert!(!out.status.success(), "node {cfg:?} started");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// The `cluster_id = "..."` line of a node config.
+fn cluster_id_of(config: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(config).expect("node config");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("cluster_id = "))
+        .unwrap_or_else(|| panic!("no cluster_id in {config:?}:\n{text}"));
+    line.trim_start_matches("cluster_id = ")
+        .trim_matches('"')
+        .to_string()
+}
+
+/// Every file under `dir`, with its contents: a store's whole state.
+fn snapshot(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut files: Vec<_> = support::files_under(dir)
+        .into_iter()
+        .map(|p| {
+            let bytes = std::fs::read(&p).expect("read");
+            (p, bytes)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// A node started on another node's data directory, a node of another
+/// cluster pointed at this cluster's metadata store, and one pointed at
+/// this cluster's data directory: each refuses to start with the reason,
+/// before it registers or opens a log (Kafka's `meta.properties` checks),
+/// and the cluster then starts again with all its data.
+#[test]
+fn a_node_refuses_another_nodes_data_and_another_clusters_store() {
+    let mut a = Cluster::init(2, "file", |t| t);
+    a.start_all();
+    a.wait_up();
+    cli_ok(&[
+        "topic",
+        "create",
+        "--config",
+        &a.client(),
+        "--topic",
+        "t",
+        "--partitions",
+        "1",
+        "--replication-factor",
+        "2",
+    ]);
+    produce_generated(&a.client(), "t", "500");
+    a.wait_status("500 everywhere", |v| converged(v, "t", 0, 500));
+    assert!(a.stop(1) && a.stop(2), "a node did not stop cleanly");
+    let a_id = cluster_id_of(&a.path().join("node-1.toml"));
+    assert_eq!(a_id.len(), 32, "{a_id}");
+    let identity = std::fs::read_to_string(a.path().join("node-1/identity.toml")).unwrap();
+    assert!(
+        identity.contains("node_id = 1") && identity.contains(&a_id),
+        "{identity}"
+    );
+    let store = a.path().join("metadata");
+    let before = snapshot(&store);
+
+    // Node 2's config, edited to use node 1's directory.
+    let cfg2 = a.path().join("node-2.toml");
+    let original2 = std::fs::read_to_string(&cfg2).unwrap();
+    std::fs::write(
+        &cfg2,
+        original2.replace("data_dir = \"node-2\"", "data_dir = \"node-1\""),
+    )
+    .unwrap();
+    let e = refused_start(&cfg2);
+    assert!(
+        e.contains("belongs to node 1") && e.contains("this config is node 2"),
+        "{e}"
+    );
+    std::fs::write(&cfg2, &original2).unwrap();
+
+    // A second cluster whose config names the first one's store.
+    let b = Cluster::init(1, "file", |t| t);
+    let b_id = cluster_id_of(&b.path().join("node-1.toml"));
+    assert_ne!(a_id, b_id, "two cluster inits made the same id");
+    let cfg_b = b.path().join("node-1.toml");
+    let original_b = std::fs::read_to_string(&cfg_b).unwrap();
+    let shared = original_b.replace(
+        "dir = \"metadata\"",
+        &format!("dir = \"{}\"", store.display()),
+    );
+    assert_ne!(shared, original_b, "no [metadata] dir line to edit");
+    std::fs::write(&cfg_b, &shared).unwrap();
+    let e = refused_start(&cfg_b);
+    assert!(
+        e.contains(&format!("belongs to cluster {a_id}"))
+            && e.contains(&format!("names cluster {b_id}"))
+            && e.contains("must not share a metadata store"),
+        "{e}"
+    );
+    assert_eq!(
+        snapshot(&store),
+        before,
+        "the refused node changed the store"
+    );
+    // Its own store, but the first cluster's data directory.
+    std::fs::write(
+        &cfg_b,
+        original_b.replace(
+            "data_dir = \"node-1\"",
+            &format!("data_dir = \"{}\"", a.path().join("node-1").display()),
+        ),
+    )
+    .unwrap();
+    let e = refused_start(&cfg_b);
+    assert!(
+        e.contains(&format!("belongs to cluster {a_id}"))
+            && e.contains(&format!("names cluster {b_id}")),
+        "{e}"
+    );
+
+    // Nothing was lost to the refusals.
+    a.start_all();
+    a.wait_status("500 everywhere again", |v| converged(v, "t", 0, 500));
+    let got = consume_replica(&a, "t", 2, 500);
+    check_lines(&got, 0, 500, 64);
+}
+
+/// Two clusters on one etcd (Debian's etcd-server, started here): the
+/// second, with the default key prefix, is refused with the fix in the
+/// message; with a prefix of its own it starts.
+#[test]
+fn a_second_cluster_on_the_same_etcd_prefix_is_refused() {
+    let etcd = support::etcd::Etcd::start();
+    let endpoint = etcd.endpoint();
+    let args = ["--metadata", "etcd", "--metadata-endpoint", &endpoint];
+    let mut a = Cluster::init_with(1, "memory", &args, |t| t);
+    a.start(1);
+    a.wait_up();
+    let a_id = cluster_id_of(&a.path().join("node-1.toml"));
+    let mut b = Cluster::init_with(1, "memory", &args, |t| t);
+    let e = refused_start(&b.path().join("node-1.toml"));
+    assert!(
+        e.contains(&format!("belongs to cluster {a_id}"))
+            && e.contains("the plugin's default key prefix")
+            && e.contains("--metadata-config prefix=/NAME/"),
+        "{e}"
+    );
+    let with_prefix = [
+        "--metadata",
+        "etcd",
+        "--metadata-endpoint",
+        &endpoint,
+        "--metadata-config",
+        "prefix=/second/",
+    ];
+    b = Cluster::init_with(1, "memory", &with_prefix, |t| t);
+    b.start(1);
+    b.wait_up();
+    a.wait_up();
 }

@@ -279,15 +279,24 @@ fn plan(args: &InitArgs) -> anyhow::Result<Plan> {
     })
 }
 
-/// Write the cluster directory; returns the client config path. Callers
-/// run [`check_storage`] first.
-pub fn init(args: &InitArgs) -> anyhow::Result<PathBuf> {
+/// A fresh cluster id: 128 random bits in hex, so two clusters never
+/// share one by chance (Kafka's cluster ids are random UUIDs too).
+fn new_cluster_id() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::getrandom(&mut bytes).map_err(|e| anyhow!("no randomness for a cluster id: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Write the cluster directory; returns the client config path and the
+/// cluster id. Callers run [`check_storage`] first.
+pub fn init(args: &InitArgs) -> anyhow::Result<(PathBuf, String)> {
     let Plan {
         metadata,
         replication,
     } = plan(args)?;
     let dir = &args.dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cluster_id = new_cluster_id()?;
     let ca = GeneratedCa::new(&dir.display().to_string())?;
     // The key first: if it cannot be written, no ca.pem marks the
     // directory as a cluster that a second try would refuse.
@@ -308,6 +317,7 @@ pub fn init(args: &InitArgs) -> anyhow::Result<PathBuf> {
         });
         let cfg = NodeConfig {
             node_id: id,
+            cluster_id: Some(cluster_id.clone()),
             listen,
             advertise: None,
             metrics_listen: (args.metrics_base_port != 0)
@@ -353,16 +363,16 @@ pub fn init(args: &InitArgs) -> anyhow::Result<PathBuf> {
         ),
     )?;
     std::fs::create_dir_all(dir.join("metadata"))?;
-    Ok(client_path)
+    Ok((client_path, cluster_id))
 }
 
 pub async fn run_init(args: InitArgs) -> anyhow::Result<ExitCode> {
     // The cheap checks first, then the plugin's (it loads a component).
     plan(&args)?;
     check_storage(&args.storage, &args.storage_config).await?;
-    let client = init(&args)?;
+    let (client, cluster_id) = init(&args)?;
     println!(
-        "cluster of {} nodes written to {}",
+        "cluster {cluster_id} of {} nodes written to {}",
         args.nodes,
         args.dir.display()
     );

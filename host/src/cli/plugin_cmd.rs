@@ -65,7 +65,9 @@ pub struct CheckArgs {
     /// `--config endpoints=http://127.0.0.1:2379`; the sandbox allows HTTP
     /// to those endpoints only. Unless `--config prefix=...` is given, the
     /// suite writes under a fresh prefix `/replicator-check/<time>/`, away
-    /// from any cluster's keys.
+    /// from any cluster's keys. Never give a prefix a cluster uses or will
+    /// use: one case claims the store's cluster id, which stays, and a
+    /// cluster's nodes refuse a store that names another cluster.
     #[arg(long, value_name = "PLUGIN")]
     metadata: Option<PluginSource>,
     /// Plugin setting passed to every `open` (or metadata `connect`), as

@@ -270,7 +270,7 @@ pub fn init_local_cluster(
         storage_config: storage_config.to_vec(),
         ca_key_out: None,
     };
-    let client = super::cluster::init(&args)?;
+    let (client, _) = super::cluster::init(&args)?;
     Ok((client, base_port, metrics_port))
 }
 

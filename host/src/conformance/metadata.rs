@@ -9,6 +9,12 @@
 //! listings only look at what the case itself created. Separate
 //! `connect`s are separate plugin instances, as separate node processes
 //! would have; races run between them.
+//!
+//! One case leaves a trace no tag can scope: `cluster-id-is-claimed-once`
+//! claims the store's cluster id, which stays. Against a store that holds
+//! none yet it stores one of the run's ids, and a cluster started there
+//! afterwards would be refused. `replicator plugin check` therefore runs
+//! networked stores under a fresh key prefix unless told otherwise.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -110,6 +116,7 @@ const ALL: &[(&str, CaseFn)] = &[
     case!("broker-epochs-increase", broker_epochs),
     case!("broker-registration-race", broker_race),
     case!("invalid-input-is-refused", invalid_input),
+    case!("cluster-id-is-claimed-once", cluster_id),
 ];
 
 /// The names of the cases, in the order they run.
@@ -527,5 +534,62 @@ async fn invalid_input(c: &Ctx<'_>) -> CaseResult {
         !listed.iter().any(|b| b.id == c.broker_base),
         "a refused registration was stored: {listed:?}"
     );
+    Ok(None)
+}
+
+/// Racing first claims with different ids all get the same answer, one of
+/// theirs unless the store already held an id; later claims, with any id,
+/// get it too; malformed ids are refused.
+async fn cluster_id(c: &Ctx<'_>) -> CaseResult {
+    let racers = c.options.racers.max(2);
+    let conns = c.connections(racers).await?;
+    let ours: Vec<String> = (0..racers).map(|i| format!("{}-c{i}", c.tag)).collect();
+    let claims = conns
+        .iter()
+        .zip(&ours)
+        .map(|(m, id)| m.claim_cluster_id(id.clone()));
+    let mut answers = Vec::new();
+    for (i, r) in futures_util::future::join_all(claims)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        answers.push(r.map_err(|e| format!("racer {i}'s claim failed: {e}"))?);
+    }
+    let stored = answers[0].clone();
+    ensure!(
+        answers.iter().all(|a| *a == stored),
+        "racing claims got different cluster ids: {answers:?}"
+    );
+    for (i, m) in conns.iter().enumerate() {
+        let again = m
+            .claim_cluster_id(format!("{}-late{i}", c.tag))
+            .await
+            .map_err(|e| format!("a later claim failed: {e}"))?;
+        ensure!(
+            again == stored,
+            "a later claim got `{again}`, the store answered `{stored}` before"
+        );
+    }
+    let fresh = c.connect().await?;
+    let again = fresh
+        .claim_cluster_id(stored.clone())
+        .await
+        .map_err(|e| format!("the winner's claim on a new connection failed: {e}"))?;
+    ensure!(
+        again == stored,
+        "a new connection got `{again}`, not `{stored}`"
+    );
+    for (what, id) in [
+        ("an empty id", String::new()),
+        ("an id with `/`", "a/b".to_string()),
+        ("an id of 65 characters", "x".repeat(65)),
+    ] {
+        let r = fresh.claim_cluster_id(id).await;
+        ensure!(
+            matches!(r, Err(MetadataError::InvalidInput(_))),
+            "claiming {what}: expected invalid-input, got {r:?}"
+        );
+    }
     Ok(None)
 }

@@ -177,6 +177,24 @@ pub fn endpoint_authority(endpoint: &str) -> Result<String, String> {
 }
 
 impl MetadataSection {
+    /// Where the store is, for messages: its endpoints and key prefix, or
+    /// the directory the plugin keeps it in.
+    pub fn describe(&self) -> String {
+        if self.endpoints.is_empty() {
+            format!("`{}` in {}", self.plugin, self.dir.display())
+        } else {
+            let prefix = match self.config.get("prefix") {
+                Some(p) => format!("key prefix `{p}`"),
+                None => "the plugin's default key prefix".to_string(),
+            };
+            format!(
+                "`{}` at {}, {prefix}",
+                self.plugin,
+                self.endpoints.join(", ")
+            )
+        }
+    }
+
     /// Check the endpoints: each is a valid `http://host:port`, the
     /// `etcd` plugin has at least one, and `endpoints` is not also set in
     /// `config`, where it would be ambiguous.
@@ -273,6 +291,14 @@ fn plugin_settings<'de, D: serde::Deserializer<'de>>(
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     pub node_id: ReplicaId,
+    /// The cluster this node belongs to (`cluster init` generates one). At
+    /// start the node claims it in the metadata store and records it in its
+    /// data directory, and refuses to start if either names another
+    /// cluster: a store or a data directory shared by mistake would mix two
+    /// clusters' leaders, ISRs and logs. Unset (configs written before
+    /// cluster ids) skips the store's check.
+    #[serde(default)]
+    pub cluster_id: Option<String>,
     /// UDP address the QUIC endpoint binds.
     pub listen: SocketAddr,
     /// Address other nodes and clients dial; defaults to `listen`.
@@ -448,6 +474,10 @@ impl NodeConfig {
             .map_err(|e| invalid(format!("[failover]: {e}")))?;
         c.metadata.validate().map_err(invalid)?;
         c.storage.validate().map_err(invalid)?;
+        if let Some(id) = &c.cluster_id {
+            crate::metadata::check_cluster_id(id)
+                .map_err(|e| invalid(format!("cluster_id: {e}")))?;
+        }
         if c.metadata_poll_ms == 0 {
             return Err(invalid("metadata_poll_ms must be at least 1".into()));
         }

@@ -623,6 +623,11 @@ mod tests {
         fn list_brokers(&self) -> MetaFuture<'_, Vec<Broker>> {
             Box::pin(async { Ok(Vec::new()) })
         }
+
+        /// A fresh store's answer.
+        fn claim_cluster_id(&self, id: String) -> MetaFuture<'_, String> {
+            Box::pin(async { Ok(id) })
+        }
     }
 
     /// Node 1 of three sees node 3, the leader of two partitions, fail

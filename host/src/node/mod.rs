@@ -13,6 +13,7 @@ pub mod config;
 mod data_dir_lock;
 mod failover;
 mod fetch;
+mod identity;
 pub mod metrics;
 mod partition;
 mod server;
@@ -59,6 +60,16 @@ pub enum NodeError {
     DataDir(#[from] data_dir_lock::LockError),
     #[error(transparent)]
     CleanShutdown(#[from] clean_shutdown::RecordError),
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    #[error(
+        "the metadata store ({store}) belongs to cluster {stored}, but this node's config names cluster {configured}: two clusters must not share a metadata store, or each would overwrite the other's leaders and ISRs. Give each cluster its own store: with etcd its own key prefix (`prefix` under [metadata.config], or `cluster init --metadata-config prefix=/NAME/`), with the file plugin its own [metadata] dir"
+    )]
+    OtherCluster {
+        store: String,
+        stored: String,
+        configured: String,
+    },
     #[error("cannot bind the metrics endpoint {addr}: {error}{}", crate::ports::in_use_hint(*.addr, .error))]
     Metrics {
         addr: SocketAddr,
@@ -82,6 +93,15 @@ pub async fn run(
     // fails (a port in use, the metadata store not up yet) must not cost
     // the next try its record.
     let clean = clean_shutdown::CleanShutdown::read(&config.data_dir)?;
+    // Then whose data the directory holds: another node's or another
+    // cluster's stops the node before it registers or opens a log.
+    let found_identity = identity::DirIdentity::read(&config.data_dir)?;
+    identity::DirIdentity::check(
+        found_identity.as_ref(),
+        &config.data_dir,
+        id,
+        config.cluster_id.as_deref(),
+    )?;
     let tls = TlsMaterial::load(&config.tls)?;
     let transport = Transport::bind(config.listen, &tls, Identity::Node(id), true)?;
     let local = transport
@@ -155,9 +175,39 @@ pub async fn run(
     let metadata = meta_plugin
         .connect(&config.metadata.dir, meta_pairs)
         .await?;
+    // The store must be this cluster's before this node registers in it
+    // (a registration would overwrite another cluster's broker address).
+    let cluster_id = config.cluster_id.clone().or_else(|| {
+        found_identity
+            .as_ref()
+            .and_then(|found| found.cluster_id.clone())
+    });
+    match &cluster_id {
+        Some(configured) => {
+            let stored = metadata.claim_cluster_id(configured.clone()).await?;
+            if stored != *configured {
+                return Err(NodeError::OtherCluster {
+                    store: config.metadata.describe(),
+                    stored,
+                    configured: configured.clone(),
+                });
+            }
+        }
+        None => warn!(
+            "no cluster_id in the config: this node cannot tell a metadata store or data directory of another cluster from its own (`cluster init` writes one; any 1-64 characters of A-Z, a-z, 0-9, `_`, `-` that no other cluster uses will do)"
+        ),
+    }
+    let identity = identity::DirIdentity {
+        node_id: id,
+        cluster_id: cluster_id.clone(),
+    };
+    if found_identity.as_ref() != Some(&identity) {
+        identity.write(&config.data_dir)?;
+    }
     let broker_epoch = metadata.register_broker(id, advertised.to_string()).await?;
     info!(
-        "node {id} registered at {advertised} with broker epoch {broker_epoch}; storage `{}`, metadata `{}`",
+        "node {id} of cluster {} registered at {advertised} with broker epoch {broker_epoch}; storage `{}`, metadata `{}`",
+        cluster_id.as_deref().unwrap_or("(unnamed)"),
         storage.name(),
         meta_plugin.name()
     );
@@ -635,6 +685,11 @@ mod handoff_tests {
         }
         fn list_brokers(&self) -> MetaFuture<'_, Vec<Broker>> {
             Box::pin(async { Ok(Vec::new()) })
+        }
+
+        /// A fresh store's answer.
+        fn claim_cluster_id(&self, id: String) -> MetaFuture<'_, String> {
+            Box::pin(async { Ok(id) })
         }
     }
 

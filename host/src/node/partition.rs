@@ -1252,6 +1252,11 @@ mod tests {
         fn list_brokers(&self) -> crate::metadata::MetaFuture<'_, Vec<crate::metadata::Broker>> {
             Box::pin(async { Ok(Vec::new()) })
         }
+
+        /// A fresh store's answer.
+        fn claim_cluster_id(&self, id: String) -> crate::metadata::MetaFuture<'_, String> {
+            Box::pin(async { Ok(id) })
+        }
     }
 
     /// Leader 1 of epoch 4 proposes adding node 3 to the ISR; the store

@@ -147,6 +147,7 @@ enum Op {
     ListPartitions,
     RegisterBroker(ReplicaId, String),
     ListBrokers,
+    ClaimClusterId(String),
     Close,
 }
 
@@ -155,6 +156,7 @@ enum Out {
     Version(u64),
     Partitions(Vec<(String, u32)>),
     Brokers(Vec<Broker>),
+    ClusterId(String),
     Unit,
 }
 
@@ -186,6 +188,8 @@ struct Seen {
     /// Each partition's newest version seen, and the highest leader epoch.
     versions: HashMap<(String, u32), (u64, u32)>,
     epochs: HashMap<ReplicaId, u64>,
+    /// The cluster id the store answered with: it may never change.
+    cluster_id: Option<String>,
 }
 
 struct Actor {
@@ -397,6 +401,17 @@ impl Actor {
                 let r = guarded(deadline, guest.call_list_brokers(&mut *store, client)).await;
                 check_list_brokers(seen, r)
             }
+            Op::ClaimClusterId(id) => {
+                if let Err(why) = crate::metadata::check_cluster_id(&id) {
+                    return Err(MetadataError::InvalidInput(why));
+                }
+                let r = guarded(
+                    deadline,
+                    guest.call_claim_cluster_id(&mut *store, client, &id),
+                )
+                .await;
+                check_claim(seen, r)
+            }
             Op::Close => Verdict::Err(MetadataError::Other("not a guest call".into())),
         };
         match verdict {
@@ -565,6 +580,25 @@ fn check_register(seen: &mut Seen, id: ReplicaId, answer: Answer<u64>) -> Verdic
     })
 }
 
+/// A claim's answer must be a well-formed id, and the same every time:
+/// the store's cluster id never changes.
+fn check_claim(seen: &mut Seen, answer: Answer<String>) -> Verdict {
+    judge(answer, |id| {
+        if let Err(why) = crate::metadata::check_cluster_id(&id) {
+            return Err(format!("claim-cluster-id answered a malformed id: {why}"));
+        }
+        if let Some(known) = &seen.cluster_id
+            && *known != id
+        {
+            return Err(format!(
+                "claim-cluster-id answered `{id}` after answering `{known}`"
+            ));
+        }
+        seen.cluster_id = Some(id.clone());
+        Ok(Out::ClusterId(id))
+    })
+}
+
 fn check_list_brokers(seen: &mut Seen, answer: Answer<Vec<wit::Broker>>) -> Verdict {
     judge(answer, |list| {
         let mut list: Vec<Broker> = list
@@ -664,6 +698,10 @@ impl MetadataStore for PluginMetadata {
     fn list_brokers(&self) -> MetaFuture<'_, Vec<Broker>> {
         expect_out!(self, Op::ListBrokers, Out::Brokers(l) => l)
     }
+
+    fn claim_cluster_id(&self, id: String) -> MetaFuture<'_, String> {
+        expect_out!(self, Op::ClaimClusterId(id), Out::ClusterId(c) => c)
+    }
 }
 
 #[cfg(test)]
@@ -697,6 +735,7 @@ mod tests {
         let mut seen = Seen {
             versions: HashMap::new(),
             epochs: HashMap::new(),
+            cluster_id: None,
         };
         assert_eq!(get(&mut seen, state(6, 5)), Ok(6));
         // A new version of the same epoch (an ISR change) is fine.
@@ -709,10 +748,29 @@ mod tests {
     }
 
     #[test]
+    fn a_stores_cluster_id_must_be_well_formed_and_never_change() {
+        let mut seen = Seen::default();
+        let claim = |seen: &mut Seen, id: &str| match check_claim(seen, Ok(Ok(id.to_string()))) {
+            Verdict::Ok(Out::ClusterId(c)) => Ok(c),
+            Verdict::Violation(why) => Err(why),
+            _ => Err("neither an id nor a violation".into()),
+        };
+        assert_eq!(claim(&mut seen, "abc"), Ok("abc".to_string()));
+        assert_eq!(claim(&mut seen, "abc"), Ok("abc".to_string()));
+        let why = claim(&mut seen, "abd").expect_err("changed");
+        assert!(why.contains("`abd` after answering `abc`"), "{why}");
+        let why = claim(&mut Seen::default(), "").expect_err("empty");
+        assert!(why.contains("malformed"), "{why}");
+        let why = claim(&mut Seen::default(), "a b").expect_err("space");
+        assert!(why.contains("malformed"), "{why}");
+    }
+
+    #[test]
     fn isr_and_elr_members_must_be_distinct_replicas() {
         let mut seen = Seen {
             versions: HashMap::new(),
             epochs: HashMap::new(),
+            cluster_id: None,
         };
         let with = |isr: Vec<u32>, elr: Vec<u32>| {
             let mut a = state(3, 1);

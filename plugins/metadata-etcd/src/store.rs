@@ -4,6 +4,7 @@
 //! ```text
 //! <prefix>partitions/<topic>/<partition>   JSON partition state, with its version
 //! <prefix>brokers/<id>                     JSON {id, address, epoch}
+//! <prefix>cluster-id                       JSON {cluster_id}, written once
 //! ```
 //!
 //! The contract's version is a counter inside the stored JSON (the host
@@ -79,6 +80,34 @@ pub struct Broker {
 
 // The input rules are the file metadata plugin's (plugins/metadata-file),
 // so both backends accept and refuse the same states.
+
+/// Longest cluster id.
+pub const MAX_CLUSTER_ID: usize = 64;
+
+/// A cluster id must be 1 to [`MAX_CLUSTER_ID`] characters of
+/// `[A-Za-z0-9_-]`, as the contract says.
+pub fn check_cluster_id(id: &str) -> std::result::Result<(), String> {
+    if id.is_empty() || id.len() > MAX_CLUSTER_ID {
+        return Err(format!(
+            "cluster id `{id}` must be 1 to {MAX_CLUSTER_ID} characters long"
+        ));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+    {
+        return Err(format!(
+            "cluster id `{id}` holds {c:?}; allowed are A-Z, a-z, 0-9, `_` and `-`"
+        ));
+    }
+    Ok(())
+}
+
+/// The stored cluster id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct ClusterId {
+    cluster_id: String,
+}
 
 pub fn check_topic(topic: &str) -> std::result::Result<(), String> {
     if topic.is_empty() {
@@ -311,6 +340,37 @@ impl Store {
         }
         Err(Error::Conflict(format!(
             "broker {id}: {ATTEMPTS} concurrent registrations won the race for every epoch tried"
+        )))
+    }
+
+    /// Store `id` as the cluster's unless the key holds one (a
+    /// transaction on the key being absent, so one of racing claimants
+    /// wins); return the stored one. A put whose answer was lost is found
+    /// by the next read.
+    pub fn claim_cluster_id(&self, id: &str) -> Result<String> {
+        check_cluster_id(id).map_err(Error::Invalid)?;
+        let key = format!("{}cluster-id", self.prefix);
+        for _ in 0..ATTEMPTS {
+            if let Some(kv) = self.gateway.get(key.as_bytes())? {
+                let stored: ClusterId = serde_json::from_slice(&kv.value)
+                    .map_err(|e| Error::Corrupt(format!("{key}: not a cluster id: {e}")))?;
+                check_cluster_id(&stored.cluster_id)
+                    .map_err(|e| Error::Corrupt(format!("{key}: {e}")))?;
+                return Ok(stored.cluster_id);
+            }
+            let bytes = serde_json::to_vec(&ClusterId {
+                cluster_id: id.to_string(),
+            })
+            .map_err(|e| Error::Other(format!("cluster id: encoding: {e}")))?;
+            if self
+                .gateway
+                .put_if(key.as_bytes(), Expect::Absent, &bytes)?
+            {
+                return Ok(id.to_string());
+            }
+        }
+        Err(Error::Conflict(format!(
+            "{key}: written and removed again {ATTEMPTS} times while being claimed"
         )))
     }
 

@@ -91,6 +91,10 @@ impl GuestClient for FileClient {
             .map_err(map)
     }
 
+    fn claim_cluster_id(&self, id: String) -> Result<String, PluginError> {
+        self.0.claim_cluster_id(&id).map_err(map)
+    }
+
     fn list_brokers(&self) -> Result<Vec<Broker>, PluginError> {
         let list = self.0.list_brokers().map_err(map)?;
         Ok(list

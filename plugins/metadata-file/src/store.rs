@@ -4,6 +4,7 @@
 //! ```text
 //! partitions/<topic>/<partition>/<version:020>.json   one file per accepted version
 //! brokers/<id>/<epoch:020>.json                       one file per registration
+//! cluster/<1:020>.json                                the cluster id, written once
 //! .../.tmp-<random>                                   a write in progress
 //! ```
 //!
@@ -57,6 +58,34 @@ pub enum Error {
 
 type Result<T> = std::result::Result<T, Error>;
 
+/// Longest cluster id, and the characters one may hold.
+pub const MAX_CLUSTER_ID: usize = 64;
+
+/// A cluster id must be 1 to [`MAX_CLUSTER_ID`] characters of
+/// `[A-Za-z0-9_-]`: it appears in file names and error messages.
+pub fn check_cluster_id(id: &str) -> std::result::Result<(), String> {
+    if id.is_empty() || id.len() > MAX_CLUSTER_ID {
+        return Err(format!(
+            "cluster id `{id}` must be 1 to {MAX_CLUSTER_ID} characters long"
+        ));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+    {
+        return Err(format!(
+            "cluster id `{id}` holds {c:?}; allowed are A-Z, a-z, 0-9, `_` and `-`"
+        ));
+    }
+    Ok(())
+}
+
+/// The stored cluster id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct ClusterId {
+    cluster_id: String,
+}
+
 /// The replicated state of one partition, as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Partition {
@@ -85,6 +114,7 @@ pub struct Broker {
 }
 
 pub struct Store {
+    cluster: PathBuf,
     partitions: PathBuf,
     brokers: PathBuf,
 }
@@ -391,6 +421,7 @@ impl Store {
             }
         }
         let store = Store {
+            cluster: root.join("cluster"),
             partitions: root.join("partitions"),
             brokers: root.join("brokers"),
         };
@@ -513,6 +544,32 @@ impl Store {
         Err(Error::Conflict(format!(
             "broker {id}: {ATTEMPTS} concurrent registrations won the race for every epoch tried"
         )))
+    }
+
+    /// Store `id` as the cluster's if none is stored yet (version 1 of
+    /// `cluster/`, published by link, so one of racing claimants wins);
+    /// return the stored one.
+    pub fn claim_cluster_id(&self, id: &str) -> Result<String> {
+        check_cluster_id(id).map_err(Error::Invalid)?;
+        let dir = &self.cluster;
+        fs::create_dir_all(dir).map_err(|e| io_error("create", dir, e))?;
+        if scan(dir)?.versions.is_empty() {
+            let bytes = serde_json::to_vec(&ClusterId {
+                cluster_id: id.to_string(),
+            })
+            .map_err(|e| Error::Io(format!("cluster id: encoding: {e}")))?;
+            // `false`: another claimant linked first; read theirs.
+            publish(dir, 1, &bytes)?;
+        }
+        let Some((_, stored, path)) = read_latest::<ClusterId>(dir)? else {
+            return Err(Error::Corrupt(format!(
+                "{}: the cluster id vanished after it was written",
+                dir.display()
+            )));
+        };
+        check_cluster_id(&stored.cluster_id)
+            .map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))?;
+        Ok(stored.cluster_id)
     }
 
     pub fn list_brokers(&self) -> Result<Vec<Broker>> {
