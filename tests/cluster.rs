@@ -826,6 +826,28 @@ fn a_leader_whose_storage_fails_hands_the_partition_on_before_it_recovers() {
     let leader = p["leader"].as_u64().unwrap() as u32;
     let kept = consume_replica(&c, "t", leader, 2000);
     assert_eq!(&kept[..2000], &before[..], "committed messages changed");
+    // Node 1's log recovers with the bounds it knew and fails again at its
+    // next write as a follower: the pauses before its recoveries double
+    // (200 ms each time, five loops a second, before the backoff).
+    let pauses = |log: &str| -> Vec<u64> {
+        log.lines()
+            .filter_map(|l| {
+                l.split_once("stepping down and recovering in ")
+                    .map(|(_, r)| r)
+            })
+            .filter_map(|r| r.split_once(" ms").and_then(|(n, _)| n.parse().ok()))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while pauses(&c.log(1)).len() < 4 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let seen = pauses(&c.log(1));
+    assert!(
+        seen.len() >= 4 && seen[..4] == [200, 400, 800, 1600],
+        "pauses {seen:?}\n{}",
+        c.log(1)
+    );
 }
 
 /// Produce 1000 more to `t` (3000 there), then [`all_hold_4000_and_the_first_2000`].

@@ -12,6 +12,7 @@ mod clean_shutdown;
 pub mod config;
 mod data_dir_lock;
 mod failover;
+mod fault_backoff;
 mod fetch;
 mod identity;
 pub mod metrics;

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot};
@@ -27,6 +27,7 @@ use crate::metadata::{MetadataError, PartitionState};
 use crate::storage::{LogState, PartitionLog, StorageError};
 use crate::wire::rpc::{ReplicaStatus, RpcError};
 
+use super::fault_backoff::FaultBackoff;
 use super::fetch::FetchCmd;
 use super::shared::Shared;
 
@@ -156,6 +157,8 @@ struct Actor {
     fetches: HashMap<(ReplicaId, u64), oneshot::Sender<FetchResponse>>,
     /// Storage failed: refuse work until the log is recovered.
     recovering: bool,
+    /// Pauses before recoveries, longer while faults keep coming.
+    backoff: FaultBackoff,
     /// After a recovery while leading epoch E: never lead E (or older)
     /// again; wait for the store to name a leader of a newer epoch.
     handoff_from: Option<u32>,
@@ -214,6 +217,7 @@ pub async fn start(
         produces: HashMap::new(),
         fetches: HashMap::new(),
         recovering: false,
+        backoff: FaultBackoff::default(),
         handoff_from: None,
     };
     tokio::spawn(actor.run(rx));
@@ -507,6 +511,7 @@ impl Actor {
                 self.rm = new_manager(&self.shared, &state);
                 self.tail.clear();
                 self.recovering = false;
+                self.backoff.recovered(Instant::now());
                 self.leader = None;
                 self.applied_version = 0;
                 let intact = state.bounds.log_end >= lost_end;
@@ -530,11 +535,12 @@ impl Actor {
                 }
             }
             Event::Recovered(Err(e)) => {
+                let pause = self.backoff.recovery_failed();
                 warn!(topic = %self.tp.topic, partition = self.tp.partition,
-                    "storage recovery failed, retrying in 1 s: {e}");
+                    "storage recovery failed, retrying in {} ms: {e}", pause.as_millis());
                 let log = self.log.clone();
                 self.lane(async move {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    tokio::time::sleep(pause).await;
                     Some(Event::Recovered(log.recover().await))
                 });
             }
@@ -753,8 +759,9 @@ impl Actor {
             if self.recovering {
                 return; // already on it; later ops fail the same way
             }
+            let pause = self.backoff.fault(Instant::now());
             warn!(topic = %self.tp.topic, partition = self.tp.partition,
-                "storage failed, stepping down and recovering: {e}");
+                "storage failed, stepping down and recovering in {} ms: {e}", pause.as_millis());
             self.rm.storage_failed();
             self.drive();
             self.recovering = true;
@@ -783,7 +790,7 @@ impl Actor {
             let log = self.log.clone();
             self.lane(async move {
                 // A fault that repeats must not spin: pause first.
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(pause).await;
                 Some(Event::Recovered(log.recover().await))
             });
         }
