@@ -295,7 +295,8 @@ async fn check_metadata(args: CheckArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    if !config.iter().any(|(k, _)| k == "prefix") && !allow.is_empty() {
+    let own_prefix = config.iter().any(|(k, _)| k == "prefix");
+    if !own_prefix && !allow.is_empty() {
         config.push((
             "prefix".into(),
             format!("/replicator-check/{}/", unique_suffix()),
@@ -304,9 +305,12 @@ async fn check_metadata(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let plugin = MetadataPlugin::load(&source, Sandbox::default().allow_http(allow))
         .with_context(|| format!("loading metadata plugin `{source}`"))?;
     let (scratch, _guard) = super::work_dir(&args.dir)?;
+    // A prefix or a directory given may hold a cluster id already.
+    let fresh_store = !own_prefix && args.dir.is_none();
     let options = MetadataOptions {
         race_rounds: args.rounds.max(1),
         filter: args.filter,
+        fresh_store,
         ..MetadataOptions::default()
     };
     let shown: Vec<String> = config.iter().map(|(k, v)| format!("{k}={v}")).collect();

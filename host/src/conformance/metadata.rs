@@ -53,6 +53,10 @@ pub struct MetadataOptions {
     pub racers: u32,
     /// Only run cases whose name contains this.
     pub filter: Option<String>,
+    /// Every case's store starts empty (a fresh directory, a fresh key
+    /// prefix): the cluster-id case then also checks that the id stored
+    /// is one of those claimed. Off when the store may hold an id already.
+    pub fresh_store: bool,
 }
 
 impl Default for MetadataOptions {
@@ -61,6 +65,7 @@ impl Default for MetadataOptions {
             race_rounds: 20,
             racers: 4,
             filter: None,
+            fresh_store: true,
         }
     }
 }
@@ -560,6 +565,10 @@ async fn cluster_id(c: &Ctx<'_>) -> CaseResult {
     ensure!(
         answers.iter().all(|a| *a == stored),
         "racing claims got different cluster ids: {answers:?}"
+    );
+    ensure!(
+        !c.options.fresh_store || ours.contains(&stored),
+        "a store without a cluster id answered `{stored}`, which nobody claimed (claimed: {ours:?})"
     );
     for (i, m) in conns.iter().enumerate() {
         let again = m

@@ -7,7 +7,10 @@
 //! each loop stepped it down, logged a warning and rewrote the partition's
 //! ISR in the metadata store. The pauses double instead while faults keep
 //! coming soon after recoveries, up to [`MAX_PAUSE`], and start over once
-//! a recovered log has stayed healthy for [`HEALTHY_AFTER`].
+//! a recovered log has stayed healthy for [`HEALTHY_AFTER`]. The ISR's
+//! only member does not use them (the partition waits for it alone); see
+//! `partition.rs`, which also runs each pause on a timer of its own so a
+//! shutdown never waits one out.
 
 use std::time::{Duration, Instant};
 

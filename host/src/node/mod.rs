@@ -64,12 +64,15 @@ pub enum NodeError {
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
     #[error(
-        "the metadata store ({store}) belongs to cluster {stored}, but this node's config names cluster {configured}: two clusters must not share a metadata store, or each would overwrite the other's leaders and ISRs. Give each cluster its own store: with etcd its own key prefix (`prefix` under [metadata.config], or `cluster init --metadata-config prefix=/NAME/`), with the file plugin its own [metadata] dir"
+        "the metadata store ({store}) belongs to cluster {stored}, but {named_by} names cluster {configured}: two clusters must not share a metadata store, or each would overwrite the other's leaders and ISRs. Give each cluster its own store: with etcd its own key prefix (`prefix` under [metadata.config], or `cluster init --metadata-config prefix=/NAME/`), with the file plugin its own [metadata] dir"
     )]
     OtherCluster {
         store: String,
         stored: String,
         configured: String,
+        /// "this node's config", or its data directory's identity when the
+        /// config names no cluster.
+        named_by: String,
     },
     #[error("cannot bind the metrics endpoint {addr}: {error}{}", crate::ports::in_use_hint(*.addr, .error))]
     Metrics {
@@ -191,6 +194,14 @@ pub async fn run(
                     store: config.metadata.describe(),
                     stored,
                     configured: configured.clone(),
+                    named_by: if config.cluster_id.is_some() {
+                        "this node's config".to_string()
+                    } else {
+                        format!(
+                            "this node's data directory ({}/identity.toml; the config names none)",
+                            config.data_dir.display()
+                        )
+                    },
                 });
             }
         }

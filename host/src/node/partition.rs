@@ -27,7 +27,7 @@ use crate::metadata::{MetadataError, PartitionState};
 use crate::storage::{LogState, PartitionLog, StorageError};
 use crate::wire::rpc::{ReplicaStatus, RpcError};
 
-use super::fault_backoff::FaultBackoff;
+use super::fault_backoff::{FIRST_FAULT_PAUSE, FIRST_RETRY_PAUSE, FaultBackoff};
 use super::fetch::FetchCmd;
 use super::shared::Shared;
 
@@ -93,6 +93,10 @@ pub enum Event {
         current: Option<PartitionState>,
     },
     Recovered(Result<LogState, StorageError>),
+    /// The pause before a recovery is over: queue it on the lane. The
+    /// pause runs on a timer of its own, not on the lane, so a shutdown
+    /// never waits behind it.
+    Recover,
     /// Flush and close the log; the answer is its log end if both
     /// succeeded (for the clean-shutdown record).
     Shutdown {
@@ -352,10 +356,9 @@ impl Actor {
         }
     }
 
-    /// Flush and close the log; its end if both succeeded and the log is
-    /// not being recovered from a fault.
-    async fn shutdown(&mut self) -> Option<u64> {
-        // Everything issued so far runs before the flush (one lane).
+    /// Flush the log after everything issued so far (one lane); its end if
+    /// that succeeded and no fault came meanwhile.
+    async fn flush_for_shutdown(&mut self) -> Option<u64> {
         let log = self.log.clone();
         let (done, wait) = oneshot::channel();
         self.lane(async move {
@@ -366,7 +369,7 @@ impl Actor {
             let _ = done.send(r);
             None
         });
-        let mut end = match tokio::time::timeout(Duration::from_secs(30), wait).await {
+        match tokio::time::timeout(Duration::from_secs(30), wait).await {
             Ok(Ok(Ok(end))) => {
                 debug!(topic = %self.tp.topic, partition = self.tp.partition, "flushed");
                 (!self.recovering).then_some(end)
@@ -375,6 +378,19 @@ impl Actor {
                 warn!(topic = %self.tp.topic, partition = self.tp.partition, "flush at shutdown: {other:?}");
                 None
             }
+        }
+    }
+
+    /// Flush and close the log; its end if both succeeded and the log is
+    /// not being recovered from a fault.
+    async fn shutdown(&mut self) -> Option<u64> {
+        // A log being recovered is not flushed: its end would vouch for
+        // nothing, and a failing disk could hold the flush for the whole
+        // wait.
+        let mut end = if self.recovering {
+            None
+        } else {
+            self.flush_for_shutdown().await
         };
         // Release the plugin (its destructor runs) before the node reports
         // it stopped. Left to the handles' drop, the destructor ran while
@@ -535,14 +551,18 @@ impl Actor {
                 }
             }
             Event::Recovered(Err(e)) => {
-                let pause = self.backoff.recovery_failed();
+                let pause = if self.sole_member() {
+                    FIRST_RETRY_PAUSE
+                } else {
+                    self.backoff.recovery_failed()
+                };
                 warn!(topic = %self.tp.topic, partition = self.tp.partition,
                     "storage recovery failed, retrying in {} ms: {e}", pause.as_millis());
+                self.recover_after(pause);
+            }
+            Event::Recover => {
                 let log = self.log.clone();
-                self.lane(async move {
-                    tokio::time::sleep(pause).await;
-                    Some(Event::Recovered(log.recover().await))
-                });
+                self.lane(async move { Some(Event::Recovered(log.recover().await)) });
             }
             Event::Shutdown { .. } => {}
         }
@@ -629,6 +649,7 @@ impl Actor {
             high_watermark: self.rm.high_watermark(),
             log_start: self.rm.log_start_offset(),
             log_end: self.rm.log_end_offset(),
+            last_epoch: self.rm.epochs().latest().map(|e| e.epoch),
             isr: if leader { self.rm.isr() } else { Vec::new() },
             replicas: self
                 .meta
@@ -759,7 +780,13 @@ impl Actor {
             if self.recovering {
                 return; // already on it; later ops fail the same way
             }
-            let pause = self.backoff.fault(Instant::now());
+            // Nobody else can lead while the ISR's only member recovers:
+            // its pauses stay short, whatever the streak.
+            let pause = if self.sole_member() {
+                FIRST_FAULT_PAUSE
+            } else {
+                self.backoff.fault(Instant::now())
+            };
             warn!(topic = %self.tp.topic, partition = self.tp.partition,
                 "storage failed, stepping down and recovering in {} ms: {e}", pause.as_millis());
             self.rm.storage_failed();
@@ -787,13 +814,25 @@ impl Actor {
             for (_, reply) in self.fetches.drain() {
                 drop(reply);
             }
-            let log = self.log.clone();
-            self.lane(async move {
-                // A fault that repeats must not spin: pause first.
-                tokio::time::sleep(pause).await;
-                Some(Event::Recovered(log.recover().await))
-            });
+            // A fault that repeats must not spin: pause first.
+            self.recover_after(pause);
         }
+    }
+
+    /// Queue a recovery once `pause` is over ([`Event::Recover`]).
+    fn recover_after(&self, pause: Duration) {
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(pause).await;
+            // The actor may have stopped meanwhile: nothing to recover.
+            let _ = events.send(Event::Recover);
+        });
+    }
+
+    /// This replica is the ISR's only member: nobody else could lead.
+    fn sole_member(&self) -> bool {
+        let me = self.shared.node_id;
+        self.meta.as_ref().is_some_and(|m| m.isr == [me])
     }
 
     /// Carry out everything the core asked for.
