@@ -608,7 +608,8 @@ fn after_a_whole_cluster_crash_an_unclean_election_by_the_operator_restores_serv
         std::thread::sleep(std::time::Duration::from_millis(200));
     };
     assert!(
-        out.contains("node 1 leads t/0") && out.contains("1:2000 2:2000 3:2000"),
+        out.contains("node 1 leads t/0")
+            && out.contains("1:2000 (epoch 1) 2:2000 (epoch 1) 3:2000 (epoch 1)"),
         "{out}"
     );
     // Now it has a leader: a second one is refused.

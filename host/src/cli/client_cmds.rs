@@ -106,10 +106,12 @@ pub struct PartitionElectArgs {
     /// is in the ISR and fetching caught up. Loses nothing committed.
     #[arg(long, conflicts_with = "replica")]
     pub preferred: bool,
-    /// The replica to elect (default: the live replica with the longest
-    /// log, the first in assignment order on a tie; the longest log is
-    /// not always the one with the most acknowledged writes, since an
-    /// uncommitted tail from an older epoch counts too).
+    /// The replica to elect (default: the live replica whose log is most
+    /// up to date, as KIP-966's unclean recovery and Raft compare logs:
+    /// the newest leader epoch among its batches first, then the longest
+    /// log, then the first in assignment order. A longer log ending in an
+    /// older epoch holds an uncommitted tail that a newer leader's
+    /// writes replaced on the others).
     #[arg(long)]
     pub replica: Option<ReplicaId>,
 }
@@ -145,29 +147,23 @@ pub async fn partition(cmd: PartitionCommand) -> anyhow::Result<ExitCode> {
             else {
                 bail!("no partition {}/{} in the metadata", a.topic, a.partition);
             };
-            let ends: Vec<String> = report
-                .replica_log_ends
+            let logs = report.replica_logs();
+            let ends: Vec<String> = logs
                 .iter()
-                .map(|(r, leo, _)| format!("{r}:{}", leo.map_or("?".into(), |l| l.to_string())))
+                .map(|(r, epoch, leo)| match (epoch, leo) {
+                    (Some(e), Some(l)) => format!("{r}:{l} (epoch {e})"),
+                    (None, Some(l)) => format!("{r}:{l}"),
+                    _ => format!("{r}:?"),
+                })
                 .collect();
             let replica = match a.replica {
                 Some(r) => r,
-                // Keep as much as the replicas still hold.
-                // (`max_by_key` keeps the last of equals: reversed, the
-                // first in assignment order wins a tie.)
-                None => report
-                    .replica_log_ends
-                    .iter()
-                    .rev()
-                    .filter_map(|(r, leo, _)| Some((*r, (*leo)?)))
-                    .max_by_key(|(_, leo)| *leo)
-                    .map(|(r, _)| r)
-                    .with_context(|| {
-                        format!(
-                            "no replica of {}/{} answered with its log end; pass --replica",
-                            a.topic, a.partition
-                        )
-                    })?,
+                None => most_up_to_date(&logs).with_context(|| {
+                    format!(
+                        "no replica of {}/{} answered with its log end; pass --replica",
+                        a.topic, a.partition
+                    )
+                })?,
             };
             let state = c.elect_unclean(&a.topic, a.partition, replica).await?;
             println!(
@@ -521,6 +517,43 @@ pub struct PartitionReport {
     /// (replica, its log end, lag behind the leader's log end) as each
     /// replica reports itself; `None` where the replica did not answer.
     pub replica_log_ends: Vec<(ReplicaId, Option<u64>, Option<u64>)>,
+    /// (replica, the leader epoch of the newest batch in its log), as each
+    /// replica reports itself; `None` where it did not answer or its log
+    /// is empty.
+    pub replica_last_epochs: Vec<(ReplicaId, Option<u32>)>,
+}
+
+impl PartitionReport {
+    /// (replica, last epoch, log end) of every replica, in assignment
+    /// order.
+    fn replica_logs(&self) -> Vec<(ReplicaId, Option<u32>, Option<u64>)> {
+        self.replica_log_ends
+            .iter()
+            .map(|(r, leo, _)| {
+                let epoch = self
+                    .replica_last_epochs
+                    .iter()
+                    .find(|(e, _)| e == r)
+                    .and_then(|(_, e)| *e);
+                (*r, epoch, *leo)
+            })
+            .collect()
+    }
+}
+
+/// The replica whose log is most up to date, of those that answered:
+/// the newest last epoch, then the longest log, then the first in
+/// assignment order (KIP-966's unclean recovery; Raft's log comparison).
+/// A longer log that ends in an older epoch holds a tail no newer leader
+/// kept: electing it would truncate the newer epoch's writes everywhere.
+fn most_up_to_date(logs: &[(ReplicaId, Option<u32>, Option<u64>)]) -> Option<ReplicaId> {
+    // `max_by_key` keeps the last of equals: reversed, the first in
+    // assignment order wins a tie.
+    logs.iter()
+        .rev()
+        .filter_map(|(r, epoch, leo)| Some((*r, (*epoch, (*leo)?))))
+        .max_by_key(|(_, key)| *key)
+        .map(|(r, _)| r)
 }
 
 /// How long `gather` waits for a node the cluster counts as failed. One
@@ -592,6 +625,16 @@ pub async fn gather(c: &Client) -> anyhow::Result<(Vec<PartitionReport>, Vec<Str
             elr: p.elr.clone(),
             high_watermark: lead.map(|s| s.high_watermark),
             replica_log_ends,
+            replica_last_epochs: p
+                .replicas
+                .iter()
+                .map(|r| {
+                    (
+                        *r,
+                        find(*r, &p.topic, p.partition).and_then(|s| s.last_epoch),
+                    )
+                })
+                .collect(),
         });
     }
     Ok((out, problems))
@@ -656,7 +699,28 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    use super::check_message_size;
+    use super::{check_message_size, most_up_to_date};
+
+    #[test]
+    fn the_unclean_choice_is_the_newest_epoch_then_the_longest_log() {
+        // Replica 1 kept an uncommitted tail of epoch 3; replicas 2 and 3
+        // went on in epoch 5, whose leader replaced that tail.
+        let logs = [
+            (1, Some(3), Some(1000)),
+            (2, Some(5), Some(900)),
+            (3, Some(5), Some(950)),
+        ];
+        assert_eq!(most_up_to_date(&logs), Some(3));
+        // Equal logs: the first in assignment order.
+        let tie = [(1, Some(5), Some(950)), (2, Some(5), Some(950))];
+        assert_eq!(most_up_to_date(&tie), Some(1));
+        // A replica that did not answer is not a candidate; an empty log
+        // (no epoch) is the least up to date.
+        let some = [(1, None, None), (2, None, Some(0)), (3, Some(1), Some(10))];
+        assert_eq!(most_up_to_date(&some), Some(3));
+        assert_eq!(most_up_to_date(&[(1, None, Some(0))]), Some(1));
+        assert_eq!(most_up_to_date(&[(1, Some(2), None)]), None);
+    }
 
     #[test]
     fn messages_that_cannot_make_a_batch_are_refused_up_front() {
