@@ -786,6 +786,50 @@ fn an_operator_moves_a_partition_back_to_its_preferred_replica() {
     the_last_1000_join_the_first_3000(&c, &client, &before);
 }
 
+/// A node restarted on another port registers its new address; a client
+/// whose client.toml still names the old one reaches it through the
+/// metadata, as Kafka's clients use advertised addresses (client.toml only
+/// bootstraps). It used to keep client.toml's address for good.
+#[test]
+fn a_client_follows_a_node_that_moved_to_another_port() {
+    let no_rebalance = |toml: String| {
+        short_lag(toml).replace(
+            "auto_leader_rebalance = true",
+            "auto_leader_rebalance = false",
+        )
+    };
+    let (mut c, client, before) = configured_with_2000("file", no_rebalance);
+    assert!(c.stop(1), "node 1 did not stop cleanly:\n{}", c.log(1));
+    let cfg = c.path().join("node-1.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let old = format!("listen = \"127.0.0.1:{}\"", c.base_port);
+    let port = support::free_ports(1);
+    let moved = text.replace(&old, &format!("listen = \"127.0.0.1:{port}\""));
+    assert_ne!(moved, text, "no `{old}` in node-1.toml");
+    std::fs::write(&cfg, moved).unwrap();
+    produce_generated(&client, "t", "1000");
+    c.start(1);
+    c.wait_status("node 1 back in the ISR at 3000", |v| {
+        converged(v, "t", 0, 3000)
+            && partition(v, "t", 0)
+                .is_some_and(|p| p["isr"].as_array().is_some_and(|i| i.len() == 3))
+    });
+    let out = cli_ok(&[
+        "partition",
+        "elect",
+        "--config",
+        &client,
+        "--topic",
+        "t",
+        "--partition",
+        "0",
+        "--preferred",
+    ]);
+    assert!(out.contains("node 1 leads t/0"), "{out}");
+    // Produced through node 1, the leader, at its new port.
+    the_last_1000_join_the_first_3000(&c, &client, &before);
+}
+
 /// A leader whose storage fails hands the partition on at the fault, as
 /// Kafka moves leaders off a failed log dir (KIP-112), not once its log
 /// has recovered: a log that never recovers (a dead disk) kept the

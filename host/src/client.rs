@@ -288,12 +288,25 @@ impl Client {
                 _,
             ) => {
                 *self.failed.lock().await = failed;
+                // The store's address wins over client.toml's, which only
+                // bootstraps (Kafka's clients use advertised addresses the
+                // same way): a node moved to another address is reachable
+                // once any node answers. A connection to the old one goes.
+                let mut moved = Vec::new();
                 {
                     let mut nodes = self.nodes.lock().await;
                     for b in &brokers {
-                        if let Ok(a) = b.address.parse() {
-                            nodes.entry(b.id).or_insert(a);
+                        if let Ok(a) = b.address.parse::<SocketAddr>()
+                            && nodes.insert(b.id, a).is_some_and(|old| old != a)
+                        {
+                            moved.push(b.id);
                         }
+                    }
+                }
+                if !moved.is_empty() {
+                    let mut peers = self.peers.lock().await;
+                    for id in moved {
+                        peers.remove(&id);
                     }
                 }
                 {
@@ -673,7 +686,20 @@ impl Client {
         node: ReplicaId,
         req: &Request,
     ) -> Result<(Response, Bytes), ClientError> {
-        let peer = self.peer(node).await?;
+        let peer = match self.peer(node).await {
+            Ok(p) => p,
+            Err(e) => {
+                // The address may be client.toml's, and the node moved:
+                // ask the cluster, and try again if it knows another.
+                let before = self.nodes.lock().await.get(&node).copied();
+                let _ = self.metadata().await;
+                let after = self.nodes.lock().await.get(&node).copied();
+                if after == before {
+                    return Err(e);
+                }
+                self.peer(node).await?
+            }
+        };
         peer.request_within(req, Bytes::new(), REQUEST_TIMEOUT)
             .await
             .map_err(refused)
