@@ -31,6 +31,15 @@ fn short_lag(toml: String) -> String {
     )
 }
 
+/// [`short_lag`], with the leader rebalance off: leadership moves only
+/// when the test moves it.
+fn no_rebalance(toml: String) -> String {
+    short_lag(toml).replace(
+        "auto_leader_rebalance = true",
+        "auto_leader_rebalance = false",
+    )
+}
+
 /// `topic create` with replication factor 3; returns what it printed.
 fn create_topic(client: &str, topic: &str, partitions: &str) -> String {
     cli_ok(&[
@@ -728,12 +737,6 @@ fn a_restarted_preferred_replica_leads_again() {
 /// why when it cannot be done.
 #[test]
 fn an_operator_moves_a_partition_back_to_its_preferred_replica() {
-    let no_rebalance = |toml: String| {
-        short_lag(toml).replace(
-            "auto_leader_rebalance = true",
-            "auto_leader_rebalance = false",
-        )
-    };
     let (mut c, client, before) = configured_with_2000("file", no_rebalance);
     let elect = |c: &Cluster| {
         let config = c.client();
@@ -792,12 +795,6 @@ fn an_operator_moves_a_partition_back_to_its_preferred_replica() {
 /// bootstraps). It used to keep client.toml's address for good.
 #[test]
 fn a_client_follows_a_node_that_moved_to_another_port() {
-    let no_rebalance = |toml: String| {
-        short_lag(toml).replace(
-            "auto_leader_rebalance = true",
-            "auto_leader_rebalance = false",
-        )
-    };
     let (mut c, client, before) = configured_with_2000("file", no_rebalance);
     assert!(c.stop(1), "node 1 did not stop cleanly:\n{}", c.log(1));
     let cfg = c.path().join("node-1.toml");

@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::ReplicaId;
 
+// The form of a cluster id (1 to 64 characters of `[A-Za-z0-9_-]`), shared
+// with the metadata plugins.
+pub use replicator_plugin_sdk::cluster_id::{MAX_CLUSTER_ID, check_cluster_id};
+
 /// The replicated state of one partition, as the store holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionState {
@@ -243,29 +247,6 @@ pub trait MetadataStore: Send + Sync {
     /// and returns the one it holds (the first claimant's, never changed
     /// afterwards). See [`check_cluster_id`] for the form of an id.
     fn claim_cluster_id(&self, id: String) -> MetaFuture<'_, String>;
-}
-
-/// Longest cluster id.
-pub const MAX_CLUSTER_ID: usize = 64;
-
-/// A cluster id is 1 to [`MAX_CLUSTER_ID`] characters of `[A-Za-z0-9_-]`
-/// (the metadata contract's rule): it is written into file names, keys and
-/// error messages.
-pub fn check_cluster_id(id: &str) -> Result<(), String> {
-    if id.is_empty() || id.len() > MAX_CLUSTER_ID {
-        return Err(format!(
-            "cluster id `{id}` must be 1 to {MAX_CLUSTER_ID} characters long"
-        ));
-    }
-    if let Some(c) = id
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
-    {
-        return Err(format!(
-            "cluster id `{id}` holds {c:?}; allowed are A-Z, a-z, 0-9, `_` and `-`"
-        ));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

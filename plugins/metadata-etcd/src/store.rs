@@ -18,6 +18,7 @@
 //! Broker registration is the same loop on the broker's key, retried on a
 //! lost race, so every registration gets a distinct, larger epoch.
 
+use replicator_plugin_sdk::cluster_id::check_cluster_id;
 use serde::{Deserialize, Serialize};
 
 use crate::etcd::{Error as EtcdError, Expect, Gateway, Kv};
@@ -80,28 +81,6 @@ pub struct Broker {
 
 // The input rules are the file metadata plugin's (plugins/metadata-file),
 // so both backends accept and refuse the same states.
-
-/// Longest cluster id.
-pub const MAX_CLUSTER_ID: usize = 64;
-
-/// A cluster id must be 1 to [`MAX_CLUSTER_ID`] characters of
-/// `[A-Za-z0-9_-]`, as the contract says.
-pub fn check_cluster_id(id: &str) -> std::result::Result<(), String> {
-    if id.is_empty() || id.len() > MAX_CLUSTER_ID {
-        return Err(format!(
-            "cluster id `{id}` must be 1 to {MAX_CLUSTER_ID} characters long"
-        ));
-    }
-    if let Some(c) = id
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
-    {
-        return Err(format!(
-            "cluster id `{id}` holds {c:?}; allowed are A-Z, a-z, 0-9, `_` and `-`"
-        ));
-    }
-    Ok(())
-}
 
 /// The stored cluster id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

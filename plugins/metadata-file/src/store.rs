@@ -33,6 +33,7 @@ use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use replicator_plugin_sdk::cluster_id::check_cluster_id;
 use serde::{Deserialize, Serialize};
 
 /// Versions (and broker epochs) kept per partition (per broker).
@@ -57,28 +58,6 @@ pub enum Error {
 }
 
 type Result<T> = std::result::Result<T, Error>;
-
-/// Longest cluster id, and the characters one may hold.
-pub const MAX_CLUSTER_ID: usize = 64;
-
-/// A cluster id must be 1 to [`MAX_CLUSTER_ID`] characters of
-/// `[A-Za-z0-9_-]`: it appears in file names and error messages.
-pub fn check_cluster_id(id: &str) -> std::result::Result<(), String> {
-    if id.is_empty() || id.len() > MAX_CLUSTER_ID {
-        return Err(format!(
-            "cluster id `{id}` must be 1 to {MAX_CLUSTER_ID} characters long"
-        ));
-    }
-    if let Some(c) = id
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
-    {
-        return Err(format!(
-            "cluster id `{id}` holds {c:?}; allowed are A-Z, a-z, 0-9, `_` and `-`"
-        ));
-    }
-    Ok(())
-}
 
 /// The stored cluster id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,4 +1,6 @@
-//! The record-batch header that host and storage plugins share.
+//! The record-batch header that host and storage plugins share, and the
+//! form of a cluster id that host and metadata plugins share
+//! ([`cluster_id`]).
 //!
 //! This crate owns the byte layout documented in `wit/storage.wit`: the host
 //! encodes batches with it and plugins read base offset, length, epoch and
@@ -9,6 +11,7 @@
 
 use std::fmt;
 
+pub mod cluster_id;
 pub mod index;
 
 /// Size of the fixed batch header in bytes.
