@@ -40,6 +40,22 @@ fn no_rebalance(toml: String) -> String {
     )
 }
 
+/// `partition elect` of t/0 with `extra` arguments.
+fn elect_t0(client: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "partition",
+        "elect",
+        "--config",
+        client,
+        "--topic",
+        "t",
+        "--partition",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    cli(&args)
+}
+
 /// `topic create` with replication factor 3; returns what it printed.
 fn create_topic(client: &str, topic: &str, partitions: &str) -> String {
     cli_ok(&[
@@ -580,20 +596,7 @@ fn after_a_whole_cluster_crash_an_unclean_election_by_the_operator_restores_serv
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 
-    let elect = |extra: &[&str]| {
-        let mut args = vec![
-            "partition",
-            "elect",
-            "--config",
-            &client,
-            "--topic",
-            "t",
-            "--partition",
-            "0",
-        ];
-        args.extend_from_slice(extra);
-        cli(&args)
-    };
+    let elect = |extra: &[&str]| elect_t0(&client, extra);
     let refused = elect(&[]);
     assert!(!refused.status.success());
     let why = String::from_utf8_lossy(&refused.stderr);
@@ -739,18 +742,7 @@ fn a_restarted_preferred_replica_leads_again() {
 fn an_operator_moves_a_partition_back_to_its_preferred_replica() {
     let (mut c, client, before) = configured_with_2000("file", no_rebalance);
     let elect = |c: &Cluster| {
-        let config = c.client();
-        let out = cli(&[
-            "partition",
-            "elect",
-            "--config",
-            &config,
-            "--topic",
-            "t",
-            "--partition",
-            "0",
-            "--preferred",
-        ]);
+        let out = elect_t0(&c.client(), &["--preferred"]);
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -811,18 +803,13 @@ fn a_client_follows_a_node_that_moved_to_another_port() {
             && partition(v, "t", 0)
                 .is_some_and(|p| p["isr"].as_array().is_some_and(|i| i.len() == 3))
     });
-    let out = cli_ok(&[
-        "partition",
-        "elect",
-        "--config",
-        &client,
-        "--topic",
-        "t",
-        "--partition",
-        "0",
-        "--preferred",
-    ]);
-    assert!(out.contains("node 1 leads t/0"), "{out}");
+    let out = elect_t0(&client, &["--preferred"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("node 1 leads t/0"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Produced through node 1, the leader, at its new port.
     the_last_1000_join_the_first_3000(&c, &client, &before);
 }
