@@ -814,6 +814,75 @@ fn a_client_follows_a_node_that_moved_to_another_port() {
     the_last_1000_join_the_first_3000(&c, &client, &before);
 }
 
+/// A node that advertises an address this client cannot dial (a NAT's
+/// private side, say) stays reachable at client.toml's: the client races
+/// the two. Registered addresses used to replace client.toml's for good.
+#[test]
+fn a_client_still_reaches_a_node_whose_advertised_address_it_cannot_dial() {
+    let mut c = Cluster::init(1, "memory", |toml| {
+        let listen = toml
+            .lines()
+            .find(|l| l.starts_with("listen = "))
+            .expect("listen line")
+            .to_string();
+        // 127.0.0.2 is loopback too, but nothing listens there.
+        let advertise = listen
+            .replace("listen = ", "advertise = ")
+            .replace("127.0.0.1", "127.0.0.2");
+        toml.replacen(&listen, &format!("{listen}\n{advertise}"), 1)
+    });
+    c.start(1);
+    c.wait_up();
+    let client = c.client();
+    cli_ok(&[
+        "topic",
+        "create",
+        "--config",
+        &client,
+        "--topic",
+        "t",
+        "--partitions",
+        "1",
+        "--replication-factor",
+        "1",
+    ]);
+    assert!(
+        c.log(1).contains("registered at 127.0.0.2:"),
+        "{}",
+        c.log(1)
+    );
+    // One process: its first metadata answer names 127.0.0.2, and every
+    // request after it must still get through.
+    let rt = support::runtime();
+    rt.block_on(async {
+        let lib = c.library_client();
+        let (brokers, _) = lib.metadata().await.expect("metadata");
+        assert!(brokers[0].address.starts_with("127.0.0.2:"), "{brokers:?}");
+        let records = vec![replicator::batch::Record {
+            key: None,
+            value: Bytes::from_static(b"v"),
+            timestamp: 0,
+            headers: Vec::new(),
+        }];
+        let started = std::time::Instant::now();
+        lib.produce(
+            "t",
+            0,
+            &records,
+            replicator::core::Acks::All,
+            std::time::Duration::from_secs(30),
+        )
+        .await
+        .expect("produce after the metadata named an address nobody listens on");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(4),
+            "the produce waited for the dead address: {:?}",
+            started.elapsed()
+        );
+        lib.close().await;
+    });
+}
+
 /// A leader whose storage fails hands the partition on at the fault, as
 /// Kafka moves leaders off a failed log dir (KIP-112), not once its log
 /// has recovered: a log that never recovers (a dead disk) kept the

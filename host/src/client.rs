@@ -104,7 +104,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Client {
     transport: Transport,
+    /// Each node's address: the one it registered, once metadata named
+    /// it, else client.toml's.
     nodes: Mutex<HashMap<ReplicaId, SocketAddr>>,
+    /// client.toml's addresses, kept: where a registered address differs
+    /// (a node behind a NAT that advertises its private address, or one
+    /// the client's socket family cannot reach), this one may still work.
+    bootstrap: HashMap<ReplicaId, SocketAddr>,
     peers: Mutex<HashMap<ReplicaId, Peer>>,
     /// Connections being made, at most one per node. Weak: an attempt that
     /// every request waiting for it gave up on is dropped with the last of
@@ -142,6 +148,7 @@ impl Client {
         Ok(Client {
             transport,
             nodes: Mutex::new(config.nodes.iter().map(|n| (n.id, n.address)).collect()),
+            bootstrap: config.nodes.iter().map(|n| (n.id, n.address)).collect(),
             peers: Mutex::new(HashMap::new()),
             dials: std::sync::Mutex::new(HashMap::new()),
             partitions: Mutex::new(HashMap::new()),
@@ -164,6 +171,7 @@ impl Client {
             .await
             .get(&node)
             .ok_or(ClientError::UnknownNode(node))?;
+        let fallback = self.bootstrap.get(&node).copied().filter(|b| *b != addr);
         // Connect without holding a lock: one slow node must not stall
         // requests to the others.
         let dial = {
@@ -173,10 +181,25 @@ impl Client {
                 None => {
                     let transport = self.transport.clone();
                     let d: Dial = async move {
-                        tokio::time::timeout(CONNECT_TIMEOUT, transport.connect(addr, node))
-                            .await
-                            .unwrap_or(Err(TransportError::Timeout("connect")))
-                            .map_err(Arc::new)
+                        let attempt = |a: SocketAddr| {
+                            let t = transport.clone();
+                            Box::pin(async move {
+                                tokio::time::timeout(CONNECT_TIMEOUT, t.connect(a, node))
+                                    .await
+                                    .unwrap_or(Err(TransportError::Timeout("connect")))
+                            })
+                        };
+                        let made = match fallback {
+                            // Registered and client.toml addresses differ:
+                            // race them. The registered one is right after
+                            // a move, client.toml's behind a NAT; the TLS
+                            // handshake proves the node either way.
+                            Some(b) => futures_util::future::select_ok([attempt(addr), attempt(b)])
+                                .await
+                                .map(|(p, _)| p),
+                            None => attempt(addr).await,
+                        };
+                        made.map_err(Arc::new)
                     }
                     .boxed()
                     .shared();
@@ -686,12 +709,14 @@ impl Client {
         node: ReplicaId,
         req: &Request,
     ) -> Result<(Response, Bytes), ClientError> {
+        // Read before the dial: metadata fetched meanwhile by another
+        // request may change it, and that is a reason to try again too.
+        let before = self.nodes.lock().await.get(&node).copied();
         let peer = match self.peer(node).await {
             Ok(p) => p,
             Err(e) => {
                 // The address may be client.toml's, and the node moved:
                 // ask the cluster, and try again if it knows another.
-                let before = self.nodes.lock().await.get(&node).copied();
                 let _ = self.metadata().await;
                 let after = self.nodes.lock().await.get(&node).copied();
                 if after == before {

@@ -546,12 +546,22 @@ impl PartitionReport {
 /// assignment order (KIP-966's unclean recovery; Raft's log comparison).
 /// A longer log that ends in an older epoch holds a tail no newer leader
 /// kept: electing it would truncate the newer epoch's writes everywhere.
+///
+/// A replica that reports a non-empty log but no epoch runs a version
+/// that does not report epochs: then epochs cannot be compared, and the
+/// longest log wins.
 fn most_up_to_date(logs: &[(ReplicaId, Option<u32>, Option<u64>)]) -> Option<ReplicaId> {
+    let epochs_known = logs
+        .iter()
+        .all(|(_, epoch, leo)| epoch.is_some() || leo.is_none_or(|l| l == 0));
     // `max_by_key` keeps the last of equals: reversed, the first in
     // assignment order wins a tie.
     logs.iter()
         .rev()
-        .filter_map(|(r, epoch, leo)| Some((*r, (*epoch, (*leo)?))))
+        .filter_map(|(r, epoch, leo)| {
+            let epoch = if epochs_known { *epoch } else { None };
+            Some((*r, (epoch, (*leo)?)))
+        })
         .max_by_key(|(_, key)| *key)
         .map(|(r, _)| r)
 }
@@ -720,6 +730,10 @@ mod tests {
         assert_eq!(most_up_to_date(&some), Some(3));
         assert_eq!(most_up_to_date(&[(1, None, Some(0))]), Some(1));
         assert_eq!(most_up_to_date(&[(1, Some(2), None)]), None);
+        // A node that does not report epochs (an older version) with a
+        // non-empty log: nothing to compare epochs with, the longest wins.
+        let mixed = [(1, Some(5), Some(900)), (2, None, Some(1000))];
+        assert_eq!(most_up_to_date(&mixed), Some(2));
     }
 
     #[test]

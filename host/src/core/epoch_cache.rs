@@ -23,6 +23,17 @@ impl EpochCache {
         self.entries.last().copied()
     }
 
+    /// The epoch of the newest batch below `log_end`: the newest entry
+    /// that starts there. A leader enters its epoch at the log end before
+    /// it writes anything, so the latest entry may hold no batch yet.
+    pub fn last_written(&self, log_end: u64) -> Option<u32> {
+        self.entries
+            .iter()
+            .rev()
+            .find(|e| e.start_offset < log_end)
+            .map(|e| e.epoch)
+    }
+
     /// Record that `epoch` starts at `offset` (a batch of a newer epoch was
     /// appended there). Returns whether the cache changed. An older or equal
     /// epoch is ignored: epochs never decrease along a log.
@@ -95,6 +106,18 @@ mod tests {
         c.assign(3, 10);
         c.assign(4, 25);
         c
+    }
+
+    #[test]
+    fn the_last_written_epoch_is_the_newest_with_batches() {
+        let mut c = cache();
+        assert_eq!(c.last_written(30), Some(4));
+        // Epoch 5 entered at the log end, nothing written in it yet.
+        c.assign(5, 30);
+        assert_eq!(c.last_written(30), Some(4));
+        assert_eq!(c.last_written(31), Some(5));
+        assert_eq!(c.last_written(0), None);
+        assert_eq!(EpochCache::default().last_written(10), None);
     }
 
     #[test]

@@ -649,7 +649,9 @@ impl Actor {
             high_watermark: self.rm.high_watermark(),
             log_start: self.rm.log_start_offset(),
             log_end: self.rm.log_end_offset(),
-            last_epoch: self.rm.epochs().latest().map(|e| e.epoch),
+            // The newest epoch that has batches: a leader enters its epoch
+            // in the cache at the log end before it writes anything.
+            last_epoch: self.rm.epochs().last_written(self.rm.log_end_offset()),
             isr: if leader { self.rm.isr() } else { Vec::new() },
             replicas: self
                 .meta
