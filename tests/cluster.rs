@@ -40,6 +40,11 @@ fn no_rebalance(toml: String) -> String {
     )
 }
 
+/// Whether `leader` leads t/0 in `epoch` in this `status --json`.
+fn leads(v: &serde_json::Value, leader: u32, epoch: u32) -> bool {
+    partition(v, "t", 0).is_some_and(|p| p["leader"] == leader && p["epoch"] == epoch)
+}
+
 /// `partition elect` of t/0 with `extra` arguments.
 fn elect_t0(client: &str, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
@@ -701,9 +706,6 @@ fn a_restarted_preferred_replica_leads_again() {
         )
     };
     let (mut c, client, before) = configured_with_2000("file", rebalance_soon);
-    let leads = |v: &serde_json::Value, leader: u32, epoch: u32| {
-        partition(v, "t", 0).is_some_and(|p| p["leader"] == leader && p["epoch"] == epoch)
-    };
     assert!(leads(&c.status(), 1, 1), "{}", c.status());
 
     c.kill(1);
@@ -749,9 +751,6 @@ fn an_operator_moves_a_partition_back_to_its_preferred_replica() {
             String::from_utf8_lossy(&out.stderr)
         );
         (out.status.success(), text)
-    };
-    let leads = |v: &serde_json::Value, leader: u32, epoch: u32| {
-        partition(v, "t", 0).is_some_and(|p| p["leader"] == leader && p["epoch"] == epoch)
     };
     let (ok, why) = elect(&c);
     assert!(!ok && why.contains("node 1, leads already"), "{why}");

@@ -145,10 +145,12 @@ impl Client {
         .parse()
         .map_err(|_| ClientError::Protocol("bad bind address".into()))?;
         let transport = Transport::bind(bind, &tls, Identity::Client, false)?;
+        let bootstrap: HashMap<ReplicaId, SocketAddr> =
+            config.nodes.iter().map(|n| (n.id, n.address)).collect();
         Ok(Client {
             transport,
-            nodes: Mutex::new(config.nodes.iter().map(|n| (n.id, n.address)).collect()),
-            bootstrap: config.nodes.iter().map(|n| (n.id, n.address)).collect(),
+            nodes: Mutex::new(bootstrap.clone()),
+            bootstrap,
             peers: Mutex::new(HashMap::new()),
             dials: std::sync::Mutex::new(HashMap::new()),
             partitions: Mutex::new(HashMap::new()),

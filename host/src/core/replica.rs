@@ -1536,17 +1536,24 @@ mod tests {
         rm
     }
 
-    #[test]
-    fn a_follower_is_ready_to_lead_only_in_its_current_incarnation_fetching_and_caught_up() {
+    /// [`sole_leader`] after `n` produces of one 10-byte record each, all
+    /// appended.
+    fn sole_leader_with(n: u64) -> ReplicationManager {
         let mut rm = sole_leader();
         let record = [Record {
             value: bytes::Bytes::from_static(b"0123456789"),
             ..Default::default()
         }];
-        for id in 0..10 {
+        for id in 0..n {
             assert!(rm.produce(id, &record, Acks::Leader, 60_000).is_ok());
         }
-        rm.log_appended(10, 0);
+        rm.log_appended(n, 0);
+        rm
+    }
+
+    #[test]
+    fn a_follower_is_ready_to_lead_only_in_its_current_incarnation_fetching_and_caught_up() {
+        let mut rm = sole_leader_with(10);
         let fetch = |rm: &mut ReplicationManager, broker_epoch, offset, now| {
             let request = FetchRequest {
                 replica_id: 2,
@@ -1587,16 +1594,8 @@ mod tests {
 
     #[test]
     fn a_long_lived_leader_keeps_a_bounded_size_history() {
-        let mut rm = sole_leader();
-        let record = [Record {
-            value: bytes::Bytes::from_static(b"0123456789"),
-            ..Default::default()
-        }];
         let n = 3 * SIZES_KEPT as u64;
-        for id in 0..n {
-            assert!(rm.produce(id, &record, Acks::Leader, 60_000).is_ok());
-        }
-        rm.log_appended(n, 0);
+        let rm = sole_leader_with(n);
         let l = rm.leader.as_ref().expect("leads");
         assert_eq!(l.sizes.len(), SIZES_KEPT);
         // Recent offsets still count exactly; one from before the kept

@@ -13,7 +13,7 @@ use crate::core::ReplicaId;
 
 // The form of a cluster id (1 to 64 characters of `[A-Za-z0-9_-]`), shared
 // with the metadata plugins.
-pub use replicator_plugin_sdk::cluster_id::{MAX_CLUSTER_ID, check_cluster_id};
+pub use replicator_plugin_sdk::cluster_id::check_cluster_id;
 
 /// The replicated state of one partition, as the store holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

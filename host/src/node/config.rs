@@ -296,7 +296,8 @@ pub struct NodeConfig {
     /// data directory, and refuses to start if either names another
     /// cluster: a store or a data directory shared by mistake would mix two
     /// clusters' leaders, ISRs and logs. Unset (configs written before
-    /// cluster ids) skips the store's check.
+    /// cluster ids), the id the data directory recorded counts; with
+    /// neither, nothing is claimed or checked but the node id.
     #[serde(default)]
     pub cluster_id: Option<String>,
     /// UDP address the QUIC endpoint binds.

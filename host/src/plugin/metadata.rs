@@ -732,11 +732,7 @@ mod tests {
 
     #[test]
     fn a_partitions_versions_and_leader_epochs_never_go_back() {
-        let mut seen = Seen {
-            versions: HashMap::new(),
-            epochs: HashMap::new(),
-            cluster_id: None,
-        };
+        let mut seen = Seen::default();
         assert_eq!(get(&mut seen, state(6, 5)), Ok(6));
         // A new version of the same epoch (an ISR change) is fine.
         assert_eq!(get(&mut seen, state(7, 5)), Ok(7));
@@ -767,11 +763,7 @@ mod tests {
 
     #[test]
     fn isr_and_elr_members_must_be_distinct_replicas() {
-        let mut seen = Seen {
-            versions: HashMap::new(),
-            epochs: HashMap::new(),
-            cluster_id: None,
-        };
+        let mut seen = Seen::default();
         let with = |isr: Vec<u32>, elr: Vec<u32>| {
             let mut a = state(3, 1);
             if let Ok(Ok(s)) = &mut a {

@@ -168,9 +168,9 @@ pub struct ReplicaStatus {
     pub high_watermark: u64,
     pub log_start: u64,
     pub log_end: u64,
-    /// The leader epoch of the newest batch in this replica's log (the
-    /// newest epoch-cache entry that starts below the log end: a leader's
-    /// own epoch counts once it wrote in it); `None` for an empty log. With the log
+    /// The leader epoch of the newest batch in this replica's log
+    /// ([`crate::core::EpochCache::last_written`]: a leader's own epoch
+    /// counts once it wrote in it); `None` for an empty log. With the log
     /// end it says how up to date the log is, as Raft's last term and
     /// index do: what an unclean election compares (KIP-966).
     #[serde(default)]
