@@ -645,6 +645,63 @@ fn after_a_whole_cluster_crash_an_unclean_election_by_the_operator_restores_serv
     }
 }
 
+/// Automatic unclean election (`[failover] unclean_leader_election`)
+/// elects the live replica with the most up-to-date log, not the first in
+/// assignment order. Node 2 misses 1000 acknowledged writes that node 3
+/// holds; then every in-sync and eligible replica is gone (node 1 killed,
+/// node 3 restarted after a crash, which gives up its ELR claim). Node 2,
+/// first in assignment order, used to be elected, and node 3 then
+/// truncated the 1000 writes away.
+#[test]
+fn an_automatic_unclean_election_elects_the_most_up_to_date_live_replica() {
+    let unclean = |toml: String| {
+        no_rebalance(toml).replace(
+            "unclean_leader_election = false",
+            "unclean_leader_election = true",
+        )
+    };
+    let (mut c, client, _) = configured_with_2000("file", unclean);
+    let isr_is = |v: &serde_json::Value, isr: serde_json::Value, elr: serde_json::Value| {
+        partition(v, "t", 0).is_some_and(|p| p["isr"] == isr && p["elr"] == elr)
+    };
+    c.kill(2);
+    c.wait_status("ISR 1, 3", |v| {
+        isr_is(v, serde_json::json!([1, 3]), serde_json::json!([]))
+    });
+    produce_generated(&client, "t", "1000");
+    let acknowledged = consume_replica(&c, "t", 3, 3000);
+    c.kill(3);
+    c.wait_status("ISR 1 with 3 eligible", |v| {
+        isr_is(v, serde_json::json!([1]), serde_json::json!([3]))
+    });
+    c.kill(1);
+
+    // Node 3 first, alone (no majority, so no election), until it has
+    // given up its ELR claim; then node 2.
+    c.start(3);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !c.log(3).contains("left the ELR after restarting") {
+        assert!(std::time::Instant::now() < deadline, "{}", c.log(3));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    c.start(2);
+    c.wait_status("node 3 leads", |v| {
+        partition(v, "t", 0).is_some_and(|p| p["leader"] == 3)
+    });
+    let decided = format!("{}{}", c.log(2), c.log(3));
+    assert!(
+        decided.contains("UNCLEAN election")
+            && decided.contains("replica log ends were 2:2000 (epoch 1) 3:3000 (epoch 1)"),
+        "{decided}"
+    );
+
+    c.start(1);
+    c.wait_status("3000 everywhere", |v| converged(v, "t", 0, 3000));
+    for r in 1..=3 {
+        assert_eq!(consume_replica(&c, "t", r, 3000), acknowledged);
+    }
+}
+
 /// Controlled shutdown. Failure detection is made slow (20 s) so that only
 /// a stopping node's own hand-over can explain a quick recovery: a leader
 /// stopped gracefully hands the partition to an in-sync replica, and a

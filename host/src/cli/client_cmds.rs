@@ -11,7 +11,7 @@ use bytes::Bytes;
 use clap::{Args, Subcommand, ValueEnum};
 use replicator::batch::Record;
 use replicator::client::Client;
-use replicator::core::{Acks, ReplicaId};
+use replicator::core::{Acks, ReplicaId, most_up_to_date};
 use replicator::node::ClientConfig;
 use replicator::wire::rpc::ReplicaStatus;
 use tokio::io::AsyncBufReadExt;
@@ -541,31 +541,6 @@ impl PartitionReport {
     }
 }
 
-/// The replica whose log is most up to date, of those that answered:
-/// the newest last epoch, then the longest log, then the first in
-/// assignment order (KIP-966's unclean recovery; Raft's log comparison).
-/// A longer log that ends in an older epoch holds a tail no newer leader
-/// kept: electing it would truncate the newer epoch's writes everywhere.
-///
-/// A replica that reports a non-empty log but no epoch runs a version
-/// that does not report epochs: then epochs cannot be compared, and the
-/// longest log wins.
-fn most_up_to_date(logs: &[(ReplicaId, Option<u32>, Option<u64>)]) -> Option<ReplicaId> {
-    let epochs_known = logs
-        .iter()
-        .all(|(_, epoch, leo)| epoch.is_some() || leo.is_none_or(|l| l == 0));
-    // `max_by_key` keeps the last of equals: reversed, the first in
-    // assignment order wins a tie.
-    logs.iter()
-        .rev()
-        .filter_map(|(r, epoch, leo)| {
-            let epoch = if epochs_known { *epoch } else { None };
-            Some((*r, (epoch, (*leo)?)))
-        })
-        .max_by_key(|(_, key)| *key)
-        .map(|(r, _)| r)
-}
-
 /// How long `gather` waits for a node the cluster counts as failed. One
 /// that is up answers within milliseconds; one that is down would hold
 /// every `status` for the whole handshake timeout (3 s), which operators
@@ -709,32 +684,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    use super::{check_message_size, most_up_to_date};
-
-    #[test]
-    fn the_unclean_choice_is_the_newest_epoch_then_the_longest_log() {
-        // Replica 1 kept an uncommitted tail of epoch 3; replicas 2 and 3
-        // went on in epoch 5, whose leader replaced that tail.
-        let logs = [
-            (1, Some(3), Some(1000)),
-            (2, Some(5), Some(900)),
-            (3, Some(5), Some(950)),
-        ];
-        assert_eq!(most_up_to_date(&logs), Some(3));
-        // Equal logs: the first in assignment order.
-        let tie = [(1, Some(5), Some(950)), (2, Some(5), Some(950))];
-        assert_eq!(most_up_to_date(&tie), Some(1));
-        // A replica that did not answer is not a candidate; an empty log
-        // (no epoch) is the least up to date.
-        let some = [(1, None, None), (2, None, Some(0)), (3, Some(1), Some(10))];
-        assert_eq!(most_up_to_date(&some), Some(3));
-        assert_eq!(most_up_to_date(&[(1, None, Some(0))]), Some(1));
-        assert_eq!(most_up_to_date(&[(1, Some(2), None)]), None);
-        // A node that does not report epochs (an older version) with a
-        // non-empty log: nothing to compare epochs with, the longest wins.
-        let mixed = [(1, Some(5), Some(900)), (2, None, Some(1000))];
-        assert_eq!(most_up_to_date(&mixed), Some(2));
-    }
+    use super::check_message_size;
 
     #[test]
     fn messages_that_cannot_make_a_batch_are_refused_up_front() {

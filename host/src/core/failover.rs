@@ -111,6 +111,58 @@ pub struct Decision {
     pub kind: DecisionKind,
 }
 
+impl Decision {
+    /// Whether this is an unclean election: the driver then surveys the
+    /// candidates' logs ([`FailoverCoordinator::unclean_candidates`]) and
+    /// picks the most up-to-date ([`most_up_to_date`]) before writing it.
+    pub fn is_unclean(&self) -> bool {
+        matches!(self.kind, DecisionKind::Elect { unclean: true, .. })
+    }
+
+    /// The same unclean election with `leader` elected instead, if this is
+    /// one and `leader` is a replica; `None` otherwise (nothing changes).
+    pub fn unclean_with_leader(&self, leader: ReplicaId) -> Option<Decision> {
+        if !self.is_unclean() || !self.next.replicas.contains(&leader) {
+            return None;
+        }
+        Some(Decision {
+            next: PartitionState {
+                leader: Some(leader),
+                isr: vec![leader],
+                ..self.next.clone()
+            },
+            ..self.clone()
+        })
+    }
+}
+
+/// The replica whose log is most up to date, of those that answered
+/// (`(replica, last epoch, log end)` in assignment order; `None` for what
+/// a replica did not say): the newest last epoch, then the longest log,
+/// then the first in assignment order (KIP-966's unclean recovery; Raft's
+/// log comparison). A longer log that ends in an older epoch holds a
+/// tail no newer leader kept: electing it would truncate the newer
+/// epoch's writes everywhere.
+///
+/// A replica that reports a non-empty log but no epoch runs a version
+/// that does not report epochs: then epochs cannot be compared, and the
+/// longest log wins.
+pub fn most_up_to_date(logs: &[(ReplicaId, Option<u32>, Option<u64>)]) -> Option<ReplicaId> {
+    let epochs_known = logs
+        .iter()
+        .all(|(_, epoch, leo)| epoch.is_some() || leo.is_none_or(|l| l == 0));
+    // `max_by_key` keeps the last of equals: reversed, the first in
+    // assignment order wins a tie.
+    logs.iter()
+        .rev()
+        .filter_map(|(r, epoch, leo)| {
+            let epoch = if epochs_known { *epoch } else { None };
+            Some((*r, (epoch, (*leo)?)))
+        })
+        .max_by_key(|(_, key)| *key)
+        .map(|(r, _)| r)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DecisionKind {
     /// The leader failed (or there was none): `next.leader` leads the next
@@ -175,6 +227,24 @@ impl FailoverCoordinator {
 
     fn alive(&self, b: ReplicaId, fd: &FailureDetector, now: u64) -> bool {
         b == self.me || !fd.has_failed(b, now)
+    }
+
+    /// Who an unclean election of `state` (see [`Self::decide`]) could
+    /// elect: its live replicas other than the failed leader, in
+    /// assignment order. [`Self::decide`] proposes the first; the driver
+    /// asks them all for their logs and elects the most up to date.
+    pub fn unclean_candidates(
+        &self,
+        state: &PartitionState,
+        fd: &FailureDetector,
+        now: u64,
+    ) -> Vec<ReplicaId> {
+        state
+            .replicas
+            .iter()
+            .copied()
+            .filter(|r| Some(*r) != state.leader && self.alive(*r, fd, now))
+            .collect()
     }
 
     /// The change `state` needs, if any. `None`: leader alive and every
@@ -517,6 +587,48 @@ mod tests {
         );
         assert_eq!(d.next.leader, Some(2));
         assert_eq!(d.next.isr, vec![2]);
+        assert_eq!(
+            c.unclean_candidates(&state(Some(1), &[1]), &fd, 1000),
+            vec![2, 3]
+        );
+        // The driver found 3's log more up to date: 3 leads instead.
+        let three = d.unclean_with_leader(3).unwrap();
+        assert_eq!((three.next.leader, &three.next.isr), (Some(3), &vec![3]));
+        assert_eq!(
+            (three.kind, three.next.leader_epoch),
+            (d.kind.clone(), d.next.leader_epoch)
+        );
+        // Not a replica; not an unclean election: nothing to change.
+        assert_eq!(d.unclean_with_leader(9), None);
+        let clean = FailoverCoordinator::new(2, true, 2)
+            .decide(&state(Some(1), &[1, 2, 3]), &fd, 1000)
+            .unwrap();
+        assert!(!clean.is_unclean() && clean.unclean_with_leader(3).is_none());
+    }
+
+    #[test]
+    fn the_unclean_choice_is_the_newest_epoch_then_the_longest_log() {
+        // Replica 1 kept an uncommitted tail of epoch 3; replicas 2 and 3
+        // went on in epoch 5, whose leader replaced that tail.
+        let logs = [
+            (1, Some(3), Some(1000)),
+            (2, Some(5), Some(900)),
+            (3, Some(5), Some(950)),
+        ];
+        assert_eq!(most_up_to_date(&logs), Some(3));
+        // Equal logs: the first in assignment order.
+        let tie = [(1, Some(5), Some(950)), (2, Some(5), Some(950))];
+        assert_eq!(most_up_to_date(&tie), Some(1));
+        // A replica that did not answer is not a candidate; an empty log
+        // (no epoch) is the least up to date.
+        let some = [(1, None, None), (2, None, Some(0)), (3, Some(1), Some(10))];
+        assert_eq!(most_up_to_date(&some), Some(3));
+        assert_eq!(most_up_to_date(&[(1, None, Some(0))]), Some(1));
+        assert_eq!(most_up_to_date(&[(1, Some(2), None)]), None);
+        // A node that does not report epochs (an older version) with a
+        // non-empty log: nothing to compare epochs with, the longest wins.
+        let mixed = [(1, Some(5), Some(900)), (2, None, Some(1000))];
+        assert_eq!(most_up_to_date(&mixed), Some(2));
     }
 
     #[test]

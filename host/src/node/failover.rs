@@ -21,6 +21,7 @@ use crate::wire::rpc::{Request, Response};
 use super::partition::{Event, PartitionHandle};
 use super::server::NodeServer;
 use super::shared::Shared;
+use super::unclean_survey::{Answers, Outcome, Surveys, survey};
 
 /// Start the heartbeat senders (one per known node, started as nodes
 /// appear) and the coordinator. Both end when `stop` turns true.
@@ -37,10 +38,10 @@ pub(super) fn spawn(
     }
     tokio::spawn(supervise_heartbeats(
         shared.clone(),
-        transport,
+        transport.clone(),
         stop.clone(),
     ));
-    tokio::spawn(coordinate(shared, Some(server), stop));
+    tokio::spawn(coordinate(shared, Some(server), Some(transport), stop));
 }
 
 fn interval(shared: &Shared) -> Duration {
@@ -156,11 +157,13 @@ async fn heartbeat(
 /// Every heartbeat interval, decide every partition this node replicates
 /// and carry the decisions out.
 /// `server` reaches this node's partitions (the leader rebalance asks a
-/// partition whether its preferred replica could lead); `None` in tests
-/// without partitions.
+/// partition whether its preferred replica could lead) and `transport` the
+/// other nodes (an unclean election asks the candidates for their logs:
+/// `unclean_survey.rs`); `None` in tests without partitions.
 async fn coordinate(
     shared: Arc<Shared>,
     server: Option<Arc<NodeServer>>,
+    transport: Option<Transport>,
     mut stop: watch::Receiver<bool>,
 ) {
     let coordinator = FailoverCoordinator::new(
@@ -174,6 +177,7 @@ async fn coordinate(
     // Versions already reported as failed failovers (retried every tick,
     // counted and logged once).
     let mut reported: HashMap<TopicPartition, u64> = HashMap::new();
+    let mut surveys = Surveys::default();
     let mut had_quorum = true;
     let rebalance_every = shared.failover.leader_imbalance_check_interval_ms;
     let mut next_rebalance = shared.now_ms().saturating_add(rebalance_every);
@@ -229,6 +233,8 @@ async fn coordinate(
             .read()
             .map(|m| m.values().cloned().collect())
             .unwrap_or_default();
+        // The nodes' logs, if an unclean election asks: once a tick.
+        let mut answers = Answers::default();
         for state in states {
             let tp = TopicPartition::new(&state.topic, state.partition);
             if lost.get(&tp) == Some(&state.version) {
@@ -254,12 +260,39 @@ async fn coordinate(
                             } => fd.last_heard(*f),
                             _ => None,
                         };
-                        (d, since)
+                        let candidates = if d.is_unclean() {
+                            coordinator.unclean_candidates(&state, &fd, now)
+                        } else {
+                            Vec::new()
+                        };
+                        (d, since, candidates)
                     }),
                 Err(_) => return,
             };
-            let Some((d, last_heard)) = decision else {
+            let Some((d, last_heard, candidates)) = decision else {
                 continue;
+            };
+            // What each candidate's log holds, for the UNCLEAN message.
+            let mut surveyed = None;
+            let d = if d.is_unclean() {
+                let logs = survey(
+                    &tp,
+                    &candidates,
+                    &mut answers,
+                    &shared,
+                    server.as_ref(),
+                    transport.as_ref(),
+                )
+                .await;
+                match surveys.choose(&tp, d, &logs, shared.now_ms()) {
+                    Outcome::Wait => continue,
+                    Outcome::Elect { decision, logs } => {
+                        surveyed = Some(logs);
+                        decision
+                    }
+                }
+            } else {
+                d
             };
             if let DecisionKind::Prefer { preferred } = d.kind {
                 // The store's ISR can still list a replica that restarted
@@ -340,8 +373,12 @@ async fn coordinate(
                             } else {
                                 "elected from the ISR"
                             };
+                            let logs = surveyed
+                                .as_ref()
+                                .map(|l| format!("; replica log ends were {l}"))
+                                .unwrap_or_default();
                             let msg = format!(
-                                "{name}: leader {failed:?} failed; node {} leads epoch {} ({how}; ISR {:?}; {took} ms after it was last heard)",
+                                "{name}: leader {failed:?} failed; node {} leads epoch {} ({how}; ISR {:?}; {took} ms after it was last heard{logs})",
                                 d.next.leader.unwrap_or_default(),
                                 d.next.leader_epoch,
                                 d.next.isr
@@ -677,7 +714,7 @@ mod tests {
                 }
             })
         };
-        let coordinator = tokio::spawn(coordinate(shared.clone(), None, stop_rx));
+        let coordinator = tokio::spawn(coordinate(shared.clone(), None, None, stop_rx));
         if !stop_midway {
             // Both elections written, then stop the node.
             let mut changed = shared.changed.subscribe();

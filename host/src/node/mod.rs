@@ -21,6 +21,7 @@ mod server;
 mod shared;
 pub mod storage;
 mod tail_cache;
+mod unclean_survey;
 
 use std::collections::HashMap;
 use std::future::Future;

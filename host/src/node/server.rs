@@ -16,7 +16,7 @@ use crate::batch::{self, MAX_BATCH_LEN};
 use crate::core::{ErrorCode, FetchRequest, FetchResponse, Records, ReplicaId, TopicPartition};
 use crate::metadata::{MetadataError, PartitionState};
 use crate::transport::{Handler, Identity, Reply};
-use crate::wire::rpc::{Request, Response, RpcError};
+use crate::wire::rpc::{ReplicaStatus, Request, Response, RpcError};
 
 use super::partition::{Event, PartitionHandle};
 use super::shared::Shared;
@@ -285,6 +285,23 @@ impl NodeServer {
             })
     }
 
+    /// This node's view of each partition it holds open, sorted.
+    pub(super) async fn statuses(&self) -> Vec<ReplicaStatus> {
+        let handles: Vec<PartitionHandle> = self
+            .partitions
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        let mut partitions = Vec::new();
+        for p in handles {
+            if let Ok(s) = self.ask(&p, |reply| Event::Status { reply }).await {
+                partitions.push(s);
+            }
+        }
+        partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        partitions
+    }
+
     async fn ask<T>(
         &self,
         p: &PartitionHandle,
@@ -487,28 +504,13 @@ impl Handler for NodeServer {
                     self.elect_unclean(topic, partition, replica).await?,
                     Bytes::new(),
                 )),
-                Request::Status {} => {
-                    let handles: Vec<PartitionHandle> = self
-                        .partitions
-                        .read()
-                        .map(|m| m.values().cloned().collect())
-                        .unwrap_or_default();
-                    let mut partitions = Vec::new();
-                    for p in handles {
-                        if let Ok(s) = self.ask(&p, |reply| Event::Status { reply }).await {
-                            partitions.push(s);
-                        }
-                    }
-                    partitions
-                        .sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
-                    Ok((
-                        Response::Status {
-                            node: self.shared.node_id,
-                            partitions,
-                        },
-                        Bytes::new(),
-                    ))
-                }
+                Request::Status {} => Ok((
+                    Response::Status {
+                        node: self.shared.node_id,
+                        partitions: self.statuses().await,
+                    },
+                    Bytes::new(),
+                )),
                 Request::Metadata {} => {
                     let meta = &self.shared.metadata;
                     let brokers = meta.list_brokers().await.map_err(meta_err)?;
