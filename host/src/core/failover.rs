@@ -191,8 +191,9 @@ pub enum DecisionKind {
 }
 
 /// Failover policy for the partitions of one broker. Any broker may decide
-/// for any partition it replicates; the deterministic choice plus the
-/// store's compare-and-set make concurrent deciders agree.
+/// for any partition it replicates; the store's compare-and-set lets one
+/// of concurrent deciders through (they propose the same state, but for an
+/// unclean election, whose driver elects by the candidates' logs).
 #[derive(Debug, Clone)]
 pub struct FailoverCoordinator {
     me: ReplicaId,
@@ -293,7 +294,9 @@ impl FailoverCoordinator {
         }
         let failed = state.leader;
         // The first live member of `set` in assignment order (Kafka's
-        // preferred order), so every decider proposes the same state.
+        // preferred order), so every decider proposes the same state (an
+        // unclean election's driver may elect another candidate after
+        // asking their logs; the compare-and-set still lets one through).
         let first_live = |set: &[ReplicaId]| {
             state
                 .replicas

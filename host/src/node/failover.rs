@@ -208,6 +208,7 @@ async fn coordinate(
                 shared.node_id
             );
             shared.refresh.notify_one();
+            surveys.forget();
             continue;
         }
         if quorum != had_quorum {
@@ -222,6 +223,7 @@ async fn coordinate(
             had_quorum = quorum;
         }
         if !quorum {
+            surveys.forget();
             continue;
         }
         let rebalance = shared.failover.auto_leader_rebalance && now >= next_rebalance;
@@ -284,7 +286,7 @@ async fn coordinate(
                     transport.as_ref(),
                 )
                 .await;
-                match surveys.choose(&tp, d, &logs, shared.now_ms()) {
+                match surveys.choose(&tp, d, &logs, now) {
                     Outcome::Wait => continue,
                     Outcome::Elect { decision, logs } => {
                         surveyed = Some(logs);
@@ -437,6 +439,7 @@ async fn coordinate(
                 }
             }
         }
+        surveys.end_pass();
     }
 }
 

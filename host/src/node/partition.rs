@@ -630,7 +630,7 @@ impl Actor {
 
     fn status(&self) -> ReplicaStatus {
         let role = if self.recovering {
-            "recovering"
+            crate::wire::rpc::ROLE_RECOVERING
         } else {
             match self.rm.role() {
                 Role::Leader => "leader",
@@ -752,6 +752,15 @@ impl Actor {
     }
 
     fn storage_done(&mut self, done: StorageDone) {
+        if self.recovering {
+            // Issued by the state machine the recovery replaces, which
+            // answered its waiters when it stepped down. Applied, a
+            // completion could make it issue storage calls of its own (a
+            // retention delete, an epoch write after a cut) that would run
+            // on the recovered log and report to its successor. A failure
+            // is no news either: later calls fail the same way.
+            return;
+        }
         let now = self.now();
         let failure = match done {
             StorageDone::Appended(Ok(leo)) => {
@@ -779,9 +788,6 @@ impl Actor {
             | StorageDone::ReadFailed(e) => Some(e),
         };
         if let Some(e) = failure {
-            if self.recovering {
-                return; // already on it; later ops fail the same way
-            }
             // Nobody else can lead while the ISR's only member recovers:
             // its pauses stay short, whatever the streak.
             let pause = if self.sole_member() {
@@ -1000,7 +1006,14 @@ impl Actor {
 /// The leader's ISR change as a compare-and-set on the store, with the
 /// controller's checks: still the leader of that epoch, version current,
 /// added members' broker epochs current (KIP-903). Returns the outcome
-/// and, when the store's view differs from the proposal's, that view.
+/// and the store's view: the state written, or the one that refused it.
+///
+/// The state written goes to the actor at once (and to the node's other
+/// readers, [`Shared::wrote_state`]) rather than with the watcher's next
+/// poll: until then the actor would judge by the ISR before the change,
+/// and a storage fault in that window would hand off a partition whose
+/// ISR is now this replica alone (leaving it leaderless), or keep one
+/// whose ISR just grew.
 async fn update_isr(
     shared: &Shared,
     tp: &TopicPartition,
@@ -1043,10 +1056,18 @@ async fn update_isr(
     // Members it drops were in sync, so they hold everything committed:
     // eligible if the ISR falls below min.insync.
     let proposal = current.with_isr(isr.clone(), shared.replication.min_insync_replicas, true);
-    match meta.compare_and_set(proposal, expected_version).await {
+    match meta
+        .compare_and_set(proposal.clone(), expected_version)
+        .await
+    {
         Ok(v) => {
             info!(topic = %tp.topic, partition = tp.partition, "ISR is now {isr:?} (version {v})");
-            (Ok(v), None)
+            let written = PartitionState {
+                version: v,
+                ..proposal
+            };
+            shared.wrote_state(tp.clone(), written.clone());
+            (Ok(v), Some(written))
         }
         Err(e @ (MetadataError::Conflict(_) | MetadataError::InvalidInput(_))) => {
             // Not written: the core may drop the proposal.
@@ -1224,6 +1245,7 @@ mod tests {
             state: std::sync::Mutex::new(PartitionState::sample(Some(1), &[1], &[2])),
             blind_reads: 0.into(),
             blind_after_write: 0,
+            lose_answer: true,
         });
         let (shared, _fetch_rx) = Shared::for_tests(store.clone(), Default::default());
         let tp = TopicPartition::new("t", 0);
@@ -1247,12 +1269,14 @@ mod tests {
 
     /// A store that writes a compare-and-set and then fails to say so,
     /// and fails the next `blind_reads` reads too (a lost answer, then a
-    /// store unavailable for a while).
+    /// store unavailable for a while); with `lose_answer` false, one that
+    /// answers.
     struct LostAnswers {
         state: std::sync::Mutex<PartitionState>,
         /// Reads still to fail; set to `blind_after_write` by the write.
         blind_reads: std::sync::atomic::AtomicU32,
         blind_after_write: u32,
+        lose_answer: bool,
     }
 
     impl crate::metadata::MetadataStore for LostAnswers {
@@ -1279,7 +1303,7 @@ mod tests {
             next: PartitionState,
             expected: u64,
         ) -> crate::metadata::MetaFuture<'_, u64> {
-            if let Ok(mut s) = self.state.lock()
+            let written = if let Ok(mut s) = self.state.lock()
                 && s.version == expected
             {
                 *s = PartitionState {
@@ -1288,8 +1312,18 @@ mod tests {
                 };
                 self.blind_reads
                     .store(self.blind_after_write, std::sync::atomic::Ordering::SeqCst);
-            }
-            Box::pin(async { Err(MetadataError::Unavailable("answer lost".into())) })
+                Ok(expected + 1)
+            } else {
+                Err(MetadataError::Conflict("another version".into()))
+            };
+            let lose = self.lose_answer;
+            Box::pin(async move {
+                if lose {
+                    Err(MetadataError::Unavailable("answer lost".into()))
+                } else {
+                    written
+                }
+            })
         }
         fn list_partitions(&self) -> crate::metadata::MetaFuture<'_, Vec<(String, u32)>> {
             Box::pin(async { Ok(Vec::new()) })
@@ -1307,6 +1341,80 @@ mod tests {
         }
     }
 
+    /// A storage fault moves leadership off a replica only if the ISR has
+    /// other members, judged by the ISR this replica itself just wrote,
+    /// not by the one before: the watcher may not have passed it on yet.
+    /// It used to keep the old view until the watcher's next poll, so a
+    /// fault right after the leader shrank the ISR to itself handed the
+    /// partition off, and the store's state, with this replica the ISR's
+    /// only member and not intact, was left with no leader at all.
+    #[tokio::test]
+    async fn a_storage_fault_is_judged_by_the_isr_the_leader_just_wrote() {
+        let store = Arc::new(LostAnswers {
+            state: std::sync::Mutex::new(PartitionState::sample(Some(1), &[1, 2], &[])),
+            blind_reads: 0.into(),
+            blind_after_write: 0,
+            lose_answer: false,
+        });
+        let (shared, _fetch_rx) = Shared::for_tests(store.clone(), Default::default());
+        let tp = TopicPartition::new("t", 0);
+        let (handle, _) = start(shared.clone(), tp.clone()).await.expect("start");
+        let status = async |h: &PartitionHandle| {
+            let (reply, rx) = oneshot::channel();
+            assert!(h.send(Event::Status { reply }));
+            rx.await.expect("status")
+        };
+        handle.send(Event::Metadata(PartitionState::sample(
+            Some(1),
+            &[1, 2],
+            &[],
+        )));
+        assert_eq!(status(&handle).await.isr, vec![1, 2]);
+
+        // The leader's shrink to itself, as its core proposes it.
+        let (result, current) = update_isr(&shared, &tp, 4, vec![1], 9, Vec::new(), || false).await;
+        assert_eq!(result, Ok(10));
+        let written = current.clone().expect("the state written");
+        assert_eq!((written.isr.clone(), written.version), (vec![1], 10));
+        handle.send(Event::IsrDone {
+            expected_version: 9,
+            result,
+            current,
+        });
+        let fault = || {
+            Event::Storage(StorageDone::Persisted(Err(StorageError::Io(
+                "disk gone".into(),
+            ))))
+        };
+        handle.send(fault());
+        assert_eq!(status(&handle).await.role, "recovering");
+        assert!(
+            !shared.handoff_pending(&tp),
+            "the ISR's only member handed the partition off"
+        );
+
+        // With another member in the ISR, a fault hands it off.
+        let (shared, _fetch_rx) = Shared::for_tests(store.clone(), Default::default());
+        let (handle, _) = start(shared.clone(), tp.clone()).await.expect("start");
+        handle.send(Event::Metadata(PartitionState::sample(
+            Some(1),
+            &[1, 2],
+            &[],
+        )));
+        assert_eq!(status(&handle).await.isr, vec![1, 2]);
+        handle.send(fault());
+        assert_eq!(status(&handle).await.role, "recovering");
+        assert!(shared.handoff_pending(&tp));
+
+        // An append the old state machine issued completes after the
+        // fault: the recovery re-reads the log, and the old machine must
+        // not act on it (it used to: its log end moved, and it could
+        // issue a retention delete against the recovered log).
+        handle.send(Event::Storage(StorageDone::Appended(Ok(50))));
+        let s = status(&handle).await;
+        assert_eq!((s.role.as_str(), s.log_end), ("recovering", 0));
+    }
+
     /// Leader 1 of epoch 4 proposes adding node 3 to the ISR; the store
     /// takes it but the answer and the next `blind_reads` reads are lost.
     async fn lost_expansion(
@@ -1317,6 +1425,7 @@ mod tests {
             state: std::sync::Mutex::new(PartitionState::sample(Some(1), &[1, 2], &[])),
             blind_reads: 0.into(),
             blind_after_write: blind_reads,
+            lose_answer: true,
         });
         let (shared, _fetch_rx) = Shared::for_tests(store, Default::default());
         let tp = TopicPartition::new("t", 0);

@@ -68,7 +68,7 @@ impl NodeServer {
         }
         let p = self.partition(&topic, partition)?;
         let status = self.ask(&p, |reply| Event::Status { reply }).await?;
-        if shared.handoff_pending(&tp) || status.role == "recovering" {
+        if shared.handoff_pending(&tp) || status.role == crate::wire::rpc::ROLE_RECOVERING {
             return Err(RpcError::Invalid(format!(
                 "node {me} is not ready to lead {name}: its log is being recovered or its claims from before a restart are still being given up; try again shortly"
             )));

@@ -9,11 +9,15 @@
 //!
 //! A candidate that has not answered (its process still starting, its log
 //! still opening or being recovered) is waited for, up to [`SURVEY_WAIT`]
-//! from the first time the election was proposed; then the election goes
-//! ahead with the candidates that answered, or, if none did, with the
-//! first live one, as before.
+//! from the first time the election was proposed in an unbroken run of
+//! the coordinator's passes; then the election goes ahead with the
+//! candidates that answered, or, if none did, with the first live one, as
+//! before. Candidates are asked at once, each within [`ask_limit`]: a dead
+//! node that the failure detector still counts as alive costs every other
+//! partition's failover that long per pass, not a failure timeout per
+//! candidate.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,12 +43,14 @@ pub(super) enum Outcome {
     Wait,
 }
 
-/// Per-partition survey state, kept across the coordinator's ticks.
+/// Per-partition survey state, kept across the coordinator's passes.
 #[derive(Default)]
 pub(super) struct Surveys {
     /// When the election of each partition's state version was first
-    /// proposed (ms, the node's clock).
+    /// proposed (ms, the node's clock), in the current run of passes.
     since: HashMap<TopicPartition, (u64, u64)>,
+    /// Partitions proposed for an unclean election in this pass.
+    proposed: HashSet<TopicPartition>,
 }
 
 /// Every partition's status as each node reported it in this tick; `None`
@@ -54,39 +60,63 @@ pub(super) struct Surveys {
 pub(super) struct Answers(HashMap<ReplicaId, Option<Vec<ReplicaStatus>>>);
 
 impl Answers {
-    async fn of(
+    /// Ask every node of `nodes` not asked yet in this pass, all at once.
+    async fn fill(
         &mut self,
-        node: ReplicaId,
+        nodes: &[ReplicaId],
         shared: &Shared,
         server: Option<&Arc<NodeServer>>,
         transport: Option<&Transport>,
-    ) -> Option<&Vec<ReplicaStatus>> {
-        if let std::collections::hash_map::Entry::Vacant(slot) = self.0.entry(node) {
-            let got = if node == shared.node_id {
-                match server {
-                    Some(s) => Some(s.statuses().await),
-                    None => None,
-                }
-            } else {
-                ask(node, shared, transport).await
-            };
-            slot.insert(got);
+    ) {
+        let asks = nodes
+            .iter()
+            .copied()
+            .filter(|n| !self.0.contains_key(n))
+            .map(|node| async move {
+                let got = if node == shared.node_id {
+                    match server {
+                        Some(s) => Some(s.statuses().await),
+                        None => None,
+                    }
+                } else {
+                    let limit = ask_limit(shared);
+                    // Connecting and asking each get `limit`; this bounds
+                    // whatever else could wait (opening a stream).
+                    tokio::time::timeout(limit * 2, ask(node, shared, transport, limit))
+                        .await
+                        .ok()
+                        .flatten()
+                };
+                (node, got)
+            });
+        for (node, got) in futures_util::future::join_all(asks).await {
+            self.0.insert(node, got);
         }
-        self.0.get(&node).and_then(Option::as_ref)
     }
 }
 
-/// `node`'s statuses over a connection of their own, within the failure
-/// timeout (a node that does not answer in that time would count as
-/// failed anyway).
+/// How long a candidate gets to connect, and then to answer: a few
+/// heartbeat intervals (a live node answers within milliseconds), within
+/// 200 ms and the failure timeout.
+fn ask_limit(shared: &Shared) -> Duration {
+    let f = &shared.failover;
+    Duration::from_millis(
+        f.heartbeat_interval_ms
+            .saturating_mul(4)
+            .clamp(200, f.failure_timeout_ms.max(200)),
+    )
+}
+
+/// `node`'s statuses over a connection of their own, each step within
+/// `limit`.
 async fn ask(
     node: ReplicaId,
     shared: &Shared,
     transport: Option<&Transport>,
+    limit: Duration,
 ) -> Option<Vec<ReplicaStatus>> {
     let transport = transport?;
     let addr = shared.broker_addr(node)?;
-    let limit = Duration::from_millis(shared.failover.failure_timeout_ms);
     let peer = match tokio::time::timeout(limit, transport.connect(addr, node)).await {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => {
@@ -131,12 +161,14 @@ pub(super) async fn survey(
     server: Option<&Arc<NodeServer>>,
     transport: Option<&Transport>,
 ) -> Vec<Log> {
-    let mut logs = Vec::with_capacity(candidates.len());
-    for &r in candidates {
-        let (epoch, end) = log_of(answers.of(r, shared, server, transport).await, tp);
-        logs.push((r, epoch, end));
-    }
-    logs
+    answers.fill(candidates, shared, server, transport).await;
+    candidates
+        .iter()
+        .map(|&r| {
+            let (epoch, end) = log_of(answers.0.get(&r).and_then(Option::as_ref), tp);
+            (r, epoch, end)
+        })
+        .collect()
 }
 
 /// `(replica, last epoch, log end)`, as [`most_up_to_date`] compares them.
@@ -154,14 +186,33 @@ fn log_of(
             all.iter()
                 .find(|s| s.topic == tp.topic && s.partition == tp.partition)
         })
-        .filter(|s| s.role != "recovering")
+        .filter(|s| s.role != crate::wire::rpc::ROLE_RECOVERING)
         .map_or((None, None), |s| (s.last_epoch, Some(s.log_end)))
 }
 
 impl Surveys {
+    /// A pass over the partitions ends: a partition not proposed for an
+    /// unclean election in it (elected, no longer leaderless, skipped)
+    /// starts its wait over when it is proposed again.
+    pub(super) fn end_pass(&mut self) {
+        let proposed = std::mem::take(&mut self.proposed);
+        self.since.retain(|tp, _| proposed.contains(tp));
+    }
+
+    /// The coordinator skipped a pass (this node was paused, or hears no
+    /// majority): what it waited for may be stale, so every wait starts
+    /// over. Without this, a wait begun before a long pause would be
+    /// counted as over at the first pass after it.
+    pub(super) fn forget(&mut self) {
+        self.since.clear();
+        self.proposed.clear();
+    }
+
     /// Whom the unclean election `d` of `tp` elects, given what its live
-    /// candidates said (`logs`, see [`survey`]), or to wait for those
-    /// that did not answer.
+    /// candidates said (`logs`, see [`survey`]) at `now` (when the pass
+    /// began, so that a pass that ran long does not end a wait for a
+    /// candidate asked at its start), or to wait for those that did not
+    /// answer.
     pub(super) fn choose(
         &mut self,
         tp: &TopicPartition,
@@ -170,6 +221,7 @@ impl Surveys {
         now: u64,
     ) -> Outcome {
         let version = d.expected_version;
+        self.proposed.insert(tp.clone());
         let since = match self.since.get(tp) {
             Some((v, at)) if *v == version => *at,
             _ => {
@@ -191,6 +243,7 @@ impl Surveys {
             return Outcome::Wait;
         }
         self.since.remove(tp);
+        self.proposed.remove(tp);
         let said = describe(logs);
         let decision = most_up_to_date(logs)
             .and_then(|best| d.unclean_with_leader(best))
@@ -199,7 +252,7 @@ impl Surveys {
             said
         } else {
             format!(
-                "{said}; {silent:?} did not answer within {} s",
+                "{said}; {silent:?} did not answer (or were recovering) within {} s",
                 SURVEY_WAIT.as_secs()
             )
         };
@@ -320,9 +373,35 @@ mod tests {
         // Nobody answers: after the wait, the core's choice stands.
         let none = [(2, None, None), (3, None, None)];
         assert!(matches!(choose(&mut s, &none, 0), Outcome::Wait));
+        s.end_pass();
         match choose(&mut s, &none, SURVEY_WAIT.as_millis() as u64) {
             Outcome::Elect { decision, .. } => assert_eq!(decision, unclean()),
             Outcome::Wait => panic!("waited long enough"),
         }
+    }
+
+    /// A wait is counted over an unbroken run of passes that proposed the
+    /// election: a pass that did not (the leader came back), or a skipped
+    /// pass (no majority, a pause), starts it over, so a long gap does not
+    /// count as time waited.
+    #[test]
+    fn a_wait_starts_over_after_a_pass_without_the_proposal() {
+        let silent = [(2, Some(1), Some(2000)), (3, None, None)];
+        let wait = SURVEY_WAIT.as_millis() as u64;
+        let mut s = Surveys::default();
+        assert!(matches!(choose(&mut s, &silent, 0), Outcome::Wait));
+        s.end_pass();
+        // A pass without the proposal: its wait is forgotten.
+        s.end_pass();
+        assert!(matches!(choose(&mut s, &silent, 10 * wait), Outcome::Wait));
+        s.end_pass();
+        // A skipped pass: likewise.
+        s.forget();
+        assert!(matches!(choose(&mut s, &silent, 20 * wait), Outcome::Wait));
+        s.end_pass();
+        assert!(matches!(
+            choose(&mut s, &silent, 21 * wait),
+            Outcome::Elect { .. }
+        ));
     }
 }

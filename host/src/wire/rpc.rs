@@ -155,13 +155,19 @@ impl RpcError {
     }
 }
 
+/// [`ReplicaStatus::role`] of a replica whose storage is being
+/// recovered: it cannot lead, and its offsets may be from before the fault.
+pub const ROLE_RECOVERING: &str = "recovering";
+
 /// One replica's view of a partition, for `status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaStatus {
     pub topic: String,
     pub partition: u32,
     pub node: ReplicaId,
-    /// "leader" or "follower" (or "offline" while storage is faulted).
+    /// "leader", "follower", "idle" (no leader to follow, or stepped
+    /// down), or [`ROLE_RECOVERING`] while its storage is being recovered
+    /// after a fault.
     pub role: String,
     pub leader: Option<ReplicaId>,
     pub leader_epoch: Option<u32>,
