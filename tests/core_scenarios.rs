@@ -993,6 +993,89 @@ fn a_late_answer_to_an_old_isr_change_is_ignored() {
     assert!(c.produce(0, 1, Acks::All).is_ok());
 }
 
+/// A leader elected while its last appends as a follower were still being
+/// stored starts its epoch after them. A follower that holds those
+/// records too and fetches from there passes the epoch check (KIP-595),
+/// and is then told to retry until the leader has stored them. It used to
+/// be told its offset was out of range, with the leader's stored log end,
+/// and truncated records both replicas hold, to fetch them again.
+#[test]
+fn a_fetch_past_a_new_leaders_stored_end_waits_for_its_storage() {
+    let state = replicator::storage::LogState {
+        bounds: Default::default(),
+        high_watermark: 0,
+        leader_epochs: Vec::new(),
+    };
+    let mut rm = ReplicationManager::new(relaxed(), 1, &state);
+    rm.become_follower(0, 1, 0);
+    let fetch = rm
+        .drain()
+        .into_iter()
+        .find_map(|a| match a {
+            Action::SendFetch { request, .. } => Some(request),
+            _ => None,
+        })
+        .expect("a follower fetches");
+    let records = (0..10).flat_map(record).collect::<Vec<_>>();
+    let batch = replicator::batch::encode(0, 1, &records).expect("encodes");
+    rm.handle_fetch_response(
+        0,
+        FetchResponse {
+            correlation_id: fetch.correlation_id,
+            leader_epoch: 1,
+            error: None,
+            high_watermark: 0,
+            log_start_offset: 0,
+            log_end_offset: 10,
+            diverging_epoch: None,
+            records: batch.into(),
+        },
+        1,
+    );
+    assert!(
+        rm.drain()
+            .iter()
+            .any(|a| matches!(a, Action::Append { .. })),
+        "the follower appends what it fetched"
+    );
+    // Elected before that append is stored.
+    rm.become_leader(2, vec![0, 1, 2], vec![1, 2], 5, 2);
+    rm.drain();
+    let from_10 = |correlation_id| FetchRequest {
+        replica_id: 2,
+        replica_epoch: 0,
+        correlation_id,
+        current_leader_epoch: 2,
+        fetch_offset: 10,
+        last_fetched_epoch: Some(1),
+        max_bytes: 1 << 20,
+        min_bytes: 1,
+        max_wait_ms: 0,
+    };
+    let answer = |rm: &mut ReplicationManager| {
+        rm.drain()
+            .into_iter()
+            .find_map(|a| match a {
+                Action::RespondFetch { response, .. } => Some(response),
+                _ => None,
+            })
+            .expect("answered at once")
+    };
+    rm.handle_fetch(2, from_10(7), 3);
+    let early = answer(&mut rm);
+    assert_eq!(early.error, Some(ErrorCode::StorageBacklog), "{early:?}");
+    assert_eq!(early.diverging_epoch, None);
+    // Stored: the same fetch is in range, and nothing diverges.
+    rm.log_appended(10, 4);
+    rm.drain();
+    rm.handle_fetch(2, from_10(8), 5);
+    let stored = answer(&mut rm);
+    assert_eq!(
+        (stored.error, stored.diverging_epoch, stored.log_end_offset),
+        (None, None, 10)
+    );
+}
+
 fn lone_leader() -> ReplicationManager {
     let state = replicator::storage::LogState {
         bounds: Default::default(),

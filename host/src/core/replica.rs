@@ -841,6 +841,14 @@ impl ReplicationManager {
                 return;
             }
         }
+        if request.fetch_offset > self.stable_leo() && request.fetch_offset <= self.assigned {
+            // Records this leader took (its last appends as a follower,
+            // still being stored when it was elected: its epoch starts
+            // after them) and has not stored yet. The follower holds them
+            // too; out of range would make it truncate them and fetch
+            // them again. It retries once they are stored.
+            return reply_error(self, epoch, ErrorCode::StorageBacklog);
+        }
         if request.fetch_offset < self.log_start || request.fetch_offset > self.stable_leo() {
             return reply_error(self, epoch, ErrorCode::OffsetOutOfRange);
         }

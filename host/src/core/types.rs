@@ -42,6 +42,7 @@ pub enum ErrorCode {
     StorageError,
     /// Refused before the append: the leader holds more appends than it
     /// accepts ahead of its storage. Retriable once the storage catches up.
+    /// Also a fetch from an offset the leader took but has not stored yet.
     StorageBacklog,
 }
 
