@@ -193,6 +193,38 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
     .check();
     assert!(report.ok(), "{:?}", report.anomalies);
     assert_eq!(report.acknowledged, 10000);
+    // Lines from stdin, as bytes: one that is not UTF-8 is a message like
+    // any other (it used to end the input there, silently, exit code 0),
+    // a CRLF ending is dropped like a LF, and a last line needs no end.
+    create_topic(&c.client(), "lines", "1");
+    let mut produce = std::process::Command::new(support::BIN)
+        .args(["produce", "--config", &c.client(), "--topic", "lines"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run produce");
+    {
+        use std::io::Write;
+        let mut stdin = produce.stdin.take().expect("stdin");
+        stdin
+            .write_all(b"first\n\xffLatin-1 \xe9t\xe9\r\nlast")
+            .expect("write stdin");
+    }
+    let out = produce.wait_with_output().expect("produce");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "0 0\n0 1\n0 2\n");
+    let read = consume_replica(&c, "lines", 1, 3);
+    assert_eq!(
+        read,
+        ["0 first", "1 \u{fffd}Latin-1 \u{fffd}t\u{fffd}", "2 last"],
+        "consume prints values lossily, but the bytes were sent"
+    );
+
     // Prometheus text from a node: per-partition gauges with the HW.
     let port = c.base_port + 50;
     let metrics = http_get(port, "/metrics");
@@ -209,6 +241,83 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
     for id in 1..=3 {
         assert!(c.stop(id), "node {id} did not stop cleanly:\n{}", c.log(id));
     }
+}
+
+/// One partition's record in the metadata store is corrupt (a hand edit,
+/// a disk error): the nodes go on serving every other partition, clients
+/// are told which record and why (by its path on the host, not the
+/// plugin's sandbox path), and the nodes still open new topics. That one
+/// record used to fail every metadata request ("no node answered") and
+/// stop each node's refresh of the partitions listed after it.
+#[test]
+fn a_corrupt_partition_record_affects_only_that_partition() {
+    let mut c = Cluster::init(3, "memory", |t| t);
+    c.start_all();
+    c.wait_up();
+    let client = c.client();
+    create_topic(&client, "bad", "2");
+    let record_dir = c.dir.path().join("metadata/partitions/bad/0");
+    let newest = std::fs::read_dir(&record_dir)
+        .expect("the partition's records")
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_suffix(".json")?
+                .parse::<u64>()
+                .ok()
+        })
+        .max()
+        .expect("a record");
+    let corrupt = record_dir.join(format!("{:020}.json", newest + 1));
+    std::fs::write(&corrupt, b"{\"topic\":\"bad\", garbage").expect("write");
+
+    let status = cli_ok(&["status", "--config", &client]);
+    assert!(
+        status.contains("unreadable: bad/0") && status.contains(&corrupt.display().to_string()),
+        "{status}"
+    );
+    assert!(status.contains("bad                 1"), "{status}");
+    let refused = cli(&[
+        "produce",
+        "--config",
+        &client,
+        "--topic",
+        "bad",
+        "--partition",
+        "0",
+        "--count",
+        "1",
+    ]);
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && why.contains("record of partition bad/0 cannot be read"),
+        "{why}"
+    );
+    // The other partition, and a topic created since, take writes.
+    produce_generated(&client, "bad", "100");
+    create_topic(&client, "fresh", "1");
+    produce_generated(&client, "fresh", "100");
+    c.wait_status("fresh everywhere", |v| converged(v, "fresh", 0, 100));
+    let log = (1..=3).map(|n| c.log(n)).collect::<String>();
+    assert!(
+        log.contains("bad/0: its record in the metadata store cannot be read"),
+        "{log}"
+    );
+
+    // Removed, the partition serves again.
+    std::fs::remove_file(&corrupt).expect("remove");
+    cli_ok(&[
+        "produce",
+        "--config",
+        &client,
+        "--topic",
+        "bad",
+        "--partition",
+        "0",
+        "--count",
+        "10",
+    ]);
 }
 
 /// A counter of the Prometheus text `metrics`, 0 when absent.

@@ -19,7 +19,7 @@ use crate::core::{Acks, ReplicaId};
 use crate::metadata::{Broker, PartitionState};
 use crate::node::ClientConfig;
 use crate::transport::{Identity, Peer, TlsMaterial, Transport, TransportError};
-use crate::wire::rpc::{ReplicaStatus, Request, Response, RpcError};
+use crate::wire::rpc::{ReplicaStatus, Request, Response, RpcError, UnreadablePartition};
 
 /// How long a request other than produce may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -36,6 +36,10 @@ pub enum ClientError {
     UnknownNode(ReplicaId),
     #[error("unknown topic or partition {0}/{1}")]
     UnknownPartition(String, u32),
+    #[error(
+        "the metadata store's record of partition {0}/{1} cannot be read ({2}); the nodes serve the other partitions meanwhile. Restore or remove the record"
+    )]
+    UnreadablePartition(String, u32, String),
     #[error("partition {0}/{1} has no leader")]
     NoLeader(String, u32),
     #[error("{0}")]
@@ -126,6 +130,8 @@ pub struct Client {
     stale: Mutex<std::collections::HashSet<(String, u32)>>,
     /// Brokers the last metadata answer's node counted as failed.
     failed: Mutex<Vec<ReplicaId>>,
+    /// Partitions the last metadata answer's node could not read.
+    unreadable: Mutex<Vec<UnreadablePartition>>,
     /// Broker epochs as last seen in metadata.
     epochs: Mutex<HashMap<ReplicaId, u64>>,
 }
@@ -156,6 +162,7 @@ impl Client {
             partitions: Mutex::new(HashMap::new()),
             stale: Mutex::new(std::collections::HashSet::new()),
             failed: Mutex::new(Vec::new()),
+            unreadable: Mutex::new(Vec::new()),
             epochs: Mutex::new(HashMap::new()),
         })
     }
@@ -309,10 +316,12 @@ impl Client {
                     brokers,
                     partitions,
                     failed,
+                    unreadable,
                 },
                 _,
             ) => {
                 *self.failed.lock().await = failed;
+                *self.unreadable.lock().await = unreadable;
                 // The store's address wins over client.toml's, which only
                 // bootstraps (Kafka's clients use advertised addresses the
                 // same way): a node moved to another address is reachable
@@ -396,6 +405,29 @@ impl Client {
         }
     }
 
+    /// Partitions the last metadata answer named as unreadable on the
+    /// store (see [`Response::Metadata`]).
+    pub async fn unreadable(&self) -> Vec<UnreadablePartition> {
+        self.unreadable.lock().await.clone()
+    }
+
+    /// The error for a partition the metadata does not list: unreadable
+    /// on the store, or unknown.
+    async fn missing(&self, topic: &str, partition: u32) -> ClientError {
+        match self
+            .unreadable
+            .lock()
+            .await
+            .iter()
+            .find(|u| u.topic == topic && u.partition == partition)
+        {
+            Some(u) => {
+                ClientError::UnreadablePartition(topic.to_string(), partition, u.error.clone())
+            }
+            None => ClientError::UnknownPartition(topic.to_string(), partition),
+        }
+    }
+
     /// A preferred leader election for `topic`/`partition` (see
     /// [`Request::ElectPreferred`]), asked of its leader per fresh
     /// metadata: the state it wrote.
@@ -405,10 +437,13 @@ impl Client {
         partition: u32,
     ) -> Result<PartitionState, ClientError> {
         let (_, parts) = self.metadata().await?;
-        let leader = parts
+        let Some(p) = parts
             .iter()
             .find(|p| p.topic == topic && p.partition == partition)
-            .ok_or_else(|| ClientError::UnknownPartition(topic.to_string(), partition))?
+        else {
+            return Err(self.missing(topic, partition).await);
+        };
+        let leader = p
             .leader
             .ok_or_else(|| ClientError::NoLeader(topic.to_string(), partition))?;
         let req = Request::ElectPreferred {
@@ -446,12 +481,11 @@ impl Client {
             Some(p) if !refresh => p,
             _ => {
                 self.metadata().await?;
-                self.partitions
-                    .lock()
-                    .await
-                    .get(&key)
-                    .cloned()
-                    .ok_or_else(|| ClientError::UnknownPartition(topic.to_string(), partition))?
+                let found = self.partitions.lock().await.get(&key).cloned();
+                match found {
+                    Some(p) => p,
+                    None => return Err(self.missing(topic, partition).await),
+                }
             }
         };
         let no_leader = || ClientError::NoLeader(topic.to_string(), partition);

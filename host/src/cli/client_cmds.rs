@@ -306,28 +306,40 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
     // The queue holds a few batches; --batch is bounded by the batch limit
     // for generated messages, not for stdin lines, so bound it here too.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(a.batch.min(1 << 16) * 4);
-    match a.count {
+    // What stopped the input early, if anything did.
+    let input: tokio::task::JoinHandle<std::io::Result<()>> = match a.count {
         Some(n) => {
             let size = a.size;
             tokio::spawn(async move {
                 for i in 0..n {
                     if tx.send(generated(i, size)).await.is_err() {
-                        return;
+                        break;
                     }
                 }
-            });
+                Ok(())
+            })
         }
-        None => {
-            tokio::spawn(async move {
-                let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if tx.send(Bytes::from(line)).await.is_err() {
-                        return;
+        None => tokio::spawn(async move {
+            // Lines as bytes: a message is whatever a line holds, UTF-8
+            // or not (a Latin-1 line used to end the input silently).
+            let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+            loop {
+                let mut line = Vec::new();
+                if stdin.read_until(b'\n', &mut line).await? == 0 {
+                    return Ok(());
+                }
+                if line.last() == Some(&b'\n') {
+                    line.pop();
+                    if line.last() == Some(&b'\r') {
+                        line.pop();
                     }
                 }
-            });
-        }
-    }
+                if tx.send(Bytes::from(line)).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }),
+    };
     let timeout = Duration::from_millis(a.timeout_ms);
     let started = Instant::now();
     let (mut acked, mut failed, mut bytes) = (0u64, 0u64, 0u64);
@@ -377,6 +389,14 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    let input_error = match input.await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(format!("reading stdin: {e}")),
+        Err(e) => Some(format!("reading the input: {e}")),
+    };
+    if let Some(e) = &input_error {
+        eprintln!("error: {e}; the messages before it were sent as reported, the rest were not");
+    }
     let secs = started.elapsed().as_secs_f64();
     if a.json {
         let summary = serde_json::json!({
@@ -392,7 +412,7 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
     }
     drop(out);
     c.close().await;
-    Ok(if failed == 0 {
+    Ok(if failed == 0 && input_error.is_none() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -413,8 +433,9 @@ pub struct ConsumeArgs {
     /// First offset to print (default: the log start).
     #[arg(long)]
     pub from: Option<u64>,
-    /// Stop after this many messages (default: everything committed when
-    /// the command started).
+    /// Stop after this many messages, waiting up to 30 s for ones not
+    /// committed yet (default: everything committed when the command
+    /// started, without waiting).
     #[arg(long)]
     pub count: Option<u64>,
     /// Read this replica's committed log instead of the leader's (to check
@@ -467,6 +488,8 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
             })?;
         if b.records.is_empty() {
             // --count past the committed end: wait for more, bounded.
+            // What came so far is out already, not held back by the wait.
+            let _ = out.flush();
             if Instant::now() > deadline {
                 bail!("only {offset} of {stop} offsets were committed within 30 s");
             }
@@ -669,13 +692,24 @@ pub fn print_table(reports: &[PartitionReport]) {
 pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     let c = client(&a.config)?;
     let (reports, problems) = gather(&c).await?;
+    let unreadable = c.unreadable().await;
     if a.json {
-        let v = serde_json::json!({ "partitions": reports, "unreachable": problems });
+        let v = serde_json::json!({
+            "partitions": reports,
+            "unreachable": problems,
+            "unreadable": unreadable,
+        });
         println!("{v}");
     } else {
         print_table(&reports);
         for p in &problems {
             println!("unreachable: {p}");
+        }
+        for u in &unreadable {
+            println!(
+                "unreadable: {}/{}: the metadata store's record cannot be read: {}",
+                u.topic, u.partition, u.error
+            );
         }
     }
     c.close().await;

@@ -56,8 +56,10 @@ pub enum NodeError {
     StorageConfig { plugin: String, why: String },
     #[error("metadata plugin: {0}")]
     MetadataLoad(LoadError),
+    /// Not a `#[source]`: the message holds it already, and `{:#}` would
+    /// print it twice.
     #[error("metadata store: {0}")]
-    Metadata(#[from] MetadataError),
+    Metadata(MetadataError),
     #[error(transparent)]
     DataDir(#[from] data_dir_lock::LockError),
     #[error(transparent)]
@@ -80,6 +82,12 @@ pub enum NodeError {
         addr: SocketAddr,
         error: std::io::Error,
     },
+}
+
+impl From<MetadataError> for NodeError {
+    fn from(e: MetadataError) -> Self {
+        NodeError::Metadata(e)
+    }
 }
 
 /// Run a node until `shutdown` completes. `ready` gets the QUIC address
@@ -382,9 +390,10 @@ pub async fn run(
 async fn watch(server: &Arc<NodeServer>, every: Duration) {
     let mut seen: HashMap<TopicPartition, u64> = HashMap::new();
     let mut open_failures: HashMap<TopicPartition, OpenFailure> = HashMap::new();
+    let mut unreadable: HashMap<TopicPartition, String> = HashMap::new();
     let mut failing = false;
     loop {
-        match refresh(server, &mut seen, &mut open_failures).await {
+        match refresh(server, &mut seen, &mut open_failures, &mut unreadable).await {
             Ok(()) => {
                 if failing {
                     info!("metadata store reachable again");
@@ -416,10 +425,16 @@ struct OpenFailure {
 /// Longest wait between attempts to open a failing partition's log.
 const OPEN_RETRY_MAX: Duration = Duration::from_secs(10);
 
+/// Read the store and pass every partition's state on. `unreadable`: the
+/// partitions whose record could not be read, with the error last logged;
+/// they are skipped, not the pass: one corrupt record used to stop every
+/// refresh there, so partitions listed after it no longer followed
+/// elections, nor did new topics open.
 async fn refresh(
     server: &Arc<NodeServer>,
     seen: &mut HashMap<TopicPartition, u64>,
     open_failures: &mut HashMap<TopicPartition, OpenFailure>,
+    unreadable: &mut HashMap<TopicPartition, String>,
 ) -> Result<(), MetadataError> {
     let shared = &server.shared;
     let meta = &shared.metadata;
@@ -447,9 +462,25 @@ async fn refresh(
     for (topic, partition) in meta.list_partitions().await? {
         let tp = TopicPartition::new(&topic, partition);
         let state = match meta.get_partition(&topic, partition).await {
-            Ok(s) => s,
+            Ok(s) => {
+                if unreadable.remove(&tp).is_some() {
+                    info!("{topic}/{partition}: its record in the metadata store reads again");
+                }
+                s
+            }
             Err(MetadataError::NotFound(_)) => continue,
-            Err(e) => return Err(e),
+            // The store is down: the next pass tries everything again.
+            Err(e @ MetadataError::Unavailable(_)) => return Err(e),
+            Err(e) => {
+                let why = e.to_string();
+                if unreadable.get(&tp) != Some(&why) {
+                    error!(
+                        "{topic}/{partition}: its record in the metadata store cannot be read, so this node keeps its last view of the partition until it can (no failover decision on it can be written either); the other partitions go on. Restore or remove the record: {why}"
+                    );
+                    unreadable.insert(tp, why);
+                }
+                continue;
+            }
         };
         if let Ok(mut m) = shared.states.write() {
             // A newer version (this node's own election) is never
@@ -845,5 +876,29 @@ mod handoff_tests {
             (next.leader, next.isr, next.elr),
             (Some(1), vec![1, 2], vec![])
         );
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    /// The CLI prints errors with their causes (`{:#}`): a variant whose
+    /// message holds its cause must not name it as a source too, or the
+    /// cause is printed twice ("metadata store: X: X").
+    #[test]
+    fn a_cause_in_the_message_is_not_also_a_source() {
+        use std::error::Error;
+        let e = NodeError::from(MetadataError::Io("create /m/partitions: read-only".into()));
+        assert!(e.source().is_none());
+        assert_eq!(
+            e.to_string(),
+            "metadata store: metadata store I/O error: create /m/partitions: read-only"
+        );
+        let frame = crate::transport::TransportError::from(crate::wire::FrameError::TooLarge {
+            len: 9,
+            max: 1,
+        });
+        assert!(frame.source().is_none());
     }
 }

@@ -16,7 +16,7 @@ use crate::batch::{self, MAX_BATCH_LEN};
 use crate::core::{ErrorCode, FetchRequest, FetchResponse, Records, ReplicaId, TopicPartition};
 use crate::metadata::{MetadataError, PartitionState};
 use crate::transport::{Handler, Identity, Reply};
-use crate::wire::rpc::{ReplicaStatus, Request, Response, RpcError};
+use crate::wire::rpc::{ReplicaStatus, Request, Response, RpcError, UnreadablePartition};
 
 use super::partition::{Event, PartitionHandle};
 use super::shared::Shared;
@@ -515,11 +515,19 @@ impl Handler for NodeServer {
                     let meta = &self.shared.metadata;
                     let brokers = meta.list_brokers().await.map_err(meta_err)?;
                     let mut partitions = Vec::new();
+                    let mut unreadable = Vec::new();
                     for (t, p) in meta.list_partitions().await.map_err(meta_err)? {
                         match meta.get_partition(&t, p).await {
                             Ok(s) => partitions.push(s),
                             Err(MetadataError::NotFound(_)) => {}
-                            Err(e) => return Err(meta_err(e)),
+                            // The store is down: nothing else reads either.
+                            Err(e @ MetadataError::Unavailable(_)) => return Err(meta_err(e)),
+                            // That partition's record: the others still serve.
+                            Err(e) => unreadable.push(UnreadablePartition {
+                                topic: t,
+                                partition: p,
+                                error: e.to_string(),
+                            }),
                         }
                     }
                     Ok((
@@ -527,6 +535,7 @@ impl Handler for NodeServer {
                             brokers,
                             partitions,
                             failed: self.shared.failed_brokers_for_clients(),
+                            unreadable,
                         },
                         Bytes::new(),
                     ))

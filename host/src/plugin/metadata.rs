@@ -24,7 +24,7 @@ use wasmtime::component::ResourceAny;
 use super::bindings::metadata::exports::replicator::plugin::metadata as wit;
 use super::bindings::metadata::{MetadataPlugin as World, MetadataPluginPre};
 use super::bindings::replicator::plugin::types::PluginError;
-use super::sandbox::{PluginState, Sandbox};
+use super::sandbox::{GUEST_DIR, PluginState, Sandbox};
 use super::{LoadError, PluginRuntime, PluginSource, builtin, plugin_bytes, prepare};
 use crate::core::ReplicaId;
 use crate::metadata::{Broker, MetaFuture, MetadataError, MetadataStore, PartitionState};
@@ -220,6 +220,31 @@ async fn guarded<T>(
     }
 }
 
+/// `e` from a guest that sees `dir` as [`GUEST_DIR`], with its paths as
+/// the operator knows them (`/data/partitions/t/0/...` named the guest's
+/// view, which is nowhere on the host).
+fn host_paths(e: MetadataError, dir: &Path) -> MetadataError {
+    let guest = format!("{GUEST_DIR}/");
+    let host = format!("{}/", dir.display());
+    let fix = |m: String| {
+        if m.contains(&guest) {
+            m.replace(&guest, &host)
+        } else {
+            m
+        }
+    };
+    match e {
+        MetadataError::NotFound(m) => MetadataError::NotFound(fix(m)),
+        MetadataError::Conflict(m) => MetadataError::Conflict(fix(m)),
+        MetadataError::Unavailable(m) => MetadataError::Unavailable(fix(m)),
+        MetadataError::InvalidInput(m) => MetadataError::InvalidInput(fix(m)),
+        MetadataError::Io(m) => MetadataError::Io(fix(m)),
+        MetadataError::Corrupt(m) => MetadataError::Corrupt(fix(m)),
+        MetadataError::Other(m) => MetadataError::Other(fix(m)),
+        MetadataError::Fault(m) => MetadataError::Fault(fix(m)),
+    }
+}
+
 fn convert(e: PluginError) -> MetadataError {
     match e {
         PluginError::NotFound(m) => MetadataError::NotFound(m),
@@ -319,7 +344,7 @@ impl Actor {
                 });
                 Ok(())
             }
-            Ok(Err(e)) => Err(convert(e)),
+            Ok(Err(e)) => Err(host_paths(convert(e), &self.data_dir)),
             Err(f) => Err(self.fault(format!("connect: {f}"))),
         }
     }
@@ -416,7 +441,7 @@ impl Actor {
         };
         match verdict {
             Verdict::Ok(out) => Ok(out),
-            Verdict::Err(e) => Err(e),
+            Verdict::Err(e) => Err(host_paths(e, &self.data_dir)),
             Verdict::Violation(why) => Err(self.fault(why)),
         }
     }

@@ -15,6 +15,9 @@ use wasmtime_wasi_http::{
 
 use super::bindings::replicator::plugin::{host, types};
 
+/// Where a plugin sees the one directory it may use.
+pub(crate) const GUEST_DIR: &str = "/data";
+
 /// Resource limits for plugin instances. The defaults suit a partition
 /// replica; raise them for plugins that legitimately need more.
 #[derive(Debug, Clone)]
@@ -183,7 +186,7 @@ impl PluginState {
             b.env(k, v);
         }
         if let Some(dir) = data_dir {
-            b.preopened_dir(dir, "/data", FsPerms::ReadWrite)?;
+            b.preopened_dir(dir, GUEST_DIR, FsPerms::ReadWrite)?;
         }
         Ok(PluginState {
             wasi: b.build(),

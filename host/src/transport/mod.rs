@@ -60,14 +60,16 @@ pub enum TransportError {
     Tls(#[from] TlsError),
     #[error("connect to {addr}: {detail}")]
     Connect { addr: SocketAddr, detail: String },
+    // These hold their cause in the message, not as a `#[source]` too:
+    // `{:#}` (the CLI's errors) would print it twice.
     #[error("connection: {0}")]
-    Connection(#[from] quinn::ConnectionError),
+    Connection(quinn::ConnectionError),
     #[error("stream write: {0}")]
-    Write(#[from] quinn::WriteError),
+    Write(quinn::WriteError),
     #[error("stream read: {0}")]
     Read(String),
     #[error("bad frame from peer: {0}")]
-    Frame(#[from] FrameError),
+    Frame(FrameError),
     #[error("peer closed the stream before answering")]
     Eof,
     /// The request could not be started (no stream, connection gone):
@@ -80,6 +82,24 @@ pub enum TransportError {
     Protocol(String),
     #[error("timed out: {0}")]
     Timeout(&'static str),
+}
+
+impl From<quinn::ConnectionError> for TransportError {
+    fn from(e: quinn::ConnectionError) -> Self {
+        TransportError::Connection(e)
+    }
+}
+
+impl From<quinn::WriteError> for TransportError {
+    fn from(e: quinn::WriteError) -> Self {
+        TransportError::Write(e)
+    }
+}
+
+impl From<FrameError> for TransportError {
+    fn from(e: FrameError) -> Self {
+        TransportError::Frame(e)
+    }
 }
 
 /// The longest [`Transport::close`] waits for its connections to drain.

@@ -159,6 +159,14 @@ impl RpcError {
 /// recovered: it cannot lead, and its offsets may be from before the fault.
 pub const ROLE_RECOVERING: &str = "recovering";
 
+/// A partition whose stored record could not be read, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnreadablePartition {
+    pub topic: String,
+    pub partition: u32,
+    pub error: String,
+}
+
 /// One replica's view of a partition, for `status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaStatus {
@@ -221,6 +229,12 @@ pub enum Response {
         /// the election instead.
         #[serde(default)]
         failed: Vec<ReplicaId>,
+        /// Partitions whose record the store holds but the node could not
+        /// read (a corrupt file, a record that breaks the rules): left out
+        /// of `partitions`, so that one bad record does not fail every
+        /// request. Serialized only when there are some.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        unreadable: Vec<UnreadablePartition>,
     },
     Heartbeat {
         node: ReplicaId,
