@@ -551,6 +551,18 @@ fn bad_node_configs_fail_with_clear_errors() {
     );
     let e = refused_init(&["--min-insync", "4"]);
     assert!(e.contains("--min-insync must be 1..=3"), "{e}");
+    // The metadata plugin and its settings are checked too (they used to
+    // be written as they were, for every node to refuse at start).
+    let e = refused_init(&["--metadata", "nosuch"]);
+    assert!(
+        e.contains("--metadata nosuch: unknown built-in plugin"),
+        "{e}"
+    );
+    let e = refused_init(&["--metadata-config", "foo=bar"]);
+    assert!(
+        e.contains("metadata plugin `file` refuses these settings: unknown setting `foo`"),
+        "{e}"
+    );
     // A CA key path that cannot be written, or would overwrite a key.
     let nowhere = c.path().join("no-such-dir/ca.key");
     let e = refused_init(&["--ca-key-out", nowhere.to_str().unwrap()]);
@@ -714,7 +726,11 @@ fn after_a_whole_cluster_crash_an_unclean_election_by_the_operator_restores_serv
     let refused = elect(&[]);
     assert!(!refused.status.success());
     let why = String::from_utf8_lossy(&refused.stderr);
-    assert!(why.contains("or --unclean to elect"), "{why}");
+    // It says what this partition needs: nothing else will elect a leader.
+    assert!(
+        why.contains("it will not get one by itself. Pass --unclean"),
+        "{why}"
+    );
     let unknown = elect(&["--unclean", "--replica", "9"]);
     let why = String::from_utf8_lossy(&unknown.stderr);
     assert!(

@@ -40,7 +40,7 @@ pub enum ClientError {
         "the metadata store's record of partition {0}/{1} cannot be read ({2}); the nodes serve the other partitions meanwhile. Restore or remove the record"
     )]
     UnreadablePartition(String, u32, String),
-    #[error("partition {0}/{1} has no leader")]
+    #[error("partition {0}/{1} has no leader (`replicator status` shows its ISR and ELR)")]
     NoLeader(String, u32),
     #[error("{0}")]
     Refused(RpcError),

@@ -134,10 +134,31 @@ pub async fn partition(cmd: PartitionCommand) -> anyhow::Result<ExitCode> {
                 );
                 return Ok(ExitCode::SUCCESS);
             }
+            let c = client(&a.config)?;
             if !a.unclean {
-                bail!(
-                    "a partition with a live in-sync or eligible replica gets a leader by itself within a few heartbeats. Pass --preferred to move it to its preferred replica now, or --unclean to elect a replica that may lack acknowledged writes (they are then lost)"
-                );
+                // Say what this partition needs, not what partitions do.
+                let (_, parts) = c.metadata().await?;
+                let state = parts
+                    .iter()
+                    .find(|p| p.topic == a.topic && p.partition == a.partition);
+                c.close().await;
+                let name = format!("{}/{}", a.topic, a.partition);
+                match state {
+                    None => bail!("no partition {name} in the metadata"),
+                    Some(s) if s.leader.is_none() && s.isr.is_empty() && s.elr.is_empty() => bail!(
+                        "{name} has no leader, and no replica is known to hold every committed write (ISR and ELR are empty), so it will not get one by itself. Pass --unclean to elect the most up-to-date live replica; acknowledged writes it lacks are then lost"
+                    ),
+                    Some(s) => bail!(
+                        "{name} {}. Pass --preferred to move it to its preferred replica now, or --unclean to elect a replica that may lack acknowledged writes (they are then lost)",
+                        match s.leader {
+                            Some(l) => format!("is led by node {l}"),
+                            None => format!(
+                                "has no leader but in-sync or eligible replicas (ISR {:?}, ELR {:?}): it gets a leader by itself within a few heartbeats of one of them being alive",
+                                s.isr, s.elr
+                            ),
+                        }
+                    ),
+                }
             }
             let c = client(&a.config)?;
             let (reports, _) = gather(&c).await?;

@@ -8,10 +8,11 @@ use std::process::ExitCode;
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Subcommand};
 use replicator::core::Config as ReplicationConfig;
+use replicator::metadata::MetadataError;
 use replicator::node::config::{MetadataSection, NodeAddress, PluginSection};
 use replicator::node::{self, ClientConfig, NodeConfig};
 use replicator::plugin::{
-    ConfigCheck, PluginRuntime, PluginSource, StoragePlugin, default_cache_dir,
+    ConfigCheck, MetadataPlugin, PluginRuntime, PluginSource, StoragePlugin, default_cache_dir,
 };
 use replicator::transport::tls::GeneratedCa;
 use replicator::transport::{Identity, TlsPaths};
@@ -176,6 +177,43 @@ pub async fn check_storage(storage: &str, settings: &[(String, String)]) -> anyh
             plugin.name()
         ),
         ConfigCheck::Accepted | ConfigCheck::Skipped(_) | ConfigCheck::Unchecked(_) => Ok(()),
+    }
+}
+
+/// Refuse, before anything is written, a metadata plugin that does not
+/// load or settings it refuses: it connects once, to a temporary
+/// directory. Plugins check their settings when they connect (the file
+/// and etcd plugins reach no server then); a store it cannot reach now is
+/// no reason to refuse, since it may be started later.
+pub async fn check_metadata(section: &MetadataSection) -> anyhow::Result<()> {
+    let runtime = PluginRuntime::new(default_cache_dir()).map_err(|e| anyhow!("{e}"))?;
+    let source = PluginSection {
+        plugin: section.plugin.clone(),
+        config: Default::default(),
+        thread_per_partition: None,
+        write_behind_ms: None,
+    }
+    .source(Path::new("."));
+    let plugin = MetadataPlugin::load_with(runtime, &source, section.sandbox())
+        .map_err(|e| anyhow!("--metadata {}: {e}", section.plugin))?;
+    let Ok(scratch) = tempfile::tempdir() else {
+        return Ok(()); // the nodes check again when they connect
+    };
+    let connected = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        plugin.connect(scratch.path(), section.plugin_config()),
+    )
+    .await;
+    match connected {
+        Ok(Ok(store)) => {
+            store.close().await;
+            Ok(())
+        }
+        Ok(Err(MetadataError::InvalidInput(why))) => bail!(
+            "--metadata-config: metadata plugin `{}` refuses these settings: {why}",
+            plugin.name()
+        ),
+        Ok(Err(_)) | Err(_) => Ok(()),
     }
 }
 
@@ -368,8 +406,9 @@ pub fn init(args: &InitArgs) -> anyhow::Result<(PathBuf, String)> {
 
 pub async fn run_init(args: InitArgs) -> anyhow::Result<ExitCode> {
     // The cheap checks first, then the plugin's (it loads a component).
-    plan(&args)?;
+    let planned = plan(&args)?;
     check_storage(&args.storage, &args.storage_config).await?;
+    check_metadata(&planned.metadata).await?;
     let (client, cluster_id) = init(&args)?;
     println!(
         "cluster {cluster_id} of {} nodes written to {}",
