@@ -125,7 +125,7 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
         "4",
     ]);
     assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("min.insync.replicas 4"));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("min.insync.replicas 4 (--min-insync)"));
     // One line per acknowledged message: `<partition> <offset>`; the i-th
     // message's value starts with `m<i:010>-` (unique per message).
     let acked = cli_ok(&[
@@ -224,6 +224,19 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
         ["0 first", "1 \u{fffd}Latin-1 \u{fffd}t\u{fffd}", "2 last"],
         "consume prints values lossily, but the bytes were sent"
     );
+    // One message larger than --batch (64 by default) of its size would
+    // allow: a batch holds at most --count messages.
+    cli_ok(&[
+        "produce",
+        "--config",
+        &c.client(),
+        "--topic",
+        "lines",
+        "--count",
+        "1",
+        "--size",
+        "2000000",
+    ]);
 
     // Prometheus text from a node: per-partition gauges with the HW.
     let port = c.base_port + 50;
@@ -553,6 +566,8 @@ fn bad_node_configs_fail_with_clear_errors() {
     assert!(e.contains("--min-insync must be 1..=3"), "{e}");
     // The metadata plugin and its settings are checked too (they used to
     // be written as they were, for every node to refuse at start).
+    let e = refused_init(&["--base-port", "0"]);
+    assert!(e.contains("--base-port 0 is not a port"), "{e}");
     let e = refused_init(&["--metadata", "nosuch"]);
     assert!(
         e.contains("--metadata nosuch: unknown built-in plugin"),

@@ -232,7 +232,8 @@ pub struct ProduceArgs {
     /// partitions, one batch at a time).
     #[arg(long)]
     pub partition: Option<u32>,
-    /// 0: no wait; 1: the leader appended it; all: every in-sync replica has it.
+    /// 0: the leader answers once it took the batch, before storing it;
+    /// 1: once it stored it; all: once every in-sync replica has it.
     #[arg(long, value_enum, default_value = "all")]
     pub acks: AcksArg,
     /// Send N generated messages instead of reading stdin.
@@ -305,8 +306,10 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
     if a.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    if a.count.is_some() {
-        check_message_size(a.size, a.batch)?;
+    if let Some(n) = a.count {
+        // A batch holds at most --count messages, whatever --batch says.
+        let batch = usize::try_from(n).unwrap_or(usize::MAX).clamp(1, a.batch);
+        check_message_size(a.size, batch)?;
     }
     let c = client(&a.config)?;
     let partitions = match a.partition {

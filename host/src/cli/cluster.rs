@@ -228,8 +228,11 @@ fn plan(args: &InitArgs) -> anyhow::Result<Plan> {
     if args.nodes == 0 || args.nodes > 1000 {
         bail!("--nodes must be 1..=1000");
     }
+    if args.base_port == 0 {
+        bail!("--base-port 0 is not a port a node can listen on (use 1..=65535)");
+    }
     let last_port = u32::from(args.base_port) + args.nodes - 1;
-    if args.base_port == 0 || last_port > 65535 {
+    if last_port > 65535 {
         bail!(
             "--base-port {} leaves no room for {} nodes",
             args.base_port,

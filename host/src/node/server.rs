@@ -354,8 +354,13 @@ impl NodeServer {
         }
         let min_isr = min_insync.unwrap_or(self.shared.replication.min_insync_replicas);
         if min_isr == 0 || min_isr as usize > rf {
+            let whose = if min_insync.is_some() {
+                "--min-insync"
+            } else {
+                "the nodes' default ([replication] min_insync_replicas)"
+            };
             return Err(RpcError::Invalid(format!(
-                "min.insync.replicas {min_isr} with replication factor {rf}: it must be 1..={rf}, or acks=all could never succeed"
+                "min.insync.replicas {min_isr} ({whose}) with replication factor {rf}: it must be 1..={rf}, or acks=all could never succeed; pass --min-insync 1..={rf}"
             )));
         }
         let existing = meta.list_partitions().await.map_err(meta_err)?;
