@@ -527,6 +527,11 @@ fn bad_node_configs_fail_with_clear_errors() {
             && e.contains("fsync = `sometimes`: want always, interval or never"),
         "{e}"
     );
+    // A `ca` that is not the cluster's (here another certificate): every
+    // peer would refuse the node's handshakes, and it used to start and
+    // say only that it could not reach a majority.
+    let e = run(&original.replace("ca = \"ca.pem\"", "ca = \"client.pem\""));
+    assert!(e.contains("does not chain to the CA certificate"), "{e}");
     let e = run(&original.replace("cluster_id = \"", "cluster_id = \"not/this-"));
     assert!(
         e.contains("cluster_id: cluster id `not/this-") && e.contains("allowed are"),

@@ -178,11 +178,31 @@ async fn peers_must_prove_who_they_are() {
         };
         let t = Transport::bind(any_addr(), &material(other.path(), who), id, false).unwrap();
         let r = tokio::time::timeout(Duration::from_secs(10), t.connect(node.addr, 1)).await;
-        assert!(
-            matches!(r, Ok(Err(_))),
-            "{who} of another CA was let in: {:?}",
-            r.map(|x| x.is_ok())
-        );
+        match r {
+            // It says why, not "connection lost".
+            Ok(Err(e)) => assert!(
+                e.to_string().contains("TLS handshake failed")
+                    && e.to_string().contains("not this cluster's ca.pem"),
+                "{who}: {e}"
+            ),
+            other => panic!(
+                "{who} of another CA was let in: {:?}",
+                other.map(|x| x.is_ok())
+            ),
+        }
+    }
+    // Our CA's certificate with another CA named as `ca` (a node config
+    // pointing at the wrong file): refused at bind, before any handshake
+    // could fail silently.
+    let mixed = TlsMaterial::load(&TlsPaths {
+        ca: node.dir.path().join("ca.pem"),
+        cert: other.path().join("node-2.pem"),
+        key: other.path().join("node-2-key.pem"),
+    })
+    .unwrap();
+    match Transport::bind(any_addr(), &mixed, Identity::Node(2), true) {
+        Err(e) => assert!(e.to_string().contains("does not chain to the CA"), "{e}"),
+        Ok(_) => panic!("a certificate of another CA was accepted as this node's"),
     }
 
     // No client certificate at all (our CA trusted, so only that is missing).

@@ -158,6 +158,30 @@ pub struct Transport {
     endpoint: quinn::Endpoint,
     me: Identity,
     accepted: Arc<Accepted>,
+    /// When each remote IP's failed TLS handshake was last logged at warn
+    /// level: a peer retrying with a foreign certificate is named once a
+    /// minute, not at every attempt.
+    handshake_warned:
+        Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, std::time::Instant>>>,
+}
+
+/// How often a remote address's failed TLS handshakes are logged.
+const HANDSHAKE_WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// What a failed TLS handshake usually means here.
+const TLS_HINT: &str = "a certificate the other side's CA does not vouch for: another cluster's certificate, or a `ca` (node config [tls], or client.toml) that is not this cluster's ca.pem";
+
+/// The TLS alert that ended a connection's handshake, if one did: sent by
+/// either side (quinn carries TLS alerts as QUIC crypto error codes).
+fn tls_alert(e: &quinn::ConnectionError) -> Option<String> {
+    let code = match e {
+        quinn::ConnectionError::ConnectionClosed(c) => u64::from(c.error_code),
+        quinn::ConnectionError::TransportError(t) => u64::from(t.code),
+        _ => return None,
+    };
+    (0x100..0x200)
+        .contains(&code)
+        .then(|| format!("{:?}", rustls::AlertDescription::from((code & 0xff) as u8)))
 }
 
 /// Connections this endpoint accepted and confirmed (hello answered), by
@@ -213,6 +237,7 @@ impl Transport {
             endpoint,
             me,
             accepted: Arc::default(),
+            handshake_warned: Arc::default(),
         })
     }
 
@@ -273,7 +298,10 @@ impl Transport {
             .await
             .map_err(|e| TransportError::Connect {
                 addr,
-                detail: e.to_string(),
+                detail: match tls_alert(&e) {
+                    Some(alert) => format!("TLS handshake failed ({alert}): {TLS_HINT}"),
+                    None => e.to_string(),
+                },
             })?;
         let peer = Peer { conn, node, addr };
         let hello = tokio::time::timeout(
@@ -281,7 +309,21 @@ impl Transport {
             peer.request_with_cap(&Request::Hello { claim }, Bytes::new(), HELLO_MAX),
         )
         .await
-        .map_err(|_| TransportError::Timeout("hello"))??;
+        .map_err(|_| TransportError::Timeout("hello"))?;
+        // With TLS 1.3 the node's refusal of our certificate arrives after
+        // our side finished the handshake: it ends the first exchange.
+        let hello =
+            hello.map_err(
+                |e| match peer.conn.close_reason().as_ref().and_then(tls_alert) {
+                    Some(alert) => TransportError::Connect {
+                        addr,
+                        detail: format!(
+                            "node {node} refused this side's certificate ({alert}): {TLS_HINT}"
+                        ),
+                    },
+                    None => e,
+                },
+            )?;
         match hello.0 {
             Response::Hello { node: n } if n == node => Ok(peer),
             Response::Hello { node: n } => Err(TransportError::Protocol(format!(
@@ -299,10 +341,31 @@ impl Transport {
         while let Some(incoming) = self.endpoint.accept().await {
             let handler = handler.clone();
             let accepted = self.accepted.clone();
+            let warned = self.handshake_warned.clone();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
-                if let Err(e) = serve_connection(incoming, node, handler, &accepted).await {
-                    debug!(%remote, "connection ended: {e}");
+                match serve_connection(incoming, node, handler, &accepted).await {
+                    Ok(()) => {}
+                    Err(TransportError::Connection(e)) if tls_alert(&e).is_some() => {
+                        let now = std::time::Instant::now();
+                        let first = warned.lock().is_ok_and(|mut w| {
+                            let due = w
+                                .get(&remote.ip())
+                                .is_none_or(|at| now.duration_since(*at) >= HANDSHAKE_WARN_EVERY);
+                            if due {
+                                w.retain(|_, at| now.duration_since(*at) < HANDSHAKE_WARN_EVERY);
+                                w.insert(remote.ip(), now);
+                            }
+                            due
+                        });
+                        let alert = tls_alert(&e).unwrap_or_default();
+                        if first {
+                            warn!(%remote, "refused a connection: TLS handshake failed ({alert}): {TLS_HINT} (logged once a minute per address)");
+                        } else {
+                            debug!(%remote, "TLS handshake failed ({alert})");
+                        }
+                    }
+                    Err(e) => debug!(%remote, "connection ended: {e}"),
                 }
             });
         }

@@ -218,7 +218,22 @@ impl TlsMaterial {
             TlsError::Config(format!(
                 "this certificate is not valid for {expected} ({e}); use the one `replicator cluster init` wrote for it"
             ))
-        })
+        })?;
+        // Peers check it against the same CA: one that does not chain to
+        // it would fail every handshake, with nothing but silence to show
+        // (a node took its `ca` from another file, and only heard "cannot
+        // reach a majority").
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        verifier
+            .verify_client_cert(leaf, &self.chain[1..], rustls_pki_types::UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| {
+                TlsError::Config(format!(
+                    "this certificate does not chain to the CA certificate the config names ({e}), so every peer would refuse it; point `ca` at the cluster's ca.pem and the certificate at the one `replicator cluster init` issued with it"
+                ))
+            })
     }
 
     /// Server side: TLS 1.3, client certificate required and checked
