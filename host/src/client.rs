@@ -37,7 +37,7 @@ pub enum ClientError {
     #[error("unknown topic or partition {0}/{1}")]
     UnknownPartition(String, u32),
     #[error(
-        "the metadata store's record of partition {0}/{1} cannot be read ({2}); the nodes serve the other partitions meanwhile. Restore or remove the record"
+        "the metadata store's record of partition {0}/{1} is corrupt ({2}); the nodes serve the other partitions meanwhile. Restore it (with a version and leader epoch at least those last seen) or remove it"
     )]
     UnreadablePartition(String, u32, String),
     #[error("partition {0}/{1} has no leader (`replicator status` shows its ISR and ELR)")]

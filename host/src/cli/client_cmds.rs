@@ -143,10 +143,20 @@ pub async fn partition(cmd: PartitionCommand) -> anyhow::Result<ExitCode> {
                     .find(|p| p.topic == a.topic && p.partition == a.partition);
                 c.close().await;
                 let name = format!("{}/{}", a.topic, a.partition);
+                let unreadable = c.unreadable().await;
                 match state {
-                    None => bail!("no partition {name} in the metadata"),
+                    None => match unreadable
+                        .iter()
+                        .find(|u| u.topic == a.topic && u.partition == a.partition)
+                    {
+                        Some(u) => bail!(
+                            "the metadata store's record of {name} is corrupt ({}): restore it or remove it first",
+                            u.error
+                        ),
+                        None => bail!("no partition {name} in the metadata"),
+                    },
                     Some(s) if s.leader.is_none() && s.isr.is_empty() && s.elr.is_empty() => bail!(
-                        "{name} has no leader, and no replica is known to hold every committed write (ISR and ELR are empty), so it will not get one by itself. Pass --unclean to elect the most up-to-date live replica; acknowledged writes it lacks are then lost"
+                        "{name} has no leader, and no replica is known to hold every committed write (ISR and ELR are empty), so it will not get one by itself (unless the nodes run with [failover] unclean_leader_election). Pass --unclean to elect the most up-to-date live replica; acknowledged writes it lacks are then lost"
                     ),
                     Some(s) => bail!(
                         "{name} {}. Pass --preferred to move it to its preferred replica now, or --unclean to elect a replica that may lack acknowledged writes (they are then lost)",
@@ -346,11 +356,21 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
         None => tokio::spawn(async move {
             // Lines as bytes: a message is whatever a line holds, UTF-8
             // or not (a Latin-1 line used to end the input silently).
+            use tokio::io::AsyncReadExt;
             let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+            // A line longer than a batch could never be sent: stop reading
+            // there rather than buffer an endless one (`/dev/zero`).
+            let most = u64::from(replicator::batch::MAX_BATCH_LEN) + 2;
             loop {
                 let mut line = Vec::new();
-                if stdin.read_until(b'\n', &mut line).await? == 0 {
+                if (&mut stdin).take(most).read_until(b'\n', &mut line).await? == 0 {
                     return Ok(());
+                }
+                if line.len() as u64 == most && line.last() != Some(&b'\n') {
+                    return Err(std::io::Error::other(format!(
+                        "a line of over {} bytes, more than one batch holds",
+                        replicator::batch::MAX_BATCH_LEN
+                    )));
                 }
                 if line.last() == Some(&b'\n') {
                     line.pop();
@@ -368,8 +388,21 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let (mut acked, mut failed, mut bytes) = (0u64, 0u64, 0u64);
     let mut round = 0usize;
+    // Why the run stopped before its input ended, if it did.
+    let mut stopped: Option<String> = None;
+    let mut signal = std::pin::pin!(super::cluster::shutdown_signal());
     let mut out = std::io::stdout().lock();
-    while let Some(first) = rx.recv().await {
+    loop {
+        let first = tokio::select! {
+            v = rx.recv() => match v {
+                Some(v) => v,
+                None => break,
+            },
+            () = &mut signal => {
+                stopped = Some("interrupted".into());
+                break;
+            }
+        };
         let mut values = vec![first];
         while values.len() < a.batch {
             match rx.try_recv() {
@@ -391,10 +424,19 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
             .collect();
         let n = records.len() as u64;
         let size: u64 = records.iter().map(|r| r.value.len() as u64).sum();
-        match c
-            .produce(&a.topic, partition, &records, a.acks.into(), timeout)
-            .await
-        {
+        let sent = tokio::select! {
+            r = c.produce(&a.topic, partition, &records, a.acks.into(), timeout) => r,
+            () = &mut signal => {
+                failed += n;
+                eprintln!(
+                    "error: interrupted while {n} messages to {}/{partition} were in flight; they may or may not have been written",
+                    a.topic
+                );
+                stopped = Some("interrupted".into());
+                break;
+            }
+        };
+        match sent {
             Ok(base) => {
                 acked += n;
                 bytes += size;
@@ -410,13 +452,48 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
                     "error: {n} messages to {}/{partition} not acknowledged: {e}",
                     a.topic
                 );
+                // Retriable refusals for the whole --timeout-ms: the
+                // partition (or the cluster) is not taking writes. Each
+                // further batch would wait as long (a whole cluster down
+                // made a large input take hours), so stop here, as a
+                // Kafka producer fails what it buffered after its
+                // delivery timeout.
+                if matches!(e, replicator::client::ClientError::Timeout { .. }) {
+                    stopped = Some(format!(
+                        "{}/{partition} took no writes within --timeout-ms ({} ms)",
+                        a.topic, a.timeout_ms
+                    ));
+                    break;
+                }
             }
         }
     }
-    let input_error = match input.await {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(format!("reading stdin: {e}")),
-        Err(e) => Some(format!("reading the input: {e}")),
+    // Whatever was generated or read and not sent; stdin is not read on.
+    drop(rx);
+    let unsent = match (a.count, &stopped) {
+        (Some(n), Some(_)) => n.saturating_sub(acked + failed),
+        _ => 0,
+    };
+    if let Some(why) = &stopped {
+        eprintln!(
+            "error: stopped: {why}; {acked} messages acknowledged, {failed} not{}",
+            match a.count {
+                Some(_) => format!(", {unsent} not sent"),
+                None => ", and the rest of stdin not read".to_string(),
+            }
+        );
+    }
+    // The reader ends once the channel is gone; stdin may be a terminal
+    // waiting for a line nobody types, so a stopped run does not wait.
+    let input_error = if stopped.is_some() {
+        input.abort();
+        None
+    } else {
+        match input.await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("reading stdin: {e}")),
+            Err(e) => Some(format!("reading the input: {e}")),
+        }
     };
     if let Some(e) = &input_error {
         eprintln!("error: {e}; the messages before it were sent as reported, the rest were not");
@@ -427,6 +504,8 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
             "topic": a.topic,
             "acknowledged": acked,
             "failed": failed,
+            "not_sent": unsent,
+            "stopped": stopped,
             "bytes": bytes,
             "seconds": secs,
             "messages_per_second": acked as f64 / secs.max(1e-9),
@@ -436,11 +515,13 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
     }
     drop(out);
     c.close().await;
-    Ok(if failed == 0 && input_error.is_none() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(
+        if failed == 0 && input_error.is_none() && stopped.is_none() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
 }
 
 #[derive(Args)]
@@ -499,7 +580,9 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
         None => end,
     };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // 30 s without a new record, not 30 s in all: a long read that is
+    // still catching up is not cut short.
+    let mut deadline = Instant::now() + Duration::from_secs(30);
     while offset < stop {
         let b = c
             .read(node, &a.topic, a.partition, offset, 1 << 20)
@@ -515,11 +598,14 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
             // What came so far is out already, not held back by the wait.
             let _ = out.flush();
             if Instant::now() > deadline {
-                bail!("only {offset} of {stop} offsets were committed within 30 s");
+                bail!(
+                    "offsets up to {stop} were asked for, but nothing past {offset} was committed for 30 s"
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         }
+        deadline = Instant::now() + Duration::from_secs(30);
         for r in b.records {
             if r.offset >= stop {
                 break;
@@ -731,7 +817,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
         }
         for u in &unreadable {
             println!(
-                "unreadable: {}/{}: the metadata store's record cannot be read: {}",
+                "unreadable: {}/{}: the metadata store's record is corrupt: {}",
                 u.topic, u.partition, u.error
             );
         }

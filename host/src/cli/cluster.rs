@@ -213,6 +213,9 @@ pub async fn check_metadata(section: &MetadataSection) -> anyhow::Result<()> {
             "--metadata-config: metadata plugin `{}` refuses these settings: {why}",
             plugin.name()
         ),
+        // It trapped or broke the contract while connecting: as good as
+        // not loading.
+        Ok(Err(MetadataError::Fault(why))) => bail!("--metadata {}: {why}", section.plugin),
         Ok(Err(_)) | Err(_) => Ok(()),
     }
 }
@@ -459,7 +462,7 @@ pub struct NodeArgs {
     pub worker_threads: Option<u16>,
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

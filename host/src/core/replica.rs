@@ -210,11 +210,15 @@ pub struct ReplicationManager {
     outbox: Vec<Action>,
     next_correlation: u64,
     last_hw_checkpoint_ms: u64,
-    /// The HW the storage holds as its checkpoint (as loaded, then as
-    /// last written): an unchanged HW is not written again. An idle node
-    /// with 1000 partitions used to rewrite and sync 1000 checkpoint files
-    /// every interval.
-    checkpointed_hw: u64,
+    /// The HW and log end at the last checkpoint this state machine wrote
+    /// (none yet: the first interval writes, since what storage holds may
+    /// be above the log end it loaded with). An idle partition, whose
+    /// checkpoint would be the same, is not written again: an idle node
+    /// with 1000 partitions rewrote and synced 1000 files every interval.
+    /// The log end counts because a checkpoint is also when some plugins
+    /// push out buffered appends (the S3 plugin uploads first), and while
+    /// the HW is stuck (an ISR below min.insync) appends still come.
+    checkpointed: Option<(u64, u64)>,
     counters: ReplicaCounters,
     faults: Faults,
 }
@@ -255,7 +259,7 @@ impl ReplicationManager {
             outbox,
             next_correlation: 0,
             last_hw_checkpoint_ms: 0,
-            checkpointed_hw: state.high_watermark,
+            checkpointed: None,
             counters: ReplicaCounters::default(),
             faults: Faults::default(),
         }
@@ -1225,8 +1229,9 @@ impl ReplicationManager {
             >= self.config.high_watermark_checkpoint_interval_ms
         {
             self.last_hw_checkpoint_ms = now;
-            if self.hw != self.checkpointed_hw {
-                self.checkpointed_hw = self.hw;
+            let now_at = Some((self.hw, self.leo));
+            if self.checkpointed != now_at {
+                self.checkpointed = now_at;
                 self.outbox.push(Action::PersistHighWatermark(self.hw));
             }
         }
@@ -1568,8 +1573,8 @@ mod tests {
         rm
     }
 
-    /// The HW is checkpointed each interval only if it moved since the
-    /// checkpoint the storage holds.
+    /// The HW is checkpointed at the first interval, then only when the
+    /// HW or the log end moved since.
     #[test]
     fn an_unchanged_high_watermark_is_not_checkpointed_again() {
         let checkpoints = |rm: &mut ReplicationManager| -> Vec<u64> {
@@ -1584,8 +1589,10 @@ mod tests {
         let every = Config::default().high_watermark_checkpoint_interval_ms;
         let mut rm = sole_leader();
         rm.drain();
-        // Loaded at 0, still 0: nothing to write.
+        // The first interval writes what it holds; then nothing changed.
         rm.tick(every);
+        assert_eq!(checkpoints(&mut rm), vec![0]);
+        rm.tick(2 * every);
         assert_eq!(checkpoints(&mut rm), Vec::<u64>::new());
         let mut rm = sole_leader_with(10);
         assert_eq!(rm.high_watermark(), 10);
@@ -1594,19 +1601,23 @@ mod tests {
         assert_eq!(checkpoints(&mut rm), vec![10]);
         rm.tick(2 * every);
         assert_eq!(checkpoints(&mut rm), Vec::<u64>::new());
-        // A checkpoint loaded above the log end is written clamped.
-        let state = LogState {
-            bounds: OffsetBounds {
-                log_start: 0,
-                log_end: 5,
-            },
-            high_watermark: 9,
-            leader_epochs: Vec::new(),
-        };
-        let mut rm = ReplicationManager::new(Config::default(), 1, &state);
-        rm.drain();
-        rm.tick(every);
-        assert_eq!(checkpoints(&mut rm), vec![5]);
+        // Appends with the HW stuck (acks=1, the ISR below min.insync):
+        // the log end moved, so the checkpoint is written again.
+        let mut stuck = sole_leader();
+        stuck.become_leader(1, vec![1, 2], vec![1], 1, 0);
+        stuck.set_min_insync_replicas(2);
+        let record = [Record {
+            value: bytes::Bytes::from_static(b"0123456789"),
+            ..Default::default()
+        }];
+        stuck.tick(every);
+        stuck.drain();
+        assert!(stuck.produce(0, &record, Acks::Leader, 60_000).is_ok());
+        stuck.log_appended(1, every);
+        assert_eq!(stuck.high_watermark(), 0);
+        stuck.drain();
+        stuck.tick(2 * every);
+        assert_eq!(checkpoints(&mut stuck), vec![0]);
     }
 
     #[test]

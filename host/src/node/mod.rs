@@ -465,22 +465,24 @@ async fn refresh(
             Ok(s) => {
                 if unreadable.remove(&tp).is_some() {
                     info!("{topic}/{partition}: its record in the metadata store reads again");
+                    // Repaired in place, it may carry the version seen.
+                    seen.remove(&tp);
                 }
                 s
             }
             Err(MetadataError::NotFound(_)) => continue,
-            // The store is down: the next pass tries everything again.
-            Err(e @ MetadataError::Unavailable(_)) => return Err(e),
-            Err(e) => {
-                let why = e.to_string();
+            // That record: the other partitions go on.
+            Err(MetadataError::Corrupt(why)) => {
                 if unreadable.get(&tp) != Some(&why) {
                     error!(
-                        "{topic}/{partition}: its record in the metadata store cannot be read, so this node keeps its last view of the partition until it can (no failover decision on it can be written either); the other partitions go on. Restore or remove the record: {why}"
+                        "{topic}/{partition}: its record in the metadata store is corrupt, so this node keeps its last view of the partition until it reads again; the other partitions go on. Restore the record (with a version and leader epoch at least those last seen) or remove it: {why}"
                     );
                     unreadable.insert(tp, why);
                 }
                 continue;
             }
+            // The store (down, slow, failing): the next pass tries again.
+            Err(e) => return Err(e),
         };
         if let Ok(mut m) = shared.states.write() {
             // A newer version (this node's own election) is never

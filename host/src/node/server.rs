@@ -525,14 +525,16 @@ impl Handler for NodeServer {
                         match meta.get_partition(&t, p).await {
                             Ok(s) => partitions.push(s),
                             Err(MetadataError::NotFound(_)) => {}
-                            // The store is down: nothing else reads either.
-                            Err(e @ MetadataError::Unavailable(_)) => return Err(meta_err(e)),
                             // That partition's record: the others still serve.
-                            Err(e) => unreadable.push(UnreadablePartition {
-                                topic: t,
-                                partition: p,
-                                error: e.to_string(),
-                            }),
+                            Err(MetadataError::Corrupt(why)) => {
+                                unreadable.push(UnreadablePartition {
+                                    topic: t,
+                                    partition: p,
+                                    error: why,
+                                })
+                            }
+                            // The store itself: nothing else would read either.
+                            Err(e) => return Err(meta_err(e)),
                         }
                     }
                     Ok((

@@ -220,19 +220,37 @@ async fn guarded<T>(
     }
 }
 
-/// `e` from a guest that sees `dir` as [`GUEST_DIR`], with its paths as
+/// `msg` from a guest that sees `dir` as [`GUEST_DIR`], with its paths as
 /// the operator knows them (`/data/partitions/t/0/...` named the guest's
-/// view, which is nowhere on the host).
-fn host_paths(e: MetadataError, dir: &Path) -> MetadataError {
+/// view, which is nowhere on the host): `/data/` where a path starts (the
+/// message's start, or after a space, quote, colon or parenthesis).
+fn host_paths_in(msg: String, dir: &Path) -> String {
     let guest = format!("{GUEST_DIR}/");
-    let host = format!("{}/", dir.display());
-    let fix = |m: String| {
-        if m.contains(&guest) {
-            m.replace(&guest, &host)
-        } else {
-            m
-        }
-    };
+    if !msg.contains(&guest) {
+        return msg;
+    }
+    let host = dir.display().to_string();
+    let host = format!("{}/", host.trim_end_matches('/'));
+    let mut out = String::with_capacity(msg.len() + 64);
+    let mut rest = msg.as_str();
+    while let Some(i) = rest.find(&guest) {
+        let starts_path = rest[..i]
+            .chars()
+            .next_back()
+            .is_none_or(|c| c.is_whitespace() || "'\"`:(".contains(c))
+            && (i > 0
+                || out.is_empty()
+                || out.ends_with(|c: char| c.is_whitespace() || "'\"`:(".contains(c)));
+        out.push_str(&rest[..i]);
+        out.push_str(if starts_path { &host } else { &guest });
+        rest = &rest[i + guest.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn host_paths(e: MetadataError, dir: &Path) -> MetadataError {
+    let fix = |m: String| host_paths_in(m, dir);
     match e {
         MetadataError::NotFound(m) => MetadataError::NotFound(fix(m)),
         MetadataError::Conflict(m) => MetadataError::Conflict(fix(m)),
@@ -301,6 +319,17 @@ enum Verdict {
 }
 
 impl Actor {
+    /// `e` with the guest's paths as the host names them, for a plugin
+    /// whose store is its directory (one that talks to a server, such as
+    /// etcd, may name keys that look like paths).
+    fn host_paths(&self, e: MetadataError) -> MetadataError {
+        if self.sandbox().http_allow.is_empty() {
+            host_paths(e, &self.data_dir)
+        } else {
+            e
+        }
+    }
+
     fn sandbox(&self) -> &Sandbox {
         &self.plugin.inner.sandbox
     }
@@ -344,7 +373,7 @@ impl Actor {
                 });
                 Ok(())
             }
-            Ok(Err(e)) => Err(host_paths(convert(e), &self.data_dir)),
+            Ok(Err(e)) => Err(self.host_paths(convert(e))),
             Err(f) => Err(self.fault(format!("connect: {f}"))),
         }
     }
@@ -441,7 +470,7 @@ impl Actor {
         };
         match verdict {
             Verdict::Ok(out) => Ok(out),
-            Verdict::Err(e) => Err(host_paths(e, &self.data_dir)),
+            Verdict::Err(e) => Err(self.host_paths(e)),
             Verdict::Violation(why) => Err(self.fault(why)),
         }
     }
@@ -489,41 +518,52 @@ fn check_get(
             "{asked} answered not-found after version {known} was seen"
         ));
     }
-    judge(answer, |s| {
-        let s = from_wit(s);
-        if s.topic != key.0 || s.partition != key.1 {
-            return Err(format!(
-                "{asked} answered with the state of {}/{}",
-                s.topic, s.partition
-            ));
-        }
-        if s.version == 0 {
-            return Err(format!(
-                "{asked} answered with version 0, which means not created"
-            ));
-        }
-        if s.version < known {
-            return Err(format!(
-                "{asked} answered with version {} after version {known} was seen",
-                s.version
-            ));
-        }
-        if let Some(why) = membership_error(&s) {
-            // Elections trust these lists: a stranger in the ELR, or a
-            // member counted twice, could lead without the committed writes.
-            return Err(format!("{asked} answered with {why}"));
-        }
-        if s.leader_epoch < known_epoch {
-            // Leader epochs only grow: a node would lead, or follow, an
-            // epoch whose place in its epoch cache is already taken.
-            return Err(format!(
-                "{asked} answered with leader epoch {} after epoch {known_epoch} was seen",
-                s.leader_epoch
-            ));
-        }
-        seen.versions.insert(key, (s.version, s.leader_epoch));
-        Ok(Out::State(s))
-    })
+    // Answers no store could give are the plugin's fault; a record that
+    // breaks the rules is the store's content (a hand edit, a restored
+    // backup): refused as corrupt, that partition alone, and the plugin
+    // instance is kept.
+    let s = match answer {
+        Err(fault) => return Verdict::Violation(fault),
+        Ok(Err(e)) => return Verdict::Err(convert(e)),
+        Ok(Ok(s)) => from_wit(s),
+    };
+    if s.topic != key.0 || s.partition != key.1 {
+        return Verdict::Violation(format!(
+            "{asked} answered with the state of {}/{}",
+            s.topic, s.partition
+        ));
+    }
+    if s.version == 0 {
+        return Verdict::Violation(format!(
+            "{asked} answered with version 0, which means not created"
+        ));
+    }
+    let corrupt = |why: String| {
+        Verdict::Err(MetadataError::Corrupt(format!(
+            "{asked} answered with {why}"
+        )))
+    };
+    if s.version < known {
+        return corrupt(format!(
+            "version {} after version {known} was seen",
+            s.version
+        ));
+    }
+    if let Some(why) = membership_error(&s) {
+        // Elections trust these lists: a stranger in the ELR, or a
+        // member counted twice, could lead without the committed writes.
+        return corrupt(why);
+    }
+    if s.leader_epoch < known_epoch {
+        // Leader epochs only grow: a node would lead, or follow, an
+        // epoch whose place in its epoch cache is already taken.
+        return corrupt(format!(
+            "leader epoch {} after epoch {known_epoch} was seen",
+            s.leader_epoch
+        ));
+    }
+    seen.versions.insert(key, (s.version, s.leader_epoch));
+    Verdict::Ok(Out::State(s))
 }
 
 /// What is wrong with a state's ISR and ELR, if anything: each must hold
@@ -747,12 +787,30 @@ mod tests {
         }))
     }
 
+    /// A state's version, or why it was refused as corrupt (a record
+    /// that breaks the rules is the store's content, not a plugin fault).
     fn get(seen: &mut Seen, answer: Answer<wit::PartitionState>) -> Result<u64, String> {
         match check_get(seen, "t".into(), 0, answer) {
             Verdict::Ok(Out::State(s)) => Ok(s.version),
-            Verdict::Violation(why) => Err(why),
-            _ => Err("neither a state nor a violation".into()),
+            Verdict::Err(MetadataError::Corrupt(why)) => Err(why),
+            Verdict::Violation(why) => Err(format!("a plugin fault, not a corrupt record: {why}")),
+            _ => Err("neither a state nor a corrupt record".into()),
         }
+    }
+
+    #[test]
+    fn the_guests_paths_are_named_as_the_host_knows_them() {
+        let dir = Path::new("/srv/c/metadata/");
+        assert_eq!(
+            host_paths_in("/data/partitions/t/0/1.json: bad".into(), dir),
+            "/srv/c/metadata/partitions/t/0/1.json: bad"
+        );
+        assert_eq!(
+            host_paths_in("create /data/partitions: (os error 30)".into(), dir),
+            "create /srv/c/metadata/partitions: (os error 30)"
+        );
+        // Not at a path's start: left alone.
+        assert_eq!(host_paths_in("key /x/data/y".into(), dir), "key /x/data/y");
     }
 
     #[test]

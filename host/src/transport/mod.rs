@@ -168,12 +168,9 @@ pub struct Transport {
 /// How often a remote address's failed TLS handshakes are logged.
 const HANDSHAKE_WARN_EVERY: Duration = Duration::from_secs(60);
 
-/// What a failed TLS handshake usually means here.
-const TLS_HINT: &str = "a certificate the other side's CA does not vouch for: another cluster's certificate, or a `ca` (node config [tls], or client.toml) that is not this cluster's ca.pem";
-
 /// The TLS alert that ended a connection's handshake, if one did: sent by
 /// either side (quinn carries TLS alerts as QUIC crypto error codes).
-fn tls_alert(e: &quinn::ConnectionError) -> Option<String> {
+fn tls_alert(e: &quinn::ConnectionError) -> Option<rustls::AlertDescription> {
     let code = match e {
         quinn::ConnectionError::ConnectionClosed(c) => u64::from(c.error_code),
         quinn::ConnectionError::TransportError(t) => u64::from(t.code),
@@ -181,7 +178,36 @@ fn tls_alert(e: &quinn::ConnectionError) -> Option<String> {
     };
     (0x100..0x200)
         .contains(&code)
-        .then(|| format!("{:?}", rustls::AlertDescription::from((code & 0xff) as u8)))
+        .then(|| rustls::AlertDescription::from((code & 0xff) as u8))
+}
+
+/// What a failed handshake with `alert` most likely means here, and what
+/// to check.
+fn tls_hint(alert: rustls::AlertDescription) -> &'static str {
+    use rustls::AlertDescription as A;
+    match alert {
+        A::NoApplicationProtocol => {
+            "the two sides speak different wire versions (ALPN): run the same release on both"
+        }
+        A::BadCertificate
+        | A::UnknownCA
+        | A::CertificateUnknown
+        | A::UnsupportedCertificate
+        | A::CertificateRequired
+        | A::AccessDenied => {
+            "a certificate the other side's CA does not vouch for (another cluster's, or a `ca` in a node config or client.toml that is not this cluster's ca.pem), or a node at the address that is not the one dialled"
+        }
+        A::CertificateExpired => "an expired certificate: issue new ones from the cluster's CA",
+        _ => "check that both sides use certificates from this cluster's CA",
+    }
+}
+
+/// A failed handshake, described: what quinn says, the alert, the hint.
+fn handshake_failed(e: &quinn::ConnectionError, alert: rustls::AlertDescription) -> String {
+    format!(
+        "TLS handshake failed ({e}; alert {alert:?}): {}",
+        tls_hint(alert)
+    )
 }
 
 /// Connections this endpoint accepted and confirmed (hello answered), by
@@ -299,7 +325,7 @@ impl Transport {
             .map_err(|e| TransportError::Connect {
                 addr,
                 detail: match tls_alert(&e) {
-                    Some(alert) => format!("TLS handshake failed ({alert}): {TLS_HINT}"),
+                    Some(alert) => handshake_failed(&e, alert),
                     None => e.to_string(),
                 },
             })?;
@@ -312,18 +338,19 @@ impl Transport {
         .map_err(|_| TransportError::Timeout("hello"))?;
         // With TLS 1.3 the node's refusal of our certificate arrives after
         // our side finished the handshake: it ends the first exchange.
-        let hello =
-            hello.map_err(
-                |e| match peer.conn.close_reason().as_ref().and_then(tls_alert) {
-                    Some(alert) => TransportError::Connect {
-                        addr,
-                        detail: format!(
-                            "node {node} refused this side's certificate ({alert}): {TLS_HINT}"
-                        ),
-                    },
-                    None => e,
+        let hello = hello.map_err(|e| match peer.conn.close_reason() {
+            Some(reason) => match tls_alert(&reason) {
+                Some(alert) => TransportError::Connect {
+                    addr,
+                    detail: format!(
+                        "node {node} refused this side's certificate: {}",
+                        handshake_failed(&reason, alert)
+                    ),
                 },
-            )?;
+                None => e,
+            },
+            None => e,
+        })?;
         match hello.0 {
             Response::Hello { node: n } if n == node => Ok(peer),
             Response::Hello { node: n } => Err(TransportError::Protocol(format!(
@@ -346,7 +373,7 @@ impl Transport {
                 let remote = incoming.remote_address();
                 match serve_connection(incoming, node, handler, &accepted).await {
                     Ok(()) => {}
-                    Err(TransportError::Connection(e)) if tls_alert(&e).is_some() => {
+                    Err(TransportError::Connection(e)) if let Some(alert) = tls_alert(&e) => {
                         let now = std::time::Instant::now();
                         let first = warned.lock().is_ok_and(|mut w| {
                             let due = w
@@ -358,11 +385,11 @@ impl Transport {
                             }
                             due
                         });
-                        let alert = tls_alert(&e).unwrap_or_default();
+                        let what = handshake_failed(&e, alert);
                         if first {
-                            warn!(%remote, "refused a connection: TLS handshake failed ({alert}): {TLS_HINT} (logged once a minute per address)");
+                            warn!(%remote, "a connection: {what} (logged once a minute per address)");
                         } else {
-                            debug!(%remote, "TLS handshake failed ({alert})");
+                            debug!(%remote, "a connection: {what}");
                         }
                     }
                     Err(e) => debug!(%remote, "connection ended: {e}"),
