@@ -291,17 +291,20 @@ fn a_corrupt_partition_record_affects_only_that_partition() {
         "{status}"
     );
     assert!(status.contains("bad                 1"), "{status}");
-    let refused = cli(&[
-        "produce",
-        "--config",
-        &client,
-        "--topic",
-        "bad",
-        "--partition",
-        "0",
-        "--count",
-        "1",
-    ]);
+    let to_bad_0 = |n: &'static str| {
+        cli(&[
+            "produce",
+            "--config",
+            &client,
+            "--topic",
+            "bad",
+            "--partition",
+            "0",
+            "--count",
+            n,
+        ])
+    };
+    let refused = to_bad_0("1");
     let why = String::from_utf8_lossy(&refused.stderr);
     assert!(
         !refused.status.success() && why.contains("record of partition bad/0 is corrupt"),
@@ -320,17 +323,12 @@ fn a_corrupt_partition_record_affects_only_that_partition() {
 
     // Removed, the partition serves again.
     std::fs::remove_file(&corrupt).expect("remove");
-    cli_ok(&[
-        "produce",
-        "--config",
-        &client,
-        "--topic",
-        "bad",
-        "--partition",
-        "0",
-        "--count",
-        "10",
-    ]);
+    let served = to_bad_0("10");
+    assert!(
+        served.status.success(),
+        "{}",
+        String::from_utf8_lossy(&served.stderr)
+    );
 }
 
 /// A counter of the Prometheus text `metrics`, 0 when absent.
@@ -603,28 +601,33 @@ fn bad_node_configs_fail_with_clear_errors() {
     // With no node up, produce stops after the first batch's --timeout-ms
     // and says how much was not sent, instead of waiting that long for
     // every batch (with a whole cluster down, a large input took hours).
-    let out = cli_within(
-        &[
+    let client = c.client();
+    let produce_args = |extra: &[&'static str]| {
+        let mut args = vec![
             "produce",
             "--config",
-            &c.client(),
+            &client,
             "--topic",
             "t",
             "--partition",
             "0",
-            "--count",
-            "1000",
-            "--batch",
-            "10",
-            "--timeout-ms",
-            "500",
-            "--json",
-        ],
+        ];
+        args.extend_from_slice(&["--count", "1000", "--json"]);
+        args.extend_from_slice(extra);
+        args.into_iter()
+            .map(str::to_string)
+            .collect::<Vec<String>>()
+    };
+    let summary_of = |out: &std::process::Output| -> serde_json::Value {
+        assert!(!out.status.success());
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("a summary")
+    };
+    let args = produce_args(&["--batch", "10", "--timeout-ms", "500"]);
+    let out = cli_within(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
         std::time::Duration::from_secs(30),
     );
-    assert!(!out.status.success());
-    let summary: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("a summary");
+    let summary = summary_of(&out);
     assert_eq!(
         (
             &summary["acknowledged"],
@@ -641,20 +644,7 @@ fn bad_node_configs_fail_with_clear_errors() {
     );
     // SIGTERM (or Ctrl-C) stops it too, with its summary.
     let child = std::process::Command::new(support::BIN)
-        .args([
-            "produce",
-            "--config",
-            &c.client(),
-            "--topic",
-            "t",
-            "--partition",
-            "0",
-            "--count",
-            "1000",
-            "--timeout-ms",
-            "60000",
-            "--json",
-        ])
+        .args(produce_args(&["--timeout-ms", "60000"]))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -666,10 +656,7 @@ fn bad_node_configs_fail_with_clear_errors() {
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status();
-    let out = child.wait_with_output().expect("produce");
-    assert!(!out.status.success());
-    let summary: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("a summary");
+    let summary = summary_of(&child.wait_with_output().expect("produce"));
     assert_eq!(summary["stopped"], "interrupted", "{summary}");
 }
 

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use clap::{Args, Subcommand, ValueEnum};
 use replicator::batch::Record;
 use replicator::client::Client;
-use replicator::core::{Acks, ReplicaId, most_up_to_date};
+use replicator::core::{Acks, ReplicaId, describe_logs, most_up_to_date};
 use replicator::node::ClientConfig;
 use replicator::wire::rpc::ReplicaStatus;
 use tokio::io::AsyncBufReadExt;
@@ -179,14 +179,7 @@ pub async fn partition(cmd: PartitionCommand) -> anyhow::Result<ExitCode> {
                 bail!("no partition {}/{} in the metadata", a.topic, a.partition);
             };
             let logs = report.replica_logs();
-            let ends: Vec<String> = logs
-                .iter()
-                .map(|(r, epoch, leo)| match (epoch, leo) {
-                    (Some(e), Some(l)) => format!("{r}:{l} (epoch {e})"),
-                    (None, Some(l)) => format!("{r}:{l}"),
-                    _ => format!("{r}:?"),
-                })
-                .collect();
+            let ends = describe_logs(&logs);
             let replica = match a.replica {
                 Some(r) => r,
                 None => most_up_to_date(&logs).with_context(|| {
@@ -199,10 +192,7 @@ pub async fn partition(cmd: PartitionCommand) -> anyhow::Result<ExitCode> {
             let state = c.elect_unclean(&a.topic, a.partition, replica).await?;
             println!(
                 "node {replica} leads {}/{} in epoch {} (UNCLEAN: acknowledged writes it lacks are lost); replica log ends were {}",
-                a.topic,
-                a.partition,
-                state.leader_epoch,
-                ends.join(" ")
+                a.topic, a.partition, state.leader_epoch, ends
             );
             c.close().await;
             Ok(ExitCode::SUCCESS)

@@ -163,6 +163,20 @@ pub fn most_up_to_date(logs: &[(ReplicaId, Option<u32>, Option<u64>)]) -> Option
         .map(|(r, _)| r)
 }
 
+/// `2:2000 (epoch 1) 3:3000 (epoch 1) 4:?`: what each replica said of its
+/// log, as [`most_up_to_date`] takes them, for operators.
+pub fn describe_logs(logs: &[(ReplicaId, Option<u32>, Option<u64>)]) -> String {
+    let parts: Vec<String> = logs
+        .iter()
+        .map(|(r, epoch, leo)| match (epoch, leo) {
+            (Some(e), Some(l)) => format!("{r}:{l} (epoch {e})"),
+            (None, Some(l)) => format!("{r}:{l}"),
+            _ => format!("{r}:?"),
+        })
+        .collect();
+    parts.join(" ")
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DecisionKind {
     /// The leader failed (or there was none): `next.leader` leads the next

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use tracing::debug;
 
-use crate::core::{Decision, ReplicaId, TopicPartition, most_up_to_date};
+use crate::core::{Decision, ReplicaId, TopicPartition, describe_logs, most_up_to_date};
 use crate::transport::Transport;
 use crate::wire::rpc::{ReplicaStatus, Request, Response};
 
@@ -244,7 +244,7 @@ impl Surveys {
         }
         self.since.remove(tp);
         self.proposed.remove(tp);
-        let said = describe(logs);
+        let said = describe_logs(logs);
         let decision = most_up_to_date(logs)
             .and_then(|best| d.unclean_with_leader(best))
             .unwrap_or(d);
@@ -258,19 +258,6 @@ impl Surveys {
         };
         Outcome::Elect { decision, logs }
     }
-}
-
-/// `2:2000 (epoch 1) 3:3000 (epoch 1) 4:?`, as `partition elect` prints.
-fn describe(logs: &[Log]) -> String {
-    let parts: Vec<String> = logs
-        .iter()
-        .map(|(r, epoch, leo)| match (epoch, leo) {
-            (Some(e), Some(l)) => format!("{r}:{l} (epoch {e})"),
-            (None, Some(l)) => format!("{r}:{l}"),
-            _ => format!("{r}:?"),
-        })
-        .collect();
-    parts.join(" ")
 }
 
 #[cfg(test)]
