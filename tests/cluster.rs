@@ -688,6 +688,25 @@ fn cluster_init_warns_about_ports_in_the_ephemeral_range() {
     );
 }
 
+/// With no node up, a client command names every node it tried and why
+/// (it used to name whichever failed last).
+#[test]
+fn with_no_node_up_the_client_names_every_node() {
+    let c = Cluster::init(3, "memory", |t| t);
+    let out = cli_within(
+        &["status", "--config", &c.client()],
+        std::time::Duration::from_secs(30),
+    );
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        why.contains("no node answered: node 1: ")
+            && why.contains("; node 2: ")
+            && why.contains("; node 3: "),
+        "{why}"
+    );
+}
+
 #[test]
 fn a_restarted_leader_hands_over_and_loses_nothing_even_with_memory_storage() {
     // In-memory logs: the restarted leader comes back empty. It must not

@@ -282,19 +282,32 @@ impl Client {
     /// not delay it).
     async fn fastest(&self, req: &Request) -> Result<(Response, Bytes), ClientError> {
         let ids = self.node_ids().await;
+        // Every node's reason, for when none answers: the last alone
+        // named one node of several.
+        let errors = std::sync::Mutex::new(Vec::new());
+        let errors = &errors;
         let attempts = ids.into_iter().map(|id| {
             Box::pin(async move {
-                let peer = self.peer(id).await.map_err(|e| format!("node {id}: {e}"))?;
-                match peer
-                    .request_within(req, Bytes::new(), REQUEST_TIMEOUT)
-                    .await
-                {
-                    Ok(r) => Ok(r),
-                    Err(e) => {
-                        self.peers.lock().await.remove(&id);
-                        Err(format!("node {id}: {e}"))
+                let attempt = async {
+                    let peer = self.peer(id).await.map_err(|e| format!("node {id}: {e}"))?;
+                    match peer
+                        .request_within(req, Bytes::new(), REQUEST_TIMEOUT)
+                        .await
+                    {
+                        Ok(r) => Ok(r),
+                        Err(e) => {
+                            self.peers.lock().await.remove(&id);
+                            Err(format!("node {id}: {e}"))
+                        }
                     }
+                };
+                let r = attempt.await;
+                if let Err(e) = &r
+                    && let Ok(mut all) = errors.lock()
+                {
+                    all.push((id, e.clone()));
                 }
+                r
             })
         });
         let attempts: Vec<_> = attempts.collect();
@@ -303,7 +316,19 @@ impl Client {
         }
         match futures_util::future::select_ok(attempts).await {
             Ok((r, _)) => Ok(r),
-            Err(last) => Err(ClientError::NoNode(last)),
+            Err(last) => {
+                let mut all = errors
+                    .lock()
+                    .map(|mut e| std::mem::take(&mut *e))
+                    .unwrap_or_default();
+                all.sort();
+                let said: Vec<String> = all.into_iter().map(|(_, e)| e).collect();
+                Err(ClientError::NoNode(if said.is_empty() {
+                    last
+                } else {
+                    said.join("; ")
+                }))
+            }
         }
     }
 
