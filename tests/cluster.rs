@@ -1555,8 +1555,10 @@ fn retention_bounds_every_log_and_a_wiped_replica_restarts_at_the_leaders_start(
         }
         first
     };
+    let mut firsts = Vec::new();
     for r in 1..=3 {
         let first = kept(&c, r, 10000);
+        firsts.push((r, first));
         let held = 10000 - first;
         assert!(
             (1000..=1200).contains(&held),
@@ -1575,6 +1577,21 @@ fn retention_bounds_every_log_and_a_wiped_replica_restarts_at_the_leaders_start(
         );
         assert_eq!(start, first, "replica {r}");
         assert!(deletions > 1, "replica {r}: {deletions} deletions");
+    }
+    // `status --json` shows each replica's log start too.
+    let v = c.wait_status("log starts reported", |v| {
+        partition(v, "t", 0).is_some_and(|p| p["replica_log_starts"].is_array())
+    });
+    let starts = &partition(&v, "t", 0).unwrap()["replica_log_starts"];
+    for (r, first) in firsts {
+        assert!(
+            starts
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e[0] == r && e[1] == first),
+            "replica {r} starts at {first}: {starts}"
+        );
     }
     // Below the log start is out of range, and says where the log starts.
     let gone = cli(&[

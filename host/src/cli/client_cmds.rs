@@ -644,6 +644,9 @@ pub struct PartitionReport {
     /// replica reports itself; `None` where it did not answer or its log
     /// is empty.
     pub replica_last_epochs: Vec<(ReplicaId, Option<u32>)>,
+    /// (replica, its log start: the first offset it can still be read
+    /// from, which retention moves), as each replica reports itself.
+    pub replica_log_starts: Vec<(ReplicaId, Option<u64>)>,
 }
 
 impl PartitionReport {
@@ -742,6 +745,11 @@ pub async fn gather(c: &Client) -> anyhow::Result<(Vec<PartitionReport>, Vec<Str
                         find(*r, &p.topic, p.partition).and_then(|s| s.last_epoch),
                     )
                 })
+                .collect(),
+            replica_log_starts: p
+                .replicas
+                .iter()
+                .map(|r| (*r, find(*r, &p.topic, p.partition).map(|s| s.log_start)))
                 .collect(),
         });
     }
