@@ -812,12 +812,12 @@ fn after_a_whole_cluster_crash_an_unclean_election_by_the_operator_restores_serv
                     && p["elr"] == serde_json::json!([])
             })
     });
-    let logs = || (1..=3).map(|n| c.log(n)).collect::<String>();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !logs().contains("no replica is known to hold every committed write") {
-        assert!(std::time::Instant::now() < deadline, "{}", logs());
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    c.wait_log("the no-candidate error", |c| {
+        (1..=3).any(|n| {
+            c.log(n)
+                .contains("no replica is known to hold every committed write")
+        })
+    });
 
     let elect = |extra: &[&str]| elect_t0(&client, extra);
     let refused = elect(&[]);
@@ -901,11 +901,9 @@ fn an_automatic_unclean_election_elects_the_most_up_to_date_live_replica() {
     // Node 3 first, alone (no majority, so no election), until it has
     // given up its ELR claim; then node 2.
     c.start(3);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !c.log(3).contains("left the ELR after restarting") {
-        assert!(std::time::Instant::now() < deadline, "{}", c.log(3));
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    c.wait_log("node 3 to give up its ELR claim", |c| {
+        c.log(3).contains("left the ELR after restarting")
+    });
     c.start(2);
     c.wait_status("node 3 leads", |v| {
         partition(v, "t", 0).is_some_and(|p| p["leader"] == 3)
@@ -1300,15 +1298,10 @@ fn last_in_sync_restarts(storage: &str, graceful: bool) -> Cluster {
         c.kill(1);
     }
     c.start(1);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !c.log(1).contains("it may not lead") && !c.log(1).contains("leadership moves") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "node 1 did not give up its claims:\n{}",
-            c.log(1)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    c.wait_log("node 1 to give up its claims", |c| {
+        let log = c.log(1);
+        log.contains("it may not lead") || log.contains("leadership moves")
+    });
 
     c.signal(2, "-CONT");
     let leader = if graceful { 1 } else { 2 };

@@ -302,10 +302,11 @@ impl Client {
                     }
                 };
                 let r = attempt.await;
-                if let Err(e) = &r
-                    && let Ok(mut all) = errors.lock()
-                {
-                    all.push((id, e.clone()));
+                if let Err(e) = &r {
+                    errors
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push((id, e.clone()));
                 }
                 r
             })
@@ -316,18 +317,13 @@ impl Client {
         }
         match futures_util::future::select_ok(attempts).await {
             Ok((r, _)) => Ok(r),
-            Err(last) => {
-                let mut all = errors
-                    .lock()
-                    .map(|mut e| std::mem::take(&mut *e))
-                    .unwrap_or_default();
+            // Every attempt failed, so each left its reason.
+            Err(_) => {
+                let mut all =
+                    std::mem::take(&mut *errors.lock().unwrap_or_else(PoisonError::into_inner));
                 all.sort();
                 let said: Vec<String> = all.into_iter().map(|(_, e)| e).collect();
-                Err(ClientError::NoNode(if said.is_empty() {
-                    last
-                } else {
-                    said.join("; ")
-                }))
+                Err(ClientError::NoNode(said.join("; ")))
             }
         }
     }

@@ -225,6 +225,24 @@ impl Cluster {
         std::fs::read_to_string(self.dir.path().join(format!("node-{id}.log"))).unwrap_or_default()
     }
 
+    /// Poll the node logs until `logged` holds for them (bounded): a log
+    /// line is the only sign of some steps (a hand-off given up, an error
+    /// reported).
+    pub fn wait_log(&self, what: &str, logged: impl Fn(&Cluster) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !logged(self) {
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; node logs:\n{}",
+                    (1..=self.nodes.len() as u32)
+                        .map(|i| format!("--- node {i}\n{}", self.log(i)))
+                        .collect::<String>()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// `status --json` once it answers with every node reachable.
     pub fn status(&self) -> serde_json::Value {
         let out = cli_ok(&["status", "--config", &self.client(), "--json"]);

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use clap::{Args, Subcommand, ValueEnum};
 use replicator::batch::Record;
 use replicator::client::Client;
-use replicator::core::{Acks, ReplicaId, describe_logs, most_up_to_date};
+use replicator::core::{Acks, ReplicaId, ReplicaLog, describe_logs, most_up_to_date};
 use replicator::node::ClientConfig;
 use replicator::wire::rpc::ReplicaStatus;
 use tokio::io::AsyncBufReadExt;
@@ -141,9 +141,9 @@ pub async fn partition(cmd: PartitionCommand) -> anyhow::Result<ExitCode> {
                 let state = parts
                     .iter()
                     .find(|p| p.topic == a.topic && p.partition == a.partition);
+                let unreadable = c.unreadable().await;
                 c.close().await;
                 let name = format!("{}/{}", a.topic, a.partition);
-                let unreadable = c.unreadable().await;
                 match state {
                     None => match unreadable
                         .iter()
@@ -170,7 +170,6 @@ pub async fn partition(cmd: PartitionCommand) -> anyhow::Result<ExitCode> {
                     ),
                 }
             }
-            let c = client(&a.config)?;
             let (reports, _) = gather(&c).await?;
             let Some(report) = reports
                 .iter()
@@ -652,7 +651,7 @@ pub struct PartitionReport {
 impl PartitionReport {
     /// (replica, last epoch, log end) of every replica, in assignment
     /// order.
-    fn replica_logs(&self) -> Vec<(ReplicaId, Option<u32>, Option<u64>)> {
+    fn replica_logs(&self) -> Vec<ReplicaLog> {
         self.replica_log_ends
             .iter()
             .map(|(r, leo, _)| {

@@ -187,13 +187,7 @@ pub async fn check_storage(storage: &str, settings: &[(String, String)]) -> anyh
 /// no reason to refuse, since it may be started later.
 pub async fn check_metadata(section: &MetadataSection) -> anyhow::Result<()> {
     let runtime = PluginRuntime::new(default_cache_dir()).map_err(|e| anyhow!("{e}"))?;
-    let source = PluginSection {
-        plugin: section.plugin.clone(),
-        config: Default::default(),
-        thread_per_partition: None,
-        write_behind_ms: None,
-    }
-    .source(Path::new("."));
+    let source = section.source(Path::new("."));
     let plugin = MetadataPlugin::load_with(runtime, &source, section.sandbox())
         .map_err(|e| anyhow!("--metadata {}: {e}", section.plugin))?;
     let Ok(scratch) = tempfile::tempdir() else {

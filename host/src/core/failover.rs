@@ -136,9 +136,13 @@ impl Decision {
     }
 }
 
+/// What a replica said of its log: `(replica, last epoch, log end)`,
+/// `None` for what it did not say (it did not answer, or its log is empty
+/// and has no epoch).
+pub type ReplicaLog = (ReplicaId, Option<u32>, Option<u64>);
+
 /// The replica whose log is most up to date, of those that answered
-/// (`(replica, last epoch, log end)` in assignment order; `None` for what
-/// a replica did not say): the newest last epoch, then the longest log,
+/// (`logs` in assignment order): the newest last epoch, then the longest log,
 /// then the first in assignment order (KIP-966's unclean recovery; Raft's
 /// log comparison). A longer log that ends in an older epoch holds a
 /// tail no newer leader kept: electing it would truncate the newer
@@ -147,7 +151,7 @@ impl Decision {
 /// A replica that reports a non-empty log but no epoch runs a version
 /// that does not report epochs: then epochs cannot be compared, and the
 /// longest log wins.
-pub fn most_up_to_date(logs: &[(ReplicaId, Option<u32>, Option<u64>)]) -> Option<ReplicaId> {
+pub fn most_up_to_date(logs: &[ReplicaLog]) -> Option<ReplicaId> {
     let epochs_known = logs
         .iter()
         .all(|(_, epoch, leo)| epoch.is_some() || leo.is_none_or(|l| l == 0));
@@ -165,7 +169,7 @@ pub fn most_up_to_date(logs: &[(ReplicaId, Option<u32>, Option<u64>)]) -> Option
 
 /// `2:2000 (epoch 1) 3:3000 (epoch 1) 4:?`: what each replica said of its
 /// log, as [`most_up_to_date`] takes them, for operators.
-pub fn describe_logs(logs: &[(ReplicaId, Option<u32>, Option<u64>)]) -> String {
+pub fn describe_logs(logs: &[ReplicaLog]) -> String {
     let parts: Vec<String> = logs
         .iter()
         .map(|(r, epoch, leo)| match (epoch, leo) {

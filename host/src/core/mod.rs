@@ -17,8 +17,8 @@ pub mod types;
 pub use config::{Config, ConfigError};
 pub use epoch_cache::EpochCache;
 pub use failover::{
-    Decision, DecisionKind, FailoverCoordinator, FailoverMetrics, FailureDetector, describe_logs,
-    most_up_to_date,
+    Decision, DecisionKind, FailoverCoordinator, FailoverMetrics, FailureDetector, ReplicaLog,
+    describe_logs, most_up_to_date,
 };
 pub use fetcher::{Fetcher, MultiFetch, TopicPartition};
 pub use metrics::{

@@ -177,6 +177,17 @@ pub fn endpoint_authority(endpoint: &str) -> Result<String, String> {
 }
 
 impl MetadataSection {
+    /// The plugin source; a relative path is resolved against `base`.
+    pub fn source(&self, base: &Path) -> PluginSource {
+        PluginSection {
+            plugin: self.plugin.clone(),
+            config: Default::default(),
+            thread_per_partition: None,
+            write_behind_ms: None,
+        }
+        .source(base)
+    }
+
     /// Where the store is, for messages: its endpoints and key prefix, or
     /// the directory the plugin keeps it in.
     pub fn describe(&self) -> String {

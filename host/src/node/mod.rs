@@ -173,17 +173,9 @@ pub async fn run(
             }
         }
     }
-    let meta_plugin = MetadataPlugin::load(
-        &config::PluginSection {
-            plugin: config.metadata.plugin.clone(),
-            config: Default::default(),
-            thread_per_partition: None,
-            write_behind_ms: None,
-        }
-        .source(base),
-        config.metadata.sandbox(),
-    )
-    .map_err(NodeError::MetadataLoad)?;
+    let meta_plugin =
+        MetadataPlugin::load(&config.metadata.source(base), config.metadata.sandbox())
+            .map_err(NodeError::MetadataLoad)?;
     let meta_pairs = config.metadata.plugin_config();
     let metadata = meta_plugin
         .connect(&config.metadata.dir, meta_pairs)

@@ -1250,21 +1250,23 @@ mod tests {
         let (shared, _fetch_rx) = Shared::for_tests(store.clone(), Default::default());
         let tp = TopicPartition::new("t", 0);
         let (handle, _) = start(shared.clone(), tp.clone()).await.expect("start");
-        let role = async |h: &PartitionHandle| {
-            let (reply, rx) = oneshot::channel();
-            assert!(h.send(Event::Status { reply }));
-            rx.await.expect("status").role
-        };
         let named_leader = store.state.lock().unwrap().clone();
         shared.request_handoff(tp.clone(), Some(false));
         handle.send(Event::Metadata(named_leader.clone()));
-        assert_eq!(role(&handle).await, "idle");
+        assert_eq!(status(&handle).await.role, "idle");
         if let Ok(mut h) = shared.handoffs.lock() {
             h.remove(&tp);
         }
         // The watcher sends it again once the hand-off settled.
         handle.send(Event::Metadata(named_leader));
-        assert_eq!(role(&handle).await, "leader");
+        assert_eq!(status(&handle).await.role, "leader");
+    }
+
+    /// The partition's status, as `status` asks it.
+    async fn status(h: &PartitionHandle) -> ReplicaStatus {
+        let (reply, rx) = oneshot::channel();
+        assert!(h.send(Event::Status { reply }));
+        rx.await.expect("status")
     }
 
     /// A store that writes a compare-and-set and then fails to say so,
@@ -1359,11 +1361,6 @@ mod tests {
         let (shared, _fetch_rx) = Shared::for_tests(store.clone(), Default::default());
         let tp = TopicPartition::new("t", 0);
         let (handle, _) = start(shared.clone(), tp.clone()).await.expect("start");
-        let status = async |h: &PartitionHandle| {
-            let (reply, rx) = oneshot::channel();
-            assert!(h.send(Event::Status { reply }));
-            rx.await.expect("status")
-        };
         handle.send(Event::Metadata(PartitionState::sample(
             Some(1),
             &[1, 2],

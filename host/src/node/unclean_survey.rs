@@ -23,7 +23,9 @@ use std::time::Duration;
 
 use tracing::debug;
 
-use crate::core::{Decision, ReplicaId, TopicPartition, describe_logs, most_up_to_date};
+use crate::core::{
+    Decision, ReplicaId, ReplicaLog, TopicPartition, describe_logs, most_up_to_date,
+};
 use crate::transport::Transport;
 use crate::wire::rpc::{ReplicaStatus, Request, Response};
 
@@ -160,7 +162,7 @@ pub(super) async fn survey(
     shared: &Shared,
     server: Option<&Arc<NodeServer>>,
     transport: Option<&Transport>,
-) -> Vec<Log> {
+) -> Vec<ReplicaLog> {
     answers.fill(candidates, shared, server, transport).await;
     candidates
         .iter()
@@ -170,9 +172,6 @@ pub(super) async fn survey(
         })
         .collect()
 }
-
-/// `(replica, last epoch, log end)`, as [`most_up_to_date`] compares them.
-pub(super) type Log = (ReplicaId, Option<u32>, Option<u64>);
 
 /// `tp`'s last epoch and log end in a node's statuses; `None`s if it did
 /// not answer, does not hold `tp` open, or is recovering its log (it
@@ -205,7 +204,6 @@ impl Surveys {
     /// counted as over at the first pass after it.
     pub(super) fn forget(&mut self) {
         self.since.clear();
-        self.proposed.clear();
     }
 
     /// Whom the unclean election `d` of `tp` elects, given what its live
@@ -217,7 +215,7 @@ impl Surveys {
         &mut self,
         tp: &TopicPartition,
         d: Decision,
-        logs: &[Log],
+        logs: &[ReplicaLog],
         now: u64,
     ) -> Outcome {
         let version = d.expected_version;
@@ -306,7 +304,7 @@ mod tests {
         }
     }
 
-    fn choose(s: &mut Surveys, logs: &[Log], now: u64) -> Outcome {
+    fn choose(s: &mut Surveys, logs: &[ReplicaLog], now: u64) -> Outcome {
         s.choose(&TopicPartition::new("t", 0), unclean(), logs, now)
     }
 

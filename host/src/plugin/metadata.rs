@@ -226,23 +226,21 @@ async fn guarded<T>(
 /// message's start, or after a space, quote, colon or parenthesis).
 fn host_paths_in(msg: String, dir: &Path) -> String {
     let guest = format!("{GUEST_DIR}/");
-    if !msg.contains(&guest) {
-        return msg;
-    }
-    let host = dir.display().to_string();
-    let host = format!("{}/", host.trim_end_matches('/'));
-    let mut out = String::with_capacity(msg.len() + 64);
-    let mut rest = msg.as_str();
-    while let Some(i) = rest.find(&guest) {
-        let starts_path = rest[..i]
+    let host = format!("{}/", dir.display().to_string().trim_end_matches('/'));
+    // Judged by what is written so far: after a replaced path, `/data/`
+    // continues that path and is left alone.
+    let starts_path = |before: &str| {
+        before
             .chars()
             .next_back()
             .is_none_or(|c| c.is_whitespace() || "'\"`:(".contains(c))
-            && (i > 0
-                || out.is_empty()
-                || out.ends_with(|c: char| c.is_whitespace() || "'\"`:(".contains(c)));
+    };
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg.as_str();
+    while let Some(i) = rest.find(&guest) {
         out.push_str(&rest[..i]);
-        out.push_str(if starts_path { &host } else { &guest });
+        let with = if starts_path(&out) { &host } else { &guest };
+        out.push_str(with);
         rest = &rest[i + guest.len()..];
     }
     out.push_str(rest);

@@ -161,9 +161,12 @@ pub struct Transport {
     /// When each remote IP's failed TLS handshake was last logged at warn
     /// level: a peer retrying with a foreign certificate is named once a
     /// minute, not at every attempt.
-    handshake_warned:
-        Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, std::time::Instant>>>,
+    handshake_warned: Arc<HandshakeWarned>,
 }
+
+/// When each remote IP's failed handshake was last logged at warn level.
+type HandshakeWarned =
+    std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, std::time::Instant>>;
 
 /// How often a remote address's failed TLS handshakes are logged.
 const HANDSHAKE_WARN_EVERY: Duration = Duration::from_secs(60);
@@ -200,6 +203,23 @@ fn tls_hint(alert: rustls::AlertDescription) -> &'static str {
         A::CertificateExpired => "an expired certificate: issue new ones from the cluster's CA",
         _ => "check that both sides use certificates from this cluster's CA",
     }
+}
+
+/// Whether `ip`'s failed handshake is the first in [`HANDSHAKE_WARN_EVERY`]
+/// (then it is noted); addresses not seen that long are forgotten.
+fn warn_due(warned: &HandshakeWarned, ip: std::net::IpAddr) -> bool {
+    let now = std::time::Instant::now();
+    let mut w = warned
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let due = w
+        .get(&ip)
+        .is_none_or(|at| now.duration_since(*at) >= HANDSHAKE_WARN_EVERY);
+    if due {
+        w.retain(|_, at| now.duration_since(*at) < HANDSHAKE_WARN_EVERY);
+        w.insert(ip, now);
+    }
+    due
 }
 
 /// A failed handshake, described: what quinn says, the alert, the hint.
@@ -338,18 +358,19 @@ impl Transport {
         .map_err(|_| TransportError::Timeout("hello"))?;
         // With TLS 1.3 the node's refusal of our certificate arrives after
         // our side finished the handshake: it ends the first exchange.
-        let hello = hello.map_err(|e| match peer.conn.close_reason() {
-            Some(reason) => match tls_alert(&reason) {
-                Some(alert) => TransportError::Connect {
+        let hello = hello.map_err(|e| {
+            if let Some(reason) = peer.conn.close_reason()
+                && let Some(alert) = tls_alert(&reason)
+            {
+                return TransportError::Connect {
                     addr,
                     detail: format!(
                         "node {node} refused this side's certificate: {}",
                         handshake_failed(&reason, alert)
                     ),
-                },
-                None => e,
-            },
-            None => e,
+                };
+            }
+            e
         })?;
         match hello.0 {
             Response::Hello { node: n } if n == node => Ok(peer),
@@ -374,19 +395,8 @@ impl Transport {
                 match serve_connection(incoming, node, handler, &accepted).await {
                     Ok(()) => {}
                     Err(TransportError::Connection(e)) if let Some(alert) = tls_alert(&e) => {
-                        let now = std::time::Instant::now();
-                        let first = warned.lock().is_ok_and(|mut w| {
-                            let due = w
-                                .get(&remote.ip())
-                                .is_none_or(|at| now.duration_since(*at) >= HANDSHAKE_WARN_EVERY);
-                            if due {
-                                w.retain(|_, at| now.duration_since(*at) < HANDSHAKE_WARN_EVERY);
-                                w.insert(remote.ip(), now);
-                            }
-                            due
-                        });
                         let what = handshake_failed(&e, alert);
-                        if first {
+                        if warn_due(&warned, remote.ip()) {
                             warn!(%remote, "a connection: {what} (logged once a minute per address)");
                         } else {
                             debug!(%remote, "a connection: {what}");
