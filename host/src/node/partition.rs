@@ -1241,12 +1241,7 @@ mod tests {
     /// acknowledged. Once they are given up, the same state is obeyed.
     #[tokio::test]
     async fn a_pending_hand_off_keeps_a_replica_from_leading() {
-        let store = Arc::new(LostAnswers {
-            state: std::sync::Mutex::new(PartitionState::sample(Some(1), &[1], &[2])),
-            blind_reads: 0.into(),
-            blind_after_write: 0,
-            lose_answer: true,
-        });
+        let store = LostAnswers::new(PartitionState::sample(Some(1), &[1], &[2]), 0, true);
         let (shared, _fetch_rx) = Shared::for_tests(store.clone(), Default::default());
         let tp = TopicPartition::new("t", 0);
         let (handle, _) = start(shared.clone(), tp.clone()).await.expect("start");
@@ -1279,6 +1274,17 @@ mod tests {
         blind_reads: std::sync::atomic::AtomicU32,
         blind_after_write: u32,
         lose_answer: bool,
+    }
+
+    impl LostAnswers {
+        fn new(state: PartitionState, blind_after_write: u32, lose_answer: bool) -> Arc<Self> {
+            Arc::new(LostAnswers {
+                state: std::sync::Mutex::new(state),
+                blind_reads: 0.into(),
+                blind_after_write,
+                lose_answer,
+            })
+        }
     }
 
     impl crate::metadata::MetadataStore for LostAnswers {
@@ -1343,6 +1349,18 @@ mod tests {
         }
     }
 
+    /// The partition started, leading epoch 4 with ISR {1, 2}.
+    async fn leading_with_2(shared: &Arc<Shared>, tp: &TopicPartition) -> PartitionHandle {
+        let (handle, _) = start(shared.clone(), tp.clone()).await.expect("start");
+        handle.send(Event::Metadata(PartitionState::sample(
+            Some(1),
+            &[1, 2],
+            &[],
+        )));
+        assert_eq!(status(&handle).await.isr, vec![1, 2]);
+        handle
+    }
+
     /// A storage fault moves leadership off a replica only if the ISR has
     /// other members, judged by the ISR this replica itself just wrote,
     /// not by the one before: the watcher may not have passed it on yet.
@@ -1352,21 +1370,10 @@ mod tests {
     /// only member and not intact, was left with no leader at all.
     #[tokio::test]
     async fn a_storage_fault_is_judged_by_the_isr_the_leader_just_wrote() {
-        let store = Arc::new(LostAnswers {
-            state: std::sync::Mutex::new(PartitionState::sample(Some(1), &[1, 2], &[])),
-            blind_reads: 0.into(),
-            blind_after_write: 0,
-            lose_answer: false,
-        });
+        let store = LostAnswers::new(PartitionState::sample(Some(1), &[1, 2], &[]), 0, false);
         let (shared, _fetch_rx) = Shared::for_tests(store.clone(), Default::default());
         let tp = TopicPartition::new("t", 0);
-        let (handle, _) = start(shared.clone(), tp.clone()).await.expect("start");
-        handle.send(Event::Metadata(PartitionState::sample(
-            Some(1),
-            &[1, 2],
-            &[],
-        )));
-        assert_eq!(status(&handle).await.isr, vec![1, 2]);
+        let handle = leading_with_2(&shared, &tp).await;
 
         // The leader's shrink to itself, as its core proposes it.
         let (result, current) = update_isr(&shared, &tp, 4, vec![1], 9, Vec::new(), || false).await;
@@ -1392,13 +1399,7 @@ mod tests {
 
         // With another member in the ISR, a fault hands it off.
         let (shared, _fetch_rx) = Shared::for_tests(store.clone(), Default::default());
-        let (handle, _) = start(shared.clone(), tp.clone()).await.expect("start");
-        handle.send(Event::Metadata(PartitionState::sample(
-            Some(1),
-            &[1, 2],
-            &[],
-        )));
-        assert_eq!(status(&handle).await.isr, vec![1, 2]);
+        let handle = leading_with_2(&shared, &tp).await;
         handle.send(fault());
         assert_eq!(status(&handle).await.role, "recovering");
         assert!(shared.handoff_pending(&tp));
@@ -1418,12 +1419,11 @@ mod tests {
         blind_reads: u32,
         gone: impl Fn() -> bool,
     ) -> (Result<u64, ErrorCode>, Option<PartitionState>) {
-        let store = Arc::new(LostAnswers {
-            state: std::sync::Mutex::new(PartitionState::sample(Some(1), &[1, 2], &[])),
-            blind_reads: 0.into(),
-            blind_after_write: blind_reads,
-            lose_answer: true,
-        });
+        let store = LostAnswers::new(
+            PartitionState::sample(Some(1), &[1, 2], &[]),
+            blind_reads,
+            true,
+        );
         let (shared, _fetch_rx) = Shared::for_tests(store, Default::default());
         let tp = TopicPartition::new("t", 0);
         update_isr(&shared, &tp, 4, vec![1, 2, 3], 9, Vec::new(), gone).await
