@@ -628,13 +628,15 @@ fn bad_node_configs_fail_with_clear_errors() {
         std::time::Duration::from_secs(30),
     );
     let summary = summary_of(&out);
-    assert_eq!(
-        (
-            &summary["acknowledged"],
-            &summary["failed"],
-            &summary["not_sent"]
-        ),
-        (&0.into(), &10.into(), &990.into()),
+    // The first batch holds whatever the generator had queued when it
+    // was taken, up to --batch (one message on a busy machine): it fails,
+    // and everything after it is reported as not sent.
+    let count = |k: &str| summary[k].as_u64().unwrap_or(u64::MAX);
+    let failed = count("failed");
+    assert!(
+        count("acknowledged") == 0
+            && (1..=10).contains(&failed)
+            && count("not_sent") == 1000 - failed,
         "{summary}"
     );
     let why = String::from_utf8_lossy(&out.stderr);
