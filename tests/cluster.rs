@@ -652,9 +652,9 @@ fn bad_node_configs_fail_with_clear_errors() {
         .spawn()
         .expect("run produce");
     let pid = child.id().to_string();
-    // Nothing shows that its handler is installed; a signal before it
-    // would end the process with no summary, failing this, not passing it.
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // A signal before its handler is installed would end the process with
+    // no summary: wait until the kernel lists SIGTERM as caught.
+    support::wait_until_catches(child.id(), 15);
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status();

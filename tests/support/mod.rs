@@ -77,6 +77,31 @@ pub fn cli_within(args: &[&str], limit: std::time::Duration) -> Output {
     }
 }
 
+/// Waits (up to 60 s) until process `pid` has a handler for signal
+/// `signal`, as its `SigCgt` mask in `/proc/PID/status` shows: a signal
+/// sent before that would kill it instead of being handled.
+pub fn wait_until_catches(pid: u32, signal: u32) {
+    let bit = 1u64 << (signal - 1);
+    let started = std::time::Instant::now();
+    loop {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("process {pid}: {e}"));
+        let caught = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .unwrap_or(0);
+        if caught & bit != 0 {
+            return;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "process {pid} never caught signal {signal}: {status}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 pub fn cli_ok(args: &[&str]) -> String {
     let out = cli(args);
     assert!(
