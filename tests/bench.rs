@@ -63,7 +63,7 @@ fn a_short_run_measures_everything_it_reports() {
         "--raw-mb",
         "100",
         "--failover-rounds",
-        "1",
+        "2",
         "--json",
         "--out",
         out_dir,
@@ -154,15 +154,28 @@ fn a_short_run_measures_everything_it_reports() {
     let failover = report["failover"].as_array().expect("failover");
     assert_eq!(failover.len(), 2);
     for f in failover {
-        let ms = f["rounds_ms"][0].as_f64().unwrap_or(0.0);
+        let ms = |key: &str| -> Vec<f64> {
+            f[key]
+                .as_array()
+                .map(|r| r.iter().filter_map(serde_json::Value::as_f64).collect())
+                .unwrap_or_default()
+        };
+        let (killed, stopped) = (ms("rounds_ms"), ms("handover_rounds_ms"));
+        assert!(killed.len() == 2 && stopped.len() == 2, "{f}");
         // Bounded below by the failure timeout (500 ms by default).
-        assert!((400.0..30_000.0).contains(&ms), "{f}");
+        assert!(
+            killed.iter().all(|ms| (400.0..30_000.0).contains(ms)),
+            "{f}"
+        );
         // A graceful stop hands over first (controlled shutdown): no
-        // failure timeout. 30-45 ms here; 340-360 ms when the successor's
-        // followers still waited on connections to the incarnation the
-        // SIGKILL round before had killed.
-        let ms = f["handover_rounds_ms"][0].as_f64().unwrap_or(f64::MAX);
-        assert!(ms < 250.0, "{f}");
+        // failure timeout. 30-45 ms here; 340-360 ms every round when the
+        // successor's followers still waited on connections to the
+        // incarnation the SIGKILL round before had killed. The faster of
+        // two rounds, so that one stall of a loaded machine does not
+        // decide it; neither may wait out a failure timeout.
+        let fastest = stopped.iter().copied().fold(f64::MAX, f64::min);
+        assert!(fastest < 250.0, "{f}");
+        assert!(stopped.iter().all(|&ms| ms < 400.0), "{f}");
     }
     let checks = report["checks"].as_array().expect("checks");
     let check = |name: &str| {

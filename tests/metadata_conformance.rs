@@ -135,7 +135,7 @@ async fn a_silent_endpoint_times_out_as_unavailable() {
     assert!(matches!(r, Err(MetadataError::Unavailable(_))), "{r:?}");
     assert!(
         took >= Duration::from_millis(TIMEOUT_MS / 2)
-            && took < Duration::from_millis(3 * TIMEOUT_MS),
+            && took < Duration::from_millis(5 * TIMEOUT_MS),
         "took {took:?} with a {TIMEOUT_MS} ms timeout"
     );
     // The host closed the connection it gave up on: the listener's end

@@ -410,13 +410,18 @@ mod tests {
     fn own_cpu_time_grows_with_work() {
         let me = std::process::id();
         let before = super::cpu_seconds(me).expect("own stat");
+        // Spin until the kernel has counted 0.1 s of it: on a loaded
+        // machine that takes longer than 0.1 s of wall time.
         let started = std::time::Instant::now();
         let mut x = 0u64;
-        while started.elapsed() < std::time::Duration::from_millis(300) {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let mut after = before;
+        while after - before < 0.1 && started.elapsed() < std::time::Duration::from_secs(30) {
+            for _ in 0..1_000_000 {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            }
+            after = super::cpu_seconds(me).expect("own stat");
         }
         std::hint::black_box(x);
-        let after = super::cpu_seconds(me).expect("own stat");
         assert!(after - before >= 0.1, "{before} -> {after}");
         let t = super::machine_ticks().expect("/proc/stat");
         assert!(t.steal + t.idle <= t.all && t.all > 0, "{t:?}");
