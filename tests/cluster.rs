@@ -773,6 +773,76 @@ fn configured_with_2000(
     (c, client, before)
 }
 
+/// The metadata store is restored from a backup taken in epoch 1, after
+/// two failovers took the partition to epoch 3 and stopping the cluster
+/// (controlled shutdowns) further. Epochs enter a log only after the store
+/// named them, so the logs hold epochs the restored record is below. The
+/// epochs the nodes write next go above every log's, and no epoch is led
+/// by two nodes: the restarted nodes used to elect a second leader of
+/// epoch 3, and a follower's divergent records in an epoch two leaders
+/// share look like the leader's to KIP-101 truncation. Nothing
+/// acknowledged is lost.
+#[test]
+fn after_the_metadata_store_goes_back_to_a_backup_no_epoch_names_two_leaders() {
+    let (mut c, client, before) = three_nodes_with_2000("file");
+    let metadata = c.path().join("metadata");
+    let backup = c.path().join("metadata-backup");
+    let copied = std::process::Command::new("cp")
+        .args(["-a"])
+        .arg(&metadata)
+        .arg(&backup)
+        .status()
+        .expect("cp");
+    assert!(copied.success());
+    assert!(leads(&c.status(), 1, 1), "{}", c.status());
+    for (killed, epoch) in [(1u32, 2u32), (2, 3)] {
+        c.kill(killed);
+        c.wait_status("a new leader", |v| {
+            partition(v, "t", 0).is_some_and(|p| p["leader"] != killed && p["epoch"] == epoch)
+        });
+        c.start(killed);
+        c.wait_status("all three in the ISR", |v| {
+            partition(v, "t", 0).is_some_and(|p| p["isr"].as_array().is_some_and(|i| i.len() == 3))
+        });
+    }
+    produce_generated(&client, "t", "1000");
+    c.wait_status("3000 everywhere", |v| converged(v, "t", 0, 3000));
+    for id in 1..=3 {
+        assert!(c.stop(id), "node {id} did not stop cleanly:\n{}", c.log(id));
+    }
+    std::fs::remove_dir_all(&metadata).expect("remove the metadata");
+    std::fs::rename(&backup, &metadata).expect("restore the backup");
+    c.start_all();
+    let v = c.wait_status("a leader above epoch 3 with everything", |v| {
+        partition(v, "t", 0)
+            .is_some_and(|p| p["leader"].is_u64() && p["epoch"].as_u64().is_some_and(|e| e > 3))
+            && converged(v, "t", 0, 3000)
+    });
+    eprintln!("after the restore: {v}");
+    the_last_1000_join_the_first_3000(&c, &client, &before);
+    // No epoch was led by two nodes, before the restore or after it.
+    let mut leaders: std::collections::BTreeMap<u64, std::collections::BTreeSet<u32>> =
+        Default::default();
+    for id in 1..=3 {
+        for line in c.log(id).lines() {
+            let epoch = line
+                .split_once("leading epoch ")
+                .and_then(|(_, r)| r.split_whitespace().next())
+                .and_then(|e| e.parse::<u64>().ok());
+            if let Some(e) = epoch {
+                leaders.entry(e).or_default().insert(id);
+            }
+        }
+    }
+    assert!(
+        leaders.len() >= 4 && leaders.values().all(|l| l.len() == 1),
+        "epochs and who led them: {leaders:?}\n{}",
+        (1..=3)
+            .map(|id| format!("--- node {id}\n{}", c.log(id)))
+            .collect::<String>()
+    );
+}
+
 /// KIP-966. Node 2 leaves the ISR while it is below min.insync (2), so it
 /// is eligible (the ELR): the HW stops, and it holds every committed write.
 /// Then the last ISR member, the leader, restarts with in-memory storage:

@@ -276,7 +276,9 @@ async fn coordinate(
             };
             // What each candidate's log holds, for the UNCLEAN message.
             let mut surveyed = None;
-            let d = if d.is_unclean() {
+            // The newest epoch a surveyed log holds: the new one goes above.
+            let mut surveyed_epoch = None;
+            let mut d = if d.is_unclean() {
                 let logs = survey(
                     &tp,
                     &candidates,
@@ -286,6 +288,7 @@ async fn coordinate(
                     transport.as_ref(),
                 )
                 .await;
+                surveyed_epoch = logs.iter().filter_map(|(_, epoch, _)| *epoch).max();
                 match surveys.choose(&tp, d, &logs, now) {
                     Outcome::Wait => continue,
                     Outcome::Elect { decision, logs } => {
@@ -296,6 +299,15 @@ async fn coordinate(
             } else {
                 d
             };
+            // A new epoch above any this node's log (and any surveyed log)
+            // holds: see `Shared::epoch_above_log`.
+            if d.next.leader_epoch > state.leader_epoch {
+                let mut epoch = shared.epoch_above_log(&tp, d.next.leader_epoch);
+                if let Some(e) = surveyed_epoch.filter(|e| *e >= epoch) {
+                    epoch = super::shared::past_regression(e);
+                }
+                d.next.leader_epoch = epoch;
+            }
             if let DecisionKind::Prefer { preferred } = d.kind {
                 // The store's ISR can still list a replica that restarted
                 // (its hand-off pending) or whose storage is recovering; it
@@ -563,7 +575,10 @@ async fn step_down_all(
                 Ok(fd) => coordinator.step_down(&state, &fd, shared.now_ms()),
                 Err(_) => return written,
             };
-            let Some(d) = decision else { break };
+            let Some(mut d) = decision else { break };
+            if d.next.leader_epoch > state.leader_epoch {
+                d.next.leader_epoch = shared.epoch_above_log(&tp, d.next.leader_epoch);
+            }
             match shared
                 .metadata
                 .compare_and_set(d.next.clone(), d.expected_version)

@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use crate::core::TopicPartition;
-use crate::metadata::{MetadataError, MetadataStore};
+use crate::metadata::{MetadataError, MetadataStore, PartitionState};
 use crate::plugin::{ConfigCheck, LoadError, MetadataPlugin, StoragePlugin};
 use crate::transport::{Identity, TlsError, TlsMaterial, Transport, TransportError};
 
@@ -483,6 +483,35 @@ async fn refresh(
                 m.insert(tp.clone(), state.clone());
             }
         }
+        // A record below this node's log (the store went back), or one
+        // its partition asked to move above its log: re-stamped first.
+        let below_log = shared
+            .log_epoch(&tp)
+            .filter(|held| state.leader_epoch < *held);
+        let asked = shared.restamp_wanted(&tp);
+        let above = match asked {
+            Some(a) if state.leader_epoch <= a => below_log.max(Some(a)),
+            _ => {
+                if asked.is_some() {
+                    shared.restamp_done(&tp); // someone moved it above already
+                }
+                below_log
+            }
+        };
+        let state = match above {
+            Some(above) if state.replicas.contains(&shared.node_id) => {
+                match restamp(shared, &tp, &state, above).await {
+                    Some(written) => {
+                        shared.restamp_done(&tp);
+                        written
+                    }
+                    // Not passed on: its partition would refuse it. The
+                    // next pass reads what was written instead.
+                    None => continue,
+                }
+            }
+            _ => state,
+        };
         let pending = shared
             .handoffs
             .lock()
@@ -614,6 +643,60 @@ async fn settle_handoff(shared: &Shared, tp: &TopicPartition, intact: bool) -> b
     }
 }
 
+/// `state`, whose leader epoch is not above `held`, an epoch this node's
+/// log of `tp` holds, written again under epoch
+/// [`shared::past_regression`]`(held)` with the same leader, ISR and ELR; what was written, or `None` if nothing was (the
+/// next pass tries again on what it reads then).
+///
+/// Why: epochs enter a log only after the store named them, so a record
+/// below a log means the store went back (restored from an older backup).
+/// Its leader and ISR are what the cluster has to go on, as after any
+/// restore; its epoch is not: a leader of an epoch some log already holds
+/// from another leader would hide their divergence from KIP-101
+/// truncation.
+async fn restamp(
+    shared: &Shared,
+    tp: &TopicPartition,
+    state: &PartitionState,
+    held: u32,
+) -> Option<PartitionState> {
+    let next = PartitionState {
+        leader_epoch: shared::past_regression(held),
+        ..state.clone()
+    };
+    let name = format!("{}/{}", tp.topic, tp.partition);
+    match shared
+        .metadata
+        .compare_and_set(next.clone(), state.version)
+        .await
+    {
+        Ok(version) => {
+            error!(
+                "{name}: the metadata store names leader epoch {} (version {}), but this node's log already holds epoch {held}: the store went back (restored from an older backup?). Re-stamped as epoch {} with the same leader {:?}, ISR {:?} and ELR {:?}, so that it names no epoch a log holds from another leader; writes acknowledged after that record was saved are lost where it names a leader that lacks them",
+                state.leader_epoch,
+                state.version,
+                next.leader_epoch,
+                next.leader,
+                next.isr,
+                next.elr
+            );
+            let written = PartitionState { version, ..next };
+            shared.wrote_state(tp.clone(), written.clone());
+            Some(written)
+        }
+        // Someone wrote first (also when the log took a newer epoch after
+        // this pass read the record): the next pass reads what they wrote.
+        Err(MetadataError::Conflict(_)) => {
+            shared.refresh.notify_one();
+            None
+        }
+        Err(e) => {
+            warn!("{name}: cannot re-stamp a record below this node's log yet: {e}");
+            None
+        }
+    }
+}
+
 /// Drop this node's old incarnation's claims on `tp`
 /// ([`PartitionState::after_restart`]).
 /// A compare-and-set, retried on conflict.
@@ -624,10 +707,13 @@ async fn handoff(shared: &Shared, tp: &TopicPartition, intact: bool) -> Result<(
             Err(MetadataError::NotFound(_)) => return Ok(()),
             other => other?,
         };
-        let Some(next) = st.after_restart(me, intact, shared.replication.min_insync_replicas)
+        let Some(mut next) = st.after_restart(me, intact, shared.replication.min_insync_replicas)
         else {
             return Ok(());
         };
+        if next.leader_epoch > st.leader_epoch {
+            next.leader_epoch = shared.epoch_above_log(tp, next.leader_epoch);
+        }
         match shared
             .metadata
             .compare_and_set(next.clone(), st.version)
@@ -676,7 +762,7 @@ async fn handoff(shared: &Shared, tp: &TopicPartition, intact: bool) -> Result<(
 mod handoff_tests {
     use std::sync::{Arc, Mutex};
 
-    use super::settle_handoff;
+    use super::{restamp, settle_handoff};
     use crate::core::{ReplicaId, TopicPartition};
     use crate::metadata::{Broker, MetaFuture, MetadataError, MetadataStore, PartitionState};
     use crate::node::config::FailoverConfig;
@@ -807,6 +893,46 @@ mod handoff_tests {
 
     fn state(leader: Option<u32>, isr: &[u32], elr: &[u32]) -> PartitionState {
         PartitionState::sample(leader, isr, elr)
+    }
+
+    /// A store restored from an older backup names epoch 4 while this
+    /// node's log holds epoch 6. The hand-off after a restart writes an
+    /// epoch above the log's (it wrote 5, an epoch some log may hold from
+    /// another leader); a record left older than the log is written again
+    /// above it, with the same leader and ISR.
+    #[tokio::test]
+    async fn epochs_this_node_writes_go_above_its_log_after_the_store_went_back() {
+        let store = Arc::new(OneState {
+            state: Mutex::new(state(Some(1), &[1, 2], &[])),
+            during_write: Mutex::new(None),
+        });
+        let (shared, _fetch) = Shared::for_tests(store.clone(), FailoverConfig::default());
+        let tp = TopicPartition::new("t", 0);
+        shared.set_log_epoch(&tp, 6);
+        // Far past it: other logs may hold epochs above this one's.
+        assert_eq!(shared.epoch_above_log(&tp, 5), 1006);
+        assert_eq!(shared.epoch_above_log(&tp, 6), 1006);
+        assert_eq!(shared.epoch_above_log(&tp, 7), 7);
+        shared.request_handoff(tp.clone(), Some(true));
+        assert!(settle_handoff(&shared, &tp, true).await);
+        let handed = store.state.lock().unwrap().clone();
+        assert_eq!((handed.leader, handed.leader_epoch), (Some(2), 1006));
+
+        // A record the hand-off does not touch: node 2 leads epoch 4.
+        let old = PartitionState {
+            version: 20,
+            ..state(Some(2), &[1, 2], &[])
+        };
+        *store.state.lock().unwrap() = old.clone();
+        let now = restamp(&shared, &tp, &old, 6).await.expect("written");
+        assert_eq!(now, *store.state.lock().unwrap());
+        assert_eq!(
+            (now.leader, now.leader_epoch, now.isr.clone(), now.version),
+            (Some(2), 1006, vec![1, 2], 21)
+        );
+        // Someone wrote first: nothing is written.
+        assert_eq!(restamp(&shared, &tp, &old, 6).await, None);
+        assert_eq!(store.state.lock().unwrap().version, 21);
     }
 
     #[test]

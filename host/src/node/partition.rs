@@ -166,6 +166,11 @@ struct Actor {
     /// After a recovery while leading epoch E: never lead E (or older)
     /// again; wait for the store to name a leader of a newer epoch.
     handoff_from: Option<u32>,
+    /// The newest epoch of the log as last told to [`Shared::set_log_epoch`].
+    published_epoch: Option<u32>,
+    /// The version of the last record refused as older than the log (its
+    /// error is logged once).
+    stale_refused: Option<u64>,
 }
 
 /// Open (or reopen) `tp`'s log and start its actor; also the log end it
@@ -205,7 +210,7 @@ pub async fn start(
         shared.tail_cache_bytes.clone(),
         NODE_TAIL_CACHE_BYTES,
     );
-    let actor = Actor {
+    let mut actor = Actor {
         rm: new_manager(&shared, &state),
         tp: tp.clone(),
         shared,
@@ -223,7 +228,10 @@ pub async fn start(
         recovering: false,
         backoff: FaultBackoff::default(),
         handoff_from: None,
+        published_epoch: None,
+        stale_refused: None,
     };
+    actor.publish_log_epoch();
     tokio::spawn(actor.run(rx));
     Ok((PartitionHandle { tx }, state.bounds.log_end))
 }
@@ -525,6 +533,7 @@ impl Actor {
                     "storage recovered: [{}, {})", state.bounds.log_start, state.bounds.log_end);
                 let lost_end = self.rm.log_end_offset();
                 self.rm = new_manager(&self.shared, &state);
+                self.publish_log_epoch();
                 self.tail.clear();
                 self.recovering = false;
                 self.backoff.recovered(Instant::now());
@@ -693,11 +702,49 @@ impl Actor {
         if self.recovering {
             return;
         }
+        let held = self.log_epoch();
+        let me = self.shared.node_id;
+        // Fenced or not: the next state of its own epoch lifts a fence.
+        let leading_it =
+            self.rm.role() == Role::Leader && self.rm.leader_epoch() == Some(st.leader_epoch);
+        if st.leader_epoch < held
+            || (st.leader == Some(me) && !leading_it && st.leader_epoch <= held)
+        {
+            // Epochs enter a log only after the store named them: a record
+            // older than the log means the store went back (restored from
+            // an older backup). Leading or following in that epoch would
+            // append out of epoch order, and a later `epoch + 1` would name
+            // two leaders. Nor does a replica start leading an epoch its
+            // log already holds: that epoch had another leader (a restart
+            // or a recovery always moves to a new one). The watcher
+            // re-stamps the record above the log (`node::restamp`); until
+            // then this replica serves in neither role.
+            if self.stale_refused != Some(st.version) {
+                self.stale_refused = Some(st.version);
+                warn!(topic = %self.tp.topic, partition = self.tp.partition,
+                    "the metadata store names leader epoch {} (version {}), and this log already holds epoch {held}: not serving until the record is re-stamped above it",
+                    st.leader_epoch, st.version);
+            }
+            self.shared.request_restamp(&self.tp, held);
+            if self.rm.role() != Role::Idle {
+                self.rm.resign();
+                self.shared.fetch(FetchCmd::Remove {
+                    tp: self.tp.clone(),
+                });
+                self.drive();
+            }
+            self.leader = None;
+            return;
+        }
+        if self.stale_refused.take().is_some() {
+            // Served: no re-stamp is wanted any more (one asked for an
+            // epoch the log has since dropped would move a good record).
+            self.shared.restamp_done(&self.tp);
+        }
         if st.min_insync != 0 {
             self.rm.set_min_insync_replicas(st.min_insync);
         }
         let now = self.now();
-        let me = self.shared.node_id;
         match st.leader {
             Some(l) if l == me => {
                 let current =
@@ -849,6 +896,22 @@ impl Actor {
             self.execute(action);
         }
         self.metrics.update_from(&self.rm);
+        self.publish_log_epoch();
+    }
+
+    /// The newest leader epoch in the log, 0 for none.
+    fn log_epoch(&self) -> u32 {
+        self.rm.epochs().latest().map_or(0, |e| e.epoch)
+    }
+
+    /// Tell the node the log's newest epoch when it changed: new epochs
+    /// this node writes go above it ([`Shared::epoch_above_log`]).
+    fn publish_log_epoch(&mut self) {
+        let epoch = self.log_epoch();
+        if self.published_epoch != Some(epoch) {
+            self.shared.set_log_epoch(&self.tp, epoch);
+            self.published_epoch = Some(epoch);
+        }
     }
 
     fn execute(&mut self, action: Action) {
@@ -1255,6 +1318,53 @@ mod tests {
         // The watcher sends it again once the hand-off settled.
         handle.send(Event::Metadata(named_leader));
         assert_eq!(status(&handle).await.role, "leader");
+    }
+
+    /// A record whose epoch is older than the log's newest (the store was
+    /// restored from an older backup) is obeyed in neither role: leading
+    /// would append out of epoch order, following would fetch in an epoch
+    /// the leader may share with another. Nor does a replica start leading
+    /// an epoch its log holds already. Either asks for a re-stamp above
+    /// the log; a record above the log is obeyed.
+    #[tokio::test]
+    async fn a_record_older_than_the_log_is_not_served() {
+        let store = LostAnswers::new(PartitionState::sample(Some(1), &[1, 2], &[]), 0, false);
+        let (shared, _fetch_rx) = Shared::for_tests(store.clone(), Default::default());
+        let tp = TopicPartition::new("t", 0);
+        let handle = leading_with_2(&shared, &tp).await;
+        assert_eq!(shared.log_epoch(&tp), Some(4), "published");
+        let restored = |leader, epoch, version| PartitionState {
+            leader_epoch: epoch,
+            version,
+            ..PartitionState::sample(Some(leader), &[1, 2], &[])
+        };
+        handle.send(Event::Metadata(restored(1, 2, 10)));
+        assert_eq!(status(&handle).await.role, "idle", "led epoch 2");
+        handle.send(Event::Metadata(restored(2, 3, 11)));
+        assert_eq!(status(&handle).await.role, "idle", "followed in epoch 3");
+        assert_eq!(shared.restamp_wanted(&tp), Some(4));
+        shared.restamp_done(&tp);
+        // Epoch 4 again, which it led and then left: not led a second time.
+        handle.send(Event::Metadata(restored(1, 4, 12)));
+        assert_eq!(status(&handle).await.role, "idle", "led epoch 4 again");
+        assert_eq!(shared.restamp_wanted(&tp), Some(4));
+        handle.send(Event::Metadata(restored(1, 5, 13)));
+        assert_eq!(status(&handle).await.role, "leader");
+        assert_eq!(
+            shared.restamp_wanted(&tp),
+            None,
+            "served: no re-stamp wanted"
+        );
+        // Its ISR changes in the epoch it leads are obeyed as before.
+        let shrunk = PartitionState {
+            isr: vec![1],
+            ..restored(1, 5, 14)
+        };
+        handle.send(Event::Metadata(shrunk));
+        let now = status(&handle).await;
+        assert_eq!((now.role.as_str(), now.isr), ("leader", vec![1]));
+        handle.send(Event::Metadata(restored(2, 6, 15)));
+        assert_eq!(status(&handle).await.role, "follower");
     }
 
     /// The partition's status, as `status` asks it.

@@ -110,7 +110,8 @@ impl NodeServer {
         }
         let next = PartitionState {
             leader: Some(replica),
-            leader_epoch: st.leader_epoch + 1,
+            // Above any epoch its log holds (`Shared::epoch_above_log`).
+            leader_epoch: shared.epoch_above_log(&tp, st.leader_epoch + 1),
             isr: vec![replica],
             elr: Vec::new(),
             ..st.clone()
@@ -170,12 +171,14 @@ impl NodeServer {
             Err(_) => None,
         };
         let ready = self.follower_ready(&tp, preferred).await;
-        let (Some(d), true) = (decision, ready) else {
+        let (Some(mut d), true) = (decision, ready) else {
             return Err(RpcError::Invalid(format!(
                 "{name}: its preferred replica, node {preferred}, has not been heard, or seen fetching caught up, within {} ms (it may be restarting or recovering its log); try again shortly",
                 self.ready_window_ms()
             )));
         };
+        // It leads: its log holds the newest epoch it knows.
+        d.next.leader_epoch = shared.epoch_above_log(&tp, d.next.leader_epoch);
         let version = self
             .write_election(&name, &d.next, d.expected_version)
             .await?;

@@ -46,6 +46,13 @@ pub struct Shared {
     pub(super) handoffs: Mutex<HashMap<TopicPartition, Option<bool>>>,
     /// What this node's last clean stop recorded (empty after a crash).
     pub(super) clean: CleanShutdown,
+    /// The newest leader epoch each open partition's log holds, as its
+    /// actor last published it ([`Shared::epoch_above_log`]).
+    log_epochs: Mutex<HashMap<TopicPartition, u32>>,
+    /// Partitions whose record names this node leader of an epoch its log
+    /// already holds: the epoch the record must be re-stamped above
+    /// ([`Shared::request_restamp`]).
+    restamps: Mutex<HashMap<TopicPartition, u32>>,
     /// Bytes held by all partitions' tail caches (bounded node-wide).
     pub(super) tail_cache_bytes: Arc<std::sync::atomic::AtomicUsize>,
     /// Wakes the metadata watcher now (topic created, hand-off wanted).
@@ -69,6 +76,22 @@ pub struct Shared {
     /// What this node's fetch sessions sent and left out.
     pub fetch_sessions: FetchSessionStats,
     start: Instant,
+}
+
+/// How far past the newest epoch it knows a node moves a partition's epoch
+/// once it finds the store's epoch not above its log's (the store went
+/// back). Other replicas' logs can hold newer epochs than this node's,
+/// from elections after it fell behind; moving one past them all would
+/// take asking each, and a replica that is down cannot answer. One past
+/// its own could land on theirs and name two leaders again, so it jumps
+/// far past: that many elections missed by one replica is far beyond any
+/// cluster's history between a backup and its restore. Epochs are u32.
+pub const EPOCH_JUMP: u32 = 1000;
+
+/// The epoch to move to after finding the store behind a log whose newest
+/// epoch is `held` ([`EPOCH_JUMP`]).
+pub fn past_regression(held: u32) -> u32 {
+    held.saturating_add(EPOCH_JUMP)
 }
 
 /// Partitions this node's fetches and the answers to them carried in
@@ -122,6 +145,8 @@ impl Shared {
             fetch_tx,
             handoffs: Mutex::new(HashMap::new()),
             clean,
+            log_epochs: Mutex::new(HashMap::new()),
+            restamps: Mutex::new(HashMap::new()),
             tail_cache_bytes: Default::default(),
             refresh: Notify::new(),
             builds: Default::default(),
@@ -198,6 +223,58 @@ impl Shared {
     /// to give up: it must not lead until they are.
     pub fn handoff_pending(&self, tp: &TopicPartition) -> bool {
         self.handoffs.lock().map_or(true, |h| h.contains_key(tp))
+    }
+
+    /// `tp`'s log now holds leader epochs up to `epoch` (its actor says so
+    /// whenever that changes).
+    pub(super) fn set_log_epoch(&self, tp: &TopicPartition, epoch: u32) {
+        if let Ok(mut m) = self.log_epochs.lock() {
+            m.insert(tp.clone(), epoch);
+        }
+    }
+
+    /// The newest leader epoch this node's log of `tp` holds, if it is open.
+    pub fn log_epoch(&self, tp: &TopicPartition) -> Option<u32> {
+        self.log_epochs.lock().ok()?.get(tp).copied()
+    }
+
+    /// `proposed`, a new leader epoch this node is about to write for
+    /// `tp`, or [`past_regression`] of its log's newest epoch if that is
+    /// not below it.
+    ///
+    /// Why: epochs only enter a log after the store named them, so the
+    /// store's epoch is normally at least the log's. A store restored from
+    /// an older backup is not, and `record + 1` would then hand a second
+    /// leader an epoch some log already holds from the first: a follower's
+    /// divergent records in that epoch would look like the new leader's,
+    /// and KIP-101 truncation would keep them.
+    pub fn epoch_above_log(&self, tp: &TopicPartition, proposed: u32) -> u32 {
+        match self.log_epoch(tp) {
+            Some(e) if e >= proposed => past_regression(e),
+            _ => proposed,
+        }
+    }
+
+    /// Ask the watcher to write `tp`'s record again under an epoch above
+    /// `above` (see `node::restamp`).
+    pub(super) fn request_restamp(&self, tp: &TopicPartition, above: u32) {
+        if let Ok(mut m) = self.restamps.lock() {
+            let e = m.entry(tp.clone()).or_insert(above);
+            *e = (*e).max(above);
+        }
+        self.refresh.notify_one();
+    }
+
+    /// The epoch `tp`'s record must go above, if a re-stamp was asked.
+    pub(super) fn restamp_wanted(&self, tp: &TopicPartition) -> Option<u32> {
+        self.restamps.lock().ok()?.get(tp).copied()
+    }
+
+    /// The re-stamp of `tp` is done (or no longer needed).
+    pub(super) fn restamp_done(&self, tp: &TopicPartition) {
+        if let Ok(mut m) = self.restamps.lock() {
+            m.remove(tp);
+        }
     }
 
     /// This node wrote `state` (version included) to the store: the
