@@ -649,6 +649,12 @@ fn bad_node_configs_fail_with_clear_errors() {
         why.contains("stopped: t/0 took no writes within --timeout-ms"),
         "{why}"
     );
+    // Within about its 500 ms: finding no node used to wait out the
+    // nodes' 3 s handshake timeout first.
+    assert!(
+        summary["seconds"].as_f64().is_some_and(|s| s < 2.5),
+        "{summary}"
+    );
     // SIGTERM (or Ctrl-C) stops it too, with its summary.
     let child = std::process::Command::new(support::BIN)
         .args(produce_args(&["--timeout-ms", "60000"]))

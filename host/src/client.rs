@@ -553,7 +553,8 @@ impl Client {
 
     /// Produce `records` as one batch to the partition's leader; returns
     /// the first record's offset. Retries retriable refusals until
-    /// `timeout` has passed.
+    /// `timeout` has passed; finding and dialling the leader count against
+    /// it too.
     pub async fn produce(
         &self,
         topic: &str,
@@ -591,8 +592,20 @@ impl Client {
                 acks,
                 timeout_ms: left.as_millis().clamp(1, 300_000) as u64,
             };
+            // Finding the leader and dialling it send nothing, and neither
+            // may outlast the deadline: with the cluster down each dial
+            // takes its handshake timeout, and a produce with a 500 ms
+            // timeout gave up after 3 s.
+            let in_time = |what: String| {
+                ClientError::NoNode(format!(
+                    "{what} within the {} ms left of the timeout",
+                    left.as_millis()
+                ))
+            };
             let attempt = async {
-                let leader = self.leader(topic, partition, refresh).await?;
+                let leader = tokio::time::timeout(left, self.leader(topic, partition, refresh))
+                    .await
+                    .map_err(|_| in_time("none".into()))??;
                 let epoch = self
                     .partitions
                     .lock()
@@ -602,7 +615,9 @@ impl Client {
                 let limit = left + Duration::from_secs(5);
                 let sent = std::sync::atomic::AtomicBool::new(false);
                 let exchange = async {
-                    let peer = self.peer(leader).await?;
+                    let peer = tokio::time::timeout(left, self.peer(leader))
+                        .await
+                        .map_err(|_| in_time(format!("node {leader} not")))??;
                     sent.store(true, std::sync::atomic::Ordering::Relaxed);
                     Ok::<_, ClientError>(peer.request_within(&req, body.clone(), limit).await)
                 };
