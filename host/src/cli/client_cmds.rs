@@ -708,51 +708,59 @@ pub async fn gather(c: &Client) -> anyhow::Result<(Vec<PartitionReport>, Vec<Str
             .get(&n)
             .and_then(|v| v.iter().find(|s| s.topic == t && s.partition == p))
     };
-    let mut out = Vec::new();
-    for p in parts {
-        let lead = p.leader.and_then(|l| find(l, &p.topic, p.partition));
-        let leader_leo = lead.map(|s| s.log_end);
-        let replica_log_ends = p
+    let out = parts
+        .iter()
+        .map(|p| report(p, |r| find(r, &p.topic, p.partition)))
+        .collect();
+    Ok((out, problems))
+}
+
+/// One partition's row: the store's state `p`, with what each replica
+/// said of it (`find`).
+fn report<'a>(
+    p: &replicator::metadata::PartitionState,
+    find: impl Fn(ReplicaId) -> Option<&'a ReplicaStatus>,
+) -> PartitionReport {
+    let lead = p.leader.and_then(&find);
+    let leader_leo = lead.map(|s| s.log_end);
+    // Its ISR and HW only while it serves the store's epoch: a named
+    // leader that is recovering its log (a full disk) reported an empty
+    // ISR and HW 0, where the store lists the members.
+    let serving = lead.filter(|s| s.role == "leader" && s.leader_epoch == Some(p.leader_epoch));
+    let replica_log_ends = p
+        .replicas
+        .iter()
+        .map(|r| {
+            let leo = find(*r).map(|s| s.log_end);
+            let lag = match (leader_leo, leo) {
+                (Some(l), Some(o)) => Some(l.saturating_sub(o)),
+                _ => None,
+            };
+            (*r, leo, lag)
+        })
+        .collect();
+    PartitionReport {
+        topic: p.topic.clone(),
+        partition: p.partition,
+        leader: p.leader,
+        epoch: p.leader_epoch,
+        replicas: p.replicas.clone(),
+        // The leader's live view, else the store's.
+        isr: serving.map(|s| s.isr.clone()).unwrap_or(p.isr.clone()),
+        elr: p.elr.clone(),
+        high_watermark: serving.map(|s| s.high_watermark),
+        replica_log_ends,
+        replica_last_epochs: p
             .replicas
             .iter()
-            .map(|r| {
-                let leo = find(*r, &p.topic, p.partition).map(|s| s.log_end);
-                let lag = match (leader_leo, leo) {
-                    (Some(l), Some(o)) => Some(l.saturating_sub(o)),
-                    _ => None,
-                };
-                (*r, leo, lag)
-            })
-            .collect();
-        out.push(PartitionReport {
-            topic: p.topic.clone(),
-            partition: p.partition,
-            leader: p.leader,
-            epoch: p.leader_epoch,
-            replicas: p.replicas.clone(),
-            // The leader's live view, else the store's.
-            isr: lead.map(|s| s.isr.clone()).unwrap_or(p.isr.clone()),
-            elr: p.elr.clone(),
-            high_watermark: lead.map(|s| s.high_watermark),
-            replica_log_ends,
-            replica_last_epochs: p
-                .replicas
-                .iter()
-                .map(|r| {
-                    (
-                        *r,
-                        find(*r, &p.topic, p.partition).and_then(|s| s.last_epoch),
-                    )
-                })
-                .collect(),
-            replica_log_starts: p
-                .replicas
-                .iter()
-                .map(|r| (*r, find(*r, &p.topic, p.partition).map(|s| s.log_start)))
-                .collect(),
-        });
+            .map(|r| (*r, find(*r).and_then(|s| s.last_epoch)))
+            .collect(),
+        replica_log_starts: p
+            .replicas
+            .iter()
+            .map(|r| (*r, find(*r).map(|s| s.log_start)))
+            .collect(),
     }
-    Ok((out, problems))
 }
 
 pub fn print_table(reports: &[PartitionReport]) {
@@ -825,7 +833,49 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    use super::check_message_size;
+    use super::{check_message_size, report};
+    use replicator::wire::rpc::ReplicaStatus;
+
+    /// The named leader's own view of ISR and HW only while it leads the
+    /// store's epoch: one recovering its log (a full disk) reported an
+    /// empty ISR and HW 0 next to the store's ISR [3].
+    #[test]
+    fn a_named_leader_that_does_not_serve_leaves_the_store_s_isr() {
+        let p = replicator::metadata::PartitionState {
+            topic: "t".into(),
+            partition: 0,
+            leader: Some(3),
+            leader_epoch: 7,
+            isr: vec![3],
+            elr: vec![2],
+            replicas: vec![1, 2, 3],
+            min_insync: 2,
+            version: 9,
+        };
+        let said = |role: &str, epoch: Option<u32>| ReplicaStatus {
+            topic: "t".into(),
+            partition: 0,
+            node: 3,
+            role: role.into(),
+            leader: Some(3),
+            leader_epoch: epoch,
+            high_watermark: 40,
+            log_start: 0,
+            log_end: 50,
+            last_epoch: Some(7),
+            isr: vec![3, 1],
+            replicas: vec![1, 2, 3],
+            follower_log_ends: Vec::new(),
+        };
+        for (role, epoch) in [("recovering", Some(7)), ("idle", None), ("leader", Some(6))] {
+            let s = said(role, epoch);
+            let r = report(&p, |n| (n == 3).then_some(&s));
+            assert_eq!((r.isr, r.high_watermark), (vec![3], None), "{role}");
+        }
+        let s = said("leader", Some(7));
+        let r = report(&p, |n| (n == 3).then_some(&s));
+        assert_eq!((r.isr, r.high_watermark), (vec![3, 1], Some(40)));
+    }
 
     #[test]
     fn messages_that_cannot_make_a_batch_are_refused_up_front() {

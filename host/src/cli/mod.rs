@@ -65,6 +65,22 @@ enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Status(_) | Command::Consume(_) | Command::Topic(_) | Command::Plugin(_)
+    ) {
+        // Commands that only print what they read end quietly when the
+        // reader goes (`status | head`), as Unix tools do: Rust ignores
+        // SIGPIPE, and `println!` then panicked on the broken pipe. Not
+        // for a node (its metrics endpoint writes to sockets), nor for
+        // `produce`, which must report what it sent.
+        #[cfg(unix)]
+        // SAFETY: before any other thread exists; SIG_DFL is a valid
+        // disposition for SIGPIPE.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     // A node reports what it does; one-shot commands only warn.
     init_tracing(if matches!(cli.command, Command::Node(_)) {
         "info"

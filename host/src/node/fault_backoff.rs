@@ -8,9 +8,9 @@
 //! ISR in the metadata store. The pauses double instead while faults keep
 //! coming soon after recoveries, up to [`MAX_PAUSE`], and start over once
 //! a recovered log has stayed healthy for [`HEALTHY_AFTER`]. The ISR's
-//! only member does not use them (the partition waits for it alone); see
-//! `partition.rs`, which also runs each pause on a timer of its own so a
-//! shutdown never waits one out.
+//! only member's pauses stop at [`SOLE_MEMBER_MAX_PAUSE`] (the partition
+//! waits for it alone); see `partition.rs`, which also runs each pause on a
+//! timer of its own so a shutdown never waits one out.
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,11 @@ pub const FIRST_FAULT_PAUSE: Duration = Duration::from_millis(200);
 pub const FIRST_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// The longest pause of either kind.
 pub const MAX_PAUSE: Duration = Duration::from_secs(30);
+/// The longest pause before the ISR's only member recovers from a fault:
+/// the partition is unavailable until it does, so shorter than
+/// [`MAX_PAUSE`]; but not 200 ms for ever, which a full disk made a loop
+/// of five new epochs and metadata writes a second.
+pub const SOLE_MEMBER_MAX_PAUSE: Duration = Duration::from_secs(2);
 /// A fault this long after the last recovery starts a new streak.
 pub const HEALTHY_AFTER: Duration = Duration::from_secs(60);
 
@@ -40,6 +45,12 @@ pub struct FaultBackoff {
 }
 
 impl FaultBackoff {
+    /// A fault at `now` of the ISR's only member: the pause before
+    /// recovering, at most [`SOLE_MEMBER_MAX_PAUSE`].
+    pub fn sole_member_fault(&mut self, now: Instant) -> Duration {
+        self.fault(now).min(SOLE_MEMBER_MAX_PAUSE)
+    }
+
     /// A fault at `now`: the pause before recovering.
     pub fn fault(&mut self, now: Instant) -> Duration {
         let streak_goes_on = self
@@ -91,6 +102,21 @@ mod tests {
         // Healthy for a minute: the next fault starts over.
         now += HEALTHY_AFTER;
         assert_eq!(b.fault(now), FIRST_FAULT_PAUSE);
+    }
+
+    /// The ISR's only member backs off too, but only to 2 s: the
+    /// partition waits for it alone.
+    #[test]
+    fn the_only_in_sync_member_backs_off_to_two_seconds() {
+        let mut b = FaultBackoff::default();
+        let mut now = Instant::now();
+        let mut pauses = Vec::new();
+        for _ in 0..7 {
+            pauses.push(b.sole_member_fault(now).as_millis());
+            now += Duration::from_millis(300);
+            b.recovered(now);
+        }
+        assert_eq!(pauses, [200, 400, 800, 1600, 2000, 2000, 2000]);
     }
 
     #[test]

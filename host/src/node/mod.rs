@@ -724,15 +724,15 @@ async fn handoff(shared: &Shared, tp: &TopicPartition, intact: bool) -> Result<(
                 let lossy = if intact {
                     ""
                 } else {
-                    " (its log may lack records it held: no clean shutdown recorded them)"
+                    " (its log may lack records it held: no clean shutdown recorded them, or its recovery found fewer)"
                 };
                 match next.leader {
                     Some(l) if st.leader == Some(me) => info!(
-                        "{name}: this node led epoch {} before restarting{lossy}; leadership moves to node {l} in epoch {}",
+                        "{name}: this node led epoch {} before its restart or log recovery{lossy}; leadership moves to node {l} in epoch {}",
                         st.leader_epoch, next.leader_epoch
                     ),
                     None if st.leader == Some(me) || st.isr.contains(&me) => error!(
-                        "{name}: this node was the only in-sync replica and restarted{lossy}; it may not lead, so the partition has no leader until an eligible replica (ELR {:?}) is alive{}",
+                        "{name}: this node was the only in-sync replica and restarted or recovered its log{lossy}; it may not lead, so the partition has no leader until an eligible replica (ELR {:?}) is alive{}",
                         next.elr,
                         if next.elr.is_empty() {
                             ": there is none, so only an unclean election (`replicator partition elect --unclean`) can make it available, losing the writes its leader lacks"
@@ -741,10 +741,10 @@ async fn handoff(shared: &Shared, tp: &TopicPartition, intact: bool) -> Result<(
                         }
                     ),
                     _ if st.isr.contains(&me) => info!(
-                        "{name}: left the ISR after restarting{lossy} (now {:?}, ELR {:?}); rejoins once caught up",
+                        "{name}: left the ISR after its restart or log recovery{lossy} (now {:?}, ELR {:?}); rejoins once caught up",
                         next.isr, next.elr
                     ),
-                    _ => info!("{name}: left the ELR after restarting{lossy}"),
+                    _ => info!("{name}: left the ELR after its restart or log recovery{lossy}"),
                 }
                 return Ok(());
             }

@@ -27,7 +27,7 @@ use crate::metadata::{MetadataError, PartitionState};
 use crate::storage::{LogState, PartitionLog, StorageError};
 use crate::wire::rpc::{ReplicaStatus, RpcError};
 
-use super::fault_backoff::{FIRST_FAULT_PAUSE, FIRST_RETRY_PAUSE, FaultBackoff};
+use super::fault_backoff::{FIRST_RETRY_PAUSE, FaultBackoff};
 use super::fetch::FetchCmd;
 use super::shared::Shared;
 
@@ -563,6 +563,9 @@ impl Actor {
                 let pause = if self.sole_member() {
                     FIRST_RETRY_PAUSE
                 } else {
+                    // Its log cannot be judged: no longer eligible to lead
+                    // (a dead disk would hold an ELR place it cannot use).
+                    self.shared.request_handoff(self.tp.clone(), Some(false));
                     self.backoff.recovery_failed()
                 };
                 warn!(topic = %self.tp.topic, partition = self.tp.partition,
@@ -836,9 +839,10 @@ impl Actor {
         };
         if let Some(e) = failure {
             // Nobody else can lead while the ISR's only member recovers:
-            // its pauses stay short, whatever the streak.
+            // its pauses stay short (a full disk looped it five times a
+            // second, each loop a new epoch and a metadata write).
             let pause = if self.sole_member() {
-                FIRST_FAULT_PAUSE
+                self.backoff.sole_member_fault(Instant::now())
             } else {
                 self.backoff.fault(Instant::now())
             };
@@ -852,16 +856,24 @@ impl Actor {
             // not once the log has recovered: a leader whose storage never
             // recovers (its disk gone) kept the partition unavailable, and
             // a follower held the leader's HW back until it was found
-            // lagging. Not intact: the recovered log may hold less. Not
-            // when it is the ISR's only member: nobody else could lead, and
-            // a log that recovers whole may lead again.
+            // lagging. Not when it is the ISR's only member: nobody else
+            // could lead, and a log that recovers whole may lead again.
+            //
+            // Judged intact for now: it stays eligible (the ELR) if the
+            // ISR falls below min.insync, as KIP-966 keeps a member that
+            // leaves. Judged lossy, every replica of a partition whose
+            // disks all filled up left the ISR and the ELR in turn, and
+            // losing the last one took an unclean election. The recovery
+            // judges the log (a shorter log, or a recovery that fails,
+            // takes the eligibility away), and the replica leads nothing
+            // until then: it is recovering.
             let me = self.shared.node_id;
             if self
                 .meta
                 .as_ref()
                 .is_some_and(|m| m.isr.contains(&me) && m.isr.len() > 1)
             {
-                self.shared.request_handoff(self.tp.clone(), Some(false));
+                self.shared.request_handoff(self.tp.clone(), Some(true));
             }
             // The recovered log may hold less than was issued.
             self.tail.clear();
@@ -1521,6 +1533,38 @@ mod tests {
         handle.send(Event::Storage(StorageDone::Appended(Ok(50))));
         let s = status(&handle).await;
         assert_eq!((s.role.as_str(), s.log_end), ("recovering", 0));
+    }
+
+    /// A leader whose storage fails hands off and stays eligible (the
+    /// ELR) when the ISR falls below min.insync: its log is judged by its
+    /// recovery, not assumed lossy at the fault. Assumed lossy, every
+    /// replica of a partition whose disks all filled up left the ISR and
+    /// the ELR in turn, and losing the last one took an unclean election.
+    /// A recovery that fails takes the eligibility away.
+    #[tokio::test]
+    async fn a_storage_fault_keeps_the_replica_eligible_until_its_recovery_judges_it() {
+        let store = LostAnswers::new(PartitionState::sample(Some(1), &[1, 2], &[]), 0, false);
+        let (shared, _fetch_rx) = Shared::for_tests(store.clone(), Default::default());
+        let tp = TopicPartition::new("t", 0);
+        let handle = leading_with_2(&shared, &tp).await;
+        handle.send(Event::Storage(StorageDone::Persisted(Err(
+            StorageError::Io("No space left on device".into()),
+        ))));
+        assert_eq!(status(&handle).await.role, "recovering");
+        assert!(crate::node::settle_handoff(&shared, &tp, true).await);
+        let handed = store.state.lock().unwrap().clone();
+        assert_eq!(
+            (handed.leader, handed.isr, handed.elr),
+            (Some(2), vec![2], vec![1]),
+            "moved off, and eligible"
+        );
+        handle.send(Event::Recovered(Err(StorageError::Io("still full".into()))));
+        let _ = status(&handle).await;
+        let verdict = shared.handoffs.lock().unwrap().get(&tp).copied();
+        assert_eq!(verdict, Some(Some(false)));
+        assert!(crate::node::settle_handoff(&shared, &tp, false).await);
+        let dropped = store.state.lock().unwrap().clone();
+        assert_eq!((dropped.leader, dropped.elr), (Some(2), vec![]));
     }
 
     /// Leader 1 of epoch 4 proposes adding node 3 to the ISR; the store
