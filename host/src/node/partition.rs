@@ -171,6 +171,9 @@ struct Actor {
     /// The version of the last record refused as older than the log (its
     /// error is logged once).
     stale_refused: Option<u64>,
+    /// The last storage fault, for the producers it fails: "not
+    /// acknowledged" alone did not say the disk was full.
+    last_fault: Option<String>,
 }
 
 /// Open (or reopen) `tp`'s log and start its actor; also the log end it
@@ -230,6 +233,7 @@ pub async fn start(
         handoff_from: None,
         published_epoch: None,
         stale_refused: None,
+        last_fault: None,
     };
     actor.publish_log_epoch();
     tokio::spawn(actor.run(rx));
@@ -848,6 +852,7 @@ impl Actor {
             };
             warn!(topic = %self.tp.topic, partition = self.tp.partition,
                 "storage failed, stepping down and recovering in {} ms: {e}", pause.as_millis());
+            self.last_fault = Some(e.to_string());
             self.rm.storage_failed();
             self.drive();
             self.recovering = true;
@@ -1021,16 +1026,20 @@ impl Actor {
                     // afterwards, it may or may not survive, so this is
                     // never the retriable "not the leader" refusal.
                     let r = result.map_err(|code| {
-                        let why = match code {
-                            ErrorCode::RequestTimedOut => {
-                                "appended, but not replicated to the ISR in time; it may or may not survive"
+                        let why = match (code, &self.last_fault) {
+                            (ErrorCode::RequestTimedOut, _) => {
+                                "appended, but not replicated to the ISR in time; it may or may not survive".to_string()
                             }
-                            ErrorCode::NotLeader => {
-                                "appended, but this node stopped leading before it was committed; it may or may not survive"
+                            (ErrorCode::NotLeader, _) => {
+                                "appended, but this node stopped leading before it was committed; it may or may not survive".to_string()
                             }
-                            _ => "appended, but not acknowledged; it may or may not survive",
+                            (ErrorCode::StorageError, Some(fault)) => format!(
+                                "appended, but this node's storage failed ({fault}); it may or may not survive"
+                            ),
+                            _ => "appended, but not acknowledged; it may or may not survive"
+                                .to_string(),
                         };
-                        after_append(code, why)
+                        after_append(code, &why)
                     });
                     let _ = reply.send(r);
                 }
@@ -1565,6 +1574,34 @@ mod tests {
         assert!(crate::node::settle_handoff(&shared, &tp, false).await);
         let dropped = store.state.lock().unwrap().clone();
         assert_eq!((dropped.leader, dropped.elr), (Some(2), vec![]));
+    }
+
+    /// A produce waiting for the ISR when the leader's storage fails is
+    /// told what failed: "not acknowledged" alone did not say the disk was
+    /// full.
+    #[tokio::test]
+    async fn a_produce_failed_by_a_storage_fault_names_it() {
+        let store = LostAnswers::new(PartitionState::sample(Some(1), &[1, 2], &[]), 0, false);
+        let (shared, _fetch_rx) = Shared::for_tests(store, Default::default());
+        let tp = TopicPartition::new("t", 0);
+        let handle = leading_with_2(&shared, &tp).await;
+        let (reply, answer) = oneshot::channel();
+        assert!(handle.send(Event::Produce {
+            batches: batch_at(0),
+            acks: Acks::All,
+            timeout_ms: 60_000,
+            reply,
+        }));
+        // Taken (the actor handles events in order), waiting for node 2.
+        assert_eq!(status(&handle).await.role, "leader");
+        handle.send(Event::Storage(StorageDone::Persisted(Err(
+            StorageError::Io("write 0.log: No space left on device".into()),
+        ))));
+        let e = answer.await.expect("answered").expect_err("failed");
+        assert!(
+            e.to_string().contains("storage failed") && e.to_string().contains("No space left"),
+            "{e}"
+        );
     }
 
     /// Leader 1 of epoch 4 proposes adding node 3 to the ISR; the store
