@@ -722,11 +722,11 @@ fn report<'a>(
     find: impl Fn(ReplicaId) -> Option<&'a ReplicaStatus>,
 ) -> PartitionReport {
     let lead = p.leader.and_then(&find);
-    let leader_leo = lead.map(|s| s.log_end);
-    // Its ISR and HW only while it serves the store's epoch: a named
-    // leader that is recovering its log (a full disk) reported an empty
-    // ISR and HW 0, where the store lists the members.
+    // Its ISR, HW and log end only while it serves the store's epoch: a
+    // named leader that is recovering its log (a full disk) reported an
+    // empty ISR and HW 0, where the store lists the members.
     let serving = lead.filter(|s| s.role == "leader" && s.leader_epoch == Some(p.leader_epoch));
+    let leader_leo = serving.map(|s| s.log_end);
     let replica_log_ends = p
         .replicas
         .iter()

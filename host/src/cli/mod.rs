@@ -65,15 +65,13 @@ enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(
-        cli.command,
-        Command::Status(_) | Command::Consume(_) | Command::Topic(_) | Command::Plugin(_)
-    ) {
+    if matches!(cli.command, Command::Status(_) | Command::Consume(_)) {
         // Commands that only print what they read end quietly when the
         // reader goes (`status | head`), as Unix tools do: Rust ignores
         // SIGPIPE, and `println!` then panicked on the broken pipe. Not
-        // for a node (its metrics endpoint writes to sockets), nor for
-        // `produce`, which must report what it sent.
+        // for commands that change something or clean up after
+        // themselves (`produce` must report what it sent, `plugin check`
+        // removes its scratch directory).
         #[cfg(unix)]
         // SAFETY: before any other thread exists; SIG_DFL is a valid
         // disposition for SIGPIPE.

@@ -174,6 +174,9 @@ struct Actor {
     /// The last storage fault, for the producers it fails: "not
     /// acknowledged" alone did not say the disk was full.
     last_fault: Option<String>,
+    /// Left the ISR at a fault still counted intact (it may be in the ELR,
+    /// and elected there) until its recovery judges the log.
+    unjudged: bool,
 }
 
 /// Open (or reopen) `tp`'s log and start its actor; also the log end it
@@ -234,6 +237,7 @@ pub async fn start(
         published_epoch: None,
         stale_refused: None,
         last_fault: None,
+        unjudged: false,
     };
     actor.publish_log_epoch();
     tokio::spawn(actor.run(rx));
@@ -536,6 +540,7 @@ impl Actor {
                 info!(topic = %self.tp.topic, partition = self.tp.partition,
                     "storage recovered: [{}, {})", state.bounds.log_start, state.bounds.log_end);
                 let lost_end = self.rm.log_end_offset();
+                self.unjudged = false; // judged below
                 self.rm = new_manager(&self.shared, &state);
                 self.publish_log_epoch();
                 self.tail.clear();
@@ -564,12 +569,17 @@ impl Actor {
                 }
             }
             Event::Recovered(Err(e)) => {
+                if std::mem::take(&mut self.unjudged) {
+                    // Counted intact at the fault, its log cannot be judged:
+                    // no longer eligible. It may have been elected from the
+                    // ELR meanwhile, and a dead disk would hold the
+                    // partition leaderless while another eligible replica
+                    // is alive; it gives the claim up, sole member or not.
+                    self.shared.request_handoff(self.tp.clone(), Some(false));
+                }
                 let pause = if self.sole_member() {
                     FIRST_RETRY_PAUSE
                 } else {
-                    // Its log cannot be judged: no longer eligible to lead
-                    // (a dead disk would hold an ELR place it cannot use).
-                    self.shared.request_handoff(self.tp.clone(), Some(false));
                     self.backoff.recovery_failed()
                 };
                 warn!(topic = %self.tp.topic, partition = self.tp.partition,
@@ -879,6 +889,7 @@ impl Actor {
                 .is_some_and(|m| m.isr.contains(&me) && m.isr.len() > 1)
             {
                 self.shared.request_handoff(self.tp.clone(), Some(true));
+                self.unjudged = true;
             }
             // The recovered log may hold less than was issued.
             self.tail.clear();
@@ -1567,13 +1578,37 @@ mod tests {
             (Some(2), vec![2], vec![1]),
             "moved off, and eligible"
         );
-        handle.send(Event::Recovered(Err(StorageError::Io("still full".into()))));
+        // Node 2 fails and the coordinator elects node 1 from the ELR
+        // while its log is still recovering: it is now the ISR's only
+        // member. Its recovery fails (a dead disk): it gives the claim up
+        // all the same, so another eligible replica can be elected.
+        let elected = {
+            let mut s = store.state.lock().unwrap();
+            *s = PartitionState {
+                leader: Some(1),
+                leader_epoch: s.leader_epoch + 1,
+                isr: vec![1],
+                elr: vec![],
+                version: s.version + 1,
+                ..s.clone()
+            };
+            s.clone()
+        };
+        handle.send(Event::Metadata(elected));
+        handle.send(Event::Recovered(Err(StorageError::Io("still gone".into()))));
         let _ = status(&handle).await;
         let verdict = shared.handoffs.lock().unwrap().get(&tp).copied();
         assert_eq!(verdict, Some(Some(false)));
         assert!(crate::node::settle_handoff(&shared, &tp, false).await);
         let dropped = store.state.lock().unwrap().clone();
-        assert_eq!((dropped.leader, dropped.elr), (Some(2), vec![]));
+        assert_eq!(
+            (dropped.leader, dropped.isr, dropped.elr),
+            (None, vec![], vec![])
+        );
+        // Asked once: a second failed recovery asks nothing more.
+        handle.send(Event::Recovered(Err(StorageError::Io("still gone".into()))));
+        let _ = status(&handle).await;
+        assert!(!shared.handoff_pending(&tp));
     }
 
     /// A produce waiting for the ISR when the leader's storage fails is
