@@ -1360,10 +1360,7 @@ mod tests {
     /// the log; a record above the log is obeyed.
     #[tokio::test]
     async fn a_record_older_than_the_log_is_not_served() {
-        let store = LostAnswers::new(PartitionState::sample(Some(1), &[1, 2], &[]), 0, false);
-        let (shared, _fetch_rx) = Shared::for_tests(store.clone(), Default::default());
-        let tp = TopicPartition::new("t", 0);
-        let handle = leading_with_2(&shared, &tp).await;
+        let (_store, shared, tp, handle, _fetch_rx) = node_1_leading_with_2().await;
         assert_eq!(shared.log_epoch(&tp), Some(4), "published");
         let restored = |leader, epoch, version| PartitionState {
             leader_epoch: epoch,
@@ -1491,6 +1488,22 @@ mod tests {
         }
     }
 
+    /// Node 1 over a store that answers, its partition t/0 started and
+    /// leading epoch 4 with ISR {1, 2} ([`leading_with_2`]).
+    async fn node_1_leading_with_2() -> (
+        Arc<LostAnswers>,
+        Arc<Shared>,
+        TopicPartition,
+        PartitionHandle,
+        mpsc::UnboundedReceiver<FetchCmd>,
+    ) {
+        let store = LostAnswers::new(PartitionState::sample(Some(1), &[1, 2], &[]), 0, false);
+        let (shared, fetch_rx) = Shared::for_tests(store.clone(), Default::default());
+        let tp = TopicPartition::new("t", 0);
+        let handle = leading_with_2(&shared, &tp).await;
+        (store, shared, tp, handle, fetch_rx)
+    }
+
     /// The partition started, leading epoch 4 with ISR {1, 2}.
     async fn leading_with_2(shared: &Arc<Shared>, tp: &TopicPartition) -> PartitionHandle {
         let (handle, _) = start(shared.clone(), tp.clone()).await.expect("start");
@@ -1512,10 +1525,7 @@ mod tests {
     /// only member and not intact, was left with no leader at all.
     #[tokio::test]
     async fn a_storage_fault_is_judged_by_the_isr_the_leader_just_wrote() {
-        let store = LostAnswers::new(PartitionState::sample(Some(1), &[1, 2], &[]), 0, false);
-        let (shared, _fetch_rx) = Shared::for_tests(store.clone(), Default::default());
-        let tp = TopicPartition::new("t", 0);
-        let handle = leading_with_2(&shared, &tp).await;
+        let (store, shared, tp, handle, _fetch_rx) = node_1_leading_with_2().await;
 
         // The leader's shrink to itself, as its core proposes it.
         let (result, current) = update_isr(&shared, &tp, 4, vec![1], 9, Vec::new(), || false).await;
@@ -1563,10 +1573,7 @@ mod tests {
     /// A recovery that fails takes the eligibility away.
     #[tokio::test]
     async fn a_storage_fault_keeps_the_replica_eligible_until_its_recovery_judges_it() {
-        let store = LostAnswers::new(PartitionState::sample(Some(1), &[1, 2], &[]), 0, false);
-        let (shared, _fetch_rx) = Shared::for_tests(store.clone(), Default::default());
-        let tp = TopicPartition::new("t", 0);
-        let handle = leading_with_2(&shared, &tp).await;
+        let (store, shared, tp, handle, _fetch_rx) = node_1_leading_with_2().await;
         handle.send(Event::Storage(StorageDone::Persisted(Err(
             StorageError::Io("No space left on device".into()),
         ))));
@@ -1616,10 +1623,7 @@ mod tests {
     /// full.
     #[tokio::test]
     async fn a_produce_failed_by_a_storage_fault_names_it() {
-        let store = LostAnswers::new(PartitionState::sample(Some(1), &[1, 2], &[]), 0, false);
-        let (shared, _fetch_rx) = Shared::for_tests(store, Default::default());
-        let tp = TopicPartition::new("t", 0);
-        let handle = leading_with_2(&shared, &tp).await;
+        let (_store, _shared, _tp, handle, _fetch_rx) = node_1_leading_with_2().await;
         let (reply, answer) = oneshot::channel();
         assert!(handle.send(Event::Produce {
             batches: batch_at(0),
