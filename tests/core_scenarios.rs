@@ -285,8 +285,12 @@ impl Cluster {
 fn outstanding_fetch(c: &mut Cluster, n: ReplicaId, leader: ReplicaId) -> FetchRequest {
     let (epoch, now) = (c.epoch, c.now);
     c.rm(n).become_follower(leader, epoch, now);
-    c.rm(n)
-        .drain()
+    sent_fetch(c.rm(n))
+}
+
+/// The fetch `rm` just issued (it became a follower), of what it drains.
+fn sent_fetch(rm: &mut ReplicationManager) -> FetchRequest {
+    rm.drain()
         .into_iter()
         .find_map(|a| match a {
             Action::SendFetch { request, .. } => Some(request),
@@ -824,14 +828,7 @@ fn empty_follower_takes(at: u64, epochs: &[(u32, u64)], led_5: bool) -> Vec<(u32
         rm.become_leader(5, vec![1, 2], vec![1, 2], 1, 0);
     }
     rm.become_follower(2, 6, 0);
-    let request = rm
-        .drain()
-        .into_iter()
-        .find_map(|a| match a {
-            Action::SendFetch { request, .. } => Some(request),
-            _ => None,
-        })
-        .expect("fetches");
+    let request = sent_fetch(&mut rm);
     assert_eq!(request.last_fetched_epoch, None, "an empty log");
     let records = replicator::batch::encode(at, 4, &record(at)).unwrap();
     let resp = FetchResponse {
@@ -1008,14 +1005,7 @@ fn a_fetch_past_a_new_leaders_stored_end_waits_for_its_storage() {
     };
     let mut rm = ReplicationManager::new(relaxed(), 1, &state);
     rm.become_follower(0, 1, 0);
-    let fetch = rm
-        .drain()
-        .into_iter()
-        .find_map(|a| match a {
-            Action::SendFetch { request, .. } => Some(request),
-            _ => None,
-        })
-        .expect("a follower fetches");
+    let fetch = sent_fetch(&mut rm);
     let records = (0..10).flat_map(record).collect::<Vec<_>>();
     let batch = replicator::batch::encode(0, 1, &records).expect("encodes");
     rm.handle_fetch_response(

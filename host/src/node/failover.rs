@@ -301,12 +301,9 @@ async fn coordinate(
             };
             // A new epoch above any this node's log (and any surveyed log)
             // holds: see `Shared::epoch_above_log`.
-            if d.next.leader_epoch > state.leader_epoch {
-                let mut epoch = shared.epoch_above_log(&tp, d.next.leader_epoch);
-                if let Some(e) = surveyed_epoch.filter(|e| *e >= epoch) {
-                    epoch = super::shared::past_regression(e);
-                }
-                d.next.leader_epoch = epoch;
+            shared.lift_new_epoch(&tp, state.leader_epoch, &mut d.next);
+            if let Some(e) = surveyed_epoch.filter(|e| *e >= d.next.leader_epoch) {
+                d.next.leader_epoch = super::shared::past_regression(e);
             }
             if let DecisionKind::Prefer { preferred } = d.kind {
                 // The store's ISR can still list a replica that restarted
@@ -576,9 +573,7 @@ async fn step_down_all(
                 Err(_) => return written,
             };
             let Some(mut d) = decision else { break };
-            if d.next.leader_epoch > state.leader_epoch {
-                d.next.leader_epoch = shared.epoch_above_log(&tp, d.next.leader_epoch);
-            }
+            shared.lift_new_epoch(&tp, state.leader_epoch, &mut d.next);
             match shared
                 .metadata
                 .compare_and_set(d.next.clone(), d.expected_version)

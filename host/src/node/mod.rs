@@ -711,9 +711,7 @@ async fn handoff(shared: &Shared, tp: &TopicPartition, intact: bool) -> Result<(
         else {
             return Ok(());
         };
-        if next.leader_epoch > st.leader_epoch {
-            next.leader_epoch = shared.epoch_above_log(tp, next.leader_epoch);
-        }
+        shared.lift_new_epoch(tp, st.leader_epoch, &mut next);
         match shared
             .metadata
             .compare_and_set(next.clone(), st.version)

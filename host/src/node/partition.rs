@@ -748,7 +748,6 @@ impl Actor {
                 self.shared.fetch(FetchCmd::Remove {
                     tp: self.tp.clone(),
                 });
-                self.drive();
             }
             self.leader = None;
             return;

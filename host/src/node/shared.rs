@@ -255,6 +255,16 @@ impl Shared {
         }
     }
 
+    /// `next`, a state this node is about to write for `tp` over one of
+    /// leader epoch `from`: if it moves to a new epoch, that epoch goes
+    /// above this node's log ([`Shared::epoch_above_log`]). A write that
+    /// keeps the epoch (an ISR change) keeps it.
+    pub fn lift_new_epoch(&self, tp: &TopicPartition, from: u32, next: &mut PartitionState) {
+        if next.leader_epoch > from {
+            next.leader_epoch = self.epoch_above_log(tp, next.leader_epoch);
+        }
+    }
+
     /// Ask the watcher to write `tp`'s record again under an epoch above
     /// `above` (see `node::restamp`).
     pub(super) fn request_restamp(&self, tp: &TopicPartition, above: u32) {
