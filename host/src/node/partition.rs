@@ -1522,7 +1522,9 @@ mod tests {
     /// fault right after the leader shrank the ISR to itself handed the
     /// partition off, and the store's state, with this replica the ISR's
     /// only member and not intact, was left with no leader at all.
-    #[tokio::test]
+    // Paused time: the fault's recovery timer must not fire mid-test (see
+    // the next test).
+    #[tokio::test(start_paused = true)]
     async fn a_storage_fault_is_judged_by_the_isr_the_leader_just_wrote() {
         let (store, shared, tp, handle, _fetch_rx) = node_1_leading_with_2().await;
 
@@ -1570,7 +1572,12 @@ mod tests {
     /// replica of a partition whose disks all filled up left the ISR and
     /// the ELR in turn, and losing the last one took an unclean election.
     /// A recovery that fails takes the eligibility away.
-    #[tokio::test]
+    ///
+    /// Paused time: the fault schedules the real recovery 200 ms on, and
+    /// the failed recovery below must come first. On the wall clock a
+    /// stall of the test thread let the real one win; paused, the timer
+    /// fires only when every task waits on time, which nothing here does.
+    #[tokio::test(start_paused = true)]
     async fn a_storage_fault_keeps_the_replica_eligible_until_its_recovery_judges_it() {
         let (store, shared, tp, handle, _fetch_rx) = node_1_leading_with_2().await;
         handle.send(Event::Storage(StorageDone::Persisted(Err(
