@@ -561,6 +561,12 @@ fn bad_node_configs_fail_with_clear_errors() {
     assert!(e.contains("missing.pem"), "{e}");
     let e = run(&original.replace("cert = \"node-1.pem\"", "cert = \"client.pem\""));
     assert!(e.contains("not valid for node-1"), "{e}");
+    // Another certificate's key: every handshake would fail at the peer.
+    let e = run(&original.replace("key = \"node-1-key.pem\"", "key = \"client-key.pem\""));
+    assert!(
+        e.contains("the private key does not belong to this certificate"),
+        "{e}"
+    );
     // Retention below one fetch's worth.
     let e = run(&original.replace("[replication]\n", "[replication]\nretention_bytes = 1000\n"));
     assert!(

@@ -15,8 +15,11 @@ use rcgen::{
     KeyUsagePurpose,
 };
 use rustls::RootCertStore;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::ServerCertVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
@@ -233,7 +236,40 @@ impl TlsMaterial {
                 TlsError::Config(format!(
                     "this certificate does not chain to the CA certificate the config names ({e}), so every peer would refuse it; point `ca` at the cluster's ca.pem and the certificate at the one `replicator cluster init` issued with it"
                 ))
-            })
+            })?;
+        // A node serves too: peers dialling it check its certificate as a
+        // server's. One issued for client authentication only passed the
+        // check above, and the node started to hear only "cannot reach a
+        // majority" while every peer refused its handshakes.
+        if let Identity::Node(_) = expected {
+            let name = ServerName::try_from(expected.dns_name())
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+            WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider())
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?
+                .verify_server_cert(
+                    leaf,
+                    &self.chain[1..],
+                    &name,
+                    &[],
+                    rustls_pki_types::UnixTime::now(),
+                )
+                .map_err(|e| {
+                    TlsError::Config(format!(
+                        "peers would refuse this certificate when they dial {expected} ({e}): a node's certificate needs the serverAuth extended key usage as well as clientAuth, as those `replicator cluster init` issues have"
+                    ))
+                })?;
+        }
+        // The key must be the certificate's: with another one every
+        // handshake fails its signature check at the peer.
+        CertifiedKey::from_der(self.chain.clone(), self.key.clone_key(), &provider()).map_err(
+            |e| {
+                TlsError::Config(format!(
+                    "the private key does not belong to this certificate ({e}); point `key` at the key `replicator cluster init` wrote next to the certificate"
+                ))
+            },
+        )?;
+        Ok(())
     }
 
     /// Server side: TLS 1.3, client certificate required and checked
@@ -278,4 +314,84 @@ pub fn verify_identity(cert: &CertificateDer<'_>, identity: Identity) -> Result<
     let name = ServerName::try_from(identity.dns_name()).map_err(|e| e.to_string())?;
     ee.verify_is_valid_for_subject_name(&name)
         .map_err(|e| format!("certificate is not valid for {identity}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `ca`'s certificate for `identity` with `ekus` only, and its key.
+    fn issued_with(
+        ca: &GeneratedCa,
+        identity: Identity,
+        ekus: Vec<ExtendedKeyUsagePurpose>,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(vec![identity.dns_name()]).expect("params");
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = ekus;
+        let cert = params.signed_by(&key, &ca.issuer).expect("signed");
+        let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).expect("key pem");
+        (vec![cert.der().clone()], key)
+    }
+
+    fn material(
+        ca: &GeneratedCa,
+        (chain, key): (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+    ) -> TlsMaterial {
+        let mut roots = RootCertStore::empty();
+        let ca_der = CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).expect("ca pem");
+        roots.add(ca_der).expect("root");
+        TlsMaterial {
+            roots: Arc::new(roots),
+            chain,
+            key: Arc::new(key),
+        }
+    }
+
+    #[test]
+    fn a_node_certificate_must_serve_as_well_as_authenticate_a_client() {
+        use ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+        let ca = GeneratedCa::new("test").expect("ca");
+        let node = Identity::Node(1);
+        let both = material(&ca, issued_with(&ca, node, vec![ServerAuth, ClientAuth]));
+        both.check_own_identity(node)
+            .expect("a node's usual certificate");
+
+        let client_only = material(&ca, issued_with(&ca, node, vec![ClientAuth]));
+        let e = client_only.check_own_identity(node).expect_err("refused");
+        assert!(
+            e.to_string()
+                .contains("needs the serverAuth extended key usage"),
+            "{e}"
+        );
+        // A client never serves: clientAuth alone is its whole job.
+        let client = material(&ca, issued_with(&ca, Identity::Client, vec![ClientAuth]));
+        client
+            .check_own_identity(Identity::Client)
+            .expect("a client's certificate");
+        // A server-only certificate fails the client check, as before.
+        let server_only = material(&ca, issued_with(&ca, node, vec![ServerAuth]));
+        assert!(server_only.check_own_identity(node).is_err());
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificate_s_is_refused_at_startup() {
+        let ca = GeneratedCa::new("test").expect("ca");
+        let node = Identity::Node(2);
+        let usual = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let (chain, _) = issued_with(&ca, node, usual.clone());
+        let (_, other_key) = issued_with(&ca, node, usual);
+        let e = material(&ca, (chain, other_key))
+            .check_own_identity(node)
+            .expect_err("refused");
+        assert!(
+            e.to_string()
+                .contains("the private key does not belong to this certificate"),
+            "{e}"
+        );
+    }
 }
