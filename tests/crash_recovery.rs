@@ -114,3 +114,75 @@ async fn sigkill_during_appends_recovers_every_whole_batch() {
         log.close().await;
     }
 }
+
+/// With `fsync=always` an append is acknowledged only once it would
+/// survive a power loss, and for the first append into a new segment that
+/// takes the directory holding the segment's name, too; a new partition
+/// directory needs its parent's. Watched with strace: after the first
+/// data sync of every new segment, the directory is synced before that
+/// segment's next data sync (without it, a power loss could drop the
+/// segment's name and every acknowledged batch in it), and the partition
+/// directory's parent is synced before the first segment is made.
+#[test]
+fn new_segments_and_partition_directories_are_synced_into_their_parents() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("d");
+    let part = dir.join("demo-0");
+    let trace = root.path().join("trace");
+    let out = Command::new("strace")
+        .args(["-f", "-qq", "-y", "-e"])
+        .arg("trace=openat,openat2,fsync,fdatasync")
+        .arg("-o")
+        .arg(&trace)
+        .arg(env!("CARGO_BIN_EXE_replicator"))
+        .args(["storage-demo", "--messages", "3000", "--size", "1024"])
+        .args(["--batch", "10", "--config", "fsync=always"])
+        .args(["--config", "segment.bytes=1048576", "--dir"])
+        .arg(&dir)
+        .output()
+        .expect("strace is not installed: run scripts/setup (it installs strace)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let trace = std::fs::read_to_string(&trace).expect("trace");
+    let lines: Vec<&str> = trace.lines().collect();
+    let dir_sync = |of: &std::path::Path, l: &str| {
+        l.contains("fsync(") && l.contains(&format!("<{}>)", of.display()))
+    };
+    // Segment creations: `openat...("…N.log", …O_CREAT…) = FD</…/N.log>`.
+    let created: Vec<(usize, String)> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.contains("O_CREAT") && l.contains(".log\""))
+        .filter_map(|(i, l)| {
+            let (_, ret) = l.rsplit_once(" = ")?;
+            Some((i, format!("fdatasync({ret})")))
+        })
+        .collect();
+    assert!(
+        created.len() >= 3,
+        "expected 3 MB in 1 MiB segments: {created:?}"
+    );
+    let parent_synced = lines[..created[0].0].iter().any(|l| dir_sync(&dir, l));
+    assert!(
+        parent_synced,
+        "{} was not synced into its parent",
+        part.display()
+    );
+    for (at, data_sync) in &created {
+        let first = lines[*at..]
+            .iter()
+            .position(|l| l.contains(data_sync.as_str()))
+            .map(|p| at + p)
+            .unwrap_or_else(|| panic!("no data sync of a new segment: {data_sync}"));
+        let next = lines[first + 1..]
+            .iter()
+            .find(|l| l.contains(data_sync.as_str()) || dir_sync(&part, l));
+        assert!(
+            next.is_some_and(|l| dir_sync(&part, l)),
+            "after the first {data_sync}, the next sync was {next:?}, not the directory's"
+        );
+    }
+}

@@ -11,6 +11,7 @@ pub mod batch;
 pub mod client;
 pub mod conformance;
 pub mod core;
+pub mod durable_dir;
 pub mod history;
 pub mod metadata;
 pub mod node;

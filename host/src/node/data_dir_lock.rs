@@ -32,7 +32,7 @@ pub enum LockError {
 /// Lock `dir` (created if missing) for this process, and write its pid
 /// into the lock file so that a refused second node can name the first.
 pub fn lock(dir: &Path) -> Result<DataDirLock, LockError> {
-    std::fs::create_dir_all(dir).map_err(|error| LockError::Create {
+    crate::durable_dir::create_dir_all(dir).map_err(|error| LockError::Create {
         dir: dir.to_path_buf(),
         error,
     })?;

@@ -101,7 +101,7 @@ impl MetadataPlugin {
         data_dir: &Path,
         config: Vec<(String, String)>,
     ) -> Result<PluginMetadata, MetadataError> {
-        std::fs::create_dir_all(data_dir)
+        crate::durable_dir::create_dir_all(data_dir)
             .map_err(|e| MetadataError::Io(format!("create {}: {e}", data_dir.display())))?;
         let label: Arc<str> = format!("{} metadata", self.name()).into();
         let sandbox = self.sandbox().clone();

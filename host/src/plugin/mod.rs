@@ -215,7 +215,7 @@ impl StoragePlugin {
         data_dir: Option<&Path>,
     ) -> Result<PluginLog, crate::storage::StorageError> {
         if let Some(dir) = data_dir {
-            std::fs::create_dir_all(dir).map_err(|e| {
+            crate::durable_dir::create_dir_all(dir).map_err(|e| {
                 crate::storage::StorageError::Io(format!("create {}: {e}", dir.display()))
             })?;
         }

@@ -118,6 +118,11 @@ pub struct FileLog {
     epochs: Vec<(u32, u64)>,
     last_sync_ns: u64,
     unsynced: bool,
+    /// A segment was created (or a spare renamed to one) since the
+    /// directory was last synced. Until it is, a power loss can drop the
+    /// new file's name, and with it batches its own sync made durable:
+    /// the next sync of data syncs the directory too.
+    dir_unsynced: bool,
     /// Closed segments not yet synced and indexed (`fsync = never`).
     unindexed: Vec<u64>,
     /// The log start moved inside the log (retention) since the
@@ -187,6 +192,7 @@ impl FileLog {
             epochs: Vec::new(),
             last_sync_ns: now_ns(),
             unsynced: false,
+            dir_unsynced: false,
             unindexed: Vec::new(),
             start_pending: false,
             retired: Vec::new(),
@@ -460,6 +466,7 @@ impl FileLog {
 
     fn create_segment(&mut self, base: u64) -> FsResult<()> {
         let name = seg_name(base);
+        self.dir_unsynced = true;
         if let Some(spare) = self.spare.take() {
             if self.dir.rename_at(&spare.name, &self.dir, &name).is_ok() {
                 self.segments.push(Segment {
@@ -548,6 +555,7 @@ impl FileLog {
         if sync_now {
             self.last_sync_ns = now;
             self.unsynced = false;
+            self.sync_dir_if_changed();
         } else {
             self.unsynced = true;
         }
@@ -617,6 +625,13 @@ impl FileLog {
         Ok(())
     }
 
+    /// Sync the directory if a segment was created since it last was.
+    fn sync_dir_if_changed(&mut self) {
+        if std::mem::take(&mut self.dir_unsynced) {
+            fs::sync_dir(&self.dir);
+        }
+    }
+
     pub fn sync(&mut self) -> Result<(), Error> {
         self.free_retired(u64::MAX);
         if self.start_pending {
@@ -627,6 +642,7 @@ impl FileLog {
             fs::sync(&a.file, &a.name)?;
             self.unsynced = false;
         }
+        self.sync_dir_if_changed();
         let active = self.active()?.base;
         for base in std::mem::take(&mut self.unindexed) {
             // Segments truncated away or reopened as active need no index.
