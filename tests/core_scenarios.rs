@@ -464,6 +464,63 @@ fn kip101_divergent_records_at_one_offset_are_reconciled_by_epoch() {
     assert_eq!(c.values(0)[5].2, Bytes::from("m105"));
 }
 
+/// A leader whose epoch cache lost its early entries (the checkpoint file
+/// gone, the batches still there) must not tell a follower whose last
+/// epoch is one of them to truncate: Kafka's answer for an epoch older than
+/// the cache knows is that epoch, ending where the oldest known one starts.
+/// The leader used to answer "diverge from my log start", and every
+/// follower cut its whole log, committed records included, while staying
+/// in the ISR: killing the leader then lost them.
+#[test]
+fn a_leader_that_lost_its_early_epochs_does_not_make_followers_truncate() {
+    let mut c = Cluster::new(3, config());
+    c.elect(0, &[0, 1, 2]);
+    for i in 0..10 {
+        c.produce(0, i, Acks::All).unwrap();
+    }
+    c.crash(0, false);
+    c.nodes[0].log.epochs.clear();
+    c.start(0);
+    c.epoch += 1;
+    c.version += 1;
+    let (epoch, version, now, replicas) = (c.epoch, c.version, c.now, c.replicas());
+    c.rm(0)
+        .become_leader(epoch, replicas, vec![0, 1, 2], version, now);
+    c.pump();
+    let mut request = outstanding_fetch(&mut c, 1, 0);
+    assert_eq!(
+        (request.last_fetched_epoch, request.fetch_offset),
+        (Some(1), 10)
+    );
+    request.max_wait_ms = 0; // answered at once, not parked
+    c.rm(0).handle_fetch(1, request, now);
+    let answer = c
+        .rm(0)
+        .drain()
+        .into_iter()
+        .find_map(|a| match a {
+            Action::RespondFetch { response, .. } => Some(response),
+            _ => None,
+        })
+        .expect("an answer");
+    assert_eq!(
+        (answer.error, answer.diverging_epoch),
+        (None, None),
+        "follower 1 holds epoch 1 up to 10, as the leader does"
+    );
+    // The whole way round: every follower keeps all ten, and with the
+    // leader gone again, one of them leads with all ten.
+    let (epoch, now) = (c.epoch, c.now);
+    c.rm(2).become_follower(0, epoch, now);
+    c.pump();
+    c.crash(0, false);
+    c.elect(1, &[1, 2]);
+    for n in [1, 2] {
+        let held: Vec<u64> = c.values(n).iter().map(|v| v.0).collect();
+        assert_eq!(held, (0..10).collect::<Vec<_>>(), "node {n}");
+    }
+}
+
 #[test]
 fn kip279_back_to_back_leader_changes_converge() {
     let mut c = Cluster::new(2, relaxed());

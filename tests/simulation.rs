@@ -144,24 +144,6 @@ fn negative_control_retention_ignores_hw() {
 }
 
 #[test]
-fn negative_control_empty_log_sends_epoch() {
-    // Without the fix, a follower whose whole log retention deleted keeps
-    // asking with an epoch older than anything its new leader knows, is
-    // told "diverging" forever, and the ISR never grows back.
-    must_be_caught(
-        "an empty log sends its last epoch",
-        Options {
-            faults: Faults {
-                empty_log_sends_epoch: true,
-                ..Faults::default()
-            },
-            retention_bytes: Some(TINY_RETENTION),
-            ..Options::default()
-        },
-    );
-}
-
-#[test]
 fn negative_control_new_leader_truncates_to_hw() {
     must_be_caught(
         "leader truncates to HW",

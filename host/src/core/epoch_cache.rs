@@ -55,12 +55,23 @@ impl EpochCache {
 
     /// KIP-279: for a requested epoch, the largest epoch <= it that this log
     /// knows and the offset where that epoch ends (the start of the next
-    /// epoch, or `log_end` for the newest). `None` if the log has no epoch
-    /// <= the requested one (the requester must truncate to its start).
+    /// epoch, or `log_end` for the newest). For an epoch older than every
+    /// one the cache holds, that epoch itself, ending where the oldest
+    /// known one starts (Kafka's `LeaderEpochFileCache.endOffsetFor`): the
+    /// cache says nothing of the offsets below, and a requester holding
+    /// them keeps them. `None` only for an empty cache.
+    ///
+    /// Why not "truncate to your start" for an older epoch: a leader
+    /// whose cache lost its early entries (a checkpoint file gone, the
+    /// batches still there) then told every follower to throw away its
+    /// whole log, committed records included, and the ISR kept them.
     pub fn end_offset_for(&self, epoch: u32, log_end: u64) -> Option<(u32, u64)> {
         let i = self.entries.partition_point(|e| e.epoch <= epoch);
         if i == 0 {
-            return None;
+            return self
+                .entries
+                .first()
+                .map(|first| (epoch, first.start_offset));
         }
         let found = self.entries[i - 1];
         let end = self
@@ -132,7 +143,12 @@ mod tests {
         assert_eq!(c.end_offset_for(3, 40), Some((3, 25)));
         assert_eq!(c.end_offset_for(4, 40), Some((4, 40)));
         assert_eq!(c.end_offset_for(9, 40), Some((4, 40)));
-        assert_eq!(c.end_offset_for(0, 40), None);
+        // Older than every known epoch: it ends where the oldest starts.
+        assert_eq!(c.end_offset_for(0, 40), Some((0, 0)));
+        let mut late = EpochCache::default();
+        late.assign(3, 20);
+        assert_eq!(late.end_offset_for(1, 40), Some((1, 20)));
+        assert_eq!(EpochCache::default().end_offset_for(1, 40), None);
     }
 
     #[test]

@@ -60,8 +60,6 @@ pub struct Faults {
     pub follower_truncates_to_hw: bool,
     /// Retention deletes up to the log end, committed or not.
     pub retention_ignores_hw: bool,
-    /// A follower whose log is empty still sends its cache's last epoch.
-    pub empty_log_sends_epoch: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -834,11 +832,12 @@ impl ReplicationManager {
                     epoch: e,
                     end_offset: end,
                 }),
-                // The leader has no epoch this old: diverge from its start.
-                None => Some(DivergingEpoch {
-                    epoch: 0,
-                    end_offset: self.log_start,
-                }),
+                // No epoch at all: a leader enters its own at
+                // `become_leader`, so this cannot judge divergence yet.
+                // Neither truncate the follower (it may hold committed
+                // records this log lacks the history of) nor send it
+                // records it cannot check: it retries.
+                None => return reply_error(self, epoch, ErrorCode::NotLeader),
             };
             if let Some(d) = diverging {
                 let mut response = self.response(request.correlation_id, epoch, None);
@@ -1299,8 +1298,7 @@ impl ReplicationManager {
                 // could predate everything a leader that restarted its own
                 // log still knows, and that leader would answer "diverging
                 // at my log start" forever.
-                last_fetched_epoch: (self.leo > self.log_start
-                    || self.faults.empty_log_sends_epoch)
+                last_fetched_epoch: (self.leo > self.log_start)
                     .then(|| self.epochs.latest().map(|e| e.epoch))
                     .flatten(),
                 max_bytes: self.config.fetch_max_bytes,
