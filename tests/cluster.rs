@@ -1126,6 +1126,53 @@ fn a_restarted_preferred_replica_leads_again() {
     the_last_1000_join_the_first_3000(&c, &client, &before);
 }
 
+/// A node's `leader-epochs` checkpoint is lost while it is stopped (an
+/// exploratory run deleted it). Its batches still carry their epochs: the
+/// node rebuilds the cache from them at open and writes it back, and, led
+/// by that node again, no follower cuts anything. It used to open with an
+/// empty cache, lead, and have every follower cut its whole log while
+/// staying in the ISR.
+#[test]
+fn a_lost_epoch_checkpoint_is_rebuilt_from_the_batches() {
+    let (mut c, client, before) = configured_with_2000("file", no_rebalance);
+    assert!(c.stop(1));
+    let checkpoint = c.path().join("node-1/t-0/leader-epochs");
+    let kept = std::fs::read_to_string(&checkpoint).expect("node 1's epoch checkpoint");
+    std::fs::remove_file(&checkpoint).expect("remove it");
+    c.start(1);
+    c.wait_log("node 1 to rebuild its epoch cache", |c| {
+        c.log(1)
+            .contains("t/0: leader-epoch cache rebuilt: epoch 1 from 0")
+    });
+    let rebuilt = std::fs::read_to_string(&checkpoint).expect("written back");
+    assert!(
+        kept.contains("\n1 0\n") && rebuilt.contains("\n1 0\n"),
+        "{kept:?} then {rebuilt:?}"
+    );
+    c.wait_status("node 1 back in the ISR", |v| {
+        converged(v, "t", 0, 2000)
+            && partition(v, "t", 0)
+                .is_some_and(|p| p["isr"].as_array().is_some_and(|i| i.len() == 3))
+    });
+    let out = elect_t0(&client, &["--preferred"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    produce_generated(&client, "t", "10");
+    c.wait_status("2010 everywhere", |v| converged(v, "t", 0, 2010));
+    for replica in [2, 3] {
+        let now = consume_replica(&c, "t", replica, 2010);
+        assert_eq!(now[..2000], before[..], "replica {replica}");
+    }
+    let cut: Vec<_> = (2..=3)
+        .filter(|&n| c.log(n).contains("truncat"))
+        .map(|n| c.log(n))
+        .collect();
+    assert!(cut.is_empty(), "a follower truncated: {cut:?}");
+}
+
 /// `partition elect --preferred`: an operator moves a partition back to
 /// its preferred replica at once (the rebalance is off here), and is told
 /// why when it cannot be done.

@@ -197,7 +197,9 @@ pub async fn start(
             Some(&dir),
         )
         .await?;
+    let label = format!("{}/{}", tp.topic, tp.partition);
     let state = crate::storage::load_state(&log).await?;
+    let state = crate::storage::with_checked_epochs(&log, state, &label).await?;
     info!(
         topic = %tp.topic,
         partition = tp.partition,
@@ -588,7 +590,14 @@ impl Actor {
             }
             Event::Recover => {
                 let log = self.log.clone();
-                self.lane(async move { Some(Event::Recovered(log.recover().await)) });
+                let label = format!("{}/{}", self.tp.topic, self.tp.partition);
+                self.lane(async move {
+                    let state = match log.recover().await {
+                        Ok(s) => crate::storage::with_checked_epochs(&*log, s, &label).await,
+                        Err(e) => Err(e),
+                    };
+                    Some(Event::Recovered(state))
+                });
             }
             Event::Shutdown { .. } => {}
         }

@@ -3,6 +3,7 @@
 //! implementation, and the message-level traits mirroring the reference
 //! API (`StorageReader`, `StorageWriter`, `StorageAdapter`).
 
+mod epoch_check;
 mod error;
 pub mod memory;
 pub mod messages;
@@ -75,8 +76,11 @@ pub trait PartitionLog: Send + Sync {
     fn recover(&self) -> impl Future<Output = StorageResult<LogState>> + Send;
 }
 
+pub use epoch_check::checked as with_checked_epochs;
+
 /// Read the state a replica needs on open: bounds, HW (capped at the log
-/// end, as Kafka does on restart) and the epoch cache.
+/// end, as Kafka does on restart) and the epoch cache as the plugin keeps
+/// it (see [`with_checked_epochs`]).
 pub async fn load_state<L: PartitionLog>(log: &L) -> StorageResult<LogState> {
     let bounds = log.bounds().await?;
     let high_watermark = log.high_watermark().await?.min(bounds.log_end);
