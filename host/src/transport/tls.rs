@@ -232,11 +232,7 @@ impl TlsMaterial {
         verifier
             .verify_client_cert(leaf, &self.chain[1..], rustls_pki_types::UnixTime::now())
             .map(|_| ())
-            .map_err(|e| {
-                TlsError::Config(format!(
-                    "this certificate does not chain to the CA certificate the config names ({e}), so every peer would refuse it; point `ca` at the cluster's ca.pem and the certificate at the one `replicator cluster init` issued with it"
-                ))
-            })?;
+            .map_err(|e| TlsError::Config(refused_by_peers(&e)))?;
         // A node serves too: peers dialling it check its certificate as a
         // server's. One issued for client authentication only passed the
         // check above, and the node started to hear only "cannot reach a
@@ -307,6 +303,29 @@ impl TlsMaterial {
     }
 }
 
+/// What to tell an operator whose own certificate peers would refuse
+/// (as a client's) for `e`. "Does not chain to the CA" was said of every
+/// refusal, an expired certificate's too, and sent operators to the wrong
+/// file.
+fn refused_by_peers(e: &rustls::Error) -> String {
+    use rustls::CertificateError as C;
+    match e {
+        rustls::Error::InvalidCertificate(
+            C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
+        ) => format!(
+            "this certificate is outside its validity period ({e}), so every peer would refuse it; issue a new one from the cluster's CA (check this machine's clock too)"
+        ),
+        rustls::Error::InvalidCertificate(C::InvalidPurpose | C::InvalidPurposeContext { .. }) => {
+            format!(
+                "this certificate does not allow client authentication ({e}), so every peer would refuse it; it needs the clientAuth extended key usage (and serverAuth for a node), as those `replicator cluster init` issues have"
+            )
+        }
+        _ => format!(
+            "this certificate does not chain to the CA certificate the config names ({e}), so every peer would refuse it; point `ca` at the cluster's ca.pem and the certificate at the one `replicator cluster init` issued with it"
+        ),
+    }
+}
+
 /// Is `cert` (already verified against the CA by the handshake) valid for
 /// `identity`'s name?
 pub fn verify_identity(cert: &CertificateDer<'_>, identity: Identity) -> Result<(), String> {
@@ -370,9 +389,37 @@ mod tests {
         client
             .check_own_identity(Identity::Client)
             .expect("a client's certificate");
-        // A server-only certificate fails the client check, as before.
+        // A server-only certificate fails the client check, and says so.
         let server_only = material(&ca, issued_with(&ca, node, vec![ServerAuth]));
-        assert!(server_only.check_own_identity(node).is_err());
+        let e = server_only.check_own_identity(node).expect_err("refused");
+        assert!(
+            e.to_string()
+                .contains("does not allow client authentication"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_expired_certificate_is_called_expired_not_foreign() {
+        use ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+        let ca = GeneratedCa::new("test").expect("ca");
+        let node = Identity::Node(3);
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(vec![node.dns_name()]).expect("params");
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ServerAuth, ClientAuth];
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        let cert = params.signed_by(&key, &ca.issuer).expect("signed");
+        let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).expect("key pem");
+        let e = material(&ca, (vec![cert.der().clone()], key))
+            .check_own_identity(node)
+            .expect_err("refused");
+        let e = e.to_string();
+        assert!(
+            e.contains("outside its validity period") && !e.contains("does not chain"),
+            "{e}"
+        );
     }
 
     #[test]
