@@ -465,12 +465,13 @@ fn kip101_divergent_records_at_one_offset_are_reconciled_by_epoch() {
 }
 
 /// A leader whose epoch cache lost its early entries (the checkpoint file
-/// gone, the batches still there) must not tell a follower whose last
-/// epoch is one of them to truncate: Kafka's answer for an epoch older than
-/// the cache knows is that epoch, ending where the oldest known one starts.
-/// The leader used to answer "diverge from my log start", and every
-/// follower cut its whole log, committed records included, while staying
-/// in the ISR: killing the leader then lost them.
+/// gone, the batches still there; the host rebuilds such a cache at open,
+/// this is the core alone) must not tell a follower whose last epoch is
+/// one of them to truncate. It used to answer "diverge from my log start",
+/// and every follower cut its whole log, committed records included, while
+/// staying in the ISR: killing the leader then lost them. It cannot tell
+/// whether the follower's records below its oldest epoch match its own
+/// either, so it refuses the fetch (retried) rather than accept them.
 #[test]
 fn a_leader_that_lost_its_early_epochs_does_not_make_followers_truncate() {
     let mut c = Cluster::new(3, config());
@@ -505,8 +506,34 @@ fn a_leader_that_lost_its_early_epochs_does_not_make_followers_truncate() {
         .expect("an answer");
     assert_eq!(
         (answer.error, answer.diverging_epoch),
-        (None, None),
-        "follower 1 holds epoch 1 up to 10, as the leader does"
+        (Some(ErrorCode::NotLeader), None),
+        "the leader knows nothing of epoch 1: neither cut nor accepted"
+    );
+    // With the cache whole again (the host's rebuild), Kafka's answer for
+    // an epoch older than the oldest known: it ends where that one starts.
+    // Epoch 1 is the oldest here, so the follower is simply in sync.
+    let mut led = Cluster::new(3, config());
+    led.elect(0, &[0, 1, 2]);
+    led.produce(0, 0, Acks::All).unwrap();
+    let mut request = outstanding_fetch(&mut led, 1, 0);
+    request.max_wait_ms = 0;
+    request.last_fetched_epoch = Some(0); // older than epoch 1, the oldest
+    request.fetch_offset = 0;
+    let now = led.now;
+    led.rm(0).handle_fetch(1, request, now);
+    let answer = led
+        .rm(0)
+        .drain()
+        .into_iter()
+        .find_map(|a| match a {
+            Action::RespondFetch { response, .. } => Some(response),
+            _ => None,
+        })
+        .expect("an answer");
+    assert_eq!(answer.error, None);
+    assert_eq!(
+        answer.diverging_epoch, None,
+        "epoch 0 ends at 0, where it fetches"
     );
     // The whole way round: every follower keeps all ten, and with the
     // leader gone again, one of them leads with all ten.

@@ -125,10 +125,12 @@ async fn sigkill_during_appends_recovers_every_whole_batch() {
 /// directory's parent is synced before the first segment is made.
 #[test]
 fn new_segments_and_partition_directories_are_synced_into_their_parents() {
-    let root = tempfile::tempdir().expect("tempdir");
-    let dir = root.path().join("d");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // strace names descriptors by their resolved path.
+    let root = std::fs::canonicalize(tmp.path()).expect("canonical temp dir");
+    let dir = root.join("d");
     let part = dir.join("demo-0");
-    let trace = root.path().join("trace");
+    let trace = root.join("trace");
     let out = Command::new("strace")
         .args(["-f", "-qq", "-y", "-e"])
         .arg("trace=openat,openat2,fsync,fdatasync")
@@ -148,8 +150,10 @@ fn new_segments_and_partition_directories_are_synced_into_their_parents() {
     );
     let trace = std::fs::read_to_string(&trace).expect("trace");
     let lines: Vec<&str> = trace.lines().collect();
+    // A call another thread's interrupts ends `<unfinished ...>`, not `)`:
+    // match up to the path's end only.
     let dir_sync = |of: &std::path::Path, l: &str| {
-        l.contains("fsync(") && l.contains(&format!("<{}>)", of.display()))
+        l.contains("fsync(") && l.contains(&format!("<{}>", of.display()))
     };
     // Segment creations: `openat...("…N.log", …O_CREAT…) = FD</…/N.log>`.
     let created: Vec<(usize, String)> = lines
@@ -158,7 +162,7 @@ fn new_segments_and_partition_directories_are_synced_into_their_parents() {
         .filter(|(_, l)| l.contains("O_CREAT") && l.contains(".log\""))
         .filter_map(|(i, l)| {
             let (_, ret) = l.rsplit_once(" = ")?;
-            Some((i, format!("fdatasync({ret})")))
+            Some((i, format!("fdatasync({}", ret.trim_end())))
         })
         .collect();
     assert!(

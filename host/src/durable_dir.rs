@@ -60,9 +60,21 @@ fn create_dir_all_with(
 }
 
 /// fsync a directory. A file system that cannot (EINVAL) gets no
-/// durability from it either way, and is not an error.
+/// durability from it either way, and is not an error; nor is a parent
+/// this process may write into but not open (mode 0733, say), where
+/// `mkdir` alone used to do: a warning says the entry may not last.
 fn sync_dir(dir: &Path) -> io::Result<()> {
-    match std::fs::File::open(dir)?.sync_all() {
+    let opened = match std::fs::File::open(dir) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            tracing::warn!(
+                "cannot open {} to sync a new directory into it ({e}); a power loss may drop the new directory",
+                dir.display()
+            );
+            return Ok(());
+        }
+        other => other?,
+    };
+    match opened.sync_all() {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
         other => other,
     }

@@ -826,6 +826,20 @@ impl ReplicationManager {
         }
         // KIP-595: does the follower's last epoch end where it thinks?
         if let Some(last) = request.last_fetched_epoch {
+            // An epoch older than the cache's oldest, where that one starts
+            // inside the log: the batches below it are of epochs this
+            // cache no longer knows (it lost entries; the host rebuilds a
+            // cache like that at open), so whether the follower's records
+            // there match them cannot be told. Refuse (retried) rather
+            // than keep or cut them.
+            let uncovered = self
+                .epochs
+                .entries()
+                .first()
+                .is_some_and(|first| last < first.epoch && first.start_offset > self.log_start);
+            if uncovered {
+                return reply_error(self, epoch, ErrorCode::NotLeader);
+            }
             let diverging = match self.epochs.end_offset_for(last, self.stable_leo()) {
                 Some((e, end)) if e == last && request.fetch_offset <= end => None,
                 Some((e, end)) => Some(DivergingEpoch {

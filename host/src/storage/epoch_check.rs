@@ -33,7 +33,13 @@ pub async fn checked<L: PartitionLog>(
         "{label}: the leader-epoch cache does not describe the log ({why}); rebuilding it from the batches' epochs"
     );
     let rebuilt = from_batches(log, state.bounds, &state.leader_epochs).await?;
-    log.set_leader_epochs(rebuilt.clone()).await?;
+    // Not written back (a full disk, say): the replica works from the
+    // rebuilt cache all the same, writes it with its next epoch change,
+    // and the next open rebuilds it again. Failing the open would take a
+    // replica whose batches are fine out of service.
+    if let Err(e) = log.set_leader_epochs(rebuilt.clone()).await {
+        warn!("{label}: cannot write the rebuilt leader-epoch cache back: {e}");
+    }
     warn!(
         "{label}: leader-epoch cache rebuilt: {}",
         rebuilt

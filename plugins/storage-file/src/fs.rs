@@ -163,6 +163,18 @@ pub fn sync_dir(dir: &Descriptor) {
     let _ = dir.sync();
 }
 
+/// [`sync_dir`] where an acknowledgement waits on it (a new segment's
+/// name): a refusal of the kind a file system without directory syncs
+/// gives is still ignored, a failure (EIO) is not.
+pub fn sync_dir_checked(dir: &Descriptor, name: &str) -> FsResult<()> {
+    match dir.sync() {
+        Ok(()) | Err(ErrorCode::Unsupported | ErrorCode::Invalid | ErrorCode::NotPermitted) => {
+            Ok(())
+        }
+        Err(e) => Err(err("sync directory for", name, e)),
+    }
+}
+
 /// The whole content of a small file, or `None` if it does not exist.
 pub fn read_small(dir: &Descriptor, name: &str) -> FsResult<Option<Vec<u8>>> {
     let file = match dir.open_at(

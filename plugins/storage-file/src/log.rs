@@ -555,7 +555,7 @@ impl FileLog {
         if sync_now {
             self.last_sync_ns = now;
             self.unsynced = false;
-            self.sync_dir_if_changed();
+            self.sync_dir_if_changed()?;
         } else {
             self.unsynced = true;
         }
@@ -626,10 +626,13 @@ impl FileLog {
     }
 
     /// Sync the directory if a segment was created since it last was.
-    fn sync_dir_if_changed(&mut self) {
-        if std::mem::take(&mut self.dir_unsynced) {
-            fs::sync_dir(&self.dir);
+    fn sync_dir_if_changed(&mut self) -> Result<(), Error> {
+        if self.dir_unsynced {
+            let name = self.active()?.name.clone();
+            fs::sync_dir_checked(&self.dir, &name)?;
+            self.dir_unsynced = false;
         }
+        Ok(())
     }
 
     pub fn sync(&mut self) -> Result<(), Error> {
@@ -642,7 +645,7 @@ impl FileLog {
             fs::sync(&a.file, &a.name)?;
             self.unsynced = false;
         }
-        self.sync_dir_if_changed();
+        self.sync_dir_if_changed()?;
         let active = self.active()?.base;
         for base in std::mem::take(&mut self.unindexed) {
             // Segments truncated away or reopened as active need no index.
