@@ -1169,6 +1169,84 @@ fn a_lost_epoch_checkpoint_is_rebuilt_from_the_batches() {
     }
 }
 
+/// A byte flips in a closed, indexed segment of a follower while it is
+/// stopped. Its open trusts the index, so the first read of that batch
+/// finds it (a CRC mismatch, no bad data served). The replica then cuts its
+/// log at the damaged batch, leaves the ISR and fetches the rest again from
+/// the leader. It used to recover with the damaged batch still there,
+/// rejoin the ISR, and fail every read of it; as leader it faulted at every
+/// follower's fetch of it, epoch after epoch (an exploratory run).
+#[test]
+fn a_damaged_batch_is_cut_and_fetched_again_from_the_leader() {
+    let mut c = Cluster::init_with(
+        3,
+        "file",
+        &["--storage-config", "segment.bytes=65536"],
+        no_rebalance,
+    );
+    c.start_all();
+    c.wait_up();
+    let client = c.client();
+    create_topic(&client, "t", "1");
+    produce_sized(&client, "t", "300", "1024");
+    c.wait_status("300 everywhere", |v| converged(v, "t", 0, 300));
+    let before = consume_replica(&c, "t", 1, 300);
+    assert!(c.stop(3));
+    let dir = c.path().join("node-3/t-0");
+    let mut segments: Vec<_> = std::fs::read_dir(&dir)
+        .expect("node 3's log")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    segments.sort();
+    assert!(segments.len() >= 3, "closed segments: {segments:?}");
+    let mut bytes = std::fs::read(&segments[0]).expect("first segment");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x55;
+    std::fs::write(&segments[0], &bytes).expect("damaged");
+    c.start(3);
+    // Read until it serves all 300, each as the leader wrote it.
+    let after = consume_replica(&c, "t", 3, 300);
+    assert_eq!(after, before);
+    let log = c.log(3);
+    assert!(
+        log.contains("the stored log was damaged from offset"),
+        "{log}"
+    );
+    let all_in_sync = |v: &serde_json::Value| {
+        converged(v, "t", 0, 300)
+            && partition(v, "t", 0)
+                .is_some_and(|p| p["isr"].as_array().is_some_and(|i| i.len() == 3))
+    };
+    c.wait_status("node 3 back in the ISR", all_in_sync);
+
+    // The same on the leader: it steps down at the read that finds the
+    // damage, cuts, and fetches again from its successor.
+    assert!(c.stop(1));
+    let dir = c.path().join("node-1/t-0");
+    let first = dir.join(segments[0].file_name().expect("segment name"));
+    let mut bytes = std::fs::read(&first).expect("node 1's first segment");
+    bytes[at] ^= 0x55;
+    std::fs::write(&first, &bytes).expect("damaged");
+    c.start(1);
+    c.wait_status("node 1 back in the ISR", all_in_sync);
+    let out = elect_t0(&client, &["--preferred"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = consume_replica(&c, "t", 1, 300);
+    assert_eq!(after, before);
+    let log = c.log(1);
+    assert!(
+        log.contains("the stored log was damaged from offset"),
+        "{log}"
+    );
+    c.wait_status("node 1 back in the ISR", all_in_sync);
+}
+
 /// `partition elect --preferred`: an operator moves a partition back to
 /// its preferred replica at once (the rebalance is off here), and is told
 /// why when it cannot be done.

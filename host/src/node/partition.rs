@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::storage::NodeLog;
 use super::tail_cache::{NODE_TAIL_CACHE_BYTES, TAIL_CACHE_BYTES, TailCache};
@@ -24,7 +24,7 @@ use crate::core::{
     ReplicationManager, Role, TopicPartition,
 };
 use crate::metadata::{MetadataError, PartitionState};
-use crate::storage::{LogState, PartitionLog, StorageError};
+use crate::storage::{FaultKind, LogState, PartitionLog, StorageError};
 use crate::wire::rpc::{ReplicaStatus, RpcError};
 
 use super::fault_backoff::{FIRST_RETRY_PAUSE, FaultBackoff};
@@ -177,6 +177,30 @@ struct Actor {
     /// Left the ISR at a fault still counted intact (it may be in the ELR,
     /// and elected there) until its recovery judges the log.
     unjudged: bool,
+    /// A read found the stored log damaged from this offset (a batch
+    /// failed its CRC check); the next recovery cuts it there if another
+    /// replica holds an in-sync copy.
+    damaged_from: Option<u64>,
+}
+
+/// `state`, the log just recovered, cut at `cut` (where a read found it
+/// damaged) if that is inside it: the batch holding `cut` and everything
+/// after go, to be fetched again from the leader.
+async fn cut_damage(
+    log: &NodeLog,
+    state: LogState,
+    cut: Option<u64>,
+    label: &str,
+) -> Result<LogState, StorageError> {
+    let Some(at) = cut.filter(|&at| at >= state.bounds.log_start && at < state.bounds.log_end)
+    else {
+        return Ok(state);
+    };
+    let end = log.truncate(at).await?;
+    error!(
+        "{label}: the stored log was damaged from offset {at} (a batch failed its CRC check); cut it to {end}, to fetch the rest again from the leader"
+    );
+    crate::storage::load_state(log).await
 }
 
 /// Open (or reopen) `tp`'s log and start its actor; also the log end it
@@ -240,6 +264,7 @@ pub async fn start(
         stale_refused: None,
         last_fault: None,
         unjudged: false,
+        damaged_from: None,
     };
     actor.publish_log_epoch();
     tokio::spawn(actor.run(rx));
@@ -591,8 +616,13 @@ impl Actor {
             Event::Recover => {
                 let log = self.log.clone();
                 let label = format!("{}/{}", self.tp.topic, self.tp.partition);
+                let cut = self.damage_to_cut();
                 self.lane(async move {
                     let state = match log.recover().await {
+                        Ok(s) => cut_damage(&*log, s, cut, &label).await,
+                        Err(e) => Err(e),
+                    };
+                    let state = match state {
                         Ok(s) => crate::storage::with_checked_epochs(&*log, s, &label).await,
                         Err(e) => Err(e),
                     };
@@ -870,6 +900,13 @@ impl Actor {
             };
             warn!(topic = %self.tp.topic, partition = self.tp.partition,
                 "storage failed, stepping down and recovering in {} ms: {e}", pause.as_millis());
+            if let StorageError::Fault {
+                kind: FaultKind::Damaged { from },
+                ..
+            } = &e
+            {
+                self.damaged_from = Some(self.damaged_from.map_or(*from, |d| d.min(*from)));
+            }
             self.last_fault = Some(e.to_string());
             self.rm.storage_failed();
             self.drive();
@@ -918,6 +955,29 @@ impl Actor {
             // The actor may have stopped meanwhile: nothing to recover.
             let _ = events.send(Event::Recover);
         });
+    }
+
+    /// Where the next recovery should cut a damaged log: where a read
+    /// found it damaged, if another replica is in the ISR (its copy is
+    /// fetched again from the leader; the shorter log makes this replica
+    /// leave the ISR and the ELR until it has). Not if this is the only
+    /// in-sync copy: the batches after the damage may be found nowhere
+    /// else, and a damaged batch that fails every read loses less than a
+    /// cut log.
+    fn damage_to_cut(&mut self) -> Option<u64> {
+        let at = self.damaged_from.take()?;
+        let me = self.shared.node_id;
+        let another_copy = self
+            .meta
+            .as_ref()
+            .is_some_and(|m| m.isr.iter().any(|&r| r != me));
+        if another_copy {
+            Some(at)
+        } else {
+            error!(topic = %self.tp.topic, partition = self.tp.partition,
+                "the stored log is damaged from offset {at} (a batch failed its CRC check), and this replica holds the only in-sync copy: not cutting it; reads of that batch will fail");
+            None
+        }
     }
 
     /// This replica is the ISR's only member: nobody else could lead.

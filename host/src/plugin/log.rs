@@ -287,6 +287,8 @@ impl Actor {
             Op::Append(bytes) => Some(bytes.clone()),
             _ => None,
         };
+        // Where a read found the stored log damaged, if it did.
+        let mut damaged = None;
         let answer = match op {
             Op::Append(bytes) => {
                 let r = guarded(deadline, guest.call_append(&mut *store, log, &bytes)).await;
@@ -297,7 +299,16 @@ impl Actor {
                 // than the largest batch only risks the memory limit.
                 let max = max.min(MAX_BATCH_LEN);
                 let r = guarded(deadline, guest.call_read(&mut *store, log, offset, max)).await;
-                r.map(|r| r.map(|b| check_read(known, offset, max, Bytes::from(b))))
+                r.map(|r| {
+                    r.map(|b| {
+                        let bytes = Bytes::from(b);
+                        let checked = check_read(known, offset, max, bytes.clone());
+                        if checked.is_err() {
+                            damaged = first_damaged_batch(offset, &bytes);
+                        }
+                        checked
+                    })
+                })
             }
             Op::Bounds => {
                 let r = guarded(deadline, async {
@@ -413,7 +424,10 @@ impl Actor {
                 }
                 Err(e)
             }
-            Ok(Ok(Err(violation))) => Err(self.set_fault((FaultKind::Violation, violation))),
+            Ok(Ok(Err(violation))) => {
+                let kind = damaged.map_or(FaultKind::Violation, |from| FaultKind::Damaged { from });
+                Err(self.set_fault((kind, violation)))
+            }
             Ok(Ok(Ok((out, new_known)))) => {
                 self.known = new_known;
                 Ok(out)
@@ -569,6 +583,21 @@ fn check_read(known: OffsetBounds, offset: u64, max: u32, bytes: Bytes) -> Check
         ));
     }
     Ok((Out::Bytes(bytes), known))
+}
+
+/// Where the batches a read at `offset` returned first fail their CRC or
+/// framing check: the failing batch's start, or `offset` if it was the
+/// first (its start is then unknown, but `offset` is inside it). `None` if
+/// every batch is whole (the read broke another rule).
+fn first_damaged_batch(offset: u64, bytes: &[u8]) -> Option<u64> {
+    let mut next = None;
+    for b in replicator_plugin_sdk::batches(bytes, true) {
+        match b {
+            Ok((h, _)) => next = Some(h.next_offset()),
+            Err(_) => return Some(next.unwrap_or(offset)),
+        }
+    }
+    None
 }
 
 fn check_truncate(known: OffsetBounds, offset: u64, end: u64) -> Checked {
@@ -830,5 +859,38 @@ impl PartitionLog for PluginLog {
     }
     fn recover(&self) -> impl Future<Output = StorageResult<LogState>> + Send {
         expect_out!(self, Op::Recover, Out::State(s) => s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batches(bases: &[u64]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for &base in bases {
+            let records: Vec<_> = (0..2)
+                .map(|i| crate::batch::Record {
+                    value: format!("m{}", base + i).into(),
+                    ..Default::default()
+                })
+                .collect();
+            out.extend_from_slice(&crate::batch::encode(base, 1, &records).expect("encode"));
+        }
+        out
+    }
+
+    #[test]
+    fn the_first_damaged_batch_is_named_by_where_it_starts() {
+        let whole = batches(&[10, 12, 14]);
+        assert_eq!(first_damaged_batch(11, &whole), None);
+        let third = whole.len() * 2 / 3;
+        let mut second = whole.clone();
+        second[third - 3] ^= 1; // inside the second batch's records
+        assert_eq!(first_damaged_batch(11, &second), Some(12));
+        let mut first = whole.clone();
+        first[whole.len() / 3 - 3] ^= 1;
+        // Its start is unknown; the read's offset is inside it.
+        assert_eq!(first_damaged_batch(11, &first), Some(11));
     }
 }

@@ -22,6 +22,10 @@ pub enum FaultKind {
     NeedsRecovery,
     /// The task that owns the instance is gone.
     Closed,
+    /// A batch read back failed its CRC or framing check: the stored log
+    /// is damaged from offset `from` (the damaged batch's start, or the
+    /// read's offset, inside it, when it was the first batch read).
+    Damaged { from: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
