@@ -619,7 +619,7 @@ impl Actor {
                 let cut = self.damage_to_cut();
                 self.lane(async move {
                     let state = match log.recover().await {
-                        Ok(s) => cut_damage(&*log, s, cut, &label).await,
+                        Ok(s) => cut_damage(&log, s, cut, &label).await,
                         Err(e) => Err(e),
                     };
                     let state = match state {
