@@ -1169,6 +1169,24 @@ fn a_lost_epoch_checkpoint_is_rebuilt_from_the_batches() {
     }
 }
 
+/// Flip the last byte of the batch of `segment` that holds its middle
+/// byte: inside its records, which its CRC covers (the base offset before
+/// the CRC field is not).
+fn damage_a_batch(segment: &std::path::Path) {
+    let mut bytes = std::fs::read(segment).expect("segment");
+    let middle = bytes.len() / 2;
+    let mut start = 0usize;
+    loop {
+        let len = u32::from_le_bytes(bytes[start + 8..start + 12].try_into().unwrap()) as usize;
+        if start + len > middle {
+            bytes[start + len - 1] ^= 0x55;
+            break;
+        }
+        start += len;
+    }
+    std::fs::write(segment, &bytes).expect("damaged");
+}
+
 /// A byte flips in a closed, indexed segment of a follower while it is
 /// stopped. Its open trusts the index, so the first read of that batch
 /// finds it (a CRC mismatch, no bad data served). The replica then cuts its
@@ -1200,11 +1218,8 @@ fn a_damaged_batch_is_cut_and_fetched_again_from_the_leader() {
         .filter(|p| p.extension().is_some_and(|x| x == "log"))
         .collect();
     segments.sort();
-    assert!(segments.len() >= 3, "closed segments: {segments:?}");
-    let mut bytes = std::fs::read(&segments[0]).expect("first segment");
-    let at = bytes.len() / 2;
-    bytes[at] ^= 0x55;
-    std::fs::write(&segments[0], &bytes).expect("damaged");
+    assert!(segments.len() >= 2, "closed segments: {segments:?}");
+    damage_a_batch(&segments[0]);
     c.start(3);
     // Read until it serves all 300, each as the leader wrote it.
     let after = consume_replica(&c, "t", 3, 300);
@@ -1225,10 +1240,7 @@ fn a_damaged_batch_is_cut_and_fetched_again_from_the_leader() {
     // damage, cuts, and fetches again from its successor.
     assert!(c.stop(1));
     let dir = c.path().join("node-1/t-0");
-    let first = dir.join(segments[0].file_name().expect("segment name"));
-    let mut bytes = std::fs::read(&first).expect("node 1's first segment");
-    bytes[at] ^= 0x55;
-    std::fs::write(&first, &bytes).expect("damaged");
+    damage_a_batch(&dir.join(segments[0].file_name().expect("segment name")));
     c.start(1);
     c.wait_status("node 1 back in the ISR", all_in_sync);
     let out = elect_t0(&client, &["--preferred"]);

@@ -220,12 +220,14 @@ async fn accepting_a_gap_is_a_violation() {
     assert_fault(&err, FaultKind::Violation);
 }
 
+/// A batch that fails its CRC is never served; the fault says where the
+/// stored log is damaged, for the replica to cut it there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn corrupt_read_is_a_violation() {
+async fn corrupt_read_is_a_fault_that_names_the_damage() {
     let (_plugin, log) = open("lie-read").await;
     log.append(one(0)).await.expect("append works");
     let err = log.read(0, 1 << 20).await.expect_err("bad CRC accepted");
-    assert_fault(&err, FaultKind::Violation);
+    assert_fault(&err, FaultKind::Damaged { from: 0 });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

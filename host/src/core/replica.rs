@@ -160,6 +160,8 @@ struct Follower {
     /// Quick retries left while the leader has not learned its epoch (see
     /// [`LEADER_CATCHING_UP`]).
     quick_retries: u32,
+    /// When the leader last answered a fetch in this epoch, if it has.
+    answered_ms: Option<u64>,
 }
 
 /// Per-replica counters, read by the metrics collector.
@@ -324,6 +326,31 @@ impl ReplicationManager {
                     && now.saturating_sub(p.last_fetch_ms) <= within_ms
                     && p.leo.is_some_and(|leo| leo >= hw)
             })
+    }
+    /// Whether another live replica is known, at `now`, to hold every
+    /// committed record this one holds, so this one may cut its log and
+    /// fetch again (a batch of it is damaged). On a leader: another ISR
+    /// member that fetched within the lag time from at or past the HW. On
+    /// a follower: its leader answered a fetch within the lag time (a
+    /// leader holds everything committed). Asked of this replica's own
+    /// live view, not of the metadata store's, which may list a member
+    /// that is gone or far behind.
+    pub fn another_holds_the_committed(&self, now: u64) -> bool {
+        let within = self.config.replica_lag_time_max_ms;
+        if let Some(l) = self.leader.as_ref().filter(|l| !l.fenced) {
+            return l.isr.iter().any(|&r| {
+                r != self.id
+                    && l.progress.get(&r).is_some_and(|p| {
+                        now.saturating_sub(p.last_fetch_ms) <= within
+                            && p.leo.is_some_and(|leo| leo >= self.hw)
+                    })
+            });
+        }
+        self.follower.as_ref().is_some_and(|f| {
+            f.leader != self.id
+                && f.answered_ms
+                    .is_some_and(|at| now.saturating_sub(at) <= within)
+        })
     }
     pub fn leader_epoch(&self) -> Option<u32> {
         self.leader
@@ -502,6 +529,7 @@ impl ReplicationManager {
             // append from its leadership finished before the first answer.
             leader_hw: self.hw,
             quick_retries: QUICK_RETRIES,
+            answered_ms: None,
         });
         if self.faults.follower_truncates_to_hw && self.hw < self.assigned {
             // Reference bug (pre-KIP-101): cut to the HW on every leader change.
@@ -1392,6 +1420,7 @@ impl ReplicationManager {
             return;
         }
         f.leader_hw = response.high_watermark;
+        f.answered_ms = Some(now);
         self.counters.fetch_bytes += response.records.len() as u64;
         if response.records.is_empty() {
             self.hw = response.high_watermark.min(leo).max(self.log_start);
@@ -1630,6 +1659,24 @@ mod tests {
         stuck.drain();
         stuck.tick(2 * every);
         assert_eq!(checkpoints(&mut stuck), vec![0]);
+    }
+
+    /// A replica with a damaged batch cuts its log only if another live
+    /// replica is known to hold what it committed: never the ISR's only
+    /// member, nor a follower its leader has not answered lately.
+    #[test]
+    fn only_a_live_other_copy_allows_cutting_a_damaged_log() {
+        let rm = sole_leader_with(10);
+        assert!(rm.high_watermark() > 0);
+        assert!(!rm.another_holds_the_committed(0), "the ISR's only member");
+        let empty = LogState {
+            bounds: OffsetBounds::default(),
+            high_watermark: 0,
+            leader_epochs: Vec::new(),
+        };
+        let mut f = ReplicationManager::new(Config::default(), 2, &empty);
+        f.become_follower(1, 1, 0);
+        assert!(!f.another_holds_the_committed(0), "never answered");
     }
 
     #[test]

@@ -905,7 +905,15 @@ impl Actor {
                 ..
             } = &e
             {
-                self.damaged_from = Some(self.damaged_from.map_or(*from, |d| d.min(*from)));
+                // Judged now, from this replica's live view (before the
+                // fault ends its role), not at the recovery from the
+                // store's record, which may name a member that is gone.
+                if self.rm.another_holds_the_committed(self.shared.now_ms()) {
+                    self.damaged_from = Some(self.damaged_from.map_or(*from, |d| d.min(*from)));
+                } else {
+                    error!(topic = %self.tp.topic, partition = self.tp.partition,
+                        "the stored log is damaged from offset {from} (a batch failed its CRC check), and no other live replica is known to hold what it holds: not cutting it; reads of that batch will fail");
+                }
             }
             self.last_fault = Some(e.to_string());
             self.rm.storage_failed();
@@ -958,26 +966,14 @@ impl Actor {
     }
 
     /// Where the next recovery should cut a damaged log: where a read
-    /// found it damaged, if another replica is in the ISR (its copy is
+    /// found it damaged, if at that fault another live replica was known
+    /// to hold everything committed (see the fault handler). The rest is
     /// fetched again from the leader; the shorter log makes this replica
-    /// leave the ISR and the ELR until it has). Not if this is the only
-    /// in-sync copy: the batches after the damage may be found nowhere
-    /// else, and a damaged batch that fails every read loses less than a
-    /// cut log.
+    /// leave the ISR and the ELR until it has. Otherwise nothing is cut:
+    /// the batches after the damage may be found nowhere else, and a
+    /// damaged batch that fails every read loses less than a cut log.
     fn damage_to_cut(&mut self) -> Option<u64> {
-        let at = self.damaged_from.take()?;
-        let me = self.shared.node_id;
-        let another_copy = self
-            .meta
-            .as_ref()
-            .is_some_and(|m| m.isr.iter().any(|&r| r != me));
-        if another_copy {
-            Some(at)
-        } else {
-            error!(topic = %self.tp.topic, partition = self.tp.partition,
-                "the stored log is damaged from offset {at} (a batch failed its CRC check), and this replica holds the only in-sync copy: not cutting it; reads of that batch will fail");
-            None
-        }
+        self.damaged_from.take()
     }
 
     /// This replica is the ISR's only member: nobody else could lead.

@@ -586,16 +586,24 @@ fn check_read(known: OffsetBounds, offset: u64, max: u32, bytes: Bytes) -> Check
 }
 
 /// Where the batches a read at `offset` returned first fail their CRC or
-/// framing check: the failing batch's start, or `offset` if it was the
-/// first (its start is then unknown, but `offset` is inside it). `None` if
-/// every batch is whole (the read broke another rule).
+/// framing check, or do not follow on (the base offset is outside the
+/// CRC): the failing batch's start, or `offset` if it was the first (its
+/// start is then unknown, but `offset` is inside it). `None` if every
+/// batch is whole and in place (the read broke another rule).
 fn first_damaged_batch(offset: u64, bytes: &[u8]) -> Option<u64> {
-    let mut next = None;
+    let mut next: Option<u64> = None;
     for b in replicator_plugin_sdk::batches(bytes, true) {
-        match b {
-            Ok((h, _)) => next = Some(h.next_offset()),
-            Err(_) => return Some(next.unwrap_or(offset)),
+        let Ok((h, _)) = b else {
+            return Some(next.unwrap_or(offset));
+        };
+        let in_place = match next {
+            None => h.base_offset <= offset && offset < h.next_offset(),
+            Some(n) => h.base_offset == n,
+        };
+        if !in_place {
+            return Some(next.unwrap_or(offset));
         }
+        next = Some(h.next_offset());
     }
     None
 }
@@ -892,5 +900,14 @@ mod tests {
         first[whole.len() / 3 - 3] ^= 1;
         // Its start is unknown; the read's offset is inside it.
         assert_eq!(first_damaged_batch(11, &first), Some(11));
+        // A base offset changed (outside the CRC): the batch is out of place.
+        let mut moved = whole.clone();
+        moved[whole.len() / 3] ^= 1; // the second batch's base offset
+        assert_eq!(first_damaged_batch(11, &moved), Some(12));
+        assert_eq!(
+            first_damaged_batch(9, &whole),
+            Some(9),
+            "the first does not hold 9"
+        );
     }
 }
