@@ -1259,6 +1259,97 @@ fn a_damaged_batch_is_cut_and_fetched_again_from_the_leader() {
     c.wait_status("node 1 back in the ISR", all_in_sync);
 }
 
+/// The only copy of a partition (replication factor 1) has a damaged batch:
+/// nothing may cut it. The first read that finds the damage is a fault;
+/// later reads serve what comes before the batch and refuse it without a
+/// fault. Every read of it used to fault the replica again, stepping it
+/// down and recovering, at each follower fetch or consumer read.
+#[test]
+fn the_only_copy_of_a_damaged_batch_is_kept_and_refused_without_faults() {
+    let mut c = Cluster::init_with(
+        3,
+        "file",
+        &["--storage-config", "segment.bytes=65536"],
+        no_rebalance,
+    );
+    c.start_all();
+    c.wait_up();
+    let client = c.client();
+    cli_ok(&[
+        "topic",
+        "create",
+        "--config",
+        &client,
+        "--topic",
+        "s",
+        "--replication-factor",
+        "1",
+        "--min-insync",
+        "1",
+    ]);
+    let led = c.wait_status("s/0 led", |v| {
+        partition(v, "s", 0).is_some_and(|p| p["leader"].as_u64().is_some())
+    });
+    let leader = partition(&led, "s", 0).expect("s/0")["leader"]
+        .as_u64()
+        .expect("leader") as u32;
+    // Batches of 10, so the damaged one has some before it.
+    cli_ok(&[
+        "produce", "--config", &client, "--topic", "s", "--count", "300", "--size", "1024",
+        "--batch", "10",
+    ]);
+    assert!(c.stop(leader));
+    let segment = c
+        .path()
+        .join(format!("node-{leader}/s-0/00000000000000000000.log"));
+    damage_a_batch(&segment);
+    c.start(leader);
+    let consume = || {
+        cli(&[
+            "consume",
+            "--config",
+            &client,
+            "--topic",
+            "s",
+            "--replica",
+            &leader.to_string(),
+        ])
+    };
+    // Until the first read found the damage (the node may still be
+    // starting), then three more reads.
+    c.wait_log("the damage found", |c| {
+        let _ = consume();
+        c.log(leader).contains("not cutting it")
+    });
+    let faults = |c: &Cluster| {
+        c.log(leader)
+            .matches("storage failed, stepping down")
+            .count()
+    };
+    let after_first = faults(&c);
+    for _ in 0..3 {
+        let out = loop {
+            let out = consume();
+            let said = String::from_utf8_lossy(&out.stderr).to_string();
+            if !said.contains("recovering") {
+                break out;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && said.contains("is damaged"),
+            "{said}"
+        );
+        let served = String::from_utf8_lossy(&out.stdout).lines().count();
+        assert!(
+            (1..300).contains(&served),
+            "{served} served before the damage"
+        );
+    }
+    assert_eq!(faults(&c), after_first, "{}", c.log(leader));
+}
+
 /// `partition elect --preferred`: an operator moves a partition back to
 /// its preferred replica at once (the rebalance is off here), and is told
 /// why when it cannot be done.

@@ -86,6 +86,13 @@ struct Actor {
     /// The bounds the log must have, tracked from every answered mutation.
     known: OffsetBounds,
     write_behind: Option<WriteBehind>,
+    /// Where a read found the stored log damaged (a `Damaged` fault was
+    /// raised for it), while that offset is in the log: later reads that
+    /// reach it serve what comes before it, or fail with `corrupt`, and
+    /// raise no fault. Why: a replica that may not cut its damaged log
+    /// (no other copy is known) faulted, recovered and led a new epoch at
+    /// every follower's fetch of the batch, for ever.
+    damaged: Option<u64>,
 }
 
 type Fault = (FaultKind, String);
@@ -287,8 +294,11 @@ impl Actor {
             Op::Append(bytes) => Some(bytes.clone()),
             _ => None,
         };
-        // Where a read found the stored log damaged, if it did.
+        // Where a read found the stored log damaged, if it did; where it
+        // reached damage already reported, if it did.
         let mut damaged = None;
+        let mut known_damage = None;
+        let reported = self.damaged;
         let answer = match op {
             Op::Append(bytes) => {
                 let r = guarded(deadline, guest.call_append(&mut *store, log, &bytes)).await;
@@ -303,8 +313,22 @@ impl Actor {
                     r.map(|b| {
                         let bytes = Bytes::from(b);
                         let checked = check_read(known, offset, max, bytes.clone());
-                        if checked.is_err() {
-                            damaged = first_damaged_batch(offset, &bytes);
+                        if checked.is_err()
+                            && let Some((at, pos)) = first_damaged_batch(offset, &bytes)
+                        {
+                            if reported.is_some_and(|d| at >= d) {
+                                // Reported already: what comes before it
+                                // is served, the rest is refused.
+                                if pos > 0
+                                    && let ok @ Ok(_) =
+                                        check_read(known, offset, max, bytes.slice(..pos))
+                                {
+                                    return ok;
+                                }
+                                known_damage = Some(at);
+                            } else {
+                                damaged = Some(at);
+                            }
                         }
                         checked
                     })
@@ -425,11 +449,26 @@ impl Actor {
                 Err(e)
             }
             Ok(Ok(Err(violation))) => {
+                if let Some(at) = known_damage {
+                    return Err(StorageError::Corrupt(format!(
+                        "the batch at offset {at} is damaged (it failed its CRC check when read back) and is not served: {violation}"
+                    )));
+                }
+                if let Some(at) = damaged {
+                    self.damaged = Some(at);
+                }
                 let kind = damaged.map_or(FaultKind::Violation, |from| FaultKind::Damaged { from });
                 Err(self.set_fault((kind, violation)))
             }
             Ok(Ok(Ok((out, new_known)))) => {
                 self.known = new_known;
+                // Cut away, or deleted with the prefix: nothing to refuse.
+                if self
+                    .damaged
+                    .is_some_and(|d| d < new_known.log_start || d >= new_known.log_end)
+                {
+                    self.damaged = None;
+                }
                 Ok(out)
             }
         }
@@ -588,22 +627,25 @@ fn check_read(known: OffsetBounds, offset: u64, max: u32, bytes: Bytes) -> Check
 /// Where the batches a read at `offset` returned first fail their CRC or
 /// framing check, or do not follow on (the base offset is outside the
 /// CRC): the failing batch's start, or `offset` if it was the first (its
-/// start is then unknown, but `offset` is inside it). `None` if every
-/// batch is whole and in place (the read broke another rule).
-fn first_damaged_batch(offset: u64, bytes: &[u8]) -> Option<u64> {
+/// start is then unknown, but `offset` is inside it), and its byte
+/// position. `None` if every batch is whole and in place (the read broke
+/// another rule).
+fn first_damaged_batch(offset: u64, bytes: &[u8]) -> Option<(u64, usize)> {
     let mut next: Option<u64> = None;
+    let mut pos = 0usize;
     for b in replicator_plugin_sdk::batches(bytes, true) {
         let Ok((h, _)) = b else {
-            return Some(next.unwrap_or(offset));
+            return Some((next.unwrap_or(offset), pos));
         };
         let in_place = match next {
             None => h.base_offset <= offset && offset < h.next_offset(),
             Some(n) => h.base_offset == n,
         };
         if !in_place {
-            return Some(next.unwrap_or(offset));
+            return Some((next.unwrap_or(offset), pos));
         }
         next = Some(h.next_offset());
+        pos += h.batch_len as usize;
     }
     None
 }
@@ -729,6 +771,7 @@ impl PluginLog {
             fault: None,
             known: OffsetBounds::default(),
             write_behind,
+            damaged: None,
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let (opened_tx, opened_rx) = oneshot::channel();
@@ -891,22 +934,22 @@ mod tests {
     #[test]
     fn the_first_damaged_batch_is_named_by_where_it_starts() {
         let whole = batches(&[10, 12, 14]);
+        let one = whole.len() / 3;
         assert_eq!(first_damaged_batch(11, &whole), None);
-        let third = whole.len() * 2 / 3;
         let mut second = whole.clone();
-        second[third - 3] ^= 1; // inside the second batch's records
-        assert_eq!(first_damaged_batch(11, &second), Some(12));
+        second[2 * one - 3] ^= 1; // inside the second batch's records
+        assert_eq!(first_damaged_batch(11, &second), Some((12, one)));
         let mut first = whole.clone();
-        first[whole.len() / 3 - 3] ^= 1;
+        first[one - 3] ^= 1;
         // Its start is unknown; the read's offset is inside it.
-        assert_eq!(first_damaged_batch(11, &first), Some(11));
+        assert_eq!(first_damaged_batch(11, &first), Some((11, 0)));
         // A base offset changed (outside the CRC): the batch is out of place.
         let mut moved = whole.clone();
-        moved[whole.len() / 3] ^= 1; // the second batch's base offset
-        assert_eq!(first_damaged_batch(11, &moved), Some(12));
+        moved[one] ^= 1; // the second batch's base offset
+        assert_eq!(first_damaged_batch(11, &moved), Some((12, one)));
         assert_eq!(
             first_damaged_batch(9, &whole),
-            Some(9),
+            Some((9, 0)),
             "the first does not hold 9"
         );
     }
