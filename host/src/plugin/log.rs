@@ -86,16 +86,22 @@ struct Actor {
     /// The bounds the log must have, tracked from every answered mutation.
     known: OffsetBounds,
     write_behind: Option<WriteBehind>,
-    /// Where a read found the stored log damaged (a `Damaged` fault was
-    /// raised for it), while that offset is in the log: later reads that
-    /// reach it serve what comes before it, or fail with `corrupt`, and
-    /// raise no fault. Why: a replica that may not cut its damaged log
-    /// (no other copy is known) faulted, recovered and led a new epoch at
-    /// every follower's fetch of the batch, for ever.
-    damaged: Option<u64>,
+    /// Where a read found the stored log damaged, and when the last
+    /// `Damaged` fault for it was raised, while that offset is in the log:
+    /// reads that reach it serve what comes before it, or fail with
+    /// `corrupt`, and raise no fault until [`DAMAGE_REFAULT`] has passed.
+    /// Why: a replica that may not cut its damaged log (no other live copy
+    /// known) faulted, recovered and led a new epoch at every follower's
+    /// fetch of the batch. A fault now and then still lets the partition
+    /// ask again, and cut once another copy is live.
+    damaged: Option<(u64, std::time::Instant)>,
 }
 
 type Fault = (FaultKind, String);
+
+/// How long reads that reach a damaged batch already reported are refused
+/// without a fault; the next one after faults again (see `Actor::damaged`).
+const DAMAGE_REFAULT: Duration = Duration::from_secs(30);
 
 /// Run one guest call under the deadline: a trap or an expired deadline
 /// becomes a fault; an expected error stays an error.
@@ -298,7 +304,10 @@ impl Actor {
         // reached damage already reported, if it did.
         let mut damaged = None;
         let mut known_damage = None;
-        let reported = self.damaged;
+        let reported = self
+            .damaged
+            .filter(|(_, at)| at.elapsed() < DAMAGE_REFAULT)
+            .map(|(d, _)| d);
         let answer = match op {
             Op::Append(bytes) => {
                 let r = guarded(deadline, guest.call_append(&mut *store, log, &bytes)).await;
@@ -317,13 +326,11 @@ impl Actor {
                             && let Some((at, pos)) = first_damaged_batch(offset, &bytes)
                         {
                             if reported.is_some_and(|d| at >= d) {
-                                // Reported already: what comes before it
-                                // is served, the rest is refused.
-                                if pos > 0
-                                    && let ok @ Ok(_) =
-                                        check_read(known, offset, max, bytes.slice(..pos))
-                                {
-                                    return ok;
+                                // Reported lately: what comes before it is
+                                // served (checked like any answer), the
+                                // rest is refused.
+                                if pos > 0 {
+                                    return check_read(known, offset, max, bytes.slice(..pos));
                                 }
                                 known_damage = Some(at);
                             } else {
@@ -455,7 +462,8 @@ impl Actor {
                     )));
                 }
                 if let Some(at) = damaged {
-                    self.damaged = Some(at);
+                    let at = self.damaged.map_or(at, |(d, _)| d.min(at));
+                    self.damaged = Some((at, std::time::Instant::now()));
                 }
                 let kind = damaged.map_or(FaultKind::Violation, |from| FaultKind::Damaged { from });
                 Err(self.set_fault((kind, violation)))
@@ -465,7 +473,7 @@ impl Actor {
                 // Cut away, or deleted with the prefix: nothing to refuse.
                 if self
                     .damaged
-                    .is_some_and(|d| d < new_known.log_start || d >= new_known.log_end)
+                    .is_some_and(|(d, _)| d < new_known.log_start || d >= new_known.log_end)
                 {
                     self.damaged = None;
                 }
