@@ -1169,6 +1169,21 @@ fn a_lost_epoch_checkpoint_is_rebuilt_from_the_batches() {
     }
 }
 
+/// Three file-plugin nodes with 64 KiB segments (so a few hundred KiB
+/// make closed, indexed ones), the rebalance off; and the client config.
+fn small_segments() -> (Cluster, String) {
+    let mut c = Cluster::init_with(
+        3,
+        "file",
+        &["--storage-config", "segment.bytes=65536"],
+        no_rebalance,
+    );
+    c.start_all();
+    c.wait_up();
+    let client = c.client();
+    (c, client)
+}
+
 /// Flip the last byte of the batch of `segment` that holds its middle
 /// byte: inside its records, which its CRC covers (the base offset before
 /// the CRC field is not).
@@ -1196,15 +1211,7 @@ fn damage_a_batch(segment: &std::path::Path) {
 /// follower's fetch of it, epoch after epoch (an exploratory run).
 #[test]
 fn a_damaged_batch_is_cut_and_fetched_again_from_the_leader() {
-    let mut c = Cluster::init_with(
-        3,
-        "file",
-        &["--storage-config", "segment.bytes=65536"],
-        no_rebalance,
-    );
-    c.start_all();
-    c.wait_up();
-    let client = c.client();
+    let (mut c, client) = small_segments();
     create_topic(&client, "t", "1");
     produce_sized(&client, "t", "300", "1024");
     c.wait_status("300 everywhere", |v| converged(v, "t", 0, 300));
@@ -1268,15 +1275,7 @@ fn a_damaged_batch_is_cut_and_fetched_again_from_the_leader() {
 /// or consumer read.
 #[test]
 fn the_only_copy_of_a_damaged_batch_is_kept_and_refused_without_faults() {
-    let mut c = Cluster::init_with(
-        3,
-        "file",
-        &["--storage-config", "segment.bytes=65536"],
-        no_rebalance,
-    );
-    c.start_all();
-    c.wait_up();
-    let client = c.client();
+    let (mut c, client) = small_segments();
     cli_ok(&[
         "topic",
         "create",

@@ -300,6 +300,27 @@ fn sent_fetch(rm: &mut ReplicationManager) -> FetchRequest {
 }
 
 /// `config()` with min.insync.replicas = 1.
+/// `leader`'s answer to `request` from `follower`, asked to answer at once
+/// (not parked to wait for data).
+fn answered_at_once(
+    c: &mut Cluster,
+    leader: ReplicaId,
+    follower: ReplicaId,
+    mut request: FetchRequest,
+) -> FetchResponse {
+    request.max_wait_ms = 0;
+    let now = c.now;
+    c.rm(leader).handle_fetch(follower, request, now);
+    c.rm(leader)
+        .drain()
+        .into_iter()
+        .find_map(|a| match a {
+            Action::RespondFetch { response, .. } => Some(response),
+            _ => None,
+        })
+        .expect("an answer")
+}
+
 fn relaxed() -> Config {
     Config {
         min_insync_replicas: 1,
@@ -488,22 +509,12 @@ fn a_leader_that_lost_its_early_epochs_does_not_make_followers_truncate() {
     c.rm(0)
         .become_leader(epoch, replicas, vec![0, 1, 2], version, now);
     c.pump();
-    let mut request = outstanding_fetch(&mut c, 1, 0);
+    let request = outstanding_fetch(&mut c, 1, 0);
     assert_eq!(
         (request.last_fetched_epoch, request.fetch_offset),
         (Some(1), 10)
     );
-    request.max_wait_ms = 0; // answered at once, not parked
-    c.rm(0).handle_fetch(1, request, now);
-    let answer = c
-        .rm(0)
-        .drain()
-        .into_iter()
-        .find_map(|a| match a {
-            Action::RespondFetch { response, .. } => Some(response),
-            _ => None,
-        })
-        .expect("an answer");
+    let answer = answered_at_once(&mut c, 0, 1, request);
     assert_eq!(
         (answer.error, answer.diverging_epoch),
         (Some(ErrorCode::NotLeader), None),
@@ -516,20 +527,9 @@ fn a_leader_that_lost_its_early_epochs_does_not_make_followers_truncate() {
     led.elect(0, &[0, 1, 2]);
     led.produce(0, 0, Acks::All).unwrap();
     let mut request = outstanding_fetch(&mut led, 1, 0);
-    request.max_wait_ms = 0;
     request.last_fetched_epoch = Some(0); // older than epoch 1, the oldest
     request.fetch_offset = 0;
-    let now = led.now;
-    led.rm(0).handle_fetch(1, request, now);
-    let answer = led
-        .rm(0)
-        .drain()
-        .into_iter()
-        .find_map(|a| match a {
-            Action::RespondFetch { response, .. } => Some(response),
-            _ => None,
-        })
-        .expect("an answer");
+    let answer = answered_at_once(&mut led, 0, 1, request);
     assert_eq!(answer.error, None);
     assert_eq!(
         answer.diverging_epoch, None,
