@@ -854,33 +854,27 @@ impl ReplicationManager {
         }
         // KIP-595: does the follower's last epoch end where it thinks?
         if let Some(last) = request.last_fetched_epoch {
-            // An epoch older than the cache's oldest, where that one starts
-            // inside the log: the batches below it are of epochs this
-            // cache no longer knows (it lost entries; the host rebuilds a
-            // cache like that at open), so whether the follower's records
-            // there match them cannot be told. Refuse (retried) rather
-            // than keep or cut them.
-            let uncovered = self
+            // No answer this log can stand behind: no epoch at all (a
+            // leader enters its own at `become_leader`), or one older than
+            // the cache's oldest where that one starts inside the log (the
+            // cache lost entries; the host rebuilds such a cache at open),
+            // so the batches below it are of epochs it no longer knows.
+            // Whether the follower's records there match cannot be told:
+            // neither truncate them (they may be committed) nor send
+            // records it cannot check. It retries.
+            let Some((e, end)) = self
                 .epochs
                 .entries()
                 .first()
-                .is_some_and(|first| last < first.epoch && first.start_offset > self.log_start);
-            if uncovered {
+                .filter(|first| last >= first.epoch || first.start_offset <= self.log_start)
+                .and_then(|_| self.epochs.end_offset_for(last, self.stable_leo()))
+            else {
                 return reply_error(self, epoch, ErrorCode::NotLeader);
-            }
-            let diverging = match self.epochs.end_offset_for(last, self.stable_leo()) {
-                Some((e, end)) if e == last && request.fetch_offset <= end => None,
-                Some((e, end)) => Some(DivergingEpoch {
-                    epoch: e,
-                    end_offset: end,
-                }),
-                // No epoch at all: a leader enters its own at
-                // `become_leader`, so this cannot judge divergence yet.
-                // Neither truncate the follower (it may hold committed
-                // records this log lacks the history of) nor send it
-                // records it cannot check: it retries.
-                None => return reply_error(self, epoch, ErrorCode::NotLeader),
             };
+            let diverging = (e != last || request.fetch_offset > end).then_some(DivergingEpoch {
+                epoch: e,
+                end_offset: end,
+            });
             if let Some(d) = diverging {
                 let mut response = self.response(request.correlation_id, epoch, None);
                 response.diverging_epoch = Some(d);
@@ -1669,13 +1663,7 @@ mod tests {
         let rm = sole_leader_with(10);
         assert!(rm.high_watermark() > 0);
         assert!(!rm.another_holds_the_committed(0), "the ISR's only member");
-        let empty = LogState {
-            bounds: OffsetBounds::default(),
-            high_watermark: 0,
-            leader_epochs: Vec::new(),
-        };
-        let mut f = ReplicationManager::new(Config::default(), 2, &empty);
-        f.become_follower(1, 1, 0);
+        let (f, _) = follower_of_epoch_5();
         assert!(!f.another_holds_the_committed(0), "never answered");
     }
 

@@ -177,9 +177,14 @@ struct Actor {
     /// Left the ISR at a fault still counted intact (it may be in the ELR,
     /// and elected there) until its recovery judges the log.
     unjudged: bool,
-    /// A read found the stored log damaged from this offset (a batch
-    /// failed its CRC check); the next recovery cuts it there if another
-    /// replica holds an in-sync copy.
+    /// Where the next recovery cuts the log: a read found it damaged from
+    /// this offset (a batch failed its CRC check), and at that fault
+    /// another live replica was known to hold everything committed (see
+    /// the fault handler). The rest is fetched again from the leader; the
+    /// shorter log makes this replica leave the ISR and the ELR until it
+    /// has. Otherwise nothing is cut: the batches after the damage may be
+    /// found nowhere else, and a damaged batch that fails every read loses
+    /// less than a cut log.
     damaged_from: Option<u64>,
 }
 
@@ -616,17 +621,14 @@ impl Actor {
             Event::Recover => {
                 let log = self.log.clone();
                 let label = format!("{}/{}", self.tp.topic, self.tp.partition);
-                let cut = self.damage_to_cut();
+                let cut = self.damaged_from.take();
                 self.lane(async move {
-                    let state = match log.recover().await {
-                        Ok(s) => cut_damage(&log, s, cut, &label).await,
-                        Err(e) => Err(e),
+                    let state = async {
+                        let state = log.recover().await?;
+                        let state = cut_damage(&log, state, cut, &label).await?;
+                        crate::storage::with_checked_epochs(&*log, state, &label).await
                     };
-                    let state = match state {
-                        Ok(s) => crate::storage::with_checked_epochs(&*log, s, &label).await,
-                        Err(e) => Err(e),
-                    };
-                    Some(Event::Recovered(state))
+                    Some(Event::Recovered(state.await))
                 });
             }
             Event::Shutdown { .. } => {}
@@ -963,17 +965,6 @@ impl Actor {
             // The actor may have stopped meanwhile: nothing to recover.
             let _ = events.send(Event::Recover);
         });
-    }
-
-    /// Where the next recovery should cut a damaged log: where a read
-    /// found it damaged, if at that fault another live replica was known
-    /// to hold everything committed (see the fault handler). The rest is
-    /// fetched again from the leader; the shorter log makes this replica
-    /// leave the ISR and the ELR until it has. Otherwise nothing is cut:
-    /// the batches after the damage may be found nowhere else, and a
-    /// damaged batch that fails every read loses less than a cut log.
-    fn damage_to_cut(&mut self) -> Option<u64> {
-        self.damaged_from.take()
     }
 
     /// This replica is the ISR's only member: nobody else could lead.

@@ -339,19 +339,32 @@ pub fn verify_identity(cert: &CertificateDer<'_>, identity: Identity) -> Result<
 mod tests {
     use super::*;
 
+    /// A certificate's parameters for `identity` with `ekus` only.
+    fn params(identity: Identity, ekus: Vec<ExtendedKeyUsagePurpose>) -> CertificateParams {
+        let mut params = CertificateParams::new(vec![identity.dns_name()]).expect("params");
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = ekus;
+        params
+    }
+
+    /// `params` signed by `ca`, and a fresh key.
+    fn signed(
+        ca: &GeneratedCa,
+        params: CertificateParams,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &ca.issuer).expect("signed");
+        let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).expect("key pem");
+        (vec![cert.der().clone()], key)
+    }
+
     /// `ca`'s certificate for `identity` with `ekus` only, and its key.
     fn issued_with(
         ca: &GeneratedCa,
         identity: Identity,
         ekus: Vec<ExtendedKeyUsagePurpose>,
     ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-        let key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(vec![identity.dns_name()]).expect("params");
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = ekus;
-        let cert = params.signed_by(&key, &ca.issuer).expect("signed");
-        let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).expect("key pem");
-        (vec![cert.der().clone()], key)
+        signed(ca, params(identity, ekus))
     }
 
     fn material(
@@ -404,15 +417,10 @@ mod tests {
         use ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
         let ca = GeneratedCa::new("test").expect("ca");
         let node = Identity::Node(3);
-        let key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(vec![node.dns_name()]).expect("params");
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ServerAuth, ClientAuth];
-        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-        let cert = params.signed_by(&key, &ca.issuer).expect("signed");
-        let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).expect("key pem");
-        let e = material(&ca, (vec![cert.der().clone()], key))
+        let mut expired = params(node, vec![ServerAuth, ClientAuth]);
+        expired.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        expired.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        let e = material(&ca, signed(&ca, expired))
             .check_own_identity(node)
             .expect_err("refused");
         let e = e.to_string();
