@@ -756,10 +756,20 @@ impl ReplicationManager {
         self.truncating = self.truncating.saturating_sub(1);
         self.leo = new_leo;
         self.assigned = new_leo;
+        let hw_before = self.hw;
         self.hw = self.hw.min(new_leo);
         // Cut back to the start of a batch that began before a log start
         // retention put inside it: the log is empty there now.
         self.log_start = self.log_start.min(new_leo);
+        // A cut below the HW (an unclean election's divergence, a damaged
+        // batch) checkpoints the lower HW at once, ahead of any append on
+        // the ordered lane: with the old checkpoint, a crash after this
+        // replica refetched up to it would restart with those offsets
+        // counted as committed, which from another leader they may not be.
+        if self.hw < hw_before {
+            self.checkpointed = Some((self.hw, self.leo));
+            self.outbox.push(Action::PersistHighWatermark(self.hw));
+        }
         self.persist_epochs();
         self.maybe_fetch(now);
         self.maybe_retain();
