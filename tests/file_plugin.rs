@@ -795,36 +795,6 @@ fn random_steps_and_crashes_lose_nothing_and_bring_back_nothing_stale() {
         .expect("every sequence holds");
 }
 
-/// A tmpfs of a given size mounted on a new directory (a disk that fills
-/// up for real), unmounted when dropped.
-struct SmallDisk {
-    dir: tempfile::TempDir,
-}
-
-impl SmallDisk {
-    /// `None` where this process may not mount one (it needs root).
-    fn mount(bytes: u64) -> Option<SmallDisk> {
-        let dir = tempfile::tempdir().ok()?;
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
-            .arg(dir.path())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        mounted.then_some(SmallDisk { dir })
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        // Lazily: a failed test may still hold files open on it.
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
-
 /// Append batches of `len` bytes until one is refused; the refusal.
 async fn fill_until_refused(log: &PluginLog, sent: &mut Vec<Bytes>, len: usize) -> StorageError {
     loop {
@@ -843,7 +813,7 @@ async fn fill_until_refused(log: &PluginLog, sent: &mut Vec<Bytes>, len: usize) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_fails_an_append_whole_and_retention_makes_room_again() {
     const SEGMENT: u64 = 256 << 10;
-    let Some(disk) = SmallDisk::mount(1152 << 10) else {
+    let Some(disk) = support::small_disk::SmallDisk::mount(1152 << 10) else {
         eprintln!("skipped: cannot mount a small tmpfs here (needs root)");
         return;
     };
@@ -918,7 +888,7 @@ async fn a_roll_the_full_disk_refuses_frees_the_spare_and_is_tried_again() {
     let page_batch = |i: u64| batch_of(i, PAGE as usize - 68);
     assert_eq!(page_batch(0).len() as u64, PAGE);
     // Four full segments and the indexes of the first three.
-    let Some(disk) = SmallDisk::mount((4 * 16 + 3) * PAGE) else {
+    let Some(disk) = support::small_disk::SmallDisk::mount((4 * 16 + 3) * PAGE) else {
         eprintln!("skipped: cannot mount a small tmpfs here (needs root)");
         return;
     };

@@ -10,6 +10,10 @@ use std::path::{Path, PathBuf};
 use replicator::metadata::{Broker, MetadataError, MetadataStore, PartitionState};
 use replicator::plugin::{MetadataPlugin, PluginMetadata, PluginSource, Sandbox};
 
+#[path = "support/small_disk.rs"]
+mod small_disk;
+use small_disk::SmallDisk;
+
 fn plugin() -> MetadataPlugin {
     MetadataPlugin::load(&PluginSource::Builtin("file".into()), Sandbox::default()).expect("load")
 }
@@ -509,6 +513,35 @@ async fn a_store_that_goes_back_in_time_is_a_fault_and_the_client_reconnects() {
     // Epoch 1 again, for a broker that had epoch 1 already.
     let r = a.register_broker(1, "h:1".into()).await;
     assert!(matches!(r, Err(MetadataError::Fault(_))), "{r:?}");
+}
+
+/// A full disk is named as one. The plugin wrote its files through std,
+/// whose stream writes carry no error code, and said "I/O error (os error
+/// 29)" for a full disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_reported_as_one() {
+    let Some(disk) = SmallDisk::mount(256 << 10) else {
+        eprintln!("skipped: cannot mount a small tmpfs here (needs root)");
+        return;
+    };
+    let dir = disk.dir.path();
+    let store = connect(dir).await;
+    assert_eq!(store.compare_and_set(state("t", 0, 1, 0), 0).await, Ok(1));
+    // Whatever is left, taken: the write stops at ENOSPC.
+    let filled = std::fs::write(dir.join("fill"), vec![0u8; 1 << 20]);
+    assert!(filled.is_err(), "the disk did not fill");
+    let full = store.compare_and_set(state("t", 0, 2, 1), 1).await;
+    match &full {
+        Err(MetadataError::Io(e)) => assert!(e.contains("No space left on device"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    // Room again: the write goes through, and nothing was lost meanwhile.
+    std::fs::remove_file(dir.join("fill")).expect("room");
+    assert_eq!(store.compare_and_set(state("t", 0, 2, 1), 1).await, Ok(2));
+    assert_eq!(
+        store.get_partition("t", 0).await.map(|s| s.leader),
+        Ok(Some(2))
+    );
 }
 
 #[test]

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 pub mod etcd;
 pub mod s3;
+pub mod small_disk;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_replicator");
 

@@ -28,8 +28,8 @@
 //! version as stale (`conflict`, file removed) if the newest one is already
 //! [`KEEP`] or more ahead of it.
 
-use std::fs::{self, OpenOptions};
-use std::io::{ErrorKind, Write};
+use std::fs;
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -275,6 +275,49 @@ fn random_u64() -> u64 {
     wasip2::random::random::get_random_u64()
 }
 
+/// Create `path`, write `bytes` to it and sync it, through
+/// `wasi:filesystem` directly rather than std: std writes a file through a
+/// stream, whose errors carry no code, so a full disk came back as
+/// "I/O error (os error 29)"; the descriptor's own `write` says
+/// `insufficient-space`.
+fn write_new_file(path: &Path, bytes: &[u8]) -> std::result::Result<(), String> {
+    use wasip2::filesystem::types::{DescriptorFlags, OpenFlags, PathFlags};
+    let fail = |what: &str, e: wasip2::filesystem::types::ErrorCode| {
+        format!("{what} {}: {}", path.display(), e.message())
+    };
+    let (dir, name) = wasip2::filesystem::preopens::get_directories()
+        .into_iter()
+        .find_map(|(d, root)| {
+            let rel = path.strip_prefix(&root).ok()?.to_str()?.to_string();
+            Some((d, rel))
+        })
+        .ok_or_else(|| {
+            format!(
+                "create {}: not inside a preopened directory",
+                path.display()
+            )
+        })?;
+    let file = dir
+        .open_at(
+            PathFlags::empty(),
+            &name,
+            OpenFlags::CREATE | OpenFlags::EXCLUSIVE,
+            DescriptorFlags::WRITE,
+        )
+        .map_err(|e| fail("create", e))?;
+    let mut done = 0usize;
+    while done < bytes.len() {
+        let n = file
+            .write(&bytes[done..], done as u64)
+            .map_err(|e| fail("write", e))?;
+        if n == 0 {
+            return Err(format!("write {}: no progress", path.display()));
+        }
+        done += (n as usize).min(bytes.len() - done);
+    }
+    file.sync().map_err(|e| fail("sync", e))
+}
+
 /// Make creations and removals in `dir` durable. Not every file system
 /// supports syncing a directory; the link itself is atomic either way, so
 /// a refusal only weakens durability and is ignored.
@@ -289,17 +332,9 @@ fn sync_dir(dir: &Path) {
 /// version exists already (another writer won).
 fn publish(dir: &Path, version: u64, bytes: &[u8]) -> Result<bool> {
     let tmp = dir.join(format!("{TMP_PREFIX}{:016x}", random_u64()));
-    let written = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .and_then(|mut f| {
-            f.write_all(bytes)?;
-            f.sync_all()
-        });
-    if let Err(e) = written {
+    if let Err(e) = write_new_file(&tmp, bytes) {
         let _ = fs::remove_file(&tmp);
-        return Err(io_error("write", &tmp, e));
+        return Err(Error::Io(e));
     }
     let target = dir.join(version_name(version));
     let linked = fs::hard_link(&tmp, &target);
