@@ -235,11 +235,143 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "0 0\n0 1\n0 2\n");
-    let read = consume_replica(&c, "lines", 1, 3);
+    // Each value comes back as the bytes that were sent (it used to be
+    // printed with U+FFFD for the bytes that were not UTF-8), and exactly
+    // in base64.
+    consume_replica(&c, "lines", 1, 3);
+    let client = c.client();
+    let read = |extra: &[&str]| {
+        let mut args = vec!["consume", "--config", &client, "--topic", "lines"];
+        args.extend_from_slice(extra);
+        let out = cli(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    assert_eq!(read(&[]), b"0 first\n1 \xffLatin-1 \xe9t\xe9\n2 last\n");
     assert_eq!(
-        read,
-        ["0 first", "1 \u{fffd}Latin-1 \u{fffd}t\u{fffd}", "2 last"],
-        "consume prints values lossily, but the bytes were sent"
+        read(&["--base64", "--from", "1", "--count", "1"]),
+        b"1 /0xhdGluLTEg6XTp\n"
+    );
+    // Topics as the store has them, in name order; one topic's partitions.
+    let listed: serde_json::Value = serde_json::from_str(&cli_ok(&[
+        "topic",
+        "list",
+        "--config",
+        &c.client(),
+        "--json",
+    ]))
+    .expect("topic list --json");
+    let topics: Vec<_> = listed["topics"]
+        .as_array()
+        .expect("topics")
+        .iter()
+        .map(|t| {
+            (
+                t["topic"].as_str().unwrap_or_default().to_string(),
+                t["partitions"].clone(),
+                t["replication_factor"].clone(),
+                t["min_insync"].clone(),
+            )
+        })
+        .collect();
+    let one = |name: &str| {
+        (
+            name.to_string(),
+            serde_json::json!(1),
+            serde_json::json!([3, 3]),
+            serde_json::json!([2, 2]),
+        )
+    };
+    assert_eq!(topics, [one("lines"), one("orders")], "{listed}");
+    let table = cli_ok(&["topic", "list", "--config", &c.client()]);
+    assert!(
+        table
+            .lines()
+            .nth(2)
+            .is_some_and(|l| l.starts_with("orders ")),
+        "{table}"
+    );
+    let described = cli_ok(&[
+        "topic",
+        "describe",
+        "--config",
+        &c.client(),
+        "--topic",
+        "lines",
+    ]);
+    let rows: Vec<&str> = described.lines().skip(1).collect();
+    assert!(
+        rows.len() == 1 && rows[0].starts_with("lines "),
+        "{described}"
+    );
+    let missing = cli(&[
+        "topic",
+        "describe",
+        "--config",
+        &c.client(),
+        "--topic",
+        "nope",
+    ]);
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("topic nope does not exist"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+    // A replica whose log will not open (a file where its directory goes)
+    // is named, with the reason, where `status` used to show a bare `?`;
+    // once it opens (retried with backoff), the note goes.
+    let blocker = c.path().join("node-2/blocked-0");
+    std::fs::write(&blocker, "not a directory").expect("blocker");
+    create_topic(&c.client(), "blocked", "1");
+    let not_open = |v: &serde_json::Value| {
+        v["not_open"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|n| n["node"] == 2 && n["topic"] == "blocked")
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    let v = c.wait_status("node 2 cannot open blocked/0", |v| !not_open(v).is_empty());
+    let said = &not_open(&v)[0];
+    assert!(
+        said["error"].as_str().is_some_and(|e| !e.is_empty())
+            && said["attempts"].as_u64() >= Some(1),
+        "{said}"
+    );
+    let table = cli_ok(&["status", "--config", &c.client(), "--topic", "blocked"]);
+    assert!(
+        table.contains("not open: node 2 cannot open its log of blocked/0"),
+        "{table}"
+    );
+    std::fs::remove_file(&blocker).expect("unblock");
+    c.wait_status("node 2 opened blocked/0", |v| {
+        not_open(v).is_empty()
+            && partition(v, "blocked", 0).is_some_and(|p| {
+                p["replica_log_ends"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|e| e[0] == 2 && e[1].is_u64()))
+            })
+    });
+    // Output that cannot be written is an error (it used to end with exit
+    // code 0 and nothing written).
+    let full = std::process::Command::new(support::BIN)
+        .args(["consume", "--config", &c.client(), "--topic", "lines"])
+        .stdout(std::fs::File::create("/dev/full").expect("/dev/full"))
+        .output()
+        .expect("run consume");
+    assert!(!full.status.success());
+    assert!(
+        String::from_utf8_lossy(&full.stderr).contains("writing to stdout"),
+        "{}",
+        String::from_utf8_lossy(&full.stderr)
     );
     // One message larger than --batch (64 by default) of its size would
     // allow: a batch holds at most --count messages.

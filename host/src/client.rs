@@ -19,7 +19,7 @@ use crate::core::{Acks, ReplicaId};
 use crate::metadata::{Broker, PartitionState};
 use crate::node::ClientConfig;
 use crate::transport::{Identity, Peer, TlsMaterial, Transport, TransportError};
-use crate::wire::rpc::{ReplicaStatus, Request, Response, RpcError, UnreadablePartition};
+use crate::wire::rpc::{NotOpen, ReplicaStatus, Request, Response, RpcError, UnreadablePartition};
 
 /// How long a request other than produce may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -760,8 +760,24 @@ impl Client {
 
     /// One node's view of its partitions.
     pub async fn status(&self, node: ReplicaId) -> Result<Vec<ReplicaStatus>, ClientError> {
+        Ok(self.node_status(node).await?.0)
+    }
+
+    /// One node's view of its partitions, and those assigned to it whose
+    /// log it could not open.
+    pub async fn node_status(
+        &self,
+        node: ReplicaId,
+    ) -> Result<(Vec<ReplicaStatus>, Vec<NotOpen>), ClientError> {
         match self.ask_node(node, &Request::Status {}).await? {
-            (Response::Status { partitions, .. }, _) => Ok(partitions),
+            (
+                Response::Status {
+                    partitions,
+                    not_open,
+                    ..
+                },
+                _,
+            ) => Ok((partitions, not_open)),
             (other, _) => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }

@@ -13,7 +13,7 @@ use replicator::batch::Record;
 use replicator::client::Client;
 use replicator::core::{Acks, ReplicaId, ReplicaLog, describe_logs, most_up_to_date};
 use replicator::node::ClientConfig;
-use replicator::wire::rpc::ReplicaStatus;
+use replicator::wire::rpc::{NotOpen, ReplicaStatus};
 use tokio::io::AsyncBufReadExt;
 
 #[derive(Subcommand)]
@@ -21,6 +21,109 @@ pub enum TopicCommand {
     /// Create a topic; partitions are spread round-robin over the nodes,
     /// each led first by its first replica.
     Create(TopicCreateArgs),
+    /// Every topic with its partition count, replication factor and
+    /// min.insync.replicas, and how many of its partitions are
+    /// under-replicated (ISR smaller than the replicas), under min.insync
+    /// (acks=all refused) or offline (no leader), as the metadata store
+    /// records them.
+    List(TopicListArgs),
+    /// One topic's partitions, as `status --topic` shows them.
+    Describe(TopicDescribeArgs),
+}
+
+#[derive(Args)]
+pub struct TopicDescribeArgs {
+    /// `client.toml` from `replicator cluster init`.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// The topic.
+    #[arg(long)]
+    pub topic: String,
+    /// Machine-readable output (as `status --json`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct TopicListArgs {
+    /// `client.toml` from `replicator cluster init`.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One topic as `topic list` reports it.
+#[derive(serde::Serialize, Debug, PartialEq)]
+pub struct TopicSummary {
+    pub topic: String,
+    pub partitions: u32,
+    /// Replicas per partition: the fewest and the most over the topic's
+    /// partitions (equal unless the store was edited by hand).
+    pub replication_factor: (usize, usize),
+    /// min.insync.replicas: the lowest and the highest over its partitions.
+    pub min_insync: (u32, u32),
+    pub under_replicated: u32,
+    pub under_min_insync: u32,
+    pub offline: u32,
+}
+
+/// Topics in name order, from the store's partition records.
+pub fn summarize(parts: &[replicator::metadata::PartitionState]) -> Vec<TopicSummary> {
+    let mut topics: std::collections::BTreeMap<&str, TopicSummary> = Default::default();
+    for p in parts {
+        let t = topics.entry(&p.topic).or_insert_with(|| TopicSummary {
+            topic: p.topic.clone(),
+            partitions: 0,
+            replication_factor: (p.replicas.len(), p.replicas.len()),
+            min_insync: (p.min_insync, p.min_insync),
+            under_replicated: 0,
+            under_min_insync: 0,
+            offline: 0,
+        });
+        t.partitions += 1;
+        let rf = p.replicas.len();
+        t.replication_factor = (
+            t.replication_factor.0.min(rf),
+            t.replication_factor.1.max(rf),
+        );
+        t.min_insync = (
+            t.min_insync.0.min(p.min_insync),
+            t.min_insync.1.max(p.min_insync),
+        );
+        t.under_replicated += u32::from(p.isr.len() < rf);
+        t.under_min_insync += u32::from(p.isr.len() < p.min_insync as usize);
+        t.offline += u32::from(p.leader.is_none());
+    }
+    topics.into_values().collect()
+}
+
+fn print_topics(topics: &[TopicSummary]) {
+    println!(
+        "{:<16} {:>10} {:>4} {:>10} {:>16} {:>16} {:>7}",
+        "TOPIC",
+        "PARTITIONS",
+        "RF",
+        "MIN-INSYNC",
+        "UNDER-REPLICATED",
+        "UNDER-MIN-INSYNC",
+        "OFFLINE"
+    );
+    let range = |(lo, hi): (String, String)| if lo == hi { lo } else { format!("{lo}-{hi}") };
+    for t in topics {
+        let (rf, mi) = (t.replication_factor, t.min_insync);
+        println!(
+            "{:<16} {:>10} {:>4} {:>10} {:>16} {:>16} {:>7}",
+            t.topic,
+            t.partitions,
+            range((rf.0.to_string(), rf.1.to_string())),
+            range((mi.0.to_string(), mi.1.to_string())),
+            t.under_replicated,
+            t.under_min_insync,
+            t.offline
+        );
+    }
 }
 
 #[derive(Args)]
@@ -66,6 +169,32 @@ pub async fn topic(cmd: TopicCommand) -> anyhow::Result<ExitCode> {
             }
             c.close().await;
             Ok(ExitCode::SUCCESS)
+        }
+        TopicCommand::List(a) => {
+            let c = client(&a.config)?;
+            let parts = c.metadata().await.map(|(_, parts)| parts);
+            let unreadable = c.unreadable().await;
+            c.close().await;
+            let topics = summarize(&parts?);
+            if a.json {
+                let v = serde_json::json!({ "topics": topics, "unreadable": unreadable });
+                println!("{v}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            print_topics(&topics);
+            print_unreadable(&unreadable);
+            if topics.is_empty() && unreadable.is_empty() {
+                eprintln!("no topics yet: create one with `replicator topic create`");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TopicCommand::Describe(a) => {
+            status(StatusArgs {
+                config: a.config,
+                topic: Some(a.topic),
+                json: a.json,
+            })
+            .await
         }
     }
 }
@@ -170,7 +299,7 @@ pub async fn partition(cmd: PartitionCommand) -> anyhow::Result<ExitCode> {
                     ),
                 }
             }
-            let (reports, _) = gather(&c).await?;
+            let reports = gather(&c).await?.reports;
             let Some(report) = reports
                 .iter()
                 .find(|r| r.topic == a.topic && r.partition == a.partition)
@@ -536,6 +665,10 @@ pub struct ConsumeArgs {
     /// that replicas agree).
     #[arg(long)]
     pub replica: Option<ReplicaId>,
+    /// Print each value in base64, exact for any bytes (newlines
+    /// included), instead of as it is.
+    #[arg(long)]
+    pub base64: bool,
 }
 
 pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
@@ -585,7 +718,9 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
         if b.records.is_empty() {
             // --count past the committed end: wait for more, bounded.
             // What came so far is out already, not held back by the wait.
-            let _ = out.flush();
+            if let Err(e) = out.flush() {
+                return stdout_failed(e, &c).await;
+            }
             if Instant::now() > deadline {
                 bail!(
                     "offsets up to {stop} were asked for, but nothing past {offset} was committed for 30 s"
@@ -599,19 +734,39 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
             if r.offset >= stop {
                 break;
             }
-            let _ = writeln!(
-                out,
-                "{} {}",
-                r.offset,
-                String::from_utf8_lossy(&r.record.value)
-            );
+            let written = if a.base64 {
+                use base64::Engine as _;
+                let v = base64::engine::general_purpose::STANDARD.encode(&r.record.value);
+                writeln!(out, "{} {v}", r.offset)
+            } else {
+                // The bytes as they are, as Kafka's console consumer
+                // writes them: what `produce` read from a line comes
+                // back the same, UTF-8 or not.
+                write!(out, "{} ", r.offset)
+                    .and_then(|()| out.write_all(&r.record.value))
+                    .and_then(|()| out.write_all(b"\n"))
+            };
+            if let Err(e) = written {
+                return stdout_failed(e, &c).await;
+            }
             offset = r.offset + 1;
         }
     }
-    let _ = out.flush();
+    if let Err(e) = out.flush() {
+        return stdout_failed(e, &c).await;
+    }
     drop(out);
     c.close().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A write to stdout failed (a full disk under `consume > file`): an
+/// error, not a quiet success with the output cut short. A reader that
+/// went away (`consume | head`) never gets here: `main` restores SIGPIPE's
+/// default for `consume`, which ends it quietly.
+async fn stdout_failed(e: std::io::Error, c: &Client) -> anyhow::Result<ExitCode> {
+    c.close().await;
+    Err(e).context("writing to stdout")
 }
 
 #[derive(Args)]
@@ -619,6 +774,9 @@ pub struct StatusArgs {
     /// `client.toml` from `replicator cluster init`.
     #[arg(long)]
     pub config: PathBuf,
+    /// Only this topic's partitions (default: every topic's).
+    #[arg(long)]
+    pub topic: Option<String>,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -672,7 +830,15 @@ impl PartitionReport {
 /// pay on each look during an incident.
 const FAILED_NODE_WAIT: Duration = Duration::from_millis(500);
 
-pub async fn gather(c: &Client) -> anyhow::Result<(Vec<PartitionReport>, Vec<String>)> {
+/// What `status` shows: the partitions, the nodes that did not answer
+/// (and why), and the partitions nodes hold assigned but could not open.
+pub struct Gathered {
+    pub reports: Vec<PartitionReport>,
+    pub unreachable: Vec<String>,
+    pub not_open: Vec<(ReplicaId, NotOpen)>,
+}
+
+pub async fn gather(c: &Client) -> anyhow::Result<Gathered> {
     let (_, parts) = c.metadata().await?;
     let failed = c.counted_failed().await;
     // Every node at once: a dead one costs its timeout once, not in turn.
@@ -680,7 +846,7 @@ pub async fn gather(c: &Client) -> anyhow::Result<(Vec<PartitionReport>, Vec<Str
         let counted_failed = failed.contains(&n);
         async move {
             let answer = if counted_failed {
-                match tokio::time::timeout(FAILED_NODE_WAIT, c.status(n)).await {
+                match tokio::time::timeout(FAILED_NODE_WAIT, c.node_status(n)).await {
                     Ok(answer) => answer.map_err(|e| e.to_string()),
                     Err(_) => Err(format!(
                         "the cluster counts it as failed, and it did not answer within {} ms",
@@ -688,19 +854,21 @@ pub async fn gather(c: &Client) -> anyhow::Result<(Vec<PartitionReport>, Vec<Str
                     )),
                 }
             } else {
-                c.status(n).await.map_err(|e| e.to_string())
+                c.node_status(n).await.map_err(|e| e.to_string())
             };
             (n, answer)
         }
     });
     let mut views: std::collections::HashMap<ReplicaId, Vec<ReplicaStatus>> = Default::default();
-    let mut problems = Vec::new();
+    let mut unreachable = Vec::new();
+    let mut not_open = Vec::new();
     for (n, answer) in futures_util::future::join_all(asks).await {
         match answer {
-            Ok(v) => {
+            Ok((v, closed)) => {
                 views.insert(n, v);
+                not_open.extend(closed.into_iter().map(|p| (n, p)));
             }
-            Err(e) => problems.push(format!("node {n}: {e}")),
+            Err(e) => unreachable.push(format!("node {n}: {e}")),
         }
     }
     let find = |n: ReplicaId, t: &str, p: u32| {
@@ -708,11 +876,15 @@ pub async fn gather(c: &Client) -> anyhow::Result<(Vec<PartitionReport>, Vec<Str
             .get(&n)
             .and_then(|v| v.iter().find(|s| s.topic == t && s.partition == p))
     };
-    let out = parts
+    let reports = parts
         .iter()
         .map(|p| report(p, |r| find(r, &p.topic, p.partition)))
         .collect();
-    Ok((out, problems))
+    Ok(Gathered {
+        reports,
+        unreachable,
+        not_open,
+    })
 }
 
 /// One partition's row: the store's state `p`, with what each replica
@@ -806,34 +978,63 @@ pub fn print_table(reports: &[PartitionReport]) {
 
 pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     let c = client(&a.config)?;
-    let (reports, problems) = gather(&c).await?;
-    let unreadable = c.unreadable().await;
+    let gathered = gather(&c).await;
+    let mut unreadable = c.unreadable().await;
+    c.close().await;
+    let Gathered {
+        mut reports,
+        unreachable,
+        mut not_open,
+    } = gathered?;
+    if let Some(t) = &a.topic {
+        reports.retain(|r| &r.topic == t);
+        unreadable.retain(|u| &u.topic == t);
+        not_open.retain(|(_, p)| &p.topic == t);
+        if reports.is_empty() && unreadable.is_empty() {
+            bail!("topic {t} does not exist (`replicator topic list` lists the topics)");
+        }
+    }
     if a.json {
+        let not_open: Vec<_> = not_open
+            .iter()
+            .map(|(n, p)| serde_json::json!({"node": n, "topic": p.topic, "partition": p.partition, "error": p.error, "attempts": p.attempts}))
+            .collect();
         let v = serde_json::json!({
             "partitions": reports,
-            "unreachable": problems,
+            "unreachable": unreachable,
             "unreadable": unreadable,
+            "not_open": not_open,
         });
         println!("{v}");
     } else {
         print_table(&reports);
-        for p in &problems {
+        for p in &unreachable {
             println!("unreachable: {p}");
         }
-        for u in &unreadable {
+        // Why a replica shows `?` on a node that answered.
+        for (n, p) in &not_open {
             println!(
-                "unreadable: {}/{}: the metadata store's record is corrupt: {}",
-                u.topic, u.partition, u.error
+                "not open: node {n} cannot open its log of {}/{} ({} attempts so far, retrying): {}",
+                p.topic, p.partition, p.attempts, p.error
             );
         }
+        print_unreadable(&unreadable);
     }
-    c.close().await;
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_unreadable(unreadable: &[replicator::wire::rpc::UnreadablePartition]) {
+    for u in unreadable {
+        println!(
+            "unreadable: {}/{}: the metadata store's record is corrupt: {}",
+            u.topic, u.partition, u.error
+        );
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{check_message_size, report};
+    use super::{TopicSummary, check_message_size, report, summarize};
     use replicator::wire::rpc::ReplicaStatus;
 
     /// The named leader's own view of ISR and HW only while it leads the
@@ -875,6 +1076,48 @@ mod tests {
         let s = said("leader", Some(7));
         let r = report(&p, |n| (n == 3).then_some(&s));
         assert_eq!((r.isr, r.high_watermark), (vec![3, 1], Some(40)));
+    }
+
+    /// Per topic, in name order: partitions, the range of replication
+    /// factors and min.insync, and the partitions short of replicas, of
+    /// min.insync and of a leader.
+    #[test]
+    fn topics_are_summarized_from_their_partitions() {
+        let part = |topic: &str, partition, leader, isr: &[u32], replicas: &[u32], min_insync| {
+            replicator::metadata::PartitionState {
+                topic: topic.into(),
+                partition,
+                leader,
+                leader_epoch: 1,
+                isr: isr.to_vec(),
+                elr: Vec::new(),
+                replicas: replicas.to_vec(),
+                min_insync,
+                version: 1,
+            }
+        };
+        let got = summarize(&[
+            part("b", 0, Some(1), &[1, 2, 3], &[1, 2, 3], 2),
+            part("a", 0, Some(2), &[2], &[2, 3], 2),
+            part("b", 1, None, &[], &[2, 3, 1], 2),
+            part("b", 2, Some(3), &[3, 1], &[3, 1, 2], 1),
+        ]);
+        let want = |topic: &str, partitions, rf, mi, under, under_min, offline| TopicSummary {
+            topic: topic.into(),
+            partitions,
+            replication_factor: rf,
+            min_insync: mi,
+            under_replicated: under,
+            under_min_insync: under_min,
+            offline,
+        };
+        assert_eq!(
+            got,
+            [
+                want("a", 1, (2, 2), (2, 2), 1, 1, 0),
+                want("b", 3, (3, 3), (1, 2), 2, 1, 1),
+            ]
+        );
     }
 
     #[test]

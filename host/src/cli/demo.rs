@@ -54,7 +54,7 @@ pub struct DemoArgs {
 async fn wait_replicated(c: &Client, expected_total: u64) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (reports, _) = client_cmds::gather(c).await?;
+        let reports = client_cmds::gather(c).await?.reports;
         let total: u64 = reports.iter().filter_map(|r| r.high_watermark).sum();
         let caught_up = reports.iter().all(|r| {
             r.isr.len() == r.replicas.len()
@@ -157,7 +157,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let bytes = args.messages * args.size as u64;
     wait_replicated(&c, args.messages).await?;
     println!("5. status:");
-    let (reports, _) = client_cmds::gather(&c).await?;
+    let reports = client_cmds::gather(&c).await?.reports;
     client_cmds::print_table(&reports);
 
     let mut step = 6;

@@ -52,8 +52,8 @@ enum Command {
     Produce(client_cmds::ProduceArgs),
     /// Print committed messages as `<offset> <value>` lines.
     Consume(client_cmds::ConsumeArgs),
-    /// Per partition: leader, epoch, replicas, ISR, ELR, HW, each replica's log
-    /// end and lag.
+    /// Per partition (of every topic, or `--topic`'s): leader, epoch,
+    /// replicas, ISR, ELR, HW, each replica's log end and lag.
     Status(client_cmds::StatusArgs),
     /// Write, recover and read back one partition through a storage plugin
     /// in this process, verifying every message (no cluster).
@@ -65,7 +65,14 @@ enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Status(_) | Command::Consume(_)) {
+    if matches!(
+        cli.command,
+        Command::Status(_)
+            | Command::Consume(_)
+            | Command::Topic(
+                client_cmds::TopicCommand::List(_) | client_cmds::TopicCommand::Describe(_)
+            )
+    ) {
         // Commands that only print what they read end quietly when the
         // reader goes (`status | head`), as Unix tools do: Rust ignores
         // SIGPIPE, and `println!` then panicked on the broken pipe. Not

@@ -252,6 +252,7 @@ pub async fn run(
     let server = Arc::new(NodeServer {
         shared: shared.clone(),
         partitions: RwLock::new(HashMap::new()),
+        not_open: Default::default(),
     });
     // This node's log may have lost what it had acknowledged before the
     // restart (unflushed writes; an in-memory log is empty). So, like
@@ -398,6 +399,20 @@ async fn watch(server: &Arc<NodeServer>, every: Duration) {
                 }
                 failing = true;
             }
+        }
+        // For `status`: why a replica of this node is missing there.
+        let mut not_open: Vec<crate::wire::rpc::NotOpen> = open_failures
+            .iter()
+            .map(|(tp, f)| crate::wire::rpc::NotOpen {
+                topic: tp.topic.clone(),
+                partition: tp.partition,
+                error: f.last_error.clone(),
+                attempts: f.attempts,
+            })
+            .collect();
+        not_open.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        if let Ok(mut n) = server.not_open.lock() {
+            *n = not_open;
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

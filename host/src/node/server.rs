@@ -35,6 +35,9 @@ const RESPONSE_BUDGET: u64 = 24 << 20;
 pub struct NodeServer {
     pub(super) shared: Arc<Shared>,
     pub(super) partitions: RwLock<HashMap<TopicPartition, PartitionHandle>>,
+    /// The partitions assigned here whose log would not open, as the
+    /// metadata watcher last tried them.
+    pub(super) not_open: std::sync::Mutex<Vec<crate::wire::rpc::NotOpen>>,
 }
 
 impl NodeServer {
@@ -516,6 +519,7 @@ impl Handler for NodeServer {
                     Response::Status {
                         node: self.shared.node_id,
                         partitions: self.statuses().await,
+                        not_open: self.not_open.lock().map(|n| n.clone()).unwrap_or_default(),
                     },
                     Bytes::new(),
                 )),

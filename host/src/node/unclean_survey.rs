@@ -139,6 +139,7 @@ async fn ask(
             Response::Status {
                 node: n,
                 partitions,
+                ..
             },
             _,
         )) if n == node => Some(partitions),

@@ -182,6 +182,23 @@ fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>
     Ok(certs)
 }
 
+/// The permission bits of `path` if its group or others may read or write
+/// it, else `None` (also when they cannot be read: the read that follows
+/// reports that).
+fn exposed_mode(path: &Path) -> Option<u32> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+        (mode & 0o066 != 0).then_some(mode)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
+}
+
 impl TlsMaterial {
     pub fn load(paths: &TlsPaths) -> Result<Self, TlsError> {
         let ca = certs("CA certificate", &paths.ca)?;
@@ -196,6 +213,16 @@ impl TlsMaterial {
         }
         let chain = certs("certificate", &paths.cert)?;
         let key_bytes = read("private key", &paths.key)?;
+        if let Some(mode) = exposed_mode(&paths.key) {
+            // A warning, not a refusal (ssh refuses): a key mounted from a
+            // secret store is often 0644 inside a container that is the
+            // only reader.
+            tracing::warn!(
+                "the private key {key} is open to other users (mode {mode:o}): whoever reads it can present {} as their own; `chmod 600 {key}`",
+                paths.cert.display(),
+                key = paths.key.display(),
+            );
+        }
         let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| TlsError::Pem {
             what: "private key",
             path: paths.key.clone(),
@@ -338,6 +365,26 @@ pub fn verify_identity(cert: &CertificateDer<'_>, identity: Identity) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Group or others may read or write the key: a warning names the
+    /// mode; the owner alone (what `cluster init` writes) is quiet.
+    #[cfg(unix)]
+    #[test]
+    fn a_key_others_can_read_is_reported() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("key.pem");
+        std::fs::write(&key, "k").expect("write");
+        for (mode, exposed) in [
+            (0o600, None),
+            (0o400, None),
+            (0o640, Some(0o640)),
+            (0o602, Some(0o602)),
+        ] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            assert_eq!(exposed_mode(&key), exposed, "{mode:o}");
+        }
+    }
 
     /// A certificate's parameters for `identity` with `ekus` only.
     fn params(identity: Identity, ekus: Vec<ExtendedKeyUsagePurpose>) -> CertificateParams {

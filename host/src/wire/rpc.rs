@@ -167,6 +167,19 @@ pub struct UnreadablePartition {
     pub error: String,
 }
 
+/// A partition assigned to a node that could not open its log (it retries
+/// with backoff), and why, for `status`: a replica missing from a node's
+/// answer is otherwise a bare `?`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotOpen {
+    pub topic: String,
+    pub partition: u32,
+    /// The last attempt's error.
+    pub error: String,
+    /// Failed attempts so far.
+    pub attempts: u32,
+}
+
 /// One replica's view of a partition, for `status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaStatus {
@@ -220,6 +233,9 @@ pub enum Response {
     Status {
         node: ReplicaId,
         partitions: Vec<ReplicaStatus>,
+        /// Partitions assigned to this node whose log does not open.
+        #[serde(default)]
+        not_open: Vec<NotOpen>,
     },
     Metadata {
         brokers: Vec<crate::metadata::Broker>,
