@@ -532,9 +532,16 @@ async fn a_full_disk_is_reported_as_one() {
     assert!(filled.is_err(), "the disk did not fill");
     let full = store.compare_and_set(state("t", 0, 2, 1), 1).await;
     match &full {
-        Err(MetadataError::Io(e)) => assert!(e.contains("No space left on device"), "{e}"),
+        Err(MetadataError::Io(e)) => assert!(e.ends_with("No space left on device"), "{e}"),
         other => panic!("{other:?}"),
     }
+    // The half-written temporary file went with the failure.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.join("partitions/t/0"))
+        .expect("partition dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
     // Room again: the write goes through, and nothing was lost meanwhile.
     std::fs::remove_file(dir.join("fill")).expect("room");
     assert_eq!(store.compare_and_set(state("t", 0, 2, 1), 1).await, Ok(2));

@@ -62,7 +62,9 @@ pub struct TopicSummary {
     /// Replicas per partition: the fewest and the most over the topic's
     /// partitions (equal unless the store was edited by hand).
     pub replication_factor: (usize, usize),
-    /// min.insync.replicas: the lowest and the highest over its partitions.
+    /// min.insync.replicas: the lowest and the highest over its
+    /// partitions; 0 for a record from before partitions stored their own
+    /// (the nodes' `[replication] min_insync_replicas` applies).
     pub min_insync: (u32, u32),
     pub under_replicated: u32,
     pub under_min_insync: u32,
@@ -93,7 +95,9 @@ pub fn summarize(parts: &[replicator::metadata::PartitionState]) -> Vec<TopicSum
             t.min_insync.1.max(p.min_insync),
         );
         t.under_replicated += u32::from(p.isr.len() < rf);
-        t.under_min_insync += u32::from(p.isr.len() < p.min_insync as usize);
+        // A record without its own counts as at least 1 (the nodes'
+        // default is not known here; it is 1 or more).
+        t.under_min_insync += u32::from(p.isr.len() < p.effective_min_insync(1));
         t.offline += u32::from(p.leader.is_none());
     }
     topics.into_values().collect()
@@ -111,6 +115,13 @@ fn print_topics(topics: &[TopicSummary]) {
         "OFFLINE"
     );
     let range = |(lo, hi): (String, String)| if lo == hi { lo } else { format!("{lo}-{hi}") };
+    let min_insync = |m: u32| {
+        if m == 0 {
+            "default".to_string()
+        } else {
+            m.to_string()
+        }
+    };
     for t in topics {
         let (rf, mi) = (t.replication_factor, t.min_insync);
         println!(
@@ -118,7 +129,7 @@ fn print_topics(topics: &[TopicSummary]) {
             t.topic,
             t.partitions,
             range((rf.0.to_string(), rf.1.to_string())),
-            range((mi.0.to_string(), mi.1.to_string())),
+            range((min_insync(mi.0), min_insync(mi.1))),
             t.under_replicated,
             t.under_min_insync,
             t.offline
@@ -1101,6 +1112,8 @@ mod tests {
             part("a", 0, Some(2), &[2], &[2, 3], 2),
             part("b", 1, None, &[], &[2, 3, 1], 2),
             part("b", 2, Some(3), &[3, 1], &[3, 1, 2], 1),
+            // From before partitions stored their own min.insync.
+            part("c", 0, None, &[], &[1, 2, 3], 0),
         ]);
         let want = |topic: &str, partitions, rf, mi, under, under_min, offline| TopicSummary {
             topic: topic.into(),
@@ -1116,6 +1129,7 @@ mod tests {
             [
                 want("a", 1, (2, 2), (2, 2), 1, 1, 0),
                 want("b", 3, (3, 3), (1, 2), 2, 1, 1),
+                want("c", 1, (3, 3), (0, 0), 1, 1, 1),
             ]
         );
     }

@@ -219,6 +219,9 @@ pub struct ReplicationManager {
     /// push out buffered appends (the S3 plugin uploads first), and while
     /// the HW is stuck (an ISR below min.insync) appends still come.
     checkpointed: Option<(u64, u64)>,
+    /// The HW storage holds (as loaded, then as last checkpointed): a cut
+    /// below it checkpoints at once (see `cut_done`).
+    stored_hw: u64,
     counters: ReplicaCounters,
     faults: Faults,
 }
@@ -235,6 +238,18 @@ impl ReplicationManager {
         if epochs.truncate_to(state.bounds.log_end) {
             outbox.push(Action::PersistEpochs(epochs.entries().to_vec()));
         }
+        // Capped at the log end, as Kafka does on restart. Nothing below
+        // the log start can be read, so the HW is at least there (Kafka
+        // clamps it the same way).
+        let hw = state
+            .high_watermark
+            .min(state.bounds.log_end)
+            .max(state.bounds.log_start);
+        // A stored HW above the log (a crash undid appends it counted) is
+        // lowered in storage first, for the reason `cut_done` gives.
+        if hw < state.high_watermark {
+            outbox.push(Action::PersistHighWatermark(hw));
+        }
         ReplicationManager {
             config,
             id,
@@ -245,12 +260,7 @@ impl ReplicationManager {
             storage_inflight: 0,
             truncating: 0,
             truncate_target: None,
-            // Nothing below the log start can be read, so the HW is at
-            // least there (Kafka clamps it the same way).
-            hw: state
-                .high_watermark
-                .min(state.bounds.log_end)
-                .max(state.bounds.log_start),
+            hw,
             epochs,
             retention: RetentionIndex::new(state.bounds.log_start, state.bounds.log_end),
             deleting: false,
@@ -260,6 +270,7 @@ impl ReplicationManager {
             next_correlation: 0,
             last_hw_checkpoint_ms: 0,
             checkpointed: None,
+            stored_hw: hw,
             counters: ReplicaCounters::default(),
             faults: Faults::default(),
         }
@@ -756,23 +767,29 @@ impl ReplicationManager {
         self.truncating = self.truncating.saturating_sub(1);
         self.leo = new_leo;
         self.assigned = new_leo;
-        let hw_before = self.hw;
         self.hw = self.hw.min(new_leo);
         // Cut back to the start of a batch that began before a log start
         // retention put inside it: the log is empty there now.
         self.log_start = self.log_start.min(new_leo);
-        // A cut below the HW (an unclean election's divergence, a damaged
-        // batch) checkpoints the lower HW at once, ahead of any append on
-        // the ordered lane: with the old checkpoint, a crash after this
-        // replica refetched up to it would restart with those offsets
-        // counted as committed, which from another leader they may not be.
-        if self.hw < hw_before {
-            self.checkpointed = Some((self.hw, self.leo));
-            self.outbox.push(Action::PersistHighWatermark(self.hw));
+        // A cut below the stored HW (an unclean election's divergence, a
+        // damaged batch) checkpoints the lower HW at once, ahead of any
+        // append on the ordered lane: with the old checkpoint, a crash
+        // after this replica refetched up to it would restart with those
+        // offsets counted as committed, which from another leader they may
+        // not be. The stored HW, not the one in memory: a follower's HW
+        // also falls to a new leader's lagging one, with no cut.
+        if self.hw < self.stored_hw {
+            self.checkpoint_hw();
         }
         self.persist_epochs();
         self.maybe_fetch(now);
         self.maybe_retain();
+    }
+
+    fn checkpoint_hw(&mut self) {
+        self.checkpointed = Some((self.hw, self.leo));
+        self.stored_hw = self.hw;
+        self.outbox.push(Action::PersistHighWatermark(self.hw));
     }
 
     /// The storage failed an operation (a plugin fault): stop serving. The
@@ -1274,10 +1291,8 @@ impl ReplicationManager {
             >= self.config.high_watermark_checkpoint_interval_ms
         {
             self.last_hw_checkpoint_ms = now;
-            let now_at = Some((self.hw, self.leo));
-            if self.checkpointed != now_at {
-                self.checkpointed = now_at;
-                self.outbox.push(Action::PersistHighWatermark(self.hw));
+            if self.checkpointed != Some((self.hw, self.leo)) {
+                self.checkpoint_hw();
             }
         }
         if self.leader.is_some() {

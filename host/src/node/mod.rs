@@ -466,8 +466,12 @@ async fn refresh(
     }
     let brokers = meta.list_brokers().await?;
     shared.record_brokers(&brokers);
+    // The partitions listed and (as far as their record says) still
+    // assigned here: a failure to open any other is no longer news.
+    let mut listed = std::collections::HashSet::new();
     for (topic, partition) in meta.list_partitions().await? {
         let tp = TopicPartition::new(&topic, partition);
+        listed.insert(tp.clone());
         let state = match meta.get_partition(&topic, partition).await {
             Ok(s) => {
                 if unreadable.remove(&tp).is_some() {
@@ -533,6 +537,7 @@ async fn refresh(
             .ok()
             .and_then(|h| h.get(&tp).copied());
         if !state.replicas.contains(&shared.node_id) {
+            listed.remove(&tp);
             if pending.is_some() {
                 // Not a replica: it holds no claim to give up.
                 if let Ok(mut h) = shared.handoffs.lock() {
@@ -626,6 +631,7 @@ async fn refresh(
         seen.insert(tp, state.version);
         handle.send(Event::Metadata(state));
     }
+    open_failures.retain(|tp, _| listed.contains(tp));
     Ok(())
 }
 

@@ -501,7 +501,7 @@ impl Actor {
         };
         Ok(LogState {
             bounds,
-            high_watermark: hw.min(bounds.log_end),
+            high_watermark: hw,
             leader_epochs,
         })
     }

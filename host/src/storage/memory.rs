@@ -160,7 +160,7 @@ impl PartitionLog for MemoryLog {
         ready(self.with(|s| {
             Ok(LogState {
                 bounds: bounds(s),
-                high_watermark: s.high_watermark.min(s.index.log_end()),
+                high_watermark: s.high_watermark,
                 leader_epochs: s.epochs.clone(),
             })
         }))

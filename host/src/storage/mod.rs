@@ -33,7 +33,9 @@ pub struct EpochEntry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogState {
     pub bounds: OffsetBounds,
-    /// The checkpointed high watermark, already capped at the log end.
+    /// The checkpointed high watermark as stored. It may be past the log
+    /// end (a crash undid appends it counted): the replica caps it, and
+    /// stores the capped one (`ReplicationManager::new`).
     pub high_watermark: u64,
     pub leader_epochs: Vec<EpochEntry>,
 }
@@ -78,12 +80,12 @@ pub trait PartitionLog: Send + Sync {
 
 pub use epoch_check::checked as with_checked_epochs;
 
-/// Read the state a replica needs on open: bounds, HW (capped at the log
-/// end, as Kafka does on restart) and the epoch cache as the plugin keeps
+/// Read the state a replica needs on open: bounds, HW (as stored: the
+/// replica caps it at the log end) and the epoch cache as the plugin keeps
 /// it (see [`with_checked_epochs`]).
 pub async fn load_state<L: PartitionLog>(log: &L) -> StorageResult<LogState> {
     let bounds = log.bounds().await?;
-    let high_watermark = log.high_watermark().await?.min(bounds.log_end);
+    let high_watermark = log.high_watermark().await?;
     let leader_epochs = log.leader_epochs().await?;
     Ok(LogState {
         bounds,

@@ -234,7 +234,9 @@ pub enum Response {
         node: ReplicaId,
         partitions: Vec<ReplicaStatus>,
         /// Partitions assigned to this node whose log does not open.
-        #[serde(default)]
+        /// Serialized only when there are some: a node or client from
+        /// before the field refuses unknown fields.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
         not_open: Vec<NotOpen>,
     },
     Metadata {

@@ -283,7 +283,10 @@ fn random_u64() -> u64 {
 fn write_new_file(path: &Path, bytes: &[u8]) -> std::result::Result<(), String> {
     use wasip2::filesystem::types::{DescriptorFlags, OpenFlags, PathFlags};
     let fail = |what: &str, e: wasip2::filesystem::types::ErrorCode| {
-        format!("{what} {}: {}", path.display(), e.message())
+        // The message without its ", similar to `ENOSPC` in POSIX." tail.
+        let message = e.message();
+        let message = message.split(", similar to").next().unwrap_or(message);
+        format!("{what} {}: {message}", path.display())
     };
     let (dir, name) = wasip2::filesystem::preopens::get_directories()
         .into_iter()
