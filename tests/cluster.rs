@@ -351,6 +351,27 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
         table.contains("not open: node 2 cannot open its log of blocked/0"),
         "{table}"
     );
+    // Alerts see it too: such a partition is in no per-partition metric.
+    let metrics = http_get(c.base_port + 50 + 1, "/metrics");
+    assert!(
+        metrics.contains("replicator_partitions_not_open 1\n"),
+        "{metrics}"
+    );
+    // A read from that replica says why, not "unknown topic or partition".
+    let read = cli(&[
+        "consume",
+        "--config",
+        &c.client(),
+        "--topic",
+        "blocked",
+        "--replica",
+        "2",
+    ]);
+    let err = String::from_utf8_lossy(&read.stderr);
+    assert!(
+        !read.status.success() && err.contains("node 2 cannot open its log of blocked/0"),
+        "{err}"
+    );
     std::fs::remove_file(&blocker).expect("unblock");
     c.wait_status("node 2 opened blocked/0", |v| {
         not_open(v).is_empty()
@@ -598,6 +619,36 @@ fn a_restarted_node_rejoins_and_catches_up() {
         })
     };
     c.wait_status("node 3 counted as failed", counted);
+    // New topics go to live nodes only: with node 3 down, replication
+    // factor 3 is refused, naming it, and 2 leaves it out (it used to get
+    // replicas, and lead some, while down).
+    let refused = cli(&["topic", "create", "--config", &client, "--topic", "down"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("nodes [3] are registered but down"),
+        "{err}"
+    );
+    let created = cli_ok(&[
+        "topic",
+        "create",
+        "--config",
+        &client,
+        "--topic",
+        "down",
+        "--partitions",
+        "3",
+        "--replication-factor",
+        "2",
+        "--min-insync",
+        "1",
+    ]);
+    for line in created.lines() {
+        let replicas = line.split_once("replicas ").map_or("", |(_, r)| r);
+        assert!(
+            replicas.starts_with('[') && !replicas.contains('3'),
+            "{created}"
+        );
+    }
     // The fastest of up to three runs, so that one stall of a loaded
     // machine does not decide it; the handshake timeout slows every run.
     let mut took = Vec::new();

@@ -68,22 +68,35 @@ pub struct TopicSummary {
     pub min_insync: (u32, u32),
     pub under_replicated: u32,
     pub under_min_insync: u32,
+    /// No leader, or one the cluster counts as failed.
     pub offline: u32,
+    /// Partitions whose record in the store is corrupt (counted in
+    /// `partitions`, in none of the others).
+    pub unreadable: u32,
 }
 
-/// Topics in name order, from the store's partition records.
-pub fn summarize(parts: &[replicator::metadata::PartitionState]) -> Vec<TopicSummary> {
+/// Topics in name order, from the store's partition records, the nodes
+/// the cluster counts as `failed`, and the records it could not read.
+pub fn summarize(
+    parts: &[replicator::metadata::PartitionState],
+    failed: &[ReplicaId],
+    unreadable: &[replicator::wire::rpc::UnreadablePartition],
+) -> Vec<TopicSummary> {
     let mut topics: std::collections::BTreeMap<&str, TopicSummary> = Default::default();
+    let empty = |topic: &str, rf: usize, min_insync: u32| TopicSummary {
+        topic: topic.to_string(),
+        partitions: 0,
+        replication_factor: (rf, rf),
+        min_insync: (min_insync, min_insync),
+        under_replicated: 0,
+        under_min_insync: 0,
+        offline: 0,
+        unreadable: 0,
+    };
     for p in parts {
-        let t = topics.entry(&p.topic).or_insert_with(|| TopicSummary {
-            topic: p.topic.clone(),
-            partitions: 0,
-            replication_factor: (p.replicas.len(), p.replicas.len()),
-            min_insync: (p.min_insync, p.min_insync),
-            under_replicated: 0,
-            under_min_insync: 0,
-            offline: 0,
-        });
+        let t = topics
+            .entry(&p.topic)
+            .or_insert_with(|| empty(&p.topic, p.replicas.len(), p.min_insync));
         t.partitions += 1;
         let rf = p.replicas.len();
         t.replication_factor = (
@@ -98,7 +111,16 @@ pub fn summarize(parts: &[replicator::metadata::PartitionState]) -> Vec<TopicSum
         // A record without its own counts as at least 1 (the nodes'
         // default is not known here; it is 1 or more).
         t.under_min_insync += u32::from(p.isr.len() < p.effective_min_insync(1));
-        t.offline += u32::from(p.leader.is_none());
+        t.offline += u32::from(p.leader.is_none_or(|l| failed.contains(&l)));
+    }
+    for u in unreadable {
+        // A topic with no readable record: its replication factor and
+        // min.insync are unknown (shown as 0).
+        let t = topics
+            .entry(&u.topic)
+            .or_insert_with(|| empty(&u.topic, 0, 0));
+        t.partitions += 1;
+        t.unreadable += 1;
     }
     topics.into_values().collect()
 }
@@ -185,8 +207,9 @@ pub async fn topic(cmd: TopicCommand) -> anyhow::Result<ExitCode> {
             let c = client(&a.config)?;
             let parts = c.metadata().await.map(|(_, parts)| parts);
             let unreadable = c.unreadable().await;
+            let failed = c.counted_failed().await;
             c.close().await;
-            let topics = summarize(&parts?);
+            let topics = summarize(&parts?, &failed, &unreadable);
             if a.json {
                 let v = serde_json::json!({ "topics": topics, "unreadable": unreadable });
                 println!("{v}");
@@ -734,7 +757,8 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "offsets up to {stop} were asked for, but nothing past {offset} was committed for 30 s"
+                    "offsets up to {} were asked for, but nothing from offset {offset} on was committed for 30 s",
+                    stop - 1
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1019,6 +1043,9 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
         println!("{v}");
     } else {
         print_table(&reports);
+        if reports.is_empty() && unreadable.is_empty() {
+            eprintln!("no topics yet: create one with `replicator topic create`");
+        }
         for p in &unreachable {
             println!("unreachable: {p}");
         }
@@ -1107,29 +1134,44 @@ mod tests {
                 version: 1,
             }
         };
-        let got = summarize(&[
-            part("b", 0, Some(1), &[1, 2, 3], &[1, 2, 3], 2),
-            part("a", 0, Some(2), &[2], &[2, 3], 2),
-            part("b", 1, None, &[], &[2, 3, 1], 2),
-            part("b", 2, Some(3), &[3, 1], &[3, 1, 2], 1),
-            // From before partitions stored their own min.insync.
-            part("c", 0, None, &[], &[1, 2, 3], 0),
-        ]);
-        let want = |topic: &str, partitions, rf, mi, under, under_min, offline| TopicSummary {
+        let unreadable = |topic: &str| replicator::wire::rpc::UnreadablePartition {
             topic: topic.into(),
-            partitions,
-            replication_factor: rf,
-            min_insync: mi,
-            under_replicated: under,
-            under_min_insync: under_min,
-            offline,
+            partition: 9,
+            error: "corrupt".into(),
         };
+        let got = summarize(
+            &[
+                part("b", 0, Some(1), &[1, 2, 3], &[1, 2, 3], 2),
+                part("a", 0, Some(2), &[2], &[2, 3], 2),
+                part("b", 1, None, &[], &[2, 3, 1], 2),
+                part("b", 2, Some(3), &[3, 1], &[3, 1, 2], 1),
+                // From before partitions stored their own min.insync.
+                part("c", 0, None, &[], &[1, 2, 3], 0),
+                // Led by a node the cluster counts as failed.
+                part("d", 0, Some(4), &[4], &[4], 1),
+            ],
+            &[4],
+            &[unreadable("b"), unreadable("e")],
+        );
+        let want =
+            |topic: &str, partitions, rf, mi, under, under_min, offline, unreadable| TopicSummary {
+                topic: topic.into(),
+                partitions,
+                replication_factor: rf,
+                min_insync: mi,
+                under_replicated: under,
+                under_min_insync: under_min,
+                offline,
+                unreadable,
+            };
         assert_eq!(
             got,
             [
-                want("a", 1, (2, 2), (2, 2), 1, 1, 0),
-                want("b", 3, (3, 3), (1, 2), 2, 1, 1),
-                want("c", 1, (3, 3), (0, 0), 1, 1, 1),
+                want("a", 1, (2, 2), (2, 2), 1, 1, 0, 0),
+                want("b", 4, (3, 3), (1, 2), 2, 1, 1, 1),
+                want("c", 1, (3, 3), (0, 0), 1, 1, 1, 0),
+                want("d", 1, (1, 1), (1, 1), 0, 0, 1, 0),
+                want("e", 1, (0, 0), (0, 0), 0, 0, 0, 1),
             ]
         );
     }

@@ -60,6 +60,7 @@ pub fn render(
     failover: &FailoverView,
     sessions: &FetchSessionStats,
     connections: AcceptedConnections,
+    not_open: usize,
 ) -> String {
     let mut reg = Registry::with_prefix("replicator");
     let gauges = [
@@ -144,11 +145,16 @@ pub fn render(
         reg.register(*name, *help, f);
     }
     let g = collector.global_snapshot();
-    let global: [(&str, &str, u64); 5] = [
+    let global: [(&str, &str, u64); 6] = [
         (
             "partitions",
             "Partitions hosted on this node",
             u64::from(g.total_partitions),
+        ),
+        (
+            "partitions_not_open",
+            "Partitions assigned to this node whose log it cannot open (retried with backoff; `status` says why); they are missing from the per-partition metrics and from `partitions`",
+            not_open as u64,
         ),
         (
             "leader_partitions",

@@ -278,7 +278,7 @@ pub async fn run(
         tokio::spawn(async move { t.serve(id, s).await })
     };
     let metrics_task = metrics_listener.map(|l| {
-        let (sh, t) = (shared.clone(), transport.clone());
+        let (sh, t, srv) = (shared.clone(), transport.clone(), server.clone());
         tokio::spawn(metrics::serve(
             l,
             Arc::new(move || {
@@ -288,6 +288,7 @@ pub async fn run(
                     &sh.failover_view(),
                     &sh.fetch_sessions,
                     t.accepted(),
+                    srv.not_open.lock().map_or(0, |n| n.len()),
                 )
             }),
         ))

@@ -274,6 +274,7 @@ impl NodeServer {
                 node: self.shared.node_id,
                 topic: topic.to_string(),
                 partition,
+                not_open: None,
             }),
             other => other.map_err(meta_err),
         }
@@ -288,6 +289,13 @@ impl NodeServer {
                 node: self.shared.node_id,
                 topic: topic.to_string(),
                 partition,
+                // Assigned here but its log does not open: say so, not
+                // "unknown" (a missing bucket read as a missing topic).
+                not_open: self.not_open.lock().ok().and_then(|n| {
+                    n.iter()
+                        .find(|p| p.topic == topic && p.partition == partition)
+                        .map(|p| p.error.clone())
+                }),
             })
     }
 
@@ -351,11 +359,21 @@ impl NodeServer {
             .map(|b| b.id)
             .collect();
         brokers.sort_unstable();
+        // Replicas go to live nodes only, as Kafka places them on unfenced
+        // brokers: one on a node that is down leaves the partition short
+        // (or, led by it, unavailable) from its first write.
+        let down = self.shared.failed_brokers_for_clients();
+        brokers.retain(|b| !down.contains(b));
         let rf = replication_factor as usize;
         if rf == 0 || rf > brokers.len() {
             return Err(RpcError::Invalid(format!(
-                "replication factor {replication_factor} with {} registered nodes ({brokers:?})",
-                brokers.len()
+                "replication factor {replication_factor} with {} live registered nodes ({brokers:?}){}",
+                brokers.len(),
+                if down.is_empty() {
+                    String::new()
+                } else {
+                    format!("; nodes {down:?} are registered but down (their heartbeats stopped)")
+                }
             )));
         }
         let min_isr = min_insync.unwrap_or(self.shared.replication.min_insync_replicas);

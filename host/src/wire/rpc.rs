@@ -95,11 +95,16 @@ pub enum RpcError {
         node: ReplicaId,
         leader: Option<ReplicaId>,
     },
-    #[error("unknown topic or partition {topic}/{partition} on node {node}")]
+    #[error("{}", unknown_partition(*.node, .topic, *.partition, .not_open.as_deref()))]
     UnknownPartition {
         node: ReplicaId,
         topic: String,
         partition: u32,
+        /// The partition is assigned to the node, but its log does not
+        /// open: why (the last attempt's error). Sent only when set: a
+        /// peer from before the field refuses unknown fields.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        not_open: Option<String>,
     },
     #[error("topic {0} already exists")]
     TopicExists(String),
@@ -152,6 +157,20 @@ impl RpcError {
             ),
             _ => false,
         }
+    }
+}
+
+fn unknown_partition(
+    node: ReplicaId,
+    topic: &str,
+    partition: u32,
+    not_open: Option<&str>,
+) -> String {
+    match not_open {
+        Some(why) => {
+            format!("node {node} cannot open its log of {topic}/{partition} (it retries): {why}")
+        }
+        None => format!("unknown topic or partition {topic}/{partition} on node {node}"),
     }
 }
 
