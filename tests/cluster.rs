@@ -2356,3 +2356,48 @@ fn a_second_cluster_on_the_same_etcd_prefix_is_refused() {
     b.wait_up();
     a.wait_up();
 }
+
+/// With the metadata store down, a new client still finds the leaders:
+/// each node answers from its last view of the store, marked as such (it
+/// used to refuse with "metadata store unavailable", so no new producer
+/// or consumer could start, and a rolling restart during the outage took
+/// the cluster down). Once the store is back, answers are fresh again.
+#[test]
+fn with_the_metadata_store_down_new_clients_still_find_the_leaders() {
+    let mut etcd = support::etcd::Etcd::start();
+    let endpoint = etcd.endpoint();
+    let args = ["--metadata", "etcd", "--metadata-endpoint", &endpoint];
+    let mut c = Cluster::init_with(3, "memory", &args, |t| t);
+    c.start_all();
+    c.wait_up();
+    let client = c.client();
+    create_topic(&client, "t", "1");
+    produce_generated(&client, "t", "100");
+    c.wait_status("100 everywhere", |v| converged(v, "t", 0, 100));
+    etcd.stop();
+    // Every CLI call is a new client.
+    let acked = cli_ok(&[
+        "produce",
+        "--config",
+        &client,
+        "--topic",
+        "t",
+        "--count",
+        "100",
+        "--timeout-ms",
+        "20000",
+    ]);
+    assert_eq!(acked.lines().count(), 100, "{acked}");
+    let read = cli_ok(&["consume", "--config", &client, "--topic", "t"]);
+    assert_eq!(read.lines().count(), 200, "{read}");
+    let status = cli_ok(&["status", "--config", &client]);
+    assert!(
+        status.starts_with("warning: no node could read the metadata store; node ")
+            && status.contains("so this is its last view of it"),
+        "{status}"
+    );
+    etcd.restart();
+    c.wait_status("answers from the store again", |v| {
+        v["stale"].is_null() && converged(v, "t", 0, 200)
+    });
+}

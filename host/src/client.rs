@@ -132,6 +132,9 @@ pub struct Client {
     failed: Mutex<Vec<ReplicaId>>,
     /// Partitions the last metadata answer's node could not read.
     unreadable: Mutex<Vec<UnreadablePartition>>,
+    /// Why the last metadata answer was a node's last view rather than
+    /// the store's (see [`Response::Metadata`]'s `stale`).
+    last_view: Mutex<Option<String>>,
     /// Broker epochs as last seen in metadata.
     epochs: Mutex<HashMap<ReplicaId, u64>>,
 }
@@ -163,6 +166,7 @@ impl Client {
             stale: Mutex::new(std::collections::HashSet::new()),
             failed: Mutex::new(Vec::new()),
             unreadable: Mutex::new(Vec::new()),
+            last_view: Mutex::new(None),
             epochs: Mutex::new(HashMap::new()),
         })
     }
@@ -279,13 +283,16 @@ impl Client {
 
     /// Ask every known node at once; the first answer wins (every node
     /// reads the same store, so any answer will do, and a dead node must
-    /// not delay it).
+    /// not delay it). A node's last view (a metadata answer marked stale)
+    /// wins only if no node answers from the store.
     async fn fastest(&self, req: &Request) -> Result<(Response, Bytes), ClientError> {
         let ids = self.node_ids().await;
         // Every node's reason, for when none answers: the last alone
         // named one node of several.
         let errors = std::sync::Mutex::new(Vec::new());
         let errors = &errors;
+        let last_view = std::sync::Mutex::new(None);
+        let last_view = &last_view;
         let attempts = ids.into_iter().map(|id| {
             Box::pin(async move {
                 let attempt = async {
@@ -294,6 +301,10 @@ impl Client {
                         .request_within(req, Bytes::new(), REQUEST_TIMEOUT)
                         .await
                     {
+                        Ok(r @ (Response::Metadata { stale: Some(_), .. }, _)) => {
+                            *last_view.lock().unwrap_or_else(PoisonError::into_inner) = Some(r);
+                            Err(format!("node {id}: answered from its last view"))
+                        }
                         Ok(r) => Ok(r),
                         Err(e) => {
                             self.peers.lock().await.remove(&id);
@@ -319,6 +330,13 @@ impl Client {
             Ok((r, _)) => Ok(r),
             // Every attempt failed, so each left its reason.
             Err(_) => {
+                if let Some(r) = last_view
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take()
+                {
+                    return Ok(r);
+                }
                 let mut all =
                     std::mem::take(&mut *errors.lock().unwrap_or_else(PoisonError::into_inner));
                 all.sort();
@@ -338,11 +356,13 @@ impl Client {
                     partitions,
                     failed,
                     unreadable,
+                    stale,
                 },
                 _,
             ) => {
                 *self.failed.lock().await = failed;
                 *self.unreadable.lock().await = unreadable;
+                *self.last_view.lock().await = stale;
                 // The store's address wins over client.toml's, which only
                 // bootstraps (Kafka's clients use advertised addresses the
                 // same way): a node moved to another address is reachable
@@ -430,6 +450,12 @@ impl Client {
     /// store (see [`Response::Metadata`]).
     pub async fn unreadable(&self) -> Vec<UnreadablePartition> {
         self.unreadable.lock().await.clone()
+    }
+
+    /// Set when the last metadata answer came from a node that could not
+    /// read the store (and no node could): why.
+    pub async fn metadata_stale(&self) -> Option<String> {
+        self.last_view.lock().await.clone()
     }
 
     /// The error for a partition the metadata does not list: unreadable

@@ -208,13 +208,19 @@ pub async fn topic(cmd: TopicCommand) -> anyhow::Result<ExitCode> {
             let parts = c.metadata().await.map(|(_, parts)| parts);
             let unreadable = c.unreadable().await;
             let failed = c.counted_failed().await;
+            let stale = c.metadata_stale().await;
             c.close().await;
             let topics = summarize(&parts?, &failed, &unreadable);
             if a.json {
-                let v = serde_json::json!({ "topics": topics, "unreadable": unreadable });
+                let v = serde_json::json!({
+                    "topics": topics,
+                    "unreadable": unreadable,
+                    "stale": stale,
+                });
                 println!("{v}");
                 return Ok(ExitCode::SUCCESS);
             }
+            print_stale(stale.as_deref());
             print_topics(&topics);
             print_unreadable(&unreadable);
             if topics.is_empty() && unreadable.is_empty() {
@@ -1015,6 +1021,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     let c = client(&a.config)?;
     let gathered = gather(&c).await;
     let mut unreadable = c.unreadable().await;
+    let stale = c.metadata_stale().await;
     c.close().await;
     let Gathered {
         mut reports,
@@ -1039,9 +1046,11 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
             "unreachable": unreachable,
             "unreadable": unreadable,
             "not_open": not_open,
+            "stale": stale,
         });
         println!("{v}");
     } else {
+        print_stale(stale.as_deref());
         print_table(&reports);
         if reports.is_empty() && unreadable.is_empty() {
             eprintln!("no topics yet: create one with `replicator topic create`");
@@ -1059,6 +1068,13 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
         print_unreadable(&unreadable);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// No node could read the metadata store: say so above what it shows.
+fn print_stale(stale: Option<&str>) {
+    if let Some(why) = stale {
+        println!("warning: no node could read the metadata store; {why}");
+    }
 }
 
 fn print_unreadable(unreadable: &[replicator::wire::rpc::UnreadablePartition]) {

@@ -14,7 +14,7 @@ use tracing::info;
 
 use crate::batch::{self, MAX_BATCH_LEN};
 use crate::core::{ErrorCode, FetchRequest, FetchResponse, Records, ReplicaId, TopicPartition};
-use crate::metadata::{MetadataError, PartitionState};
+use crate::metadata::{Broker, MetadataError, PartitionState};
 use crate::transport::{Handler, Identity, Reply};
 use crate::wire::rpc::{ReplicaStatus, Request, Response, RpcError, UnreadablePartition};
 
@@ -265,6 +265,55 @@ impl NodeServer {
             ))),
             other => other.map_err(meta_err),
         }
+    }
+
+    /// Brokers, partitions and the unreadable records, as the store has
+    /// them now.
+    async fn metadata_from_store(
+        &self,
+    ) -> Result<(Vec<Broker>, Vec<PartitionState>, Vec<UnreadablePartition>), RpcError> {
+        let meta = &self.shared.metadata;
+        let brokers = meta.list_brokers().await.map_err(meta_err)?;
+        let mut partitions = Vec::new();
+        let mut unreadable = Vec::new();
+        for (t, p) in meta.list_partitions().await.map_err(meta_err)? {
+            match meta.get_partition(&t, p).await {
+                Ok(s) => partitions.push(s),
+                Err(MetadataError::NotFound(_)) => {}
+                // That partition's record: the others still serve.
+                Err(MetadataError::Corrupt(why)) => unreadable.push(UnreadablePartition {
+                    topic: t,
+                    partition: p,
+                    error: why,
+                }),
+                // The store itself: nothing else would read either.
+                Err(e) => return Err(meta_err(e)),
+            }
+        }
+        Ok((brokers, partitions, unreadable))
+    }
+
+    /// Brokers and partitions as this node last read them (and wrote
+    /// them), if it read any: the watcher's view.
+    fn last_view(&self) -> Option<(Vec<Broker>, Vec<PartitionState>)> {
+        let sh = &self.shared;
+        let epochs = sh.broker_epochs.read().ok()?;
+        let mut brokers: Vec<Broker> = sh
+            .brokers
+            .read()
+            .ok()?
+            .iter()
+            .map(|(id, address)| Broker {
+                id: *id,
+                address: address.to_string(),
+                epoch: epochs.get(id).copied().unwrap_or(0),
+            })
+            .collect();
+        brokers.sort_by_key(|b| b.id);
+        let mut partitions: Vec<PartitionState> =
+            sh.states.read().ok()?.values().cloned().collect();
+        partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        (!brokers.is_empty() || !partitions.is_empty()).then_some((brokers, partitions))
     }
 
     /// `topic`/`partition` as the metadata store has it now.
@@ -542,32 +591,31 @@ impl Handler for NodeServer {
                     Bytes::new(),
                 )),
                 Request::Metadata {} => {
-                    let meta = &self.shared.metadata;
-                    let brokers = meta.list_brokers().await.map_err(meta_err)?;
-                    let mut partitions = Vec::new();
-                    let mut unreadable = Vec::new();
-                    for (t, p) in meta.list_partitions().await.map_err(meta_err)? {
-                        match meta.get_partition(&t, p).await {
-                            Ok(s) => partitions.push(s),
-                            Err(MetadataError::NotFound(_)) => {}
-                            // That partition's record: the others still serve.
-                            Err(MetadataError::Corrupt(why)) => {
-                                unreadable.push(UnreadablePartition {
-                                    topic: t,
-                                    partition: p,
-                                    error: why,
-                                })
-                            }
-                            // The store itself: nothing else would read either.
-                            Err(e) => return Err(meta_err(e)),
-                        }
-                    }
+                    let (brokers, partitions, unreadable, stale) = match self
+                        .metadata_from_store()
+                        .await
+                    {
+                        Ok((b, p, u)) => (b, p, u, None),
+                        Err(e) => match self.last_view() {
+                            Some((b, p)) => (
+                                b,
+                                p,
+                                Vec::new(),
+                                Some(format!(
+                                    "node {} cannot read the metadata store ({e}), so this is its last view of it",
+                                    self.shared.node_id
+                                )),
+                            ),
+                            None => return Err(e),
+                        },
+                    };
                     Ok((
                         Response::Metadata {
                             brokers,
                             partitions,
                             failed: self.shared.failed_brokers_for_clients(),
                             unreadable,
+                            stale,
                         },
                         Bytes::new(),
                     ))

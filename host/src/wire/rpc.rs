@@ -272,6 +272,13 @@ pub enum Response {
         /// request. Serialized only when there are some.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         unreadable: Vec<UnreadablePartition>,
+        /// Set when the node could not read the store (why): brokers and
+        /// partitions are then its last view of it, as a Kafka broker
+        /// answers from its metadata cache, so clients still find leaders
+        /// while the store is down. A client prefers a fresh answer from
+        /// another node. Sent only when set.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stale: Option<String>,
     },
     Heartbeat {
         node: ReplicaId,
