@@ -490,6 +490,26 @@ pub(super) async fn step_down(
             "controlled shutdown: cannot renew this node's registration ({why}); a late fetch of it could let it back into an ISR until failure detection removes it"
         );
     }
+    // The produces already taken get their answers first (within half
+    // the time left): handed on mid-way, each would fail ambiguously
+    // ("after the append"), and a client without idempotence cannot
+    // retry it. New ones are refused before appending, so they retry at
+    // the next leader.
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let drained = partitions.values().filter_map(|p| {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        p.send(Event::Drain { reply: tx }).then_some(rx)
+    });
+    let drained: Vec<_> = drained.collect();
+    if tokio::time::timeout(left / 2, futures_util::future::join_all(drained))
+        .await
+        .is_err()
+    {
+        warn!(
+            "controlled shutdown: produces still waiting after {:?} are handed on with the partitions (their producers hear an ambiguous error)",
+            left / 2
+        );
+    }
     let wrote = tokio::time::timeout_at(deadline, step_down_all(shared, partitions)).await;
     match wrote {
         Ok(0) => return,

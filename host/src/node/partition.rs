@@ -97,6 +97,14 @@ pub enum Event {
     /// pause runs on a timer of its own, not on the lane, so a shutdown
     /// never waits behind it.
     Recover,
+    /// A controlled shutdown is about to hand this partition on: refuse
+    /// new produces (before appending, so they are retried elsewhere) and
+    /// answer once every produce already taken has its answer, so that
+    /// none is cut off by the hand-over with an ambiguous "after the
+    /// append" error.
+    Drain {
+        reply: oneshot::Sender<()>,
+    },
     /// Flush and close the log; the answer is its log end if both
     /// succeeded (for the clean-shutdown record).
     Shutdown {
@@ -161,6 +169,9 @@ struct Actor {
     fetches: HashMap<(ReplicaId, u64), oneshot::Sender<FetchResponse>>,
     /// Storage failed: refuse work until the log is recovered.
     recovering: bool,
+    /// A controlled shutdown asked to drain ([`Event::Drain`]): new
+    /// produces are refused; these wait for `produces` to empty.
+    draining: Option<Vec<oneshot::Sender<()>>>,
     /// Pauses before recoveries, longer while faults keep coming.
     backoff: FaultBackoff,
     /// After a recovery while leading epoch E: never lead E (or older)
@@ -263,6 +274,7 @@ pub async fn start(
         produces: HashMap::new(),
         fetches: HashMap::new(),
         recovering: false,
+        draining: None,
         backoff: FaultBackoff::default(),
         handoff_from: None,
         published_epoch: None,
@@ -401,6 +413,13 @@ impl Actor {
                 }
             }
             self.drive();
+            if self.produces.is_empty()
+                && let Some(waiting) = self.draining.as_mut()
+            {
+                for w in waiting.drain(..) {
+                    let _ = w.send(());
+                }
+            }
         }
     }
 
@@ -479,7 +498,7 @@ impl Actor {
                 timeout_ms,
                 reply,
             } => {
-                if self.recovering {
+                if self.recovering || self.draining.is_some() {
                     // Refused before anything was appended: safe to retry.
                     let _ = reply.send(Err(RpcError::NotLeader {
                         node: self.shared.node_id,
@@ -631,6 +650,7 @@ impl Actor {
                     Some(Event::Recovered(state.await))
                 });
             }
+            Event::Drain { reply } => self.draining.get_or_insert_default().push(reply),
             Event::Shutdown { .. } => {}
         }
     }
