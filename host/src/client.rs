@@ -139,6 +139,10 @@ pub struct Client {
     epochs: Mutex<HashMap<ReplicaId, u64>>,
 }
 
+/// How long a client waits for a node to answer metadata from the store
+/// once another answered from its last view.
+const FRESH_GRACE: Duration = Duration::from_millis(300);
+
 /// While a produce waits longer than this, the client checks whether the
 /// partition's leader failed or changed, instead of waiting out the
 /// request's whole deadline on a dead node.
@@ -284,66 +288,68 @@ impl Client {
     /// Ask every known node at once; the first answer wins (every node
     /// reads the same store, so any answer will do, and a dead node must
     /// not delay it). A node's last view (a metadata answer marked stale)
-    /// wins only if no node answers from the store.
+    /// wins only if no node answers from the store within
+    /// [`FRESH_GRACE`] of it (a dead node's handshake must not hold every
+    /// call for seconds); of several, the one with the newest partition
+    /// versions.
     async fn fastest(&self, req: &Request) -> Result<(Response, Bytes), ClientError> {
+        use futures_util::StreamExt;
         let ids = self.node_ids().await;
-        // Every node's reason, for when none answers: the last alone
-        // named one node of several.
-        let errors = std::sync::Mutex::new(Vec::new());
-        let errors = &errors;
-        let last_view = std::sync::Mutex::new(None);
-        let last_view = &last_view;
-        let attempts = ids.into_iter().map(|id| {
-            Box::pin(async move {
-                let attempt = async {
-                    let peer = self.peer(id).await.map_err(|e| format!("node {id}: {e}"))?;
-                    match peer
-                        .request_within(req, Bytes::new(), REQUEST_TIMEOUT)
-                        .await
-                    {
-                        Ok(r @ (Response::Metadata { stale: Some(_), .. }, _)) => {
-                            *last_view.lock().unwrap_or_else(PoisonError::into_inner) = Some(r);
-                            Err(format!("node {id}: answered from its last view"))
-                        }
-                        Ok(r) => Ok(r),
-                        Err(e) => {
-                            self.peers.lock().await.remove(&id);
-                            Err(format!("node {id}: {e}"))
-                        }
-                    }
-                };
-                let r = attempt.await;
-                if let Err(e) = &r {
-                    errors
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .push((id, e.clone()));
-                }
-                r
-            })
-        });
-        let attempts: Vec<_> = attempts.collect();
-        if attempts.is_empty() {
+        if ids.is_empty() {
             return Err(ClientError::NoNode("no nodes configured".into()));
         }
-        match futures_util::future::select_ok(attempts).await {
-            Ok((r, _)) => Ok(r),
-            // Every attempt failed, so each left its reason.
-            Err(_) => {
-                if let Some(r) = last_view
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .take()
+        let mut attempts: futures_util::stream::FuturesUnordered<_> = ids
+            .into_iter()
+            .map(|id| async move {
+                let peer = self.peer(id).await.map_err(|e| format!("node {id}: {e}"))?;
+                match peer
+                    .request_within(req, Bytes::new(), REQUEST_TIMEOUT)
+                    .await
                 {
-                    return Ok(r);
+                    Ok(r) => Ok(r),
+                    Err(e) => {
+                        self.peers.lock().await.remove(&id);
+                        Err(format!("node {id}: {e}"))
+                    }
                 }
-                let mut all =
-                    std::mem::take(&mut *errors.lock().unwrap_or_else(PoisonError::into_inner));
-                all.sort();
-                let said: Vec<String> = all.into_iter().map(|(_, e)| e).collect();
-                Err(ClientError::NoNode(said.join("; ")))
+            })
+            .collect();
+        // Every node's reason, for when none answers: the last alone
+        // named one node of several.
+        let mut errors = Vec::new();
+        let mut last_view: Option<((Response, Bytes), u64)> = None;
+        let mut grace_until: Option<tokio::time::Instant> = None;
+        loop {
+            let next = match grace_until {
+                // None once the grace is over.
+                Some(t) => tokio::time::timeout_at(t, attempts.next())
+                    .await
+                    .unwrap_or_default(),
+                None => attempts.next().await,
+            };
+            match next {
+                Some(Ok(r @ (Response::Metadata { stale: Some(_), .. }, _))) => {
+                    let newest = match &r.0 {
+                        Response::Metadata { partitions, .. } => {
+                            partitions.iter().map(|p| p.version).sum()
+                        }
+                        _ => 0,
+                    };
+                    if last_view.as_ref().is_none_or(|(_, v)| newest > *v) {
+                        last_view = Some((r, newest));
+                    }
+                    grace_until.get_or_insert(tokio::time::Instant::now() + FRESH_GRACE);
+                }
+                Some(Ok(r)) => return Ok(r),
+                Some(Err(e)) => errors.push(e),
+                None => break,
             }
         }
+        if let Some((r, _)) = last_view {
+            return Ok(r);
+        }
+        errors.sort();
+        Err(ClientError::NoNode(errors.join("; ")))
     }
 
     /// Brokers and partitions as the metadata store has them; refreshes

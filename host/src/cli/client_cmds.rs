@@ -146,12 +146,22 @@ fn print_topics(topics: &[TopicSummary]) {
     };
     for t in topics {
         let (rf, mi) = (t.replication_factor, t.min_insync);
+        // Every record of it corrupt: neither is known.
+        let unknown = rf.1 == 0;
         println!(
             "{:<16} {:>10} {:>4} {:>10} {:>16} {:>16} {:>7}",
             t.topic,
             t.partitions,
-            range((rf.0.to_string(), rf.1.to_string())),
-            range((min_insync(mi.0), min_insync(mi.1))),
+            if unknown {
+                "?".to_string()
+            } else {
+                range((rf.0.to_string(), rf.1.to_string()))
+            },
+            if unknown {
+                "?".to_string()
+            } else {
+                range((min_insync(mi.0), min_insync(mi.1)))
+            },
             t.under_replicated,
             t.under_min_insync,
             t.offline
@@ -311,6 +321,7 @@ pub async fn partition(cmd: PartitionCommand) -> anyhow::Result<ExitCode> {
                     .iter()
                     .find(|p| p.topic == a.topic && p.partition == a.partition);
                 let unreadable = c.unreadable().await;
+                print_stale(c.metadata_stale().await.as_deref());
                 c.close().await;
                 let name = format!("{}/{}", a.topic, a.partition);
                 match state {
@@ -340,6 +351,7 @@ pub async fn partition(cmd: PartitionCommand) -> anyhow::Result<ExitCode> {
                 }
             }
             let reports = gather(&c).await?.reports;
+            print_stale(c.metadata_stale().await.as_deref());
             let Some(report) = reports
                 .iter()
                 .find(|r| r.topic == a.topic && r.partition == a.partition)
@@ -1070,10 +1082,10 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// No node could read the metadata store: say so above what it shows.
+/// No node answered from the metadata store: say so above what it shows.
 fn print_stale(stale: Option<&str>) {
     if let Some(why) = stale {
-        println!("warning: no node could read the metadata store; {why}");
+        println!("warning: no node answered from the metadata store; {why}");
     }
 }
 

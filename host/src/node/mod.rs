@@ -253,6 +253,7 @@ pub async fn run(
         shared: shared.clone(),
         partitions: RwLock::new(HashMap::new()),
         not_open: Default::default(),
+        store_failing: Default::default(),
     });
     // This node's log may have lost what it had acknowledged before the
     // restart (unflushed writes; an in-memory log is empty). So, like
@@ -387,7 +388,11 @@ async fn watch(server: &Arc<NodeServer>, every: Duration) {
     let mut unreadable: HashMap<TopicPartition, String> = HashMap::new();
     let mut failing = false;
     loop {
-        match refresh(server, &mut seen, &mut open_failures, &mut unreadable).await {
+        let outcome = refresh(server, &mut seen, &mut open_failures, &mut unreadable).await;
+        if let Ok(mut f) = server.store_failing.lock() {
+            *f = outcome.as_ref().err().map(|e| e.to_string());
+        }
+        match outcome {
             Ok(()) => {
                 if failing {
                     info!("metadata store reachable again");

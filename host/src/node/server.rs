@@ -38,6 +38,9 @@ pub struct NodeServer {
     /// The partitions assigned here whose log would not open, as the
     /// metadata watcher last tried them.
     pub(super) not_open: std::sync::Mutex<Vec<crate::wire::rpc::NotOpen>>,
+    /// Why the metadata watcher's last read of the store failed, while it
+    /// does.
+    pub(super) store_failing: std::sync::Mutex<Option<String>>,
 }
 
 impl NodeServer {
@@ -267,6 +270,47 @@ impl NodeServer {
         }
     }
 
+    /// Brokers, partitions, unreadable records and, for an answer from
+    /// this node's last view of the store, why: the store's, unless the
+    /// store cannot be read. Then its last view, while it hears a majority
+    /// (one cut off from the store and the others may name itself leader
+    /// of partitions they moved: acks=0/1 writes sent to it would be
+    /// truncated), and at once while its watcher's last read failed (an
+    /// unreachable etcd would hold every answer for the store's timeout).
+    #[allow(clippy::type_complexity)]
+    async fn metadata_answer(
+        &self,
+    ) -> Result<
+        (
+            Vec<Broker>,
+            Vec<PartitionState>,
+            Vec<UnreadablePartition>,
+            Option<String>,
+        ),
+        RpcError,
+    > {
+        let view = || self.last_view().filter(|_| self.shared.hears_majority());
+        let stale = |why: String| {
+            format!(
+                "node {} cannot read the metadata store ({why}), so this is its last view of it",
+                self.shared.node_id
+            )
+        };
+        let failing = self.store_failing.lock().ok().and_then(|f| f.clone());
+        if let Some(why) = failing
+            && let Some((b, p)) = view()
+        {
+            return Ok((b, p, Vec::new(), Some(stale(why))));
+        }
+        match self.metadata_from_store().await {
+            Ok((b, p, u)) => Ok((b, p, u, None)),
+            Err(e) => match view() {
+                Some((b, p)) => Ok((b, p, Vec::new(), Some(stale(e.to_string())))),
+                None => Err(e),
+            },
+        }
+    }
+
     /// Brokers, partitions and the unreadable records, as the store has
     /// them now.
     async fn metadata_from_store(
@@ -410,8 +454,9 @@ impl NodeServer {
         brokers.sort_unstable();
         // Replicas go to live nodes only, as Kafka places them on unfenced
         // brokers: one on a node that is down leaves the partition short
-        // (or, led by it, unavailable) from its first write.
-        let down = self.shared.failed_brokers_for_clients();
+        // (or, led by it, unavailable) from its first write. As this node
+        // hears them: one cut off from the others refuses.
+        let down = self.shared.failed_brokers();
         brokers.retain(|b| !down.contains(b));
         let rf = replication_factor as usize;
         if rf == 0 || rf > brokers.len() {
@@ -591,24 +636,7 @@ impl Handler for NodeServer {
                     Bytes::new(),
                 )),
                 Request::Metadata {} => {
-                    let (brokers, partitions, unreadable, stale) = match self
-                        .metadata_from_store()
-                        .await
-                    {
-                        Ok((b, p, u)) => (b, p, u, None),
-                        Err(e) => match self.last_view() {
-                            Some((b, p)) => (
-                                b,
-                                p,
-                                Vec::new(),
-                                Some(format!(
-                                    "node {} cannot read the metadata store ({e}), so this is its last view of it",
-                                    self.shared.node_id
-                                )),
-                            ),
-                            None => return Err(e),
-                        },
-                    };
+                    let (brokers, partitions, unreadable, stale) = self.metadata_answer().await?;
                     Ok((
                         Response::Metadata {
                             brokers,

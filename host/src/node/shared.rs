@@ -350,18 +350,21 @@ impl Shared {
     /// as failed, and a client believing it would stop writing to a
     /// healthy leader that nobody is going to replace.
     pub fn failed_brokers_for_clients(&self) -> Vec<ReplicaId> {
-        let now = self.now_ms();
-        let ids = self.broker_ids();
-        let coordinator = crate::core::FailoverCoordinator::new(self.node_id, false, 1);
-        let quorum = self
-            .detector
-            .lock()
-            .is_ok_and(|fd| coordinator.has_quorum(&ids, &fd, now));
-        if quorum {
+        if self.hears_majority() {
             self.failed_brokers()
         } else {
             Vec::new()
         }
+    }
+
+    /// Whether this node hears a majority of the registered nodes.
+    pub fn hears_majority(&self) -> bool {
+        let now = self.now_ms();
+        let ids = self.broker_ids();
+        let coordinator = crate::core::FailoverCoordinator::new(self.node_id, false, 1);
+        self.detector
+            .lock()
+            .is_ok_and(|fd| coordinator.has_quorum(&ids, &fd, now))
     }
 
     /// The brokers as the metadata store lists them: their addresses,

@@ -101,8 +101,7 @@ pub enum RpcError {
         topic: String,
         partition: u32,
         /// The partition is assigned to the node, but its log does not
-        /// open: why (the last attempt's error). Sent only when set: a
-        /// peer from before the field refuses unknown fields.
+        /// open: why (the last attempt's error). Sent only when set.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         not_open: Option<String>,
     },
