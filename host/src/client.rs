@@ -143,6 +143,64 @@ pub struct Client {
 /// once another answered from its last view.
 const FRESH_GRACE: Duration = Duration::from_millis(300);
 
+/// Two nodes' last views of the store (metadata answers marked stale) as
+/// one: the newest version of each partition, the newest epoch of each
+/// broker, the failed nodes and the reason of `a`. (`a` as it is if
+/// either is another answer.)
+fn merge_views(a: Response, b: Response) -> Response {
+    let (brokers, partitions, failed, unreadable, stale, more_brokers, more_partitions) =
+        match (a, b) {
+            (
+                Response::Metadata {
+                    brokers,
+                    partitions,
+                    failed,
+                    unreadable,
+                    stale,
+                },
+                Response::Metadata {
+                    brokers: more_brokers,
+                    partitions: more_partitions,
+                    ..
+                },
+            ) => (
+                brokers,
+                partitions,
+                failed,
+                unreadable,
+                stale,
+                more_brokers,
+                more_partitions,
+            ),
+            // Both are stale metadata answers where this is called.
+            (a, _) => return a,
+        };
+    let mut ps: HashMap<(String, u32), PartitionState> = HashMap::new();
+    for p in partitions.into_iter().chain(more_partitions) {
+        let key = (p.topic.clone(), p.partition);
+        if ps.get(&key).is_none_or(|held| held.version < p.version) {
+            ps.insert(key, p);
+        }
+    }
+    let mut partitions: Vec<PartitionState> = ps.into_values().collect();
+    partitions.sort_by(|x, y| (&x.topic, x.partition).cmp(&(&y.topic, y.partition)));
+    let mut bs: HashMap<ReplicaId, Broker> = HashMap::new();
+    for b in brokers.into_iter().chain(more_brokers) {
+        if bs.get(&b.id).is_none_or(|held| held.epoch < b.epoch) {
+            bs.insert(b.id, b);
+        }
+    }
+    let mut brokers: Vec<Broker> = bs.into_values().collect();
+    brokers.sort_by_key(|b| b.id);
+    Response::Metadata {
+        brokers,
+        partitions,
+        failed,
+        unreadable,
+        stale,
+    }
+}
+
 /// While a produce waits longer than this, the client checks whether the
 /// partition's leader failed or changed, instead of waiting out the
 /// request's whole deadline on a dead node.
@@ -290,8 +348,8 @@ impl Client {
     /// not delay it). A node's last view (a metadata answer marked stale)
     /// wins only if no node answers from the store within
     /// [`FRESH_GRACE`] of it (a dead node's handshake must not hold every
-    /// call for seconds); of several, the one with the newest partition
-    /// versions.
+    /// call for seconds); several are merged, the newest version of each
+    /// partition and broker kept.
     async fn fastest(&self, req: &Request) -> Result<(Response, Bytes), ClientError> {
         use futures_util::StreamExt;
         let ids = self.node_ids().await;
@@ -301,7 +359,10 @@ impl Client {
         let mut attempts: futures_util::stream::FuturesUnordered<_> = ids
             .into_iter()
             .map(|id| async move {
-                let peer = self.peer(id).await.map_err(|e| format!("node {id}: {e}"))?;
+                let peer = self
+                    .peer(id)
+                    .await
+                    .map_err(|e| (id, format!("node {id}: {e}")))?;
                 match peer
                     .request_within(req, Bytes::new(), REQUEST_TIMEOUT)
                     .await
@@ -309,7 +370,7 @@ impl Client {
                     Ok(r) => Ok(r),
                     Err(e) => {
                         self.peers.lock().await.remove(&id);
-                        Err(format!("node {id}: {e}"))
+                        Err((id, format!("node {id}: {e}")))
                     }
                 }
             })
@@ -317,7 +378,7 @@ impl Client {
         // Every node's reason, for when none answers: the last alone
         // named one node of several.
         let mut errors = Vec::new();
-        let mut last_view: Option<((Response, Bytes), u64)> = None;
+        let mut last_view: Option<(Response, Bytes)> = None;
         let mut grace_until: Option<tokio::time::Instant> = None;
         loop {
             let next = match grace_until {
@@ -329,15 +390,10 @@ impl Client {
             };
             match next {
                 Some(Ok(r @ (Response::Metadata { stale: Some(_), .. }, _))) => {
-                    let newest = match &r.0 {
-                        Response::Metadata { partitions, .. } => {
-                            partitions.iter().map(|p| p.version).sum()
-                        }
-                        _ => 0,
-                    };
-                    if last_view.as_ref().is_none_or(|(_, v)| newest > *v) {
-                        last_view = Some((r, newest));
-                    }
+                    last_view = Some(match last_view.take() {
+                        Some(held) => (merge_views(held.0, r.0), held.1),
+                        None => r,
+                    });
                     grace_until.get_or_insert(tokio::time::Instant::now() + FRESH_GRACE);
                 }
                 Some(Ok(r)) => return Ok(r),
@@ -345,11 +401,12 @@ impl Client {
                 None => break,
             }
         }
-        if let Some((r, _)) = last_view {
+        if let Some(r) = last_view {
             return Ok(r);
         }
         errors.sort();
-        Err(ClientError::NoNode(errors.join("; ")))
+        let said: Vec<String> = errors.into_iter().map(|(_, e)| e).collect();
+        Err(ClientError::NoNode(said.join("; ")))
     }
 
     /// Brokers and partitions as the metadata store has them; refreshes
@@ -866,5 +923,55 @@ impl Client {
             p.close();
         }
         self.transport.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two nodes' last views: each partition and broker as the newer of
+    /// the two has it, whichever view holds more.
+    #[test]
+    fn last_views_merge_to_the_newest_of_each() {
+        let part = |p: u32, version: u64| PartitionState {
+            partition: p,
+            version,
+            ..PartitionState::sample(Some(1), &[1], &[])
+        };
+        let broker = |id: ReplicaId, epoch: u64| Broker {
+            id,
+            address: format!("127.0.0.1:{id}"),
+            epoch,
+        };
+        let view = |partitions, brokers| Response::Metadata {
+            brokers,
+            partitions,
+            failed: Vec::new(),
+            unreadable: Vec::new(),
+            stale: Some("down".into()),
+        };
+        let a = view(
+            vec![part(0, 9), part(1, 3), part(2, 1)],
+            vec![broker(1, 5), broker(2, 2)],
+        );
+        let b = view(vec![part(1, 4)], vec![broker(2, 3), broker(3, 1)]);
+        let Response::Metadata {
+            brokers,
+            partitions,
+            stale,
+            ..
+        } = merge_views(a, b)
+        else {
+            panic!("not metadata");
+        };
+        let versions: Vec<(u32, u64)> = partitions
+            .iter()
+            .map(|p| (p.partition, p.version))
+            .collect();
+        assert_eq!(versions, [(0, 9), (1, 4), (2, 1)]);
+        let epochs: Vec<(ReplicaId, u64)> = brokers.iter().map(|b| (b.id, b.epoch)).collect();
+        assert_eq!(epochs, [(1, 5), (2, 3), (3, 1)]);
+        assert_eq!(stale.as_deref(), Some("down"));
     }
 }

@@ -490,31 +490,38 @@ pub(super) async fn step_down(
             "controlled shutdown: cannot renew this node's registration ({why}); a late fetch of it could let it back into an ISR until failure detection removes it"
         );
     }
-    // The produces already taken get their answers first (within half
-    // the time left): handed on mid-way, each would fail ambiguously
-    // ("after the append"), and a client without idempotence cannot
-    // retry it. New ones are refused before appending, so they retry at
-    // the next leader.
+    // First out of the ISRs it follows in: it fetches no more, and their
+    // leaders' acks=all produces (a node stopping at the same time
+    // draining its own) would wait for it.
+    let followed =
+        tokio::time::timeout_at(deadline, step_down_all(shared, partitions, false)).await;
+    // The produces already taken get their answers before the partitions
+    // it leads are handed on (within half the time left): handed on
+    // mid-way, each would fail ambiguously ("after the append"), and a
+    // client without idempotence cannot retry it. New ones are refused
+    // before appending, so they retry at the next leader.
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    let drained = partitions.values().filter_map(|p| {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        p.send(Event::Drain { reply: tx }).then_some(rx)
-    });
-    let drained: Vec<_> = drained.collect();
-    if tokio::time::timeout(left / 2, futures_util::future::join_all(drained))
-        .await
-        .is_err()
-    {
-        warn!(
-            "controlled shutdown: produces still waiting after {:?} are handed on with the partitions (their producers hear an ambiguous error)",
-            left / 2
-        );
+    if !left.is_zero() {
+        let drained = partitions.values().filter_map(|p| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            p.send(Event::Drain { reply: tx }).then_some(rx)
+        });
+        let drained: Vec<_> = drained.collect();
+        if tokio::time::timeout(left / 2, futures_util::future::join_all(drained))
+            .await
+            .is_err()
+        {
+            warn!(
+                "controlled shutdown: produces still waiting after {:?} are handed on with the partitions (their producers hear an ambiguous error)",
+                left / 2
+            );
+        }
     }
-    let wrote = tokio::time::timeout_at(deadline, step_down_all(shared, partitions)).await;
-    match wrote {
-        Ok(0) => return,
-        Ok(_) => {}
-        Err(_) => warn!(
+    let led = tokio::time::timeout_at(deadline, step_down_all(shared, partitions, true)).await;
+    match (followed, led) {
+        (Ok(0), Ok(0)) => return,
+        (Ok(_), Ok(_)) => {}
+        _ => warn!(
             "controlled shutdown: not done within {limit:?}; the rest is left to failure detection"
         ),
     }
@@ -559,11 +566,13 @@ pub(super) async fn step_down(
     .await;
 }
 
-/// Write every step-down this node's last-read states call for; how many
-/// were written.
+/// Write every step-down this node's last-read states call for, of the
+/// partitions it leads (`leading`) or of the others; how many were
+/// written.
 async fn step_down_all(
     shared: &Shared,
     partitions: &HashMap<TopicPartition, PartitionHandle>,
+    leading: bool,
 ) -> usize {
     let coordinator = FailoverCoordinator::new(
         shared.node_id,
@@ -573,7 +582,12 @@ async fn step_down_all(
     let states: Vec<_> = shared
         .states
         .read()
-        .map(|m| m.values().cloned().collect())
+        .map(|m| {
+            m.values()
+                .filter(|s| (s.leader == Some(shared.node_id)) == leading)
+                .cloned()
+                .collect()
+        })
         .unwrap_or_default();
     let mut written = 0;
     for mut state in states {

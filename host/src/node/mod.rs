@@ -471,6 +471,11 @@ async fn refresh(
         }
     }
     let brokers = meta.list_brokers().await?;
+    // The store answers again: metadata requests try it from now on,
+    // not at the end of this pass.
+    if let Ok(mut f) = server.store_failing.lock() {
+        *f = None;
+    }
     shared.record_brokers(&brokers);
     // The partitions listed and (as far as their record says) still
     // assigned here: a failure to open any other is no longer news.

@@ -499,10 +499,12 @@ impl Actor {
                 reply,
             } => {
                 if self.recovering || self.draining.is_some() {
-                    // Refused before anything was appended: safe to retry.
+                    // Refused before anything was appended: safe to retry,
+                    // at the successor once the store names one.
+                    let me = self.shared.node_id;
                     let _ = reply.send(Err(RpcError::NotLeader {
-                        node: self.shared.node_id,
-                        leader: None,
+                        node: me,
+                        leader: self.leader.filter(|l| *l != me),
                     }));
                     return;
                 }

@@ -289,7 +289,7 @@ impl NodeServer {
         ),
         RpcError,
     > {
-        let view = || self.last_view().filter(|_| self.shared.hears_majority());
+        let view = || self.last_view().filter(|_| self.shared.heard_majority());
         let stale = |why: String| {
             format!(
                 "node {} cannot read the metadata store ({why}), so this is its last view of it",

@@ -367,6 +367,26 @@ impl Shared {
             .is_ok_and(|fd| coordinator.has_quorum(&ids, &fd, now))
     }
 
+    /// Whether this node heard a majority of the registered nodes (itself
+    /// included) within the failure timeout. Stricter than
+    /// [`Self::hears_majority`], which gives a peer not heard yet the
+    /// benefit of the doubt for a timeout after the detector starts (or
+    /// after this process was paused): a node thawed from SIGSTOP must not
+    /// take itself for connected.
+    pub fn heard_majority(&self) -> bool {
+        let now = self.now_ms();
+        let mut ids = self.broker_ids();
+        ids.push(self.node_id);
+        ids.sort_unstable();
+        ids.dedup();
+        let heard = self.detector.lock().map_or(0, |fd| {
+            ids.iter()
+                .filter(|b| **b == self.node_id || fd.heard_recently(**b, now))
+                .count()
+        });
+        heard * 2 > ids.len()
+    }
+
     /// The brokers as the metadata store lists them: their addresses,
     /// then their epochs, and a wake-up for whoever waits on a restart
     /// (`reregistered`) when an epoch grew.
