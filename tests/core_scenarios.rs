@@ -983,54 +983,6 @@ fn a_truncation_before_a_log_start_inside_a_batch_empties_the_log_there() {
     );
 }
 
-/// A cut below the stored HW checkpoints the lower HW at once, not at the
-/// next interval: a crash after refetching past the cut would otherwise
-/// restart with the old HW, counting another leader's offsets up to it as
-/// committed. So does opening a log that ends below its stored HW. A cut
-/// above it leaves the checkpoint to the interval.
-#[test]
-fn a_cut_below_the_hw_checkpoints_it_at_once() {
-    use replicator::storage::{LogState, OffsetBounds};
-    let state = LogState {
-        bounds: OffsetBounds {
-            log_start: 0,
-            log_end: 10,
-        },
-        high_watermark: 8,
-        leader_epochs: Vec::new(),
-    };
-    let checkpoints = |rm: &mut ReplicationManager| -> Vec<u64> {
-        rm.drain()
-            .into_iter()
-            .filter_map(|a| match a {
-                Action::PersistHighWatermark(hw) => Some(hw),
-                _ => None,
-            })
-            .collect()
-    };
-    let mut rm = ReplicationManager::new(config(), 1, &state);
-    assert_eq!(checkpoints(&mut rm), Vec::<u64>::new(), "opened as stored");
-    rm.log_truncated(9, 0);
-    assert_eq!(checkpoints(&mut rm), Vec::<u64>::new(), "above the HW");
-    rm.log_truncated(4, 0);
-    assert_eq!(checkpoints(&mut rm), [4], "below the HW");
-    assert_eq!(rm.high_watermark(), 4);
-    rm.log_reset(2, 0);
-    assert_eq!(checkpoints(&mut rm), [2], "a reset below it");
-    // A crash undid appends the stored HW counted.
-    let undone = LogState {
-        bounds: OffsetBounds {
-            log_start: 0,
-            log_end: 6,
-        },
-        ..state
-    };
-    let mut rm = ReplicationManager::new(config(), 1, &undone);
-    assert_eq!(checkpoints(&mut rm), [6], "opened below the stored HW");
-    rm.log_truncated(5, 0);
-    assert_eq!(checkpoints(&mut rm), [5]);
-}
-
 #[test]
 fn a_leader_turned_follower_keeps_its_hw_when_its_last_append_lands() {
     use replicator::storage::{LogState, OffsetBounds};

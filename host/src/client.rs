@@ -145,60 +145,45 @@ const FRESH_GRACE: Duration = Duration::from_millis(300);
 
 /// Two nodes' last views of the store (metadata answers marked stale) as
 /// one: the newest version of each partition, the newest epoch of each
-/// broker, the failed nodes and the reason of `a`. (`a` as it is if
-/// either is another answer.)
-fn merge_views(a: Response, b: Response) -> Response {
-    let (brokers, partitions, failed, unreadable, stale, more_brokers, more_partitions) =
-        match (a, b) {
-            (
-                Response::Metadata {
-                    brokers,
-                    partitions,
-                    failed,
-                    unreadable,
-                    stale,
-                },
-                Response::Metadata {
-                    brokers: more_brokers,
-                    partitions: more_partitions,
-                    ..
-                },
-            ) => (
-                brokers,
-                partitions,
-                failed,
-                unreadable,
-                stale,
-                more_brokers,
-                more_partitions,
-            ),
-            // Both are stale metadata answers where this is called.
-            (a, _) => return a,
-        };
-    let mut ps: HashMap<(String, u32), PartitionState> = HashMap::new();
-    for p in partitions.into_iter().chain(more_partitions) {
-        let key = (p.topic.clone(), p.partition);
-        if ps.get(&key).is_none_or(|held| held.version < p.version) {
-            ps.insert(key, p);
+/// broker, the failed nodes and the reason of `a` (`a` as it is if
+/// either is another answer).
+fn merge_views(mut a: Response, b: Response) -> Response {
+    if let (
+        Response::Metadata {
+            brokers,
+            partitions,
+            ..
+        },
+        Response::Metadata {
+            brokers: more_brokers,
+            partitions: more_partitions,
+            ..
+        },
+    ) = (&mut a, b)
+    {
+        let all = std::mem::take(partitions)
+            .into_iter()
+            .chain(more_partitions);
+        *partitions = newest(all, |p| ((p.topic.clone(), p.partition), p.version));
+        let all = std::mem::take(brokers).into_iter().chain(more_brokers);
+        *brokers = newest(all, |b| (b.id, b.epoch));
+    }
+    a
+}
+
+/// Of the items with the same key, the one ranked highest; in key order.
+fn newest<T, K: Ord, R: Ord>(
+    items: impl IntoIterator<Item = T>,
+    key_rank: impl Fn(&T) -> (K, R),
+) -> Vec<T> {
+    let mut kept: std::collections::BTreeMap<K, (R, T)> = Default::default();
+    for item in items {
+        let (k, r) = key_rank(&item);
+        if kept.get(&k).is_none_or(|(held, _)| *held < r) {
+            kept.insert(k, (r, item));
         }
     }
-    let mut partitions: Vec<PartitionState> = ps.into_values().collect();
-    partitions.sort_by(|x, y| (&x.topic, x.partition).cmp(&(&y.topic, y.partition)));
-    let mut bs: HashMap<ReplicaId, Broker> = HashMap::new();
-    for b in brokers.into_iter().chain(more_brokers) {
-        if bs.get(&b.id).is_none_or(|held| held.epoch < b.epoch) {
-            bs.insert(b.id, b);
-        }
-    }
-    let mut brokers: Vec<Broker> = bs.into_values().collect();
-    brokers.sort_by_key(|b| b.id);
-    Response::Metadata {
-        brokers,
-        partitions,
-        failed,
-        unreadable,
-        stale,
-    }
+    kept.into_values().map(|(_, t)| t).collect()
 }
 
 /// While a produce waits longer than this, the client checks whether the

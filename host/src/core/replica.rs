@@ -1633,19 +1633,59 @@ mod tests {
         rm
     }
 
+    /// A cut below the stored HW checkpoints the lower HW at once, not at the
+    /// next interval: a crash after refetching past the cut would otherwise
+    /// restart with the old HW, counting another leader's offsets up to it as
+    /// committed. So does opening a log that ends below its stored HW. A cut
+    /// above it leaves the checkpoint to the interval.
+    #[test]
+    fn a_cut_below_the_hw_checkpoints_it_at_once() {
+        let state = LogState {
+            bounds: OffsetBounds {
+                log_start: 0,
+                log_end: 10,
+            },
+            high_watermark: 8,
+            leader_epochs: Vec::new(),
+        };
+        let mut rm = ReplicationManager::new(Config::default(), 1, &state);
+        assert_eq!(checkpoints(&mut rm), Vec::<u64>::new(), "opened as stored");
+        rm.log_truncated(9, 0);
+        assert_eq!(checkpoints(&mut rm), Vec::<u64>::new(), "above the HW");
+        rm.log_truncated(4, 0);
+        assert_eq!(checkpoints(&mut rm), [4], "below the HW");
+        assert_eq!(rm.high_watermark(), 4);
+        rm.log_reset(2, 0);
+        assert_eq!(checkpoints(&mut rm), [2], "a reset below it");
+        // A crash undid appends the stored HW counted.
+        let undone = LogState {
+            bounds: OffsetBounds {
+                log_start: 0,
+                log_end: 6,
+            },
+            ..state
+        };
+        let mut rm = ReplicationManager::new(Config::default(), 1, &undone);
+        assert_eq!(checkpoints(&mut rm), [6], "opened below the stored HW");
+        rm.log_truncated(5, 0);
+        assert_eq!(checkpoints(&mut rm), [5]);
+    }
+
+    /// The HW checkpoints `rm` asked for since it was last drained.
+    fn checkpoints(rm: &mut ReplicationManager) -> Vec<u64> {
+        rm.drain()
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::PersistHighWatermark(hw) => Some(hw),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The HW is checkpointed at the first interval, then only when the
     /// HW or the log end moved since.
     #[test]
     fn an_unchanged_high_watermark_is_not_checkpointed_again() {
-        let checkpoints = |rm: &mut ReplicationManager| -> Vec<u64> {
-            rm.drain()
-                .into_iter()
-                .filter_map(|a| match a {
-                    Action::PersistHighWatermark(hw) => Some(hw),
-                    _ => None,
-                })
-                .collect()
-        };
         let every = Config::default().high_watermark_checkpoint_interval_ms;
         let mut rm = sole_leader();
         rm.drain();
