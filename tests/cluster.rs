@@ -499,6 +499,16 @@ fn a_corrupt_partition_record_affects_only_that_partition() {
         "{}",
         String::from_utf8_lossy(&served.stderr)
     );
+
+    // A node whose registration vanishes from the store (a wiped or
+    // restored store) says so; it used to go unremarked.
+    let registration = c.dir.path().join("metadata/brokers/2");
+    std::fs::remove_dir_all(&registration).expect("node 2's registration");
+    c.wait_log("node 2 to notice", |c| {
+        c.log(2).contains(
+            "this node's registration is gone from the metadata store: was the store wiped",
+        )
+    });
 }
 
 /// A counter of the Prometheus text `metrics`, 0 when absent.
@@ -2409,6 +2419,11 @@ fn with_the_metadata_store_down_new_clients_still_find_the_leaders() {
     create_topic(&client, "t", "1");
     produce_generated(&client, "t", "100");
     c.wait_status("100 everywhere", |v| converged(v, "t", 0, 100));
+    assert!(
+        c.log(1).contains(&format!("metadata `etcd` at {endpoint}")),
+        "{}",
+        c.log(1)
+    );
     etcd.stop();
     // Every CLI call is a new client.
     let acked = cli_ok(&[

@@ -480,14 +480,19 @@ pub(crate) async fn shutdown_signal() {
 
 pub async fn run_node(args: NodeArgs) -> anyhow::Result<ExitCode> {
     let config = NodeConfig::load(&args.config)?;
+    // Where the store is: its endpoints (etcd), else its directory.
+    let store = if config.metadata.endpoints.is_empty() {
+        format!("in {}", config.metadata.dir.display())
+    } else {
+        format!("at {}", config.metadata.endpoints.join(", "))
+    };
     eprintln!(
-        "node {} starting: QUIC {}, data {}, storage `{}`, metadata `{}` in {}",
+        "node {} starting: QUIC {}, data {}, storage `{}`, metadata `{}` {store}",
         config.node_id,
         config.listen,
         config.data_dir.display(),
         config.storage.plugin,
         config.metadata.plugin,
-        config.metadata.dir.display()
     );
     node::run(config, shutdown_signal(), None).await?;
     Ok(ExitCode::SUCCESS)

@@ -254,6 +254,7 @@ pub async fn run(
         partitions: RwLock::new(HashMap::new()),
         not_open: Default::default(),
         store_failing: Default::default(),
+        registration_problem: Default::default(),
     });
     // This node's log may have lost what it had acknowledged before the
     // restart (unflushed writes; an in-memory log is empty). So, like
@@ -427,6 +428,37 @@ async fn watch(server: &Arc<NodeServer>, every: Duration) {
     }
 }
 
+/// Say so, once per change, when this node's registration is gone from the
+/// store, or older than this run's: the store was wiped or restored from
+/// an older backup under a running cluster, which otherwise showed only as
+/// "metadata store reachable again" and an empty topic list.
+fn check_own_registration(server: &NodeServer, brokers: &[crate::metadata::Broker]) {
+    let shared = &server.shared;
+    let me = shared.node_id;
+    let found = brokers.iter().find(|b| b.id == me).map(|b| b.epoch);
+    let problem = match found {
+        Some(epoch) if epoch >= shared.broker_epoch => None,
+        Some(epoch) => Some(format!(
+            "this node's registration in the metadata store has broker epoch {epoch}, older than the {} it registered with at start",
+            shared.broker_epoch
+        )),
+        None => Some("this node's registration is gone from the metadata store".to_string()),
+    };
+    let Ok(mut said) = server.registration_problem.lock() else {
+        return;
+    };
+    if *said == problem {
+        return;
+    }
+    match &problem {
+        Some(p) => error!(
+            "{p}: was the store wiped, or restored from an older backup, under the running cluster? Its records of the topics may be gone with it; restart the nodes once it is restored (they register again at start)"
+        ),
+        None => info!("this node's registration in the metadata store reads again"),
+    }
+    *said = problem;
+}
+
 /// A partition whose log would not open: retried with backoff (up to
 /// [`OPEN_RETRY_MAX`]), logged as an error when the reason changes.
 struct OpenFailure {
@@ -476,6 +508,7 @@ async fn refresh(
     if let Ok(mut f) = server.store_failing.lock() {
         *f = None;
     }
+    check_own_registration(server, &brokers);
     shared.record_brokers(&brokers);
     // The partitions listed and (as far as their record says) still
     // assigned here: a failure to open any other is no longer news.

@@ -41,6 +41,9 @@ pub struct NodeServer {
     /// Why the metadata watcher's last read of the store failed, while it
     /// does.
     pub(super) store_failing: std::sync::Mutex<Option<String>>,
+    /// What the watcher last found wrong with this node's own
+    /// registration in the store (logged once per change).
+    pub(super) registration_problem: std::sync::Mutex<Option<String>>,
 }
 
 impl NodeServer {
