@@ -257,14 +257,9 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
         b"1 /0xhdGluLTEg6XTp\n"
     );
     // Topics as the store has them, in name order; one topic's partitions.
-    let listed: serde_json::Value = serde_json::from_str(&cli_ok(&[
-        "topic",
-        "list",
-        "--config",
-        &c.client(),
-        "--json",
-    ]))
-    .expect("topic list --json");
+    let listed: serde_json::Value =
+        serde_json::from_str(&cli_ok(&["topic", "list", "--config", &client, "--json"]))
+            .expect("topic list --json");
     let topics: Vec<_> = listed["topics"]
         .as_array()
         .expect("topics")
@@ -287,7 +282,7 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
         )
     };
     assert_eq!(topics, [one("lines"), one("orders")], "{listed}");
-    let table = cli_ok(&["topic", "list", "--config", &c.client()]);
+    let table = cli_ok(&["topic", "list", "--config", &client]);
     assert!(
         table
             .lines()
@@ -295,27 +290,13 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
             .is_some_and(|l| l.starts_with("orders ")),
         "{table}"
     );
-    let described = cli_ok(&[
-        "topic",
-        "describe",
-        "--config",
-        &c.client(),
-        "--topic",
-        "lines",
-    ]);
+    let described = cli_ok(&["topic", "describe", "--config", &client, "--topic", "lines"]);
     let rows: Vec<&str> = described.lines().skip(1).collect();
     assert!(
         rows.len() == 1 && rows[0].starts_with("lines "),
         "{described}"
     );
-    let missing = cli(&[
-        "topic",
-        "describe",
-        "--config",
-        &c.client(),
-        "--topic",
-        "nope",
-    ]);
+    let missing = cli(&["topic", "describe", "--config", &client, "--topic", "nope"]);
     assert!(!missing.status.success());
     assert!(
         String::from_utf8_lossy(&missing.stderr).contains("topic nope does not exist"),
@@ -327,7 +308,7 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
     // once it opens (retried with backoff), the note goes.
     let blocker = c.path().join("node-2/blocked-0");
     std::fs::write(&blocker, "not a directory").expect("blocker");
-    create_topic(&c.client(), "blocked", "1");
+    create_topic(&client, "blocked", "1");
     let not_open = |v: &serde_json::Value| {
         v["not_open"]
             .as_array()
@@ -346,7 +327,7 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
             && said["attempts"].as_u64() >= Some(1),
         "{said}"
     );
-    let table = cli_ok(&["status", "--config", &c.client(), "--topic", "blocked"]);
+    let table = cli_ok(&["status", "--config", &client, "--topic", "blocked"]);
     assert!(
         table.contains("not open: node 2 cannot open its log of blocked/0"),
         "{table}"
@@ -361,7 +342,7 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
     let read = cli(&[
         "consume",
         "--config",
-        &c.client(),
+        &client,
         "--topic",
         "blocked",
         "--replica",
@@ -384,7 +365,7 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
     // Output that cannot be written is an error (it used to end with exit
     // code 0 and nothing written).
     let full = std::process::Command::new(support::BIN)
-        .args(["consume", "--config", &c.client(), "--topic", "lines"])
+        .args(["consume", "--config", &client, "--topic", "lines"])
         .stdout(std::fs::File::create("/dev/full").expect("/dev/full"))
         .output()
         .expect("run consume");

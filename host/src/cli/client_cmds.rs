@@ -233,9 +233,7 @@ pub async fn topic(cmd: TopicCommand) -> anyhow::Result<ExitCode> {
             print_stale(stale.as_deref());
             print_topics(&topics);
             print_unreadable(&unreadable);
-            if topics.is_empty() && unreadable.is_empty() {
-                eprintln!("no topics yet: create one with `replicator topic create`");
-            }
+            hint_if_no_topics(topics.is_empty() && unreadable.is_empty());
             Ok(ExitCode::SUCCESS)
         }
         TopicCommand::Describe(a) => {
@@ -1049,9 +1047,19 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if a.json {
-        let not_open: Vec<_> = not_open
+        /// A `not_open` entry with the node that reported it.
+        #[derive(serde::Serialize)]
+        struct OnNode<'a> {
+            node: ReplicaId,
+            #[serde(flatten)]
+            not_open: &'a NotOpen,
+        }
+        let not_open: Vec<OnNode> = not_open
             .iter()
-            .map(|(n, p)| serde_json::json!({"node": n, "topic": p.topic, "partition": p.partition, "error": p.error, "attempts": p.attempts}))
+            .map(|(node, not_open)| OnNode {
+                node: *node,
+                not_open,
+            })
             .collect();
         let v = serde_json::json!({
             "partitions": reports,
@@ -1064,9 +1072,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     } else {
         print_stale(stale.as_deref());
         print_table(&reports);
-        if reports.is_empty() && unreadable.is_empty() {
-            eprintln!("no topics yet: create one with `replicator topic create`");
-        }
+        hint_if_no_topics(reports.is_empty() && unreadable.is_empty());
         for p in &unreachable {
             println!("unreachable: {p}");
         }
@@ -1080,6 +1086,13 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
         print_unreadable(&unreadable);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// An empty table on a cluster with no topics: say how to make one.
+fn hint_if_no_topics(none: bool) {
+    if none {
+        eprintln!("no topics yet: create one with `replicator topic create`");
+    }
 }
 
 /// No node answered from the metadata store: say so above what it shows.

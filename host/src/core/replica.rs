@@ -327,17 +327,23 @@ impl ReplicationManager {
         now: u64,
         within_ms: u64,
     ) -> bool {
-        let hw = self.high_watermark();
+        self.caught_up(replica, now, within_ms)
+            .is_some_and(|p| p.broker_epoch == broker_epoch)
+    }
+
+    /// On a leader: `replica`'s progress if it fetched within `within_ms`
+    /// of `now` from an offset at or past the HW.
+    fn caught_up(&self, replica: ReplicaId, now: u64, within_ms: u64) -> Option<&Progress> {
         self.leader
             .as_ref()
             .filter(|l| !l.fenced)
             .and_then(|l| l.progress.get(&replica))
-            .is_some_and(|p| {
-                p.broker_epoch == broker_epoch
-                    && now.saturating_sub(p.last_fetch_ms) <= within_ms
-                    && p.leo.is_some_and(|leo| leo >= hw)
+            .filter(|p| {
+                now.saturating_sub(p.last_fetch_ms) <= within_ms
+                    && p.leo.is_some_and(|leo| leo >= self.hw)
             })
     }
+
     /// Whether another live replica is known, at `now`, to hold every
     /// committed record this one holds, so this one may cut its log and
     /// fetch again (a batch of it is damaged). On a leader: another ISR
@@ -349,13 +355,10 @@ impl ReplicationManager {
     pub fn another_holds_the_committed(&self, now: u64) -> bool {
         let within = self.config.replica_lag_time_max_ms;
         if let Some(l) = self.leader.as_ref().filter(|l| !l.fenced) {
-            return l.isr.iter().any(|&r| {
-                r != self.id
-                    && l.progress.get(&r).is_some_and(|p| {
-                        now.saturating_sub(p.last_fetch_ms) <= within
-                            && p.leo.is_some_and(|leo| leo >= self.hw)
-                    })
-            });
+            return l
+                .isr
+                .iter()
+                .any(|&r| r != self.id && self.caught_up(r, now, within).is_some());
         }
         self.follower.as_ref().is_some_and(|f| {
             f.leader != self.id

@@ -390,8 +390,9 @@ async fn watch(server: &Arc<NodeServer>, every: Duration) {
     let mut failing = false;
     loop {
         let outcome = refresh(server, &mut seen, &mut open_failures, &mut unreadable).await;
-        if let Ok(mut f) = server.store_failing.lock() {
-            *f = outcome.as_ref().err().map(|e| e.to_string());
+        // Cleared by `refresh` at its first read the store answers.
+        if let (Err(e), Ok(mut f)) = (&outcome, server.store_failing.lock()) {
+            *f = Some(e.to_string());
         }
         match outcome {
             Ok(()) => {

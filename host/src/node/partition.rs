@@ -413,8 +413,8 @@ impl Actor {
                 }
             }
             self.drive();
-            if self.produces.is_empty()
-                && let Some(waiting) = self.draining.as_mut()
+            if let Some(waiting) = self.draining.as_mut()
+                && self.produces.is_empty()
             {
                 for w in waiting.drain(..) {
                     let _ = w.send(());

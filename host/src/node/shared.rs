@@ -350,29 +350,26 @@ impl Shared {
     /// as failed, and a client believing it would stop writing to a
     /// healthy leader that nobody is going to replace.
     pub fn failed_brokers_for_clients(&self) -> Vec<ReplicaId> {
-        if self.hears_majority() {
+        let now = self.now_ms();
+        let ids = self.broker_ids();
+        let coordinator = crate::core::FailoverCoordinator::new(self.node_id, false, 1);
+        let quorum = self
+            .detector
+            .lock()
+            .is_ok_and(|fd| coordinator.has_quorum(&ids, &fd, now));
+        if quorum {
             self.failed_brokers()
         } else {
             Vec::new()
         }
     }
 
-    /// Whether this node hears a majority of the registered nodes.
-    pub fn hears_majority(&self) -> bool {
-        let now = self.now_ms();
-        let ids = self.broker_ids();
-        let coordinator = crate::core::FailoverCoordinator::new(self.node_id, false, 1);
-        self.detector
-            .lock()
-            .is_ok_and(|fd| coordinator.has_quorum(&ids, &fd, now))
-    }
-
     /// Whether this node heard a majority of the registered nodes (itself
-    /// included) within the failure timeout. Stricter than
-    /// [`Self::hears_majority`], which gives a peer not heard yet the
-    /// benefit of the doubt for a timeout after the detector starts (or
-    /// after this process was paused): a node thawed from SIGSTOP must not
-    /// take itself for connected.
+    /// included) within the failure timeout. Stricter than the quorum of
+    /// [`Self::failed_brokers_for_clients`], which gives a peer not heard
+    /// yet the benefit of the doubt for a timeout after the detector starts
+    /// (or after this process was paused): a node thawed from SIGSTOP must
+    /// not take itself for connected.
     pub fn heard_majority(&self) -> bool {
         let now = self.now_ms();
         let mut ids = self.broker_ids();
