@@ -775,6 +775,36 @@ impl Sim {
         }
     }
 
+    /// Tick `n` as a node does: when its core says something is due. One
+    /// step in four it also ticks early, which must do nothing; and after a
+    /// tick nothing may be due still (a node would spin).
+    fn tick(&mut self, n: u32, now: u64) -> Result<(), String> {
+        let early = self.rng.chance(25);
+        if early {
+            // So that the outbox holds only what the tick does.
+            self.settle();
+        }
+        let Some(rm) = self.rm(n) else { return Ok(()) };
+        let due = rm.next_deadline();
+        if due.is_some_and(|d| d <= now) {
+            rm.tick(now);
+        } else if early {
+            rm.tick(now);
+            let acted = rm.drain();
+            if !acted.is_empty() {
+                return Err(format!(
+                    "t={now} node {n}: a tick before the core's next deadline {due:?} acted: {acted:?}"
+                ));
+            }
+        }
+        match rm.next_deadline() {
+            Some(d) if d <= now => Err(format!(
+                "t={now} node {n}: still due at {d} after a tick (a node would spin)"
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// One step of simulated time with random events.
     pub fn step(&mut self) -> Result<(), String> {
         self.now += 1 + self.rng.below(5);
@@ -815,9 +845,7 @@ impl Sim {
             if self.nodes[n as usize].alive && self.rng.chance(10) {
                 self.nodes[n as usize].log.flush();
             }
-            if let Some(rm) = self.rm(n) {
-                rm.tick(now);
-            }
+            self.tick(n, now)?;
         }
         self.settle();
 

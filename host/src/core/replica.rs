@@ -1306,6 +1306,59 @@ impl ReplicationManager {
         self.maybe_fetch(now);
     }
 
+    /// When `tick` next has work, as things stand (quinn-proto's
+    /// `poll_timeout`): a driver that ticks at this time and asks again
+    /// after every event misses nothing, and a replica with nothing timed
+    /// ahead costs no wake-ups. `None`: no clock-driven work until an
+    /// event. Ticking earlier is harmless (it does nothing); each clause
+    /// mirrors one thing `tick` does, and the simulation checks that a
+    /// tick before this time never acts.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let mut at: Option<u64> = None;
+        let mut by = |t: u64| at = Some(at.map_or(t, |a| a.min(t)));
+        // An unchanged checkpoint is not rewritten (see `checkpointed`).
+        if self.checkpointed != Some((self.hw, self.leo)) {
+            by(self
+                .last_hw_checkpoint_ms
+                .saturating_add(self.config.high_watermark_checkpoint_interval_ms));
+        }
+        if let Some(l) = &self.leader {
+            l.parked.iter().for_each(|p| by(p.deadline_ms));
+            l.waiters.iter().for_each(|w| by(w.deadline_ms));
+            // `maybe_shrink_isr`: a member is out once it has not caught
+            // up for more than the lag time, or is too many messages behind
+            // (which only an append changes: due at once).
+            if !l.fenced && l.pending_isr.is_none() {
+                let lag_ms = self.config.replica_lag_time_max_ms;
+                let leo = self.stable_leo();
+                for r in l.isr.iter().filter(|r| **r != self.id) {
+                    match l.progress.get(r) {
+                        None => by(0),
+                        Some(p) => {
+                            let behind = self
+                                .config
+                                .replica_lag_max_messages
+                                .is_some_and(|m| leo.saturating_sub(p.leo.unwrap_or(0)) > m);
+                            by(if behind {
+                                0
+                            } else {
+                                p.last_caught_up_ms.saturating_add(lag_ms).saturating_add(1)
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        // `maybe_fetch`.
+        if self.storage_inflight == 0
+            && let Some(f) = &self.follower
+            && f.inflight.is_none()
+        {
+            by(f.next_fetch_ms);
+        }
+        at
+    }
+
     fn maybe_shrink_isr(&mut self, now: u64) {
         let lag_ms = self.config.replica_lag_time_max_ms;
         let lag_msgs = self.config.replica_lag_max_messages;
@@ -1634,6 +1687,109 @@ mod tests {
         }
         rm.log_appended(n, 0);
         rm
+    }
+
+    /// What `rm` does from `from` to `until` with nothing else happening,
+    /// ticked every millisecond, or (`at_deadlines`) only when
+    /// `next_deadline` says: each action with its time, and the ticks.
+    fn timeline(
+        mut rm: ReplicationManager,
+        from: u64,
+        until: u64,
+        at_deadlines: bool,
+    ) -> (Vec<(u64, String)>, usize) {
+        let mut seen = Vec::new();
+        let mut ticks = 0;
+        let mut now = from;
+        while now <= until {
+            rm.tick(now);
+            ticks += 1;
+            seen.extend(rm.drain().iter().map(|a| (now, format!("{a:?}"))));
+            now = if at_deadlines {
+                match rm.next_deadline() {
+                    Some(d) => {
+                        assert!(d > now, "still due at {d} after a tick at {now}");
+                        d
+                    }
+                    None => break,
+                }
+            } else {
+                now + 1
+            };
+        }
+        (seen, ticks)
+    }
+
+    /// A driver that ticks only when the core's next deadline says sees
+    /// the same actions at the same times as one ticking every millisecond:
+    /// a long poll's expiry, a produce's timeout, the first HW checkpoint,
+    /// an ISR member dropped for lagging, a follower's fetch after a
+    /// backoff. And it wakes a handful of times in 40 s, not 40,000.
+    #[test]
+    fn ticking_at_the_next_deadline_misses_nothing() {
+        let leader = || {
+            let state = LogState {
+                bounds: OffsetBounds::default(),
+                high_watermark: 0,
+                leader_epochs: Vec::new(),
+            };
+            let mut rm = ReplicationManager::new(Config::default(), 1, &state);
+            rm.become_leader(1, vec![1, 2, 3], vec![1, 2, 3], 1, 0);
+            // Node 2 long-polls for more than there will be; 3 is silent.
+            let fetch = FetchRequest {
+                replica_id: 2,
+                replica_epoch: 1,
+                correlation_id: 7,
+                current_leader_epoch: 1,
+                fetch_offset: 0,
+                last_fetched_epoch: None,
+                max_bytes: 1 << 20,
+                min_bytes: 1 << 20,
+                max_wait_ms: 500,
+            };
+            rm.handle_fetch(2, fetch, 10);
+            let record = [Record {
+                value: bytes::Bytes::from_static(b"v"),
+                ..Default::default()
+            }];
+            assert!(rm.produce(1, &record, Acks::All, 1_000).is_ok());
+            rm.log_appended(1, 20);
+            rm.drain();
+            rm
+        };
+        let (every_ms, ticks) = timeline(leader(), 20, 40_000, false);
+        let (at_deadlines, woken) = timeline(leader(), 20, 40_000, true);
+        assert_eq!(at_deadlines, every_ms);
+        assert!(ticks > 39_000 && woken <= 6, "{woken} wake-ups");
+        let when = |what: &str| {
+            every_ms
+                .iter()
+                .find(|(_, a)| a.contains(what))
+                .map(|(t, _)| *t)
+        };
+        assert_eq!(when("RespondFetch"), Some(510));
+        assert_eq!(when("RequestTimedOut"), Some(1_000));
+        assert_eq!(when("PersistHighWatermark"), Some(5_000));
+        // 3 has not caught up since the election, 2 since its fetch at 10.
+        assert_eq!(when("UpdateIsr"), Some(30_001));
+
+        let follower = || {
+            let (mut rm, id) = follower_of_epoch_5();
+            rm.fetch_failed(id, 100);
+            rm
+        };
+        let (every_ms, _) = timeline(follower(), 100, 3_000, false);
+        let (at_deadlines, woken) = timeline(follower(), 100, 3_000, true);
+        assert_eq!(at_deadlines, every_ms);
+        assert!(woken <= 3, "{woken} wake-ups");
+        let backoff = Config::default().fetch_backoff_ms;
+        assert_eq!(
+            every_ms
+                .iter()
+                .find(|(_, a)| a.contains("SendFetch"))
+                .map(|(t, _)| *t),
+            Some(100 + backoff)
+        );
     }
 
     /// A cut below the stored HW checkpoints the lower HW at once, not at the

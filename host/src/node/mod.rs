@@ -29,6 +29,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
@@ -476,6 +477,9 @@ const OPEN_RETRY_MAX: Duration = Duration::from_secs(10);
 /// they are skipped, not the pass: one corrupt record used to stop every
 /// refresh there, so partitions listed after it no longer followed
 /// elections, nor did new topics open.
+/// Partition records the watcher reads ahead of the one it handles.
+const READS_IN_FLIGHT: usize = 32;
+
 async fn refresh(
     server: &Arc<NodeServer>,
     seen: &mut HashMap<TopicPartition, u64>,
@@ -514,10 +518,18 @@ async fn refresh(
     // The partitions listed and (as far as their record says) still
     // assigned here: a failure to open any other is no longer news.
     let mut listed = std::collections::HashSet::new();
-    for (topic, partition) in meta.list_partitions().await? {
+    // Several reads in flight: a plugin connection serves them back to
+    // back, where one at a time cost two thread wake-ups each.
+    let mut reads = futures_util::stream::iter(meta.list_partitions().await?)
+        .map(|(topic, partition)| async move {
+            let read = meta.get_partition(&topic, partition).await;
+            (topic, partition, read)
+        })
+        .buffered(READS_IN_FLIGHT);
+    while let Some((topic, partition, read)) = reads.next().await {
         let tp = TopicPartition::new(&topic, partition);
         listed.insert(tp.clone());
-        let state = match meta.get_partition(&topic, partition).await {
+        let state = match read {
             Ok(s) => {
                 if unreadable.remove(&tp).is_some() {
                     info!("{topic}/{partition}: its record in the metadata store reads again");

@@ -31,10 +31,6 @@ use super::fault_backoff::{FIRST_RETRY_PAUSE, FaultBackoff};
 use super::fetch::FetchCmd;
 use super::shared::Shared;
 
-/// How often the core's clock-driven work runs (deadlines, ISR checks,
-/// long-poll expiry).
-const TICK: Duration = Duration::from_millis(10);
-
 /// Committed records read for a client.
 pub struct ReadResult {
     pub high_watermark: u64,
@@ -383,9 +379,25 @@ impl Actor {
     }
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The core's clock-driven work (ISR checks, long-poll and produce
+        // deadlines, checkpoints, follower fetch backoffs) runs when the
+        // core says it is next due. A fixed 10 ms tick cost an idle node
+        // with 300 partitions half a core in wake-ups.
+        let timer = tokio::time::sleep_until(self.shared.instant_at(0));
+        tokio::pin!(timer);
+        let mut armed: Option<u64> = None;
         loop {
+            let due = if self.recovering {
+                None
+            } else {
+                self.rm.next_deadline()
+            };
+            if due != armed {
+                if let Some(ms) = due {
+                    timer.as_mut().reset(self.shared.instant_at(ms));
+                }
+                armed = due;
+            }
             tokio::select! {
                 ev = rx.recv() => {
                     let Some(ev) = ev else { break };
@@ -405,7 +417,8 @@ impl Actor {
                         self.handle(ev);
                     }
                 }
-                _ = tick.tick() => {
+                _ = &mut timer, if armed.is_some() => {
+                    armed = None;
                     let now = self.now();
                     if !self.recovering {
                         self.rm.tick(now);

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc};
 
@@ -192,6 +192,12 @@ impl Shared {
     /// The core's clock: milliseconds since the node started (monotonic).
     pub fn now_ms(&self) -> u64 {
         self.start.elapsed().as_millis() as u64
+    }
+
+    /// The instant the core's clock reads `ms` (from then on `now_ms() >=
+    /// ms`).
+    pub fn instant_at(&self, ms: u64) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.start) + Duration::from_millis(ms)
     }
 
     pub fn fetch(&self, cmd: FetchCmd) {

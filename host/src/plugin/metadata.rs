@@ -78,7 +78,12 @@ impl MetadataPlugin {
                 name: name.to_string(),
                 runtime,
                 pre,
-                sandbox,
+                // Each connection runs on a thread of its own, with its
+                // WASI file I/O inline (see `connect`).
+                sandbox: Sandbox {
+                    own_thread: true,
+                    ..sandbox
+                },
             }),
         })
     }
@@ -115,14 +120,31 @@ impl MetadataPlugin {
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let (connected_tx, connected_rx) = oneshot::channel();
-        tokio::spawn(async move {
+        let serve = async move {
             let connected = actor.connect().await;
             let ok = connected.is_ok();
             if connected_tx.send(connected).is_err() || !ok {
                 return;
             }
             actor.run(rx).await;
-        });
+        };
+        // A thread of its own, where the plugin's file I/O runs inline:
+        // on the node's runtime every WASI file call (an open, a directory
+        // listing, a read, a sync) was a hop to tokio's blocking pool and
+        // back, five or more per partition read, and a node re-reads every
+        // partition each `metadata_poll_ms`. An idle node with 300
+        // partitions spent a third of a core waking threads for it. A sync
+        // now waits on this thread only, never on a worker.
+        let io_error =
+            |e: std::io::Error| MetadataError::Io(format!("starting the metadata thread: {e}"));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(io_error)?;
+        std::thread::Builder::new()
+            .name("metadata".into())
+            .spawn(move || runtime.block_on(serve))
+            .map_err(io_error)?;
         let wait = sandbox.open_deadline * 2 + Duration::from_secs(1);
         match tokio::time::timeout(wait, connected_rx).await {
             Ok(Ok(Ok(()))) => Ok(PluginMetadata {

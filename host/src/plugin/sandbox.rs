@@ -39,7 +39,7 @@ pub struct Sandbox {
     /// Environment variables the plugin sees (none by default), e.g. an
     /// object store's credentials.
     pub env: Vec<(String, String)>,
-    /// Storage only: give each partition's store its own OS thread, where
+    /// Give each partition's store its own OS thread, where
     /// all of its WASI file I/O runs inline, instead of a task on the
     /// node's runtime (the default). On the runtime, writes and reads the
     /// page cache can answer run inline too, and what may wait for the disk
@@ -47,7 +47,9 @@ pub struct Sandbox {
     /// pool, as do writes for a second after a slow one, so the disk does
     /// not hold a worker (see `wasi_file_io.rs`). A thread
     /// saves those hops, for a thread per partition and a hop to it per
-    /// call.
+    /// call. Metadata connections always get a thread of their own (see
+    /// `MetadataPlugin::connect`): there are few, and each reads many small
+    /// files.
     pub own_thread: bool,
     /// Storage only: while a partition is appended to, sync the files its
     /// plugin changed under its data directory this often, on a host
