@@ -586,7 +586,10 @@ fn file_io_does_not_wait_for_the_blocking_pool() {
         });
         let work = async {
             let m = connect(tmp.path()).await;
-            let v = m.compare_and_set(state("t", 0, 1, 1), 0).await.expect("create");
+            let v = m
+                .compare_and_set(state("t", 0, 1, 1), 0)
+                .await
+                .expect("create");
             let read = m.get_partition("t", 0).await.expect("read");
             assert_eq!((read.version, read.leader), (v, Some(1)));
             m.close().await;

@@ -118,6 +118,7 @@ const ALL: &[(&str, CaseFn)] = &[
     case!("versions-increase-by-one", versions_monotone),
     case!("cas-race-has-one-winner", cas_race),
     case!("list-partitions-is-exact", list_partitions),
+    case!("read-partitions-is-list-then-get", read_partitions),
     case!("broker-epochs-increase", broker_epochs),
     case!("broker-registration-race", broker_race),
     case!("invalid-input-is-refused", invalid_input),
@@ -375,6 +376,59 @@ async fn list_partitions(c: &Ctx<'_>) -> CaseResult {
     ensure!(
         unique == created,
         "list-partitions: expected exactly {created:?}, got {unique:?}"
+    );
+    Ok(None)
+}
+
+/// `read-partitions` answers what `list-partitions` and then
+/// `get-partition` on each answer, each partition once, newest versions
+/// included, sorted; another connection sees the same.
+async fn read_partitions(c: &Ctx<'_>) -> CaseResult {
+    let (a, b) = (c.connect().await?, c.connect().await?);
+    for (topic, partitions) in [("read-b", 2u32), ("read-a", 12)] {
+        let t = c.topic(topic);
+        for p in 0..partitions {
+            let r = a.compare_and_set(state(&t, p, 1, 0), 0).await;
+            ensure!(r == Ok(1), "create {t}/{p}: {r:?}");
+        }
+        // A newer version of one of them.
+        let r = a.compare_and_set(state(&t, 1, 2, 1), 1).await;
+        ensure!(r == Ok(2), "update {t}/1: {r:?}");
+    }
+    let ours = |t: &str| t.starts_with(&c.tag);
+    let read: Vec<(String, u32, PartitionState)> = b
+        .read_partitions()
+        .await
+        .map_err(|e| format!("read-partitions: {e}"))?
+        .into_iter()
+        .filter(|r| ours(&r.topic))
+        .map(|r| match r.state {
+            Ok(s) => Ok((r.topic, r.partition, s)),
+            Err(e) => Err(format!("read-partitions: {}/{}: {e}", r.topic, r.partition)),
+        })
+        .collect::<Result<_, _>>()?;
+    let mut want = Vec::new();
+    for (t, p) in b
+        .list_partitions()
+        .await
+        .map_err(|e| format!("list-partitions: {e}"))?
+    {
+        if ours(&t) {
+            let s = b
+                .get_partition(&t, p)
+                .await
+                .map_err(|e| format!("get-partition({t}/{p}): {e}"))?;
+            want.push((t, p, s));
+        }
+    }
+    ensure!(
+        want.len() == 14,
+        "list-partitions then get-partition found {} of the 14 partitions",
+        want.len()
+    );
+    ensure!(
+        read == want,
+        "read-partitions answered {read:?}, where list-partitions then get-partition answer {want:?}"
     );
     Ok(None)
 }

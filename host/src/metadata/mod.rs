@@ -216,6 +216,15 @@ pub enum MetadataError {
     Fault(String),
 }
 
+/// One partition's record as [`MetadataStore::read_partitions`] found it:
+/// its state, or why it cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionRead {
+    pub topic: String,
+    pub partition: u32,
+    pub state: Result<PartitionState, MetadataError>,
+}
+
 pub type MetaFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, MetadataError>> + Send + 'a>>;
 
 /// A connection to the metadata store. Calls may be issued concurrently.
@@ -235,6 +244,28 @@ pub trait MetadataStore: Send + Sync {
 
     /// Every partition the store knows, as (topic, partition).
     fn list_partitions(&self) -> MetaFuture<'_, Vec<(String, u32)>>;
+
+    /// Every partition's record, sorted: what [`Self::list_partitions`]
+    /// and then [`Self::get_partition`] on each would give (partitions gone
+    /// meanwhile left out), which is what this default does. A store that
+    /// can read them all in one go does so: each node reads this every
+    /// `metadata_poll_ms`.
+    fn read_partitions(&self) -> MetaFuture<'_, Vec<PartitionRead>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for (topic, partition) in self.list_partitions().await? {
+                match self.get_partition(&topic, partition).await {
+                    Err(MetadataError::NotFound(_)) => {}
+                    state => out.push(PartitionRead {
+                        topic,
+                        partition,
+                        state,
+                    }),
+                }
+            }
+            Ok(out)
+        })
+    }
 
     /// Register (or re-register after a restart) a broker. Returns the
     /// broker epoch the store assigned, greater than any earlier one for

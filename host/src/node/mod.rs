@@ -29,7 +29,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
@@ -477,9 +476,6 @@ const OPEN_RETRY_MAX: Duration = Duration::from_secs(10);
 /// they are skipped, not the pass: one corrupt record used to stop every
 /// refresh there, so partitions listed after it no longer followed
 /// elections, nor did new topics open.
-/// Partition records the watcher reads ahead of the one it handles.
-const READS_IN_FLIGHT: usize = 32;
-
 async fn refresh(
     server: &Arc<NodeServer>,
     seen: &mut HashMap<TopicPartition, u64>,
@@ -518,18 +514,13 @@ async fn refresh(
     // The partitions listed and (as far as their record says) still
     // assigned here: a failure to open any other is no longer news.
     let mut listed = std::collections::HashSet::new();
-    // Several reads in flight: a plugin connection serves them back to
-    // back, where one at a time cost two thread wake-ups each.
-    let mut reads = futures_util::stream::iter(meta.list_partitions().await?)
-        .map(|(topic, partition)| async move {
-            let read = meta.get_partition(&topic, partition).await;
-            (topic, partition, read)
-        })
-        .buffered(READS_IN_FLIGHT);
-    while let Some((topic, partition, read)) = reads.next().await {
+    // One call for every record (one range request on etcd), where a call
+    // per partition cost 300 plugin calls (or HTTP requests) a pass.
+    for read in meta.read_partitions().await? {
+        let (topic, partition) = (read.topic, read.partition);
         let tp = TopicPartition::new(&topic, partition);
         listed.insert(tp.clone());
-        let state = match read {
+        let state = match read.state {
             Ok(s) => {
                 if unreadable.remove(&tp).is_some() {
                     info!("{topic}/{partition}: its record in the metadata store reads again");

@@ -386,6 +386,10 @@ impl Actor {
         let timer = tokio::time::sleep_until(self.shared.instant_at(0));
         tokio::pin!(timer);
         let mut armed: Option<u64> = None;
+        // What the core queued as it was built (its epoch cache cut to the
+        // log, a stored HW lowered to the log end) goes out now, not at the
+        // first event.
+        self.drive();
         loop {
             let due = if self.recovering {
                 None

@@ -323,14 +323,14 @@ impl NodeServer {
         let brokers = meta.list_brokers().await.map_err(meta_err)?;
         let mut partitions = Vec::new();
         let mut unreadable = Vec::new();
-        for (t, p) in meta.list_partitions().await.map_err(meta_err)? {
-            match meta.get_partition(&t, p).await {
+        for read in meta.read_partitions().await.map_err(meta_err)? {
+            match read.state {
                 Ok(s) => partitions.push(s),
                 Err(MetadataError::NotFound(_)) => {}
                 // That partition's record: the others still serve.
                 Err(MetadataError::Corrupt(why)) => unreadable.push(UnreadablePartition {
-                    topic: t,
-                    partition: p,
+                    topic: read.topic,
+                    partition: read.partition,
                     error: why,
                 }),
                 // The store itself: nothing else would read either.

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
 
@@ -75,7 +75,9 @@ pub struct Shared {
     pub(super) reregistered: tokio::sync::watch::Sender<u64>,
     /// What this node's fetch sessions sent and left out.
     pub fetch_sessions: FetchSessionStats,
-    start: Instant,
+    /// The core's clock starts here (tokio's clock: a test with a paused
+    /// clock moves both it and the partition actors' timers).
+    start: tokio::time::Instant,
 }
 
 /// How far past the newest epoch it knows a node moves a partition's epoch
@@ -157,7 +159,7 @@ impl Shared {
             changed: tokio::sync::watch::Sender::new(0),
             reregistered: tokio::sync::watch::Sender::new(0),
             fetch_sessions: FetchSessionStats::default(),
-            start: Instant::now(),
+            start: tokio::time::Instant::now(),
         })
     }
 
@@ -195,9 +197,12 @@ impl Shared {
     }
 
     /// The instant the core's clock reads `ms` (from then on `now_ms() >=
-    /// ms`).
+    /// ms`); a year from now for a time past what `Instant` holds (a
+    /// client's deadline of `u64::MAX` ms).
     pub fn instant_at(&self, ms: u64) -> tokio::time::Instant {
-        tokio::time::Instant::from_std(self.start) + Duration::from_millis(ms)
+        self.start
+            .checked_add(Duration::from_millis(ms))
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(365 * 86_400))
     }
 
     pub fn fetch(&self, cmd: FetchCmd) {

@@ -2,10 +2,12 @@
 //! and [`PluginMetadata`], one connection to it that implements
 //! [`MetadataStore`].
 //!
-//! A connection is one instance in one `Store`, owned by one task on the
-//! caller's runtime (as for storage: the guest yields at every epoch tick,
-//! WASI file I/O runs on the blocking pool). Calls queue over a channel
-//! and are served one at a time. A trap, a blown deadline or an answer
+//! A connection is one instance in one `Store`, owned by one task on a
+//! thread of its own, where its WASI file I/O runs inline (the guest still
+//! yields at every epoch tick). Calls queue over a channel and are served
+//! one at a time. A call stuck in the kernel (a hung disk) cannot be
+//! interrupted there: the caller's wait (`submit`) reports it as a fault,
+//! and the calls queued behind it wait for it too. A trap, a blown deadline or an answer
 //! that breaks the contract is a [`MetadataError::Fault`]: the instance is
 //! dropped and the next call connects a fresh one. Answers are checked
 //! against what this connection has seen: versions and broker epochs never
@@ -27,7 +29,9 @@ use super::bindings::replicator::plugin::types::PluginError;
 use super::sandbox::{GUEST_DIR, PluginState, Sandbox};
 use super::{LoadError, PluginRuntime, PluginSource, builtin, plugin_bytes, prepare};
 use crate::core::ReplicaId;
-use crate::metadata::{Broker, MetaFuture, MetadataError, MetadataStore, PartitionState};
+use crate::metadata::{
+    Broker, MetaFuture, MetadataError, MetadataStore, PartitionRead, PartitionState,
+};
 
 /// A compiled, linked metadata plugin, ready to connect.
 #[derive(Clone)]
@@ -135,16 +139,19 @@ impl MetadataPlugin {
         // partition each `metadata_poll_ms`. An idle node with 300
         // partitions spent a third of a core waking threads for it. A sync
         // now waits on this thread only, never on a worker.
-        let io_error =
-            |e: std::io::Error| MetadataError::Io(format!("starting the metadata thread: {e}"));
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(io_error)?;
+        // (The runtime is built on the thread: one dropped in the caller's
+        // async context, had the spawn failed, would panic.)
+        let run_label = label.clone();
         std::thread::Builder::new()
             .name("metadata".into())
-            .spawn(move || runtime.block_on(serve))
-            .map_err(io_error)?;
+            .spawn(move || match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(serve),
+                Err(e) => tracing::error!(plugin = %run_label, "starting the metadata thread's runtime: {e}"),
+            })
+            .map_err(|e| MetadataError::Io(format!("starting the metadata thread: {e}")))?;
         let wait = sandbox.open_deadline * 2 + Duration::from_secs(1);
         match tokio::time::timeout(wait, connected_rx).await {
             Ok(Ok(Ok(()))) => Ok(PluginMetadata {
@@ -167,6 +174,7 @@ enum Op {
     Get(String, u32),
     CompareAndSet(PartitionState, u64),
     ListPartitions,
+    ReadPartitions,
     RegisterBroker(ReplicaId, String),
     ListBrokers,
     ClaimClusterId(String),
@@ -177,6 +185,7 @@ enum Out {
     State(PartitionState),
     Version(u64),
     Partitions(Vec<(String, u32)>),
+    Reads(Vec<PartitionRead>),
     Brokers(Vec<Broker>),
     ClusterId(String),
     Unit,
@@ -458,6 +467,10 @@ impl Actor {
                 let r = guarded(deadline, guest.call_list_partitions(&mut *store, client)).await;
                 check_list_partitions(r)
             }
+            Op::ReadPartitions => {
+                let r = guarded(deadline, guest.call_read_partitions(&mut *store, client)).await;
+                check_read_partitions(seen, r)
+            }
             Op::RegisterBroker(id, address) => {
                 let broker = wit::Broker {
                     id,
@@ -489,6 +502,16 @@ impl Actor {
             Op::Close => Verdict::Err(MetadataError::Other("not a guest call".into())),
         };
         match verdict {
+            // Each record's error names paths as the host knows them too.
+            Verdict::Ok(Out::Reads(reads)) => Ok(Out::Reads(
+                reads
+                    .into_iter()
+                    .map(|r| PartitionRead {
+                        state: r.state.map_err(|e| self.host_paths(e)),
+                        ..r
+                    })
+                    .collect(),
+            )),
             Verdict::Ok(out) => Ok(out),
             Verdict::Err(e) => Err(self.host_paths(e)),
             Verdict::Violation(why) => Err(self.fault(why)),
@@ -651,6 +674,49 @@ fn check_list_partitions(answer: Answer<Vec<wit::TopicPartition>>) -> Verdict {
     })
 }
 
+/// Each record judged as `get-partition`'s answer for it would be: a
+/// record that breaks the rules is that partition's `corrupt` error, an
+/// answer no store could give (another partition's state, a version gone
+/// back) a fault of the whole call. Sorted here; a partition twice is a
+/// fault.
+fn check_read_partitions(seen: &mut Seen, answer: Answer<Vec<wit::PartitionRead>>) -> Verdict {
+    let mut list = match answer {
+        Err(fault) => return Verdict::Violation(fault),
+        Ok(Err(e)) => return Verdict::Err(convert(e)),
+        Ok(Ok(list)) => list,
+    };
+    list.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+    if let Some(w) = list
+        .windows(2)
+        .find(|w| (&w[0].topic, w[0].partition) == (&w[1].topic, w[1].partition))
+    {
+        return Verdict::Violation(format!(
+            "read-partitions named {}/{} twice",
+            w[0].topic, w[0].partition
+        ));
+    }
+    let mut out = Vec::with_capacity(list.len());
+    for r in list {
+        let state = match check_get(seen, r.topic.clone(), r.partition, Ok(r.state)) {
+            Verdict::Ok(Out::State(s)) => Ok(s),
+            // Created or gone meanwhile: not listed, as list-partitions
+            // then get-partition would leave it out.
+            Verdict::Err(MetadataError::NotFound(_)) => continue,
+            Verdict::Err(e) => Err(e),
+            Verdict::Violation(why) => {
+                return Verdict::Violation(format!("read-partitions: {why}"));
+            }
+            Verdict::Ok(_) => unreachable!("check_get answers with a state"),
+        };
+        out.push(PartitionRead {
+            topic: r.topic,
+            partition: r.partition,
+            state,
+        });
+    }
+    Verdict::Ok(Out::Reads(out))
+}
+
 fn check_register(seen: &mut Seen, id: ReplicaId, answer: Answer<u64>) -> Verdict {
     judge(answer, |epoch| {
         if let Some(&known) = seen.epochs.get(&id)
@@ -776,6 +842,10 @@ impl MetadataStore for PluginMetadata {
         expect_out!(self, Op::ListPartitions, Out::Partitions(l) => l)
     }
 
+    fn read_partitions(&self) -> MetaFuture<'_, Vec<PartitionRead>> {
+        expect_out!(self, Op::ReadPartitions, Out::Reads(l) => l)
+    }
+
     fn register_broker(&self, id: ReplicaId, address: String) -> MetaFuture<'_, u64> {
         expect_out!(self, Op::RegisterBroker(id, address), Out::Version(e) => e)
     }
@@ -816,6 +886,66 @@ mod tests {
             Verdict::Violation(why) => Err(format!("a plugin fault, not a corrupt record: {why}")),
             _ => Err("neither a state nor a corrupt record".into()),
         }
+    }
+
+    fn entry(partition: u32, version: u64) -> wit::PartitionRead {
+        let Ok(Ok(mut s)) = state(version, 1) else {
+            unreachable!("a state")
+        };
+        s.partition = partition;
+        wit::PartitionRead {
+            topic: "t".into(),
+            partition,
+            state: Ok(s),
+        }
+    }
+
+    /// Each record of `read-partitions` is judged as `get-partition`'s
+    /// answer for it would be: a corrupt one is that partition's error,
+    /// an answer no store could give is a fault of the whole call.
+    #[test]
+    fn read_partitions_is_checked_record_by_record() {
+        let read = |seen: &mut Seen, list: Vec<wit::PartitionRead>| match check_read_partitions(
+            seen,
+            Ok(Ok(list)),
+        ) {
+            Verdict::Ok(Out::Reads(r)) => Ok(r
+                .into_iter()
+                .map(|r| (r.partition, r.state.map(|s| s.version)))
+                .collect::<Vec<_>>()),
+            Verdict::Violation(why) => Err(why),
+            _ => Err("neither reads nor a fault".into()),
+        };
+        let mut seen = Seen::default();
+        let mut corrupt = entry(2, 1);
+        corrupt.state = Err(PluginError::Corrupt("bad json".into()));
+        let mut gone = entry(3, 1);
+        gone.state = Err(PluginError::NotFound("gone".into()));
+        // Out of order, one corrupt, one gone meanwhile.
+        let got = read(&mut seen, vec![entry(1, 4), corrupt, entry(0, 2), gone]);
+        assert_eq!(
+            got,
+            Ok(vec![
+                (0, Ok(2)),
+                (1, Ok(4)),
+                (2, Err(MetadataError::Corrupt("bad json".into())))
+            ])
+        );
+        // What was seen counts: a version that went back is that record's
+        // error (the store went back); a partition named twice, or a record
+        // of another partition, is a fault.
+        let back = read(&mut seen, vec![entry(1, 3), entry(0, 2)]);
+        assert!(
+            matches!(&back, Ok(r) if r.len() == 2
+                && matches!(&r[1], (1, Err(MetadataError::Corrupt(w))) if w.contains("after version 4"))
+                && r[0] == (0, Ok(2))),
+            "{back:?}"
+        );
+        let twice = read(&mut Seen::default(), vec![entry(0, 1), entry(0, 1)]);
+        assert!(twice.is_err_and(|w| w.contains("twice")));
+        let mut other = entry(0, 1);
+        other.partition = 5;
+        assert!(read(&mut Seen::default(), vec![other]).is_err());
     }
 
     #[test]

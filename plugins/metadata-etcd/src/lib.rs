@@ -36,7 +36,7 @@ use std::time::Duration;
 wit_bindgen::generate!({ world: "metadata-plugin", path: "../../wit" });
 
 use exports::replicator::plugin::metadata::{
-    Broker, Client, Guest, GuestClient, PartitionState, TopicPartition,
+    Broker, Client, Guest, GuestClient, PartitionRead, PartitionState, TopicPartition,
 };
 use replicator::plugin::types::PluginError;
 
@@ -194,6 +194,18 @@ impl GuestClient for EtcdClient {
         Ok(list
             .into_iter()
             .map(|(topic, partition)| TopicPartition { topic, partition })
+            .collect())
+    }
+
+    fn read_partitions(&self) -> Result<Vec<PartitionRead>, PluginError> {
+        let list = self.0.read_partitions().map_err(map)?;
+        Ok(list
+            .into_iter()
+            .map(|(topic, partition, state)| PartitionRead {
+                topic,
+                partition,
+                state: state.map(to_wit).map_err(map),
+            })
             .collect())
     }
 

@@ -266,27 +266,42 @@ impl Store {
         }
     }
 
+    /// The partition a key under `prefix` names. Keys that are not
+    /// `<topic>/<partition>` are not this store's and are skipped, as the
+    /// file plugin skips foreign files.
+    fn partition_of(prefix: &str, key: &[u8]) -> Option<(String, u32)> {
+        let rest = std::str::from_utf8(key.get(prefix.len()..)?).ok()?;
+        let (topic, partition) = rest.rsplit_once('/')?;
+        check_topic(topic).ok()?;
+        Some((topic.to_string(), parse_id(partition)?))
+    }
+
     pub fn list_partitions(&self) -> Result<Vec<(String, u32)>> {
         let prefix = self.partitions_prefix();
-        let mut out = Vec::new();
-        for kv in self.gateway.list(prefix.as_bytes(), true)? {
-            // Keys that are not `<topic>/<partition>` are not this store's
-            // and are skipped, as the file plugin skips foreign files.
-            let Some(rest) = kv.key.get(prefix.len()..) else {
-                continue;
-            };
-            let Ok(rest) = std::str::from_utf8(rest) else {
-                continue;
-            };
-            let Some((topic, partition)) = rest.rsplit_once('/') else {
-                continue;
-            };
-            if let (Ok(()), Some(p)) = (check_topic(topic), parse_id(partition)) {
-                out.push((topic.to_string(), p));
-            }
-        }
+        let mut out: Vec<(String, u32)> = self
+            .gateway
+            .list(prefix.as_bytes(), true)?
+            .iter()
+            .filter_map(|kv| Self::partition_of(&prefix, &kv.key))
+            .collect();
         out.sort();
         out.dedup();
+        Ok(out)
+    }
+
+    /// Every partition's state, or why its record cannot be read, sorted:
+    /// one range request for the keys and values together.
+    pub fn read_partitions(&self) -> Result<Vec<(String, u32, Result<Partition>)>> {
+        let prefix = self.partitions_prefix();
+        let mut out = Vec::new();
+        for kv in self.gateway.list(prefix.as_bytes(), false)? {
+            if let Some((topic, partition)) = Self::partition_of(&prefix, &kv.key) {
+                let state = self.decode_partition(&topic, partition, &kv);
+                out.push((topic, partition, state));
+            }
+        }
+        out.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        out.dedup_by(|a, b| (&a.0, a.1) == (&b.0, b.1));
         Ok(out)
     }
 

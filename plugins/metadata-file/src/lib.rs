@@ -9,7 +9,7 @@ mod store;
 wit_bindgen::generate!({ world: "metadata-plugin", path: "../../wit" });
 
 use exports::replicator::plugin::metadata::{
-    Broker, Client, Guest, GuestClient, PartitionState, TopicPartition,
+    Broker, Client, Guest, GuestClient, PartitionRead, PartitionState, TopicPartition,
 };
 use replicator::plugin::types::PluginError;
 
@@ -82,6 +82,18 @@ impl GuestClient for FileClient {
         Ok(list
             .into_iter()
             .map(|(topic, partition)| TopicPartition { topic, partition })
+            .collect())
+    }
+
+    fn read_partitions(&self) -> Result<Vec<PartitionRead>, PluginError> {
+        let list = self.0.read_partitions().map_err(map)?;
+        Ok(list
+            .into_iter()
+            .map(|(topic, partition, state)| PartitionRead {
+                topic,
+                partition,
+                state: state.map(to_wit).map_err(map),
+            })
             .collect())
     }
 

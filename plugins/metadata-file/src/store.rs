@@ -530,6 +530,32 @@ impl Store {
         Ok(out)
     }
 
+    /// Every partition's state, or why its record cannot be read, sorted:
+    /// one listing of each directory and one read of each newest version,
+    /// as `list_partitions` then `get_partition` on each would do with a
+    /// second listing of every partition.
+    pub fn read_partitions(&self) -> Result<Vec<(String, u32, Result<Partition>)>> {
+        let mut out = Vec::new();
+        for topic in subdirs(&self.partitions)? {
+            if check_topic(&topic).is_err() {
+                continue;
+            }
+            let tdir = self.partitions.join(&topic);
+            for p in subdirs(&tdir)? {
+                let Some(partition) = parse_id(&p) else {
+                    continue;
+                };
+                match self.get_partition(&topic, partition) {
+                    // No version yet (being created) or gone meanwhile.
+                    Err(Error::NotFound(_)) => {}
+                    read => out.push((topic.clone(), partition, read)),
+                }
+            }
+        }
+        out.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        Ok(out)
+    }
+
     /// Register `id` at `address` under a new epoch, greater than every
     /// earlier one of `id`.
     pub fn register_broker(&self, id: u32, address: &str) -> Result<u64> {
