@@ -468,12 +468,41 @@ fn a_corrupt_partition_record_affects_only_that_partition() {
     c.wait_status("fresh everywhere", |v| converged(v, "fresh", 0, 100));
     let log = (1..=3).map(|n| c.log(n)).collect::<String>();
     assert!(
-        log.contains("bad/0: its record in the metadata store is corrupt"),
+        log.contains("bad/0: its record in the metadata store cannot be read"),
         "{log}"
     );
 
     // Removed, the partition serves again.
     std::fs::remove_file(&corrupt).expect("remove");
+    let served = to_bad_0("10");
+    assert!(
+        served.status.success(),
+        "{}",
+        String::from_utf8_lossy(&served.stderr)
+    );
+
+    // A record deleted by hand: each node says so, once, where the
+    // partition used to vanish without a word; put back, it serves again.
+    let aside = c.dir.path().join("bad-0-records");
+    std::fs::rename(&record_dir, &aside).expect("move the record away");
+    let gone = "bad/0: its record is gone from the metadata store";
+    c.wait_log("every node to notice the record is gone", |c| {
+        (1..=3).all(|n| c.log(n).contains(gone))
+    });
+    std::fs::rename(&aside, &record_dir).expect("put the record back");
+    // After it said the record was gone (a node may have said so right
+    // after the corrupt version, without reading it in between).
+    let again = "bad/0: its record in the metadata store reads again";
+    c.wait_log("every node to read it again", |c| {
+        (1..=3).all(|n| {
+            let log = c.log(n);
+            log.rfind(again) > log.rfind(gone)
+        })
+    });
+    assert!(
+        (1..=3).all(|n| c.log(n).matches(gone).count() == 1),
+        "said more than once"
+    );
     let served = to_bad_0("10");
     assert!(
         served.status.success(),

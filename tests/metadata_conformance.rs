@@ -58,11 +58,26 @@ async fn file_plugin_conforms() {
     .await;
 }
 
+/// `read-partitions` in pages of 3, so that its case spans several.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_plugin_conforms_reading_in_small_pages() {
+    check(MetadataSubject::new(
+        load("file", Sandbox::default()),
+        vec![("page_size".into(), "3".into())],
+    ))
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_plugin_conforms() {
     let etcd = Etcd::start();
     let plugin = load("etcd", Sandbox::default().allow_http([etcd.authority()]));
     let config = etcd_config(&[etcd.endpoint()], "/conformance/", CONFORMANCE_TIMEOUT_MS);
+    check(MetadataSubject::new(plugin.clone(), config)).await;
+    // And reading in pages of 3 keys, so that `read-partitions` spans
+    // several range requests.
+    let mut config = etcd_config(&[etcd.endpoint()], "/paged/", CONFORMANCE_TIMEOUT_MS);
+    config.push(("page_size".into(), "3".into()));
     check(MetadataSubject::new(plugin, config)).await;
 }
 

@@ -143,8 +143,19 @@ fn runtime_workers(command: &Command) -> Option<u16> {
 }
 
 fn init_tracing(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| default.to_string());
+    // wasmtime-wasi-http warns of every failed connect of a plugin's HTTP
+    // request: thousands of lines a minute while etcd is down, where the
+    // plugin reports the error and the node logs the outage once. Its
+    // errors stay, and `RUST_LOG` naming it decides for itself.
+    let spec = if spec.contains("wasmtime_wasi_http") {
+        spec
+    } else {
+        format!("{spec},wasmtime_wasi_http=error")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec).unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{default},wasmtime_wasi_http=error"))
+    });
     use std::io::IsTerminal as _;
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -216,6 +216,19 @@ pub enum MetadataError {
     Fault(String),
 }
 
+/// Whether `t` is a topic name: Kafka's `[A-Za-z0-9._-]`, 1 to
+/// `MAX_TOPIC_LEN` characters, not `.` or `..`. Partition directories are
+/// named after topics, so a name from anywhere else (a metadata plugin
+/// included) is checked against this before it is used.
+pub fn valid_topic(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= crate::core::MAX_TOPIC_LEN
+        && t != "."
+        && t != ".."
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// One partition's record as [`MetadataStore::read_partitions`] found it:
 /// its state, or why it cannot be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,21 +260,26 @@ pub trait MetadataStore: Send + Sync {
 
     /// Every partition's record, sorted: what [`Self::list_partitions`]
     /// and then [`Self::get_partition`] on each would give (partitions gone
-    /// meanwhile left out), which is what this default does. A store that
-    /// can read them all in one go does so: each node reads this every
+    /// meanwhile left out), which is what this default does. A record's
+    /// own error is its entry's (one bad record hides no other); an error
+    /// of the store (down, failing) fails the call. A store that can read
+    /// them all in fewer calls does so: each node reads this every
     /// `metadata_poll_ms`.
     fn read_partitions(&self) -> MetaFuture<'_, Vec<PartitionRead>> {
         Box::pin(async move {
             let mut out = Vec::new();
             for (topic, partition) in self.list_partitions().await? {
-                match self.get_partition(&topic, partition).await {
-                    Err(MetadataError::NotFound(_)) => {}
-                    state => out.push(PartitionRead {
-                        topic,
-                        partition,
-                        state,
-                    }),
-                }
+                let state = match self.get_partition(&topic, partition).await {
+                    Err(MetadataError::NotFound(_)) => continue,
+                    Err(MetadataError::Corrupt(why)) => Err(MetadataError::Corrupt(why)),
+                    Err(e) => return Err(e),
+                    Ok(s) => Ok(s),
+                };
+                out.push(PartitionRead {
+                    topic,
+                    partition,
+                    state,
+                });
             }
             Ok(out)
         })

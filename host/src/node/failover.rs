@@ -154,6 +154,10 @@ async fn heartbeat(
     }
 }
 
+/// Longest pause between failover writes while the metadata store is
+/// down: the most a failover waits after the store is back.
+const STORE_RETRY_MAX_MS: u64 = 1_000;
+
 /// Every heartbeat interval, decide every partition this node replicates
 /// and carry the decisions out.
 /// `server` reaches this node's partitions (the leader rebalance asks a
@@ -178,6 +182,12 @@ async fn coordinate(
     // counted and logged once).
     let mut reported: HashMap<TopicPartition, u64> = HashMap::new();
     let mut surveys = Surveys::default();
+    // While the store is down (a write failed with it unavailable): the
+    // time the next pass may write, and the pause after it. One write a
+    // pass, then a pause doubling up to `STORE_RETRY_MAX`: trying every
+    // partition a failed node led every heartbeat made thousands of
+    // connection attempts a second to a stopped etcd.
+    let mut store_down: Option<(u64, u64)> = None;
     let mut had_quorum = true;
     let rebalance_every = shared.failover.leader_imbalance_check_interval_ms;
     let mut next_rebalance = shared.now_ms().saturating_add(rebalance_every);
@@ -224,6 +234,9 @@ async fn coordinate(
         }
         if !quorum {
             surveys.forget();
+            continue;
+        }
+        if store_down.is_some_and(|(retry_at, _)| now < retry_at) {
             continue;
         }
         let rebalance = shared.failover.auto_leader_rebalance && now >= next_rebalance;
@@ -362,6 +375,9 @@ async fn coordinate(
                 .await
             {
                 Ok(version) => {
+                    if store_down.take().is_some() {
+                        info!("failover decisions are written again");
+                    }
                     let done = shared.now_ms();
                     match &d.kind {
                         DecisionKind::Elect {
@@ -431,6 +447,25 @@ async fn coordinate(
                     shared.refresh.notify_one();
                 }
                 Err(e) => {
+                    if matches!(
+                        e,
+                        MetadataError::Unavailable(_)
+                            | MetadataError::Io(_)
+                            | MetadataError::Fault(_)
+                    ) {
+                        // The store, not this record: the other decisions
+                        // would fail too. Try one again after a pause.
+                        let pause = store_down
+                            .map_or(interval(&shared).as_millis() as u64, |(_, p)| p * 2)
+                            .min(STORE_RETRY_MAX_MS);
+                        if store_down.is_none() {
+                            warn!(
+                                "failover decisions cannot be written: {e}; trying one again every {STORE_RETRY_MAX_MS} ms at most until the store answers"
+                            );
+                        }
+                        store_down = Some((shared.now_ms().saturating_add(pause), pause));
+                        break;
+                    }
                     if matches!(d.kind, DecisionKind::Prefer { .. }) {
                         // Not worth a retry every tick: the next check.
                         warn!(
@@ -681,6 +716,21 @@ mod tests {
     struct RecordingStore {
         writes: Mutex<Vec<u32>>,
         stop: Option<watch::Sender<bool>>,
+        /// While set, every compare-and-set fails with the store
+        /// unavailable (counted in `attempts`).
+        down: std::sync::atomic::AtomicBool,
+        attempts: std::sync::atomic::AtomicUsize,
+    }
+
+    impl RecordingStore {
+        fn new(stop: Option<watch::Sender<bool>>) -> Self {
+            RecordingStore {
+                writes: Mutex::new(Vec::new()),
+                stop,
+                down: false.into(),
+                attempts: 0.into(),
+            }
+        }
     }
 
     impl MetadataStore for RecordingStore {
@@ -689,6 +739,11 @@ mod tests {
         }
         fn compare_and_set(&self, state: PartitionState, expected: u64) -> MetaFuture<'_, u64> {
             Box::pin(async move {
+                use std::sync::atomic::Ordering::SeqCst;
+                self.attempts.fetch_add(1, SeqCst);
+                if self.down.load(SeqCst) {
+                    return Err(MetadataError::Unavailable("connection refused".into()));
+                }
                 if let Ok(mut w) = self.writes.lock() {
                     w.push(state.partition);
                 }
@@ -719,10 +774,7 @@ mod tests {
     /// writes, when the first write stops the node (`stop_midway`) or not.
     async fn elections_written(stop_midway: bool) -> Vec<u32> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let store = Arc::new(RecordingStore {
-            writes: Mutex::new(Vec::new()),
-            stop: stop_midway.then_some(stop_tx.clone()),
-        });
+        let store = Arc::new(RecordingStore::new(stop_midway.then_some(stop_tx.clone())));
         // Slow enough that a loaded machine's late timer is not taken
         // for this process having been paused (half the timeout).
         let failover = FailoverConfig {
@@ -788,5 +840,88 @@ mod tests {
         // Stopped while writing the first, it leaves the second alone.
         let writes = elections_written(true).await;
         assert_eq!(writes.len(), 1, "elections written: {writes:?}");
+    }
+
+    /// With the metadata store down, a node that sees a leader of 50
+    /// partitions fail tries one write a pass and then pauses, doubling
+    /// up to a second: it used to try all 50 every heartbeat. Once the
+    /// store answers, every election is written within that second.
+    #[tokio::test]
+    async fn with_the_store_down_failover_writes_back_off() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let store = Arc::new(RecordingStore::new(None));
+        store.down.store(true, SeqCst);
+        let failover = FailoverConfig {
+            heartbeat_interval_ms: 50,
+            failure_timeout_ms: 400,
+            unclean_leader_election: false,
+            ..FailoverConfig::default()
+        };
+        let (shared, _fetch_rx) = Shared::for_tests(store.clone(), failover);
+        if let Ok(mut s) = shared.states.write() {
+            for partition in 0..50 {
+                let state = PartitionState {
+                    topic: "t".into(),
+                    partition,
+                    leader: Some(3),
+                    leader_epoch: 1,
+                    isr: vec![1, 2, 3],
+                    elr: vec![],
+                    replicas: vec![1, 2, 3],
+                    min_insync: 2,
+                    version: 1,
+                };
+                s.insert(TopicPartition::new("t", partition), state);
+            }
+        }
+        let beats = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                loop {
+                    let now = shared.now_ms();
+                    if let Ok(mut fd) = shared.detector.lock() {
+                        fd.record_heartbeat(2, now);
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        };
+        let coordinator = tokio::spawn(coordinate(shared.clone(), None, None, stop_rx));
+        // Node 3 is found failed after 400 ms; then 3 s of the store down.
+        let mut tried = 0;
+        for _ in 0..100 {
+            tried = store.attempts.load(SeqCst);
+            if tried > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(tried > 0, "no failover was tried");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let tried = store.attempts.load(SeqCst) - tried;
+        // 50 ms, 100, 200, 400, 800, then a second: about 7 in 3 s.
+        assert!(
+            (2..=12).contains(&tried),
+            "{tried} writes tried in 3 s with the store down"
+        );
+        store.down.store(false, SeqCst);
+        let mut changed = shared.changed.subscribe();
+        let all = tokio::time::timeout(Duration::from_secs(5), async {
+            while *changed.borrow_and_update() < 50 {
+                let _ = changed.changed().await;
+            }
+        })
+        .await;
+        let _ = stop_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), coordinator).await;
+        beats.abort();
+        assert!(
+            all.is_ok(),
+            "not every election was written once the store answered"
+        );
+        let mut writes = store.writes.lock().map(|w| w.clone()).unwrap_or_default();
+        writes.sort_unstable();
+        assert_eq!(writes, (0..50).collect::<Vec<u32>>());
     }
 }

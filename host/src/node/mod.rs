@@ -516,9 +516,11 @@ async fn refresh(
     let mut listed = std::collections::HashSet::new();
     // One call for every record (one range request on etcd), where a call
     // per partition cost 300 plugin calls (or HTTP requests) a pass.
+    let mut present = std::collections::HashSet::new();
     for read in meta.read_partitions().await? {
         let (topic, partition) = (read.topic, read.partition);
         let tp = TopicPartition::new(&topic, partition);
+        present.insert(tp.clone());
         listed.insert(tp.clone());
         let state = match read.state {
             Ok(s) => {
@@ -530,18 +532,22 @@ async fn refresh(
                 s
             }
             Err(MetadataError::NotFound(_)) => continue,
-            // That record: the other partitions go on.
-            Err(MetadataError::Corrupt(why)) => {
+            // That record (corrupt, or one the store could not read): the
+            // other partitions go on. A store that is down fails the whole
+            // call, and the next pass tries again.
+            Err(e) => {
+                let why = match e {
+                    MetadataError::Corrupt(why) => why,
+                    other => other.to_string(),
+                };
                 if unreadable.get(&tp) != Some(&why) {
                     error!(
-                        "{topic}/{partition}: its record in the metadata store is corrupt, so this node keeps its last view of the partition until it reads again; the other partitions go on. Restore the record (with a version and leader epoch at least those last seen) or remove it: {why}"
+                        "{topic}/{partition}: its record in the metadata store cannot be read, so this node keeps its last view of the partition until it reads again; the other partitions go on. If it is corrupt, restore the record (with a version and leader epoch at least those last seen) or remove it: {why}"
                     );
                     unreadable.insert(tp, why);
                 }
                 continue;
             }
-            // The store (down, slow, failing): the next pass tries again.
-            Err(e) => return Err(e),
         };
         if let Ok(mut m) = shared.states.write() {
             // A newer version (this node's own election) is never
@@ -680,6 +686,27 @@ async fn refresh(
         handle.send(Event::Metadata(state));
     }
     open_failures.retain(|tp, _| listed.contains(tp));
+    // A record gone from the store (deleted by hand, or a store restored
+    // from a backup older than the topic) made its partition vanish without
+    // a word: clients are told it does not exist. The replica's log and its
+    // last view stay; say so once, and again when the record is back
+    // (`unreadable` logs that, and the state is handed on again).
+    const GONE: &str = "its record is gone from the metadata store";
+    let gone: Vec<TopicPartition> = seen
+        .keys()
+        .filter(|tp| !present.contains(*tp))
+        .cloned()
+        .collect();
+    for tp in gone {
+        seen.remove(&tp);
+        if unreadable.get(&tp).map(String::as_str) != Some(GONE) {
+            error!(
+                "{}/{}: {GONE}, so clients cannot find the partition; this node keeps its replica's log and last view. Restore the record (with a version and leader epoch at least those last seen)",
+                tp.topic, tp.partition
+            );
+            unreadable.insert(tp, GONE.to_string());
+        }
+    }
     Ok(())
 }
 

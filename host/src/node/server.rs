@@ -14,7 +14,7 @@ use tracing::info;
 
 use crate::batch::{self, MAX_BATCH_LEN};
 use crate::core::{ErrorCode, FetchRequest, FetchResponse, Records, ReplicaId, TopicPartition};
-use crate::metadata::{Broker, MetadataError, PartitionState};
+use crate::metadata::{Broker, MetadataError, PartitionState, valid_topic};
 use crate::transport::{Handler, Identity, Reply};
 use crate::wire::rpc::{ReplicaStatus, Request, Response, RpcError, UnreadablePartition};
 
@@ -208,16 +208,6 @@ fn meta_err(e: MetadataError) -> RpcError {
     RpcError::Metadata(e.to_string())
 }
 
-/// Kafka's topic name rule.
-fn valid_topic(t: &str) -> bool {
-    !t.is_empty()
-        && t.len() <= crate::core::MAX_TOPIC_LEN
-        && t != "."
-        && t != ".."
-        && t.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
 impl NodeServer {
     /// How recently a replica must have fetched, caught up, to take over
     /// as preferred leader: a long poll's wait plus a failure timeout, so a
@@ -328,13 +318,14 @@ impl NodeServer {
                 Ok(s) => partitions.push(s),
                 Err(MetadataError::NotFound(_)) => {}
                 // That partition's record: the others still serve.
-                Err(MetadataError::Corrupt(why)) => unreadable.push(UnreadablePartition {
+                Err(e) => unreadable.push(UnreadablePartition {
                     topic: read.topic,
                     partition: read.partition,
-                    error: why,
+                    error: match e {
+                        MetadataError::Corrupt(why) => why,
+                        other => other.to_string(),
+                    },
                 }),
-                // The store itself: nothing else would read either.
-                Err(e) => return Err(meta_err(e)),
             }
         }
         Ok((brokers, partitions, unreadable))

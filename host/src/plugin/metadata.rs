@@ -30,7 +30,7 @@ use super::sandbox::{GUEST_DIR, PluginState, Sandbox};
 use super::{LoadError, PluginRuntime, PluginSource, builtin, plugin_bytes, prepare};
 use crate::core::ReplicaId;
 use crate::metadata::{
-    Broker, MetaFuture, MetadataError, MetadataStore, PartitionRead, PartitionState,
+    Broker, MetaFuture, MetadataError, MetadataStore, PartitionRead, PartitionState, valid_topic,
 };
 
 /// A compiled, linked metadata plugin, ready to connect.
@@ -174,7 +174,7 @@ enum Op {
     Get(String, u32),
     CompareAndSet(PartitionState, u64),
     ListPartitions,
-    ReadPartitions,
+    ReadPartitions(Option<String>),
     RegisterBroker(ReplicaId, String),
     ListBrokers,
     ClaimClusterId(String),
@@ -185,7 +185,8 @@ enum Out {
     State(PartitionState),
     Version(u64),
     Partitions(Vec<(String, u32)>),
-    Reads(Vec<PartitionRead>),
+    /// A page of records, and the cursor of the next page.
+    Page(Vec<PartitionRead>, Option<String>),
     Brokers(Vec<Broker>),
     ClusterId(String),
     Unit,
@@ -214,7 +215,7 @@ struct Live {
 
 /// The newest versions and broker epochs this connection has seen; the
 /// store may never answer with older ones.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Seen {
     /// Each partition's newest version seen, and the highest leader epoch.
     versions: HashMap<(String, u32), (u64, u32)>,
@@ -467,8 +468,12 @@ impl Actor {
                 let r = guarded(deadline, guest.call_list_partitions(&mut *store, client)).await;
                 check_list_partitions(r)
             }
-            Op::ReadPartitions => {
-                let r = guarded(deadline, guest.call_read_partitions(&mut *store, client)).await;
+            Op::ReadPartitions(after) => {
+                let r = guarded(
+                    deadline,
+                    guest.call_read_partitions(&mut *store, client, after.as_deref()),
+                )
+                .await;
                 check_read_partitions(seen, r)
             }
             Op::RegisterBroker(id, address) => {
@@ -503,7 +508,7 @@ impl Actor {
         };
         match verdict {
             // Each record's error names paths as the host knows them too.
-            Verdict::Ok(Out::Reads(reads)) => Ok(Out::Reads(
+            Verdict::Ok(Out::Page(reads, next)) => Ok(Out::Page(
                 reads
                     .into_iter()
                     .map(|r| PartitionRead {
@@ -511,6 +516,7 @@ impl Actor {
                         ..r
                     })
                     .collect(),
+                next,
             )),
             Verdict::Ok(out) => Ok(out),
             Verdict::Err(e) => Err(self.host_paths(e)),
@@ -670,34 +676,60 @@ fn check_list_partitions(answer: Answer<Vec<wit::TopicPartition>>) -> Verdict {
         if let Some(w) = list.windows(2).find(|w| w[0] == w[1]) {
             return Err(format!("list-partitions named {}/{} twice", w[0].0, w[0].1));
         }
+        if let Some((t, _)) = list.iter().find(|(t, _)| !valid_topic(t)) {
+            return Err(format!(
+                "list-partitions named topic {t:?}, which is not a topic name"
+            ));
+        }
         Ok(Out::Partitions(list))
     })
 }
 
-/// Each record judged as `get-partition`'s answer for it would be: a
-/// record that breaks the rules is that partition's `corrupt` error, an
-/// answer no store could give (another partition's state, a version gone
-/// back) a fault of the whole call. Sorted here; a partition twice is a
-/// fault.
-fn check_read_partitions(seen: &mut Seen, answer: Answer<Vec<wit::PartitionRead>>) -> Verdict {
-    let mut list = match answer {
+/// Longest page cursor a plugin may hand back.
+const MAX_CURSOR: usize = 4096;
+
+/// Pages of one `read-partitions` pass, at most: a plugin whose cursors
+/// never end would otherwise hold the connection for good.
+const MAX_PAGES: usize = 100_000;
+
+/// A page of `read-partitions`, each record judged as `get-partition`'s
+/// answer for it would be: a record that breaks the rules (a version that
+/// went back included) is that partition's `corrupt` error; an answer no
+/// store could give (another partition's state, not-found after a version
+/// was seen, a partition twice) is a fault of the whole call, and then
+/// nothing of the page counts as seen.
+fn check_read_partitions(seen: &mut Seen, answer: Answer<wit::PartitionPage>) -> Verdict {
+    let page = match answer {
         Err(fault) => return Verdict::Violation(fault),
         Ok(Err(e)) => return Verdict::Err(convert(e)),
-        Ok(Ok(list)) => list,
+        Ok(Ok(page)) => page,
     };
-    list.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
-    if let Some(w) = list
-        .windows(2)
-        .find(|w| (&w[0].topic, w[0].partition) == (&w[1].topic, w[1].partition))
-    {
+    if page.next.as_ref().is_some_and(|n| n.len() > MAX_CURSOR) {
         return Verdict::Violation(format!(
-            "read-partitions named {}/{} twice",
-            w[0].topic, w[0].partition
+            "read-partitions answered a page cursor over {MAX_CURSOR} bytes"
         ));
     }
-    let mut out = Vec::with_capacity(list.len());
-    for r in list {
-        let state = match check_get(seen, r.topic.clone(), r.partition, Ok(r.state)) {
+    let mut names: Vec<(&str, u32)> = page
+        .reads
+        .iter()
+        .map(|r| (r.topic.as_str(), r.partition))
+        .collect();
+    names.sort_unstable();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Verdict::Violation(format!("read-partitions named {}/{} twice", w[0].0, w[0].1));
+    }
+    // Partition directories are named after topics: a name that is not
+    // one (`../x`) must not get that far.
+    if let Some(r) = page.reads.iter().find(|r| !valid_topic(&r.topic)) {
+        return Verdict::Violation(format!(
+            "read-partitions named topic {:?}, which is not a topic name",
+            r.topic
+        ));
+    }
+    let mut trial = seen.clone();
+    let mut out = Vec::with_capacity(page.reads.len());
+    for r in page.reads {
+        let state = match check_get(&mut trial, r.topic.clone(), r.partition, Ok(r.state)) {
             Verdict::Ok(Out::State(s)) => Ok(s),
             // Created or gone meanwhile: not listed, as list-partitions
             // then get-partition would leave it out.
@@ -714,7 +746,8 @@ fn check_read_partitions(seen: &mut Seen, answer: Answer<Vec<wit::PartitionRead>
             state,
         });
     }
-    Verdict::Ok(Out::Reads(out))
+    *seen = trial;
+    Verdict::Ok(Out::Page(out, page.next))
 }
 
 fn check_register(seen: &mut Seen, id: ReplicaId, answer: Answer<u64>) -> Verdict {
@@ -842,8 +875,47 @@ impl MetadataStore for PluginMetadata {
         expect_out!(self, Op::ListPartitions, Out::Partitions(l) => l)
     }
 
+    /// Page after page until the plugin says it was the last; a partition
+    /// on two pages, or a cursor handed back twice, is a fault.
     fn read_partitions(&self) -> MetaFuture<'_, Vec<PartitionRead>> {
-        expect_out!(self, Op::ReadPartitions, Out::Reads(l) => l)
+        Box::pin(async move {
+            let fault = |why: String| MetadataError::Fault(format!("{}: {why}", self.label));
+            let mut all: Vec<PartitionRead> = Vec::new();
+            let mut cursors = std::collections::HashSet::new();
+            let mut after = None;
+            for _ in 0..MAX_PAGES {
+                let (page, next) = match self.submit(Op::ReadPartitions(after.take())).await? {
+                    Out::Page(page, next) => (page, next),
+                    _ => unreachable!("the actor answers each op with its own output kind"),
+                };
+                all.extend(page);
+                match next {
+                    None => {
+                        all.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+                        if let Some(w) = all.windows(2).find(|w| {
+                            (&w[0].topic, w[0].partition) == (&w[1].topic, w[1].partition)
+                        }) {
+                            return Err(fault(format!(
+                                "read-partitions named {}/{} on two pages",
+                                w[0].topic, w[0].partition
+                            )));
+                        }
+                        return Ok(all);
+                    }
+                    Some(cursor) => {
+                        if !cursors.insert(cursor.clone()) {
+                            return Err(fault(format!(
+                                "read-partitions handed back page cursor {cursor:?} twice"
+                            )));
+                        }
+                        after = Some(cursor);
+                    }
+                }
+            }
+            Err(fault(format!(
+                "read-partitions did not end within {MAX_PAGES} pages"
+            )))
+        })
     }
 
     fn register_broker(&self, id: ReplicaId, address: String) -> MetaFuture<'_, u64> {
@@ -905,30 +977,33 @@ mod tests {
     /// an answer no store could give is a fault of the whole call.
     #[test]
     fn read_partitions_is_checked_record_by_record() {
-        let read = |seen: &mut Seen, list: Vec<wit::PartitionRead>| match check_read_partitions(
-            seen,
-            Ok(Ok(list)),
-        ) {
-            Verdict::Ok(Out::Reads(r)) => Ok(r
-                .into_iter()
-                .map(|r| (r.partition, r.state.map(|s| s.version)))
-                .collect::<Vec<_>>()),
-            Verdict::Violation(why) => Err(why),
-            _ => Err("neither reads nor a fault".into()),
+        let read = |seen: &mut Seen, list: Vec<wit::PartitionRead>| {
+            let page = wit::PartitionPage {
+                reads: list,
+                next: None,
+            };
+            match check_read_partitions(seen, Ok(Ok(page))) {
+                Verdict::Ok(Out::Page(r, _)) => Ok(r
+                    .into_iter()
+                    .map(|r| (r.partition, r.state.map(|s| s.version)))
+                    .collect::<Vec<_>>()),
+                Verdict::Violation(why) => Err(why),
+                _ => Err("neither reads nor a fault".into()),
+            }
         };
         let mut seen = Seen::default();
         let mut corrupt = entry(2, 1);
         corrupt.state = Err(PluginError::Corrupt("bad json".into()));
         let mut gone = entry(3, 1);
         gone.state = Err(PluginError::NotFound("gone".into()));
-        // Out of order, one corrupt, one gone meanwhile.
+        // One corrupt, one gone meanwhile (left out).
         let got = read(&mut seen, vec![entry(1, 4), corrupt, entry(0, 2), gone]);
         assert_eq!(
             got,
             Ok(vec![
-                (0, Ok(2)),
                 (1, Ok(4)),
-                (2, Err(MetadataError::Corrupt("bad json".into())))
+                (2, Err(MetadataError::Corrupt("bad json".into()))),
+                (0, Ok(2)),
             ])
         );
         // What was seen counts: a version that went back is that record's
@@ -937,15 +1012,29 @@ mod tests {
         let back = read(&mut seen, vec![entry(1, 3), entry(0, 2)]);
         assert!(
             matches!(&back, Ok(r) if r.len() == 2
-                && matches!(&r[1], (1, Err(MetadataError::Corrupt(w))) if w.contains("after version 4"))
-                && r[0] == (0, Ok(2))),
+                && matches!(&r[0], (1, Err(MetadataError::Corrupt(w))) if w.contains("after version 4"))
+                && r[1] == (0, Ok(2))),
             "{back:?}"
         );
         let twice = read(&mut Seen::default(), vec![entry(0, 1), entry(0, 1)]);
         assert!(twice.is_err_and(|w| w.contains("twice")));
         let mut other = entry(0, 1);
         other.partition = 5;
-        assert!(read(&mut Seen::default(), vec![other]).is_err());
+        assert!(read(&mut Seen::default(), vec![other.clone()]).is_err());
+        // A page that is a fault leaves nothing of it seen: version 9
+        // before the bad record does not make a later 5 look gone back.
+        let mut seen = Seen::default();
+        assert!(read(&mut seen, vec![entry(0, 9), other]).is_err());
+        assert_eq!(read(&mut seen, vec![entry(0, 5)]), Ok(vec![(0, Ok(5))]));
+        // A topic name that is not one would name a directory outside
+        // the node's data directory.
+        let mut escape = entry(0, 1);
+        escape.topic = "../../x".into();
+        if let Ok(s) = escape.state.as_mut() {
+            s.topic = "../../x".into();
+        }
+        let why = read(&mut Seen::default(), vec![escape]);
+        assert!(why.is_err_and(|w| w.contains("not a topic name")));
     }
 
     #[test]

@@ -110,11 +110,11 @@ struct ErrorBody {
     code: Option<i64>,
 }
 
-fn b64(bytes: &[u8]) -> String {
+pub fn b64(bytes: &[u8]) -> String {
     B64.encode(bytes)
 }
 
-fn unb64(what: &str, s: &str) -> Result<Vec<u8>, Error> {
+pub fn unb64(what: &str, s: &str) -> Result<Vec<u8>, Error> {
     B64.decode(s)
         .map_err(|e| Error::Malformed(format!("{what} is not base64: {e}")))
 }
@@ -279,7 +279,59 @@ impl Gateway {
         Ok(kvs)
     }
 
+    /// Up to `limit` keys with values from `from` (inclusive) to the end
+    /// of `prefix`, in key order, and whether more follow.
+    pub fn list_page(
+        &self,
+        prefix: &[u8],
+        from: &[u8],
+        limit: u32,
+    ) -> Result<(Vec<Kv>, bool), Error> {
+        if !from.starts_with(prefix) {
+            return Err(Error::Malformed(format!(
+                "a page of {:?} cannot start at {:?}",
+                String::from_utf8_lossy(prefix),
+                String::from_utf8_lossy(from)
+            )));
+        }
+        let end = prefix_end(prefix);
+        let (kvs, more) = self.range_limited(from, Some(&end), false, limit)?;
+        if let Some(kv) = kvs
+            .iter()
+            .find(|kv| !kv.key.starts_with(prefix) || kv.key.as_slice() < from)
+        {
+            return Err(Error::Malformed(format!(
+                "a range from {:?} returned key {:?} outside it",
+                String::from_utf8_lossy(from),
+                String::from_utf8_lossy(&kv.key)
+            )));
+        }
+        if more && kvs.is_empty() {
+            return Err(Error::Malformed(
+                "a range reported more keys but returned none".into(),
+            ));
+        }
+        Ok((kvs, more))
+    }
+
     fn range(&self, key: &[u8], end: Option<&[u8]>, keys_only: bool) -> Result<Vec<Kv>, Error> {
+        let (kvs, more) = self.range_limited(key, end, keys_only, 0)?;
+        if more {
+            return Err(Error::Malformed(
+                "a range without a limit reported more keys".into(),
+            ));
+        }
+        Ok(kvs)
+    }
+
+    /// A range read; `limit` 0 means all.
+    fn range_limited(
+        &self,
+        key: &[u8],
+        end: Option<&[u8]>,
+        keys_only: bool,
+        limit: u32,
+    ) -> Result<(Vec<Kv>, bool), Error> {
         let mut req = json!({ "key": b64(key) });
         if let Some(end) = end {
             req["range_end"] = b64(end).into();
@@ -287,15 +339,22 @@ impl Gateway {
         if keys_only {
             req["keys_only"] = true.into();
         }
+        if limit > 0 {
+            // int64 fields go as strings in etcd's JSON.
+            req["limit"] = limit.to_string().into();
+        }
         let body = self.call("/v3/kv/range", &req, true)?;
         let r: RangeResponse = serde_json::from_slice(&body)
             .map_err(|e| Error::Malformed(format!("range response: {e}")))?;
-        if r.more {
-            return Err(Error::Malformed(
-                "a range without a limit reported more keys".into(),
-            ));
+        let more = r.more;
+        if limit > 0 && r.kvs.len() > limit as usize {
+            return Err(Error::Malformed(format!(
+                "a range limited to {limit} keys returned {}",
+                r.kvs.len()
+            )));
         }
-        r.kvs
+        let kvs = r
+            .kvs
             .into_iter()
             .map(|kv| {
                 Ok(Kv {
@@ -304,7 +363,8 @@ impl Gateway {
                     mod_revision: kv.mod_revision.0,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<Kv>, Error>>()?;
+        Ok((kvs, more))
     }
 
     /// Put `value` at `key` if `expect` holds, atomically. `Ok(false)`:

@@ -36,7 +36,8 @@ use std::time::Duration;
 wit_bindgen::generate!({ world: "metadata-plugin", path: "../../wit" });
 
 use exports::replicator::plugin::metadata::{
-    Broker, Client, Guest, GuestClient, PartitionRead, PartitionState, TopicPartition,
+    Broker, Client, Guest, GuestClient, PartitionPage, PartitionRead, PartitionState,
+    TopicPartition,
 };
 use replicator::plugin::types::PluginError;
 
@@ -45,6 +46,8 @@ const DEFAULT_TIMEOUT_MS: u64 = 2000;
 /// Longest per-request timeout accepted: the host's call deadline is
 /// seconds, a longer one could only end in a fault.
 const MAX_TIMEOUT_MS: u64 = 60_000;
+/// Most keys one page of `read-partitions` may ask etcd for.
+const MAX_PAGE: u32 = 10_000;
 
 struct Plugin;
 
@@ -97,6 +100,7 @@ fn open(config: &[(String, String)]) -> Result<store::Store, String> {
     let mut endpoints = None;
     let mut prefix = DEFAULT_PREFIX.to_string();
     let mut timeout_ms = DEFAULT_TIMEOUT_MS;
+    let mut page = store::PAGE;
     for (k, v) in config {
         match k.as_str() {
             "endpoints" => {
@@ -126,9 +130,19 @@ fn open(config: &[(String, String)]) -> Result<store::Store, String> {
                     }
                 }
             }
+            "page_size" => {
+                page = match v.parse::<u32>() {
+                    Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
+                    _ => {
+                        return Err(format!(
+                            "page_size `{v}` must be a number of keys from 1 to {MAX_PAGE}"
+                        ));
+                    }
+                }
+            }
             other => {
                 return Err(format!(
-                    "unknown setting `{other}`; known: endpoints, prefix, timeout_ms"
+                    "unknown setting `{other}`; known: endpoints, prefix, timeout_ms, page_size"
                 ));
             }
         }
@@ -140,7 +154,7 @@ fn open(config: &[(String, String)]) -> Result<store::Store, String> {
         }
     };
     let gateway = etcd::Gateway::new(endpoints, Duration::from_millis(timeout_ms));
-    Ok(store::Store::new(gateway, prefix))
+    Ok(store::Store::new(gateway, prefix, page))
 }
 
 fn to_wit(s: store::Partition) -> PartitionState {
@@ -197,16 +211,19 @@ impl GuestClient for EtcdClient {
             .collect())
     }
 
-    fn read_partitions(&self) -> Result<Vec<PartitionRead>, PluginError> {
-        let list = self.0.read_partitions().map_err(map)?;
-        Ok(list
-            .into_iter()
-            .map(|(topic, partition, state)| PartitionRead {
-                topic,
-                partition,
-                state: state.map(to_wit).map_err(map),
-            })
-            .collect())
+    fn read_partitions(&self, after: Option<String>) -> Result<PartitionPage, PluginError> {
+        let (list, next) = self.0.read_partitions(after.as_deref()).map_err(map)?;
+        Ok(PartitionPage {
+            reads: list
+                .into_iter()
+                .map(|(topic, partition, state)| PartitionRead {
+                    topic,
+                    partition,
+                    state: state.map(to_wit).map_err(map),
+                })
+                .collect(),
+            next,
+        })
     }
 
     fn register_broker(&self, broker: Broker) -> Result<u64, PluginError> {

@@ -42,6 +42,14 @@ pub enum Error {
 
 type Result<T> = std::result::Result<T, Error>;
 
+/// A page of `read-partitions`: each partition's state or why it cannot be
+/// read, and where the next page starts (none after the last).
+pub type Page = (Vec<(String, u32, Result<Partition>)>, Option<String>);
+
+/// Keys per page of `read-partitions` by default: one range request
+/// each, some 300 KB of records, well within a call's deadline.
+pub const PAGE: u32 = 1000;
+
 impl From<EtcdError> for Error {
     fn from(e: EtcdError) -> Self {
         match e {
@@ -180,11 +188,17 @@ fn parse_id(name: &str) -> Option<u32> {
 pub struct Store {
     gateway: Gateway,
     prefix: String,
+    /// Keys per page of `read-partitions`.
+    page: u32,
 }
 
 impl Store {
-    pub fn new(gateway: Gateway, prefix: String) -> Self {
-        Store { gateway, prefix }
+    pub fn new(gateway: Gateway, prefix: String, page: u32) -> Self {
+        Store {
+            gateway,
+            prefix,
+            page,
+        }
     }
 
     fn partitions_prefix(&self) -> String {
@@ -289,20 +303,41 @@ impl Store {
         Ok(out)
     }
 
-    /// Every partition's state, or why its record cannot be read, sorted:
-    /// one range request for the keys and values together.
-    pub fn read_partitions(&self) -> Result<Vec<(String, u32, Result<Partition>)>> {
+    /// A page of every partition's state (or why its record cannot be
+    /// read), in key order: one range request of up to `page_size` keys and
+    /// their values, from after `after` (the last key of the previous
+    /// page, base64). The next page's `after`, unless this was the last.
+    pub fn read_partitions(&self, after: Option<&str>) -> Result<Page> {
         let prefix = self.partitions_prefix();
+        let from = match after {
+            None => prefix.as_bytes().to_vec(),
+            Some(cursor) => {
+                let mut key = crate::etcd::unb64("the page cursor", cursor)
+                    .map_err(|_| Error::Invalid(format!("not a page cursor: {cursor:?}")))?;
+                if !key.starts_with(prefix.as_bytes()) {
+                    return Err(Error::Invalid(format!("not a page cursor: {cursor:?}")));
+                }
+                // The smallest key after it.
+                key.push(0);
+                key
+            }
+        };
+        let (kvs, more) = self
+            .gateway
+            .list_page(prefix.as_bytes(), &from, self.page)?;
+        let next = if more {
+            kvs.last().map(|kv| crate::etcd::b64(&kv.key))
+        } else {
+            None
+        };
         let mut out = Vec::new();
-        for kv in self.gateway.list(prefix.as_bytes(), false)? {
+        for kv in &kvs {
             if let Some((topic, partition)) = Self::partition_of(&prefix, &kv.key) {
-                let state = self.decode_partition(&topic, partition, &kv);
+                let state = self.decode_partition(&topic, partition, kv);
                 out.push((topic, partition, state));
             }
         }
-        out.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
-        out.dedup_by(|a, b| (&a.0, a.1) == (&b.0, b.1));
-        Ok(out)
+        Ok((out, next))
     }
 
     /// Register `id` at `address` under a new epoch, greater than every

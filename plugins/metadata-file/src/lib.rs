@@ -9,7 +9,8 @@ mod store;
 wit_bindgen::generate!({ world: "metadata-plugin", path: "../../wit" });
 
 use exports::replicator::plugin::metadata::{
-    Broker, Client, Guest, GuestClient, PartitionRead, PartitionState, TopicPartition,
+    Broker, Client, Guest, GuestClient, PartitionPage, PartitionRead, PartitionState,
+    TopicPartition,
 };
 use replicator::plugin::types::PluginError;
 
@@ -85,16 +86,19 @@ impl GuestClient for FileClient {
             .collect())
     }
 
-    fn read_partitions(&self) -> Result<Vec<PartitionRead>, PluginError> {
-        let list = self.0.read_partitions().map_err(map)?;
-        Ok(list
-            .into_iter()
-            .map(|(topic, partition, state)| PartitionRead {
-                topic,
-                partition,
-                state: state.map(to_wit).map_err(map),
-            })
-            .collect())
+    fn read_partitions(&self, after: Option<String>) -> Result<PartitionPage, PluginError> {
+        let (list, next) = self.0.read_partitions(after.as_deref()).map_err(map)?;
+        Ok(PartitionPage {
+            reads: list
+                .into_iter()
+                .map(|(topic, partition, state)| PartitionRead {
+                    topic,
+                    partition,
+                    state: state.map(to_wit).map_err(map),
+                })
+                .collect(),
+            next,
+        })
     }
 
     fn register_broker(&self, broker: Broker) -> Result<u64, PluginError> {

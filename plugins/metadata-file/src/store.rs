@@ -38,6 +38,11 @@ use serde::{Deserialize, Serialize};
 
 /// Versions (and broker epochs) kept per partition (per broker).
 pub const KEEP: u64 = 10;
+/// Partitions per page of `read-partitions` by default: a few file calls
+/// each, well within a call's deadline even from a cold disk.
+const PAGE: usize = 256;
+/// Most partitions a page may be set to.
+const MAX_PAGE: usize = 10_000;
 /// A temporary file older than this belongs to a crashed writer.
 const STALE_TMP: Duration = Duration::from_secs(600);
 const TMP_PREFIX: &str = ".tmp-";
@@ -58,6 +63,10 @@ pub enum Error {
 }
 
 type Result<T> = std::result::Result<T, Error>;
+
+/// A page of `read-partitions`: each partition's state or why it cannot be
+/// read, and where the next page starts (none after the last).
+pub type Page = (Vec<(String, u32, Result<Partition>)>, Option<String>);
 
 /// The stored cluster id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +105,8 @@ pub struct Store {
     cluster: PathBuf,
     partitions: PathBuf,
     brokers: PathBuf,
+    /// Partitions per page of `read-partitions`.
+    page: usize,
 }
 
 fn io_error(what: &str, path: &Path, e: std::io::Error) -> Error {
@@ -420,8 +431,19 @@ impl Store {
     /// `/data`).
     pub fn connect(config: &[(String, String)]) -> Result<Store> {
         let mut root = PathBuf::from("/data");
+        let mut page = PAGE;
         for (k, v) in config {
             match k.as_str() {
+                "page_size" => {
+                    page = match v.parse::<usize>() {
+                        Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
+                        _ => {
+                            return Err(Error::Invalid(format!(
+                                "page_size = `{v}`: want a number of partitions from 1 to {MAX_PAGE}"
+                            )));
+                        }
+                    }
+                }
                 "dir" => {
                     if !v.starts_with('/') {
                         return Err(Error::Invalid(format!(
@@ -432,7 +454,7 @@ impl Store {
                 }
                 _ => {
                     return Err(Error::Invalid(format!(
-                        "unknown setting `{k}`; metadata-file takes: dir"
+                        "unknown setting `{k}`; metadata-file takes: dir, page_size"
                     )));
                 }
             }
@@ -441,6 +463,7 @@ impl Store {
             cluster: root.join("cluster"),
             partitions: root.join("partitions"),
             brokers: root.join("brokers"),
+            page,
         };
         for d in [&store.partitions, &store.brokers] {
             fs::create_dir_all(d).map_err(|e| io_error("create", d, e))?;
@@ -530,21 +553,51 @@ impl Store {
         Ok(out)
     }
 
-    /// Every partition's state, or why its record cannot be read, sorted:
-    /// one listing of each directory and one read of each newest version,
-    /// as `list_partitions` then `get_partition` on each would do with a
-    /// second listing of every partition.
-    pub fn read_partitions(&self) -> Result<Vec<(String, u32, Result<Partition>)>> {
-        let mut out = Vec::new();
-        for topic in subdirs(&self.partitions)? {
-            if check_topic(&topic).is_err() {
-                continue;
+    /// A page of every partition's state (or why its record cannot be
+    /// read), by topic then partition: up to `page_size` partitions after
+    /// `after` (`<topic>/<partition>`, the last of the previous page), one
+    /// listing and one read of the newest version each. The next page's
+    /// `after`, unless this was the last.
+    pub fn read_partitions(&self, after: Option<&str>) -> Result<Page> {
+        let after = match after {
+            None => None,
+            Some(cursor) => {
+                let parsed = cursor
+                    .rsplit_once('/')
+                    .and_then(|(t, p)| Some((t.to_string(), parse_id(p)?)));
+                Some(
+                    parsed
+                        .ok_or_else(|| Error::Invalid(format!("not a page cursor: {cursor:?}")))?,
+                )
             }
+        };
+        let mut topics: Vec<String> = subdirs(&self.partitions)?
+            .into_iter()
+            .filter(|t| check_topic(t).is_ok())
+            .filter(|t| after.as_ref().is_none_or(|(a, _)| t >= a))
+            .collect();
+        topics.sort();
+        let mut out = Vec::new();
+        let mut examined = 0;
+        let mut last = String::new();
+        for topic in topics {
             let tdir = self.partitions.join(&topic);
-            for p in subdirs(&tdir)? {
-                let Some(partition) = parse_id(&p) else {
-                    continue;
-                };
+            let mut partitions: Vec<u32> = subdirs(&tdir)?
+                .iter()
+                .filter_map(|p| parse_id(p))
+                .filter(|p| match &after {
+                    Some((t, last)) if *t == topic => p > last,
+                    _ => true,
+                })
+                .collect();
+            partitions.sort_unstable();
+            for partition in partitions {
+                if examined == self.page {
+                    // After the last partition looked at (read or not).
+                    return Ok((out, Some(last)));
+                }
+                examined += 1;
+                last = format!("{topic}/{partition}");
                 match self.get_partition(&topic, partition) {
                     // No version yet (being created) or gone meanwhile.
                     Err(Error::NotFound(_)) => {}
@@ -552,8 +605,7 @@ impl Store {
                 }
             }
         }
-        out.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
-        Ok(out)
+        Ok((out, None))
     }
 
     /// Register `id` at `address` under a new epoch, greater than every
