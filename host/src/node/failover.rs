@@ -769,12 +769,17 @@ mod tests {
         }
     }
 
-    /// Node 1 of three sees node 3, the leader of two partitions, fail
-    /// while node 2 keeps answering; which partitions' elections it
-    /// writes, when the first write stops the node (`stop_midway`) or not.
-    async fn elections_written(stop_midway: bool) -> Vec<u32> {
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let store = Arc::new(RecordingStore::new(stop_midway.then_some(stop_tx.clone())));
+    /// Node 1's view of a cluster where node 3 leads `partitions`
+    /// partitions of `t` and never answers heartbeats, while node 2 does
+    /// (the task returned beats for it).
+    fn node_3_leads(
+        store: Arc<RecordingStore>,
+        partitions: u32,
+    ) -> (
+        Arc<Shared>,
+        tokio::task::JoinHandle<()>,
+        tokio::sync::mpsc::UnboundedReceiver<crate::node::fetch::FetchCmd>,
+    ) {
         // Slow enough that a loaded machine's late timer is not taken
         // for this process having been paused (half the timeout).
         let failover = FailoverConfig {
@@ -783,9 +788,9 @@ mod tests {
             unclean_leader_election: false,
             ..FailoverConfig::default()
         };
-        let (shared, _fetch_rx) = Shared::for_tests(store.clone(), failover);
+        let (shared, fetch_rx) = Shared::for_tests(store, failover);
         if let Ok(mut s) = shared.states.write() {
-            for partition in 0..2 {
+            for partition in 0..partitions {
                 let state = PartitionState {
                     topic: "t".into(),
                     partition,
@@ -800,7 +805,6 @@ mod tests {
                 s.insert(TopicPartition::new("t", partition), state);
             }
         }
-        // Node 2 answers heartbeats; node 3 never does.
         let beats = {
             let shared = shared.clone();
             tokio::spawn(async move {
@@ -813,6 +817,16 @@ mod tests {
                 }
             })
         };
+        (shared, beats, fetch_rx)
+    }
+
+    /// Node 1 of three sees node 3, the leader of two partitions, fail
+    /// while node 2 keeps answering; which partitions' elections it
+    /// writes, when the first write stops the node (`stop_midway`) or not.
+    async fn elections_written(stop_midway: bool) -> Vec<u32> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let store = Arc::new(RecordingStore::new(stop_midway.then_some(stop_tx.clone())));
+        let (shared, beats, _fetch_rx) = node_3_leads(store.clone(), 2);
         let coordinator = tokio::spawn(coordinate(shared.clone(), None, None, stop_rx));
         if !stop_midway {
             // Both elections written, then stop the node.
@@ -852,41 +866,7 @@ mod tests {
         let (stop_tx, stop_rx) = watch::channel(false);
         let store = Arc::new(RecordingStore::new(None));
         store.down.store(true, SeqCst);
-        let failover = FailoverConfig {
-            heartbeat_interval_ms: 50,
-            failure_timeout_ms: 400,
-            unclean_leader_election: false,
-            ..FailoverConfig::default()
-        };
-        let (shared, _fetch_rx) = Shared::for_tests(store.clone(), failover);
-        if let Ok(mut s) = shared.states.write() {
-            for partition in 0..50 {
-                let state = PartitionState {
-                    topic: "t".into(),
-                    partition,
-                    leader: Some(3),
-                    leader_epoch: 1,
-                    isr: vec![1, 2, 3],
-                    elr: vec![],
-                    replicas: vec![1, 2, 3],
-                    min_insync: 2,
-                    version: 1,
-                };
-                s.insert(TopicPartition::new("t", partition), state);
-            }
-        }
-        let beats = {
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                loop {
-                    let now = shared.now_ms();
-                    if let Ok(mut fd) = shared.detector.lock() {
-                        fd.record_heartbeat(2, now);
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            })
-        };
+        let (shared, beats, _fetch_rx) = node_3_leads(store.clone(), 50);
         let coordinator = tokio::spawn(coordinate(shared.clone(), None, None, stop_rx));
         // Node 3 is found failed after 400 ms; then 3 s of the store down.
         let mut tried = 0;

@@ -792,18 +792,7 @@ impl PluginLog {
             actor.run(rx).await;
         };
         if sandbox.own_thread {
-            // The runtime is built on the thread: one dropped in the
-            // caller's async context, had the spawn failed, would panic.
-            let run_label = label.clone();
-            std::thread::Builder::new()
-                .name(format!("storage {label}"))
-                .spawn(move || match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime.block_on(serve),
-                    Err(e) => tracing::error!(plugin = %run_label, "starting the storage thread's runtime: {e}"),
-                })
+            super::sandbox::spawn_own_thread(format!("storage {label}"), label.clone(), serve)
                 .map_err(|e| StorageError::Io(format!("starting the storage thread: {e}")))?;
         } else {
             tokio::spawn(serve);

@@ -139,18 +139,7 @@ impl MetadataPlugin {
         // partition each `metadata_poll_ms`. An idle node with 300
         // partitions spent a third of a core waking threads for it. A sync
         // now waits on this thread only, never on a worker.
-        // (The runtime is built on the thread: one dropped in the caller's
-        // async context, had the spawn failed, would panic.)
-        let run_label = label.clone();
-        std::thread::Builder::new()
-            .name("metadata".into())
-            .spawn(move || match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime.block_on(serve),
-                Err(e) => tracing::error!(plugin = %run_label, "starting the metadata thread's runtime: {e}"),
-            })
+        super::sandbox::spawn_own_thread("metadata".into(), label.clone(), serve)
             .map_err(|e| MetadataError::Io(format!("starting the metadata thread: {e}")))?;
         let wait = sandbox.open_deadline * 2 + Duration::from_secs(1);
         match tokio::time::timeout(wait, connected_rx).await {

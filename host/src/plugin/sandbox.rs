@@ -75,6 +75,31 @@ impl Default for Sandbox {
     }
 }
 
+/// Run `serve` (a store's task) on an OS thread of its own named `name`,
+/// on a current-thread runtime, where the store's WASI file I/O runs
+/// inline. The runtime is built on the thread: one dropped in the caller's
+/// async context, had the spawn failed, would panic. A runtime that cannot
+/// be built is logged and drops `serve`, which its caller sees as the task
+/// ending.
+pub(crate) fn spawn_own_thread(
+    name: String,
+    label: Arc<str>,
+    serve: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(serve),
+                Err(e) => tracing::error!(plugin = %label, "starting the thread's runtime: {e}"),
+            }
+        })
+        .map(|_| ())
+}
+
 /// How often the ticker thread bumps the engine's epoch: the longest a
 /// guest runs before it yields to the runtime (and before an expired
 /// deadline is noticed).
