@@ -472,14 +472,17 @@ fn a_corrupt_partition_record_affects_only_that_partition() {
         "{log}"
     );
 
+    let serves_bad_0 = || {
+        let served = to_bad_0("10");
+        assert!(
+            served.status.success(),
+            "{}",
+            String::from_utf8_lossy(&served.stderr)
+        );
+    };
     // Removed, the partition serves again.
     std::fs::remove_file(&corrupt).expect("remove");
-    let served = to_bad_0("10");
-    assert!(
-        served.status.success(),
-        "{}",
-        String::from_utf8_lossy(&served.stderr)
-    );
+    serves_bad_0();
 
     // A record deleted by hand: each node says so, once, where the
     // partition used to vanish without a word; put back, it serves again.
@@ -503,12 +506,7 @@ fn a_corrupt_partition_record_affects_only_that_partition() {
         (1..=3).all(|n| c.log(n).matches(gone).count() == 1),
         "said more than once"
     );
-    let served = to_bad_0("10");
-    assert!(
-        served.status.success(),
-        "{}",
-        String::from_utf8_lossy(&served.stderr)
-    );
+    serves_bad_0();
 
     // A node whose registration vanishes from the store (a wiped or
     // restored store) says so; it used to go unremarked.

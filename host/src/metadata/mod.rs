@@ -271,9 +271,8 @@ pub trait MetadataStore: Send + Sync {
             for (topic, partition) in self.list_partitions().await? {
                 let state = match self.get_partition(&topic, partition).await {
                     Err(MetadataError::NotFound(_)) => continue,
-                    Err(MetadataError::Corrupt(why)) => Err(MetadataError::Corrupt(why)),
-                    Err(e) => return Err(e),
-                    Ok(s) => Ok(s),
+                    Err(e) if !matches!(e, MetadataError::Corrupt(_)) => return Err(e),
+                    read => read,
                 };
                 out.push(PartitionRead {
                     topic,

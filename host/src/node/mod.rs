@@ -697,15 +697,15 @@ async fn refresh(
         .filter(|tp| !present.contains(*tp))
         .cloned()
         .collect();
+    // (Out of `seen` from here on, each is said once: it enters `seen`
+    // again only once its record reads again.)
     for tp in gone {
         seen.remove(&tp);
-        if unreadable.get(&tp).map(String::as_str) != Some(GONE) {
-            error!(
-                "{}/{}: {GONE}, so clients cannot find the partition; this node keeps its replica's log and last view. Restore the record (with a version and leader epoch at least those last seen)",
-                tp.topic, tp.partition
-            );
-            unreadable.insert(tp, GONE.to_string());
-        }
+        error!(
+            "{}/{}: {GONE}, so clients cannot find the partition; this node keeps its replica's log and last view. Restore the record (with a version and leader epoch at least those last seen)",
+            tp.topic, tp.partition
+        );
+        unreadable.insert(tp, GONE.to_string());
     }
     Ok(())
 }
