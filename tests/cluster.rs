@@ -256,6 +256,71 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
         read(&["--base64", "--from", "1", "--count", "1"]),
         b"1 /0xhdGluLTEg6XTp\n"
     );
+    // Lines are batched by bytes too: 20 lines of 1 MiB go out as batches
+    // within the 16 MiB limit (64 at a time by count made one 20 MiB
+    // batch that failed whole). A line longer than one batch holds ends
+    // the input after the lines before it were sent.
+    let produce_lines = |input: Vec<u8>, extra: &[&str]| {
+        let mut args = vec!["produce", "--config", &client, "--topic", "lines"];
+        args.extend_from_slice(extra);
+        let mut produce = std::process::Command::new(support::BIN)
+            .args(&args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run produce");
+        let mut stdin = produce.stdin.take().expect("stdin");
+        let writer = std::thread::spawn(move || {
+            use std::io::Write;
+            // The produce stops reading at the long line: a broken pipe.
+            let _ = stdin.write_all(&input);
+        });
+        let out = produce.wait_with_output().expect("produce");
+        writer.join().expect("stdin writer");
+        out
+    };
+    let mut big = Vec::new();
+    for i in 0..20u8 {
+        big.extend(std::iter::repeat_n(b'a' + i, 1 << 20));
+        big.push(b'\n');
+    }
+    let longest = replicator::batch::MAX_BATCH_LEN as usize - 68;
+    big.extend(std::iter::repeat_n(b'z', longest + 1));
+    big.push(b'\n');
+    let out = produce_lines(big, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("a line of over {longest} bytes")),
+        "{stderr}"
+    );
+    let acked: Vec<&str> = std::str::from_utf8(&out.stdout)
+        .expect("offsets")
+        .lines()
+        .collect();
+    let expected: Vec<String> = (3..23).map(|o| format!("0 {o}")).collect();
+    assert_eq!(acked, expected, "{stderr}");
+    let values = read(&["--from", "3", "--count", "20"]);
+    let lines: Vec<&[u8]> = values
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(lines.len(), 20);
+    for (i, l) in lines.iter().enumerate() {
+        let (offset, value) = l.split_at(l.iter().position(|b| *b == b' ').expect("offset"));
+        assert_eq!(offset, format!("{}", i + 3).as_bytes());
+        assert!(value.len() == (1 << 20) + 1 && value[1..].iter().all(|b| *b == b'a' + i as u8));
+    }
+    // A partition the topic does not have is refused before anything is
+    // sent (every batch was refused, one error line each).
+    let out = produce_lines(b"x\n".to_vec(), &["--partition", "5"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("topic lines has no partition 5 (its partitions are 0 to 0)"),
+        "{stderr}"
+    );
     // Topics as the store has them, in name order; one topic's partitions.
     let listed: serde_json::Value =
         serde_json::from_str(&cli_ok(&["topic", "list", "--config", &client, "--json"]))
@@ -979,6 +1044,58 @@ fn a_restarted_leader_hands_over_and_loses_nothing_even_with_memory_storage() {
     );
 }
 
+/// A `consume` waiting for more records goes on from the same offset on
+/// the new leader when its leader is killed, with nothing skipped or
+/// repeated (it used to end with a connection error: a consume is pinned
+/// to one node only by --replica).
+#[test]
+fn a_consumer_follows_the_leader_through_a_failover() {
+    use std::io::BufRead;
+    use std::time::Duration;
+    let (mut c, client, before) = three_nodes_with_2000("memory");
+    let mut consume = std::process::Command::new(support::BIN)
+        .args([
+            "consume", "--config", &client, "--topic", "t", "--count", "3000",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run consume");
+    let stdout = consume.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Everything committed so far has come from node 1, the leader; the
+    // consume now waits for offset 2000.
+    let mut got = Vec::new();
+    while got.len() < 2000 {
+        got.push(
+            rx.recv_timeout(Duration::from_secs(30))
+                .expect("the first 2000 messages"),
+        );
+    }
+    assert_eq!(got, before);
+    c.kill(1);
+    c.wait_status("a new leader", |v| {
+        partition(v, "t", 0)
+            .is_some_and(|p| p["leader"] != 1 && p["leader"] != serde_json::Value::Null)
+    });
+    produce_generated(&client, "t", "1000");
+    let out = consume.wait_with_output().expect("consume");
+    reader.join().expect("reader");
+    got.extend(rx.try_iter());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("finding its leader again"), "{stderr}");
+    assert_eq!(got, consume_replica(&c, "t", 2, 3000), "{stderr}");
+}
+
 /// Three nodes on `storage` (short lag), topic `t` with one partition
 /// led by node 1, and 2000 messages committed on every replica: the
 /// cluster, its client config, and the messages as node 2 holds them.
@@ -1130,6 +1247,13 @@ fn after_a_whole_cluster_crash_an_unclean_election_by_the_operator_restores_serv
                 .contains("no replica is known to hold every committed write")
         })
     });
+    // `status` says what the partition needs, not only the nodes' logs.
+    let table = cli_ok(&["status", "--config", &client]);
+    assert!(
+        table.contains("no leader: t/0: no replica is known to hold every committed write")
+            && table.contains("--topic T --partition P --unclean"),
+        "{table}"
+    );
 
     let elect = |extra: &[&str]| elect_t0(&client, extra);
     let refused = elect(&[]);
@@ -1787,6 +1911,30 @@ fn a_leader_whose_storage_fails_hands_the_partition_on_before_it_recovers() {
         seen.len() >= 6 && seen[..6] == [200, 400, 800, 1600, 3200, 6400],
         "pauses {seen:?}\n{log}"
     );
+    // Within the 6.4 s pause, the fault shows in `status` and in node 1's
+    // metrics, not only in its log (a full disk showed as lag alone).
+    let table = cli_ok(&["status", "--config", &client]);
+    assert!(
+        table.contains("storage fault: node 1's log of t/0 failed and is recovering"),
+        "{table}"
+    );
+    let metrics = http_get(c.base_port + 50, "/metrics");
+    let labels = "{topic=\"t\",partition=\"0\"}";
+    assert!(
+        counter(
+            &metrics,
+            &format!("replicator_partition_storage_faults_total{labels}")
+        ) >= 6,
+        "{metrics}"
+    );
+    assert_eq!(
+        counter(
+            &metrics,
+            &format!("replicator_partition_recovering{labels}")
+        ),
+        1,
+        "{metrics}"
+    );
     // The hand-off was written at the first fault, while the log kept
     // failing: before the fifth fault, 3 s of pauses later. (Before the
     // first recovery, 200 ms later, is the usual order, but the hand-off
@@ -1935,6 +2083,11 @@ async fn the_batching_producer_acknowledges_every_message_at_its_offset() {
     let mut seen: Vec<u64> = offsets.iter().map(|(o, _)| *o).collect();
     seen.sort_unstable();
     assert_eq!(seen, (0..n).collect::<Vec<_>>(), "every offset once");
+    // One request in flight (the default) keeps the order sent. With
+    // more, the leader handles each request on its own stream and task,
+    // and a later one can be appended first with nothing failing.
+    let misplaced = offsets.iter().filter(|(o, i)| o != i).count();
+    assert_eq!(misplaced, 0, "{misplaced} messages out of the order sent");
     // Every message is at the offset it was acknowledged with.
     let leader = client.leader_of("batched", 0).await.expect("leader");
     let mut stored = std::collections::HashMap::new();

@@ -617,10 +617,22 @@ impl Client {
                 .await
                 .get(&(topic.to_string(), partition))
                 .map(|p| (p.leader, p.leader_epoch));
+            // Only a newer epoch says leadership moved: an answer from a
+            // node's stale view (the store down) may show an older epoch
+            // and leader, and the produce would be given up as ambiguous
+            // while the leader it went to commits it. Without a known
+            // epoch, a different leader.
+            let moved = |(l, e): (Option<ReplicaId>, u32)| match epoch {
+                Some(epoch) => e > epoch,
+                None => l != Some(leader),
+            };
             if let Some((l, e)) = now
-                && (l != Some(leader) || Some(e) != epoch)
+                && moved((l, e))
             {
-                return format!("leadership moved to {l:?} in epoch {e}");
+                return match l {
+                    Some(l) => format!("leadership moved to node {l} in epoch {e}"),
+                    None => format!("node {leader} no longer leads (epoch {e} has no leader)"),
+                };
             }
         }
     }
@@ -660,12 +672,6 @@ impl Client {
             // Each attempt gets what is left of the deadline, so retries
             // do not stretch it.
             let left = timeout.saturating_sub(started.elapsed());
-            let req = Request::Produce {
-                topic: topic.to_string(),
-                partition,
-                acks,
-                timeout_ms: left.as_millis().clamp(1, 300_000) as u64,
-            };
             // Finding the leader and dialling it send nothing, and neither
             // may outlast the deadline: with the cluster down each dial
             // takes its handshake timeout, and a produce with a 500 ms
@@ -686,18 +692,33 @@ impl Client {
                     .await
                     .get(&(topic.to_string(), partition))
                     .map(|p| p.leader_epoch);
-                let limit = left + Duration::from_secs(5);
                 let sent = std::sync::atomic::AtomicBool::new(false);
                 let exchange = async {
                     let peer = tokio::time::timeout(left, self.peer(leader))
                         .await
                         .map_err(|_| in_time(format!("node {leader} not")))??;
+                    // What is left now that the leader was found and
+                    // dialled: the leader waits for the commit that long,
+                    // and the answer gets 5 s more to come back. Taking
+                    // the attempt's start here let a 30 s produce run
+                    // over 60 s.
+                    let left = timeout.saturating_sub(started.elapsed());
+                    let req = Request::Produce {
+                        topic: topic.to_string(),
+                        partition,
+                        acks,
+                        timeout_ms: left.as_millis().clamp(1, 300_000) as u64,
+                    };
+                    let limit = left + Duration::from_secs(5);
                     sent.store(true, std::sync::atomic::Ordering::Relaxed);
                     Ok::<_, ClientError>(peer.request_within(&req, body.clone(), limit).await)
                 };
                 // A dead leader never answers: stop waiting once the
-                // cluster says it failed or was replaced.
+                // cluster says it failed or was replaced. An answer that
+                // came wins over a leader check that completed in the
+                // same wake-up: that answer may be the acknowledgement.
                 let answer = tokio::select! {
+                    biased;
                     a = exchange => a?,
                     why = self.leader_lost(topic, partition, leader, epoch) => {
                         self.peers.lock().await.remove(&leader);
@@ -708,7 +729,21 @@ impl Client {
                     }
                 };
                 match answer {
-                    Ok((Response::Produced { base_offset, .. }, _)) => Ok((base_offset, leader)),
+                    // The records are written; an answer that does not
+                    // add up cannot say where.
+                    Ok((Response::Produced { base_offset, count }, _)) => {
+                        let n = records.len() as u64;
+                        if u64::from(count) != n
+                            || base_offset
+                                .checked_add(n)
+                                .is_none_or(|end| end > batch::MAX_OFFSET)
+                        {
+                            return Err(ClientError::Protocol(format!(
+                                "node {leader} acknowledged {count} records at offset {base_offset} for {n} sent; they were written, but where is unknown"
+                            )));
+                        }
+                        Ok((base_offset, leader))
+                    }
                     Ok((other, _)) => Err(ClientError::Protocol(format!("{other:?}"))),
                     // Appended, then not acknowledged: not a refusal.
                     Err(TransportError::Rejected(r @ RpcError::AfterAppend { .. })) => {

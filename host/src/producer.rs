@@ -5,10 +5,13 @@
 //! per-request costs (a QUIC stream, a task, the leader's bookkeeping) are
 //! paid per batch. With no load every message leaves at once, alone.
 //!
-//! Ordering: with `max_in_flight` > 1, a request refused before it was
-//! appended (retried by the client) can land after a later one, as in
-//! Kafka without idempotence. Use `max_in_flight = 1` when order across
-//! requests matters more than throughput.
+//! Ordering: with `max_in_flight = 1` (the default) records land in the
+//! order sent. With more, order across requests is not kept, even when
+//! nothing fails: each request travels on its own QUIC stream and the
+//! leader reads and checks each on its own task, so a small request sent
+//! after a large one can be appended first. (Kafka keeps one connection's
+//! requests in order, and needs idempotence only against retries; there
+//! is no idempotent producer here.)
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,7 +30,9 @@ use crate::core::Acks;
 pub struct ProducerConfig {
     pub acks: Acks,
     /// Requests outstanding at once (Kafka's
-    /// `max.in.flight.requests.per.connection`).
+    /// `max.in.flight.requests.per.connection`). Above 1, records of
+    /// different requests may land out of the order sent (see the module
+    /// documentation).
     pub max_in_flight: usize,
     /// Most bytes of records in one request (Kafka's `batch.size`, but
     /// taken whole when messages are waiting).
@@ -40,7 +45,7 @@ impl Default for ProducerConfig {
     fn default() -> Self {
         ProducerConfig {
             acks: Acks::All,
-            max_in_flight: 5,
+            max_in_flight: 1,
             max_batch_bytes: 1 << 20,
             timeout: Duration::from_secs(30),
         }

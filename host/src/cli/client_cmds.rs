@@ -480,6 +480,43 @@ fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
+/// Bytes of records one batch holds after its header.
+const BATCH_ROOM: usize = replicator::batch::MAX_BATCH_LEN as usize - replicator::batch::HEADER_LEN;
+
+/// What `value` takes of a batch as one of `produce`'s records (no key,
+/// no headers).
+fn framed(value: &Bytes) -> usize {
+    replicator::batch::record_len(&Record::default()).saturating_add(value.len())
+}
+
+/// `first` and what else is queued in `rx` now, at most `most` messages
+/// and at most what one batch holds: 64 lines of 300 KB each would make a
+/// 19 MB request that the leader must refuse, though each line fits
+/// alone. The message that did not fit is left in `carried`.
+fn next_batch(
+    first: Bytes,
+    rx: &mut tokio::sync::mpsc::Receiver<Bytes>,
+    most: usize,
+    carried: &mut Option<Bytes>,
+) -> Vec<Bytes> {
+    let mut room = BATCH_ROOM.saturating_sub(framed(&first));
+    let mut values = vec![first];
+    while values.len() < most {
+        match rx.try_recv() {
+            Ok(v) if framed(&v) <= room => {
+                room -= framed(&v);
+                values.push(v);
+            }
+            Ok(v) => {
+                *carried = Some(v);
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    values
+}
+
 pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
     if a.batch == 0 {
         bail!("--batch must be at least 1");
@@ -490,17 +527,41 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
         check_message_size(a.size, batch)?;
     }
     let c = client(&a.config)?;
-    let partitions = match a.partition {
-        Some(p) => vec![p],
-        None => {
-            let ps = c.topic_partitions(&a.topic).await?;
-            if ps.is_empty() {
-                bail!(
-                    "topic {} does not exist (create it with `replicator topic create`)",
-                    a.topic
-                );
-            }
-            ps
+    let partitions = 'chosen: {
+        let ps = match (c.topic_partitions(&a.topic).await, a.partition) {
+            (Ok(ps), _) => ps,
+            // No metadata now (no node up): the produce itself retries
+            // until --timeout-ms and reports what was not sent.
+            (Err(_), Some(p)) => break 'chosen vec![p],
+            (Err(e), None) => return Err(e.into()),
+        };
+        // Partitions whose record the nodes cannot read are not listed,
+        // but exist: a produce to one says why it is refused.
+        let unreadable: Vec<u32> = c
+            .unreadable()
+            .await
+            .into_iter()
+            .filter(|u| u.topic == a.topic)
+            .map(|u| u.partition)
+            .collect();
+        let last = ps.iter().chain(&unreadable).max().copied();
+        match (a.partition, last) {
+            (_, None) => bail!(
+                "topic {} does not exist (create it with `replicator topic create`)",
+                a.topic
+            ),
+            // Refused here, once: each batch to it would be refused, and a
+            // large --count printed thousands of the same error.
+            (Some(p), Some(last)) if p > last => bail!(
+                "topic {} has no partition {p} (its partitions are 0 to {last})",
+                a.topic
+            ),
+            (Some(p), _) => vec![p],
+            (None, _) if ps.is_empty() => bail!(
+                "no partition of topic {} can take writes: the metadata store's record of each is unreadable (`replicator status` says why)",
+                a.topic
+            ),
+            (None, _) => ps,
         }
     };
     // Messages come from a generator or from stdin lines, in batches of
@@ -526,25 +587,31 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
             // or not (a Latin-1 line used to end the input silently).
             use tokio::io::AsyncReadExt;
             let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
-            // A line longer than a batch could never be sent: stop reading
-            // there rather than buffer an endless one (`/dev/zero`).
-            let most = u64::from(replicator::batch::MAX_BATCH_LEN) + 2;
+            // A line longer than one batch holds as its only message could
+            // never be sent: stop reading there rather than buffer an
+            // endless one (`/dev/zero`), or send the lines before it and
+            // fail on it.
+            let longest = (BATCH_ROOM - framed(&Bytes::new())) as u64;
             loop {
                 let mut line = Vec::new();
-                if (&mut stdin).take(most).read_until(b'\n', &mut line).await? == 0 {
+                let read = (&mut stdin)
+                    .take(longest + 3)
+                    .read_until(b'\n', &mut line)
+                    .await?;
+                if read == 0 {
                     return Ok(());
-                }
-                if line.len() as u64 == most && line.last() != Some(&b'\n') {
-                    return Err(std::io::Error::other(format!(
-                        "a line of over {} bytes, more than one batch holds",
-                        replicator::batch::MAX_BATCH_LEN
-                    )));
                 }
                 if line.last() == Some(&b'\n') {
                     line.pop();
                     if line.last() == Some(&b'\r') {
                         line.pop();
                     }
+                }
+                if line.len() as u64 > longest {
+                    return Err(std::io::Error::other(format!(
+                        "a line of over {longest} bytes, more than one message in a batch holds ({} bytes with its framing)",
+                        replicator::batch::MAX_BATCH_LEN
+                    )));
                 }
                 if tx.send(Bytes::from(line)).await.is_err() {
                     return Ok(());
@@ -560,24 +627,23 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
     let mut stopped: Option<String> = None;
     let mut signal = std::pin::pin!(super::cluster::shutdown_signal());
     let mut out = std::io::stdout().lock();
+    // A message that did not fit the last batch: it starts the next.
+    let mut carried: Option<Bytes> = None;
     loop {
-        let first = tokio::select! {
-            v = rx.recv() => match v {
-                Some(v) => v,
-                None => break,
+        let first = match carried.take() {
+            Some(v) => v,
+            None => tokio::select! {
+                v = rx.recv() => match v {
+                    Some(v) => v,
+                    None => break,
+                },
+                () = &mut signal => {
+                    stopped = Some("interrupted".into());
+                    break;
+                }
             },
-            () = &mut signal => {
-                stopped = Some("interrupted".into());
-                break;
-            }
         };
-        let mut values = vec![first];
-        while values.len() < a.batch {
-            match rx.try_recv() {
-                Ok(v) => values.push(v),
-                Err(_) => break,
-            }
-        }
+        let values = next_batch(first, &mut rx, a.batch, &mut carried);
         let partition = partitions[round % partitions.len()];
         round += 1;
         let ts = now_ns();
@@ -626,20 +692,38 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
                 // made a large input take hours), so stop here, as a
                 // Kafka producer fails what it buffered after its
                 // delivery timeout.
-                if matches!(e, replicator::client::ClientError::Timeout { .. }) {
+                use replicator::client::ClientError;
+                if matches!(e, ClientError::Timeout { .. }) {
                     stopped = Some(format!(
                         "{}/{partition} took no writes within --timeout-ms ({} ms)",
                         a.topic, a.timeout_ms
                     ));
                     break;
                 }
+                // Every further batch to it would be refused the same way.
+                if matches!(
+                    e,
+                    ClientError::UnknownPartition(..) | ClientError::UnreadablePartition(..)
+                ) {
+                    stopped = Some(format!("{}/{partition} cannot take writes", a.topic));
+                    break;
+                }
             }
+        }
+    }
+    // Lines read from stdin but never sent (queued, or carried over to
+    // the next batch): counted, so the user can tell where to resume.
+    let mut read_not_sent = u64::from(carried.is_some());
+    if a.count.is_none() {
+        while rx.try_recv().is_ok() {
+            read_not_sent += 1;
         }
     }
     // Whatever was generated or read and not sent; stdin is not read on.
     drop(rx);
     let unsent = match (a.count, &stopped) {
         (Some(n), Some(_)) => n.saturating_sub(acked + failed),
+        (None, Some(_)) => read_not_sent,
         _ => 0,
     };
     if let Some(why) = &stopped {
@@ -647,7 +731,9 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
             "error: stopped: {why}; {acked} messages acknowledged, {failed} not{}",
             match a.count {
                 Some(_) => format!(", {unsent} not sent"),
-                None => ", and the rest of stdin not read".to_string(),
+                None => format!(
+                    ", {unsent} more lines read but not sent, and the rest of stdin not read"
+                ),
             }
         );
     }
@@ -723,13 +809,30 @@ pub struct ConsumeArgs {
 
 pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
     let c = client(&a.config)?;
-    let node = match a.replica {
+    let mut node = match a.replica {
         Some(r) => r,
         None => c.leader_of(&a.topic, a.partition).await?,
     };
-    let first = c
-        .read(node, &a.topic, a.partition, a.from.unwrap_or(0), 1)
-        .await;
+    // The first read follows a leader that moved, as the later ones do.
+    let give_up = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        let r = c
+            .read(node, &a.topic, a.partition, a.from.unwrap_or(0), 1)
+            .await;
+        match r {
+            Err(e) if a.replica.is_none() && read_again(&e) && Instant::now() < give_up => {
+                eprintln!(
+                    "note: reading {}/{} on node {node} failed ({e}); finding its leader again",
+                    a.topic, a.partition
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if let Ok(leader) = c.leader_of(&a.topic, a.partition).await {
+                    node = leader;
+                }
+            }
+            r => break r,
+        }
+    };
     // Start at the log start if --from was not given (or tell why not).
     let (mut offset, end) = match first {
         Ok(b) => (a.from.unwrap_or(b.log_start), b.high_watermark),
@@ -756,15 +859,33 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
     // still catching up is not cut short.
     let mut deadline = Instant::now() + Duration::from_secs(30);
     while offset < stop {
-        let b = c
-            .read(node, &a.topic, a.partition, offset, 1 << 20)
-            .await
-            .with_context(|| {
-                format!(
+        let b = match c.read(node, &a.topic, a.partition, offset, 1 << 20).await {
+            Ok(b) => b,
+            // The leader died or moved (a failover, a rolling restart):
+            // go on from the same offset on the new one, as a Kafka
+            // consumer does, within the same 30 s without progress. Only
+            // --replica pins the read to one node.
+            Err(e) if a.replica.is_none() && read_again(&e) && Instant::now() < deadline => {
+                if let Err(e) = out.flush() {
+                    return stdout_failed(e, &c).await;
+                }
+                eprintln!(
+                    "note: reading {}/{} at {offset} on node {node} failed ({e}); finding its leader again",
+                    a.topic, a.partition
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if let Ok(leader) = c.leader_of(&a.topic, a.partition).await {
+                    node = leader;
+                }
+                continue;
+            }
+            Err(e) => {
+                return Err(e).context(format!(
                     "reading {}/{} at {offset} on node {node}",
                     a.topic, a.partition
-                )
-            })?;
+                ));
+            }
+        };
         if b.records.is_empty() {
             // --count past the committed end: wait for more, bounded.
             // What came so far is out already, not held back by the wait.
@@ -809,6 +930,27 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
     drop(out);
     c.close().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A read that may succeed on the partition's current leader: the node
+/// was unreachable or its connection failed, or it no longer leads or
+/// holds the partition. Not an offset out of range (retention or an
+/// unclean election moved the log), nor a bad answer.
+fn read_again(e: &replicator::client::ClientError) -> bool {
+    use replicator::client::ClientError;
+    use replicator::wire::rpc::RpcError;
+    match e {
+        ClientError::Transport(_) | ClientError::NoNode(_) | ClientError::NoLeader(..) => true,
+        // A leader whose storage failed hands the partition on while it
+        // recovers, and answers reads so meanwhile (not a damaged batch,
+        // which stays an error).
+        ClientError::Refused(RpcError::Replication {
+            code: replicator::core::ErrorCode::StorageError,
+            message,
+        }) => message == replicator::wire::rpc::STORAGE_RECOVERING,
+        ClientError::Refused(r) => r.retriable(),
+        _ => false,
+    }
 }
 
 /// A write to stdout failed (a full disk under `consume > file`): an
@@ -887,6 +1029,17 @@ pub struct Gathered {
     pub reports: Vec<PartitionReport>,
     pub unreachable: Vec<String>,
     pub not_open: Vec<(ReplicaId, NotOpen)>,
+    /// Replicas recovering their log after a storage fault, with the fault.
+    pub storage_faults: Vec<StorageFault>,
+}
+
+/// A replica recovering its log after a storage fault (a full disk).
+#[derive(serde::Serialize)]
+pub struct StorageFault {
+    pub node: ReplicaId,
+    pub topic: String,
+    pub partition: u32,
+    pub error: String,
 }
 
 pub async fn gather(c: &Client) -> anyhow::Result<Gathered> {
@@ -922,6 +1075,21 @@ pub async fn gather(c: &Client) -> anyhow::Result<Gathered> {
             Err(e) => unreachable.push(format!("node {n}: {e}")),
         }
     }
+    let mut storage_faults: Vec<StorageFault> = views
+        .iter()
+        .flat_map(|(n, v)| {
+            v.iter().filter_map(|s| {
+                Some(StorageFault {
+                    node: *n,
+                    topic: s.topic.clone(),
+                    partition: s.partition,
+                    error: s.storage_fault.clone()?,
+                })
+            })
+        })
+        .collect();
+    storage_faults
+        .sort_by(|a, b| (&a.topic, a.partition, a.node).cmp(&(&b.topic, b.partition, b.node)));
     let find = |n: ReplicaId, t: &str, p: u32| {
         views
             .get(&n)
@@ -935,6 +1103,7 @@ pub async fn gather(c: &Client) -> anyhow::Result<Gathered> {
         reports,
         unreachable,
         not_open,
+        storage_faults,
     })
 }
 
@@ -1037,11 +1206,13 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
         mut reports,
         unreachable,
         mut not_open,
+        mut storage_faults,
     } = gathered?;
     if let Some(t) = &a.topic {
         reports.retain(|r| &r.topic == t);
         unreadable.retain(|u| &u.topic == t);
         not_open.retain(|(_, p)| &p.topic == t);
+        storage_faults.retain(|f| &f.topic == t);
         if reports.is_empty() && unreadable.is_empty() {
             bail!("topic {t} does not exist (`replicator topic list` lists the topics)");
         }
@@ -1066,6 +1237,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
             "unreachable": unreachable,
             "unreadable": unreadable,
             "not_open": not_open,
+            "storage_faults": storage_faults,
             "stale": stale,
         });
         println!("{v}");
@@ -1083,9 +1255,42 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
                 p.topic, p.partition, p.attempts, p.error
             );
         }
+        // Why a replica fell out of the ISR: a full disk used to show
+        // only as lag, with the cause in that node's log alone.
+        for f in &storage_faults {
+            println!(
+                "storage fault: node {}'s log of {}/{} failed and is recovering (retried with backoff): {}",
+                f.node, f.topic, f.partition, f.error
+            );
+        }
         print_unreadable(&unreadable);
+        hint_if_stuck(&reports, &a.config);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Partitions that will not get a leader by themselves: say what will
+/// give them one, and what it costs. After a whole-cluster crash every
+/// partition is so, and the command was named only in the nodes' logs.
+fn hint_if_stuck(reports: &[PartitionReport], config: &std::path::Path) {
+    let stuck: Vec<String> = reports
+        .iter()
+        .filter(|r| r.leader.is_none() && r.isr.is_empty() && r.elr.is_empty())
+        .map(|r| format!("{}/{}", r.topic, r.partition))
+        .collect();
+    if stuck.is_empty() {
+        return;
+    }
+    const SHOWN: usize = 10;
+    let more = match stuck.len().saturating_sub(SHOWN) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    println!(
+        "no leader: {}{more}: no replica is known to hold every committed write (ISR and ELR are empty, as after a whole-cluster crash), so none gets a leader by itself. For each, `replicator partition elect --config {} --topic T --partition P --unclean` elects the most up-to-date live replica; acknowledged writes it lacks are lost",
+        stuck[..stuck.len().min(SHOWN)].join(", "),
+        config.display()
+    );
 }
 
 /// An empty table on a cluster with no topics: say how to make one.
@@ -1113,7 +1318,10 @@ fn print_unreadable(unreadable: &[replicator::wire::rpc::UnreadablePartition]) {
 
 #[cfg(test)]
 mod tests {
-    use super::{TopicSummary, check_message_size, report, summarize};
+    use super::{
+        BATCH_ROOM, TopicSummary, check_message_size, framed, next_batch, report, summarize,
+    };
+    use bytes::Bytes;
     use replicator::wire::rpc::ReplicaStatus;
 
     /// The named leader's own view of ISR and HW only while it leads the
@@ -1146,6 +1354,7 @@ mod tests {
             isr: vec![3, 1],
             replicas: vec![1, 2, 3],
             follower_log_ends: Vec::new(),
+            storage_fault: None,
         };
         for (role, epoch) in [("recovering", Some(7)), ("idle", None), ("leader", Some(6))] {
             let s = said(role, epoch);
@@ -1234,5 +1443,60 @@ mod tests {
         assert!(e.contains("lower --batch to at most 15"), "{e}");
         let e = check_message_size(100, usize::MAX).unwrap_err().to_string();
         assert!(e.contains("lower --batch"), "{e}");
+    }
+
+    /// Stdin lines are batched by bytes as well as by count, and every
+    /// batch `next_batch` makes encodes (it used to take 64 lines whatever
+    /// their size, and a batch of 20 lines of 1 MiB failed whole).
+    #[tokio::test]
+    async fn stdin_batches_stay_within_the_batch_limit() {
+        use replicator::batch::{Record, encode};
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let mib = |i: u8| Bytes::from(vec![i; 1 << 20]);
+        for i in 1..20 {
+            tx.send(mib(i)).await.unwrap();
+        }
+        drop(tx);
+        let mut carried = None;
+        let mut first = Some(mib(0));
+        let mut sizes = Vec::new();
+        let mut seen = Vec::new();
+        while let Some(f) = first.take().or_else(|| carried.take()) {
+            let values = next_batch(f, &mut rx, 64, &mut carried);
+            let records: Vec<Record> = values
+                .iter()
+                .map(|v| Record {
+                    value: v.clone(),
+                    timestamp: 1,
+                    ..Record::default()
+                })
+                .collect();
+            encode(0, 1, &records).expect("a batch next_batch made encodes");
+            sizes.push(values.len());
+            seen.extend(values.iter().map(|v| v[0]));
+            if carried.is_none() {
+                first = rx.try_recv().ok();
+            }
+        }
+        assert_eq!(sizes, vec![15, 5], "15 MiB lines fit a 16 MiB batch");
+        assert_eq!(seen, (0..20).collect::<Vec<u8>>(), "in order, none lost");
+        // --batch still bounds the count.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        for _ in 0..5 {
+            tx.send(Bytes::from_static(b"x")).await.unwrap();
+        }
+        let mut carried = None;
+        let values = next_batch(Bytes::from_static(b"x"), &mut rx, 4, &mut carried);
+        assert_eq!((values.len(), carried), (4, None));
+        // A line of the longest length fits alone, and exactly fills one.
+        let longest = Bytes::from(vec![b'x'; BATCH_ROOM - framed(&Bytes::new())]);
+        let record = Record {
+            value: longest,
+            ..Record::default()
+        };
+        assert_eq!(
+            encode(0, 1, std::slice::from_ref(&record)).map(|b| b.len()),
+            Ok(replicator::batch::MAX_BATCH_LEN as usize)
+        );
     }
 }

@@ -198,6 +198,24 @@ impl Fetcher {
         out
     }
 
+    /// The next time after `now` at which [`poll`](Self::poll) may send a
+    /// fetch it would not send at `now`, with no call in between: a queued
+    /// partition's backoff ending, or a wait for the last response's
+    /// partitions running out. `None`: only a call (enqueue, an answer)
+    /// can change what `poll` sends. Like quinn-proto's `poll_timeout`, so
+    /// a driver sleeps until then instead of polling on a timer. Every
+    /// time it returns is after `now`, so a driver that polls at it and
+    /// asks again never spins.
+    pub fn next_deadline(&self, now: u64) -> Option<u64> {
+        let backoffs = self
+            .partitions
+            .values()
+            .filter(|t| t.queued.is_some())
+            .map(|t| t.backoff_until);
+        let gathers = self.gathering.values().map(|(_, until)| *until);
+        backoffs.chain(gathers).filter(|&at| at > now).min()
+    }
+
     /// The response to fetch `id` arrived at `now` (hand each partition's
     /// part to its replica). The next fetch to that leader waits until
     /// those partitions have asked again, for at most [`GATHER_MS`]: one
@@ -322,6 +340,95 @@ mod tests {
             Some(1)
         );
         assert!(f.enqueue(&TopicPartition::new("other", 0), req(2)).is_err());
+    }
+
+    /// A driver that polls only after a call and at `next_deadline`
+    /// sends the same fetches at the same times as one that polls every
+    /// millisecond, over random enqueues, answers, failures and leader
+    /// moves.
+    #[test]
+    fn polling_at_the_next_deadline_misses_nothing() {
+        use proptest::prelude::*;
+        #[derive(Debug, Clone)]
+        enum Op {
+            Enqueue(u32),
+            Complete(usize),
+            Fail(usize),
+            Move(u32, ReplicaId),
+        }
+        let op = prop_oneof![
+            4 => (0u32..6).prop_map(Op::Enqueue),
+            2 => (0usize..4).prop_map(Op::Complete),
+            1 => (0usize..4).prop_map(Op::Fail),
+            1 => (0u32..6, 1u32..4).prop_map(|(p, l)| Op::Move(p, l)),
+        ];
+        let script = proptest::collection::vec((0u64..40, op), 1..60);
+        proptest!(ProptestConfig::with_cases(300), |(script in script)| {
+            let config = Config {
+                fetch_backoff_ms: 37,
+                max_inflight_fetches: 2,
+                num_fetcher_threads: 2,
+                ..Config::default()
+            };
+            let (mut every_ms, mut at_deadline) =
+                (Fetcher::new(config.clone()), Fetcher::new(config));
+            for f in [&mut every_ms, &mut at_deadline] {
+                for p in 0..6 {
+                    f.add_partition(TopicPartition::new("t", p), 1 + p % 2);
+                }
+            }
+            let (mut sent_a, mut sent_b) = (Vec::new(), Vec::new());
+            let mut due: Option<u64> = None;
+            let mut wakeups = 0;
+            let mut now = 0;
+            let apply = |f: &mut Fetcher, op: &Op, now: u64, sent: &[(u64, MultiFetch)]| {
+                let inflight: Vec<u64> = sent
+                    .iter()
+                    .map(|(_, m)| m.id)
+                    .filter(|id| f.inflight.contains_key(id))
+                    .collect();
+                match op {
+                    Op::Enqueue(p) => {
+                        let _ = f.enqueue(&TopicPartition::new("t", *p), req(now));
+                    }
+                    Op::Complete(i) => {
+                        if let Some(id) = inflight.get(*i) {
+                            f.completed(*id, now);
+                        }
+                    }
+                    Op::Fail(i) => {
+                        if let Some(id) = inflight.get(*i) {
+                            f.failed(*id, now);
+                        }
+                    }
+                    Op::Move(p, leader) => {
+                        f.add_partition(TopicPartition::new("t", *p), *leader);
+                    }
+                }
+            };
+            for (gap, op) in &script {
+                // Time passes: one driver polls each ms, the other only
+                // at its deadlines.
+                for _ in 0..*gap {
+                    now += 1;
+                    sent_a.extend(every_ms.poll(now).into_iter().map(|m| (now, m)));
+                    if due.is_some_and(|d| d <= now) {
+                        wakeups += 1;
+                        sent_b.extend(at_deadline.poll(now).into_iter().map(|m| (now, m)));
+                        due = at_deadline.next_deadline(now);
+                        prop_assert!(due.is_none_or(|d| d > now), "a deadline that is already due spins");
+                    }
+                }
+                // Both see the call and poll after it.
+                apply(&mut every_ms, op, now, &sent_a);
+                apply(&mut at_deadline, op, now, &sent_b);
+                sent_a.extend(every_ms.poll(now).into_iter().map(|m| (now, m)));
+                sent_b.extend(at_deadline.poll(now).into_iter().map(|m| (now, m)));
+                due = at_deadline.next_deadline(now);
+            }
+            prop_assert_eq!(&sent_a, &sent_b);
+            prop_assert!(wakeups <= sent_b.len() * 2 + script.len(), "{} wake-ups", wakeups);
+        });
     }
 
     #[test]

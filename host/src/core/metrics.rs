@@ -30,6 +30,11 @@ pub struct PartitionMetrics {
     /// Log-start moves made by retention (`retention_bytes`).
     pub retention_deletions: AtomicU64,
     pub failovers: AtomicU64,
+    /// Storage faults of this replica's log (a full disk, an I/O error, a
+    /// trapped plugin): each stepped it down to recover.
+    pub storage_faults: AtomicU64,
+    /// Recovering its log after a storage fault (not serving).
+    pub recovering: AtomicBool,
 }
 
 /// A copy of [`PartitionMetrics`] at one moment.
@@ -52,6 +57,8 @@ pub struct PartitionMetricsSnapshot {
     pub retention_deletions: u64,
     pub failovers: u64,
     pub under_replicated: bool,
+    pub storage_faults: u64,
+    pub recovering: bool,
 }
 
 impl PartitionMetrics {
@@ -90,6 +97,17 @@ impl PartitionMetrics {
             .store(c.retention_deletions, Relaxed);
     }
 
+    /// Count a storage fault; the replica recovers until
+    /// [`recovered`](Self::recovered).
+    pub fn record_storage_fault(&self) {
+        self.storage_faults.fetch_add(1, Relaxed);
+        self.recovering.store(true, Relaxed);
+    }
+
+    pub fn recovered(&self) {
+        self.recovering.store(false, Relaxed);
+    }
+
     /// Count a leader change of this partition.
     pub fn record_failover(&self) {
         self.failovers.fetch_add(1, Relaxed);
@@ -117,6 +135,8 @@ impl PartitionMetrics {
             retention_deletions: self.retention_deletions.load(Relaxed),
             failovers: self.failovers.load(Relaxed),
             under_replicated: is_leader && isr_size < replica_count,
+            storage_faults: self.storage_faults.load(Relaxed),
+            recovering: self.recovering.load(Relaxed),
         }
     }
 }

@@ -469,6 +469,11 @@ impl ReplicationManager {
 
     // ---- role changes -------------------------------------------------
 
+    /// The partition's min.insync.replicas as this replica applies it.
+    pub fn min_insync_replicas(&self) -> u32 {
+        self.config.min_insync_replicas
+    }
+
     /// The partition's own min.insync.replicas (a topic setting), replacing
     /// the broker default this manager was built with. Takes effect for
     /// the next produce and HW decision.

@@ -432,6 +432,24 @@ pub struct ClientConfig {
     pub nodes: Vec<NodeAddress>,
 }
 
+/// A hint when a config of one kind was given where the other goes: a
+/// node's config to a client command said only "unknown field
+/// cluster_id, expected tls or nodes".
+fn other_kind(text: &str, wanted: &str) -> &'static str {
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return "";
+    };
+    let node = table.contains_key("node_id") || table.contains_key("data_dir");
+    let client = table.contains_key("nodes") && !node;
+    if wanted.ends_with("ClientConfig") && node {
+        "\nThis is a node's config (node-N.toml). Client commands take the client.toml that `cluster init` wrote next to it."
+    } else if wanted.ends_with("NodeConfig") && client {
+        "\nThis is a client config (client.toml). `replicator node` takes a node's config, such as the node-1.toml that `cluster init` wrote next to it."
+    } else {
+        ""
+    }
+}
+
 fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<(T, PathBuf), ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
         path: path.to_path_buf(),
@@ -440,7 +458,7 @@ fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<(T, PathBuf), Confi
     let value = toml::from_str(&text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),
         // toml's message names the line and column and quotes the line.
-        detail: e.to_string(),
+        detail: format!("{e}{}", other_kind(&text, std::any::type_name::<T>())),
     })?;
     let base = path
         .parent()
@@ -531,6 +549,29 @@ impl ClientConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node's config given to a client command, or a client's to
+    /// `node`, says which file goes where.
+    #[test]
+    fn the_other_kind_of_config_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = dir.path().join("node-1.toml");
+        std::fs::write(
+            &node,
+            "node_id = 1\ncluster_id = \"c\"\ndata_dir = \"d\"\n[tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n",
+        )
+        .unwrap();
+        let e = ClientConfig::load(&node).unwrap_err().to_string();
+        assert!(e.contains("This is a node's config"), "{e}");
+        let client = dir.path().join("client.toml");
+        std::fs::write(
+            &client,
+            "[tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n[[nodes]]\nid = 1\naddress = \"127.0.0.1:7000\"\n",
+        )
+        .unwrap();
+        let e = NodeConfig::load(&client).unwrap_err().to_string();
+        assert!(e.contains("This is a client config"), "{e}");
+    }
 
     #[test]
     fn unknown_fields_name_their_line() {

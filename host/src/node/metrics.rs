@@ -90,6 +90,10 @@ pub fn render(
             "partition_under_replicated",
             "1 if led here with an ISR smaller than the replica set",
         ),
+        (
+            "partition_recovering",
+            "1 while this replica recovers its log after a storage fault (`status` says which fault)",
+        ),
     ];
     let counters = [
         (
@@ -103,6 +107,10 @@ pub fn render(
         (
             "partition_retention_deletions",
             "Log-start moves made by retention (retention_bytes)",
+        ),
+        (
+            "partition_storage_faults",
+            "Storage faults of this replica's log (full disk, I/O error, plugin trap), each followed by a recovery",
         ),
     ];
     let gfam: Vec<Family<Labels, Gauge>> = gauges.iter().map(|_| Family::default()).collect();
@@ -122,6 +130,7 @@ pub fn render(
             i(s.replication_lag_messages),
             i64::from(s.is_leader),
             i64::from(s.under_replicated),
+            i64::from(s.recovering),
         ];
         for (f, v) in gfam.iter().zip(gv) {
             f.get_or_create(&l).set(v);
@@ -133,6 +142,7 @@ pub fn render(
             s.isr_shrink_count,
             s.isr_expand_count,
             s.retention_deletions,
+            s.storage_faults,
         ];
         for (f, v) in cfam.iter().zip(cv) {
             f.get_or_create(&l).inc_by(v);

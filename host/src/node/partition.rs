@@ -534,11 +534,23 @@ impl Actor {
                     Ok(()) => {
                         self.produces.insert(id, reply);
                     }
+                    // (Named leader here but not serving yet, just after
+                    // an election: no leader to name, not itself.)
                     Err(ErrorCode::NotLeader) => {
+                        let me = self.shared.node_id;
                         let _ = reply.send(Err(RpcError::NotLeader {
-                            node: self.shared.node_id,
-                            leader: self.leader,
+                            node: me,
+                            leader: self.leader.filter(|l| *l != me),
                         }));
+                    }
+                    // Say why, with what the producer cannot see.
+                    Err(code @ ErrorCode::NotEnoughReplicas) => {
+                        let why = format!(
+                            "produce refused: the ISR {:?} is smaller than min.insync.replicas ({})",
+                            self.rm.isr(),
+                            self.rm.min_insync_replicas()
+                        );
+                        let _ = reply.send(Err(rpc_error(code, &why)));
                     }
                     Err(code) => {
                         let _ = reply.send(Err(rpc_error(code, "produce refused")));
@@ -615,6 +627,7 @@ impl Actor {
                 self.publish_log_epoch();
                 self.tail.clear();
                 self.recovering = false;
+                self.metrics.recovered();
                 self.backoff.recovered(Instant::now());
                 self.leader = None;
                 self.applied_version = 0;
@@ -683,7 +696,7 @@ impl Actor {
         if self.recovering {
             let _ = reply.send(Err(rpc_error(
                 ErrorCode::StorageError,
-                "storage is recovering",
+                crate::wire::rpc::STORAGE_RECOVERING,
             )));
             return;
         }
@@ -769,6 +782,7 @@ impl Actor {
             } else {
                 Vec::new()
             },
+            storage_fault: self.recovering.then(|| self.last_fault.clone()).flatten(),
         }
     }
 
@@ -957,6 +971,7 @@ impl Actor {
                 }
             }
             self.last_fault = Some(e.to_string());
+            self.metrics.record_storage_fault();
             self.rm.storage_failed();
             self.drive();
             self.recovering = true;

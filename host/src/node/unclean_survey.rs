@@ -302,6 +302,7 @@ mod tests {
             isr: Vec::new(),
             replicas: vec![1, 2, 3],
             follower_log_ends: Vec::new(),
+            storage_fault: None,
         }
     }
 

@@ -90,7 +90,10 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[serde(rename_all = "snake_case")]
 pub enum RpcError {
-    #[error("node {node} is not the leader of this partition (leader: {leader:?})")]
+    #[error("node {node} is not the leader of this partition ({})", match leader {
+        Some(l) => format!("node {l} leads it"),
+        None => "no leader is known to it".to_string(),
+    })]
     NotLeader {
         node: ReplicaId,
         leader: Option<ReplicaId>,
@@ -177,6 +180,11 @@ fn unknown_partition(
 /// recovered: it cannot lead, and its offsets may be from before the fault.
 pub const ROLE_RECOVERING: &str = "recovering";
 
+/// The message of the `StorageError` refusal a replica answers reads and
+/// writes with while it recovers its log: the refusal passes (leadership
+/// moves off it, or it comes back), unlike a damaged batch's.
+pub const STORAGE_RECOVERING: &str = "storage is recovering";
+
 /// A partition whose stored record could not be read, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnreadablePartition {
@@ -225,6 +233,10 @@ pub struct ReplicaStatus {
     pub replicas: Vec<ReplicaId>,
     /// On the leader: each follower's log end as its fetches showed it.
     pub follower_log_ends: Vec<(ReplicaId, Option<u64>)>,
+    /// While [`ROLE_RECOVERING`]: the storage fault it recovers from (a
+    /// full disk shows here, not only in the node's log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_fault: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -357,6 +369,21 @@ pub fn decode<T: for<'de> Deserialize<'de>>(mut payload: Bytes) -> Result<(T, By
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Refusals name nodes as an operator would, not as Rust's `Debug`
+    /// prints an `Option` ("leader: None" read as a node named None).
+    #[test]
+    fn a_refusal_names_the_leader_in_words() {
+        let e = |leader| RpcError::NotLeader { node: 1, leader }.to_string();
+        assert_eq!(
+            e(Some(2)),
+            "node 1 is not the leader of this partition (node 2 leads it)"
+        );
+        assert_eq!(
+            e(None),
+            "node 1 is not the leader of this partition (no leader is known to it)"
+        );
+    }
 
     #[test]
     fn requests_round_trip_with_their_body() {
