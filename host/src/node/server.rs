@@ -151,11 +151,11 @@ impl NodeServer {
         let Some(&preferred) = st.replicas.first() else {
             return Err(RpcError::Invalid(format!("{name} has no replicas")));
         };
+        // Nothing to do is not an error (Kafka's leader-election tool
+        // reports it as "valid replica already elected" and succeeds): a
+        // loop over every partition should not stop at ones that are fine.
         if st.leader == Some(preferred) {
-            return Err(RpcError::Invalid(format!(
-                "{name}: its preferred replica, node {preferred}, leads already (epoch {})",
-                st.leader_epoch
-            )));
+            return Ok(Response::Elected { state: st });
         }
         if st.leader != Some(me) {
             return Err(RpcError::Invalid(format!(
