@@ -494,6 +494,7 @@ fn produce_to(rt: &tokio::runtime::Runtime, client: &Client, node: u32) -> Resul
             partition: 0,
             acks: Acks::All,
             timeout_ms: 2000,
+            sequence: None,
         };
         match peer
             .request_within(&req, body, Duration::from_secs(5))

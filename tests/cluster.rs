@@ -2088,9 +2088,10 @@ async fn the_batching_producer_acknowledges_every_message_at_its_offset() {
     let mut seen: Vec<u64> = offsets.iter().map(|(o, _)| *o).collect();
     seen.sort_unstable();
     assert_eq!(seen, (0..n).collect::<Vec<_>>(), "every offset once");
-    // One request in flight (the default) keeps the order sent. With
-    // more, the leader handles each request on its own stream and task,
-    // and a later one can be appended first with nothing failing.
+    // The order sent is kept. With 5 in flight (the default) the leader
+    // reads each request on its own stream and task, and a later one used
+    // to be appended first with nothing failing; the requests' sequence
+    // numbers now put them in order.
     let misplaced = offsets.iter().filter(|(o, i)| o != i).count();
     assert_eq!(misplaced, 0, "{misplaced} messages out of the order sent");
     // Every message is at the offset it was acknowledged with.

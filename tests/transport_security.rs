@@ -384,6 +384,7 @@ async fn junk_and_oversized_input_is_refused_and_the_node_keeps_serving() {
         partition: 0,
         acks: Acks::All,
         timeout_ms: 1000,
+        sequence: None,
     };
     // A produce whose body is not a record batch.
     let r = peer

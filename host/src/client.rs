@@ -63,6 +63,17 @@ pub enum ClientError {
     Unsendable(String),
 }
 
+/// A produce request's place in its producer's order (see
+/// [`Client::produce_in_order`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ProduceOrder<'a> {
+    pub producer: u64,
+    pub seq: u64,
+    /// The lowest number the producer still waits for, kept current by
+    /// the producer.
+    pub first_unacked: &'a std::sync::atomic::AtomicU64,
+}
+
 /// One caller's copy of a failed [`Dial`]'s error (the error itself is
 /// not `Clone`): the same variant where that matters to a caller
 /// (a refusal, a timeout), the message otherwise.
@@ -663,6 +674,24 @@ impl Client {
         acks: Acks,
         timeout: Duration,
     ) -> Result<(u64, ReplicaId), ClientError> {
+        self.produce_in_order(topic, partition, records, acks, timeout, None)
+            .await
+    }
+
+    /// [`Client::produce_at`] as request `seq` of a producer that keeps
+    /// several requests in flight: the leader appends its requests in the
+    /// order of their numbers (see [`crate::core::Sequencer`]). Each
+    /// attempt tells the leader the lowest number the producer still
+    /// waits for, read from `order` as it is sent.
+    pub async fn produce_in_order(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: &[Record],
+        acks: Acks,
+        timeout: Duration,
+        order: Option<ProduceOrder<'_>>,
+    ) -> Result<(u64, ReplicaId), ClientError> {
         let body =
             batch::encode(0, 0, records).map_err(|e| ClientError::Unsendable(e.to_string()))?;
         let started = Instant::now();
@@ -708,6 +737,14 @@ impl Client {
                         partition,
                         acks,
                         timeout_ms: left.as_millis().clamp(1, 300_000) as u64,
+                        sequence: order.map(|o| crate::core::Sequence {
+                            producer: o.producer,
+                            seq: o.seq,
+                            first_unacked: o
+                                .first_unacked
+                                .load(std::sync::atomic::Ordering::Acquire)
+                                .min(o.seq),
+                        }),
                     };
                     let limit = left + Duration::from_secs(5);
                     sent.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -5,13 +5,17 @@
 //! per-request costs (a QUIC stream, a task, the leader's bookkeeping) are
 //! paid per batch. With no load every message leaves at once, alone.
 //!
-//! Ordering: with `max_in_flight = 1` (the default) records land in the
-//! order sent. With more, order across requests is not kept, even when
-//! nothing fails: each request travels on its own QUIC stream and the
-//! leader reads and checks each on its own task, so a small request sent
-//! after a large one can be appended first. (Kafka keeps one connection's
-//! requests in order, and needs idempotence only against retries; there
-//! is no idempotent producer here.)
+//! Ordering: records land in the order sent. Each request travels on its
+//! own QUIC stream and the leader reads and checks each on its own task,
+//! so with several in flight a small request sent after a large one could
+//! reach the partition first. So each request carries this producer's
+//! random id and its number, and the leader appends them in that order
+//! ([`crate::core::Sequencer`], Kafka's producer sequence numbers without
+//! the deduplication): a request refused before the append and sent again
+//! still lands before the ones sent after it. A request that fails for
+//! good is given up, and the ones after it go on. There is no idempotent
+//! producer: an ambiguous outcome is not retried, and a retry never writes
+//! twice.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +26,7 @@ use futures_util::stream::FuturesUnordered;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::batch::{HEADER_LEN, MAX_BATCH_LEN, Record, record_len};
-use crate::client::{Client, ClientError};
+use crate::client::{Client, ClientError, ProduceOrder};
 use crate::core::Acks;
 
 /// How a [`Producer`] sends.
@@ -30,8 +34,8 @@ use crate::core::Acks;
 pub struct ProducerConfig {
     pub acks: Acks,
     /// Requests outstanding at once (Kafka's
-    /// `max.in.flight.requests.per.connection`). Above 1, records of
-    /// different requests may land out of the order sent (see the module
+    /// `max.in.flight.requests.per.connection`, also 5 by default). Above
+    /// 1, each carries its place in the order sent (see the module
     /// documentation).
     pub max_in_flight: usize,
     /// Most bytes of records in one request (Kafka's `batch.size`, but
@@ -45,7 +49,7 @@ impl Default for ProducerConfig {
     fn default() -> Self {
         ProducerConfig {
             acks: Acks::All,
-            max_in_flight: 1,
+            max_in_flight: 5,
             max_batch_bytes: 1 << 20,
             timeout: Duration::from_secs(30),
         }
@@ -105,6 +109,23 @@ impl Producer {
     }
 }
 
+/// A producer id for the leader's ordering: random, so two producers (in
+/// two processes) do not share one.
+fn random_id() -> u64 {
+    let mut bytes = [0u8; 8];
+    if getrandom::getrandom(&mut bytes).is_err() {
+        // No randomness: the time and this producer's address, still
+        // unlikely to meet another's.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_default();
+        static MADE: AtomicU64 = AtomicU64::new(0);
+        return t ^ (u64::from(std::process::id()) << 32) ^ MADE.fetch_add(1, Ordering::Relaxed);
+    }
+    u64::from_le_bytes(bytes)
+}
+
 /// A copy of `e` for every other message of the failed request.
 fn duplicate(e: &ClientError) -> ClientError {
     match e {
@@ -136,6 +157,13 @@ async fn run(
     let max_bytes = config
         .max_batch_bytes
         .clamp(1, MAX_BATCH_LEN as usize - HEADER_LEN);
+    // With several requests in flight, each carries its number, and the
+    // leader appends them in that order (Kafka's sequence numbers): sent
+    // on separate streams, they can reach it in any order.
+    let producer_id = random_id();
+    let mut next_seq = 0u64;
+    let mut unacked = std::collections::BTreeSet::new();
+    let first_unacked = Arc::new(AtomicU64::new(0));
     let mut waiting: std::collections::VecDeque<Pending> = Default::default();
     let mut inflight = FuturesUnordered::new();
     let mut open = true;
@@ -157,11 +185,22 @@ async fn run(
             }
             let (client, topic) = (client.clone(), topic.clone());
             let (acks, timeout) = (config.acks, config.timeout);
+            let seq = next_seq;
+            next_seq += 1;
+            unacked.insert(seq);
+            let first_unacked = first_unacked.clone();
+            let ordered = max_in_flight > 1;
             requests.fetch_add(1, Ordering::Relaxed);
             inflight.push(async move {
+                let order = ordered.then_some(ProduceOrder {
+                    producer: producer_id,
+                    seq,
+                    first_unacked: &first_unacked,
+                });
                 let r = client
-                    .produce(&topic, partition, &records, acks, timeout)
-                    .await;
+                    .produce_in_order(&topic, partition, &records, acks, timeout, order)
+                    .await
+                    .map(|(offset, _)| offset);
                 match r {
                     Ok(base) => {
                         for (i, reply) in replies.into_iter().enumerate() {
@@ -179,6 +218,7 @@ async fn run(
                         }
                     }
                 }
+                seq
             });
         }
         if !open && waiting.is_empty() && inflight.is_empty() {
@@ -194,7 +234,12 @@ async fn run(
                 }
                 None => open = false,
             },
-            Some(()) = inflight.next(), if !inflight.is_empty() => {}
+            Some(seq) = inflight.next(), if !inflight.is_empty() => {
+                // Answered or given up: the leader need not wait for it.
+                unacked.remove(&seq);
+                let lowest = unacked.first().copied().unwrap_or(next_seq);
+                first_unacked.store(lowest, Ordering::Release);
+            }
         }
     }
 }

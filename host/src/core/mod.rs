@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod reconcile;
 pub mod replica;
 pub mod retention;
+pub mod sequencer;
 pub mod state;
 pub mod types;
 
@@ -25,6 +26,7 @@ pub use metrics::{
     GlobalMetricsSnapshot, MetricsCollector, PartitionMetrics, PartitionMetricsSnapshot,
 };
 pub use replica::{Faults, ReplicaCounters, ReplicationManager, Role};
+pub use sequencer::{Sequence, Sequencer};
 pub use state::{PartitionReplicationState, ReplicationState};
 pub use types::{
     Acks, Action, DivergingEpoch, ErrorCode, FetchRequest, FetchResponse, MAX_TOPIC_LEN, ProduceId,

@@ -44,6 +44,10 @@ pub enum ErrorCode {
     /// accepts ahead of its storage. Retriable once the storage catches up.
     /// Also a fetch from an offset the leader took but has not stored yet.
     StorageBacklog,
+    /// Refused before the append: a request of the same producer sent
+    /// before this one has not arrived (see [`crate::core::Sequencer`]).
+    /// Retriable: send it again (after the earlier one).
+    OutOfOrderSequence,
 }
 
 /// How much replication a producer waits for.

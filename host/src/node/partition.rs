@@ -21,7 +21,7 @@ use super::tail_cache::{NODE_TAIL_CACHE_BYTES, TAIL_CACHE_BYTES, TailCache};
 use crate::batch;
 use crate::core::{
     Acks, Action, ErrorCode, FetchRequest, FetchResponse, PartitionMetrics, ReplicaId,
-    ReplicationManager, Role, TopicPartition,
+    ReplicationManager, Role, Sequence, Sequencer, TopicPartition,
 };
 use crate::metadata::{MetadataError, PartitionState};
 use crate::storage::{FaultKind, LogState, PartitionLog, StorageError};
@@ -46,6 +46,9 @@ pub enum Event {
         acks: Acks,
         timeout_ms: u64,
         reply: oneshot::Sender<Result<u64, RpcError>>,
+        /// Its place in its producer's order, if the producer keeps one
+        /// (several requests in flight): see [`Sequencer`].
+        sequence: Option<Sequence>,
     },
     Fetch {
         from: ReplicaId,
@@ -146,6 +149,23 @@ impl PartitionHandle {
     }
 }
 
+/// Whether the core took a produce.
+enum Taken {
+    Yes,
+    /// Refused and answered; `retriable`: the producer sends it again.
+    No {
+        retriable: bool,
+    },
+}
+
+/// A produce request the actor has not handed to the core yet.
+struct Pending {
+    batches: Bytes,
+    acks: Acks,
+    timeout_ms: u64,
+    reply: oneshot::Sender<Result<u64, RpcError>>,
+}
+
 struct Actor {
     tp: TopicPartition,
     shared: Arc<Shared>,
@@ -162,6 +182,8 @@ struct Actor {
     leader: Option<ReplicaId>,
     next_produce: u64,
     produces: HashMap<u64, oneshot::Sender<Result<u64, RpcError>>>,
+    /// Produce requests that arrived ahead of their producer's turn.
+    sequencer: Sequencer<Pending>,
     fetches: HashMap<(ReplicaId, u64), oneshot::Sender<FetchResponse>>,
     /// Storage failed: refuse work until the log is recovered.
     recovering: bool,
@@ -268,6 +290,7 @@ pub async fn start(
         leader: None,
         next_produce: 0,
         produces: HashMap::new(),
+        sequencer: Sequencer::default(),
         fetches: HashMap::new(),
         recovering: false,
         draining: None,
@@ -391,10 +414,15 @@ impl Actor {
         // first event.
         self.drive();
         loop {
-            let due = if self.recovering {
+            let core_due = if self.recovering {
                 None
             } else {
                 self.rm.next_deadline()
+            };
+            // Produce requests waiting for their turn end by then too.
+            let due = match (core_due, self.sequencer.next_deadline()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
             };
             if due != armed {
                 if let Some(ms) = due {
@@ -430,6 +458,7 @@ impl Actor {
                 }
             }
             self.drive();
+            self.settle_waiting(self.now());
             if let Some(waiting) = self.draining.as_mut()
                 && self.produces.is_empty()
             {
@@ -468,6 +497,12 @@ impl Actor {
     /// Flush and close the log; its end if both succeeded and the log is
     /// not being recovered from a fault.
     async fn shutdown(&mut self) -> Option<u64> {
+        // Before the flush and the close (up to 35 s): their callers'
+        // waits would run out, and never-appended records would come back
+        // ambiguous.
+        for p in self.sequencer.drain() {
+            let _ = p.reply.send(Err(RpcError::ShuttingDown));
+        }
         // A log being recovered is not flushed: its end would vouch for
         // nothing, and a failing disk could hold the flush for the whole
         // wait.
@@ -506,6 +541,110 @@ impl Actor {
         let _ = self.lane.send(LaneOp::Other(Box::pin(op)));
     }
 
+    /// Hand a produce to the core: taken (its offsets are assigned), or
+    /// refused (answered already).
+    fn produce(&mut self, p: Pending, now: u64) -> Taken {
+        let Pending {
+            batches,
+            acks,
+            timeout_ms,
+            reply,
+        } = p;
+        if self.recovering || self.draining.is_some() {
+            // Refused before anything was appended: safe to retry,
+            // at the successor once the store names one.
+            let me = self.shared.node_id;
+            let _ = reply.send(Err(RpcError::NotLeader {
+                node: me,
+                leader: self.leader.filter(|l| *l != me),
+            }));
+            return Taken::No { retriable: true };
+        }
+        self.next_produce += 1;
+        let id = self.next_produce;
+        match self
+            .rm
+            .produce_batches(id, batches, acks, now.saturating_add(timeout_ms))
+        {
+            Ok(()) => {
+                self.produces.insert(id, reply);
+                return Taken::Yes;
+            }
+            // (Named leader here but not serving yet, just after
+            // an election: no leader to name, not itself.)
+            Err(ErrorCode::NotLeader) => {
+                let me = self.shared.node_id;
+                let _ = reply.send(Err(RpcError::NotLeader {
+                    node: me,
+                    leader: self.leader.filter(|l| *l != me),
+                }));
+            }
+            // Say why, with what the producer cannot see.
+            Err(code @ ErrorCode::NotEnoughReplicas) => {
+                let why = format!(
+                    "produce refused: the ISR {:?} is smaller than min.insync.replicas ({})",
+                    self.rm.isr(),
+                    self.rm.min_insync_replicas()
+                );
+                let _ = reply.send(Err(rpc_error(code, &why)));
+            }
+            Err(code) => {
+                let e = rpc_error(code, "produce refused");
+                let retriable = e.retriable();
+                let _ = reply.send(Err(e));
+                return Taken::No { retriable };
+            }
+        }
+        Taken::No { retriable: true }
+    }
+
+    /// Produce `go` in order, and each request of `producer` whose turn
+    /// comes as one before it is taken.
+    fn produce_in_order(&mut self, producer: u64, go: Vec<(u64, Pending)>, now: u64) {
+        let mut queue: std::collections::VecDeque<(u64, Pending)> = go.into();
+        while let Some((seq, p)) = queue.pop_front() {
+            match self.produce(p, now) {
+                // A refusal for good (a storage fault) is given up by its
+                // producer: the ones after it need not wait to hear so.
+                Taken::Yes | Taken::No { retriable: false } => {
+                    queue.extend(self.sequencer.appended(producer, seq));
+                }
+                // Sent again, it keeps its place.
+                Taken::No { retriable: true } => {}
+            }
+        }
+    }
+
+    /// Requests waiting for their turn when this replica can no longer
+    /// take them (not leading, recovering, draining), or whose wait ran
+    /// out: refused, nothing appended, so the producer may send them again.
+    fn settle_waiting(&mut self, now: u64) {
+        if !self.sequencer.is_waiting() {
+            return;
+        }
+        for p in self.sequencer.take_displaced() {
+            let _ = p.reply.send(Err(rpc_error(
+                ErrorCode::OutOfOrderSequence,
+                "a newer attempt of this request arrived; this one was not appended",
+            )));
+        }
+        let me = self.shared.node_id;
+        if !self.rm.is_leader() || self.recovering || self.draining.is_some() {
+            for p in self.sequencer.drain() {
+                let _ = p.reply.send(Err(RpcError::NotLeader {
+                    node: me,
+                    leader: self.leader.filter(|l| *l != me),
+                }));
+            }
+        }
+        for p in self.sequencer.expire(now) {
+            let _ = p.reply.send(Err(rpc_error(
+                ErrorCode::OutOfOrderSequence,
+                "an earlier request of this producer has not arrived; nothing was appended",
+            )));
+        }
+    }
+
     fn handle(&mut self, ev: Event) {
         let now = self.now();
         match ev {
@@ -514,46 +653,34 @@ impl Actor {
                 acks,
                 timeout_ms,
                 reply,
+                sequence,
             } => {
-                if self.recovering || self.draining.is_some() {
-                    // Refused before anything was appended: safe to retry,
-                    // at the successor once the store names one.
-                    let me = self.shared.node_id;
-                    let _ = reply.send(Err(RpcError::NotLeader {
-                        node: me,
-                        leader: self.leader.filter(|l| *l != me),
-                    }));
-                    return;
-                }
-                self.next_produce += 1;
-                let id = self.next_produce;
-                match self
-                    .rm
-                    .produce_batches(id, batches, acks, now.saturating_add(timeout_ms))
-                {
-                    Ok(()) => {
-                        self.produces.insert(id, reply);
+                let p = Pending {
+                    batches,
+                    acks,
+                    timeout_ms,
+                    reply,
+                };
+                match sequence {
+                    // Not leading: refused at once, whatever its turn.
+                    Some(s)
+                        if self.rm.is_leader() && !self.recovering && self.draining.is_none() =>
+                    {
+                        if self.sequencer.is_late(&s) {
+                            let _ = p.reply.send(Err(RpcError::Invalid(format!(
+                                "request {} of producer {:016x} came after later ones were appended (it was given up); not appended",
+                                s.seq, s.producer
+                            ))));
+                            return;
+                        }
+                        // Half its time at most, so a refusal leaves time
+                        // to send it again.
+                        let wait = (timeout_ms / 2).clamp(1, crate::core::sequencer::MAX_WAIT_MS);
+                        let go = self.sequencer.arrive(s, p, now.saturating_add(wait), now);
+                        self.produce_in_order(s.producer, go, now);
                     }
-                    // (Named leader here but not serving yet, just after
-                    // an election: no leader to name, not itself.)
-                    Err(ErrorCode::NotLeader) => {
-                        let me = self.shared.node_id;
-                        let _ = reply.send(Err(RpcError::NotLeader {
-                            node: me,
-                            leader: self.leader.filter(|l| *l != me),
-                        }));
-                    }
-                    // Say why, with what the producer cannot see.
-                    Err(code @ ErrorCode::NotEnoughReplicas) => {
-                        let why = format!(
-                            "produce refused: the ISR {:?} is smaller than min.insync.replicas ({})",
-                            self.rm.isr(),
-                            self.rm.min_insync_replicas()
-                        );
-                        let _ = reply.send(Err(rpc_error(code, &why)));
-                    }
-                    Err(code) => {
-                        let _ = reply.send(Err(rpc_error(code, "produce refused")));
+                    _ => {
+                        self.produce(p, now);
                     }
                 }
             }
@@ -1746,6 +1873,7 @@ mod tests {
             acks: Acks::All,
             timeout_ms: 60_000,
             reply,
+            sequence: None,
         }));
         // Taken (the actor handles events in order), waiting for node 2.
         assert_eq!(status(&handle).await.role, "leader");

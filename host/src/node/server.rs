@@ -519,6 +519,7 @@ impl NodeServer {
         partition: u32,
         acks: crate::core::Acks,
         timeout_ms: u64,
+        sequence: Option<crate::core::Sequence>,
         body: Bytes,
     ) -> Result<Response, RpcError> {
         if timeout_ms == 0 || timeout_ms > MAX_TIMEOUT_MS {
@@ -548,6 +549,7 @@ impl NodeServer {
                 acks,
                 timeout_ms,
                 reply,
+                sequence,
             })
             .await??;
         Ok(Response::Produced {
@@ -582,8 +584,9 @@ impl Handler for NodeServer {
                     partition,
                     acks,
                     timeout_ms,
+                    sequence,
                 } => Ok((
-                    self.produce(topic, partition, acks, timeout_ms, body)
+                    self.produce(topic, partition, acks, timeout_ms, sequence, body)
                         .await?,
                     Bytes::new(),
                 )),

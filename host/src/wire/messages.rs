@@ -105,6 +105,7 @@ pub(super) fn error_code(e: Option<ErrorCode>) -> u8 {
         Some(ErrorCode::IsrUpdateRejected) => 10,
         Some(ErrorCode::StorageError) => 11,
         Some(ErrorCode::StorageBacklog) => 12,
+        Some(ErrorCode::OutOfOrderSequence) => 13,
     }
 }
 
@@ -123,6 +124,7 @@ pub(super) fn decode_error(c: u8) -> Result<Option<ErrorCode>, FrameError> {
         10 => ErrorCode::IsrUpdateRejected,
         11 => ErrorCode::StorageError,
         12 => ErrorCode::StorageBacklog,
+        13 => ErrorCode::OutOfOrderSequence,
         other => return Err(bad("fetch response", format!("unknown error code {other}"))),
     }))
 }

@@ -47,6 +47,12 @@ pub enum Request {
         partition: u32,
         acks: Acks,
         timeout_ms: u64,
+        /// Its place in its producer's order, for a producer with several
+        /// requests in flight (the leader appends them in the order sent).
+        /// Left out when `None` (one request in flight), so nodes from
+        /// before it still take those; they refuse requests that carry it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sequence: Option<crate::core::Sequence>,
     },
     /// Committed records (below this replica's high watermark) from
     /// `offset`, whole batches within `max_bytes`. Served by any replica.
@@ -155,7 +161,9 @@ impl RpcError {
             | RpcError::ShuttingDown => true,
             RpcError::Replication { code, .. } => matches!(
                 code,
-                crate::core::ErrorCode::NotEnoughReplicas | crate::core::ErrorCode::StorageBacklog
+                crate::core::ErrorCode::NotEnoughReplicas
+                    | crate::core::ErrorCode::StorageBacklog
+                    | crate::core::ErrorCode::OutOfOrderSequence
             ),
             _ => false,
         }
@@ -392,6 +400,7 @@ mod tests {
             partition: 3,
             acks: Acks::All,
             timeout_ms: 500,
+            sequence: None,
         };
         let wire = encode(&req, b"batch bytes").unwrap();
         let (back, body): (Request, Bytes) = decode(wire).unwrap();
@@ -406,6 +415,7 @@ mod tests {
             partition: 3,
             acks: Acks::All,
             timeout_ms: 500,
+            sequence: None,
         };
         let body = Bytes::from(b"batch bytes".to_vec());
         let [head, out] = frame_parts(kind::REQUEST, &req, body.clone()).unwrap();

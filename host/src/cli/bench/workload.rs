@@ -22,18 +22,6 @@ use super::payload;
 use crate::cli::client_cmds;
 use crate::cli::procs::{Nodes, cpu_seconds, machine_ticks};
 
-/// The batching workloads' producer: 5 requests in flight, as Kafka's
-/// default, not the library's 1. The bench measures throughput, and
-/// order across requests is no more kept than d's 32 concurrent requests
-/// keep it; one request at a time made b 14% and c 8% slower (three
-/// interleaved runs each, 02:10 on 2026-12-07).
-const BENCH_PRODUCER: ProducerConfig = ProducerConfig {
-    acks: Acks::All,
-    max_in_flight: 5,
-    max_batch_bytes: 1 << 20,
-    timeout: Duration::from_secs(30),
-};
-
 /// One workload: how many producers, each with its own connection and
 /// partition, keep how much in flight. A batching workload keeps
 /// `in_flight` messages outstanding through a [`Producer`] (which sends
@@ -322,7 +310,7 @@ async fn produce_loop(
     };
     let producer = w
         .batching
-        .then(|| Producer::new(client.clone(), topic, partition, BENCH_PRODUCER));
+        .then(|| Producer::new(client.clone(), topic, partition, ProducerConfig::default()));
     let mut pending = FuturesUnordered::new();
     let mut next = 0usize;
     loop {
