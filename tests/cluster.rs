@@ -214,52 +214,8 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
     // any other (it used to end the input there, silently, exit code 0),
     // a CRLF ending is dropped like a LF, and a last line needs no end.
     create_topic(&c.client(), "lines", "1");
-    let mut produce = std::process::Command::new(support::BIN)
-        .args(["produce", "--config", &c.client(), "--topic", "lines"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run produce");
-    {
-        use std::io::Write;
-        let mut stdin = produce.stdin.take().expect("stdin");
-        stdin
-            .write_all(b"first\n\xffLatin-1 \xe9t\xe9\r\nlast")
-            .expect("write stdin");
-    }
-    let out = produce.wait_with_output().expect("produce");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "0 0\n0 1\n0 2\n");
-    // Each value comes back as the bytes that were sent (it used to be
-    // printed with U+FFFD for the bytes that were not UTF-8), and exactly
-    // in base64.
-    consume_replica(&c, "lines", 1, 3);
     let client = c.client();
-    let read = |extra: &[&str]| {
-        let mut args = vec!["consume", "--config", &client, "--topic", "lines"];
-        args.extend_from_slice(extra);
-        let out = cli(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-    };
-    assert_eq!(read(&[]), b"0 first\n1 \xffLatin-1 \xe9t\xe9\n2 last\n");
-    assert_eq!(
-        read(&["--base64", "--from", "1", "--count", "1"]),
-        b"1 /0xhdGluLTEg6XTp\n"
-    );
-    // Lines are batched by bytes too: 20 lines of 1 MiB go out as batches
-    // within the 16 MiB limit (64 at a time by count made one 20 MiB
-    // batch that failed whole). A line longer than one batch holds ends
-    // the input after the lines before it were sent.
+    // `produce` of `input` on stdin to topic `lines`.
     let produce_lines = |input: Vec<u8>, extra: &[&str]| {
         let mut args = vec!["produce", "--config", &client, "--topic", "lines"];
         args.extend_from_slice(extra);
@@ -280,6 +236,37 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
         writer.join().expect("stdin writer");
         out
     };
+    let out = produce_lines(b"first\n\xffLatin-1 \xe9t\xe9\r\nlast".to_vec(), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "0 0\n0 1\n0 2\n");
+    // Each value comes back as the bytes that were sent (it used to be
+    // printed with U+FFFD for the bytes that were not UTF-8), and exactly
+    // in base64.
+    consume_replica(&c, "lines", 1, 3);
+    let read = |extra: &[&str]| {
+        let mut args = vec!["consume", "--config", &client, "--topic", "lines"];
+        args.extend_from_slice(extra);
+        let out = cli(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    assert_eq!(read(&[]), b"0 first\n1 \xffLatin-1 \xe9t\xe9\n2 last\n");
+    assert_eq!(
+        read(&["--base64", "--from", "1", "--count", "1"]),
+        b"1 /0xhdGluLTEg6XTp\n"
+    );
+    // Lines are batched by bytes too: 20 lines of 1 MiB go out as batches
+    // within the 16 MiB limit (64 at a time by count made one 20 MiB
+    // batch that failed whole). A line longer than one batch holds ends
+    // the input after the lines before it were sent.
     let mut big = Vec::new();
     for i in 0..20u8 {
         big.extend(std::iter::repeat_n(b'a' + i, 1 << 20));
@@ -2047,6 +2034,64 @@ fn last_in_sync_restarts(storage: &str, graceful: bool) -> Cluster {
         assert_eq!(&l[..2000], &before[..], "committed messages changed");
     }
     c
+}
+
+/// The batching producer's order holds through a failover: with 5
+/// requests in flight when the leader is killed, every message
+/// acknowledged lands after every message sent and acknowledged before
+/// it (requests refused by the dead leader's successor, or sent again to
+/// it, wait their turn there), and the messages after the failover land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_batching_producer_keeps_its_order_through_a_failover() {
+    use replicator::producer::{Producer, ProducerConfig};
+
+    let mut c = Cluster::init(3, "memory", |t| t);
+    c.start_all();
+    c.wait_up();
+    let client = c.library_client();
+    client
+        .create_topic("ordered", 1, 3, Some(2))
+        .await
+        .expect("create topic");
+    let leader = client.leader_of("ordered", 0).await.expect("leader");
+    let producer = Producer::new(client.clone(), "ordered", 0, ProducerConfig::default());
+    let send = |i: u64| {
+        producer.send(replicator::batch::Record {
+            value: Bytes::from(format!("message-{i}")),
+            ..Default::default()
+        })
+    };
+    // A steady stream, so that many requests are in flight or waiting
+    // (sent at once, a few large requests would carry everything), and
+    // the leader killed a quarter of the way through.
+    let mut sends = Vec::new();
+    for i in 0..20_000u64 {
+        sends.push(send(i));
+        if i % 50 == 49 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        if i == 5_000 {
+            c.kill(leader);
+        }
+    }
+    let mut answers = Vec::new();
+    for s in sends {
+        answers.push(s.await);
+    }
+    let acked: Vec<u64> = answers
+        .iter()
+        .filter_map(|a| a.as_ref().ok().copied())
+        .collect();
+    assert!(
+        acked.windows(2).all(|w| w[0] < w[1]),
+        "acknowledged offsets out of the order sent: {:?}",
+        acked.windows(2).find(|w| w[0] >= w[1])
+    );
+    let after = answers[5_001..].iter().filter(|a| a.is_ok()).count();
+    assert!(
+        after >= 10_000,
+        "only {after} of the 14,999 sent after the kill landed"
+    );
 }
 
 /// The batching producer: thousands of messages sent at once all land, each

@@ -821,14 +821,7 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
             .await;
         match r {
             Err(e) if a.replica.is_none() && read_again(&e) && Instant::now() < give_up => {
-                eprintln!(
-                    "note: reading {}/{} on node {node} failed ({e}); finding its leader again",
-                    a.topic, a.partition
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                if let Ok(leader) = c.leader_of(&a.topic, a.partition).await {
-                    node = leader;
-                }
+                node = leader_again(&c, &a, node, "", &e).await;
             }
             r => break r,
         }
@@ -869,14 +862,7 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
                 if let Err(e) = out.flush() {
                     return stdout_failed(e, &c).await;
                 }
-                eprintln!(
-                    "note: reading {}/{} at {offset} on node {node} failed ({e}); finding its leader again",
-                    a.topic, a.partition
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                if let Ok(leader) = c.leader_of(&a.topic, a.partition).await {
-                    node = leader;
-                }
+                node = leader_again(&c, &a, node, &format!(" at {offset}"), &e).await;
                 continue;
             }
             Err(e) => {
@@ -930,6 +916,24 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
     drop(out);
     c.close().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// After a failed read from `node` (`at`: where, for the message): say
+/// so, wait a moment (an election takes a few heartbeats) and return the
+/// partition's leader as the cluster now names it, or `node` again.
+async fn leader_again(
+    c: &Client,
+    a: &ConsumeArgs,
+    node: ReplicaId,
+    at: &str,
+    e: &replicator::client::ClientError,
+) -> ReplicaId {
+    eprintln!(
+        "note: reading {}/{}{at} on node {node} failed ({e}); finding its leader again",
+        a.topic, a.partition
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.leader_of(&a.topic, a.partition).await.unwrap_or(node)
 }
 
 /// A read that may succeed on the partition's current leader: the node
