@@ -436,22 +436,20 @@ pub struct ProduceArgs {
 /// that `batch` at a time would not fit one produce request (a batch),
 /// naming the flags to change. Also bounds what `generated` allocates.
 pub fn check_message_size(size: usize, batch: usize) -> anyhow::Result<()> {
-    use replicator::batch::{HEADER_LEN, MAX_BATCH_LEN, Record, record_len};
+    use replicator::batch::{HEADER_LEN, MAX_BATCH_LEN};
     let limit = MAX_BATCH_LEN as usize;
-    // A record's framing around its value, whatever the value's size.
-    let framing = record_len(&Record::default());
-    let one = framing.saturating_add(size);
-    if HEADER_LEN.saturating_add(one) > limit {
+    if size > longest_message() {
         bail!(
             "--size {size}: a message must fit one batch, so at most {} bytes",
-            limit - HEADER_LEN - framing
+            longest_message()
         );
     }
+    let one = record_framing().saturating_add(size);
     let all = HEADER_LEN.saturating_add(one.saturating_mul(batch));
     if all > limit {
         bail!(
             "--batch {batch} messages of --size {size} bytes make a {all}-byte request, over the {limit}-byte batch limit; lower --batch to at most {}",
-            (limit - HEADER_LEN) / one
+            BATCH_ROOM / one
         );
     }
     Ok(())
@@ -483,10 +481,19 @@ fn now_ns() -> i64 {
 /// Bytes of records one batch holds after its header.
 const BATCH_ROOM: usize = replicator::batch::MAX_BATCH_LEN as usize - replicator::batch::HEADER_LEN;
 
-/// What `value` takes of a batch as one of `produce`'s records (no key,
-/// no headers).
+/// A `produce` record's bytes around its value (no key, no headers).
+fn record_framing() -> usize {
+    replicator::batch::record_len(&Record::default())
+}
+
+/// What `value` takes of a batch as one of `produce`'s records.
 fn framed(value: &Bytes) -> usize {
-    replicator::batch::record_len(&Record::default()).saturating_add(value.len())
+    record_framing().saturating_add(value.len())
+}
+
+/// The longest message (`--size`, a stdin line) one batch holds alone.
+fn longest_message() -> usize {
+    BATCH_ROOM - record_framing()
 }
 
 /// `first` and what else is queued in `rx` now, at most `most` messages
@@ -591,7 +598,7 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
             // never be sent: stop reading there rather than buffer an
             // endless one (`/dev/zero`), or send the lines before it and
             // fail on it.
-            let longest = (BATCH_ROOM - framed(&Bytes::new())) as u64;
+            let longest = longest_message() as u64;
             loop {
                 let mut line = Vec::new();
                 let read = (&mut stdin)
@@ -1322,9 +1329,7 @@ fn print_unreadable(unreadable: &[replicator::wire::rpc::UnreadablePartition]) {
 
 #[cfg(test)]
 mod tests {
-    use super::{
-        BATCH_ROOM, TopicSummary, check_message_size, framed, next_batch, report, summarize,
-    };
+    use super::{TopicSummary, check_message_size, longest_message, next_batch, report, summarize};
     use bytes::Bytes;
     use replicator::wire::rpc::ReplicaStatus;
 
@@ -1493,7 +1498,7 @@ mod tests {
         let values = next_batch(Bytes::from_static(b"x"), &mut rx, 4, &mut carried);
         assert_eq!((values.len(), carried), (4, None));
         // A line of the longest length fits alone, and exactly fills one.
-        let longest = Bytes::from(vec![b'x'; BATCH_ROOM - framed(&Bytes::new())]);
+        let longest = Bytes::from(vec![b'x'; longest_message()]);
         let record = Record {
             value: longest,
             ..Record::default()

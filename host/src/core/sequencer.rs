@@ -69,12 +69,6 @@ impl<T> Default for Sequencer<T> {
 }
 
 impl<T> Sequencer<T> {
-    /// A request arrived at `now`. Returned: the requests that may be
-    /// appended now, in order (this one, if it is its turn; none if it
-    /// must wait, until `deadline` at most). Call [`appended`] for each
-    /// one the log took, before the next call.
-    ///
-    /// [`appended`]: Self::appended
     /// A request of a number already passed: its producer gave it up
     /// (a later attempt said so) or it was appended, and no caller waits
     /// for it; appended now, it would land after its successors. Refuse it
@@ -91,6 +85,12 @@ impl<T> Sequencer<T> {
         std::mem::take(&mut self.displaced)
     }
 
+    /// A request arrived at `now`. Returned: the requests that may be
+    /// appended now, in order (this one, if it is its turn; none if it
+    /// must wait, until `deadline` at most). Call [`appended`] for each
+    /// one the log took, before the next call.
+    ///
+    /// [`appended`]: Self::appended
     pub fn arrive(&mut self, s: Sequence, request: T, deadline: u64, now: u64) -> Vec<(u64, T)> {
         self.forget_idle();
         let p = self.producers.entry(s.producer).or_insert(Producer {
@@ -121,8 +121,8 @@ impl<T> Sequencer<T> {
                 None => self.waiting += 1,
             }
         } else {
-            // Its turn, or a number already passed (sent again after its
-            // answer was lost): appended now, behind what is in the log.
+            // Its turn (or a number already passed, which a driver that
+            // asks `is_late` first never hands in): appended now.
             go.push((s.seq, request));
         }
         go

@@ -514,9 +514,10 @@ async fn refresh(
     // The partitions listed and (as far as their record says) still
     // assigned here: a failure to open any other is no longer news.
     let mut listed = std::collections::HashSet::new();
+    // Every partition whose record the store holds, assigned here or not.
+    let mut present = std::collections::HashSet::new();
     // One call for every record (one range request on etcd), where a call
     // per partition cost 300 plugin calls (or HTTP requests) a pass.
-    let mut present = std::collections::HashSet::new();
     for read in meta.read_partitions().await? {
         let (topic, partition) = (read.topic, read.partition);
         let tp = TopicPartition::new(&topic, partition);

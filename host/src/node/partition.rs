@@ -420,10 +420,10 @@ impl Actor {
                 self.rm.next_deadline()
             };
             // Produce requests waiting for their turn end by then too.
-            let due = match (core_due, self.sequencer.next_deadline()) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let due = [core_due, self.sequencer.next_deadline()]
+                .into_iter()
+                .flatten()
+                .min();
             if due != armed {
                 if let Some(ms) = due {
                     timer.as_mut().reset(self.shared.instant_at(ms));
@@ -541,6 +541,23 @@ impl Actor {
         let _ = self.lane.send(LaneOp::Other(Box::pin(op)));
     }
 
+    /// The refusal of a request only a serving leader takes: retriable, at
+    /// the successor once the store names one. A node named leader but not
+    /// serving yet (just after an election) names no leader, not itself.
+    fn not_leader(&self) -> RpcError {
+        let me = self.shared.node_id;
+        RpcError::NotLeader {
+            node: me,
+            leader: self.leader.filter(|l| *l != me),
+        }
+    }
+
+    /// Whether produces may be taken here now (else they are refused as
+    /// [`not_leader`](Self::not_leader)).
+    fn takes_produces(&self) -> bool {
+        self.rm.is_leader() && !self.recovering && self.draining.is_none()
+    }
+
     /// Hand a produce to the core: taken (its offsets are assigned), or
     /// refused (answered already).
     fn produce(&mut self, p: Pending, now: u64) -> Taken {
@@ -550,52 +567,36 @@ impl Actor {
             timeout_ms,
             reply,
         } = p;
-        if self.recovering || self.draining.is_some() {
-            // Refused before anything was appended: safe to retry,
-            // at the successor once the store names one.
-            let me = self.shared.node_id;
-            let _ = reply.send(Err(RpcError::NotLeader {
-                node: me,
-                leader: self.leader.filter(|l| *l != me),
-            }));
-            return Taken::No { retriable: true };
-        }
-        self.next_produce += 1;
-        let id = self.next_produce;
-        match self
-            .rm
-            .produce_batches(id, batches, acks, now.saturating_add(timeout_ms))
-        {
-            Ok(()) => {
-                self.produces.insert(id, reply);
-                return Taken::Yes;
+        let refusal = if self.recovering || self.draining.is_some() {
+            self.not_leader()
+        } else {
+            self.next_produce += 1;
+            let id = self.next_produce;
+            match self
+                .rm
+                .produce_batches(id, batches, acks, now.saturating_add(timeout_ms))
+            {
+                Ok(()) => {
+                    self.produces.insert(id, reply);
+                    return Taken::Yes;
+                }
+                Err(ErrorCode::NotLeader) => self.not_leader(),
+                // Say why, with what the producer cannot see.
+                Err(code @ ErrorCode::NotEnoughReplicas) => rpc_error(
+                    code,
+                    &format!(
+                        "produce refused: the ISR {:?} is smaller than min.insync.replicas ({})",
+                        self.rm.isr(),
+                        self.rm.min_insync_replicas()
+                    ),
+                ),
+                Err(code) => rpc_error(code, "produce refused"),
             }
-            // (Named leader here but not serving yet, just after
-            // an election: no leader to name, not itself.)
-            Err(ErrorCode::NotLeader) => {
-                let me = self.shared.node_id;
-                let _ = reply.send(Err(RpcError::NotLeader {
-                    node: me,
-                    leader: self.leader.filter(|l| *l != me),
-                }));
-            }
-            // Say why, with what the producer cannot see.
-            Err(code @ ErrorCode::NotEnoughReplicas) => {
-                let why = format!(
-                    "produce refused: the ISR {:?} is smaller than min.insync.replicas ({})",
-                    self.rm.isr(),
-                    self.rm.min_insync_replicas()
-                );
-                let _ = reply.send(Err(rpc_error(code, &why)));
-            }
-            Err(code) => {
-                let e = rpc_error(code, "produce refused");
-                let retriable = e.retriable();
-                let _ = reply.send(Err(e));
-                return Taken::No { retriable };
-            }
-        }
-        Taken::No { retriable: true }
+        };
+        // Nothing was appended.
+        let retriable = refusal.retriable();
+        let _ = reply.send(Err(refusal));
+        Taken::No { retriable }
     }
 
     /// Produce `go` in order, and each request of `producer` whose turn
@@ -628,13 +629,9 @@ impl Actor {
                 "a newer attempt of this request arrived; this one was not appended",
             )));
         }
-        let me = self.shared.node_id;
-        if !self.rm.is_leader() || self.recovering || self.draining.is_some() {
+        if !self.takes_produces() {
             for p in self.sequencer.drain() {
-                let _ = p.reply.send(Err(RpcError::NotLeader {
-                    node: me,
-                    leader: self.leader.filter(|l| *l != me),
-                }));
+                let _ = p.reply.send(Err(self.not_leader()));
             }
         }
         for p in self.sequencer.expire(now) {
@@ -663,9 +660,7 @@ impl Actor {
                 };
                 match sequence {
                     // Not leading: refused at once, whatever its turn.
-                    Some(s)
-                        if self.rm.is_leader() && !self.recovering && self.draining.is_none() =>
-                    {
+                    Some(s) if self.takes_produces() => {
                         if self.sequencer.is_late(&s) {
                             let _ = p.reply.send(Err(RpcError::Invalid(format!(
                                 "request {} of producer {:016x} came after later ones were appended (it was given up); not appended",

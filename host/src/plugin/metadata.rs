@@ -204,7 +204,7 @@ struct Live {
 
 /// The newest versions and broker epochs this connection has seen; the
 /// store may never answer with older ones.
-#[derive(Default, Clone)]
+#[derive(Default)]
 struct Seen {
     /// Each partition's newest version seen, and the highest leader epoch.
     versions: HashMap<(String, u32), (u64, u32)>,
@@ -715,16 +715,27 @@ fn check_read_partitions(seen: &mut Seen, answer: Answer<wit::PartitionPage>) ->
             r.topic
         ));
     }
-    let mut trial = seen.clone();
+    // What this page changed in `seen`, to put back if the page is a
+    // fault (each partition is on it once): copying all of `seen` for
+    // every page cost a pass O(pages x partitions).
+    let mut undo = Vec::with_capacity(page.reads.len());
     let mut out = Vec::with_capacity(page.reads.len());
     for r in page.reads {
-        let state = match check_get(&mut trial, r.topic.clone(), r.partition, Ok(r.state)) {
+        let key = (r.topic.clone(), r.partition);
+        undo.push((key.clone(), seen.versions.get(&key).copied()));
+        let state = match check_get(seen, key.0, key.1, Ok(r.state)) {
             Verdict::Ok(Out::State(s)) => Ok(s),
             // Created or gone meanwhile: not listed, as list-partitions
             // then get-partition would leave it out.
             Verdict::Err(MetadataError::NotFound(_)) => continue,
             Verdict::Err(e) => Err(e),
             Verdict::Violation(why) => {
+                for (key, before) in undo {
+                    match before {
+                        Some(v) => seen.versions.insert(key, v),
+                        None => seen.versions.remove(&key),
+                    };
+                }
                 return Verdict::Violation(format!("read-partitions: {why}"));
             }
             Verdict::Ok(_) => unreachable!("check_get answers with a state"),
@@ -735,7 +746,6 @@ fn check_read_partitions(seen: &mut Seen, answer: Answer<wit::PartitionPage>) ->
             state,
         });
     }
-    *seen = trial;
     Verdict::Ok(Out::Page(out, page.next))
 }
 
