@@ -1083,6 +1083,61 @@ fn a_consumer_follows_the_leader_through_a_failover() {
     assert_eq!(got, consume_replica(&c, "t", 2, 3000), "{stderr}");
 }
 
+/// `consume --from end --follow` prints only what is committed after it
+/// started, keeps waiting (past the 30 s a --count read would allow for
+/// nothing new is not tested here), and ends cleanly on SIGTERM with
+/// everything it read printed.
+#[test]
+fn a_following_consumer_from_the_end_prints_new_messages_until_stopped() {
+    use std::io::BufRead;
+    use std::time::Duration;
+    let (c, client, _) = three_nodes_with_2000("memory");
+    let mut consume = std::process::Command::new(support::BIN)
+        .args([
+            "consume", "--config", &client, "--topic", "t", "--from", "end", "--follow",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run consume");
+    let mut stderr = std::io::BufReader::new(consume.stderr.take().expect("stderr"));
+    let mut started = String::new();
+    stderr.read_line(&mut started).expect("stderr");
+    assert_eq!(started, "following t/0 from offset 2000 (Ctrl-C to stop)\n");
+    let stdout = consume.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    produce_generated(&client, "t", "500");
+    let mut got = Vec::new();
+    while got.len() < 500 {
+        got.push(
+            rx.recv_timeout(Duration::from_secs(30))
+                .expect("the 500 new messages"),
+        );
+    }
+    let all = consume_replica(&c, "t", 1, 2500);
+    assert_eq!(got, all[2000..]);
+    // SIGTERM, as a service manager stops it.
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &consume.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    let status = consume.wait().expect("consume");
+    reader.join().expect("reader");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).expect("stderr");
+    assert!(status.success(), "{status}: {rest}");
+    assert_eq!(rx.try_iter().count(), 0, "nothing after the 500");
+}
+
 /// Three nodes on `storage` (short lag), topic `t` with one partition
 /// led by node 1, and 2000 messages committed on every replica: the
 /// cluster, its client config, and the messages as node 2 holds them.

@@ -796,14 +796,21 @@ pub struct ConsumeArgs {
     /// The partition to read.
     #[arg(long, default_value_t = 0)]
     pub partition: u32,
-    /// First offset to print (default: the log start).
-    #[arg(long)]
-    pub from: Option<u64>,
+    /// Where to start: an offset, `start` (the log start, the default) or
+    /// `end` (after the last committed message: only messages committed
+    /// from now on, with --count or --follow).
+    #[arg(long, value_name = "OFFSET|start|end", value_parser = parse_from, allow_hyphen_values = true)]
+    pub from: Option<ConsumeFrom>,
     /// Stop after this many messages, waiting up to 30 s for ones not
     /// committed yet (default: everything committed when the command
     /// started, without waiting).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "follow")]
     pub count: Option<u64>,
+    /// Keep printing messages as they are committed until interrupted
+    /// (Ctrl-C), as Kafka's console consumer does. Ends with an error
+    /// only after 30 s in which no replica could be read.
+    #[arg(long)]
+    pub follow: bool,
     /// Read this replica's committed log instead of the leader's (to check
     /// that replicas agree).
     #[arg(long)]
@@ -814,6 +821,35 @@ pub struct ConsumeArgs {
     pub base64: bool,
 }
 
+/// Where `consume --from` starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsumeFrom {
+    /// The log start (what retention kept).
+    Start,
+    /// The high watermark when the command starts.
+    End,
+    Offset(u64),
+}
+
+fn parse_from(s: &str) -> Result<ConsumeFrom, String> {
+    match s {
+        "start" | "earliest" | "beginning" => Ok(ConsumeFrom::Start),
+        "end" | "latest" => Ok(ConsumeFrom::End),
+        _ => match s.parse::<u64>() {
+            Ok(o) => Ok(ConsumeFrom::Offset(o)),
+            // Kafka tools take -1 and -2 for latest and earliest; say the
+            // words instead of guessing which the user meant.
+            Err(_) if s.starts_with('-') => Err(format!(
+                "offsets count up from 0; for the log start say `start`, for only \
+                 messages committed from now on say `end` (not {s})"
+            )),
+            Err(_) => Err(format!(
+                "expected an offset (0 or more), `start` or `end`, not `{s}`"
+            )),
+        },
+    }
+}
+
 pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
     let c = client(&a.config)?;
     let mut node = match a.replica {
@@ -822,9 +858,13 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
     };
     // The first read follows a leader that moved, as the later ones do.
     let give_up = Instant::now() + Duration::from_secs(30);
+    let asked = match a.from {
+        Some(ConsumeFrom::Offset(o)) => Some(o),
+        _ => None,
+    };
     let first = loop {
         let r = c
-            .read(node, &a.topic, a.partition, a.from.unwrap_or(0), 1)
+            .read(node, &a.topic, a.partition, asked.unwrap_or(0), 1)
             .await;
         match r {
             Err(e) if a.replica.is_none() && read_again(&e) && Instant::now() < give_up => {
@@ -833,16 +873,23 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
             r => break r,
         }
     };
-    // Start at the log start if --from was not given (or tell why not).
+    // Start where --from says (or tell why not).
     let (mut offset, end) = match first {
-        Ok(b) => (a.from.unwrap_or(b.log_start), b.high_watermark),
+        Ok(b) => match a.from {
+            Some(ConsumeFrom::Offset(o)) => (o, b.high_watermark),
+            Some(ConsumeFrom::End) => (b.high_watermark, b.high_watermark),
+            None | Some(ConsumeFrom::Start) => (b.log_start, b.high_watermark),
+        },
         Err(replicator::client::ClientError::Refused(
             replicator::wire::rpc::RpcError::OffsetOutOfRange {
                 log_start,
                 high_watermark,
                 ..
             },
-        )) if a.from.is_none() => (log_start, high_watermark),
+        )) if asked.is_none() => match a.from {
+            Some(ConsumeFrom::End) => (high_watermark, high_watermark),
+            _ => (log_start, high_watermark),
+        },
         Err(e) => {
             return Err(e).context(format!(
                 "reading {}/{} on node {node}",
@@ -852,14 +899,33 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
     };
     let stop = match a.count {
         Some(n) => offset.saturating_add(n),
+        None if a.follow => u64::MAX,
         None => end,
     };
+    if a.from == Some(ConsumeFrom::End) && a.count.is_none() && !a.follow {
+        eprintln!(
+            "note: --from end prints only messages committed from now on; \
+             add --count N to wait for the next N, or --follow"
+        );
+    }
+    if a.follow {
+        eprintln!(
+            "following {}/{} from offset {offset} (Ctrl-C to stop)",
+            a.topic, a.partition
+        );
+    }
+    // --follow ends on Ctrl-C or SIGTERM, after what was read is out.
+    let mut signal = std::pin::pin!(super::cluster::shutdown_signal());
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     // 30 s without a new record, not 30 s in all: a long read that is
     // still catching up is not cut short.
     let mut deadline = Instant::now() + Duration::from_secs(30);
     while offset < stop {
-        let b = match c.read(node, &a.topic, a.partition, offset, 1 << 20).await {
+        let read = tokio::select! {
+            r = c.read(node, &a.topic, a.partition, offset, 1 << 20) => r,
+            () = &mut signal, if a.follow => break,
+        };
+        let b = match read {
             Ok(b) => b,
             // The leader died or moved (a failover, a rolling restart):
             // go on from the same offset on the new one, as a Kafka
@@ -885,13 +951,21 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
             if let Err(e) = out.flush() {
                 return stdout_failed(e, &c).await;
             }
-            if Instant::now() > deadline {
+            if a.follow {
+                // Waiting for new messages is what --follow does; only
+                // 30 s without any answer ends it.
+                deadline = Instant::now() + Duration::from_secs(30);
+            } else if Instant::now() > deadline {
                 bail!(
                     "offsets up to {} were asked for, but nothing from offset {offset} on was committed for 30 s",
                     stop - 1
                 );
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Reads do not wait at the leader for new records, so poll.
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                () = &mut signal, if a.follow => break,
+            }
             continue;
         }
         deadline = Instant::now() + Duration::from_secs(30);
@@ -1329,9 +1403,57 @@ fn print_unreadable(unreadable: &[replicator::wire::rpc::UnreadablePartition]) {
 
 #[cfg(test)]
 mod tests {
-    use super::{TopicSummary, check_message_size, longest_message, next_batch, report, summarize};
+    use super::{
+        ConsumeFrom, TopicSummary, check_message_size, longest_message, next_batch, report,
+        summarize,
+    };
     use bytes::Bytes;
+    use clap::Parser as _;
     use replicator::wire::rpc::ReplicaStatus;
+
+    /// `--from` takes an offset or a word; `-1` (Kafka tools' "latest")
+    /// reaches the parser, which names the words, instead of clap taking
+    /// it for a flag and suggesting `-- -1`.
+    #[test]
+    fn consume_from_takes_offsets_and_words_and_explains_negative_ones() {
+        let from = |v: &str| {
+            crate::cli::Cli::try_parse_from([
+                "replicator",
+                "consume",
+                "--config",
+                "c.toml",
+                "--topic",
+                "t",
+                "--from",
+                v,
+            ])
+            .map(|cli| match cli.command {
+                crate::cli::Command::Consume(a) => a.from,
+                _ => None,
+            })
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(from("17"), Ok(Some(ConsumeFrom::Offset(17))));
+        assert_eq!(from("start"), Ok(Some(ConsumeFrom::Start)));
+        assert_eq!(from("end"), Ok(Some(ConsumeFrom::End)));
+        assert_eq!(from("latest"), Ok(Some(ConsumeFrom::End)));
+        let e = from("-1").expect_err("negative");
+        assert!(e.contains("say `end`") && !e.contains("-- -1"), "{e}");
+        let e = from("soon").expect_err("a word it does not know");
+        assert!(e.contains("`start` or `end`"), "{e}");
+        let both = crate::cli::Cli::try_parse_from([
+            "replicator",
+            "consume",
+            "--config",
+            "c.toml",
+            "--topic",
+            "t",
+            "--count",
+            "3",
+            "--follow",
+        ]);
+        assert!(both.is_err(), "--count and --follow together");
+    }
 
     /// The named leader's own view of ISR and HW only while it leads the
     /// store's epoch: one recovering its log (a full disk) reported an
