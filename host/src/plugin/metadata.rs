@@ -443,7 +443,7 @@ impl Actor {
                     guest.call_get_partition(&mut *store, client, &topic, partition),
                 )
                 .await;
-                check_get(seen, topic, partition, r)
+                check_get(seen, "get-partition", topic, partition, r)
             }
             Op::CompareAndSet(state, expected) => {
                 let r = guarded(
@@ -542,13 +542,19 @@ fn judge<T>(answer: Answer<T>, ok: impl FnOnce(T) -> Result<Out, String>) -> Ver
     }
 }
 
+/// `call` names the answer in messages: `get-partition`, or
+/// `read-partitions` for one of its records.
 fn check_get(
     seen: &mut Seen,
+    call: &str,
     topic: String,
     partition: u32,
     answer: Answer<wit::PartitionState>,
 ) -> Verdict {
-    let asked = format!("get-partition({topic}/{partition})");
+    let asked = match call {
+        "get-partition" => format!("get-partition({topic}/{partition})"),
+        _ => format!("{call}' record of {topic}/{partition}"),
+    };
     let key = (topic, partition);
     let (known, known_epoch) = seen.versions.get(&key).copied().unwrap_or((0, 0));
     if known > 0 && matches!(answer, Ok(Err(PluginError::NotFound(_)))) {
@@ -723,7 +729,7 @@ fn check_read_partitions(seen: &mut Seen, answer: Answer<wit::PartitionPage>) ->
     for r in page.reads {
         let key = (r.topic.clone(), r.partition);
         undo.push((key.clone(), seen.versions.get(&key).copied()));
-        let state = match check_get(seen, key.0, key.1, Ok(r.state)) {
+        let state = match check_get(seen, "read-partitions", key.0, key.1, Ok(r.state)) {
             Verdict::Ok(Out::State(s)) => Ok(s),
             // Created or gone meanwhile: not listed, as list-partitions
             // then get-partition would leave it out.
@@ -736,7 +742,7 @@ fn check_read_partitions(seen: &mut Seen, answer: Answer<wit::PartitionPage>) ->
                         None => seen.versions.remove(&key),
                     };
                 }
-                return Verdict::Violation(format!("read-partitions: {why}"));
+                return Verdict::Violation(why);
             }
             Verdict::Ok(_) => unreachable!("check_get answers with a state"),
         };
@@ -951,7 +957,7 @@ mod tests {
     /// A state's version, or why it was refused as corrupt (a record
     /// that breaks the rules is the store's content, not a plugin fault).
     fn get(seen: &mut Seen, answer: Answer<wit::PartitionState>) -> Result<u64, String> {
-        match check_get(seen, "t".into(), 0, answer) {
+        match check_get(seen, "get-partition", "t".into(), 0, answer) {
             Verdict::Ok(Out::State(s)) => Ok(s.version),
             Verdict::Err(MetadataError::Corrupt(why)) => Err(why),
             Verdict::Violation(why) => Err(format!("a plugin fault, not a corrupt record: {why}")),
@@ -1011,7 +1017,8 @@ mod tests {
         let back = read(&mut seen, vec![entry(1, 3), entry(0, 2)]);
         assert!(
             matches!(&back, Ok(r) if r.len() == 2
-                && matches!(&r[0], (1, Err(MetadataError::Corrupt(w))) if w.contains("after version 4"))
+                && matches!(&r[0], (1, Err(MetadataError::Corrupt(w)))
+                    if w == "read-partitions' record of t/1 answered with version 3 after version 4 was seen")
                 && r[1] == (0, Ok(2))),
             "{back:?}"
         );
@@ -1019,7 +1026,11 @@ mod tests {
         assert!(twice.is_err_and(|w| w.contains("twice")));
         let mut other = entry(0, 1);
         other.partition = 5;
-        assert!(read(&mut Seen::default(), vec![other.clone()]).is_err());
+        let why = read(&mut Seen::default(), vec![other.clone()]);
+        assert_eq!(
+            why,
+            Err("read-partitions' record of t/5 answered with the state of t/0".into())
+        );
         // A page that is a fault leaves nothing of it seen: version 9
         // before the bad record does not make a later 5 look gone back.
         let mut seen = Seen::default();
