@@ -85,10 +85,13 @@ async fn contained(mode: &str, kind: FaultKind) {
         took < Duration::from_secs(5),
         "{mode}: containment took {took:?}"
     );
-    // No write is acknowledged until the state was re-read.
+    // No write is acknowledged until the state was re-read. (A call that
+    // overran its deadline in a host call is waited for a while longer,
+    // in case it is I/O that would land under a new instance: the next
+    // call waits behind it and times out.)
     match log.append(one(0)).await {
         Err(StorageError::Fault {
-            kind: FaultKind::NeedsRecovery,
+            kind: FaultKind::NeedsRecovery | FaultKind::Deadline,
             ..
         }) => {}
         other => panic!("{mode}: append after a fault must need recovery, got {other:?}"),
@@ -326,6 +329,9 @@ async fn blocked_in_the_kernel(own_thread: bool) {
     // that neither epochs nor the store's own timers can stop.
     let sandbox = Sandbox {
         own_thread,
+        // How long a stuck call is waited for before it is dropped
+        // anyway: longer than this test.
+        open_deadline: Duration::from_secs(60),
         ..sandbox()
     };
     let data = tempfile::tempdir().expect("tempdir");
@@ -335,8 +341,30 @@ async fn blocked_in_the_kernel(own_thread: bool) {
         .status()
         .expect("mkfifo");
     assert!(made.success());
-    let (stuck, healthy) =
-        hostile_and_healthy(sandbox, "read-file:/data/fifo", Some(data.path())).await;
+    // Whatever happens below, the stuck open(2) is released at the end:
+    // a runtime does not shut down while a blocking task runs.
+    struct Release(std::path::PathBuf);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            use std::os::unix::fs::OpenOptionsExt;
+            // Non-blocking: fails (ENXIO) if no reader waits any more.
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&self.0);
+        }
+    }
+    let _release = Release(fifo.clone());
+    let plugin = hostile(sandbox);
+    let mode = || vec![("mode".into(), "read-file:/data/fifo".into())];
+    let stuck = plugin
+        .open("t", 0, mode(), Some(data.path()))
+        .await
+        .expect("open");
+    let healthy = plugin
+        .open("t", 1, vec![], None)
+        .await
+        .expect("open healthy");
     let started = Instant::now();
     let err = stuck
         .append(one(0))
@@ -350,9 +378,59 @@ async fn blocked_in_the_kernel(own_thread: bool) {
     );
     // Other partitions are served meanwhile.
     assert_eq!(healthy.append(one(0)).await, Ok(1));
-    // Release the stuck thread so it can end.
-    let _writer = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&fifo)
-        .expect("open fifo");
+    // No new instance works on the log's files while the stuck call may
+    // still write to them: not a recovery of this log (it used to
+    // re-instantiate at once on the runtime), nor a second log opened on
+    // its directory.
+    let held = Duration::from_secs(1);
+    let again = tokio::time::timeout(held, stuck.recover()).await;
+    assert!(
+        again.is_err(),
+        "own thread {own_thread}: recovered while its call is still stuck: {again:?}"
+    );
+    let second = tokio::time::timeout(held, plugin.open("t", 0, mode(), Some(data.path()))).await;
+    assert!(
+        second.is_err(),
+        "own thread {own_thread}: a second instance opened on the same directory"
+    );
+    // Release the stuck call: a writer comes and goes (the read then
+    // ends at end-of-file).
+    drop(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&fifo)
+            .expect("open fifo"),
+    );
+    // Once it returned, recovery gets a fresh instance; what was given up
+    // meanwhile did not take effect.
+    let state = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stuck.recover().await {
+                Ok(state) => break state,
+                Err(e) => {
+                    assert!(matches!(e, StorageError::Fault { .. }), "{e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    })
+    .await
+    .expect("recovered once the call returned");
+    assert_eq!(state.bounds.log_end, 0, "own thread {own_thread}");
+    drop(stuck);
+    // And the directory is free again once that log is closed.
+    let reopened = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match plugin.open("t", 0, vec![], Some(data.path())).await {
+                Ok(log) => break log,
+                Err(StorageError::Unavailable(_)) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("own thread {own_thread}: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("the directory is released");
+    assert_eq!(reopened.append(one(0)).await, Ok(1));
 }

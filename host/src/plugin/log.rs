@@ -95,6 +95,58 @@ struct Actor {
     /// fetch of the batch. A fault now and then still lets the partition
     /// ask again, and cut once another copy is live.
     damaged: Option<(u64, std::time::Instant)>,
+    /// Whoever waits for the call being served (see [`guarded`]).
+    waiter: Waiter,
+    /// The partition directory, held while this task may still touch it.
+    claim: Option<DirClaim>,
+}
+
+/// Partition directories a storage task works in, process-wide. A task
+/// stuck in the kernel on its own thread (where no deadline reaches it)
+/// keeps its directory until the call returns and the task ends; a second
+/// instance of that log (the node opening the partition again after the
+/// first open timed out) must not write there meanwhile.
+static CLAIMED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<PathBuf>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Woken whenever a directory leaves [`CLAIMED`].
+static RELEASED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// A directory in [`CLAIMED`], released when dropped.
+struct DirClaim(PathBuf);
+
+impl DirClaim {
+    fn take(dir: &std::path::Path) -> Option<DirClaim> {
+        let mut claimed = CLAIMED.lock().unwrap_or_else(|e| e.into_inner());
+        claimed
+            .insert(dir.to_path_buf())
+            .then(|| DirClaim(dir.to_path_buf()))
+    }
+
+    /// Claim `dir`, waiting up to `wait` for an earlier instance to let it
+    /// go: one whose handles were just dropped closes a moment later.
+    async fn wait_for(dir: &std::path::Path, wait: Duration) -> Option<DirClaim> {
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            let released = RELEASED.notified();
+            let mut released = std::pin::pin!(released);
+            // Registered before the check, so a release in between counts.
+            released.as_mut().enable();
+            if let Some(claim) = DirClaim::take(dir) {
+                return Some(claim);
+            }
+            tokio::time::timeout_at(until, released).await.ok()?;
+        }
+    }
+}
+
+impl Drop for DirClaim {
+    fn drop(&mut self) {
+        let mut claimed = CLAIMED.lock().unwrap_or_else(|e| e.into_inner());
+        claimed.remove(&self.0);
+        drop(claimed);
+        RELEASED.notify_waiters();
+    }
 }
 
 type Fault = (FaultKind, String);
@@ -103,20 +155,64 @@ type Fault = (FaultKind, String);
 /// without a fault; the next one after faults again (see `Actor::damaged`).
 const DAMAGE_REFAULT: Duration = Duration::from_secs(30);
 
+/// Whoever waits for the call being served ([`guarded`] answers it early
+/// when the call outlives its deadline).
+type Waiter = Option<oneshot::Sender<StorageResult<Out>>>;
+
 /// Run one guest call under the deadline: a trap or an expired deadline
 /// becomes a fault; an expected error stays an error.
+///
+/// A call stuck in a host function (a write or truncation waiting in the
+/// kernel on the blocking pool), where epochs do not reach, is answered
+/// to `waiter` as a `Deadline` fault at the deadline, but awaited to its
+/// end all the same (up to `drain` more) before the fault is returned and
+/// the instance dropped. Dropping it at the deadline left the blocking I/O running: a
+/// new instance could open the files, cut the torn tail and append, and
+/// then the old `pwrite` or `ftruncate` landed on top, replacing or
+/// cutting records appended since. The guest traps at its next epoch
+/// check once the host call returns. A call that returns after its
+/// caller gave up (a store on its own thread, whose timer cannot fire
+/// while the thread is held in the kernel, is answered by
+/// [`PluginLog::submit`]'s own deadline) is a fault too: the caller was
+/// told it failed, and the instance overran its deadline.
 async fn guarded<T>(
     deadline: Duration,
+    drain: Duration,
+    label: &str,
+    waiter: &mut Waiter,
     fut: impl Future<Output = wasmtime::Result<Result<T, PluginError>>>,
 ) -> Result<Result<T, PluginError>, Fault> {
-    // Epoch interruption stops wasm code at the deadline; this timeout
-    // catches a call stuck in a host function, where epochs do not reach.
     let grace = deadline / 4 + Duration::from_millis(50);
-    match tokio::time::timeout(deadline + grace, fut).await {
-        Err(_) => Err((
+    let started = std::time::Instant::now();
+    let mut fut = std::pin::pin!(fut);
+    let late = |took: Duration| {
+        (
             FaultKind::Deadline,
-            format!("call did not return within {deadline:?}"),
-        )),
+            format!("call did not return within {deadline:?} (it returned after {took:?})"),
+        )
+    };
+    let gave_up = |w: &Waiter| w.as_ref().is_some_and(oneshot::Sender::is_closed);
+    match tokio::time::timeout(deadline + grace, &mut fut).await {
+        Err(_) => {
+            if let Some(w) = waiter.take() {
+                let _ = w.send(Err(StorageError::Fault {
+                    plugin: label.to_string(),
+                    kind: FaultKind::Deadline,
+                    detail: format!("call did not return within {deadline:?}"),
+                }));
+            }
+            tracing::warn!(plugin = %label,
+                "storage call did not return within {deadline:?}: waiting up to {drain:?} for it to end before the instance is dropped, so that no new instance works on its files meanwhile");
+            if tokio::time::timeout(drain, fut).await.is_err() {
+                // An async wait (a guest polling a timer) ends when
+                // dropped; I/O stuck in the kernel runs on regardless.
+                tracing::error!(plugin = %label,
+                    "storage call still running after {:?}: dropped; if it was stuck in the kernel, writes it started may still land in files the next instance uses",
+                    started.elapsed());
+            }
+            Err(late(started.elapsed()))
+        }
+        Ok(_) if gave_up(waiter) => Err(late(started.elapsed())),
         Ok(Err(e)) => Err(classify(&e)),
         Ok(Ok(r)) => Ok(r),
     }
@@ -180,6 +276,7 @@ impl Actor {
         self.live = None;
         let sandbox = self.sandbox().clone();
         let deadline = sandbox.open_deadline;
+        let drain = sandbox.open_deadline;
         let mut store = PluginState::store(
             self.plugin.inner.runtime.engine(),
             &sandbox,
@@ -206,6 +303,9 @@ impl Actor {
         let guest = world.replicator_plugin_storage().partition_log();
         let opened = guarded(
             deadline,
+            drain,
+            &self.label,
+            &mut self.waiter,
             guest.call_open(
                 &mut store,
                 &self.spec.topic,
@@ -240,12 +340,13 @@ impl Actor {
 
     async fn call_bounds(&mut self) -> StorageResult<OffsetBounds> {
         let deadline = self.sandbox().call_deadline;
+        let drain = self.sandbox().open_deadline;
         let Some(live) = self.live.as_mut() else {
             return Err(self.fault_error(FaultKind::NeedsRecovery, "no instance".into()));
         };
         PluginState::arm(&mut live.store, deadline);
         let guest = live.world.replicator_plugin_storage().partition_log();
-        let r = guarded(deadline, async {
+        let r = guarded(deadline, drain, &self.label, &mut self.waiter, async {
             guest.call_bounds(&mut live.store, live.log).await.map(Ok)
         })
         .await;
@@ -279,6 +380,7 @@ impl Actor {
             ));
         }
         let deadline = self.sandbox().call_deadline;
+        let drain = self.sandbox().open_deadline;
         let known = self.known;
         let Some(live) = self.live.as_mut() else {
             return Err(self.fault_error(FaultKind::NeedsRecovery, "no instance".into()));
@@ -286,6 +388,7 @@ impl Actor {
         PluginState::arm(&mut live.store, deadline);
         let guest = live.world.replicator_plugin_storage().partition_log();
         let (store, log) = (&mut live.store, live.log);
+        let (label, waiter) = (&*self.label, &mut self.waiter);
         // What an error from this op may not claim, and whether a failure
         // leaves the plugin's state unknown.
         let in_range = match op {
@@ -310,14 +413,28 @@ impl Actor {
             .map(|(d, _)| d);
         let answer = match op {
             Op::Append(bytes) => {
-                let r = guarded(deadline, guest.call_append(&mut *store, log, &bytes)).await;
+                let r = guarded(
+                    deadline,
+                    drain,
+                    label,
+                    waiter,
+                    guest.call_append(&mut *store, log, &bytes),
+                )
+                .await;
                 r.map(|r| r.map(|end| check_append(known, &bytes, end)))
             }
             Op::Read(offset, max) => {
                 // A read returns at least one batch anyway; asking for more
                 // than the largest batch only risks the memory limit.
                 let max = max.min(MAX_BATCH_LEN);
-                let r = guarded(deadline, guest.call_read(&mut *store, log, offset, max)).await;
+                let r = guarded(
+                    deadline,
+                    drain,
+                    label,
+                    waiter,
+                    guest.call_read(&mut *store, log, offset, max),
+                )
+                .await;
                 r.map(|r| {
                     r.map(|b| {
                         let bytes = Bytes::from(b);
@@ -342,7 +459,7 @@ impl Actor {
                 })
             }
             Op::Bounds => {
-                let r = guarded(deadline, async {
+                let r = guarded(deadline, drain, label, waiter, async {
                     guest.call_bounds(&mut *store, log).await.map(Ok)
                 })
                 .await;
@@ -363,11 +480,25 @@ impl Actor {
                 })
             }
             Op::Truncate(offset) => {
-                let r = guarded(deadline, guest.call_truncate(&mut *store, log, offset)).await;
+                let r = guarded(
+                    deadline,
+                    drain,
+                    label,
+                    waiter,
+                    guest.call_truncate(&mut *store, log, offset),
+                )
+                .await;
                 r.map(|r| r.map(|end| check_truncate(known, offset, end)))
             }
             Op::DeletePrefix(offset) => {
-                let r = guarded(deadline, guest.call_delete_prefix(&mut *store, log, offset)).await;
+                let r = guarded(
+                    deadline,
+                    drain,
+                    label,
+                    waiter,
+                    guest.call_delete_prefix(&mut *store, log, offset),
+                )
+                .await;
                 r.map(|r| {
                     r.map(|()| {
                         let mut k = known;
@@ -378,19 +509,36 @@ impl Actor {
                 })
             }
             Op::HighWatermark => {
-                let r = guarded(deadline, guest.call_high_watermark(&mut *store, log)).await;
+                let r = guarded(
+                    deadline,
+                    drain,
+                    label,
+                    waiter,
+                    guest.call_high_watermark(&mut *store, log),
+                )
+                .await;
                 r.map(|r| r.map(|hw| Ok((Out::Offset(hw), known))))
             }
             Op::SetHighWatermark(hw) => {
                 let r = guarded(
                     deadline,
+                    drain,
+                    label,
+                    waiter,
                     guest.call_set_high_watermark(&mut *store, log, hw),
                 )
                 .await;
                 r.map(|r| r.map(|()| Ok((Out::Unit, known))))
             }
             Op::LeaderEpochs => {
-                let r = guarded(deadline, guest.call_leader_epochs(&mut *store, log)).await;
+                let r = guarded(
+                    deadline,
+                    drain,
+                    label,
+                    waiter,
+                    guest.call_leader_epochs(&mut *store, log),
+                )
+                .await;
                 r.map(|r| r.map(|e| check_epochs(known, e)))
             }
             Op::SetLeaderEpochs(entries) => {
@@ -408,13 +556,23 @@ impl Actor {
                     .collect();
                 let r = guarded(
                     deadline,
+                    drain,
+                    label,
+                    waiter,
                     guest.call_set_leader_epochs(&mut *store, log, &wit_entries),
                 )
                 .await;
                 r.map(|r| r.map(|()| Ok((Out::Unit, known))))
             }
             Op::Flush => {
-                let r = guarded(deadline, guest.call_flush(&mut *store, log)).await;
+                let r = guarded(
+                    deadline,
+                    drain,
+                    label,
+                    waiter,
+                    guest.call_flush(&mut *store, log),
+                )
+                .await;
                 r.map(|r| r.map(|()| Ok((Out::Unit, known))))
             }
             Op::Recover | Op::Close => {
@@ -522,7 +680,14 @@ impl Actor {
             };
             let Some(call) = call else { break };
             let closing = matches!(call.op, Op::Close);
+            if call.reply.is_closed() && !closing {
+                // Its caller gave up waiting (the storage task was stuck
+                // past its deadline) and was told it failed: it must not
+                // take effect now.
+                continue;
+            }
             let append = matches!(call.op, Op::Append(_));
+            self.waiter = Some(call.reply);
             let r = self.serve(call.op).await;
             if append
                 && r.is_ok()
@@ -530,7 +695,14 @@ impl Actor {
             {
                 w.appended();
             }
-            let _ = call.reply.send(r);
+            if closing {
+                // Closed: whoever waited may open the directory again.
+                self.claim = None;
+            }
+            // Unless `guarded` answered already, at the deadline.
+            if let Some(reply) = self.waiter.take() {
+                let _ = reply.send(r);
+            }
             if closing {
                 return;
             }
@@ -771,6 +943,20 @@ impl PluginLog {
             _ => None,
         };
         let write_behind_synced = write_behind.as_ref().map(WriteBehind::synced);
+        let claim = match &spec.data_dir {
+            Some(dir) => Some(
+                DirClaim::wait_for(dir, sandbox.open_deadline)
+                    .await
+                    .ok_or_else(|| {
+                        StorageError::Unavailable(format!(
+                            "{} is still in use by an earlier instance of this log, whose call has not returned within {:?} (stuck in the kernel?)",
+                            dir.display(),
+                            sandbox.open_deadline
+                        ))
+                    })?,
+            ),
+            None => None,
+        };
         let mut actor = Actor {
             plugin,
             spec,
@@ -780,13 +966,21 @@ impl PluginLog {
             known: OffsetBounds::default(),
             write_behind,
             damaged: None,
+            waiter: None,
+            claim,
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let (opened_tx, opened_rx) = oneshot::channel();
         let serve = async move {
+            actor.waiter = Some(opened_tx);
             let opened = actor.instantiate().await;
             let ok = opened.is_ok();
-            if opened_tx.send(opened).is_err() || !ok {
+            // Unless `guarded` answered already, at the deadline.
+            let told = match actor.waiter.take() {
+                Some(w) => w.send(opened.map(|()| Out::Unit)).is_ok(),
+                None => false,
+            };
+            if !told || !ok {
                 return;
             }
             actor.run(rx).await;
@@ -804,7 +998,7 @@ impl PluginLog {
         };
         let wait = sandbox.open_deadline * 2 + Duration::from_secs(1);
         match tokio::time::timeout(wait, opened_rx).await {
-            Ok(Ok(Ok(()))) => Ok(PluginLog {
+            Ok(Ok(Ok(_))) => Ok(PluginLog {
                 tx,
                 plugin: label,
                 sandbox: Arc::new(sandbox),
