@@ -1083,6 +1083,84 @@ fn a_consumer_follows_the_leader_through_a_failover() {
     assert_eq!(got, consume_replica(&c, "t", 2, 3000), "{stderr}");
 }
 
+/// A second process started with a running node's id (another port and
+/// data directory: a config copied by mistake) refuses to start when that
+/// node answers at its registered address. If it registers anyway (the
+/// node was paused and did not answer), the node it displaced sees the
+/// newer registration and stops: it used to go on answering heartbeats as
+/// node 3, kept its place in the ISR, and was elected with an older log
+/// after the newcomer died.
+#[test]
+fn a_second_process_with_a_node_s_id_is_refused_or_fences_the_first() {
+    use std::time::{Duration, Instant};
+    let (mut c, _client, _) = three_nodes_with_2000("memory");
+    let spare = support::free_ports(2);
+    let dup = c.path().join("node-3-dup.toml");
+    let text = std::fs::read_to_string(c.path().join("node-3.toml")).expect("node-3.toml");
+    let text = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("listen =") {
+                format!("listen = \"127.0.0.1:{spare}\"")
+            } else if l.starts_with("metrics_listen =") {
+                format!("metrics_listen = \"127.0.0.1:{}\"", spare + 1)
+            } else if l.starts_with("data_dir =") {
+                "data_dir = \"node-3-dup\"".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&dup, text).expect("write");
+    let dup_arg = dup.display().to_string();
+    // Node 3 answers: refused before it registers.
+    let refused = support::cli_within(&["node", "--config", &dup_arg], Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(stderr.contains("node 3 is already running"), "{stderr}");
+    // Node 3 paused: the newcomer registers, and node 3, resumed, stops.
+    c.signal(3, "-STOP");
+    let dup_log = c.path().join("node-3-dup.log");
+    let mut newcomer = std::process::Command::new(support::BIN)
+        .args(["node", "--config", &dup_arg])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&dup_log).expect("log"))
+        .spawn()
+        .expect("start the newcomer");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&dup_log)
+        .unwrap_or_default()
+        .contains("registered at")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the newcomer did not register: {}",
+            std::fs::read_to_string(&dup_log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.signal(3, "-CONT");
+    let mut first = c.nodes[2].take().expect("node 3 runs");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = first.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "node 3 went on: {}", c.log(3));
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = newcomer.kill();
+    let _ = newcomer.wait();
+    let log = c.log(3);
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("another process registered as node 3"),
+        "{log}"
+    );
+}
+
 /// `consume --from end --follow` prints only what is committed after it
 /// started, keeps waiting (past the 30 s a --count read would allow for
 /// nothing new is not tested here), and ends cleanly on SIGTERM with

@@ -91,6 +91,8 @@ async fn heartbeat(
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut announce = false;
+    // The stale broker epoch last warned of (see below), once each.
+    let mut stale_said = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -134,6 +136,31 @@ async fn heartbeat(
             changed: std::mem::take(&mut announce),
         };
         match p.request_within(&req, bytes::Bytes::new(), limit).await {
+            Ok((
+                Response::Heartbeat {
+                    node: n,
+                    broker_epoch,
+                },
+                _,
+            )) if n == node
+                && shared
+                    .broker_epoch_of(node)
+                    .is_some_and(|registered| broker_epoch < registered) =>
+            {
+                // An incarnation the store no longer registers: another
+                // process took the id (or this one restarted and is not
+                // known here yet). It does not keep `node` alive: a stale
+                // process kept its place in ISRs, and was elected with an
+                // older log, after the one that took its id died.
+                if stale_said != Some(broker_epoch) {
+                    warn!(
+                        "heartbeat: node {node} answered from broker epoch {broker_epoch}, older than its registration: another process has its id; not counted as alive"
+                    );
+                    stale_said = Some(broker_epoch);
+                }
+                p.close();
+                peer = None;
+            }
             Ok((Response::Heartbeat { node: n, .. }, _)) if n == node => {
                 let now = shared.now_ms();
                 if let Ok(mut fd) = shared.detector.lock() {

@@ -77,6 +77,22 @@ pub enum NodeError {
         /// config names no cluster.
         named_by: String,
     },
+    #[error(
+        "node {id} is already running: the node registered as {id} at {addr} answered as node {id}. Two processes must not share a node id (each would count as the other's replica, and one with an older log could be elected). Stop that one first, or give this one its own id"
+    )]
+    AlreadyRunning {
+        id: crate::core::ReplicaId,
+        addr: String,
+    },
+    #[error(
+        "another process registered as node {id} (broker epoch {theirs}, at {addr}) after this one (broker epoch {ours}): this one stops, as Kafka fences a broker whose id another took. Two processes must not share a node id"
+    )]
+    Fenced {
+        id: crate::core::ReplicaId,
+        ours: u64,
+        theirs: u64,
+        addr: String,
+    },
     #[error("cannot bind the metrics endpoint {addr}: {error}{}", crate::ports::in_use_hint(*.addr, .error))]
     Metrics {
         addr: SocketAddr,
@@ -217,6 +233,9 @@ pub async fn run(
     if found_identity.as_ref() != Some(&identity) {
         identity.write(&config.data_dir)?;
     }
+    // A live process registered under this id elsewhere stops this start
+    // before it takes the id over (Kafka refuses a duplicate broker.id).
+    already_running(&metadata, &transport, id, advertised).await?;
     let broker_epoch = metadata.register_broker(id, advertised.to_string()).await?;
     info!(
         "node {id} of cluster {} registered at {advertised} with broker epoch {broker_epoch}; storage `{}`, metadata `{}`",
@@ -255,6 +274,7 @@ pub async fn run(
         not_open: Default::default(),
         store_failing: Default::default(),
         registration_problem: Default::default(),
+        fenced: Default::default(),
     });
     // This node's log may have lost what it had acknowledged before the
     // restart (unflushed writes; an in-memory log is empty). So, like
@@ -300,9 +320,15 @@ pub async fn run(
     }
     info!("node {id} serving QUIC on {local}");
 
-    tokio::select! {
-        _ = watch(&server, Duration::from_millis(config.metadata_poll_ms)) => {}
-        _ = shutdown => info!("node {id} shutting down"),
+    let fenced = tokio::select! {
+        f = watch(&server, Duration::from_millis(config.metadata_poll_ms)) => Some(f),
+        _ = shutdown => {
+            info!("node {id} shutting down");
+            None
+        }
+    };
+    if let Some(f) = &fenced {
+        error!("{f}");
     }
 
     // A node on its way out makes no more failover decisions (a pass
@@ -315,7 +341,9 @@ pub async fn run(
     // while shutting down, 542-559 ms after they last heard from the old
     // one.)
     let _ = stop_tx.send(true);
-    if config.failover.controlled_shutdown {
+    // Fenced: the id is another process's now, and a controlled shutdown
+    // would register it back and write its hand-offs.
+    if config.failover.controlled_shutdown && fenced.is_none() {
         let partitions = server
             .partitions
             .read()
@@ -378,18 +406,64 @@ pub async fn run(
         warn!("the metadata plugin did not close within {wait:?}; leaving it");
     }
     info!("node {id} stopped");
-    Ok(())
+    match fenced {
+        Some(f) => Err(f),
+        None => Ok(()),
+    }
+}
+
+/// How long a starting node waits for an answer from the address its id
+/// is registered at, when that is not its own.
+const ALREADY_RUNNING_WAIT: Duration = Duration::from_secs(2);
+
+/// Refuse to start when the store registers `id` at another address and
+/// a node answers there as `id` (its certificate and hello say so). At
+/// this node's own address nothing else can be listening: it bound it.
+async fn already_running(
+    metadata: &impl MetadataStore,
+    transport: &Transport,
+    id: crate::core::ReplicaId,
+    advertised: SocketAddr,
+) -> Result<(), NodeError> {
+    let brokers = match metadata.list_brokers().await {
+        Ok(b) => b,
+        // Registering reports a store that does not answer.
+        Err(_) => return Ok(()),
+    };
+    let Some(addr) = brokers
+        .iter()
+        .find(|b| b.id == id)
+        .filter(|b| b.address != advertised.to_string())
+        .and_then(|b| b.address.parse::<SocketAddr>().ok())
+    else {
+        return Ok(());
+    };
+    match tokio::time::timeout(ALREADY_RUNNING_WAIT, transport.connect(addr, id)).await {
+        Ok(Ok(peer)) => {
+            peer.close();
+            Err(NodeError::AlreadyRunning {
+                id,
+                addr: addr.to_string(),
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Follow the metadata store: learn brokers' addresses, open the
 /// partitions assigned here, and pass every partition's new state to it.
-async fn watch(server: &Arc<NodeServer>, every: Duration) {
+/// Ends only when another process registered under this node's id
+/// (see [`check_own_registration`]).
+async fn watch(server: &Arc<NodeServer>, every: Duration) -> NodeError {
     let mut seen: HashMap<TopicPartition, u64> = HashMap::new();
     let mut open_failures: HashMap<TopicPartition, OpenFailure> = HashMap::new();
     let mut unreadable: HashMap<TopicPartition, String> = HashMap::new();
     let mut failing = false;
     loop {
         let outcome = refresh(server, &mut seen, &mut open_failures, &mut unreadable).await;
+        if let Some(f) = server.fenced.lock().ok().and_then(|mut f| f.take()) {
+            return f;
+        }
         // Cleared by `refresh` at its first read the store answers.
         if let (Err(e), Ok(mut f)) = (&outcome, server.store_failing.lock()) {
             *f = Some(e.to_string());
@@ -432,12 +506,25 @@ async fn watch(server: &Arc<NodeServer>, every: Duration) {
 /// Say so, once per change, when this node's registration is gone from the
 /// store, or older than this run's: the store was wiped or restored from
 /// an older backup under a running cluster, which otherwise showed only as
-/// "metadata store reachable again" and an empty topic list.
+/// "metadata store reachable again" and an empty topic list. A newer one
+/// is another process that registered under this id: this one is fenced
+/// and stops ([`NodeServer::fenced`]).
 fn check_own_registration(server: &NodeServer, brokers: &[crate::metadata::Broker]) {
     let shared = &server.shared;
     let me = shared.node_id;
-    let found = brokers.iter().find(|b| b.id == me).map(|b| b.epoch);
-    let problem = match found {
+    let found = brokers.iter().find(|b| b.id == me);
+    if let Some(b) = found.filter(|b| b.epoch > shared.broker_epoch) {
+        if let Ok(mut f) = server.fenced.lock() {
+            *f = Some(NodeError::Fenced {
+                id: me,
+                ours: shared.broker_epoch,
+                theirs: b.epoch,
+                addr: b.address.clone(),
+            });
+        }
+        return;
+    }
+    let problem = match found.map(|b| b.epoch) {
         Some(epoch) if epoch >= shared.broker_epoch => None,
         Some(epoch) => Some(format!(
             "this node's registration in the metadata store has broker epoch {epoch}, older than the {} it registered with at start",

@@ -44,6 +44,9 @@ pub struct NodeServer {
     /// What the watcher last found wrong with this node's own
     /// registration in the store (logged once per change).
     pub(super) registration_problem: std::sync::Mutex<Option<String>>,
+    /// Set when another process registered under this node's id: the
+    /// node stops with it.
+    pub(super) fenced: std::sync::Mutex<Option<super::NodeError>>,
 }
 
 impl NodeServer {
