@@ -743,6 +743,13 @@ impl Sim {
             // version, live members, and added members' broker epochs
             // current (KIP-903).
             let current_leader = self.ctrl.leader == Some(n) && leader_epoch == self.ctrl.epoch;
+            if current_leader && !isr.contains(&n) {
+                // Stores refuse such a state as corrupt (a leader outside
+                // its ISR), so a leader must never propose one.
+                self.checker.violation(format!(
+                    "t={now} leader {n} proposed an ISR without itself: {isr:?}"
+                ));
+            }
             let admissible = isr.contains(&n)
                 && isr.iter().all(|r| self.nodes[*r as usize].alive)
                 && added

@@ -593,6 +593,20 @@ fn check_get(
             s.version
         ));
     }
+    if s.leader_epoch > MAX_LEADER_EPOCH {
+        // Elections add 1 (and a restored store's epochs jump by
+        // EPOCH_JUMP): no room left for them.
+        return corrupt(format!(
+            "leader epoch {}, past the largest a partition can reach ({MAX_LEADER_EPOCH})",
+            s.leader_epoch
+        ));
+    }
+    if s.version > MAX_VERSION {
+        return corrupt(format!(
+            "version {}, past the largest a partition can reach ({MAX_VERSION})",
+            s.version
+        ));
+    }
     if let Some(why) = membership_error(&s) {
         // Elections trust these lists: a stranger in the ELR, or a
         // member counted twice, could lead without the committed writes.
@@ -610,9 +624,35 @@ fn check_get(
     Verdict::Ok(Out::State(s))
 }
 
-/// What is wrong with a state's ISR and ELR, if anything: each must hold
-/// assigned replicas only, once each, and no replica may be in both.
+/// The largest leader epoch a stored state may hold: far above what
+/// elections reach, with room below `u32::MAX` for the next ones and for
+/// the jumps above a restored store (`EPOCH_JUMP`).
+const MAX_LEADER_EPOCH: u32 = u32::MAX - (1 << 24);
+
+/// The largest version a stored state may hold, likewise.
+const MAX_VERSION: u64 = u64::MAX >> 1;
+
+/// What is wrong with a state's replicas, ISR, ELR and leader, if
+/// anything: the replicas are a non-empty list without repeats; the ISR
+/// and ELR hold assigned replicas only, once each, and no replica is in
+/// both; a leader is in the ISR (every state a node writes keeps it so,
+/// as Kafka does: a leader from outside it would lead without the
+/// committed records, and followers would truncate theirs to its log).
 fn membership_error(s: &PartitionState) -> Option<String> {
+    if s.replicas.is_empty() {
+        return Some("no replicas".into());
+    }
+    if let Some((_, r)) = s
+        .replicas
+        .iter()
+        .enumerate()
+        .find(|(i, r)| s.replicas[..*i].contains(r))
+    {
+        return Some(format!("replica {r} listed twice"));
+    }
+    if let Some(l) = s.leader.filter(|l| !s.isr.contains(l)) {
+        return Some(format!("leader {l} outside the ISR {:?}", s.isr));
+    }
     for (name, list) in [("ISR", &s.isr), ("ELR", &s.elr)] {
         if let Some(r) = list.iter().find(|r| !s.replicas.contains(r)) {
             return Some(format!(
@@ -1112,6 +1152,48 @@ mod tests {
             (vec![1, 2], vec![2], "replica 2 both in the ISR and the ELR"),
         ] {
             let why = get(&mut seen, with(isr, elr)).expect_err(expect);
+            assert!(why.contains(expect), "{why}");
+        }
+    }
+
+    /// A leader outside the ISR, or replicas listed twice or not at all,
+    /// are refused like any record that breaks the rules; so are epochs
+    /// and versions with no room left to grow (an election adds 1 to
+    /// them, which overflowed).
+    #[test]
+    fn leaders_replicas_and_counters_must_be_possible() {
+        let mut seen = Seen::default();
+        let edited = |edit: &dyn Fn(&mut wit::PartitionState)| {
+            let mut a = state(3, 1);
+            if let Ok(Ok(s)) = &mut a {
+                edit(s);
+            }
+            a
+        };
+        // Leaderless with an empty ISR is a state elections write.
+        let leaderless = edited(&|s| {
+            s.leader = None;
+            s.isr = vec![];
+            s.elr = vec![1, 2];
+        });
+        assert_eq!(get(&mut seen, leaderless), Ok(3));
+        let cases: [(&dyn Fn(&mut wit::PartitionState), &str); 6] = [
+            (&|s| s.leader = Some(3), "leader 3 outside the ISR [1, 2]"),
+            (&|s| s.leader = Some(9), "leader 9 outside the ISR"),
+            (&|s| s.replicas = vec![1, 2, 2], "replica 2 listed twice"),
+            (
+                &|s| {
+                    s.replicas = vec![];
+                    s.isr = vec![];
+                    s.leader = None;
+                },
+                "no replicas",
+            ),
+            (&|s| s.leader_epoch = u32::MAX, "past the largest"),
+            (&|s| s.version = u64::MAX, "past the largest"),
+        ];
+        for (edit, expect) in cases {
+            let why = get(&mut Seen::default(), edited(edit)).expect_err(expect);
             assert!(why.contains(expect), "{why}");
         }
     }
