@@ -216,6 +216,24 @@ async fn wrong_log_end_on_append_is_a_violation() {
     contained("lie-append", FaultKind::Violation).await;
 }
 
+/// An append that failed may have been applied in part: the instance is
+/// dropped, and recovery reads the log from a fresh one. (Kept, it knew
+/// a log one batch longer than the host did, and recovery faulted again
+/// on the mismatch, for an honest plugin.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_append_is_recovered_from_a_fresh_instance() {
+    let (_plugin, log) = open("fail-after-append").await;
+    let err = log.append(one(0)).await.expect_err("the append fails");
+    assert_fault(&err, FaultKind::FailedMutation);
+    assert!(
+        err.to_string().contains("syncing the directory failed"),
+        "{err}"
+    );
+    // The hostile plugin keeps nothing across instances.
+    let state = log.recover().await.expect("recovered");
+    assert_eq!(state.bounds.log_end, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepting_a_gap_is_a_violation() {
     let (_plugin, log) = open("accept-gaps").await;
@@ -277,8 +295,19 @@ async fn plugins_cannot_reach_the_network() {
     listener.set_nonblocking(true).expect("nonblocking");
     let port = listener.local_addr().expect("addr").port();
     let (_plugin, log) = open(&format!("connect:{port}")).await;
+    // The plugin answers `io` with the sandbox's refusal (an append that
+    // failed is a fault: the host reads the log again from a fresh
+    // instance); `other` if it got through.
     match log.append(one(0)).await {
-        Err(StorageError::Io(m)) => assert!(m.contains("connect") || m.contains("socket"), "{m}"),
+        Err(StorageError::Fault {
+            kind: FaultKind::FailedMutation,
+            detail,
+            ..
+        }) => assert!(
+            detail.contains("i/o error")
+                && (detail.contains("connect") || detail.contains("socket")),
+            "{detail}"
+        ),
         other => panic!("the plugin reached the network or failed oddly: {other:?}"),
     }
     assert!(
@@ -309,7 +338,11 @@ async fn plugins_see_only_their_partition_directory() {
             .await
             .expect("open");
         match log.append(one(0)).await {
-            Err(StorageError::Io(_)) => {}
+            Err(StorageError::Fault {
+                kind: FaultKind::FailedMutation,
+                detail,
+                ..
+            }) if detail.contains("i/o error") => {}
             other => panic!("reading {path} from the sandbox: {other:?}"),
         }
     }

@@ -744,6 +744,7 @@ impl Actor {
                 info!(topic = %self.tp.topic, partition = self.tp.partition,
                     "storage recovered: [{}, {})", state.bounds.log_start, state.bounds.log_end);
                 let lost_end = self.rm.log_end_offset();
+                let lost_start = self.rm.log_start_offset();
                 self.unjudged = false; // judged below
                 self.rm = new_manager(&self.shared, &state);
                 self.publish_log_epoch();
@@ -753,7 +754,10 @@ impl Actor {
                 self.backoff.recovered(Instant::now());
                 self.leader = None;
                 self.applied_version = 0;
-                let intact = state.bounds.log_end >= lost_end;
+                // Intact: it still holds everything it held. A log start
+                // that moved up lost a prefix no retention deleted here.
+                let intact =
+                    state.bounds.log_end >= lost_end && state.bounds.log_start <= lost_start;
                 // Leave the ISR (or hand leadership on) until caught up;
                 // and the ELR too if records it held are gone. A log with
                 // no metadata yet was opened at start and its hand-off is

@@ -397,7 +397,14 @@ impl Actor {
             }
             _ => None,
         };
-        let mutation = matches!(op, Op::Truncate(_) | Op::DeletePrefix(_));
+        // An append or flush that failed may have been applied in part (an
+        // index updated before a sync failed) or left pages the kernel
+        // dropped (a failed fsync): only a fresh instance, which reads the
+        // files again, knows the log.
+        let mutation = matches!(
+            op,
+            Op::Truncate(_) | Op::DeletePrefix(_) | Op::Append(_) | Op::Flush
+        );
         // Kept (a reference count, not a copy) to judge a `conflict` answer.
         let appended = match &op {
             Op::Append(bytes) => Some(bytes.clone()),
@@ -604,11 +611,13 @@ impl Actor {
                 if mutation
                     && !matches!(
                         e,
-                        StorageError::OffsetOutOfRange(_) | StorageError::InvalidInput(_)
+                        StorageError::OffsetOutOfRange(_)
+                            | StorageError::InvalidInput(_)
+                            | StorageError::Conflict(_)
                     )
                 {
-                    // A truncation or prefix delete that failed midway left
-                    // state the host cannot know: re-read it from storage.
+                    // A mutation that failed midway left state the host
+                    // cannot know: re-read it from storage.
                     return Err(self.set_fault((FaultKind::FailedMutation, e.to_string())));
                 }
                 Err(e)

@@ -1177,7 +1177,8 @@ mod tests {
             s.elr = vec![1, 2];
         });
         assert_eq!(get(&mut seen, leaderless), Ok(3));
-        let cases: [(&dyn Fn(&mut wit::PartitionState), &str); 6] = [
+        type Edit<'a> = &'a dyn Fn(&mut wit::PartitionState);
+        let cases: [(Edit, &str); 6] = [
             (&|s| s.leader = Some(3), "leader 3 outside the ISR [1, 2]"),
             (&|s| s.leader = Some(9), "leader 9 outside the ISR"),
             (&|s| s.replicas = vec![1, 2, 2], "replica 2 listed twice"),

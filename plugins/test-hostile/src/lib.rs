@@ -13,6 +13,8 @@
 //! - `lie-bounds`: reports a log start past the log end,
 //! - `huge-bounds`: reports a log ending past the offset space,
 //! - `accept-gaps`: accepts appends at any base offset,
+//! - `fail-after-append`: stores an append, then answers `io` (an index
+//!   updated before a sync failed),
 //! - `connect:PORT`: tries a TCP connection to 127.0.0.1:PORT,
 //! - `read-file:PATH`: tries to read a file outside its data directory;
 //!   these two answer `io` with the sandbox's refusal, or `other` if they
@@ -183,6 +185,9 @@ impl GuestPartitionLog for Hostile {
         });
         if self.mode == "lie-append" {
             return Ok(ix.log_end() + 1000);
+        }
+        if self.mode == "fail-after-append" {
+            return Err(PluginError::Io("syncing the directory failed".into()));
         }
         Ok(ix.log_end())
     }
