@@ -215,12 +215,13 @@ pub async fn topic(cmd: TopicCommand) -> anyhow::Result<ExitCode> {
         }
         TopicCommand::List(a) => {
             let c = client(&a.config)?;
-            let parts = c.metadata().await.map(|(_, parts)| parts);
+            let answer = c.metadata().await;
             let unreadable = c.unreadable().await;
             let failed = c.counted_failed().await;
             let stale = c.metadata_stale().await;
             c.close().await;
-            let topics = summarize(&parts?, &failed, &unreadable);
+            let (brokers, parts) = answer?;
+            let topics = summarize(&parts, &failed, &unreadable);
             if a.json {
                 let v = serde_json::json!({
                     "topics": topics,
@@ -233,7 +234,10 @@ pub async fn topic(cmd: TopicCommand) -> anyhow::Result<ExitCode> {
             print_stale(stale.as_deref());
             print_topics(&topics);
             print_unreadable(&unreadable);
-            hint_if_no_topics(topics.is_empty() && unreadable.is_empty());
+            hint_if_no_topics(
+                topics.is_empty() && unreadable.is_empty(),
+                brokers.is_empty(),
+            );
             Ok(ExitCode::SUCCESS)
         }
         TopicCommand::Describe(a) => {
@@ -1286,6 +1290,14 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     let gathered = gather(&c).await;
     let mut unreadable = c.unreadable().await;
     let stale = c.metadata_stale().await;
+    // Nothing to show: whether the store lost its nodes too (wiped).
+    let no_nodes = match &gathered {
+        Ok(g) if g.reports.is_empty() => c
+            .metadata()
+            .await
+            .is_ok_and(|(brokers, _)| brokers.is_empty()),
+        _ => false,
+    };
     c.close().await;
     let Gathered {
         mut reports,
@@ -1329,7 +1341,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     } else {
         print_stale(stale.as_deref());
         print_table(&reports);
-        hint_if_no_topics(reports.is_empty() && unreadable.is_empty());
+        hint_if_no_topics(reports.is_empty() && unreadable.is_empty(), no_nodes);
         for p in &unreachable {
             println!("unreachable: {p}");
         }
@@ -1378,9 +1390,18 @@ fn hint_if_stuck(reports: &[PartitionReport], config: &std::path::Path) {
     );
 }
 
-/// An empty table on a cluster with no topics: say how to make one.
-fn hint_if_no_topics(none: bool) {
-    if none {
+/// An empty table on a cluster with no topics: say how to make one, or,
+/// when the store holds no nodes either (`no_nodes`: the nodes answering
+/// registered at their start), that it lost what it held.
+fn hint_if_no_topics(none: bool, no_nodes: bool) {
+    if !none {
+        return;
+    }
+    if no_nodes {
+        eprintln!(
+            "the metadata store holds no topics and no nodes, though nodes answered: was it wiped or replaced under the running cluster? Restart the nodes to register them again (their logs are kept), then create the topics as they were"
+        );
+    } else {
         eprintln!("no topics yet: create one with `replicator topic create`");
     }
 }

@@ -255,6 +255,28 @@ impl MetadataSection {
 /// written (`"fsync.interval.ms" = 5`), and unquoted dotted keys
 /// (`segment.bytes = "8192"`, which TOML reads as nested tables) joined
 /// back with dots, so each way an operator may write a setting works.
+/// An `IP:port`, with an error that says what is wrong with one that is
+/// not: a host name (`localhost:7101`) is not resolved, so that a node's
+/// address does not change with DNS, and serde's own error ("invalid
+/// socket address syntax") did not say so.
+fn parse_ip_port(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => format!(
+            "`{s}` is not an IP:port: write an IP address, not a host name (e.g. 127.0.0.1:{port}, or [::1]:{port} for IPv6)"
+        ),
+        _ => format!("`{s}` is not an IP:port such as 127.0.0.1:7101 ([::1]:7101 for IPv6)"),
+    })
+}
+
+fn ip_port<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_ip_port(&s).map_err(serde::de::Error::custom)
+}
+
+fn some_ip_port<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    ip_port(d).map(Some)
+}
+
 fn plugin_settings<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<BTreeMap<String, String>, D::Error> {
@@ -312,12 +334,13 @@ pub struct NodeConfig {
     #[serde(default)]
     pub cluster_id: Option<String>,
     /// UDP address the QUIC endpoint binds.
+    #[serde(deserialize_with = "ip_port")]
     pub listen: SocketAddr,
     /// Address other nodes and clients dial; defaults to `listen`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "some_ip_port")]
     pub advertise: Option<SocketAddr>,
     /// TCP address of the Prometheus `/metrics` endpoint; none disables it.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "some_ip_port")]
     pub metrics_listen: Option<SocketAddr>,
     /// Where partition logs live (one subdirectory per partition).
     pub data_dir: PathBuf,
@@ -420,6 +443,7 @@ fn default_metadata_poll_ms() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct NodeAddress {
     pub id: ReplicaId,
+    #[serde(deserialize_with = "ip_port")]
     pub address: SocketAddr,
 }
 
@@ -640,6 +664,29 @@ mod tests {
         toml::from_str::<PluginSection>(&format!("plugin = \"file\"\n{line}"))
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn addresses_must_be_ip_ports_and_a_host_name_is_named_as_such() {
+        assert_eq!(
+            parse_ip_port("127.0.0.1:7101"),
+            Ok("127.0.0.1:7101".parse().expect("addr"))
+        );
+        assert_eq!(
+            parse_ip_port("[::1]:7101"),
+            Ok("[::1]:7101".parse().expect("addr"))
+        );
+        let host = parse_ip_port("localhost:17103").expect_err("a host name");
+        assert!(
+            host.contains("not a host name (e.g. 127.0.0.1:17103"),
+            "{host}"
+        );
+        let junk = parse_ip_port("7101").expect_err("no host");
+        assert!(junk.contains("such as 127.0.0.1:7101"), "{junk}");
+        // Through the config: the field's error carries it.
+        let e = toml::from_str::<NodeAddress>("id = 1\naddress = \"node-1:7101\"\n")
+            .expect_err("a host name");
+        assert!(e.to_string().contains("write an IP address"), "{e}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::core::{FetchRequest, FetchResponse, Fetcher, MultiFetch, ReplicaId, TopicPartition};
 use crate::transport::{FetchStream, Peer, Transport};
@@ -236,6 +236,9 @@ async fn session(
             .saturating_add(shared.failover.failure_timeout_ms.saturating_mul(2)),
     );
     let mut reregistered = shared.reregistered.subscribe();
+    // Since when the leader could not be reached, and when that was last
+    // logged as a warning (see below).
+    let mut unreachable: Option<(std::time::Instant, std::time::Instant)> = None;
     while let Some(mf) = rx.recv().await {
         if let Some((peer, _, at_dial)) = &conn
             && shared.dialled_before_restart(leader, *at_dial)
@@ -245,12 +248,46 @@ async fn session(
             conn = None;
         }
         if conn.is_none() {
-            conn = connect(&shared, &transport, leader)
-                .await
-                .map_err(|e| {
-                    debug!("cannot reach leader node {leader}: {e}");
-                })
-                .ok();
+            conn = match connect(&shared, &transport, leader).await {
+                Ok(c) => {
+                    if let Some((since, _)) = unreachable.take() {
+                        info!(
+                            "reached leader node {leader} again after {:.1} s",
+                            since.elapsed().as_secs_f64()
+                        );
+                    }
+                    Some(c)
+                }
+                Err(e) => {
+                    // A warning at once and every 30 s while it lasts: a
+                    // leader that others cannot dial (a wrong `advertise`
+                    // address, a firewall) keeps its followers out of the
+                    // ISR, and was logged at debug level only.
+                    let now = std::time::Instant::now();
+                    match &mut unreachable {
+                        Some((_, said)) if now.duration_since(*said) < UNREACHABLE_REPEAT => {
+                            debug!("cannot reach leader node {leader}: {e}");
+                        }
+                        Some((since, said)) => {
+                            *said = now;
+                            warn!(
+                                "still cannot reach leader node {leader} (for {:.0} s): {e}",
+                                since.elapsed().as_secs_f64()
+                            );
+                        }
+                        None => {
+                            unreachable = Some((now, now));
+                            warn!(
+                                "cannot reach leader node {leader} at {}: {e}; this node cannot replicate its partitions until it can",
+                                shared
+                                    .broker_addr(leader)
+                                    .map_or("no registered address".to_string(), |a| a.to_string())
+                            );
+                        }
+                    }
+                    None
+                }
+            };
         }
         let result = match conn.as_mut() {
             None => Err(format!("node {leader} is unreachable")),
@@ -295,6 +332,9 @@ async fn session(
         }
     }
 }
+
+/// How often an unreachable leader is warned of again.
+const UNREACHABLE_REPEAT: Duration = Duration::from_secs(30);
 
 async fn connect(
     shared: &Shared,

@@ -440,6 +440,11 @@ impl NodeServer {
                 "partitions must be 1..={MAX_PARTITIONS}, not {partitions}"
             )));
         }
+        if replication_factor == 0 {
+            return Err(RpcError::Invalid(
+                "replication factor must be at least 1 (3, with min.insync.replicas 2, is Kafka's usual choice)".into(),
+            ));
+        }
         let meta = &self.shared.metadata;
         let mut brokers: Vec<ReplicaId> = meta
             .list_brokers()
@@ -449,6 +454,14 @@ impl NodeServer {
             .map(|b| b.id)
             .collect();
         brokers.sort_unstable();
+        if !brokers.contains(&self.shared.node_id) {
+            // This node runs, so it registered at its start: the store
+            // lost the registrations since (wiped, or replaced).
+            return Err(RpcError::Invalid(format!(
+                "the metadata store does not hold the registration of node {} (which is running and answered this), nor maybe the others': was it wiped or replaced under the running cluster? Restart the nodes to register them again (their logs are kept), then create the topics",
+                self.shared.node_id
+            )));
+        }
         // Replicas go to live nodes only, as Kafka places them on unfenced
         // brokers: one on a node that is down leaves the partition short
         // (or, led by it, unavailable) from its first write. As this node
