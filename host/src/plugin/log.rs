@@ -397,14 +397,18 @@ impl Actor {
             }
             _ => None,
         };
-        // An append or flush that failed may have been applied in part (an
-        // index updated before a sync failed) or left pages the kernel
-        // dropped (a failed fsync): only a fresh instance, which reads the
-        // files again, knows the log.
-        let mutation = matches!(
-            op,
-            Op::Truncate(_) | Op::DeletePrefix(_) | Op::Append(_) | Op::Flush
-        );
+        // A failed append or flush keeps the instance: an object-store
+        // plugin holds what it has not uploaded yet in it, and an outage
+        // that fails every replica's upload at once would otherwise drop
+        // that tail everywhere. An append applied in part shows at the
+        // next recovery, whose bounds then differ from the host's (a
+        // fault, and a fresh instance).
+        let mutation = matches!(op, Op::Truncate(_) | Op::DeletePrefix(_));
+        // A read inside the log: a `corrupt` answer to it is damage there.
+        let read_at = match op {
+            Op::Read(o, _) => Some(o).filter(|o| (known.log_start..known.log_end).contains(o)),
+            _ => None,
+        };
         // Kept (a reference count, not a copy) to judge a `conflict` answer.
         let appended = match &op {
             Op::Append(bytes) => Some(bytes.clone()),
@@ -592,6 +596,26 @@ impl Actor {
                 let e = convert(e);
                 if let Some(why) = wrong_refusal(&e, known, in_range) {
                     return Err(self.set_fault((FaultKind::Violation, why)));
+                }
+                // The plugin found its stored log damaged where the host
+                // reads (an index naming a missing segment, a checksum of
+                // its own): handled as a batch that failed the host's CRC
+                // check there, so the replica can cut its log and fetch
+                // the rest again. As a plain error the leader went on
+                // leading a log it could not serve, and its followers
+                // retried the hole until they left the ISR.
+                if let (StorageError::Corrupt(m), Some(at)) = (&e, read_at) {
+                    if reported.is_some_and(|d| at >= d) {
+                        return Err(e);
+                    }
+                    let from = self.damaged.map_or(at, |(d, _)| d.min(at));
+                    self.damaged = Some((from, std::time::Instant::now()));
+                    return Err(self.set_fault((
+                        FaultKind::Damaged { from: at },
+                        format!(
+                            "reading offset {at}: the plugin found its stored log damaged: {m}"
+                        ),
+                    )));
                 }
                 // The contract has `conflict` only for an append that does
                 // not start at the log end. Anywhere else it means the

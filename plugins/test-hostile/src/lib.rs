@@ -10,6 +10,8 @@
 //! - `stack`: recurses without bound (wasm stack limit),
 //! - `lie-append`: acknowledges appends with a wrong log end offset,
 //! - `lie-read`: returns batches whose CRC does not match,
+//! - `corrupt-read`: answers every read with `corrupt` (its own index
+//!   names a segment that is gone),
 //! - `lie-bounds`: reports a log start past the log end,
 //! - `huge-bounds`: reports a log ending past the offset space,
 //! - `accept-gaps`: accepts appends at any base offset,
@@ -193,6 +195,11 @@ impl GuestPartitionLog for Hostile {
     }
 
     fn read(&self, offset: u64, max_bytes: u32) -> Result<Vec<u8>, PluginError> {
+        if self.mode == "corrupt-read" {
+            return Err(PluginError::Corrupt(
+                "the index points at a missing segment".into(),
+            ));
+        }
         let ix = self.index.borrow();
         let range = ix
             .read_range(offset, max_bytes)
