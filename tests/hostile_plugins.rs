@@ -86,12 +86,12 @@ async fn contained(mode: &str, kind: FaultKind) {
         "{mode}: containment took {took:?}"
     );
     // No write is acknowledged until the state was re-read. (A call that
-    // overran its deadline in a host call is waited for a while longer,
+    // overran its deadline in a host call is waited for one deadline more,
     // in case it is I/O that would land under a new instance: the next
-    // call waits behind it and times out.)
+    // call waits behind it, well within its own wait.)
     match log.append(one(0)).await {
         Err(StorageError::Fault {
-            kind: FaultKind::NeedsRecovery | FaultKind::Deadline,
+            kind: FaultKind::NeedsRecovery,
             ..
         }) => {}
         other => panic!("{mode}: append after a fault must need recovery, got {other:?}"),
@@ -267,6 +267,30 @@ async fn a_corrupt_answer_to_a_read_inside_the_log_names_the_damage() {
     assert!(err.to_string().contains("missing segment"), "{err}");
 }
 
+/// A truncation that cuts more than back to the batch holding the offset
+/// is a violation (only `end <= offset` was checked, and the host took a
+/// log cut to 0 for the truncation it asked for); one that cuts exactly
+/// there passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncation_that_cuts_too_much_is_a_violation() {
+    let (_plugin, log) = open("over-truncate").await;
+    for base in 0..3 {
+        log.append(one(base)).await.expect("append works");
+    }
+    let err = log.truncate(2).await.expect_err("cut to 0");
+    assert_fault(&err, FaultKind::Violation);
+    assert!(
+        err.to_string().contains("the batch holding 2 starts at 2"),
+        "{err}"
+    );
+    let (_plugin, honest) = open("").await;
+    for base in 0..3 {
+        honest.append(one(base)).await.expect("append works");
+    }
+    assert_eq!(honest.truncate(2).await, Ok(2));
+    assert_eq!(honest.truncate(2).await, Ok(2), "at the log end: no read");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inconsistent_bounds_are_a_violation() {
     // A start past the end, and a log near the top of u64, where a
@@ -363,9 +387,9 @@ async fn blocked_in_the_kernel(own_thread: bool) {
     // that neither epochs nor the store's own timers can stop.
     let sandbox = Sandbox {
         own_thread,
-        // How long a stuck call is waited for before it is dropped
-        // anyway: longer than this test.
-        open_deadline: Duration::from_secs(60),
+        // A stuck call is waited for twice this more before it is
+        // dropped anyway: past the checks below.
+        call_deadline: Duration::from_secs(2),
         ..sandbox()
     };
     let data = tempfile::tempdir().expect("tempdir");
@@ -406,7 +430,8 @@ async fn blocked_in_the_kernel(own_thread: bool) {
         .expect_err("the read cannot finish");
     assert_fault(&err, FaultKind::Deadline);
     assert!(
-        started.elapsed() < Duration::from_secs(5),
+        // Twice the deadline and a second on a store's own thread.
+        started.elapsed() < Duration::from_secs(7),
         "own thread {own_thread}: took {:?}",
         started.elapsed()
     );
@@ -423,10 +448,14 @@ async fn blocked_in_the_kernel(own_thread: bool) {
         "own thread {own_thread}: recovered while its call is still stuck: {again:?}"
     );
     let second = tokio::time::timeout(held, plugin.open("t", 0, mode(), Some(data.path()))).await;
-    assert!(
-        second.is_err(),
-        "own thread {own_thread}: a second instance opened on the same directory"
-    );
+    match second {
+        Err(_) => {}
+        Ok(Err(StorageError::Unavailable(m))) if m.contains("still in use") => {}
+        Ok(Err(e)) => panic!("own thread {own_thread}: {e}"),
+        Ok(Ok(_)) => {
+            panic!("own thread {own_thread}: a second instance opened on the same directory")
+        }
+    }
     // Release the stuck call: a writer comes and goes (the read then
     // ends at end-of-file).
     drop(

@@ -261,6 +261,9 @@ impl MetadataSection {
 /// socket address syntax") did not say so.
 fn parse_ip_port(s: &str) -> Result<SocketAddr, String> {
     s.parse().map_err(|_| match s.rsplit_once(':') {
+        Some((host, port)) if host.contains(':') && port.parse::<u16>().is_ok() => format!(
+            "`{s}` is not an IP:port: an IPv6 address goes in brackets, as in [{host}]:{port}"
+        ),
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => format!(
             "`{s}` is not an IP:port: write an IP address, not a host name (e.g. 127.0.0.1:{port}, or [::1]:{port} for IPv6)"
         ),
@@ -681,6 +684,8 @@ mod tests {
             host.contains("not a host name (e.g. 127.0.0.1:17103"),
             "{host}"
         );
+        let v6 = parse_ip_port("::1:7101").expect_err("no brackets");
+        assert!(v6.contains("in brackets, as in [::1]:7101"), "{v6}");
         let junk = parse_ip_port("7101").expect_err("no host");
         assert!(junk.contains("such as 127.0.0.1:7101"), "{junk}");
         // Through the config: the field's error carries it.

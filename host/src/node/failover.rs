@@ -132,7 +132,9 @@ async fn heartbeat(
             continue;
         };
         let req = Request::Heartbeat {
-            broker_epoch: shared.broker_epoch,
+            broker_epoch: shared
+                .answering_epoch
+                .load(std::sync::atomic::Ordering::Relaxed),
             changed: std::mem::take(&mut announce),
         };
         match p.request_within(&req, bytes::Bytes::new(), limit).await {
@@ -148,13 +150,14 @@ async fn heartbeat(
                     .is_some_and(|registered| broker_epoch < registered) =>
             {
                 // An incarnation the store no longer registers: another
-                // process took the id (or this one restarted and is not
-                // known here yet). It does not keep `node` alive: a stale
-                // process kept its place in ISRs, and was elected with an
-                // older log, after the one that took its id died.
+                // process took the id (a node stopping gracefully answers
+                // with the epoch it registered again with). It does not
+                // keep `node` alive: a stale process kept its place in
+                // ISRs, and was elected with an older log, after the one
+                // that took its id died.
                 if stale_said != Some(broker_epoch) {
                     warn!(
-                        "heartbeat: node {node} answered from broker epoch {broker_epoch}, older than its registration: another process has its id; not counted as alive"
+                        "heartbeat: node {node} answered from broker epoch {broker_epoch}, older than its registration: another process registered under its id; not counted as alive"
                     );
                     stale_said = Some(broker_epoch);
                 }
@@ -543,7 +546,14 @@ pub(super) async fn step_down(
     )
     .await;
     let why = match fenced {
-        Ok(Ok(_)) => None,
+        Ok(Ok(epoch)) => {
+            // Answered from now on, so peers that read the new
+            // registration do not take this node for a stale process.
+            shared
+                .answering_epoch
+                .store(epoch, std::sync::atomic::Ordering::Relaxed);
+            None
+        }
         Ok(Err(e)) => Some(e.to_string()),
         Err(_) => Some("timed out".to_string()),
     };
@@ -605,7 +615,12 @@ pub(super) async fn step_down(
         let Some(addr) = shared.broker_addr(id) else {
             continue;
         };
-        let (transport, epoch) = (transport.clone(), shared.broker_epoch);
+        let (transport, epoch) = (
+            transport.clone(),
+            shared
+                .answering_epoch
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
         told.spawn(async move {
             let peer = transport.connect(addr, id).await.ok()?;
             let req = Request::Heartbeat {

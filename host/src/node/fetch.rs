@@ -238,7 +238,7 @@ async fn session(
     let mut reregistered = shared.reregistered.subscribe();
     // Since when the leader could not be reached, and when that was last
     // logged as a warning (see below).
-    let mut unreachable: Option<(std::time::Instant, std::time::Instant)> = None;
+    let mut unreachable: Option<(std::time::Instant, Option<std::time::Instant>)> = None;
     while let Some(mf) = rx.recv().await {
         if let Some((peer, _, at_dial)) = &conn
             && shared.dialled_before_restart(leader, *at_dial)
@@ -250,7 +250,7 @@ async fn session(
         if conn.is_none() {
             conn = match connect(&shared, &transport, leader).await {
                 Ok(c) => {
-                    if let Some((since, _)) = unreachable.take() {
+                    if let Some((since, Some(_))) = unreachable.take() {
                         info!(
                             "reached leader node {leader} again after {:.1} s",
                             since.elapsed().as_secs_f64()
@@ -259,31 +259,30 @@ async fn session(
                     Some(c)
                 }
                 Err(e) => {
-                    // A warning at once and every 30 s while it lasts: a
-                    // leader that others cannot dial (a wrong `advertise`
-                    // address, a firewall) keeps its followers out of the
-                    // ISR, and was logged at debug level only.
+                    // A warning once it has lasted UNREACHABLE_WARN (a
+                    // leader that died is replaced within about a second,
+                    // and its followers need not say so), then every
+                    // UNREACHABLE_REPEAT: a leader that others cannot dial
+                    // (a wrong `advertise` address, a firewall) keeps its
+                    // followers out of the ISR, and was logged at debug
+                    // level only.
                     let now = std::time::Instant::now();
-                    match &mut unreachable {
-                        Some((_, said)) if now.duration_since(*said) < UNREACHABLE_REPEAT => {
-                            debug!("cannot reach leader node {leader}: {e}");
-                        }
-                        Some((since, said)) => {
-                            *said = now;
-                            warn!(
-                                "still cannot reach leader node {leader} (for {:.0} s): {e}",
-                                since.elapsed().as_secs_f64()
-                            );
-                        }
-                        None => {
-                            unreachable = Some((now, now));
-                            warn!(
-                                "cannot reach leader node {leader} at {}: {e}; this node cannot replicate its partitions until it can",
-                                shared
-                                    .broker_addr(leader)
-                                    .map_or("no registered address".to_string(), |a| a.to_string())
-                            );
-                        }
+                    let (since, said) = unreachable.get_or_insert((now, None));
+                    let due = match said {
+                        None => now.duration_since(*since) >= UNREACHABLE_WARN,
+                        Some(at) => now.duration_since(*at) >= UNREACHABLE_REPEAT,
+                    };
+                    if due {
+                        *said = Some(now);
+                        warn!(
+                            "cannot reach leader node {leader} at {} for {:.0} s: {e}; the partitions it leads are not replicated here until this node can",
+                            shared
+                                .broker_addr(leader)
+                                .map_or("no registered address".to_string(), |a| a.to_string()),
+                            since.elapsed().as_secs_f64()
+                        );
+                    } else {
+                        debug!("cannot reach leader node {leader}: {e}");
                     }
                     None
                 }
@@ -333,7 +332,9 @@ async fn session(
     }
 }
 
-/// How often an unreachable leader is warned of again.
+/// How long a leader is unreachable before it is warned of, and how often
+/// again after.
+const UNREACHABLE_WARN: Duration = Duration::from_secs(5);
 const UNREACHABLE_REPEAT: Duration = Duration::from_secs(30);
 
 async fn connect(

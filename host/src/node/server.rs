@@ -662,7 +662,7 @@ impl Handler for NodeServer {
                     ))
                 }
                 Request::Heartbeat {
-                    broker_epoch: _,
+                    broker_epoch,
                     changed,
                 } => {
                     let Identity::Node(from) = peer else {
@@ -671,7 +671,14 @@ impl Handler for NodeServer {
                         ));
                     };
                     let now = self.shared.now_ms();
-                    if let Ok(mut fd) = self.shared.detector.lock() {
+                    // From an incarnation older than the registered one
+                    // (another process took the id): no sign that `from`
+                    // lives, as with the answers to this node's own.
+                    let stale = self
+                        .shared
+                        .broker_epoch_of(from)
+                        .is_some_and(|registered| broker_epoch < registered);
+                    if !stale && let Ok(mut fd) = self.shared.detector.lock() {
                         fd.record_heartbeat(from, now);
                     }
                     if changed {
@@ -680,7 +687,10 @@ impl Handler for NodeServer {
                     Ok((
                         Response::Heartbeat {
                             node: self.shared.node_id,
-                            broker_epoch: self.shared.broker_epoch,
+                            broker_epoch: self
+                                .shared
+                                .answering_epoch
+                                .load(std::sync::atomic::Ordering::Relaxed),
                         },
                         Bytes::new(),
                     ))

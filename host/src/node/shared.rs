@@ -25,6 +25,10 @@ pub struct Shared {
     pub node_id: ReplicaId,
     /// This incarnation's broker epoch, from registration.
     pub broker_epoch: u64,
+    /// The epoch this node answers heartbeats with: `broker_epoch`, until
+    /// a controlled shutdown registers again (peers that read the new
+    /// registration would take the old epoch for another process's).
+    pub answering_epoch: std::sync::atomic::AtomicU64,
     pub data_dir: PathBuf,
     pub storage: NodeStorage,
     pub storage_config: Vec<(String, String)>,
@@ -136,6 +140,7 @@ impl Shared {
         Arc::new(Shared {
             node_id,
             broker_epoch,
+            answering_epoch: std::sync::atomic::AtomicU64::new(broker_epoch),
             data_dir,
             storage,
             storage_config,

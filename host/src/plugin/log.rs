@@ -109,6 +109,12 @@ struct Actor {
 static CLAIMED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<PathBuf>>> =
     std::sync::LazyLock::new(Default::default);
 
+/// How long an open waits for an earlier instance to let its directory go
+/// (one whose handles were just dropped closes a moment later). Short:
+/// the node opens partitions one after another, and retries a failed open
+/// with a backoff of its own.
+const CLAIM_WAIT: Duration = Duration::from_secs(1);
+
 /// Woken whenever a directory leaves [`CLAIMED`].
 static RELEASED: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
@@ -165,8 +171,9 @@ type Waiter = Option<oneshot::Sender<StorageResult<Out>>>;
 /// A call stuck in a host function (a write or truncation waiting in the
 /// kernel on the blocking pool), where epochs do not reach, is answered
 /// to `waiter` as a `Deadline` fault at the deadline, but awaited to its
-/// end all the same (up to `drain` more) before the fault is returned and
-/// the instance dropped. Dropping it at the deadline left the blocking I/O running: a
+/// end all the same (up to `drain`, twice the call deadline, more) before
+/// the fault is returned and the instance dropped. Dropping it at the
+/// deadline left the blocking I/O running: a
 /// new instance could open the files, cut the torn tail and append, and
 /// then the old `pwrite` or `ftruncate` landed on top, replacing or
 /// cutting records appended since. The guest traps at its next epoch
@@ -212,7 +219,13 @@ async fn guarded<T>(
             }
             Err(late(started.elapsed()))
         }
-        Ok(_) if gave_up(waiter) => Err(late(started.elapsed())),
+        Ok(_) if gave_up(waiter) => Err((
+            FaultKind::Deadline,
+            format!(
+                "call returned after {:?}, when its caller had given up waiting",
+                started.elapsed()
+            ),
+        )),
         Ok(Err(e)) => Err(classify(&e)),
         Ok(Ok(r)) => Ok(r),
     }
@@ -276,7 +289,7 @@ impl Actor {
         self.live = None;
         let sandbox = self.sandbox().clone();
         let deadline = sandbox.open_deadline;
-        let drain = sandbox.open_deadline;
+        let drain = sandbox.call_deadline * 2;
         let mut store = PluginState::store(
             self.plugin.inner.runtime.engine(),
             &sandbox,
@@ -340,7 +353,7 @@ impl Actor {
 
     async fn call_bounds(&mut self) -> StorageResult<OffsetBounds> {
         let deadline = self.sandbox().call_deadline;
-        let drain = self.sandbox().open_deadline;
+        let drain = self.sandbox().call_deadline * 2;
         let Some(live) = self.live.as_mut() else {
             return Err(self.fault_error(FaultKind::NeedsRecovery, "no instance".into()));
         };
@@ -367,7 +380,69 @@ impl Actor {
                 self.close().await;
                 Ok(Out::Unit)
             }
+            Op::Truncate(offset) => self.truncate(offset).await,
             op => self.handle(op).await,
+        }
+    }
+
+    /// A truncation, checked against where the batch holding `offset`
+    /// starts: the contract cuts back to exactly there. Only `end <=
+    /// offset` was checked, so a plugin that cut far more (to 0) had the
+    /// host lower its log end, and HW, to whatever it said, and a replica
+    /// in the ISR held less than it was counted for. One read of one batch
+    /// per truncation (they are rare: a follower reconciling its log).
+    async fn truncate(&mut self, offset: u64) -> StorageResult<Out> {
+        let inside = (self.known.log_start..self.known.log_end).contains(&offset);
+        let base = if inside {
+            self.batch_start(offset).await
+        } else {
+            None
+        };
+        let r = self.handle(Op::Truncate(offset)).await;
+        if let (Ok(Out::Offset(end)), Some(base)) = (&r, base)
+            && *end != base
+        {
+            return Err(self.set_fault((
+                FaultKind::Violation,
+                format!(
+                    "truncation to {offset} left the log end at {end}, but the batch holding {offset} starts at {base}"
+                ),
+            )));
+        }
+        r
+    }
+
+    /// Where the batch holding `offset` starts, from one read, or `None`
+    /// when the read gives no clean answer (an error, a damaged batch:
+    /// that truncation may be the one that cuts it away). Reads the guest
+    /// directly, not through [`Self::handle`], whose checks would make a
+    /// damaged batch a fault. A trap or deadline is a fault as anywhere.
+    async fn batch_start(&mut self, offset: u64) -> Option<u64> {
+        let deadline = self.sandbox().call_deadline;
+        let drain = self.sandbox().call_deadline * 2;
+        let live = self.live.as_mut()?;
+        PluginState::arm(&mut live.store, deadline);
+        let guest = live.world.replicator_plugin_storage().partition_log();
+        // Its caller waits for the truncation that follows; no early answer.
+        let mut waiter = None;
+        let r = guarded(
+            deadline,
+            drain,
+            &self.label,
+            &mut waiter,
+            guest.call_read(&mut live.store, live.log, offset, 1),
+        )
+        .await;
+        match r {
+            Ok(Ok(bytes)) => replicator_plugin_sdk::BatchHeader::parse(&bytes)
+                .ok()
+                .filter(|h| h.base_offset <= offset && offset < h.next_offset())
+                .map(|h| h.base_offset),
+            Ok(Err(_)) => None,
+            Err(fault) => {
+                self.set_fault(fault);
+                None
+            }
         }
     }
 
@@ -380,7 +455,7 @@ impl Actor {
             ));
         }
         let deadline = self.sandbox().call_deadline;
-        let drain = self.sandbox().open_deadline;
+        let drain = self.sandbox().call_deadline * 2;
         let known = self.known;
         let Some(live) = self.live.as_mut() else {
             return Err(self.fault_error(FaultKind::NeedsRecovery, "no instance".into()));
@@ -978,15 +1053,12 @@ impl PluginLog {
         let write_behind_synced = write_behind.as_ref().map(WriteBehind::synced);
         let claim = match &spec.data_dir {
             Some(dir) => Some(
-                DirClaim::wait_for(dir, sandbox.open_deadline)
-                    .await
-                    .ok_or_else(|| {
-                        StorageError::Unavailable(format!(
-                            "{} is still in use by an earlier instance of this log, whose call has not returned within {:?} (stuck in the kernel?)",
-                            dir.display(),
-                            sandbox.open_deadline
-                        ))
-                    })?,
+                DirClaim::wait_for(dir, CLAIM_WAIT).await.ok_or_else(|| {
+                    StorageError::Unavailable(format!(
+                        "{} is still in use by an earlier instance of this log (closing, or finishing a call that overran its deadline)",
+                        dir.display()
+                    ))
+                })?,
             ),
             None => None,
         };

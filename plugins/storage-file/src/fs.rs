@@ -130,20 +130,8 @@ pub fn write_all_at(
     Ok(())
 }
 
-/// Make `file`'s data durable. A failure traps (a panic): after a failed
-/// fsync the kernel may have dropped the written pages and cleared the
-/// error, so a later fsync would succeed over data that never reached the
-/// disk (PostgreSQL's "fsyncgate"). Nothing this instance holds about the
-/// file can be trusted then; the host drops it and recovers the log from
-/// the files with a fresh one. Returns a result for the callers' `?`.
 pub fn sync(file: &Descriptor, name: &str) -> FsResult<()> {
-    if let Err(e) = file.sync_data() {
-        panic!(
-            "{}: the written pages may be lost, so this instance's view of the file is not trusted",
-            err("sync", name, e)
-        );
-    }
-    Ok(())
+    file.sync_data().map_err(|e| err("sync", name, e))
 }
 
 pub fn remove(dir: &Descriptor, name: &str) -> FsResult<()> {

@@ -17,6 +17,7 @@
 //! - `accept-gaps`: accepts appends at any base offset,
 //! - `fail-after-append`: stores an append, then answers `io` (an index
 //!   updated before a sync failed),
+//! - `over-truncate`: truncates everything, whatever offset it is asked,
 //! - `connect:PORT`: tries a TCP connection to 127.0.0.1:PORT,
 //! - `read-file:PATH`: tries to read a file outside its data directory;
 //!   these two answer `io` with the sandbox's refusal, or `other` if they
@@ -243,6 +244,11 @@ impl GuestPartitionLog for Hostile {
 
     fn truncate(&self, offset: u64) -> Result<u64, PluginError> {
         let mut ix = self.index.borrow_mut();
+        if self.mode == "over-truncate" {
+            let start = ix.log_start();
+            ix.truncate(start);
+            return Ok(ix.log_end());
+        }
         ix.truncate(offset);
         Ok(ix.log_end())
     }
