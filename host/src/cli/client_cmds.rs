@@ -1437,22 +1437,24 @@ mod tests {
     /// it for a flag and suggesting `-- -1`.
     #[test]
     fn consume_from_takes_offsets_and_words_and_explains_negative_ones() {
-        let from = |v: &str| {
-            crate::cli::Cli::try_parse_from([
+        let consume = |more: &[&str]| {
+            let base = [
                 "replicator",
                 "consume",
                 "--config",
                 "c.toml",
                 "--topic",
                 "t",
-                "--from",
-                v,
-            ])
-            .map(|cli| match cli.command {
-                crate::cli::Command::Consume(a) => a.from,
-                _ => None,
-            })
-            .map_err(|e| e.to_string())
+            ];
+            crate::cli::Cli::try_parse_from(base.iter().chain(more))
+        };
+        let from = |v: &str| {
+            consume(&["--from", v])
+                .map(|cli| match cli.command {
+                    crate::cli::Command::Consume(a) => a.from,
+                    _ => None,
+                })
+                .map_err(|e| e.to_string())
         };
         assert_eq!(from("17"), Ok(Some(ConsumeFrom::Offset(17))));
         assert_eq!(from("start"), Ok(Some(ConsumeFrom::Start)));
@@ -1462,18 +1464,10 @@ mod tests {
         assert!(e.contains("say `end`") && !e.contains("-- -1"), "{e}");
         let e = from("soon").expect_err("a word it does not know");
         assert!(e.contains("`start` or `end`"), "{e}");
-        let both = crate::cli::Cli::try_parse_from([
-            "replicator",
-            "consume",
-            "--config",
-            "c.toml",
-            "--topic",
-            "t",
-            "--count",
-            "3",
-            "--follow",
-        ]);
-        assert!(both.is_err(), "--count and --follow together");
+        assert!(
+            consume(&["--count", "3", "--follow"]).is_err(),
+            "--count and --follow together"
+        );
     }
 
     /// The named leader's own view of ISR and HW only while it leads the

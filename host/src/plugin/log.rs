@@ -464,6 +464,12 @@ impl Actor {
         let guest = live.world.replicator_plugin_storage().partition_log();
         let (store, log) = (&mut live.store, live.log);
         let (label, waiter) = (&*self.label, &mut self.waiter);
+        // One guest call under the deadline (see `guarded`).
+        macro_rules! call {
+            ($fut:expr) => {
+                guarded(deadline, drain, label, waiter, $fut).await
+            };
+        }
         // What an error from this op may not claim, and whether a failure
         // leaves the plugin's state unknown.
         let in_range = match op {
@@ -499,28 +505,14 @@ impl Actor {
             .map(|(d, _)| d);
         let answer = match op {
             Op::Append(bytes) => {
-                let r = guarded(
-                    deadline,
-                    drain,
-                    label,
-                    waiter,
-                    guest.call_append(&mut *store, log, &bytes),
-                )
-                .await;
+                let r = call!(guest.call_append(&mut *store, log, &bytes));
                 r.map(|r| r.map(|end| check_append(known, &bytes, end)))
             }
             Op::Read(offset, max) => {
                 // A read returns at least one batch anyway; asking for more
                 // than the largest batch only risks the memory limit.
                 let max = max.min(MAX_BATCH_LEN);
-                let r = guarded(
-                    deadline,
-                    drain,
-                    label,
-                    waiter,
-                    guest.call_read(&mut *store, log, offset, max),
-                )
-                .await;
+                let r = call!(guest.call_read(&mut *store, log, offset, max));
                 r.map(|r| {
                     r.map(|b| {
                         let bytes = Bytes::from(b);
@@ -545,10 +537,7 @@ impl Actor {
                 })
             }
             Op::Bounds => {
-                let r = guarded(deadline, drain, label, waiter, async {
-                    guest.call_bounds(&mut *store, log).await.map(Ok)
-                })
-                .await;
+                let r = call!(async { guest.call_bounds(&mut *store, log).await.map(Ok) });
                 r.map(|r| {
                     r.map(|b| {
                         let b = OffsetBounds {
@@ -566,25 +555,11 @@ impl Actor {
                 })
             }
             Op::Truncate(offset) => {
-                let r = guarded(
-                    deadline,
-                    drain,
-                    label,
-                    waiter,
-                    guest.call_truncate(&mut *store, log, offset),
-                )
-                .await;
+                let r = call!(guest.call_truncate(&mut *store, log, offset));
                 r.map(|r| r.map(|end| check_truncate(known, offset, end)))
             }
             Op::DeletePrefix(offset) => {
-                let r = guarded(
-                    deadline,
-                    drain,
-                    label,
-                    waiter,
-                    guest.call_delete_prefix(&mut *store, log, offset),
-                )
-                .await;
+                let r = call!(guest.call_delete_prefix(&mut *store, log, offset));
                 r.map(|r| {
                     r.map(|()| {
                         let mut k = known;
@@ -595,36 +570,15 @@ impl Actor {
                 })
             }
             Op::HighWatermark => {
-                let r = guarded(
-                    deadline,
-                    drain,
-                    label,
-                    waiter,
-                    guest.call_high_watermark(&mut *store, log),
-                )
-                .await;
+                let r = call!(guest.call_high_watermark(&mut *store, log));
                 r.map(|r| r.map(|hw| Ok((Out::Offset(hw), known))))
             }
             Op::SetHighWatermark(hw) => {
-                let r = guarded(
-                    deadline,
-                    drain,
-                    label,
-                    waiter,
-                    guest.call_set_high_watermark(&mut *store, log, hw),
-                )
-                .await;
+                let r = call!(guest.call_set_high_watermark(&mut *store, log, hw));
                 r.map(|r| r.map(|()| Ok((Out::Unit, known))))
             }
             Op::LeaderEpochs => {
-                let r = guarded(
-                    deadline,
-                    drain,
-                    label,
-                    waiter,
-                    guest.call_leader_epochs(&mut *store, log),
-                )
-                .await;
+                let r = call!(guest.call_leader_epochs(&mut *store, log));
                 r.map(|r| r.map(|e| check_epochs(known, e)))
             }
             Op::SetLeaderEpochs(entries) => {
@@ -640,25 +594,11 @@ impl Actor {
                         start_offset: e.start_offset,
                     })
                     .collect();
-                let r = guarded(
-                    deadline,
-                    drain,
-                    label,
-                    waiter,
-                    guest.call_set_leader_epochs(&mut *store, log, &wit_entries),
-                )
-                .await;
+                let r = call!(guest.call_set_leader_epochs(&mut *store, log, &wit_entries));
                 r.map(|r| r.map(|()| Ok((Out::Unit, known))))
             }
             Op::Flush => {
-                let r = guarded(
-                    deadline,
-                    drain,
-                    label,
-                    waiter,
-                    guest.call_flush(&mut *store, log),
-                )
-                .await;
+                let r = call!(guest.call_flush(&mut *store, log));
                 r.map(|r| r.map(|()| Ok((Out::Unit, known))))
             }
             Op::Recover | Op::Close => {
