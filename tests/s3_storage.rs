@@ -228,6 +228,42 @@ async fn an_append_larger_than_a_segment_is_split_into_segments() {
     log.close().await;
 }
 
+/// A store that loses what it held under a running writer (a bucket
+/// emptied, an in-memory S3 server restarted): the writer's next upload
+/// finds its own fence gone and fails as fenced, and the log is reopened
+/// from what the store holds, which says what is missing. The writer used
+/// to go on from memory, healthy in every status, until a restart found
+/// segments no manifest named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_lost_its_data_is_noticed_at_the_next_upload() {
+    let moto = Moto::start();
+    let config = config(&moto, "lost/");
+    let log = open(&config).await.expect("open");
+    fill(&log, 0, 5).await;
+    log.flush().await.expect("flush");
+    for (key, _) in moto.list_keys("lost/") {
+        moto.delete(&key);
+    }
+    fill(&log, 5, 2).await;
+    let err = log
+        .flush()
+        .await
+        .expect_err("an upload into the emptied store");
+    assert!(
+        matches!(&err, StorageError::Fault { detail, .. }
+            if detail.contains("no longer holds this writer's fence")),
+        "{err}"
+    );
+    log.close().await;
+    // What the store holds now: the segment of the upload that noticed,
+    // and no manifest naming it.
+    let err = open(&config).await.err().expect("a log the store lost");
+    assert!(
+        matches!(&err, StorageError::Corrupt(m) if m.contains("no manifest")),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_writer_fences_the_first() {
     let moto = Moto::start();

@@ -507,17 +507,34 @@ impl S3Log {
         Error::Fenced(why)
     }
 
-    /// Fail if a newer generation has been claimed.
+    /// Fail if a newer generation has been claimed, or if this writer's
+    /// own fence is gone: the store lost what it held (a bucket emptied or
+    /// replaced, an in-memory S3 server restarted). Writing on from memory
+    /// would leave segments no manifest names, and a log that only this
+    /// instance's memory holds; as fenced, the host reopens the log from
+    /// what the store holds, which says what was lost. (One listing, as
+    /// before: from just below this writer's fence.)
     fn check_fencing(&mut self) -> Result<(), Error> {
-        let newer = self.client.list(
-            &format!("{}gen/", self.p),
-            Some(&layout::fence_key(&self.p, self.gen_)),
-            Some(1),
-        )?;
-        if let Some(n) = newer.first() {
+        let mine = layout::fence_key(&self.p, self.gen_);
+        let below = self
+            .gen_
+            .checked_sub(1)
+            .map(|g| layout::fence_key(&self.p, g));
+        let listed = self
+            .client
+            .list(&format!("{}gen/", self.p), below.as_deref(), Some(2))?;
+        // Keys past `below`, in order: this writer's fence first, unless
+        // it is gone; a newer one after it.
+        let keys: Vec<&str> = listed.iter().map(|l| l.key.as_str()).collect();
+        if let Some(n) = keys.iter().find(|k| **k > mine.as_str()) {
             return Err(self.fence(format!(
-                "fenced: {} exists, newer than this writer's generation {}; another instance opened this partition",
-                n.key, self.gen_
+                "fenced: {n} exists, newer than this writer's generation {}; another instance opened this partition",
+                self.gen_
+            )));
+        }
+        if !keys.contains(&mine.as_str()) {
+            return Err(self.fence(format!(
+                "the store no longer holds this writer's fence {mine}: it lost what it held (a bucket emptied or replaced, an S3 server restarted without its data); reopening from what it holds now"
             )));
         }
         Ok(())
