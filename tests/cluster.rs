@@ -1173,18 +1173,11 @@ fn a_second_process_with_a_node_s_id_is_refused_or_fences_the_first() {
         .stderr(std::fs::File::create(&dup_log).expect("log"))
         .spawn()
         .expect("start the newcomer");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&dup_log)
-        .unwrap_or_default()
-        .contains("registered at")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the newcomer did not register: {}",
-            std::fs::read_to_string(&dup_log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    c.wait_log("the newcomer to register", |_| {
+        std::fs::read_to_string(&dup_log)
+            .unwrap_or_default()
+            .contains("registered at")
+    });
     c.signal(3, "-CONT");
     let mut first = c.nodes[2].take().expect("node 3 runs");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -2213,6 +2206,28 @@ fn last_in_sync_restarts(storage: &str, graceful: bool) -> Cluster {
     c
 }
 
+/// Three nodes up, `topic` with one partition (RF 3, min.insync 2), and a
+/// batching producer of it with the default settings.
+async fn producer_on_three_nodes(
+    topic: &str,
+) -> (
+    Cluster,
+    std::sync::Arc<replicator::client::Client>,
+    replicator::producer::Producer,
+) {
+    use replicator::producer::{Producer, ProducerConfig};
+    let mut c = Cluster::init(3, "memory", |t| t);
+    c.start_all();
+    c.wait_up();
+    let client = c.library_client();
+    client
+        .create_topic(topic, 1, 3, Some(2))
+        .await
+        .expect("create topic");
+    let producer = Producer::new(client.clone(), topic, 0, ProducerConfig::default());
+    (c, client, producer)
+}
+
 /// The batching producer's order holds through a failover: with 5
 /// requests in flight when the leader is killed, every message
 /// acknowledged lands after every message sent and acknowledged before
@@ -2220,18 +2235,8 @@ fn last_in_sync_restarts(storage: &str, graceful: bool) -> Cluster {
 /// it, wait their turn there), and the messages after the failover land.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_batching_producer_keeps_its_order_through_a_failover() {
-    use replicator::producer::{Producer, ProducerConfig};
-
-    let mut c = Cluster::init(3, "memory", |t| t);
-    c.start_all();
-    c.wait_up();
-    let client = c.library_client();
-    client
-        .create_topic("ordered", 1, 3, Some(2))
-        .await
-        .expect("create topic");
+    let (mut c, client, producer) = producer_on_three_nodes("ordered").await;
     let leader = client.leader_of("ordered", 0).await.expect("leader");
-    let producer = Producer::new(client.clone(), "ordered", 0, ProducerConfig::default());
     let send = |i: u64| {
         producer.send(replicator::batch::Record {
             value: Bytes::from(format!("message-{i}")),
@@ -2279,15 +2284,7 @@ async fn the_batching_producer_acknowledges_every_message_at_its_offset() {
     use replicator::client::ClientError;
     use replicator::producer::{Producer, ProducerConfig};
 
-    let mut c = Cluster::init(3, "memory", |t| t);
-    c.start_all();
-    c.wait_up();
-    let client = c.library_client();
-    client
-        .create_topic("batched", 1, 3, Some(2))
-        .await
-        .expect("create topic");
-    let producer = Producer::new(client.clone(), "batched", 0, ProducerConfig::default());
+    let (_cluster, client, producer) = producer_on_three_nodes("batched").await;
     let n = 3000u64;
     let value = |i: u64| Bytes::from(format!("message-{i}"));
     let sends: Vec<_> = (0..n)

@@ -49,12 +49,13 @@ async fn open(mode: &str) -> (StoragePlugin, PluginLog) {
 }
 
 /// Partition 0 of the hostile plugin in `mode` (seeing `data`, if any)
-/// and a healthy partition 1, both under `sandbox`.
+/// and a healthy partition 1, both under `sandbox`; and the plugin, to
+/// open more.
 async fn hostile_and_healthy(
     sandbox: Sandbox,
     mode: &str,
     data: Option<&std::path::Path>,
-) -> (PluginLog, PluginLog) {
+) -> (PluginLog, PluginLog, StoragePlugin) {
     let plugin = hostile(sandbox);
     let hostile = plugin
         .open("t", 0, vec![("mode".into(), mode.into())], data)
@@ -64,13 +65,13 @@ async fn hostile_and_healthy(
         .open("t", 1, vec![], None)
         .await
         .expect("open healthy");
-    (hostile, healthy)
+    (hostile, healthy, plugin)
 }
 
 /// The first append faults with `kind` quickly, later calls refuse until
 /// recover(), and a healthy partition of the same plugin is unaffected.
 async fn contained(mode: &str, kind: FaultKind) {
-    let (log, healthy) = hostile_and_healthy(sandbox(), mode, None).await;
+    let (log, healthy, _plugin) = hostile_and_healthy(sandbox(), mode, None).await;
     let started = Instant::now();
     let err = log
         .append(one(0))
@@ -147,7 +148,7 @@ async fn served_meanwhile(mode: &str, data: Option<&std::path::Path>, meanwhile:
         call_deadline: Duration::from_secs(2),
         ..sandbox()
     };
-    let (hostile, healthy) = hostile_and_healthy(sandbox, mode, data).await;
+    let (hostile, healthy, _plugin) = hostile_and_healthy(sandbox, mode, data).await;
     let hostile = tokio::spawn(async move { hostile.append(one(0)).await });
     // A task, as a node's connections are: on a current-thread runtime the
     // test's own future is polled only between batches of 61 tasks' turns,
@@ -413,16 +414,9 @@ async fn blocked_in_the_kernel(own_thread: bool) {
         }
     }
     let _release = Release(fifo.clone());
-    let plugin = hostile(sandbox);
-    let mode = || vec![("mode".into(), "read-file:/data/fifo".into())];
-    let stuck = plugin
-        .open("t", 0, mode(), Some(data.path()))
-        .await
-        .expect("open");
-    let healthy = plugin
-        .open("t", 1, vec![], None)
-        .await
-        .expect("open healthy");
+    let mode = "read-file:/data/fifo";
+    let (stuck, healthy, plugin) = hostile_and_healthy(sandbox, mode, Some(data.path())).await;
+    let mode = || vec![("mode".into(), mode.into())];
     let started = Instant::now();
     let err = stuck
         .append(one(0))

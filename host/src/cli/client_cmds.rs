@@ -877,29 +877,27 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
             r => break r,
         }
     };
-    // Start where --from says (or tell why not).
-    let (mut offset, end) = match first {
-        Ok(b) => match a.from {
-            Some(ConsumeFrom::Offset(o)) => (o, b.high_watermark),
-            Some(ConsumeFrom::End) => (b.high_watermark, b.high_watermark),
-            None | Some(ConsumeFrom::Start) => (b.log_start, b.high_watermark),
-        },
+    // The log's bounds, to start where --from says (or tell why not).
+    let (log_start, end) = match first {
+        Ok(b) => (b.log_start, b.high_watermark),
         Err(replicator::client::ClientError::Refused(
             replicator::wire::rpc::RpcError::OffsetOutOfRange {
                 log_start,
                 high_watermark,
                 ..
             },
-        )) if asked.is_none() => match a.from {
-            Some(ConsumeFrom::End) => (high_watermark, high_watermark),
-            _ => (log_start, high_watermark),
-        },
+        )) if asked.is_none() => (log_start, high_watermark),
         Err(e) => {
             return Err(e).context(format!(
                 "reading {}/{} on node {node}",
                 a.topic, a.partition
             ));
         }
+    };
+    let mut offset = match a.from {
+        Some(ConsumeFrom::Offset(o)) => o,
+        Some(ConsumeFrom::End) => end,
+        None | Some(ConsumeFrom::Start) => log_start,
     };
     let stop = match a.count {
         Some(n) => offset.saturating_add(n),

@@ -132,9 +132,7 @@ async fn heartbeat(
             continue;
         };
         let req = Request::Heartbeat {
-            broker_epoch: shared
-                .answering_epoch
-                .load(std::sync::atomic::Ordering::Relaxed),
+            broker_epoch: shared.heartbeat_epoch(),
             changed: std::mem::take(&mut announce),
         };
         match p.request_within(&req, bytes::Bytes::new(), limit).await {
@@ -144,17 +142,10 @@ async fn heartbeat(
                     broker_epoch,
                 },
                 _,
-            )) if n == node
-                && shared
-                    .broker_epoch_of(node)
-                    .is_some_and(|registered| broker_epoch < registered) =>
-            {
-                // An incarnation the store no longer registers: another
-                // process took the id (a node stopping gracefully answers
-                // with the epoch it registered again with). It does not
-                // keep `node` alive: a stale process kept its place in
-                // ISRs, and was elected with an older log, after the one
-                // that took its id died.
+            )) if n == node && shared.superseded(node, broker_epoch) => {
+                // Not counted: a stale process kept its place in ISRs,
+                // and was elected with an older log, after the one that
+                // took its id died.
                 if stale_said != Some(broker_epoch) {
                     warn!(
                         "heartbeat: node {node} answered from broker epoch {broker_epoch}, older than its registration: another process registered under its id; not counted as alive"
@@ -615,12 +606,7 @@ pub(super) async fn step_down(
         let Some(addr) = shared.broker_addr(id) else {
             continue;
         };
-        let (transport, epoch) = (
-            transport.clone(),
-            shared
-                .answering_epoch
-                .load(std::sync::atomic::Ordering::Relaxed),
-        );
+        let (transport, epoch) = (transport.clone(), shared.heartbeat_epoch());
         told.spawn(async move {
             let peer = transport.connect(addr, id).await.ok()?;
             let req = Request::Heartbeat {

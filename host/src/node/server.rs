@@ -671,14 +671,9 @@ impl Handler for NodeServer {
                         ));
                     };
                     let now = self.shared.now_ms();
-                    // From an incarnation older than the registered one
-                    // (another process took the id): no sign that `from`
-                    // lives, as with the answers to this node's own.
-                    let stale = self
-                        .shared
-                        .broker_epoch_of(from)
-                        .is_some_and(|registered| broker_epoch < registered);
-                    if !stale && let Ok(mut fd) = self.shared.detector.lock() {
+                    if !self.shared.superseded(from, broker_epoch)
+                        && let Ok(mut fd) = self.shared.detector.lock()
+                    {
                         fd.record_heartbeat(from, now);
                     }
                     if changed {
@@ -687,10 +682,7 @@ impl Handler for NodeServer {
                     Ok((
                         Response::Heartbeat {
                             node: self.shared.node_id,
-                            broker_epoch: self
-                                .shared
-                                .answering_epoch
-                                .load(std::sync::atomic::Ordering::Relaxed),
+                            broker_epoch: self.shared.heartbeat_epoch(),
                         },
                         Bytes::new(),
                     ))

@@ -453,6 +453,20 @@ impl Shared {
         self.broker_epoch_of(id) > at_dial
     }
 
+    /// Whether a heartbeat sent or answered by `id`'s incarnation `epoch`
+    /// is from one the store no longer registers: another process took the
+    /// id (a node stopping gracefully answers with the epoch it registered
+    /// again with). Such a heartbeat is no sign that `id` lives.
+    pub fn superseded(&self, id: ReplicaId, epoch: u64) -> bool {
+        self.dialled_before_restart(id, Some(epoch))
+    }
+
+    /// The broker epoch this node's heartbeats carry ([`Self::answering_epoch`]).
+    pub fn heartbeat_epoch(&self) -> u64 {
+        self.answering_epoch
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn broker_addr(&self, id: ReplicaId) -> Option<SocketAddr> {
         self.brokers.read().ok()?.get(&id).copied()
     }

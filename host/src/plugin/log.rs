@@ -192,12 +192,6 @@ async fn guarded<T>(
     let grace = deadline / 4 + Duration::from_millis(50);
     let started = std::time::Instant::now();
     let mut fut = std::pin::pin!(fut);
-    let late = |took: Duration| {
-        (
-            FaultKind::Deadline,
-            format!("call did not return within {deadline:?} (it returned after {took:?})"),
-        )
-    };
     let gave_up = |w: &Waiter| w.as_ref().is_some_and(oneshot::Sender::is_closed);
     match tokio::time::timeout(deadline + grace, &mut fut).await {
         Err(_) => {
@@ -217,7 +211,13 @@ async fn guarded<T>(
                     "storage call still running after {:?}: dropped; if it was stuck in the kernel, writes it started may still land in files the next instance uses",
                     started.elapsed());
             }
-            Err(late(started.elapsed()))
+            Err((
+                FaultKind::Deadline,
+                format!(
+                    "call did not return within {deadline:?} (it returned after {:?})",
+                    started.elapsed()
+                ),
+            ))
         }
         Ok(_) if gave_up(waiter) => Err((
             FaultKind::Deadline,
@@ -277,6 +277,18 @@ impl Actor {
         }
     }
 
+    /// Remember damage found at `at` (the lowest so far), reported now.
+    fn note_damage(&mut self, at: u64) {
+        let at = self.damaged.map_or(at, |(d, _)| d.min(at));
+        self.damaged = Some((at, std::time::Instant::now()));
+    }
+
+    /// How long a call that overran its deadline is still awaited before
+    /// its instance is dropped (see [`guarded`]).
+    fn drain(&self) -> Duration {
+        self.sandbox().call_deadline * 2
+    }
+
     /// Record a fault: drop the instance, refuse calls until `recover`.
     fn set_fault(&mut self, (kind, detail): Fault) -> StorageError {
         tracing::error!(plugin = %self.label, ?kind, "storage plugin fault, instance dropped: {detail}");
@@ -289,7 +301,7 @@ impl Actor {
         self.live = None;
         let sandbox = self.sandbox().clone();
         let deadline = sandbox.open_deadline;
-        let drain = sandbox.call_deadline * 2;
+        let drain = self.drain();
         let mut store = PluginState::store(
             self.plugin.inner.runtime.engine(),
             &sandbox,
@@ -353,7 +365,7 @@ impl Actor {
 
     async fn call_bounds(&mut self) -> StorageResult<OffsetBounds> {
         let deadline = self.sandbox().call_deadline;
-        let drain = self.sandbox().call_deadline * 2;
+        let drain = self.drain();
         let Some(live) = self.live.as_mut() else {
             return Err(self.fault_error(FaultKind::NeedsRecovery, "no instance".into()));
         };
@@ -419,7 +431,7 @@ impl Actor {
     /// damaged batch a fault. A trap or deadline is a fault as anywhere.
     async fn batch_start(&mut self, offset: u64) -> Option<u64> {
         let deadline = self.sandbox().call_deadline;
-        let drain = self.sandbox().call_deadline * 2;
+        let drain = self.drain();
         let live = self.live.as_mut()?;
         PluginState::arm(&mut live.store, deadline);
         let guest = live.world.replicator_plugin_storage().partition_log();
@@ -455,7 +467,7 @@ impl Actor {
             ));
         }
         let deadline = self.sandbox().call_deadline;
-        let drain = self.sandbox().call_deadline * 2;
+        let drain = self.drain();
         let known = self.known;
         let Some(live) = self.live.as_mut() else {
             return Err(self.fault_error(FaultKind::NeedsRecovery, "no instance".into()));
@@ -623,8 +635,7 @@ impl Actor {
                     if reported.is_some_and(|d| at >= d) {
                         return Err(e);
                     }
-                    let from = self.damaged.map_or(at, |(d, _)| d.min(at));
-                    self.damaged = Some((from, std::time::Instant::now()));
+                    self.note_damage(at);
                     return Err(self.set_fault((
                         FaultKind::Damaged { from: at },
                         format!(
@@ -650,13 +661,11 @@ impl Actor {
                 if mutation
                     && !matches!(
                         e,
-                        StorageError::OffsetOutOfRange(_)
-                            | StorageError::InvalidInput(_)
-                            | StorageError::Conflict(_)
+                        StorageError::OffsetOutOfRange(_) | StorageError::InvalidInput(_)
                     )
                 {
-                    // A mutation that failed midway left state the host
-                    // cannot know: re-read it from storage.
+                    // A truncation or prefix delete that failed midway left
+                    // state the host cannot know: re-read it from storage.
                     return Err(self.set_fault((FaultKind::FailedMutation, e.to_string())));
                 }
                 Err(e)
@@ -668,8 +677,7 @@ impl Actor {
                     )));
                 }
                 if let Some(at) = damaged {
-                    let at = self.damaged.map_or(at, |(d, _)| d.min(at));
-                    self.damaged = Some((at, std::time::Instant::now()));
+                    self.note_damage(at);
                 }
                 let kind = damaged.map_or(FaultKind::Violation, |from| FaultKind::Damaged { from });
                 Err(self.set_fault((kind, violation)))

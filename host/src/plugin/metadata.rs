@@ -443,7 +443,8 @@ impl Actor {
                     guest.call_get_partition(&mut *store, client, &topic, partition),
                 )
                 .await;
-                check_get(seen, "get-partition", topic, partition, r)
+                let asked = format!("get-partition({topic}/{partition})");
+                check_get(seen, asked, topic, partition, r)
             }
             Op::CompareAndSet(state, expected) => {
                 let r = guarded(
@@ -542,19 +543,15 @@ fn judge<T>(answer: Answer<T>, ok: impl FnOnce(T) -> Result<Out, String>) -> Ver
     }
 }
 
-/// `call` names the answer in messages: `get-partition`, or
-/// `read-partitions` for one of its records.
+/// `asked` names the answer in messages: `get-partition(t/0)`, or
+/// `read-partitions' record of t/0` for one of its records.
 fn check_get(
     seen: &mut Seen,
-    call: &str,
+    asked: String,
     topic: String,
     partition: u32,
     answer: Answer<wit::PartitionState>,
 ) -> Verdict {
-    let asked = match call {
-        "get-partition" => format!("get-partition({topic}/{partition})"),
-        _ => format!("{call}' record of {topic}/{partition}"),
-    };
     let key = (topic, partition);
     let (known, known_epoch) = seen.versions.get(&key).copied().unwrap_or((0, 0));
     if known > 0 && matches!(answer, Ok(Err(PluginError::NotFound(_)))) {
@@ -769,7 +766,8 @@ fn check_read_partitions(seen: &mut Seen, answer: Answer<wit::PartitionPage>) ->
     for r in page.reads {
         let key = (r.topic.clone(), r.partition);
         undo.push((key.clone(), seen.versions.get(&key).copied()));
-        let state = match check_get(seen, "read-partitions", key.0, key.1, Ok(r.state)) {
+        let asked = format!("read-partitions' record of {}/{}", key.0, key.1);
+        let state = match check_get(seen, asked, key.0, key.1, Ok(r.state)) {
             Verdict::Ok(Out::State(s)) => Ok(s),
             // Created or gone meanwhile: not listed, as list-partitions
             // then get-partition would leave it out.
@@ -997,7 +995,7 @@ mod tests {
     /// A state's version, or why it was refused as corrupt (a record
     /// that breaks the rules is the store's content, not a plugin fault).
     fn get(seen: &mut Seen, answer: Answer<wit::PartitionState>) -> Result<u64, String> {
-        match check_get(seen, "get-partition", "t".into(), 0, answer) {
+        match check_get(seen, "get-partition(t/0)".into(), "t".into(), 0, answer) {
             Verdict::Ok(Out::State(s)) => Ok(s.version),
             Verdict::Err(MetadataError::Corrupt(why)) => Err(why),
             Verdict::Violation(why) => Err(format!("a plugin fault, not a corrupt record: {why}")),
