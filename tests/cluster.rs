@@ -467,11 +467,7 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
 /// stop each node's refresh of the partitions listed after it.
 #[test]
 fn a_corrupt_partition_record_affects_only_that_partition() {
-    let mut c = Cluster::init(3, "memory", |t| t);
-    c.start_all();
-    c.wait_up();
-    let client = c.client();
-    create_topic(&client, "bad", "2");
+    let (c, client) = three_nodes_with_topic("bad", "2");
     let record_dir = c.dir.path().join("metadata/partitions/bad/0");
     let newest = std::fs::read_dir(&record_dir)
         .expect("the partition's records")
@@ -577,11 +573,7 @@ fn a_corrupt_partition_record_affects_only_that_partition() {
 /// topic and refused one with "0 live registered nodes".
 #[test]
 fn a_store_wiped_under_a_running_cluster_is_named_as_such() {
-    let mut c = Cluster::init(3, "memory", |t| t);
-    c.start_all();
-    c.wait_up();
-    let client = c.client();
-    create_topic(&client, "t", "1");
+    let (mut c, client) = three_nodes_with_topic("t", "1");
     let metadata = c.path().join("metadata");
     std::fs::remove_dir_all(&metadata).expect("wipe");
     std::fs::create_dir(&metadata).expect("an empty store");
@@ -1251,6 +1243,17 @@ fn a_following_consumer_from_the_end_prints_new_messages_until_stopped() {
     std::io::Read::read_to_string(&mut stderr, &mut rest).expect("stderr");
     assert!(status.success(), "{status}: {rest}");
     assert_eq!(rx.try_iter().count(), 0, "nothing after the 500");
+}
+
+/// Three nodes up on memory storage and `topic` with `partitions`
+/// partitions: the cluster and its client config.
+fn three_nodes_with_topic(topic: &str, partitions: &str) -> (Cluster, String) {
+    let mut c = Cluster::init(3, "memory", |t| t);
+    c.start_all();
+    c.wait_up();
+    let client = c.client();
+    create_topic(&client, topic, partitions);
+    (c, client)
 }
 
 /// Three nodes on `storage` (short lag), topic `t` with one partition
