@@ -940,10 +940,12 @@ fn bad_node_configs_fail_with_clear_errors() {
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("a summary")
     };
     let args = produce_args(&["--batch", "10", "--timeout-ms", "500"]);
+    let began = std::time::Instant::now();
     let out = cli_within(
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
         std::time::Duration::from_secs(30),
     );
+    let took = began.elapsed();
     let summary = summary_of(&out);
     // The first batch holds whatever the generator had queued when it
     // was taken, up to --batch (one message on a busy machine): it fails,
@@ -961,11 +963,18 @@ fn bad_node_configs_fail_with_clear_errors() {
         why.contains("stopped: t/0 took no writes within --timeout-ms"),
         "{why}"
     );
-    // Within about its 500 ms: finding no node used to wait out the
-    // nodes' 3 s handshake timeout first.
+    // The node is named with why it did not answer (the deadline cutting
+    // the lookup short used to leave only "none within ... the timeout").
     assert!(
-        summary["seconds"].as_f64().is_some_and(|s| s < 2.5),
-        "{summary}"
+        why.contains("no node answered: node 1: no answer to the QUIC handshake"),
+        "{why}"
+    );
+    // Within about its 500 ms, the whole command: finding no node used to
+    // wait out the nodes' 3 s handshake timeout first, and looking up the
+    // partitions before the first batch took 3 s more.
+    assert!(
+        summary["seconds"].as_f64().is_some_and(|s| s < 2.5) && took.as_secs_f64() < 2.5,
+        "{summary}, {took:?}"
     );
     // SIGTERM (or Ctrl-C) stops it too, with its summary.
     let child = std::process::Command::new(support::BIN)

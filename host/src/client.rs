@@ -346,19 +346,35 @@ impl Client {
     /// [`FRESH_GRACE`] of it (a dead node's handshake must not hold every
     /// call for seconds); several are merged, the newest version of each
     /// partition and broker kept.
-    async fn fastest(&self, req: &Request) -> Result<(Response, Bytes), ClientError> {
+    ///
+    /// With a `deadline`, nodes that have not answered by then are named
+    /// with where they were (dialling or asked), instead of the whole
+    /// call being cut off without a reason per node.
+    async fn fastest(
+        &self,
+        req: &Request,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<(Response, Bytes), ClientError> {
         use futures_util::StreamExt;
         let ids = self.node_ids().await;
         if ids.is_empty() {
             return Err(ClientError::NoNode("no nodes configured".into()));
         }
+        // Which nodes have a connection: a deadline names the others as
+        // not having answered the handshake. Never locked across an await.
+        let connected = std::sync::Mutex::new(std::collections::HashSet::new());
+        let connected = &connected;
         let mut attempts: futures_util::stream::FuturesUnordered<_> = ids
-            .into_iter()
-            .map(|id| async move {
+            .iter()
+            .map(|&id| async move {
                 let peer = self
                     .peer(id)
                     .await
                     .map_err(|e| (id, format!("node {id}: {e}")))?;
+                connected
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(id);
                 match peer
                     .request_within(req, Bytes::new(), REQUEST_TIMEOUT)
                     .await
@@ -376,13 +392,17 @@ impl Client {
         let mut errors = Vec::new();
         let mut last_view: Option<(Response, Bytes)> = None;
         let mut grace_until: Option<tokio::time::Instant> = None;
+        let started = tokio::time::Instant::now();
         loop {
-            let next = match grace_until {
-                // None once the grace is over.
-                Some(t) => tokio::time::timeout_at(t, attempts.next())
+            // None once the grace or the deadline is over.
+            let next = match (grace_until, deadline) {
+                (Some(a), Some(b)) => tokio::time::timeout_at(a.min(b), attempts.next())
                     .await
                     .unwrap_or_default(),
-                None => attempts.next().await,
+                (Some(t), None) | (None, Some(t)) => tokio::time::timeout_at(t, attempts.next())
+                    .await
+                    .unwrap_or_default(),
+                (None, None) => attempts.next().await,
             };
             match next {
                 Some(Ok(r @ (Response::Metadata { stale: Some(_), .. }, _))) => {
@@ -400,6 +420,25 @@ impl Client {
         if let Some(r) = last_view {
             return Ok(r);
         }
+        // Cut off by the deadline: the nodes still pending say where.
+        let ms = started.elapsed().as_millis();
+        for id in ids {
+            if errors.iter().any(|(e, _)| *e == id) {
+                continue;
+            }
+            let asked = connected
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(&id);
+            errors.push((
+                id,
+                if asked {
+                    format!("node {id}: connected, but no answer within {ms} ms")
+                } else {
+                    format!("node {id}: no answer to the QUIC handshake within {ms} ms (is it running, and is its address right?)")
+                },
+            ));
+        }
         errors.sort();
         let said: Vec<String> = errors.into_iter().map(|(_, e)| e).collect();
         Err(ClientError::NoNode(said.join("; ")))
@@ -408,7 +447,16 @@ impl Client {
     /// Brokers and partitions as the metadata store has them; refreshes
     /// the leader cache and the node address book.
     pub async fn metadata(&self) -> Result<(Vec<Broker>, Vec<PartitionState>), ClientError> {
-        match self.fastest(&Request::Metadata {}).await? {
+        self.metadata_until(None).await
+    }
+
+    /// [`Client::metadata`], giving up at `deadline` with every node's
+    /// reason.
+    async fn metadata_until(
+        &self,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<(Vec<Broker>, Vec<PartitionState>), ClientError> {
+        match self.fastest(&Request::Metadata {}, deadline).await? {
             (
                 Response::Metadata {
                     brokers,
@@ -564,7 +612,18 @@ impl Client {
 
     /// Partitions of `topic`, from fresh metadata.
     pub async fn topic_partitions(&self, topic: &str) -> Result<Vec<u32>, ClientError> {
-        let (_, parts) = self.metadata().await?;
+        self.topic_partitions_within(topic, REQUEST_TIMEOUT).await
+    }
+
+    /// [`Client::topic_partitions`], giving up after `limit` with every
+    /// node's reason.
+    pub async fn topic_partitions_within(
+        &self,
+        topic: &str,
+        limit: Duration,
+    ) -> Result<Vec<u32>, ClientError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let (_, parts) = self.metadata_until(Some(deadline)).await?;
         let mut ps: Vec<u32> = parts
             .iter()
             .filter(|p| p.topic == topic)
@@ -579,6 +638,7 @@ impl Client {
         topic: &str,
         partition: u32,
         refresh: bool,
+        deadline: Option<tokio::time::Instant>,
     ) -> Result<ReplicaId, ClientError> {
         let key = (topic.to_string(), partition);
         let refresh = self.stale.lock().await.remove(&key) || refresh;
@@ -586,7 +646,7 @@ impl Client {
         let p = match cached {
             Some(p) if !refresh => p,
             _ => {
-                self.metadata().await?;
+                self.metadata_until(deadline).await?;
                 let found = self.partitions.lock().await.get(&key).cloned();
                 match found {
                     Some(p) => p,
@@ -712,9 +772,15 @@ impl Client {
                 ))
             };
             let attempt = async {
-                let leader = tokio::time::timeout(left, self.leader(topic, partition, refresh))
-                    .await
-                    .map_err(|_| in_time("none".into()))??;
+                // The lookup itself gives up at the deadline with each
+                // node's reason; the outer limit only backs it up.
+                let by = tokio::time::Instant::now() + left;
+                let leader = tokio::time::timeout(
+                    left + Duration::from_millis(100),
+                    self.leader(topic, partition, refresh, Some(by)),
+                )
+                .await
+                .map_err(|_| in_time("none".into()))??;
                 let epoch = self
                     .partitions
                     .lock()
@@ -901,7 +967,7 @@ impl Client {
 
     /// The leader of a partition, from fresh metadata.
     pub async fn leader_of(&self, topic: &str, partition: u32) -> Result<ReplicaId, ClientError> {
-        self.leader(topic, partition, true).await
+        self.leader(topic, partition, true, None).await
     }
 
     /// One node's view of its partitions.
