@@ -2240,6 +2240,100 @@ async fn producer_on_three_nodes(
     (c, client, producer)
 }
 
+/// A caught-up read waits at the node for new records (a long poll, as
+/// a Kafka fetch's max.wait.ms), on the leader and on a follower alike,
+/// and answers as soon as a record is committed; with nothing new it
+/// answers empty after its wait; a node shutting down answers its parked
+/// reads at once, so the reader goes on elsewhere. Consumers used to
+/// poll every 50 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caught_up_read_waits_for_the_next_commit() {
+    use std::time::{Duration, Instant};
+    let mut c = Cluster::init(3, "memory", |t| t);
+    c.start_all();
+    c.wait_up();
+    let client = c.library_client();
+    client
+        .create_topic("polled", 1, 3, Some(2))
+        .await
+        .expect("create topic");
+    // Every replica holds the partition (an answer of each to status).
+    tokio::task::block_in_place(|| c.wait_status("polled open", |v| converged(v, "polled", 0, 0)));
+    let leader = client.leader_of("polled", 0).await.expect("leader");
+    let follower = (1..=3).find(|&n| n != leader).unwrap_or(2);
+    // Nothing to read: empty, but only after the wait.
+    let began = Instant::now();
+    let b = client
+        .read_waiting(leader, "polled", 0, 0, 1 << 20, Duration::from_millis(400))
+        .await
+        .expect("read");
+    assert!(b.records.is_empty() && b.high_watermark == 0);
+    assert!(
+        began.elapsed() >= Duration::from_millis(350),
+        "answered after {:?}",
+        began.elapsed()
+    );
+    // Parked on both replicas, then one record committed.
+    let wait = |node, offset| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let began = Instant::now();
+            let b = client
+                .read_waiting(node, "polled", 0, offset, 1 << 20, Duration::from_secs(20))
+                .await;
+            (b, began.elapsed())
+        })
+    };
+    let mut on_leader = wait(leader, 0);
+    let mut on_follower = wait(follower, 0);
+    for w in [&mut on_leader, &mut on_follower] {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), w)
+                .await
+                .is_err(),
+            "a read of an empty partition answered at once"
+        );
+    }
+    let record = replicator::batch::Record {
+        value: Bytes::from_static(b"first"),
+        ..Default::default()
+    };
+    let at = client
+        .produce(
+            "polled",
+            0,
+            std::slice::from_ref(&record),
+            replicator::core::Acks::All,
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("produce");
+    assert_eq!(at, 0);
+    for w in [on_leader, on_follower] {
+        let (b, took) = w.await.expect("reader");
+        let b = b.expect("read");
+        assert_eq!(b.records.len(), 1, "{took:?}");
+        assert_eq!(b.records[0].record.value, record.value);
+        // Answered by the commit, not by the end of its 20 s wait.
+        assert!(took < Duration::from_secs(10), "{took:?}");
+    }
+    // A read parked on a node that stops is answered by the stop.
+    let parked = wait(follower, 1);
+    let mut parked = std::pin::pin!(parked);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut parked)
+            .await
+            .is_err()
+    );
+    tokio::task::block_in_place(|| c.stop(follower));
+    let (b, took) = parked.await.expect("reader");
+    assert!(
+        b.is_err() && took < Duration::from_secs(15),
+        "{:?} after {took:?}",
+        b.map(|b| b.records.len())
+    );
+}
+
 /// The batching producer's order holds through a failover: with 5
 /// requests in flight when the leader is killed, every message
 /// acknowledged lands after every message sent and acknowledged before

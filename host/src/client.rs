@@ -924,13 +924,35 @@ impl Client {
         offset: u64,
         max_bytes: u32,
     ) -> Result<ReadBatch, ClientError> {
+        self.read_waiting(node, topic, partition, offset, max_bytes, Duration::ZERO)
+            .await
+    }
+
+    /// [`Client::read`], but with nothing committed from `offset` yet the
+    /// node waits up to `max_wait` (at most 30 s) for something to be,
+    /// and answers as soon as it is: a long poll, where polling again and
+    /// again costs a round trip each and adds its interval to the latency.
+    pub async fn read_waiting(
+        &self,
+        node: ReplicaId,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+        max_wait: Duration,
+    ) -> Result<ReadBatch, ClientError> {
+        let max_wait_ms = u64::try_from(max_wait.as_millis())
+            .unwrap_or(u64::MAX)
+            .min(crate::wire::rpc::MAX_READ_WAIT_MS);
         let req = Request::Read {
             topic: topic.to_string(),
             partition,
             offset,
             max_bytes,
+            max_wait_ms,
         };
-        match self.ask_node(node, &req).await? {
+        let limit = REQUEST_TIMEOUT + Duration::from_millis(max_wait_ms);
+        match self.ask_node_within(node, &req, limit).await? {
             (
                 Response::Records {
                     high_watermark,
@@ -1009,6 +1031,16 @@ impl Client {
         node: ReplicaId,
         req: &Request,
     ) -> Result<(Response, Bytes), ClientError> {
+        self.ask_node_within(node, req, REQUEST_TIMEOUT).await
+    }
+
+    /// [`Client::ask_node`], waiting up to `limit` for the answer.
+    async fn ask_node_within(
+        &self,
+        node: ReplicaId,
+        req: &Request,
+        limit: Duration,
+    ) -> Result<(Response, Bytes), ClientError> {
         // Read before the dial: metadata fetched meanwhile by another
         // request may change it, and that is a reason to try again too.
         let before = self.nodes.lock().await.get(&node).copied();
@@ -1025,7 +1057,7 @@ impl Client {
                 self.peer(node).await?
             }
         };
-        peer.request_within(req, Bytes::new(), REQUEST_TIMEOUT)
+        peer.request_within(req, Bytes::new(), limit)
             .await
             .map_err(refused)
     }

@@ -955,8 +955,12 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
     // still catching up is not cut short.
     let mut deadline = Instant::now() + Duration::from_secs(30);
     while offset < stop {
+        // Caught up, the node holds the read until something is committed
+        // (up to 500 ms, Kafka's fetch.max.wait.ms), so a new message is
+        // printed as soon as it is, without polling.
+        let asked = Instant::now();
         let read = tokio::select! {
-            r = c.read(node, &a.topic, a.partition, offset, 1 << 20) => r,
+            r = c.read_waiting(node, &a.topic, a.partition, offset, 1 << 20, READ_WAIT) => r,
             () = &mut signal, if a.follow => break,
         };
         let b = match read {
@@ -995,10 +999,14 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
                     stop - 1
                 );
             }
-            // Reads do not wait at the leader for new records, so poll.
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_millis(50)) => {}
-                () = &mut signal, if a.follow => break,
+            // The node held the read for its wait; one that came back
+            // empty at once (records there but not returned) is not asked
+            // again in a tight loop.
+            if asked.elapsed() < READ_WAIT / 2 {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    () = &mut signal, if a.follow => break,
+                }
             }
             continue;
         }
@@ -1032,6 +1040,9 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
     c.close().await;
     Ok(ExitCode::SUCCESS)
 }
+
+/// How long a caught-up consumer's read waits at the node for new records.
+const READ_WAIT: Duration = Duration::from_millis(500);
 
 /// After a failed read from `node` (`at`: where, for the message): say
 /// so, wait a moment (an election takes a few heartbeats) and return the

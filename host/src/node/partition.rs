@@ -70,6 +70,9 @@ pub enum Event {
     Read {
         offset: u64,
         max_bytes: u32,
+        /// With nothing committed from `offset` yet: wait up to this long
+        /// for something to be (see [`crate::wire::rpc::Request::Read`]).
+        max_wait_ms: u64,
         reply: oneshot::Sender<Result<ReadResult, RpcError>>,
     },
     Status {
@@ -158,6 +161,20 @@ enum Taken {
     },
 }
 
+/// A read waiting for records to be committed from its offset (a
+/// consumer's long poll).
+struct ParkedRead {
+    offset: u64,
+    max_bytes: u32,
+    /// On the node's clock ([`Shared::now_ms`]): answer empty then.
+    due: u64,
+    reply: oneshot::Sender<Result<ReadResult, RpcError>>,
+}
+
+/// Most reads one partition parks; more are answered at once (a reader
+/// then polls). Bounds what a flood of long polls holds.
+const MAX_PARKED_READS: usize = 1024;
+
 /// A produce request the actor has not handed to the core yet.
 struct Pending {
     batches: Bytes,
@@ -215,6 +232,9 @@ struct Actor {
     /// found nowhere else, and a damaged batch that fails every read loses
     /// less than a cut log.
     damaged_from: Option<u64>,
+    /// Reads waiting for their offset to be committed, answered as the
+    /// high watermark passes it or at their due time.
+    parked_reads: Vec<ParkedRead>,
 }
 
 /// `state`, the log just recovered, cut at `cut` (where a read found it
@@ -301,6 +321,7 @@ pub async fn start(
         last_fault: None,
         unjudged: false,
         damaged_from: None,
+        parked_reads: Vec::new(),
     };
     actor.publish_log_epoch();
     tokio::spawn(actor.run(rx));
@@ -419,8 +440,10 @@ impl Actor {
             } else {
                 self.rm.next_deadline()
             };
-            // Produce requests waiting for their turn end by then too.
-            let due = [core_due, self.sequencer.next_deadline()]
+            // Produce requests waiting for their turn end by then too, and
+            // parked reads.
+            let reads_due = self.parked_reads.iter().map(|r| r.due).min();
+            let due = [core_due, self.sequencer.next_deadline(), reads_due]
                 .into_iter()
                 .flatten()
                 .min();
@@ -459,6 +482,7 @@ impl Actor {
             }
             self.drive();
             self.settle_waiting(self.now());
+            self.wake_reads(self.now());
             if let Some(waiting) = self.draining.as_mut()
                 && self.produces.is_empty()
             {
@@ -502,6 +526,10 @@ impl Actor {
         // ambiguous.
         for p in self.sequencer.drain() {
             let _ = p.reply.send(Err(RpcError::ShuttingDown));
+        }
+        // Their reader goes on at another replica.
+        for r in self.parked_reads.drain(..) {
+            let _ = r.reply.send(Err(RpcError::ShuttingDown));
         }
         // A log being recovered is not flushed: its end would vouch for
         // nothing, and a failing disk could hold the flush for the whole
@@ -708,8 +736,9 @@ impl Actor {
             Event::Read {
                 offset,
                 max_bytes,
+                max_wait_ms,
                 reply,
-            } => self.read(offset, max_bytes, reply),
+            } => self.read(offset, max_bytes, max_wait_ms, reply),
             Event::Status { reply } => {
                 let _ = reply.send(self.status());
             }
@@ -813,10 +842,30 @@ impl Actor {
         }
     }
 
+    /// Answers the parked reads that can be: their offset is committed
+    /// now, their time is up, their reader gave up, or the log is being
+    /// recovered (they get its error).
+    fn wake_reads(&mut self, now: u64) {
+        if self.parked_reads.is_empty() {
+            return;
+        }
+        let hw = self.rm.high_watermark();
+        let recovering = self.recovering;
+        let (ready, parked): (Vec<_>, Vec<_>) = std::mem::take(&mut self.parked_reads)
+            .into_iter()
+            .filter(|r| !r.reply.is_closed())
+            .partition(|r| recovering || r.offset < hw || now >= r.due);
+        self.parked_reads = parked;
+        for r in ready {
+            self.read(r.offset, r.max_bytes, 0, r.reply);
+        }
+    }
+
     fn read(
         &mut self,
         offset: u64,
         max_bytes: u32,
+        max_wait_ms: u64,
         reply: oneshot::Sender<Result<ReadResult, RpcError>>,
     ) {
         if self.recovering {
@@ -841,6 +890,16 @@ impl Actor {
                 log_start: start,
                 high_watermark: hw,
             }));
+            return;
+        }
+        if offset >= hw && max_wait_ms > 0 && self.parked_reads.len() < MAX_PARKED_READS {
+            let due = self.now().saturating_add(max_wait_ms);
+            self.parked_reads.push(ParkedRead {
+                offset,
+                max_bytes,
+                due,
+                reply,
+            });
             return;
         }
         if offset >= hw {

@@ -611,12 +611,14 @@ impl Handler for NodeServer {
                     partition,
                     offset,
                     max_bytes,
+                    max_wait_ms,
                 } => {
                     let p = self.partition(&topic, partition)?;
                     let r = self
                         .ask(&p, |reply| Event::Read {
                             offset,
                             max_bytes: max_bytes.clamp(1, MAX_READ_BYTES),
+                            max_wait_ms: max_wait_ms.min(crate::wire::rpc::MAX_READ_WAIT_MS),
                             reply,
                         })
                         .await??;

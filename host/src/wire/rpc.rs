@@ -13,6 +13,13 @@ use super::frame::FrameError;
 use crate::core::{Acks, ReplicaId};
 use crate::metadata::PartitionState;
 
+/// Longest a node parks a [`Request::Read`] waiting for new records.
+pub const MAX_READ_WAIT_MS: u64 = 30_000;
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
 /// Frame kinds of the RPC streams (the fetch kinds are 1 and 2).
 pub mod kind {
     pub const REQUEST: u8 = 10;
@@ -61,6 +68,13 @@ pub enum Request {
         partition: u32,
         offset: u64,
         max_bytes: u32,
+        /// With nothing committed from `offset` yet, answer once something
+        /// is, or after this long with no records (a long poll, as a
+        /// Kafka fetch's `max.wait.ms`; the node bounds it by
+        /// [`MAX_READ_WAIT_MS`]). Left out when 0 (answer at once), so
+        /// nodes from before it still take those reads.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        max_wait_ms: u64,
     },
     /// An operator's unclean election (`replicator partition elect
     /// --unclean`), sent to `replica` itself: it leads the next epoch
@@ -448,6 +462,27 @@ mod tests {
         assert!(decode::<Request>(wire).is_err());
         let wire = encode(&serde_json::json!({"type": "format_disk"}), b"").unwrap();
         assert!(decode::<Request>(wire).is_err());
+    }
+
+    #[test]
+    fn a_read_without_a_wait_is_sent_as_before_it_had_one() {
+        // Nodes from before the long poll refuse unknown fields: a read
+        // that does not wait must not carry the field.
+        let read = |max_wait_ms| Request::Read {
+            topic: "t".into(),
+            partition: 0,
+            offset: 7,
+            max_bytes: 1024,
+            max_wait_ms,
+        };
+        let json = |r: &Request| serde_json::to_value(r).unwrap();
+        assert_eq!(
+            json(&read(0)),
+            serde_json::json!({"type": "read", "topic": "t", "partition": 0, "offset": 7, "max_bytes": 1024})
+        );
+        assert_eq!(json(&read(500))["max_wait_ms"], 500);
+        let old = encode(&json(&read(0)), b"").unwrap();
+        assert_eq!(decode::<Request>(old).unwrap().0, read(0));
     }
 
     proptest! {
