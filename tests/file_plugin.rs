@@ -1025,3 +1025,138 @@ async fn segments_hold_exactly_the_appended_bytes_on_a_thread_or_a_task() {
         log.close().await;
     }
 }
+
+/// Opens `dir` with `fsync` settings (`always`, or `interval` with an
+/// interval no test reaches, so only flushes and rolls sync) and segments
+/// of `segment_bytes`.
+async fn open_syncing(dir: &Path, fsync: &str, segment_bytes: u64) -> PluginLog {
+    plugin()
+        .open(
+            "t",
+            0,
+            vec![
+                ("segment.bytes".into(), segment_bytes.to_string()),
+                ("fsync".into(), fsync.into()),
+                ("fsync.interval.ms".into(), "86400000".into()),
+            ],
+            Some(dir),
+        )
+        .await
+        .expect("open")
+}
+
+/// Every batch of `log` reads back, whole and in order, from its start.
+async fn reads_back_whole(log: &PluginLog, end: u64) {
+    let mut at = 0;
+    while at < end {
+        let bytes = log.read(at, 1 << 20).await.expect("read");
+        for r in batch::decode(&bytes).expect("whole batches") {
+            assert_eq!(r.offset, at);
+            assert_eq!(r.record.value, Bytes::from(vec![at as u8; 500]));
+            at += 1;
+        }
+    }
+}
+
+/// A failed fsync may leave what it covered off the disk for good: Linux
+/// reports a failed writeback once, keeps the pages cached and marked
+/// clean, so a second fsync succeeds and reads still show the data until
+/// the pages go. So the plugin cuts the log back to the last end known to
+/// be on disk, and the host, finding the end lower, makes it a fault: the
+/// replica holds less than it was counted for, and is reopened from disk.
+/// The flush used to fail with the batches kept, and the next one to
+/// succeed without them being on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_cuts_the_log_back_to_what_is_on_disk() {
+    use replicator::storage::FaultKind;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open_syncing(dir.path(), "interval", 1 << 20).await;
+    fill(&log, 5).await;
+    log.flush().await.expect("flush");
+    fill_from(&log, 5, 3).await;
+    replicator::plugin::fail_syncs_under(dir.path(), 1);
+    let e = log.flush().await.expect_err("the flush's fsync fails");
+    assert!(
+        matches!(&e, StorageError::Fault { kind: FaultKind::FailedMutation, detail, .. }
+            if detail.contains("cut the log back from offset 8 to 5")),
+        "{e}"
+    );
+    let state = log.recover().await.expect("recover");
+    assert_eq!(
+        state.bounds,
+        OffsetBounds {
+            log_start: 0,
+            log_end: 5
+        }
+    );
+    reads_back_whole(&log, 5).await;
+    // What is on disk is the same: the cut reached the file.
+    log.close().await;
+    let log = open_syncing(dir.path(), "interval", 1 << 20).await;
+    assert_eq!(log.bounds().await.map(|b| b.log_end), Ok(5));
+    // And it goes on from there.
+    fill_from(&log, 5, 2).await;
+    log.flush().await.expect("flush");
+    reads_back_whole(&log, 7).await;
+    log.close().await;
+}
+
+/// A segment roll syncs the segment it closes before indexing it: when
+/// that fsync fails, the roll is not tried again (a second fsync would
+/// succeed, and an index would vouch for data that may not be on disk);
+/// the log is cut back to the end of the last roll, and no index is
+/// written for the segment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_roll_whose_fsync_fails_cuts_back_and_indexes_nothing() {
+    use replicator::storage::FaultKind;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // About 7 batches of 500 bytes per 4 KiB segment.
+    let log = open_syncing(dir.path(), "interval", 4096).await;
+    fill(&log, 10).await;
+    assert_eq!(segments(dir.path()).len(), 2, "one roll so far");
+    let rolled_at = base_of(&segments(dir.path())[1]);
+    // The second segment holds as many batches as the first: fill it,
+    // then fail the sync of the roll the next append makes.
+    let next_roll = 2 * rolled_at;
+    fill_from(&log, 10, next_roll - 10).await;
+    assert_eq!(segments(dir.path()).len(), 2, "no second roll yet");
+    replicator::plugin::fail_syncs_under(dir.path(), 1);
+    let e = log
+        .append(batch_of(next_roll, 500))
+        .await
+        .expect_err("the roll's fsync fails");
+    assert!(
+        matches!(&e, StorageError::Fault { kind: FaultKind::FailedMutation, detail, .. }
+            if detail.contains(&format!("cut the log back from offset {next_roll} to {rolled_at}"))),
+        "{e}"
+    );
+    let state = log.recover().await.expect("recover");
+    assert_eq!(state.bounds.log_end, rolled_at);
+    assert_eq!(segments(dir.path()).len(), 2);
+    assert!(
+        !segments(dir.path())[1].with_extension("index").exists(),
+        "the segment whose sync failed was indexed"
+    );
+    reads_back_whole(&log, rolled_at).await;
+    log.close().await;
+}
+
+/// With `fsync = always` every earlier batch is on disk: a failed fsync
+/// fails its own append, whole (a plain error, nothing cut), and the next
+/// append of the same batch succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_fsync_always_a_failed_fsync_fails_only_its_append() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open_syncing(dir.path(), "always", 1 << 20).await;
+    fill(&log, 3).await;
+    replicator::plugin::fail_syncs_under(dir.path(), 1);
+    let e = log
+        .append(batch_of(3, 500))
+        .await
+        .expect_err("the fsync fails");
+    assert!(matches!(&e, StorageError::Io(m) if m.contains("sync")), "{e}");
+    assert_eq!(log.bounds().await.map(|b| b.log_end), Ok(3));
+    assert_eq!(log.append(batch_of(3, 500)).await, Ok(4));
+    reads_back_whole(&log, 4).await;
+    log.close().await;
+}

@@ -393,7 +393,48 @@ impl Actor {
                 Ok(Out::Unit)
             }
             Op::Truncate(offset) => self.truncate(offset).await,
+            op @ (Op::Append(_) | Op::Flush) => {
+                let r = self.handle(op).await;
+                if let Err(StorageError::Io(why)) = &r {
+                    return Err(self.after_failed_write(why.clone()).await);
+                }
+                r
+            }
             op => self.handle(op).await,
+        }
+    }
+
+    /// An append or flush failed with `io`. The contract lets a plugin
+    /// cut its log back to what is on disk then (the file plugin does,
+    /// after a failed fsync: what that fsync covered may never reach the
+    /// disk, though reads still show it). Its bounds say whether it did.
+    /// A lower log end is a lost tail: a fault, so the log is reopened and
+    /// the replica, holding less than it did, leaves the ISR and fetches
+    /// again. Unchanged bounds leave the instance be: an object-store
+    /// plugin keeps what it has not uploaded in it (see [`Self::handle`]).
+    async fn after_failed_write(&mut self, why: String) -> StorageError {
+        let known = self.known;
+        match self.call_bounds().await {
+            Ok(b) if b == known => StorageError::Io(why),
+            Ok(b) if b.log_start == known.log_start
+                && (b.log_start..known.log_end).contains(&b.log_end) =>
+            {
+                self.set_fault((
+                    FaultKind::FailedMutation,
+                    format!(
+                        "a failed write cut the log back from offset {} to {}: {why}",
+                        known.log_end, b.log_end
+                    ),
+                ))
+            }
+            Ok(b) => self.set_fault((
+                FaultKind::Violation,
+                format!(
+                    "after a failed write it reported bounds {b:?}, but its operations imply {known:?} (or a cut-back of the end alone): {why}"
+                ),
+            )),
+            // A fault of its own (a trap, a deadline) is set already.
+            Err(e) => e,
         }
     }
 

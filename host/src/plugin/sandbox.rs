@@ -147,6 +147,8 @@ pub(crate) struct PluginState {
     /// The store has a thread of its own, so any file I/O may block it
     /// (see `Sandbox::own_thread` and `wasi_file_io.rs`).
     inline_io: bool,
+    /// The host directory the plugin sees as its own, if any.
+    data_dir: Option<PathBuf>,
 }
 
 impl PluginState {
@@ -231,7 +233,13 @@ impl PluginState {
             label,
             call_ends: Instant::now(),
             inline_io,
+            data_dir: data_dir.cloned(),
         })
+    }
+
+    /// The host directory the plugin sees as its own, if any.
+    pub(crate) fn data_dir(&self) -> Option<&std::path::Path> {
+        self.data_dir.as_deref()
     }
 
     /// The store's resources (WASI descriptors among them).

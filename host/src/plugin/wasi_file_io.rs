@@ -36,6 +36,12 @@
 //!   pool only when the data is not in memory. It returns up to
 //!   [`READ_MAX`] bytes per call, where wasmtime-wasi returns 64 KiB.
 //!
+//! - **sync** and **sync-data** run as wasmtime-wasi's do (on the blocking
+//!   pool, or inline on a store's own thread); they are the host's so
+//!   that a test can make them fail ([`fail_syncs_under`]): no file system
+//!   here reports a failed writeback on demand, and a plugin's handling of
+//!   one is where data is lost or kept.
+//!
 //! On a store with its own thread both simply run inline. Everything else
 //! wasmtime-wasi checks or returns is kept: the descriptor must be a file
 //! (`bad-descriptor` otherwise), a write needs a preopen that allows
@@ -61,6 +67,8 @@ use super::sandbox::PluginState;
 const INTERFACE: &str = "wasi:filesystem/types@0.2.12";
 const WRITE: &str = "[method]descriptor.write";
 const READ: &str = "[method]descriptor.read";
+const SYNC: &str = "[method]descriptor.sync";
+const SYNC_DATA: &str = "[method]descriptor.sync-data";
 
 /// Most bytes one `write` call copies into the page cache (a millisecond
 /// or two of a worker's time here); the guest writes the rest in further
@@ -185,7 +193,100 @@ type HostFuture<'a, T> = Box<dyn Future<Output = wasmtime::Result<(T,)>> + Send 
 /// `linker` (which must already hold wasmtime-wasi's p2 interfaces).
 pub(crate) fn shadow(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
     shadow_one(linker, WRITE, |types| types.func_wrap_async(WRITE, write))?;
-    shadow_one(linker, READ, |types| types.func_wrap_async(READ, read))
+    shadow_one(linker, READ, |types| types.func_wrap_async(READ, read))?;
+    shadow_one(linker, SYNC, |types| {
+        types.func_wrap_async(SYNC, |store, fd| sync(store, fd, false))
+    })?;
+    shadow_one(linker, SYNC_DATA, |types| {
+        types.func_wrap_async(SYNC_DATA, |store, fd| sync(store, fd, true))
+    })
+}
+
+/// Syncs to fail, per plugin data directory (see [`fail_syncs_under`]).
+static SYNC_FAULTS: std::sync::Mutex<Vec<(std::path::PathBuf, u64)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Whether [`SYNC_FAULTS`] holds any: every sync reads this, only a test
+/// ever sets it.
+static SYNC_FAULTS_ARMED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Test hook: the next `count` syncs (of a file or of the directory) by
+/// storage plugins whose data directory is `dir` fail with `io`, as an
+/// fsync does after a failed writeback (EIO). The data stays written and
+/// readable, as on Linux, where the failed pages stay cached.
+#[doc(hidden)]
+pub fn fail_syncs_under(dir: &std::path::Path, count: u64) {
+    let mut faults = SYNC_FAULTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    faults.retain(|(d, _)| d != dir);
+    if count > 0 {
+        faults.push((dir.to_path_buf(), count));
+    }
+    SYNC_FAULTS_ARMED.store(!faults.is_empty(), Ordering::Release);
+}
+
+/// Whether this sync is one a test asked to fail (counting it).
+fn injected_sync_fault(state: &PluginState) -> bool {
+    if !SYNC_FAULTS_ARMED.load(Ordering::Acquire) {
+        return false;
+    }
+    let Some(dir) = state.data_dir() else {
+        return false;
+    };
+    let mut faults = SYNC_FAULTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let Some(left) = faults
+        .iter_mut()
+        .find(|(d, _)| d == dir)
+        .map(|(_, n)| n)
+    else {
+        return false;
+    };
+    *left -= 1;
+    if *left == 0 {
+        faults.retain(|(_, n)| *n > 0);
+        SYNC_FAULTS_ARMED.store(!faults.is_empty(), Ordering::Release);
+    }
+    true
+}
+
+/// `descriptor.sync()` (fsync) and `descriptor.sync-data()` (fdatasync
+/// of a file), as wasmtime-wasi runs them. A directory gets an fsync of
+/// its descriptor either way (wasmtime-wasi opens it anew to sync it,
+/// which syncs the same directory).
+fn sync(
+    store: StoreContextMut<'_, PluginState>,
+    (fd,): (Resource<Descriptor>,),
+    data_only: bool,
+) -> HostFuture<'_, Result<(), ErrorCode>> {
+    let state = store.data();
+    let (file, dir) = match state.table().get(&fd) {
+        Ok(Descriptor::File(f)) => (f.file.clone(), false),
+        Ok(Descriptor::Dir(d)) => (d.dir.clone(), true),
+        Err(e) => return Box::new(std::future::ready(Err(e.into()))),
+    };
+    if injected_sync_fault(state) {
+        return ready(Err(ErrorCode::Io));
+    }
+    let run = move || {
+        if dir {
+            sync_dir(&file)
+        } else if data_only {
+            file.sync_data()
+        } else {
+            file.sync_all()
+        }
+    };
+    if state.inline_io() {
+        return ready(run().map_err(ErrorCode::from));
+    }
+    Box::new(async move {
+        let r = tokio::task::spawn_blocking(run).await?;
+        Ok((r.map_err(ErrorCode::from),))
+    })
 }
 
 fn shadow_one(
@@ -302,6 +403,29 @@ fn read(
             })
         }
     }
+}
+
+/// fsync a directory. Its descriptor may be an `O_PATH` one, which fsync
+/// refuses (EBADF): open the directory itself through it, for reading, as
+/// wasmtime-wasi does.
+fn sync_dir(dir: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: `openat` gets a live directory fd (open while `dir` is) and
+    // a NUL-terminated path; a non-negative result is a new fd nothing
+    // else owns, which the `File` takes over and closes.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c".".as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: see above.
+    let opened = unsafe { std::fs::File::from_raw_fd(fd) };
+    opened.sync_all()
 }
 
 /// What a read returns: the bytes read, and end-of-file when there were

@@ -152,8 +152,8 @@ pub fn write_atomic(dir: &Descriptor, name: &str, bytes: &[u8]) -> FsResult<()> 
     drop(file);
     dir.rename_at(&tmp, dir, name)
         .map_err(|e| err("rename", &tmp, e))?;
-    sync_dir(dir);
-    Ok(())
+    // Durable on return is the promise (a checkpoint, an index).
+    sync_dir_checked(dir, name)
 }
 
 /// Make creations, renames and removals in `dir` durable. Not supported

@@ -33,7 +33,7 @@ impl FileLogResource {
             log::Error::Conflict(m) => PluginError::Conflict(m),
             log::Error::Invalid(m) => PluginError::InvalidInput(m),
             log::Error::OutOfRange => PluginError::OffsetOutOfRange(self.bounds_now()),
-            log::Error::Io(m) => PluginError::Io(m),
+            log::Error::Io(m) | log::Error::SyncFailed(m) => PluginError::Io(m),
             log::Error::Corrupt(m) => PluginError::Corrupt(m),
         }
     }
@@ -48,7 +48,7 @@ impl GuestPartitionLog for FileLogResource {
         let config = config::Config::parse(&config).map_err(PluginError::InvalidInput)?;
         let log = log::FileLog::open(config).map_err(|e| match e {
             log::Error::Corrupt(m) => PluginError::Corrupt(m),
-            log::Error::Io(m) => PluginError::Io(m),
+            log::Error::Io(m) | log::Error::SyncFailed(m) => PluginError::Io(m),
             log::Error::Conflict(m) | log::Error::Invalid(m) => PluginError::Other(m),
             log::Error::OutOfRange => PluginError::Other("recovery went out of range".into()),
         })?;

@@ -31,7 +31,25 @@ pub enum Error {
     Invalid(String),
     OutOfRange,
     Io(String),
+    /// An fsync failed, and the log was cut back to what is known to be
+    /// on disk (see `FileLog::sync_failed`): an `io` error to the host,
+    /// but nothing a caller here may retry.
+    SyncFailed(String),
     Corrupt(String),
+}
+
+impl Error {
+    /// What went wrong, in words.
+    pub fn message(&self) -> String {
+        match self {
+            Error::Conflict(m)
+            | Error::Invalid(m)
+            | Error::Io(m)
+            | Error::SyncFailed(m)
+            | Error::Corrupt(m) => m.clone(),
+            Error::OutOfRange => "offset out of range".into(),
+        }
+    }
 }
 
 impl From<String> for Error {
@@ -118,6 +136,11 @@ pub struct FileLog {
     epochs: Vec<(u32, u64)>,
     last_sync_ns: u64,
     unsynced: bool,
+    /// The log end when the log was last known to be on disk entirely:
+    /// data synced and every segment's name in a synced directory. What
+    /// lies past it may be lost by a power failure, and is cut if an
+    /// fsync fails (see `sync_failed`).
+    durable_end: u64,
     /// A segment was created (or a spare renamed to one) since the
     /// directory was last synced. Until it is, a power loss can drop the
     /// new file's name, and with it batches its own sync made durable:
@@ -191,8 +214,12 @@ impl FileLog {
             hw: 0,
             epochs: Vec::new(),
             last_sync_ns: now_ns(),
-            unsynced: false,
-            dir_unsynced: false,
+            // Nothing is known to be on disk yet: what recovery found may
+            // be a killed process's writes still in the page cache. The
+            // sync at the end of `open` settles all three.
+            unsynced: true,
+            durable_end: 0,
+            dir_unsynced: true,
             unindexed: Vec::new(),
             start_pending: false,
             retired: Vec::new(),
@@ -233,6 +260,15 @@ impl FileLog {
         if log.epochs.len() != before {
             log.write_epochs()?;
         }
+        // Make what recovery found durable before anything is built on it
+        // (and index segments a crash left unindexed under `fsync =
+        // never`). A failure fails the open, cutting nothing: the host
+        // retries it.
+        log.durable_end = log.index.log_end();
+        log.sync().map_err(|e| match e {
+            Error::SyncFailed(m) => Error::Io(m),
+            e => e,
+        })?;
         Ok(log)
     }
 
@@ -512,7 +548,9 @@ impl FileLog {
             // A roll writes the closed segment's index and may create a
             // file, which a full disk refuses while released segments hold
             // space (a roll can be retried: every step of it can be redone).
-            if !self.free_all_released() {
+            // Not a failed fsync: a second one would succeed without the
+            // data being on disk (see `sync_failed`).
+            if matches!(e, Error::SyncFailed(_)) || !self.free_all_released() {
                 return Err(e);
             }
             self.roll()?;
@@ -529,13 +567,24 @@ impl FileLog {
             }
             Fsync::Never => false,
         };
-        let mut written = self.write_at(start, bytes, sync_now);
+        let mut written = self.write_at(start, bytes);
         if written.as_ref().is_err_and(|e| e.out_of_space) && self.free_all_released() {
             // The space released segments held is worth more to a full
             // disk than a cheaper roll or a smoother retention.
-            written = self.write_at(start, bytes, sync_now);
+            written = self.write_at(start, bytes);
         }
         written.map_err(|e| Error::Io(e.message))?;
+        if sync_now {
+            // The data, then the segment's name if it is new: both before
+            // the batch counts as appended, so a failure leaves nothing of
+            // it in memory.
+            let synced = fs::sync(&self.active()?.file, &self.active()?.name)
+                .and_then(|()| self.sync_dir_if_changed_raw());
+            if let Err(m) = synced {
+                self.cut_failed_write(start);
+                return Err(self.sync_failed(m));
+            }
+        }
         for l in located {
             let h = l.header;
             self.index.push(Entry {
@@ -555,35 +604,78 @@ impl FileLog {
         if sync_now {
             self.last_sync_ns = now;
             self.unsynced = false;
-            self.sync_dir_if_changed()?;
+            self.durable_end = self.index.log_end();
         } else {
             self.unsynced = true;
         }
         Ok(self.index.log_end())
     }
 
-    /// Write `bytes` at `start` of the active segment (and sync them, with
-    /// `sync`), all or nothing: a failure leaves no partial or unsynced
-    /// batch behind.
-    fn write_at(&self, start: u64, bytes: &[u8], sync: bool) -> Result<(), fs::WriteFailed> {
+    /// Write `bytes` at `start` of the active segment, all or nothing: a
+    /// failure leaves no partial batch behind.
+    fn write_at(&mut self, start: u64, bytes: &[u8]) -> Result<(), fs::WriteFailed> {
         let a = self.active().map_err(|_| fs::WriteFailed {
             message: "the log has no active segment".into(),
             out_of_space: false,
         })?;
-        let written = fs::write_all_at(&a.file, &a.name, start, bytes).and_then(|()| {
-            if sync {
-                fs::sync(&a.file, &a.name).map_err(|message| fs::WriteFailed {
-                    message,
-                    out_of_space: false,
-                })
-            } else {
-                Ok(())
-            }
-        });
+        let written = fs::write_all_at(&a.file, &a.name, start, bytes);
         if written.is_err() {
-            let _ = a.file.set_size(start);
+            self.cut_failed_write(start);
         }
         written
+    }
+
+    /// Cut what a failed append wrote past `start` of the active segment.
+    /// If the cut fails too, the bytes stay past the segment's end: they
+    /// are marked to be cut when it closes (as a recycled segment's
+    /// are), or its index would cover less than its file, which the next
+    /// open refuses as damage.
+    fn cut_failed_write(&mut self, start: u64) {
+        if let Some(a) = self.segments.last_mut()
+            && a.file.set_size(start).is_err()
+        {
+            a.recycled = true;
+        }
+    }
+
+    /// An fsync failed: what it was to make durable may not be on disk,
+    /// and may never be. Linux reports a failed writeback once, marks the
+    /// pages clean and keeps them cached, so a second fsync succeeds and
+    /// reads still show the data, until the pages are evicted or the power
+    /// fails (PostgreSQL's "fsyncgate"). So the log is cut back to the
+    /// last end known to be on disk (the cut drops the suspect pages) and
+    /// the cut made durable. The caller answers `io`; the host, finding
+    /// the log end lower than it was, reopens the log and counts this
+    /// replica as having lost records, which it fetches again from the
+    /// leader. If the cut fails too, nothing the files hold can be
+    /// trusted: trap, and the host reopens the log from disk.
+    fn sync_failed(&mut self, why: String) -> Error {
+        let (start, end) = self.bounds();
+        let to = self.durable_end;
+        if to >= end {
+            return Error::SyncFailed(why);
+        }
+        if to < start {
+            // `fsync = never` and retention passed the last flush: none of
+            // the log is known to be on disk, and none is cut.
+            return Error::SyncFailed(format!(
+                "{why}; nothing in the log is known to be on disk (fsync = never)"
+            ));
+        }
+        match self.truncate(to) {
+            // The cut synced the active segment: nothing is pending.
+            Ok(now) => {
+                self.unsynced = false;
+                self.last_sync_ns = now_ns();
+                Error::SyncFailed(format!(
+                "{why}; cut the log back from offset {end} to {now}, the last end known to be on disk"
+                ))
+            }
+            Err(e) => panic!(
+                "{why}; cutting the log back to offset {to}, the last end known to be on disk, failed too ({}): the files can no longer be trusted",
+                e.message()
+            ),
+        }
     }
 
     /// Free the spare and every retired segment now. Whether there was
@@ -610,7 +702,14 @@ impl FileLog {
             // recovery scans this segment and may cut it like a torn tail.
             self.unindexed.push(base);
         } else {
+            // The closed segment was the active one: with its name in the
+            // directory synced too, the whole log is on disk.
             self.close_segment(base)?;
+            if let Err(m) = self.sync_dir_if_changed_raw() {
+                return Err(self.sync_failed(m));
+            }
+            self.unsynced = false;
+            self.durable_end = self.index.log_end();
         }
         self.create_segment(self.index.log_end())?;
         Ok(())
@@ -618,17 +717,25 @@ impl FileLog {
 
     /// Sync a closed segment, then write its index: recovery trusts an
     /// index only because the data was on disk before it.
-    fn close_segment(&self, base: u64) -> Result<(), Error> {
-        let seg = self.segment(base)?;
-        fs::sync(&seg.file, &seg.name)?;
-        self.write_index(seg)?;
+    fn close_segment(&mut self, base: u64) -> Result<(), Error> {
+        let synced = {
+            let seg = self.segment(base)?;
+            fs::sync(&seg.file, &seg.name)
+        };
+        if let Err(m) = synced {
+            return Err(self.sync_failed(m));
+        }
+        self.write_index(self.segment(base)?)?;
         Ok(())
     }
 
     /// Sync the directory if a segment was created since it last was.
-    fn sync_dir_if_changed(&mut self) -> Result<(), Error> {
+    fn sync_dir_if_changed_raw(&mut self) -> FsResult<()> {
         if self.dir_unsynced {
-            let name = self.active()?.name.clone();
+            let name = self
+                .segments
+                .last()
+                .map_or_else(|| "the log".to_string(), |a| a.name.clone());
             fs::sync_dir_checked(&self.dir, &name)?;
             self.dir_unsynced = false;
         }
@@ -641,18 +748,29 @@ impl FileLog {
             self.write_start(self.index.log_start())?;
         }
         if self.unsynced {
-            let a = self.active()?;
-            fs::sync(&a.file, &a.name)?;
+            let synced = {
+                let a = self.active()?;
+                fs::sync(&a.file, &a.name)
+            };
+            if let Err(m) = synced {
+                return Err(self.sync_failed(m));
+            }
             self.unsynced = false;
         }
-        self.sync_dir_if_changed()?;
+        if let Err(m) = self.sync_dir_if_changed_raw() {
+            return Err(self.sync_failed(m));
+        }
         let active = self.active()?.base;
-        for base in std::mem::take(&mut self.unindexed) {
+        // One by one, each off the list once indexed: a failure leaves
+        // the rest for the next flush (a failed sync cuts them away).
+        while let Some(&base) = self.unindexed.first() {
             // Segments truncated away or reopened as active need no index.
             if base < active && self.segments.iter().any(|s| s.base == base) {
                 self.close_segment(base)?;
             }
+            self.unindexed.retain(|&b| b != base);
         }
+        self.durable_end = self.index.log_end();
         self.last_sync_ns = now_ns();
         Ok(())
     }
@@ -724,9 +842,11 @@ impl FileLog {
             // A truncation that a crash undid could resurrect divergent
             // batches: make it durable before answering.
             fs::sync(&a.file, &a.name)?;
-            fs::sync_dir(&self.dir);
+            let name = a.name.clone();
+            fs::sync_dir_checked(&self.dir, &name)?;
         }
         let end = self.index.log_end();
+        self.durable_end = self.durable_end.min(end);
         let before = self.epochs.len();
         index::truncate_epochs(&mut self.epochs, end, |e| e.1);
         if self.epochs.len() != before {
@@ -777,6 +897,8 @@ impl FileLog {
             let at = self.index.log_end();
             self.index = OffsetIndex::empty_at(at);
             self.create_segment(at)?;
+            // Nothing past the durable reset checkpoint.
+            self.durable_end = at;
         } else {
             let keep_from = self
                 .index
@@ -805,17 +927,15 @@ impl FileLog {
         &self.epochs
     }
 
+    /// Written, then taken: a failed write leaves the cache as stored.
     pub fn set_epochs(&mut self, epochs: Vec<(u32, u64)>) -> Result<(), Error> {
+        write_epochs(&self.dir, &epochs)?;
         self.epochs = epochs;
-        self.write_epochs()
+        Ok(())
     }
 
     fn write_epochs(&self) -> Result<(), Error> {
-        let mut text = format!("0\n{}\n", self.epochs.len());
-        for (e, s) in &self.epochs {
-            text.push_str(&format!("{e} {s}\n"));
-        }
-        Ok(fs::write_atomic(&self.dir, EPOCH_FILE, text.as_bytes())?)
+        write_epochs(&self.dir, &self.epochs)
     }
 }
 
@@ -882,6 +1002,15 @@ fn scan(file: &Descriptor, name: &str, base: u64, size: u64) -> FsResult<(Vec<En
         pos += u64::from(header.batch_len);
     }
     Ok((entries, pos))
+}
+
+/// The leader-epoch checkpoint, replaced atomically.
+fn write_epochs(dir: &Descriptor, epochs: &[(u32, u64)]) -> Result<(), Error> {
+    let mut text = format!("0\n{}\n", epochs.len());
+    for (e, s) in epochs {
+        text.push_str(&format!("{e} {s}\n"));
+    }
+    Ok(fs::write_atomic(dir, EPOCH_FILE, text.as_bytes())?)
 }
 
 fn parse_u64(bytes: &[u8], what: &str) -> Result<u64, Error> {
