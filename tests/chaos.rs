@@ -617,6 +617,69 @@ fn a_leader_cut_off_by_the_network_is_replaced_and_rejoins() {
     report_failover("network cut", times);
 }
 
+/// Cut the link between the leader and one follower only: the follower
+/// counts the leader as failed, but the third node still hears it, so no
+/// majority agrees and nobody is elected (the follower, with the third
+/// node as its majority, used to depose the healthy leader). The leader
+/// drops the follower from the ISR, writes go on, and after the cut heals
+/// the follower rejoins, with every acknowledged write on every replica.
+/// The same rule keeps a node that is losing the network, one peer a few
+/// milliseconds after the other, from deposing leaders on its way out.
+#[test]
+fn a_node_cut_off_from_the_leader_alone_deposes_nobody() {
+    let _serial = serial();
+    if let Err(e) = enter_private_netns() {
+        panic!(
+            "this test needs to create a network namespace and nftables rules (root, iproute2, nftables; scripts/setup installs nftables): {e}"
+        );
+    }
+    let mut c = Cluster::init(3, "file", |t| t);
+    let rt = support::runtime();
+    let client = setup(&rt, &mut c);
+    let load = Load::start(&rt, client.clone(), 2);
+    let leader = wait_isr(&rt, &client, 3);
+    load.wait_acks(load.acked() + 50, "before the cut");
+    let before = partition_leadership(&rt, &client);
+    let follower = (1..=3u32).find(|n| *n != leader).expect("a follower");
+    let port = |n: u32| c.base_port + (n as u16 - 1);
+    let (l, f) = (port(leader), port(follower));
+    nft(&[
+        "add table inet chaos",
+        "add chain inet chaos input { type filter hook input priority 0; }",
+        &format!("add rule inet chaos input udp sport {l} udp dport {f} drop"),
+        &format!("add rule inet chaos input udp sport {f} udp dport {l} drop"),
+    ]);
+    println!("cut the link between leader {leader} (udp {l}) and follower {follower} (udp {f})");
+    // The leader no longer hears the follower either: it leaves the ISR
+    // once the leader's own detector says so, a failure timeout in.
+    wait_isr(&rt, &client, 2);
+    let dropped = Instant::now();
+    // Well past the follower's failure timeout (500 ms) and a few
+    // heartbeat rounds: writes go on, and the leader is the same.
+    load.wait_acks(load.acked() + 200, "with the follower cut off");
+    while dropped.elapsed() < Duration::from_secs(2) {
+        load.wait_acks(load.acked() + 20, "with the follower cut off");
+    }
+    assert_eq!(
+        partition_leadership(&rt, &client),
+        before,
+        "the healthy leader was deposed"
+    );
+    nft(&["delete table inet chaos"]);
+    wait_isr(&rt, &client, 3);
+    assert_eq!(
+        partition_leadership(&rt, &client),
+        before,
+        "the healed link deposed the leader"
+    );
+    let log = c.log(follower);
+    assert!(
+        !log.contains(" failed; node "),
+        "the follower decided an election:\n{log}"
+    );
+    check_history(&rt, &c, &client, load);
+}
+
 /// (leader, leader epoch) of the test partition, from fresh metadata.
 fn partition_leadership(rt: &tokio::runtime::Runtime, client: &Client) -> (Option<u32>, u32) {
     rt.block_on(client.metadata())

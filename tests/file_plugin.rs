@@ -1154,7 +1154,10 @@ async fn with_fsync_always_a_failed_fsync_fails_only_its_append() {
         .append(batch_of(3, 500))
         .await
         .expect_err("the fsync fails");
-    assert!(matches!(&e, StorageError::Io(m) if m.contains("sync")), "{e}");
+    assert!(
+        matches!(&e, StorageError::Io(m) if m.contains("sync")),
+        "{e}"
+    );
     assert_eq!(log.bounds().await.map(|b| b.log_end), Ok(3));
     assert_eq!(log.append(batch_of(3, 500)).await, Ok(4));
     reads_back_whole(&log, 4).await;

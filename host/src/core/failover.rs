@@ -6,6 +6,14 @@
 //! metadata store's compare-and-set makes exactly one of several
 //! concurrent deciders win.
 //!
+//! One broker's silence may be a cut between it and this broker alone, or
+//! this broker's own isolation setting in (its peers fall silent one after
+//! another, a few milliseconds apart). So a leader is replaced only when
+//! a majority of the brokers count it as failed: this one by its own
+//! detector, each other by the view it sent with its last heartbeat
+//! ([`FailureDetector::record_view`]). A node cut off from everyone, or
+//! from the leader alone, then deposes nobody.
+//!
 //! Kafka's shape (KIP-631/841): a broker that misses its session timeout
 //! is fenced; partitions it led elect the first live in-sync replica in
 //! assignment order under the next leader epoch; it leaves every ISR. A
@@ -27,6 +35,9 @@ pub struct FailureDetector {
     started_ms: u64,
     last_heard: HashMap<ReplicaId, u64>,
     last_tick_ms: u64,
+    /// What each peer said it counts as failed, with the heartbeat it
+    /// last sent or answered, and when that was.
+    views: HashMap<ReplicaId, (u64, Vec<ReplicaId>)>,
 }
 
 impl FailureDetector {
@@ -36,7 +47,45 @@ impl FailureDetector {
             started_ms: now,
             last_heard: HashMap::new(),
             last_tick_ms: now,
+            views: HashMap::new(),
         }
+    }
+
+    /// `broker`'s heartbeat at `now` said it counts `suspects` as failed.
+    /// Returns whether that differs from what it said before.
+    pub fn record_view(
+        &mut self,
+        broker: ReplicaId,
+        mut suspects: Vec<ReplicaId>,
+        now: u64,
+    ) -> bool {
+        suspects.sort_unstable();
+        suspects.dedup();
+        match self.views.get_mut(&broker) {
+            Some((at, old)) if *at <= now => {
+                *at = now;
+                let changed = *old != suspects;
+                *old = suspects;
+                changed
+            }
+            // A late answer never replaces a newer view.
+            Some(_) => false,
+            None => {
+                let changed = !suspects.is_empty();
+                self.views.insert(broker, (now, suspects));
+                changed
+            }
+        }
+    }
+
+    /// Whether `peer`, heard within the timeout, said with that heartbeat
+    /// that it counts `broker` as failed.
+    pub fn peer_suspects(&self, peer: ReplicaId, broker: ReplicaId, now: u64) -> bool {
+        self.heard_recently(peer, now)
+            && self.views.get(&peer).is_some_and(|(at, suspects)| {
+                now.saturating_sub(*at) <= self.timeout_ms
+                    && suspects.binary_search(&broker).is_ok()
+            })
     }
 
     pub fn timeout_ms(&self) -> u64 {
@@ -215,6 +264,9 @@ pub enum DecisionKind {
 #[derive(Debug, Clone)]
 pub struct FailoverCoordinator {
     me: ReplicaId,
+    /// The registered brokers, as last told ([`Self::set_brokers`]): who
+    /// votes on a leader's failure, with each partition's replicas.
+    brokers: BTreeSet<ReplicaId>,
     unclean_election: bool,
     /// min.insync.replicas of partitions that have none of their own: it
     /// decides who joins the ELR.
@@ -225,9 +277,57 @@ impl FailoverCoordinator {
     pub fn new(me: ReplicaId, unclean_election: bool, default_min_insync: u32) -> Self {
         FailoverCoordinator {
             me,
+            brokers: BTreeSet::new(),
             unclean_election,
             default_min_insync,
         }
+    }
+
+    /// The registered brokers now.
+    pub fn set_brokers(&mut self, brokers: &[ReplicaId]) {
+        self.brokers = brokers.iter().copied().collect();
+    }
+
+    /// The brokers (of those registered) this broker counts as failed: what
+    /// its heartbeats tell its peers.
+    pub fn suspects(&self, fd: &FailureDetector, now: u64) -> Vec<ReplicaId> {
+        self.brokers
+            .iter()
+            .copied()
+            .filter(|b| *b != self.me && fd.has_failed(*b, now))
+            .collect()
+    }
+
+    /// Whether `broker`'s failure is confirmed: a strict majority of the
+    /// brokers (the registered ones, `replicas`, this one) count it as
+    /// failed, this broker by its detector and each other by the view it
+    /// sent with its last heartbeat. One broker's silence alone may be a
+    /// cut between the two of them, or this broker's own isolation
+    /// beginning: a node losing the network lost its peers a few
+    /// milliseconds apart, still counted a majority with the later one,
+    /// and replaced leaders that everyone else could hear.
+    pub fn failure_confirmed(
+        &self,
+        broker: ReplicaId,
+        replicas: &[ReplicaId],
+        fd: &FailureDetector,
+        now: u64,
+    ) -> bool {
+        if broker == self.me || !fd.has_failed(broker, now) {
+            return false;
+        }
+        let all: BTreeSet<ReplicaId> = self
+            .brokers
+            .iter()
+            .chain(replicas)
+            .copied()
+            .chain([self.me, broker])
+            .collect();
+        let others = all
+            .iter()
+            .filter(|p| **p != self.me && **p != broker && fd.peer_suspects(**p, broker, now))
+            .count();
+        (1 + others) * 2 > all.len()
     }
 
     /// Whether this broker sees enough of the cluster to act: itself plus
@@ -285,7 +385,11 @@ impl FailoverCoordinator {
         if state.version == 0 || !state.replicas.contains(&self.me) {
             return None;
         }
-        let leader_ok = state.leader.is_some_and(|l| self.alive(l, fd, now));
+        // Replaced only once a majority counts it as failed (see
+        // `failure_confirmed`); until then only its own broker trims.
+        let leader_ok = state.leader.is_some_and(|l| {
+            self.alive(l, fd, now) || !self.failure_confirmed(l, &state.replicas, fd, now)
+        });
         let live_isr: Vec<ReplicaId> = state
             .isr
             .iter()
@@ -524,12 +628,73 @@ mod tests {
         PartitionState::sample(leader, isr, &[])
     }
 
+    /// A detector that heard `alive` at `now`, each of them counting the
+    /// others of 1 to 9 as failed (they agree on who is gone).
     fn detector(now: u64, alive: &[u32]) -> FailureDetector {
         let mut fd = FailureDetector::new(500, 0);
         for b in alive {
             fd.record_heartbeat(*b, now);
+            let gone = (1..=9).filter(|x| x != b && !alive.contains(x)).collect();
+            fd.record_view(*b, gone, now);
         }
         fd
+    }
+
+    /// Node 1 cannot hear the leader, 2, but 3 can: the link between 1 and
+    /// 2 is cut, or 1 is losing the network and 3 is next. Nobody is
+    /// elected until 3's heartbeat says 2 is gone too, and a view older
+    /// than the timeout does not count.
+    #[test]
+    fn a_leader_one_broker_cannot_hear_is_replaced_only_once_a_majority_agrees() {
+        let mut c = FailoverCoordinator::new(1, false, 2);
+        c.set_brokers(&[1, 2, 3]);
+        let s = state(Some(2), &[2, 1, 3]);
+        let mut fd = FailureDetector::new(500, 0);
+        fd.record_heartbeat(2, 0);
+        fd.record_heartbeat(3, 900);
+        fd.record_view(3, vec![], 900);
+        assert!(c.has_quorum(&[1, 2, 3], &fd, 1000));
+        assert!(fd.has_failed(2, 1000));
+        assert_eq!(c.suspects(&fd, 1000), vec![2]);
+        assert!(!c.failure_confirmed(2, &s.replicas, &fd, 1000));
+        assert_eq!(c.decide(&s, &fd, 1000), None);
+        // 3 loses 2 too.
+        fd.record_heartbeat(3, 1000);
+        assert!(fd.record_view(3, vec![2], 1000));
+        let d = c.decide(&s, &fd, 1000).expect("an election");
+        assert_eq!(d.next.leader, Some(1));
+        // A view from before the timeout is no evidence.
+        let mut fd = FailureDetector::new(500, 0);
+        fd.record_view(3, vec![2], 100);
+        fd.record_heartbeat(3, 900);
+        assert!(!fd.peer_suspects(3, 2, 1000));
+        assert_eq!(c.decide(&s, &fd, 1000), None);
+        // Nor does a late answer replace a newer view.
+        let mut fd = FailureDetector::new(500, 0);
+        fd.record_heartbeat(3, 900);
+        fd.record_view(3, vec![], 900);
+        assert!(!fd.record_view(3, vec![2], 800));
+        assert!(!fd.peer_suspects(3, 2, 1000));
+    }
+
+    /// Five brokers: this one and one other suspecting the leader is not a
+    /// majority; a third is.
+    #[test]
+    fn with_five_brokers_three_must_count_the_leader_as_failed() {
+        let mut c = FailoverCoordinator::new(1, false, 2);
+        c.set_brokers(&[1, 2, 3, 4, 5]);
+        let mut s = state(Some(2), &[2, 1, 3]);
+        s.replicas = vec![2, 1, 3];
+        let mut fd = FailureDetector::new(500, 0);
+        for b in [3, 4, 5] {
+            fd.record_heartbeat(b, 1000);
+        }
+        fd.record_view(3, vec![2], 1000);
+        fd.record_view(4, vec![], 1000);
+        fd.record_view(5, vec![], 1000);
+        assert_eq!(c.decide(&s, &fd, 1000), None);
+        fd.record_view(5, vec![2], 1000);
+        assert!(c.decide(&s, &fd, 1000).is_some());
     }
 
     #[test]
@@ -696,16 +861,18 @@ mod tests {
         assert_eq!(d.next.leader_epoch, 5);
         assert_eq!(d.next.isr, vec![2]);
         assert_eq!(d.next.elr, vec![1], "the dead leader held it all too");
-        // 3 is alive but was never eligible: it is not elected cleanly.
-        let fd = detector(1000, &[3]);
-        let d = FailoverCoordinator::new(3, false, 2)
-            .decide(&s, &fd, 1000)
-            .unwrap();
+        // 2 dies too. 3 is alive but was never eligible: it is not elected
+        // cleanly. (Five brokers, so that the three alive are a majority
+        // that agrees 1 is gone.)
+        let fd = detector(1000, &[3, 4, 5]);
+        let mut c = FailoverCoordinator::new(3, false, 2);
+        c.set_brokers(&[1, 2, 3, 4, 5]);
+        let d = c.decide(&s, &fd, 1000).unwrap();
         assert_eq!(d.kind, DecisionKind::NoCandidate { failed: Some(1) });
         // Unclean election may take it, and then nothing is eligible.
-        let d = FailoverCoordinator::new(3, true, 2)
-            .decide(&s, &fd, 1000)
-            .unwrap();
+        let mut c = FailoverCoordinator::new(3, true, 2);
+        c.set_brokers(&[1, 2, 3, 4, 5]);
+        let d = c.decide(&s, &fd, 1000).unwrap();
         assert_eq!((d.next.leader, d.next.elr), (Some(3), vec![]));
     }
 

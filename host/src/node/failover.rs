@@ -86,6 +86,7 @@ async fn heartbeat(
     let every = interval(&shared);
     let limit = Duration::from_millis(shared.failover.failure_timeout_ms);
     let mut changed = shared.changed.subscribe();
+    let mut suspicions = shared.suspicions.subscribe();
     // With the node's broker epoch when it was dialled.
     let mut peer: Option<(Peer, Option<u64>)> = None;
     let mut tick = tokio::time::interval(every);
@@ -101,6 +102,13 @@ async fn heartbeat(
                     return;
                 }
                 announce = true;
+            }
+            // Who this node counts as failed changed: the peer's failover
+            // waits for a majority to agree, so tell it now.
+            r = suspicions.changed() => {
+                if r.is_err() {
+                    return;
+                }
             }
             _ = stop.changed() => return,
         }
@@ -134,12 +142,14 @@ async fn heartbeat(
         let req = Request::Heartbeat {
             broker_epoch: shared.heartbeat_epoch(),
             changed: std::mem::take(&mut announce),
+            suspects: shared.failed_brokers(),
         };
         match p.request_within(&req, bytes::Bytes::new(), limit).await {
             Ok((
                 Response::Heartbeat {
                     node: n,
                     broker_epoch,
+                    ..
                 },
                 _,
             )) if n == node && shared.superseded(node, broker_epoch) => {
@@ -155,12 +165,14 @@ async fn heartbeat(
                 p.close();
                 peer = None;
             }
-            Ok((Response::Heartbeat { node: n, .. }, _)) if n == node => {
-                let now = shared.now_ms();
-                if let Ok(mut fd) = shared.detector.lock() {
-                    fd.record_heartbeat(node, now);
-                }
-            }
+            Ok((
+                Response::Heartbeat {
+                    node: n,
+                    broker_epoch,
+                    suspects,
+                },
+                _,
+            )) if n == node => shared.heard(node, broker_epoch, suspects),
             Ok((other, _)) => {
                 warn!("heartbeat: node {node} answered {other:?}");
             }
@@ -191,11 +203,14 @@ async fn coordinate(
     transport: Option<Transport>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let coordinator = FailoverCoordinator::new(
+    let mut coordinator = FailoverCoordinator::new(
         shared.node_id,
         shared.failover.unclean_leader_election,
         shared.replication.min_insync_replicas,
     );
+    // Who this node counted as failed at the last pass: a change is told
+    // to the peers at once (see `heartbeat`).
+    let mut suspected: Vec<ReplicaId> = Vec::new();
     // Versions whose compare-and-set lost: not tried again until the
     // watcher reads a newer version.
     let mut lost: HashMap<TopicPartition, u64> = HashMap::new();
@@ -220,17 +235,29 @@ async fn coordinate(
         }
         tokio::select! {
             _ = tokio::time::sleep(interval(&shared)) => {}
+            // A peer now counts another node as failed (or no longer
+            // does): a failure may be confirmed now, not a tick later.
+            () = shared.views_changed.notified() => {}
             _ = stop.changed() => return,
         }
         let now = shared.now_ms();
         let brokers = shared.broker_ids();
-        let (paused, quorum) = match shared.detector.lock() {
+        coordinator.set_brokers(&brokers);
+        let (paused, quorum, suspects) = match shared.detector.lock() {
             Ok(mut fd) => {
                 let paused = fd.tick(now);
-                (paused, coordinator.has_quorum(&brokers, &fd, now))
+                (
+                    paused,
+                    coordinator.has_quorum(&brokers, &fd, now),
+                    coordinator.suspects(&fd, now),
+                )
             }
             Err(_) => return,
         };
+        if suspects != suspected {
+            suspected = suspects;
+            shared.suspicions.send_modify(|n| *n = n.wrapping_add(1));
+        }
         if paused {
             // This process did not run for a while (SIGSTOP, a VM pause):
             // what it believes may be stale. Re-read before acting.
@@ -612,6 +639,7 @@ pub(super) async fn step_down(
             let req = Request::Heartbeat {
                 broker_epoch: epoch,
                 changed: true,
+                suspects: Vec::new(),
             };
             let answer = peer.request_within(&req, bytes::Bytes::new(), limit).await;
             answer.ok().map(|_| id)
@@ -799,7 +827,7 @@ mod tests {
 
     /// Node 1's view of a cluster where node 3 leads `partitions`
     /// partitions of `t` and never answers heartbeats, while node 2 does
-    /// (the task returned beats for it).
+    /// and counts node 3 as failed too (the task returned beats for it).
     fn node_3_leads(
         store: Arc<RecordingStore>,
         partitions: u32,
@@ -840,6 +868,8 @@ mod tests {
                     let now = shared.now_ms();
                     if let Ok(mut fd) = shared.detector.lock() {
                         fd.record_heartbeat(2, now);
+                        // Node 2 has lost node 3 too: a majority agrees.
+                        fd.record_view(2, vec![3], now);
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }

@@ -666,18 +666,14 @@ impl Handler for NodeServer {
                 Request::Heartbeat {
                     broker_epoch,
                     changed,
+                    suspects,
                 } => {
                     let Identity::Node(from) = peer else {
                         return Err(RpcError::Unauthorized(
                             "heartbeats are for nodes, not clients".into(),
                         ));
                     };
-                    let now = self.shared.now_ms();
-                    if !self.shared.superseded(from, broker_epoch)
-                        && let Ok(mut fd) = self.shared.detector.lock()
-                    {
-                        fd.record_heartbeat(from, now);
-                    }
+                    self.shared.heard(from, broker_epoch, suspects);
                     if changed {
                         self.shared.refresh.notify_one();
                     }
@@ -685,6 +681,7 @@ impl Handler for NodeServer {
                         Response::Heartbeat {
                             node: self.shared.node_id,
                             broker_epoch: self.shared.heartbeat_epoch(),
+                            suspects: self.shared.failed_brokers(),
                         },
                         Bytes::new(),
                     ))

@@ -73,6 +73,13 @@ pub struct Shared {
     /// Bumped after this node changed partition metadata: heartbeat
     /// senders tell their peers at once.
     pub(super) changed: tokio::sync::watch::Sender<u64>,
+    /// Bumped when the set of nodes this node counts as failed changes:
+    /// heartbeat senders tell their peers at once, whose failover waits
+    /// for a majority to agree.
+    pub(super) suspicions: tokio::sync::watch::Sender<u64>,
+    /// A peer's heartbeat brought a view (who it counts as failed) that
+    /// differs from its last: the failover coordinator looks again now.
+    pub(super) views_changed: Notify,
     /// Bumped when the watcher reads a broker epoch newer than the one
     /// it had (a node registered again: restarted, or stopping), so that
     /// fetches waiting on a restarted incarnation give up at once.
@@ -162,6 +169,8 @@ impl Shared {
             failover_metrics: Mutex::new(FailoverMetrics::default()),
             states: RwLock::new(HashMap::new()),
             changed: tokio::sync::watch::Sender::new(0),
+            suspicions: tokio::sync::watch::Sender::new(0),
+            views_changed: Notify::new(),
             reregistered: tokio::sync::watch::Sender::new(0),
             fetch_sessions: FetchSessionStats::default(),
             start: tokio::time::Instant::now(),
@@ -365,18 +374,45 @@ impl Shared {
     /// node hears a majority. A node cut off from the others sees them all
     /// as failed, and a client believing it would stop writing to a
     /// healthy leader that nobody is going to replace.
+    ///
+    /// Only those a majority counts as failed, as for an election: a node
+    /// cut off from the leader alone (or losing the network, one peer
+    /// after another) told clients a healthy leader had failed.
     pub fn failed_brokers_for_clients(&self) -> Vec<ReplicaId> {
         let now = self.now_ms();
         let ids = self.broker_ids();
-        let coordinator = crate::core::FailoverCoordinator::new(self.node_id, false, 1);
-        let quorum = self
-            .detector
-            .lock()
-            .is_ok_and(|fd| coordinator.has_quorum(&ids, &fd, now));
-        if quorum {
-            self.failed_brokers()
-        } else {
-            Vec::new()
+        let mut coordinator = crate::core::FailoverCoordinator::new(self.node_id, false, 1);
+        coordinator.set_brokers(&ids);
+        let Ok(fd) = self.detector.lock() else {
+            return Vec::new();
+        };
+        if !coordinator.has_quorum(&ids, &fd, now) {
+            return Vec::new();
+        }
+        coordinator
+            .suspects(&fd, now)
+            .into_iter()
+            .filter(|b| coordinator.failure_confirmed(*b, &[], &fd, now))
+            .collect()
+    }
+
+    /// `from`'s heartbeat at `now` (its broker epoch `broker_epoch`) said
+    /// it counts `suspects` as failed: counted as alive, and its view
+    /// kept, unless an older incarnation sent it.
+    pub(super) fn heard(&self, from: ReplicaId, broker_epoch: u64, suspects: Vec<ReplicaId>) {
+        if self.superseded(from, broker_epoch) {
+            return;
+        }
+        let now = self.now_ms();
+        let changed = match self.detector.lock() {
+            Ok(mut fd) => {
+                fd.record_heartbeat(from, now);
+                fd.record_view(from, suspects, now)
+            }
+            Err(_) => false,
+        };
+        if changed {
+            self.views_changed.notify_one();
         }
     }
 

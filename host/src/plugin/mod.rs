@@ -36,9 +36,9 @@ pub use log::PluginLog;
 pub use metadata::{MetadataPlugin, PluginMetadata};
 pub use runtime::{MAX_WASM_STACK, PluginRuntime, default_cache_dir};
 pub use sandbox::{EPOCH_TICK, Sandbox};
+pub use wasi_file_io::{INLINE_WRITE_MAX, SLOW_WRITE_LOG, slow_plugin_writes};
 #[doc(hidden)]
 pub use wasi_file_io::{fail_syncs_under, write_on_the_pool_for};
-pub use wasi_file_io::{INLINE_WRITE_MAX, SLOW_WRITE_LOG, slow_plugin_writes};
 
 use bindings::StoragePluginPre;
 use sandbox::PluginState;

@@ -208,8 +208,7 @@ static SYNC_FAULTS: std::sync::Mutex<Vec<(std::path::PathBuf, u64)>> =
 
 /// Whether [`SYNC_FAULTS`] holds any: every sync reads this, only a test
 /// ever sets it.
-static SYNC_FAULTS_ARMED: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
+static SYNC_FAULTS_ARMED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Test hook: the next `count` syncs (of a file or of the directory) by
 /// storage plugins whose data directory is `dir` fail with `io`, as an
@@ -238,11 +237,7 @@ fn injected_sync_fault(state: &PluginState) -> bool {
     let mut faults = SYNC_FAULTS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let Some(left) = faults
-        .iter_mut()
-        .find(|(d, _)| d == dir)
-        .map(|(_, n)| n)
-    else {
+    let Some(left) = faults.iter_mut().find(|(d, _)| d == dir).map(|(_, n)| n) else {
         return false;
     };
     *left -= 1;

@@ -98,11 +98,16 @@ pub enum Request {
     Metadata {},
     /// Node to node only: "I am alive" (answered with the receiver's own
     /// [`Response::Heartbeat`]). `changed`: the sender just changed
-    /// partition metadata (an election), so re-read it now.
+    /// partition metadata (an election), so re-read it now. `suspects`:
+    /// the nodes the sender counts as failed (a leader is replaced only
+    /// once a majority does); left out when none, so nodes from before it
+    /// still take the heartbeat.
     Heartbeat {
         broker_epoch: u64,
         #[serde(default)]
         changed: bool,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        suspects: Vec<ReplicaId>,
     },
 }
 
@@ -316,6 +321,10 @@ pub enum Response {
     Heartbeat {
         node: ReplicaId,
         broker_epoch: u64,
+        /// The nodes the answering node counts as failed (see
+        /// [`Request::Heartbeat`]).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        suspects: Vec<ReplicaId>,
     },
     /// The state an unclean election wrote.
     Elected {

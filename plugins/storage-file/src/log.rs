@@ -668,7 +668,7 @@ impl FileLog {
                 self.unsynced = false;
                 self.last_sync_ns = now_ns();
                 Error::SyncFailed(format!(
-                "{why}; cut the log back from offset {end} to {now}, the last end known to be on disk"
+                    "{why}; cut the log back from offset {end} to {now}, the last end known to be on disk"
                 ))
             }
             Err(e) => panic!(
