@@ -680,6 +680,120 @@ fn a_node_cut_off_from_the_leader_alone_deposes_nobody() {
     check_history(&rt, &c, &client, load);
 }
 
+/// Cut the leader off from the other nodes but not from clients: it goes
+/// on answering reads, with nothing new, while the others elect a new
+/// leader. `consume --follow` reading it used to print nothing more for
+/// as long as the cut lasted (it looked for the leader only after a
+/// failed read); it now asks the cluster after 2 s without anything new,
+/// moves to the new leader, and prints every offset, none twice.
+#[test]
+fn a_following_consumer_moves_to_a_leader_elected_behind_its_back() {
+    use std::io::BufRead;
+    let _serial = serial();
+    if let Err(e) = enter_private_netns() {
+        panic!(
+            "this test needs to create a network namespace and nftables rules (root, iproute2, nftables; scripts/setup installs nftables): {e}"
+        );
+    }
+    let mut c = Cluster::init(3, "file", |t| t);
+    let rt = support::runtime();
+    let client = setup(&rt, &mut c);
+    let load = Load::start(&rt, client.clone(), 2);
+    let leader = wait_isr(&rt, &client, 3);
+    load.wait_acks(load.acked() + 50, "before the consumer starts");
+    let config = c.client();
+    let mut consumer = std::process::Command::new(support::BIN)
+        .args(["consume", "--config", &config, "--topic", TOPIC])
+        .args(["--from", "end", "--follow"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start consume");
+    // Its offsets as it prints them.
+    let printed = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let reader = {
+        let printed = printed.clone();
+        let out = consumer.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(o) = line.split(' ').next().and_then(|o| o.parse().ok()) {
+                    printed.lock().unwrap().push(o);
+                }
+            }
+        })
+    };
+    let wait_printed = |at_least: u64, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while printed.lock().unwrap().last().is_none_or(|o| *o < at_least) {
+            assert!(
+                Instant::now() < deadline,
+                "the consumer printed nothing from offset {at_least} ({what}); it printed up to {:?}",
+                printed.lock().unwrap().last()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let newest_acked = |by: Option<u32>| {
+        load.seen
+            .acks
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, _, _, node)| by.is_none_or(|b| *node == b))
+            .map(|(ack, _, _, _)| ack.offset)
+            .max()
+            .unwrap_or(0)
+    };
+    load.wait_acks(load.acked() + 50, "with the consumer following");
+    wait_printed(newest_acked(None), "before the cut");
+    // Node to node only: the client still reaches every node.
+    let port = |n: u32| c.base_port + (n as u16 - 1);
+    let mut rules = vec![
+        "add table inet chaos".to_string(),
+        "add chain inet chaos input { type filter hook input priority 0; }".to_string(),
+    ];
+    for other in (1..=3u32).filter(|n| *n != leader) {
+        let (l, o) = (port(leader), port(other));
+        rules.push(format!(
+            "add rule inet chaos input udp sport {l} udp dport {o} drop"
+        ));
+        rules.push(format!(
+            "add rule inet chaos input udp sport {o} udp dport {l} drop"
+        ));
+    }
+    nft(&rules.iter().map(String::as_str).collect::<Vec<_>>());
+    let t = Instant::now();
+    let new = wait_new_leader(&rt, &client, leader);
+    load.wait_first_ack_after(t, leader, "the cut");
+    load.wait_acks(load.acked() + 100, "on the new leader");
+    println!("cut leader {leader} off from the other nodes; node {new} leads");
+    wait_printed(newest_acked(Some(new)), "written on the new leader");
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &consumer.id().to_string()])
+        .status();
+    let status = consumer.wait().expect("consume");
+    let _ = reader.join();
+    let mut stderr = String::new();
+    if let Some(mut e) = consumer.stderr.take() {
+        use std::io::Read as _;
+        let _ = e.read_to_string(&mut stderr);
+    }
+    assert!(status.success(), "{status:?}: {stderr}");
+    assert!(
+        stderr.contains(&format!("node {new} leads it now, reading there")),
+        "{stderr}"
+    );
+    let printed = printed.lock().unwrap().clone();
+    assert!(
+        printed.windows(2).all(|w| w[1] == w[0] + 1),
+        "offsets skipped or repeated: {:?}",
+        printed.windows(2).find(|w| w[1] != w[0] + 1)
+    );
+    nft(&["delete table inet chaos"]);
+    wait_isr(&rt, &client, 3);
+    check_history(&rt, &c, &client, load);
+}
+
 /// (leader, leader epoch) of the test partition, from fresh metadata.
 fn partition_leadership(rt: &tokio::runtime::Runtime, client: &Client) -> (Option<u32>, u32) {
     rt.block_on(client.metadata())

@@ -954,6 +954,8 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
     // 30 s without a new record, not 30 s in all: a long read that is
     // still catching up is not cut short.
     let mut deadline = Instant::now() + Duration::from_secs(30);
+    // When the leader was last looked up while nothing new came.
+    let mut leader_checked = Instant::now();
     while offset < stop {
         // Caught up, the node holds the read until something is committed
         // (up to 500 ms, Kafka's fetch.max.wait.ms), so a new message is
@@ -989,6 +991,26 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
             if let Err(e) = out.flush() {
                 return stdout_failed(e, &c).await;
             }
+            // A node that answers but no longer leads (cut off from the
+            // others, which elected a new leader) keeps answering with
+            // nothing new: look the leader up now and then, as a Kafka
+            // consumer refreshes its metadata, and follow it.
+            if a.replica.is_none() && leader_checked.elapsed() >= LEADER_RECHECK {
+                leader_checked = Instant::now();
+                if let Ok(l) = c.leader_of(&a.topic, a.partition).await
+                    && l != node
+                {
+                    if let Err(e) = out.flush() {
+                        return stdout_failed(e, &c).await;
+                    }
+                    eprintln!(
+                        "note: nothing new from node {node} at {}/{} offset {offset}; node {l} leads it now, reading there",
+                        a.topic, a.partition
+                    );
+                    node = l;
+                    continue;
+                }
+            }
             if a.follow {
                 // Waiting for new messages is what --follow does; only
                 // 30 s without any answer ends it.
@@ -1011,6 +1033,7 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
             continue;
         }
         deadline = Instant::now() + Duration::from_secs(30);
+        leader_checked = Instant::now();
         for r in b.records {
             if r.offset >= stop {
                 break;
@@ -1043,6 +1066,10 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
 
 /// How long a caught-up consumer's read waits at the node for new records.
 const READ_WAIT: Duration = Duration::from_millis(500);
+
+/// How long a consumer reads nothing new from a node before it asks the
+/// cluster whether that node still leads.
+const LEADER_RECHECK: Duration = Duration::from_secs(2);
 
 /// After a failed read from `node` (`at`: where, for the message): say
 /// so, wait a moment (an election takes a few heartbeats) and return the
