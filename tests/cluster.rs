@@ -2328,7 +2328,14 @@ async fn a_caught_up_read_waits_for_the_next_commit() {
     tokio::task::block_in_place(|| c.stop(follower));
     let (b, took) = parked.await.expect("reader");
     assert!(
-        b.is_err() && took < Duration::from_secs(15),
+        // Refused as shutting down, or the connection closed by the
+        // stopping node first: either way promptly, and retriable.
+        matches!(
+            b,
+            Err(replicator::client::ClientError::Refused(
+                replicator::wire::rpc::RpcError::ShuttingDown
+            ) | replicator::client::ClientError::Transport(_))
+        ) && took < Duration::from_secs(15),
         "{:?} after {took:?}",
         b.map(|b| b.records.len())
     );
@@ -2892,6 +2899,53 @@ fn a_second_cluster_on_the_same_etcd_prefix_is_refused() {
     b.start(1);
     b.wait_up();
     a.wait_up();
+}
+
+/// A metadata store that hangs (etcd frozen by SIGSTOP: connections
+/// are taken, nothing is answered, as when its packets are dropped) does
+/// not hold clients: a node waits for the store at most 3 s per metadata
+/// request, then answers from its last view, marked as such. Behind the
+/// metadata plugin's queue and reconnects, a client's request waited out
+/// its 30 s (an exploratory run saw a plugin call wait 141 s).
+#[test]
+fn a_frozen_metadata_store_does_not_hold_clients() {
+    let etcd = support::etcd::Etcd::start();
+    let endpoint = etcd.endpoint();
+    let args = ["--metadata", "etcd", "--metadata-endpoint", &endpoint];
+    let mut c = Cluster::init_with(3, "memory", &args, |t| t);
+    c.start_all();
+    c.wait_up();
+    let client = c.client();
+    create_topic(&client, "t", "1");
+    produce_generated(&client, "t", "100");
+    c.wait_status("100 everywhere", |v| converged(v, "t", 0, 100));
+    etcd.pause();
+    let frozen = std::time::Instant::now();
+    let mut rounds = 0;
+    while frozen.elapsed() < std::time::Duration::from_secs(20) || rounds < 3 {
+        let began = std::time::Instant::now();
+        let out = cli_within(
+            &["status", "--config", &client],
+            std::time::Duration::from_secs(60),
+        );
+        let took = began.elapsed();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && said.contains("so this is its last view of it"),
+            "after {took:?}: {said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            took < std::time::Duration::from_secs(8),
+            "status took {took:?} with the store frozen {:?}",
+            frozen.elapsed()
+        );
+        rounds += 1;
+    }
+    etcd.resume();
+    c.wait_status("answers from the store again", |v| {
+        v["stale"].is_null() && converged(v, "t", 0, 100)
+    });
 }
 
 /// With the metadata store down, a new client still finds the leaders:

@@ -952,7 +952,22 @@ impl Client {
             max_wait_ms,
         };
         let limit = REQUEST_TIMEOUT + Duration::from_millis(max_wait_ms);
-        match self.ask_node_within(node, &req, limit).await? {
+        let answer = match self.ask_node_within(node, &req, limit).await {
+            // A node from before long polls refuses the field: ask it
+            // again without (it answers at once, and the caller polls).
+            Err(ClientError::Refused(RpcError::Invalid(_))) if max_wait_ms > 0 => {
+                let req = Request::Read {
+                    topic: topic.to_string(),
+                    partition,
+                    offset,
+                    max_bytes,
+                    max_wait_ms: 0,
+                };
+                self.ask_node(node, &req).await?
+            }
+            r => r?,
+        };
+        match answer {
             (
                 Response::Records {
                     high_watermark,

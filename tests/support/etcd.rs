@@ -190,6 +190,25 @@ impl Etcd {
         }
     }
 
+    /// Freeze the server (SIGSTOP): connections are taken, nothing is
+    /// answered, as when its packets are dropped.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaw it (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(child) = &self.child {
+            let _ = std::process::Command::new("kill")
+                .args([sig, &child.id().to_string()])
+                .status();
+        }
+    }
+
     /// Start again on the same ports and data directory.
     pub fn restart(&mut self) {
         self.stop();

@@ -541,8 +541,9 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
     let timeout = Duration::from_millis(a.timeout_ms);
     // Finding the partitions counts against the first batch's
     // --timeout-ms, as Kafka's delivery timeout covers the metadata wait:
-    // with no node up, a 2 s produce took 5.5 s.
-    let first_by = Instant::now() + timeout;
+    // with no node up, a 2 s produce took 5.5 s. Only the lookup: time
+    // spent waiting for the first stdin line is not the cluster's.
+    let lookup_began = Instant::now();
     // Why no node told the partitions, when --partition went on without.
     let mut lookup_failed: Option<replicator::client::ClientError> = None;
     let partitions = 'chosen: {
@@ -588,6 +589,7 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
             (None, _) => ps,
         }
     };
+    let first_batch_within = timeout.saturating_sub(lookup_began.elapsed());
     // Messages come from a generator or from stdin lines, in batches of
     // whatever is available, up to --batch.
     // The queue holds a few batches; --batch is bounded by the batch limit
@@ -682,7 +684,7 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
         let n = records.len() as u64;
         let size: u64 = records.iter().map(|r| r.value.len() as u64).sum();
         let within = match round {
-            1 => first_by.saturating_duration_since(Instant::now()),
+            1 => first_batch_within,
             _ => timeout,
         };
         // The lookup took the first batch's whole time: its reasons are

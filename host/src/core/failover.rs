@@ -38,6 +38,9 @@ pub struct FailureDetector {
     /// What each peer said it counts as failed, with the heartbeat it
     /// last sent or answered, and when that was.
     views: HashMap<ReplicaId, (u64, Vec<ReplicaId>)>,
+    /// Peers running a version that sends no views: they count as
+    /// agreeing (the rule before views), until one sends a view.
+    legacy: BTreeSet<ReplicaId>,
 }
 
 impl FailureDetector {
@@ -48,17 +51,34 @@ impl FailureDetector {
             last_heard: HashMap::new(),
             last_tick_ms: now,
             views: HashMap::new(),
+            legacy: BTreeSet::new(),
         }
+    }
+
+    /// `broker` runs a version whose heartbeats carry no view (see
+    /// [`Self::legacy`]); a view from it later undoes this.
+    pub fn mark_legacy(&mut self, broker: ReplicaId) {
+        self.legacy.insert(broker);
+    }
+
+    /// Whether `broker` was last seen running a version without views.
+    pub fn is_legacy(&self, broker: ReplicaId) -> bool {
+        self.legacy.contains(&broker)
     }
 
     /// `broker`'s heartbeat at `now` said it counts `suspects` as failed.
     /// Returns whether that differs from what it said before.
+    ///
+    /// `now` is when the view was current: for an answer to this broker's
+    /// heartbeat, when the heartbeat was sent, so that an answer that
+    /// arrives late never replaces a view sent after it.
     pub fn record_view(
         &mut self,
         broker: ReplicaId,
         mut suspects: Vec<ReplicaId>,
         now: u64,
     ) -> bool {
+        self.legacy.remove(&broker);
         suspects.sort_unstable();
         suspects.dedup();
         match self.views.get_mut(&broker) {
@@ -79,8 +99,12 @@ impl FailureDetector {
     }
 
     /// Whether `peer`, heard within the timeout, said with that heartbeat
-    /// that it counts `broker` as failed.
+    /// that it counts `broker` as failed (a peer without views counts as
+    /// saying so, as every node decided alone before views).
     pub fn peer_suspects(&self, peer: ReplicaId, broker: ReplicaId, now: u64) -> bool {
+        if self.legacy.contains(&peer) {
+            return self.heard_recently(peer, now);
+        }
         self.heard_recently(peer, now)
             && self.views.get(&peer).is_some_and(|(at, suspects)| {
                 now.saturating_sub(*at) <= self.timeout_ms
@@ -675,6 +699,24 @@ mod tests {
         fd.record_view(3, vec![], 900);
         assert!(!fd.record_view(3, vec![2], 800));
         assert!(!fd.peer_suspects(3, 2, 1000));
+    }
+
+    /// A peer running a version without views counts as agreeing (every
+    /// node decided alone before views), until it sends one: a cluster
+    /// being upgraded still fails over.
+    #[test]
+    fn a_peer_without_views_counts_as_agreeing_until_it_sends_one() {
+        let mut c = FailoverCoordinator::new(1, false, 2);
+        c.set_brokers(&[1, 2, 3]);
+        let s = state(Some(2), &[2, 1, 3]);
+        let mut fd = FailureDetector::new(500, 0);
+        fd.record_heartbeat(3, 900);
+        fd.mark_legacy(3);
+        assert!(c.decide(&s, &fd, 1000).is_some());
+        // Upgraded: its view says it hears 2.
+        fd.record_view(3, vec![], 950);
+        assert!(!fd.is_legacy(3));
+        assert_eq!(c.decide(&s, &fd, 1000), None);
     }
 
     /// Five brokers: this one and one other suspecting the leader is not a

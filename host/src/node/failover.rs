@@ -15,8 +15,9 @@ use tracing::{debug, error, info, warn};
 
 use crate::core::{DecisionKind, FailoverCoordinator, ReplicaId, TopicPartition};
 use crate::metadata::{MetadataError, PartitionState};
+use crate::transport::TransportError;
 use crate::transport::{Peer, Transport};
-use crate::wire::rpc::{Request, Response};
+use crate::wire::rpc::{Request, Response, RpcError};
 
 use super::partition::{Event, PartitionHandle};
 use super::server::NodeServer;
@@ -139,11 +140,15 @@ async fn heartbeat(
         let Some((p, _)) = peer.as_ref() else {
             continue;
         };
+        // A node from before views refuses the field: it gets none.
+        let legacy = shared.detector.lock().is_ok_and(|fd| fd.is_legacy(node));
+        let changed_now = std::mem::take(&mut announce);
         let req = Request::Heartbeat {
             broker_epoch: shared.heartbeat_epoch(),
-            changed: std::mem::take(&mut announce),
-            suspects: shared.failed_brokers(),
+            changed: changed_now,
+            suspects: (!legacy).then(|| shared.told_suspects()),
         };
+        let sent_at = shared.now_ms();
         match p.request_within(&req, bytes::Bytes::new(), limit).await {
             Ok((
                 Response::Heartbeat {
@@ -172,7 +177,21 @@ async fn heartbeat(
                     suspects,
                 },
                 _,
-            )) if n == node => shared.heard(node, broker_epoch, suspects),
+            )) if n == node => shared.heard(node, broker_epoch, suspects, sent_at),
+            Err(TransportError::Rejected(RpcError::Invalid(why))) if !legacy => {
+                // It does not know the field: a version from before views.
+                // Counted as alive (it answered), and asked without it.
+                info!(
+                    "heartbeat: node {node} runs a version without failure views ({why}); its heartbeats count as agreeing, as before views"
+                );
+                shared.heard(
+                    node,
+                    shared.broker_epoch_of(node).unwrap_or(0),
+                    None,
+                    sent_at,
+                );
+                announce = changed_now;
+            }
             Ok((other, _)) => {
                 warn!("heartbeat: node {node} answered {other:?}");
             }
@@ -254,8 +273,17 @@ async fn coordinate(
             }
             Err(_) => return,
         };
-        if suspects != suspected {
-            suspected = suspects;
+        // Told to the peers: nobody after a pause or without a majority.
+        let told = if paused || !quorum {
+            Vec::new()
+        } else {
+            suspects
+        };
+        if told != suspected {
+            suspected = told.clone();
+            if let Ok(mut t) = shared.told_suspects.lock() {
+                *t = told;
+            }
             shared.suspicions.send_modify(|n| *n = n.wrapping_add(1));
         }
         if paused {
@@ -639,7 +667,7 @@ pub(super) async fn step_down(
             let req = Request::Heartbeat {
                 broker_epoch: epoch,
                 changed: true,
-                suspects: Vec::new(),
+                suspects: None,
             };
             let answer = peer.request_within(&req, bytes::Bytes::new(), limit).await;
             answer.ok().map(|_| id)

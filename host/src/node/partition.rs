@@ -850,11 +850,16 @@ impl Actor {
             return;
         }
         let hw = self.rm.high_watermark();
+        let (start, end) = (self.rm.log_start_offset(), self.rm.log_end_offset());
         let recovering = self.recovering;
+        // Out of range now (the log was cut below the offset, or reset
+        // past it): told at once, not at its due time.
         let (ready, parked): (Vec<_>, Vec<_>) = std::mem::take(&mut self.parked_reads)
             .into_iter()
             .filter(|r| !r.reply.is_closed())
-            .partition(|r| recovering || r.offset < hw || now >= r.due);
+            .partition(|r| {
+                recovering || r.offset < hw || r.offset < start || r.offset > end || now >= r.due
+            });
         self.parked_reads = parked;
         for r in ready {
             self.read(r.offset, r.max_bytes, 0, r.reply);

@@ -26,6 +26,11 @@ const MAX_PARTITIONS: u32 = 10_000;
 const MAX_TIMEOUT_MS: u64 = 300_000;
 /// Most bytes one client read returns.
 const MAX_READ_BYTES: u32 = 16 << 20;
+
+/// How long a client's metadata request waits for the store before the
+/// node answers from its last view (or, without one, with an error the
+/// client can take elsewhere).
+const STORE_ANSWER_WAIT: Duration = Duration::from_secs(3);
 /// Record bytes past which a fetch response's later parts go without
 /// their records. One part carries at most 32 MiB (`fetch_max_bytes`'s
 /// limit, and a batch is at most 16 MiB), so the total stays under the
@@ -298,7 +303,17 @@ impl NodeServer {
         {
             return Ok((b, p, Vec::new(), Some(stale(why))));
         }
-        match self.metadata_from_store().await {
+        // Bounded: a store that hangs (packets dropped, etcd frozen) held
+        // every client's metadata request for its 30 s and more, behind
+        // the metadata plugin's queue and reconnects (141 s seen), before
+        // anyone marked the store as failing.
+        let asked = tokio::time::timeout(STORE_ANSWER_WAIT, self.metadata_from_store()).await;
+        let asked = asked.unwrap_or_else(|_| {
+            Err(RpcError::Metadata(format!(
+                "the metadata store did not answer within {STORE_ANSWER_WAIT:?}"
+            )))
+        });
+        match asked {
             Ok((b, p, u)) => Ok((b, p, u, None)),
             Err(e) => match view() {
                 Some((b, p)) => Ok((b, p, Vec::new(), Some(stale(e.to_string())))),
@@ -673,7 +688,11 @@ impl Handler for NodeServer {
                             "heartbeats are for nodes, not clients".into(),
                         ));
                     };
-                    self.shared.heard(from, broker_epoch, suspects);
+                    // Only to a node that sent its own: one from before
+                    // views refuses the field in an answer too.
+                    let answer = suspects.is_some().then(|| self.shared.told_suspects());
+                    let now = self.shared.now_ms();
+                    self.shared.heard(from, broker_epoch, suspects, now);
                     if changed {
                         self.shared.refresh.notify_one();
                     }
@@ -681,7 +700,7 @@ impl Handler for NodeServer {
                         Response::Heartbeat {
                             node: self.shared.node_id,
                             broker_epoch: self.shared.heartbeat_epoch(),
-                            suspects: self.shared.failed_brokers(),
+                            suspects: answer,
                         },
                         Bytes::new(),
                     ))
@@ -798,5 +817,68 @@ impl Handler for NodeServer {
             }
             Ok(out.into_iter().flatten().collect())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metadata::{MetaFuture, MetadataStore};
+
+    /// A store that never answers: packets dropped, or etcd frozen.
+    struct Hanging;
+
+    impl MetadataStore for Hanging {
+        fn get_partition<'a>(&'a self, _: &'a str, _: u32) -> MetaFuture<'a, PartitionState> {
+            Box::pin(std::future::pending())
+        }
+        fn compare_and_set(&self, _: PartitionState, _: u64) -> MetaFuture<'_, u64> {
+            Box::pin(std::future::pending())
+        }
+        fn list_partitions(&self) -> MetaFuture<'_, Vec<(String, u32)>> {
+            Box::pin(std::future::pending())
+        }
+        fn register_broker(&self, _: ReplicaId, _: String) -> MetaFuture<'_, u64> {
+            Box::pin(std::future::pending())
+        }
+        fn list_brokers(&self) -> MetaFuture<'_, Vec<Broker>> {
+            Box::pin(std::future::pending())
+        }
+        fn claim_cluster_id(&self, _: String) -> MetaFuture<'_, String> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    /// A client's metadata request is answered within the store wait
+    /// even when the store never answers (here with an error the client
+    /// takes to another node: this node has no last view to offer). It
+    /// used to wait as long as the store did.
+    #[tokio::test]
+    async fn a_store_that_never_answers_does_not_hold_a_metadata_request() {
+        let (shared, _fetch) = Shared::for_tests(
+            Arc::new(Hanging),
+            crate::node::config::FailoverConfig::default(),
+        );
+        let server = NodeServer {
+            shared,
+            partitions: Default::default(),
+            not_open: Default::default(),
+            store_failing: Default::default(),
+            registration_problem: Default::default(),
+            fenced: Default::default(),
+        };
+        let began = std::time::Instant::now();
+        let answer = tokio::time::timeout(
+            STORE_ANSWER_WAIT + Duration::from_secs(5),
+            server.metadata_answer(),
+        )
+        .await
+        .expect("the metadata request waited on the store");
+        assert!(began.elapsed() >= STORE_ANSWER_WAIT);
+        match answer {
+            Err(RpcError::Metadata(why)) => assert!(why.contains("did not answer within"), "{why}"),
+            Ok((_, _, _, stale)) => assert!(stale.is_some(), "a fresh answer from no store"),
+            Err(e) => panic!("{e}"),
+        }
     }
 }

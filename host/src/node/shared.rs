@@ -80,6 +80,11 @@ pub struct Shared {
     /// A peer's heartbeat brought a view (who it counts as failed) that
     /// differs from its last: the failover coordinator looks again now.
     pub(super) views_changed: Notify,
+    /// Who this node tells its peers it counts as failed: what the
+    /// failover coordinator found at its last pass, and nobody after a
+    /// pause or while it hears no majority (a node thawed from SIGSTOP,
+    /// or cut off, would otherwise vouch for stale silence).
+    pub(super) told_suspects: Mutex<Vec<ReplicaId>>,
     /// Bumped when the watcher reads a broker epoch newer than the one
     /// it had (a node registered again: restarted, or stopping), so that
     /// fetches waiting on a restarted incarnation give up at once.
@@ -171,6 +176,7 @@ impl Shared {
             changed: tokio::sync::watch::Sender::new(0),
             suspicions: tokio::sync::watch::Sender::new(0),
             views_changed: Notify::new(),
+            told_suspects: Mutex::new(Vec::new()),
             reregistered: tokio::sync::watch::Sender::new(0),
             fetch_sessions: FetchSessionStats::default(),
             start: tokio::time::Instant::now(),
@@ -396,10 +402,26 @@ impl Shared {
             .collect()
     }
 
-    /// `from`'s heartbeat at `now` (its broker epoch `broker_epoch`) said
-    /// it counts `suspects` as failed: counted as alive, and its view
-    /// kept, unless an older incarnation sent it.
-    pub(super) fn heard(&self, from: ReplicaId, broker_epoch: u64, suspects: Vec<ReplicaId>) {
+    /// Who this node tells its peers it counts as failed.
+    pub(super) fn told_suspects(&self) -> Vec<ReplicaId> {
+        self.told_suspects
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
+    /// `from`'s heartbeat (its broker epoch `broker_epoch`) said it
+    /// counts `suspects` as failed, as of `view_at` (see
+    /// [`FailureDetector::record_view`]): counted as alive now, and its
+    /// view kept, unless an older incarnation sent it. `None`: a version
+    /// that sends no views.
+    pub(super) fn heard(
+        &self,
+        from: ReplicaId,
+        broker_epoch: u64,
+        suspects: Option<Vec<ReplicaId>>,
+        view_at: u64,
+    ) {
         if self.superseded(from, broker_epoch) {
             return;
         }
@@ -407,7 +429,13 @@ impl Shared {
         let changed = match self.detector.lock() {
             Ok(mut fd) => {
                 fd.record_heartbeat(from, now);
-                fd.record_view(from, suspects, now)
+                match suspects {
+                    Some(s) => fd.record_view(from, s, view_at),
+                    None => {
+                        fd.mark_legacy(from);
+                        false
+                    }
+                }
             }
             Err(_) => false,
         };

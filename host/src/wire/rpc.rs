@@ -100,14 +100,16 @@ pub enum Request {
     /// [`Response::Heartbeat`]). `changed`: the sender just changed
     /// partition metadata (an election), so re-read it now. `suspects`:
     /// the nodes the sender counts as failed (a leader is replaced only
-    /// once a majority does); left out when none, so nodes from before it
-    /// still take the heartbeat.
+    /// once a majority does). Nodes from before it refuse the field: a
+    /// sender that gets that refusal sends without it, and a node counts
+    /// a peer whose heartbeats lack it as one without views (see
+    /// [`crate::core::FailureDetector::mark_legacy`]).
     Heartbeat {
         broker_epoch: u64,
         #[serde(default)]
         changed: bool,
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        suspects: Vec<ReplicaId>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        suspects: Option<Vec<ReplicaId>>,
     },
 }
 
@@ -322,9 +324,9 @@ pub enum Response {
         node: ReplicaId,
         broker_epoch: u64,
         /// The nodes the answering node counts as failed (see
-        /// [`Request::Heartbeat`]).
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        suspects: Vec<ReplicaId>,
+        /// [`Request::Heartbeat`]); only to a request that carried its own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        suspects: Option<Vec<ReplicaId>>,
     },
     /// The state an unclean election wrote.
     Elected {
@@ -492,6 +494,24 @@ mod tests {
         assert_eq!(json(&read(500))["max_wait_ms"], 500);
         let old = encode(&json(&read(0)), b"").unwrap();
         assert_eq!(decode::<Request>(old).unwrap().0, read(0));
+    }
+
+    #[test]
+    fn a_heartbeat_without_a_view_is_sent_as_before_views() {
+        let hb = |suspects| Request::Heartbeat {
+            broker_epoch: 3,
+            changed: false,
+            suspects,
+        };
+        let json = |r: &Request| serde_json::to_value(r).unwrap();
+        assert_eq!(
+            json(&hb(None)),
+            serde_json::json!({"type": "heartbeat", "broker_epoch": 3, "changed": false})
+        );
+        // An empty view is still a view: sent, so the receiver knows.
+        assert_eq!(json(&hb(Some(vec![])))["suspects"], serde_json::json!([]));
+        let old = encode(&json(&hb(None)), b"").unwrap();
+        assert_eq!(decode::<Request>(old).unwrap().0, hb(None));
     }
 
     proptest! {

@@ -655,11 +655,20 @@ impl FileLog {
         if to >= end {
             return Error::SyncFailed(why);
         }
-        if to < start {
-            // `fsync = never` and retention passed the last flush: none of
-            // the log is known to be on disk, and none is cut.
+        if self.config.fsync == Fsync::Never {
+            // Nothing is promised on disk before a flush, and the last one
+            // may be days old (the host flushes at shutdown): cutting back
+            // to it would drop what replication, and the host's
+            // write-behind, made safe meanwhile.
             return Error::SyncFailed(format!(
-                "{why}; nothing in the log is known to be on disk (fsync = never)"
+                "{why}; with fsync = never nothing past the last flush is known to be on disk"
+            ));
+        }
+        if to < start {
+            // Retention passed the last end known on disk: nothing left in
+            // the log is known to be there, and nothing is cut.
+            return Error::SyncFailed(format!(
+                "{why}; nothing left in the log is known to be on disk"
             ));
         }
         match self.truncate(to) {
