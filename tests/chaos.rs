@@ -558,15 +558,7 @@ fn a_frozen_leader_is_fenced_when_it_returns() {
 #[test]
 fn a_leader_cut_off_by_the_network_is_replaced_and_rejoins() {
     let _serial = serial();
-    if let Err(e) = enter_private_netns() {
-        panic!(
-            "this test needs to create a network namespace and nftables rules (root, iproute2, nftables; scripts/setup installs nftables): {e}"
-        );
-    }
-    let mut c = Cluster::init(3, "file", |t| t);
-    let rt = support::runtime();
-    let client = setup(&rt, &mut c);
-    let load = Load::start(&rt, client.clone(), 4);
+    let (mut c, rt, client, load) = cluster_in_own_netns(4);
     let mut times = Vec::new();
     for round in 0..2 {
         let (leader, t, took) = fault_round(
@@ -628,15 +620,7 @@ fn a_leader_cut_off_by_the_network_is_replaced_and_rejoins() {
 #[test]
 fn a_node_cut_off_from_the_leader_alone_deposes_nobody() {
     let _serial = serial();
-    if let Err(e) = enter_private_netns() {
-        panic!(
-            "this test needs to create a network namespace and nftables rules (root, iproute2, nftables; scripts/setup installs nftables): {e}"
-        );
-    }
-    let mut c = Cluster::init(3, "file", |t| t);
-    let rt = support::runtime();
-    let client = setup(&rt, &mut c);
-    let load = Load::start(&rt, client.clone(), 2);
+    let (c, rt, client, load) = cluster_in_own_netns(2);
     let leader = wait_isr(&rt, &client, 3);
     load.wait_acks(load.acked() + 50, "before the cut");
     let before = partition_leadership(&rt, &client);
@@ -690,15 +674,7 @@ fn a_node_cut_off_from_the_leader_alone_deposes_nobody() {
 fn a_following_consumer_moves_to_a_leader_elected_behind_its_back() {
     use std::io::BufRead;
     let _serial = serial();
-    if let Err(e) = enter_private_netns() {
-        panic!(
-            "this test needs to create a network namespace and nftables rules (root, iproute2, nftables; scripts/setup installs nftables): {e}"
-        );
-    }
-    let mut c = Cluster::init(3, "file", |t| t);
-    let rt = support::runtime();
-    let client = setup(&rt, &mut c);
-    let load = Load::start(&rt, client.clone(), 2);
+    let (c, rt, client, load) = cluster_in_own_netns(2);
     let leader = wait_isr(&rt, &client, 3);
     load.wait_acks(load.acked() + 50, "before the consumer starts");
     let config = c.client();
@@ -803,6 +779,22 @@ fn partition_leadership(rt: &tokio::runtime::Runtime, client: &Client) -> (Optio
         .find(|p| p.topic == TOPIC)
         .map(|p| (p.leader, p.leader_epoch))
         .expect("the test partition")
+}
+
+/// Move into a network namespace of its own (see [`enter_private_netns`]),
+/// start three nodes on the file plugin with the test partition, and put
+/// `producers` producers and a consumer to work on it.
+fn cluster_in_own_netns(producers: usize) -> (Cluster, tokio::runtime::Runtime, Arc<Client>, Load) {
+    if let Err(e) = enter_private_netns() {
+        panic!(
+            "this test needs to create a network namespace and nftables rules (root, iproute2, nftables; scripts/setup installs nftables): {e}"
+        );
+    }
+    let mut c = Cluster::init(3, "file", |t| t);
+    let rt = support::runtime();
+    let client = setup(&rt, &mut c);
+    let load = Load::start(&rt, client.clone(), producers);
+    (c, rt, client, load)
 }
 
 /// Move this test thread (and the processes and threads it starts) into a

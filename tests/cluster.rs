@@ -2901,14 +2901,10 @@ fn a_second_cluster_on_the_same_etcd_prefix_is_refused() {
     a.wait_up();
 }
 
-/// A metadata store that hangs (etcd frozen by SIGSTOP: connections
-/// are taken, nothing is answered, as when its packets are dropped) does
-/// not hold clients: a node waits for the store at most 3 s per metadata
-/// request, then answers from its last view, marked as such. Behind the
-/// metadata plugin's queue and reconnects, a client's request waited out
-/// its 30 s (an exploratory run saw a plugin call wait 141 s).
-#[test]
-fn a_frozen_metadata_store_does_not_hold_clients() {
+/// An etcd the test starts, three nodes on it (memory storage), topic
+/// `t` with one partition and 100 messages on every replica: the etcd,
+/// the cluster and its client config.
+fn etcd_cluster_with_100() -> (support::etcd::Etcd, Cluster, String) {
     let etcd = support::etcd::Etcd::start();
     let endpoint = etcd.endpoint();
     let args = ["--metadata", "etcd", "--metadata-endpoint", &endpoint];
@@ -2919,6 +2915,18 @@ fn a_frozen_metadata_store_does_not_hold_clients() {
     create_topic(&client, "t", "1");
     produce_generated(&client, "t", "100");
     c.wait_status("100 everywhere", |v| converged(v, "t", 0, 100));
+    (etcd, c, client)
+}
+
+/// A metadata store that hangs (etcd frozen by SIGSTOP: connections
+/// are taken, nothing is answered, as when its packets are dropped) does
+/// not hold clients: a node waits for the store at most 3 s per metadata
+/// request, then answers from its last view, marked as such. Behind the
+/// metadata plugin's queue and reconnects, a client's request waited out
+/// its 30 s (an exploratory run saw a plugin call wait 141 s).
+#[test]
+fn a_frozen_metadata_store_does_not_hold_clients() {
+    let (etcd, c, client) = etcd_cluster_with_100();
     etcd.pause();
     let frozen = std::time::Instant::now();
     let mut rounds = 0;
@@ -2955,16 +2963,8 @@ fn a_frozen_metadata_store_does_not_hold_clients() {
 /// the cluster down). Once the store is back, answers are fresh again.
 #[test]
 fn with_the_metadata_store_down_new_clients_still_find_the_leaders() {
-    let mut etcd = support::etcd::Etcd::start();
+    let (mut etcd, c, client) = etcd_cluster_with_100();
     let endpoint = etcd.endpoint();
-    let args = ["--metadata", "etcd", "--metadata-endpoint", &endpoint];
-    let mut c = Cluster::init_with(3, "memory", &args, |t| t);
-    c.start_all();
-    c.wait_up();
-    let client = c.client();
-    create_topic(&client, "t", "1");
-    produce_generated(&client, "t", "100");
-    c.wait_status("100 everywhere", |v| converged(v, "t", 0, 100));
     assert!(
         c.log(1).contains(&format!("metadata `etcd` at {endpoint}")),
         "{}",

@@ -1167,3 +1167,27 @@ async fn with_fsync_always_a_failed_fsync_fails_only_its_append() {
     reads_back_whole(&log, 0, 4).await;
     log.close().await;
 }
+
+/// When even the cut back after a failed fsync fails, the plugin notes
+/// where it must end (`cut-to`) and traps; the next open finishes it.
+/// Without that, the reopened log, read from a page cache that still
+/// shows the suspect batches whole, was taken as intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_back_left_for_the_next_open_is_finished_there() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open_syncing(dir.path(), "interval", 4096).await;
+    fill(&log, 20).await;
+    log.close().await;
+    // As a trap in the middle of cutting back to offset 5 leaves it.
+    std::fs::write(dir.path().join("cut-to"), "5\n").expect("write the note");
+    let log = open_syncing(dir.path(), "interval", 4096).await;
+    assert_eq!(log.bounds().await.map(|b| b.log_end), Ok(5));
+    assert!(!dir.path().join("cut-to").exists(), "the note stays");
+    reads_back_whole(&log, 0, 5).await;
+    fill_from(&log, 5, 3).await;
+    log.close().await;
+    // Done once: the next open keeps what came after.
+    let log = open_syncing(dir.path(), "interval", 4096).await;
+    assert_eq!(log.bounds().await.map(|b| b.log_end), Ok(8));
+    log.close().await;
+}

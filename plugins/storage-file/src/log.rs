@@ -121,6 +121,9 @@ const FREE_AT_LEAST: u64 = 1024 * 1024;
 const HW_FILE: &str = "high-watermark";
 const EPOCH_FILE: &str = "leader-epochs";
 const START_FILE: &str = "log-start";
+/// Where a failed fsync's cut back must end, when the cut itself failed:
+/// the next open finishes it.
+const CUT_FILE: &str = "cut-to";
 const RETIRED_SUFFIX: &str = ".deleted";
 const SPARE_SUFFIX: &str = ".spare";
 const INDEX_MAGIC: &[u8; 4] = b"RIX1";
@@ -248,6 +251,21 @@ impl FileLog {
         }
         if let Some(start) = start_ckpt {
             log.index.set_log_start(start.max(log.index.log_start()));
+        }
+        // A cut back that a failed fsync asked for and could not finish
+        // (see `sync_failed`): what lies past it may not be on disk,
+        // though the page cache still shows it whole. Finish it first.
+        if let Some(b) = fs::read_small(&log.dir, CUT_FILE)? {
+            let to = parse_u64(&b, CUT_FILE)?;
+            let (start, end) = log.bounds();
+            if (start..end).contains(&to) {
+                log.recovery_notes.push(format!(
+                    "finishing the cut back to offset {to} that a failed fsync asked for"
+                ));
+                log.truncate(to)?;
+            }
+            fs::remove(&log.dir, CUT_FILE)?;
+            fs::sync_dir_checked(&log.dir, CUT_FILE)?;
         }
         if let Some(b) = fs::read_small(&log.dir, HW_FILE)? {
             log.hw = parse_u64(&b, HW_FILE)?;
@@ -680,10 +698,19 @@ impl FileLog {
                     "{why}; cut the log back from offset {end} to {now}, the last end known to be on disk"
                 ))
             }
-            Err(e) => panic!(
-                "{why}; cutting the log back to offset {to}, the last end known to be on disk, failed too ({}): the files can no longer be trusted",
-                e.message()
-            ),
+            Err(e) => {
+                // The next open must finish the cut: the page cache it
+                // reads still shows the suspect batches as whole.
+                let marked = fs::write_atomic(&self.dir, CUT_FILE, format!("{to}\n").as_bytes());
+                panic!(
+                    "{why}; cutting the log back to offset {to}, the last end known to be on disk, failed too ({}); {}",
+                    e.message(),
+                    match marked {
+                        Ok(()) => "the next open finishes the cut".to_string(),
+                        Err(m) => format!("noting it for the next open failed as well ({m})"),
+                    }
+                )
+            }
         }
     }
 
