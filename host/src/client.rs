@@ -395,14 +395,11 @@ impl Client {
         let started = tokio::time::Instant::now();
         loop {
             // None once the grace or the deadline is over.
-            let next = match (grace_until, deadline) {
-                (Some(a), Some(b)) => tokio::time::timeout_at(a.min(b), attempts.next())
+            let next = match grace_until.into_iter().chain(deadline).min() {
+                Some(t) => tokio::time::timeout_at(t, attempts.next())
                     .await
                     .unwrap_or_default(),
-                (Some(t), None) | (None, Some(t)) => tokio::time::timeout_at(t, attempts.next())
-                    .await
-                    .unwrap_or_default(),
-                (None, None) => attempts.next().await,
+                None => attempts.next().await,
             };
             match next {
                 Some(Ok(r @ (Response::Metadata { stale: Some(_), .. }, _))) => {
@@ -944,7 +941,7 @@ impl Client {
         let max_wait_ms = u64::try_from(max_wait.as_millis())
             .unwrap_or(u64::MAX)
             .min(crate::wire::rpc::MAX_READ_WAIT_MS);
-        let req = Request::Read {
+        let read = |max_wait_ms| Request::Read {
             topic: topic.to_string(),
             partition,
             offset,
@@ -952,18 +949,11 @@ impl Client {
             max_wait_ms,
         };
         let limit = REQUEST_TIMEOUT + Duration::from_millis(max_wait_ms);
-        let answer = match self.ask_node_within(node, &req, limit).await {
+        let answer = match self.ask_node_within(node, &read(max_wait_ms), limit).await {
             // A node from before long polls refuses the field: ask it
             // again without (it answers at once, and the caller polls).
             Err(ClientError::Refused(RpcError::Invalid(_))) if max_wait_ms > 0 => {
-                let req = Request::Read {
-                    topic: topic.to_string(),
-                    partition,
-                    offset,
-                    max_bytes,
-                    max_wait_ms: 0,
-                };
-                self.ask_node(node, &req).await?
+                self.ask_node(node, &read(0)).await?
             }
             r => r?,
         };

@@ -689,31 +689,26 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
         };
         // The lookup took the first batch's whole time: its reasons are
         // the batch's (a produce with no time left would only say so).
-        if let Some(e) = lookup_failed.take()
-            && within < Duration::from_millis(50)
-        {
-            failed += n;
-            eprintln!(
-                "error: {n} messages to {}/{partition} not acknowledged: {e}",
-                a.topic
-            );
-            stopped = Some(format!(
-                "{}/{partition} took no writes within --timeout-ms ({} ms)",
-                a.topic, a.timeout_ms
-            ));
-            break;
-        }
-        let sent = tokio::select! {
-            r = c.produce(&a.topic, partition, &records, a.acks.into(), within) => r,
-            () = &mut signal => {
-                failed += n;
-                eprintln!(
-                    "error: interrupted while {n} messages to {}/{partition} were in flight; they may or may not have been written",
-                    a.topic
-                );
-                stopped = Some("interrupted".into());
-                break;
-            }
+        let timed_out = lookup_failed
+            .take()
+            .filter(|_| within < Duration::from_millis(50));
+        let sent = match timed_out {
+            Some(e) => Err(replicator::client::ClientError::Timeout {
+                waited: timeout,
+                last: e.to_string(),
+            }),
+            None => tokio::select! {
+                r = c.produce(&a.topic, partition, &records, a.acks.into(), within) => r,
+                () = &mut signal => {
+                    failed += n;
+                    eprintln!(
+                        "error: interrupted while {n} messages to {}/{partition} were in flight; they may or may not have been written",
+                        a.topic
+                    );
+                    stopped = Some("interrupted".into());
+                    break;
+                }
+            },
         };
         match sent {
             Ok(base) => {
@@ -1002,9 +997,6 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
                 if let Ok(l) = c.leader_of(&a.topic, a.partition).await
                     && l != node
                 {
-                    if let Err(e) = out.flush() {
-                        return stdout_failed(e, &c).await;
-                    }
                     eprintln!(
                         "note: nothing new from node {node} at {}/{} offset {offset}; node {l} leads it now, reading there",
                         a.topic, a.partition

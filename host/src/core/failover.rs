@@ -102,14 +102,12 @@ impl FailureDetector {
     /// that it counts `broker` as failed (a peer without views counts as
     /// saying so, as every node decided alone before views).
     pub fn peer_suspects(&self, peer: ReplicaId, broker: ReplicaId, now: u64) -> bool {
-        if self.legacy.contains(&peer) {
-            return self.heard_recently(peer, now);
-        }
         self.heard_recently(peer, now)
-            && self.views.get(&peer).is_some_and(|(at, suspects)| {
-                now.saturating_sub(*at) <= self.timeout_ms
-                    && suspects.binary_search(&broker).is_ok()
-            })
+            && (self.legacy.contains(&peer)
+                || self.views.get(&peer).is_some_and(|(at, suspects)| {
+                    now.saturating_sub(*at) <= self.timeout_ms
+                        && suspects.binary_search(&broker).is_ok()
+                }))
     }
 
     pub fn timeout_ms(&self) -> u64 {

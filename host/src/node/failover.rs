@@ -227,9 +227,6 @@ async fn coordinate(
         shared.failover.unclean_leader_election,
         shared.replication.min_insync_replicas,
     );
-    // Who this node counted as failed at the last pass: a change is told
-    // to the peers at once (see `heartbeat`).
-    let mut suspected: Vec<ReplicaId> = Vec::new();
     // Versions whose compare-and-set lost: not tried again until the
     // watcher reads a newer version.
     let mut lost: HashMap<TopicPartition, u64> = HashMap::new();
@@ -273,17 +270,17 @@ async fn coordinate(
             }
             Err(_) => return,
         };
-        // Told to the peers: nobody after a pause or without a majority.
+        // Told to the peers: nobody after a pause or without a majority;
+        // a change at once (see `heartbeat`).
         let told = if paused || !quorum {
             Vec::new()
         } else {
             suspects
         };
-        if told != suspected {
-            suspected = told.clone();
-            if let Ok(mut t) = shared.told_suspects.lock() {
-                *t = told;
-            }
+        if let Ok(mut t) = shared.told_suspects.lock()
+            && *t != told
+        {
+            *t = told;
             shared.suspicions.send_modify(|n| *n = n.wrapping_add(1));
         }
         if paused {

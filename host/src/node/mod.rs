@@ -389,14 +389,11 @@ pub async fn run(
             ends.push((tp, end));
         }
     }
-    if fenced.is_some() {
-        // Another process acknowledged writes as this node since it was
-        // paused: a clean stop vouches only for what this one did, so its
-        // next start must not count these logs as whole.
-        if let Err(e) = clean_shutdown::CleanShutdown::write(&config.data_dir, &[]) {
-            warn!("{e}: the next start treats every log as possibly incomplete");
-        }
-    } else if let Err(e) = clean_shutdown::CleanShutdown::write(&config.data_dir, &ends) {
+    // Fenced, another process acknowledged writes as this node since it
+    // was paused: a clean stop vouches only for what this one did, so its
+    // next start must not count these logs as whole.
+    let vouched: &[_] = if fenced.is_some() { &[] } else { &ends };
+    if let Err(e) = clean_shutdown::CleanShutdown::write(&config.data_dir, vouched) {
         warn!("{e}: the next start treats every log as possibly incomplete");
     }
     // The metadata plugin too, after whatever call it is in (a poll, a

@@ -897,17 +897,17 @@ impl Actor {
             }));
             return;
         }
-        if offset >= hw && max_wait_ms > 0 && self.parked_reads.len() < MAX_PARKED_READS {
-            let due = self.now().saturating_add(max_wait_ms);
-            self.parked_reads.push(ParkedRead {
-                offset,
-                max_bytes,
-                due,
-                reply,
-            });
-            return;
-        }
         if offset >= hw {
+            if max_wait_ms > 0 && self.parked_reads.len() < MAX_PARKED_READS {
+                let due = self.now().saturating_add(max_wait_ms);
+                self.parked_reads.push(ParkedRead {
+                    offset,
+                    max_bytes,
+                    due,
+                    reply,
+                });
+                return;
+            }
             let _ = reply.send(Ok(ReadResult {
                 high_watermark: hw,
                 log_start: start,

@@ -307,12 +307,13 @@ impl NodeServer {
         // every client's metadata request for its 30 s and more, behind
         // the metadata plugin's queue and reconnects (141 s seen), before
         // anyone marked the store as failing.
-        let asked = tokio::time::timeout(STORE_ANSWER_WAIT, self.metadata_from_store()).await;
-        let asked = asked.unwrap_or_else(|_| {
-            Err(RpcError::Metadata(format!(
-                "the metadata store did not answer within {STORE_ANSWER_WAIT:?}"
-            )))
-        });
+        let asked = tokio::time::timeout(STORE_ANSWER_WAIT, self.metadata_from_store())
+            .await
+            .unwrap_or_else(|_| {
+                Err(RpcError::Metadata(format!(
+                    "the metadata store did not answer within {STORE_ANSWER_WAIT:?}"
+                )))
+            });
         match asked {
             Ok((b, p, u)) => Ok((b, p, u, None)),
             Err(e) => match view() {

@@ -361,19 +361,22 @@ impl Shared {
         }
     }
 
-    /// Brokers the failure detector counts as failed now.
+    /// Brokers the failure detector counts as failed now (sorted).
     pub fn failed_brokers(&self) -> Vec<ReplicaId> {
         let now = self.now_ms();
-        let ids = self.broker_ids();
-        let Ok(fd) = self.detector.lock() else {
-            return Vec::new();
-        };
-        let mut failed: Vec<ReplicaId> = ids
-            .into_iter()
-            .filter(|b| *b != self.node_id && fd.has_failed(*b, now))
-            .collect();
-        failed.sort_unstable();
-        failed
+        let coordinator = self.judge();
+        self.detector
+            .lock()
+            .map(|fd| coordinator.suspects(&fd, now))
+            .unwrap_or_default()
+    }
+
+    /// A failover coordinator over the registered brokers, to judge
+    /// liveness with (its election settings are not used).
+    fn judge(&self) -> crate::core::FailoverCoordinator {
+        let mut coordinator = crate::core::FailoverCoordinator::new(self.node_id, false, 1);
+        coordinator.set_brokers(&self.broker_ids());
+        coordinator
     }
 
     /// [`Shared::failed_brokers`] as told to clients: nothing unless this
@@ -387,8 +390,7 @@ impl Shared {
     pub fn failed_brokers_for_clients(&self) -> Vec<ReplicaId> {
         let now = self.now_ms();
         let ids = self.broker_ids();
-        let mut coordinator = crate::core::FailoverCoordinator::new(self.node_id, false, 1);
-        coordinator.set_brokers(&ids);
+        let coordinator = self.judge();
         let Ok(fd) = self.detector.lock() else {
             return Vec::new();
         };

@@ -534,9 +534,9 @@ impl Actor {
         // A failed append or flush keeps the instance: an object-store
         // plugin holds what it has not uploaded yet in it, and an outage
         // that fails every replica's upload at once would otherwise drop
-        // that tail everywhere. An append applied in part shows at the
-        // next recovery, whose bounds then differ from the host's (a
-        // fault, and a fresh instance).
+        // that tail everywhere. Its bounds are asked for after it
+        // instead (`after_failed_write`): a cut back, or an append applied
+        // in part, is a fault then.
         let mutation = matches!(op, Op::Truncate(_) | Op::DeletePrefix(_));
         // A read inside the log: a `corrupt` answer to it is damage there.
         let read_at = match op {

@@ -249,9 +249,9 @@ fn injected_sync_fault(state: &PluginState) -> bool {
 }
 
 /// `descriptor.sync()` (fsync) and `descriptor.sync-data()` (fdatasync
-/// of a file), as wasmtime-wasi runs them. A directory gets an fsync of
-/// its descriptor either way (wasmtime-wasi opens it anew to sync it,
-/// which syncs the same directory).
+/// of a file), as wasmtime-wasi runs them. A directory gets an fsync
+/// either way, through a descriptor opened anew ([`sync_dir`]), as
+/// wasmtime-wasi does.
 fn sync(
     store: StoreContextMut<'_, PluginState>,
     (fd,): (Resource<Descriptor>,),

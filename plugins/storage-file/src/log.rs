@@ -596,8 +596,11 @@ impl FileLog {
             // The data, then the segment's name if it is new: both before
             // the batch counts as appended, so a failure leaves nothing of
             // it in memory.
-            let synced = fs::sync(&self.active()?.file, &self.active()?.name)
-                .and_then(|()| self.sync_dir_if_changed_raw());
+            let synced = {
+                let a = self.active()?;
+                fs::sync(&a.file, &a.name)
+            }
+            .and_then(|()| self.sync_dir_if_changed());
             if let Err(m) = synced {
                 self.cut_failed_write(start);
                 return Err(self.sync_failed(m));
@@ -665,8 +668,9 @@ impl FileLog {
     /// the cut made durable. The caller answers `io`; the host, finding
     /// the log end lower than it was, reopens the log and counts this
     /// replica as having lost records, which it fetches again from the
-    /// leader. If the cut fails too, nothing the files hold can be
-    /// trusted: trap, and the host reopens the log from disk.
+    /// leader. If the cut fails too, it is noted for the next open to
+    /// finish (`CUT_FILE`), and the plugin traps: the host reopens the log,
+    /// and that open cuts what the page cache still shows whole.
     fn sync_failed(&mut self, why: String) -> Error {
         let (start, end) = self.bounds();
         let to = self.durable_end;
@@ -741,7 +745,7 @@ impl FileLog {
             // The closed segment was the active one: with its name in the
             // directory synced too, the whole log is on disk.
             self.close_segment(base)?;
-            if let Err(m) = self.sync_dir_if_changed_raw() {
+            if let Err(m) = self.sync_dir_if_changed() {
                 return Err(self.sync_failed(m));
             }
             self.unsynced = false;
@@ -766,7 +770,7 @@ impl FileLog {
     }
 
     /// Sync the directory if a segment was created since it last was.
-    fn sync_dir_if_changed_raw(&mut self) -> FsResult<()> {
+    fn sync_dir_if_changed(&mut self) -> FsResult<()> {
         if self.dir_unsynced {
             let name = self
                 .segments
@@ -793,7 +797,7 @@ impl FileLog {
             }
             self.unsynced = false;
         }
-        if let Err(m) = self.sync_dir_if_changed_raw() {
+        if let Err(m) = self.sync_dir_if_changed() {
             return Err(self.sync_failed(m));
         }
         let active = self.active()?.base;
