@@ -190,6 +190,9 @@ async fn heartbeat(
                     None,
                     sent_at,
                 );
+                if let Ok(mut fd) = shared.detector.lock() {
+                    fd.mark_legacy(node);
+                }
                 announce = changed_now;
             }
             Ok((other, _)) => {
@@ -928,6 +931,22 @@ mod tests {
         let mut writes = store.writes.lock().map(|w| w.clone()).unwrap_or_default();
         writes.sort_unstable();
         writes
+    }
+
+    /// A heartbeat without a view (a node stopping sends one) counts its
+    /// sender as alive and nothing more: only a refusal of the field marks
+    /// a peer as one from before views, which counts as agreeing with
+    /// every suspicion. A stopping node used to be marked so.
+    #[tokio::test]
+    async fn a_heartbeat_without_a_view_does_not_make_its_sender_agree() {
+        let store = Arc::new(RecordingStore::new(None));
+        let (shared, _fetch_rx) = Shared::for_tests(store, FailoverConfig::default());
+        let now = shared.now_ms();
+        shared.heard(2, 1, None, now);
+        let fd = shared.detector.lock().expect("detector");
+        assert!(fd.heard_recently(2, now));
+        assert!(!fd.is_legacy(2));
+        assert!(!fd.peer_suspects(2, 3, now));
     }
 
     #[tokio::test]

@@ -415,8 +415,11 @@ impl Shared {
     /// `from`'s heartbeat (its broker epoch `broker_epoch`) said it
     /// counts `suspects` as failed, as of `view_at` (see
     /// [`FailureDetector::record_view`]): counted as alive now, and its
-    /// view kept, unless an older incarnation sent it. `None`: a version
-    /// that sends no views.
+    /// view kept, unless an older incarnation sent it. `None`: a heartbeat
+    /// without a view (a node stopping sends one). Only a refusal of the
+    /// field marks a peer as one from before views (see `heartbeat`): a
+    /// stopping node's view-less heartbeat marked it, and its peers then
+    /// counted it as agreeing with every suspicion for a failure timeout.
     pub(super) fn heard(
         &self,
         from: ReplicaId,
@@ -431,13 +434,7 @@ impl Shared {
         let changed = match self.detector.lock() {
             Ok(mut fd) => {
                 fd.record_heartbeat(from, now);
-                match suspects {
-                    Some(s) => fd.record_view(from, s, view_at),
-                    None => {
-                        fd.mark_legacy(from);
-                        false
-                    }
-                }
+                suspects.is_some_and(|s| fd.record_view(from, s, view_at))
             }
             Err(_) => false,
         };

@@ -101,9 +101,9 @@ pub enum Request {
     /// partition metadata (an election), so re-read it now. `suspects`:
     /// the nodes the sender counts as failed (a leader is replaced only
     /// once a majority does). Nodes from before it refuse the field: a
-    /// sender that gets that refusal sends without it, and a node counts
-    /// a peer whose heartbeats lack it as one without views (see
-    /// [`crate::core::FailureDetector::mark_legacy`]).
+    /// sender that gets that refusal marks the peer as one without views
+    /// (see [`crate::core::FailureDetector::mark_legacy`]) and sends
+    /// without it. A stopping node sends none either.
     Heartbeat {
         broker_epoch: u64,
         #[serde(default)]
