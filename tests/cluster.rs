@@ -2918,6 +2918,105 @@ fn etcd_cluster_with_100() -> (support::etcd::Etcd, Cluster, String) {
     (etcd, c, client)
 }
 
+/// Nodes started before their etcd wait for it, saying so in their logs,
+/// and join once it answers: a service manager may start them in any
+/// order. They exited at the first "unavailable".
+#[test]
+fn nodes_started_before_their_etcd_wait_for_it() {
+    let mut etcd = support::etcd::Etcd::start();
+    etcd.stop();
+    let endpoint = etcd.endpoint();
+    let args = ["--metadata", "etcd", "--metadata-endpoint", &endpoint];
+    let mut c = Cluster::init_with(3, "memory", &args, |t| t);
+    c.start_all();
+    c.wait_log("every node waiting for the store", |c| {
+        (1..=3).all(|id| {
+            let log = c.log(id);
+            log.contains("unavailable") && log.contains("trying again in")
+        })
+    });
+    etcd.restart();
+    c.wait_up();
+    let client = c.client();
+    create_topic(&client, "t", "1");
+    produce_generated(&client, "t", "100");
+    c.wait_status("100 everywhere", |v| converged(v, "t", 0, 100));
+}
+
+/// The process of `id` taken from the cluster: its exit status once it
+/// exits within `limit`, or `None` (it is then killed).
+fn exit_within(
+    c: &mut Cluster,
+    id: u32,
+    limit: std::time::Duration,
+) -> Option<std::process::ExitStatus> {
+    let mut child = c.nodes[(id - 1) as usize].take()?;
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let status = rx.recv_timeout(limit).ok().and_then(Result::ok);
+    if status.is_none() {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+    let _ = waiter.join();
+    status
+}
+
+/// A node whose store never answers gives up after `[metadata]
+/// start_wait_ms` with an error naming the setting; one stopped while it
+/// waits exits at once, cleanly.
+#[test]
+fn a_node_waiting_for_its_store_gives_up_in_time_or_stops_when_told() {
+    let (_held, port) = support::etcd::closed_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let args = ["--metadata", "etcd", "--metadata-endpoint", &endpoint];
+    let mut c = Cluster::init_with(2, "memory", &args, |t| {
+        t.replace("start_wait_ms = 60000", "start_wait_ms = 1500")
+    });
+    // Node 2 waits the default minute: it is stopped while waiting.
+    let node_2 = c.path().join("node-2.toml");
+    let text = std::fs::read_to_string(&node_2).unwrap();
+    std::fs::write(
+        &node_2,
+        text.replace("start_wait_ms = 1500", "start_wait_ms = 60000"),
+    )
+    .unwrap();
+    c.start_all();
+    let began = std::time::Instant::now();
+    let status =
+        exit_within(&mut c, 1, std::time::Duration::from_secs(20)).expect("node 1 gave up");
+    assert!(!status.success(), "{status:?}");
+    let waited = began.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(1500)
+            && waited < std::time::Duration::from_secs(10),
+        "gave up after {waited:?}"
+    );
+    let log = c.log(1);
+    assert!(
+        log.contains("did not answer within `[metadata] start_wait_ms` (1500 ms)"),
+        "{log}"
+    );
+    c.wait_log("node 2 waiting", |c| c.log(2).contains("trying again in"));
+    let told = std::time::Instant::now();
+    c.signal(2, "-TERM");
+    let status = exit_within(&mut c, 2, std::time::Duration::from_secs(5)).expect("node 2 stopped");
+    assert!(status.success(), "{status:?}: {}", c.log(2));
+    assert!(
+        told.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        told.elapsed()
+    );
+    assert!(
+        c.log(2)
+            .contains("shutting down before the metadata store answered")
+    );
+}
+
 /// A metadata store that hangs (etcd frozen by SIGSTOP: connections
 /// are taken, nothing is answered, as when its packets are dropped) does
 /// not hold clients: a node waits for the store at most 3 s per metadata

@@ -254,6 +254,7 @@ fn plan(args: &InitArgs) -> anyhow::Result<Plan> {
         dir: "metadata".into(),
         endpoints: args.metadata_endpoint.clone(),
         config: args.metadata_config.iter().cloned().collect(),
+        start_wait_ms: replicator::node::config::default_start_wait_ms(),
     };
     if let Err(e) = metadata.validate() {
         bail!("{e} (give them with --metadata-endpoint http://host:port)");

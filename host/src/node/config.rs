@@ -133,6 +133,15 @@ pub struct MetadataSection {
     pub endpoints: Vec<String>,
     #[serde(default, deserialize_with = "plugin_settings")]
     pub config: BTreeMap<String, String>,
+    /// How long a starting node waits for the store to answer, in ms,
+    /// trying again with growing pauses and saying so in its log; then it
+    /// exits with an error. 0 exits at the first failure.
+    #[serde(default = "default_start_wait_ms")]
+    pub start_wait_ms: u64,
+}
+
+pub fn default_start_wait_ms() -> u64 {
+    60_000
 }
 
 /// Environment variables a storage plugin with an `endpoint` may read:
@@ -760,6 +769,7 @@ mod tests {
             dir: "m".into(),
             endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
             config: BTreeMap::new(),
+            start_wait_ms: default_start_wait_ms(),
         };
         let ok = section("etcd", &["http://127.0.0.1:2379", "http://Etcd-2:2379/"]);
         assert_eq!(ok.validate(), Ok(()));

@@ -20,6 +20,7 @@ mod partition;
 mod server;
 mod shared;
 pub mod storage;
+mod store_wait;
 mod tail_cache;
 mod unclean_survey;
 
@@ -34,7 +35,7 @@ use tracing::{error, info, warn};
 
 use crate::core::TopicPartition;
 use crate::metadata::{MetadataError, MetadataStore, PartitionState};
-use crate::plugin::{ConfigCheck, LoadError, MetadataPlugin, StoragePlugin};
+use crate::plugin::{ConfigCheck, LoadError, MetadataPlugin, PluginMetadata, StoragePlugin};
 use crate::transport::{Identity, TlsError, TlsMaterial, Transport, TransportError};
 
 pub use config::{ClientConfig, ConfigError, NodeConfig};
@@ -60,6 +61,14 @@ pub enum NodeError {
     /// print it twice.
     #[error("metadata store: {0}")]
     Metadata(MetadataError),
+    #[error(
+        "the metadata store ({store}) did not answer within `[metadata] start_wait_ms` ({waited_ms} ms): {why}. Start it (or check the endpoints in the node's config), then start the node again"
+    )]
+    StoreNeverAnswered {
+        store: String,
+        waited_ms: u64,
+        why: String,
+    },
     #[error(transparent)]
     DataDir(#[from] data_dir_lock::LockError),
     #[error(transparent)]
@@ -114,6 +123,7 @@ pub async fn run(
     ready: Option<oneshot::Sender<SocketAddr>>,
 ) -> Result<(), NodeError> {
     let id = config.node_id;
+    let mut shutdown = std::pin::pin!(shutdown);
     // First: a second node on this directory stops here, before it binds
     // or registers anything.
     let _data_dir = data_dir_lock::lock(&config.data_dir)?;
@@ -192,51 +202,47 @@ pub async fn run(
     let meta_plugin =
         MetadataPlugin::load(&config.metadata.source(base), config.metadata.sandbox())
             .map_err(NodeError::MetadataLoad)?;
-    let meta_pairs = config.metadata.plugin_config();
-    let metadata = meta_plugin
-        .connect(&config.metadata.dir, meta_pairs)
-        .await?;
-    // The store must be this cluster's before this node registers in it
-    // (a registration would overwrite another cluster's broker address).
-    let cluster_id = config.cluster_id.clone().or_else(|| {
-        found_identity
-            .as_ref()
-            .and_then(|found| found.cluster_id.clone())
-    });
-    match &cluster_id {
-        Some(configured) => {
-            let stored = metadata.claim_cluster_id(configured.clone()).await?;
-            if stored != *configured {
-                return Err(NodeError::OtherCluster {
-                    store: config.metadata.describe(),
-                    stored,
-                    configured: configured.clone(),
-                    named_by: if config.cluster_id.is_some() {
-                        "this node's config".to_string()
-                    } else {
-                        format!(
-                            "this node's data directory ({}/identity.toml; the config names none)",
-                            config.data_dir.display()
-                        )
-                    },
-                });
+    // The store may not be up yet (nodes and etcd started together, or by
+    // a service manager in any order): wait for it, saying so, instead of
+    // exiting at once. Only "unavailable" is waited out; a store that
+    // answers "no" (another cluster's, a refused setting) stops the start.
+    let store = config.metadata.describe();
+    let mut waiting =
+        store_wait::StoreWait::new(Duration::from_millis(config.metadata.start_wait_ms));
+    let (metadata, broker_epoch, cluster_id) = loop {
+        match join_store(
+            &config,
+            &meta_plugin,
+            found_identity.as_ref(),
+            &transport,
+            advertised,
+        )
+        .await
+        {
+            Err(NodeError::Metadata(MetadataError::Unavailable(why))) => {
+                let Some(pause) = waiting.next_pause() else {
+                    return Err(NodeError::StoreNeverAnswered {
+                        store,
+                        waited_ms: config.metadata.start_wait_ms,
+                        why,
+                    });
+                };
+                warn!(
+                    "metadata store ({store}) unavailable: {why}; trying again in {} ms (for up to {} s more, `[metadata] start_wait_ms`)",
+                    pause.as_millis(),
+                    waiting.left().as_secs()
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = &mut shutdown => {
+                        info!("node {id} shutting down before the metadata store answered");
+                        return Ok(());
+                    }
+                }
             }
+            other => break other?,
         }
-        None => warn!(
-            "no cluster_id in the config: this node cannot tell a metadata store or data directory of another cluster from its own (`cluster init` writes one; any 1-64 characters of A-Z, a-z, 0-9, `_`, `-` that no other cluster uses will do)"
-        ),
-    }
-    let identity = identity::DirIdentity {
-        node_id: id,
-        cluster_id: cluster_id.clone(),
     };
-    if found_identity.as_ref() != Some(&identity) {
-        identity.write(&config.data_dir)?;
-    }
-    // A live process registered under this id elsewhere stops this start
-    // before it takes the id over (Kafka refuses a duplicate broker.id).
-    already_running(&metadata, &transport, id, advertised).await?;
-    let broker_epoch = metadata.register_broker(id, advertised.to_string()).await?;
     info!(
         "node {id} of cluster {} registered at {advertised} with broker epoch {broker_epoch}; storage `{}`, metadata `{}`",
         cluster_id.as_deref().unwrap_or("(unnamed)"),
@@ -322,7 +328,7 @@ pub async fn run(
 
     let fenced = tokio::select! {
         f = watch(&server, Duration::from_millis(config.metadata_poll_ms)) => Some(f),
-        _ = shutdown => {
+        _ = &mut shutdown => {
             info!("node {id} shutting down");
             None
         }
@@ -423,6 +429,64 @@ const ALREADY_RUNNING_WAIT: Duration = Duration::from_secs(2);
 /// Refuse to start when the store registers `id` at another address and
 /// a node answers there as `id` (its certificate and hello say so). At
 /// this node's own address nothing else can be listening: it bound it.
+/// Connect to the metadata store, check it is this cluster's, record the
+/// cluster in the data directory, and register: everything a start does
+/// in the store, from the beginning each time (each step is idempotent).
+/// Answers the store, the broker epoch and the cluster id.
+async fn join_store(
+    config: &NodeConfig,
+    meta_plugin: &MetadataPlugin,
+    found_identity: Option<&identity::DirIdentity>,
+    transport: &Transport,
+    advertised: SocketAddr,
+) -> Result<(PluginMetadata, u64, Option<String>), NodeError> {
+    let id = config.node_id;
+    let metadata = meta_plugin
+        .connect(&config.metadata.dir, config.metadata.plugin_config())
+        .await?;
+    // The store must be this cluster's before this node registers in it
+    // (a registration would overwrite another cluster's broker address).
+    let cluster_id = config
+        .cluster_id
+        .clone()
+        .or_else(|| found_identity.and_then(|found| found.cluster_id.clone()));
+    match &cluster_id {
+        Some(configured) => {
+            let stored = metadata.claim_cluster_id(configured.clone()).await?;
+            if stored != *configured {
+                return Err(NodeError::OtherCluster {
+                    store: config.metadata.describe(),
+                    stored,
+                    configured: configured.clone(),
+                    named_by: if config.cluster_id.is_some() {
+                        "this node's config".to_string()
+                    } else {
+                        format!(
+                            "this node's data directory ({}/identity.toml; the config names none)",
+                            config.data_dir.display()
+                        )
+                    },
+                });
+            }
+        }
+        None => warn!(
+            "no cluster_id in the config: this node cannot tell a metadata store or data directory of another cluster from its own (`cluster init` writes one; any 1-64 characters of A-Z, a-z, 0-9, `_`, `-` that no other cluster uses will do)"
+        ),
+    }
+    let identity = identity::DirIdentity {
+        node_id: id,
+        cluster_id: cluster_id.clone(),
+    };
+    if found_identity != Some(&identity) {
+        identity.write(&config.data_dir)?;
+    }
+    // A live process registered under this id elsewhere stops this start
+    // before it takes the id over (Kafka refuses a duplicate broker.id).
+    already_running(&metadata, transport, id, advertised).await?;
+    let broker_epoch = metadata.register_broker(id, advertised.to_string()).await?;
+    Ok((metadata, broker_epoch, cluster_id))
+}
+
 async fn already_running(
     metadata: &impl MetadataStore,
     transport: &Transport,
