@@ -255,6 +255,25 @@ async fn corrupt_read_is_a_fault_that_names_the_damage() {
     assert_fault(&err, FaultKind::Damaged { from: 0 });
 }
 
+/// A read answered with another batch's bytes under the offset asked for
+/// (its CRC intact: the CRC leaves the base offset out) is caught by the
+/// batch's position check, as damage where it was asked. It was served:
+/// a consumer from offset 4 read offsets 0 and 1's records as 4 and 5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_served_under_another_offset_is_caught() {
+    let (_plugin, log) = open("relabel-read").await;
+    for base in 0..3 {
+        log.append(one(base)).await.expect("append works");
+    }
+    assert_eq!(log.read(0, 1 << 20).await.map(|b| b.is_empty()), Ok(false));
+    let err = log
+        .read(2, 1 << 20)
+        .await
+        .expect_err("relabelled batch served");
+    assert_fault(&err, FaultKind::Damaged { from: 2 });
+    assert!(err.to_string().contains("moved or relabelled"), "{err}");
+}
+
 /// A plugin that finds its own stored log damaged where the host reads
 /// (`corrupt`) raises the same fault as a batch that fails the host's CRC
 /// check, naming where: the replica can cut its log there and fetch the

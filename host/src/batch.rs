@@ -127,10 +127,11 @@ pub fn encode(
     Ok(buf.freeze())
 }
 
-/// Rewrite the base offset of an encoded batch in place. The CRC does not
-/// cover the base offset (as in Kafka), so nothing else changes.
+/// Rewrite the base offset of one encoded batch in place, and seal it
+/// again (the position check covers the base offset).
 pub fn set_base_offset(batch: &mut [u8], base_offset: u64) {
     batch[0..8].copy_from_slice(&base_offset.to_le_bytes());
+    replicator_plugin_sdk::seal(batch);
 }
 
 /// Reads fields from one batch's records as positions in the buffer: a
@@ -425,15 +426,38 @@ mod tests {
         }
     }
 
+    /// A batch relabelled with another base offset (the CRC leaves the
+    /// offset out) fails its position check; restamping it is how the
+    /// offset is changed. A batch sealed before the check existed (0
+    /// there) is still read, as it always was.
     #[test]
-    fn rebasing_keeps_crc_valid() {
+    fn a_relabelled_batch_fails_its_position_check() {
         let recs = vec![Record {
             value: Bytes::from_static(b"v"),
             ..Default::default()
         }];
-        let mut b = encode(0, 1, &recs).unwrap().to_vec();
-        set_base_offset(&mut b, 99);
-        let back = decode(&Bytes::from(b)).unwrap();
-        assert_eq!(back[0].offset, 99);
+        let sealed = encode(0, 1, &recs).unwrap();
+        let mut moved = sealed.to_vec();
+        moved[0..8].copy_from_slice(&99u64.to_le_bytes());
+        assert!(
+            matches!(
+                decode(&Bytes::from(moved.clone())),
+                Err(BatchError::Header(HeaderError::Position {
+                    base_offset: 99,
+                    ..
+                }))
+            ),
+            "{:?}",
+            decode(&Bytes::from(moved.clone()))
+        );
+        let (restamped, next) = restamp(sealed.clone(), 99, 1).unwrap();
+        assert_eq!((decode(&restamped).unwrap()[0].offset, next), (99, 100));
+        // As sealed before the check: 0 in its place, the CRC over that.
+        let mut old = sealed.to_vec();
+        old[18..20].copy_from_slice(&[0, 0]);
+        let crc = replicator_plugin_sdk::compute_crc(&old);
+        old[12..16].copy_from_slice(&crc.to_le_bytes());
+        old[0..8].copy_from_slice(&99u64.to_le_bytes());
+        assert_eq!(decode(&Bytes::from(old)).unwrap()[0].offset, 99);
     }
 }

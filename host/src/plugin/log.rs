@@ -901,9 +901,9 @@ fn check_read(known: OffsetBounds, offset: u64, max: u32, bytes: Bytes) -> Check
     Ok((Out::Bytes(bytes), known))
 }
 
-/// Where the batches a read at `offset` returned first fail their CRC or
-/// framing check, or do not follow on (the base offset is outside the
-/// CRC): the failing batch's start, or `offset` if it was the first (its
+/// Where the batches a read at `offset` returned first fail their CRC,
+/// position or framing check, or do not follow on: the failing batch's
+/// start, or `offset` if it was the first (its
 /// start is then unknown, but `offset` is inside it), and its byte
 /// position. `None` if every batch is whole and in place (the read broke
 /// another rule).

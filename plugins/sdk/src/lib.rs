@@ -38,6 +38,13 @@ pub enum HeaderError {
     OffsetOverflow,
     /// The stored CRC does not match the bytes.
     Crc { stored: u32, computed: u32 },
+    /// The base offset or length is not the one the batch was sealed
+    /// with (see [`position_check`]): it was moved or relabelled.
+    Position {
+        base_offset: u64,
+        stored: u16,
+        computed: u16,
+    },
 }
 
 impl fmt::Display for HeaderError {
@@ -56,6 +63,14 @@ impl fmt::Display for HeaderError {
             HeaderError::Crc { stored, computed } => write!(
                 f,
                 "batch CRC mismatch: stored {stored:#010x}, computed {computed:#010x}"
+            ),
+            HeaderError::Position {
+                base_offset,
+                stored,
+                computed,
+            } => write!(
+                f,
+                "batch labelled base offset {base_offset} was sealed at another offset or length (position check stored {stored:#06x}, computed {computed:#06x}): it was moved or relabelled"
             ),
         }
     }
@@ -154,23 +169,57 @@ pub fn compute_crc(batch: &[u8]) -> u32 {
     crc32c(&batch[CRC_START..])
 }
 
-/// Fill in the CRC field of a whole, otherwise complete batch.
+/// Where the position check is stored: bytes 18..20, inside the CRC.
+const POSITION_AT: usize = 18;
+
+/// The position check of a batch header (at least [`HEADER_LEN`] bytes):
+/// the low 16 bits of the CRC-32C of bytes 0..12 (base offset, length)
+/// and 20..44 (epoch, count, timestamps), never 0.
+///
+/// Why: as in Kafka, the CRC leaves out the base offset, so a batch with
+/// another batch's offset written over its own still passed every check,
+/// and a storage plugin that served the batch of offset 0 labelled as
+/// offset 4 (an index bug, or a plugin rebuilding headers from its own
+/// index) had consumers read the wrong records without an error. The
+/// check ties the offset and length to the rest of the header, and the
+/// CRC ties it to the records. 0 means "none": batches sealed before it
+/// existed carry 0 there and are not checked.
+pub fn position_check(header: &[u8]) -> u16 {
+    let crc = ::crc32c::crc32c_append(crc32c(&header[..12]), &header[20..HEADER_LEN]);
+    (crc as u16).max(1)
+}
+
+/// Fill in the position check and the CRC of a whole, otherwise
+/// complete batch.
 pub fn seal(batch: &mut [u8]) {
+    let check = position_check(batch);
+    batch[POSITION_AT..POSITION_AT + 2].copy_from_slice(&check.to_le_bytes());
     let crc = compute_crc(batch);
     batch[12..16].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// Check the CRC of one whole batch (`batch.len()` == its batch-length).
+/// Check the CRC of one whole batch (`batch.len()` == its batch-length),
+/// and its position check if it has one.
 pub fn verify_crc(header: &BatchHeader, batch: &[u8]) -> Result<(), HeaderError> {
     let computed = compute_crc(&batch[..header.batch_len as usize]);
-    if computed == header.crc {
-        Ok(())
-    } else {
-        Err(HeaderError::Crc {
+    if computed != header.crc {
+        return Err(HeaderError::Crc {
             stored: header.crc,
             computed,
-        })
+        });
     }
+    let stored = u16::from_le_bytes([batch[POSITION_AT], batch[POSITION_AT + 1]]);
+    if stored != 0 {
+        let computed = position_check(batch);
+        if computed != stored {
+            return Err(HeaderError::Position {
+                base_offset: header.base_offset,
+                stored,
+                computed,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Iterate over the batches packed back to back in `bytes`, checking

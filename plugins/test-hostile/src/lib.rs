@@ -10,6 +10,9 @@
 //! - `stack`: recurses without bound (wasm stack limit),
 //! - `lie-append`: acknowledges appends with a wrong log end offset,
 //! - `lie-read`: returns batches whose CRC does not match,
+//! - `relabel-read`: answers a read past the first batch with the first
+//!   batch's bytes, its base offset overwritten with the one asked for
+//!   (an index that serves the wrong batch under the right label),
 //! - `corrupt-read`: answers every read with `corrupt` (its own index
 //!   names a segment that is gone),
 //! - `lie-bounds`: reports a log start past the log end,
@@ -210,6 +213,14 @@ impl GuestPartitionLog for Hostile {
                     log_end: ix.log_end(),
                 })
             })?;
+        if self.mode == "relabel-read"
+            && offset > ix.log_start()
+            && let Some(first) = ix.get(0)
+        {
+            let mut out = first.loc.clone();
+            out[0..8].copy_from_slice(&offset.to_le_bytes());
+            return Ok(out);
+        }
         let mut out = Vec::new();
         for i in range {
             if let Some(e) = ix.get(i) {
