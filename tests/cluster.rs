@@ -1472,6 +1472,69 @@ fn after_a_whole_cluster_crash_an_unclean_election_by_the_operator_restores_serv
     }
 }
 
+/// A data directory restored from a backup taken at an earlier clean stop
+/// carries that stop's record, which matches its own logs: node 3's was
+/// counted intact, kept its ELR claim, and was elected over node 1, whose
+/// log held 1000 more acknowledged writes, which every replica then
+/// truncated (exploratory run). The record names its run's broker epoch
+/// now, older than the store's last registration of node 3, so it vouches
+/// for nothing: node 3 leaves the ELR, and the writes survive.
+#[test]
+fn a_data_directory_restored_from_a_backup_does_not_vouch_for_its_logs() {
+    let (mut c, client, _) = configured_with_2000("file", no_rebalance);
+    assert!(c.stop(3));
+    let dir_3 = c.path().join("node-3");
+    let backup = c.path().join("node-3-backup");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&dir_3)
+        .arg(&backup)
+        .status()
+        .expect("cp");
+    assert!(copied.success());
+    c.start(3);
+    c.wait_status("node 3 back in sync", |v| converged(v, "t", 0, 2000));
+    produce_generated(&client, "t", "1000");
+    c.wait_status("3000 everywhere", |v| converged(v, "t", 0, 3000));
+    let acknowledged = consume_replica(&c, "t", 1, 3000);
+    assert!(c.stop(2));
+    assert!(c.stop(3));
+    c.wait_status("ISR 1 with 3 eligible", |v| {
+        partition(v, "t", 0).is_some_and(|p| {
+            p["isr"] == serde_json::json!([1]) && p["elr"] == serde_json::json!([3])
+        })
+    });
+    std::fs::remove_dir_all(&dir_3).unwrap();
+    std::fs::rename(&backup, &dir_3).unwrap();
+    c.kill(1);
+    c.start(1);
+    c.start(3);
+    c.wait_log("node 3 to distrust its record", |c| {
+        c.log(3).contains("older than this node's last run")
+    });
+    c.wait_status("node 3 out of the ELR", |v| {
+        partition(v, "t", 0).is_some_and(|p| p["elr"] == serde_json::json!([]))
+    });
+    let v = c.status();
+    assert_ne!(
+        partition(&v, "t", 0).map(|p| p["leader"].clone()),
+        Some(serde_json::json!(3)),
+        "{v}"
+    );
+    // Only node 1 holds the 1000: an unclean election picks it.
+    let out = elect_t0(&client, &["--unclean"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.start(2);
+    c.wait_status("3000 everywhere", |v| converged(v, "t", 0, 3000));
+    for r in 1..=3 {
+        assert_eq!(consume_replica(&c, "t", r, 3000), acknowledged);
+    }
+}
+
 /// Automatic unclean election (`[failover] unclean_leader_election`)
 /// elects the live replica with the most up-to-date log, not the first in
 /// assignment order. Node 2 misses 1000 acknowledged writes that node 3

@@ -10,6 +10,17 @@
 //! written only after every log was flushed and closed, and a node reads
 //! it at start and deletes it before it opens any log: a crash of this run
 //! then finds no record, however long the run was.
+//!
+//! The record also names the broker epoch of the run that wrote it, and a
+//! start compares it with the epoch the metadata store last registered
+//! this node under (KIP-966 compares the same two): a record from an
+//! earlier run than the store's last means the data directory is older
+//! than that run, restored from a backup or copied from elsewhere, and its
+//! logs may lack what the later run acknowledged. A restored directory
+//! carried a record that matched its own logs, and its replica was elected
+//! from the ELR over the logs that held the later writes, which were then
+//! truncated on every replica (exploratory run). Such a record vouches for
+//! nothing.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -37,6 +48,10 @@ struct Entry {
 
 #[derive(Serialize, Deserialize, Default)]
 struct File {
+    /// The broker epoch of the run that wrote it; absent in records from
+    /// before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    broker_epoch: Option<u64>,
     #[serde(default)]
     partition: Vec<Entry>,
 }
@@ -45,6 +60,7 @@ struct File {
 #[derive(Debug, Default, Clone)]
 pub struct CleanShutdown {
     ends: HashMap<TopicPartition, u64>,
+    broker_epoch: Option<u64>,
 }
 
 impl CleanShutdown {
@@ -75,7 +91,27 @@ impl CleanShutdown {
             .into_iter()
             .map(|e| (TopicPartition::new(&e.topic, e.partition), e.log_end))
             .collect();
-        Ok(CleanShutdown { ends })
+        Ok(CleanShutdown {
+            ends,
+            broker_epoch: file.broker_epoch,
+        })
+    }
+
+    /// Compare the record with `registered`, the broker epoch the store
+    /// last registered this node under (before this start registers
+    /// again). A record from an earlier run vouches for nothing from here
+    /// on; returns the record's epoch then. A record without an epoch
+    /// (from before it was kept), or a store with no registration, leaves
+    /// it as it is.
+    pub fn check_run(&mut self, registered: Option<u64>) -> Option<u64> {
+        let (Some(recorded), Some(registered)) = (self.broker_epoch, registered) else {
+            return None;
+        };
+        if recorded < registered && !self.ends.is_empty() {
+            self.ends.clear();
+            return Some(recorded);
+        }
+        None
     }
 
     /// Delete the record in `dir`, durably, before this run opens a log. A
@@ -101,13 +137,18 @@ impl CleanShutdown {
 
     /// Record `ends` in `dir`, durably and atomically (written aside, synced,
     /// renamed, the directory synced).
-    pub fn write(dir: &Path, ends: &[(TopicPartition, u64)]) -> Result<(), RecordError> {
+    pub fn write(
+        dir: &Path,
+        broker_epoch: u64,
+        ends: &[(TopicPartition, u64)],
+    ) -> Result<(), RecordError> {
         let path = dir.join(FILE);
         let err = |error| RecordError {
             path: path.clone(),
             error,
         };
         let file = File {
+            broker_epoch: Some(broker_epoch),
             partition: ends
                 .iter()
                 .map(|(tp, end)| Entry {
@@ -137,7 +178,7 @@ mod tests {
     fn a_record_vouches_only_for_the_same_log_end_until_consumed() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (TopicPartition::new("a", 0), TopicPartition::new("b", 3));
-        CleanShutdown::write(dir.path(), &[(a.clone(), 120), (b.clone(), 0)]).unwrap();
+        CleanShutdown::write(dir.path(), 4, &[(a.clone(), 120), (b.clone(), 0)]).unwrap();
         let rec = CleanShutdown::read(dir.path()).unwrap();
         assert!(rec.intact(&a, 120));
         assert!(!rec.intact(&a, 0), "a log that lost its records");
@@ -150,6 +191,34 @@ mod tests {
         assert!(!dir.path().join(FILE).exists());
         assert!(!CleanShutdown::read(dir.path()).unwrap().intact(&a, 120));
         CleanShutdown::consume(dir.path()).unwrap();
+    }
+
+    /// A record from the run the store last registered vouches; one from
+    /// an earlier run (a restored backup) does not; one without an epoch
+    /// (an older node's), or with no registration to compare, does.
+    #[test]
+    fn a_record_from_an_earlier_run_than_the_stores_last_vouches_for_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = TopicPartition::new("a", 0);
+        CleanShutdown::write(dir.path(), 4, &[(a.clone(), 120)]).unwrap();
+        let read = || CleanShutdown::read(dir.path()).unwrap();
+        let mut same = read();
+        assert_eq!(same.check_run(Some(4)), None);
+        assert!(same.intact(&a, 120));
+        let mut none = read();
+        assert_eq!(none.check_run(None), None);
+        assert!(none.intact(&a, 120));
+        let mut restored = read();
+        assert_eq!(restored.check_run(Some(5)), Some(4));
+        assert!(!restored.intact(&a, 120));
+        std::fs::write(
+            dir.path().join(FILE),
+            "[[partition]]\ntopic = \"a\"\npartition = 0\nlog_end = 120\n",
+        )
+        .unwrap();
+        let mut legacy = read();
+        assert_eq!(legacy.check_run(Some(9)), None);
+        assert!(legacy.intact(&a, 120));
     }
 
     #[test]

@@ -131,7 +131,7 @@ pub async fn run(
     // start can no longer fail before opening logs (below): a start that
     // fails (a port in use, the metadata store not up yet) must not cost
     // the next try its record.
-    let clean = clean_shutdown::CleanShutdown::read(&config.data_dir)?;
+    let mut clean = clean_shutdown::CleanShutdown::read(&config.data_dir)?;
     // Then whose data the directory holds: another node's or another
     // cluster's stops the node before it registers or opens a log.
     let found_identity = identity::DirIdentity::read(&config.data_dir)?;
@@ -209,7 +209,7 @@ pub async fn run(
     let store = config.metadata.describe();
     let mut waiting =
         store_wait::StoreWait::new(Duration::from_millis(config.metadata.start_wait_ms));
-    let (metadata, broker_epoch, cluster_id) = loop {
+    let (metadata, broker_epoch, cluster_id, registered) = loop {
         match join_store(
             &config,
             &meta_plugin,
@@ -243,6 +243,13 @@ pub async fn run(
             other => break other?,
         }
     };
+    if let Some(recorded) = clean.check_run(registered) {
+        warn!(
+            "{}/clean-shutdown.toml is from this node's run with broker epoch {recorded}, but the metadata store registered it since with broker epoch {}: the data directory is older than this node's last run (restored from a backup, or copied?). No log counts as intact: each leaves the ELR, and a sole in-sync replica does not lead, until it has caught up",
+            config.data_dir.display(),
+            registered.unwrap_or_default()
+        );
+    }
     info!(
         "node {id} of cluster {} registered at {advertised} with broker epoch {broker_epoch}; storage `{}`, metadata `{}`",
         cluster_id.as_deref().unwrap_or("(unnamed)"),
@@ -399,7 +406,7 @@ pub async fn run(
     // was paused: a clean stop vouches only for what this one did, so its
     // next start must not count these logs as whole.
     let vouched: &[_] = if fenced.is_some() { &[] } else { &ends };
-    if let Err(e) = clean_shutdown::CleanShutdown::write(&config.data_dir, vouched) {
+    if let Err(e) = clean_shutdown::CleanShutdown::write(&config.data_dir, broker_epoch, vouched) {
         warn!("{e}: the next start treats every log as possibly incomplete");
     }
     // The metadata plugin too, after whatever call it is in (a poll, a
@@ -439,7 +446,7 @@ async fn join_store(
     found_identity: Option<&identity::DirIdentity>,
     transport: &Transport,
     advertised: SocketAddr,
-) -> Result<(PluginMetadata, u64, Option<String>), NodeError> {
+) -> Result<(PluginMetadata, u64, Option<String>, Option<u64>), NodeError> {
     let id = config.node_id;
     let metadata = meta_plugin
         .connect(&config.metadata.dir, config.metadata.plugin_config())
@@ -480,27 +487,39 @@ async fn join_store(
     if found_identity != Some(&identity) {
         identity.write(&config.data_dir)?;
     }
+    // This node's registration before this start's: what the clean-stop
+    // record is compared with (clean_shutdown.rs), and where a live
+    // process under this id would be.
+    let brokers = match metadata.list_brokers().await {
+        Ok(b) => b,
+        Err(MetadataError::Unavailable(why)) => return Err(MetadataError::Unavailable(why).into()),
+        Err(e) => {
+            warn!(
+                "cannot read the brokers' registrations ({e}): this node's clean-stop record is not compared with its last registration, nor is another process under its id looked for"
+            );
+            Vec::new()
+        }
+    };
+    let registered = brokers.iter().find(|b| b.id == id).cloned();
     // A live process registered under this id elsewhere stops this start
     // before it takes the id over (Kafka refuses a duplicate broker.id).
-    already_running(&metadata, transport, id, advertised).await?;
+    already_running(registered.as_ref(), transport, id, advertised).await?;
     let broker_epoch = metadata.register_broker(id, advertised.to_string()).await?;
-    Ok((metadata, broker_epoch, cluster_id))
+    Ok((
+        metadata,
+        broker_epoch,
+        cluster_id,
+        registered.map(|b| b.epoch),
+    ))
 }
 
 async fn already_running(
-    metadata: &impl MetadataStore,
+    registered: Option<&crate::metadata::Broker>,
     transport: &Transport,
     id: crate::core::ReplicaId,
     advertised: SocketAddr,
 ) -> Result<(), NodeError> {
-    let brokers = match metadata.list_brokers().await {
-        Ok(b) => b,
-        // Registering reports a store that does not answer.
-        Err(_) => return Ok(()),
-    };
-    let Some(addr) = brokers
-        .iter()
-        .find(|b| b.id == id)
+    let Some(addr) = registered
         .filter(|b| b.address != advertised.to_string())
         .and_then(|b| b.address.parse::<SocketAddr>().ok())
     else {
