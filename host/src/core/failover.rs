@@ -353,21 +353,30 @@ impl FailoverCoordinator {
     }
 
     /// Whether this broker sees enough of the cluster to act: itself plus
-    /// live brokers form a strict majority of `brokers`. A broker cut off
-    /// from its peers sees them all as failed; without this rule it would
-    /// elect itself (or shrink ISRs to itself) and the partition would
-    /// flap between sides of the cut.
+    /// brokers heard within the timeout form a strict majority of
+    /// `brokers`. A broker cut off from its peers sees them all as failed;
+    /// without this rule it would elect itself (or shrink ISRs to itself)
+    /// and the partition would flap between sides of the cut. Heard, not
+    /// merely not failed yet: a node just started, hearing nobody, counted
+    /// every peer as live for its first timeout, and elected a dead ELR
+    /// member within 100 ms (exploratory run).
     pub fn has_quorum(&self, brokers: &[ReplicaId], fd: &FailureDetector, now: u64) -> bool {
         let all: BTreeSet<ReplicaId> = brokers.iter().copied().chain([self.me]).collect();
-        let live = all
-            .iter()
-            .filter(|b| **b == self.me || !fd.has_failed(**b, now))
-            .count();
+        let live = all.iter().filter(|b| self.heard(**b, fd, now)).count();
         live * 2 > all.len()
     }
 
+    /// Not (yet) counted as failed: a broker never heard has the benefit
+    /// of the doubt for a timeout, so it is neither deposed nor dropped
+    /// from an ISR before it could be heard.
     fn alive(&self, b: ReplicaId, fd: &FailureDetector, now: u64) -> bool {
         b == self.me || !fd.has_failed(b, now)
+    }
+
+    /// Heard within the timeout: what electing a broker takes. The benefit
+    /// of the doubt keeps a leader; it does not make one.
+    fn heard(&self, b: ReplicaId, fd: &FailureDetector, now: u64) -> bool {
+        b == self.me || fd.heard_recently(b, now)
     }
 
     /// Who an unclean election of `state` (see [`Self::decide`]) could
@@ -384,7 +393,7 @@ impl FailoverCoordinator {
             .replicas
             .iter()
             .copied()
-            .filter(|r| Some(*r) != state.leader && self.alive(*r, fd, now))
+            .filter(|r| Some(*r) != state.leader && self.heard(*r, fd, now))
             .collect()
     }
 
@@ -446,7 +455,7 @@ impl FailoverCoordinator {
                 .replicas
                 .iter()
                 .copied()
-                .find(|r| set.contains(r) && Some(*r) != failed && self.alive(*r, fd, now))
+                .find(|r| set.contains(r) && Some(*r) != failed && self.heard(*r, fd, now))
         };
         let min = self.default_min_insync;
         let (leader, next, from) = if let Some(l) = first_live(&live_isr) {
@@ -735,6 +744,34 @@ mod tests {
         assert_eq!(c.decide(&s, &fd, 1000), None);
         fd.record_view(5, vec![2], 1000);
         assert!(c.decide(&s, &fd, 1000).is_some());
+    }
+
+    /// A node just started hears nobody yet: it has no quorum, and elects
+    /// no one it has not heard, though nobody counts as failed before its
+    /// first timeout is out. It named a dead ELR member leader within
+    /// 100 ms of its start.
+    #[test]
+    fn a_node_just_started_elects_no_one_it_has_not_heard() {
+        let mut c = FailoverCoordinator::new(1, false, 2);
+        c.set_brokers(&[1, 2, 3]);
+        let s = PartitionState::sample(None, &[3], &[2]);
+        let mut fd = FailureDetector::new(500, 0);
+        assert!(!fd.has_failed(2, 100));
+        assert!(!c.has_quorum(&[1, 2, 3], &fd, 100));
+        assert!(
+            !matches!(
+                c.decide(&s, &fd, 100).map(|d| d.kind),
+                Some(DecisionKind::Elect { .. })
+            ),
+            "{:?}",
+            c.decide(&s, &fd, 100)
+        );
+        assert_eq!(c.unclean_candidates(&s, &fd, 100), vec![1], "only itself");
+        // Once 2 is heard it has a majority, and 2 may be elected.
+        fd.record_heartbeat(2, 150);
+        fd.record_view(2, vec![], 150);
+        assert!(c.has_quorum(&[1, 2, 3], &fd, 200));
+        assert_eq!(c.decide(&s, &fd, 200).and_then(|d| d.next.leader), Some(2));
     }
 
     #[test]
