@@ -595,12 +595,19 @@ fn a_store_wiped_under_a_running_cluster_is_named_as_such() {
     assert!(!refused.status.success(), "{stderr}");
     assert!(
         stderr.contains("does not hold the registration of node")
-            && stderr.contains("Restart the nodes"),
+            && stderr.contains("delete `identity.toml`"),
         "{stderr}"
     );
-    // Restarted, the nodes register again and a topic can be made.
+    // Restarted as it says, the nodes register again and a topic can be
+    // made. Restarted alone, a node refuses the store that lost it.
+    assert!(c.stop(1), "node 1 stops: {}", c.log(1));
+    let e = refused_start(&c.path().join("node-1.toml"));
+    assert!(e.contains("has no registration of node 1"), "{e}");
     for n in 1..=3 {
-        assert!(c.stop(n), "node {n} stops: {}", c.log(n));
+        if n > 1 {
+            assert!(c.stop(n), "node {n} stops: {}", c.log(n));
+        }
+        std::fs::remove_file(c.path().join(format!("node-{n}/identity.toml"))).unwrap();
         c.start(n);
     }
     c.wait_up();
@@ -1494,6 +1501,13 @@ fn a_data_directory_restored_from_a_backup_does_not_vouch_for_its_logs() {
     assert!(copied.success());
     c.start(3);
     c.wait_status("node 3 back in sync", |v| converged(v, "t", 0, 2000));
+    // Its own record, from its last run (a controlled shutdown registers
+    // again: the record names that epoch), still vouches.
+    assert!(
+        !c.log(3).contains("older than this node's last run"),
+        "{}",
+        c.log(3)
+    );
     produce_generated(&client, "t", "1000");
     c.wait_status("3000 everywhere", |v| converged(v, "t", 0, 3000));
     let acknowledged = consume_replica(&c, "t", 1, 3000);
@@ -2832,8 +2846,9 @@ fn snapshot(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
 }
 
 /// A node started on another node's data directory, a node of another
-/// cluster pointed at this cluster's metadata store, and one pointed at
-/// this cluster's data directory: each refuses to start with the reason,
+/// cluster pointed at this cluster's metadata store, one pointed at this
+/// cluster's data directory, and one pointed at a store that never
+/// registered it: each refuses to start with the reason,
 /// before it registers or opens a log (Kafka's `meta.properties` checks),
 /// and the cluster then starts again with all its data.
 #[test]
@@ -2922,6 +2937,35 @@ fn a_node_refuses_another_nodes_data_and_another_clusters_store() {
             && e.contains(&format!("names cluster {b_id}")),
         "{e}"
     );
+
+    // Its own data directory, but a store that never registered it (a
+    // `dir` resolved from a moved config file, a mistyped etcd prefix):
+    // refused before it claims that store for the cluster. It started,
+    // registered alone and gave up its logs' claims (exploratory run).
+    let cfg1 = a.path().join("node-1.toml");
+    let original1 = std::fs::read_to_string(&cfg1).unwrap();
+    let elsewhere = a.path().join("metadata-elsewhere");
+    std::fs::write(
+        &cfg1,
+        original1.replace(
+            "dir = \"metadata\"",
+            &format!("dir = \"{}\"", elsewhere.display()),
+        ),
+    )
+    .unwrap();
+    let e = refused_start(&cfg1);
+    assert!(
+        e.contains("has no registration of node 1")
+            && e.contains(&format!("ran in cluster {a_id} before"))
+            && e.contains("identity.toml"),
+        "{e}"
+    );
+    assert_eq!(
+        snapshot(&elsewhere),
+        Vec::new(),
+        "the refused node wrote to the store"
+    );
+    std::fs::write(&cfg1, &original1).unwrap();
 
     // Nothing was lost to the refusals.
     a.start_all();

@@ -69,6 +69,15 @@ pub enum NodeError {
         waited_ms: u64,
         why: String,
     },
+    #[error(
+        "the metadata store ({store}) has no registration of node {id}, but this node's data directory ({data_dir}) ran in cluster {cluster} before: is `[metadata]` pointing at the wrong store (`dir` is relative to the config file; etcd's `prefix`)? On an empty store the node would claim it for the cluster, register alone and give up every claim its logs have. If the store was lost and the cluster is to start over on an empty one, delete {data_dir}/identity.toml and start the node again"
+    )]
+    StoreDoesNotKnowNode {
+        store: String,
+        id: crate::core::ReplicaId,
+        cluster: String,
+        data_dir: String,
+    },
     #[error(transparent)]
     DataDir(#[from] data_dir_lock::LockError),
     #[error(transparent)]
@@ -406,7 +415,13 @@ pub async fn run(
     // was paused: a clean stop vouches only for what this one did, so its
     // next start must not count these logs as whole.
     let vouched: &[_] = if fenced.is_some() { &[] } else { &ends };
-    if let Err(e) = clean_shutdown::CleanShutdown::write(&config.data_dir, broker_epoch, vouched) {
+    // The epoch of its last registration: a controlled shutdown registers
+    // again (a renewal lost on its way back leaves the store one ahead,
+    // and the next start trusts no log: the safe side).
+    let last_epoch = shared
+        .answering_epoch
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if let Err(e) = clean_shutdown::CleanShutdown::write(&config.data_dir, last_epoch, vouched) {
         warn!("{e}: the next start treats every log as possibly incomplete");
     }
     // The metadata plugin too, after whatever call it is in (a poll, a
@@ -451,6 +466,38 @@ async fn join_store(
     let metadata = meta_plugin
         .connect(&config.metadata.dir, config.metadata.plugin_config())
         .await?;
+    // This node's registration before this start's: what the clean-stop
+    // record is compared with (clean_shutdown.rs), and where a live
+    // process under this id would be.
+    let (brokers, brokers_read) = match metadata.list_brokers().await {
+        Ok(b) => (b, true),
+        Err(MetadataError::Unavailable(why)) => return Err(MetadataError::Unavailable(why).into()),
+        Err(e) => {
+            warn!(
+                "cannot read the brokers' registrations ({e}): this node's clean-stop record is not compared with its last registration, nor is another process under its id looked for"
+            );
+            (Vec::new(), false)
+        }
+    };
+    let registered = brokers.iter().find(|b| b.id == id).cloned();
+    // A store that never registered this node, though its data directory
+    // ran in a cluster before, is most likely the wrong one (a `dir`
+    // resolved from a moved config file, a mistyped etcd prefix): checked
+    // before the claim below would make it this cluster's. A node started
+    // on one registered alone and gave up every claim its logs had
+    // (exploratory run).
+    if registered.is_none()
+        && brokers_read
+        && let Some(found) = found_identity.filter(|f| f.node_id == id)
+        && let Some(cluster) = &found.cluster_id
+    {
+        return Err(NodeError::StoreDoesNotKnowNode {
+            store: config.metadata.describe(),
+            id,
+            cluster: cluster.clone(),
+            data_dir: config.data_dir.display().to_string(),
+        });
+    }
     // The store must be this cluster's before this node registers in it
     // (a registration would overwrite another cluster's broker address).
     let cluster_id = config
@@ -480,6 +527,12 @@ async fn join_store(
             "no cluster_id in the config: this node cannot tell a metadata store or data directory of another cluster from its own (`cluster init` writes one; any 1-64 characters of A-Z, a-z, 0-9, `_`, `-` that no other cluster uses will do)"
         ),
     }
+    // A live process registered under this id elsewhere stops this start
+    // before it takes the id over (Kafka refuses a duplicate broker.id).
+    already_running(registered.as_ref(), transport, id, advertised).await?;
+    let broker_epoch = metadata.register_broker(id, advertised.to_string()).await?;
+    // Written once registered: a directory with an identity has been
+    // registered in its cluster's store (the check above relies on it).
     let identity = identity::DirIdentity {
         node_id: id,
         cluster_id: cluster_id.clone(),
@@ -487,24 +540,6 @@ async fn join_store(
     if found_identity != Some(&identity) {
         identity.write(&config.data_dir)?;
     }
-    // This node's registration before this start's: what the clean-stop
-    // record is compared with (clean_shutdown.rs), and where a live
-    // process under this id would be.
-    let brokers = match metadata.list_brokers().await {
-        Ok(b) => b,
-        Err(MetadataError::Unavailable(why)) => return Err(MetadataError::Unavailable(why).into()),
-        Err(e) => {
-            warn!(
-                "cannot read the brokers' registrations ({e}): this node's clean-stop record is not compared with its last registration, nor is another process under its id looked for"
-            );
-            Vec::new()
-        }
-    };
-    let registered = brokers.iter().find(|b| b.id == id).cloned();
-    // A live process registered under this id elsewhere stops this start
-    // before it takes the id over (Kafka refuses a duplicate broker.id).
-    already_running(registered.as_ref(), transport, id, advertised).await?;
-    let broker_epoch = metadata.register_broker(id, advertised.to_string()).await?;
     Ok((
         metadata,
         broker_epoch,
@@ -627,7 +662,7 @@ fn check_own_registration(server: &NodeServer, brokers: &[crate::metadata::Broke
     }
     match &problem {
         Some(p) => error!(
-            "{p}: was the store wiped, or restored from an older backup, under the running cluster? Its records of the topics may be gone with it; restart the nodes once it is restored (they register again at start)"
+            "{p}: was the store wiped, or restored from an older backup, under the running cluster? Its records of the topics may be gone with it; restart the nodes once it is restored (they register again at start; to start over on an empty store, delete `identity.toml` in each node's data directory first)"
         ),
         None => info!("this node's registration in the metadata store reads again"),
     }
