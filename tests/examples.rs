@@ -61,3 +61,36 @@ async fn rust_storage_example_builds_and_conforms() {
     );
     assert!(report.passed() >= 9, "too few cases ran:\n{report}");
 }
+
+/// The plugin SDK builds when copied next to a plugin author's crate, as
+/// the example's Cargo.toml suggests: it inherited its version, edition
+/// and dependency from this repository's workspace, and a copy failed with
+/// "failed to find a workspace root" (exploratory plugin-author run).
+#[test]
+fn the_sdk_builds_when_copied_out_of_the_repository() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("host/ lives in the repository");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let copy = dir.path().join("sdk");
+    let copied = Command::new("cp")
+        .arg("-r")
+        .arg(root.join("plugins/sdk"))
+        .arg(&copy)
+        .status()
+        .expect("cp");
+    assert!(copied.success());
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["check", "--offline", "--quiet"])
+        .current_dir(&copy)
+        .env("CARGO_TARGET_DIR", dir.path().join("target"));
+    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "RUSTC_WRAPPER"] {
+        cmd.env_remove(var);
+    }
+    let out = cmd.output().expect("cargo check");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
