@@ -2938,7 +2938,7 @@ fn a_node_refuses_another_nodes_data_and_another_clusters_store() {
         "{e}"
     );
 
-    // Its own data directory, but a store that never registered it (a
+    // Its own data directory, but an empty store (a
     // `dir` resolved from a moved config file, a mistyped etcd prefix):
     // refused before it claims that store for the cluster. It started,
     // registered alone and gave up its logs' claims (exploratory run).

@@ -1461,7 +1461,7 @@ fn hint_if_no_topics(none: bool, no_nodes: bool) {
     }
     if no_nodes {
         eprintln!(
-            "the metadata store holds no topics and no nodes, though nodes answered: was it wiped or replaced under the running cluster? To start over on it, stop each node, delete `identity.toml` in its data directory (a node refuses a store that never registered it) and start it again to register anew (its logs are kept), then create the topics as they were"
+            "the metadata store holds no topics and no nodes, though nodes answered: was it wiped or replaced under the running cluster? To start over on it, stop each node, delete `identity.toml` in its data directory (a node refuses an empty store its data directory does not know) and start it again to register anew (its logs are kept), then create the topics as they were"
         );
     } else {
         eprintln!("no topics yet: create one with `replicator topic create`");

@@ -163,10 +163,12 @@ impl FailureDetector {
         let gap = now.saturating_sub(self.last_tick_ms);
         self.last_tick_ms = now;
         if gap > self.timeout_ms / 2 {
+            // Everyone gets the benefit of the doubt again (not failed for
+            // a timeout from now), but nobody counts as heard until heard:
+            // stamping them all as heard now made a broker that died
+            // during the pause count for a quorum and be electable.
             self.started_ms = now;
-            for t in self.last_heard.values_mut() {
-                *t = now;
-            }
+            self.last_heard.clear();
             return true;
         }
         false
@@ -457,6 +459,14 @@ impl FailoverCoordinator {
                 .copied()
                 .find(|r| set.contains(r) && Some(*r) != failed && self.heard(*r, fd, now))
         };
+        // Members not failed yet but not heard either (a node just started
+        // or just resumed): wait for them rather than pass over them to a
+        // lower tier, where an unclean election could lose what only they
+        // hold.
+        let unheard = |set: &[ReplicaId]| {
+            set.iter()
+                .any(|r| Some(*r) != failed && self.alive(*r, fd, now) && !self.heard(*r, fd, now))
+        };
         let min = self.default_min_insync;
         let (leader, next, from) = if let Some(l) = first_live(&live_isr) {
             let isr = live_isr.iter().copied().filter(|r| Some(*r) != failed);
@@ -465,10 +475,14 @@ impl FailoverCoordinator {
                 state.with_isr(isr.collect(), min, true),
                 Candidate::InSync,
             )
+        } else if unheard(&live_isr) {
+            return None;
         } else if let Some(l) = first_live(&state.elr) {
             // The ISR's remaining members (a dead leader among them) held
             // every committed record too: they stay eligible.
             (l, state.with_isr(vec![l], min, true), Candidate::Eligible)
+        } else if unheard(&state.elr) {
+            return None;
         } else if let Some(l) = first_live(&state.replicas).filter(|_| self.unclean_election) {
             // Nothing is known about what anyone holds any more.
             let next = PartitionState {
@@ -767,11 +781,32 @@ mod tests {
             c.decide(&s, &fd, 100)
         );
         assert_eq!(c.unclean_candidates(&s, &fd, 100), vec![1], "only itself");
-        // Once 2 is heard it has a majority, and 2 may be elected.
+        // With unclean election on and 3 heard, it still waits for 2, the
+        // ELR member it has not heard, rather than elect uncleanly.
+        let mut unclean = FailoverCoordinator::new(1, true, 2);
+        unclean.set_brokers(&[1, 2, 3]);
+        let elr_only = PartitionState::sample(None, &[], &[2]);
+        let mut only_3 = FailureDetector::new(500, 0);
+        only_3.record_heartbeat(3, 150);
+        only_3.record_view(3, vec![], 150);
+        assert!(unclean.has_quorum(&[1, 2, 3], &only_3, 200));
+        assert_eq!(unclean.decide(&elr_only, &only_3, 200), None);
+        // Once 2 has failed (a timeout without a word), it goes unclean.
+        only_3.record_heartbeat(3, 600);
+        assert!(matches!(
+            unclean.decide(&elr_only, &only_3, 600).map(|d| d.kind),
+            Some(DecisionKind::Elect { unclean: true, .. })
+        ));
+        // Once 2 is heard it has a majority; it still waits for 3, in the
+        // ISR and not failed yet, over 2 in the ELR; once 3 has failed, 2
+        // is elected.
         fd.record_heartbeat(2, 150);
         fd.record_view(2, vec![], 150);
         assert!(c.has_quorum(&[1, 2, 3], &fd, 200));
-        assert_eq!(c.decide(&s, &fd, 200).and_then(|d| d.next.leader), Some(2));
+        assert_eq!(c.decide(&s, &fd, 200), None);
+        fd.record_heartbeat(2, 600);
+        fd.record_view(2, vec![3], 600);
+        assert_eq!(c.decide(&s, &fd, 600).and_then(|d| d.next.leader), Some(2));
     }
 
     #[test]
@@ -798,6 +833,7 @@ mod tests {
         // Stopped for 5 s: nobody was heard because this process slept.
         assert!(fd.tick(5200));
         assert!(!fd.has_failed(2, 5200));
+        assert!(!fd.heard_recently(2, 5200), "not heard since the pause");
         assert!(!fd.has_failed(3, 5600));
         assert!(fd.has_failed(2, 5701));
     }

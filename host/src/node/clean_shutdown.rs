@@ -61,6 +61,8 @@ struct File {
 pub struct CleanShutdown {
     ends: HashMap<TopicPartition, u64>,
     broker_epoch: Option<u64>,
+    /// A record was read (and is not consumed yet).
+    present: bool,
 }
 
 impl CleanShutdown {
@@ -94,7 +96,26 @@ impl CleanShutdown {
         Ok(CleanShutdown {
             ends,
             broker_epoch: file.broker_epoch,
+            present: true,
         })
+    }
+
+    /// Rewrite the record, if there is one, as vouching for what it still
+    /// vouches for under `broker_epoch`, this start's registration: a start
+    /// that fails before consuming it leaves one that the next start's
+    /// comparison accepts, where the old epoch would look like a backup.
+    pub fn renew(&mut self, dir: &Path, broker_epoch: u64) -> Result<(), RecordError> {
+        if !self.present {
+            return Ok(());
+        }
+        let ends: Vec<(TopicPartition, u64)> = self
+            .ends
+            .iter()
+            .map(|(tp, end)| (tp.clone(), *end))
+            .collect();
+        Self::write(dir, broker_epoch, &ends)?;
+        self.broker_epoch = Some(broker_epoch);
+        Ok(())
     }
 
     /// Compare the record with `registered`, the broker epoch the store
@@ -211,6 +232,17 @@ mod tests {
         let mut restored = read();
         assert_eq!(restored.check_run(Some(5)), Some(4));
         assert!(!restored.intact(&a, 120));
+        // Renewed at a registration, it is what the next start finds.
+        let mut renewed = read();
+        renewed.renew(dir.path(), 6).unwrap();
+        let mut next = read();
+        assert_eq!(next.check_run(Some(6)), None);
+        assert!(next.intact(&a, 120));
+        CleanShutdown::consume(dir.path()).unwrap();
+        let mut none = read();
+        none.renew(dir.path(), 7).unwrap();
+        assert!(!dir.path().join(FILE).exists(), "no record, none written");
+        CleanShutdown::write(dir.path(), 4, &[(a.clone(), 120)]).unwrap();
         std::fs::write(
             dir.path().join(FILE),
             "[[partition]]\ntopic = \"a\"\npartition = 0\nlog_end = 120\n",

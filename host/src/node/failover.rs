@@ -244,6 +244,10 @@ async fn coordinate(
     // connection attempts a second to a stopped etcd.
     let mut store_down: Option<(u64, u64)> = None;
     let mut had_quorum = true;
+    // A node just started has heard nobody yet, and a quorum counts only
+    // brokers heard: no warning about it until a failure timeout has
+    // passed without one.
+    let started = shared.now_ms();
     let rebalance_every = shared.failover.leader_imbalance_check_interval_ms;
     let mut next_rebalance = shared.now_ms().saturating_add(rebalance_every);
     loop {
@@ -297,7 +301,8 @@ async fn coordinate(
             surveys.forget();
             continue;
         }
-        if quorum != had_quorum {
+        let settling = now.saturating_sub(started) <= shared.failover.failure_timeout_ms;
+        if quorum != had_quorum && (quorum || !settling) {
             if quorum {
                 info!("node {} sees a majority of nodes again", shared.node_id);
             } else {

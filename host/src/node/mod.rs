@@ -70,7 +70,7 @@ pub enum NodeError {
         why: String,
     },
     #[error(
-        "the metadata store ({store}) has no registration of node {id}, but this node's data directory ({data_dir}) ran in cluster {cluster} before: is `[metadata]` pointing at the wrong store (`dir` is relative to the config file; etcd's `prefix`)? On an empty store the node would claim it for the cluster, register alone and give up every claim its logs have. If the store was lost and the cluster is to start over on an empty one, delete {data_dir}/identity.toml and start the node again"
+        "the metadata store ({store}) has no registration of node {id}, nor of any node, but this node's data directory ({data_dir}) ran in cluster {cluster} before: is `[metadata]` pointing at the wrong store (`dir` is relative to the config file; etcd's `prefix`)? On an empty store the node would claim it for the cluster, register alone and give up every claim its logs have. If this cluster's store was lost and the cluster is to start over on an empty one, delete {data_dir}/identity.toml and start the node again"
     )]
     StoreDoesNotKnowNode {
         store: String,
@@ -218,16 +218,29 @@ pub async fn run(
     let store = config.metadata.describe();
     let mut waiting =
         store_wait::StoreWait::new(Duration::from_millis(config.metadata.start_wait_ms));
+    // This node's registration as the first list of brokers found it,
+    // before any attempt registered: a retry after a registration whose
+    // answer was lost would otherwise find this start's own.
+    let mut before_start: Option<Option<u64>> = None;
     let (metadata, broker_epoch, cluster_id, registered) = loop {
-        match join_store(
+        let attempt = join_store(
             &config,
             &meta_plugin,
             found_identity.as_ref(),
             &transport,
             advertised,
-        )
-        .await
-        {
+            &mut before_start,
+        );
+        // Raced with the stop: a store that takes connections but never
+        // answers holds an attempt for its timeouts.
+        let outcome = tokio::select! {
+            outcome = attempt => outcome,
+            _ = &mut shutdown => {
+                info!("node {id} shutting down before the metadata store answered");
+                return Ok(());
+            }
+        };
+        match outcome {
             Err(NodeError::Metadata(MetadataError::Unavailable(why))) => {
                 let Some(pause) = waiting.next_pause() else {
                     return Err(NodeError::StoreNeverAnswered {
@@ -254,10 +267,16 @@ pub async fn run(
     };
     if let Some(recorded) = clean.check_run(registered) {
         warn!(
-            "{}/clean-shutdown.toml is from this node's run with broker epoch {recorded}, but the metadata store registered it since with broker epoch {}: the data directory is older than this node's last run (restored from a backup, or copied?). No log counts as intact: each leaves the ELR, and a sole in-sync replica does not lead, until it has caught up",
+            "{}/clean-shutdown.toml is from this node's run with broker epoch {recorded}, but the metadata store registered it since with broker epoch {}: the data directory is older than this node's last run (restored from a backup, or copied?), or that run's last registration was applied but its answer lost. No log counts as intact: each leaves the ELR, and a sole in-sync replica does not lead, until it has caught up",
             config.data_dir.display(),
             registered.unwrap_or_default()
         );
+    }
+    // Until the record is consumed (below, before any log opens), it must
+    // match this registration: a start that fails in between keeps it for
+    // the next, which compares it with this epoch.
+    if let Err(e) = clean.renew(&config.data_dir, broker_epoch) {
+        warn!("{e}: the next start treats every log as possibly incomplete");
     }
     info!(
         "node {id} of cluster {} registered at {advertised} with broker epoch {broker_epoch}; storage `{}`, metadata `{}`",
@@ -461,6 +480,7 @@ async fn join_store(
     found_identity: Option<&identity::DirIdentity>,
     transport: &Transport,
     advertised: SocketAddr,
+    before_start: &mut Option<Option<u64>>,
 ) -> Result<(PluginMetadata, u64, Option<String>, Option<u64>), NodeError> {
     let id = config.node_id;
     let metadata = meta_plugin
@@ -480,13 +500,17 @@ async fn join_store(
         }
     };
     let registered = brokers.iter().find(|b| b.id == id).cloned();
-    // A store that never registered this node, though its data directory
-    // ran in a cluster before, is most likely the wrong one (a `dir`
-    // resolved from a moved config file, a mistyped etcd prefix): checked
-    // before the claim below would make it this cluster's. A node started
-    // on one registered alone and gave up every claim its logs had
-    // (exploratory run).
-    if registered.is_none()
+    if brokers_read && before_start.is_none() {
+        *before_start = Some(registered.as_ref().map(|b| b.epoch));
+    }
+    // An empty store, though this node's data directory ran in a cluster
+    // before, is most likely the wrong one (a `dir` resolved from a moved
+    // config file, a mistyped etcd prefix): checked before the claim below
+    // would make it this cluster's. A node started on one registered alone
+    // and gave up every claim its logs had (exploratory run). A store
+    // holding other nodes goes on to the claim, which names another
+    // cluster's.
+    if brokers.is_empty()
         && brokers_read
         && let Some(found) = found_identity.filter(|f| f.node_id == id)
         && let Some(cluster) = &found.cluster_id
@@ -540,12 +564,7 @@ async fn join_store(
     if found_identity != Some(&identity) {
         identity.write(&config.data_dir)?;
     }
-    Ok((
-        metadata,
-        broker_epoch,
-        cluster_id,
-        registered.map(|b| b.epoch),
-    ))
+    Ok((metadata, broker_epoch, cluster_id, before_start.flatten()))
 }
 
 async fn already_running(

@@ -224,7 +224,7 @@ struct Actor {
     /// and elected there) until its recovery judges the log.
     unjudged: bool,
     /// Where the next recovery cuts the log: a read found it damaged from
-    /// this offset (a batch failed its CRC check), and at that fault
+    /// this offset (a batch failed its CRC or position check), and at that fault
     /// another live replica was known to hold everything committed (see
     /// the fault handler). The rest is fetched again from the leader; the
     /// shorter log makes this replica leave the ISR and the ELR until it
@@ -252,7 +252,7 @@ async fn cut_damage(
     };
     let end = log.truncate(at).await?;
     error!(
-        "{label}: the stored log was damaged from offset {at} (a batch failed its CRC check); cut it to {end}, to fetch the rest again from the leader"
+        "{label}: the stored log was damaged from offset {at} (a batch failed its CRC or position check); cut it to {end}, to fetch the rest again from the leader"
     );
     crate::storage::load_state(log).await
 }
@@ -1157,7 +1157,7 @@ impl Actor {
                     self.damaged_from = Some(self.damaged_from.map_or(*from, |d| d.min(*from)));
                 } else {
                     error!(topic = %self.tp.topic, partition = self.tp.partition,
-                        "the stored log is damaged from offset {from} (a batch failed its CRC check), and no other live replica is known to hold what it holds: not cutting it; reads of that batch will fail");
+                        "the stored log is damaged from offset {from} (a batch failed its CRC or position check), and no other live replica is known to hold what it holds: not cutting it; reads of that batch will fail");
                 }
             }
             self.last_fault = Some(e.to_string());

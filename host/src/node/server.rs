@@ -474,7 +474,7 @@ impl NodeServer {
             // This node runs, so it registered at its start: the store
             // lost the registrations since (wiped, or replaced).
             return Err(RpcError::Invalid(format!(
-                "the metadata store does not hold the registration of node {} (which is running and answered this), nor maybe the others': was it wiped or replaced under the running cluster? To start over on it, stop each node, delete `identity.toml` in its data directory (a node refuses a store that never registered it) and start it again to register anew (its logs are kept), then create the topics",
+                "the metadata store does not hold the registration of node {} (which is running and answered this), nor maybe the others': was it wiped or replaced under the running cluster? To start over on it, stop each node, delete `identity.toml` in its data directory (a node refuses an empty store its data directory does not know) and start it again to register anew (its logs are kept), then create the topics",
                 self.shared.node_id
             )));
         }

@@ -714,7 +714,7 @@ impl Actor {
             Ok(Ok(Err(violation))) => {
                 if let Some(at) = known_damage {
                     return Err(StorageError::Corrupt(format!(
-                        "the batch at offset {at} is damaged (it failed its CRC check when read back) and is not served: {violation}"
+                        "the batch at offset {at} is damaged (it failed its CRC or position check when read back) and is not served: {violation}"
                     )));
                 }
                 if let Some(at) = damaged {
