@@ -567,6 +567,39 @@ fn a_corrupt_partition_record_affects_only_that_partition() {
     });
 }
 
+/// With the leader and one more of three nodes down, `topic list` counts
+/// the partition as offline and names the nodes it could not reach. The
+/// survivor has no majority, so it confirms no failure, and the table
+/// said OFFLINE 0 while produces failed (exploratory run).
+#[test]
+fn topic_list_counts_a_leader_it_cannot_reach_as_offline() {
+    let (mut c, client) = three_nodes_with_topic("t", "1");
+    let leader = partition(&c.status(), "t", 0)
+        .and_then(|p| p["leader"].as_u64())
+        .expect("a leader") as u32;
+    let other = if leader == 1 { 2 } else { 1 };
+    c.kill(leader);
+    c.kill(other);
+    let out = cli_within(
+        &["topic", "list", "--config", &client, "--json"],
+        std::time::Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(listed["topics"][0]["offline"], 1, "{listed}");
+    let unreachable = listed["unreachable"].as_array().expect("unreachable");
+    assert_eq!(unreachable.len(), 2, "{listed}");
+    let table = cli_ok(&["topic", "list", "--config", &client]);
+    assert!(
+        table.contains(&format!("unreachable: node {leader}:")),
+        "{table}"
+    );
+}
+
 /// A metadata store wiped under a running cluster: `status` and
 /// `topic list` say the store lost its nodes too, and `topic create`
 /// names this node's lost registration, where they advised creating a

@@ -24,8 +24,8 @@ pub enum TopicCommand {
     /// Every topic with its partition count, replication factor and
     /// min.insync.replicas, and how many of its partitions are
     /// under-replicated (ISR smaller than the replicas), under min.insync
-    /// (acks=all refused) or offline (no leader), as the metadata store
-    /// records them.
+    /// (acks=all refused) or offline (no leader, or one that failed or
+    /// that this client cannot reach), as the metadata store records them.
     List(TopicListArgs),
     /// One topic's partitions, as `status --topic` shows them.
     Describe(TopicDescribeArgs),
@@ -68,7 +68,8 @@ pub struct TopicSummary {
     pub min_insync: (u32, u32),
     pub under_replicated: u32,
     pub under_min_insync: u32,
-    /// No leader, or one the cluster counts as failed.
+    /// No leader, or one the cluster counts as failed or this client
+    /// could not reach.
     pub offline: u32,
     /// Partitions whose record in the store is corrupt (counted in
     /// `partitions`, in none of the others).
@@ -217,7 +218,17 @@ pub async fn topic(cmd: TopicCommand) -> anyhow::Result<ExitCode> {
             let c = client(&a.config)?;
             let answer = c.metadata().await;
             let unreadable = c.unreadable().await;
-            let failed = c.counted_failed().await;
+            let mut failed = c.counted_failed().await;
+            // Every node asked, as `status` does: a leader this client
+            // cannot reach is offline to it. The cluster confirms a
+            // failure only with a majority, so with two of three nodes
+            // down the survivor confirmed none, and every partition they
+            // led showed OFFLINE 0 (exploratory run).
+            let (unreachable, unreachable_ids) = match gather(&c).await {
+                Ok(g) => (g.unreachable, g.unreachable_ids),
+                Err(_) => (Vec::new(), Vec::new()),
+            };
+            failed.extend(unreachable_ids);
             let stale = c.metadata_stale().await;
             c.close().await;
             let (brokers, parts) = answer?;
@@ -226,6 +237,7 @@ pub async fn topic(cmd: TopicCommand) -> anyhow::Result<ExitCode> {
                 let v = serde_json::json!({
                     "topics": topics,
                     "unreadable": unreadable,
+                    "unreachable": unreachable,
                     "stale": stale,
                 });
                 println!("{v}");
@@ -234,6 +246,9 @@ pub async fn topic(cmd: TopicCommand) -> anyhow::Result<ExitCode> {
             print_stale(stale.as_deref());
             print_topics(&topics);
             print_unreadable(&unreadable);
+            for p in &unreachable {
+                println!("unreachable: {p}");
+            }
             hint_if_no_topics(
                 topics.is_empty() && unreadable.is_empty(),
                 brokers.is_empty(),
@@ -1179,6 +1194,8 @@ const FAILED_NODE_WAIT: Duration = Duration::from_millis(500);
 pub struct Gathered {
     pub reports: Vec<PartitionReport>,
     pub unreachable: Vec<String>,
+    /// The nodes of `unreachable`.
+    pub unreachable_ids: Vec<ReplicaId>,
     pub not_open: Vec<(ReplicaId, NotOpen)>,
     /// Replicas recovering their log after a storage fault, with the fault.
     pub storage_faults: Vec<StorageFault>,
@@ -1216,6 +1233,7 @@ pub async fn gather(c: &Client) -> anyhow::Result<Gathered> {
     });
     let mut views: std::collections::HashMap<ReplicaId, Vec<ReplicaStatus>> = Default::default();
     let mut unreachable = Vec::new();
+    let mut unreachable_ids = Vec::new();
     let mut not_open = Vec::new();
     for (n, answer) in futures_util::future::join_all(asks).await {
         match answer {
@@ -1223,7 +1241,10 @@ pub async fn gather(c: &Client) -> anyhow::Result<Gathered> {
                 views.insert(n, v);
                 not_open.extend(closed.into_iter().map(|p| (n, p)));
             }
-            Err(e) => unreachable.push(format!("node {n}: {e}")),
+            Err(e) => {
+                unreachable.push(format!("node {n}: {e}"));
+                unreachable_ids.push(n);
+            }
         }
     }
     let mut storage_faults: Vec<StorageFault> = views
@@ -1253,6 +1274,7 @@ pub async fn gather(c: &Client) -> anyhow::Result<Gathered> {
     Ok(Gathered {
         reports,
         unreachable,
+        unreachable_ids,
         not_open,
         storage_faults,
     })
@@ -1364,6 +1386,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     let Gathered {
         mut reports,
         unreachable,
+        unreachable_ids: _,
         mut not_open,
         mut storage_faults,
     } = gathered?;
