@@ -242,7 +242,6 @@ mod tests {
         let mut none = read();
         none.renew(dir.path(), 7).unwrap();
         assert!(!dir.path().join(FILE).exists(), "no record, none written");
-        CleanShutdown::write(dir.path(), 4, &[(a.clone(), 120)]).unwrap();
         std::fs::write(
             dir.path().join(FILE),
             "[[partition]]\ntopic = \"a\"\npartition = 0\nlog_end = 120\n",

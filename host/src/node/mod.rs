@@ -222,47 +222,45 @@ pub async fn run(
     // before any attempt registered: a retry after a registration whose
     // answer was lost would otherwise find this start's own.
     let mut before_start: Option<Option<u64>> = None;
-    let (metadata, broker_epoch, cluster_id, registered) = loop {
-        let attempt = join_store(
-            &config,
-            &meta_plugin,
-            found_identity.as_ref(),
-            &transport,
-            advertised,
-            &mut before_start,
-        );
-        // Raced with the stop: a store that takes connections but never
-        // answers holds an attempt for its timeouts.
-        let outcome = tokio::select! {
-            outcome = attempt => outcome,
-            _ = &mut shutdown => {
-                info!("node {id} shutting down before the metadata store answered");
-                return Ok(());
-            }
-        };
-        match outcome {
-            Err(NodeError::Metadata(MetadataError::Unavailable(why))) => {
-                let Some(pause) = waiting.next_pause() else {
-                    return Err(NodeError::StoreNeverAnswered {
-                        store,
-                        waited_ms: config.metadata.start_wait_ms,
-                        why,
-                    });
-                };
-                warn!(
-                    "metadata store ({store}) unavailable: {why}; trying again in {} ms (for up to {} s more, `[metadata] start_wait_ms`)",
-                    pause.as_millis(),
-                    waiting.left().as_secs()
-                );
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = &mut shutdown => {
-                        info!("node {id} shutting down before the metadata store answered");
-                        return Ok(());
-                    }
+    let joined = async {
+        loop {
+            match join_store(
+                &config,
+                &meta_plugin,
+                found_identity.as_ref(),
+                &transport,
+                advertised,
+                &mut before_start,
+            )
+            .await
+            {
+                Err(NodeError::Metadata(MetadataError::Unavailable(why))) => {
+                    let Some(pause) = waiting.next_pause() else {
+                        break Err(NodeError::StoreNeverAnswered {
+                            store: store.clone(),
+                            waited_ms: config.metadata.start_wait_ms,
+                            why,
+                        });
+                    };
+                    warn!(
+                        "metadata store ({store}) unavailable: {why}; trying again in {} ms (for up to {} s more, `[metadata] start_wait_ms`)",
+                        pause.as_millis(),
+                        waiting.left().as_secs()
+                    );
+                    tokio::time::sleep(pause).await;
                 }
+                other => break other,
             }
-            other => break other?,
+        }
+    };
+    // Raced with the stop as a whole: a store that takes connections but
+    // never answers holds an attempt for its timeouts, and the pauses
+    // between attempts grow to seconds.
+    let (metadata, broker_epoch, cluster_id, registered) = tokio::select! {
+        joined = joined => joined?,
+        _ = &mut shutdown => {
+            info!("node {id} shutting down before the metadata store answered");
+            return Ok(());
         }
     };
     if let Some(recorded) = clean.check_run(registered) {
@@ -467,13 +465,12 @@ pub async fn run(
 /// is registered at, when that is not its own.
 const ALREADY_RUNNING_WAIT: Duration = Duration::from_secs(2);
 
-/// Refuse to start when the store registers `id` at another address and
-/// a node answers there as `id` (its certificate and hello say so). At
-/// this node's own address nothing else can be listening: it bound it.
-/// Connect to the metadata store, check it is this cluster's, record the
-/// cluster in the data directory, and register: everything a start does
+/// Connect to the metadata store, check it is this cluster's, register,
+/// and record the cluster in the data directory: everything a start does
 /// in the store, from the beginning each time (each step is idempotent).
-/// Answers the store, the broker epoch and the cluster id.
+/// Answers the store, the broker epoch, the cluster id, and this node's
+/// broker epoch in the store before this start (read at the first attempt
+/// that could list the brokers, kept in `before_start`).
 async fn join_store(
     config: &NodeConfig,
     meta_plugin: &MetadataPlugin,
@@ -489,18 +486,18 @@ async fn join_store(
     // This node's registration before this start's: what the clean-stop
     // record is compared with (clean_shutdown.rs), and where a live
     // process under this id would be.
-    let (brokers, brokers_read) = match metadata.list_brokers().await {
-        Ok(b) => (b, true),
+    let brokers = match metadata.list_brokers().await {
+        Ok(b) => Some(b),
         Err(MetadataError::Unavailable(why)) => return Err(MetadataError::Unavailable(why).into()),
         Err(e) => {
             warn!(
                 "cannot read the brokers' registrations ({e}): this node's clean-stop record is not compared with its last registration, nor is another process under its id looked for"
             );
-            (Vec::new(), false)
+            None
         }
     };
-    let registered = brokers.iter().find(|b| b.id == id).cloned();
-    if brokers_read && before_start.is_none() {
+    let registered = brokers.iter().flatten().find(|b| b.id == id).cloned();
+    if brokers.is_some() && before_start.is_none() {
         *before_start = Some(registered.as_ref().map(|b| b.epoch));
     }
     // An empty store, though this node's data directory ran in a cluster
@@ -510,8 +507,7 @@ async fn join_store(
     // and gave up every claim its logs had (exploratory run). A store
     // holding other nodes goes on to the claim, which names another
     // cluster's.
-    if brokers.is_empty()
-        && brokers_read
+    if brokers.as_ref().is_some_and(Vec::is_empty)
         && let Some(found) = found_identity.filter(|f| f.node_id == id)
         && let Some(cluster) = &found.cluster_id
     {
@@ -567,6 +563,9 @@ async fn join_store(
     Ok((metadata, broker_epoch, cluster_id, before_start.flatten()))
 }
 
+/// Refuse to start when the store registers `id` at another address and
+/// a node answers there as `id` (its certificate and hello say so). At
+/// this node's own address nothing else can be listening: it bound it.
 async fn already_running(
     registered: Option<&crate::metadata::Broker>,
     transport: &Transport,
