@@ -444,7 +444,7 @@ pub struct ProduceArgs {
     pub batch: usize,
     /// How long one request may keep retrying (leader moves, ISR catching
     /// up), in milliseconds.
-    #[arg(long, default_value_t = 30_000)]
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_ms: u64,
     /// Print one JSON summary instead of a line per message.
     #[arg(long)]
@@ -1553,6 +1553,29 @@ mod tests {
             consume(&["--count", "3", "--follow"]).is_err(),
             "--count and --follow together"
         );
+    }
+
+    /// A produce that may not retry at all would give up on the first
+    /// leader move: `--timeout-ms 0` is refused, naming the range.
+    #[test]
+    fn produce_needs_a_timeout_of_at_least_one_ms() {
+        let produce = |t: &str| {
+            crate::cli::Cli::try_parse_from([
+                "replicator",
+                "produce",
+                "--config",
+                "c.toml",
+                "--topic",
+                "t",
+                "--timeout-ms",
+                t,
+            ])
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(produce("1"), Ok(()));
+        let e = produce("0").expect_err("0 ms");
+        assert!(e.contains("--timeout-ms") && e.contains("1.."), "{e}");
     }
 
     /// The named leader's own view of ISR and HW only while it leads the

@@ -512,6 +512,23 @@ impl NodeConfig {
     /// Read, resolve relative paths, and check.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let (mut c, base): (NodeConfig, _) = load(path)?;
+        // An empty path joined to the config's directory is that directory:
+        // logs (or the shared metadata store) would land among the certs
+        // and configs, where a later `cluster init --force` or a copied
+        // config directory takes them along. Say so instead.
+        for (key, value) in [
+            ("data_dir", &c.data_dir),
+            ("[metadata] dir", &c.metadata.dir),
+        ] {
+            if value.as_os_str().is_empty() {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    detail: format!(
+                        "{key} is empty: name a directory (relative paths are relative to this file's directory)"
+                    ),
+                });
+            }
+        }
         c.tls = c.tls.resolved(&base);
         c.data_dir = base.join(&c.data_dir);
         c.metadata.dir = base.join(&c.metadata.dir);
@@ -630,13 +647,23 @@ mod tests {
     /// Why a node config with `top` among its top-level lines and `extra`
     /// after its sections does not load ("loaded" if it does).
     fn node_refused(top: &str, extra: &str) -> String {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path().join("node-1.toml");
-        let text = format!(
+        text_refused(&node_text(top, extra))
+    }
+
+    /// A node config with `top` among its top-level lines and `extra`
+    /// after its sections.
+    fn node_text(top: &str, extra: &str) -> String {
+        format!(
             "node_id = 1\n{top}\ndata_dir = \"d\"\n\
              [tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
              [storage]\nplugin = \"memory\"\n[metadata]\nplugin = \"file\"\ndir = \"m\"\n{extra}"
-        );
+        )
+    }
+
+    /// Why a node config of `text` does not load ("loaded" if it does).
+    fn text_refused(text: &str) -> String {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("node-1.toml");
         std::fs::write(&p, text).expect("write");
         match NodeConfig::load(&p) {
             Ok(_) => "loaded".into(),
@@ -669,6 +696,17 @@ mod tests {
         let off =
             "[failover]\nauto_leader_rebalance = false\nleader_imbalance_check_interval_ms = 100\n";
         assert_eq!(node_refused(ok, off), "loaded");
+    }
+
+    /// An empty directory would be the config's own directory: refused.
+    #[test]
+    fn empty_directories_are_refused() {
+        let ok = node_text("listen = \"127.0.0.1:7101\"", "");
+        assert_eq!(text_refused(&ok), "loaded");
+        let e = text_refused(&ok.replace("data_dir = \"d\"", "data_dir = \"\""));
+        assert!(e.contains("data_dir is empty"), "{e}");
+        let e = text_refused(&ok.replace("dir = \"m\"", "dir = \"\""));
+        assert!(e.contains("[metadata] dir is empty"), "{e}");
     }
 
     /// Why a section for the file plugin with `line` does not parse.
