@@ -1296,6 +1296,34 @@ fn a_following_consumer_from_the_end_prints_new_messages_until_stopped() {
 
 /// Three nodes up on memory storage and `topic` with `partitions`
 /// partitions: the cluster and its client config.
+/// A node checks its storage settings in a scratch directory inside its
+/// data directory, removing what an earlier check left there. Its
+/// leftovers were named `.config-check-*`, which a partition directory
+/// of a topic named so matched: every restart removed that topic's log,
+/// and a restart of the whole cluster lost every acknowledged write
+/// (exploratory run).
+#[test]
+fn a_topic_named_like_the_storage_checks_scratch_survives_restarts() {
+    let mut c = Cluster::init(3, "file", |t| t);
+    c.start_all();
+    c.wait_up();
+    let client = c.client();
+    let topic = ".config-check-orders";
+    create_topic(&client, topic, "1");
+    produce_generated(&client, topic, "100");
+    c.wait_status("100 everywhere", |v| converged(v, topic, 0, 100));
+    for n in 1..=3 {
+        assert!(c.stop(n), "node {n} stops: {}", c.log(n));
+    }
+    c.start_all();
+    c.wait_status("100 everywhere after the restart", |v| {
+        converged(v, topic, 0, 100)
+    });
+    for r in 1..=3 {
+        check_lines(&consume_replica(&c, topic, r, 100), 0, 100, 64);
+    }
+}
+
 fn three_nodes_with_topic(topic: &str, partitions: &str) -> (Cluster, String) {
     let mut c = Cluster::init(3, "memory", |t| t);
     c.start_all();

@@ -224,11 +224,14 @@ pub async fn topic(cmd: TopicCommand) -> anyhow::Result<ExitCode> {
             // failure only with a majority, so with two of three nodes
             // down the survivor confirmed none, and every partition they
             // led showed OFFLINE 0 (exploratory run).
-            let (unreachable, unreachable_ids) = match gather(&c).await {
-                Ok(g) => (g.unreachable, g.unreachable_ids),
-                Err(_) => (Vec::new(), Vec::new()),
+            let unreachable = match &answer {
+                Ok((_, parts)) => {
+                    let g = gather_with(&c, parts, &failed).await;
+                    failed.extend(g.unreachable_ids);
+                    g.unreachable
+                }
+                Err(_) => Vec::new(),
             };
-            failed.extend(unreachable_ids);
             let stale = c.metadata_stale().await;
             c.close().await;
             let (brokers, parts) = answer?;
@@ -1213,6 +1216,17 @@ pub struct StorageFault {
 pub async fn gather(c: &Client) -> anyhow::Result<Gathered> {
     let (_, parts) = c.metadata().await?;
     let failed = c.counted_failed().await;
+    Ok(gather_with(c, &parts, &failed).await)
+}
+
+/// `gather` for partitions `parts` and the nodes `failed` the cluster
+/// counts as failed, both already read by the caller (one snapshot, not
+/// two requests each).
+pub async fn gather_with(
+    c: &Client,
+    parts: &[replicator::metadata::PartitionState],
+    failed: &[ReplicaId],
+) -> Gathered {
     // Every node at once: a dead one costs its timeout once, not in turn.
     let asks = c.known_nodes().await.into_iter().map(|n| {
         let counted_failed = failed.contains(&n);
@@ -1271,13 +1285,13 @@ pub async fn gather(c: &Client) -> anyhow::Result<Gathered> {
         .iter()
         .map(|p| report(p, |r| find(r, &p.topic, p.partition)))
         .collect();
-    Ok(Gathered {
+    Gathered {
         reports,
         unreachable,
         unreachable_ids,
         not_open,
         storage_faults,
-    })
+    }
 }
 
 /// One partition's row: the store's state `p`, with what each replica

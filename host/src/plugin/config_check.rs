@@ -45,8 +45,12 @@ pub enum ConfigCheck {
 const OPEN_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Names of check directories start with this; any found at the next
-/// check (a check killed halfway) are removed.
-const DIR_PREFIX: &str = ".config-check-";
+/// check (a check killed halfway) are removed. A node's check runs in its
+/// data directory, next to the partition directories (`<topic>-<n>`), so
+/// the prefix holds a `+`, which no topic name may: with `-` here, a
+/// topic named `.config-check-orders` had its log removed on every
+/// restart (exploratory run).
+const DIR_PREFIX: &str = ".config-check+";
 
 impl StoragePlugin {
     /// Open and close a throwaway partition with `config`, in a temporary
@@ -114,5 +118,36 @@ fn remove_leftovers(scratch: &Path) {
         if left && let Err(err) = std::fs::remove_dir_all(e.path()) {
             tracing::warn!("config check: removing {}: {err}", e.path().display());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only the check's own leftovers go: a partition directory whose
+    /// topic starts like the old prefix stays, with its log.
+    #[test]
+    fn leftovers_are_removed_and_partitions_are_not() {
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let partition = scratch.path().join(".config-check-orders-0");
+        std::fs::create_dir(&partition).expect("mkdir");
+        std::fs::write(partition.join("00000000000000000000.log"), b"acked").expect("write");
+        let left = tempfile::Builder::new()
+            .prefix(DIR_PREFIX)
+            .tempdir_in(scratch.path())
+            .expect("leftover")
+            .keep();
+        remove_leftovers(scratch.path());
+        assert!(!left.exists(), "a killed check's directory is removed");
+        assert!(
+            partition.join("00000000000000000000.log").exists(),
+            "a partition's log is kept"
+        );
+        // Why that holds for every topic: no valid topic name starts with
+        // the prefix, so no partition directory does.
+        assert!(!crate::metadata::valid_topic(&format!(
+            "{DIR_PREFIX}orders"
+        )));
     }
 }
