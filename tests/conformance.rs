@@ -48,3 +48,53 @@ async fn file_plugin_conforms_with_small_segments() {
 async fn file_plugin_conforms_with_defaults() {
     check("file", &[], true).await;
 }
+
+/// A batch whose CRC fails (a caller's bug, not the plugin's) is refused
+/// with `invalid-input` before anything is stored, by every log the host
+/// offers: the wasm plugins used to store it, and the partition then
+/// faulted at its first read (the memory plugin, reinstantiated, lost the
+/// good batch before it too). The log is unchanged and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_whose_crc_fails_is_refused_and_the_log_goes_on() {
+    use bytes::Bytes;
+    use replicator::batch::{Record, encode};
+    use replicator::storage::{PartitionLog, StorageError};
+
+    let batch = |base: u64| {
+        let r = Record {
+            value: Bytes::from(vec![7u8; 64]),
+            ..Default::default()
+        };
+        encode(base, 1, &[r]).expect("encode")
+    };
+    let mut bad = batch(1).to_vec();
+    let last = bad.len() - 1;
+    bad[last] ^= 1; // a payload byte: the CRC no longer matches
+    let bad = Bytes::from(bad);
+
+    async fn exercise(name: &str, log: &impl PartitionLog, good: [Bytes; 2], bad: Bytes) {
+        assert_eq!(log.append(good[0].clone()).await, Ok(1), "{name}");
+        match log.append(bad).await {
+            Err(StorageError::InvalidInput(m)) => assert!(m.contains("CRC"), "{name}: {m}"),
+            other => panic!("{name}: a bad CRC gave {other:?}"),
+        }
+        assert_eq!(log.bounds().await.map(|b| b.log_end), Ok(1), "{name}");
+        assert!(log.read(0, 1 << 20).await.is_ok(), "{name}: still readable");
+        assert_eq!(log.append(good[1].clone()).await, Ok(2), "{name}: goes on");
+    }
+
+    let scratch = tempfile::tempdir().expect("tempdir");
+    for name in ["memory", "file"] {
+        let plugin = StoragePlugin::load(&PluginSource::Builtin(name.into()), Sandbox::default())
+            .expect("built-in plugin loads");
+        let dir = scratch.path().join(name);
+        let log = plugin
+            .open("t", 0, Vec::new(), Some(&dir))
+            .await
+            .expect("open");
+        exercise(name, &log, [batch(0), batch(1)], bad.clone()).await;
+        log.close().await;
+    }
+    let native = replicator::storage::memory::MemoryLog::new();
+    exercise("native", &native, [batch(0), batch(1)], bad).await;
+}

@@ -213,21 +213,72 @@ pub fn validate(bytes: &Bytes) -> Result<u32, BatchError> {
     Ok(count)
 }
 
-/// The validated batches in `bytes` with offsets from `base_offset` and
+/// One or more batches that passed [`validate`] (framing, CRCs, position
+/// checks, every record's fields), holding at least one record: what a
+/// leader takes from a producer. [`restamp`] reseals the CRC over what it
+/// is given, so bytes nobody checked would come out as a committed batch
+/// with a good CRC and a record no one can decode (embedder run). Only
+/// [`Validated::check`] and [`Validated::encode`] make one.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    bytes: Bytes,
+    records: u32,
+}
+
+impl Validated {
+    /// `bytes` if [`validate`] passes them and they hold a record.
+    pub fn check(bytes: Bytes) -> Result<Self, BatchError> {
+        match validate(&bytes)? {
+            0 => Err(BatchError::Empty),
+            records => Ok(Validated { bytes, records }),
+        }
+    }
+
+    /// `records` as one batch, as a producer sends it (offset 0, epoch 0).
+    pub fn encode(records: &[Record]) -> Result<Self, BatchError> {
+        let bytes = encode(0, 0, records)?;
+        let records =
+            u32::try_from(records.len()).map_err(|_| BatchError::TooLarge(bytes.len()))?;
+        Ok(Validated { bytes, records })
+    }
+
+    /// How many records the batches hold.
+    pub fn records(&self) -> u32 {
+        self.records
+    }
+
+    /// Their length in bytes.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Never true (a `Validated` holds a record); for clippy's `len` rule.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    pub fn as_bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+}
+
+/// The batches of `batches` with offsets from `base_offset` and
 /// `leader_epoch` written into each header and the CRC resealed: how a
 /// leader takes a producer's batch as it is, without decoding and
 /// re-encoding its records. Returns the batches and the offset after their
 /// last record.
 ///
-/// When `bytes` is the only handle on its buffer (a produce body sliced out
-/// of the frame it arrived in) the headers are written in place; otherwise
-/// the batches are copied first, so no other holder sees them change.
+/// When `batches` is the only handle on its buffer (a produce body sliced
+/// out of the frame it arrived in) the headers are written in place;
+/// otherwise the batches are copied first, so no other holder sees them
+/// change.
 pub fn restamp(
-    bytes: Bytes,
+    batches: Validated,
     base_offset: u64,
     leader_epoch: u32,
 ) -> Result<(Bytes, u64), BatchError> {
-    let mut out = bytes
+    let mut out = batches
+        .bytes
         .try_into_mut()
         .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
     let mut at = 0usize;
@@ -352,9 +403,11 @@ mod tests {
     fn restamping_stops_at_the_end_of_the_offset_space() {
         let two = [Record::default(), Record::default()];
         let b = encode(0, 1, &two).expect("encodes");
-        let (_, next) = restamp(b.clone(), MAX_OFFSET - 2, 3).expect("the last two offsets");
+        let (_, next) = restamp(Validated::check(b.clone()).unwrap(), MAX_OFFSET - 2, 3)
+            .expect("the last two offsets");
         assert_eq!(next, MAX_OFFSET);
-        let err = restamp(b, MAX_OFFSET - 1, 3).expect_err("one offset too many");
+        let err = restamp(Validated::check(b).unwrap(), MAX_OFFSET - 1, 3)
+            .expect_err("one offset too many");
         assert_eq!(err, BatchError::OffsetSpace(MAX_OFFSET - 1));
     }
 
@@ -401,7 +454,7 @@ mod tests {
             let body = Bytes::from(body);
             prop_assert_eq!(validate(&body).unwrap() as usize, a.len() + b.len());
             let kept = body.clone();
-            let (stamped, next) = restamp(body.clone(), base, epoch).unwrap();
+            let (stamped, next) = restamp(Validated::check(body.clone()).unwrap(), base, epoch).unwrap();
             let mut want = encode(base, epoch, &a).unwrap().to_vec();
             want.extend_from_slice(&encode(base + a.len() as u64, epoch, &b).unwrap());
             prop_assert_eq!(&stamped[..], &want[..]);
@@ -414,7 +467,7 @@ mod tests {
             // The only handle: stamped in place, the same bytes.
             drop(kept);
             let at = body.as_ptr();
-            let (in_place, _) = restamp(body, base, epoch).unwrap();
+            let (in_place, _) = restamp(Validated::check(body).unwrap(), base, epoch).unwrap();
             prop_assert_eq!(in_place.as_ptr(), at);
             prop_assert_eq!(&in_place[..], &want[..]);
         }
@@ -424,6 +477,37 @@ mod tests {
             let bytes = Bytes::from(bytes);
             prop_assert_eq!(validate(&bytes).ok(), decode(&bytes).ok().map(|r| r.len() as u32));
         }
+    }
+
+    /// What the leader restamps is checked first: a batch whose record
+    /// framing and payload were changed (its CRC no longer matching) used
+    /// to be resealed by `produce_batches` and committed with a good CRC
+    /// and a record no one could decode (embedder run). An empty body
+    /// holds no record.
+    #[test]
+    fn only_checked_batches_are_restamped() {
+        let recs = vec![Record {
+            value: Bytes::from_static(b"value"),
+            ..Default::default()
+        }];
+        let good = encode(0, 0, &recs).unwrap();
+        let mut bad = good.to_vec();
+        bad[HEADER_LEN] ^= 0x7f; // the first record's length
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        let bad = Bytes::from(bad);
+        assert!(matches!(
+            Validated::check(bad),
+            Err(BatchError::Header(HeaderError::Crc { .. }))
+        ));
+        assert!(matches!(
+            Validated::check(Bytes::new()),
+            Err(BatchError::Empty)
+        ));
+        let v = Validated::check(good).unwrap();
+        assert_eq!((v.records(), v.is_empty()), (1, false));
+        let (stamped, next) = restamp(v, 5, 2).unwrap();
+        assert_eq!((decode(&stamped).unwrap()[0].offset, next), (5, 6));
     }
 
     /// A batch relabelled with another base offset (the CRC leaves the
@@ -450,7 +534,7 @@ mod tests {
             "{:?}",
             decode(&Bytes::from(moved.clone()))
         );
-        let (restamped, next) = restamp(sealed.clone(), 99, 1).unwrap();
+        let (restamped, next) = restamp(Validated::check(sealed.clone()).unwrap(), 99, 1).unwrap();
         assert_eq!((decode(&restamped).unwrap()[0].offset, next), (99, 100));
         // As sealed before the check: 0 in its place, the CRC over that.
         let mut old = sealed.to_vec();

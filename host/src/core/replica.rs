@@ -7,8 +7,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use bytes::Bytes;
-
 use super::config::Config;
 use super::epoch_cache::EpochCache;
 use super::reconcile;
@@ -612,25 +610,22 @@ impl ReplicationManager {
         acks: Acks,
         deadline_ms: u64,
     ) -> Result<(), ErrorCode> {
-        let batch = batch::encode(0, 0, records).map_err(|_| ErrorCode::StorageError)?;
+        let batch = batch::Validated::encode(records).map_err(|_| ErrorCode::StorageError)?;
         self.produce_batches(id, batch, acks, deadline_ms)
     }
 
-    /// [`Self::produce`] for records a producer already encoded: `batches`
-    /// must have passed [`batch::validate`]. They are taken as they are,
-    /// with this leader's offsets and epoch written into their headers
-    /// (in place when `batches` is the only handle on its buffer; no
-    /// per-record work), as Kafka's leader does.
+    /// [`Self::produce`] for records a producer already encoded and the
+    /// caller checked ([`batch::Validated::check`]). They are taken as
+    /// they are, with this leader's offsets and epoch written into their
+    /// headers (in place when the batches are the only handle on their
+    /// buffer; no per-record work), as Kafka's leader does.
     pub fn produce_batches(
         &mut self,
         id: ProduceId,
-        batches: Bytes,
+        batches: batch::Validated,
         acks: Acks,
         deadline_ms: u64,
     ) -> Result<(), ErrorCode> {
-        if batches.is_empty() {
-            return Err(ErrorCode::StorageError);
-        }
         let min_isr = self.config.min_insync_replicas as usize;
         let truncating = self.truncating > 0;
         let Some(l) = self.leader.as_mut() else {

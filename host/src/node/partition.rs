@@ -42,7 +42,7 @@ pub struct ReadResult {
 pub enum Event {
     Produce {
         /// Validated batches as the producer encoded them.
-        batches: Bytes,
+        batches: batch::Validated,
         acks: Acks,
         timeout_ms: u64,
         reply: oneshot::Sender<Result<u64, RpcError>>,
@@ -177,7 +177,7 @@ const MAX_PARKED_READS: usize = 1024;
 
 /// A produce request the actor has not handed to the core yet.
 struct Pending {
-    batches: Bytes,
+    batches: batch::Validated,
     acks: Acks,
     timeout_ms: u64,
     reply: oneshot::Sender<Result<u64, RpcError>>,
@@ -1932,7 +1932,7 @@ mod tests {
         let (_store, _shared, _tp, handle, _fetch_rx) = node_1_leading_with_2().await;
         let (reply, answer) = oneshot::channel();
         assert!(handle.send(Event::Produce {
-            batches: batch_at(0),
+            batches: batch::Validated::check(batch_at(0)).expect("valid"),
             acks: Acks::All,
             timeout_ms: 60_000,
             reply,

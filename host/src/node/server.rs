@@ -569,11 +569,11 @@ impl NodeServer {
         }
         // Checked here, off the partition's task; the leader then takes the
         // batches as they are and only restamps their headers.
-        let count = batch::validate(&body)
-            .map_err(|e| RpcError::Invalid(format!("produce body is not a record batch: {e}")))?;
-        if count == 0 {
-            return Err(RpcError::Invalid("produce with no records".into()));
-        }
+        let body = batch::Validated::check(body).map_err(|e| match e {
+            batch::BatchError::Empty => RpcError::Invalid("produce with no records".into()),
+            e => RpcError::Invalid(format!("produce body is not a record batch: {e}")),
+        })?;
+        let count = body.records();
         let p = self.partition(&topic, partition)?;
         let base = self
             .ask(&p, |reply| Event::Produce {

@@ -394,6 +394,10 @@ impl Actor {
             }
             Op::Truncate(offset) => self.truncate(offset).await,
             op @ (Op::Append(_) | Op::Flush) => {
+                if let Op::Append(bytes) = &op {
+                    // Refused here, before the plugin sees it: no fault.
+                    crate::storage::check_sealed(bytes)?;
+                }
                 let r = self.handle(op).await;
                 if let Err(StorageError::Io(why)) = &r {
                     return Err(self.after_failed_write(why.clone()).await);

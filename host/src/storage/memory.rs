@@ -61,19 +61,23 @@ pub(crate) fn append_error(e: AppendError) -> StorageError {
 // calls take effect in call order, as the trait promises.
 impl PartitionLog for MemoryLog {
     fn append(&self, batches: Bytes) -> impl Future<Output = StorageResult<u64>> + Send {
-        ready(self.with(|s| {
-            let located = index::check_append(&batches, s.index.log_end()).map_err(append_error)?;
-            for l in located {
-                let h = l.header;
-                s.index.push(Entry {
-                    base: h.base_offset,
-                    next: h.next_offset(),
-                    leader_epoch: h.leader_epoch,
-                    len: h.batch_len,
-                    loc: batches.slice(l.start..l.start + h.batch_len as usize),
-                });
-            }
-            Ok(s.index.log_end())
+        // Checked before the lock is taken: a CRC pass is the slow part.
+        ready(super::check_sealed(&batches).and_then(|()| {
+            self.with(|s| {
+                let located =
+                    index::check_append(&batches, s.index.log_end()).map_err(append_error)?;
+                for l in located {
+                    let h = l.header;
+                    s.index.push(Entry {
+                        base: h.base_offset,
+                        next: h.next_offset(),
+                        leader_epoch: h.leader_epoch,
+                        len: h.batch_len,
+                        loc: batches.slice(l.start..l.start + h.batch_len as usize),
+                    });
+                }
+                Ok(s.index.log_end())
+            })
         }))
     }
 

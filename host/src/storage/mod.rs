@@ -50,8 +50,11 @@ pub struct LogState {
 /// Calls take effect in the order they are *made*, not awaited: a caller
 /// may issue several appends and await them afterwards (pipelining).
 pub trait PartitionLog: Send + Sync {
-    /// Append one or more whole, contiguous batches starting at the log
-    /// end. Returns the new log end.
+    /// Append one or more whole, contiguous, sealed batches starting at the
+    /// log end. Returns the new log end. A batch whose CRC (or position
+    /// check) fails is refused with [`StorageError::InvalidInput`] before
+    /// anything is stored: taken, it would read back as damage at its
+    /// offset.
     fn append(&self, batches: Bytes) -> impl Future<Output = StorageResult<u64>> + Send;
     /// Whole batches from the one holding `offset`, within `max_bytes`
     /// (at least one batch).
@@ -92,4 +95,21 @@ pub async fn load_state<L: PartitionLog>(log: &L) -> StorageResult<LogState> {
         high_watermark,
         leader_epochs,
     })
+}
+
+/// Refuse `batches` unless every batch's CRC and position check hold: what
+/// both logs check before an append. A follower appends what its leader
+/// read back (checked there), a leader what it just sealed; the check is
+/// for callers of the library, whose bad batch would otherwise be stored
+/// and then fault the partition at its first read. One CRC-32C pass
+/// (hardware, on the host side of the plugin boundary).
+pub(crate) fn check_sealed(batches: &[u8]) -> StorageResult<()> {
+    for b in replicator_plugin_sdk::batches(batches, true) {
+        if let Err(e) = b {
+            return Err(StorageError::InvalidInput(format!(
+                "append of a batch that is not sealed: {e}"
+            )));
+        }
+    }
+    Ok(())
 }
