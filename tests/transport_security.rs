@@ -533,3 +533,54 @@ async fn closing_does_not_wait_for_a_handshake_to_a_silent_peer() {
         dialled.map(|p| p.node())
     );
 }
+
+/// A config built in code is checked as a loaded one is: a zero
+/// heartbeat interval used to start a node whose heartbeat tasks
+/// panicked over and over (embedder run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_config_built_in_code_is_checked_before_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    init(dir.path(), 2);
+    let mut config = NodeConfig::load(&dir.path().join("node-1.toml")).unwrap();
+    config.failover.heartbeat_interval_ms = 0;
+    let ran = tokio::time::timeout(
+        Duration::from_secs(10),
+        replicator::node::run(config, std::future::pending(), None),
+    )
+    .await
+    .expect("refused at once");
+    let e = ran.expect_err("refused").to_string();
+    assert!(e.contains("heartbeat_interval_ms = 0"), "{e}");
+}
+
+/// Dropping a node's `run` (an aborted task) stops the node as a crash
+/// would: it used to go on leading and acknowledging writes with its port
+/// bound, and a restart in the same process could not bind (embedder
+/// run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_run_is_dropped_stops_serving_and_frees_its_port() {
+    let node = start().await;
+    let c = node.client();
+    seed(&c).await;
+    node.task.abort();
+    let (addr, _keep) = (node.addr, (node.dir, node.stop));
+    let one = [Record {
+        key: None,
+        value: Bytes::from_static(b"after"),
+        timestamp: 0,
+        headers: vec![],
+    }];
+    let after = c
+        .produce("t", 0, &one, Acks::All, Duration::from_secs(2))
+        .await;
+    assert!(after.is_err(), "a dropped node acknowledged {after:?}");
+    // Its socket goes once its tasks have: poll for it, bounded.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::UdpSocket::bind(addr).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{addr} still bound 10 s after the node's run was dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

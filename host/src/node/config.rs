@@ -545,39 +545,55 @@ impl NodeConfig {
         if let PluginSource::Path(p) = meta_source {
             c.metadata.plugin = p.display().to_string();
         }
-        let invalid = |detail: String| ConfigError::Invalid {
+        c.validate().map_err(|detail| ConfigError::Invalid {
             path: path.to_path_buf(),
             detail,
-        };
-        c.replication
-            .validate()
-            .map_err(|e| invalid(format!("[replication]: {e}")))?;
-        c.failover
-            .validate()
-            .map_err(|e| invalid(format!("[failover]: {e}")))?;
-        c.metadata.validate().map_err(invalid)?;
-        c.storage.validate().map_err(invalid)?;
-        if let Some(id) = &c.cluster_id {
-            crate::metadata::check_cluster_id(id)
-                .map_err(|e| invalid(format!("cluster_id: {e}")))?;
+        })?;
+        Ok(c)
+    }
+
+    /// Check settings that parse but cannot work together or at all: what
+    /// [`Self::load`] refuses, for a config built in code too ([`run`]
+    /// calls it; a zero heartbeat interval used to panic its tasks).
+    ///
+    /// [`run`]: crate::node::run
+    pub fn validate(&self) -> Result<(), String> {
+        for (key, value) in [
+            ("data_dir", &self.data_dir),
+            ("[metadata] dir", &self.metadata.dir),
+        ] {
+            if value.as_os_str().is_empty() {
+                return Err(format!("{key} is empty: name a directory"));
+            }
         }
-        if c.metadata_poll_ms == 0 {
-            return Err(invalid("metadata_poll_ms must be at least 1".into()));
+        self.replication
+            .validate()
+            .map_err(|e| format!("[replication]: {e}"))?;
+        self.failover
+            .validate()
+            .map_err(|e| format!("[failover]: {e}"))?;
+        self.metadata.validate()?;
+        self.storage.validate()?;
+        if let Some(id) = &self.cluster_id {
+            crate::metadata::check_cluster_id(id).map_err(|e| format!("cluster_id: {e}"))?;
         }
-        if c.replication.unclean_leader_election && !c.failover.unclean_leader_election {
+        if self.metadata_poll_ms == 0 {
+            return Err("metadata_poll_ms must be at least 1".into());
+        }
+        if self.replication.unclean_leader_election && !self.failover.unclean_leader_election {
             // The core's copy mirrors the reference API; elections read
             // [failover]'s. Turned on only there it would do nothing.
-            return Err(invalid(
+            return Err(
                 "[replication] unclean_leader_election = true but [failover] unclean_leader_election = false: a node elects by [failover]'s; set it there".into(),
+            );
+        }
+        if self.listen.ip().is_unspecified() && self.advertise.is_none() {
+            return Err(format!(
+                "listen = \"{}\" is every interface, which other nodes cannot dial: set `advertise` to this node's reachable address",
+                self.listen
             ));
         }
-        if c.listen.ip().is_unspecified() && c.advertise.is_none() {
-            return Err(invalid(format!(
-                "listen = \"{}\" is every interface, which other nodes cannot dial: set `advertise` to this node's reachable address",
-                c.listen
-            )));
-        }
-        Ok(c)
+        Ok(())
     }
 
     pub fn advertised(&self) -> SocketAddr {

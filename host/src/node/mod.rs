@@ -47,6 +47,9 @@ use shared::Shared;
 pub enum NodeError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A config built in code that [`NodeConfig::validate`] refuses.
+    #[error("node config: {0}")]
+    InvalidConfig(String),
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error(transparent)]
@@ -126,14 +129,22 @@ impl From<MetadataError> for NodeError {
 
 /// Run a node until `shutdown` completes. `ready` gets the QUIC address
 /// once the node serves (useful when the config asks for port 0).
+///
+/// `config` is checked first ([`NodeConfig::validate`]). Stop a node by
+/// completing `shutdown`: it hands its leaderships over (a controlled
+/// shutdown), flushes and closes its logs, and records a clean shutdown.
+/// Dropping the future instead (aborting its task, losing a `select!`)
+/// stops it as a crash would, and its next start trusts none of its logs.
 pub async fn run(
     config: NodeConfig,
     shutdown: impl Future<Output = ()>,
     ready: Option<oneshot::Sender<SocketAddr>>,
 ) -> Result<(), NodeError> {
+    // What `NodeConfig::load` checks, for a config built in code.
+    config.validate().map_err(NodeError::InvalidConfig)?;
     let id = config.node_id;
     let mut shutdown = std::pin::pin!(shutdown);
-    // First: a second node on this directory stops here, before it binds
+    // Then: a second node on this directory stops here, before it binds
     // or registers anything.
     let _data_dir = data_dir_lock::lock(&config.data_dir)?;
     // Then what the last stop vouched for. It is deleted only once this
@@ -315,6 +326,16 @@ pub async fn run(
         registration_problem: Default::default(),
         fenced: Default::default(),
     });
+    // From here on, a drop of this future (an abort, a lost `select!`, a
+    // timeout around it) stops the node as a crash would; see StopOnDrop.
+    let mut on_drop = StopOnDrop {
+        id,
+        stop: stop_tx,
+        tasks: Vec::new(),
+        transport: transport.clone(),
+        server: server.clone(),
+        armed: true,
+    };
     // This node's log may have lost what it had acknowledged before the
     // restart (unflushed writes; an in-memory log is empty). So, like
     // Kafka's controller on a broker's re-registration, it must not lead
@@ -354,6 +375,10 @@ pub async fn run(
             }),
         ))
     });
+    on_drop.tasks.push(serving.abort_handle());
+    if let Some(t) = &metrics_task {
+        on_drop.tasks.push(t.abort_handle());
+    }
     if let Some(r) = ready {
         let _ = r.send(local);
     }
@@ -379,7 +404,7 @@ pub async fn run(
     // drain: in six bench runs here nodes elected a leader four times
     // while shutting down, 542-559 ms after they last heard from the old
     // one.)
-    let _ = stop_tx.send(true);
+    let _ = on_drop.stop.send(true);
     // Fenced: the id is another process's now, and a controlled shutdown
     // would register it back and write its hand-offs.
     if config.failover.controlled_shutdown && fenced.is_none() {
@@ -454,10 +479,57 @@ pub async fn run(
         let wait = partition::CLOSE_WAIT;
         warn!("the metadata plugin did not close within {wait:?}; leaving it");
     }
+    on_drop.armed = false;
     info!("node {id} stopped");
     match fenced {
         Some(f) => Err(f),
         None => Ok(()),
+    }
+}
+
+/// Stops what [`run`] started if its future is dropped before it returns.
+/// Its tasks are spawned, so they would outlive the future: an embedder
+/// that aborted the task running a node (or lost it in a `select!`) had a
+/// node that went on leading and acknowledging writes, its UDP port bound
+/// (embedder run). Dropped, it stops like a crash: nothing more is
+/// served or fetched, the endpoint closes, each partition is told to shut
+/// down (its log flushed and closed), and no clean-shutdown record is
+/// written, so the next start trusts no log. Only `shutdown` stops a node
+/// gracefully (a controlled shutdown hands its leaderships over first).
+struct StopOnDrop {
+    id: crate::core::ReplicaId,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::AbortHandle>,
+    transport: Transport,
+    server: Arc<NodeServer>,
+    /// Cleared when `run` finishes its own shutdown.
+    armed: bool,
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        warn!(
+            "node {}: its run was dropped before it returned (aborted?): stopping as in a crash; stop a node with its shutdown future to hand its leaderships over",
+            self.id
+        );
+        let _ = self.stop.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.transport.close_now();
+        let handles: Vec<_> = self
+            .server
+            .partitions
+            .write()
+            .map(|mut m| m.drain().collect())
+            .unwrap_or_default();
+        for (_, h) in handles {
+            let (reply, _) = oneshot::channel();
+            h.send(Event::Shutdown { reply });
+        }
     }
 }
 

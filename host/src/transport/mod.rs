@@ -411,8 +411,14 @@ impl Transport {
     /// Refuse new connections, close existing ones, and wait until peers
     /// were told (bounded by [`CLOSE_WAIT`]).
     pub async fn close(&self) {
-        self.endpoint.close(close::NORMAL.into(), b"shutdown");
+        self.close_now();
         let _ = tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await;
+    }
+
+    /// Close every connection and accept no more, without waiting for
+    /// peers to be told (where nothing can be awaited: a drop).
+    pub fn close_now(&self) {
+        self.endpoint.close(close::NORMAL.into(), b"shutdown");
     }
 }
 
