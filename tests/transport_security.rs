@@ -584,3 +584,35 @@ async fn a_node_whose_run_is_dropped_stops_serving_and_frees_its_port() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Client arguments that cannot work are refused before anything is
+/// sent: a zero produce timeout used to send the records, commit them and
+/// report a timeout; an empty node list failed every request with "no
+/// node answered: " and nothing after it (embedder run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_arguments_that_cannot_work_are_refused_before_sending() {
+    let node = start().await;
+    let c = node.client();
+    seed(&c).await;
+    let one = [Record {
+        key: None,
+        value: Bytes::from_static(b"zero"),
+        timestamp: 0,
+        headers: vec![],
+    }];
+    let e = c
+        .produce("t", 0, &one, Acks::All, Duration::ZERO)
+        .await
+        .expect_err("no time to wait");
+    assert!(e.to_string().contains("at least 1 ms"), "{e}");
+    let at = c
+        .produce("t", 0, &one, Acks::All, Duration::from_secs(20))
+        .await
+        .expect("produce");
+    assert_eq!(at, 10, "the refused produce wrote nothing");
+    let mut cfg = ClientConfig::load(&node.dir.path().join("client.toml")).unwrap();
+    cfg.nodes.clear();
+    let e = Client::new(&cfg).err().expect("no nodes").to_string();
+    assert!(e.contains("`nodes` is empty"), "{e}");
+    node.shutdown().await;
+}

@@ -58,9 +58,13 @@ pub enum ClientError {
     Ambiguous { node: ReplicaId, detail: String },
     #[error("bad records from the node: {0}")]
     Records(String),
-    /// The caller's records do not make a batch (too large, no records).
+    /// The caller's records do not make a batch (too large, no records),
+    /// or the request leaves no time to send them.
     #[error("the records cannot be sent: {0}")]
     Unsendable(String),
+    /// A client config built in code that cannot work.
+    #[error("client config: {0}")]
+    Config(String),
 }
 
 /// A produce request's place in its producer's order (see
@@ -204,6 +208,13 @@ const LEADER_CHECK: Duration = Duration::from_millis(200);
 
 impl Client {
     pub fn new(config: &ClientConfig) -> Result<Self, ClientError> {
+        // As `ClientConfig::load` refuses it: every request would end in
+        // "no node answered" with no node named.
+        if config.nodes.is_empty() {
+            return Err(ClientError::Config(
+                "`nodes` is empty: list at least one node to contact".into(),
+            ));
+        }
         let tls = TlsMaterial::load(&config.tls)?;
         let bind: SocketAddr = match config.nodes.first().map(|n| n.address) {
             Some(SocketAddr::V6(_)) => "[::]:0",
@@ -749,6 +760,14 @@ impl Client {
         timeout: Duration,
         order: Option<ProduceOrder<'_>>,
     ) -> Result<(u64, ReplicaId), ClientError> {
+        // A zero timeout still sent the records once, then reported a
+        // timeout for records that were committed (embedder run).
+        if timeout.is_zero() {
+            return Err(ClientError::Unsendable(
+                "a timeout of 0 leaves no time to wait for the acknowledgement; give at least 1 ms"
+                    .into(),
+            ));
+        }
         let body =
             batch::encode(0, 0, records).map_err(|e| ClientError::Unsendable(e.to_string()))?;
         let started = Instant::now();
