@@ -373,6 +373,11 @@ fn bad_arguments_are_refused_before_anything_starts() {
         (&["--seconds", "NaN"][..], "--seconds"),
         (&["--size", "0"][..], "--size"),
         (&["--rounds", "0"][..], "--rounds"),
+        (&["--workloads", "a,a"][..], "--workloads names `a` twice"),
+        (
+            &["--storage", "memory,memory"][..],
+            "--storage names `memory` twice",
+        ),
         (
             &["--storage", "memory,nosuch"][..],
             "unknown storage `nosuch` in --storage; expected one of native, memory, file, s3",

@@ -99,11 +99,11 @@ impl Config {
         if self.replica_lag_time_max_ms == 0 {
             return bad("replica_lag_time_max_ms", "must be positive");
         }
-        if self.num_fetcher_threads == 0 || self.max_inflight_fetches == 0 {
-            return bad(
-                "num_fetcher_threads",
-                "fetcher threads and in-flight fetches must be at least 1",
-            );
+        if self.num_fetcher_threads == 0 {
+            return bad("num_fetcher_threads", "must be at least 1");
+        }
+        if self.max_inflight_fetches == 0 {
+            return bad("max_inflight_fetches", "must be at least 1");
         }
         if self.fetch_max_wait_ms >= self.replica_lag_time_max_ms {
             return bad(
@@ -157,6 +157,20 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_ok());
+    }
+
+    /// Each zero is named by its own field (`max_inflight_fetches = 0`
+    /// was reported as `num_fetcher_threads`).
+    #[test]
+    fn a_zero_fetch_setting_is_named() {
+        for field in ["num_fetcher_threads", "max_inflight_fetches"] {
+            let mut c = Config::default();
+            match field {
+                "num_fetcher_threads" => c.num_fetcher_threads = 0,
+                _ => c.max_inflight_fetches = 0,
+            }
+            assert_eq!(c.validate().expect_err(field).field, field);
+        }
     }
 
     #[test]

@@ -34,8 +34,8 @@ pub const MAX_UNSTORED_BYTES: u64 = 64 << 20;
 const MAX_UNSTORED_APPENDS: usize = 16_384;
 
 /// A follower refused by a leader that has not yet learned the epoch it
-/// leads fetches again after this fraction of `fetch_backoff_ms` (10 ms of
-/// the default 100), [`QUICK_RETRIES`] times per epoch at most: after an
+/// leads fetches again after this fraction of `fetch_backoff_ms` (100 ms
+/// of the default 1000), [`QUICK_RETRIES`] times per epoch at most: after an
 /// election or a controlled shutdown a heartbeat tells the leader within
 /// milliseconds, and a whole backoff would hold every acks=all write
 /// behind it. (Otherwise it learns at its next metadata poll, and the

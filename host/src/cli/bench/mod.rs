@@ -223,6 +223,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if args.raw_mb == 0 || args.storage.is_empty() {
         bail!("--raw-mb must be at least 1 and --storage must name a backend");
     }
+    // Each (backend, workload) gets its own cluster directory, named for
+    // them: a repeat ran a whole workload, then failed on the directory
+    // the first one made (exploratory run).
+    for (flag, list) in [
+        ("--storage", &args.storage),
+        ("--workloads", &args.workloads),
+    ] {
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(twice) = list.iter().map(|v| v.trim()).find(|v| !seen.insert(*v)) {
+            bail!("{flag} names `{twice}` twice: name each once");
+        }
+    }
     if !args.storage_config.is_empty()
         && (args.storage.len() != 1 || args.storage[0] == replicator::node::storage::NATIVE)
     {
