@@ -308,6 +308,26 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
             && stderr.contains("topic lines has no partition 5 (its partitions are 0 to 0)"),
         "{stderr}"
     );
+    // So does a consume, and one from a node without a replica.
+    for (extra, says) in [
+        (
+            &["--partition", "5"][..],
+            "topic lines has no partition 5 (its partitions are 0 to 0)",
+        ),
+        (
+            &["--replica", "7"][..],
+            "node 7 holds no replica of lines/0 (its replicas are [1, 2, 3])",
+        ),
+    ] {
+        let mut args = vec!["consume", "--config", &client, "--topic", "lines"];
+        args.extend_from_slice(extra);
+        let out = cli(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(says),
+            "{extra:?}: {stderr}"
+        );
+    }
     // Topics as the store has them, in name order; one topic's partitions.
     let listed: serde_json::Value =
         serde_json::from_str(&cli_ok(&["topic", "list", "--config", &client, "--json"]))

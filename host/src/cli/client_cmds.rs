@@ -394,6 +394,9 @@ pub async fn partition(cmd: PartitionCommand) -> anyhow::Result<ExitCode> {
                 "node {replica} leads {}/{} in epoch {} (UNCLEAN: acknowledged writes it lacks are lost); replica log ends were {}",
                 a.topic, a.partition, state.leader_epoch, ends
             );
+            if let Some(lost) = discarded_by(&logs, replica) {
+                println!("discarded: {lost}");
+            }
             c.close().await;
             Ok(ExitCode::SUCCESS)
         }
@@ -905,7 +908,13 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
     let c = client(&a.config)?;
     let mut node = match a.replica {
         Some(r) => r,
-        None => c.leader_of(&a.topic, a.partition).await?,
+        None => match c.leader_of(&a.topic, a.partition).await {
+            Ok(l) => l,
+            Err(e) => match missing(&c, &a.topic, a.partition, None).await {
+                Some(why) => bail!("{why}"),
+                None => return Err(e.into()),
+            },
+        },
     };
     // The first read follows a leader that moved, as the later ones do.
     let give_up = Instant::now() + Duration::from_secs(30);
@@ -935,6 +944,9 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
             },
         )) if asked.is_none() => (log_start, high_watermark),
         Err(e) => {
+            if let Some(why) = missing(&c, &a.topic, a.partition, a.replica).await {
+                bail!("{why}");
+            }
             return Err(e).context(format!(
                 "reading {}/{} on node {node}",
                 a.topic, a.partition
@@ -1184,6 +1196,79 @@ impl PartitionReport {
             })
             .collect()
     }
+}
+
+/// Why `topic/partition` (on `replica`, if one is named) cannot be read
+/// when the metadata says it does not exist: no such topic, a partition
+/// past its last, or a node that holds no replica of it. `None` for any
+/// other reason (or no metadata). The node only says "unknown topic or
+/// partition", where `produce` named the partitions (exploratory run).
+async fn missing(
+    c: &Client,
+    topic: &str,
+    partition: u32,
+    replica: Option<ReplicaId>,
+) -> Option<String> {
+    let (_, parts) = c.metadata().await.ok()?;
+    let unreadable = c.unreadable().await;
+    let last = parts
+        .iter()
+        .filter(|p| p.topic == topic)
+        .map(|p| p.partition)
+        .chain(
+            unreadable
+                .iter()
+                .filter(|u| u.topic == topic)
+                .map(|u| u.partition),
+        )
+        .max();
+    match last {
+        None => Some(format!(
+            "topic {topic} does not exist (`replicator topic list` shows the topics)"
+        )),
+        Some(last) if partition > last => Some(format!(
+            "topic {topic} has no partition {partition} (its partitions are 0 to {last})"
+        )),
+        Some(_) => {
+            let p = parts
+                .iter()
+                .find(|p| p.topic == topic && p.partition == partition)?;
+            let r = replica.filter(|r| !p.replicas.contains(r))?;
+            Some(format!(
+                "node {r} holds no replica of {topic}/{partition} (its replicas are {:?})",
+                p.replicas
+            ))
+        }
+    }
+}
+
+/// What electing `chosen` discards that the most up-to-date replica that
+/// answered holds, in words; `None` if `chosen` is as up to date as any.
+/// An operator who named a shorter replica with `--replica` was told only
+/// that writes it lacks are lost, not which (exploratory run).
+fn discarded_by(logs: &[ReplicaLog], chosen: ReplicaId) -> Option<String> {
+    let best = most_up_to_date(logs)?;
+    let find = |r: ReplicaId| logs.iter().find(|(x, _, _)| *x == r).copied();
+    let (_, best_epoch, best_end) = find(best)?;
+    let best_end = best_end?;
+    let (_, epoch, end) = find(chosen).unwrap_or((chosen, None, None));
+    if (epoch, end) == (best_epoch, Some(best_end)) {
+        return None;
+    }
+    Some(match end {
+        Some(end) if epoch == best_epoch && end < best_end => format!(
+            "node {best} holds offsets {end}..{best_end} ({} records) that node {chosen} lacks; every replica drops them",
+            best_end - end
+        ),
+        Some(end) => format!(
+            "node {best}'s log (to offset {best_end}, epoch {}) is more up to date than node {chosen}'s (to {end}, epoch {}); every replica drops what it holds past where the two diverge",
+            best_epoch.map_or("?".into(), |e| e.to_string()),
+            epoch.map_or("?".into(), |e| e.to_string()),
+        ),
+        None => format!(
+            "node {chosen} did not say where its log ends; node {best}'s reaches offset {best_end}, and what node {chosen} lacks of it is dropped"
+        ),
+    })
 }
 
 /// How long `gather` waits for a node the cluster counts as failed. One
@@ -1524,8 +1609,8 @@ fn print_unreadable(unreadable: &[replicator::wire::rpc::UnreadablePartition]) {
 #[cfg(test)]
 mod tests {
     use super::{
-        ConsumeFrom, TopicSummary, check_message_size, longest_message, next_batch, report,
-        summarize,
+        ConsumeFrom, TopicSummary, check_message_size, discarded_by, longest_message, next_batch,
+        report, summarize,
     };
     use bytes::Bytes;
     use clap::Parser as _;
@@ -1567,6 +1652,32 @@ mod tests {
             consume(&["--count", "3", "--follow"]).is_err(),
             "--count and --follow together"
         );
+    }
+
+    /// `partition elect --unclean --replica` names what it discards when
+    /// the chosen replica is behind one that answered.
+    #[test]
+    fn an_unclean_election_names_what_a_shorter_replica_discards() {
+        let logs = [
+            (1, Some(1), Some(1500)),
+            (2, Some(1), Some(1500)),
+            (3, Some(1), Some(1000)),
+        ];
+        let lost = discarded_by(&logs, 3).expect("node 3 is behind");
+        assert!(
+            lost.contains("node 1 holds offsets 1000..1500 (500 records)"),
+            "{lost}"
+        );
+        assert_eq!(discarded_by(&logs, 1), None);
+        assert_eq!(discarded_by(&logs, 2), None, "as up to date as node 1");
+        let newer = [(1, Some(1), Some(1500)), (2, Some(2), Some(1200))];
+        let lost = discarded_by(&newer, 1).expect("an older epoch");
+        assert!(
+            lost.contains("node 2's log (to offset 1200, epoch 2)"),
+            "{lost}"
+        );
+        let silent = [(1, Some(1), Some(10)), (2, None, None)];
+        assert!(discarded_by(&silent, 2).is_some_and(|l| l.contains("did not say")));
     }
 
     /// A produce that may not retry at all would give up on the first
