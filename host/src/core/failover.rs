@@ -56,7 +56,7 @@ impl FailureDetector {
     }
 
     /// `broker` runs a version whose heartbeats carry no view (see
-    /// [`Self::legacy`]); a view from it later undoes this.
+    /// `legacy`); a view from it later undoes this.
     pub fn mark_legacy(&mut self, broker: ReplicaId) {
         self.legacy.insert(broker);
     }

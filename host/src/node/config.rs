@@ -33,7 +33,8 @@ pub enum ConfigError {
 pub struct PluginSection {
     /// A built-in name (`file`, `memory`) or a path to a `.wasm` component.
     pub plugin: String,
-    /// Settings handed to the plugin as they are (see [`plugin_settings`]).
+    /// Settings handed to the plugin as strings (strings, numbers and
+    /// booleans as written; nested tables as dotted keys).
     #[serde(default, deserialize_with = "plugin_settings")]
     pub config: BTreeMap<String, String>,
     /// Storage only: run each partition's store on its own thread, with
