@@ -40,6 +40,60 @@ async fn compiled_components_are_cached_and_bad_entries_replaced() {
     assert_eq!(log.bounds().await.map(|b| b.log_end), Ok(0));
 }
 
+/// Compiled code is loaded only from a cache no other user could have
+/// written (loading it runs its machine code as it is), and the cache
+/// keeps the most recently used entries only (it grew without bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compiled_cache_is_trusted_only_when_private_and_stays_bounded() {
+    use std::os::unix::fs::PermissionsExt;
+    let cache = tempfile::tempdir().expect("tempdir");
+    let wasm = builtin::storage("memory").expect("built-in");
+    let load = || {
+        let runtime = PluginRuntime::new(Some(cache.path().to_path_buf())).expect("runtime");
+        StoragePlugin::from_bytes(runtime, "memory", wasm, Sandbox::default()).expect("load")
+    };
+    // Twenty older entries (other builds, other wasmtime versions).
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(86_400);
+    for i in 0..20 {
+        let f =
+            std::fs::File::create(cache.path().join(format!("old{i:02}-0.cwasm"))).expect("create");
+        f.set_modified(old + std::time::Duration::from_secs(i))
+            .expect("mtime");
+    }
+    drop(load());
+    let names: Vec<String> = std::fs::read_dir(cache.path())
+        .expect("cache dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), replicator::plugin::CACHE_KEEP, "{names:?}");
+    let fresh: Vec<_> = names.iter().filter(|n| !n.starts_with("old")).collect();
+    assert_eq!(fresh.len(), 1, "the new entry is kept: {names:?}");
+    assert!(
+        !names.contains(&"old00-0.cwasm".to_string()),
+        "the oldest went: {names:?}"
+    );
+    let entry = cache.path().join(fresh[0]);
+
+    // Writable by others: not loaded from (a damaged entry would be
+    // noticed and rewritten if it were), and the plugin still loads.
+    std::fs::write(&entry, b"planted").expect("plant");
+    std::fs::set_permissions(cache.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let plugin = load();
+    assert_eq!(
+        std::fs::read(&entry).expect("read"),
+        b"planted",
+        "left alone"
+    );
+    let log = plugin.open("t", 0, vec![], None).await.expect("open");
+    assert_eq!(log.bounds().await.map(|b| b.log_end), Ok(0));
+    log.close().await;
+    // Private again: the damaged entry is replaced.
+    std::fs::set_permissions(cache.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    drop(load());
+    assert_ne!(std::fs::read(&entry).expect("read"), b"planted");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_plugin_settings_are_clear_errors() {
     let file = StoragePlugin::load(&PluginSource::Builtin("file".into()), Sandbox::default())
@@ -314,7 +368,7 @@ async fn storage_settings_are_checked_in_a_throwaway_partition() {
     ));
     // Nothing is left behind: the data directory is as empty as it began,
     // and a check killed halfway is cleaned up by the next.
-    std::fs::create_dir_all(scratch.join(".config-check-killed/t-0")).expect("leftover");
+    std::fs::create_dir_all(scratch.join(".config-check+killed/t-0")).expect("leftover");
     assert_eq!(
         file.check_config(vec![], &scratch).await,
         ConfigCheck::Accepted

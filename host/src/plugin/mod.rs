@@ -34,7 +34,7 @@ pub use config_check::ConfigCheck;
 pub use inspect::{Inspection, PluginKind, inspect};
 pub use log::PluginLog;
 pub use metadata::{MetadataPlugin, PluginMetadata};
-pub use runtime::{MAX_WASM_STACK, PluginRuntime, default_cache_dir};
+pub use runtime::{CACHE_KEEP, MAX_WASM_STACK, PluginRuntime, default_cache_dir};
 pub use sandbox::{EPOCH_TICK, Sandbox};
 pub use wasi_file_io::{INLINE_WRITE_MAX, SLOW_WRITE_LOG, slow_plugin_writes};
 #[doc(hidden)]

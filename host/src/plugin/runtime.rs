@@ -91,12 +91,31 @@ impl PluginRuntime {
         let Some(path) = self.cache_path(wasm) else {
             return self.compile_fresh(name, wasm);
         };
+        let dir = path.parent().unwrap_or(Path::new("."));
+        if let Some(why) = untrusted(dir).or_else(|| untrusted(&path)) {
+            tracing::warn!(
+                "not using the compiled-plugin cache ({why}): compiling `{name}` each time; \
+                 set REPLICATOR_CACHE_DIR to a directory only this user can write"
+            );
+            return self.compile_fresh(name, wasm);
+        }
         if path.exists() {
             // SAFETY: the file was written by `Component::serialize` of an
             // engine with the same compatibility hash (it is in the name),
-            // in a cache directory this user owns.
+            // in a directory, and as a file, that only this user can write
+            // (`untrusted` above).
             match unsafe { Component::deserialize_file(&self.engine, &path) } {
-                Ok(c) => return Ok(c),
+                Ok(c) => {
+                    // Its age is when it was last used, for `prune`.
+                    let touched = std::fs::File::options()
+                        .write(true)
+                        .open(&path)
+                        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                    if let Err(e) = touched {
+                        tracing::debug!(path = %path.display(), "cache entry not touched: {e}");
+                    }
+                    return Ok(c);
+                }
                 Err(e) => tracing::warn!(path = %path.display(), "discarding bad cache entry: {e}"),
             }
         }
@@ -104,6 +123,7 @@ impl PluginRuntime {
         if let Err(e) = store_cache_entry(&path, &component) {
             tracing::warn!(path = %path.display(), "could not cache compiled plugin: {e}");
         }
+        prune(dir, CACHE_KEEP);
         Ok(component)
     }
 
@@ -162,6 +182,69 @@ fn store_cache_entry(path: &Path, component: &Component) -> std::io::Result<()> 
     std::io::Write::write_all(&mut tmp, &bytes)?;
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
+}
+
+/// Most compiled components a cache keeps (each 5-35 MB: one per plugin
+/// build, engine setting and wasmtime version). Storing one more removes
+/// the least recently used beyond this; nothing was ever removed, and a
+/// development machine's cache had grown to 1.2 GB in 70 entries
+/// (embedder run).
+pub const CACHE_KEEP: usize = 16;
+
+/// Why `path` (the cache directory or an entry) must not be loaded from,
+/// if it must not. Loading a compiled component is `unsafe`: wasmtime runs
+/// its machine code as it is. So only a file no other user could have
+/// written counts: owned by this user, not writable by group or others,
+/// in a directory that is the same. A path that does not exist yet is
+/// fine (this process makes it).
+#[cfg(unix)]
+fn untrusted(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path).ok()?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if m.uid() != me {
+        return Some(format!(
+            "{} is owned by uid {}, not this user (uid {me})",
+            path.display(),
+            m.uid()
+        ));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Some(format!(
+            "{} is writable by other users (mode {:o})",
+            path.display(),
+            m.mode() & 0o777
+        ));
+    }
+    None
+}
+
+#[cfg(not(unix))]
+fn untrusted(_: &Path) -> Option<String> {
+    None
+}
+
+/// Remove the least recently used `*.cwasm` entries of `dir` beyond
+/// `keep` (a hit touches its entry). Best effort: a failure is logged.
+fn prune(dir: &Path, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    if found.len() <= keep {
+        return;
+    }
+    found.sort_by(|a, b| b.0.cmp(&a.0));
+    for (_, old) in found.into_iter().skip(keep) {
+        if let Err(e) = std::fs::remove_file(&old) {
+            tracing::warn!(path = %old.display(), "could not remove an old cache entry: {e}");
+        }
+    }
 }
 
 /// `$REPLICATOR_CACHE_DIR`, else `$XDG_CACHE_HOME/replicator/components`,
