@@ -564,6 +564,8 @@ async fn a_node_whose_run_is_dropped_stops_serving_and_frees_its_port() {
     seed(&c).await;
     node.task.abort();
     let (addr, _keep) = (node.addr, (node.dir, node.stop));
+    // Aborted once the task has ended (the drop has run by then).
+    assert!(node.task.await.is_err_and(|e| e.is_cancelled()));
     let one = [Record {
         key: None,
         value: Bytes::from_static(b"after"),

@@ -64,7 +64,9 @@
 //! ```
 //!
 //! A [`node::NodeConfig`] built in code is checked by [`node::run`] as a
-//! loaded one is. Its `[replication]` defaults are Kafka's, so
+//! loaded one is, but its relative paths are not resolved against a
+//! config file's directory ([`node::NodeConfig::load`] does that): they
+//! are relative to the current directory. Its `[replication]` defaults are Kafka's, so
 //! `min_insync_replicas` is 1 unless set: set it to 2 for replication
 //! factor 3, as `cluster init` does, or acks=all waits for the leader
 //! alone once the ISR has shrunk to it.
@@ -73,9 +75,10 @@
 //!
 //! `tests/core_scenarios.rs` drives replicas in one thread (scripted
 //! KIP-101/279/320 cases), and `tests/sim/` a whole cluster under a seeded
-//! clock and network: they show how each [`core::Action`] is carried out
-//! against a [`storage::PartitionLog`] and how results go back in. The
-//! node's own driver is `host/src/node/partition.rs`.
+//! clock and network, each over an in-memory log of its own
+//! (`tests/sim/storage.rs`): they show how each [`core::Action`] is
+//! carried out and how results go back in. The node's own driver, over a
+//! [`storage::PartitionLog`], is `host/src/node/partition.rs`.
 
 pub mod batch;
 pub mod client;

@@ -134,7 +134,8 @@ impl From<MetadataError> for NodeError {
 /// completing `shutdown`: it hands its leaderships over (a controlled
 /// shutdown), flushes and closes its logs, and records a clean shutdown.
 /// Dropping the future instead (aborting its task, losing a `select!`)
-/// stops it as a crash would, and its next start trusts none of its logs.
+/// stops it as a crash would, and its next start trusts none of its logs
+/// (unless the drop came after the shutdown had closed them all).
 pub async fn run(
     config: NodeConfig,
     shutdown: impl Future<Output = ()>,
@@ -438,10 +439,20 @@ pub async fn run(
     // the clean-shutdown record lists those that did, except any whose
     // claims from an earlier incarnation were never given up (its log may
     // be short of what those claims promise).
+    // Every partition is told before any is waited for: they flush and
+    // close at once, and a drop of this future while waiting (a timeout
+    // around a shutdown) leaves none running, which StopOnDrop, finding
+    // the map empty, could no longer reach.
+    let told: Vec<_> = handles
+        .into_iter()
+        .map(|(tp, h)| {
+            let (tx, rx) = oneshot::channel();
+            (tp, h.send(Event::Shutdown { reply: tx }).then_some(rx))
+        })
+        .collect();
     let mut ends = Vec::new();
-    for (tp, h) in handles {
-        let (tx, rx) = oneshot::channel();
-        if h.send(Event::Shutdown { reply: tx })
+    for (tp, rx) in told {
+        if let Some(rx) = rx
             && let Ok(Some(end)) = rx.await
             // Read after it answered: a recovery up to then has asked for
             // its hand-off, and none can after.
@@ -466,6 +477,9 @@ pub async fn run(
     if let Err(e) = clean_shutdown::CleanShutdown::write(&config.data_dir, last_epoch, vouched) {
         warn!("{e}: the next start treats every log as possibly incomplete");
     }
+    // Every log is closed and the record written: nothing is left for
+    // StopOnDrop but the metadata plugin's close.
+    on_drop.armed = false;
     // The metadata plugin too, after whatever call it is in (a poll, a
     // failover decision): left to the drop, that call could still be
     // running when the runtime shut down, as the storage plugins' closes
@@ -479,7 +493,6 @@ pub async fn run(
         let wait = partition::CLOSE_WAIT;
         warn!("the metadata plugin did not close within {wait:?}; leaving it");
     }
-    on_drop.armed = false;
     info!("node {id} stopped");
     match fenced {
         Some(f) => Err(f),
@@ -487,7 +500,8 @@ pub async fn run(
     }
 }
 
-/// Stops what [`run`] started if its future is dropped before it returns.
+/// Stops what [`run`] started if its future is dropped before it returns,
+/// or it returns an error after starting them.
 /// Its tasks are spawned, so they would outlive the future: an embedder
 /// that aborted the task running a node (or lost it in a `select!`) had a
 /// node that went on leading and acknowledging writes, its UDP port bound
@@ -502,7 +516,7 @@ struct StopOnDrop {
     tasks: Vec<tokio::task::AbortHandle>,
     transport: Transport,
     server: Arc<NodeServer>,
-    /// Cleared when `run` finishes its own shutdown.
+    /// Cleared once `run`'s own shutdown has closed every log.
     armed: bool,
 }
 
@@ -512,7 +526,7 @@ impl Drop for StopOnDrop {
             return;
         }
         warn!(
-            "node {}: its run was dropped before it returned (aborted?): stopping as in a crash; stop a node with its shutdown future to hand its leaderships over",
+            "node {}: stopping without a controlled shutdown (its start failed, or its run was dropped): as after a crash, its next start trusts none of its logs",
             self.id
         );
         let _ = self.stop.send(true);

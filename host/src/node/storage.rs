@@ -74,7 +74,8 @@ impl NodeLog {
         }
     }
 
-    /// Append `parts` (contiguous, in order) as one group commit: one
+    /// Append `parts` (contiguous, in order, sealed by this node's leader
+    /// or checked by its core as a follower) as one group commit: one
     /// result per part. A plugin gets them as one call, joined in
     /// `scratch` (the WIT call takes one buffer), and every part gets
     /// that call's result; the native log takes each part as it is (no
@@ -88,7 +89,7 @@ impl NodeLog {
             NodeLog::Native(l) => {
                 let mut out = Vec::with_capacity(parts.len());
                 for p in parts {
-                    out.push(l.append(p).await);
+                    out.push(l.append_sealed(p).await);
                 }
                 out
             }
@@ -103,7 +104,7 @@ impl NodeLog {
                     }
                     scratch.split().freeze()
                 };
-                let r = l.append(data).await;
+                let r = l.append_sealed(data).await;
                 vec![r; n]
             }
         }

@@ -32,7 +32,9 @@ pub(crate) struct OpenSpec {
 }
 
 enum Op {
-    Append(Bytes),
+    /// Batches, and whether the caller sealed or checked them already
+    /// (the node's own appends: see [`PluginLog::append_sealed`]).
+    Append(Bytes, bool),
     Read(u64, u32),
     Bounds,
     Truncate(u64),
@@ -393,8 +395,8 @@ impl Actor {
                 Ok(Out::Unit)
             }
             Op::Truncate(offset) => self.truncate(offset).await,
-            op @ (Op::Append(_) | Op::Flush) => {
-                if let Op::Append(bytes) = &op {
+            op @ (Op::Append(..) | Op::Flush) => {
+                if let Op::Append(bytes, false) = &op {
                     // Refused here, before the plugin sees it: no fault.
                     crate::storage::check_sealed(bytes)?;
                 }
@@ -549,7 +551,7 @@ impl Actor {
         };
         // Kept (a reference count, not a copy) to judge a `conflict` answer.
         let appended = match &op {
-            Op::Append(bytes) => Some(bytes.clone()),
+            Op::Append(bytes, _) => Some(bytes.clone()),
             _ => None,
         };
         // Where a read found the stored log damaged, if it did; where it
@@ -561,7 +563,7 @@ impl Actor {
             .filter(|(_, at)| at.elapsed() < DAMAGE_REFAULT)
             .map(|(d, _)| d);
         let answer = match op {
-            Op::Append(bytes) => {
+            Op::Append(bytes, _) => {
                 let r = call!(guest.call_append(&mut *store, log, &bytes));
                 r.map(|r| r.map(|end| check_append(known, &bytes, end)))
             }
@@ -787,7 +789,7 @@ impl Actor {
                 // take effect now.
                 continue;
             }
-            let append = matches!(call.op, Op::Append(_));
+            let append = matches!(call.op, Op::Append(..));
             self.waiter = Some(call.reply);
             let r = self.serve(call.op).await;
             if append
@@ -1162,9 +1164,22 @@ macro_rules! expect_out {
     }};
 }
 
+impl PluginLog {
+    /// [`PartitionLog::append`] without its CRC pass, for batches the
+    /// node sealed itself (a leader's restamp) or checked already (a
+    /// follower's fetched batches, checked by the core): a second pass
+    /// over every appended byte on every replica would buy nothing.
+    pub(crate) fn append_sealed(
+        &self,
+        batches: Bytes,
+    ) -> impl Future<Output = StorageResult<u64>> + Send {
+        expect_out!(self, Op::Append(batches, true), Out::Offset(o) => o)
+    }
+}
+
 impl PartitionLog for PluginLog {
     fn append(&self, batches: Bytes) -> impl Future<Output = StorageResult<u64>> + Send {
-        expect_out!(self, Op::Append(batches), Out::Offset(o) => o)
+        expect_out!(self, Op::Append(batches, false), Out::Offset(o) => o)
     }
     fn read(
         &self,

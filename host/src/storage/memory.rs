@@ -57,28 +57,40 @@ pub(crate) fn append_error(e: AppendError) -> StorageError {
     }
 }
 
+impl MemoryLog {
+    /// [`PartitionLog::append`] without its CRC pass (see
+    /// `PluginLog::append_sealed`): for the node's own appends.
+    pub(crate) fn append_sealed(
+        &self,
+        batches: Bytes,
+    ) -> impl Future<Output = StorageResult<u64>> + Send {
+        ready(self.append_now(batches))
+    }
+
+    fn append_now(&self, batches: Bytes) -> StorageResult<u64> {
+        self.with(|s| {
+            let located = index::check_append(&batches, s.index.log_end()).map_err(append_error)?;
+            for l in located {
+                let h = l.header;
+                s.index.push(Entry {
+                    base: h.base_offset,
+                    next: h.next_offset(),
+                    leader_epoch: h.leader_epoch,
+                    len: h.batch_len,
+                    loc: batches.slice(l.start..l.start + h.batch_len as usize),
+                });
+            }
+            Ok(s.index.log_end())
+        })
+    }
+}
+
 // Each call does its work when it is made and returns a ready future, so
 // calls take effect in call order, as the trait promises.
 impl PartitionLog for MemoryLog {
     fn append(&self, batches: Bytes) -> impl Future<Output = StorageResult<u64>> + Send {
         // Checked before the lock is taken: a CRC pass is the slow part.
-        ready(super::check_sealed(&batches).and_then(|()| {
-            self.with(|s| {
-                let located =
-                    index::check_append(&batches, s.index.log_end()).map_err(append_error)?;
-                for l in located {
-                    let h = l.header;
-                    s.index.push(Entry {
-                        base: h.base_offset,
-                        next: h.next_offset(),
-                        leader_epoch: h.leader_epoch,
-                        len: h.batch_len,
-                        loc: batches.slice(l.start..l.start + h.batch_len as usize),
-                    });
-                }
-                Ok(s.index.log_end())
-            })
-        }))
+        ready(super::check_sealed(&batches).and_then(|()| self.append_now(batches)))
     }
 
     fn read(
