@@ -239,7 +239,7 @@ fn prune(dir: &Path, keep: usize) {
     if found.len() <= keep {
         return;
     }
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|(modified, _)| std::cmp::Reverse(*modified));
     for (_, old) in found.into_iter().skip(keep) {
         if let Err(e) = std::fs::remove_file(&old) {
             tracing::warn!(path = %old.display(), "could not remove an old cache entry: {e}");
