@@ -126,6 +126,14 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
     ]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("min.insync.replicas 4 (--min-insync)"));
+    // A bad name is refused, and a long one is not echoed whole.
+    let long = "x/".repeat(2500);
+    let bad = cli(&["topic", "create", "--config", &c.client(), "--topic", &long]);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && stderr.contains("(5000 bytes): use 1 to 249 of [A-Za-z0-9._-]")
+    );
+    assert!(stderr.len() < 400, "{stderr}");
     // One line per acknowledged message: `<partition> <offset>`; the i-th
     // message's value starts with `m<i:010>-` (unique per message).
     let acked = cli_ok(&[

@@ -496,8 +496,15 @@ fn the_cli_checks_metadata_plugins_and_etcd_endpoints() {
     assert!(out.contains(&all), "{out}");
     assert!(out.contains("prefix=/replicator-check/"), "{out}");
 
+    // Said once, before any case (each of them failed alike).
     let no_endpoints = support::cli(&["plugin", "check", "--metadata", "etcd"]);
+    let stderr = String::from_utf8_lossy(&no_endpoints.stderr);
     assert!(!no_endpoints.status.success());
+    assert!(
+        stderr.contains("add --config endpoints=http://HOST:PORT"),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&no_endpoints.stdout).contains("FAIL"));
 
     let dir = tempfile::tempdir().expect("tempdir");
     let cluster = dir.path().join("c");

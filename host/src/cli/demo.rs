@@ -77,6 +77,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     if args.messages == 0 || args.batch == 0 || args.partitions == 0 {
         bail!("--messages, --batch and --partitions must be at least 1");
     }
+    // Refused before three nodes start (the nodes refuse it at create).
+    let most = replicator::node::MAX_PARTITIONS;
+    if args.partitions > most {
+        bail!(
+            "--partitions {}: a topic has at most {most}",
+            args.partitions
+        );
+    }
     super::client_cmds::check_message_size(args.size, args.batch)?;
     let (dir, _guard) = super::work_dir(&args.dir)?;
     let dir = dir.join("cluster");
@@ -320,4 +328,24 @@ async fn failover_step(
         restarted.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// A partition count the nodes would refuse is refused before any
+    /// node starts (three nodes started, then `topic create` failed).
+    #[tokio::test]
+    async fn a_partition_count_over_the_limit_is_refused_up_front() {
+        use clap::Parser;
+        let cli = crate::cli::Cli::try_parse_from(["replicator", "demo", "--partitions", "10001"])
+            .expect("parses");
+        let crate::cli::Command::Demo(args) = cli.command else {
+            panic!("not demo");
+        };
+        let e = super::run(args).await.expect_err("refused").to_string();
+        assert!(
+            e.contains("--partitions 10001: a topic has at most 10000"),
+            "{e}"
+        );
+    }
 }

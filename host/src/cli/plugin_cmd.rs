@@ -295,6 +295,13 @@ async fn check_metadata(args: CheckArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    // Without endpoints every case failed alike (11 FAIL lines of one
+    // connect error): say it once.
+    if allow.is_empty() && matches!(&source, PluginSource::Builtin(n) if n == "etcd") {
+        anyhow::bail!(
+            "the etcd plugin needs the store's address: add --config endpoints=http://HOST:PORT (comma-separated for several)"
+        );
+    }
     let own_prefix = config.iter().any(|(k, _)| k == "prefix");
     if !own_prefix && !allow.is_empty() {
         config.push((

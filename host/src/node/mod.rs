@@ -40,6 +40,7 @@ use crate::transport::{Identity, TlsError, TlsMaterial, Transport, TransportErro
 
 pub use config::{ClientConfig, ConfigError, NodeConfig};
 use partition::Event;
+pub use server::MAX_PARTITIONS;
 use server::NodeServer;
 use shared::Shared;
 

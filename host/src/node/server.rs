@@ -22,7 +22,7 @@ use super::partition::{Event, PartitionHandle};
 use super::shared::Shared;
 
 /// Most partitions one topic may have, and the longest produce timeout.
-const MAX_PARTITIONS: u32 = 10_000;
+pub const MAX_PARTITIONS: u32 = 10_000;
 const MAX_TIMEOUT_MS: u64 = 300_000;
 /// Most bytes one client read returns.
 const MAX_READ_BYTES: u32 = 16 << 20;
@@ -447,8 +447,15 @@ impl NodeServer {
         min_insync: Option<u32>,
     ) -> Result<Response, RpcError> {
         if !valid_topic(&topic) {
+            // A long name is cut: a 5000-byte one made a 5000-byte error.
+            let shown: String = topic.chars().take(64).collect();
+            let cut = if shown.len() < topic.len() {
+                format!("{shown:?}... ({} bytes)", topic.len())
+            } else {
+                format!("{shown:?}")
+            };
             return Err(RpcError::Invalid(format!(
-                "topic name {topic:?}: use 1 to 249 of [A-Za-z0-9._-]"
+                "topic name {cut}: use 1 to 249 of [A-Za-z0-9._-]"
             )));
         }
         if partitions == 0 || partitions > MAX_PARTITIONS {
