@@ -98,3 +98,33 @@ async fn an_append_whose_crc_fails_is_refused_and_the_log_goes_on() {
     let native = replicator::storage::memory::MemoryLog::new();
     exercise("native", &native, [batch(0), batch(1)], bad).await;
 }
+
+/// With `--persistent` (`Subject::persistent(true)`) a plugin that keeps
+/// nothing fails the cases that reopen its log; `reopen-keeps-everything`
+/// skipped instead, as if it had not been asked to keep anything
+/// (exploratory run). (`torn-tail-recovery` skips for another reason: it
+/// can only tear a plugin that stores batches as written, in files.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_must_persist_and_keeps_nothing_fails_every_persistence_case() {
+    let plugin = StoragePlugin::load(&PluginSource::Builtin("memory".into()), Sandbox::default())
+        .expect("built-in plugin loads");
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let options = Options {
+        proptest_cases: 4,
+        filter: None,
+    };
+    let subject = Subject::new(plugin, Vec::new()).persistent(true);
+    let report = conformance::run(&subject, scratch.path(), &options, |_| {}).await;
+    let text = report.to_string();
+    assert!(
+        !text.contains("keeps nothing across instances"),
+        "no case may skip for keeping nothing:\n{report}"
+    );
+    for case in ["reopen-keeps-everything", "model-based"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("FAIL") && l.contains(case)),
+            "{case} must fail:\n{report}"
+        );
+    }
+}
