@@ -482,6 +482,19 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
         metrics.contains("replicator_partition_isr_size"),
         "{metrics}"
     );
+    // Generated messages too large for the default 64 to a request go
+    // fewer to a request (it was refused: "lower --batch"); a --batch
+    // given is still held to the limit.
+    create_topic(&client, "big", "1");
+    produce_sized(&client, "big", "20", "1000000");
+    let big = consume_replica(&c, "big", 2, 20);
+    assert_eq!(big.len(), 20);
+    check_lines(&big, 0, 20, 1_000_000);
+    let out = cli(&[
+        "produce", "--config", &client, "--topic", "big", "--count", "20", "--size", "1000000",
+        "--batch", "64",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lower --batch to at most 16"));
     for id in 1..=3 {
         assert!(c.stop(id), "node {id} did not stop cleanly:\n{}", c.log(id));
     }

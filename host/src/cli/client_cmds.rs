@@ -445,9 +445,10 @@ pub struct ProduceArgs {
     /// Bytes per generated message.
     #[arg(long, default_value_t = 100)]
     pub size: usize,
-    /// Most messages per produce request.
-    #[arg(long, default_value_t = 64)]
-    pub batch: usize,
+    /// Most messages per produce request [default: 64; with --count, as
+    /// many of --size bytes as fit one batch when fewer do].
+    #[arg(long)]
+    pub batch: Option<usize>,
     /// How long one request may keep retrying (leader moves, ISR catching
     /// up), in milliseconds.
     #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -550,12 +551,20 @@ fn next_batch(
 }
 
 pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
-    if a.batch == 0 {
+    if a.batch == Some(0) {
         bail!("--batch must be at least 1");
     }
+    // Generated messages too large for 64 to a batch go fewer to a batch,
+    // as lines from stdin do: `--count 100 --size 1000000` was refused
+    // with "lower --batch" (exploratory run). A --batch given is kept to.
+    let batch = match (a.batch, a.count) {
+        (Some(b), _) => b,
+        (None, Some(_)) => (BATCH_ROOM / record_framing().saturating_add(a.size)).clamp(1, 64),
+        (None, None) => 64,
+    };
     if let Some(n) = a.count {
         // A batch holds at most --count messages, whatever --batch says.
-        let batch = usize::try_from(n).unwrap_or(usize::MAX).clamp(1, a.batch);
+        let batch = usize::try_from(n).unwrap_or(usize::MAX).clamp(1, batch);
         check_message_size(a.size, batch)?;
     }
     let c = client(&a.config)?;
@@ -615,7 +624,7 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
     // whatever is available, up to --batch.
     // The queue holds a few batches; --batch is bounded by the batch limit
     // for generated messages, not for stdin lines, so bound it here too.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(a.batch.min(1 << 16) * 4);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(batch.min(1 << 16) * 4);
     // What stopped the input early, if anything did.
     let input: tokio::task::JoinHandle<std::io::Result<()>> = match a.count {
         Some(n) => {
@@ -689,7 +698,7 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
                 }
             },
         };
-        let values = next_batch(first, &mut rx, a.batch, &mut carried);
+        let values = next_batch(first, &mut rx, batch, &mut carried);
         let partition = partitions[round % partitions.len()];
         round += 1;
         let ts = now_ns();
