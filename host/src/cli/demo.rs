@@ -162,6 +162,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     let elapsed = started.elapsed();
     bar.finish();
+    // Without a terminal (output to a file, CI) the bar draws nothing,
+    // and step 4 was missing from the output (exploratory run).
+    if bar.is_hidden() {
+        println!(
+            "4. produced {} messages acks=all in {:.2} s",
+            args.messages,
+            elapsed.as_secs_f64()
+        );
+    }
     let bytes = args.messages * args.size as u64;
     wait_replicated(&c, args.messages).await?;
     println!("5. status:");
