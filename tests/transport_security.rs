@@ -607,11 +607,29 @@ async fn client_arguments_that_cannot_work_are_refused_before_sending() {
         .await
         .expect_err("no time to wait");
     assert!(e.to_string().contains("at least 1 ms"), "{e}");
+    let e = c
+        .produce("t", 0, &one, Acks::All, Duration::from_nanos(1))
+        .await
+        .expect_err("under a millisecond");
+    assert!(e.to_string().contains("at least 1 ms"), "{e}");
     let at = c
         .produce("t", 0, &one, Acks::All, Duration::from_secs(20))
         .await
         .expect("produce");
-    assert_eq!(at, 10, "the refused produce wrote nothing");
+    assert_eq!(at, 10, "the refused produces wrote nothing");
+    // "No limit" is taken as a very long one; it used to overflow the
+    // clock and panic.
+    let at = c
+        .produce("t", 0, &one, Acks::All, Duration::MAX)
+        .await
+        .expect("produce with no limit");
+    assert_eq!(at, 11);
+    assert_eq!(
+        c.topic_partitions_within("t", Duration::MAX)
+            .await
+            .expect("partitions"),
+        vec![0]
+    );
     let mut cfg = ClientConfig::load(&node.dir.path().join("client.toml")).unwrap();
     cfg.nodes.clear();
     let e = Client::new(&cfg).err().expect("no nodes").to_string();

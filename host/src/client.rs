@@ -21,6 +21,11 @@ use crate::node::ClientConfig;
 use crate::transport::{Identity, Peer, TlsMaterial, Transport, TransportError};
 use crate::wire::rpc::{NotOpen, ReplicaStatus, Request, Response, RpcError, UnreadablePartition};
 
+/// Longest wait a caller's timeout is taken as: ten years is forever to
+/// a client, and deadlines are `now + timeout`, which a longer one
+/// (`Duration::MAX` for "no limit") overflowed, panicking (embedder run).
+pub const LONGEST_WAIT: Duration = Duration::from_secs(10 * 365 * 86_400);
+
 /// How long a request other than produce may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -630,7 +635,7 @@ impl Client {
         topic: &str,
         limit: Duration,
     ) -> Result<Vec<u32>, ClientError> {
-        let deadline = tokio::time::Instant::now() + limit;
+        let deadline = tokio::time::Instant::now() + limit.min(LONGEST_WAIT);
         let (_, parts) = self.metadata_until(Some(deadline)).await?;
         let mut ps: Vec<u32> = parts
             .iter()
@@ -761,13 +766,14 @@ impl Client {
         order: Option<ProduceOrder<'_>>,
     ) -> Result<(u64, ReplicaId), ClientError> {
         // A zero timeout still sent the records once, then reported a
-        // timeout for records that were committed (embedder run).
-        if timeout.is_zero() {
-            return Err(ClientError::Unsendable(
-                "a timeout of 0 leaves no time to wait for the acknowledgement; give at least 1 ms"
-                    .into(),
-            ));
+        // timeout for records that were committed (embedder run); the
+        // request carries whole milliseconds.
+        if timeout < Duration::from_millis(1) {
+            return Err(ClientError::Unsendable(format!(
+                "a timeout of {timeout:?} leaves no time to wait for the acknowledgement; give at least 1 ms"
+            )));
         }
+        let timeout = timeout.min(LONGEST_WAIT);
         let body =
             batch::encode(0, 0, records).map_err(|e| ClientError::Unsendable(e.to_string()))?;
         let started = Instant::now();

@@ -136,7 +136,13 @@ impl From<MetadataError> for NodeError {
 /// shutdown), flushes and closes its logs, and records a clean shutdown.
 /// Dropping the future instead (aborting its task, losing a `select!`)
 /// stops it as a crash would, and its next start trusts none of its logs
-/// (unless the drop came after the shutdown had closed them all).
+/// (unless the drop came after the shutdown had closed them all). Its UDP
+/// port is free once its tasks have wound down, which can take a second
+/// or two: a restart in the same process right after should retry a bind
+/// error. As with crashes of every replica, dropping every node of a
+/// cluster leaves a partition whose replicas all crashed without a
+/// leader until `partition elect --unclean` (or `[failover]
+/// unclean_leader_election`) picks one: use `shutdown`.
 pub async fn run(
     config: NodeConfig,
     shutdown: impl Future<Output = ()>,
