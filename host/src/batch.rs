@@ -256,10 +256,6 @@ impl Validated {
     pub fn is_empty(&self) -> bool {
         self.bytes.is_empty()
     }
-
-    pub fn as_bytes(&self) -> &Bytes {
-        &self.bytes
-    }
 }
 
 /// The batches of `batches` with offsets from `base_offset` and

@@ -517,18 +517,13 @@ impl NodeConfig {
         // logs (or the shared metadata store) would land among the certs
         // and configs, where a later `cluster init --force` or a copied
         // config directory takes them along. Say so instead.
-        for (key, value) in [
-            ("data_dir", &c.data_dir),
-            ("[metadata] dir", &c.metadata.dir),
-        ] {
-            if value.as_os_str().is_empty() {
-                return Err(ConfigError::Invalid {
-                    path: path.to_path_buf(),
-                    detail: format!(
-                        "{key} is empty: name a directory (relative paths are relative to this file's directory)"
-                    ),
-                });
-            }
+        if let Some(key) = c.empty_dir() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "{key} is empty: name a directory (relative paths are relative to this file's directory)"
+                ),
+            });
         }
         c.tls = c.tls.resolved(&base);
         c.data_dir = base.join(&c.data_dir);
@@ -559,13 +554,8 @@ impl NodeConfig {
     ///
     /// [`run`]: crate::node::run
     pub fn validate(&self) -> Result<(), String> {
-        for (key, value) in [
-            ("data_dir", &self.data_dir),
-            ("[metadata] dir", &self.metadata.dir),
-        ] {
-            if value.as_os_str().is_empty() {
-                return Err(format!("{key} is empty: name a directory"));
-            }
+        if let Some(key) = self.empty_dir() {
+            return Err(format!("{key} is empty: name a directory"));
         }
         self.replication
             .validate()
@@ -595,6 +585,17 @@ impl NodeConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The first of `data_dir` and `[metadata] dir` that is empty.
+    fn empty_dir(&self) -> Option<&'static str> {
+        [
+            ("data_dir", &self.data_dir),
+            ("[metadata] dir", &self.metadata.dir),
+        ]
+        .into_iter()
+        .find(|(_, dir)| dir.as_os_str().is_empty())
+        .map(|(key, _)| key)
     }
 
     pub fn advertised(&self) -> SocketAddr {

@@ -437,28 +437,12 @@ pub async fn run(
     if let Some(t) = metrics_task {
         t.abort();
     }
-    let handles: Vec<_> = server
-        .partitions
-        .write()
-        .map(|mut m| m.drain().collect())
-        .unwrap_or_default();
     // Each partition answers with its log end once flushed and closed;
     // the clean-shutdown record lists those that did, except any whose
     // claims from an earlier incarnation were never given up (its log may
     // be short of what those claims promise).
-    // Every partition is told before any is waited for: they flush and
-    // close at once, and a drop of this future while waiting (a timeout
-    // around a shutdown) leaves none running, which StopOnDrop, finding
-    // the map empty, could no longer reach.
-    let told: Vec<_> = handles
-        .into_iter()
-        .map(|(tp, h)| {
-            let (tx, rx) = oneshot::channel();
-            (tp, h.send(Event::Shutdown { reply: tx }).then_some(rx))
-        })
-        .collect();
     let mut ends = Vec::new();
-    for (tp, rx) in told {
+    for (tp, rx) in tell_partitions_to_shut_down(&server) {
         if let Some(rx) = rx
             && let Ok(Some(end)) = rx.await
             // Read after it answered: a recovery up to then has asked for
@@ -541,17 +525,31 @@ impl Drop for StopOnDrop {
             t.abort();
         }
         self.transport.close_now();
-        let handles: Vec<_> = self
-            .server
-            .partitions
-            .write()
-            .map(|mut m| m.drain().collect())
-            .unwrap_or_default();
-        for (_, h) in handles {
-            let (reply, _) = oneshot::channel();
-            h.send(Event::Shutdown { reply });
-        }
+        // Nobody waits for the answers: the partitions close on their own.
+        drop(tell_partitions_to_shut_down(&self.server));
     }
+}
+
+/// Take every partition out of `server` and tell each to shut down (flush
+/// and close its log); the answers (its log end once closed, `None` for one
+/// that could not be told) come in the receivers. All are told before any
+/// is waited for: they close at once, and a drop while waiting leaves
+/// none running.
+fn tell_partitions_to_shut_down(
+    server: &NodeServer,
+) -> Vec<(TopicPartition, Option<oneshot::Receiver<Option<u64>>>)> {
+    let handles: Vec<_> = server
+        .partitions
+        .write()
+        .map(|mut m| m.drain().collect())
+        .unwrap_or_default();
+    handles
+        .into_iter()
+        .map(|(tp, h)| {
+            let (tx, rx) = oneshot::channel();
+            (tp, h.send(Event::Shutdown { reply: tx }).then_some(rx))
+        })
+        .collect()
 }
 
 /// How long a starting node waits for an answer from the address its id

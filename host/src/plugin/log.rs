@@ -32,9 +32,7 @@ pub(crate) struct OpenSpec {
 }
 
 enum Op {
-    /// Batches, and whether the caller sealed or checked them already
-    /// (the node's own appends: see [`PluginLog::append_sealed`]).
-    Append(Bytes, bool),
+    Append(Bytes),
     Read(u64, u32),
     Bounds,
     Truncate(u64),
@@ -395,11 +393,7 @@ impl Actor {
                 Ok(Out::Unit)
             }
             Op::Truncate(offset) => self.truncate(offset).await,
-            op @ (Op::Append(..) | Op::Flush) => {
-                if let Op::Append(bytes, false) = &op {
-                    // Refused here, before the plugin sees it: no fault.
-                    crate::storage::check_sealed(bytes)?;
-                }
+            op @ (Op::Append(_) | Op::Flush) => {
                 let r = self.handle(op).await;
                 if let Err(StorageError::Io(why)) = &r {
                     return Err(self.after_failed_write(why.clone()).await);
@@ -551,7 +545,7 @@ impl Actor {
         };
         // Kept (a reference count, not a copy) to judge a `conflict` answer.
         let appended = match &op {
-            Op::Append(bytes, _) => Some(bytes.clone()),
+            Op::Append(bytes) => Some(bytes.clone()),
             _ => None,
         };
         // Where a read found the stored log damaged, if it did; where it
@@ -563,7 +557,7 @@ impl Actor {
             .filter(|(_, at)| at.elapsed() < DAMAGE_REFAULT)
             .map(|(d, _)| d);
         let answer = match op {
-            Op::Append(bytes, _) => {
+            Op::Append(bytes) => {
                 let r = call!(guest.call_append(&mut *store, log, &bytes));
                 r.map(|r| r.map(|end| check_append(known, &bytes, end)))
             }
@@ -789,7 +783,7 @@ impl Actor {
                 // take effect now.
                 continue;
             }
-            let append = matches!(call.op, Op::Append(..));
+            let append = matches!(call.op, Op::Append(_));
             self.waiter = Some(call.reply);
             let r = self.serve(call.op).await;
             if append
@@ -1173,13 +1167,17 @@ impl PluginLog {
         &self,
         batches: Bytes,
     ) -> impl Future<Output = StorageResult<u64>> + Send {
-        expect_out!(self, Op::Append(batches, true), Out::Offset(o) => o)
+        expect_out!(self, Op::Append(batches), Out::Offset(o) => o)
     }
 }
 
 impl PartitionLog for PluginLog {
     fn append(&self, batches: Bytes) -> impl Future<Output = StorageResult<u64>> + Send {
-        expect_out!(self, Op::Append(batches, false), Out::Offset(o) => o)
+        // Refused here, on the caller's side, before the plugin sees it
+        // (no fault); a refused append is never submitted, so the calls
+        // made still take effect in order.
+        let sent = crate::storage::check_sealed(&batches).map(|()| self.append_sealed(batches));
+        async move { sent?.await }
     }
     fn read(
         &self,
