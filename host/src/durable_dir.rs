@@ -8,18 +8,25 @@
 //! Kafka syncs a new log directory's parent for the same reason.
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Create `dir` and any missing parents, syncing each parent a directory
 /// was made in. Nothing is synced when `dir` already exists.
 pub fn create_dir_all(dir: &Path) -> io::Result<()> {
+    create_dir_all_with(dir, &mut sync_dir).map(drop)
+}
+
+/// [`create_dir_all`], returning the directories this call made, deepest
+/// first (empty when `dir` already existed), for a caller that removes
+/// them again if it fails before using them.
+pub fn create_dir_all_made(dir: &Path) -> io::Result<Vec<PathBuf>> {
     create_dir_all_with(dir, &mut sync_dir)
 }
 
 fn create_dir_all_with(
     dir: &Path,
     sync: &mut dyn FnMut(&Path) -> io::Result<()>,
-) -> io::Result<()> {
+) -> io::Result<Vec<PathBuf>> {
     // The missing components, deepest first.
     let mut missing = Vec::new();
     let mut at = dir;
@@ -42,9 +49,10 @@ fn create_dir_all_with(
             Err(e) => return Err(e),
         }
     }
+    let mut made = Vec::new();
     for d in missing.into_iter().rev() {
         match std::fs::create_dir(d) {
-            Ok(()) => {}
+            Ok(()) => made.push(d.to_path_buf()),
             // Made meanwhile by someone else, whose sync may not have
             // happened yet: sync all the same.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => {}
@@ -56,7 +64,8 @@ fn create_dir_all_with(
             .unwrap_or(Path::new("."));
         sync(parent)?;
     }
-    Ok(())
+    made.reverse();
+    Ok(made)
 }
 
 /// fsync a directory. A file system that cannot (EINVAL) gets no
@@ -83,7 +92,6 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
 
     fn made(dir: &Path) -> io::Result<Vec<PathBuf>> {
         let mut synced = Vec::new();
@@ -116,8 +124,17 @@ mod tests {
         // A failed sync fails the call: the directory may not last.
         let failed = create_dir_all_with(&root.join("e"), &mut |_| Err(io::Error::other("EIO")));
         assert!(failed.is_err());
-        // The real sync, on a real directory.
-        create_dir_all(&root.join("h/i")).expect("made and synced");
+        // The real sync, on a real directory; the made ones come back
+        // deepest first, and none when it is there already.
+        assert_eq!(
+            create_dir_all_made(&root.join("h/i")).expect("made and synced"),
+            vec![root.join("h/i"), root.join("h")]
+        );
         assert!(root.join("h/i").is_dir());
+        assert!(
+            create_dir_all_made(&root.join("h/i"))
+                .expect("there")
+                .is_empty()
+        );
     }
 }

@@ -12,6 +12,39 @@ use std::path::{Path, PathBuf};
 #[derive(Debug)]
 pub struct DataDirLock {
     _file: File,
+    path: PathBuf,
+    /// The directories `lock` made, deepest first.
+    made: Vec<PathBuf>,
+}
+
+impl Drop for DataDirLock {
+    /// A start that fails before the node writes anything (a wrong
+    /// certificate, a port in use, a store that never answered) takes back
+    /// the directories it made: a typo in `data_dir` or `node_id` would
+    /// otherwise leave an empty directory holding only `.lock`. A node
+    /// that got as far as registering has written its identity there, so
+    /// this never removes one that holds anything else.
+    fn drop(&mut self) {
+        let Some(dir) = self.made.first() else {
+            return;
+        };
+        let only_the_lock = std::fs::read_dir(dir).is_ok_and(|entries| {
+            entries
+                .map(|e| e.map(|e| e.file_name()))
+                .collect::<Result<Vec<_>, _>>()
+                .is_ok_and(|names| names.len() == 1 && names[0] == ".lock")
+        });
+        // Removed while still locked, so no second node can have taken
+        // the file meanwhile; a directory that is no longer empty (someone
+        // else's create) stays, as `remove_dir` refuses it.
+        if only_the_lock && std::fs::remove_file(&self.path).is_ok() {
+            for d in &self.made {
+                if std::fs::remove_dir(d).is_err() {
+                    break;
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +65,7 @@ pub enum LockError {
 /// Lock `dir` (created if missing) for this process, and write its pid
 /// into the lock file so that a refused second node can name the first.
 pub fn lock(dir: &Path) -> Result<DataDirLock, LockError> {
-    crate::durable_dir::create_dir_all(dir).map_err(|error| LockError::Create {
+    let made = crate::durable_dir::create_dir_all_made(dir).map_err(|error| LockError::Create {
         dir: dir.to_path_buf(),
         error,
     })?;
@@ -70,7 +103,11 @@ pub fn lock(dir: &Path) -> Result<DataDirLock, LockError> {
     file.set_len(0).map_err(io)?;
     file.rewind().map_err(io)?;
     write!(file, "{}", std::process::id()).map_err(io)?;
-    Ok(DataDirLock { _file: file })
+    Ok(DataDirLock {
+        _file: file,
+        path,
+        made,
+    })
 }
 
 #[cfg(test)]
@@ -95,5 +132,29 @@ mod tests {
         drop(first);
         let again = lock(&data).expect("free once the first is gone");
         drop(again);
+    }
+
+    #[test]
+    fn a_start_that_wrote_nothing_takes_back_the_directories_it_made() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Made here, parents and all, and nothing written: all removed.
+        let fresh = dir.path().join("typo/node-9");
+        drop(lock(&fresh).expect("made"));
+        assert!(!dir.path().join("typo").exists(), "left behind");
+        // Made here and then written to: kept, lock file and all.
+        let used = dir.path().join("node-1");
+        let held = lock(&used).expect("made");
+        std::fs::write(used.join("identity"), b"node 1").expect("write");
+        drop(held);
+        assert!(used.join("identity").exists() && used.join(".lock").exists());
+        // There before: kept, even with nothing but the lock in it.
+        let before = dir.path().join("node-2");
+        std::fs::create_dir(&before).expect("mkdir");
+        drop(lock(&before).expect("there"));
+        assert!(before.join(".lock").exists());
+        // A parent that was there before stays when only the leaf was made.
+        let leaf = before.join("sub");
+        drop(lock(&leaf).expect("made"));
+        assert!(!leaf.exists() && before.is_dir());
     }
 }
