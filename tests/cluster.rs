@@ -1581,6 +1581,90 @@ fn after_a_whole_cluster_crash_an_unclean_election_by_the_operator_restores_serv
     }
 }
 
+/// An unclean election of a replica so far behind that the others'
+/// retention had moved their log start past its end: each follower's
+/// whole log lies past the leader's end, and no truncation goes below a
+/// log start. They used to fault on that truncation and recover, over and
+/// over, so the partition stayed below min.insync for good (exploratory
+/// run). Now they start over, empty, at the leader's start (the storage
+/// plugins' `reset`), and refetch all it holds.
+#[test]
+fn after_an_unclean_election_of_a_short_replica_followers_past_its_end_start_over() {
+    let small_segments = |toml: String| {
+        no_rebalance(toml)
+            .replace(
+                "[replication]\n",
+                "[replication]\nretention_bytes = 1048576\n",
+            )
+            .replace(
+                "[storage.config]\n",
+                "[storage.config]\n\"segment.bytes\" = \"65536\"\n",
+            )
+    };
+    let mut c = Cluster::init(3, "file", small_segments);
+    c.start_all();
+    c.wait_up();
+    let client = c.client();
+    create_topic(&client, "t", "1");
+    produce_generated(&client, "t", "500");
+    c.wait_status("500 everywhere", |v| converged(v, "t", 0, 500));
+    assert!(c.stop(3));
+    produce_sized(&client, "t", "3000", "1000");
+    // Retention on nodes 1 and 2 deletes past everything node 3 holds.
+    let first_segment = |c: &Cluster, n: u32| {
+        std::fs::read_dir(c.path().join(format!("node-{n}/t-0")))
+            .map(|d| {
+                d.filter_map(|e| {
+                    let name = e.ok()?.file_name().into_string().ok()?;
+                    name.strip_suffix(".log")?.parse::<u64>().ok()
+                })
+                .min()
+            })
+            .ok()
+            .flatten()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while ![1, 2].iter().all(|&n| first_segment(&c, n) > Some(500)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retention deleted nothing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    c.kill(1);
+    c.kill(2);
+    c.start(1);
+    c.start(3);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let o = elect_t0(&client, &["--unclean", "--replica", "3"]);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        if o.status.success() {
+            break;
+        }
+        assert!(
+            err.contains("try again shortly") && std::time::Instant::now() < deadline,
+            "{err}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    c.start(2);
+    c.wait_status("500 everywhere, all in sync", |v| converged(v, "t", 0, 500));
+    produce_generated(&client, "t", "100");
+    c.wait_status("600 everywhere", |v| converged(v, "t", 0, 600));
+    let leader = consume_replica(&c, "t", 3, 600);
+    for r in [1, 2] {
+        assert_eq!(consume_replica(&c, "t", r, 600), leader, "replica {r}");
+    }
+    for r in [1, 2] {
+        assert!(
+            !c.log(r).contains("storage failed"),
+            "node {r} faulted: {}",
+            c.log(r)
+        );
+    }
+}
+
 /// A data directory restored from a backup taken at an earlier clean stop
 /// carries that stop's record, which matches its own logs: node 3's was
 /// counted intact, kept its ELR claim, and was elected over node 1, whose

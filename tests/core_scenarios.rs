@@ -815,6 +815,50 @@ fn retention_deletes_committed_segments_and_a_follower_behind_restarts_at_the_le
 }
 
 #[test]
+fn a_follower_whose_log_lies_past_an_unclean_leaders_end_starts_over_there() {
+    let mut c = Cluster::new(
+        3,
+        Config {
+            fetch_max_bytes: 1024,
+            retention_bytes: Some(1024),
+            ..relaxed()
+        },
+    );
+    c.elect(0, &[0, 1, 2]);
+    for i in 0..5 {
+        c.produce(0, i, Acks::All).unwrap();
+    }
+    c.crash(2, false);
+    c.elect(0, &[0, 1]);
+    for i in 5..200 {
+        c.produce(0, i, Acks::All).unwrap();
+    }
+    // Retention moved node 1's start past everything node 2 holds.
+    let behind = c.rm(1).log_start_offset();
+    assert!(behind > 5, "node 1 starts at {behind}");
+    // Node 0 is lost; an unclean election makes node 2, 5 records long,
+    // the leader, and it takes new writes.
+    c.crash(0, false);
+    c.start(2);
+    c.elect(2, &[2]);
+    for i in 200..210 {
+        c.produce(2, i, Acks::All).unwrap();
+    }
+    // Node 1 cannot cut its log back below its start: it starts over at
+    // the leader's start and then holds all the leader holds.
+    let (epoch, now) = (c.epoch, c.now);
+    c.rm(1).become_follower(2, epoch, now);
+    c.pump();
+    assert_eq!(c.rm(1).log_end_offset(), 15);
+    assert_eq!(c.nodes[1].log.log_start, 0);
+    assert_eq!(c.values(1), c.values(2));
+    assert_eq!(c.values(1).len(), 15);
+    // And counts in the ISR again.
+    c.advance(500);
+    assert!(c.rm(2).isr().contains(&1), "ISR {:?}", c.rm(2).isr());
+}
+
+#[test]
 fn follower_ignores_batches_that_do_not_start_at_its_log_end() {
     // Reference bug: appended batches were not checked to start at the LEO.
     let mut c = Cluster::new(2, config());

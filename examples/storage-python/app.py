@@ -362,7 +362,7 @@ class PartitionLog(exports.storage.PartitionLog):
             # A reset past the end was checkpointed but the crash came before
             # the new file was made: finish it.
             log(host.LogLevel.INFO, f"completing an interrupted reset to offset {start_ckpt}")
-            self.reset(start_ckpt)
+            self.start_afresh(start_ckpt)
         if start_ckpt is not None:
             self.log_start = min(max(start_ckpt, self.log_start), self.log_end)
         data = read_small("high-watermark")
@@ -423,7 +423,7 @@ class PartitionLog(exports.storage.PartitionLog):
         self.lens.append(length)
         self.log_end = nxt
 
-    def reset(self, at):
+    def start_afresh(self, at):
         """Make the log empty at offset `at`: a fresh file named `at`, then
         the old one removed (a crash in between leaves both; open keeps the
         newer)."""
@@ -546,6 +546,31 @@ class PartitionLog(exports.storage.PartitionLog):
         return self.log_end
 
     @boundary
+    def reset(self, offset):
+        """Empty the log and restart it at `offset`, below the start too (a
+        follower whose log lies wholly past its leader's end)."""
+        self.epochs = []
+        self.write_epochs()
+        if offset >= self.log_end:
+            # Past the end: the checkpoint first, as delete_prefix does.
+            write_atomic("log-start", f"{offset}\n".encode())
+            self.start_afresh(offset)
+            return
+        # Below the end the old file goes first, then the new start is
+        # checkpointed: open keeps the highest-named file, so a new file
+        # made first would lose to the old one after a crash.
+        os.close(self.fd)
+        os.remove(path(seg_name(self.file_base)))
+        sync_dir()
+        write_atomic("log-start", f"{offset}\n".encode())
+        self.fd = os.open(path(seg_name(offset)), os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        sync_dir()
+        self.file_base = offset
+        self.size = 0
+        self.bases, self.nexts, self.poss, self.lens = [], [], [], []
+        self.log_start = self.log_end = offset
+
+    @boundary
     def delete_prefix(self, offset):
         if offset <= self.log_start:
             return
@@ -555,7 +580,7 @@ class PartitionLog(exports.storage.PartitionLog):
         cut = bisect.bisect_right(self.nexts, offset)
         if cut >= len(self.bases):
             # Nothing left (or a reset past the end): start afresh there.
-            self.reset(max(self.log_end, offset))
+            self.start_afresh(max(self.log_end, offset))
             self.log_start = offset
             return
         del self.bases[:cut], self.nexts[:cut], self.poss[:cut], self.lens[:cut]

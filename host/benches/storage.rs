@@ -128,6 +128,9 @@ impl PartitionLog for CopyingLog {
     fn delete_prefix(&self, o: u64) -> impl Future<Output = StorageResult<()>> + Send {
         self.0.delete_prefix(o)
     }
+    fn reset(&self, o: u64) -> impl Future<Output = StorageResult<()>> + Send {
+        self.0.reset(o)
+    }
     fn high_watermark(&self) -> impl Future<Output = StorageResult<u64>> + Send {
         self.0.high_watermark()
     }

@@ -52,6 +52,13 @@ impl SimLog {
 
     /// Remove batches whose last offset is >= `offset`.
     pub fn truncate(&mut self, offset: u64) -> u64 {
+        // A plugin refuses it (`offset-out-of-range`), and the node then
+        // faults the partition: the core must never ask.
+        assert!(
+            offset >= self.log_start,
+            "truncation to {offset}, below the log start {}",
+            self.log_start
+        );
         self.batches.retain(|b| b.1 <= offset);
         self.flushed = self.flushed.min(self.batches.len());
         self.log_end()

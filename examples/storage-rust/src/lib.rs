@@ -142,6 +142,15 @@ impl GuestPartitionLog for MemoryLog {
         Ok(())
     }
 
+    /// Start over, empty, at `offset` (a follower whose log lies wholly
+    /// past its leader's end); the epoch cache goes too.
+    fn reset(&self, offset: u64) -> Result<(), PluginError> {
+        let mut s = self.0.borrow_mut();
+        s.batches = OffsetIndex::empty_at(offset);
+        s.epochs.clear();
+        Ok(())
+    }
+
     fn high_watermark(&self) -> Result<u64, PluginError> {
         Ok(self.0.borrow().high_watermark)
     }

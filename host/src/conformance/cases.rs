@@ -25,6 +25,7 @@ pub(super) const ALL: &[(&str, CaseFn)] = &[
     case!("many-batches-and-segments", many_batches),
     case!("truncate", truncate),
     case!("delete-prefix", delete_prefix),
+    case!("reset-anywhere", reset),
     case!("checkpoints", checkpoints),
     case!("reopen-keeps-everything", reopen),
     case!("torn-tail-recovery", torn_tail),
@@ -380,6 +381,66 @@ async fn delete_prefix(s: &Subject, dir: &Path, _: &Options) -> CaseResult {
         log.append(batch(500, 2, 10, 1)).await,
     )?;
     ensure!(end == 502, "append after a reset ended at {end}");
+    log.close().await;
+    Ok(None)
+}
+
+/// `reset` empties the log at any offset (below the start: a follower
+/// whose log lies wholly past its leader's end), durably.
+async fn reset(s: &Subject, dir: &Path, _: &Options) -> CaseResult {
+    let log = ctx("open", s.open(dir).await)?;
+    fill(&log, 0, 50, 2, 500).await?;
+    ctx("delete prefix", log.delete_prefix(60).await)?;
+    let epochs = vec![EpochEntry {
+        epoch: 3,
+        start_offset: 0,
+    }];
+    ctx("set epochs", log.set_leader_epochs(epochs).await)?;
+    ctx("set hw", log.set_high_watermark(80).await)?;
+    let empty_at = |o| OffsetBounds {
+        log_start: o,
+        log_end: o,
+    };
+    // Below the start, inside the log, at and past the end.
+    for at in [20, 70, 200, 300] {
+        ctx(&format!("reset({at})"), log.reset(at).await)?;
+        let b = ctx("bounds", log.bounds().await)?;
+        ensure!(b == empty_at(at), "after reset({at}): {b:?}");
+        ensure!(
+            ctx("epochs", log.leader_epochs().await)?.is_empty(),
+            "reset({at}) kept the epoch cache"
+        );
+        let r = ctx("read at the new end", log.read(at, 1000).await)?;
+        ensure!(r.is_empty(), "reset({at}) left {} bytes to read", r.len());
+        let end = ctx(
+            "append at the new start",
+            log.append(batch(at, 2, 10, 4)).await,
+        )?;
+        ensure!(end == at + 2, "append after reset({at}) ended at {end}");
+    }
+    // Back below everything written: nothing of it may come back.
+    ctx("reset(5)", log.reset(5).await)?;
+    let end = ctx("append at 5", log.append(batch(5, 3, 10, 6)).await)?;
+    ensure!(end == 8, "append after reset(5) ended at {end}");
+    log.close().await;
+    let log = ctx("reopen", s.open(dir).await)?;
+    let b = ctx("bounds", log.bounds().await)?;
+    if b.log_end == 0 {
+        log.close().await;
+        return s.came_back_empty();
+    }
+    ensure!(
+        b == OffsetBounds {
+            log_start: 5,
+            log_end: 8
+        },
+        "after reopen: {b:?}"
+    );
+    let r = ctx("read after reopen", log.read(5, 1000).await)?;
+    ensure!(
+        r == batch(5, 3, 10, 6),
+        "after reopen the log holds other bytes than the batch appended after the reset"
+    );
     log.close().await;
     Ok(None)
 }

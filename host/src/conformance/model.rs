@@ -20,6 +20,7 @@ enum Op {
     Read { pick: u16, max: u32 },
     Truncate { pick: u16 },
     DeletePrefix { pick: u16 },
+    Reset { pick: u16 },
     SetHighWatermark(u16),
     Reopen,
 }
@@ -32,6 +33,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(pick, max)| Op::Read { pick, max }),
         1 => any::<u16>().prop_map(|pick| Op::Truncate { pick }),
         1 => any::<u16>().prop_map(|pick| Op::DeletePrefix { pick }),
+        1 => any::<u16>().prop_map(|pick| Op::Reset { pick }),
         1 => any::<u16>().prop_map(Op::SetHighWatermark),
         1 => Just(Op::Reopen),
     ]
@@ -104,6 +106,11 @@ impl Model {
         self.batches.retain(|(_, next, _)| *next > offset);
         self.start = offset;
         self.end = self.end.max(offset);
+    }
+    fn reset(&mut self, offset: u64) {
+        self.batches.clear();
+        self.start = offset;
+        self.end = offset;
     }
 }
 
@@ -213,6 +220,16 @@ async fn check_sequence(
                     log.delete_prefix(at).await,
                     Ok(()),
                 )?;
+            }
+            Op::Reset { pick } => {
+                // Below the start as often as anywhere else.
+                let at = if pick % 2 == 0 {
+                    m.pick(pick)
+                } else {
+                    u64::from(pick) % (m.start + 1)
+                };
+                m.reset(at);
+                same(&format!("reset({at})"), log.reset(at).await, Ok(()))?;
             }
             Op::SetHighWatermark(hw) => {
                 m.hw = u64::from(hw);

@@ -722,7 +722,9 @@ impl ReplicationManager {
     pub fn log_reset(&mut self, offset: u64, now: u64) {
         self.log_start = offset;
         // The leader's log start, where this restarts, is at most its HW:
-        // everything before it is committed.
+        // everything before it is committed. A restart at the leader's
+        // end may be above its HW, but no HW is below the log start, and
+        // this log holds nothing below it to show.
         self.hw = offset;
         self.cut_done(offset, now);
     }
@@ -1478,7 +1480,21 @@ impl ReplicationManager {
                     return;
                 }
                 if leo > response.log_end_offset {
-                    self.cut_log(response.log_end_offset, false);
+                    let end = response.log_end_offset;
+                    if end < self.log_start {
+                        // Its whole log lies past the leader's end (an
+                        // unclean election chose a shorter replica, and
+                        // retention here had moved the start past that
+                        // end), and no truncation goes below the log
+                        // start: start over, empty. At the leader's start,
+                        // not its end (where Kafka's truncate-fully-and-
+                        // start-at goes): nothing here is worth keeping,
+                        // and this way the replica holds all the leader
+                        // holds, not only what it writes from now on.
+                        self.cut_log(response.log_start_offset.min(end), true);
+                    } else {
+                        self.cut_log(end, false);
+                    }
                     return;
                 }
             }

@@ -1267,7 +1267,7 @@ impl Actor {
                 self.lane(async move {
                     Some(Event::Storage(StorageDone::Reset(
                         offset,
-                        log.delete_prefix(offset).await,
+                        log.reset(offset).await,
                     )))
                 })
             }

@@ -131,6 +131,9 @@ impl PartitionLog for NodeLog {
     fn delete_prefix(&self, offset: u64) -> impl Future<Output = StorageResult<()>> + Send {
         forward!(self.delete_prefix(offset))
     }
+    fn reset(&self, offset: u64) -> impl Future<Output = StorageResult<()>> + Send {
+        forward!(self.reset(offset))
+    }
     fn high_watermark(&self) -> impl Future<Output = StorageResult<u64>> + Send {
         forward!(self.high_watermark())
     }

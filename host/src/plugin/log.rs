@@ -37,6 +37,7 @@ enum Op {
     Bounds,
     Truncate(u64),
     DeletePrefix(u64),
+    Reset(u64),
     HighWatermark,
     SetHighWatermark(u64),
     LeaderEpochs,
@@ -537,7 +538,7 @@ impl Actor {
         // that tail everywhere. Its bounds are asked for after it
         // instead (`after_failed_write`): a cut back, or an append applied
         // in part, is a fault then.
-        let mutation = matches!(op, Op::Truncate(_) | Op::DeletePrefix(_));
+        let mutation = matches!(op, Op::Truncate(_) | Op::DeletePrefix(_) | Op::Reset(_));
         // A read inside the log: a `corrupt` answer to it is damage there.
         let read_at = match op {
             Op::Read(o, _) => Some(o).filter(|o| (known.log_start..known.log_end).contains(o)),
@@ -618,6 +619,20 @@ impl Actor {
                         let mut k = known;
                         k.log_start = k.log_start.max(offset);
                         k.log_end = k.log_end.max(offset);
+                        Ok((Out::Unit, k))
+                    })
+                })
+            }
+            Op::Reset(offset) => {
+                let r = call!(guest.call_reset(&mut *store, log, offset));
+                // What it now holds is checked at the next call that
+                // reports bounds, or refused at the next append.
+                r.map(|r| {
+                    r.map(|()| {
+                        let k = OffsetBounds {
+                            log_start: offset,
+                            log_end: offset,
+                        };
                         Ok((Out::Unit, k))
                     })
                 })
@@ -1194,6 +1209,9 @@ impl PartitionLog for PluginLog {
     }
     fn delete_prefix(&self, offset: u64) -> impl Future<Output = StorageResult<()>> + Send {
         expect_out!(self, Op::DeletePrefix(offset), Out::Unit => ())
+    }
+    fn reset(&self, offset: u64) -> impl Future<Output = StorageResult<()>> + Send {
+        expect_out!(self, Op::Reset(offset), Out::Unit => ())
     }
     fn high_watermark(&self) -> impl Future<Output = StorageResult<u64>> + Send {
         expect_out!(self, Op::HighWatermark, Out::Offset(o) => o)

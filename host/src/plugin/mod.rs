@@ -91,7 +91,7 @@ pub enum LoadError {
         found: &'static str,
     },
     #[error(
-        "plugin `{plugin}` does not fit the {world} world of wit/ ({WIT_PACKAGE}@{WIT_VERSION}): {detail}; a plugin built against an older wit/ lacks what was added since (e.g. metadata's `claim-cluster-id` or `read-partitions`): rebuild it against this host's wit/ (`replicator plugin inspect` lists what it exports)"
+        "plugin `{plugin}` does not fit the {world} world of wit/ ({WIT_PACKAGE}@{WIT_VERSION}): {detail}; a plugin built against an older wit/ lacks what was added since (e.g. storage's `reset`, metadata's `claim-cluster-id` or `read-partitions`): rebuild it against this host's wit/ (`replicator plugin inspect` lists what it exports)"
     )]
     Link {
         plugin: String,

@@ -143,6 +143,14 @@ impl PartitionLog for MemoryLog {
         }))
     }
 
+    fn reset(&self, offset: u64) -> impl Future<Output = StorageResult<()>> + Send {
+        ready(self.with(|s| {
+            s.index = index::OffsetIndex::empty_at(offset);
+            s.epochs.clear();
+            Ok(())
+        }))
+    }
+
     fn high_watermark(&self) -> impl Future<Output = StorageResult<u64>> + Send {
         ready(self.with(|s| Ok(s.high_watermark)))
     }

@@ -67,6 +67,10 @@ pub trait PartitionLog: Send + Sync {
     /// Remove batches whose last offset is >= `offset`; returns the new end.
     fn truncate(&self, offset: u64) -> impl Future<Output = StorageResult<u64>> + Send;
     fn delete_prefix(&self, offset: u64) -> impl Future<Output = StorageResult<()>> + Send;
+    /// Empty the log and restart it at `offset`, below its start too (a
+    /// follower whose log lies wholly past its leader's end); the epoch
+    /// cache goes with it.
+    fn reset(&self, offset: u64) -> impl Future<Output = StorageResult<()>> + Send;
     fn high_watermark(&self) -> impl Future<Output = StorageResult<u64>> + Send;
     fn set_high_watermark(&self, offset: u64) -> impl Future<Output = StorageResult<()>> + Send;
     fn leader_epochs(&self) -> impl Future<Output = StorageResult<Vec<EpochEntry>>> + Send;

@@ -85,6 +85,11 @@ impl GuestPartitionLog for FileLogResource {
         r.map_err(|e| self.map(e))
     }
 
+    fn reset(&self, offset: u64) -> Result<(), PluginError> {
+        let r = self.0.borrow_mut().reset(offset);
+        r.map_err(|e| self.map(e))
+    }
+
     fn high_watermark(&self) -> Result<u64, PluginError> {
         Ok(self.0.borrow().high_watermark())
     }

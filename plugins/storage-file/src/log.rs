@@ -953,6 +953,35 @@ impl FileLog {
         Ok(())
     }
 
+    /// Empty the log and restart it at `offset`, below the start too (the
+    /// WIT's `reset`).
+    pub fn reset(&mut self, offset: u64) -> Result<(), Error> {
+        // The cache describes batches that are about to go; emptied first,
+        // so a crash part-way leaves no entry past what is left.
+        self.set_epochs(Vec::new())?;
+        if offset >= self.index.log_end() {
+            // Past the end: delete-prefix's reset, its checkpoint first
+            // (open completes it after a crash).
+            return self.delete_prefix(offset);
+        }
+        // Below the end, the old batches go first (highest first, so a
+        // crash part-way leaves a prefix of the old log), and then the new
+        // start is checkpointed: a crash between leaves an empty log at
+        // the old checkpoint, no higher than the old start, and never a
+        // checkpoint below segments that are still there.
+        let all: Vec<u64> = self.segments.iter().map(|s| s.base).collect();
+        self.segments.clear();
+        self.drop_files(&all)?;
+        self.free_retired(u64::MAX);
+        self.unindexed.clear();
+        self.index = OffsetIndex::empty_at(offset);
+        // Synced with the directory, which makes the removals durable too.
+        self.write_start(offset)?;
+        self.create_segment(offset)?;
+        self.durable_end = offset;
+        Ok(())
+    }
+
     pub fn high_watermark(&self) -> u64 {
         self.hw
     }

@@ -132,6 +132,13 @@ impl GuestPartitionLog for MemoryLog {
         Ok(())
     }
 
+    fn reset(&self, offset: u64) -> Result<(), PluginError> {
+        let mut s = self.0.borrow_mut();
+        s.index = OffsetIndex::empty_at(offset);
+        s.epochs.clear();
+        Ok(())
+    }
+
     fn high_watermark(&self) -> Result<u64, PluginError> {
         Ok(self.0.borrow().high_watermark)
     }

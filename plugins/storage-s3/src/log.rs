@@ -845,6 +845,21 @@ impl S3Log {
         Ok(end)
     }
 
+    /// Empty the log and restart it at `offset`, below the start too (the
+    /// WIT's `reset`): as a reset past the end, a new generation whose
+    /// claim keeps no segment, with an empty epoch cache.
+    pub fn reset(&mut self, offset: u64) -> Result<(), Error> {
+        self.writable()?;
+        self.index = OffsetIndex::empty_at(offset);
+        self.epochs.clear();
+        let doomed = self.forget_segments(|_, _| true);
+        self.cut_buffer(0);
+        self.buffer_base = offset;
+        self.claim_next()?;
+        self.delete_segments(doomed);
+        Ok(())
+    }
+
     pub fn delete_prefix(&mut self, offset: u64) -> Result<(), Error> {
         self.writable()?;
         if offset <= self.index.log_start() {

@@ -269,6 +269,11 @@ impl GuestPartitionLog for Hostile {
         Ok(())
     }
 
+    fn reset(&self, offset: u64) -> Result<(), PluginError> {
+        *self.index.borrow_mut() = OffsetIndex::empty_at(offset);
+        Ok(())
+    }
+
     fn high_watermark(&self) -> Result<u64, PluginError> {
         Ok(0)
     }
