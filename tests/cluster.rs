@@ -1433,7 +1433,15 @@ fn after_the_metadata_store_goes_back_to_a_backup_no_epoch_names_two_leaders() {
     produce_generated(&client, "t", "1000");
     c.wait_status("3000 everywhere", |v| converged(v, "t", 0, 3000));
     for id in 1..=3 {
+        // Every replica knows the HW (a follower from its next fetch)...
+        consume_replica(&c, "t", id, 3000);
+    }
+    for id in 1..=3 {
         assert!(c.stop(id), "node {id} did not stop cleanly:\n{}", c.log(id));
+        // ...and a clean stop checkpoints it, not only the next interval
+        // (an unclean leader restarted with HW 0 over 1000 committed).
+        let hw = std::fs::read_to_string(c.path().join(format!("node-{id}/t-0/high-watermark")));
+        assert_eq!(hw.ok().as_deref().map(str::trim), Some("3000"), "node {id}");
     }
     std::fs::remove_dir_all(&metadata).expect("remove the metadata");
     std::fs::rename(&backup, &metadata).expect("restore the backup");

@@ -791,6 +791,16 @@ impl ReplicationManager {
         self.maybe_retain();
     }
 
+    /// Checkpoint the HW now unless storage holds this one already: a
+    /// clean shutdown does, so that the next start (and any replica an
+    /// unclean election picks) resumes from the HW it knew, as Kafka's
+    /// does, not from one up to an interval old.
+    pub fn checkpoint_hw_now(&mut self) {
+        if self.checkpointed != Some((self.hw, self.leo)) {
+            self.checkpoint_hw();
+        }
+    }
+
     fn checkpoint_hw(&mut self) {
         self.checkpointed = Some((self.hw, self.leo));
         self.stored_hw = self.hw;
@@ -1893,6 +1903,24 @@ mod tests {
         stuck.drain();
         stuck.tick(2 * every);
         assert_eq!(checkpoints(&mut stuck), vec![0]);
+    }
+
+    /// A clean shutdown checkpoints the HW at once if it moved since the
+    /// last interval, and writes nothing if it did not.
+    #[test]
+    fn a_shutdown_checkpoints_a_high_watermark_that_moved() {
+        let every = Config::default().high_watermark_checkpoint_interval_ms;
+        let mut rm = sole_leader_with(10);
+        rm.drain();
+        rm.checkpoint_hw_now();
+        assert_eq!(checkpoints(&mut rm), vec![10]);
+        rm.checkpoint_hw_now();
+        assert_eq!(checkpoints(&mut rm), Vec::<u64>::new());
+        let mut rm = sole_leader_with(10);
+        rm.tick(every);
+        rm.drain();
+        rm.checkpoint_hw_now();
+        assert_eq!(checkpoints(&mut rm), Vec::<u64>::new());
     }
 
     /// A replica with a damaged batch cuts its log only if another live

@@ -537,6 +537,9 @@ impl Actor {
         let mut end = if self.recovering {
             None
         } else {
+            // Ahead of the flush on the ordered lane.
+            self.rm.checkpoint_hw_now();
+            self.drive();
             self.flush_for_shutdown().await
         };
         // Release the plugin (its destructor runs) before the node reports
