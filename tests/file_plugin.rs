@@ -101,6 +101,40 @@ async fn damage_in_a_closed_segment_is_refused_not_cut() {
     assert_eq!(before, after, "refusing must not delete or cut anything");
 }
 
+/// The HW and epoch checkpoints are summaries: damaged ones are set aside
+/// (HW 0, an empty cache the host rebuilds from the batches) instead of
+/// refusing the partition for good. The log start is not: it says which
+/// offsets are gone, so a damaged one is refused, naming the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_summary_checkpoints_are_set_aside_and_a_damaged_log_start_is_refused() {
+    let (dir, log, _) = log_of_30().await;
+    log.set_high_watermark(25).await.expect("hw");
+    let epochs = vec![replicator::storage::EpochEntry {
+        epoch: 1,
+        start_offset: 0,
+    }];
+    log.set_leader_epochs(epochs.clone()).await.expect("epochs");
+    log.close().await;
+    std::fs::write(dir.path().join("high-watermark"), "garbage\n").expect("write");
+    std::fs::write(dir.path().join("leader-epochs"), "0\n7\n1 0\n").expect("write");
+    let log = open(dir.path())
+        .await
+        .expect("opens with damaged checkpoints");
+    assert_eq!(log.bounds().await.map(|b| b.log_end), Ok(30));
+    assert_eq!(log.high_watermark().await, Ok(0));
+    assert_eq!(log.leader_epochs().await, Ok(Vec::new()));
+    // The host's check at open rebuilds the cache from the batches.
+    let state = replicator::storage::load_state(&log).await.expect("state");
+    let state = replicator::storage::with_checked_epochs(&log, state, "t/0")
+        .await
+        .expect("checked");
+    assert_eq!(state.leader_epochs, epochs);
+    assert_eq!(log.leader_epochs().await, Ok(epochs), "written back");
+    log.close().await;
+    std::fs::write(dir.path().join("log-start"), "twelve\n").expect("write");
+    refused_as_corrupt(dir.path(), "move the partition directory aside").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_files_are_ignored() {
     let dir = tempfile::tempdir().expect("tempdir");

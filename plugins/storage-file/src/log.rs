@@ -205,8 +205,14 @@ impl FileLog {
             }
         }
         bases.sort_unstable();
+        // Not one to set aside: it says which offsets are gone.
         let start_ckpt = match fs::read_small(&dir, START_FILE)? {
-            Some(b) => Some(parse_u64(&b, START_FILE)?),
+            Some(b) => Some(parse_u64(&b, START_FILE).map_err(|e| {
+                Error::Corrupt(format!(
+                    "{}; move the partition directory aside to let replication rebuild it",
+                    e.message()
+                ))
+            })?),
             None => None,
         };
         let mut log = FileLog {
@@ -267,11 +273,29 @@ impl FileLog {
             fs::remove(&log.dir, CUT_FILE)?;
             fs::sync_dir_checked(&log.dir, CUT_FILE)?;
         }
+        // Both checkpoints are summaries the replica can do without: a
+        // damaged one (written atomically, so only the disk or a hand
+        // could damage it) is noted and set aside, not a partition that
+        // never opens again. The HW is then 0 until the leader says where
+        // it is (a lower HW only holds back what readers see), and the
+        // host rebuilds an empty epoch cache from the batches' epochs.
         if let Some(b) = fs::read_small(&log.dir, HW_FILE)? {
-            log.hw = parse_u64(&b, HW_FILE)?;
+            match parse_u64(&b, HW_FILE) {
+                Ok(hw) => log.hw = hw,
+                Err(e) => log.recovery_notes.push(format!(
+                    "{}; taking the high watermark as 0 until the leader's is known",
+                    e.message()
+                )),
+            }
         }
         if let Some(b) = fs::read_small(&log.dir, EPOCH_FILE)? {
-            log.epochs = parse_epochs(&b)?;
+            match parse_epochs(&b) {
+                Ok(epochs) => log.epochs = epochs,
+                Err(e) => log.recovery_notes.push(format!(
+                    "{}; leaving the leader-epoch cache empty, for the host to rebuild from the batches",
+                    e.message()
+                )),
+            }
         }
         let before = log.epochs.len();
         index::truncate_epochs(&mut log.epochs, log.index.log_end(), |e| e.1);
