@@ -178,9 +178,11 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
     }
     // A reader that goes early (`consume | head`, `status | head`) ends
     // the command quietly; it used to panic on the broken pipe.
+    let fresh = c.path().join("another-cluster");
     for args in [
         vec!["consume", "--config", &c.client(), "--topic", "orders"],
         vec!["status", "--config", &c.client()],
+        vec!["cluster", "init", "--dir", fresh.to_str().expect("utf-8")],
     ] {
         let mut child = std::process::Command::new(support::BIN)
             .args(&args)
@@ -677,10 +679,22 @@ fn a_store_wiped_under_a_running_cluster_is_named_as_such() {
     assert!(c.stop(1), "node 1 stops: {}", c.log(1));
     let e = refused_start(&c.path().join("node-1.toml"));
     assert!(e.contains("has no registration of node 1"), "{e}");
+    // Stopped gracefully, the others do not register again on the way out
+    // (a controlled shutdown would): the store stays empty, and every
+    // restart is still refused.
+    for n in 2..=3 {
+        assert!(c.stop(n), "node {n} stops: {}", c.log(n));
+        assert!(
+            c.log(n).contains("controlled shutdown skipped"),
+            "{}",
+            c.log(n)
+        );
+    }
     for n in 1..=3 {
-        if n > 1 {
-            assert!(c.stop(n), "node {n} stops: {}", c.log(n));
-        }
+        let e = refused_start(&c.path().join(format!("node-{n}.toml")));
+        assert!(e.contains("nor of any node"), "node {n}: {e}");
+    }
+    for n in 1..=3 {
         std::fs::remove_file(c.path().join(format!("node-{n}/identity.toml"))).unwrap();
         c.start(n);
     }
@@ -1405,8 +1419,10 @@ fn configured_with_2000(
 /// epochs the nodes write next go above every log's, and no epoch is led
 /// by two nodes: the restarted nodes used to elect a second leader of
 /// epoch 3, and a follower's divergent records in an epoch two leaders
-/// share look like the leader's to KIP-101 truncation. Nothing
-/// acknowledged is lost.
+/// share look like the leader's to KIP-101 truncation. The record below
+/// the logs names no leader (none is known to hold every acknowledged
+/// write) until the operator's unclean election picks the most up-to-date
+/// log. Nothing acknowledged is lost.
 #[test]
 fn after_the_metadata_store_goes_back_to_a_backup_no_epoch_names_two_leaders() {
     let (mut c, client, before) = three_nodes_with_2000("file");
@@ -1446,6 +1462,16 @@ fn after_the_metadata_store_goes_back_to_a_backup_no_epoch_names_two_leaders() {
     std::fs::remove_dir_all(&metadata).expect("remove the metadata");
     std::fs::rename(&backup, &metadata).expect("restore the backup");
     c.start_all();
+    // The restored record is below the logs: it names no leader until an
+    // unclean election picks the most up-to-date log.
+    c.wait_status("no leader after the restore", |v| {
+        partition(v, "t", 0).is_some_and(|p| p["leader"].is_null() && p["epoch"].as_u64() > Some(3))
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !elect_t0(&client, &["--unclean"]).status.success() {
+        assert!(std::time::Instant::now() < deadline, "no unclean election");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
     let v = c.wait_status("a leader above epoch 3 with everything", |v| {
         partition(v, "t", 0)
             .is_some_and(|p| p["leader"].is_u64() && p["epoch"].as_u64().is_some_and(|e| e > 3))
@@ -3200,6 +3226,82 @@ fn a_second_cluster_on_the_same_etcd_prefix_is_refused() {
     b.start(1);
     b.wait_up();
     a.wait_up();
+}
+
+/// The etcd store is wiped under a running cluster whose logs went on
+/// after its first leader died (offsets 100..200 in epoch 2 on nodes 2
+/// and 3; node 1 holds 0..100 of epoch 1). Exploratory run, two faults:
+/// - Stopped gracefully, nodes 2 and 3 registered again on the way out
+///   (controlled shutdown), so their restarts took the wiped store for
+///   the cluster's, and node 1's too, where the empty store is refused.
+/// - The README's way to start over (delete `identity.toml`, create the
+///   topic again) made node 1, first in assignment order, lead epoch 1,
+///   re-stamped above the others' logs with the same leader: they
+///   truncated offsets 100..200, acknowledged, to its log.
+///
+/// Now nothing is registered on the way out, and a record below a log
+/// names no leader until an unclean election picks the most up-to-date
+/// log: all 200 writes survive.
+#[test]
+fn after_an_etcd_wipe_starting_over_keeps_every_acknowledged_write() {
+    let mut etcd = support::etcd::Etcd::start();
+    let endpoint = etcd.endpoint();
+    let args = ["--metadata", "etcd", "--metadata-endpoint", &endpoint];
+    let mut c = Cluster::init_with(3, "file", &args, no_rebalance);
+    c.start_all();
+    c.wait_up();
+    let client = c.client();
+    create_topic(&client, "t", "1");
+    produce_generated(&client, "t", "100");
+    c.wait_status("100 everywhere", |v| converged(v, "t", 0, 100));
+    assert!(leads(&c.status(), 1, 1), "{}", c.status());
+    c.kill(1);
+    c.wait_status("node 2 or 3 leads epoch 2", |v| {
+        partition(v, "t", 0).is_some_and(|p| p["leader"] != 1 && p["epoch"] == 2)
+    });
+    produce_generated(&client, "t", "100");
+    let acknowledged = consume_replica(&c, "t", 2, 200);
+
+    etcd.wipe();
+    c.wait_log("nodes 2 and 3 to notice", |c| {
+        (2..=3).all(|n| c.log(n).contains("this node's registration is gone"))
+    });
+    for n in 2..=3 {
+        assert!(c.stop(n), "node {n} stops: {}", c.log(n));
+    }
+    for n in 1..=3 {
+        let e = refused_start(&c.path().join(format!("node-{n}.toml")));
+        assert!(e.contains("nor of any node"), "node {n}: {e}");
+    }
+    // Starting over as the README says.
+    for n in 1..=3 {
+        std::fs::remove_file(c.path().join(format!("node-{n}/identity.toml"))).unwrap();
+        c.start(n);
+    }
+    c.wait_up();
+    create_topic(&client, "t", "1");
+    c.wait_status("no leader: the record is below the logs", |v| {
+        partition(v, "t", 0).is_some_and(|p| p["leader"].is_null() && p["epoch"].as_u64() > Some(2))
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let out = loop {
+        let o = elect_t0(&client, &["--unclean"]);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        if o.status.success() {
+            break String::from_utf8_lossy(&o.stdout).to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "{err}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    assert!(!out.contains("node 1 leads"), "{out}");
+    c.wait_status("200 everywhere", |v| converged(v, "t", 0, 200));
+    for r in 1..=3 {
+        assert_eq!(
+            consume_replica(&c, "t", r, 200),
+            acknowledged,
+            "replica {r}"
+        );
+    }
 }
 
 /// An etcd the test starts, three nodes on it (memory storage), topic

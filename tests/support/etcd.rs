@@ -217,6 +217,17 @@ impl Etcd {
         }
     }
 
+    /// Stop, delete every key (the whole data directory) and start again
+    /// empty on the same ports: a store lost, or wiped by mistake.
+    #[allow(dead_code)] // not every test binary wipes its etcd
+    pub fn wipe(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(self.dir.path().join("data"));
+        if let Err(log) = self.spawn() {
+            panic!("etcd did not start again empty:\n{log}");
+        }
+    }
+
     pub fn log(&self) -> String {
         let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(40).collect();

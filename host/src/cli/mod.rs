@@ -69,6 +69,7 @@ pub fn main() -> ExitCode {
         cli.command,
         Command::Status(_)
             | Command::Consume(_)
+            | Command::Cluster(_)
             | Command::Topic(
                 client_cmds::TopicCommand::List(_) | client_cmds::TopicCommand::Describe(_)
             )
@@ -78,7 +79,8 @@ pub fn main() -> ExitCode {
         // SIGPIPE, and `println!` then panicked on the broken pipe. Not
         // for commands that change something or clean up after
         // themselves (`produce` must report what it sent, `plugin check`
-        // removes its scratch directory).
+        // removes its scratch directory). `cluster init` prints only once
+        // every file is written.
         #[cfg(unix)]
         // SAFETY: before any other thread exists; SIG_DFL is a valid
         // disposition for SIGPIPE.

@@ -60,6 +60,33 @@ pub enum LockError {
         path: PathBuf,
         error: std::io::Error,
     },
+    #[error(
+        "cannot create files in the data directory {dir}: {error}; the node writes its logs and records there (a read-only mount, an immutable attribute, permissions?)"
+    )]
+    NotWritable { dir: PathBuf, error: std::io::Error },
+}
+
+/// The name of [`check_writable`]'s probe, removed again at once.
+const PROBE: &str = ".write-check";
+
+/// Whether files can be made (and removed) in `dir`. Asked before the node
+/// registers: a start that fails after registering has renewed, or failed
+/// to renew, its clean-shutdown record under the new broker epoch, and a
+/// record left at the old one makes the next start distrust every log,
+/// as a directory restored from a backup would.
+pub fn check_writable(dir: &Path) -> Result<(), LockError> {
+    let path = dir.join(PROBE);
+    let made = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(b"probe"))
+        .and_then(|()| std::fs::remove_file(&path));
+    made.map_err(|error| LockError::NotWritable {
+        dir: dir.to_path_buf(),
+        error,
+    })
 }
 
 /// Lock `dir` (created if missing) for this process, and write its pid
@@ -132,6 +159,27 @@ mod tests {
         drop(first);
         let again = lock(&data).expect("free once the first is gone");
         drop(again);
+    }
+
+    #[test]
+    fn a_directory_where_no_file_can_be_made_is_named_before_registering() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        check_writable(dir.path()).expect("a fresh directory");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).expect("list").count(),
+            0,
+            "the probe is removed"
+        );
+        // Root writes through permissions; a directory in the probe's
+        // place fails the create as a read-only mount would.
+        std::fs::create_dir_all(dir.path().join(PROBE).join("x")).expect("mkdir");
+        let e = check_writable(dir.path())
+            .expect_err("cannot create")
+            .to_string();
+        assert!(
+            e.contains("cannot create files in the data directory"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -395,7 +395,7 @@ async fn coordinate(
             };
             // A new epoch above any this node's log (and any surveyed log)
             // holds: see `Shared::epoch_above_log`.
-            shared.lift_new_epoch(&tp, state.leader_epoch, &mut d.next);
+            shared.lift_new_epoch(&tp, state.leader_epoch, &mut d.next, surveyed.is_some());
             if let Some(e) = surveyed_epoch.filter(|e| *e >= d.next.leader_epoch) {
                 d.next.leader_epoch = super::shared::past_regression(e);
             }
@@ -731,7 +731,7 @@ async fn step_down_all(
                 Err(_) => return written,
             };
             let Some(mut d) = decision else { break };
-            shared.lift_new_epoch(&tp, state.leader_epoch, &mut d.next);
+            shared.lift_new_epoch(&tp, state.leader_epoch, &mut d.next, false);
             match shared
                 .metadata
                 .compare_and_set(d.next.clone(), d.expected_version)

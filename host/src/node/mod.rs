@@ -169,6 +169,9 @@ pub async fn run(
         id,
         config.cluster_id.as_deref(),
     )?;
+    // A directory it cannot write stops it before it registers (see
+    // check_writable for why then).
+    data_dir_lock::check_writable(&config.data_dir)?;
     let tls = TlsMaterial::load(&config.tls)?;
     let transport = Transport::bind(config.listen, &tls, Identity::Node(id), true)?;
     let local = transport
@@ -414,8 +417,22 @@ pub async fn run(
     // one.)
     let _ = on_drop.stop.send(true);
     // Fenced: the id is another process's now, and a controlled shutdown
-    // would register it back and write its hand-offs.
-    if config.failover.controlled_shutdown && fenced.is_none() {
+    // would register it back and write its hand-offs. Nor into a store
+    // that lost this node's registration (wiped, or gone back to a
+    // backup): registered there again, the nodes made their next start
+    // take it for their cluster's store, and the check that refuses an
+    // empty store never ran (exploratory run).
+    let lost = server
+        .registration_problem
+        .lock()
+        .ok()
+        .and_then(|p| p.clone());
+    if let Some(why) = &lost {
+        warn!(
+            "controlled shutdown skipped: {why}; registering again would write into a store that lost this cluster's records"
+        );
+    }
+    if config.failover.controlled_shutdown && fenced.is_none() && lost.is_none() {
         let partitions = server
             .partitions
             .read()
@@ -1060,15 +1077,23 @@ async fn settle_handoff(shared: &Shared, tp: &TopicPartition, intact: bool) -> b
 
 /// `state`, whose leader epoch is not above `held`, an epoch this node's
 /// log of `tp` holds, written again under epoch
-/// [`shared::past_regression`]`(held)` with the same leader, ISR and ELR; what was written, or `None` if nothing was (the
-/// next pass tries again on what it reads then).
+/// [`shared::past_regression`]`(held)`; what was written, or `None` if
+/// nothing was (the next pass tries again on what it reads then).
 ///
-/// Why: epochs enter a log only after the store named them, so a record
-/// below a log means the store went back (restored from an older backup).
-/// Its leader and ISR are what the cluster has to go on, as after any
-/// restore; its epoch is not: a leader of an epoch some log already holds
-/// from another leader would hide their divergence from KIP-101
-/// truncation.
+/// Why: a leader of an epoch some log already holds from another leader
+/// would hide their divergence from KIP-101 truncation. And a record not
+/// above a log (below it, or naming this node leader of an epoch its log
+/// holds, which a restart or recovery always leaves) means the store went
+/// back (restored from an older backup, or wiped and the topic created
+/// again): epochs enter a log only after the store named them. Its leader,
+/// ISR and ELR are then from before writes some log holds, so none of
+/// them is known to hold every acknowledged write: the record is written
+/// with no leader, ISR or ELR, and an unclean election (the operator's,
+/// or automatic with `unclean_leader_election`) elects the replica whose
+/// log is most up to date. Keeping the record's leader lost the writes
+/// acknowledged after the backup where it named a replica that lacked
+/// them, and a topic created again over its old logs truncated them all
+/// to its first replica's (exploratory run).
 async fn restamp(
     shared: &Shared,
     tp: &TopicPartition,
@@ -1077,6 +1102,9 @@ async fn restamp(
 ) -> Option<PartitionState> {
     let next = PartitionState {
         leader_epoch: shared::past_regression(held),
+        leader: None,
+        isr: Vec::new(),
+        elr: Vec::new(),
         ..state.clone()
     };
     let name = format!("{}/{}", tp.topic, tp.partition);
@@ -1087,13 +1115,14 @@ async fn restamp(
     {
         Ok(version) => {
             error!(
-                "{name}: the metadata store names leader epoch {} (version {}), but this node's log already holds epoch {held}: the store went back (restored from an older backup?). Re-stamped as epoch {} with the same leader {:?}, ISR {:?} and ELR {:?}, so that it names no epoch a log holds from another leader; writes acknowledged after that record was saved are lost where it names a leader that lacks them",
+                "{name}: the metadata store names leader epoch {} (version {}, leader {:?}, ISR {:?}), but this node's log already holds epoch {held}: the store went back (restored from an older backup, or wiped and the topic created again). No replica is known to hold every acknowledged write, so the record is re-stamped as epoch {} with no leader. Once the replicas are up, `replicator partition elect --topic {} --partition {} --unclean` elects the one whose log is most up to date (so does `[failover] unclean_leader_election = true`)",
                 state.leader_epoch,
                 state.version,
+                state.leader,
+                state.isr,
                 next.leader_epoch,
-                next.leader,
-                next.isr,
-                next.elr
+                tp.topic,
+                tp.partition,
             );
             let written = PartitionState { version, ..next };
             shared.wrote_state(tp.clone(), written.clone());
@@ -1126,7 +1155,7 @@ async fn handoff(shared: &Shared, tp: &TopicPartition, intact: bool) -> Result<(
         else {
             return Ok(());
         };
-        shared.lift_new_epoch(tp, st.leader_epoch, &mut next);
+        shared.lift_new_epoch(tp, st.leader_epoch, &mut next, false);
         match shared
             .metadata
             .compare_and_set(next.clone(), st.version)
@@ -1311,8 +1340,8 @@ mod handoff_tests {
     /// A store restored from an older backup names epoch 4 while this
     /// node's log holds epoch 6. The hand-off after a restart writes an
     /// epoch above the log's (it wrote 5, an epoch some log may hold from
-    /// another leader); a record left older than the log is written again
-    /// above it, with the same leader and ISR.
+    /// another leader), with no leader, ISR or ELR; so does the re-stamp
+    /// of a record left older than the log.
     #[tokio::test]
     async fn epochs_this_node_writes_go_above_its_log_after_the_store_went_back() {
         let store = Arc::new(OneState {
@@ -1328,8 +1357,13 @@ mod handoff_tests {
         assert_eq!(shared.epoch_above_log(&tp, 7), 7);
         shared.request_handoff(tp.clone(), Some(true));
         assert!(settle_handoff(&shared, &tp, true).await);
+        // The record (epoch 4) is below the log: the hand-off names no
+        // leader, ISR or ELR (`Shared::lift_new_epoch`).
         let handed = store.state.lock().unwrap().clone();
-        assert_eq!((handed.leader, handed.leader_epoch), (Some(2), 1006));
+        assert_eq!(
+            (handed.leader, handed.leader_epoch, handed.isr.clone()),
+            (None, 1006, Vec::new())
+        );
 
         // A record the hand-off does not touch: node 2 leads epoch 4.
         let old = PartitionState {
@@ -1337,12 +1371,15 @@ mod handoff_tests {
             ..state(Some(2), &[1, 2], &[])
         };
         *store.state.lock().unwrap() = old.clone();
+        // Re-stamped above the log with no leader, ISR or ELR: the store
+        // went back, so none is known to hold every acknowledged write.
         let now = restamp(&shared, &tp, &old, 6).await.expect("written");
         assert_eq!(now, *store.state.lock().unwrap());
         assert_eq!(
             (now.leader, now.leader_epoch, now.isr.clone(), now.version),
-            (Some(2), 1006, vec![1, 2], 21)
+            (None, 1006, Vec::new(), 21)
         );
+        assert!(now.elr.is_empty() && now.replicas == old.replicas);
         // Someone wrote first: nothing is written.
         assert_eq!(restamp(&shared, &tp, &old, 6).await, None);
         assert_eq!(store.state.lock().unwrap().version, 21);

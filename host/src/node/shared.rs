@@ -290,9 +290,26 @@ impl Shared {
     /// leader epoch `from`: if it moves to a new epoch, that epoch goes
     /// above this node's log ([`Shared::epoch_above_log`]). A write that
     /// keeps the epoch (an ISR change) keeps it.
-    pub fn lift_new_epoch(&self, tp: &TopicPartition, from: u32, next: &mut PartitionState) {
+    ///
+    /// And if the record it read is below this node's log (the store went
+    /// back: see `node::restamp`), its ISR and ELR are from before writes
+    /// the log holds, so a leader chosen from them is not known to hold
+    /// every acknowledged write: unless `surveyed` (an unclean election
+    /// that asked every live log), `next` names no leader, ISR or ELR.
+    pub fn lift_new_epoch(
+        &self,
+        tp: &TopicPartition,
+        from: u32,
+        next: &mut PartitionState,
+        surveyed: bool,
+    ) {
         if next.leader_epoch > from {
             next.leader_epoch = self.epoch_above_log(tp, next.leader_epoch);
+            if !surveyed && self.log_epoch(tp).is_some_and(|held| held > from) {
+                next.leader = None;
+                next.isr.clear();
+                next.elr.clear();
+            }
         }
     }
 
