@@ -81,9 +81,10 @@ pub fn check_writable(dir: &Path) -> Result<(), LockError> {
         .create(true)
         .truncate(true)
         .open(&path)
-        .and_then(|mut f| f.write_all(b"probe"))
-        .and_then(|()| std::fs::remove_file(&path));
-    made.map_err(|error| LockError::NotWritable {
+        .and_then(|mut f| f.write_all(b"probe"));
+    // Removed whether or not the write went through (a full disk).
+    let removed = std::fs::remove_file(&path);
+    made.and(removed).map_err(|error| LockError::NotWritable {
         dir: dir.to_path_buf(),
         error,
     })
@@ -92,10 +93,39 @@ pub fn check_writable(dir: &Path) -> Result<(), LockError> {
 /// Lock `dir` (created if missing) for this process, and write its pid
 /// into the lock file so that a refused second node can name the first.
 pub fn lock(dir: &Path) -> Result<DataDirLock, LockError> {
-    let made = crate::durable_dir::create_dir_all_made(dir).map_err(|error| LockError::Create {
-        dir: dir.to_path_buf(),
-        error,
-    })?;
+    let mut made = Vec::new();
+    // A few tries: each loses only to a failed start that took back the
+    // directory between this open and this lock (see `lock_once`).
+    for _ in 0..5 {
+        let made_now =
+            crate::durable_dir::create_dir_all_made(dir).map_err(|error| LockError::Create {
+                dir: dir.to_path_buf(),
+                error,
+            })?;
+        for d in made_now {
+            if !made.contains(&d) {
+                made.push(d);
+            }
+        }
+        if let Some(file) = lock_once(dir)? {
+            return Ok(DataDirLock {
+                _file: file,
+                path: dir.join(".lock"),
+                made,
+            });
+        }
+    }
+    Err(LockError::Io {
+        path: dir.join(".lock"),
+        error: std::io::Error::other("the lock file was removed under each of 5 tries"),
+    })
+}
+
+/// Lock `dir/.lock`; `None` if the file locked was no longer the one of
+/// that name by then: a failed start that made the directory removes it
+/// (see `Drop`), and a lock on an unlinked file would guard nothing while
+/// a third start locked a new `.lock`.
+fn lock_once(dir: &Path) -> Result<Option<File>, LockError> {
     let path = dir.join(".lock");
     let io = |error| LockError::Io {
         path: path.clone(),
@@ -127,14 +157,20 @@ pub fn lock(dir: &Path) -> Result<DataDirLock, LockError> {
         }
         Err(TryLockError::Error(e)) => return Err(io(e)),
     }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let held = file.metadata().map_err(io)?;
+        let same = std::fs::metadata(&path)
+            .is_ok_and(|named| named.dev() == held.dev() && named.ino() == held.ino());
+        if !same {
+            return Ok(None);
+        }
+    }
     file.set_len(0).map_err(io)?;
     file.rewind().map_err(io)?;
     write!(file, "{}", std::process::id()).map_err(io)?;
-    Ok(DataDirLock {
-        _file: file,
-        path,
-        made,
-    })
+    Ok(Some(file))
 }
 
 #[cfg(test)]

@@ -232,6 +232,12 @@ struct Actor {
     /// found nowhere else, and a damaged batch that fails every read loses
     /// less than a cut log.
     damaged_from: Option<u64>,
+    /// Damage found while no other live replica was known to hold what
+    /// this one committed (a follower just restarted, not yet answered by
+    /// its leader): left uncut, and judged again at the leader's next
+    /// answer instead of at the next read that faults, up to 30 s later
+    /// (reads of the batch fail until then).
+    uncut_damage: Option<u64>,
     /// Reads waiting for their offset to be committed, answered as the
     /// high watermark passes it or at their due time.
     parked_reads: Vec<ParkedRead>,
@@ -321,6 +327,7 @@ pub async fn start(
         last_fault: None,
         unjudged: false,
         damaged_from: None,
+        uncut_damage: None,
         parked_reads: Vec::new(),
     };
     actor.publish_log_epoch();
@@ -725,6 +732,18 @@ impl Actor {
             Event::FetchResponse { from, response } => {
                 if !self.recovering {
                     self.rm.handle_fetch_response(from, response, now);
+                    if let Some(at) = self.uncut_damage
+                        && self.rm.another_holds_the_committed(now)
+                    {
+                        self.uncut_damage = None;
+                        self.storage_done(StorageDone::ReadFailed(StorageError::Fault {
+                            plugin: format!("{}/{}", self.tp.topic, self.tp.partition),
+                            kind: FaultKind::Damaged { from: at },
+                            detail: format!(
+                                "the damage found at offset {at} earlier, judged again now that the leader answered"
+                            ),
+                        }));
+                    }
                 }
             }
             Event::FetchFailed { correlation_id } => {
@@ -1158,7 +1177,9 @@ impl Actor {
                 // store's record, which may name a member that is gone.
                 if self.rm.another_holds_the_committed(self.shared.now_ms()) {
                     self.damaged_from = Some(self.damaged_from.map_or(*from, |d| d.min(*from)));
+                    self.uncut_damage = None;
                 } else {
+                    self.uncut_damage = Some(self.uncut_damage.map_or(*from, |d| d.min(*from)));
                     error!(topic = %self.tp.topic, partition = self.tp.partition,
                         "the stored log is damaged from offset {from} (a batch failed its CRC or position check), and no other live replica is known to hold what it holds: not cutting it; reads of that batch will fail");
                 }

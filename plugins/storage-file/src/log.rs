@@ -996,7 +996,11 @@ impl FileLog {
         let all: Vec<u64> = self.segments.iter().map(|s| s.base).collect();
         self.segments.clear();
         self.drop_files(&all)?;
-        self.free_retired(u64::MAX);
+        // The spare too: a spare is overwritten in place only because its
+        // batches lie below every offset the log will write, which a start
+        // moved back no longer promises (a crash could let recovery scan
+        // stale batches that happen to follow the new ones).
+        self.free_all_released();
         self.unindexed.clear();
         self.index = OffsetIndex::empty_at(offset);
         // Synced with the directory, which makes the removals durable too.
