@@ -690,6 +690,13 @@ fn a_store_wiped_under_a_running_cluster_is_named_as_such() {
             c.log(n)
         );
     }
+    refused_then_started_over(&mut c, &client);
+}
+
+/// The store lost every node's registration: each start is refused; then
+/// the README's way to start over (delete each `identity.toml`, start the
+/// node) and topic `t` created again as it was.
+fn refused_then_started_over(c: &mut Cluster, client: &str) {
     for n in 1..=3 {
         let e = refused_start(&c.path().join(format!("node-{n}.toml")));
         assert!(e.contains("nor of any node"), "node {n}: {e}");
@@ -699,7 +706,7 @@ fn a_store_wiped_under_a_running_cluster_is_named_as_such() {
         c.start(n);
     }
     c.wait_up();
-    create_topic(&client, "t", "1");
+    create_topic(client, "t", "1");
 }
 
 /// A counter of the Prometheus text `metrics`, 0 when absent.
@@ -3269,17 +3276,7 @@ fn after_an_etcd_wipe_starting_over_keeps_every_acknowledged_write() {
     for n in 2..=3 {
         assert!(c.stop(n), "node {n} stops: {}", c.log(n));
     }
-    for n in 1..=3 {
-        let e = refused_start(&c.path().join(format!("node-{n}.toml")));
-        assert!(e.contains("nor of any node"), "node {n}: {e}");
-    }
-    // Starting over as the README says.
-    for n in 1..=3 {
-        std::fs::remove_file(c.path().join(format!("node-{n}/identity.toml"))).unwrap();
-        c.start(n);
-    }
-    c.wait_up();
-    create_topic(&client, "t", "1");
+    refused_then_started_over(&mut c, &client);
     c.wait_status("no leader: the record is below the logs", |v| {
         partition(v, "t", 0).is_some_and(|p| p["leader"].is_null() && p["epoch"].as_u64() > Some(2))
     });

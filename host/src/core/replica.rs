@@ -722,9 +722,7 @@ impl ReplicationManager {
     pub fn log_reset(&mut self, offset: u64, now: u64) {
         self.log_start = offset;
         // The leader's log start, where this restarts, is at most its HW:
-        // everything before it is committed. A restart at the leader's
-        // end may be above its HW, but no HW is below the log start, and
-        // this log holds nothing below it to show.
+        // everything before it is committed.
         self.hw = offset;
         self.cut_done(offset, now);
     }

@@ -43,6 +43,16 @@ pub struct PartitionState {
 }
 
 impl PartitionState {
+    /// Name no leader, ISR or ELR: none of them is known to hold every
+    /// acknowledged write (the record is older than a log, so the store
+    /// went back; see `node::restamp`). An unclean election that asks
+    /// every live log which is most up to date picks the next leader.
+    pub fn forget_holders(&mut self) {
+        self.leader = None;
+        self.isr.clear();
+        self.elr.clear();
+    }
+
     /// The partition's min.insync.replicas: its own, else the node's
     /// default (`default`), at least 1.
     pub fn effective_min_insync(&self, default: u32) -> usize {

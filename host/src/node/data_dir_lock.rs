@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 #[derive(Debug)]
 pub struct DataDirLock {
     _file: File,
-    path: PathBuf,
-    /// The directories `lock` made, deepest first.
+    /// The directories `lock` made, deepest first: the data directory
+    /// itself first, if it was made.
     made: Vec<PathBuf>,
 }
 
@@ -37,7 +37,7 @@ impl Drop for DataDirLock {
         // Removed while still locked, so no second node can have taken
         // the file meanwhile; a directory that is no longer empty (someone
         // else's create) stays, as `remove_dir` refuses it.
-        if only_the_lock && std::fs::remove_file(&self.path).is_ok() {
+        if only_the_lock && std::fs::remove_file(dir.join(".lock")).is_ok() {
             for d in &self.made {
                 if std::fs::remove_dir(d).is_err() {
                     break;
@@ -108,11 +108,7 @@ pub fn lock(dir: &Path) -> Result<DataDirLock, LockError> {
             }
         }
         if let Some(file) = lock_once(dir)? {
-            return Ok(DataDirLock {
-                _file: file,
-                path: dir.join(".lock"),
-                made,
-            });
+            return Ok(DataDirLock { _file: file, made });
         }
     }
     Err(LockError::Io {

@@ -1100,13 +1100,11 @@ async fn restamp(
     state: &PartitionState,
     held: u32,
 ) -> Option<PartitionState> {
-    let next = PartitionState {
+    let mut next = PartitionState {
         leader_epoch: shared::past_regression(held),
-        leader: None,
-        isr: Vec::new(),
-        elr: Vec::new(),
         ..state.clone()
     };
+    next.forget_holders();
     let name = format!("{}/{}", tp.topic, tp.partition);
     match shared
         .metadata

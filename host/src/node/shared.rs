@@ -306,9 +306,7 @@ impl Shared {
         if next.leader_epoch > from {
             next.leader_epoch = self.epoch_above_log(tp, next.leader_epoch);
             if !surveyed && self.log_epoch(tp).is_some_and(|held| held > from) {
-                next.leader = None;
-                next.isr.clear();
-                next.elr.clear();
+                next.forget_holders();
             }
         }
     }
