@@ -328,6 +328,23 @@ async fn inconsistent_bounds_are_a_violation() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_epoch_no_partition_can_reach_is_a_violation() {
+    // Taken in, it would have put every epoch this node writes next at
+    // u32::MAX, a record no node reads back: the partition stuck for good.
+    let (_plugin, log) = open("huge-epoch").await;
+    let err = log
+        .leader_epochs()
+        .await
+        .expect_err("epoch u32::MAX taken from the cache");
+    assert_fault(&err, FaultKind::Violation);
+    assert!(
+        err.to_string()
+            .contains("past the largest a partition can reach"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trap_while_opening_is_a_fault_not_a_panic() {
     let plugin = hostile(sandbox());
     let err = plugin

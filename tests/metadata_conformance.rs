@@ -414,6 +414,40 @@ async fn a_dead_endpoint_falls_over_to_the_next() {
     assert_eq!(m.get_partition("t", 0).await.expect("get").leader, Some(2));
 }
 
+/// Endpoints of two different etcd clusters (a typo, an etcd kept for
+/// something else): when the first goes away, the second is not used,
+/// since it holds other records, and the error says why; when the first
+/// is back, calls go on there. A node used to move to whichever answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_of_another_etcd_cluster_is_not_used() {
+    let mut ours = Etcd::start();
+    let other = Etcd::start();
+    let plugin = load(
+        "etcd",
+        Sandbox::default().allow_http([ours.authority(), other.authority()]),
+    );
+    let config = |endpoints: &[String]| etcd_config(endpoints, "/clusters/", TIMEOUT_MS);
+    let m = connect(&plugin, config(&[ours.endpoint(), other.endpoint()])).await;
+    assert_eq!(m.compare_and_set(state("t", 1, 0), 0).await, Ok(1));
+
+    ours.stop();
+    let r = m.compare_and_set(state("t", 2, 1), 1).await;
+    assert!(
+        matches!(&r, Err(MetadataError::Unavailable(m))
+            if m.contains("every endpoint must be a member of the one etcd cluster")),
+        "{r:?}"
+    );
+    let r = m.get_partition("t", 0).await;
+    assert!(matches!(r, Err(MetadataError::Unavailable(_))), "{r:?}");
+    // Nothing went to the other cluster.
+    let theirs = connect(&plugin, config(&[other.endpoint()])).await;
+    assert_eq!(theirs.list_partitions().await, Ok(vec![]));
+
+    ours.restart();
+    assert_eq!(m.compare_and_set(state("t", 2, 1), 1).await, Ok(2));
+    assert_eq!(m.get_partition("t", 0).await.expect("get").leader, Some(2));
+}
+
 /// etcd killed under a live connection: calls during the downtime are
 /// `unavailable` promptly; after a restart on the same data the same
 /// connection works again and sees everything written before.

@@ -409,7 +409,28 @@ async fn invalid_input_is_refused() {
     }
     let r = a.compare_and_set(state("t", 0, 1, 0), u64::MAX).await;
     assert!(matches!(r, Err(MetadataError::InvalidInput(_))), "{r:?}");
-    assert_eq!(a.list_partitions().await.expect("list").len(), 2);
+    // What no node would read back is not written: a version or an
+    // epoch past the largest a partition can reach.
+    let r = a.compare_and_set(state("t", 0, 1, 0), u64::MAX >> 1).await;
+    assert!(matches!(r, Err(MetadataError::InvalidInput(_))), "{r:?}");
+    let r = a
+        .compare_and_set(
+            state("huge", 0, 1, replicator::core::MAX_LEADER_EPOCH + 1),
+            0,
+        )
+        .await;
+    assert!(
+        matches!(&r, Err(MetadataError::InvalidInput(m)) if m.contains("past the largest")),
+        "{r:?}"
+    );
+    assert!(matches!(
+        a.get_partition("huge", 0).await,
+        Err(MetadataError::NotFound(_))
+    ));
+    a.compare_and_set(state("huge", 0, 1, replicator::core::MAX_LEADER_EPOCH), 0)
+        .await
+        .expect("the largest epoch itself is written");
+    assert_eq!(a.list_partitions().await.expect("list").len(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,7 +49,9 @@ pub enum ClientError {
     NoLeader(String, u32),
     #[error("{0}")]
     Refused(RpcError),
-    #[error("gave up after {waited:?}: {last}")]
+    #[error(
+        "gave up after {waited:.2?}, with too little of the time limit left for another attempt: {last}"
+    )]
     Timeout { waited: Duration, last: String },
     #[error("unexpected answer: {0}")]
     Protocol(String),

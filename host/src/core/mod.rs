@@ -29,6 +29,6 @@ pub use replica::{Faults, ReplicaCounters, ReplicationManager, Role};
 pub use sequencer::{Sequence, Sequencer};
 pub use state::{PartitionReplicationState, ReplicationState};
 pub use types::{
-    Acks, Action, DivergingEpoch, ErrorCode, FetchRequest, FetchResponse, MAX_TOPIC_LEN, ProduceId,
-    ReadSpec, Records, ReplicaId,
+    Acks, Action, DivergingEpoch, ErrorCode, FetchRequest, FetchResponse, MAX_LEADER_EPOCH,
+    MAX_TOPIC_LEN, ProduceId, ReadSpec, Records, ReplicaId,
 };

@@ -10,6 +10,14 @@ pub type ReplicaId = u32;
 /// Longest topic name, in bytes (Kafka's limit). Creation refuses longer
 /// names, so a longer one on the wire is garbage.
 pub const MAX_TOPIC_LEN: usize = 249;
+
+/// The largest leader epoch a partition may reach: far above what
+/// elections reach, with room below `u32::MAX` for the next ones and for
+/// the jumps above a restored store (`node::shared::EPOCH_JUMP`). Epochs
+/// only grow and are saturated, not wrapped, so a record or a log at
+/// `u32::MAX` could never be led past; anything a plugin hands the host
+/// above this is refused where it enters.
+pub const MAX_LEADER_EPOCH: u32 = u32::MAX - (1 << 24);
 /// Identifies one produce request to its caller.
 pub type ProduceId = u64;
 

@@ -20,6 +20,7 @@ use super::bindings::exports::replicator::plugin::storage as wit;
 use super::bindings::replicator::plugin::types::PluginError;
 use super::sandbox::{PluginState, Sandbox};
 use super::write_behind::WriteBehind;
+use crate::core::MAX_LEADER_EPOCH;
 use crate::storage::{
     EpochEntry, FaultKind, LogState, OffsetBounds, PartitionLog, StorageError, StorageResult,
 };
@@ -972,6 +973,14 @@ fn check_truncate(known: OffsetBounds, offset: u64, end: u64) -> Checked {
 fn check_epochs(known: OffsetBounds, entries: Vec<wit::EpochEntry>) -> Checked {
     if let Some(why) = epochs_not_monotonic(entries.iter().map(|e| (e.epoch, e.start_offset))) {
         return Err(why);
+    }
+    // Epochs come from partition records, which never go past this; one
+    // above it would make every epoch this node writes next unreadable.
+    if let Some(e) = entries.iter().find(|e| e.epoch > MAX_LEADER_EPOCH) {
+        return Err(format!(
+            "leader-epoch cache holds epoch {} (from {}), past the largest a partition can reach ({MAX_LEADER_EPOCH})",
+            e.epoch, e.start_offset
+        ));
     }
     let entries = entries
         .into_iter()

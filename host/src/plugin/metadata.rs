@@ -28,7 +28,7 @@ use super::bindings::metadata::{MetadataPlugin as World, MetadataPluginPre};
 use super::bindings::replicator::plugin::types::PluginError;
 use super::sandbox::{GUEST_DIR, PluginState, Sandbox};
 use super::{LoadError, PluginRuntime, PluginSource, builtin, plugin_bytes, prepare};
-use crate::core::ReplicaId;
+use crate::core::{MAX_LEADER_EPOCH, ReplicaId};
 use crate::metadata::{
     Broker, MetaFuture, MetadataError, MetadataStore, PartitionRead, PartitionState, valid_topic,
 };
@@ -419,10 +419,20 @@ impl Actor {
     /// One guest call with its checks, reconnecting first if an earlier
     /// fault dropped the instance.
     async fn serve(&mut self, op: Op) -> Result<Out, MetadataError> {
-        if let Op::CompareAndSet(_, u64::MAX) = op {
-            return Err(MetadataError::InvalidInput(
-                "expected version u64::MAX has no successor".into(),
-            ));
+        if let Op::CompareAndSet(state, expected) = &op {
+            // What `check_get` would refuse to read back is not written:
+            // the partition would be unreadable for good.
+            if *expected >= MAX_VERSION {
+                return Err(MetadataError::InvalidInput(format!(
+                    "expected version {expected}: a partition's version stays below {MAX_VERSION}"
+                )));
+            }
+            if state.leader_epoch > MAX_LEADER_EPOCH {
+                return Err(MetadataError::InvalidInput(format!(
+                    "leader epoch {} for {}/{}: past the largest a partition can reach ({MAX_LEADER_EPOCH})",
+                    state.leader_epoch, state.topic, state.partition
+                )));
+            }
         }
         if self.live.is_none() {
             tracing::info!(plugin = %self.label, "reconnecting the metadata plugin");
@@ -620,11 +630,6 @@ fn check_get(
     seen.versions.insert(key, (s.version, s.leader_epoch));
     Verdict::Ok(Out::State(s))
 }
-
-/// The largest leader epoch a stored state may hold: far above what
-/// elections reach, with room below `u32::MAX` for the next ones and for
-/// the jumps above a restored store (`EPOCH_JUMP`).
-const MAX_LEADER_EPOCH: u32 = u32::MAX - (1 << 24);
 
 /// The largest version a stored state may hold, likewise.
 const MAX_VERSION: u64 = u64::MAX >> 1;

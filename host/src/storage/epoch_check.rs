@@ -14,7 +14,7 @@
 use tracing::warn;
 
 use super::{EpochEntry, LogState, OffsetBounds, PartitionLog, StorageError, StorageResult};
-use crate::core::EpochCache;
+use crate::core::{EpochCache, MAX_LEADER_EPOCH};
 
 /// How much one read of the rebuild asks for.
 const REBUILD_READ: u32 = 1 << 20;
@@ -103,6 +103,13 @@ async fn from_batches<L: PartitionLog>(
         let mut next = at;
         for b in replicator_plugin_sdk::batches(&bytes, false) {
             let (h, _) = b.map_err(|e| StorageError::Corrupt(format!("batch at {next}: {e}")))?;
+            if h.leader_epoch > MAX_LEADER_EPOCH {
+                // No leader writes such a batch (see MAX_LEADER_EPOCH).
+                return Err(StorageError::Corrupt(format!(
+                    "batch at {} has leader epoch {}, past the largest a partition can reach",
+                    h.base_offset, h.leader_epoch
+                )));
+            }
             cache.assign(h.leader_epoch, h.base_offset);
             next = h.next_offset();
         }

@@ -56,6 +56,56 @@ pub struct Gateway {
     /// The endpoint that answered last: tried first, so a dead first
     /// endpoint does not cost every call a failed connect.
     preferred: Cell<usize>,
+    /// The etcd cluster the answers came from (its `header.cluster_id`),
+    /// and the endpoint that last answered for it. An endpoint of another
+    /// cluster (a typo, a second etcd for something else) would hold
+    /// other records: a node that moved there would lead from a store the
+    /// rest of the cluster does not read.
+    cluster: Cell<Option<(usize, u64)>>,
+}
+
+/// A uint64 as the gateway spells it (a JSON string), or a number.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct U64(u64);
+
+impl<'de> Deserialize<'de> for U64 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            S(String),
+            N(u64),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(U64(n)),
+            Raw::S(s) => s
+                .parse()
+                .map(U64)
+                .map_err(|_| serde::de::Error::custom(format!("`{s}` is not a uint64"))),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Header {
+    cluster_id: Option<U64>,
+}
+
+/// Any answer's `header`, the part this client reads.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct WithHeader {
+    header: Header,
+}
+
+/// The cluster id in an answer's header, if it has one.
+fn cluster_id(body: &[u8]) -> Option<u64> {
+    serde_json::from_slice::<WithHeader>(body)
+        .ok()?
+        .header
+        .cluster_id
+        .map(|c| c.0)
 }
 
 /// An int64 as the gateway spells it: a JSON string, or a number.
@@ -182,7 +232,42 @@ impl Gateway {
             endpoints,
             timeout,
             preferred: Cell::new(0),
+            cluster: Cell::new(None),
         }
+    }
+
+    /// Why the endpoint at `at` must not be used, if it is a member of
+    /// another etcd cluster than the one the answers came from so far.
+    /// Asked (an idempotent status call) only of an endpoint other than
+    /// the one that last answered, before a request goes there: a
+    /// transaction it applied could not be taken back.
+    fn other_cluster(&self, at: usize, authority: &str) -> Result<Option<String>, Failure> {
+        let Some((known_at, known)) = self.cluster.get() else {
+            return Ok(None);
+        };
+        if known_at == at {
+            return Ok(None);
+        }
+        let r = http::post(authority, "/v3/maintenance/status", b"{}", self.timeout)?;
+        let id = match check_answer(authority, &r) {
+            Ok(()) => cluster_id(&r.body),
+            Err(
+                Error::Unavailable(m) | Error::Etcd(m) | Error::Malformed(m) | Error::Denied(m),
+            ) => {
+                return Err(Failure::NotSent(m));
+            }
+        };
+        Ok(match id {
+            Some(id) if id != known => Some(format!(
+                "{authority} is a member of etcd cluster {id:x}, but {} answered for cluster {known:x}: \
+                 every endpoint must be a member of the one etcd cluster (fix `--metadata-endpoint` \
+                 or `endpoints`); not used",
+                self.endpoints
+                    .get(known_at)
+                    .map_or("another endpoint", String::as_str)
+            )),
+            _ => None,
+        })
     }
 
     /// POST `body` to `path`, trying the endpoints from the preferred one
@@ -204,11 +289,34 @@ impl Gateway {
             let Some(authority) = self.endpoints.get(at) else {
                 continue;
             };
+            match self.other_cluster(at, authority) {
+                Ok(None) => {}
+                Ok(Some(why)) => {
+                    all_denied = false;
+                    failures.push(why);
+                    continue;
+                }
+                Err(Failure::Denied(m)) => {
+                    failures.push(m);
+                    continue;
+                }
+                Err(Failure::NotSent(m) | Failure::Lost(m)) => {
+                    all_denied = false;
+                    failures.push(m);
+                    continue;
+                }
+            }
             match http::post(authority, path, &bytes, self.timeout) {
                 Ok(r) => {
                     match check_answer(authority, &r) {
                         Ok(()) => {
                             self.preferred.set(at);
+                            // The cluster this endpoint answered for; one
+                            // that was made anew under it (same endpoint,
+                            // new id) is the one from now.
+                            if let Some(id) = cluster_id(&r.body) {
+                                self.cluster.set(Some((at, id)));
+                            }
                             return Ok(r.body);
                         }
                         // This member cannot serve (no leader, stopping):

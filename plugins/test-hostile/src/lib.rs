@@ -18,6 +18,8 @@
 //! - `lie-bounds`: reports a log start past the log end,
 //! - `huge-bounds`: reports a log ending past the offset space,
 //! - `accept-gaps`: accepts appends at any base offset,
+//! - `huge-epoch`: reports an epoch cache whose epoch no partition can
+//!   reach (`u32::MAX`),
 //! - `fail-after-append`: stores an append, then answers `io` (an index
 //!   updated before a sync failed),
 //! - `over-truncate`: truncates everything, whatever offset it is asked,
@@ -283,6 +285,12 @@ impl GuestPartitionLog for Hostile {
     }
 
     fn leader_epochs(&self) -> Result<Vec<EpochEntry>, PluginError> {
+        if self.mode == "huge-epoch" {
+            return Ok(vec![EpochEntry {
+                epoch: u32::MAX,
+                start_offset: 0,
+            }]);
+        }
         Ok(Vec::new())
     }
 
