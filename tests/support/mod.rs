@@ -7,6 +7,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod etcd;
+pub mod examples;
 pub mod s3;
 pub mod small_disk;
 
