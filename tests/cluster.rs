@@ -610,6 +610,125 @@ fn a_corrupt_partition_record_affects_only_that_partition() {
     });
 }
 
+/// A node taken out of the cluster for good (stopped, its registration
+/// removed) still counts in the failover's majority for the partitions it
+/// was assigned: with one more node down, the leader's failure is never
+/// confirmed. `partition elect --unclean` then elects the live in-sync
+/// replica cleanly; it refused with "the failover elects one of them",
+/// which it never did (an exploratory run: a 4th node added, then removed).
+#[test]
+fn an_operator_elects_a_live_in_sync_replica_the_failover_cannot() {
+    // File storage: the restarts below keep the logs.
+    let mut c = Cluster::init(4, "file", no_rebalance);
+    c.start_all();
+    c.wait_up();
+    let client = c.client();
+    create_topic(&client, "t", "4");
+    // A partition on node 4.
+    let on_4 = |v: &serde_json::Value, p: u32| {
+        partition(v, "t", u64::from(p)).is_some_and(|s| {
+            s["replicas"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r == 4))
+        })
+    };
+    let status = c.status();
+    let p = (0..4u32)
+        .find(|p| on_4(&status, *p))
+        .expect("a partition on node 4");
+    let p_arg = p.to_string();
+    let out = cli_ok(&[
+        "produce",
+        "--config",
+        &client,
+        "--topic",
+        "t",
+        "--partition",
+        &p_arg,
+        "--count",
+        "200",
+        "--json",
+    ]);
+    let s: serde_json::Value = serde_json::from_str(out.trim()).expect("summary");
+    assert_eq!(s["acknowledged"], 200, "{out}");
+    // Node 4 leaves for good: stopped, its registration removed, and the
+    // others restarted, so no node counts it as registered any more.
+    assert!(c.stop(4));
+    std::fs::remove_dir_all(c.path().join("metadata/brokers/4")).expect("node 4's registration");
+    for n in 1..=3 {
+        assert!(c.stop(n));
+        c.start(n);
+    }
+    // Led by one node, with another in sync (both of the two replicas
+    // left): the keeper.
+    let ready = c.wait_status("the partition led, with two in sync", |v| {
+        partition(v, "t", u64::from(p)).is_some_and(|s| {
+            s["leader"].as_u64().is_some() && s["isr"].as_array().is_some_and(|i| i.len() == 2)
+        })
+    });
+    let s = partition(&ready, "t", u64::from(p)).expect("the partition");
+    let leader = s["leader"].as_u64().expect("leader") as u32;
+    let keeper = s["isr"]
+        .as_array()
+        .and_then(|i| {
+            i.iter()
+                .filter_map(|r| r.as_u64())
+                .find(|r| *r != u64::from(leader))
+        })
+        .expect("a keeper") as u32;
+    c.kill(leader);
+    let elect = || {
+        cli(&[
+            "partition",
+            "elect",
+            "--config",
+            &client,
+            "--topic",
+            "t",
+            "--partition",
+            &p_arg,
+            "--unclean",
+        ])
+    };
+    // Until the survivors count the leader as failed (a failure timeout).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let out = loop {
+        let out = elect();
+        let said = String::from_utf8_lossy(&out.stderr).to_string();
+        if out.status.success()
+            || !(said.contains("has a live leader")
+                || said.contains("does not yet hear a majority"))
+        {
+            break out;
+        }
+        assert!(std::time::Instant::now() < deadline, "{said}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains(&format!("node {keeper} leads t/{p}"))
+            && said.contains("nothing committed is lost"),
+        "{said}"
+    );
+    let read = cli_ok(&[
+        "consume",
+        "--config",
+        &client,
+        "--topic",
+        "t",
+        "--partition",
+        &p_arg,
+        "--count",
+        "200",
+    ]);
+    assert_eq!(read.lines().count(), 200, "{read}");
+}
+
 /// With the leader and one more of three nodes down, `topic list` counts
 /// the partition as offline and names the nodes it could not reach. The
 /// survivor has no majority, so it confirms no failure, and the table
@@ -2101,7 +2220,10 @@ fn a_damaged_batch_is_cut_and_fetched_again_from_the_leader() {
     ]);
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{said}");
-    assert!(said.contains("leads it now, reading there"), "{said}");
+    assert!(
+        said.contains("failed on its storage") && said.contains("leads it now, reading there"),
+        "{said}"
+    );
     let read: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::to_string)

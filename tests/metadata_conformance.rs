@@ -415,21 +415,33 @@ async fn a_dead_endpoint_falls_over_to_the_next() {
 }
 
 /// Endpoints of two different etcd clusters (a typo, an etcd kept for
-/// something else): when the first goes away, the second is not used,
-/// since it holds other records, and the error says why; when the first
+/// something else). Both up at the first call: refused, naming both. The
+/// other one down then: the first answers decide, and when they go away
+/// the other one is not used, since it holds other records; when the first
 /// is back, calls go on there. A node used to move to whichever answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_of_another_etcd_cluster_is_not_used() {
     let mut ours = Etcd::start();
-    let other = Etcd::start();
+    let mut other = Etcd::start();
     let plugin = load(
         "etcd",
         Sandbox::default().allow_http([ours.authority(), other.authority()]),
     );
     let config = |endpoints: &[String]| etcd_config(endpoints, "/clusters/", TIMEOUT_MS);
-    let m = connect(&plugin, config(&[ours.endpoint(), other.endpoint()])).await;
-    assert_eq!(m.compare_and_set(state("t", 1, 0), 0).await, Ok(1));
+    let both = [ours.endpoint(), other.endpoint()];
+    let mixed = connect(&plugin, config(&both)).await;
+    let r = mixed.compare_and_set(state("t", 1, 0), 0).await;
+    assert!(
+        matches!(&r, Err(MetadataError::Other(m))
+            if m.contains("members of different etcd clusters")
+                && m.contains(&ours.authority()) && m.contains(&other.authority())),
+        "{r:?}"
+    );
 
+    other.stop();
+    let m = connect(&plugin, config(&both)).await;
+    assert_eq!(m.compare_and_set(state("t", 1, 0), 0).await, Ok(1));
+    other.restart();
     ours.stop();
     let r = m.compare_and_set(state("t", 2, 1), 1).await;
     assert!(
@@ -444,6 +456,100 @@ async fn an_endpoint_of_another_etcd_cluster_is_not_used() {
     assert_eq!(theirs.list_partitions().await, Ok(vec![]));
 
     ours.restart();
+    assert_eq!(m.compare_and_set(state("t", 2, 1), 1).await, Ok(2));
+    assert_eq!(m.get_partition("t", 0).await.expect("get").leader, Some(2));
+}
+
+/// A TCP forwarder to `to` on a port of its own, cut (listener and every
+/// connection) when dropped: a second endpoint of the same etcd member.
+struct Forwarder {
+    port: u16,
+    cut: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Forwarder {
+    fn to(to: String) -> Forwarder {
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let cut = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (cut2, stop2) = (cut.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for inbound in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(inbound) = inbound else { continue };
+                let Ok(outbound) = TcpStream::connect(&to) else {
+                    continue;
+                };
+                let mut held = cut2.lock().expect("lock");
+                for s in [&inbound, &outbound] {
+                    if let Ok(c) = s.try_clone() {
+                        held.push(c);
+                    }
+                }
+                drop(held);
+                for (mut from, mut into) in [
+                    (
+                        inbound.try_clone().expect("clone"),
+                        outbound.try_clone().expect("clone"),
+                    ),
+                    (outbound, inbound),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut into);
+                        let _ = into.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Forwarder { port, cut, stop }
+    }
+
+    fn authority(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag, then cut everything.
+        let _ = std::net::TcpStream::connect(self.authority());
+        if let Ok(held) = self.cut.lock() {
+            for s in held.iter() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// Two endpoints of the same etcd cluster (here one member reached two
+/// ways): when the one that answered goes away, calls go on through the
+/// other, which the cluster check must not refuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_endpoint_of_the_same_cluster_is_used() {
+    let etcd = Etcd::start();
+    let front = Forwarder::to(etcd.authority());
+    let plugin = load(
+        "etcd",
+        Sandbox::default().allow_http([front.authority(), etcd.authority()]),
+    );
+    let m = connect(
+        &plugin,
+        etcd_config(
+            &[format!("http://{}", front.authority()), etcd.endpoint()],
+            "/same/",
+            TIMEOUT_MS,
+        ),
+    )
+    .await;
+    assert_eq!(m.compare_and_set(state("t", 1, 0), 0).await, Ok(1));
+    drop(front);
     assert_eq!(m.compare_and_set(state("t", 2, 1), 1).await, Ok(2));
     assert_eq!(m.get_partition("t", 0).await.expect("get").leader, Some(2));
 }

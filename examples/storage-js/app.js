@@ -485,7 +485,8 @@ function parseConfig(pairs) {
  * `pos(i + 1) == pos(i) + len(i)`.
  *
  * Bytes [0, written) of the log are in the file; bytes [written, size) are
- * still in `pend` (the write buffer), at pend[0 .. size - written).
+ * still in `pend` (the write buffer), at pend[0 .. size - written). Bytes
+ * [0, synced) were in the file at its last successful fsync.
  */
 class PartitionLog {
   constructor(cfg) {
@@ -494,6 +495,7 @@ class PartitionLog {
     this.fileBase = 0n;
     this.size = 0;
     this.written = 0;
+    this.synced = 0;
     this.pend = new Uint8Array(Math.max(cfg.bufferBytes, 4096));
     this.index = new Index();
     this.logStart = 0n;
@@ -597,7 +599,7 @@ class PartitionLog {
       fd.setSize(BigInt(pos));
       fd.sync();
     }
-    this.size = this.written = pos;
+    this.size = this.written = this.synced = pos;
   }
 
   /** Make the log empty at offset `at`: a fresh file named `at`, then the
@@ -618,7 +620,7 @@ class PartitionLog {
   /** In-memory state of an empty log file based at `at`. */
   emptyAt(at) {
     this.fileBase = at;
-    this.size = this.written = 0;
+    this.size = this.written = this.synced = 0;
     this.index.clear();
     this.logStart = this.logEnd = at;
     this.unsynced = false;
@@ -716,6 +718,7 @@ class PartitionLog {
         throw new Error(`cannot cut the log back to byte ${this.size} after a failed write: ${fsErrorCode(e) ?? e}`);
       }
       this.written = this.size;
+      if (this.synced > this.size) this.synced = this.size;
     }
   }
 
@@ -798,6 +801,7 @@ class PartitionLog {
         // A truncation that a crash undid could resurrect divergent batches:
         // make it durable before answering.
         this.size = this.written = cutPos;
+        if (this.synced > cutPos) this.synced = cutPos;
         this.fd.setSize(BigInt(cutPos));
         this.fd.sync();
       }
@@ -888,6 +892,7 @@ class PartitionLog {
     this.fileBase = newBase;
     this.size -= dead;
     this.written -= dead;
+    this.synced = this.written;
     this.index.shiftPositions(dead);
     log('debug', `compacted the log: ${dead} dead bytes released, now ${segName(newBase)}`);
   }
@@ -936,7 +941,21 @@ class PartitionLog {
   sync() {
     this.writeOut();
     if (this.unsynced) {
-      this.fd.sync();
+      try {
+        this.fd.sync();
+      } catch (e) {
+        const code = fsErrorCode(e);
+        if (code === null) throw e;
+        // Linux reports a failed writeback once and keeps the pages: a
+        // second fsync would succeed and vouch for bytes that may never
+        // reach the disk. Cut back to what the last good fsync covered;
+        // the host asks for the bounds after `io` and fetches the rest
+        // again.
+        this.cutBackTo(this.synced);
+        this.unsynced = false;
+        throw new Refused('io', `fsync failed (${code}); the log is cut back to its last synced batch`);
+      }
+      this.synced = this.written;
       this.unsynced = false;
     }
     this.lastSync = performance.now();

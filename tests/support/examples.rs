@@ -53,6 +53,7 @@ pub fn built(name: &str, sources: &[&str]) -> PathBuf {
         let started = Instant::now();
         let out = Command::new("bash")
             .arg(repo_root().join("scripts").join("build-examples"))
+            .arg(name)
             .env("CARGO_TARGET_DIR", &target)
             .output()
             .expect("run scripts/build-examples");
@@ -129,7 +130,7 @@ pub fn three_nodes_replicate_on(wasm: &Path, topic: &str) {
     );
 
     let status = c.wait_status("all replicas at N", |v| converged(v, topic, 0, N as u64));
-    let p = super::partition(&status, topic, 0).expect("partition py/0");
+    let p = super::partition(&status, topic, 0).expect("the partition");
     let leader = p["leader"].as_u64().expect("leader");
     let follower = (1..=3u32)
         .find(|&r| u64::from(r) != leader)

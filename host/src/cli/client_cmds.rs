@@ -280,8 +280,11 @@ pub enum PartitionCommand {
     /// `--unclean` is for when no in-sync or eligible replica is alive, or
     /// none is left (every one restarted without its log intact, e.g.
     /// after the whole cluster lost power): the new leader may lack
-    /// acknowledged writes, which are then lost. One of the two is
-    /// required.
+    /// acknowledged writes, which are then lost. If a live in-sync or
+    /// eligible replica is left but the failover does not elect it (it
+    /// needs most of the nodes it counts to confirm the leader failed,
+    /// which nodes gone for good prevent), `--unclean` elects that one
+    /// cleanly, losing nothing. One of the two is required.
     Elect(PartitionElectArgs),
 }
 
@@ -305,7 +308,8 @@ pub struct PartitionElectArgs {
     /// is in the ISR and fetching caught up. Loses nothing committed.
     #[arg(long, conflicts_with = "replica")]
     pub preferred: bool,
-    /// The replica to elect (default: the live replica whose log is most
+    /// The replica to elect (default: a live in-sync or eligible replica
+    /// if one answers, else the live replica whose log is most
     /// up to date, as KIP-966's unclean recovery and Raft compare logs:
     /// the newest leader epoch among its batches first, then the longest
     /// log, then the first in assignment order. A longer log ending in an
@@ -380,22 +384,40 @@ pub async fn partition(cmd: PartitionCommand) -> anyhow::Result<ExitCode> {
             };
             let logs = report.replica_logs();
             let ends = describe_logs(&logs);
+            // A live in-sync or eligible replica holds every committed
+            // write: the node elects it cleanly (the failover could not:
+            // it needs a majority of the nodes it counts to confirm the
+            // leader failed), so it is the one to pick when one answers.
+            let keeps = |r: ReplicaId| report.isr.contains(&r) || report.elr.contains(&r);
+            let keepers: Vec<_> = logs
+                .iter()
+                .copied()
+                .filter(|(r, _, leo)| keeps(*r) && Some(*r) != report.leader && leo.is_some())
+                .collect();
             let replica = match a.replica {
                 Some(r) => r,
-                None => most_up_to_date(&logs).with_context(|| {
-                    format!(
-                        "no replica of {}/{} answered with its log end; pass --replica",
-                        a.topic, a.partition
-                    )
-                })?,
+                None => most_up_to_date(if keepers.is_empty() { &logs } else { &keepers })
+                    .with_context(|| {
+                        format!(
+                            "no replica of {}/{} answered with its log end; pass --replica",
+                            a.topic, a.partition
+                        )
+                    })?,
             };
             let state = c.elect_unclean(&a.topic, a.partition, replica).await?;
-            println!(
-                "node {replica} leads {}/{} in epoch {} (UNCLEAN: acknowledged writes it lacks are lost); replica log ends were {}",
-                a.topic, a.partition, state.leader_epoch, ends
-            );
-            if let Some(lost) = discarded_by(&logs, replica) {
-                println!("discarded: {lost}");
+            if keeps(replica) {
+                println!(
+                    "node {replica} leads {}/{} in epoch {} (an in-sync or eligible replica: nothing committed is lost); replica log ends were {}",
+                    a.topic, a.partition, state.leader_epoch, ends
+                );
+            } else {
+                println!(
+                    "node {replica} leads {}/{} in epoch {} (UNCLEAN: acknowledged writes it lacks are lost); replica log ends were {}",
+                    a.topic, a.partition, state.leader_epoch, ends
+                );
+                if let Some(lost) = discarded_by(&logs, replica) {
+                    println!("discarded: {lost}");
+                }
             }
             c.close().await;
             Ok(ExitCode::SUCCESS)
@@ -1035,7 +1057,7 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
                 node = leader_again(&c, &a, node, &format!(" at {offset}"), &e).await;
                 continue;
             }
-            Err(e) if a.replica.is_none() && storage_failed(&e) => {
+            Err(e) if a.replica.is_none() && storage_failed(&e) && Instant::now() < deadline => {
                 if let Err(e) = out.flush() {
                     return stdout_failed(e, &c).await;
                 }
@@ -1176,7 +1198,7 @@ async fn leader_handed_on(
             && l != node
         {
             eprintln!(
-                "note: reading {}/{}{at} on node {node} failed ({e}); node {l} leads it now, reading there",
+                "note: reading {}/{}{at} on node {node} failed on its storage ({e}); node {l} leads it now, reading there",
                 a.topic, a.partition
             );
             return Some(l);

@@ -120,9 +120,55 @@ impl NodeServer {
             .copied()
             .filter(|r| heard.contains(r))
             .collect();
+        // A record below this node's log (the store went back) names an
+        // ISR and ELR from before writes the logs hold: not trusted, the
+        // election below compares logs instead (see `node::restamp`).
+        let stale = shared
+            .log_epoch(&tp)
+            .is_some_and(|held| held > st.leader_epoch);
+        let keepers: Vec<ReplicaId> = if stale { Vec::new() } else { keepers };
+        if keepers.contains(&me) {
+            // A clean election, what the failover would decide, asked of
+            // a replica that holds every committed write: the failover
+            // cannot make it while a majority of every node it counts
+            // (registered ones, and each replica of the partition) has
+            // not confirmed the leader failed, which a node that is gone
+            // for good keeps from happening (an exploratory run: a node
+            // added then removed again).
+            let failed = st.leader;
+            let next = if st.isr.contains(&me) {
+                let isr = st
+                    .isr
+                    .iter()
+                    .copied()
+                    .filter(|r| heard.contains(r) && Some(*r) != failed)
+                    .collect();
+                st.with_isr(isr, shared.replication.min_insync_replicas, true)
+            } else {
+                // From the ELR (KIP-966): the ISR's other members held
+                // every committed write too, and stay eligible.
+                st.with_isr(vec![me], shared.replication.min_insync_replicas, true)
+            };
+            let next = PartitionState {
+                leader: Some(me),
+                leader_epoch: shared.epoch_above_log(&tp, st.leader_epoch + 1),
+                ..next
+            };
+            let version = self.write_election(&name, &next, st.version).await?;
+            tracing::warn!(
+                "{name}: election of a live in-sync or eligible replica asked by an operator: node {me} leads epoch {} (ISR was {:?}, ELR {:?}); nothing committed is lost",
+                next.leader_epoch,
+                st.isr,
+                st.elr
+            );
+            let state = PartitionState { version, ..next };
+            shared.wrote_state(tp, state.clone());
+            return Ok(Response::Elected { state });
+        }
         if !keepers.is_empty() {
             return Err(RpcError::Invalid(format!(
-                "{name} has live in-sync or eligible replicas {keepers:?}: the failover elects one of them without losing writes"
+                "{name} has live in-sync or eligible replicas {keepers:?}, which hold every committed write: elect one of them (--replica {}), not node {me}",
+                keepers[0]
             )));
         }
         let next = PartitionState {

@@ -420,8 +420,10 @@ impl Actor {
     /// fault dropped the instance.
     async fn serve(&mut self, op: Op) -> Result<Out, MetadataError> {
         if let Op::CompareAndSet(state, expected) = &op {
-            // What `check_get` would refuse to read back is not written:
-            // the partition would be unreadable for good.
+            // A version or an epoch that `check_get` would refuse to read
+            // back is not written: the partition would be unreadable for
+            // good. (The membership rules are the plugin's to check on
+            // write, as the conformance suite does.)
             if *expected >= MAX_VERSION {
                 return Err(MetadataError::InvalidInput(format!(
                     "expected version {expected}: a partition's version stays below {MAX_VERSION}"
@@ -631,7 +633,8 @@ fn check_get(
     Verdict::Ok(Out::State(s))
 }
 
-/// The largest version a stored state may hold, likewise.
+/// The largest version a stored state may hold: far above what
+/// elections reach, like `MAX_LEADER_EPOCH`.
 const MAX_VERSION: u64 = u64::MAX >> 1;
 
 /// What is wrong with a state's replicas, ISR, ELR and leader, if

@@ -30,6 +30,8 @@ pub enum Error {
     Etcd(String),
     /// etcd's answer could not be decoded.
     Malformed(String),
+    /// The configured endpoints are members of different etcd clusters.
+    Endpoints(String),
 }
 
 /// One key-value as etcd reports it.
@@ -62,6 +64,22 @@ pub struct Gateway {
     /// other records: a node that moved there would lead from a store the
     /// rest of the cluster does not read.
     cluster: Cell<Option<(usize, u64)>>,
+}
+
+/// The cluster id of the etcd at `authority`, from its status; `None` if
+/// it did not answer with one.
+fn status_cluster(authority: &str, timeout: Duration) -> Result<Option<u64>, Failure> {
+    let r = http::post(authority, "/v3/maintenance/status", b"{}", timeout)?;
+    match check_answer(authority, &r) {
+        Ok(()) => Ok(cluster_id(&r.body)),
+        Err(
+            Error::Unavailable(m)
+            | Error::Etcd(m)
+            | Error::Malformed(m)
+            | Error::Denied(m)
+            | Error::Endpoints(m),
+        ) => Err(Failure::NotSent(m)),
+    }
 }
 
 /// A uint64 as the gateway spells it (a JSON string), or a number.
@@ -248,16 +266,12 @@ impl Gateway {
         if known_at == at {
             return Ok(None);
         }
-        let r = http::post(authority, "/v3/maintenance/status", b"{}", self.timeout)?;
-        let id = match check_answer(authority, &r) {
-            Ok(()) => cluster_id(&r.body),
-            Err(
-                Error::Unavailable(m) | Error::Etcd(m) | Error::Malformed(m) | Error::Denied(m),
-            ) => {
-                return Err(Failure::NotSent(m));
-            }
-        };
-        Ok(match id {
+        // An endpoint that cannot say which cluster it is a member of is
+        // not used while one is known.
+        Ok(match status_cluster(authority, self.timeout)? {
+            None => Some(format!(
+                "{authority} did not say which etcd cluster it is a member of; not used"
+            )),
             Some(id) if id != known => Some(format!(
                 "{authority} is a member of etcd cluster {id:x}, but {} answered for cluster {known:x}: \
                  every endpoint must be a member of the one etcd cluster (fix `--metadata-endpoint` \
@@ -266,8 +280,37 @@ impl Gateway {
                     .get(known_at)
                     .map_or("another endpoint", String::as_str)
             )),
-            _ => None,
+            Some(_) => None,
         })
+    }
+
+    /// Before the first request with several endpoints: ask each that
+    /// answers which cluster it is a member of, and refuse endpoints of
+    /// different clusters (the first answer would otherwise decide which
+    /// cluster is the store, and two nodes could decide differently). The
+    /// answers' cluster is remembered. Endpoints down now are checked when
+    /// a request first goes to them.
+    fn check_endpoints(&self) -> Result<(), Error> {
+        if self.cluster.get().is_some() || self.endpoints.len() < 2 {
+            return Ok(());
+        }
+        let mut seen: Vec<(usize, u64)> = Vec::new();
+        for (at, authority) in self.endpoints.iter().enumerate() {
+            if let Ok(Some(id)) = status_cluster(authority, self.timeout) {
+                seen.push((at, id));
+            }
+        }
+        let Some(&(first_at, first)) = seen.first() else {
+            return Ok(());
+        };
+        if let Some(&(other_at, other)) = seen.iter().find(|(_, id)| *id != first) {
+            return Err(Error::Endpoints(format!(
+                "the etcd endpoints are members of different etcd clusters: {} of cluster {first:x}, {} of cluster {other:x}; every endpoint must be a member of the one etcd cluster (fix `--metadata-endpoint` or `endpoints`)",
+                self.endpoints[first_at], self.endpoints[other_at]
+            )));
+        }
+        self.cluster.set(Some((first_at, first)));
+        Ok(())
     }
 
     /// POST `body` to `path`, trying the endpoints from the preferred one
@@ -280,6 +323,7 @@ impl Gateway {
         body: &serde_json::Value,
         idempotent: bool,
     ) -> Result<Vec<u8>, Error> {
+        self.check_endpoints()?;
         let bytes = body.to_string().into_bytes();
         let n = self.endpoints.len();
         let mut failures = Vec::new();
@@ -313,9 +357,14 @@ impl Gateway {
                             self.preferred.set(at);
                             // The cluster this endpoint answered for; one
                             // that was made anew under it (same endpoint,
-                            // new id) is the one from now.
-                            if let Some(id) = cluster_id(&r.body) {
-                                self.cluster.set(Some((at, id)));
+                            // new id) is the one from now. An answer
+                            // without an id moves the endpoint that
+                            // answers for the known one (its probe passed).
+                            match (cluster_id(&r.body), self.cluster.get()) {
+                                (Some(id), _) | (None, Some((_, id))) => {
+                                    self.cluster.set(Some((at, id)));
+                                }
+                                (None, None) => {}
                             }
                             return Ok(r.body);
                         }

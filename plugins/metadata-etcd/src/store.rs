@@ -54,7 +54,7 @@ impl From<EtcdError> for Error {
     fn from(e: EtcdError) -> Self {
         match e {
             EtcdError::Unavailable(m) => Error::Unavailable(m),
-            EtcdError::Denied(m) => Error::Other(m),
+            EtcdError::Denied(m) | EtcdError::Endpoints(m) => Error::Other(m),
             EtcdError::Etcd(m) => Error::Other(format!("etcd refused the request: {m}")),
             EtcdError::Malformed(m) => Error::Other(format!("malformed answer from etcd: {m}")),
         }
