@@ -3260,6 +3260,24 @@ fn a_node_refuses_another_nodes_data_and_another_clusters_store() {
     );
     std::fs::write(&cfg2, &original2).unwrap();
 
+    // Node 1's own config, switched to another storage plugin: its logs
+    // would be hidden, and old ones come back when switched again.
+    let cfg1 = a.path().join("node-1.toml");
+    let original1 = std::fs::read_to_string(&cfg1).unwrap();
+    assert!(identity.contains("storage = \"file\""), "{identity}");
+    let switched = original1.replace(
+        "[storage]\nplugin = \"file\"",
+        "[storage]\nplugin = \"memory\"",
+    );
+    assert_ne!(switched, original1, "no storage plugin line to edit");
+    std::fs::write(&cfg1, &switched).unwrap();
+    let e = refused_start(&cfg1);
+    assert!(
+        e.contains("holds the logs of storage plugin `file`") && e.contains("names `memory`"),
+        "{e}"
+    );
+    std::fs::write(&cfg1, &original1).unwrap();
+
     // A second cluster whose config names the first one's store.
     let b = Cluster::init(1, "file", |t| t);
     let b_id = cluster_id_of(&b.path().join("node-1.toml"));

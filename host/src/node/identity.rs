@@ -8,7 +8,11 @@
 //! mounted in the wrong place) would answer for logs it does not hold, and
 //! an election could then lose acknowledged writes. A directory that
 //! belongs to another cluster holds offsets and leader epochs that mean
-//! nothing here. Both are refused with the reason. The lock
+//! nothing here. Both are refused with the reason. So is a switch of
+//! storage plugin: one plugin does not read another's logs, so the node
+//! would start with its logs hidden and, switched back, bring old ones
+//! back in place of writes acknowledged meanwhile (an exploratory run: a
+//! partition with one replica lost five). The lock
 //! (`data_dir_lock.rs`) keeps two live processes apart; this keeps one
 //! process away from the wrong data.
 
@@ -29,6 +33,22 @@ pub struct DirIdentity {
     /// Absent when the node ran without a cluster id in its config.
     #[serde(default)]
     pub cluster_id: Option<String>,
+    /// The storage plugin whose logs the directory holds
+    /// ([`storage_kind`]); absent in directories from before it was
+    /// recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<String>,
+}
+
+/// What `[storage] plugin` names, as recorded: a built-in's name, or a
+/// component's file name (a rebuilt or moved component keeps it).
+pub fn storage_kind(plugin: &str) -> String {
+    match plugin.parse::<crate::plugin::PluginSource>() {
+        Ok(crate::plugin::PluginSource::Path(p)) => p
+            .file_name()
+            .map_or_else(|| plugin.to_string(), |n| n.to_string_lossy().into_owned()),
+        _ => plugin.to_string(),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +75,14 @@ pub enum IdentityError {
         "data directory {dir} belongs to cluster {found} ({dir}/{FILE}), but this config names cluster {configured}: its logs are another cluster's; check `data_dir` and `cluster_id` in the config"
     )]
     OtherCluster {
+        dir: PathBuf,
+        found: String,
+        configured: String,
+    },
+    #[error(
+        "data directory {dir} holds the logs of storage plugin `{found}` ({dir}/{FILE}), but this config names `{configured}`: one plugin does not read another's logs, so the node would start without its logs and, switched back, bring back old ones in place of writes acknowledged meanwhile. To switch storage, give the node an empty data directory (its replicas fetch everything again from the others; a partition with one replica starts empty), or set `[storage] plugin` back"
+    )]
+    OtherStorage {
         dir: PathBuf,
         found: String,
         configured: String,
@@ -95,6 +123,7 @@ impl DirIdentity {
         dir: &Path,
         node_id: ReplicaId,
         cluster_id: Option<&str>,
+        storage: &str,
     ) -> Result<(), IdentityError> {
         let Some(found) = found else {
             return Ok(());
@@ -113,6 +142,15 @@ impl DirIdentity {
                 dir: dir.to_path_buf(),
                 found: found.clone(),
                 configured: configured.to_string(),
+            });
+        }
+        if let Some(found) = &found.storage
+            && *found != storage_kind(storage)
+        {
+            return Err(IdentityError::OtherStorage {
+                dir: dir.to_path_buf(),
+                found: found.clone(),
+                configured: storage_kind(storage),
             });
         }
         Ok(())
@@ -153,6 +191,7 @@ mod tests {
         DirIdentity {
             node_id,
             cluster_id: cluster.map(str::to_string),
+            storage: None,
         }
     }
 
@@ -175,7 +214,7 @@ mod tests {
     fn another_nodes_or_another_clusters_directory_is_refused() {
         let dir = Path::new("/data/node-1");
         let check = |found: &DirIdentity, node, cluster| {
-            DirIdentity::check(Some(found), dir, node, cluster).map_err(|e| e.to_string())
+            DirIdentity::check(Some(found), dir, node, cluster, "file").map_err(|e| e.to_string())
         };
         let e = check(&ident(1, Some("a")), 2, Some("a")).expect_err("other node");
         assert!(
@@ -191,7 +230,42 @@ mod tests {
         // A directory or a config without a cluster id cannot tell.
         check(&ident(1, None), 1, Some("a")).expect("directory without one");
         check(&ident(1, Some("a")), 1, None).expect("config without one");
-        DirIdentity::check(None, dir, 1, Some("a")).expect("fresh directory");
+        DirIdentity::check(None, dir, 1, Some("a"), "file").expect("fresh directory");
+    }
+
+    #[test]
+    fn a_switch_of_storage_plugin_is_refused() {
+        let dir = Path::new("/data/node-1");
+        let on = |storage: &str| DirIdentity {
+            storage: Some(storage.into()),
+            ..ident(1, Some("a"))
+        };
+        let check = |found: &DirIdentity, storage| {
+            DirIdentity::check(Some(found), dir, 1, Some("a"), storage).map_err(|e| e.to_string())
+        };
+        let e = check(&on("file"), "memory").expect_err("file to memory");
+        assert!(
+            e.contains("storage plugin `file`") && e.contains("names `memory`"),
+            "{e}"
+        );
+        check(&on("file"), "file").expect("the same");
+        // A component is known by its file name: rebuilt or moved, the same.
+        check(&on("my.wasm"), "/opt/plugins/my.wasm").expect("moved");
+        check(&on("my.wasm"), "./other.wasm").expect_err("another component");
+        // Recorded from now on; a directory from before says nothing.
+        check(&ident(1, Some("a")), "memory").expect("not recorded");
+        // The record round-trips, and an old one (no field) still reads.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        on("file").write(tmp.path()).expect("write");
+        assert_eq!(
+            DirIdentity::read(tmp.path()).expect("read"),
+            Some(on("file"))
+        );
+        std::fs::write(tmp.path().join(FILE), "node_id = 1\ncluster_id = \"a\"\n").expect("old");
+        assert_eq!(
+            DirIdentity::read(tmp.path()).expect("read"),
+            Some(ident(1, Some("a")))
+        );
     }
 
     #[test]

@@ -168,6 +168,7 @@ pub async fn run(
         &config.data_dir,
         id,
         config.cluster_id.as_deref(),
+        &config.storage.plugin,
     )?;
     // A directory it cannot write stops it before it registers (see
     // check_writable for why then).
@@ -664,6 +665,7 @@ async fn join_store(
     let identity = identity::DirIdentity {
         node_id: id,
         cluster_id: cluster_id.clone(),
+        storage: Some(identity::storage_kind(&config.storage.plugin)),
     };
     if found_identity != Some(&identity) {
         identity.write(&config.data_dir)?;
