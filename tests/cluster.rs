@@ -760,6 +760,17 @@ fn topic_list_counts_a_leader_it_cannot_reach_as_offline() {
         table.contains(&format!("unreachable: node {leader}:")),
         "{table}"
     );
+    // The survivor says which nodes it misses, not only that it does.
+    let survivor = (1..=3u32)
+        .find(|n| *n != leader && *n != other)
+        .expect("a survivor");
+    let mut gone = [leader, other];
+    gone.sort_unstable();
+    let said =
+        format!("not heard within the failure timeout: {gone:?} of the registered [1, 2, 3]");
+    c.wait_log("the survivor to name the nodes it misses", |c| {
+        c.log(survivor).contains(&said)
+    });
 }
 
 /// A metadata store wiped under a running cluster: `status` and
@@ -3100,7 +3111,12 @@ fn retention_bounds_every_log_and_a_wiped_replica_restarts_at_the_leaders_start(
     ]);
     assert!(!gone.status.success());
     let err = String::from_utf8_lossy(&gone.stderr);
-    assert!(err.contains("offset 0 is out of range ["), "{err}");
+    assert!(
+        err.contains("offset 0 is out of range [")
+            && err.contains("offsets below")
+            && err.contains("`--from start` reads from the oldest kept"),
+        "{err}"
+    );
 
     // Node 3 loses everything (memory storage) and misses 3000 more: it
     // comes back at offset 0, below the leader's log start, restarts its

@@ -999,10 +999,7 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
             if let Some(why) = missing(&c, &a.topic, a.partition, a.replica).await {
                 bail!("{why}");
             }
-            return Err(e).context(format!(
-                "reading {}/{} on node {node}",
-                a.topic, a.partition
-            ));
+            return Err(read_failed(e, &a, asked.unwrap_or(0), node));
         }
     };
     let mut offset = match a.from {
@@ -1071,12 +1068,7 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
                     a.topic, a.partition
                 ));
             }
-            Err(e) => {
-                return Err(e).context(format!(
-                    "reading {}/{} at {offset} on node {node}",
-                    a.topic, a.partition
-                ));
-            }
+            Err(e) => return Err(read_failed(e, &a, offset, node)),
         };
         if b.records.is_empty() {
             // --count past the committed end: wait for more, bounded.
@@ -1177,6 +1169,32 @@ async fn leader_again(
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     c.leader_of(&a.topic, a.partition).await.unwrap_or(node)
+}
+
+/// A failed read of `a`'s partition at `offset` on `node`, for the user:
+/// below the log start, also why (retention removed the offset) and how
+/// to go on, rather than only the range.
+fn read_failed(
+    e: replicator::client::ClientError,
+    a: &ConsumeArgs,
+    offset: u64,
+    node: ReplicaId,
+) -> anyhow::Error {
+    let at = format!(
+        "reading {}/{} at {offset} on node {node}",
+        a.topic, a.partition
+    );
+    match &e {
+        replicator::client::ClientError::Refused(
+            replicator::wire::rpc::RpcError::OffsetOutOfRange { log_start, .. },
+        ) if offset < *log_start => {
+            let hint = format!(
+                "offsets below {log_start} are no longer kept (retention deleted them); `--from start` reads from the oldest kept"
+            );
+            anyhow::Error::new(e).context(hint).context(at)
+        }
+        _ => anyhow::Error::new(e).context(at),
+    }
 }
 
 /// After a read from `node` failed on its storage (a damaged batch):

@@ -306,9 +306,23 @@ async fn coordinate(
             if quorum {
                 info!("node {} sees a majority of nodes again", shared.node_id);
             } else {
+                // Which nodes it misses, so an operator sees at once a
+                // node that is gone for good but still registered.
+                let me = shared.node_id;
+                let mut all = brokers.clone();
+                all.push(me);
+                all.sort_unstable();
+                all.dedup();
+                let unheard: Vec<_> = match shared.detector.lock() {
+                    Ok(fd) => all
+                        .iter()
+                        .copied()
+                        .filter(|b| *b != me && !fd.heard_recently(*b, now))
+                        .collect(),
+                    Err(_) => Vec::new(),
+                };
                 warn!(
-                    "node {} cannot reach a majority of nodes: it makes no failover decisions until it can",
-                    shared.node_id
+                    "node {me} cannot reach a majority of nodes (not heard within the failure timeout: {unheard:?} of the registered {all:?}): it makes no failover decisions until it can"
                 );
             }
             had_quorum = quorum;
