@@ -9,17 +9,7 @@ use replicator::plugin::{PluginSource, Sandbox, StoragePlugin};
 async fn check(name: &str, config: &[(&str, &str)], persistent: bool) {
     let plugin = StoragePlugin::load(&PluginSource::Builtin(name.into()), Sandbox::default())
         .expect("built-in plugin loads");
-    let config = config
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let options = Options {
-        proptest_cases: support::proptest_cases(),
-        filter: None,
-    };
-    let subject = Subject::new(plugin, config).persistent(persistent);
-    let report = conformance::run(&subject, scratch.path(), &options, |_| {}).await;
+    let report = support::run_conformance(plugin, config, persistent).await;
     println!("{name}:\n{report}");
     assert_eq!(report.failed(), 0, "{name} failed conformance:\n{report}");
     if persistent {

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Instant, SystemTime};
 
-use replicator::conformance::{self, Options, Subject};
 use replicator::plugin::{PluginSource, Sandbox, StoragePlugin};
 
 use super::{BIN, Cluster, cli_ok, consume_replica, converged};
@@ -166,18 +165,8 @@ pub async fn conforms(name: &str, wasm: &Path, config: &[(&str, &str)]) {
         "{name}.wasm: {size} bytes, loaded (compiled or from cache) in {:?}",
         started.elapsed()
     );
-    let config = config
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let options = Options {
-        proptest_cases: super::proptest_cases(),
-        filter: None,
-    };
-    let subject = Subject::new(plugin, config).persistent(true);
     let started = Instant::now();
-    let report = conformance::run(&subject, scratch.path(), &options, |_| {}).await;
+    let report = super::run_conformance(plugin, config, true).await;
     println!("{name} ({:?}):\n{report}", started.elapsed());
     assert_eq!(report.failed(), 0, "failed conformance:\n{report}");
     assert_eq!(report.skipped(), 0, "skipped cases:\n{report}");

@@ -435,3 +435,24 @@ pub fn proptest_cases() -> u32 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(48)
 }
+
+/// The storage conformance suite against `plugin` opened with `config`,
+/// in a scratch directory, with [`proptest_cases`] random sequences.
+pub async fn run_conformance(
+    plugin: replicator::plugin::StoragePlugin,
+    config: &[(&str, &str)],
+    persistent: bool,
+) -> replicator::conformance::Report {
+    use replicator::conformance::{Options, Subject};
+    let config = config
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let options = Options {
+        proptest_cases: proptest_cases(),
+        filter: None,
+    };
+    let subject = Subject::new(plugin, config).persistent(persistent);
+    replicator::conformance::run(&subject, scratch.path(), &options, |_| {}).await
+}

@@ -308,21 +308,10 @@ async fn coordinate(
             } else {
                 // Which nodes it misses, so an operator sees at once a
                 // node that is gone for good but still registered.
-                let me = shared.node_id;
-                let mut all = brokers.clone();
-                all.push(me);
-                all.sort_unstable();
-                all.dedup();
-                let unheard: Vec<_> = match shared.detector.lock() {
-                    Ok(fd) => all
-                        .iter()
-                        .copied()
-                        .filter(|b| *b != me && !fd.heard_recently(*b, now))
-                        .collect(),
-                    Err(_) => Vec::new(),
-                };
+                let (all, unheard) = shared.unheard_nodes(now);
                 warn!(
-                    "node {me} cannot reach a majority of nodes (not heard within the failure timeout: {unheard:?} of the registered {all:?}): it makes no failover decisions until it can"
+                    "node {} cannot reach a majority of nodes (not heard within the failure timeout: {unheard:?} of the registered {all:?}): it makes no failover decisions until it can",
+                    shared.node_id
                 );
             }
             had_quorum = quorum;

@@ -113,21 +113,27 @@ impl NodeServer {
                 "{name} has a live leader, node {l}: there is nothing to elect"
             )));
         }
-        let keepers: Vec<ReplicaId> = st
-            .isr
-            .iter()
-            .chain(&st.elr)
-            .copied()
-            .filter(|r| heard.contains(r))
-            .collect();
         // A record below this node's log (the store went back) names an
         // ISR and ELR from before writes the logs hold: not trusted, the
         // election below compares logs instead (see `node::restamp`).
         let stale = shared
             .log_epoch(&tp)
             .is_some_and(|held| held > st.leader_epoch);
-        let keepers: Vec<ReplicaId> = if stale { Vec::new() } else { keepers };
-        if keepers.contains(&me) {
+        let keepers: Vec<ReplicaId> = st
+            .isr
+            .iter()
+            .chain(&st.elr)
+            .copied()
+            .filter(|r| !stale && heard.contains(r))
+            .collect();
+        if !keepers.is_empty() && !keepers.contains(&me) {
+            return Err(RpcError::Invalid(format!(
+                "{name} has live in-sync or eligible replicas {keepers:?}, which hold every committed write: elect one of them (--replica {}), not node {me}",
+                keepers[0]
+            )));
+        }
+        let clean = keepers.contains(&me);
+        let next = if clean {
             // A clean election, what the failover would decide, asked of
             // a replica that holds every committed write: the failover
             // cannot make it while a majority of every node it counts
@@ -135,57 +141,47 @@ impl NodeServer {
             // not confirmed the leader failed, which a node that is gone
             // for good keeps from happening (an exploratory run: a node
             // added then removed again).
-            let failed = st.leader;
-            let next = if st.isr.contains(&me) {
-                let isr = st
-                    .isr
+            let isr = if st.isr.contains(&me) {
+                st.isr
                     .iter()
                     .copied()
-                    .filter(|r| heard.contains(r) && Some(*r) != failed)
-                    .collect();
-                st.with_isr(isr, shared.replication.min_insync_replicas, true)
+                    .filter(|r| heard.contains(r) && Some(*r) != st.leader)
+                    .collect()
             } else {
                 // From the ELR (KIP-966): the ISR's other members held
                 // every committed write too, and stay eligible.
-                st.with_isr(vec![me], shared.replication.min_insync_replicas, true)
+                vec![me]
             };
-            let next = PartitionState {
-                leader: Some(me),
-                leader_epoch: shared.epoch_above_log(&tp, st.leader_epoch + 1),
-                ..next
-            };
-            let version = self.write_election(&name, &next, st.version).await?;
-            tracing::warn!(
-                "{name}: election of a live in-sync or eligible replica asked by an operator: node {me} leads epoch {} (ISR was {:?}, ELR {:?}); nothing committed is lost",
-                next.leader_epoch,
-                st.isr,
-                st.elr
-            );
-            let state = PartitionState { version, ..next };
-            shared.wrote_state(tp, state.clone());
-            return Ok(Response::Elected { state });
-        }
-        if !keepers.is_empty() {
-            return Err(RpcError::Invalid(format!(
-                "{name} has live in-sync or eligible replicas {keepers:?}, which hold every committed write: elect one of them (--replica {}), not node {me}",
-                keepers[0]
-            )));
-        }
+            st.with_isr(isr, shared.replication.min_insync_replicas, true)
+        } else {
+            PartitionState {
+                isr: vec![replica],
+                elr: Vec::new(),
+                ..st.clone()
+            }
+        };
         let next = PartitionState {
             leader: Some(replica),
             // Above any epoch its log holds (`Shared::epoch_above_log`).
             leader_epoch: shared.epoch_above_log(&tp, st.leader_epoch + 1),
-            isr: vec![replica],
-            elr: Vec::new(),
-            ..st.clone()
+            ..next
         };
         let version = self.write_election(&name, &next, st.version).await?;
-        tracing::error!(
-            "{name}: UNCLEAN election asked by an operator: node {replica} leads epoch {} (ISR was {:?}, ELR {:?}); acknowledged writes it lacks are lost",
-            next.leader_epoch,
-            st.isr,
-            st.elr
-        );
+        if clean {
+            tracing::warn!(
+                "{name}: election of a live in-sync or eligible replica asked by an operator: node {replica} leads epoch {} (ISR was {:?}, ELR {:?}); nothing committed is lost",
+                next.leader_epoch,
+                st.isr,
+                st.elr
+            );
+        } else {
+            tracing::error!(
+                "{name}: UNCLEAN election asked by an operator: node {replica} leads epoch {} (ISR was {:?}, ELR {:?}); acknowledged writes it lacks are lost",
+                next.leader_epoch,
+                st.isr,
+                st.elr
+            );
+        }
         let state = PartitionState { version, ..next };
         shared.wrote_state(tp, state.clone());
         Ok(Response::Elected { state })

@@ -465,17 +465,27 @@ impl Shared {
     /// (or after this process was paused): a node thawed from SIGSTOP must
     /// not take itself for connected.
     pub fn heard_majority(&self) -> bool {
-        let now = self.now_ms();
-        let mut ids = self.broker_ids();
-        ids.push(self.node_id);
-        ids.sort_unstable();
-        ids.dedup();
-        let heard = self.detector.lock().map_or(0, |fd| {
-            ids.iter()
-                .filter(|b| **b == self.node_id || fd.heard_recently(**b, now))
-                .count()
-        });
-        heard * 2 > ids.len()
+        let (all, unheard) = self.unheard_nodes(self.now_ms());
+        (all.len() - unheard.len()) * 2 > all.len()
+    }
+
+    /// The registered nodes with this one, in order, and those of them not
+    /// heard within the failure timeout at `now` (all of them if the
+    /// detector is unusable).
+    pub fn unheard_nodes(&self, now: u64) -> (Vec<ReplicaId>, Vec<ReplicaId>) {
+        let mut all = self.broker_ids();
+        all.push(self.node_id);
+        all.sort_unstable();
+        all.dedup();
+        let unheard = match self.detector.lock() {
+            Ok(fd) => all
+                .iter()
+                .copied()
+                .filter(|b| *b != self.node_id && !fd.heard_recently(*b, now))
+                .collect(),
+            Err(_) => all.clone(),
+        };
+        (all, unheard)
     }
 
     /// The brokers as the metadata store lists them: their addresses,

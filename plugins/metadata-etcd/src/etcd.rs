@@ -82,32 +82,10 @@ fn status_cluster(authority: &str, timeout: Duration) -> Result<Option<u64>, Fai
     }
 }
 
-/// A uint64 as the gateway spells it (a JSON string), or a number.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct U64(u64);
-
-impl<'de> Deserialize<'de> for U64 {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            S(String),
-            N(u64),
-        }
-        match Raw::deserialize(d)? {
-            Raw::N(n) => Ok(U64(n)),
-            Raw::S(s) => s
-                .parse()
-                .map(U64)
-                .map_err(|_| serde::de::Error::custom(format!("`{s}` is not a uint64"))),
-        }
-    }
-}
-
 #[derive(Deserialize, Default)]
 #[serde(default)]
 struct Header {
-    cluster_id: Option<U64>,
+    cluster_id: Option<Int<u64>>,
 }
 
 /// Any answer's `header`, the part this client reads.
@@ -126,24 +104,24 @@ fn cluster_id(body: &[u8]) -> Option<u64> {
         .map(|c| c.0)
 }
 
-/// An int64 as the gateway spells it: a JSON string, or a number.
+/// An int64 or uint64 as the gateway spells it: a JSON string, or a
+/// number.
 #[derive(Debug, Default, Clone, Copy)]
-struct I64(i64);
+struct Int<T>(T);
 
-impl<'de> Deserialize<'de> for I64 {
+impl<'de, T: Deserialize<'de> + std::str::FromStr> Deserialize<'de> for Int<T> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
         #[serde(untagged)]
-        enum Raw {
+        enum Raw<T> {
             S(String),
-            N(i64),
+            N(T),
         }
-        match Raw::deserialize(d)? {
-            Raw::N(n) => Ok(I64(n)),
-            Raw::S(s) => s
-                .parse()
-                .map(I64)
-                .map_err(|_| serde::de::Error::custom(format!("`{s}` is not an int64"))),
+        match Raw::<T>::deserialize(d)? {
+            Raw::N(n) => Ok(Int(n)),
+            Raw::S(s) => s.parse().map(Int).map_err(|_| {
+                serde::de::Error::custom(format!("`{s}` is not an {}", std::any::type_name::<T>()))
+            }),
         }
     }
 }
@@ -153,7 +131,7 @@ impl<'de> Deserialize<'de> for I64 {
 struct RawKv {
     key: String,
     value: String,
-    mod_revision: I64,
+    mod_revision: Int<i64>,
 }
 
 #[derive(Deserialize, Default)]
