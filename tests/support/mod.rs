@@ -248,6 +248,23 @@ impl Cluster {
         }
     }
 
+    /// Until node `id`'s process exits on its own (bounded by `limit`):
+    /// its exit status, or `None` if it was still running.
+    pub fn wait_exit(&mut self, id: u32, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        let child = self.nodes[(id - 1) as usize].as_mut()?;
+        loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                self.nodes[(id - 1) as usize] = None;
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn log(&self, id: u32) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("node-{id}.log"))).unwrap_or_default()
     }

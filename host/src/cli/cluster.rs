@@ -1,9 +1,11 @@
 //! `replicator cluster init` (certificates and per-node configs in one
-//! directory) and `replicator node` (run one node from its config).
+//! directory), `replicator cluster cert` (another certificate from the
+//! kept CA key) and `replicator node` (run one node from its config).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Subcommand};
@@ -15,7 +17,7 @@ use replicator::plugin::{
     ConfigCheck, MetadataPlugin, PluginRuntime, PluginSource, StoragePlugin, default_cache_dir,
 };
 use replicator::transport::tls::GeneratedCa;
-use replicator::transport::{Identity, TlsPaths};
+use replicator::transport::{Identity, TlsMaterial, TlsPaths};
 
 #[derive(Subcommand)]
 pub enum ClusterCommand {
@@ -24,6 +26,42 @@ pub enum ClusterCommand {
     /// `client.toml`. Start each node with `replicator node --config
     /// DIR/node-<id>.toml`; point client commands at `DIR/client.toml`.
     Init(InitArgs),
+    /// Issue a certificate from the cluster's CA, whose key `cluster init
+    /// --ca-key-out` kept: a node's (to replace one that expires or
+    /// leaked, or for a node added by hand) or the client's. Writes
+    /// `node-<id>.pem` and `node-<id>-key.pem` (or `client.pem` and
+    /// `client-key.pem`) into the cluster directory. A node uses its new
+    /// certificate from its next start: restart the nodes one at a time
+    /// (each hands its partitions over first, and nothing is lost).
+    Cert(CertArgs),
+}
+
+#[derive(Args)]
+pub struct CertArgs {
+    /// The cluster's config directory (holding `ca.pem`).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// The CA's private key, as `cluster init --ca-key-out` kept it.
+    #[arg(long)]
+    pub ca_key: PathBuf,
+    /// Issue node N's certificate.
+    #[arg(long, required_unless_present = "client", conflicts_with = "client",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub node: Option<u32>,
+    /// Issue the client certificate.
+    #[arg(long)]
+    pub client: bool,
+    /// Valid for this many days from now (default: until the year 4096,
+    /// as `cluster init` issues them). A node warns 30 days, 7 days, 1
+    /// day and 1 hour ahead of its certificate's expiry, and stops 30 s
+    /// before it (peers and clients refuse an expired certificate).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=365_000))]
+    pub days: Option<u32>,
+    /// Overwrite the certificate and key files that exist (without it they
+    /// are kept and nothing is written). A running node goes on with the
+    /// ones it loaded until it restarts.
+    #[arg(long)]
+    pub replace: bool,
 }
 
 #[derive(Args)]
@@ -438,6 +476,98 @@ pub async fn run_init(args: InitArgs) -> anyhow::Result<ExitCode> {
         None => println!(
             "  the CA key was discarded: no one can issue more certificates for this cluster"
         ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cluster cert`: issue, check as a node would at start, then move into
+/// place (the key first: a crash between the two renames leaves a pair
+/// the node refuses at start, "the private key does not belong", and the
+/// command can be run again).
+pub fn run_cert(args: CertArgs) -> anyhow::Result<ExitCode> {
+    let (identity, name) = match args.node {
+        Some(id) => (Identity::Node(id), format!("node-{id}")),
+        None => (Identity::Client, "client".to_string()),
+    };
+    let cert_path = args.dir.join(format!("{name}.pem"));
+    let key_path = args.dir.join(format!("{name}-key.pem"));
+    let ca_path = args.dir.join("ca.pem");
+    let ca_pem = std::fs::read_to_string(&ca_path).with_context(|| {
+        format!(
+            "reading {} (is --dir the directory `cluster init` wrote?)",
+            ca_path.display()
+        )
+    })?;
+    let ca_key = std::fs::read_to_string(&args.ca_key)
+        .with_context(|| format!("reading the CA key {}", args.ca_key.display()))?;
+    let ca = GeneratedCa::from_pem(&ca_pem, &ca_key)
+        .with_context(|| format!("{} with {}", ca_path.display(), args.ca_key.display()))?;
+    if !args.replace
+        && let Some(p) = [&cert_path, &key_path].into_iter().find(|p| p.exists())
+    {
+        bail!(
+            "{} already exists: add --replace to overwrite it (a running node goes on with the old certificate until it restarts)",
+            p.display()
+        );
+    }
+    let not_after = args
+        .days
+        .map(|d| std::time::SystemTime::now() + Duration::from_secs(u64::from(d) * 86_400));
+    let (cert, key) = ca.issue_until(identity, not_after)?;
+    let staged_cert = args.dir.join(format!(".{name}.pem.new"));
+    let staged_key = args.dir.join(format!(".{name}-key.pem.new"));
+    for p in [&staged_cert, &staged_key] {
+        match std::fs::remove_file(p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", p.display())),
+        }
+    }
+    let staged = || -> anyhow::Result<std::time::SystemTime> {
+        write_private(&staged_key, &key)?;
+        write_new(&staged_cert, &cert)?;
+        // What a node checks at start: the identity, the chain to ca.pem,
+        // the key's match, the validity.
+        let material = TlsMaterial::load(&TlsPaths {
+            ca: ca_path.clone(),
+            cert: staged_cert.clone(),
+            key: staged_key.clone(),
+        })?;
+        material.check_own_identity(identity)?;
+        Ok(material.not_after()?)
+    };
+    let until = match staged() {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = std::fs::remove_file(&staged_cert);
+            let _ = std::fs::remove_file(&staged_key);
+            return Err(e.context("nothing was replaced"));
+        }
+    };
+    for (from, to) in [(&staged_key, &key_path), (&staged_cert, &cert_path)] {
+        std::fs::rename(from, to)
+            .with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
+    }
+    let whose = args
+        .node
+        .map_or("the client's".to_string(), |id| format!("node {id}'s"));
+    println!(
+        "issued {whose} certificate, valid until {}: {} and {}",
+        replicator::transport::tls::rfc3339(until),
+        cert_path.display(),
+        key_path.display()
+    );
+    let config = args.dir.join(format!("{name}.toml"));
+    match args.node {
+        Some(id) if config.exists() => println!(
+            "  node {id} uses it from its next start: stop it (SIGTERM: it hands its partitions over first) and start it again with `replicator node --config {}`",
+            config.display()
+        ),
+        Some(id) => println!(
+            "  {} does not exist: for a node added by hand, copy a node config and give it `node_id = {id}`, its own ports and `data_dir`, and these two files under [tls]",
+            config.display()
+        ),
+        None => println!("  client commands use it from now on"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -112,6 +112,7 @@ pub fn main() -> ExitCode {
             Command::Bench(args) => bench::run(args).await,
             Command::BenchSink(args) => bench::raw_quinn::sink(args).await,
             Command::Cluster(cluster::ClusterCommand::Init(args)) => cluster::run_init(args).await,
+            Command::Cluster(cluster::ClusterCommand::Cert(args)) => cluster::run_cert(args),
             Command::Node(args) => cluster::run_node(args).await,
             Command::Topic(cmd) => client_cmds::topic(cmd).await,
             Command::Partition(cmd) => client_cmds::partition(cmd).await,

@@ -714,6 +714,14 @@ impl ReplicationManager {
         if new_leo < self.truncate_target.take().unwrap_or(u64::MAX) {
             self.epochs.truncate_to(new_leo);
             self.retention.truncated(new_leo);
+            // A leader's epoch, entered at the target, went with it: its
+            // batches start at the new end now (produces wait for the cut,
+            // so none came before). Without the entry, followers' older
+            // epochs would look as if they ran to its log end (review).
+            if let Some(l) = self.leader.as_mut() {
+                l.epoch_start = l.epoch_start.min(new_leo);
+                self.epochs.assign(l.epoch, new_leo);
+            }
         }
         self.cut_done(new_leo, now);
     }
@@ -1097,10 +1105,10 @@ impl ReplicationManager {
     /// stale leader epoch (`FencedLeaderEpoch`) fences this leader until new
     /// metadata arrives; any other refusal (stale version, a member the
     /// store will not admit) drops the proposal, to be retried. Answers to
-    /// anything but the pending proposal are ignored. A driver whose request
-    /// got no answer reports it as a refusal only if the store cannot have
-    /// written it; a write whose outcome it does not know, it reports with
-    /// the state read back from the store, so that until then the proposal's
+    /// anything but the pending proposal are ignored. A driver reports a
+    /// write whose outcome it does not know only once it knows (it makes
+    /// the same compare-and-set again until the store answers), with the
+    /// store's state after a refusal, so that until then the proposal's
     /// members keep counting for the HW (`maximal_isr`).
     pub fn isr_update_done(
         &mut self,
@@ -1852,6 +1860,36 @@ mod tests {
         assert_eq!(checkpoints(&mut rm), [6], "opened below the stored HW");
         rm.log_truncated(5, 0);
         assert_eq!(checkpoints(&mut rm), [5]);
+    }
+
+    /// The storage cut further than asked while the replica became leader
+    /// of a new epoch: the epoch's entry, which the cut took with it, is
+    /// entered again at the new log end, where its batches will start.
+    #[test]
+    fn a_cut_past_its_target_keeps_a_new_leaders_epoch() {
+        let state = LogState {
+            bounds: OffsetBounds {
+                log_start: 0,
+                log_end: 10,
+            },
+            high_watermark: 4,
+            leader_epochs: vec![crate::storage::EpochEntry {
+                epoch: 1,
+                start_offset: 0,
+            }],
+        };
+        let mut rm = ReplicationManager::new(Config::default(), 1, &state);
+        rm.cut_log(8, false);
+        rm.become_leader(2, vec![1, 2], vec![1, 2], 1, 0);
+        rm.log_truncated(6, 0);
+        let entries: Vec<(u32, u64)> = rm
+            .epochs
+            .entries()
+            .iter()
+            .map(|e| (e.epoch, e.start_offset))
+            .collect();
+        assert_eq!(entries, [(1, 0), (2, 6)]);
+        assert_eq!(rm.leader.as_ref().map(|l| l.epoch_start), Some(6));
     }
 
     /// The HW checkpoints `rm` asked for since it was last drained.

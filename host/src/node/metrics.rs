@@ -61,6 +61,7 @@ pub fn render(
     sessions: &FetchSessionStats,
     connections: AcceptedConnections,
     not_open: usize,
+    cert_not_after: i64,
 ) -> String {
     let mut reg = Registry::with_prefix("replicator");
     let gauges = [
@@ -274,6 +275,16 @@ pub fn render(
         "fetch_session_partitions",
         "Partitions this node's fetches (and the answers to them) carried in full (sent) or left out because the fetch session already held them (omitted)",
         parts,
+    );
+    let expiry: Gauge = Gauge::default();
+    expiry.set(cert_not_after);
+    reg.register(
+        "certificate_expiry_timestamp_seconds",
+        format!(
+            "When this node's certificate expires (its notAfter, in seconds since 1970); the node stops {} s before it, as peers and clients refuse an expired certificate",
+            super::cert_expiry::STOP_AHEAD.as_secs()
+        ),
+        expiry,
     );
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, &reg).is_err() {

@@ -8,6 +8,7 @@
 //! the metadata plugin (their destructors run before the node reports it
 //! stopped).
 
+mod cert_expiry;
 mod clean_shutdown;
 pub mod config;
 mod data_dir_lock;
@@ -53,6 +54,9 @@ pub enum NodeError {
     InvalidConfig(String),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The node stopped ahead of its certificate's expiry.
+    #[error("{0}")]
+    CertificateExpiring(String),
     #[error(transparent)]
     Transport(#[from] TransportError),
     #[error("storage plugin: {0}")]
@@ -175,6 +179,15 @@ pub async fn run(
     data_dir_lock::check_writable(&config.data_dir)?;
     let tls = TlsMaterial::load(&config.tls)?;
     let transport = Transport::bind(config.listen, &tls, Identity::Node(id), true)?;
+    // Bind checked the certificate is valid now; this, that it is not
+    // about to expire (the node would stop again at once).
+    let expiry = cert_expiry::CertExpiry::new(tls.cert_path(), tls.not_after()?);
+    expiry
+        .check_at_start(std::time::SystemTime::now())
+        .map_err(|why| TlsError::Own {
+            path: tls.cert_path().to_path_buf(),
+            why,
+        })?;
     let local = transport
         .local_addr()
         .map_err(|error| TransportError::Bind {
@@ -373,6 +386,7 @@ pub async fn run(
     };
     let metrics_task = metrics_listener.map(|l| {
         let (sh, t, srv) = (shared.clone(), transport.clone(), server.clone());
+        let cert_not_after = expiry.not_after_unix();
         tokio::spawn(metrics::serve(
             l,
             Arc::new(move || {
@@ -383,6 +397,7 @@ pub async fn run(
                     &sh.fetch_sessions,
                     t.accepted(),
                     srv.not_open.lock().map_or(0, |n| n.len()),
+                    cert_not_after,
                 )
             }),
         ))
@@ -396,15 +411,16 @@ pub async fn run(
     }
     info!("node {id} serving QUIC on {local}");
 
-    let fenced = tokio::select! {
-        f = watch(&server, Duration::from_millis(config.metadata_poll_ms)) => Some(f),
+    let (fenced, expiring) = tokio::select! {
+        f = watch(&server, Duration::from_millis(config.metadata_poll_ms)) => (Some(f), None),
+        why = expiry.watch() => (None, Some(NodeError::CertificateExpiring(why))),
         _ = &mut shutdown => {
             info!("node {id} shutting down");
-            None
+            (None, None)
         }
     };
-    if let Some(f) = &fenced {
-        error!("{f}");
+    if let Some(e) = fenced.as_ref().or(expiring.as_ref()) {
+        error!("{e}");
     }
 
     // A node on its way out makes no more failover decisions (a pass
@@ -503,8 +519,8 @@ pub async fn run(
         warn!("the metadata plugin did not close within {wait:?}; leaving it");
     }
     info!("node {id} stopped");
-    match fenced {
-        Some(f) => Err(f),
+    match fenced.or(expiring) {
+        Some(e) => Err(e),
         None => Ok(()),
     }
 }

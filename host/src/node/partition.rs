@@ -1474,10 +1474,39 @@ async fn update_isr(
     // Members it drops were in sync, so they hold everything committed:
     // eligible if the ISR falls below min.insync.
     let proposal = current.with_isr(isr.clone(), shared.replication.min_insync_replicas, true);
-    match meta
+    let mut pause = Duration::from_millis(50);
+    let mut outcome = meta
         .compare_and_set(proposal.clone(), expected_version)
-        .await
+        .await;
+    // Maybe written (a lost answer, a call that timed out): until the store
+    // says which ISR it holds, the core keeps counting the proposal's
+    // members for the HW. Dropping an expansion the store did take would
+    // let the HW pass a member that may be elected (Kafka's AlterPartition
+    // keeps its maximal ISR on such errors too). A read cannot tell: etcd
+    // answers "request timed out" for a write it has not committed yet and
+    // may still commit after a read that did not see it (review). The same
+    // compare-and-set again can: its store orders it after the first, so
+    // it is refused if the first was written and written if the first
+    // never will be.
+    while let Err(e) = &outcome
+        && !matches!(
+            e,
+            MetadataError::Conflict(_) | MetadataError::InvalidInput(_)
+        )
     {
+        if gone() {
+            // Nobody waits for the answer any more.
+            return (Err(ErrorCode::IsrUpdateRejected), None);
+        }
+        warn!(topic = %tp.topic, partition = tp.partition,
+            "ISR update's outcome unknown ({e}); making the same change again until the store answers");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+        outcome = meta
+            .compare_and_set(proposal.clone(), expected_version)
+            .await;
+    }
+    match outcome {
         Ok(v) => {
             info!(topic = %tp.topic, partition = tp.partition, "ISR is now {isr:?} (version {v})");
             let written = PartitionState {
@@ -1487,21 +1516,11 @@ async fn update_isr(
             shared.wrote_state(tp.clone(), written.clone());
             (Ok(v), Some(written))
         }
-        Err(e @ (MetadataError::Conflict(_) | MetadataError::InvalidInput(_))) => {
-            // Not written: the core may drop the proposal.
-            debug!(topic = %tp.topic, partition = tp.partition, "ISR update refused: {e}");
-            let fresh = meta.get_partition(&tp.topic, tp.partition).await.ok();
-            (Err(ErrorCode::IsrUpdateRejected), fresh)
-        }
         Err(e) => {
-            // Maybe written (a lost answer, a call that timed out): the
-            // core keeps counting the proposal's members for the HW until
-            // the store says which ISR it holds. Dropping an expansion the
-            // store did take would let the HW pass a member that may be
-            // elected (Kafka's AlterPartition keeps its maximal ISR on
-            // such errors too).
-            warn!(topic = %tp.topic, partition = tp.partition,
-                "ISR update's outcome unknown ({e}); reading it back");
+            // Refused: this attempt wrote nothing, but an earlier one whose
+            // answer was lost may have. The store's state says which ISR
+            // it holds, and the core adopts it with the refusal.
+            debug!(topic = %tp.topic, partition = tp.partition, "ISR update refused: {e}");
             let fresh = read_back(shared, tp, gone).await;
             (Err(ErrorCode::IsrUpdateRejected), fresh)
         }
@@ -1509,9 +1528,8 @@ async fn update_isr(
 }
 
 /// The partition's state, re-read until the store answers (backing off
-/// to 2 s) or `gone` says nobody is waiting any more. The store runs
-/// one call at a time in order, so the answer reflects a write that was
-/// still running when its caller gave up.
+/// to 2 s) or `gone` says nobody is waiting any more. Read after a
+/// refusal, it reflects whatever the refusal saw.
 async fn read_back(
     shared: &Shared,
     tp: &TopicPartition,
@@ -1729,13 +1747,18 @@ mod tests {
     /// A store that writes a compare-and-set and then fails to say so,
     /// and fails the next `blind_reads` reads too (a lost answer, then a
     /// store unavailable for a while); with `lose_answer` false, one that
-    /// answers.
+    /// answers. Only the first write's answer is lost.
     struct LostAnswers {
         state: std::sync::Mutex<PartitionState>,
         /// Reads still to fail; set to `blind_after_write` by the write.
         blind_reads: std::sync::atomic::AtomicU32,
         blind_after_write: u32,
-        lose_answer: bool,
+        /// Answers to writes still to lose.
+        lose_answers: std::sync::atomic::AtomicU32,
+        /// The write whose answer is lost lands only after the next call
+        /// (etcd's "request timed out" for a write not committed yet).
+        lands_late: bool,
+        late: std::sync::Mutex<Option<(PartitionState, u64)>>,
     }
 
     impl LostAnswers {
@@ -1744,8 +1767,41 @@ mod tests {
                 state: std::sync::Mutex::new(state),
                 blind_reads: 0.into(),
                 blind_after_write,
-                lose_answer,
+                lose_answers: u32::from(lose_answer).into(),
+                lands_late: false,
+                late: Default::default(),
             })
+        }
+
+        /// Its first write times out and lands after the next call.
+        fn landing_late(state: PartitionState) -> Arc<Self> {
+            Arc::new(LostAnswers {
+                lands_late: true,
+                ..Arc::into_inner(LostAnswers::new(state, 0, true)).expect("one owner")
+            })
+        }
+
+        /// `next` if the stored version is `expected`.
+        fn write(&self, next: PartitionState, expected: u64) -> Result<u64, MetadataError> {
+            match self.state.lock() {
+                Ok(mut s) if s.version == expected => {
+                    *s = PartitionState {
+                        version: expected + 1,
+                        ..next
+                    };
+                    self.blind_reads
+                        .store(self.blind_after_write, std::sync::atomic::Ordering::SeqCst);
+                    Ok(expected + 1)
+                }
+                _ => Err(MetadataError::Conflict("another version".into())),
+            }
+        }
+
+        /// The late write, if one waits.
+        fn land(&self) {
+            if let Some((next, expected)) = self.late.lock().ok().and_then(|mut l| l.take()) {
+                let _ = self.write(next, expected);
+            }
         }
     }
 
@@ -1761,6 +1817,8 @@ mod tests {
                 .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
                 .is_ok();
             let state = self.state.lock().ok().map(|s| s.clone());
+            // After the read: it did not see the late write.
+            self.land();
             Box::pin(async move {
                 match state {
                     Some(s) if !blind => Ok(s),
@@ -1773,20 +1831,21 @@ mod tests {
             next: PartitionState,
             expected: u64,
         ) -> crate::metadata::MetaFuture<'_, u64> {
-            let written = if let Ok(mut s) = self.state.lock()
-                && s.version == expected
-            {
-                *s = PartitionState {
-                    version: expected + 1,
-                    ..next
-                };
-                self.blind_reads
-                    .store(self.blind_after_write, std::sync::atomic::Ordering::SeqCst);
-                Ok(expected + 1)
+            use std::sync::atomic::Ordering::SeqCst;
+            // A late write lands first: the store keeps the writes' order.
+            self.land();
+            let lose = self
+                .lose_answers
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            let written = if lose && self.lands_late {
+                if let Ok(mut l) = self.late.lock() {
+                    *l = Some((next, expected));
+                }
+                Err(MetadataError::Unavailable("request timed out".into()))
             } else {
-                Err(MetadataError::Conflict("another version".into()))
+                self.write(next, expected)
             };
-            let lose = self.lose_answer;
             Box::pin(async move {
                 if lose {
                     Err(MetadataError::Unavailable("answer lost".into()))
@@ -2002,5 +2061,26 @@ mod tests {
         // Nobody waiting any more: it stops reading.
         let (_, current) = lost_expansion(u32::MAX, || true).await;
         assert!(current.is_none());
+    }
+
+    /// The store takes the expansion only after the read that follows its
+    /// timed-out answer (etcd commits a write it answered "request timed
+    /// out" for after a read that did not see it): what the driver
+    /// reports must be what the store holds, or the core stops counting
+    /// node 3 for the HW while the store lists it in the ISR (review).
+    #[tokio::test]
+    async fn an_isr_update_that_lands_after_its_read_back_is_not_dropped() {
+        let store = LostAnswers::landing_late(PartitionState::sample(Some(1), &[1, 2], &[]));
+        let (shared, _fetch_rx) = Shared::for_tests(store.clone(), Default::default());
+        let tp = TopicPartition::new("t", 0);
+        let (result, current) =
+            update_isr(&shared, &tp, 4, vec![1, 2, 3], 9, Vec::new(), || false).await;
+        let held = store.state.lock().unwrap().clone();
+        assert_eq!((&held.isr, held.version), (&vec![1, 2, 3], 10));
+        let current = current.expect("the store's state");
+        assert_eq!((current.isr, current.version), (held.isr, held.version));
+        // Its retry was refused (the late write landed first, as the
+        // store keeps their order): the core adopts the state with it.
+        assert_eq!(result, Err(ErrorCode::IsrUpdateRejected));
     }
 }

@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -49,6 +50,10 @@ pub enum TlsError {
     },
     #[error("TLS configuration: {0}")]
     Config(String),
+    /// This party's own certificate, which peers would refuse (or which
+    /// cannot be read for its validity).
+    #[error("certificate {path}: {why}")]
+    Own { path: PathBuf, why: String },
     #[error("certificate generation: {0}")]
     Generate(String),
 }
@@ -107,12 +112,51 @@ impl GeneratedCa {
         })
     }
 
+    /// The CA `cluster init` made, from its certificate and the key it
+    /// kept (`--ca-key-out`), to issue more certificates. Refuses a key
+    /// that is not the certificate's: what it signed would chain to no
+    /// CA the nodes know.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        let key = KeyPair::from_pem(key_pem)
+            .map_err(|e| TlsError::Generate(format!("the CA key is not a usable key: {e}")))?;
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| TlsError::Generate(format!("the CA certificate: {e}")))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| TlsError::Generate(format!("the CA certificate: {e}")))?;
+        if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice() {
+            return Err(TlsError::Generate(
+                "the CA key does not belong to the CA certificate: use the key `cluster init --ca-key-out` kept for this cluster".into(),
+            ));
+        }
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)
+            .map_err(|e| TlsError::Generate(format!("the CA certificate: {e}")))?;
+        Ok(GeneratedCa {
+            cert_pem: cert_pem.to_string(),
+            key_pem: key_pem.to_string(),
+            issuer,
+        })
+    }
+
     /// A certificate and key for `identity`, signed by this CA; usable as
     /// both a TLS server and client certificate.
     pub fn issue(&self, identity: Identity) -> Result<(String, String), TlsError> {
+        self.issue_until(identity, None)
+    }
+
+    /// [`GeneratedCa::issue`], valid until `not_after` (from an hour ago,
+    /// for clocks a little behind), or rcgen's default (until 4096).
+    pub fn issue_until(
+        &self,
+        identity: Identity,
+        not_after: Option<SystemTime>,
+    ) -> Result<(String, String), TlsError> {
         let gen_err = |e: rcgen::Error| TlsError::Generate(e.to_string());
         let key = KeyPair::generate().map_err(gen_err)?;
         let mut params = CertificateParams::new(vec![identity.dns_name()]).map_err(gen_err)?;
+        if let Some(t) = not_after {
+            params.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+            params.not_after = time::OffsetDateTime::from(t);
+        }
         params
             .distinguished_name
             .push(DnType::CommonName, identity.dns_name());
@@ -155,6 +199,8 @@ pub struct TlsMaterial {
     roots: Arc<RootCertStore>,
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
+    /// Where `chain` came from, for messages about it.
+    cert_path: PathBuf,
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -233,20 +279,53 @@ impl TlsMaterial {
             roots: Arc::new(roots),
             chain,
             key: Arc::new(key),
+            cert_path: paths.cert.clone(),
         })
+    }
+
+    /// The file this party's certificate came from.
+    pub fn cert_path(&self) -> &Path {
+        &self.cert_path
+    }
+
+    /// When peers start refusing this party's certificate: the earliest
+    /// `notAfter` in its chain (the certificate and any intermediates
+    /// after it). The CA's own is not counted: rustls (webpki) takes a
+    /// trust anchor as a name and a key, and does not check its validity.
+    pub fn not_after(&self) -> Result<SystemTime, TlsError> {
+        let own = |why: String| TlsError::Own {
+            path: self.cert_path.clone(),
+            why,
+        };
+        let mut earliest: Option<i64> = None;
+        for der in &self.chain {
+            let (_, cert) = x509_parser::parse_x509_certificate(der)
+                .map_err(|e| own(format!("cannot read its validity period: {e}")))?;
+            let t = cert.validity().not_after.timestamp();
+            earliest = Some(earliest.map_or(t, |e| e.min(t)));
+        }
+        let secs = earliest.ok_or_else(|| own("empty certificate chain".into()))?;
+        // Before 1970: long expired, as the start's own check says.
+        Ok(UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0)))
     }
 
     /// The identity this party's own certificate is valid for, if either
     /// `expected`. Used at startup so a node refuses a certificate that is
     /// not its own, instead of failing every handshake later.
     pub fn check_own_identity(&self, expected: Identity) -> Result<(), TlsError> {
+        // Each refusal names the file: "this certificate is outside its
+        // validity period" did not say which of a node's files it meant.
+        let own = |why: String| TlsError::Own {
+            path: self.cert_path.clone(),
+            why,
+        };
         let leaf = self
             .chain
             .first()
-            .ok_or_else(|| TlsError::Config("empty certificate chain".into()))?;
+            .ok_or_else(|| own("empty certificate chain".into()))?;
         verify_identity(leaf, expected).map_err(|e| {
-            TlsError::Config(format!(
-                "this certificate is not valid for {expected} ({e}); use the one `replicator cluster init` wrote for it"
+            own(format!(
+                "it is not valid for {expected} ({e}); use the one `replicator cluster init` wrote for it"
             ))
         })?;
         // Peers check it against the same CA: one that does not chain to
@@ -259,7 +338,7 @@ impl TlsMaterial {
         verifier
             .verify_client_cert(leaf, &self.chain[1..], rustls_pki_types::UnixTime::now())
             .map(|_| ())
-            .map_err(|e| TlsError::Config(refused_by_peers(&e)))?;
+            .map_err(|e| own(refused_by_peers(&e)))?;
         // A node serves too: peers dialling it check its certificate as a
         // server's. One issued for client authentication only passed the
         // check above, and the node started to hear only "cannot reach a
@@ -278,8 +357,8 @@ impl TlsMaterial {
                     rustls_pki_types::UnixTime::now(),
                 )
                 .map_err(|e| {
-                    TlsError::Config(format!(
-                        "peers would refuse this certificate when they dial {expected} ({e}): a node's certificate needs the serverAuth extended key usage as well as clientAuth, as those `replicator cluster init` issues have"
+                    own(format!(
+                        "peers would refuse it when they dial {expected} ({e}): a node's certificate needs the serverAuth extended key usage as well as clientAuth, as those `replicator cluster init` issues have"
                     ))
                 })?;
         }
@@ -287,7 +366,7 @@ impl TlsMaterial {
         // handshake fails its signature check at the peer.
         CertifiedKey::from_der(self.chain.clone(), self.key.clone_key(), &provider()).map_err(
             |e| {
-                TlsError::Config(format!(
+                own(format!(
                     "the private key does not belong to this certificate ({e}); point `key` at the key `replicator cluster init` wrote next to the certificate"
                 ))
             },
@@ -340,17 +419,24 @@ fn refused_by_peers(e: &rustls::Error) -> String {
         rustls::Error::InvalidCertificate(
             C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
         ) => format!(
-            "this certificate is outside its validity period ({e}), so every peer would refuse it; issue a new one from the cluster's CA (check this machine's clock too)"
+            "it is outside its validity period ({e}), so every peer would refuse it; issue a new one from the cluster's CA (check this machine's clock too)"
         ),
         rustls::Error::InvalidCertificate(C::InvalidPurpose | C::InvalidPurposeContext { .. }) => {
             format!(
-                "this certificate does not allow client authentication ({e}), so every peer would refuse it; it needs the clientAuth extended key usage (and serverAuth for a node), as those `replicator cluster init` issues have"
+                "it does not allow client authentication ({e}), so every peer would refuse it; it needs the clientAuth extended key usage (and serverAuth for a node), as those `replicator cluster init` issues have"
             )
         }
         _ => format!(
-            "this certificate does not chain to the CA certificate the config names ({e}), so every peer would refuse it; point `ca` at the cluster's ca.pem and the certificate at the one `replicator cluster init` issued with it"
+            "it does not chain to the CA certificate the config names ({e}), so every peer would refuse it; point `ca` at the cluster's ca.pem and the certificate at the one `replicator cluster init` issued with it"
         ),
     }
+}
+
+/// `t` as an RFC 3339 UTC time, for messages.
+pub fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| format!("{t:?}"))
 }
 
 /// Is `cert` (already verified against the CA by the handshake) valid for
@@ -425,6 +511,7 @@ mod tests {
             roots: Arc::new(roots),
             chain,
             key: Arc::new(key),
+            cert_path: PathBuf::from("node.pem"),
         }
     }
 
@@ -475,6 +562,31 @@ mod tests {
             e.contains("outside its validity period") && !e.contains("does not chain"),
             "{e}"
         );
+    }
+
+    /// A CA loaded from the files `cluster init` kept issues certificates
+    /// its nodes accept, with the validity asked for; another CA's key is
+    /// refused.
+    #[test]
+    fn a_kept_ca_issues_certificates_until_the_time_asked() {
+        let made = GeneratedCa::new("test").expect("ca");
+        let ca = GeneratedCa::from_pem(&made.cert_pem, &made.key_pem).expect("loaded");
+        let until = SystemTime::now() + Duration::from_secs(5 * 86_400);
+        let (cert, key) = ca
+            .issue_until(Identity::Node(2), Some(until))
+            .expect("issued");
+        let chain = vec![CertificateDer::from_pem_slice(cert.as_bytes()).expect("pem")];
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key pem");
+        let m = material(&made, (chain, key));
+        m.check_own_identity(Identity::Node(2)).expect("accepted");
+        let got = m.not_after().expect("not after");
+        let off = got.duration_since(until).unwrap_or_else(|e| e.duration());
+        assert!(off < Duration::from_secs(2), "{off:?}");
+        let other = GeneratedCa::new("other").expect("ca");
+        let e = GeneratedCa::from_pem(&made.cert_pem, &other.key_pem)
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("does not belong"), "{e}");
     }
 
     #[test]
