@@ -110,7 +110,11 @@ fn three_nodes_replicate_ten_thousand_acks_all_messages() {
     c.start_all();
     c.wait_up();
     let out = create_topic(&c.client(), "orders", "1");
-    assert!(out.contains("created orders/0"), "{out}");
+    // With the min.insync the answering node's default gave it.
+    assert!(
+        out.contains("created orders/0") && out.contains("min.insync 2"),
+        "{out}"
+    );
     // A min.insync above the replication factor could never take acks=all.
     let bad = cli(&[
         "topic",
@@ -1982,8 +1986,8 @@ fn a_node_stops_before_its_certificate_expires() {
     let mut c = Cluster::init_with(3, "file", &["--ca-key-out", &ca_key_text], |toml| {
         toml.replace("failure_timeout_ms = 500", "failure_timeout_ms = 60000")
     });
-    // Node 3's certificate, from the cluster's CA, for 50 s more: the node
-    // stops 20 s from now.
+    // Node 3's certificate, from the cluster's CA, for 75 s more: the node
+    // stops 45 s from now, room for what comes before on a loaded host.
     let ca_pem = std::fs::read_to_string(c.path().join("ca.pem")).expect("ca.pem");
     let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(&ca_key).expect("CA key"))
         .expect("CA key pem");
@@ -1994,7 +1998,7 @@ fn a_node_stops_before_its_certificate_expires() {
         rcgen::ExtendedKeyUsagePurpose::ServerAuth,
         rcgen::ExtendedKeyUsagePurpose::ClientAuth,
     ];
-    let not_after = time::OffsetDateTime::now_utc() + time::Duration::seconds(50);
+    let not_after = time::OffsetDateTime::now_utc() + time::Duration::seconds(75);
     params.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
     params.not_after = not_after;
     let node_key = rcgen::KeyPair::generate().expect("key");
@@ -2046,7 +2050,7 @@ fn a_node_stops_before_its_certificate_expires() {
     assert!(!exit.success(), "{exit:?}");
     let log = c.log(3);
     assert!(
-        log.contains("the node stops (a controlled shutdown) while peers still accept it")
+        log.contains("the node stops while peers still accept it")
             && log.contains(&format!("t/{led_by_3}: controlled shutdown: node")),
         "{log}"
     );

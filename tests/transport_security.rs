@@ -268,6 +268,61 @@ async fn peers_must_prove_who_they_are() {
     node.shutdown().await;
 }
 
+/// A client whose certificate expired after it started is told that its
+/// own certificate expired, as the node's clock reads it: "an expired
+/// certificate" did not say whose (operator run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificate_is_named_as_this_sides() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let ca_key = keys.path().join("ca-key.pem");
+    let base = support::free_ports(2);
+    support::cli_ok(&[
+        "cluster",
+        "init",
+        "--dir",
+        dir.path().to_str().unwrap(),
+        "--nodes",
+        "2",
+        "--base-port",
+        &base.to_string(),
+        "--metrics-base-port",
+        "0",
+        "--min-insync",
+        "1",
+        "--ca-key-out",
+        ca_key.to_str().unwrap(),
+    ]);
+    let node = run_in(dir, |_| {}).await;
+    let ca = replicator::transport::tls::GeneratedCa::from_pem(
+        &std::fs::read_to_string(node.dir.path().join("ca.pem")).unwrap(),
+        &std::fs::read_to_string(&ca_key).unwrap(),
+    )
+    .unwrap();
+    // Valid for two more seconds: accepted by bind, expired at the dial.
+    let until = std::time::SystemTime::now() + Duration::from_secs(2);
+    let (cert, key) = ca.issue_until(Identity::Client, Some(until)).unwrap();
+    std::fs::write(node.dir.path().join("soon.pem"), cert).unwrap();
+    std::fs::write(node.dir.path().join("soon-key.pem"), key).unwrap();
+    let t = Transport::bind(any_addr(), &node.material("soon"), Identity::Client, false).unwrap();
+    // Waiting on the wall clock itself: nothing else marks the expiry.
+    while std::time::SystemTime::now() < until + Duration::from_millis(1500) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let e = tokio::time::timeout(Duration::from_secs(10), t.connect(node.addr, 1))
+        .await
+        .expect("bounded")
+        .err()
+        .expect("refused");
+    let e = e.to_string();
+    assert!(
+        e.contains("node 1 refused this side's certificate")
+            && e.contains("this side's certificate has expired"),
+        "{e}"
+    );
+    node.shutdown().await;
+}
+
 async fn no_certificate_is_refused(dir: &Path, addr: SocketAddr) {
     let ca = std::fs::read(dir.join("ca.pem")).unwrap();
     let mut roots = rustls::RootCertStore::empty();

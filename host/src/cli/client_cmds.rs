@@ -202,13 +202,22 @@ pub async fn topic(cmd: TopicCommand) -> anyhow::Result<ExitCode> {
             let parts = c
                 .create_topic(&a.topic, a.partitions, a.replication_factor, a.min_insync)
                 .await?;
+            // The min.insync each partition got: without --min-insync it
+            // is the answering node's default (written into the record so
+            // every node counts the same), which nodes configured apart
+            // may not share.
             for p in &parts {
                 println!(
-                    "created {}/{} leader {} replicas {:?}",
+                    "created {}/{} leader {} replicas {:?} min.insync {}",
                     p.topic,
                     p.partition,
                     p.leader.map_or("none".into(), |l| l.to_string()),
-                    p.replicas
+                    p.replicas,
+                    if p.min_insync == 0 {
+                        "(the nodes' default)".to_string()
+                    } else {
+                        p.min_insync.to_string()
+                    }
                 );
             }
             c.close().await;

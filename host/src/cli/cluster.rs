@@ -37,6 +37,7 @@ pub enum ClusterCommand {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("whose").required(true).args(["node", "client"])))]
 pub struct CertArgs {
     /// The cluster's config directory (holding `ca.pem`).
     #[arg(long)]
@@ -45,8 +46,7 @@ pub struct CertArgs {
     #[arg(long)]
     pub ca_key: PathBuf,
     /// Issue node N's certificate.
-    #[arg(long, required_unless_present = "client", conflicts_with = "client",
-          value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub node: Option<u32>,
     /// Issue the client certificate.
     #[arg(long)]
@@ -514,39 +514,50 @@ pub fn run_cert(args: CertArgs) -> anyhow::Result<ExitCode> {
         .days
         .map(|d| std::time::SystemTime::now() + Duration::from_secs(u64::from(d) * 86_400));
     let (cert, key) = ca.issue_until(identity, not_after)?;
-    let staged_cert = args.dir.join(format!(".{name}.pem.new"));
-    let staged_key = args.dir.join(format!(".{name}-key.pem.new"));
-    for p in [&staged_cert, &staged_key] {
-        match std::fs::remove_file(p) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", p.display())),
+    // Staged under names of their own (two runs at once do not clobber
+    // each other's), synced, and removed on any failure (the drop).
+    let stage = |contents: &str, mode: u32| -> anyhow::Result<tempfile::NamedTempFile> {
+        use std::io::Write;
+        let mut f = tempfile::Builder::new()
+            .prefix(&format!(".{name}-"))
+            .suffix(".new")
+            .tempfile_in(&args.dir)
+            .with_context(|| format!("creating a file in {}", args.dir.display()))?;
+        f.write_all(contents.as_bytes())
+            .and_then(|()| f.as_file().sync_all())
+            .with_context(|| format!("writing {}", f.path().display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            f.as_file()
+                .set_permissions(std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("setting the mode of {}", f.path().display()))?;
         }
+        #[cfg(not(unix))]
+        let _ = mode;
+        Ok(f)
+    };
+    let staged_key = stage(&key, 0o600)?;
+    let staged_cert = stage(&cert, 0o644)?;
+    // What a node checks at start: the identity, the chain to ca.pem, the
+    // key's match, the validity.
+    let checked = TlsMaterial::load(&TlsPaths {
+        ca: ca_path.clone(),
+        cert: staged_cert.path().to_path_buf(),
+        key: staged_key.path().to_path_buf(),
+    })
+    .and_then(|m| {
+        m.check_own_identity(identity)?;
+        m.not_after()
+    });
+    let until = checked.context("nothing was replaced")?;
+    for (from, to) in [(staged_key, &key_path), (staged_cert, &cert_path)] {
+        from.persist(to)
+            .with_context(|| format!("moving the new file to {}", to.display()))?;
     }
-    let staged = || -> anyhow::Result<std::time::SystemTime> {
-        write_private(&staged_key, &key)?;
-        write_new(&staged_cert, &cert)?;
-        // What a node checks at start: the identity, the chain to ca.pem,
-        // the key's match, the validity.
-        let material = TlsMaterial::load(&TlsPaths {
-            ca: ca_path.clone(),
-            cert: staged_cert.clone(),
-            key: staged_key.clone(),
-        })?;
-        material.check_own_identity(identity)?;
-        Ok(material.not_after()?)
-    };
-    let until = match staged() {
-        Ok(t) => t,
-        Err(e) => {
-            let _ = std::fs::remove_file(&staged_cert);
-            let _ = std::fs::remove_file(&staged_key);
-            return Err(e.context("nothing was replaced"));
-        }
-    };
-    for (from, to) in [(&staged_key, &key_path), (&staged_cert, &cert_path)] {
-        std::fs::rename(from, to)
-            .with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
+    // The renames themselves survive a crash.
+    if let Err(e) = std::fs::File::open(&args.dir).and_then(|d| d.sync_all()) {
+        eprintln!("warning: cannot sync {}: {e}", args.dir.display());
     }
     let whose = args
         .node

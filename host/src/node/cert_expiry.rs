@@ -18,8 +18,9 @@ use tracing::warn;
 use crate::transport::tls::rfc3339 as utc;
 
 /// How long before its certificate's `notAfter` a node stops: room for a
-/// controlled shutdown (bounded by the failure timeout) while its
-/// handshakes still succeed, and for a little clock skew between nodes.
+/// controlled shutdown (bounded by what is left of this, see
+/// [`CertExpiry::left`]) while its handshakes still succeed, and for a
+/// little clock skew between nodes.
 pub const STOP_AHEAD: Duration = Duration::from_secs(30);
 
 /// When a node warns of its certificate's expiry: at start when it is
@@ -99,7 +100,7 @@ impl CertExpiry {
     pub fn check_at_start(&self, now: SystemTime) -> Result<(), String> {
         if self.step(now, WARN_AHEAD.len()) == Step::Stop {
             return Err(format!(
-                "it expires at {} ({} from now): a node stops {} s before its certificate expires, while peers still accept it. Issue a new one from the cluster's CA",
+                "it expires at {} ({} from now): a node stops {} s before its certificate expires, while peers still accept it. Issue a new one (`replicator cluster cert`)",
                 utc(self.not_after),
                 left_text(self.not_after.duration_since(now).unwrap_or_default()),
                 STOP_AHEAD.as_secs(),
@@ -118,7 +119,7 @@ impl CertExpiry {
                 Step::Warn { mark } => {
                     warned = mark + 1;
                     warn!(
-                        "this node's certificate {} expires at {} ({} from now): issue a new one from the cluster's CA and restart the node before then; {} s before it expires the node stops (a controlled shutdown), as peers and clients would refuse it after",
+                        "this node's certificate {} expires at {} ({} from now): issue a new one (`replicator cluster cert`) and restart the node before then; {} s before it expires the node stops, as peers and clients would refuse it after",
                         self.path.display(),
                         utc(self.not_after),
                         left_text(self.not_after.duration_since(now).unwrap_or_default()),
@@ -127,7 +128,7 @@ impl CertExpiry {
                 }
                 Step::Stop => {
                     return format!(
-                        "this node's certificate {} expires at {}: the node stops (a controlled shutdown) while peers still accept it, as no client and no peer could connect to it after. Issue a new certificate from the cluster's CA and start the node again",
+                        "this node's certificate {} expires at {}: the node stops while peers still accept it, as no client and no peer could connect to it after. Issue a new certificate (`replicator cluster cert`) and start the node again",
                         self.path.display(),
                         utc(self.not_after),
                     );
@@ -135,6 +136,13 @@ impl CertExpiry {
                 Step::Sleep(d) => tokio::time::sleep(d).await,
             }
         }
+    }
+
+    /// The time left until the expiry (zero once past).
+    pub fn left(&self) -> Duration {
+        self.not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
     }
 
     /// `notAfter` in seconds since the epoch (a metric).

@@ -455,7 +455,12 @@ pub async fn run(
             .read()
             .map(|m| m.clone())
             .unwrap_or_default();
-        let limit = Duration::from_millis(config.failover.failure_timeout_ms);
+        let mut limit = Duration::from_millis(config.failover.failure_timeout_ms);
+        // Ahead of the expiry, the hand-over must be done while peers still
+        // accept this node's certificate.
+        if expiring.is_some() {
+            limit = limit.min(expiry.left().saturating_sub(Duration::from_secs(5)));
+        }
         failover::step_down(
             &shared,
             &partitions,

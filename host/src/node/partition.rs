@@ -1455,25 +1455,23 @@ async fn update_isr(
     if current.version != expected_version {
         return (Err(ErrorCode::IsrUpdateRejected), Some(current));
     }
-    if !added.is_empty() {
-        let brokers = match meta.list_brokers().await {
-            Ok(b) => b,
-            Err(e) => {
-                warn!("ISR update: cannot list brokers: {e}");
-                return (Err(ErrorCode::IsrUpdateRejected), None);
-            }
-        };
-        for (r, epoch) in &added {
-            if !brokers.iter().any(|b| b.id == *r && b.epoch == *epoch) {
-                info!(topic = %tp.topic, partition = tp.partition,
-                    "not admitting node {r} to the ISR: broker epoch {epoch} is not its registration");
-                return (Err(ErrorCode::IsrUpdateRejected), None);
-            }
+    match reregistered(meta, &added).await {
+        Ok(None) => {}
+        Ok(Some((r, epoch))) => {
+            info!(topic = %tp.topic, partition = tp.partition,
+                "not admitting node {r} to the ISR: broker epoch {epoch} is not its registration");
+            return (Err(ErrorCode::IsrUpdateRejected), None);
+        }
+        Err(e) => {
+            warn!("ISR update: cannot list brokers: {e}");
+            return (Err(ErrorCode::IsrUpdateRejected), None);
         }
     }
     // Members it drops were in sync, so they hold everything committed:
     // eligible if the ISR falls below min.insync.
-    let proposal = current.with_isr(isr.clone(), shared.replication.min_insync_replicas, true);
+    let mut proposal = current.with_isr(isr.clone(), shared.replication.min_insync_replicas, true);
+    // Set when a retry writes the state as it was instead (below).
+    let mut withdrawn = false;
     let mut pause = Duration::from_millis(50);
     let mut outcome = meta
         .compare_and_set(proposal.clone(), expected_version)
@@ -1498,22 +1496,50 @@ async fn update_isr(
             // Nobody waits for the answer any more.
             return (Err(ErrorCode::IsrUpdateRejected), None);
         }
-        warn!(topic = %tp.topic, partition = tp.partition,
-            "ISR update's outcome unknown ({e}); making the same change again until the store answers");
+        // Once per change: with the store away, every led partition retries.
+        if pause == Duration::from_millis(50) {
+            warn!(topic = %tp.topic, partition = tp.partition,
+                "ISR update's outcome unknown ({e}); making the same change again until the store answers");
+        } else {
+            debug!(topic = %tp.topic, partition = tp.partition, "ISR update's outcome still unknown: {e}");
+        }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(2));
+        // A retry may come long after the check above: a member that
+        // registered again since (a restart, a controlled shutdown) must
+        // not be admitted on its last run's fetches (KIP-903, review). The
+        // retry then writes the state as it was, which settles the first
+        // write all the same.
+        if !withdrawn {
+            match reregistered(meta, &added).await {
+                Ok(None) => {}
+                Ok(Some((r, epoch))) => {
+                    info!(topic = %tp.topic, partition = tp.partition,
+                        "node {r} registered again since its broker epoch {epoch} fetched: the retry leaves the ISR as it was");
+                    proposal = current.clone();
+                    withdrawn = true;
+                }
+                // Cannot tell yet: nothing is written without knowing.
+                Err(_) => continue,
+            }
+        }
         outcome = meta
             .compare_and_set(proposal.clone(), expected_version)
             .await;
     }
     match outcome {
         Ok(v) => {
-            info!(topic = %tp.topic, partition = tp.partition, "ISR is now {isr:?} (version {v})");
             let written = PartitionState {
                 version: v,
                 ..proposal
             };
             shared.wrote_state(tp.clone(), written.clone());
+            if withdrawn {
+                // Not the change proposed: the core drops it and adopts
+                // the state written.
+                return (Err(ErrorCode::IsrUpdateRejected), Some(written));
+            }
+            info!(topic = %tp.topic, partition = tp.partition, "ISR is now {isr:?} (version {v})");
             (Ok(v), Some(written))
         }
         Err(e) => {
@@ -1525,6 +1551,22 @@ async fn update_isr(
             (Err(ErrorCode::IsrUpdateRejected), fresh)
         }
     }
+}
+
+/// The first of `added` (members joining the ISR, with the broker epoch
+/// they fetched in) whose registration is no longer that broker epoch.
+async fn reregistered(
+    meta: &Arc<dyn crate::metadata::MetadataStore>,
+    added: &[(ReplicaId, u64)],
+) -> Result<Option<(ReplicaId, u64)>, MetadataError> {
+    if added.is_empty() {
+        return Ok(None);
+    }
+    let brokers = meta.list_brokers().await?;
+    Ok(added
+        .iter()
+        .find(|(r, epoch)| !brokers.iter().any(|b| b.id == *r && b.epoch == *epoch))
+        .copied())
 }
 
 /// The partition's state, re-read until the store answers (backing off
@@ -1759,6 +1801,10 @@ mod tests {
         /// (etcd's "request timed out" for a write not committed yet).
         lands_late: bool,
         late: std::sync::Mutex<Option<(PartitionState, u64)>>,
+        /// The write whose answer is lost never lands, and meanwhile node
+        /// 3 registers again (broker epoch 1, then 2).
+        restart_of_3: bool,
+        brokers: std::sync::Mutex<Vec<crate::metadata::Broker>>,
     }
 
     impl LostAnswers {
@@ -1770,6 +1816,23 @@ mod tests {
                 lose_answers: u32::from(lose_answer).into(),
                 lands_late: false,
                 late: Default::default(),
+                restart_of_3: false,
+                brokers: Default::default(),
+            })
+        }
+
+        /// Its first write's answer is lost and the write never lands;
+        /// meanwhile node 3 (broker epoch 1) registers again.
+        fn while_node_3_restarts(state: PartitionState) -> Arc<Self> {
+            let broker = crate::metadata::Broker {
+                id: 3,
+                address: "127.0.0.1:1".into(),
+                epoch: 1,
+            };
+            Arc::new(LostAnswers {
+                restart_of_3: true,
+                brokers: std::sync::Mutex::new(vec![broker]),
+                ..Arc::into_inner(LostAnswers::new(state, 0, true)).expect("one owner")
             })
         }
 
@@ -1843,6 +1906,11 @@ mod tests {
                     *l = Some((next, expected));
                 }
                 Err(MetadataError::Unavailable("request timed out".into()))
+            } else if lose && self.restart_of_3 {
+                if let Ok(mut b) = self.brokers.lock() {
+                    b.iter_mut().for_each(|b| b.epoch += 1);
+                }
+                Err(MetadataError::Unavailable("request timed out".into()))
             } else {
                 self.write(next, expected)
             };
@@ -1861,7 +1929,8 @@ mod tests {
             Box::pin(async { Ok(1) })
         }
         fn list_brokers(&self) -> crate::metadata::MetaFuture<'_, Vec<crate::metadata::Broker>> {
-            Box::pin(async { Ok(Vec::new()) })
+            let brokers = self.brokers.lock().map(|b| b.clone()).unwrap_or_default();
+            Box::pin(async { Ok(brokers) })
         }
 
         /// A fresh store's answer.
@@ -2081,6 +2150,26 @@ mod tests {
         assert_eq!((current.isr, current.version), (held.isr, held.version));
         // Its retry was refused (the late write landed first, as the
         // store keeps their order): the core adopts the state with it.
+        assert_eq!(result, Err(ErrorCode::IsrUpdateRejected));
+    }
+
+    /// The expansion's answer is lost (the write never lands), and node 3
+    /// registers again (a restart) before the store answers a retry: the
+    /// retry does not admit node 3 on its last run's fetches (KIP-903); it
+    /// writes the ISR as it was, and the driver reports a refusal with
+    /// that state, which the core adopts (review).
+    #[tokio::test(start_paused = true)]
+    async fn a_retried_expansion_does_not_admit_a_member_that_registered_again() {
+        let store =
+            LostAnswers::while_node_3_restarts(PartitionState::sample(Some(1), &[1, 2], &[]));
+        let (shared, _fetch_rx) = Shared::for_tests(store.clone(), Default::default());
+        let tp = TopicPartition::new("t", 0);
+        let (result, current) =
+            update_isr(&shared, &tp, 4, vec![1, 2, 3], 9, vec![(3, 1)], || false).await;
+        let held = store.state.lock().unwrap().clone();
+        assert_eq!((&held.isr, held.version), (&vec![1, 2], 10));
+        let current = current.expect("the state written");
+        assert_eq!((current.isr, current.version), (held.isr, held.version));
         assert_eq!(result, Err(ErrorCode::IsrUpdateRejected));
     }
 }

@@ -185,10 +185,18 @@ fn tls_alert(e: &quinn::ConnectionError) -> Option<rustls::AlertDescription> {
 }
 
 /// What a failed handshake with `alert` most likely means here, and what
-/// to check.
-fn tls_hint(alert: rustls::AlertDescription) -> &'static str {
+/// to check; `by_peer` when the other side sent the alert (it refused
+/// this side), else this side refused the other's.
+fn tls_hint(alert: rustls::AlertDescription, by_peer: bool) -> &'static str {
     use rustls::AlertDescription as A;
     match alert {
+        // "An expired certificate" did not say whose (operator run).
+        A::CertificateExpired if by_peer => {
+            "this side's certificate has expired, as the other side's clock reads it: issue a new one with `replicator cluster cert` (and check both machines' clocks)"
+        }
+        A::CertificateExpired => {
+            "the other side's certificate has expired, as this machine's clock reads it: issue it a new one with `replicator cluster cert` (and check both machines' clocks)"
+        }
         A::NoApplicationProtocol => {
             "the two sides speak different wire versions (ALPN): run the same release on both"
         }
@@ -200,7 +208,6 @@ fn tls_hint(alert: rustls::AlertDescription) -> &'static str {
         | A::AccessDenied => {
             "a certificate the other side's CA does not vouch for (another cluster's, or a `ca` in a node config or client.toml that is not this cluster's ca.pem), or a node at the address that is not the one dialled"
         }
-        A::CertificateExpired => "an expired certificate: issue new ones from the cluster's CA",
         _ => "check that both sides use certificates from this cluster's CA",
     }
 }
@@ -223,10 +230,18 @@ fn warn_due(warned: &HandshakeWarned, ip: std::net::IpAddr) -> bool {
 }
 
 /// A failed handshake, described: what quinn says, the alert, the hint.
+/// A connection the other side closed carries its alert; one this side's
+/// TLS stopped, this side's.
 fn handshake_failed(e: &quinn::ConnectionError, alert: rustls::AlertDescription) -> String {
+    let by_peer = matches!(e, quinn::ConnectionError::ConnectionClosed(_));
     format!(
-        "TLS handshake failed ({e}; alert {alert:?}): {}",
-        tls_hint(alert)
+        "TLS handshake failed ({e}; alert {alert:?} from {}): {}",
+        if by_peer {
+            "the other side"
+        } else {
+            "this side"
+        },
+        tls_hint(alert, by_peer)
     )
 }
 

@@ -119,16 +119,25 @@ impl GeneratedCa {
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
         let key = KeyPair::from_pem(key_pem)
             .map_err(|e| TlsError::Generate(format!("the CA key is not a usable key: {e}")))?;
-        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
-            .map_err(|e| TlsError::Generate(format!("the CA certificate: {e}")))?;
-        let (_, cert) = x509_parser::parse_x509_certificate(&der)
-            .map_err(|e| TlsError::Generate(format!("the CA certificate: {e}")))?;
-        if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice() {
+        let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+        // The key's certificate among those the file holds: during a move
+        // to a new CA it holds the old one and the new one.
+        let mut found = None;
+        for der in CertificateDer::pem_slice_iter(cert_pem.as_bytes()) {
+            let der = der.map_err(|e| TlsError::Generate(format!("the CA certificate: {e}")))?;
+            let (_, cert) = x509_parser::parse_x509_certificate(&der)
+                .map_err(|e| TlsError::Generate(format!("the CA certificate: {e}")))?;
+            if cert.public_key().raw == spki.as_slice() {
+                found = Some(der.clone());
+                break;
+            }
+        }
+        let Some(der) = found else {
             return Err(TlsError::Generate(
                 "the CA key does not belong to the CA certificate: use the key `cluster init --ca-key-out` kept for this cluster".into(),
             ));
-        }
-        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)
+        };
+        let issuer = Issuer::from_ca_cert_der(&der, key)
             .map_err(|e| TlsError::Generate(format!("the CA certificate: {e}")))?;
         Ok(GeneratedCa {
             cert_pem: cert_pem.to_string(),
@@ -587,6 +596,15 @@ mod tests {
             .err()
             .expect("refused");
         assert!(e.to_string().contains("does not belong"), "{e}");
+        // A bundle (a move to a new CA) holds the key's CA second.
+        let bundle = format!("{}{}", other.cert_pem, made.cert_pem);
+        let ca = GeneratedCa::from_pem(&bundle, &made.key_pem).expect("found in the bundle");
+        let (cert, key) = ca.issue(Identity::Node(2)).expect("issued");
+        let chain = vec![CertificateDer::from_pem_slice(cert.as_bytes()).expect("pem")];
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key pem");
+        material(&made, (chain, key))
+            .check_own_identity(Identity::Node(2))
+            .expect("chains to the key's CA");
     }
 
     #[test]
