@@ -108,10 +108,13 @@ impl Cluster {
         self.isr = isr.to_vec();
         let (epoch, version, now, replicas) = (self.epoch, self.version, self.now, self.replicas());
         self.rm(leader)
-            .become_leader(epoch, replicas.clone(), isr.to_vec(), version, now);
+            .become_leader(epoch, replicas.clone(), isr.to_vec(), version, now)
+            .expect("role change");
         for r in replicas {
             if r != leader && self.nodes[r as usize].rm.is_some() {
-                self.rm(r).become_follower(leader, epoch, now);
+                self.rm(r)
+                    .become_follower(leader, epoch, now)
+                    .expect("role change");
             }
         }
         self.pump();
@@ -284,7 +287,9 @@ impl Cluster {
 /// so a test can answer it with a crafted response.
 fn outstanding_fetch(c: &mut Cluster, n: ReplicaId, leader: ReplicaId) -> FetchRequest {
     let (epoch, now) = (c.epoch, c.now);
-    c.rm(n).become_follower(leader, epoch, now);
+    c.rm(n)
+        .become_follower(leader, epoch, now)
+        .expect("role change");
     sent_fetch(c.rm(n))
 }
 
@@ -421,7 +426,7 @@ fn kip101_restarted_follower_keeps_its_log_and_can_lead_without_loss() {
     c.crash(1, false);
     c.start(1);
     let (epoch, now) = (c.epoch, c.now);
-    c.rm(1).become_follower(0, epoch, now);
+    c.rm(1).become_follower(0, epoch, now).expect("role change");
     c.pump();
     c.crash(0, false);
     c.elect(1, &[1, 2]);
@@ -449,7 +454,7 @@ fn kip101_the_reference_behaviour_loses_acked_data() {
     c.start(1);
     c.blocked.insert((0, 1)); // the leader dies before it can refill it
     let (epoch, now) = (c.epoch, c.now);
-    c.rm(1).become_follower(0, epoch, now);
+    c.rm(1).become_follower(0, epoch, now).expect("role change");
     c.pump();
     assert!(
         c.values(1).len() < 10,
@@ -475,7 +480,7 @@ fn kip101_divergent_records_at_one_offset_are_reconciled_by_epoch() {
     // Node 0 returns with its own offset 5 (epoch 1) and must drop it.
     c.start(0);
     let (epoch, now) = (c.epoch, c.now);
-    c.rm(0).become_follower(1, epoch, now);
+    c.rm(0).become_follower(1, epoch, now).expect("role change");
     c.pump();
     assert_eq!(
         c.values(0),
@@ -507,7 +512,8 @@ fn a_leader_that_lost_its_early_epochs_does_not_make_followers_truncate() {
     c.version += 1;
     let (epoch, version, now, replicas) = (c.epoch, c.version, c.now, c.replicas());
     c.rm(0)
-        .become_leader(epoch, replicas, vec![0, 1, 2], version, now);
+        .become_leader(epoch, replicas, vec![0, 1, 2], version, now)
+        .expect("role change");
     c.pump();
     let request = outstanding_fetch(&mut c, 1, 0);
     assert_eq!(
@@ -538,7 +544,7 @@ fn a_leader_that_lost_its_early_epochs_does_not_make_followers_truncate() {
     // The whole way round: every follower keeps all ten, and with the
     // leader gone again, one of them leads with all ten.
     let (epoch, now) = (c.epoch, c.now);
-    c.rm(2).become_follower(0, epoch, now);
+    c.rm(2).become_follower(0, epoch, now).expect("role change");
     c.pump();
     c.crash(0, false);
     c.elect(1, &[1, 2]);
@@ -567,7 +573,7 @@ fn kip279_back_to_back_leader_changes_converge() {
     c.blocked.clear();
     c.start(1);
     let (epoch, now) = (c.epoch, c.now);
-    c.rm(1).become_follower(0, epoch, now);
+    c.rm(1).become_follower(0, epoch, now).expect("role change");
     c.pump();
     assert_eq!(
         c.values(1),
@@ -588,7 +594,9 @@ fn a_new_leader_never_truncates_its_uncommitted_suffix() {
     c.produce(0, 1, Acks::Leader).unwrap();
     assert_eq!(c.rm(0).high_watermark(), 0);
     let (now, replicas) = (c.now, c.replicas());
-    c.rm(0).become_leader(9, replicas, vec![0, 1, 2], 99, now);
+    c.rm(0)
+        .become_leader(9, replicas, vec![0, 1, 2], 99, now)
+        .expect("role change");
     let truncated = c
         .rm(0)
         .drain()
@@ -737,7 +745,7 @@ fn out_of_range_resets_to_the_leaders_log_start_not_zero() {
     c.elect(0, &[0]);
     c.start(1);
     let (epoch, now) = (c.epoch, c.now);
-    c.rm(1).become_follower(0, epoch, now);
+    c.rm(1).become_follower(0, epoch, now).expect("role change");
     c.pump();
     assert_eq!(c.nodes[1].log.log_start, 15);
     assert_eq!(c.rm(1).log_end_offset(), 20);
@@ -799,7 +807,7 @@ fn retention_deletes_committed_segments_and_a_follower_behind_restarts_at_the_le
     // the leader's start and then holds exactly what the leader holds.
     c.start(2);
     let (epoch, now) = (c.epoch, c.now);
-    c.rm(2).become_follower(0, epoch, now);
+    c.rm(2).become_follower(0, epoch, now).expect("role change");
     c.pump();
     let leader_start = c.nodes[0].log.log_start;
     assert!(c.nodes[2].log.log_start >= leader_start);
@@ -847,7 +855,7 @@ fn a_follower_whose_log_lies_past_an_unclean_leaders_end_starts_over_there() {
     // Node 1 cannot cut its log back below its start: it starts over at
     // the leader's start and then holds all the leader holds.
     let (epoch, now) = (c.epoch, c.now);
-    c.rm(1).become_follower(2, epoch, now);
+    c.rm(1).become_follower(2, epoch, now).expect("role change");
     c.pump();
     assert_eq!(c.rm(1).log_end_offset(), 15);
     assert_eq!(c.nodes[1].log.log_start, 0);
@@ -953,9 +961,10 @@ fn empty_follower_takes(at: u64, epochs: &[(u32, u64)], led_5: bool) -> Vec<(u32
     };
     let mut rm = ReplicationManager::new(config(), 1, &state);
     if led_5 {
-        rm.become_leader(5, vec![1, 2], vec![1, 2], 1, 0);
+        rm.become_leader(5, vec![1, 2], vec![1, 2], 1, 0)
+            .expect("role change");
     }
-    rm.become_follower(2, 6, 0);
+    rm.become_follower(2, 6, 0).expect("role change");
     let request = sent_fetch(&mut rm);
     assert_eq!(request.last_fetched_epoch, None, "an empty log");
     let records = replicator::batch::encode(at, 4, &record(at)).unwrap();
@@ -1039,7 +1048,8 @@ fn a_leader_turned_follower_keeps_its_hw_when_its_last_append_lands() {
         leader_epochs: Vec::new(),
     };
     let mut rm = ReplicationManager::new(relaxed(), 1, &state);
-    rm.become_leader(1, vec![1, 2], vec![1], 1, 0);
+    rm.become_leader(1, vec![1, 2], vec![1], 1, 0)
+        .expect("role change");
     rm.produce(1, &record(5), Acks::Leader, 60_000)
         .expect("acks=1 with the leader alone in the ISR");
     assert!(
@@ -1049,7 +1059,7 @@ fn a_leader_turned_follower_keeps_its_hw_when_its_last_append_lands() {
     );
     // Deposed while that append is in flight; it lands before the new
     // leader's first answer.
-    rm.become_follower(2, 2, 0);
+    rm.become_follower(2, 2, 0).expect("role change");
     rm.log_appended(6, 0);
     assert_eq!(rm.high_watermark(), 5, "the HW fell back");
 }
@@ -1132,7 +1142,7 @@ fn a_fetch_past_a_new_leaders_stored_end_waits_for_its_storage() {
         leader_epochs: Vec::new(),
     };
     let mut rm = ReplicationManager::new(relaxed(), 1, &state);
-    rm.become_follower(0, 1, 0);
+    rm.become_follower(0, 1, 0).expect("role change");
     let fetch = sent_fetch(&mut rm);
     let records = (0..10).flat_map(record).collect::<Vec<_>>();
     let batch = replicator::batch::encode(0, 1, &records).expect("encodes");
@@ -1157,7 +1167,8 @@ fn a_fetch_past_a_new_leaders_stored_end_waits_for_its_storage() {
         "the follower appends what it fetched"
     );
     // Elected before that append is stored.
-    rm.become_leader(2, vec![0, 1, 2], vec![1, 2], 5, 2);
+    rm.become_leader(2, vec![0, 1, 2], vec![1, 2], 5, 2)
+        .expect("role change");
     rm.drain();
     let from_10 = |correlation_id| FetchRequest {
         replica_id: 2,
@@ -1201,7 +1212,8 @@ fn lone_leader() -> ReplicationManager {
         leader_epochs: Vec::new(),
     };
     let mut rm = ReplicationManager::new(relaxed(), 0, &state);
-    rm.become_leader(1, vec![0, 1], vec![0, 1], 1, 0);
+    rm.become_leader(1, vec![0, 1], vec![0, 1], 1, 0)
+        .expect("role change");
     rm.drain();
     rm
 }

@@ -315,13 +315,14 @@ impl Sim {
         );
         self.checker.on_elect(leader, epoch);
         if let Some(rm) = self.rm(leader) {
-            rm.become_leader(epoch, replicas, isr, version, now);
+            rm.become_leader(epoch, replicas, isr, version, now)
+                .expect("role change");
         }
         for r in 0..self.opts.replicas {
             if r != leader
                 && let Some(rm) = self.rm(r)
             {
-                rm.become_follower(leader, epoch, now);
+                rm.become_follower(leader, epoch, now).expect("role change");
             }
         }
     }
@@ -542,7 +543,7 @@ impl Sim {
             Some(l) => {
                 let (epoch, now) = (self.ctrl.epoch, self.now);
                 if let Some(rm) = self.rm(n) {
-                    rm.become_follower(l, epoch, now);
+                    rm.become_follower(l, epoch, now).expect("role change");
                 }
             }
             None => self.elect(None),

@@ -25,7 +25,7 @@ pub use fetcher::{Fetcher, MultiFetch, TopicPartition};
 pub use metrics::{
     GlobalMetricsSnapshot, MetricsCollector, PartitionMetrics, PartitionMetricsSnapshot,
 };
-pub use replica::{Faults, ReplicaCounters, ReplicationManager, Role};
+pub use replica::{Faults, ReplicaCounters, ReplicationManager, Role, RoleError};
 pub use sequencer::{Sequence, Sequencer};
 pub use state::{PartitionReplicationState, ReplicationState};
 pub use types::{

@@ -60,6 +60,24 @@ pub struct Faults {
     pub retention_ignores_hw: bool,
 }
 
+/// A role change [`ReplicationManager`] refuses: metadata that cannot
+/// describe this replica's partition. The node checks it before it calls;
+/// an embedder's driver may not.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RoleError {
+    #[error("replica {me} is not among the partition's replicas {replicas:?}")]
+    NotAReplica {
+        me: ReplicaId,
+        replicas: Vec<ReplicaId>,
+    },
+    #[error("replica {me} cannot follow itself")]
+    FollowsItself { me: ReplicaId },
+    #[error(
+        "leader epoch {epoch} is older than the newest this log holds ({held}): its batches would go out of epoch order"
+    )]
+    EpochBehindLog { epoch: u32, held: u32 },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Idle,
@@ -481,7 +499,10 @@ impl ReplicationManager {
 
     /// Become leader of `epoch` with `replicas` and the ISR the metadata
     /// store holds at `version`. The log is kept as it is (a new leader
-    /// never truncates); the epoch starts at the log end.
+    /// never truncates); the epoch starts at the log end. Refused, with
+    /// nothing changed, if this replica is not among `replicas` or `epoch`
+    /// is older than the newest its log holds (its batches would go out of
+    /// epoch order); the node checks both before, an embedder may not.
     pub fn become_leader(
         &mut self,
         epoch: u32,
@@ -489,7 +510,14 @@ impl ReplicationManager {
         isr: Vec<ReplicaId>,
         version: u64,
         now: u64,
-    ) {
+    ) -> Result<(), RoleError> {
+        if !replicas.contains(&self.id) {
+            return Err(RoleError::NotAReplica {
+                me: self.id,
+                replicas,
+            });
+        }
+        self.check_epoch(epoch)?;
         self.step_down(ErrorCode::NotLeader);
         if self.faults.leader_truncates_to_hw && self.hw < self.assigned {
             // Reference bug: "reconcile" by cutting everything above the HW.
@@ -529,12 +557,34 @@ impl ReplicationManager {
             unstored_bytes: 0,
         });
         self.maybe_advance_hw();
+        Ok(())
+    }
+
+    /// `epoch` is not older than the newest this log holds.
+    fn check_epoch(&self, epoch: u32) -> Result<(), RoleError> {
+        match self.epochs.latest() {
+            Some(held) if held.epoch > epoch => Err(RoleError::EpochBehindLog {
+                epoch,
+                held: held.epoch,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Follow `leader` in `epoch`. Nothing is truncated here: the first
     /// fetch carries the last fetched epoch and the leader says where the
-    /// logs diverge.
-    pub fn become_follower(&mut self, leader: ReplicaId, epoch: u32, now: u64) {
+    /// logs diverge. Refused, with nothing changed, if `leader` is this
+    /// replica or `epoch` is older than the newest its log holds.
+    pub fn become_follower(
+        &mut self,
+        leader: ReplicaId,
+        epoch: u32,
+        now: u64,
+    ) -> Result<(), RoleError> {
+        if leader == self.id {
+            return Err(RoleError::FollowsItself { me: self.id });
+        }
+        self.check_epoch(epoch)?;
         self.step_down(ErrorCode::NotLeader);
         self.follower = Some(Follower {
             leader,
@@ -553,6 +603,7 @@ impl ReplicationManager {
             self.cut_log(self.hw, false);
         }
         self.maybe_fetch(now);
+        Ok(())
     }
 
     /// Stop serving: fail waiting producers and parked fetches.
@@ -1610,7 +1661,7 @@ mod tests {
             leader_epochs: Vec::new(),
         };
         let mut rm = ReplicationManager::new(Config::default(), 2, &state);
-        rm.become_follower(1, 5, 0);
+        rm.become_follower(1, 5, 0).expect("role change");
         rm.tick(0);
         let sent = rm.drain().into_iter().find_map(|a| match a {
             Action::SendFetch { request, .. } => Some(request.correlation_id),
@@ -1702,8 +1753,36 @@ mod tests {
             leader_epochs: Vec::new(),
         };
         let mut rm = ReplicationManager::new(Config::default(), 1, &state);
-        rm.become_leader(1, vec![1, 2], vec![1], 1, 0);
+        rm.become_leader(1, vec![1, 2], vec![1], 1, 0)
+            .expect("role change");
         rm
+    }
+
+    /// A role the metadata cannot give this replica (not a replica, its
+    /// own follower, an epoch older than its log's) is refused, and the
+    /// replica goes on as it was: an embedder's driver gets an error, not
+    /// a leader of someone else's partition or batches out of epoch order.
+    #[test]
+    fn a_role_the_metadata_cannot_give_is_refused_and_changes_nothing() {
+        let mut rm = sole_leader_with(10);
+        let before = (rm.role(), rm.leader_epoch(), rm.high_watermark());
+        assert_eq!(
+            rm.become_leader(2, vec![2, 3], vec![2, 3], 5, 0),
+            Err(RoleError::NotAReplica {
+                me: 1,
+                replicas: vec![2, 3]
+            })
+        );
+        assert_eq!(
+            rm.become_follower(1, 2, 0),
+            Err(RoleError::FollowsItself { me: 1 })
+        );
+        let behind = Err(RoleError::EpochBehindLog { epoch: 0, held: 1 });
+        assert_eq!(rm.become_follower(2, 0, 0), behind);
+        assert_eq!(rm.become_leader(0, vec![1, 2], vec![1], 5, 0), behind);
+        assert_eq!((rm.role(), rm.leader_epoch(), rm.high_watermark()), before);
+        assert!(rm.become_follower(2, 2, 0).is_ok());
+        assert_eq!(rm.role(), Role::Follower);
     }
 
     /// [`sole_leader`] after `n` produces of one 10-byte record each, all
@@ -1766,7 +1845,8 @@ mod tests {
                 leader_epochs: Vec::new(),
             };
             let mut rm = ReplicationManager::new(Config::default(), 1, &state);
-            rm.become_leader(1, vec![1, 2, 3], vec![1, 2, 3], 1, 0);
+            rm.become_leader(1, vec![1, 2, 3], vec![1, 2, 3], 1, 0)
+                .expect("role change");
             // Node 2 long-polls for more than there will be; 3 is silent.
             let fetch = FetchRequest {
                 replica_id: 2,
@@ -1880,7 +1960,8 @@ mod tests {
         };
         let mut rm = ReplicationManager::new(Config::default(), 1, &state);
         rm.cut_log(8, false);
-        rm.become_leader(2, vec![1, 2], vec![1, 2], 1, 0);
+        rm.become_leader(2, vec![1, 2], vec![1, 2], 1, 0)
+            .expect("role change");
         rm.log_truncated(6, 0);
         let entries: Vec<(u32, u64)> = rm
             .epochs
@@ -1925,7 +2006,9 @@ mod tests {
         // Appends with the HW stuck (acks=1, the ISR below min.insync):
         // the log end moved, so the checkpoint is written again.
         let mut stuck = sole_leader();
-        stuck.become_leader(1, vec![1, 2], vec![1], 1, 0);
+        stuck
+            .become_leader(1, vec![1, 2], vec![1], 1, 0)
+            .expect("role change");
         stuck.set_min_insync_replicas(2);
         let record = [Record {
             value: bytes::Bytes::from_static(b"0123456789"),
@@ -2008,7 +2091,7 @@ mod tests {
         assert!(rm.follower_ready(2, 8, 800, 500));
         // Only a leader answers.
         assert!(!rm.follower_ready(3, 8, 800, 500));
-        rm.become_follower(2, 2, 900);
+        rm.become_follower(2, 2, 900).expect("role change");
         assert!(!rm.follower_ready(2, 8, 900, 500));
     }
 

@@ -1077,13 +1077,22 @@ impl Actor {
                     self.shared.fetch(FetchCmd::Remove {
                         tp: self.tp.clone(),
                     });
-                    self.rm.become_leader(
+                    if let Err(e) = self.rm.become_leader(
                         st.leader_epoch,
                         st.replicas.clone(),
                         st.isr.clone(),
                         st.version,
                         now,
-                    );
+                    ) {
+                        // The checks above keep this from happening; the
+                        // core refused, and the replica serves in neither
+                        // role until the store says more.
+                        warn!(topic = %self.tp.topic, partition = self.tp.partition,
+                            "not leading epoch {}: {e}", st.leader_epoch);
+                        self.rm.resign();
+                        self.leader = None;
+                        return;
+                    }
                     self.applied_version = st.version;
                 } else if st.version > self.applied_version {
                     self.rm
@@ -1099,8 +1108,18 @@ impl Actor {
                 if !current || force {
                     info!(topic = %self.tp.topic, partition = self.tp.partition,
                         "following node {l} in epoch {}", st.leader_epoch);
+                    if let Err(e) = self.rm.become_follower(l, st.leader_epoch, now) {
+                        // As for leading: checked above; neither role.
+                        warn!(topic = %self.tp.topic, partition = self.tp.partition,
+                            "not following node {l} in epoch {}: {e}", st.leader_epoch);
+                        self.rm.resign();
+                        self.shared.fetch(FetchCmd::Remove {
+                            tp: self.tp.clone(),
+                        });
+                        self.leader = None;
+                        return;
+                    }
                     self.leader = Some(l);
-                    self.rm.become_follower(l, st.leader_epoch, now);
                 }
                 self.applied_version = st.version;
             }
