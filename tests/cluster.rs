@@ -2121,7 +2121,8 @@ fn certificates_are_issued_again_from_the_kept_ca_key() {
     ]);
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && e.contains("the CA key does not belong to the CA certificate"),
+        !out.status.success()
+            && e.contains("the CA key belongs to none of the 1 CA certificate(s)"),
         "{e}"
     );
     assert_eq!(node_2(), issued, "nothing written");
@@ -2152,6 +2153,55 @@ fn certificates_are_issued_again_from_the_kept_ca_key() {
         "{said}"
     );
     assert_ne!(node_2(), issued);
+
+    // Node 3's config keeps its files elsewhere: the new ones go there,
+    // where the node looks (they went to node-3.pem, which it never read).
+    let moved = c.path().join("moved");
+    std::fs::create_dir(&moved).expect("mkdir");
+    for f in ["node-3.pem", "node-3-key.pem"] {
+        std::fs::rename(c.path().join(f), moved.join(f)).expect("move");
+    }
+    let config = c.path().join("node-3.toml");
+    let text = std::fs::read_to_string(&config).expect("node-3.toml");
+    let text = text
+        .replace("cert = \"node-3.pem\"", "cert = \"moved/node-3.pem\"")
+        .replace("key = \"node-3-key.pem\"", "key = \"moved/node-3-key.pem\"");
+    std::fs::write(&config, text).expect("node-3.toml");
+    let old_3 = std::fs::read(moved.join("node-3.pem")).expect("moved cert");
+    let out = cli_ok(&[
+        "cluster",
+        "cert",
+        "--dir",
+        &dir,
+        "--ca-key",
+        &ca_key_text,
+        "--node",
+        "3",
+        "--replace",
+    ]);
+    assert!(out.contains("moved/node-3.pem"), "{out}");
+    assert_ne!(
+        std::fs::read(moved.join("node-3.pem")).expect("moved cert"),
+        old_3
+    );
+    assert!(
+        !c.path().join("node-3.pem").exists(),
+        "written where the node does not look"
+    );
+
+    // The client's files: its certificate a symbolic link (a secret
+    // store's), its key another user's with group read. The link keeps
+    // pointing at the new content; the key keeps its owner and mode.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let secrets = c.path().join("secrets");
+    std::fs::create_dir(&secrets).expect("mkdir");
+    std::fs::rename(c.path().join("client.pem"), secrets.join("client.pem")).expect("move");
+    std::os::unix::fs::symlink(secrets.join("client.pem"), c.path().join("client.pem"))
+        .expect("symlink");
+    let client_key = c.path().join("client-key.pem");
+    std::os::unix::fs::chown(&client_key, Some(65534), Some(65534)).expect("chown");
+    std::fs::set_permissions(&client_key, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    let old_client = std::fs::read(secrets.join("client.pem")).expect("client cert");
     cli_ok(&[
         "cluster",
         "cert",
@@ -2162,11 +2212,22 @@ fn certificates_are_issued_again_from_the_kept_ca_key() {
         "--client",
         "--replace",
     ]);
+    let link = std::fs::symlink_metadata(c.path().join("client.pem")).expect("link");
+    assert!(link.file_type().is_symlink());
+    assert_ne!(
+        std::fs::read(secrets.join("client.pem")).expect("client cert"),
+        old_client
+    );
+    let key_meta = std::fs::metadata(&client_key).expect("client key");
+    assert_eq!(
+        (key_meta.mode() & 0o777, key_meta.uid(), key_meta.gid()),
+        (0o640, 65534, 65534)
+    );
 
     c.start_all();
     c.wait_up();
     assert!(
-        c.log(2).contains("node-2.pem expires at") && c.log(2).contains("9 days from now"),
+        c.log(2).contains("node-2.pem expires at") && c.log(2).contains("10 days from now"),
         "{}",
         c.log(2)
     );

@@ -223,6 +223,19 @@ impl Client {
             ));
         }
         let tls = TlsMaterial::load(&config.tls)?;
+        // Nodes warn of their own certificate's expiry; a client's ran out
+        // with no word before the first refusal (operator run).
+        if let Ok(t) = tls.not_after()
+            && let Ok(left) = t.duration_since(std::time::SystemTime::now())
+            && left < std::time::Duration::from_secs(30 * 86_400)
+        {
+            tracing::warn!(
+                "the client certificate {} expires at {} (in {} h): issue a new one with `replicator cluster cert --client --replace`",
+                tls.cert_path().display(),
+                crate::transport::tls::rfc3339(t),
+                left.as_secs() / 3_600
+            );
+        }
         let bind: SocketAddr = match config.nodes.first().map(|n| n.address) {
             Some(SocketAddr::V6(_)) => "[::]:0",
             _ => "0.0.0.0:0",

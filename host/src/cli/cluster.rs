@@ -480,30 +480,139 @@ pub async fn run_init(args: InitArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Where the config `DIR/<name>.toml` keeps its TLS files (resolved
+/// against its directory), and whether there is one; `cluster init`'s
+/// names when there is none (a node added by hand). An operator who moved
+/// a node's files got a certificate written where the node never looks,
+/// and was told the node would use it (operator run).
+fn tls_paths_of(dir: &Path, name: &str) -> anyhow::Result<(TlsPaths, bool)> {
+    #[derive(serde::Deserialize)]
+    struct WithTls {
+        tls: TlsPaths,
+    }
+    let config = dir.join(format!("{name}.toml"));
+    match std::fs::read_to_string(&config) {
+        Ok(text) => {
+            let parsed: WithTls = toml::from_str(&text)
+                .with_context(|| format!("reading [tls] from {}", config.display()))?;
+            Ok((parsed.tls.resolved(dir), true))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((
+            TlsPaths {
+                ca: dir.join("ca.pem"),
+                cert: dir.join(format!("{name}.pem")),
+                key: dir.join(format!("{name}-key.pem")),
+            },
+            false,
+        )),
+        Err(e) => Err(e).with_context(|| format!("reading {}", config.display())),
+    }
+}
+
+/// A file to replace: where its content goes (a symbolic link's target:
+/// a link from a secret store keeps pointing at the new content), and the
+/// mode and owner it has, which the new one keeps.
+struct Replaced {
+    path: PathBuf,
+    #[cfg(unix)]
+    kept: Option<(u32, u32, u32)>,
+}
+
+impl Replaced {
+    fn at(path: &Path) -> Replaced {
+        let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        #[cfg(unix)]
+        let kept = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(&path)
+                .ok()
+                .map(|m| (m.mode() & 0o777, m.uid(), m.gid()))
+        };
+        Replaced {
+            path,
+            #[cfg(unix)]
+            kept,
+        }
+    }
+
+    /// `contents` staged next to the file under a name of its own (two
+    /// runs at once do not clobber each other's), synced, with the old
+    /// file's mode and owner (else `mode`); removed on any failure (the
+    /// drop).
+    fn stage(&self, contents: &str, mode: u32) -> anyhow::Result<tempfile::NamedTempFile> {
+        use std::io::Write;
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let mut f = tempfile::Builder::new()
+            .prefix(".replicator-cert-")
+            .suffix(".new")
+            .tempfile_in(dir)
+            .with_context(|| format!("creating a file in {}", dir.display()))?;
+        f.write_all(contents.as_bytes())
+            .and_then(|()| f.as_file().sync_all())
+            .with_context(|| format!("writing {}", f.path().display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = self.kept.map_or(mode, |(m, _, _)| m);
+            f.as_file()
+                .set_permissions(std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("setting the mode of {}", f.path().display()))?;
+            if let Some((_, uid, gid)) = self.kept
+                && let Err(e) = std::os::unix::fs::chown(f.path(), Some(uid), Some(gid))
+            {
+                eprintln!(
+                    "warning: cannot give the new {} to user {uid}, group {gid} as the old one was ({e}): a node running as that user may not read it; chown it",
+                    self.path.display()
+                );
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = mode;
+        Ok(f)
+    }
+}
+
 /// `cluster cert`: issue, check as a node would at start, then move into
 /// place (the key first: a crash between the two renames leaves a pair
 /// the node refuses at start, "the private key does not belong", and the
-/// command can be run again).
+/// command can be run again). One run at a time per directory.
 pub fn run_cert(args: CertArgs) -> anyhow::Result<ExitCode> {
     let (identity, name) = match args.node {
         Some(id) => (Identity::Node(id), format!("node-{id}")),
         None => (Identity::Client, "client".to_string()),
     };
-    let cert_path = args.dir.join(format!("{name}.pem"));
-    let key_path = args.dir.join(format!("{name}-key.pem"));
-    let ca_path = args.dir.join("ca.pem");
-    let ca_pem = std::fs::read_to_string(&ca_path).with_context(|| {
-        format!(
-            "reading {} (is --dir the directory `cluster init` wrote?)",
-            ca_path.display()
-        )
-    })?;
+    if !args.dir.join("ca.pem").exists() && !args.dir.join(format!("{name}.toml")).exists() {
+        bail!(
+            "{} holds neither ca.pem nor {name}.toml: is --dir the directory `cluster init` wrote?",
+            args.dir.display()
+        );
+    }
+    // Two runs at once replaced the certificate of one and the key of the
+    // other (operator run): the second waits for nothing and says so.
+    let lock = std::fs::File::open(&args.dir)
+        .with_context(|| format!("opening {}", args.dir.display()))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "another `cluster cert` is running in {}: wait for it, then run this again",
+            args.dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", args.dir.display()));
+        }
+    }
+    let (paths, configured) = tls_paths_of(&args.dir, &name)?;
+    let ca_pem = std::fs::read_to_string(&paths.ca)
+        .with_context(|| format!("reading the CA certificate {}", paths.ca.display()))?;
+    if let Some(w) = replicator::transport::tls::exposed_key_warning(&args.ca_key) {
+        eprintln!("warning: {w}");
+    }
     let ca_key = std::fs::read_to_string(&args.ca_key)
         .with_context(|| format!("reading the CA key {}", args.ca_key.display()))?;
     let ca = GeneratedCa::from_pem(&ca_pem, &ca_key)
-        .with_context(|| format!("{} with {}", ca_path.display(), args.ca_key.display()))?;
+        .with_context(|| format!("{} with {}", paths.ca.display(), args.ca_key.display()))?;
     if !args.replace
-        && let Some(p) = [&cert_path, &key_path].into_iter().find(|p| p.exists())
+        && let Some(p) = [&paths.cert, &paths.key].into_iter().find(|p| p.exists())
     {
         bail!(
             "{} already exists: add --replace to overwrite it (a running node goes on with the old certificate until it restarts)",
@@ -514,35 +623,13 @@ pub fn run_cert(args: CertArgs) -> anyhow::Result<ExitCode> {
         .days
         .map(|d| std::time::SystemTime::now() + Duration::from_secs(u64::from(d) * 86_400));
     let (cert, key) = ca.issue_until(identity, not_after)?;
-    // Staged under names of their own (two runs at once do not clobber
-    // each other's), synced, and removed on any failure (the drop).
-    let stage = |contents: &str, mode: u32| -> anyhow::Result<tempfile::NamedTempFile> {
-        use std::io::Write;
-        let mut f = tempfile::Builder::new()
-            .prefix(&format!(".{name}-"))
-            .suffix(".new")
-            .tempfile_in(&args.dir)
-            .with_context(|| format!("creating a file in {}", args.dir.display()))?;
-        f.write_all(contents.as_bytes())
-            .and_then(|()| f.as_file().sync_all())
-            .with_context(|| format!("writing {}", f.path().display()))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            f.as_file()
-                .set_permissions(std::fs::Permissions::from_mode(mode))
-                .with_context(|| format!("setting the mode of {}", f.path().display()))?;
-        }
-        #[cfg(not(unix))]
-        let _ = mode;
-        Ok(f)
-    };
-    let staged_key = stage(&key, 0o600)?;
-    let staged_cert = stage(&cert, 0o644)?;
-    // What a node checks at start: the identity, the chain to ca.pem, the
-    // key's match, the validity.
+    let (key_file, cert_file) = (Replaced::at(&paths.key), Replaced::at(&paths.cert));
+    let staged_key = key_file.stage(&key, 0o600)?;
+    let staged_cert = cert_file.stage(&cert, 0o644)?;
+    // What a node checks at start: the identity, the chain to its `ca`,
+    // the key's match, the validity.
     let checked = TlsMaterial::load(&TlsPaths {
-        ca: ca_path.clone(),
+        ca: paths.ca.clone(),
         cert: staged_cert.path().to_path_buf(),
         key: staged_key.path().to_path_buf(),
     })
@@ -551,13 +638,15 @@ pub fn run_cert(args: CertArgs) -> anyhow::Result<ExitCode> {
         m.not_after()
     });
     let until = checked.context("nothing was replaced")?;
-    for (from, to) in [(staged_key, &key_path), (staged_cert, &cert_path)] {
-        from.persist(to)
+    for (staged, to) in [(staged_key, &key_file.path), (staged_cert, &cert_file.path)] {
+        staged
+            .persist(to)
             .with_context(|| format!("moving the new file to {}", to.display()))?;
-    }
-    // The renames themselves survive a crash.
-    if let Err(e) = std::fs::File::open(&args.dir).and_then(|d| d.sync_all()) {
-        eprintln!("warning: cannot sync {}: {e}", args.dir.display());
+        // The rename itself survives a crash.
+        let dir = to.parent().unwrap_or(Path::new("."));
+        if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+            eprintln!("warning: cannot sync {}: {e}", dir.display());
+        }
     }
     let whose = args
         .node
@@ -565,12 +654,12 @@ pub fn run_cert(args: CertArgs) -> anyhow::Result<ExitCode> {
     println!(
         "issued {whose} certificate, valid until {}: {} and {}",
         replicator::transport::tls::rfc3339(until),
-        cert_path.display(),
-        key_path.display()
+        paths.cert.display(),
+        paths.key.display()
     );
     let config = args.dir.join(format!("{name}.toml"));
     match args.node {
-        Some(id) if config.exists() => println!(
+        Some(id) if configured => println!(
             "  node {id} uses it from its next start: stop it (SIGTERM: it hands its partitions over first) and start it again with `replicator node --config {}`",
             config.display()
         ),

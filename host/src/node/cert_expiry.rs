@@ -153,14 +153,17 @@ impl CertExpiry {
     }
 }
 
-/// A duration as an operator reads it: days, hours, minutes or seconds.
+/// A duration as an operator reads it: days, hours, minutes or seconds,
+/// rounded to the nearest (the hour mark, reached a moment late, read
+/// "59 min").
 fn left_text(d: Duration) -> String {
     let s = d.as_secs();
+    let near = |unit: u64| (s + unit / 2) / unit;
     match s {
         0..120 => format!("{s} s"),
-        120..7_200 => format!("{} min", s / 60),
-        7_200..172_800 => format!("{} h", s / 3_600),
-        _ => format!("{} days", s / 86_400),
+        120..7_200 => format!("{} min", near(60)),
+        7_200..172_800 => format!("{} h", near(3_600)),
+        _ => format!("{} days", near(86_400)),
     }
 }
 
@@ -235,5 +238,7 @@ mod tests {
         assert_eq!(left_text(Duration::from_secs(600)), "10 min");
         assert_eq!(left_text(Duration::from_secs(5 * 3_600)), "5 h");
         assert_eq!(left_text(Duration::from_secs(9 * DAY)), "9 days");
+        assert_eq!(left_text(Duration::from_secs(3_599)), "60 min");
+        assert_eq!(left_text(Duration::from_secs(10 * DAY - 5)), "10 days");
     }
 }

@@ -206,7 +206,7 @@ fn tls_hint(alert: rustls::AlertDescription, by_peer: bool) -> &'static str {
         | A::UnsupportedCertificate
         | A::CertificateRequired
         | A::AccessDenied => {
-            "a certificate the other side's CA does not vouch for (another cluster's, or a `ca` in a node config or client.toml that is not this cluster's ca.pem), or a node at the address that is not the one dialled"
+            "a certificate the other side's CA does not vouch for (another cluster's, or a `ca` in a node config or client.toml that is not this cluster's ca.pem), or a node at the address that is not the one dialled; a node reads its `ca` file only at start, so one changed since needs a restart"
         }
         _ => "check that both sides use certificates from this cluster's CA",
     }

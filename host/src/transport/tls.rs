@@ -117,13 +117,23 @@ impl GeneratedCa {
     /// that is not the certificate's: what it signed would chain to no
     /// CA the nodes know.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
-        let key = KeyPair::from_pem(key_pem)
-            .map_err(|e| TlsError::Generate(format!("the CA key is not a usable key: {e}")))?;
+        if !key_pem.contains("PRIVATE KEY-----") && key_pem.contains("CERTIFICATE-----") {
+            return Err(TlsError::Generate(
+                "the CA key file holds a certificate, not a private key: give the key `cluster init --ca-key-out` kept".into(),
+            ));
+        }
+        let key = KeyPair::from_pem(key_pem).map_err(|e| {
+            TlsError::Generate(format!(
+                "the CA key is not a usable key ({e}): a PKCS#8 PEM key is wanted (`-----BEGIN PRIVATE KEY-----`, as `cluster init --ca-key-out` writes it; `openssl pkcs8 -topk8 -nocrypt -in KEY` converts others)"
+            ))
+        })?;
         let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
         // The key's certificate among those the file holds: during a move
         // to a new CA it holds the old one and the new one.
         let mut found = None;
+        let mut seen = 0;
         for der in CertificateDer::pem_slice_iter(cert_pem.as_bytes()) {
+            seen += 1;
             let der = der.map_err(|e| TlsError::Generate(format!("the CA certificate: {e}")))?;
             let (_, cert) = x509_parser::parse_x509_certificate(&der)
                 .map_err(|e| TlsError::Generate(format!("the CA certificate: {e}")))?;
@@ -133,9 +143,9 @@ impl GeneratedCa {
             }
         }
         let Some(der) = found else {
-            return Err(TlsError::Generate(
-                "the CA key does not belong to the CA certificate: use the key `cluster init --ca-key-out` kept for this cluster".into(),
-            ));
+            return Err(TlsError::Generate(format!(
+                "the CA key belongs to none of the {seen} CA certificate(s) in the file: use the key of this cluster's CA (`cluster init --ca-key-out` kept it), or list that CA's certificate in the `ca` file too"
+            )));
         };
         let issuer = Issuer::from_ca_cert_der(&der, key)
             .map_err(|e| TlsError::Generate(format!("the CA certificate: {e}")))?;
@@ -334,7 +344,11 @@ impl TlsMaterial {
             .ok_or_else(|| own("empty certificate chain".into()))?;
         verify_identity(leaf, expected).map_err(|e| {
             own(format!(
-                "it is not valid for {expected} ({e}); use the one `replicator cluster init` wrote for it"
+                "it is not valid for {expected} ({e}); use the one `cluster init` wrote for it, or issue one with `replicator cluster cert {}`",
+                match expected {
+                    Identity::Node(id) => format!("--node {id}"),
+                    Identity::Client => "--client".to_string(),
+                }
             ))
         })?;
         // Peers check it against the same CA: one that does not chain to
@@ -376,7 +390,7 @@ impl TlsMaterial {
         CertifiedKey::from_der(self.chain.clone(), self.key.clone_key(), &provider()).map_err(
             |e| {
                 own(format!(
-                    "the private key does not belong to this certificate ({e}); point `key` at the key `replicator cluster init` wrote next to the certificate"
+                    "the private key does not belong to this certificate ({e}); point `key` at the key written with it (by `cluster init` or `cluster cert`)"
                 ))
             },
         )?;
@@ -436,9 +450,20 @@ fn refused_by_peers(e: &rustls::Error) -> String {
             )
         }
         _ => format!(
-            "it does not chain to the CA certificate the config names ({e}), so every peer would refuse it; point `ca` at the cluster's ca.pem and the certificate at the one `replicator cluster init` issued with it"
+            "it does not chain to the CA certificate the config names ({e}), so every peer would refuse it; point `ca` at the cluster's ca.pem and the certificate at one its CA issued (while the cluster moves to a new CA, the `ca` file lists both)"
         ),
     }
+}
+
+/// A warning if the private key at `path` is open to other users (the CA
+/// key: whoever reads it can issue a certificate for any node).
+pub fn exposed_key_warning(path: &Path) -> Option<String> {
+    exposed_mode(path).map(|mode| {
+        format!(
+            "the CA key {key} is open to other users (mode {mode:o}): whoever reads it can issue a certificate for any node; `chmod 600 {key}`",
+            key = path.display()
+        )
+    })
 }
 
 /// `t` as an RFC 3339 UTC time, for messages.
@@ -595,7 +620,7 @@ mod tests {
         let e = GeneratedCa::from_pem(&made.cert_pem, &other.key_pem)
             .err()
             .expect("refused");
-        assert!(e.to_string().contains("does not belong"), "{e}");
+        assert!(e.to_string().contains("belongs to none of the 1"), "{e}");
         // A bundle (a move to a new CA) holds the key's CA second.
         let bundle = format!("{}{}", other.cert_pem, made.cert_pem);
         let ca = GeneratedCa::from_pem(&bundle, &made.key_pem).expect("found in the bundle");
