@@ -22,6 +22,27 @@ fn produce_sized(client: &str, topic: &str, n: &str, size: &str) {
     assert_eq!(s["failed"], 0, "{out}");
 }
 
+/// `produce --count n --json` to `topic`'s partition `p`: its summary,
+/// with every message acknowledged.
+fn produce_to_partition(client: &str, topic: &str, p: u64, n: &str) -> serde_json::Value {
+    let p = p.to_string();
+    let out = cli_ok(&[
+        "produce",
+        "--config",
+        client,
+        "--topic",
+        topic,
+        "--partition",
+        &p,
+        "--count",
+        n,
+        "--json",
+    ]);
+    let s: serde_json::Value = serde_json::from_str(out.trim()).expect("produce json");
+    assert_eq!(s["failed"], 0, "{out}");
+    s
+}
+
 /// A node config whose ISR drops a dead follower after 1.5 s, so acks=all
 /// goes on with the two that are left (min.insync = 2).
 fn short_lag(toml: String) -> String {
@@ -641,20 +662,8 @@ fn an_operator_elects_a_live_in_sync_replica_the_failover_cannot() {
         .find(|p| on_4(&status, *p))
         .expect("a partition on node 4");
     let p_arg = p.to_string();
-    let out = cli_ok(&[
-        "produce",
-        "--config",
-        &client,
-        "--topic",
-        "t",
-        "--partition",
-        &p_arg,
-        "--count",
-        "200",
-        "--json",
-    ]);
-    let s: serde_json::Value = serde_json::from_str(out.trim()).expect("summary");
-    assert_eq!(s["acknowledged"], 200, "{out}");
+    let s = produce_to_partition(&client, "t", u64::from(p), "200");
+    assert_eq!(s["acknowledged"], 200, "{s}");
     // Node 4 leaves for good: stopped, its registration removed, and the
     // others restarted, so no node counts it as registered any more.
     assert!(c.stop(4));
@@ -2015,20 +2024,7 @@ fn a_node_stops_before_its_certificate_expires() {
         .find(|&p| partition(&v, "t", p).is_some_and(|x| x["leader"] == 3))
         .unwrap_or_else(|| panic!("node 3 leads no partition: {v}"));
     let p_text = led_by_3.to_string();
-    let out = cli_ok(&[
-        "produce",
-        "--config",
-        &client,
-        "--topic",
-        "t",
-        "--partition",
-        &p_text,
-        "--count",
-        "500",
-        "--json",
-    ]);
-    let s: serde_json::Value = serde_json::from_str(out.trim()).expect("produce json");
-    assert_eq!(s["failed"], 0, "{out}");
+    produce_to_partition(&client, "t", led_by_3, "500");
     // Its metrics say when.
     let metrics = http_get(c.base_port + 50 + 2, "/metrics");
     assert!(

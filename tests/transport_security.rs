@@ -28,21 +28,29 @@ struct Node {
 }
 
 fn init(dir: &Path, nodes: u32) {
+    init_with(dir, nodes, &[]);
+}
+
+/// [`init`] with more `cluster init` arguments.
+fn init_with(dir: &Path, nodes: u32, extra: &[&str]) {
     let base = support::free_ports(nodes as u16);
-    support::cli_ok(&[
+    let (nodes, base) = (nodes.to_string(), base.to_string());
+    let mut args = vec![
         "cluster",
         "init",
         "--dir",
         dir.to_str().unwrap(),
         "--nodes",
-        &nodes.to_string(),
+        &nodes,
         "--base-port",
-        &base.to_string(),
+        &base,
         "--metrics-base-port",
         "0",
         "--min-insync",
         "1",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    support::cli_ok(&args);
 }
 
 /// Node 1 of a 2-node cluster directory, running in this process.
@@ -276,23 +284,7 @@ async fn an_expired_certificate_is_named_as_this_sides() {
     let dir = tempfile::tempdir().unwrap();
     let keys = tempfile::tempdir().unwrap();
     let ca_key = keys.path().join("ca-key.pem");
-    let base = support::free_ports(2);
-    support::cli_ok(&[
-        "cluster",
-        "init",
-        "--dir",
-        dir.path().to_str().unwrap(),
-        "--nodes",
-        "2",
-        "--base-port",
-        &base.to_string(),
-        "--metrics-base-port",
-        "0",
-        "--min-insync",
-        "1",
-        "--ca-key-out",
-        ca_key.to_str().unwrap(),
-    ]);
+    init_with(dir.path(), 2, &["--ca-key-out", ca_key.to_str().unwrap()]);
     let node = run_in(dir, |_| {}).await;
     let ca = replicator::transport::tls::GeneratedCa::from_pem(
         &std::fs::read_to_string(node.dir.path().join("ca.pem")).unwrap(),

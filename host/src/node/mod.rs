@@ -1,7 +1,8 @@
 //! The node runtime (tokio): loads the storage and metadata plugins named
 //! in the node's config, registers with the metadata store, serves QUIC
 //! (fetches and the client API), runs one partition actor per assigned
-//! partition, the fetch manager, a metadata watcher, and `/metrics`.
+//! partition, the fetch manager, a metadata watcher, and `/metrics`; it
+//! stops ahead of its certificate's expiry (`cert_expiry.rs`).
 //! Shutdown stops failover decisions and fetching, hands over what the
 //! node leads and leaves every ISR (controlled shutdown, `failover.rs`),
 //! stops serving, then flushes and closes every partition's log and closes

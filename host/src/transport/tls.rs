@@ -442,7 +442,7 @@ fn refused_by_peers(e: &rustls::Error) -> String {
         rustls::Error::InvalidCertificate(
             C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
         ) => format!(
-            "it is outside its validity period ({e}), so every peer would refuse it; issue a new one from the cluster's CA (check this machine's clock too)"
+            "it is outside its validity period ({e}), so every peer would refuse it; issue a new one (`replicator cluster cert`), and check this machine's clock too"
         ),
         rustls::Error::InvalidCertificate(C::InvalidPurpose | C::InvalidPurposeContext { .. }) => {
             format!(
