@@ -2195,7 +2195,14 @@ fn certificates_are_issued_again_from_the_kept_ca_key() {
     std::os::unix::fs::symlink(secrets.join("client.pem"), c.path().join("client.pem"))
         .expect("symlink");
     let client_key = c.path().join("client-key.pem");
-    std::os::unix::fs::chown(&client_key, Some(65534), Some(65534)).expect("chown");
+    // Giving it to another user takes root; without, its own owner.
+    let owner = match std::os::unix::fs::chown(&client_key, Some(65534), Some(65534)) {
+        Ok(()) => (65534, 65534),
+        Err(_) => {
+            let m = std::fs::metadata(&client_key).expect("client key");
+            (m.uid(), m.gid())
+        }
+    };
     std::fs::set_permissions(&client_key, std::fs::Permissions::from_mode(0o640)).expect("chmod");
     let old_client = std::fs::read(secrets.join("client.pem")).expect("client cert");
     cli_ok(&[
@@ -2217,7 +2224,40 @@ fn certificates_are_issued_again_from_the_kept_ca_key() {
     let key_meta = std::fs::metadata(&client_key).expect("client key");
     assert_eq!(
         (key_meta.mode() & 0o777, key_meta.uid(), key_meta.gid()),
-        (0o640, 65534, 65534)
+        (0o640, owner.0, owner.1)
+    );
+
+    // Node 1's certificate and key in one file (a node reads both from a
+    // combined PEM): written once, both in it (two renames onto one path
+    // left the certificate alone).
+    let both = c.path().join("node-1-both.pem");
+    let combined = format!(
+        "{}{}",
+        std::fs::read_to_string(c.path().join("node-1.pem")).expect("cert"),
+        std::fs::read_to_string(c.path().join("node-1-key.pem")).expect("key")
+    );
+    std::fs::write(&both, combined).expect("combined");
+    let config = c.path().join("node-1.toml");
+    let text = std::fs::read_to_string(&config).expect("node-1.toml");
+    let text = text
+        .replace("cert = \"node-1.pem\"", "cert = \"node-1-both.pem\"")
+        .replace("key = \"node-1-key.pem\"", "key = \"node-1-both.pem\"");
+    std::fs::write(&config, text).expect("node-1.toml");
+    cli_ok(&[
+        "cluster",
+        "cert",
+        "--dir",
+        &dir,
+        "--ca-key",
+        &ca_key_text,
+        "--node",
+        "1",
+        "--replace",
+    ]);
+    let written = std::fs::read_to_string(&both).expect("combined");
+    assert!(
+        written.contains("BEGIN CERTIFICATE") && written.contains("BEGIN PRIVATE KEY"),
+        "{written}"
     );
 
     c.start_all();

@@ -230,10 +230,10 @@ impl Client {
             && left < std::time::Duration::from_secs(30 * 86_400)
         {
             tracing::warn!(
-                "the client certificate {} expires at {} (in {} h): issue a new one with `replicator cluster cert --client --replace`",
+                "the client certificate {} expires at {} (in {}): issue a new one with `replicator cluster cert --dir DIR --ca-key KEY --client --replace`",
                 tls.cert_path().display(),
                 crate::transport::tls::rfc3339(t),
-                left.as_secs() / 3_600
+                crate::transport::tls::duration_text(left)
             );
         }
         let bind: SocketAddr = match config.nodes.first().map(|n| n.address) {

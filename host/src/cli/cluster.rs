@@ -519,8 +519,18 @@ struct Replaced {
 }
 
 impl Replaced {
-    fn at(path: &Path) -> Replaced {
-        let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    fn at(path: &Path) -> anyhow::Result<Replaced> {
+        let link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+        let path = match std::fs::canonicalize(path) {
+            Ok(p) => p,
+            // Replaced by a plain file, the link to the secret store
+            // would be cut.
+            Err(e) if link => bail!(
+                "{} is a symbolic link to a file that cannot be reached ({e}): restore its target, or remove the link",
+                path.display()
+            ),
+            Err(_) => path.to_path_buf(),
+        };
         #[cfg(unix)]
         let kept = {
             use std::os::unix::fs::MetadataExt;
@@ -528,18 +538,17 @@ impl Replaced {
                 .ok()
                 .map(|m| (m.mode() & 0o777, m.uid(), m.gid()))
         };
-        Replaced {
+        Ok(Replaced {
             path,
             #[cfg(unix)]
             kept,
-        }
+        })
     }
 
     /// `contents` staged next to the file under a name of its own (two
-    /// runs at once do not clobber each other's), synced, with the old
-    /// file's mode and owner (else `mode`); removed on any failure (the
-    /// drop).
-    fn stage(&self, contents: &str, mode: u32) -> anyhow::Result<tempfile::NamedTempFile> {
+    /// runs at once do not clobber each other's), owner-only until
+    /// [`Replaced::settle`]; removed on any failure (the drop).
+    fn stage(&self, contents: &str) -> anyhow::Result<tempfile::NamedTempFile> {
         use std::io::Write;
         let dir = self.path.parent().unwrap_or(Path::new("."));
         let mut f = tempfile::Builder::new()
@@ -548,15 +557,18 @@ impl Replaced {
             .tempfile_in(dir)
             .with_context(|| format!("creating a file in {}", dir.display()))?;
         f.write_all(contents.as_bytes())
-            .and_then(|()| f.as_file().sync_all())
             .with_context(|| format!("writing {}", f.path().display()))?;
+        Ok(f)
+    }
+
+    /// Give the staged `f` the old file's owner and mode (else `mode`),
+    /// then sync it. A key whose owner cannot be kept (not run as root)
+    /// keeps no group or other bits: they would go to this user's group.
+    fn settle(&self, f: &tempfile::NamedTempFile, mode: u32, key: bool) -> anyhow::Result<()> {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = self.kept.map_or(mode, |(m, _, _)| m);
-            f.as_file()
-                .set_permissions(std::fs::Permissions::from_mode(mode))
-                .with_context(|| format!("setting the mode of {}", f.path().display()))?;
+            let mut mode = self.kept.map_or(mode, |(m, _, _)| m);
             if let Some((_, uid, gid)) = self.kept
                 && let Err(e) = std::os::unix::fs::chown(f.path(), Some(uid), Some(gid))
             {
@@ -564,11 +576,19 @@ impl Replaced {
                     "warning: cannot give the new {} to user {uid}, group {gid} as the old one was ({e}): a node running as that user may not read it; chown it",
                     self.path.display()
                 );
+                if key {
+                    mode &= 0o700;
+                }
             }
+            f.as_file()
+                .set_permissions(std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("setting the mode of {}", self.path.display()))?;
         }
         #[cfg(not(unix))]
-        let _ = mode;
-        Ok(f)
+        let _ = (mode, key);
+        f.as_file()
+            .sync_all()
+            .with_context(|| format!("syncing the new {}", self.path.display()))
     }
 }
 
@@ -588,18 +608,25 @@ pub fn run_cert(args: CertArgs) -> anyhow::Result<ExitCode> {
         );
     }
     // Two runs at once replaced the certificate of one and the key of the
-    // other (operator run): the second waits for nothing and says so.
-    let lock = std::fs::File::open(&args.dir)
-        .with_context(|| format!("opening {}", args.dir.display()))?;
+    // other (operator run): the second waits for nothing and says so. A
+    // file of its own (a directory cannot be locked everywhere: NFS).
+    let lock_path = args.dir.join(".replicator-cert.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
     match lock.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => bail!(
             "another `cluster cert` is running in {}: wait for it, then run this again",
             args.dir.display()
         ),
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(e).with_context(|| format!("locking {}", args.dir.display()));
-        }
+        Err(std::fs::TryLockError::Error(e)) => eprintln!(
+            "warning: cannot lock {} ({e}): make sure no other `cluster cert` runs on these files",
+            lock_path.display()
+        ),
     }
     let (paths, configured) = tls_paths_of(&args.dir, &name)?;
     let ca_pem = std::fs::read_to_string(&paths.ca)
@@ -623,25 +650,65 @@ pub fn run_cert(args: CertArgs) -> anyhow::Result<ExitCode> {
         .days
         .map(|d| std::time::SystemTime::now() + Duration::from_secs(u64::from(d) * 86_400));
     let (cert, key) = ca.issue_until(identity, not_after)?;
-    let (key_file, cert_file) = (Replaced::at(&paths.key), Replaced::at(&paths.cert));
-    let staged_key = key_file.stage(&key, 0o600)?;
-    let staged_cert = cert_file.stage(&cert, 0o644)?;
+    let (key_file, cert_file) = (Replaced::at(&paths.key)?, Replaced::at(&paths.cert)?);
+    if Replaced::at(&paths.ca)?.path == cert_file.path
+        || Replaced::at(&paths.ca)?.path == key_file.path
+    {
+        bail!(
+            "the config's `ca` is the same file as its `cert` or `key` ({}): give the CA certificate a file of its own",
+            paths.ca.display()
+        );
+    }
+    // One file for both (a node reads its certificate and its key from a
+    // combined PEM): written once. Two renames onto one path left the
+    // certificate alone, and the key was lost (review).
+    let combined = key_file.path == cert_file.path;
+    let staged_key = key_file.stage(&if combined {
+        format!("{cert}{key}")
+    } else {
+        key.clone()
+    })?;
+    let staged_cert = if combined {
+        None
+    } else {
+        Some(cert_file.stage(&cert)?)
+    };
     // What a node checks at start: the identity, the chain to its `ca`,
     // the key's match, the validity.
+    let staged_cert_path = staged_cert
+        .as_ref()
+        .map_or(staged_key.path(), |c| c.path())
+        .to_path_buf();
     let checked = TlsMaterial::load(&TlsPaths {
         ca: paths.ca.clone(),
-        cert: staged_cert.path().to_path_buf(),
+        cert: staged_cert_path,
         key: staged_key.path().to_path_buf(),
     })
     .and_then(|m| {
         m.check_own_identity(identity)?;
         m.not_after()
     });
-    let until = checked.context("nothing was replaced")?;
-    for (staged, to) in [(staged_key, &key_file.path), (staged_cert, &cert_file.path)] {
-        staged
-            .persist(to)
-            .with_context(|| format!("moving the new file to {}", to.display()))?;
+    let until = checked.context(
+        "the new certificate failed the checks a node makes at start; nothing was replaced",
+    )?;
+    key_file.settle(&staged_key, 0o600, true)?;
+    if let Some(c) = &staged_cert {
+        cert_file.settle(c, 0o644, false)?;
+    }
+    let mut moves = vec![(staged_key, &key_file.path)];
+    moves.extend(staged_cert.map(|c| (c, &cert_file.path)));
+    for (n, (staged, to)) in moves.into_iter().enumerate() {
+        staged.persist(to).with_context(|| {
+            if n == 0 {
+                format!("moving the new file to {}; nothing was replaced", to.display())
+            } else {
+                format!(
+                    "moving the new certificate to {}: the key {} is the new one already and does not match the old certificate; run this again with --replace before the node (or client) restarts",
+                    to.display(),
+                    key_file.path.display()
+                )
+            }
+        })?;
         // The rename itself survives a crash.
         let dir = to.parent().unwrap_or(Path::new("."));
         if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
@@ -667,8 +734,13 @@ pub fn run_cert(args: CertArgs) -> anyhow::Result<ExitCode> {
             "  {} does not exist: for a node added by hand, copy a node config and give it `node_id = {id}`, its own ports and `data_dir`, and these two files under [tls]",
             config.display()
         ),
-        None => println!("  client commands use it from now on"),
+        None if configured => println!("  client commands use it from now on"),
+        None => println!(
+            "  {} does not exist: point a client config's [tls] `cert` and `key` at these files",
+            config.display()
+        ),
     }
+    drop(lock);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1765,6 +1765,10 @@ mod tests {
     #[test]
     fn a_role_the_metadata_cannot_give_is_refused_and_changes_nothing() {
         let mut rm = sole_leader_with(10);
+        // A produce waiting for the ISR: a refusal must not fail it.
+        let waiting = [Record::default()];
+        assert!(rm.produce(10, &waiting, Acks::All, 60_000).is_ok());
+        rm.drain();
         let before = (rm.role(), rm.leader_epoch(), rm.high_watermark());
         assert_eq!(
             rm.become_leader(2, vec![2, 3], vec![2, 3], 5, 0),
@@ -1781,6 +1785,7 @@ mod tests {
         assert_eq!(rm.become_follower(2, 0, 0), behind);
         assert_eq!(rm.become_leader(0, vec![1, 2], vec![1], 5, 0), behind);
         assert_eq!((rm.role(), rm.leader_epoch(), rm.high_watermark()), before);
+        assert!(rm.drain().is_empty(), "a refusal did something");
         assert!(rm.become_follower(2, 2, 0).is_ok());
         assert_eq!(rm.role(), Role::Follower);
     }

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use tracing::warn;
 
-use crate::transport::tls::rfc3339 as utc;
+use crate::transport::tls::{duration_text as left_text, rfc3339 as utc};
 
 /// How long before its certificate's `notAfter` a node stops: room for a
 /// controlled shutdown (bounded by what is left of this, see
@@ -153,20 +153,6 @@ impl CertExpiry {
     }
 }
 
-/// A duration as an operator reads it: days, hours, minutes or seconds,
-/// rounded to the nearest (the hour mark, reached a moment late, read
-/// "59 min").
-fn left_text(d: Duration) -> String {
-    let s = d.as_secs();
-    let near = |unit: u64| (s + unit / 2) / unit;
-    match s {
-        0..120 => format!("{s} s"),
-        120..7_200 => format!("{} min", near(60)),
-        7_200..172_800 => format!("{} h", near(3_600)),
-        _ => format!("{} days", near(86_400)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,5 +226,8 @@ mod tests {
         assert_eq!(left_text(Duration::from_secs(9 * DAY)), "9 days");
         assert_eq!(left_text(Duration::from_secs(3_599)), "60 min");
         assert_eq!(left_text(Duration::from_secs(10 * DAY - 5)), "10 days");
+        // The unit after rounding: not "120 min" nor "48 h".
+        assert_eq!(left_text(Duration::from_secs(7_190)), "2 h");
+        assert_eq!(left_text(Duration::from_secs(2 * DAY - 100)), "2 days");
     }
 }

@@ -1084,10 +1084,11 @@ impl Actor {
                         st.version,
                         now,
                     ) {
-                        // The checks above keep this from happening; the
-                        // core refused, and the replica serves in neither
-                        // role until the store says more.
-                        warn!(topic = %self.tp.topic, partition = self.tp.partition,
+                        // The checks above keep this from happening (a
+                        // mismatch between them and the core's is a bug:
+                        // loud); the replica serves in neither role until
+                        // the store says more.
+                        error!(topic = %self.tp.topic, partition = self.tp.partition,
                             "not leading epoch {}: {e}", st.leader_epoch);
                         self.rm.resign();
                         self.leader = None;
@@ -1110,7 +1111,7 @@ impl Actor {
                         "following node {l} in epoch {}", st.leader_epoch);
                     if let Err(e) = self.rm.become_follower(l, st.leader_epoch, now) {
                         // As for leading: checked above; neither role.
-                        warn!(topic = %self.tp.topic, partition = self.tp.partition,
+                        error!(topic = %self.tp.topic, partition = self.tp.partition,
                             "not following node {l} in epoch {}: {e}", st.leader_epoch);
                         self.rm.resign();
                         self.shared.fetch(FetchCmd::Remove {

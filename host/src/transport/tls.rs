@@ -142,6 +142,11 @@ impl GeneratedCa {
                 break;
             }
         }
+        if seen == 0 {
+            return Err(TlsError::Generate(
+                "the CA file holds no certificate".into(),
+            ));
+        }
         let Some(der) = found else {
             return Err(TlsError::Generate(format!(
                 "the CA key belongs to none of the {seen} CA certificate(s) in the file: use the key of this cluster's CA (`cluster init --ca-key-out` kept it), or list that CA's certificate in the `ca` file too"
@@ -464,6 +469,24 @@ pub fn exposed_key_warning(path: &Path) -> Option<String> {
             key = path.display()
         )
     })
+}
+
+/// A duration as an operator reads it, rounded to the nearest unit and
+/// the unit chosen after rounding: seconds below 2 min, minutes below
+/// 2 h, hours below 2 days, else days. (Floored, the hour mark, reached a
+/// moment late, read "59 min".)
+pub fn duration_text(d: Duration) -> String {
+    let s = d.as_secs();
+    let near = |unit: u64| (s + unit / 2) / unit;
+    if s < 120 {
+        format!("{s} s")
+    } else if near(60) < 120 {
+        format!("{} min", near(60))
+    } else if near(3_600) < 48 {
+        format!("{} h", near(3_600))
+    } else {
+        format!("{} days", near(86_400))
+    }
 }
 
 /// `t` as an RFC 3339 UTC time, for messages.
