@@ -2104,6 +2104,18 @@ fn certificates_are_issued_again_from_the_kept_ca_key() {
         args.extend_from_slice(extra);
         cli(&args)
     };
+    let cert_ok = |extra: &[&str]| {
+        let mut args = vec!["--ca-key", &ca_key_text];
+        args.extend_from_slice(extra);
+        let out = cert(&args);
+        let said = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        said
+    };
     let out = cert(&["--ca-key", &ca_key_text, "--node", "2"]);
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && e.contains("add --replace"), "{e}");
@@ -2129,21 +2141,7 @@ fn certificates_are_issued_again_from_the_kept_ca_key() {
         "nothing staged left"
     );
 
-    let out = cert(&[
-        "--ca-key",
-        &ca_key_text,
-        "--node",
-        "2",
-        "--replace",
-        "--days",
-        "10",
-    ]);
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = cert_ok(&["--node", "2", "--replace", "--days", "10"]);
     assert!(
         said.contains("issued node 2's certificate, valid until"),
         "{said}"
@@ -2164,17 +2162,7 @@ fn certificates_are_issued_again_from_the_kept_ca_key() {
         .replace("key = \"node-3-key.pem\"", "key = \"moved/node-3-key.pem\"");
     std::fs::write(&config, text).expect("node-3.toml");
     let old_3 = std::fs::read(moved.join("node-3.pem")).expect("moved cert");
-    let out = cli_ok(&[
-        "cluster",
-        "cert",
-        "--dir",
-        &dir,
-        "--ca-key",
-        &ca_key_text,
-        "--node",
-        "3",
-        "--replace",
-    ]);
+    let out = cert_ok(&["--node", "3", "--replace"]);
     assert!(out.contains("moved/node-3.pem"), "{out}");
     assert_ne!(
         std::fs::read(moved.join("node-3.pem")).expect("moved cert"),
@@ -2205,16 +2193,7 @@ fn certificates_are_issued_again_from_the_kept_ca_key() {
     };
     std::fs::set_permissions(&client_key, std::fs::Permissions::from_mode(0o640)).expect("chmod");
     let old_client = std::fs::read(secrets.join("client.pem")).expect("client cert");
-    cli_ok(&[
-        "cluster",
-        "cert",
-        "--dir",
-        &dir,
-        "--ca-key",
-        &ca_key_text,
-        "--client",
-        "--replace",
-    ]);
+    cert_ok(&["--client", "--replace"]);
     let link = std::fs::symlink_metadata(c.path().join("client.pem")).expect("link");
     assert!(link.file_type().is_symlink());
     assert_ne!(
@@ -2243,17 +2222,7 @@ fn certificates_are_issued_again_from_the_kept_ca_key() {
         .replace("cert = \"node-1.pem\"", "cert = \"node-1-both.pem\"")
         .replace("key = \"node-1-key.pem\"", "key = \"node-1-both.pem\"");
     std::fs::write(&config, text).expect("node-1.toml");
-    cli_ok(&[
-        "cluster",
-        "cert",
-        "--dir",
-        &dir,
-        "--ca-key",
-        &ca_key_text,
-        "--node",
-        "1",
-        "--replace",
-    ]);
+    cert_ok(&["--node", "1", "--replace"]);
     let written = std::fs::read_to_string(&both).expect("combined");
     assert!(
         written.contains("BEGIN CERTIFICATE") && written.contains("BEGIN PRIVATE KEY"),
