@@ -651,9 +651,8 @@ pub fn run_cert(args: CertArgs) -> anyhow::Result<ExitCode> {
         .map(|d| std::time::SystemTime::now() + Duration::from_secs(u64::from(d) * 86_400));
     let (cert, key) = ca.issue_until(identity, not_after)?;
     let (key_file, cert_file) = (Replaced::at(&paths.key)?, Replaced::at(&paths.cert)?);
-    if Replaced::at(&paths.ca)?.path == cert_file.path
-        || Replaced::at(&paths.ca)?.path == key_file.path
-    {
+    let ca_file = Replaced::at(&paths.ca)?.path;
+    if ca_file == cert_file.path || ca_file == key_file.path {
         bail!(
             "the config's `ca` is the same file as its `cert` or `key` ({}): give the CA certificate a file of its own",
             paths.ca.display()

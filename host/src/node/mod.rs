@@ -185,10 +185,7 @@ pub async fn run(
     let expiry = cert_expiry::CertExpiry::new(tls.cert_path(), tls.not_after()?);
     expiry
         .check_at_start(std::time::SystemTime::now())
-        .map_err(|why| TlsError::Own {
-            path: tls.cert_path().to_path_buf(),
-            why,
-        })?;
+        .map_err(|why| tls.own_error(why))?;
     let local = transport
         .local_addr()
         .map_err(|error| TransportError::Bind {

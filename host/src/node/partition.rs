@@ -1049,13 +1049,7 @@ impl Actor {
                     st.leader_epoch, st.version);
             }
             self.shared.request_restamp(&self.tp, held);
-            if self.rm.role() != Role::Idle {
-                self.rm.resign();
-                self.shared.fetch(FetchCmd::Remove {
-                    tp: self.tp.clone(),
-                });
-            }
-            self.leader = None;
+            self.stand_aside();
             return;
         }
         if self.stale_refused.take().is_some() {
@@ -1090,8 +1084,7 @@ impl Actor {
                         // the store says more.
                         error!(topic = %self.tp.topic, partition = self.tp.partition,
                             "not leading epoch {}: {e}", st.leader_epoch);
-                        self.rm.resign();
-                        self.leader = None;
+                        self.stand_aside();
                         return;
                     }
                     self.applied_version = st.version;
@@ -1113,11 +1106,7 @@ impl Actor {
                         // As for leading: checked above; neither role.
                         error!(topic = %self.tp.topic, partition = self.tp.partition,
                             "not following node {l} in epoch {}: {e}", st.leader_epoch);
-                        self.rm.resign();
-                        self.shared.fetch(FetchCmd::Remove {
-                            tp: self.tp.clone(),
-                        });
-                        self.leader = None;
+                        self.stand_aside();
                         return;
                     }
                     self.leader = Some(l);
@@ -1130,14 +1119,23 @@ impl Actor {
                 if self.rm.role() != Role::Idle {
                     info!(topic = %self.tp.topic, partition = self.tp.partition,
                         "no leader in epoch {}: stepping down", st.leader_epoch);
-                    self.rm.resign();
-                    self.shared.fetch(FetchCmd::Remove {
-                        tp: self.tp.clone(),
-                    });
                 }
-                self.leader = None;
+                self.stand_aside();
             }
         }
+    }
+
+    /// Serve in neither role until the store says more: stop leading or
+    /// following (waiting producers and parked fetches are answered) and
+    /// fetching; the log stays as it is.
+    fn stand_aside(&mut self) {
+        if self.rm.role() != Role::Idle {
+            self.rm.resign();
+            self.shared.fetch(FetchCmd::Remove {
+                tp: self.tp.clone(),
+            });
+        }
+        self.leader = None;
     }
 
     fn storage_done(&mut self, done: StorageDone) {

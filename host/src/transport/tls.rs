@@ -312,15 +312,20 @@ impl TlsMaterial {
         &self.cert_path
     }
 
+    /// `why` this party's own certificate is refused, naming its file.
+    pub fn own_error(&self, why: String) -> TlsError {
+        TlsError::Own {
+            path: self.cert_path.clone(),
+            why,
+        }
+    }
+
     /// When peers start refusing this party's certificate: the earliest
     /// `notAfter` in its chain (the certificate and any intermediates
     /// after it). The CA's own is not counted: rustls (webpki) takes a
     /// trust anchor as a name and a key, and does not check its validity.
     pub fn not_after(&self) -> Result<SystemTime, TlsError> {
-        let own = |why: String| TlsError::Own {
-            path: self.cert_path.clone(),
-            why,
-        };
+        let own = |why| self.own_error(why);
         let mut earliest: Option<i64> = None;
         for der in &self.chain {
             let (_, cert) = x509_parser::parse_x509_certificate(der)
@@ -339,10 +344,7 @@ impl TlsMaterial {
     pub fn check_own_identity(&self, expected: Identity) -> Result<(), TlsError> {
         // Each refusal names the file: "this certificate is outside its
         // validity period" did not say which of a node's files it meant.
-        let own = |why: String| TlsError::Own {
-            path: self.cert_path.clone(),
-            why,
-        };
+        let own = |why| self.own_error(why);
         let leaf = self
             .chain
             .first()
